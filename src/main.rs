@@ -1,1 +1,54 @@
-fn main() {}
+//! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shardgate::config::Config;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Thread-per-core, shard-native gateway between message systems and ScyllaDB.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or Ctrl-C.
+    Serve {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file without connecting to anything.
+    Check {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    shardgate::telemetry::init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config } => Config::load(&config).map(|c| {
+            println!("{}: valid, {} route(s)", config.display(), c.routes.len());
+        }).map_err(anyhow::Error::from),
+        Command::Serve { config } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(shardgate::app::serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

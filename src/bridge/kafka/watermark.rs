@@ -1,0 +1,165 @@
+//! Contiguous per-partition watermarks. Pure; owned by the Kafka poll thread.
+//!
+//! Messages of a partition complete out of order (concurrent writes, dead letters), but an
+//! offset may only be stored once every message before it in that partition is done. Each
+//! partition keeps the offsets it handed out, in receipt order; completing the oldest ones
+//! advances the watermark to the last of the contiguous done prefix.
+//!
+//! Offsets are tracked as received, not assumed consecutive (compaction and transaction markers
+//! leave gaps). Every assignment gets a fresh epoch: a completion from before a revoke can never
+//! mark a message of a later assignment done.
+
+use std::collections::{HashMap, VecDeque};
+
+/// One tracked message: its offset and whether it is done.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    offset: i64,
+    done: bool,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    epoch: u64,
+    slots: VecDeque<Slot>,
+}
+
+/// Watermarks of every assigned partition of one consumer.
+#[derive(Debug, Default)]
+pub struct Watermarks {
+    partitions: HashMap<i32, Partition>,
+    next_epoch: u64,
+}
+
+impl Watermarks {
+    /// Starts tracking `partition` afresh (after an assignment); returns its epoch.
+    pub fn assign(&mut self, partition: i32) -> u64 {
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        self.partitions.insert(partition, Partition { epoch, slots: VecDeque::new() });
+        epoch
+    }
+
+    /// Stops tracking `partition`; its outstanding completions will be ignored.
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    /// Records a received message; returns the epoch its completion must carry. A message at or
+    /// before the newest tracked offset means the consumer rewound: tracking restarts.
+    pub fn track(&mut self, partition: i32, offset: i64) -> u64 {
+        let rewound = match self.partitions.get(&partition) {
+            None => true,
+            Some(p) => p.slots.back().is_some_and(|last| offset <= last.offset),
+        };
+        if rewound {
+            self.assign(partition);
+        }
+        let Some(p) = self.partitions.get_mut(&partition) else { unreachable!("assigned above") };
+        p.slots.push_back(Slot { offset, done: false });
+        p.epoch
+    }
+
+    /// Marks a message done. Returns the new watermark (the offset of the last message of the
+    /// contiguous done prefix) when it advanced, `None` otherwise or for a stale epoch.
+    pub fn complete(&mut self, partition: i32, epoch: u64, offset: i64) -> Option<i64> {
+        let p = self.partitions.get_mut(&partition)?;
+        if p.epoch != epoch {
+            return None;
+        }
+        let index = p.slots.binary_search_by_key(&offset, |s| s.offset).ok()?;
+        p.slots[index].done = true;
+        let mut advanced = None;
+        while let Some(front) = p.slots.front() {
+            if !front.done {
+                break;
+            }
+            advanced = Some(front.offset);
+            p.slots.pop_front();
+        }
+        advanced
+    }
+
+    /// Messages handed out and not yet done, over all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|p| p.slots.iter().filter(|s| !s.done).count()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn advances_only_over_contiguous_done_prefix() {
+        let mut w = Watermarks::default();
+        let e = w.assign(0);
+        for offset in [10, 11, 13, 14] {
+            assert_eq!(w.track(0, offset), e);
+        }
+        assert_eq!(w.complete(0, e, 11), None);
+        assert_eq!(w.complete(0, e, 13), None);
+        assert_eq!(w.complete(0, e, 10), Some(13), "gap at 12 is not a missing message");
+        assert_eq!(w.in_flight(), 1);
+        assert_eq!(w.complete(0, e, 14), Some(14));
+        assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn stale_epoch_is_ignored_after_reassignment() {
+        let mut w = Watermarks::default();
+        let old = w.assign(3);
+        w.track(3, 5);
+        w.revoke(3);
+        let new = w.assign(3);
+        w.track(3, 5);
+        assert_ne!(old, new);
+        assert_eq!(w.complete(3, old, 5), None);
+        assert_eq!(w.complete(3, new, 5), Some(5));
+    }
+
+    #[test]
+    fn rewind_restarts_tracking() {
+        let mut w = Watermarks::default();
+        let first = w.track(1, 100);
+        let second = w.track(1, 50);
+        assert_ne!(first, second);
+        assert_eq!(w.complete(1, first, 100), None);
+        assert_eq!(w.complete(1, second, 50), Some(50));
+    }
+
+    proptest! {
+        /// Whatever the completion order, the watermark never passes a message that is not done,
+        /// and it reaches the last offset once all are done.
+        #[test]
+        fn watermark_never_passes_an_unfinished_message(
+            gaps in proptest::collection::vec(1i64..4, 1..60),
+            seed in any::<u64>(),
+        ) {
+            let mut offsets = Vec::new();
+            let mut next = 0;
+            for gap in gaps { offsets.push(next); next += gap; }
+            let mut w = Watermarks::default();
+            let epoch = w.assign(0);
+            for &o in &offsets { w.track(0, o); }
+            // A deterministic shuffle from the seed.
+            let mut shuffled = offsets.clone();
+            let mut state = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            let mut done = std::collections::BTreeSet::new();
+            let mut mark = None;
+            for o in shuffled {
+                done.insert(o);
+                if let Some(m) = w.complete(0, epoch, o) { mark = Some(m); }
+                if let Some(m) = mark {
+                    prop_assert!(offsets.iter().filter(|&&x| x <= m).all(|x| done.contains(x)));
+                }
+            }
+            prop_assert_eq!(mark, offsets.last().copied());
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Configuration: raw serde structs read from TOML, then [`RawConfig::validate`] (pure, no IO)
+//! turns them into the validated types the rest of the gateway uses.
+//!
+//! Runs on the main thread before anything starts. Every error names the key, the bad value and
+//! what is expected; unknown keys are errors (`deny_unknown_fields`). Connectivity and the
+//! cluster schema are checked later, at start-up (`app`), never here.
+
+mod raw;
+
+pub use raw::RawConfig;
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use scylla::frame::types::Consistency;
+
+/// A configuration error: which key, which value, what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        /// Path given on the command line.
+        path: String,
+        /// Underlying IO error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or wrong type; toml's message carries line and key.
+    #[error("config file `{path}`: {message}")]
+    Parse {
+        /// Path given on the command line.
+        path: String,
+        /// The TOML parser's message (includes the location and the key).
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("`{key}` = `{value}`: {expected}")]
+    Invalid {
+        /// Dotted key path, for example `route[0].table`.
+        key: String,
+        /// The offending value as written.
+        value: String,
+        /// What is expected instead.
+        expected: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, value: impl fmt::Display, expected: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), value: value.to_string(), expected: expected.into() }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How to reach the database cluster.
+    pub cluster: ClusterConfig,
+    /// Cores, island threads and per-core limits.
+    pub runtime: RuntimeConfig,
+    /// Source → table routes; at least one.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// How to reach the ScyllaDB / Cassandra cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `host:port` contact points.
+    pub contact_points: Vec<String>,
+    /// Data center whose replicas are preferred; `None` lets the driver pick.
+    pub local_datacenter: Option<String>,
+    /// Consistency level of every write.
+    pub consistency: Consistency,
+    /// Client-side timeout of one request.
+    pub request_timeout: Duration,
+}
+
+/// How many cores run executors and how much work each may hold.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Number of data-plane cores; `None` means one per physical core (hwlocality).
+    pub cores: Option<usize>,
+    /// Worker threads of the tokio driver island.
+    pub island_threads: usize,
+    /// Rows a core may have in flight (decoded, not yet acknowledged by the database).
+    pub inflight_rows_per_core_max: usize,
+    /// How long a graceful shutdown may take before in-flight work is abandoned (and replayed
+    /// from the source on the next start).
+    pub shutdown_deadline: Duration,
+}
+
+/// One route: a source feeding one table.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique route name, used in logs, metrics and dead-letter headers.
+    pub name: String,
+    /// Target keyspace.
+    pub keyspace: String,
+    /// Target table.
+    pub table: String,
+    /// Where messages come from.
+    pub source: SourceConfig,
+    /// Message format.
+    pub format: Format,
+    /// Column → field mappings; empty means "every column from the field of the same name".
+    pub columns: Vec<ColumnMapping>,
+    /// Where messages that cannot be written go.
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// Message formats a route can decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per message.
+    Json,
+}
+
+/// One column fed from one place in the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMapping {
+    /// Column name in the table.
+    pub column: String,
+    /// Where its value comes from.
+    pub field: FieldRef,
+}
+
+/// A place in a message a column value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldRef {
+    /// The message key, as UTF-8 text (`$key`).
+    Key,
+    /// A path of object keys into the decoded payload (`customer.address.city`).
+    Path(Vec<String>),
+}
+
+impl fmt::Display for FieldRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldRef::Key => f.write_str("$key"),
+            FieldRef::Path(parts) => f.write_str(&parts.join(".")),
+        }
+    }
+}
+
+/// Source of a route.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A Kafka consumer group on one topic.
+    Kafka(KafkaSourceConfig),
+}
+
+/// Kafka consumer settings of one route.
+#[derive(Debug, Clone)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap servers, comma separated as librdkafka expects.
+    pub brokers: String,
+    /// Topic to consume.
+    pub topic: String,
+    /// Consumer group id; gateways sharing it split the partitions.
+    pub group_id: String,
+    /// Where a group without committed offsets starts.
+    pub start_from: StartFrom,
+    /// How often stored offsets are committed.
+    pub commit_interval: Duration,
+    /// Extra librdkafka properties, passed through as written.
+    pub properties: Vec<(String, String)>,
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The oldest retained message.
+    Earliest,
+    /// Only messages produced after the group first joins.
+    Latest,
+}
+
+/// Dead-letter destination of a route.
+#[derive(Debug, Clone)]
+pub enum DeadLetterConfig {
+    /// A Kafka topic; the original key and payload are kept, headers carry the reason and the
+    /// source coordinates.
+    Kafka {
+        /// Bootstrap servers.
+        brokers: String,
+        /// Topic name.
+        topic: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file. Does no network IO.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        raw.validate()
+    }
+}
+
+/// Longest identifier Cassandra accepts for keyspaces and tables.
+const IDENTIFIER_LEN_MAX: usize = 48;
+
+/// Checks a CQL identifier from config: letters, digits, underscore, not starting with a digit.
+/// Statements quote identifiers, so case is kept as written.
+pub(crate) fn validate_identifier(key: &str, value: &str) -> Result<(), ConfigError> {
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !first_ok || !rest_ok || value.len() > IDENTIFIER_LEN_MAX {
+        return Err(ConfigError::invalid(
+            key,
+            value,
+            format!(
+                "a CQL identifier: a letter or `_`, then letters, digits or `_`, at most {IDENTIFIER_LEN_MAX} characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,421 @@
+//! The TOML file as written. Field doc comments are the user documentation of each key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use scylla::frame::types::Consistency;
+use serde::Deserialize;
+
+use super::{
+    validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef,
+    Format, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
+};
+
+/// Top level of a shardgate config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[cluster]`: how to reach the database.
+    pub cluster: RawCluster,
+    /// `[runtime]`: cores and limits; every key has a default.
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    /// `[[route]]`: one table per entry, fed by one source.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Contact points, `host:port`, for example `["127.0.0.1:9042"]`.
+    pub contact_points: Vec<String>,
+    /// Data center to prefer, for example `datacenter1`. Optional.
+    #[serde(default)]
+    pub local_datacenter: Option<String>,
+    /// Write consistency: `one`, `two`, `three`, `quorum`, `all`, `local_quorum`, `each_quorum`,
+    /// `local_one`, `any`. Default `local_quorum`.
+    #[serde(default = "default_consistency")]
+    pub consistency: String,
+    /// Client-side timeout of one request, in milliseconds. Default 10000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+/// `[runtime]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// Data-plane cores: `"auto"` (one per physical core) or a number. Default `"auto"`.
+    #[serde(default = "default_cores")]
+    pub cores: toml::Value,
+    /// Worker threads of the tokio driver island (database and broker sockets). Default 1.
+    #[serde(default = "default_island_threads")]
+    pub island_threads: usize,
+    /// Rows a core may have in flight before its sources stop reading. Default 2048.
+    #[serde(default = "default_inflight_rows")]
+    pub inflight_rows_per_core_max: usize,
+    /// Graceful shutdown deadline in milliseconds. Default 10000.
+    #[serde(default = "default_shutdown_deadline_ms")]
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        RawRuntime {
+            cores: default_cores(),
+            island_threads: default_island_threads(),
+            inflight_rows_per_core_max: default_inflight_rows(),
+            shutdown_deadline_ms: default_shutdown_deadline_ms(),
+        }
+    }
+}
+
+/// `[[route]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique name of the route.
+    pub name: String,
+    /// Target table as `keyspace.table`.
+    pub table: String,
+    /// Message format: `json`. Default `json`.
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// `[route.source]`: where messages come from.
+    pub source: RawSource,
+    /// `[route.columns]`: `column = "field.path"` or `column = "$key"`. Omitted: every column
+    /// of the table is read from the top-level field of the same name.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// `[route.dead_letter]`: where undecodable or unwritable messages go. Required.
+    pub dead_letter: Option<RawDeadLetter>,
+}
+
+/// `[route.source]`, tagged by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawSource {
+    /// `kind = "kafka"`
+    Kafka {
+        /// Bootstrap servers, for example `["127.0.0.1:9092"]`.
+        brokers: Vec<String>,
+        /// Topic to consume.
+        topic: String,
+        /// Consumer group id. Gateways with the same id split the partitions.
+        group_id: String,
+        /// `earliest` or `latest`: where a group without committed offsets starts. Default
+        /// `earliest`.
+        #[serde(default = "default_start_from")]
+        start_from: String,
+        /// How often stored offsets are committed, in milliseconds. Default 1000.
+        #[serde(default = "default_commit_interval_ms")]
+        commit_interval_ms: u64,
+        /// Extra librdkafka consumer properties. Keys shardgate sets itself are refused.
+        #[serde(default)]
+        properties: BTreeMap<String, String>,
+    },
+}
+
+/// `[route.dead_letter]`, tagged by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawDeadLetter {
+    /// `kind = "kafka"`
+    Kafka {
+        /// Bootstrap servers; default: the route's source brokers.
+        #[serde(default)]
+        brokers: Option<Vec<String>>,
+        /// Dead-letter topic.
+        topic: String,
+    },
+}
+
+fn default_consistency() -> String {
+    "local_quorum".to_string()
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_cores() -> toml::Value {
+    toml::Value::String("auto".to_string())
+}
+fn default_island_threads() -> usize {
+    1
+}
+fn default_inflight_rows() -> usize {
+    2048
+}
+fn default_shutdown_deadline_ms() -> u64 {
+    10_000
+}
+fn default_format() -> String {
+    "json".to_string()
+}
+fn default_start_from() -> String {
+    "earliest".to_string()
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+
+/// Bounds of every numeric knob: generous, but a typo cannot ask for a million threads.
+const CORES_MAX: usize = 1024;
+const ISLAND_THREADS_MAX: usize = 64;
+const INFLIGHT_ROWS_MAX: usize = 1 << 20;
+const TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// librdkafka properties the Kafka bridge owns; overriding them would break delivery.
+const KAFKA_RESERVED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "auto.commit.interval.ms",
+];
+
+impl RawConfig {
+    /// Validates without IO. Errors name the key, the value and what is expected.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let cluster = validate_cluster(self.cluster)?;
+        let runtime = validate_runtime(self.runtime)?;
+        if self.routes.is_empty() {
+            return Err(ConfigError::invalid("route", "[]", "at least one `[[route]]` table"));
+        }
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (index, raw) in self.routes.into_iter().enumerate() {
+            let route = validate_route(index, raw)?;
+            if routes.iter().any(|r: &RouteConfig| r.name == route.name) {
+                return Err(ConfigError::invalid(
+                    format!("route[{index}].name"),
+                    &route.name,
+                    "a name no other route uses",
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config { cluster, runtime, routes })
+    }
+}
+
+fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    if raw.contact_points.is_empty() {
+        return Err(ConfigError::invalid("cluster.contact_points", "[]", "at least one `host:port`"));
+    }
+    for point in &raw.contact_points {
+        validate_host_port("cluster.contact_points", point)?;
+    }
+    let consistency = parse_consistency(&raw.consistency)?;
+    Ok(ClusterConfig {
+        contact_points: raw.contact_points,
+        local_datacenter: raw.local_datacenter,
+        consistency,
+        request_timeout: Duration::from_millis(bounded_ms("cluster.request_timeout_ms", raw.request_timeout_ms)?),
+    })
+}
+
+fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
+    let cores = match &raw.cores {
+        toml::Value::String(s) if s == "auto" => None,
+        toml::Value::Integer(n) if (1..=CORES_MAX as i64).contains(n) => Some(*n as usize),
+        other => {
+            return Err(ConfigError::invalid(
+                "runtime.cores",
+                other,
+                format!("`\"auto\"` or a whole number from 1 to {CORES_MAX}"),
+            ))
+        }
+    };
+    if !(1..=ISLAND_THREADS_MAX).contains(&raw.island_threads) {
+        return Err(ConfigError::invalid(
+            "runtime.island_threads",
+            raw.island_threads,
+            format!("a whole number from 1 to {ISLAND_THREADS_MAX}"),
+        ));
+    }
+    if !(1..=INFLIGHT_ROWS_MAX).contains(&raw.inflight_rows_per_core_max) {
+        return Err(ConfigError::invalid(
+            "runtime.inflight_rows_per_core_max",
+            raw.inflight_rows_per_core_max,
+            format!("a whole number from 1 to {INFLIGHT_ROWS_MAX}"),
+        ));
+    }
+    Ok(RuntimeConfig {
+        cores,
+        island_threads: raw.island_threads,
+        inflight_rows_per_core_max: raw.inflight_rows_per_core_max,
+        shutdown_deadline: Duration::from_millis(bounded_ms("runtime.shutdown_deadline_ms", raw.shutdown_deadline_ms)?),
+    })
+}
+
+fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigError> {
+    let key = |field: &str| format!("route[{index}].{field}");
+    if raw.name.is_empty() || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+        return Err(ConfigError::invalid(key("name"), &raw.name, "a non-empty name of letters, digits, `_`, `-`, `.`"));
+    }
+    let Some((keyspace, table)) = raw.table.split_once('.') else {
+        return Err(ConfigError::invalid(key("table"), &raw.table, "`keyspace.table`"));
+    };
+    validate_identifier(&key("table"), keyspace)?;
+    validate_identifier(&key("table"), table)?;
+    let format = match raw.format.as_str() {
+        "json" => Format::Json,
+        other => return Err(ConfigError::invalid(key("format"), other, "`json`")),
+    };
+    let mut columns = Vec::with_capacity(raw.columns.len());
+    for (column, field) in &raw.columns {
+        validate_identifier(&key(&format!("columns.{column}")), column)?;
+        columns.push(ColumnMapping { column: column.clone(), field: parse_field_ref(&key(&format!("columns.{column}")), field)? });
+    }
+    let source = validate_source(&key("source"), raw.source)?;
+    let SourceConfig::Kafka(kafka) = &source;
+    let Some(dead_letter) = raw.dead_letter else {
+        return Err(ConfigError::invalid(
+            key("dead_letter"),
+            "(missing)",
+            "a `[route.dead_letter]` table, for example `kind = \"kafka\"` and `topic = \"orders.dead-letter\"`",
+        ));
+    };
+    let dead_letter = match dead_letter {
+        RawDeadLetter::Kafka { brokers, topic } => {
+            validate_topic(&key("dead_letter.topic"), &topic)?;
+            if topic == kafka.topic {
+                return Err(ConfigError::invalid(key("dead_letter.topic"), &topic, "a topic other than the source topic"));
+            }
+            let brokers = match brokers {
+                Some(list) => join_brokers(&key("dead_letter.brokers"), &list)?,
+                None => kafka.brokers.clone(),
+            };
+            DeadLetterConfig::Kafka { brokers, topic }
+        }
+    };
+    Ok(RouteConfig {
+        name: raw.name,
+        keyspace: keyspace.to_string(),
+        table: table.to_string(),
+        source,
+        format,
+        columns,
+        dead_letter,
+    })
+}
+
+fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
+    match raw {
+        RawSource::Kafka { brokers, topic, group_id, start_from, commit_interval_ms, properties } => {
+            let brokers = join_brokers(&format!("{key}.brokers"), &brokers)?;
+            validate_topic(&format!("{key}.topic"), &topic)?;
+            if group_id.is_empty() {
+                return Err(ConfigError::invalid(format!("{key}.group_id"), "", "a non-empty consumer group id"));
+            }
+            let start_from = match start_from.as_str() {
+                "earliest" => StartFrom::Earliest,
+                "latest" => StartFrom::Latest,
+                other => return Err(ConfigError::invalid(format!("{key}.start_from"), other, "`earliest` or `latest`")),
+            };
+            if commit_interval_ms == 0 || commit_interval_ms > TIMEOUT_MS_MAX {
+                return Err(ConfigError::invalid(
+                    format!("{key}.commit_interval_ms"),
+                    commit_interval_ms,
+                    format!("milliseconds from 1 to {TIMEOUT_MS_MAX}"),
+                ));
+            }
+            for name in properties.keys() {
+                if KAFKA_RESERVED_PROPERTIES.contains(&name.as_str()) {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.properties.{name}"),
+                        name,
+                        "a property shardgate does not set itself; use the route's own keys instead",
+                    ));
+                }
+            }
+            Ok(SourceConfig::Kafka(KafkaSourceConfig {
+                brokers,
+                topic,
+                group_id,
+                start_from,
+                commit_interval: Duration::from_millis(commit_interval_ms),
+                properties: properties.into_iter().collect(),
+            }))
+        }
+    }
+}
+
+/// Parses `$key` or a dotted path of object keys.
+pub(crate) fn parse_field_ref(key: &str, text: &str) -> Result<FieldRef, ConfigError> {
+    if text == "$key" {
+        return Ok(FieldRef::Key);
+    }
+    if text.starts_with('$') {
+        return Err(ConfigError::invalid(key, text, "`$key` or a field path such as `customer.id`"));
+    }
+    let parts: Vec<String> = text.split('.').map(str::to_string).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(ConfigError::invalid(key, text, "a field path of non-empty names separated by `.`"));
+    }
+    Ok(FieldRef::Path(parts))
+}
+
+fn parse_consistency(text: &str) -> Result<Consistency, ConfigError> {
+    let consistency = match text.to_ascii_lowercase().as_str() {
+        "any" => Consistency::Any,
+        "one" => Consistency::One,
+        "two" => Consistency::Two,
+        "three" => Consistency::Three,
+        "quorum" => Consistency::Quorum,
+        "all" => Consistency::All,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "local_one" => Consistency::LocalOne,
+        _ => {
+            return Err(ConfigError::invalid(
+                "cluster.consistency",
+                text,
+                "one of `any`, `one`, `two`, `three`, `quorum`, `all`, `local_quorum`, `each_quorum`, `local_one`",
+            ))
+        }
+    };
+    Ok(consistency)
+}
+
+fn validate_host_port(key: &str, text: &str) -> Result<(), ConfigError> {
+    let valid = text
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !valid {
+        return Err(ConfigError::invalid(key, text, "`host:port`, for example `127.0.0.1:9042`"));
+    }
+    Ok(())
+}
+
+fn join_brokers(key: &str, brokers: &[String]) -> Result<String, ConfigError> {
+    if brokers.is_empty() {
+        return Err(ConfigError::invalid(key, "[]", "at least one `host:port`"));
+    }
+    for broker in brokers {
+        validate_host_port(key, broker)?;
+    }
+    Ok(brokers.join(","))
+}
+
+/// Kafka's own topic name rule: 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn validate_topic(key: &str, topic: &str) -> Result<(), ConfigError> {
+    let valid = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid {
+        return Err(ConfigError::invalid(key, topic, "a Kafka topic name: 1 to 249 of letters, digits, `.`, `_`, `-`"));
+    }
+    Ok(())
+}
+
+fn bounded_ms(key: &str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 || value > TIMEOUT_MS_MAX {
+        return Err(ConfigError::invalid(key, value, format!("milliseconds from 1 to {TIMEOUT_MS_MAX}")));
+    }
+    Ok(value)
+}

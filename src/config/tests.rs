@@ -1,0 +1,130 @@
+use super::*;
+
+const VALID: &str = r#"
+[cluster]
+contact_points = ["127.0.0.1:9042"]
+local_datacenter = "datacenter1"
+consistency = "quorum"
+
+[[route]]
+name = "orders"
+table = "shop.orders"
+[route.source]
+kind = "kafka"
+brokers = ["127.0.0.1:9092"]
+topic = "orders"
+group_id = "shardgate-orders"
+[route.columns]
+order_id = "$key"
+city = "customer.address.city"
+[route.dead_letter]
+kind = "kafka"
+topic = "orders.dead-letter"
+"#;
+
+fn error_of(text: &str) -> String {
+    Config::parse(text, "test.toml").expect_err("config must be refused").to_string()
+}
+
+#[test]
+fn valid_config_parses_with_defaults() {
+    let config = Config::parse(VALID, "test.toml").expect("valid config");
+    assert_eq!(config.cluster.consistency, Consistency::Quorum);
+    assert_eq!(config.runtime.cores, None);
+    assert_eq!(config.runtime.island_threads, 1);
+    let route = &config.routes[0];
+    assert_eq!((route.keyspace.as_str(), route.table.as_str()), ("shop", "orders"));
+    assert_eq!(
+        route.columns,
+        vec![
+            ColumnMapping {
+                column: "city".into(),
+                field: FieldRef::Path(vec!["customer".into(), "address".into(), "city".into()])
+            },
+            ColumnMapping { column: "order_id".into(), field: FieldRef::Key },
+        ]
+    );
+    let SourceConfig::Kafka(kafka) = &route.source;
+    assert_eq!(kafka.start_from, StartFrom::Earliest);
+    let DeadLetterConfig::Kafka { brokers, topic } = &route.dead_letter;
+    assert_eq!((brokers.as_str(), topic.as_str()), ("127.0.0.1:9092", "orders.dead-letter"));
+}
+
+#[test]
+fn unknown_key_is_refused_naming_it() {
+    let text = VALID.replace("consistency = \"quorum\"", "consistency = \"quorum\"\nconsistancy = 1");
+    let message = error_of(&text);
+    assert!(message.contains("unknown field `consistancy`"), "{message}");
+}
+
+#[test]
+fn unknown_key_in_tagged_source_is_refused() {
+    let text = VALID.replace("group_id = \"shardgate-orders\"", "group_id = \"g\"\ngroupid = \"x\"");
+    let message = error_of(&text);
+    assert!(message.contains("groupid"), "{message}");
+}
+
+#[test]
+fn bad_table_names_key_value_and_expectation() {
+    let message = error_of(&VALID.replace("shop.orders", "orders"));
+    assert_eq!(message, "`route[0].table` = `orders`: `keyspace.table`");
+    let message = error_of(&VALID.replace("shop.orders", "shop.or-ders"));
+    assert!(message.starts_with("`route[0].table` = `or-ders`: a CQL identifier"), "{message}");
+}
+
+#[test]
+fn bad_consistency_lists_choices() {
+    let message = error_of(&VALID.replace("\"quorum\"", "\"most\""));
+    assert!(message.starts_with("`cluster.consistency` = `most`: one of"), "{message}");
+}
+
+#[test]
+fn missing_dead_letter_is_refused_with_an_example() {
+    let text = VALID.replace("[route.dead_letter]\nkind = \"kafka\"\ntopic = \"orders.dead-letter\"\n", "");
+    let message = error_of(&text);
+    assert!(message.starts_with("`route[0].dead_letter` = `(missing)`"), "{message}");
+}
+
+#[test]
+fn dead_letter_topic_must_differ_from_source() {
+    let message = error_of(&VALID.replace("\"orders.dead-letter\"", "\"orders\""));
+    assert!(message.starts_with("`route[0].dead_letter.topic` = `orders`"), "{message}");
+}
+
+#[test]
+fn reserved_kafka_property_is_refused() {
+    let text = VALID.replace(
+        "group_id = \"shardgate-orders\"",
+        "group_id = \"g\"\n[route.source.properties]\n\"enable.auto.commit\" = \"true\"",
+    );
+    let message = error_of(&text);
+    assert!(message.starts_with("`route[0].source.properties.enable.auto.commit`"), "{message}");
+}
+
+#[test]
+fn bad_field_refs_are_refused() {
+    assert!(error_of(&VALID.replace("\"$key\"", "\"$header\"")).contains("`$key` or a field path"));
+    assert!(error_of(&VALID.replace("\"customer.address.city\"", "\"customer..city\"")).contains("non-empty names"));
+}
+
+#[test]
+fn cores_accepts_auto_or_bounded_number() {
+    let with = |cores: &str| VALID.replace("[[route]]", &format!("[runtime]\ncores = {cores}\n\n[[route]]"));
+    assert_eq!(Config::parse(&with("3"), "t").expect("3 cores").runtime.cores, Some(3));
+    assert!(error_of(&with("0")).starts_with("`runtime.cores` = `0`"));
+    assert!(error_of(&with("\"many\"")).starts_with("`runtime.cores` = `\"many\"`"));
+}
+
+#[test]
+fn routes_need_unique_names_and_at_least_one() {
+    let twice = format!("{VALID}\n{}", &VALID[VALID.find("[[route]]").expect("route")..]);
+    assert!(error_of(&twice).starts_with("`route[1].name` = `orders`"));
+    let none = &VALID[..VALID.find("[[route]]").expect("route")];
+    assert!(error_of(none).starts_with("`route` = `[]`"));
+}
+
+#[test]
+fn contact_point_needs_a_port() {
+    let message = error_of(&VALID.replace("127.0.0.1:9042", "127.0.0.1"));
+    assert!(message.starts_with("`cluster.contact_points` = `127.0.0.1`"), "{message}");
+}

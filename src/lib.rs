@@ -1,0 +1,15 @@
+//! shardgate: a thread-per-core, shard-native gateway between message systems and ScyllaDB.
+//!
+//! Layout (see README's design section): `config` (pure validation), `runtime` (pinned glommio
+//! executors + the tokio driver island), `topology` (row → owner core), `mapping` (formats and
+//! columns), `sink::scylla` (session, prepared writes, retries), `bridge` (sources), `app`
+//! (wiring), `telemetry` (logs).
+
+pub mod app;
+pub mod bridge;
+pub mod config;
+pub mod mapping;
+pub mod runtime;
+pub mod sink;
+pub mod telemetry;
+pub mod topology;

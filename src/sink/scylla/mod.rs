@@ -1,0 +1,176 @@
+//! The ScyllaDB / Cassandra sink: one driver `Session` (built on the island, shared by every
+//! core), schema lookup at start-up, prepared inserts, and the write-with-retry loop.
+//!
+//! Threads: `connect`, `table_schema` and `prepare_insert` run on the island at start-up;
+//! [`write_with_retry`] runs on the core that owns the row (serialization and response parsing
+//! happen there; the connection's socket task lives on the island).
+//!
+//! Contract: a write is a success only when the cluster confirms it at the configured
+//! consistency; transient failures (timeouts, unavailable, overloaded, lost connections) retry
+//! with capped exponential backoff, never counting as success; permanent failures (the server
+//! rejects the statement or value) are returned for dead-lettering.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, MaybeUnset};
+
+use crate::config::ClusterConfig;
+use crate::mapping::{RowValues, SchemaError, TableSchema};
+
+/// First retry delay of a transiently failed write.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest delay between retries of one write.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long start-up waits for the first connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors at start-up: connecting, reading the schema, preparing.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// No contact point answered.
+    #[error("cannot connect to the cluster at {contact_points}: {reason}")]
+    Connect {
+        /// Configured contact points.
+        contact_points: String,
+        /// Driver's error.
+        reason: String,
+    },
+    /// The route does not fit the table.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The insert statement could not be prepared.
+    #[error("cannot prepare `{statement}`: {reason}")]
+    Prepare {
+        /// The CQL text.
+        statement: String,
+        /// Driver's error.
+        reason: String,
+    },
+}
+
+/// Outcome of a write that did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// The cluster refused the statement or its values: retrying cannot help.
+    Permanent(String),
+    /// Worth retrying: timeouts, unavailable replicas, overload, lost connections.
+    Transient(String),
+}
+
+/// Connects the session. Run on the island.
+pub async fn connect(cluster: &ClusterConfig) -> Result<Session, SinkError> {
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if let Some(dc) = &cluster.local_datacenter {
+        policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(false);
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(cluster.consistency)
+        .request_timeout(Some(cluster.request_timeout))
+        .load_balancing_policy(policy.build())
+        .build();
+    let builder = SessionBuilder::new()
+        .known_nodes(&cluster.contact_points)
+        .default_execution_profile_handle(profile.into_handle());
+    let build = builder.build();
+    let connect_error = |reason: String| SinkError::Connect { contact_points: cluster.contact_points.join(", "), reason };
+    match tokio::time::timeout(CONNECT_TIMEOUT, build).await {
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err(e)) => Err(connect_error(e.to_string())),
+        Err(_) => Err(connect_error(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
+    }
+}
+
+/// Reads a table's schema from the session's cluster state, refreshing it once if missing.
+pub async fn table_schema(session: &Session, route: &str, keyspace: &str, table: &str) -> Result<TableSchema, SinkError> {
+    let lookup = |session: &Session| {
+        let state = session.get_cluster_state();
+        state.get_keyspace(keyspace).and_then(|k| k.tables.get(table)).map(TableSchema::from_driver)
+    };
+    if let Some(schema) = lookup(session) {
+        return Ok(schema);
+    }
+    // A table created moments ago may not be in the cached metadata yet.
+    if let Err(e) = session.refresh_metadata().await {
+        tracing::warn!(error = %e, "schema refresh failed");
+    }
+    lookup(session).ok_or_else(|| {
+        SinkError::Schema(SchemaError::TableNotFound {
+            route: route.to_string(),
+            keyspace: keyspace.to_string(),
+            table: table.to_string(),
+        })
+    })
+}
+
+/// Prepares an insert. Writes carry explicit timestamps, so they are marked idempotent and the
+/// driver may retry them.
+pub async fn prepare_insert(session: &Session, statement: &str) -> Result<PreparedStatement, SinkError> {
+    let mut prepared = session
+        .prepare(statement)
+        .await
+        .map_err(|e| SinkError::Prepare { statement: statement.to_string(), reason: e.to_string() })?;
+    prepared.set_is_idempotent(true);
+    Ok(prepared)
+}
+
+/// Sorts a driver error into permanent or transient.
+pub fn classify(error: &ExecutionError) -> WriteFailure {
+    let permanent = match error {
+        ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => true,
+        ExecutionError::LastAttemptError(attempt) => match attempt {
+            RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => true,
+            RequestAttemptError::DbError(db, _) => matches!(
+                db,
+                DbError::Invalid
+                    | DbError::SyntaxError
+                    | DbError::Unauthorized
+                    | DbError::ConfigError
+                    | DbError::AlreadyExists { .. }
+                    | DbError::FunctionFailure { .. }
+            ),
+            _ => false,
+        },
+        _ => false,
+    };
+    if permanent {
+        WriteFailure::Permanent(error.to_string())
+    } else {
+        WriteFailure::Transient(error.to_string())
+    }
+}
+
+/// Appends the write timestamp (microseconds) as the last bound value.
+pub fn with_timestamp(mut values: RowValues, timestamp_us: i64) -> RowValues {
+    values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
+    values
+}
+
+/// Writes one row, retrying transient failures with backoff until it succeeds or fails
+/// permanently. Runs on a core executor (glommio timers for the backoff).
+pub async fn write_with_retry(session: &Arc<Session>, statement: &PreparedStatement, values: &RowValues) -> Result<(), String> {
+    let mut backoff = RETRY_BACKOFF_MIN;
+    let mut attempts: u64 = 0;
+    loop {
+        attempts += 1;
+        match session.execute_unpaged(statement, values).await {
+            Ok(_) => return Ok(()),
+            Err(error) => match classify(&error) {
+                WriteFailure::Permanent(reason) => return Err(reason),
+                WriteFailure::Transient(reason) => {
+                    if attempts == 1 || attempts.is_power_of_two() {
+                        tracing::warn!(attempts, %reason, "write failed, retrying");
+                    }
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+            },
+        }
+    }
+}
