@@ -8,6 +8,7 @@
 pub mod app;
 pub mod bridge;
 pub mod config;
+pub mod devkit;
 pub mod mapping;
 pub mod runtime;
 pub mod sink;

@@ -1,5 +1,7 @@
 //! Logging setup. `RUST_LOG` overrides the default level (`info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber: compact text to stderr, thread names shown (they
@@ -10,6 +12,7 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_thread_names(true)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -68,7 +68,10 @@ pub enum WriteFailure {
 pub async fn connect(cluster: &ClusterConfig) -> Result<Session, SinkError> {
     let mut policy = DefaultPolicy::builder().token_aware(true);
     if let Some(dc) = &cluster.local_datacenter {
-        policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(false);
+        // Failover stays permitted: with it off, a SimpleStrategy keyspace (common in tests and
+        // single-DC clusters) makes the driver warn on every request. LOCAL_* consistency still
+        // keeps writes in the local data center.
+        policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(true);
     }
     let profile = ExecutionProfile::builder()
         .consistency(cluster.consistency)

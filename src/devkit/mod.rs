@@ -1,0 +1,492 @@
+//! Tools for the demo, the integration tests and the end-to-end bench: a sample `orders` table
+//! and its messages, topic setup, a fast producer, read-back verification, dead-letter and
+//! committed-offset inspection, and a gateway child process. Talks to real services only.
+//!
+//! Not used by the gateway itself. Runs on the caller's tokio runtime / thread.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::TryStreamExt;
+use num_bigint::BigInt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{DeliveryResult, Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::value::{CqlDecimal, CqlTimestamp};
+
+/// Local service addresses used by `deploy/local`.
+pub const CASSANDRA: &str = "127.0.0.1:9042";
+/// Kafka bootstrap server of the local stack.
+pub const KAFKA: &str = "127.0.0.1:9092";
+
+const CITIES: [&str; 8] = ["Oslo", "Lyon", "Porto", "Kraków", "Turku", "Gent", "Brno", "Cork"];
+/// Base of the sample `placed_at` times (2026-01-01T00:00:00Z).
+const PLACED_AT_BASE_MS: i64 = 1_767_225_600_000;
+
+/// Connects to the local Cassandra (or `contact`).
+pub async fn connect(contact: &str) -> anyhow::Result<Session> {
+    SessionBuilder::new()
+        .known_node(contact)
+        .build()
+        .await
+        .with_context(|| format!("cannot connect to Cassandra at {contact}; is `deploy/local/stack.sh up` running?"))
+}
+
+/// Creates (or recreates) keyspace `keyspace` with the sample `orders` table.
+pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[]).await?;
+    session
+        .query_unpaged(
+            format!("CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+            &[],
+        )
+        .await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {keyspace}.orders (order_id text PRIMARY KEY, customer_id bigint, city text, \
+                 amount decimal, quantity int, placed_at timestamp, express boolean, tags set<text>)"
+            ),
+            &[],
+        )
+        .await?;
+    session.await_schema_agreement().await?;
+    Ok(())
+}
+
+/// The `[[route]]` block that maps sample order messages into `keyspace.orders`.
+pub fn orders_route_toml(name: &str, keyspace: &str, topic: &str, group: &str, dead_letter_topic: &str) -> String {
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+table = "{keyspace}.orders"
+format = "json"
+
+[route.source]
+kind = "kafka"
+brokers = ["{KAFKA}"]
+topic = "{topic}"
+group_id = "{group}"
+start_from = "earliest"
+commit_interval_ms = 500
+[route.source.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+
+[route.columns]
+order_id = "$key"
+customer_id = "customer.id"
+city = "customer.address.city"
+amount = "amount"
+quantity = "quantity"
+placed_at = "placed_at"
+express = "express"
+tags = "tags"
+
+[route.dead_letter]
+kind = "kafka"
+topic = "{dead_letter_topic}"
+"#
+    )
+}
+
+/// A gateway config with the given routes, 2 island threads, and the local cluster.
+pub fn gateway_toml(routes: &str) -> String {
+    format!(
+        r#"
+[cluster]
+contact_points = ["{CASSANDRA}"]
+local_datacenter = "datacenter1"
+consistency = "local_quorum"
+
+[runtime]
+cores = "auto"
+island_threads = 1
+shutdown_deadline_ms = 5000
+{routes}"#
+    )
+}
+
+/// What order `i` must look like in the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpectedOrder {
+    /// Primary key, also the message key.
+    pub order_id: String,
+    /// `customer.id`.
+    pub customer_id: i64,
+    /// `customer.address.city`.
+    pub city: String,
+    /// `amount` as a decimal with 2 fractional digits.
+    pub amount_cents: i64,
+    /// `quantity`.
+    pub quantity: i32,
+    /// `placed_at` in epoch milliseconds.
+    pub placed_at_ms: i64,
+    /// `express`.
+    pub express: bool,
+    /// `tags`, sorted (a set).
+    pub tags: Vec<String>,
+}
+
+/// The expected row of sample order `i`.
+pub fn expected_order(i: u64) -> ExpectedOrder {
+    let mut tags = vec![format!("batch-{}", i / 1000)];
+    if i % 3 == 0 {
+        tags.push("express".to_string());
+    }
+    tags.sort();
+    ExpectedOrder {
+        order_id: format!("order-{i:08}"),
+        customer_id: (i * 7919 % 100_000) as i64,
+        city: CITIES[(i % CITIES.len() as u64) as usize].to_string(),
+        amount_cents: (i * 37 % 1_000_000) as i64,
+        quantity: (i % 10 + 1) as i32,
+        placed_at_ms: PLACED_AT_BASE_MS + i as i64 * 1_000,
+        express: i % 3 == 0,
+        tags,
+    }
+}
+
+/// Sample order `i` as a Kafka message: (key, JSON payload).
+pub fn order_message(i: u64) -> (String, String) {
+    let e = expected_order(i);
+    let placed_at = chrono::DateTime::from_timestamp_millis(e.placed_at_ms).map(|t| t.to_rfc3339()).unwrap_or_default();
+    let payload = format!(
+        r#"{{"customer":{{"id":{},"address":{{"city":"{}"}}}},"amount":{}.{:02},"quantity":{},"placed_at":"{}","express":{},"tags":{}}}"#,
+        e.customer_id,
+        e.city,
+        e.amount_cents / 100,
+        e.amount_cents % 100,
+        e.quantity,
+        placed_at,
+        e.express,
+        serde_json::to_string(&e.tags).unwrap_or_default()
+    );
+    (e.order_id, payload)
+}
+
+/// Malformed message `j` of three kinds, with the reason code the gateway must give it.
+pub fn malformed_message(j: u64) -> (String, Vec<u8>, &'static str) {
+    let key = format!("bad-{j:06}");
+    match j % 3 {
+        0 => (key, b"{this is not json".to_vec(), "not_json"),
+        1 => (key, br#"{"customer":{"id":"not-a-number"},"amount":1.00}"#.to_vec(), "bad_value"),
+        _ => (String::new(), br#"{"amount":2.50}"#.to_vec(), "bad_key"),
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1); an existing topic is an error.
+pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", KAFKA).create()?;
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin.create_topics([&new_topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    for result in results {
+        if let Err((name, code)) = result {
+            bail!("cannot create topic `{name}`: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// Counts failed deliveries of the devkit producer.
+#[derive(Default)]
+pub struct DeliveryFailures(AtomicU64);
+
+impl ClientContext for DeliveryFailures {}
+
+impl ProducerContext for DeliveryFailures {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Produces (key, payload) messages to `topic` as fast as the broker takes them; returns once
+/// all are acknowledged by the broker. An empty key is sent as no key.
+pub fn produce<I>(topic: &str, messages: I) -> anyhow::Result<u64>
+where
+    I: IntoIterator<Item = (String, Vec<u8>)>,
+{
+    let producer: BaseProducer<DeliveryFailures> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .create_with_context(DeliveryFailures::default())?;
+    let mut sent = 0;
+    for (key, payload) in messages {
+        loop {
+            let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(&payload);
+            if !key.is_empty() {
+                record = record.key(key.as_str());
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    producer.poll(Duration::from_millis(20));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        sent += 1;
+    }
+    producer.flush(Timeout::After(Duration::from_secs(120)))?;
+    let failed = producer.context().0.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} of {sent} messages were not delivered to `{topic}`");
+    }
+    Ok(sent)
+}
+
+/// Rows in `keyspace.table`, counted by reading every partition key.
+pub async fn count_rows(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64> {
+    let mut rows = session
+        .query_iter(format!("SELECT {key_column} FROM {keyspace}.{table}"), &[])
+        .await?
+        .rows_stream::<(String,)>()?;
+    let mut count = 0;
+    while rows.try_next().await?.is_some() {
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Result of reading back the sample orders.
+#[derive(Debug, Default)]
+pub struct Verification {
+    /// Rows in the table.
+    pub rows: u64,
+    /// Rows equal to their expected values.
+    pub matching: u64,
+    /// Expected orders not in the table.
+    pub missing: u64,
+    /// The first few differences, for the report.
+    pub differences: Vec<String>,
+}
+
+type OrderRow = (
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<CqlDecimal>,
+    Option<i32>,
+    Option<CqlTimestamp>,
+    Option<bool>,
+    Option<Vec<String>>,
+);
+
+/// Reads every row of `keyspace.orders` and compares it with orders `0..count`.
+pub async fn verify_orders(session: &Session, keyspace: &str, count: u64) -> anyhow::Result<Verification> {
+    let mut rows = session
+        .query_iter(
+            format!("SELECT order_id, customer_id, city, amount, quantity, placed_at, express, tags FROM {keyspace}.orders"),
+            &[],
+        )
+        .await?
+        .rows_stream::<OrderRow>()?;
+    let mut report = Verification::default();
+    let mut seen = vec![false; count as usize];
+    while let Some(row) = rows.try_next().await? {
+        report.rows += 1;
+        let index = row.0.strip_prefix("order-").and_then(|n| u64::from_str(n).ok()).filter(|&i| i < count);
+        let Some(i) = index else {
+            note(&mut report, format!("unexpected row `{}`", row.0));
+            continue;
+        };
+        seen[i as usize] = true;
+        let e = expected_order(i);
+        let amount = CqlDecimal::from_signed_be_bytes_and_exponent(BigInt::from(e.amount_cents).to_signed_bytes_be(), 2);
+        let expected: OrderRow = (
+            e.order_id.clone(),
+            Some(e.customer_id),
+            Some(e.city.clone()),
+            Some(amount),
+            Some(e.quantity),
+            Some(CqlTimestamp(e.placed_at_ms)),
+            Some(e.express),
+            Some(e.tags.clone()),
+        );
+        if row == expected {
+            report.matching += 1;
+        } else {
+            note(&mut report, format!("`{}`: got {row:?}, expected {expected:?}", e.order_id));
+        }
+    }
+    report.missing = seen.iter().filter(|s| !**s).count() as u64;
+    Ok(report)
+}
+
+fn note(report: &mut Verification, difference: String) {
+    const DIFFERENCES_MAX: usize = 5;
+    if report.differences.len() < DIFFERENCES_MAX {
+        report.differences.push(difference);
+    }
+}
+
+/// A message read back from a dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetterRecord {
+    /// Original key.
+    pub key: Option<Vec<u8>>,
+    /// Original payload.
+    pub payload: Option<Vec<u8>>,
+    /// Headers by name, values as text.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Reads `topic` from the beginning until `expected` messages arrived or `deadline` passed.
+pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<DeadLetterRecord>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", format!("devkit-reader-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let start = Instant::now();
+    let mut records = Vec::new();
+    while records.len() < expected && start.elapsed() < deadline {
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = polled?;
+        let mut headers = BTreeMap::new();
+        if let Some(list) = message.headers() {
+            for header in list.iter() {
+                let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                headers.insert(header.key.to_string(), value);
+            }
+        }
+        records.push(DeadLetterRecord {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    }
+    Ok(records)
+}
+
+/// (committed offsets, end offsets) of `group` on `topic`, summed over partitions.
+pub fn committed_and_end(group: &str, topic: &str, partitions: i32) -> anyhow::Result<(i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", KAFKA).set("group.id", group).create()?;
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+    let mut committed_sum = 0;
+    for element in committed.elements() {
+        if let Offset::Offset(o) = element.offset() {
+            committed_sum += o;
+        }
+    }
+    let mut end_sum = 0;
+    for p in 0..partitions {
+        end_sum += consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1;
+    }
+    Ok((committed_sum, end_sum))
+}
+
+/// A gateway running as a child process.
+pub struct Gateway {
+    child: Child,
+    /// Its log file (stderr and stdout).
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `binary serve --config config`, logging to `log` (truncated), and waits until it
+    /// serves.
+    pub fn start(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Gateway> {
+        let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(binary)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut gateway = Gateway { child, log: log.to_path_buf() };
+        gateway.wait_for_log("shardgate serving", Duration::from_secs(60))?;
+        Ok(gateway)
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, deadline: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("gateway exited with {status} before `{needle}`; log tail:\n{}", tail(&text, 30));
+            }
+            if start.elapsed() > deadline {
+                bail!("gateway did not log `{needle}` within {deadline:?}; log tail:\n{}", tail(&text, 30));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// CPU seconds (user + system) the gateway has used, from /proc.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        Ok(ticks / 100.0)
+    }
+
+    /// `kill -9`: no drain, no commit.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a graceful exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            bail!("cannot signal the gateway");
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
