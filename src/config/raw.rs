@@ -7,8 +7,8 @@ use scylla::frame::types::Consistency;
 use serde::Deserialize;
 
 use super::{
-    validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef,
-    Format, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
+    validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef, Format,
+    KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
 };
 
 /// Top level of a shardgate config file.
@@ -196,13 +196,21 @@ impl RawConfig {
             }
             routes.push(route);
         }
-        Ok(Config { cluster, runtime, routes })
+        Ok(Config {
+            cluster,
+            runtime,
+            routes,
+        })
     }
 }
 
 fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
     if raw.contact_points.is_empty() {
-        return Err(ConfigError::invalid("cluster.contact_points", "[]", "at least one `host:port`"));
+        return Err(ConfigError::invalid(
+            "cluster.contact_points",
+            "[]",
+            "at least one `host:port`",
+        ));
     }
     for point in &raw.contact_points {
         validate_host_port("cluster.contact_points", point)?;
@@ -253,7 +261,11 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
 fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigError> {
     let key = |field: &str| format!("route[{index}].{field}");
     if raw.name.is_empty() || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-        return Err(ConfigError::invalid(key("name"), &raw.name, "a non-empty name of letters, digits, `_`, `-`, `.`"));
+        return Err(ConfigError::invalid(
+            key("name"),
+            &raw.name,
+            "a non-empty name of letters, digits, `_`, `-`, `.`",
+        ));
     }
     let Some((keyspace, table)) = raw.table.split_once('.') else {
         return Err(ConfigError::invalid(key("table"), &raw.table, "`keyspace.table`"));
@@ -267,7 +279,10 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
     let mut columns = Vec::with_capacity(raw.columns.len());
     for (column, field) in &raw.columns {
         validate_identifier(&key(&format!("columns.{column}")), column)?;
-        columns.push(ColumnMapping { column: column.clone(), field: parse_field_ref(&key(&format!("columns.{column}")), field)? });
+        columns.push(ColumnMapping {
+            column: column.clone(),
+            field: parse_field_ref(&key(&format!("columns.{column}")), field)?,
+        });
     }
     let source = validate_source(&key("source"), raw.source)?;
     let SourceConfig::Kafka(kafka) = &source;
@@ -282,7 +297,11 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
         RawDeadLetter::Kafka { brokers, topic } => {
             validate_topic(&key("dead_letter.topic"), &topic)?;
             if topic == kafka.topic {
-                return Err(ConfigError::invalid(key("dead_letter.topic"), &topic, "a topic other than the source topic"));
+                return Err(ConfigError::invalid(
+                    key("dead_letter.topic"),
+                    &topic,
+                    "a topic other than the source topic",
+                ));
             }
             let brokers = match brokers {
                 Some(list) => join_brokers(&key("dead_letter.brokers"), &list)?,
@@ -304,16 +323,33 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
 
 fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
     match raw {
-        RawSource::Kafka { brokers, topic, group_id, start_from, commit_interval_ms, properties } => {
+        RawSource::Kafka {
+            brokers,
+            topic,
+            group_id,
+            start_from,
+            commit_interval_ms,
+            properties,
+        } => {
             let brokers = join_brokers(&format!("{key}.brokers"), &brokers)?;
             validate_topic(&format!("{key}.topic"), &topic)?;
             if group_id.is_empty() {
-                return Err(ConfigError::invalid(format!("{key}.group_id"), "", "a non-empty consumer group id"));
+                return Err(ConfigError::invalid(
+                    format!("{key}.group_id"),
+                    "",
+                    "a non-empty consumer group id",
+                ));
             }
             let start_from = match start_from.as_str() {
                 "earliest" => StartFrom::Earliest,
                 "latest" => StartFrom::Latest,
-                other => return Err(ConfigError::invalid(format!("{key}.start_from"), other, "`earliest` or `latest`")),
+                other => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.start_from"),
+                        other,
+                        "`earliest` or `latest`",
+                    ))
+                }
             };
             if commit_interval_ms == 0 || commit_interval_ms > TIMEOUT_MS_MAX {
                 return Err(ConfigError::invalid(
@@ -349,11 +385,19 @@ pub(crate) fn parse_field_ref(key: &str, text: &str) -> Result<FieldRef, ConfigE
         return Ok(FieldRef::Key);
     }
     if text.starts_with('$') {
-        return Err(ConfigError::invalid(key, text, "`$key` or a field path such as `customer.id`"));
+        return Err(ConfigError::invalid(
+            key,
+            text,
+            "`$key` or a field path such as `customer.id`",
+        ));
     }
     let parts: Vec<String> = text.split('.').map(str::to_string).collect();
     if parts.iter().any(String::is_empty) {
-        return Err(ConfigError::invalid(key, text, "a field path of non-empty names separated by `.`"));
+        return Err(ConfigError::invalid(
+            key,
+            text,
+            "a field path of non-empty names separated by `.`",
+        ));
     }
     Ok(FieldRef::Path(parts))
 }
@@ -385,7 +429,11 @@ fn validate_host_port(key: &str, text: &str) -> Result<(), ConfigError> {
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
     if !valid {
-        return Err(ConfigError::invalid(key, text, "`host:port`, for example `127.0.0.1:9042`"));
+        return Err(ConfigError::invalid(
+            key,
+            text,
+            "`host:port`, for example `127.0.0.1:9042`",
+        ));
     }
     Ok(())
 }
@@ -408,14 +456,22 @@ fn validate_topic(key: &str, topic: &str) -> Result<(), ConfigError> {
         && topic != ".."
         && topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !valid {
-        return Err(ConfigError::invalid(key, topic, "a Kafka topic name: 1 to 249 of letters, digits, `.`, `_`, `-`"));
+        return Err(ConfigError::invalid(
+            key,
+            topic,
+            "a Kafka topic name: 1 to 249 of letters, digits, `.`, `_`, `-`",
+        ));
     }
     Ok(())
 }
 
 fn bounded_ms(key: &str, value: u64) -> Result<u64, ConfigError> {
     if value == 0 || value > TIMEOUT_MS_MAX {
-        return Err(ConfigError::invalid(key, value, format!("milliseconds from 1 to {TIMEOUT_MS_MAX}")));
+        return Err(ConfigError::invalid(
+            key,
+            value,
+            format!("milliseconds from 1 to {TIMEOUT_MS_MAX}"),
+        ));
     }
     Ok(value)
 }

@@ -23,7 +23,9 @@ topic = "orders.dead-letter"
 "#;
 
 fn error_of(text: &str) -> String {
-    Config::parse(text, "test.toml").expect_err("config must be refused").to_string()
+    Config::parse(text, "test.toml")
+        .expect_err("config must be refused")
+        .to_string()
 }
 
 #[test]
@@ -41,13 +43,19 @@ fn valid_config_parses_with_defaults() {
                 column: "city".into(),
                 field: FieldRef::Path(vec!["customer".into(), "address".into(), "city".into()])
             },
-            ColumnMapping { column: "order_id".into(), field: FieldRef::Key },
+            ColumnMapping {
+                column: "order_id".into(),
+                field: FieldRef::Key
+            },
         ]
     );
     let SourceConfig::Kafka(kafka) = &route.source;
     assert_eq!(kafka.start_from, StartFrom::Earliest);
     let DeadLetterConfig::Kafka { brokers, topic } = &route.dead_letter;
-    assert_eq!((brokers.as_str(), topic.as_str()), ("127.0.0.1:9092", "orders.dead-letter"));
+    assert_eq!(
+        (brokers.as_str(), topic.as_str()),
+        ("127.0.0.1:9092", "orders.dead-letter")
+    );
 }
 
 #[test]
@@ -69,18 +77,27 @@ fn bad_table_names_key_value_and_expectation() {
     let message = error_of(&VALID.replace("shop.orders", "orders"));
     assert_eq!(message, "`route[0].table` = `orders`: `keyspace.table`");
     let message = error_of(&VALID.replace("shop.orders", "shop.or-ders"));
-    assert!(message.starts_with("`route[0].table` = `or-ders`: a CQL identifier"), "{message}");
+    assert!(
+        message.starts_with("`route[0].table` = `or-ders`: a CQL identifier"),
+        "{message}"
+    );
 }
 
 #[test]
 fn bad_consistency_lists_choices() {
     let message = error_of(&VALID.replace("\"quorum\"", "\"most\""));
-    assert!(message.starts_with("`cluster.consistency` = `most`: one of"), "{message}");
+    assert!(
+        message.starts_with("`cluster.consistency` = `most`: one of"),
+        "{message}"
+    );
 }
 
 #[test]
 fn missing_dead_letter_is_refused_with_an_example() {
-    let text = VALID.replace("[route.dead_letter]\nkind = \"kafka\"\ntopic = \"orders.dead-letter\"\n", "");
+    let text = VALID.replace(
+        "[route.dead_letter]\nkind = \"kafka\"\ntopic = \"orders.dead-letter\"\n",
+        "",
+    );
     let message = error_of(&text);
     assert!(message.starts_with("`route[0].dead_letter` = `(missing)`"), "{message}");
 }
@@ -88,7 +105,10 @@ fn missing_dead_letter_is_refused_with_an_example() {
 #[test]
 fn dead_letter_topic_must_differ_from_source() {
     let message = error_of(&VALID.replace("\"orders.dead-letter\"", "\"orders\""));
-    assert!(message.starts_with("`route[0].dead_letter.topic` = `orders`"), "{message}");
+    assert!(
+        message.starts_with("`route[0].dead_letter.topic` = `orders`"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -98,7 +118,10 @@ fn reserved_kafka_property_is_refused() {
         "group_id = \"g\"\n[route.source.properties]\n\"enable.auto.commit\" = \"true\"",
     );
     let message = error_of(&text);
-    assert!(message.starts_with("`route[0].source.properties.enable.auto.commit`"), "{message}");
+    assert!(
+        message.starts_with("`route[0].source.properties.enable.auto.commit`"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -126,5 +149,8 @@ fn routes_need_unique_names_and_at_least_one() {
 #[test]
 fn contact_point_needs_a_port() {
     let message = error_of(&VALID.replace("127.0.0.1:9042", "127.0.0.1"));
-    assert!(message.starts_with("`cluster.contact_points` = `127.0.0.1`"), "{message}");
+    assert!(
+        message.starts_with("`cluster.contact_points` = `127.0.0.1`"),
+        "{message}"
+    );
 }

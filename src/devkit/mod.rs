@@ -47,10 +47,14 @@ pub async fn connect(contact: &str) -> anyhow::Result<Session> {
 
 /// Creates (or recreates) keyspace `keyspace` with the sample `orders` table.
 pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
-    session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[]).await?;
+    session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
+        .await?;
     session
         .query_unpaged(
-            format!("CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+            format!(
+                "CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+            ),
             &[],
         )
         .await?;
@@ -145,7 +149,7 @@ pub struct ExpectedOrder {
 /// The expected row of sample order `i`.
 pub fn expected_order(i: u64) -> ExpectedOrder {
     let mut tags = vec![format!("batch-{}", i / 1000)];
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         tags.push("express".to_string());
     }
     tags.sort();
@@ -156,7 +160,7 @@ pub fn expected_order(i: u64) -> ExpectedOrder {
         amount_cents: (i * 37 % 1_000_000) as i64,
         quantity: (i % 10 + 1) as i32,
         placed_at_ms: PLACED_AT_BASE_MS + i as i64 * 1_000,
-        express: i % 3 == 0,
+        express: i.is_multiple_of(3),
         tags,
     }
 }
@@ -164,7 +168,9 @@ pub fn expected_order(i: u64) -> ExpectedOrder {
 /// Sample order `i` as a Kafka message: (key, JSON payload).
 pub fn order_message(i: u64) -> (String, String) {
     let e = expected_order(i);
-    let placed_at = chrono::DateTime::from_timestamp_millis(e.placed_at_ms).map(|t| t.to_rfc3339()).unwrap_or_default();
+    let placed_at = chrono::DateTime::from_timestamp_millis(e.placed_at_ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
     let payload = format!(
         r#"{{"customer":{{"id":{},"address":{{"city":"{}"}}}},"amount":{}.{:02},"quantity":{},"placed_at":"{}","express":{},"tags":{}}}"#,
         e.customer_id,
@@ -184,7 +190,11 @@ pub fn malformed_message(j: u64) -> (String, Vec<u8>, &'static str) {
     let key = format!("bad-{j:06}");
     match j % 3 {
         0 => (key, b"{this is not json".to_vec(), "not_json"),
-        1 => (key, br#"{"customer":{"id":"not-a-number"},"amount":1.00}"#.to_vec(), "bad_value"),
+        1 => (
+            key,
+            br#"{"customer":{"id":"not-a-number"},"amount":1.00}"#.to_vec(),
+            "bad_value",
+        ),
         _ => (String::new(), br#"{"amount":2.50}"#.to_vec(), "bad_key"),
     }
 }
@@ -193,7 +203,12 @@ pub fn malformed_message(j: u64) -> (String, Vec<u8>, &'static str) {
 pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", KAFKA).create()?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let results = admin.create_topics([&new_topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    let results = admin
+        .create_topics(
+            [&new_topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
     for result in results {
         if let Err((name, code)) = result {
             bail!("cannot create topic `{name}`: {code}");
@@ -296,7 +311,9 @@ type OrderRow = (
 pub async fn verify_orders(session: &Session, keyspace: &str, count: u64) -> anyhow::Result<Verification> {
     let mut rows = session
         .query_iter(
-            format!("SELECT order_id, customer_id, city, amount, quantity, placed_at, express, tags FROM {keyspace}.orders"),
+            format!(
+                "SELECT order_id, customer_id, city, amount, quantity, placed_at, express, tags FROM {keyspace}.orders"
+            ),
             &[],
         )
         .await?
@@ -305,14 +322,19 @@ pub async fn verify_orders(session: &Session, keyspace: &str, count: u64) -> any
     let mut seen = vec![false; count as usize];
     while let Some(row) = rows.try_next().await? {
         report.rows += 1;
-        let index = row.0.strip_prefix("order-").and_then(|n| u64::from_str(n).ok()).filter(|&i| i < count);
+        let index = row
+            .0
+            .strip_prefix("order-")
+            .and_then(|n| u64::from_str(n).ok())
+            .filter(|&i| i < count);
         let Some(i) = index else {
             note(&mut report, format!("unexpected row `{}`", row.0));
             continue;
         };
         seen[i as usize] = true;
         let e = expected_order(i);
-        let amount = CqlDecimal::from_signed_be_bytes_and_exponent(BigInt::from(e.amount_cents).to_signed_bytes_be(), 2);
+        let amount =
+            CqlDecimal::from_signed_be_bytes_and_exponent(BigInt::from(e.amount_cents).to_signed_bytes_be(), 2);
         let expected: OrderRow = (
             e.order_id.clone(),
             Some(e.customer_id),
@@ -326,7 +348,10 @@ pub async fn verify_orders(session: &Session, keyspace: &str, count: u64) -> any
         if row == expected {
             report.matching += 1;
         } else {
-            note(&mut report, format!("`{}`: got {row:?}, expected {expected:?}", e.order_id));
+            note(
+                &mut report,
+                format!("`{}`: got {row:?}, expected {expected:?}", e.order_id),
+            );
         }
     }
     report.missing = seen.iter().filter(|s| !**s).count() as u64;
@@ -363,12 +388,17 @@ pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> anyhow::R
     let start = Instant::now();
     let mut records = Vec::new();
     while records.len() < expected && start.elapsed() < deadline {
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let message = polled?;
         let mut headers = BTreeMap::new();
         if let Some(list) = message.headers() {
             for header in list.iter() {
-                let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
                 headers.insert(header.key.to_string(), value);
             }
         }
@@ -383,7 +413,10 @@ pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> anyhow::R
 
 /// (committed offsets, end offsets) of `group` on `topic`, summed over partitions.
 pub fn committed_and_end(group: &str, topic: &str, partitions: i32) -> anyhow::Result<(i64, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", KAFKA).set("group.id", group).create()?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", group)
+        .create()?;
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition(topic, p);
@@ -422,7 +455,10 @@ impl Gateway {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut gateway = Gateway { child, log: log.to_path_buf() };
+        let mut gateway = Gateway {
+            child,
+            log: log.to_path_buf(),
+        };
         gateway.wait_for_log("shardgate serving", Duration::from_secs(60))?;
         Ok(gateway)
     }
@@ -441,10 +477,16 @@ impl Gateway {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("gateway exited with {status} before `{needle}`; log tail:\n{}", tail(&text, 30));
+                bail!(
+                    "gateway exited with {status} before `{needle}`; log tail:\n{}",
+                    tail(&text, 30)
+                );
             }
             if start.elapsed() > deadline {
-                bail!("gateway did not log `{needle}` within {deadline:?}; log tail:\n{}", tail(&text, 30));
+                bail!(
+                    "gateway did not log `{needle}` within {deadline:?}; log tail:\n{}",
+                    tail(&text, 30)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -469,7 +511,9 @@ impl Gateway {
 
     /// SIGTERM, then waits for a graceful exit.
     pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
         if !status.success() {
             bail!("cannot signal the gateway");
         }

@@ -54,31 +54,57 @@ pub fn coerce(value: &Value, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceErr
         ColumnType::Native(native) => coerce_native(value, native),
         ColumnType::Collection { typ: collection, .. } => coerce_collection(value, collection),
         ColumnType::Tuple(types) => {
-            let Value::Array(items) = value else { return fail(format!("expected a JSON array for a tuple, got {}", preview(value))) };
+            let Value::Array(items) = value else {
+                return fail(format!("expected a JSON array for a tuple, got {}", preview(value)));
+            };
             if items.len() != types.len() {
-                return fail(format!("expected a tuple of {} elements, got {}", types.len(), items.len()));
+                return fail(format!(
+                    "expected a tuple of {} elements, got {}",
+                    types.len(),
+                    items.len()
+                ));
             }
             let fields = items
                 .iter()
                 .zip(types)
-                .map(|(item, t)| if item.is_null() { Ok(None) } else { coerce(item, t).map(Some) })
+                .map(|(item, t)| {
+                    if item.is_null() {
+                        Ok(None)
+                    } else {
+                        coerce(item, t).map(Some)
+                    }
+                })
                 .collect::<Result<_, _>>()?;
             Ok(CqlValue::Tuple(fields))
         }
         ColumnType::UserDefinedType { definition, .. } => {
-            let Value::Object(object) = value else { return fail(format!("expected a JSON object for a user type, got {}", preview(value))) };
-            if let Some(unknown) = object.keys().find(|k| !definition.field_types.iter().any(|(name, _)| name == k.as_str())) {
+            let Value::Object(object) = value else {
+                return fail(format!(
+                    "expected a JSON object for a user type, got {}",
+                    preview(value)
+                ));
+            };
+            if let Some(unknown) = object
+                .keys()
+                .find(|k| !definition.field_types.iter().any(|(name, _)| name == k.as_str()))
+            {
                 return fail(format!("user type `{}` has no field `{unknown}`", definition.name));
             }
             let mut fields = Vec::with_capacity(definition.field_types.len());
             for (name, field_type) in &definition.field_types {
                 let field = match object.get(name.as_ref()) {
                     None | Some(Value::Null) => None,
-                    Some(v) => Some(coerce(v, field_type).map_err(|e| CoerceError { reason: format!("field `{name}`: {}", e.reason) })?),
+                    Some(v) => Some(coerce(v, field_type).map_err(|e| CoerceError {
+                        reason: format!("field `{name}`: {}", e.reason),
+                    })?),
                 };
                 fields.push((name.to_string(), field));
             }
-            Ok(CqlValue::UserDefinedType { keyspace: definition.keyspace.to_string(), name: definition.name.to_string(), fields })
+            Ok(CqlValue::UserDefinedType {
+                keyspace: definition.keyspace.to_string(),
+                name: definition.name.to_string(),
+                fields,
+            })
         }
         other => fail(format!("columns of type {other:?} are not supported yet")),
     }
@@ -93,7 +119,9 @@ fn coerce_collection(value: &Value, collection: &CollectionType<'_>) -> Result<C
                 if item.is_null() {
                     return fail(format!("element {i} is null; collections cannot hold nulls"));
                 }
-                coerce(item, element).map_err(|e| CoerceError { reason: format!("element {i}: {}", e.reason) })
+                coerce(item, element).map_err(|e| CoerceError {
+                    reason: format!("element {i}: {}", e.reason),
+                })
             })
             .collect()
     };
@@ -107,16 +135,21 @@ fn coerce_collection(value: &Value, collection: &CollectionType<'_>) -> Result<C
             other => fail(format!("expected a JSON array for a set, got {}", preview(other))),
         },
         CollectionType::Map(key_type, value_type) => {
-            let Value::Object(object) = value else { return fail(format!("expected a JSON object for a map, got {}", preview(value))) };
+            let Value::Object(object) = value else {
+                return fail(format!("expected a JSON object for a map, got {}", preview(value)));
+            };
             let mut pairs = Vec::with_capacity(object.len());
             for (k, v) in object {
                 // Map keys arrive as JSON strings; coerce them as text first, then as the key type.
-                let key = coerce(&Value::String(k.clone()), key_type)
-                    .map_err(|e| CoerceError { reason: format!("map key `{k}`: {}", e.reason) })?;
+                let key = coerce(&Value::String(k.clone()), key_type).map_err(|e| CoerceError {
+                    reason: format!("map key `{k}`: {}", e.reason),
+                })?;
                 if v.is_null() {
                     return fail(format!("map value of `{k}` is null; collections cannot hold nulls"));
                 }
-                let value = coerce(v, value_type).map_err(|e| CoerceError { reason: format!("map value of `{k}`: {}", e.reason) })?;
+                let value = coerce(v, value_type).map_err(|e| CoerceError {
+                    reason: format!("map value of `{k}`: {}", e.reason),
+                })?;
                 pairs.push((key, value));
             }
             Ok(CqlValue::Map(pairs))
@@ -139,10 +172,17 @@ fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceE
             Value::Bool(b) => Ok(CqlValue::Boolean(*b)),
             Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(CqlValue::Boolean(true)),
             Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(CqlValue::Boolean(false)),
-            other => fail(format!("expected true or false for a `boolean` column, got {}", preview(other))),
+            other => fail(format!(
+                "expected true or false for a `boolean` column, got {}",
+                preview(other)
+            )),
         },
-        NativeType::TinyInt => integer(value, "tinyint").and_then(|n| narrow(n, "tinyint")).map(CqlValue::TinyInt),
-        NativeType::SmallInt => integer(value, "smallint").and_then(|n| narrow(n, "smallint")).map(CqlValue::SmallInt),
+        NativeType::TinyInt => integer(value, "tinyint")
+            .and_then(|n| narrow(n, "tinyint"))
+            .map(CqlValue::TinyInt),
+        NativeType::SmallInt => integer(value, "smallint")
+            .and_then(|n| narrow(n, "smallint"))
+            .map(CqlValue::SmallInt),
         NativeType::Int => integer(value, "int").and_then(|n| narrow(n, "int")).map(CqlValue::Int),
         NativeType::BigInt => integer(value, "bigint").map(CqlValue::BigInt),
         NativeType::Float => float(value, "float").map(|f| CqlValue::Float(f as f32)),
@@ -156,15 +196,24 @@ fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceE
         NativeType::Timeuuid => {
             let id = uuid(value, "timeuuid")?;
             if id.get_version_num() != 1 {
-                return fail(format!("expected a version 1 UUID for a `timeuuid` column, got version {}", id.get_version_num()));
+                return fail(format!(
+                    "expected a version 1 UUID for a `timeuuid` column, got version {}",
+                    id.get_version_num()
+                ));
             }
             Ok(CqlValue::Timeuuid(CqlTimeuuid::from(id)))
         }
         NativeType::Inet => match value {
-            Value::String(s) => IpAddr::from_str(s)
-                .map(CqlValue::Inet)
-                .or_else(|_| fail(format!("expected an IPv4 or IPv6 address for an `inet` column, got {}", preview(value)))),
-            other => fail(format!("expected an IP address string for an `inet` column, got {}", preview(other))),
+            Value::String(s) => IpAddr::from_str(s).map(CqlValue::Inet).or_else(|_| {
+                fail(format!(
+                    "expected an IPv4 or IPv6 address for an `inet` column, got {}",
+                    preview(value)
+                ))
+            }),
+            other => fail(format!(
+                "expected an IP address string for an `inet` column, got {}",
+                preview(other)
+            )),
         },
         NativeType::Blob => blob(value).map(CqlValue::Blob),
         NativeType::Counter => fail("counter columns cannot be written by insert"),
@@ -185,7 +234,15 @@ fn integer(value: &Value, cql: &str) -> Result<i64, CoerceError> {
         Value::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
     };
-    parsed.map_or_else(|| fail(format!("expected an integer for a `{cql}` column, got {}", preview(value))), Ok)
+    parsed.map_or_else(
+        || {
+            fail(format!(
+                "expected an integer for a `{cql}` column, got {}",
+                preview(value)
+            ))
+        },
+        Ok,
+    )
 }
 
 fn narrow<T: TryFrom<i64>>(n: i64, cql: &str) -> Result<T, CoerceError> {
@@ -198,7 +255,15 @@ fn float(value: &Value, cql: &str) -> Result<f64, CoerceError> {
         Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     };
-    parsed.map_or_else(|| fail(format!("expected a number for a `{cql}` column, got {}", preview(value))), Ok)
+    parsed.map_or_else(
+        || {
+            fail(format!(
+                "expected a number for a `{cql}` column, got {}",
+                preview(value)
+            ))
+        },
+        Ok,
+    )
 }
 
 /// The number's literal text (serde_json's `arbitrary_precision` keeps it as written).
@@ -212,26 +277,50 @@ fn number_text(value: &Value) -> Option<String> {
 
 fn decimal(value: &Value) -> Result<CqlValue, CoerceError> {
     let parsed = number_text(value).and_then(|t| BigDecimal::from_str(&t).ok());
-    let Some(decimal) = parsed else { return fail(format!("expected a decimal number for a `decimal` column, got {}", preview(value))) };
+    let Some(decimal) = parsed else {
+        return fail(format!(
+            "expected a decimal number for a `decimal` column, got {}",
+            preview(value)
+        ));
+    };
     let (digits, scale) = decimal.as_bigint_and_exponent();
-    let Ok(scale) = i32::try_from(scale) else { return fail("decimal scale is out of range") };
-    Ok(CqlValue::Decimal(CqlDecimal::from_signed_be_bytes_and_exponent(digits.to_signed_bytes_be(), scale)))
+    let Ok(scale) = i32::try_from(scale) else {
+        return fail("decimal scale is out of range");
+    };
+    Ok(CqlValue::Decimal(CqlDecimal::from_signed_be_bytes_and_exponent(
+        digits.to_signed_bytes_be(),
+        scale,
+    )))
 }
 
 fn varint(value: &Value) -> Result<CqlValue, CoerceError> {
     let parsed = number_text(value).and_then(|t| BigInt::from_str(&t).ok());
-    let Some(int) = parsed else { return fail(format!("expected an integer for a `varint` column, got {}", preview(value))) };
-    Ok(CqlValue::Varint(CqlVarint::from_signed_bytes_be(int.to_signed_bytes_be())))
+    let Some(int) = parsed else {
+        return fail(format!(
+            "expected an integer for a `varint` column, got {}",
+            preview(value)
+        ));
+    };
+    Ok(CqlValue::Varint(CqlVarint::from_signed_bytes_be(
+        int.to_signed_bytes_be(),
+    )))
 }
 
 fn timestamp(value: &Value) -> Result<CqlValue, CoerceError> {
     let millis = match value {
         Value::Number(n) => n.as_i64(),
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.timestamp_millis()),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+            .ok()
+            .map(|t| t.timestamp_millis()),
         _ => None,
     };
     millis.map(|m| CqlValue::Timestamp(CqlTimestamp(m))).map_or_else(
-        || fail(format!("expected epoch milliseconds or RFC 3339 text for a `timestamp` column, got {}", preview(value))),
+        || {
+            fail(format!(
+                "expected epoch milliseconds or RFC 3339 text for a `timestamp` column, got {}",
+                preview(value)
+            ))
+        },
         Ok,
     )
 }
@@ -245,9 +334,15 @@ fn date(value: &Value) -> Result<CqlValue, CoerceError> {
         _ => None,
     };
     let encoded = days.and_then(|d| u32::try_from(d + CQL_DATE_EPOCH).ok());
-    encoded
-        .map(|d| CqlValue::Date(CqlDate(d)))
-        .map_or_else(|| fail(format!("expected `YYYY-MM-DD` or days since 1970-01-01 for a `date` column, got {}", preview(value))), Ok)
+    encoded.map(|d| CqlValue::Date(CqlDate(d))).map_or_else(
+        || {
+            fail(format!(
+                "expected `YYYY-MM-DD` or days since 1970-01-01 for a `date` column, got {}",
+                preview(value)
+            ))
+        },
+        Ok,
+    )
 }
 
 fn time(value: &Value) -> Result<CqlValue, CoerceError> {
@@ -255,12 +350,19 @@ fn time(value: &Value) -> Result<CqlValue, CoerceError> {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M:%S%.f")
             .ok()
-            .map(|t| t.signed_duration_since(chrono::NaiveTime::MIN).num_nanoseconds().unwrap_or(-1)),
+            .map(|t| {
+                t.signed_duration_since(chrono::NaiveTime::MIN)
+                    .num_nanoseconds()
+                    .unwrap_or(-1)
+            }),
         _ => None,
     };
     match nanos {
         Some(n) if (0..NANOS_PER_DAY).contains(&n) => Ok(CqlValue::Time(CqlTime(n))),
-        _ => fail(format!("expected `HH:MM:SS[.fraction]` or nanoseconds since midnight for a `time` column, got {}", preview(value))),
+        _ => fail(format!(
+            "expected `HH:MM:SS[.fraction]` or nanoseconds since midnight for a `time` column, got {}",
+            preview(value)
+        )),
     }
 }
 
@@ -268,12 +370,20 @@ fn uuid(value: &Value, cql: &str) -> Result<uuid::Uuid, CoerceError> {
     match value {
         Value::String(s) => uuid::Uuid::parse_str(s.trim())
             .or_else(|_| fail(format!("expected a UUID for a `{cql}` column, got {}", preview(value)))),
-        other => fail(format!("expected a UUID string for a `{cql}` column, got {}", preview(other))),
+        other => fail(format!(
+            "expected a UUID string for a `{cql}` column, got {}",
+            preview(other)
+        )),
     }
 }
 
 fn blob(value: &Value) -> Result<Vec<u8>, CoerceError> {
-    let Value::String(s) = value else { return fail(format!("expected `0x` hex or base64 text for a `blob` column, got {}", preview(value))) };
+    let Value::String(s) = value else {
+        return fail(format!(
+            "expected `0x` hex or base64 text for a `blob` column, got {}",
+            preview(value)
+        ));
+    };
     if let Some(hex) = s.strip_prefix("0x") {
         return decode_hex(hex).map_or_else(|| fail("invalid hex after `0x` for a `blob` column"), Ok);
     }
@@ -283,10 +393,13 @@ fn blob(value: &Value) -> Result<Vec<u8>, CoerceError> {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
-    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -300,34 +413,53 @@ mod tests {
 
     #[test]
     fn integers_are_range_checked() {
-        assert_eq!(coerce(&json!(127), &native(NativeType::TinyInt)), Ok(CqlValue::TinyInt(127)));
+        assert_eq!(
+            coerce(&json!(127), &native(NativeType::TinyInt)),
+            Ok(CqlValue::TinyInt(127))
+        );
         assert!(coerce(&json!(128), &native(NativeType::TinyInt)).is_err());
         assert_eq!(coerce(&json!("-5"), &native(NativeType::Int)), Ok(CqlValue::Int(-5)));
         assert!(coerce(&json!(1.5), &native(NativeType::BigInt)).is_err());
         assert!(coerce(&json!(true), &native(NativeType::Int)).is_err());
-        assert_eq!(coerce(&json!(i64::MAX), &native(NativeType::BigInt)), Ok(CqlValue::BigInt(i64::MAX)));
+        assert_eq!(
+            coerce(&json!(i64::MAX), &native(NativeType::BigInt)),
+            Ok(CqlValue::BigInt(i64::MAX))
+        );
     }
 
     #[test]
     fn decimal_keeps_full_precision() {
         let value: Value = serde_json::from_str("12345678901234567890.000000000001").expect("json");
         let expected = CqlDecimal::from_signed_be_bytes_and_exponent(
-            BigInt::from_str("12345678901234567890000000000001").expect("int").to_signed_bytes_be(),
+            BigInt::from_str("12345678901234567890000000000001")
+                .expect("int")
+                .to_signed_bytes_be(),
             12,
         );
-        assert_eq!(coerce(&value, &native(NativeType::Decimal)), Ok(CqlValue::Decimal(expected)));
+        assert_eq!(
+            coerce(&value, &native(NativeType::Decimal)),
+            Ok(CqlValue::Decimal(expected))
+        );
     }
 
     #[test]
     fn varint_beyond_i64() {
         let value: Value = serde_json::from_str("123456789012345678901234567890").expect("json");
-        let expected = BigInt::from_str("123456789012345678901234567890").expect("int").to_signed_bytes_be();
-        assert_eq!(coerce(&value, &native(NativeType::Varint)), Ok(CqlValue::Varint(CqlVarint::from_signed_bytes_be(expected))));
+        let expected = BigInt::from_str("123456789012345678901234567890")
+            .expect("int")
+            .to_signed_bytes_be();
+        assert_eq!(
+            coerce(&value, &native(NativeType::Varint)),
+            Ok(CqlValue::Varint(CqlVarint::from_signed_bytes_be(expected)))
+        );
     }
 
     #[test]
     fn timestamps_from_millis_or_rfc3339() {
-        assert_eq!(coerce(&json!(1_700_000_000_123_i64), &native(NativeType::Timestamp)), Ok(CqlValue::Timestamp(CqlTimestamp(1_700_000_000_123))));
+        assert_eq!(
+            coerce(&json!(1_700_000_000_123_i64), &native(NativeType::Timestamp)),
+            Ok(CqlValue::Timestamp(CqlTimestamp(1_700_000_000_123)))
+        );
         assert_eq!(
             coerce(&json!("2023-11-14T22:13:20.123Z"), &native(NativeType::Timestamp)),
             Ok(CqlValue::Timestamp(CqlTimestamp(1_700_000_000_123)))
@@ -337,54 +469,96 @@ mod tests {
 
     #[test]
     fn dates_and_times() {
-        assert_eq!(coerce(&json!("1970-01-02"), &native(NativeType::Date)), Ok(CqlValue::Date(CqlDate((1 << 31) + 1))));
-        assert_eq!(coerce(&json!(-1), &native(NativeType::Date)), Ok(CqlValue::Date(CqlDate((1 << 31) - 1))));
-        assert_eq!(coerce(&json!("00:00:01.5"), &native(NativeType::Time)), Ok(CqlValue::Time(CqlTime(1_500_000_000))));
+        assert_eq!(
+            coerce(&json!("1970-01-02"), &native(NativeType::Date)),
+            Ok(CqlValue::Date(CqlDate((1 << 31) + 1)))
+        );
+        assert_eq!(
+            coerce(&json!(-1), &native(NativeType::Date)),
+            Ok(CqlValue::Date(CqlDate((1 << 31) - 1)))
+        );
+        assert_eq!(
+            coerce(&json!("00:00:01.5"), &native(NativeType::Time)),
+            Ok(CqlValue::Time(CqlTime(1_500_000_000)))
+        );
         assert!(coerce(&json!(NANOS_PER_DAY), &native(NativeType::Time)).is_err());
     }
 
     #[test]
     fn uuids_and_timeuuids() {
         let v4 = "5b6962dd-3f90-4c93-8f61-eabfa4a803e2";
-        assert!(matches!(coerce(&json!(v4), &native(NativeType::Uuid)), Ok(CqlValue::Uuid(_))));
+        assert!(matches!(
+            coerce(&json!(v4), &native(NativeType::Uuid)),
+            Ok(CqlValue::Uuid(_))
+        ));
         assert!(coerce(&json!(v4), &native(NativeType::Timeuuid)).is_err());
         let v1 = "58e0a7d7-eebc-11d8-9669-0800200c9a66";
-        assert!(matches!(coerce(&json!(v1), &native(NativeType::Timeuuid)), Ok(CqlValue::Timeuuid(_))));
+        assert!(matches!(
+            coerce(&json!(v1), &native(NativeType::Timeuuid)),
+            Ok(CqlValue::Timeuuid(_))
+        ));
     }
 
     #[test]
     fn blobs_from_hex_or_base64() {
-        assert_eq!(coerce(&json!("0x00ff10"), &native(NativeType::Blob)), Ok(CqlValue::Blob(vec![0, 255, 16])));
-        assert_eq!(coerce(&json!("AP8Q"), &native(NativeType::Blob)), Ok(CqlValue::Blob(vec![0, 255, 16])));
+        assert_eq!(
+            coerce(&json!("0x00ff10"), &native(NativeType::Blob)),
+            Ok(CqlValue::Blob(vec![0, 255, 16]))
+        );
+        assert_eq!(
+            coerce(&json!("AP8Q"), &native(NativeType::Blob)),
+            Ok(CqlValue::Blob(vec![0, 255, 16]))
+        );
         assert!(coerce(&json!("0xf"), &native(NativeType::Blob)).is_err());
         assert!(coerce(&json!("0xzz"), &native(NativeType::Blob)).is_err());
     }
 
     #[test]
     fn text_accepts_scalars_and_json() {
-        assert_eq!(coerce(&json!(42), &native(NativeType::Text)), Ok(CqlValue::Text("42".into())));
-        assert_eq!(coerce(&json!({"a": 1}), &native(NativeType::Text)), Ok(CqlValue::Text("{\"a\":1}".into())));
+        assert_eq!(
+            coerce(&json!(42), &native(NativeType::Text)),
+            Ok(CqlValue::Text("42".into()))
+        );
+        assert_eq!(
+            coerce(&json!({"a": 1}), &native(NativeType::Text)),
+            Ok(CqlValue::Text("{\"a\":1}".into()))
+        );
         assert!(coerce(&json!("é"), &native(NativeType::Ascii)).is_err());
     }
 
     #[test]
     fn collections_recurse_and_refuse_nulls() {
-        let list = ColumnType::Collection { frozen: false, typ: CollectionType::List(Box::new(native(NativeType::Int))) };
-        assert_eq!(coerce(&json!([1, "2"]), &list), Ok(CqlValue::List(vec![CqlValue::Int(1), CqlValue::Int(2)])));
+        let list = ColumnType::Collection {
+            frozen: false,
+            typ: CollectionType::List(Box::new(native(NativeType::Int))),
+        };
+        assert_eq!(
+            coerce(&json!([1, "2"]), &list),
+            Ok(CqlValue::List(vec![CqlValue::Int(1), CqlValue::Int(2)]))
+        );
         assert!(coerce(&json!([1, null]), &list).is_err());
         let map = ColumnType::Collection {
             frozen: false,
             typ: CollectionType::Map(Box::new(native(NativeType::Int)), Box::new(native(NativeType::Text))),
         };
-        assert_eq!(coerce(&json!({"7": "x"}), &map), Ok(CqlValue::Map(vec![(CqlValue::Int(7), CqlValue::Text("x".into()))])));
+        assert_eq!(
+            coerce(&json!({"7": "x"}), &map),
+            Ok(CqlValue::Map(vec![(CqlValue::Int(7), CqlValue::Text("x".into()))]))
+        );
         assert!(coerce(&json!({"seven": "x"}), &map).is_err());
     }
 
     #[test]
     fn inet_and_boolean() {
-        assert_eq!(coerce(&json!("::1"), &native(NativeType::Inet)), Ok(CqlValue::Inet("::1".parse().expect("ip"))));
+        assert_eq!(
+            coerce(&json!("::1"), &native(NativeType::Inet)),
+            Ok(CqlValue::Inet("::1".parse().expect("ip")))
+        );
         assert!(coerce(&json!("300.1.1.1"), &native(NativeType::Inet)).is_err());
-        assert_eq!(coerce(&json!("TRUE"), &native(NativeType::Boolean)), Ok(CqlValue::Boolean(true)));
+        assert_eq!(
+            coerce(&json!("TRUE"), &native(NativeType::Boolean)),
+            Ok(CqlValue::Boolean(true))
+        );
         assert!(coerce(&json!(1), &native(NativeType::Boolean)).is_err());
     }
 

@@ -142,7 +142,11 @@ impl TableSchema {
     /// Copies the parts of the driver's table metadata the mapper uses.
     pub fn from_driver(table: &Table) -> TableSchema {
         TableSchema {
-            columns: table.columns.iter().map(|(name, c)| (name.clone(), (c.typ.clone(), c.kind.clone()))).collect(),
+            columns: table
+                .columns
+                .iter()
+                .map(|(name, c)| (name.clone(), (c.typ.clone(), c.kind.clone())))
+                .collect(),
             partition_key: table.partition_key.clone(),
             clustering_key: table.clustering_key.clone(),
         }
@@ -173,7 +177,10 @@ impl RowMapper {
             names.sort();
             names
                 .into_iter()
-                .map(|name| ColumnMapping { column: name.clone(), field: FieldRef::Path(vec![name.clone()]) })
+                .map(|name| ColumnMapping {
+                    column: name.clone(),
+                    field: FieldRef::Path(vec![name.clone()]),
+                })
                 .collect()
         } else {
             route.columns.clone()
@@ -190,7 +197,10 @@ impl RowMapper {
                     available: format!("`{}`", available.join("`, `")),
                 });
             };
-            if matches!(typ, ColumnType::Native(NativeType::Counter) | ColumnType::Native(NativeType::Duration)) {
+            if matches!(
+                typ,
+                ColumnType::Native(NativeType::Counter) | ColumnType::Native(NativeType::Duration)
+            ) {
                 return Err(SchemaError::UnsupportedColumn {
                     route: route.name.clone(),
                     column: mapping.column,
@@ -254,8 +264,12 @@ impl RowMapper {
         let key_value;
         let found: Option<&Value> = match &column.field {
             FieldRef::Key => {
-                let bytes = key.ok_or_else(|| MappingError::KeyAbsent { column: column.name.clone() })?;
-                let text = std::str::from_utf8(bytes).map_err(|_| MappingError::KeyNotText { column: column.name.clone() })?;
+                let bytes = key.ok_or_else(|| MappingError::KeyAbsent {
+                    column: column.name.clone(),
+                })?;
+                let text = std::str::from_utf8(bytes).map_err(|_| MappingError::KeyNotText {
+                    column: column.name.clone(),
+                })?;
                 key_value = Value::String(text.to_string());
                 Some(&key_value)
             }
@@ -268,16 +282,22 @@ impl RowMapper {
             }),
             None => Ok(MaybeUnset::Unset),
             Some(Value::Null) => Ok(MaybeUnset::Set(None)),
-            Some(value) => coerce::coerce(value, &column.typ).map(|v| MaybeUnset::Set(Some(v))).map_err(|e| {
-                MappingError::BadValue { column: column.name.clone(), field: column.field.to_string(), reason: e.reason }
-            }),
+            Some(value) => coerce::coerce(value, &column.typ)
+                .map(|v| MaybeUnset::Set(Some(v)))
+                .map_err(|e| MappingError::BadValue {
+                    column: column.name.clone(),
+                    field: column.field.to_string(),
+                    reason: e.reason,
+                }),
         }
     }
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.
 fn lookup<'a>(document: &'a Value, parts: &[String]) -> Option<&'a Value> {
-    parts.iter().try_fold(document, |node, part| node.as_object()?.get(part))
+    parts
+        .iter()
+        .try_fold(document, |node, part| node.as_object()?.get(part))
 }
 
 /// Deterministic write timestamp in microseconds from a source position: the source time in

@@ -33,8 +33,17 @@ fn route(columns: &[(&str, FieldRef)]) -> RouteConfig {
             properties: vec![],
         }),
         format: Format::Json,
-        columns: columns.iter().map(|(c, f)| ColumnMapping { column: c.to_string(), field: f.clone() }).collect(),
-        dead_letter: DeadLetterConfig::Kafka { brokers: "b:1".into(), topic: "dl".into() },
+        columns: columns
+            .iter()
+            .map(|(c, f)| ColumnMapping {
+                column: c.to_string(),
+                field: f.clone(),
+            })
+            .collect(),
+        dead_letter: DeadLetterConfig::Kafka {
+            brokers: "b:1".into(),
+            topic: "dl".into(),
+        },
     }
 }
 
@@ -59,7 +68,12 @@ fn map(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Vec<Option<Option<C
 
 fn mapper() -> RowMapper {
     RowMapper::new(
-        &route(&[("id", FieldRef::Key), ("seq", path("seq")), ("city", path("customer.address.city")), ("hits", path("hits"))]),
+        &route(&[
+            ("id", FieldRef::Key),
+            ("seq", path("seq")),
+            ("city", path("customer.address.city")),
+            ("hits", path("hits")),
+        ]),
         &schema(),
     )
     .expect("mapper")
@@ -67,7 +81,11 @@ fn mapper() -> RowMapper {
 
 #[test]
 fn maps_key_nested_path_and_leaves_missing_unset() {
-    let values = map(Some(b"k1"), Some(br#"{"seq": 3, "customer": {"address": {"city": "Oslo"}}}"#)).expect("row");
+    let values = map(
+        Some(b"k1"),
+        Some(br#"{"seq": 3, "customer": {"address": {"city": "Oslo"}}}"#),
+    )
+    .expect("row");
     assert_eq!(
         values,
         vec![
@@ -91,13 +109,23 @@ fn errors_carry_column_field_and_reason() {
     assert!(matches!(m(Some(b"k"), Some(b"{nope")), Err(MappingError::NotJson(_))));
     assert_eq!(m(Some(b"k"), Some(b"[1]")), Err(MappingError::NotObject));
     assert_eq!(m(Some(b"k"), None), Err(MappingError::EmptyPayload));
-    assert_eq!(m(None, Some(br#"{"seq":1}"#)), Err(MappingError::KeyAbsent { column: "id".into() }));
-    assert_eq!(m(Some(&[0xff]), Some(br#"{"seq":1}"#)), Err(MappingError::KeyNotText { column: "id".into() }));
+    assert_eq!(
+        m(None, Some(br#"{"seq":1}"#)),
+        Err(MappingError::KeyAbsent { column: "id".into() })
+    );
+    assert_eq!(
+        m(Some(&[0xff]), Some(br#"{"seq":1}"#)),
+        Err(MappingError::KeyNotText { column: "id".into() })
+    );
     assert_eq!(
         m(Some(b"k"), Some(br#"{"seq": null}"#)),
-        Err(MappingError::MissingPrimaryKey { column: "seq".into(), field: "seq".into() })
+        Err(MappingError::MissingPrimaryKey {
+            column: "seq".into(),
+            field: "seq".into()
+        })
     );
-    let Err(MappingError::BadValue { column, field, reason }) = m(Some(b"k"), Some(br#"{"seq": 1, "hits": "many"}"#)) else {
+    let Err(MappingError::BadValue { column, field, reason }) = m(Some(b"k"), Some(br#"{"seq": 1, "hits": "many"}"#))
+    else {
         panic!("expected a bad value")
     };
     assert_eq!((column.as_str(), field.as_str()), ("hits", "hits"));
@@ -106,7 +134,10 @@ fn errors_carry_column_field_and_reason() {
 
 #[test]
 fn schema_errors_found_at_start() {
-    let unknown = RowMapper::new(&route(&[("id", FieldRef::Key), ("seq", path("s")), ("nope", path("x"))]), &schema());
+    let unknown = RowMapper::new(
+        &route(&[("id", FieldRef::Key), ("seq", path("s")), ("nope", path("x"))]),
+        &schema(),
+    );
     assert!(matches!(unknown, Err(SchemaError::ColumnNotFound { column, .. }) if column == "nope"));
     let unmapped = RowMapper::new(&route(&[("id", FieldRef::Key)]), &schema());
     assert!(matches!(unmapped, Err(SchemaError::PrimaryKeyUnmapped { column, .. }) if column == "seq"));
@@ -115,7 +146,10 @@ fn schema_errors_found_at_start() {
 #[test]
 fn empty_mapping_maps_every_column_by_name() {
     let m = RowMapper::new(&route(&[]), &schema()).expect("mapper");
-    assert_eq!(m.column_names().collect::<Vec<_>>(), ["amount", "city", "hits", "id", "seq"]);
+    assert_eq!(
+        m.column_names().collect::<Vec<_>>(),
+        ["amount", "city", "hits", "id", "seq"]
+    );
     assert_eq!(
         m.insert_statement("ks", "t"),
         "INSERT INTO \"ks\".\"t\" (\"amount\", \"city\", \"hits\", \"id\", \"seq\") VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"

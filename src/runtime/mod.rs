@@ -113,7 +113,13 @@ impl Cores {
                 });
             match spawned {
                 Ok(join) => threads.push((core, join)),
-                Err(e) => return Err(RuntimeError::Executor { core, cpu, reason: e.to_string() }),
+                Err(e) => {
+                    return Err(RuntimeError::Executor {
+                        core,
+                        cpu,
+                        reason: e.to_string(),
+                    })
+                }
             }
         }
         Ok(Cores { threads })

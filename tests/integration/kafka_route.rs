@@ -19,30 +19,51 @@ fn orders(count: u64) -> impl Iterator<Item = (String, Vec<u8>)> {
 
 async fn assert_all_orders_exact(names: &Names, count: u64) {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let report = devkit::verify_orders(&session, &names.keyspace, count).await.expect("read back orders");
-    assert_eq!(report.missing, 0, "missing rows; first differences: {:?}", report.differences);
-    assert_eq!(report.rows, count, "row count; first differences: {:?}", report.differences);
-    assert_eq!(report.matching, count, "rows with wrong values: {:?}", report.differences);
+    let report = devkit::verify_orders(&session, &names.keyspace, count)
+        .await
+        .expect("read back orders");
+    assert_eq!(
+        report.missing, 0,
+        "missing rows; first differences: {:?}",
+        report.differences
+    );
+    assert_eq!(
+        report.rows, count,
+        "row count; first differences: {:?}",
+        report.differences
+    );
+    assert_eq!(
+        report.matching, count,
+        "rows with wrong values: {:?}",
+        report.differences
+    );
 }
 
 async fn setup(names: &Names) {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, &names.keyspace).await.expect("create table");
-    devkit::create_topic(&names.topic, PARTITIONS).await.expect("Kafka is up: create source topic");
-    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("create dead-letter topic");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::create_topic(&names.topic, PARTITIONS)
+        .await
+        .expect("Kafka is up: create source topic");
+    devkit::create_topic(&names.dead_letter_topic, 1)
+        .await
+        .expect("create dead-letter topic");
 }
 
 /// 100,000 JSON messages over 6 partitions all land with exact values, and the group's committed
 /// offsets reach the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_thousand_messages_land_exactly() {
-    let _lock = gateway_lock();
+    let _lock = gateway_lock().await;
     let names = Names::new("volume");
     setup(&names).await;
     let count = 100_000;
     assert_eq!(devkit::produce(&names.topic, orders(count)).expect("produce"), count);
 
-    let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log")).expect("gateway starts");
+    let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
+        .expect("gateway starts");
     wait_committed(&names, PARTITIONS, count as i64, DEADLINE);
     let status = gateway.stop().expect("stop gateway");
     assert!(status.success(), "graceful stop exits 0, got {status}");
@@ -56,7 +77,7 @@ async fn hundred_thousand_messages_land_exactly() {
 /// right values (replays are idempotent), and offsets resume to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let _lock = gateway_lock();
+    let _lock = gateway_lock().await;
     let names = Names::new("kill9");
     setup(&names).await;
     let count = 100_000;
@@ -66,12 +87,18 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let first = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
     let committed_at_kill = wait_committed(&names, PARTITIONS, 15_000, DEADLINE);
     first.kill9().expect("kill -9");
-    assert!(committed_at_kill < count as i64, "the kill must land mid-stream (committed {committed_at_kill})");
+    assert!(
+        committed_at_kill < count as i64,
+        "the kill must land mid-stream (committed {committed_at_kill})"
+    );
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let rows_at_kill = devkit::count_rows(&session, &names.keyspace, "orders", "order_id").await.expect("count");
+    let rows_at_kill = devkit::count_rows(&session, &names.keyspace, "orders", "order_id")
+        .await
+        .expect("count");
     assert!(rows_at_kill < count, "rows at kill: {rows_at_kill}");
 
-    let second = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("gateway restarts");
+    let second =
+        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("gateway restarts");
     wait_committed(&names, PARTITIONS, count as i64, DEADLINE);
     assert!(second.stop().expect("stop").success());
 
@@ -85,7 +112,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
 /// valid message is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_dead_lettered_with_reasons() {
-    let _lock = gateway_lock();
+    let _lock = gateway_lock().await;
     let names = Names::new("deadletter");
     setup(&names).await;
     let valid = 2_000;
@@ -99,33 +126,57 @@ async fn malformed_messages_are_dead_lettered_with_reasons() {
             let j = expected_codes.len() as u64;
             let (key, payload, code) = devkit::malformed_message(j);
             // Keyless messages are told apart by their payload.
-            expected_codes.insert(format!("{key}|{}", String::from_utf8_lossy(&payload)), (code, payload.clone()));
+            expected_codes.insert(
+                format!("{key}|{}", String::from_utf8_lossy(&payload)),
+                (code, payload.clone()),
+            );
             messages.push((key, payload));
         }
     }
     let total = messages.len() as i64;
     devkit::produce(&names.topic, messages).expect("produce");
 
-    let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log")).expect("gateway starts");
+    let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
+        .expect("gateway starts");
     wait_committed(&names, PARTITIONS, total, DEADLINE);
     assert!(gateway.stop().expect("stop").success());
 
     assert_all_orders_exact(&names, valid).await;
-    let letters = devkit::read_topic(&names.dead_letter_topic, malformed as usize, Duration::from_secs(60)).expect("read dead letters");
-    assert_eq!(letters.len() as u64, malformed, "every malformed message is dead-lettered once");
+    let letters = devkit::read_topic(&names.dead_letter_topic, malformed as usize, Duration::from_secs(60))
+        .expect("read dead letters");
+    assert_eq!(
+        letters.len() as u64,
+        malformed,
+        "every malformed message is dead-lettered once"
+    );
     let mut offsets_seen = std::collections::BTreeSet::new();
     for letter in &letters {
-        let key = letter.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+        let key = letter
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
         let payload = letter.payload.clone().unwrap_or_default();
         let lookup = format!("{key}|{}", String::from_utf8_lossy(&payload));
-        let (code, original) = expected_codes.get(&lookup).unwrap_or_else(|| panic!("unexpected dead letter {lookup}"));
+        let (code, original) = expected_codes
+            .get(&lookup)
+            .unwrap_or_else(|| panic!("unexpected dead letter {lookup}"));
         assert_eq!(&payload, original, "original payload kept");
-        assert_eq!(letter.headers.get("shardgate.reason.code").map(String::as_str), Some(*code), "{:?}", letter.headers);
+        assert_eq!(
+            letter.headers.get("shardgate.reason.code").map(String::as_str),
+            Some(*code),
+            "{:?}",
+            letter.headers
+        );
         assert!(!letter.headers["shardgate.reason"].is_empty());
         assert_eq!(letter.headers["shardgate.route"], "orders");
         assert_eq!(letter.headers["shardgate.source.topic"], names.topic);
-        let partition: i32 = letter.headers["shardgate.source.partition"].parse().expect("partition header");
-        let offset: i64 = letter.headers["shardgate.source.offset"].parse().expect("offset header");
+        let partition: i32 = letter.headers["shardgate.source.partition"]
+            .parse()
+            .expect("partition header");
+        let offset: i64 = letter.headers["shardgate.source.offset"]
+            .parse()
+            .expect("offset header");
         assert!((0..PARTITIONS).contains(&partition));
         assert!(offsets_seen.insert((partition, offset)), "no duplicate dead letters");
     }

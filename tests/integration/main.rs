@@ -8,16 +8,16 @@ mod kafka_route;
 mod startup;
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shardgate::devkit;
 
-static GATEWAY_LOCK: Mutex<()> = Mutex::new(());
+static GATEWAY_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Serializes tests that run a gateway; a failed test does not poison the others.
-pub fn gateway_lock() -> MutexGuard<'static, ()> {
-    GATEWAY_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Serializes tests that run a gateway (each test has its own runtime; tokio's mutex works
+/// across them and a failed test does not poison it).
+pub async fn gateway_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    GATEWAY_LOCK.lock().await
 }
 
 /// Names unique to this test run.
@@ -48,7 +48,13 @@ impl Names {
 
     /// Writes the gateway config for the sample orders route and returns its path.
     pub fn write_config(&self) -> PathBuf {
-        let routes = devkit::orders_route_toml("orders", &self.keyspace, &self.topic, &self.group, &self.dead_letter_topic);
+        let routes = devkit::orders_route_toml(
+            "orders",
+            &self.keyspace,
+            &self.topic,
+            &self.group,
+            &self.dead_letter_topic,
+        );
         let path = self.dir.join("gateway.toml");
         std::fs::write(&path, devkit::gateway_toml(&routes)).expect("write config");
         path
@@ -64,7 +70,8 @@ pub fn gateway_binary() -> PathBuf {
 pub fn wait_committed(names: &Names, partitions: i32, target: i64, deadline: Duration) -> i64 {
     let start = Instant::now();
     loop {
-        let (committed, _) = devkit::committed_and_end(&names.group, &names.topic, partitions).expect("read committed offsets");
+        let (committed, _) =
+            devkit::committed_and_end(&names.group, &names.topic, partitions).expect("read committed offsets");
         if committed >= target {
             return committed;
         }

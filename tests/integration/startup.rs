@@ -7,8 +7,15 @@ use shardgate::devkit;
 use crate::{gateway_binary, gateway_lock, Names};
 
 fn run(args: &[&str]) -> (bool, String) {
-    let output = Command::new(gateway_binary()).args(args).output().expect("run shardgate");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(gateway_binary())
+        .args(args)
+        .output()
+        .expect("run shardgate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.success(), text)
 }
 
@@ -28,7 +35,11 @@ fn check_names_the_bad_key() {
     assert!(!ok);
     assert!(text.contains("`cluster.consistency` = `mostly`: one of"), "{text}");
 
-    std::fs::write(&bad, original.replace("format = \"json\"", "format = \"json\"\nfromat = 1")).expect("write");
+    std::fs::write(
+        &bad,
+        original.replace("format = \"json\"", "format = \"json\"\nfromat = 1"),
+    )
+    .expect("write");
     let (ok, text) = run(&["check", "--config", bad.to_str().expect("utf-8 path")]);
     assert!(!ok);
     assert!(text.contains("unknown field `fromat`"), "{text}");
@@ -38,18 +49,33 @@ fn check_names_the_bad_key() {
 /// before any message is consumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_to_missing_table_or_column_is_refused() {
-    let _lock = gateway_lock();
+    let _lock = gateway_lock().await;
     let names = Names::new("refuse");
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", names.keyspace), &[]).await.expect("drop");
+    session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", names.keyspace), &[])
+        .await
+        .expect("drop");
     let config = names.write_config();
     let (ok, text) = run(&["serve", "--config", config.to_str().expect("utf-8 path")]);
     assert!(!ok);
-    assert!(text.contains(&format!("table `{}.orders` does not exist in the cluster", names.keyspace)), "{text}");
+    assert!(
+        text.contains(&format!(
+            "table `{}.orders` does not exist in the cluster",
+            names.keyspace
+        )),
+        "{text}"
+    );
 
-    devkit::create_orders_table(&session, &names.keyspace).await.expect("create table");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
     let original = std::fs::read_to_string(&config).expect("read config");
-    std::fs::write(&config, original.replace("quantity = \"quantity\"", "qty = \"quantity\"")).expect("write");
+    std::fs::write(
+        &config,
+        original.replace("quantity = \"quantity\"", "qty = \"quantity\""),
+    )
+    .expect("write");
     let (ok, text) = run(&["serve", "--config", config.to_str().expect("utf-8 path")]);
     assert!(!ok);
     assert!(text.contains("has no column `qty`"), "{text}");

@@ -67,7 +67,11 @@ impl DeadLetterTopic {
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create()?;
-        Ok(DeadLetterTopic { producer, topic: topic.to_string(), route: route.to_string() })
+        Ok(DeadLetterTopic {
+            producer,
+            topic: topic.to_string(),
+            route: route.to_string(),
+        })
     }
 
     /// Sends one dead letter, retrying until the broker confirms it.
@@ -78,12 +82,30 @@ impl DeadLetterTopic {
         let mut backoff = RETRY_BACKOFF_MIN;
         loop {
             let headers = OwnedHeaders::new_with_capacity(6)
-                .insert(Header { key: headers::ROUTE, value: Some(self.route.as_str()) })
-                .insert(Header { key: headers::REASON_CODE, value: Some(letter.reason_code) })
-                .insert(Header { key: headers::REASON, value: Some(reason) })
-                .insert(Header { key: headers::SOURCE_TOPIC, value: Some(letter.topic) })
-                .insert(Header { key: headers::SOURCE_PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: headers::SOURCE_OFFSET, value: Some(offset.as_str()) });
+                .insert(Header {
+                    key: headers::ROUTE,
+                    value: Some(self.route.as_str()),
+                })
+                .insert(Header {
+                    key: headers::REASON_CODE,
+                    value: Some(letter.reason_code),
+                })
+                .insert(Header {
+                    key: headers::REASON,
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_TOPIC,
+                    value: Some(letter.topic),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_OFFSET,
+                    value: Some(offset.as_str()),
+                });
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
             if let Some(key) = letter.key {
                 record = record.key(key);

@@ -122,7 +122,11 @@ impl RouteWriter {
         }
         // The poll thread outlives every writer task; a closed channel only happens after a
         // shutdown deadline, when the completion no longer matters (the message is replayed).
-        let _ = self.completions.send(Completion { partition: work.partition, epoch: work.epoch, offset: work.offset });
+        let _ = self.completions.send(Completion {
+            partition: work.partition,
+            epoch: work.epoch,
+            offset: work.offset,
+        });
     }
 
     async fn dead_letter(&self, work: &KafkaWork, reason_code: &str, reason: &str) {
@@ -145,11 +149,17 @@ impl RouteWriter {
 /// Runs on a core: processes the batches this core receives for one route, at most
 /// `inflight_max` messages at once, until the poll thread closes the queue; then waits for the
 /// messages still in flight.
-pub async fn run_on_core(writer: Arc<RouteWriter>, mut queue: tokio::sync::mpsc::Receiver<Vec<KafkaWork>>, inflight_max: usize) {
+pub async fn run_on_core(
+    writer: Arc<RouteWriter>,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<KafkaWork>>,
+    inflight_max: usize,
+) {
     let permits = Rc::new(glommio::sync::Semaphore::new(inflight_max as u64));
     while let Some(batch) = queue.recv().await {
         for work in batch {
-            let Ok(permit) = permits.acquire_static_permit(1).await else { return };
+            let Ok(permit) = permits.acquire_static_permit(1).await else {
+                return;
+            };
             let writer = Arc::clone(&writer);
             glommio::spawn_local(async move {
                 writer.process(work).await;
@@ -225,7 +235,10 @@ pub fn subscribe(source: &KafkaSourceConfig, route: &str) -> Result<RouteConsume
         .set("client.id", format!("shardgate-{route}"))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", source.commit_interval.as_millis().to_string())
+        .set(
+            "auto.commit.interval.ms",
+            source.commit_interval.as_millis().to_string(),
+        )
         .set(
             "auto.offset.reset",
             match source.start_from {

@@ -36,7 +36,13 @@ impl Watermarks {
     pub fn assign(&mut self, partition: i32) -> u64 {
         self.next_epoch += 1;
         let epoch = self.next_epoch;
-        self.partitions.insert(partition, Partition { epoch, slots: VecDeque::new() });
+        self.partitions.insert(
+            partition,
+            Partition {
+                epoch,
+                slots: VecDeque::new(),
+            },
+        );
         epoch
     }
 
@@ -55,7 +61,9 @@ impl Watermarks {
         if rewound {
             self.assign(partition);
         }
-        let Some(p) = self.partitions.get_mut(&partition) else { unreachable!("assigned above") };
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            unreachable!("assigned above")
+        };
         p.slots.push_back(Slot { offset, done: false });
         p.epoch
     }
@@ -82,7 +90,10 @@ impl Watermarks {
 
     /// Messages handed out and not yet done, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.slots.iter().filter(|s| !s.done).count()).sum()
+        self.partitions
+            .values()
+            .map(|p| p.slots.iter().filter(|s| !s.done).count())
+            .sum()
     }
 }
 

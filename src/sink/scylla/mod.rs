@@ -82,19 +82,33 @@ pub async fn connect(cluster: &ClusterConfig) -> Result<Session, SinkError> {
         .known_nodes(&cluster.contact_points)
         .default_execution_profile_handle(profile.into_handle());
     let build = builder.build();
-    let connect_error = |reason: String| SinkError::Connect { contact_points: cluster.contact_points.join(", "), reason };
+    let connect_error = |reason: String| SinkError::Connect {
+        contact_points: cluster.contact_points.join(", "),
+        reason,
+    };
     match tokio::time::timeout(CONNECT_TIMEOUT, build).await {
         Ok(Ok(session)) => Ok(session),
         Ok(Err(e)) => Err(connect_error(e.to_string())),
-        Err(_) => Err(connect_error(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
+        Err(_) => Err(connect_error(format!(
+            "no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
 /// Reads a table's schema from the session's cluster state, refreshing it once if missing.
-pub async fn table_schema(session: &Session, route: &str, keyspace: &str, table: &str) -> Result<TableSchema, SinkError> {
+pub async fn table_schema(
+    session: &Session,
+    route: &str,
+    keyspace: &str,
+    table: &str,
+) -> Result<TableSchema, SinkError> {
     let lookup = |session: &Session| {
         let state = session.get_cluster_state();
-        state.get_keyspace(keyspace).and_then(|k| k.tables.get(table)).map(TableSchema::from_driver)
+        state
+            .get_keyspace(keyspace)
+            .and_then(|k| k.tables.get(table))
+            .map(TableSchema::from_driver)
     };
     if let Some(schema) = lookup(session) {
         return Ok(schema);
@@ -115,10 +129,10 @@ pub async fn table_schema(session: &Session, route: &str, keyspace: &str, table:
 /// Prepares an insert. Writes carry explicit timestamps, so they are marked idempotent and the
 /// driver may retry them.
 pub async fn prepare_insert(session: &Session, statement: &str) -> Result<PreparedStatement, SinkError> {
-    let mut prepared = session
-        .prepare(statement)
-        .await
-        .map_err(|e| SinkError::Prepare { statement: statement.to_string(), reason: e.to_string() })?;
+    let mut prepared = session.prepare(statement).await.map_err(|e| SinkError::Prepare {
+        statement: statement.to_string(),
+        reason: e.to_string(),
+    })?;
     prepared.set_is_idempotent(true);
     Ok(prepared)
 }
@@ -157,7 +171,11 @@ pub fn with_timestamp(mut values: RowValues, timestamp_us: i64) -> RowValues {
 
 /// Writes one row, retrying transient failures with backoff until it succeeds or fails
 /// permanently. Runs on a core executor (glommio timers for the backoff).
-pub async fn write_with_retry(session: &Arc<Session>, statement: &PreparedStatement, values: &RowValues) -> Result<(), String> {
+pub async fn write_with_retry(
+    session: &Arc<Session>,
+    statement: &PreparedStatement,
+    values: &RowValues,
+) -> Result<(), String> {
     let mut backoff = RETRY_BACKOFF_MIN;
     let mut attempts: u64 = 0;
     loop {
