@@ -10,4 +10,13 @@ if [[ "${CI:-}" == "true" ]]; then
   # CI leaves nothing running behind it.
   trap 'deploy/local/stack.sh down || true' EXIT
 fi
-cargo test --release --locked "$@"
+log="$(mktemp)"
+set +e
+cargo test --release --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary, e.g. "tests: 45 passed, 0 failed".
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

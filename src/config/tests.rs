@@ -154,3 +154,11 @@ fn contact_point_needs_a_port() {
         "{message}"
     );
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let text = include_str!("../../deploy/shardgate.example.toml");
+    let config = Config::parse(text, "deploy/shardgate.example.toml").expect("example config validates");
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].columns.len(), 5);
+}

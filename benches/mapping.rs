@@ -1,0 +1,59 @@
+//! Per-row cost of the mapping stage: JSON decode of a sample order message, field lookup and
+//! coercion of eight columns to their CQL types (text, bigint, decimal, int, timestamp, boolean,
+//! set<text>), and the write timestamp. This is the core-side CPU a Kafka row costs before the
+//! driver serializes it. Assumes the demo's message shape (~230 bytes of JSON).
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use scylla::cluster::metadata::{CollectionType, ColumnKind, ColumnType, NativeType};
+use shardgate::config::Config;
+use shardgate::devkit;
+use shardgate::mapping::{write_timestamp_us, RowMapper, TableSchema};
+
+fn orders_schema() -> TableSchema {
+    let native = ColumnType::Native;
+    let columns = [
+        ("order_id", native(NativeType::Text), ColumnKind::PartitionKey),
+        ("customer_id", native(NativeType::BigInt), ColumnKind::Regular),
+        ("city", native(NativeType::Text), ColumnKind::Regular),
+        ("amount", native(NativeType::Decimal), ColumnKind::Regular),
+        ("quantity", native(NativeType::Int), ColumnKind::Regular),
+        ("placed_at", native(NativeType::Timestamp), ColumnKind::Regular),
+        ("express", native(NativeType::Boolean), ColumnKind::Regular),
+        (
+            "tags",
+            ColumnType::Collection { frozen: false, typ: CollectionType::Set(Box::new(native(NativeType::Text))) },
+            ColumnKind::Regular,
+        ),
+    ];
+    TableSchema {
+        columns: columns.into_iter().map(|(n, t, k)| (n.to_string(), (t, k))).collect(),
+        partition_key: vec!["order_id".into()],
+        clustering_key: vec![],
+    }
+}
+
+fn mapping(c: &mut Criterion) {
+    let routes = devkit::orders_route_toml("orders", "ks", "in", "g", "dl");
+    let config = Config::parse(&devkit::gateway_toml(&routes), "bench").expect("bench config");
+    let mapper = RowMapper::new(&config.routes[0], &orders_schema()).expect("mapper");
+    let messages: Vec<(String, String)> = (0..1024).map(devkit::order_message).collect();
+
+    let mut group = c.benchmark_group("mapping");
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.bench_function("json_order_to_bound_row", |b| {
+        b.iter_batched(
+            || (),
+            |()| {
+                for (offset, (key, payload)) in messages.iter().enumerate() {
+                    let values = mapper.map_json(Some(key.as_bytes()), Some(payload.as_bytes())).expect("valid row");
+                    std::hint::black_box((values, write_timestamp_us(Some(1_700_000_000_000), offset as i64)));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, mapping);
+criterion_main!(benches);
