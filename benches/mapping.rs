@@ -21,7 +21,10 @@ fn orders_schema() -> TableSchema {
         ("express", native(NativeType::Boolean), ColumnKind::Regular),
         (
             "tags",
-            ColumnType::Collection { frozen: false, typ: CollectionType::Set(Box::new(native(NativeType::Text))) },
+            ColumnType::Collection {
+                frozen: false,
+                typ: CollectionType::Set(Box::new(native(NativeType::Text))),
+            },
             ColumnKind::Regular,
         ),
     ];
@@ -45,7 +48,9 @@ fn mapping(c: &mut Criterion) {
             || (),
             |()| {
                 for (offset, (key, payload)) in messages.iter().enumerate() {
-                    let values = mapper.map_json(Some(key.as_bytes()), Some(payload.as_bytes())).expect("valid row");
+                    let values = mapper
+                        .map_json(Some(key.as_bytes()), Some(payload.as_bytes()))
+                        .expect("valid row");
                     std::hint::black_box((values, write_timestamp_us(Some(1_700_000_000_000), offset as i64)));
                 }
             },
