@@ -1,22 +1,45 @@
 //! Wiring: the one place that starts subsystems, in order, and stops them in reverse.
 //!
-//! Start: island → session → per route (schema check, prepare, dead-letter producer, consumer
-//! subscribed) → core executors → poll threads. Any refusal (unreachable cluster or broker,
-//! missing table or column) stops start-up with the reason before a message is read.
-//! Stop (SIGTERM or Ctrl-C): poll threads stop polling and drain in-flight messages up to the
-//! deadline, commit stored offsets, close the core queues; cores finish and exit.
+//! Start: island → metrics exporter → session → ownership snapshot (+ refresher) → per route
+//! (schema check, prepare, dead-letter producer, consumer subscribed) → core executors (each binds
+//! its ingest listeners and reports back) → poll threads. Any refusal (unreachable cluster or
+//! broker, missing table or column, a port in use) stops start-up with the reason before a
+//! message is read.
+//! Stop (SIGTERM or Ctrl-C): ingest listeners close, poll threads stop polling and drain
+//! in-flight messages up to the deadline, commit stored offsets, close the core queues; cores
+//! finish and exit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use ::scylla::client::session::Session;
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::bridge::kafka::{self, Poller, RouteCounters, RouteWriter, CORE_QUEUE_BATCHES_MAX};
-use crate::config::{Config, DeadLetterConfig, SourceConfig};
+use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
+use crate::ingest::proto::ingest_server::IngestServer;
+use crate::ingest::server;
+use crate::ingest::service::{serve_forwards, ForwardBatch, IngestService, IngestShared};
 use crate::mapping::RowMapper;
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
 use crate::sink::scylla;
+use crate::telemetry;
+use crate::topology::Ownership;
+
+/// How often the island checks the driver's cluster state for a topology change.
+const TOPOLOGY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long start-up waits for every core to bind its listeners.
+const BIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One core's share of the ingest API.
+struct CoreIngest {
+    shared: Arc<IngestShared>,
+    forwards: tokio::sync::mpsc::Receiver<ForwardBatch>,
+    config: IngestConfig,
+}
 
 /// One route's share of a core: its writer and the queue the poll thread fills.
 struct CoreRoute {
@@ -27,9 +50,23 @@ struct CoreRoute {
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     let island = Island::start(config.runtime.island_threads)?;
+    if let Some(addr) = config.admin {
+        let _island = island.handle().enter();
+        telemetry::start_metrics(addr).with_context(|| format!("cannot serve metrics on `{addr}`"))?;
+    }
     let session = Arc::new(island.block_on(scylla::connect(&config.cluster))?);
     let cpus = data_plane_cpus(config.runtime.cores)?;
     let shutdown = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ownership = Arc::new(ArcSwap::from_pointee(Ownership::from_cluster_state(
+        &session.get_cluster_state(),
+        cpus.len(),
+    )));
+    island.handle().spawn(refresh_ownership(
+        Arc::clone(&session),
+        Arc::clone(&ownership),
+        cpus.len(),
+    ));
 
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
@@ -89,33 +126,160 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let inflight_max = config.runtime.inflight_rows_per_core_max;
+    let ingest_parts: Vec<Option<CoreIngest>> = match &config.ingest {
+        Some(ingest) => {
+            let endpoints = (0..cpus.len())
+                .filter_map(|core| {
+                    ingest
+                        .core_addr(core)
+                        .map(|a| format!("{}:{}", ingest.advertise_host, a.port()))
+                })
+                .collect();
+            let (shared, queues) = IngestShared::new(
+                Arc::clone(&session),
+                Arc::clone(&ownership),
+                cpus.len(),
+                inflight_max,
+                endpoints,
+            );
+            queues
+                .into_iter()
+                .map(|forwards| {
+                    Some(CoreIngest {
+                        shared: Arc::clone(&shared),
+                        forwards,
+                        config: ingest.clone(),
+                    })
+                })
+                .collect()
+        }
+        None => (0..cpus.len()).map(|_| None).collect(),
+    };
+    let (bound_tx, bound_rx) = crossbeam_channel::bounded::<Result<(), String>>(cpus.len());
     let bodies: Vec<_> = per_core
         .into_iter()
-        .map(|routes| {
+        .zip(ingest_parts)
+        .enumerate()
+        .map(|(core, (routes, ingest))| {
+            let stop = stop_rx.clone();
+            let bound = bound_tx.clone();
             move || async move {
                 let tasks = routes
                     .into_iter()
                     .map(|r| kafka::run_on_core(r.writer, r.queue, inflight_max));
-                futures::future::join_all(tasks).await;
+                let ingest = async move {
+                    match ingest {
+                        Some(part) => serve_ingest_on_core(core, part, stop, bound).await,
+                        None => {
+                            let _ = bound.send(Ok(()));
+                        }
+                    }
+                };
+                futures::join!(futures::future::join_all(tasks), ingest);
             }
         })
         .collect();
     let cores = Cores::start(&cpus, island.handle(), bodies)?;
+    for _ in 0..cpus.len() {
+        match bound_rx.recv_timeout(BIND_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => bail!("cannot start the ingest API: {reason}"),
+            Err(_) => bail!("cores did not start within {} s", BIND_TIMEOUT.as_secs()),
+        }
+    }
     let mut poll_threads = Vec::with_capacity(pollers.len());
     for poller in pollers {
         let name = format!("poll-{}", poller.route);
         poll_threads.push(spawn_housekeeping(&name, move || poller.run()).context("cannot start a poll thread")?);
     }
+    if let Some(ingest) = &config.ingest {
+        tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
+    }
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
 
     island.block_on(wait_for_stop_signal());
     tracing::info!("stopping: draining in-flight messages");
+    let _ = stop_tx.send(true);
     shutdown.store(true, Ordering::Relaxed);
     for thread in poll_threads {
         let _ = thread.join();
     }
     join_cores_within(cores, config.runtime.shutdown_deadline);
     Ok(())
+}
+
+/// Binds this core's ingest listeners (shared port and own port), reports the outcome, and
+/// serves until the stop signal. Runs on core `core`.
+async fn serve_ingest_on_core(
+    core: usize,
+    part: CoreIngest,
+    mut stop: watch::Receiver<bool>,
+    bound: crossbeam_channel::Sender<Result<(), String>>,
+) {
+    let routes = tonic::service::Routes::new(
+        IngestServer::new(IngestService::new(core, Arc::clone(&part.shared)))
+            .max_decoding_message_size(part.config.message_bytes_max),
+    );
+    let shared_listener = match server::bind(part.config.listen) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = bound.send(Err(format!(
+                "core {core} cannot listen on `{}`: {e}",
+                part.config.listen
+            )));
+            return;
+        }
+    };
+    let core_listener = match part.config.core_addr(core).map(server::bind).transpose() {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = bound.send(Err(format!("core {core} cannot listen on its own port: {e}")));
+            return;
+        }
+    };
+    let _ = bound.send(Ok(()));
+    let own_port = {
+        let routes = routes.clone();
+        async move {
+            if let Some(listener) = core_listener {
+                server::serve(listener, routes).await;
+            }
+        }
+    };
+    let servers = async {
+        futures::join!(
+            server::serve(shared_listener, routes),
+            own_port,
+            serve_forwards(part.forwards, core)
+        )
+    };
+    futures::pin_mut!(servers);
+    let stopped = stop.wait_for(|stop| *stop);
+    futures::pin_mut!(stopped);
+    futures::future::select(servers, stopped).await;
+}
+
+/// Rebuilds the ownership snapshot whenever the driver's cluster state changes. Runs on the
+/// island for the gateway's life.
+async fn refresh_ownership(session: Arc<Session>, ownership: Arc<ArcSwap<Ownership>>, cores: usize) {
+    let mut last = session.get_cluster_state();
+    loop {
+        tokio::time::sleep(TOPOLOGY_CHECK_INTERVAL).await;
+        let state = session.get_cluster_state();
+        if Arc::ptr_eq(&state, &last) {
+            continue;
+        }
+        let next = Ownership::from_cluster_state(&state, cores);
+        if **ownership.load() != next {
+            tracing::info!(
+                ring_tokens = next.ring().len(),
+                nodes = next.nodes().len(),
+                "topology changed; routing table swapped"
+            );
+            ownership.store(Arc::new(next));
+        }
+        last = state;
+    }
 }
 
 /// Waits for the cores, but not past `deadline`: writes still retrying then are abandoned, and

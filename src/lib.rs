@@ -7,8 +7,10 @@
 
 pub mod app;
 pub mod bridge;
+pub mod client;
 pub mod config;
 pub mod devkit;
+pub mod ingest;
 pub mod mapping;
 pub mod runtime;
 pub mod sink;

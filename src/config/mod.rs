@@ -63,8 +63,36 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Cores, island threads and per-core limits.
     pub runtime: RuntimeConfig,
-    /// Source → table routes; at least one.
+    /// Source → table routes; at least one unless the ingest API is on.
     pub routes: Vec<RouteConfig>,
+    /// The gRPC ingest API, if served.
+    pub ingest: Option<IngestConfig>,
+    /// Address of the Prometheus metrics endpoint, if served.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// The gRPC ingest API's addresses and limits.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Shared address every core accepts on.
+    pub listen: std::net::SocketAddr,
+    /// First per-core port (core `i` listens on `core_port_base + i`); 0 = none.
+    pub core_port_base: u16,
+    /// Host published for per-core endpoints.
+    pub advertise_host: String,
+    /// Largest accepted request message in bytes.
+    pub message_bytes_max: usize,
+}
+
+impl IngestConfig {
+    /// Address of core `core`'s own port, if per-core ports are on.
+    pub fn core_addr(&self, core: usize) -> Option<std::net::SocketAddr> {
+        if self.core_port_base == 0 {
+            return None;
+        }
+        let port = u16::try_from(usize::from(self.core_port_base) + core).ok()?;
+        Some(std::net::SocketAddr::new(self.listen.ip(), port))
+    }
 }
 
 /// How to reach the ScyllaDB / Cassandra cluster.

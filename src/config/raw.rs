@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{
     validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef, Format,
-    KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
+    IngestConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
 };
 
 /// Top level of a shardgate config file.
@@ -23,6 +23,42 @@ pub struct RawConfig {
     /// `[[route]]`: one table per entry, fed by one source.
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
+    /// `[ingest]`: the gRPC ingest API. Absent: no gRPC port.
+    #[serde(default)]
+    pub ingest: Option<RawIngest>,
+    /// `[admin]`: metrics endpoint. Absent: no admin port.
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+}
+
+/// `[ingest]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngest {
+    /// Shared gRPC address every core accepts on, e.g. `127.0.0.1:50051`.
+    pub listen: String,
+    /// First per-core port: core `i` also listens on `core_port_base + i` (same host). 0 turns
+    /// per-core ports off (the shard-aware client then falls back to the shared port).
+    #[serde(default)]
+    pub core_port_base: u16,
+    /// Host published to clients for the per-core ports. Default: the host of `listen`.
+    #[serde(default)]
+    pub advertise_host: Option<String>,
+    /// Largest accepted request message in bytes. Default 4 MiB.
+    #[serde(default = "default_message_bytes_max")]
+    pub message_bytes_max: usize,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address of the Prometheus endpoint (`/metrics`), e.g. `127.0.0.1:9190`.
+    pub listen: String,
+}
+
+fn default_message_bytes_max() -> usize {
+    4 << 20
 }
 
 /// `[cluster]`
@@ -181,8 +217,17 @@ impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let cluster = validate_cluster(self.cluster)?;
         let runtime = validate_runtime(self.runtime)?;
-        if self.routes.is_empty() {
-            return Err(ConfigError::invalid("route", "[]", "at least one `[[route]]` table"));
+        let ingest = self.ingest.map(validate_ingest).transpose()?;
+        let admin = match self.admin {
+            Some(admin) => Some(parse_socket_addr("admin.listen", &admin.listen)?),
+            None => None,
+        };
+        if self.routes.is_empty() && ingest.is_none() {
+            return Err(ConfigError::invalid(
+                "route",
+                "[]",
+                "at least one `[[route]]` table, or an `[ingest]` table",
+            ));
         }
         let mut routes = Vec::with_capacity(self.routes.len());
         for (index, raw) in self.routes.into_iter().enumerate() {
@@ -200,8 +245,33 @@ impl RawConfig {
             cluster,
             runtime,
             routes,
+            ingest,
+            admin,
         })
     }
+}
+
+fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, ConfigError> {
+    let listen = parse_socket_addr("ingest.listen", &raw.listen)?;
+    if !(1024..=(256 << 20)).contains(&raw.message_bytes_max) {
+        return Err(ConfigError::invalid(
+            "ingest.message_bytes_max",
+            raw.message_bytes_max,
+            "bytes from 1024 to 268435456",
+        ));
+    }
+    let advertise_host = raw.advertise_host.unwrap_or_else(|| listen.ip().to_string());
+    Ok(IngestConfig {
+        listen,
+        core_port_base: raw.core_port_base,
+        advertise_host,
+        message_bytes_max: raw.message_bytes_max,
+    })
+}
+
+fn parse_socket_addr(key: &str, text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| ConfigError::invalid(key, text, "an IP address and port, for example `127.0.0.1:50051`"))
 }
 
 fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {

@@ -144,6 +144,13 @@ fn routes_need_unique_names_and_at_least_one() {
     assert!(error_of(&twice).starts_with("`route[1].name` = `orders`"));
     let none = &VALID[..VALID.find("[[route]]").expect("route")];
     assert!(error_of(none).starts_with("`route` = `[]`"));
+    let ingest_only = format!("{none}\n[ingest]\nlisten = \"127.0.0.1:50051\"\ncore_port_base = 50100\n");
+    let config = Config::parse(&ingest_only, "t").expect("ingest without routes");
+    let ingest = config.ingest.expect("ingest");
+    assert_eq!(ingest.core_addr(2), Some("127.0.0.1:50102".parse().expect("addr")));
+    assert_eq!(ingest.advertise_host, "127.0.0.1");
+    let bad = format!("{none}\n[ingest]\nlisten = \"localhost\"\n");
+    assert!(error_of(&bad).starts_with("`ingest.listen` = `localhost`"));
 }
 
 #[test]

@@ -534,3 +534,148 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Shared gRPC port of the gateways the devkit starts.
+pub const INGEST_LISTEN: &str = "127.0.0.1:50051";
+/// First per-core gRPC port.
+pub const INGEST_CORE_PORT_BASE: u16 = 50100;
+/// Admin (metrics) address.
+pub const ADMIN_LISTEN: &str = "127.0.0.1:9190";
+
+/// A gateway config serving the ingest API (and metrics) with the given routes.
+pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize) -> String {
+    let base = gateway_toml(routes).replace(
+        "shutdown_deadline_ms = 5000",
+        &format!("shutdown_deadline_ms = 5000\ninflight_rows_per_core_max = {inflight_rows_per_core_max}"),
+    );
+    format!(
+        "{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n\n[admin]\nlisten = \"{ADMIN_LISTEN}\"\n"
+    )
+}
+
+/// Creates (or recreates) keyspace `keyspace` with the sample `events` table for the ingest API.
+pub async fn create_events_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    session
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
+        .await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+            ),
+            &[],
+        )
+        .await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {keyspace}.events (id bigint PRIMARY KEY, name text, score double, \
+                 at timestamp, tags list<int>)"
+            ),
+            &[],
+        )
+        .await?;
+    session.await_schema_agreement().await?;
+    Ok(())
+}
+
+/// Columns of the sample events, in row order.
+pub fn event_columns() -> Vec<String> {
+    ["id", "name", "score", "at", "tags"]
+        .iter()
+        .map(|c| c.to_string())
+        .collect()
+}
+
+/// Sample event `i` as a typed row (about 100 bytes on the wire).
+pub fn event_row(i: i64) -> crate::ingest::proto::Row {
+    use crate::ingest::proto::value::Kind;
+    use crate::ingest::proto::{Row, Value, Values};
+    let v = |kind| Value { kind: Some(kind) };
+    Row {
+        values: vec![
+            v(Kind::Int(i)),
+            v(Kind::Text(format!("event-{i:09}-{}", CITIES[(i % 8) as usize]))),
+            v(Kind::Double(i as f64 * 0.5)),
+            v(Kind::TimestampMs(PLACED_AT_BASE_MS + i)),
+            v(Kind::List(Values {
+                values: vec![v(Kind::Int(i % 7)), v(Kind::Int(i % 11))],
+            })),
+        ],
+    }
+}
+
+/// Reads every row of `keyspace.events` and compares it with events `0..count`.
+pub async fn verify_events(session: &Session, keyspace: &str, count: u64) -> anyhow::Result<Verification> {
+    let mut rows = session
+        .query_iter(format!("SELECT id, name, score, at, tags FROM {keyspace}.events"), &[])
+        .await?
+        .rows_stream::<(i64, Option<String>, Option<f64>, Option<CqlTimestamp>, Option<Vec<i32>>)>()?;
+    let mut report = Verification::default();
+    let mut seen = vec![false; count as usize];
+    while let Some(row) = rows.try_next().await? {
+        report.rows += 1;
+        let id = row.0;
+        if !(0..count as i64).contains(&id) {
+            note(&mut report, format!("unexpected row {id}"));
+            continue;
+        }
+        seen[id as usize] = true;
+        let expected = (
+            id,
+            Some(format!("event-{id:09}-{}", CITIES[(id % 8) as usize])),
+            Some(id as f64 * 0.5),
+            Some(CqlTimestamp(PLACED_AT_BASE_MS + id)),
+            Some(vec![(id % 7) as i32, (id % 11) as i32]),
+        );
+        if row == expected {
+            report.matching += 1;
+        } else {
+            note(&mut report, format!("{id}: got {row:?}, expected {expected:?}"));
+        }
+    }
+    report.missing = seen.iter().filter(|s| !**s).count() as u64;
+    Ok(report)
+}
+
+/// Sum of a Prometheus counter over all its label sets, scraped from `addr`'s `/metrics`.
+pub fn scrape_metric(addr: &str, name: &str) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach metrics at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Resident set size of process `pid` in bytes, from /proc.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .context("VmRSS missing")?;
+    Ok(kib * 1024)
+}
+
+/// Rows in `keyspace.table` whose partition key is a single bigint column.
+pub async fn count_rows_i64(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64> {
+    let mut rows = session
+        .query_iter(format!("SELECT {key_column} FROM {keyspace}.{table}"), &[])
+        .await?
+        .rows_stream::<(i64,)>()?;
+    let mut count = 0;
+    while rows.try_next().await?.is_some() {
+        count += 1;
+    }
+    Ok(count)
+}

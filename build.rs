@@ -1,0 +1,11 @@
+//! Generates the gRPC ingest API from `proto/shardgate/v1/ingest.proto` (protoc from Debian's
+//! `protobuf-compiler`, installed by `deploy/local/stack.sh install`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["proto/shardgate/v1/ingest.proto"], &["proto"])?;
+    Ok(())
+}

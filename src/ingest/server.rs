@@ -1,0 +1,66 @@
+//! HTTP/2 serving of the tonic routes on glommio sockets. Runs on every core: each core accepts
+//! on the shared port (SO_REUSEPORT: the kernel spreads connections) and on its own port, and
+//! every connection it accepts is served by tasks on that core only.
+//!
+//! tonic's tokio transport is not used on the data plane: hyper's HTTP/2 connection builder is
+//! driven with an executor that spawns onto the current glommio executor, over glommio's
+//! `TcpStream` adapted to tokio's IO traits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use glommio::net::TcpListener;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+/// HTTP/2 flow-control windows: large enough that one stream can carry a core's full rate.
+const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
+
+/// Spawns hyper's connection tasks on the current core.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalExecutor;
+
+impl<F> hyper::rt::Executor<F> for LocalExecutor
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    fn execute(&self, future: F) {
+        glommio::spawn_local(future).detach();
+    }
+}
+
+/// Binds `addr` on the current core.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Accepts connections forever, serving `routes` on each with HTTP/2.
+pub async fn serve(listener: TcpListener, routes: tonic::service::Routes) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream.compat());
+        let service = TowerToHyperService::new(routes.clone());
+        glommio::spawn_local(async move {
+            let result = hyper::server::conn::http2::Builder::new(LocalExecutor)
+                .initial_stream_window_size(STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+                .serve_connection(io, service)
+                .await;
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        })
+        .detach();
+    }
+}

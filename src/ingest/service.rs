@@ -1,0 +1,577 @@
+//! The `shardgate.v1.Ingest` service. One instance per core; its futures run on that core (the
+//! connection tasks are spawned there), so a row the core owns is converted, routed and written
+//! without leaving it.
+//!
+//! Per batch: resolve the table writer (schema check + prepared insert, cached), convert each
+//! row, compute its token with the prepared statement, and split rows by owner core. Owned rows
+//! are written here; the rest go to their owners as one forwarded batch per owner over a bounded
+//! channel (one hop, counted in `shardgate_ingest_rows_forwarded_total`). Rows are admitted by a
+//! per-core semaphore of `inflight_rows_per_core_max` permits, acquired before a stream's next
+//! batch is read: when it is empty, the stream stops reading.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures::{SinkExt, Stream, StreamExt};
+use scylla::client::session::Session;
+use scylla::cluster::metadata::{ColumnKind, ColumnType};
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::MaybeUnset;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{cql_type_name, to_cql};
+use super::proto::ingest_server::Ingest;
+use super::proto::{
+    ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch, RowError,
+    TableKey, Topology, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
+};
+use crate::mapping::RowValues;
+use crate::sink::scylla::{classify, with_timestamp, WriteFailure};
+use crate::telemetry::metric;
+use crate::topology::Ownership;
+
+/// Attempts per row before a transient failure is reported to the producer.
+const WRITE_ATTEMPTS_MAX: u32 = 4;
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
+/// Batches a core's forward queue holds before forwarding cores wait.
+pub const FORWARD_QUEUE_BATCHES_MAX: usize = 64;
+/// Batches answered concurrently on one stream.
+const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
+/// Rows one batch may carry.
+const BATCH_ROWS_MAX: usize = 10_000;
+/// How often a missing table may trigger a schema refresh.
+const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A row's outcome: written, or why not.
+type RowOutcome = Result<(), (ErrorCode, String)>;
+
+/// Rows a core hands to the row's owner core, with the channel for their outcomes.
+pub struct ForwardBatch {
+    writer: Arc<TableWriter>,
+    rows: Vec<(u32, RowValues)>,
+    reply: oneshot::Sender<Vec<(u32, RowOutcome)>>,
+}
+
+/// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
+pub struct TableWriter {
+    /// `keyspace.table`.
+    table: String,
+    /// Column types in the batch's column order.
+    types: Vec<ColumnType<'static>>,
+    /// Positions (in the batch's columns) of primary-key columns, which must be non-null.
+    key_positions: Vec<usize>,
+    /// `INSERT ... USING TIMESTAMP ?`.
+    insert: PreparedStatement,
+    /// The session the insert runs on.
+    session: Arc<Session>,
+}
+
+/// State shared by every core's service instance.
+pub struct IngestShared {
+    /// The cluster session.
+    pub session: Arc<Session>,
+    /// Current ownership snapshot (swapped when the cluster topology changes).
+    pub ownership: Arc<ArcSwap<Ownership>>,
+    /// Forward queue of each core.
+    pub forward_queues: Vec<mpsc::Sender<ForwardBatch>>,
+    /// In-flight row budget of each core.
+    pub budgets: Vec<Arc<Semaphore>>,
+    /// Rows one core may hold in flight.
+    pub inflight_rows_max: usize,
+    /// `host:port` of each core's own port, published by `GetTopology`.
+    pub core_endpoints: Vec<String>,
+    writers: Mutex<HashMap<(String, Vec<String>), Arc<TableWriter>>>,
+    last_schema_refresh: Mutex<Option<Instant>>,
+}
+
+impl IngestShared {
+    /// Creates the shared state and the receiving ends of the forward queues (one per core).
+    pub fn new(
+        session: Arc<Session>,
+        ownership: Arc<ArcSwap<Ownership>>,
+        cores: usize,
+        inflight_rows_max: usize,
+        core_endpoints: Vec<String>,
+    ) -> (Arc<IngestShared>, Vec<mpsc::Receiver<ForwardBatch>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..cores).map(|_| mpsc::channel(FORWARD_QUEUE_BATCHES_MAX)).unzip();
+        let shared = IngestShared {
+            session,
+            ownership,
+            forward_queues: senders,
+            budgets: (0..cores)
+                .map(|_| Arc::new(Semaphore::new(inflight_rows_max)))
+                .collect(),
+            inflight_rows_max,
+            core_endpoints,
+            writers: Mutex::new(HashMap::new()),
+            last_schema_refresh: Mutex::new(None),
+        };
+        (Arc::new(shared), receivers)
+    }
+
+    /// The writer for `table` with `columns`, prepared on first use.
+    async fn writer(&self, table: &str, columns: &[String]) -> Result<Arc<TableWriter>, (ErrorCode, String)> {
+        let key = (table.to_string(), columns.to_vec());
+        if let Some(writer) = lock(&self.writers).get(&key) {
+            return Ok(Arc::clone(writer));
+        }
+        let writer = Arc::new(self.prepare_writer(table, columns).await?);
+        lock(&self.writers).insert(key, Arc::clone(&writer));
+        Ok(writer)
+    }
+
+    async fn prepare_writer(&self, table: &str, columns: &[String]) -> Result<TableWriter, (ErrorCode, String)> {
+        let Some((keyspace, name)) = table.split_once('.') else {
+            return Err((
+                ErrorCode::UnknownTable,
+                format!("table `{table}` is not `keyspace.table`"),
+            ));
+        };
+        let mut schema = self.lookup_table(keyspace, name);
+        if schema.is_none() && self.may_refresh_schema() {
+            let _ = self.session.refresh_metadata().await;
+            schema = self.lookup_table(keyspace, name);
+        }
+        let Some((column_types, key_columns)) = schema else {
+            return Err((ErrorCode::UnknownTable, format!("table `{table}` does not exist")));
+        };
+        let mut types = Vec::with_capacity(columns.len());
+        let mut key_positions = Vec::new();
+        for (position, column) in columns.iter().enumerate() {
+            let Some((typ, kind)) = column_types.get(column) else {
+                return Err((
+                    ErrorCode::UnknownColumn,
+                    format!("table `{table}` has no column `{column}`"),
+                ));
+            };
+            if matches!(kind, ColumnKind::PartitionKey | ColumnKind::Clustering) {
+                key_positions.push(position);
+            }
+            types.push(typ.clone());
+        }
+        if let Some(missing) = key_columns.iter().find(|k| !columns.contains(k)) {
+            return Err((
+                ErrorCode::MissingKey,
+                format!("primary key column `{missing}` is not among the batch's columns"),
+            ));
+        }
+        let quoted: Vec<String> = columns
+            .iter()
+            .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
+            .collect();
+        let markers = vec!["?"; columns.len()].join(", ");
+        let statement = format!(
+            "INSERT INTO \"{keyspace}\".\"{name}\" ({}) VALUES ({markers}) USING TIMESTAMP ?",
+            quoted.join(", ")
+        );
+        let mut insert = self.session.prepare(statement).await.map_err(|e| {
+            (
+                ErrorCode::Rejected,
+                format!("cannot prepare the insert for `{table}`: {e}"),
+            )
+        })?;
+        insert.set_is_idempotent(true);
+        Ok(TableWriter {
+            table: table.to_string(),
+            types,
+            key_positions,
+            insert,
+            session: Arc::clone(&self.session),
+        })
+    }
+
+    /// Column types and kinds, plus primary-key column names, from the cached schema.
+    #[allow(clippy::type_complexity)]
+    fn lookup_table(
+        &self,
+        keyspace: &str,
+        table: &str,
+    ) -> Option<(HashMap<String, (ColumnType<'static>, ColumnKind)>, Vec<String>)> {
+        let state = self.session.get_cluster_state();
+        let meta = state.get_keyspace(keyspace)?.tables.get(table)?;
+        let columns = meta
+            .columns
+            .iter()
+            .map(|(n, c)| (n.clone(), (c.typ.clone(), c.kind.clone())))
+            .collect();
+        let keys = meta.partition_key.iter().chain(&meta.clustering_key).cloned().collect();
+        Some((columns, keys))
+    }
+
+    fn may_refresh_schema(&self) -> bool {
+        let mut last = lock(&self.last_schema_refresh);
+        if last.is_some_and(|t| t.elapsed() < SCHEMA_REFRESH_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
+    /// Partition key columns of `table` with their CQL types, for `GetTopology`.
+    fn table_key(&self, table: &str) -> Option<TableKey> {
+        let (keyspace, name) = table.split_once('.')?;
+        let state = self.session.get_cluster_state();
+        let meta = state.get_keyspace(keyspace)?.tables.get(name)?;
+        let columns = meta
+            .partition_key
+            .iter()
+            .filter_map(|k| {
+                meta.columns.get(k).map(|c| KeyColumn {
+                    name: k.clone(),
+                    cql_type: cql_type_name(&c.typ),
+                })
+            })
+            .collect();
+        Some(TableKey {
+            table: table.to_string(),
+            columns,
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The service instance of one core.
+#[derive(Clone)]
+pub struct IngestService {
+    core: usize,
+    shared: Arc<IngestShared>,
+}
+
+impl IngestService {
+    /// The service for `core`.
+    pub fn new(core: usize, shared: Arc<IngestShared>) -> IngestService {
+        IngestService { core, shared }
+    }
+
+    /// Converts, routes and writes one batch; returns rows written and per-row errors.
+    async fn write_batch(&self, batch: RowBatch) -> (u32, Vec<RowError>) {
+        let rows = batch.rows.len();
+        let core_label = self.core.to_string();
+        metrics::counter!(metric::INGEST_ROWS_RECEIVED, "core" => core_label.clone()).increment(rows as u64);
+        metrics::histogram!(metric::INGEST_BATCH_ROWS, "core" => core_label.clone()).record(rows as f64);
+        if rows > BATCH_ROWS_MAX {
+            let reason = format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX}");
+            return (
+                0,
+                (0..rows)
+                    .map(|i| row_error(i as u32, ErrorCode::TooLarge, &reason))
+                    .collect(),
+            );
+        }
+        let writer = match self.shared.writer(&batch.table, &batch.columns).await {
+            Ok(writer) => writer,
+            Err((code, reason)) => {
+                self.count_failed(code, rows);
+                return (0, (0..rows).map(|i| row_error(i as u32, code, &reason)).collect());
+            }
+        };
+        let timestamp_us = if batch.timestamp_us > 0 {
+            batch.timestamp_us
+        } else {
+            now_us()
+        };
+        let ownership = self.shared.ownership.load();
+        let mut errors = Vec::new();
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<usize, Vec<(u32, RowValues)>> = BTreeMap::new();
+        for (index, row) in batch.rows.iter().enumerate() {
+            let index = index as u32;
+            match bind_row(&writer, row, timestamp_us) {
+                Ok(values) => {
+                    let owner = match writer.insert.calculate_token(&values) {
+                        Ok(Some(token)) => ownership.owner_core(token.value()),
+                        _ => self.core,
+                    };
+                    if owner == self.core {
+                        local.push((index, values));
+                    } else {
+                        remote.entry(owner).or_default().push((index, values));
+                    }
+                }
+                Err((code, reason)) => errors.push(row_error(index, code, &reason)),
+            }
+        }
+        let mut written = 0u32;
+        let mut replies = Vec::with_capacity(remote.len());
+        for (owner, rows) in remote {
+            let forwarded = rows.len() as u64;
+            let (reply, outcome) = oneshot::channel();
+            let sent = self.shared.forward_queues[owner]
+                .send(ForwardBatch {
+                    writer: Arc::clone(&writer),
+                    rows,
+                    reply,
+                })
+                .await;
+            match sent {
+                Ok(()) => {
+                    metrics::counter!(metric::INGEST_ROWS_FORWARDED, "core" => core_label.clone()).increment(forwarded);
+                    replies.push(outcome);
+                }
+                Err(mpsc::error::SendError(batch)) => {
+                    for (index, _) in batch.rows {
+                        errors.push(row_error(index, ErrorCode::Unavailable, "owner core is shutting down"));
+                    }
+                }
+            }
+        }
+        for (index, outcome) in write_rows(&writer, local, &self.core.to_string()).await {
+            tally(index, outcome, &mut written, &mut errors);
+        }
+        for reply in replies {
+            match reply.await {
+                Ok(outcomes) => {
+                    for (index, outcome) in outcomes {
+                        tally(index, outcome, &mut written, &mut errors);
+                    }
+                }
+                Err(_) => tracing::warn!(core = self.core, "owner core dropped a forwarded batch"),
+            }
+        }
+        for error in &errors {
+            self.count_failed(ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Unspecified), 1);
+        }
+        errors.sort_by_key(|e| e.row);
+        (written, errors)
+    }
+
+    fn count_failed(&self, code: ErrorCode, rows: usize) {
+        metrics::counter!(metric::INGEST_ROWS_FAILED, "core" => self.core.to_string(), "code" => code.as_str_name())
+            .increment(rows as u64);
+    }
+
+    /// Admits `rows` rows into this core's in-flight budget.
+    async fn admit(&self, rows: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let permits = rows.clamp(1, self.shared.inflight_rows_max) as u32;
+        Arc::clone(&self.shared.budgets[self.core])
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Status::unavailable("gateway is shutting down"))
+    }
+}
+
+fn tally(index: u32, outcome: RowOutcome, written: &mut u32, errors: &mut Vec<RowError>) {
+    match outcome {
+        Ok(()) => *written += 1,
+        Err((code, reason)) => errors.push(row_error(index, code, &reason)),
+    }
+}
+
+fn row_error(row: u32, code: ErrorCode, reason: &str) -> RowError {
+    RowError {
+        row,
+        code: code as i32,
+        reason: reason.to_string(),
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Converts one row to bound values (plus the write timestamp). Missing trailing values leave
+/// their columns unset; key columns must be present and non-null.
+fn bind_row(writer: &TableWriter, row: &Row, timestamp_us: i64) -> Result<RowValues, (ErrorCode, String)> {
+    if row.values.len() > writer.types.len() {
+        return Err((
+            ErrorCode::BadValue,
+            format!("row has {} values for {} columns", row.values.len(), writer.types.len()),
+        ));
+    }
+    let mut values: RowValues = Vec::with_capacity(writer.types.len() + 1);
+    for (position, typ) in writer.types.iter().enumerate() {
+        let bound = match row.values.get(position) {
+            None => MaybeUnset::Unset,
+            Some(value) => MaybeUnset::Set(
+                to_cql(value, typ).map_err(|e| (ErrorCode::BadValue, format!("column {position}: {}", e.0)))?,
+            ),
+        };
+        values.push(bound);
+    }
+    for &position in &writer.key_positions {
+        if !matches!(values[position], MaybeUnset::Set(Some(_))) {
+            return Err((
+                ErrorCode::MissingKey,
+                format!("primary key column {position} of `{}` is missing or null", writer.table),
+            ));
+        }
+    }
+    Ok(with_timestamp(values, timestamp_us))
+}
+
+/// Writes rows concurrently on the current core.
+async fn write_rows(writer: &TableWriter, rows: Vec<(u32, RowValues)>, core: &str) -> Vec<(u32, RowOutcome)> {
+    let writes = rows.into_iter().map(|(index, values)| async move {
+        let started = Instant::now();
+        let outcome = write_row(writer, &values).await;
+        metrics::histogram!(metric::WRITE_LATENCY_SECONDS, "core" => core.to_string())
+            .record(started.elapsed().as_secs_f64());
+        if outcome.is_ok() {
+            metrics::counter!(metric::INGEST_ROWS_WRITTEN, "core" => core.to_string()).increment(1);
+        }
+        (index, outcome)
+    });
+    futures::future::join_all(writes).await
+}
+
+/// One row, retrying transient failures a few times before reporting them.
+async fn write_row(writer: &TableWriter, values: &RowValues) -> RowOutcome {
+    let mut backoff = RETRY_BACKOFF_MIN;
+    let mut attempt = 1;
+    loop {
+        let error = match writer.session.execute_unpaged(&writer.insert, values).await {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        match classify(&error) {
+            WriteFailure::Permanent(reason) => return Err((ErrorCode::Rejected, reason)),
+            WriteFailure::Transient(reason) if attempt >= WRITE_ATTEMPTS_MAX => {
+                return Err((transient_code(&error), reason));
+            }
+            WriteFailure::Transient(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn transient_code(error: &ExecutionError) -> ErrorCode {
+    match error {
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::Overloaded | DbError::RateLimitReached { .. },
+            _,
+        )) => ErrorCode::Overloaded,
+        _ => ErrorCode::Unavailable,
+    }
+}
+
+/// Serves the forwarded batches of one core until every sender is gone. Runs on that core.
+pub async fn serve_forwards(mut queue: mpsc::Receiver<ForwardBatch>, core: usize) {
+    let core_label = core.to_string();
+    while let Some(batch) = queue.recv().await {
+        let core_label = core_label.clone();
+        glommio::spawn_local(async move {
+            let outcomes = write_rows(&batch.writer, batch.rows, &core_label).await;
+            let _ = batch.reply.send(outcomes);
+        })
+        .detach();
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let batch = request
+            .into_inner()
+            .batch
+            .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
+        let _permit = self.admit(batch.rows.len()).await?;
+        let (written, errors) = self.write_batch(batch).await;
+        Ok(Response::new(WriteResponse { written, errors }))
+    }
+
+    type WriteStreamStream = ResponseStream;
+
+    async fn write_stream(
+        &self,
+        request: Request<Streaming<WriteStreamRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (mut responses, receiver) = futures::channel::mpsc::channel(STREAM_BATCHES_IN_FLIGHT_MAX);
+        let service = self.clone();
+        glommio::spawn_local(async move {
+            let batches_in_flight = Arc::new(Semaphore::new(STREAM_BATCHES_IN_FLIGHT_MAX));
+            loop {
+                let Ok(slot) = Arc::clone(&batches_in_flight).acquire_owned().await else {
+                    break;
+                };
+                let message = match incoming.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let Some(batch) = message.batch else {
+                    let _ = responses
+                        .send(Err(Status::invalid_argument("`batch` is required")))
+                        .await;
+                    break;
+                };
+                let permit = match service.admit(batch.rows.len()).await {
+                    Ok(permit) => permit,
+                    Err(status) => {
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let service = service.clone();
+                let mut responses = responses.clone();
+                glommio::spawn_local(async move {
+                    let (written, errors) = service.write_batch(batch).await;
+                    drop(permit);
+                    let _ = responses
+                        .send(Ok(WriteStreamResponse {
+                            batch_id: message.batch_id,
+                            written,
+                            errors,
+                        }))
+                        .await;
+                    drop(slot);
+                })
+                .detach();
+            }
+            // Wait for the batches still in flight before the response stream ends.
+            let _ = batches_in_flight
+                .acquire_many(STREAM_BATCHES_IN_FLIGHT_MAX as u32)
+                .await;
+        })
+        .detach();
+        Ok(Response::new(Box::pin(receiver.map(|item| item))))
+    }
+
+    async fn get_topology(&self, request: Request<GetTopologyRequest>) -> Result<Response<Topology>, Status> {
+        let ownership = self.shared.ownership.load();
+        let mut tables = Vec::new();
+        for table in request.into_inner().tables {
+            match self.shared.table_key(&table) {
+                Some(key) => tables.push(key),
+                None => return Err(Status::not_found(format!("table `{table}` does not exist"))),
+            }
+        }
+        Ok(Response::new(Topology {
+            cores: ownership.cores() as u32,
+            core_endpoints: self.shared.core_endpoints.clone(),
+            ring: ownership
+                .ring()
+                .iter()
+                .map(|&(token, node)| RingEntry { token, node })
+                .collect(),
+            nodes: ownership
+                .nodes()
+                .iter()
+                .map(|n| ProtoNodeShards {
+                    shards: u32::from(n.shards),
+                    msb_ignore: u32::from(n.msb_ignore),
+                })
+                .collect(),
+            tables,
+        }))
+    }
+}
