@@ -1,0 +1,212 @@
+//! `shardgate-bench`: end-to-end throughput against the local stack (`deploy/local/stack.sh up`).
+//!
+//! For each mode it starts a fresh gateway (release build), drives it, and prints rows/s,
+//! gateway CPU-seconds per million rows (utime + stime from /proc), and batch latency
+//! percentiles:
+//! - `grpc-smart`: the shard-aware client, one `WriteStream` per core endpoint;
+//! - `grpc-plain`: one `WriteStream` on the shared port (rows a core does not own are forwarded);
+//! - `kafka`: messages produced first, then the gateway consumes them (latency not measured:
+//!   rows/s is messages ÷ time to all offsets committed, including the group join).
+//!
+//! gRPC latency is per batch, from the moment the client hands the batch to the stream to the
+//! moment its response arrives, so it includes queueing behind the in-flight budget.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use shardgate::client::ShardAwareClient;
+use shardgate::devkit::{self, Gateway};
+use shardgate::ingest::proto::ingest_client::IngestClient;
+use shardgate::ingest::proto::{RowBatch, WriteStreamRequest};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(about = "End-to-end shardgate benchmark against the local stack")]
+struct Args {
+    /// Modes to run: grpc-smart, grpc-plain, kafka (comma separated).
+    #[arg(long, default_value = "grpc-smart,grpc-plain,kafka", value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Rows per mode.
+    #[arg(long, default_value_t = 500_000)]
+    rows: i64,
+    /// Rows per gRPC batch.
+    #[arg(long, default_value_t = 500)]
+    batch_rows: i64,
+    /// The gateway binary.
+    #[arg(long, default_value = "target/release/shardgate")]
+    gateway: PathBuf,
+    /// Directory for configs and logs.
+    #[arg(long, default_value = ".state/bench")]
+    work_dir: PathBuf,
+}
+
+struct Outcome {
+    mode: String,
+    rows: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    latencies: Vec<Duration>,
+    forwarded: f64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.work_dir)?;
+    let mut outcomes = Vec::new();
+    for mode in &args.modes {
+        let outcome = match mode.as_str() {
+            "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
+            "kafka" => kafka(&args).await?,
+            other => anyhow::bail!("unknown mode `{other}`"),
+        };
+        outcomes.push(outcome);
+    }
+    println!();
+    println!("| mode | rows | seconds | rows/s | gateway CPU-s per million rows | p50 ms | p99 ms | p999 ms | forwarded rows |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for o in &outcomes {
+        let mut l = o.latencies.clone();
+        l.sort_unstable();
+        let pct = |p: f64| {
+            if l.is_empty() {
+                "n/a".to_string()
+            } else {
+                format!("{:.1}", l[((l.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3)
+            }
+        };
+        println!(
+            "| {} | {} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {:.0} |",
+            o.mode,
+            o.rows,
+            o.seconds,
+            o.rows as f64 / o.seconds,
+            o.cpu_seconds * 1e6 / o.rows as f64,
+            pct(0.50),
+            pct(0.99),
+            pct(0.999),
+            o.forwarded
+        );
+    }
+    Ok(())
+}
+
+async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
+    let keyspace = "shardgate_bench";
+    let table = format!("{keyspace}.events");
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_events_table(&session, keyspace).await?;
+    let config = args.work_dir.join("gateway-grpc.toml");
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048))?;
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join(format!("gateway-{mode}.log")))?;
+    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
+    let batches: Vec<RowBatch> = (0..args.rows)
+        .step_by(args.batch_rows as usize)
+        .map(|start| RowBatch {
+            table: table.clone(),
+            columns: devkit::event_columns(),
+            rows: (start..(start + args.batch_rows).min(args.rows)).map(devkit::event_row).collect(),
+            timestamp_us: 0,
+        })
+        .collect();
+    let per_stream: Vec<(IngestClient<Channel>, Vec<RowBatch>)> = if mode == "grpc-smart" {
+        let mut parts: Vec<Vec<RowBatch>> = (0..client.cores()).map(|_| Vec::new()).collect();
+        let mut unknown = Vec::new();
+        for batch in batches {
+            for (owner, part, _) in client.split(batch) {
+                match owner {
+                    Some(core) => parts[core].push(part),
+                    None => unknown.push(part),
+                }
+            }
+        }
+        let mut streams: Vec<_> = parts.into_iter().enumerate().map(|(c, p)| (client.core_client(c), p)).collect();
+        streams.push((client.shared_client(), unknown));
+        streams
+    } else {
+        vec![(client.shared_client(), batches)]
+    };
+    println!("== {mode}: {} rows in batches of {}", args.rows, args.batch_rows);
+    let cpu_before = gateway.cpu_seconds()?;
+    let started = Instant::now();
+    let results = futures::future::join_all(per_stream.into_iter().map(|(c, b)| timed_stream(c, b))).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
+    let mut rows = 0;
+    let mut latencies = Vec::new();
+    for result in results {
+        let (written, l) = result?;
+        rows += written;
+        latencies.extend(l);
+    }
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_ingest_rows_forwarded_total")?;
+    gateway.stop()?;
+    anyhow::ensure!(rows == args.rows as u64, "{mode}: {rows} of {} rows written", args.rows);
+    Ok(Outcome { mode: mode.to_string(), rows, seconds, cpu_seconds, latencies, forwarded })
+}
+
+/// Streams batches and measures each batch's latency.
+async fn timed_stream(mut client: IngestClient<Channel>, batches: Vec<RowBatch>) -> anyhow::Result<(u64, Vec<Duration>)> {
+    if batches.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; batches.len()]));
+    let recorder = Arc::clone(&sent_at);
+    let requests = futures::stream::iter(batches.into_iter().enumerate()).map(move |(id, batch)| {
+        if let Ok(mut times) = recorder.lock() {
+            times[id] = Some(Instant::now());
+        }
+        WriteStreamRequest { batch_id: id as u64, batch: Some(batch) }
+    });
+    let mut responses = client.write_stream(requests).await?.into_inner();
+    let mut written = 0u64;
+    let mut latencies = Vec::new();
+    while let Some(response) = responses.next().await {
+        let response = response?;
+        written += u64::from(response.written);
+        let sent = sent_at.lock().ok().and_then(|t| t.get(response.batch_id as usize).copied().flatten());
+        if let Some(sent) = sent {
+            latencies.push(sent.elapsed());
+        }
+    }
+    Ok((written, latencies))
+}
+
+async fn kafka(args: &Args) -> anyhow::Result<Outcome> {
+    let keyspace = "shardgate_bench_kafka";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders_table(&session, keyspace).await?;
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let topic = format!("bench.orders.{run}");
+    let group = format!("shardgate-bench-{run}");
+    let partitions = 6;
+    devkit::create_topic(&topic, partitions).await?;
+    devkit::create_topic(&format!("{topic}.dead-letter"), 1).await?;
+    println!("== kafka: producing {} messages to {topic}", args.rows);
+    let messages = (0..args.rows as u64).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&topic, messages)?;
+    let config = args.work_dir.join("gateway-kafka.toml");
+    let routes = devkit::orders_route_toml("orders", keyspace, &topic, &group, &format!("{topic}.dead-letter"));
+    std::fs::write(&config, devkit::gateway_toml(&routes))?;
+    let started = Instant::now();
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka.log"))?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (committed, _) = devkit::committed_and_end(&group, &topic, partitions).context("committed offsets")?;
+        if committed >= args.rows {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "kafka bench stalled at {committed}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()?;
+    gateway.stop()?;
+    Ok(Outcome { mode: "kafka".into(), rows: args.rows as u64, seconds, cpu_seconds, latencies: Vec::new(), forwarded: 0.0 })
+}
