@@ -140,6 +140,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 Arc::clone(&ownership),
                 cpus.len(),
                 inflight_max,
+                config.runtime.write_batch_rows_max,
                 endpoints,
             );
             queues
@@ -250,7 +251,7 @@ async fn serve_ingest_on_core(
         futures::join!(
             server::serve(shared_listener, routes),
             own_port,
-            serve_forwards(part.forwards, core)
+            serve_forwards(part.forwards, core, Arc::clone(&part.shared))
         )
     };
     futures::pin_mut!(servers);

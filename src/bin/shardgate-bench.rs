@@ -9,7 +9,7 @@
 //!   rows/s is messages ÷ time to all offsets committed, including the group join).
 //!
 //! gRPC latency is per batch, from the moment the client hands the batch to the stream to the
-//! moment its response arrives, so it includes queueing behind the in-flight budget.
+//! moment its response arrives; each stream keeps `--window` batches in flight (closed loop).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,13 @@ struct Args {
     /// Rows per gRPC batch.
     #[arg(long, default_value_t = 500)]
     batch_rows: i64,
+    /// Batches a gRPC stream keeps in flight (closed loop: the next batch is sent when one is
+    /// answered), so latency measures service time rather than the client's own queue.
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// The gateway's `runtime.write_batch_rows_max` (1 = single writes).
+    #[arg(long, default_value_t = 64)]
+    write_batch_rows: usize,
     /// The gateway binary.
     #[arg(long, default_value = "target/release/shardgate")]
     gateway: PathBuf,
@@ -101,15 +108,21 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_events_table(&session, keyspace).await?;
     let config = args.work_dir.join("gateway-grpc.toml");
-    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048))?;
-    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join(format!("gateway-{mode}.log")))?;
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, args.write_batch_rows))?;
+    let gateway = Gateway::start(
+        &args.gateway,
+        &config,
+        &args.work_dir.join(format!("gateway-{mode}.log")),
+    )?;
     let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
     let batches: Vec<RowBatch> = (0..args.rows)
         .step_by(args.batch_rows as usize)
         .map(|start| RowBatch {
             table: table.clone(),
             columns: devkit::event_columns(),
-            rows: (start..(start + args.batch_rows).min(args.rows)).map(devkit::event_row).collect(),
+            rows: (start..(start + args.batch_rows).min(args.rows))
+                .map(devkit::event_row)
+                .collect(),
             timestamp_us: 0,
         })
         .collect();
@@ -124,7 +137,11 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        let mut streams: Vec<_> = parts.into_iter().enumerate().map(|(c, p)| (client.core_client(c), p)).collect();
+        let mut streams: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(c, p)| (client.core_client(c), p))
+            .collect();
         streams.push((client.shared_client(), unknown));
         streams
     } else {
@@ -133,7 +150,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     println!("== {mode}: {} rows in batches of {}", args.rows, args.batch_rows);
     let cpu_before = gateway.cpu_seconds()?;
     let started = Instant::now();
-    let results = futures::future::join_all(per_stream.into_iter().map(|(c, b)| timed_stream(c, b))).await;
+    let results = futures::future::join_all(per_stream.into_iter().map(|(c, b)| timed_stream(c, b, args.window))).await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
     let mut rows = 0;
@@ -146,21 +163,44 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_ingest_rows_forwarded_total")?;
     gateway.stop()?;
     anyhow::ensure!(rows == args.rows as u64, "{mode}: {rows} of {} rows written", args.rows);
-    Ok(Outcome { mode: mode.to_string(), rows, seconds, cpu_seconds, latencies, forwarded })
+    Ok(Outcome {
+        mode: mode.to_string(),
+        rows,
+        seconds,
+        cpu_seconds,
+        latencies,
+        forwarded,
+    })
 }
 
-/// Streams batches and measures each batch's latency.
-async fn timed_stream(mut client: IngestClient<Channel>, batches: Vec<RowBatch>) -> anyhow::Result<(u64, Vec<Duration>)> {
+/// Streams batches with at most `window` unanswered, and measures each batch's latency.
+async fn timed_stream(
+    mut client: IngestClient<Channel>,
+    batches: Vec<RowBatch>,
+    window: usize,
+) -> anyhow::Result<(u64, Vec<Duration>)> {
     if batches.is_empty() {
         return Ok((0, Vec::new()));
     }
     let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; batches.len()]));
     let recorder = Arc::clone(&sent_at);
-    let requests = futures::stream::iter(batches.into_iter().enumerate()).map(move |(id, batch)| {
-        if let Ok(mut times) = recorder.lock() {
-            times[id] = Some(Instant::now());
+    let slots = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    let taken = Arc::clone(&slots);
+    let requests = futures::stream::iter(batches.into_iter().enumerate()).then(move |(id, batch)| {
+        let taken = Arc::clone(&taken);
+        let recorder = Arc::clone(&recorder);
+        async move {
+            if let Ok(permit) = taken.acquire().await {
+                permit.forget();
+            }
+            if let Ok(mut times) = recorder.lock() {
+                times[id] = Some(Instant::now());
+            }
+            WriteStreamRequest {
+                batch_id: id as u64,
+                batch: Some(batch),
+            }
         }
-        WriteStreamRequest { batch_id: id as u64, batch: Some(batch) }
     });
     let mut responses = client.write_stream(requests).await?.into_inner();
     let mut written = 0u64;
@@ -168,10 +208,14 @@ async fn timed_stream(mut client: IngestClient<Channel>, batches: Vec<RowBatch>)
     while let Some(response) = responses.next().await {
         let response = response?;
         written += u64::from(response.written);
-        let sent = sent_at.lock().ok().and_then(|t| t.get(response.batch_id as usize).copied().flatten());
+        let sent = sent_at
+            .lock()
+            .ok()
+            .and_then(|t| t.get(response.batch_id as usize).copied().flatten());
         if let Some(sent) = sent {
             latencies.push(sent.elapsed());
         }
+        slots.add_permits(1);
     }
     Ok((written, latencies))
 }
@@ -180,7 +224,9 @@ async fn kafka(args: &Args) -> anyhow::Result<Outcome> {
     let keyspace = "shardgate_bench_kafka";
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, keyspace).await?;
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let topic = format!("bench.orders.{run}");
     let group = format!("shardgate-bench-{run}");
     let partitions = 6;
@@ -203,10 +249,20 @@ async fn kafka(args: &Args) -> anyhow::Result<Outcome> {
         if committed >= args.rows {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "kafka bench stalled at {committed}");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "kafka bench stalled at {committed}"
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()?;
     gateway.stop()?;
-    Ok(Outcome { mode: "kafka".into(), rows: args.rows as u64, seconds, cpu_seconds, latencies: Vec::new(), forwarded: 0.0 })
+    Ok(Outcome {
+        mode: "kafka".into(),
+        rows: args.rows as u64,
+        seconds,
+        cpu_seconds,
+        latencies: Vec::new(),
+        forwarded: 0.0,
+    })
 }

@@ -117,6 +117,9 @@ pub struct RuntimeConfig {
     pub island_threads: usize,
     /// Rows a core may have in flight (decoded, not yet acknowledged by the database).
     pub inflight_rows_per_core_max: usize,
+    /// Rows per UNLOGGED batch on the gRPC write path (rows of one replica and shard only);
+    /// 1 sends single writes.
+    pub write_batch_rows_max: usize,
     /// How long a graceful shutdown may take before in-flight work is abandoned (and replayed
     /// from the source on the next start).
     pub shutdown_deadline: Duration,

@@ -543,10 +543,12 @@ pub const INGEST_CORE_PORT_BASE: u16 = 50100;
 pub const ADMIN_LISTEN: &str = "127.0.0.1:9190";
 
 /// A gateway config serving the ingest API (and metrics) with the given routes.
-pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize) -> String {
+pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, write_batch_rows_max: usize) -> String {
     let base = gateway_toml(routes).replace(
         "shutdown_deadline_ms = 5000",
-        &format!("shutdown_deadline_ms = 5000\ninflight_rows_per_core_max = {inflight_rows_per_core_max}"),
+        &format!(
+            "shutdown_deadline_ms = 5000\ninflight_rows_per_core_max = {inflight_rows_per_core_max}\nwrite_batch_rows_max = {write_batch_rows_max}"
+        ),
     );
     format!(
         "{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n\n[admin]\nlisten = \"{ADMIN_LISTEN}\"\n"

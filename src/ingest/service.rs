@@ -19,6 +19,7 @@ use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::MaybeUnset;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -47,14 +48,56 @@ const BATCH_ROWS_MAX: usize = 10_000;
 /// How often a missing table may trigger a schema refresh.
 const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Prepared writers by (table, column list).
+type WriterCache = HashMap<(String, Vec<String>), Arc<TableWriter>>;
+
+/// Column name → (type, kind) of one table.
+type ColumnTypes = HashMap<String, (ColumnType<'static>, ColumnKind)>;
+
 /// A row's outcome: written, or why not.
 type RowOutcome = Result<(), (ErrorCode, String)>;
+
+/// A converted row on its way to the database.
+pub struct PendingRow {
+    /// Index in the producer's batch.
+    index: u32,
+    /// Bound values (the write timestamp last).
+    values: RowValues,
+    /// Primary replica and shard: rows sharing it may share an UNLOGGED batch.
+    replica_shard: (Option<u32>, u32),
+}
 
 /// Rows a core hands to the row's owner core, with the channel for their outcomes.
 pub struct ForwardBatch {
     writer: Arc<TableWriter>,
-    rows: Vec<(u32, RowValues)>,
+    rows: Vec<PendingRow>,
     reply: oneshot::Sender<Vec<(u32, RowOutcome)>>,
+}
+
+/// Metric handles of one core, registered once (label allocation and registry lookups stay off
+/// the per-row path).
+#[derive(Clone)]
+pub struct CoreMetrics {
+    core: String,
+    received: metrics::Counter,
+    written: metrics::Counter,
+    forwarded: metrics::Counter,
+    batch_rows: metrics::Histogram,
+    write_latency: metrics::Histogram,
+}
+
+impl CoreMetrics {
+    fn new(core: usize) -> CoreMetrics {
+        let label = core.to_string();
+        CoreMetrics {
+            received: metrics::counter!(metric::INGEST_ROWS_RECEIVED, "core" => label.clone()),
+            written: metrics::counter!(metric::INGEST_ROWS_WRITTEN, "core" => label.clone()),
+            forwarded: metrics::counter!(metric::INGEST_ROWS_FORWARDED, "core" => label.clone()),
+            batch_rows: metrics::histogram!(metric::INGEST_BATCH_ROWS, "core" => label.clone()),
+            write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, "core" => label.clone()),
+            core: label,
+        }
+    }
 }
 
 /// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
@@ -85,7 +128,11 @@ pub struct IngestShared {
     pub inflight_rows_max: usize,
     /// `host:port` of each core's own port, published by `GetTopology`.
     pub core_endpoints: Vec<String>,
-    writers: Mutex<HashMap<(String, Vec<String>), Arc<TableWriter>>>,
+    /// Rows per UNLOGGED batch sent to the database (1 = single writes).
+    pub write_batch_rows_max: usize,
+    /// Metric handles per core.
+    metrics: Vec<CoreMetrics>,
+    writers: Mutex<WriterCache>,
     last_schema_refresh: Mutex<Option<Instant>>,
 }
 
@@ -96,6 +143,7 @@ impl IngestShared {
         ownership: Arc<ArcSwap<Ownership>>,
         cores: usize,
         inflight_rows_max: usize,
+        write_batch_rows_max: usize,
         core_endpoints: Vec<String>,
     ) -> (Arc<IngestShared>, Vec<mpsc::Receiver<ForwardBatch>>) {
         let (senders, receivers): (Vec<_>, Vec<_>) =
@@ -109,6 +157,8 @@ impl IngestShared {
                 .collect(),
             inflight_rows_max,
             core_endpoints,
+            write_batch_rows_max: write_batch_rows_max.max(1),
+            metrics: (0..cores).map(CoreMetrics::new).collect(),
             writers: Mutex::new(HashMap::new()),
             last_schema_refresh: Mutex::new(None),
         };
@@ -187,12 +237,7 @@ impl IngestShared {
     }
 
     /// Column types and kinds, plus primary-key column names, from the cached schema.
-    #[allow(clippy::type_complexity)]
-    fn lookup_table(
-        &self,
-        keyspace: &str,
-        table: &str,
-    ) -> Option<(HashMap<String, (ColumnType<'static>, ColumnKind)>, Vec<String>)> {
+    fn lookup_table(&self, keyspace: &str, table: &str) -> Option<(ColumnTypes, Vec<String>)> {
         let state = self.session.get_cluster_state();
         let meta = state.get_keyspace(keyspace)?.tables.get(table)?;
         let columns = meta
@@ -255,9 +300,9 @@ impl IngestService {
     /// Converts, routes and writes one batch; returns rows written and per-row errors.
     async fn write_batch(&self, batch: RowBatch) -> (u32, Vec<RowError>) {
         let rows = batch.rows.len();
-        let core_label = self.core.to_string();
-        metrics::counter!(metric::INGEST_ROWS_RECEIVED, "core" => core_label.clone()).increment(rows as u64);
-        metrics::histogram!(metric::INGEST_BATCH_ROWS, "core" => core_label.clone()).record(rows as f64);
+        let metrics = &self.shared.metrics[self.core];
+        metrics.received.increment(rows as u64);
+        metrics.batch_rows.record(rows as f64);
         if rows > BATCH_ROWS_MAX {
             let reason = format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX}");
             return (
@@ -282,19 +327,27 @@ impl IngestService {
         let ownership = self.shared.ownership.load();
         let mut errors = Vec::new();
         let mut local = Vec::new();
-        let mut remote: BTreeMap<usize, Vec<(u32, RowValues)>> = BTreeMap::new();
+        let mut remote: BTreeMap<usize, Vec<PendingRow>> = BTreeMap::new();
         for (index, row) in batch.rows.iter().enumerate() {
             let index = index as u32;
             match bind_row(&writer, row, timestamp_us) {
                 Ok(values) => {
-                    let owner = match writer.insert.calculate_token(&values) {
-                        Ok(Some(token)) => ownership.owner_core(token.value()),
-                        _ => self.core,
+                    let (owner, replica_shard) = match writer.insert.calculate_token(&values) {
+                        Ok(Some(token)) => {
+                            let placement = ownership.place(token.value());
+                            (placement.core, (placement.node, placement.shard))
+                        }
+                        _ => (self.core, (None, 0)),
+                    };
+                    let pending = PendingRow {
+                        index,
+                        values,
+                        replica_shard,
                     };
                     if owner == self.core {
-                        local.push((index, values));
+                        local.push(pending);
                     } else {
-                        remote.entry(owner).or_default().push((index, values));
+                        remote.entry(owner).or_default().push(pending);
                     }
                 }
                 Err((code, reason)) => errors.push(row_error(index, code, &reason)),
@@ -314,17 +367,21 @@ impl IngestService {
                 .await;
             match sent {
                 Ok(()) => {
-                    metrics::counter!(metric::INGEST_ROWS_FORWARDED, "core" => core_label.clone()).increment(forwarded);
+                    metrics.forwarded.increment(forwarded);
                     replies.push(outcome);
                 }
                 Err(mpsc::error::SendError(batch)) => {
-                    for (index, _) in batch.rows {
-                        errors.push(row_error(index, ErrorCode::Unavailable, "owner core is shutting down"));
+                    for row in batch.rows {
+                        errors.push(row_error(
+                            row.index,
+                            ErrorCode::Unavailable,
+                            "owner core is shutting down",
+                        ));
                     }
                 }
             }
         }
-        for (index, outcome) in write_rows(&writer, local, &self.core.to_string()).await {
+        for (index, outcome) in write_rows(&writer, local, metrics, self.shared.write_batch_rows_max).await {
             tally(index, outcome, &mut written, &mut errors);
         }
         for reply in replies {
@@ -345,7 +402,8 @@ impl IngestService {
     }
 
     fn count_failed(&self, code: ErrorCode, rows: usize) {
-        metrics::counter!(metric::INGEST_ROWS_FAILED, "core" => self.core.to_string(), "code" => code.as_str_name())
+        let core = self.shared.metrics[self.core].core.clone();
+        metrics::counter!(metric::INGEST_ROWS_FAILED, "core" => core, "code" => code.as_str_name())
             .increment(rows as u64);
     }
 
@@ -410,27 +468,77 @@ fn bind_row(writer: &TableWriter, row: &Row, timestamp_us: i64) -> Result<RowVal
     Ok(with_timestamp(values, timestamp_us))
 }
 
-/// Writes rows concurrently on the current core.
-async fn write_rows(writer: &TableWriter, rows: Vec<(u32, RowValues)>, core: &str) -> Vec<(u32, RowOutcome)> {
-    let writes = rows.into_iter().map(|(index, values)| async move {
-        let started = Instant::now();
-        let outcome = write_row(writer, &values).await;
-        metrics::histogram!(metric::WRITE_LATENCY_SECONDS, "core" => core.to_string())
-            .record(started.elapsed().as_secs_f64());
-        if outcome.is_ok() {
-            metrics::counter!(metric::INGEST_ROWS_WRITTEN, "core" => core.to_string()).increment(1);
+/// Writes rows concurrently on the current core: rows sharing a (replica, shard) go together
+/// in UNLOGGED batches of up to `batch_rows_max`, each batch and each single row in parallel.
+async fn write_rows(
+    writer: &TableWriter,
+    rows: Vec<PendingRow>,
+    metrics: &CoreMetrics,
+    batch_rows_max: usize,
+) -> Vec<(u32, RowOutcome)> {
+    let mut groups: HashMap<(Option<u32>, u32), Vec<PendingRow>> = HashMap::new();
+    for row in rows {
+        groups.entry(row.replica_shard).or_default().push(row);
+    }
+    let mut chunks: Vec<Vec<PendingRow>> = Vec::new();
+    for (_, mut group) in groups {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(batch_rows_max));
+            chunks.push(std::mem::replace(&mut group, rest));
         }
-        (index, outcome)
+    }
+    let writes = chunks.into_iter().map(|chunk| async move {
+        let started = Instant::now();
+        let outcomes = write_chunk(writer, chunk).await;
+        metrics.write_latency.record(started.elapsed().as_secs_f64());
+        metrics
+            .written
+            .increment(outcomes.iter().filter(|(_, o)| o.is_ok()).count() as u64);
+        outcomes
     });
-    futures::future::join_all(writes).await
+    futures::future::join_all(writes).await.into_iter().flatten().collect()
+}
+
+/// One chunk: a single row is a plain write; several rows go as one UNLOGGED batch. If the
+/// database rejects the batch for a permanent reason, its rows are retried one by one so each
+/// row gets its own outcome.
+async fn write_chunk(writer: &TableWriter, chunk: Vec<PendingRow>) -> Vec<(u32, RowOutcome)> {
+    if let [row] = chunk.as_slice() {
+        return vec![(row.index, write_row(writer, &row.values).await)];
+    }
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for _ in &chunk {
+        batch.append_statement(writer.insert.clone());
+    }
+    batch.set_is_idempotent(true);
+    let values: Vec<&RowValues> = chunk.iter().map(|r| &r.values).collect();
+    let outcome = with_retries(|| writer.session.batch(&batch, &values)).await;
+    match outcome {
+        Err((ErrorCode::Rejected, _)) => {
+            let singles = chunk
+                .iter()
+                .map(|row| async move { (row.index, write_row(writer, &row.values).await) });
+            futures::future::join_all(singles).await
+        }
+        outcome => chunk.iter().map(|row| (row.index, outcome.clone())).collect(),
+    }
 }
 
 /// One row, retrying transient failures a few times before reporting them.
 async fn write_row(writer: &TableWriter, values: &RowValues) -> RowOutcome {
+    with_retries(|| writer.session.execute_unpaged(&writer.insert, values)).await
+}
+
+/// Runs a request, retrying transient failures with backoff up to [`WRITE_ATTEMPTS_MAX`] times.
+async fn with_retries<F, Fut, T>(mut request: F) -> RowOutcome
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ExecutionError>>,
+{
     let mut backoff = RETRY_BACKOFF_MIN;
     let mut attempt = 1;
     loop {
-        let error = match writer.session.execute_unpaged(&writer.insert, values).await {
+        let error = match request().await {
             Ok(_) => return Ok(()),
             Err(error) => error,
         };
@@ -459,12 +567,12 @@ fn transient_code(error: &ExecutionError) -> ErrorCode {
 }
 
 /// Serves the forwarded batches of one core until every sender is gone. Runs on that core.
-pub async fn serve_forwards(mut queue: mpsc::Receiver<ForwardBatch>, core: usize) {
-    let core_label = core.to_string();
+pub async fn serve_forwards(mut queue: mpsc::Receiver<ForwardBatch>, core: usize, shared: Arc<IngestShared>) {
     while let Some(batch) = queue.recv().await {
-        let core_label = core_label.clone();
+        let shared = Arc::clone(&shared);
         glommio::spawn_local(async move {
-            let outcomes = write_rows(&batch.writer, batch.rows, &core_label).await;
+            let metrics = &shared.metrics[core];
+            let outcomes = write_rows(&batch.writer, batch.rows, metrics, shared.write_batch_rows_max).await;
             let _ = batch.reply.send(outcomes);
         })
         .detach();

@@ -20,7 +20,7 @@ const RSS_BYTES_MAX: u64 = 512 << 20;
 
 fn start_gateway(names: &Names) -> Gateway {
     let path = names.dir.join("gateway.toml");
-    std::fs::write(&path, devkit::ingest_gateway_toml("", 2048)).expect("write config");
+    std::fs::write(&path, devkit::ingest_gateway_toml("", 2048, 64)).expect("write config");
     Gateway::start(&gateway_binary(), &path, &names.dir.join("gateway.log")).expect("gateway starts")
 }
 
