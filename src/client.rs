@@ -135,27 +135,7 @@ impl ShardAwareClient {
     /// The token of a row's partition key, computed like the driver does; `None` when the
     /// table's key is unknown or a key value is missing or does not fit.
     pub fn token(&self, table: &str, columns: &[String], row: &Row) -> Option<i64> {
-        let key = self.keys.get(table)?;
-        let mut parts: Vec<Vec<u8>> = Vec::with_capacity(key.columns.len());
-        for (name, typ) in &key.columns {
-            let position = columns.iter().position(|c| c == name)?;
-            let value = to_cql(row.values.get(position)?, typ).ok()??;
-            let mut cell = Vec::new();
-            value.serialize(typ, CellWriter::new(&mut cell)).ok()?;
-            // A serialized cell is a 4-byte length, then the value.
-            parts.push(cell.get(4..)?.to_vec());
-        }
-        let mut hasher = Murmur3Partitioner.build_hasher();
-        if let [single] = parts.as_slice() {
-            hasher.write(single);
-        } else {
-            for part in &parts {
-                hasher.write(&u16::try_from(part.len()).ok()?.to_be_bytes());
-                hasher.write(part);
-                hasher.write(&[0]);
-            }
-        }
-        Some(hasher.finish().value())
+        row_token(&self.keys.get(table)?.columns, columns, row)
     }
 
     /// The core that owns a row, if the client can tell.
@@ -218,6 +198,33 @@ impl ShardAwareClient {
         merged.errors.sort_by_key(|e| e.row);
         Ok(merged)
     }
+}
+
+/// The token of `row`'s partition key: each key column's value serialized by the driver's
+/// `SerializeValue`, combined as the driver combines composite keys, hashed by the driver's
+/// Murmur3 partitioner. `key` lists the partition key columns in order; `columns` names the
+/// row's values. `None` when a key column is absent, null or does not fit its type.
+pub fn row_token(key: &[(String, ColumnType<'static>)], columns: &[String], row: &Row) -> Option<i64> {
+    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(key.len());
+    for (name, typ) in key {
+        let position = columns.iter().position(|c| c == name)?;
+        let value = to_cql(row.values.get(position)?, typ).ok()??;
+        let mut cell = Vec::new();
+        value.serialize(typ, CellWriter::new(&mut cell)).ok()?;
+        // A serialized cell is a 4-byte length, then the value.
+        parts.push(cell.get(4..)?.to_vec());
+    }
+    let mut hasher = Murmur3Partitioner.build_hasher();
+    if let [single] = parts.as_slice() {
+        hasher.write(single);
+    } else {
+        for part in &parts {
+            hasher.write(&u16::try_from(part.len()).ok()?.to_be_bytes());
+            hasher.write(part);
+            hasher.write(&[0]);
+        }
+    }
+    Some(hasher.finish().value())
 }
 
 /// What a stream of batches achieved.

@@ -102,8 +102,6 @@ impl CoreMetrics {
 
 /// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
 pub struct TableWriter {
-    /// `keyspace.table`.
-    table: String,
     /// Column types in the batch's column order.
     types: Vec<ColumnType<'static>>,
     /// Positions (in the batch's columns) of primary-key columns, which must be non-null.
@@ -228,7 +226,6 @@ impl IngestShared {
         })?;
         insert.set_is_idempotent(true);
         Ok(TableWriter {
-            table: table.to_string(),
             types,
             key_positions,
             insert,
@@ -330,7 +327,7 @@ impl IngestService {
         let mut remote: BTreeMap<usize, Vec<PendingRow>> = BTreeMap::new();
         for (index, row) in batch.rows.iter().enumerate() {
             let index = index as u32;
-            match bind_row(&writer, row, timestamp_us) {
+            match bind_row(&writer.types, &writer.key_positions, row, timestamp_us) {
                 Ok(values) => {
                     let (owner, replica_shard) = match writer.insert.calculate_token(&values) {
                         Ok(Some(token)) => {
@@ -438,17 +435,22 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Converts one row to bound values (plus the write timestamp). Missing trailing values leave
-/// their columns unset; key columns must be present and non-null.
-fn bind_row(writer: &TableWriter, row: &Row, timestamp_us: i64) -> Result<RowValues, (ErrorCode, String)> {
-    if row.values.len() > writer.types.len() {
+/// Converts one row to bound values (plus the write timestamp) for columns of `types`. Missing
+/// trailing values leave their columns unset; columns at `key_positions` must be non-null.
+pub fn bind_row(
+    types: &[ColumnType<'static>],
+    key_positions: &[usize],
+    row: &Row,
+    timestamp_us: i64,
+) -> Result<RowValues, (ErrorCode, String)> {
+    if row.values.len() > types.len() {
         return Err((
             ErrorCode::BadValue,
-            format!("row has {} values for {} columns", row.values.len(), writer.types.len()),
+            format!("row has {} values for {} columns", row.values.len(), types.len()),
         ));
     }
-    let mut values: RowValues = Vec::with_capacity(writer.types.len() + 1);
-    for (position, typ) in writer.types.iter().enumerate() {
+    let mut values: RowValues = Vec::with_capacity(types.len() + 1);
+    for (position, typ) in types.iter().enumerate() {
         let bound = match row.values.get(position) {
             None => MaybeUnset::Unset,
             Some(value) => MaybeUnset::Set(
@@ -457,11 +459,11 @@ fn bind_row(writer: &TableWriter, row: &Row, timestamp_us: i64) -> Result<RowVal
         };
         values.push(bound);
     }
-    for &position in &writer.key_positions {
-        if !matches!(values[position], MaybeUnset::Set(Some(_))) {
+    for &position in key_positions {
+        if !matches!(values.get(position), Some(MaybeUnset::Set(Some(_)))) {
             return Err((
                 ErrorCode::MissingKey,
-                format!("primary key column {position} of `{}` is missing or null", writer.table),
+                format!("primary key column {position} is missing or null"),
             ));
         }
     }

@@ -1,0 +1,136 @@
+//! The per-row cost of shard-native routing and of the ingest hot path, without a database:
+//! - `routing/owner_core_*`: token → primary replica → shard → owner core over a ring of 3 nodes
+//!   × 256 vnodes (ScyllaDB-like: 8 shards per node, msb_ignore 12; Cassandra-like: 1 shard);
+//!   target ≤ 150 ns per row;
+//! - `routing/client_token`: the shard-aware client's token for a bigint partition key (driver
+//!   serialization + the driver's Murmur3);
+//! - `ingest/decode_and_bind`: protobuf decode of a 500-row `WriteRequest` of 100-byte rows and
+//!   conversion of every row to bound CQL values;
+//! - `mesh/forward_hop`: handing 500-row batches to another thread over the bounded queue the
+//!   cores use for forwards, and receiving them there.
+
+use std::collections::BTreeMap;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use prost::Message;
+use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
+use shardgate::client::row_token;
+use shardgate::devkit;
+use shardgate::ingest::proto::{RowBatch, WriteRequest};
+use shardgate::ingest::service::bind_row;
+use shardgate::topology::{NodeShards, Ownership};
+
+const TOKENS: usize = 4096;
+
+fn tokens() -> Vec<i64> {
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    (0..TOKENS)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as i64
+        })
+        .collect()
+}
+
+fn ownership(shards: u16) -> Ownership {
+    let tokens = tokens();
+    let nodes: BTreeMap<u128, NodeShards> = (1..=3).map(|id| (id, NodeShards { shards, msb_ignore: 12 })).collect();
+    let ring: Vec<(i64, u128)> = tokens
+        .iter()
+        .take(768)
+        .enumerate()
+        .map(|(i, t)| (*t, (i % 3 + 1) as u128))
+        .collect();
+    Ownership::new(2, &ring, &nodes)
+}
+
+fn routing(c: &mut Criterion) {
+    let probes: Vec<i64> = tokens().into_iter().map(|t| t.rotate_left(17)).collect();
+    let mut group = c.benchmark_group("routing");
+    group.throughput(Throughput::Elements(probes.len() as u64));
+    for (name, shards) in [("owner_core_scylla_8_shards", 8), ("owner_core_cassandra", 1)] {
+        let o = ownership(shards);
+        group.bench_function(name, |b| {
+            b.iter(|| probes.iter().map(|&t| o.owner_core(t)).sum::<usize>())
+        });
+    }
+    let key = vec![("id".to_string(), ColumnType::Native(NativeType::BigInt))];
+    let columns = devkit::event_columns();
+    let rows: Vec<_> = (0..512).map(devkit::event_row).collect();
+    group.throughput(Throughput::Elements(rows.len() as u64));
+    group.bench_function("client_token", |b| {
+        b.iter(|| {
+            rows.iter()
+                .filter_map(|r| row_token(&key, &columns, r))
+                .fold(0i64, i64::wrapping_add)
+        })
+    });
+    group.finish();
+}
+
+fn decode_and_bind(c: &mut Criterion) {
+    let batch = RowBatch {
+        table: "ks.events".into(),
+        columns: devkit::event_columns(),
+        rows: (0..500).map(devkit::event_row).collect(),
+        timestamp_us: 0,
+    };
+    let bytes = WriteRequest { batch: Some(batch) }.encode_to_vec();
+    let types = vec![
+        ColumnType::Native(NativeType::BigInt),
+        ColumnType::Native(NativeType::Text),
+        ColumnType::Native(NativeType::Double),
+        ColumnType::Native(NativeType::Timestamp),
+        ColumnType::Collection {
+            frozen: false,
+            typ: CollectionType::List(Box::new(ColumnType::Native(NativeType::Int))),
+        },
+    ];
+    let mut group = c.benchmark_group("ingest");
+    group.throughput(Throughput::Elements(500));
+    group.bench_function("decode_and_bind", |b| {
+        b.iter(|| {
+            let request = WriteRequest::decode(bytes.as_slice()).expect("decode");
+            let batch = request.batch.expect("batch");
+            batch
+                .rows
+                .iter()
+                .filter_map(|row| bind_row(&types, &[0], row, 1).ok())
+                .count()
+        })
+    });
+    group.finish();
+}
+
+fn mesh_hop(c: &mut Criterion) {
+    let rows: Vec<_> = (0..500).map(devkit::event_row).collect();
+    let (to_owner, mut at_owner) = tokio::sync::mpsc::channel::<Vec<shardgate::ingest::proto::Row>>(64);
+    let (back, mut returned) = tokio::sync::mpsc::channel::<usize>(64);
+    let owner = std::thread::spawn(move || {
+        while let Some(batch) = at_owner.blocking_recv() {
+            if back.blocking_send(batch.len()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut group = c.benchmark_group("mesh");
+    group.throughput(Throughput::Elements(rows.len() as u64));
+    group.bench_function("forward_hop", |b| {
+        b.iter_batched(
+            || rows.clone(),
+            |batch| {
+                to_owner.blocking_send(batch).expect("owner alive");
+                returned.blocking_recv().expect("reply")
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+    drop(to_owner);
+    let _ = owner.join();
+}
+
+criterion_group!(benches, routing, decode_and_bind, mesh_hop);
+criterion_main!(benches);
