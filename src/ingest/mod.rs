@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod server;
 pub mod service;
+pub mod status;
 
 /// Generated messages, server and client of `shardgate.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -31,6 +31,7 @@ use super::proto::{
     ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch, RowError,
     TableKey, Topology, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
 };
+use super::status::status;
 use crate::mapping::RowValues;
 use crate::sink::scylla::{classify, with_timestamp, WriteFailure};
 use crate::telemetry::metric;
@@ -84,6 +85,7 @@ pub struct CoreMetrics {
     forwarded: metrics::Counter,
     batch_rows: metrics::Histogram,
     write_latency: metrics::Histogram,
+    inflight_rows: metrics::Gauge,
 }
 
 impl CoreMetrics {
@@ -95,6 +97,7 @@ impl CoreMetrics {
             forwarded: metrics::counter!(metric::INGEST_ROWS_FORWARDED, "core" => label.clone()),
             batch_rows: metrics::histogram!(metric::INGEST_BATCH_ROWS, "core" => label.clone()),
             write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, "core" => label.clone()),
+            inflight_rows: metrics::gauge!(metric::INGEST_ROWS_IN_FLIGHT, "core" => label.clone()),
             core: label,
         }
     }
@@ -405,12 +408,32 @@ impl IngestService {
     }
 
     /// Admits `rows` rows into this core's in-flight budget.
-    async fn admit(&self, rows: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    async fn admit(&self, rows: usize) -> Result<Admitted, Status> {
         let permits = rows.clamp(1, self.shared.inflight_rows_max) as u32;
-        Arc::clone(&self.shared.budgets[self.core])
+        let permit = Arc::clone(&self.shared.budgets[self.core])
             .acquire_many_owned(permits)
             .await
-            .map_err(|_| Status::unavailable("gateway is shutting down"))
+            .map_err(|_| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
+        let gauge = self.shared.metrics[self.core].inflight_rows.clone();
+        gauge.increment(f64::from(permits));
+        Ok(Admitted {
+            _permit: permit,
+            gauge,
+            rows: f64::from(permits),
+        })
+    }
+}
+
+/// Rows admitted into a core's budget; released (and un-counted) when dropped.
+struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+    rows: f64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.gauge.decrement(self.rows);
     }
 }
 

@@ -17,6 +17,8 @@ pub mod metric {
     pub const INGEST_ROWS_FAILED: &str = "shardgate_ingest_rows_failed_total";
     /// Rows a core received but did not own, forwarded once to their owner core.
     pub const INGEST_ROWS_FORWARDED: &str = "shardgate_ingest_rows_forwarded_total";
+    /// Rows admitted into a core's in-flight budget and not yet answered.
+    pub const INGEST_ROWS_IN_FLIGHT: &str = "shardgate_ingest_rows_in_flight";
     /// Rows per received batch.
     pub const INGEST_BATCH_ROWS: &str = "shardgate_ingest_batch_rows";
     /// Latency of one row write (send to database confirmation, retries included).
