@@ -4,7 +4,9 @@
 //! 2. produces the sample orders plus some malformed messages to Kafka;
 //! 3. starts `shardgate serve` on a generated config and shows live progress (committed
 //!    consumer-group offsets, which only advance once rows are written);
-//! 4. reads every row back from Cassandra and compares it with what was sent, reads the
+//! 4. streams typed rows over gRPC with the shard-aware client (each row to the core that owns
+//!    it) into an `events` table;
+//! 5. reads every row back from Cassandra and compares it with what was sent, reads the
 //!    dead-letter topic, and prints a summary with rows/s and gateway CPU-seconds per million rows.
 //!
 //! Exits non-zero if any row is missing or wrong, or a malformed message was not dead-lettered.
@@ -14,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
+use shardgate::ingest::proto::RowBatch;
 
 #[derive(Parser)]
 #[command(about = "Run the shardgate demo against the local stack")]
@@ -22,6 +26,9 @@ struct Args {
     /// Valid order messages to send.
     #[arg(long, default_value_t = 100_000)]
     messages: u64,
+    /// Rows sent over gRPC by the shard-aware client.
+    #[arg(long, default_value_t = 100_000)]
+    grpc_rows: i64,
     /// Malformed messages mixed in (they must land in the dead-letter topic).
     #[arg(long, default_value_t = 30)]
     malformed: u64,
@@ -40,8 +47,10 @@ struct Args {
 }
 
 const KEYSPACE: &str = "shardgate_demo";
+const GRPC_KEYSPACE: &str = "shardgate_demo_grpc";
+const GRPC_BATCH_ROWS: i64 = 500;
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work_dir)?;
@@ -58,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, KEYSPACE).await?;
+    devkit::create_events_table(&session, GRPC_KEYSPACE).await?;
     devkit::create_topic(&topic, args.partitions).await?;
     devkit::create_topic(&dead_letter_topic, 1).await?;
     println!("   table {KEYSPACE}.orders and topic {topic} created");
@@ -83,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
 
     let config_path = args.work_dir.join("gateway.toml");
     let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic);
-    std::fs::write(&config_path, devkit::gateway_toml(&routes))?;
+    std::fs::write(&config_path, devkit::ingest_gateway_toml(&routes, 2048, 64))?;
     let log_path = args.work_dir.join("gateway.log");
     let gateway_start = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config_path, &log_path)
@@ -117,6 +127,36 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let cpu_seconds = gateway.cpu_seconds()?;
+
+    let table = format!("{GRPC_KEYSPACE}.events");
+    println!(
+        "   gRPC: streaming {} typed rows with the shard-aware client",
+        args.grpc_rows
+    );
+    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
+    let batches: Vec<RowBatch> = (0..args.grpc_rows)
+        .step_by(GRPC_BATCH_ROWS as usize)
+        .map(|start| RowBatch {
+            table: table.clone(),
+            columns: devkit::event_columns(),
+            rows: (start..(start + GRPC_BATCH_ROWS).min(args.grpc_rows))
+                .map(devkit::event_row)
+                .collect(),
+            timestamp_us: 0,
+        })
+        .collect();
+    let grpc_cpu_before = gateway.cpu_seconds()?;
+    let grpc_start = Instant::now();
+    let grpc = client.stream(batches).await?;
+    let grpc_elapsed = grpc_start.elapsed();
+    let grpc_cpu = gateway.cpu_seconds()? - grpc_cpu_before;
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_ingest_rows_forwarded_total")?;
+    println!(
+        "   gRPC: {} rows written, {} rejected, in {:.1} s",
+        grpc.written,
+        grpc.errors.len(),
+        grpc_elapsed.as_secs_f64()
+    );
     let status = gateway.stop()?;
 
     let report = devkit::verify_orders(&session, KEYSPACE, args.messages).await?;
@@ -148,21 +188,32 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "   throughput:               {rate:.0} rows/s (gateway start to all offsets committed, {:.1} s)",
+        "   Kafka throughput:         {rate:.0} rows/s (gateway start to all offsets committed, {:.1} s)",
         done_at.as_secs_f64()
     );
     println!(
-        "   gateway CPU:              {:.1} s total, {:.1} CPU-s per million rows",
+        "   Kafka gateway CPU:        {:.1} s total, {:.1} CPU-s per million rows",
         cpu_seconds,
         cpu_seconds * 1e6 / sent as f64
     );
+    let grpc_report = devkit::verify_events(&session, GRPC_KEYSPACE, args.grpc_rows as u64).await?;
+    println!("   gRPC rows verified exact: {} of {} ({:.0} rows/s, {:.1} CPU-s per million rows, {forwarded} forwarded between cores)",
+        grpc_report.matching, args.grpc_rows, args.grpc_rows as f64 / grpc_elapsed.as_secs_f64(), grpc_cpu * 1e6 / args.grpc_rows as f64);
     println!("   gateway exit:             {status}");
+    for difference in &grpc_report.differences {
+        println!("   gRPC difference: {difference}");
+    }
     for difference in &report.differences {
         println!("   difference: {difference}");
     }
-    if report.matching != args.messages || report.rows != args.messages || dead_letters.len() as u64 != malformed_sent {
+    if report.matching != args.messages
+        || report.rows != args.messages
+        || dead_letters.len() as u64 != malformed_sent
+        || grpc_report.matching != args.grpc_rows as u64
+        || grpc_report.rows != args.grpc_rows as u64
+    {
         bail!("verification failed");
     }
-    println!("== OK: every row verified in Cassandra, every malformed message dead-lettered");
+    println!("== OK: every Kafka and gRPC row verified in Cassandra, every malformed message dead-lettered");
     Ok(())
 }
