@@ -270,12 +270,16 @@ where
     Ok(sent)
 }
 
-/// Rows in `keyspace.table`, counted by reading every partition key.
-pub async fn count_rows(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64> {
+/// Rows in `keyspace.table`, counted by reading every key; `K` is the key column's Rust type
+/// (`String` for text, `i64` for bigint).
+pub async fn count_rows<K>(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64>
+where
+    K: for<'frame, 'metadata> scylla::deserialize::value::DeserializeValue<'frame, 'metadata>,
+{
     let mut rows = session
         .query_iter(format!("SELECT {key_column} FROM {keyspace}.{table}"), &[])
         .await?
-        .rows_stream::<(String,)>()?;
+        .rows_stream::<(K,)>()?;
     let mut count = 0;
     while rows.try_next().await?.is_some() {
         count += 1;
@@ -667,17 +671,4 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .context("VmRSS missing")?;
     Ok(kib * 1024)
-}
-
-/// Rows in `keyspace.table` whose partition key is a single bigint column.
-pub async fn count_rows_i64(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64> {
-    let mut rows = session
-        .query_iter(format!("SELECT {key_column} FROM {keyspace}.{table}"), &[])
-        .await?
-        .rows_stream::<(i64,)>()?;
-    let mut count = 0;
-    while rows.try_next().await?.is_some() {
-        count += 1;
-    }
-    Ok(count)
 }

@@ -33,13 +33,12 @@ use super::proto::{
 };
 use super::status::status;
 use crate::mapping::RowValues;
-use crate::sink::scylla::{classify, with_timestamp, WriteFailure};
+use crate::sink::scylla::{classify, execute_with_retries, insert_statement, with_timestamp, Retries, WriteFailure};
 use crate::telemetry::metric;
 use crate::topology::Ownership;
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
-const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Batches a core's forward queue holds before forwarding cores wait.
 pub const FORWARD_QUEUE_BATCHES_MAX: usize = 64;
 /// Batches answered concurrently on one stream.
@@ -212,15 +211,7 @@ impl IngestShared {
                 format!("primary key column `{missing}` is not among the batch's columns"),
             ));
         }
-        let quoted: Vec<String> = columns
-            .iter()
-            .map(|c| format!("\"{}\"", c.replace('"', "\"\"")))
-            .collect();
-        let markers = vec!["?"; columns.len()].join(", ");
-        let statement = format!(
-            "INSERT INTO \"{keyspace}\".\"{name}\" ({}) VALUES ({markers}) USING TIMESTAMP ?",
-            quoted.join(", ")
-        );
+        let statement = insert_statement(keyspace, name, columns.iter().map(String::as_str));
         let mut insert = self.session.prepare(statement).await.map_err(|e| {
             (
                 ErrorCode::Rejected,
@@ -554,30 +545,19 @@ async fn write_row(writer: &TableWriter, values: &RowValues) -> RowOutcome {
     with_retries(|| writer.session.execute_unpaged(&writer.insert, values)).await
 }
 
-/// Runs a request, retrying transient failures with backoff up to [`WRITE_ATTEMPTS_MAX`] times.
-async fn with_retries<F, Fut, T>(mut request: F) -> RowOutcome
+/// Runs a request with at most [`WRITE_ATTEMPTS_MAX`] attempts and turns a failure into a row
+/// error code: the producer gets a retryable code rather than an unbounded wait.
+async fn with_retries<F, Fut, T>(request: F) -> RowOutcome
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ExecutionError>>,
 {
-    let mut backoff = RETRY_BACKOFF_MIN;
-    let mut attempt = 1;
-    loop {
-        let error = match request().await {
-            Ok(_) => return Ok(()),
-            Err(error) => error,
-        };
-        match classify(&error) {
-            WriteFailure::Permanent(reason) => return Err((ErrorCode::Rejected, reason)),
-            WriteFailure::Transient(reason) if attempt >= WRITE_ATTEMPTS_MAX => {
-                return Err((transient_code(&error), reason));
-            }
-            WriteFailure::Transient(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-                attempt += 1;
-            }
-        }
+    match execute_with_retries(Retries::UpTo(WRITE_ATTEMPTS_MAX), request).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(match classify(&error) {
+            WriteFailure::Permanent(reason) => (ErrorCode::Rejected, reason),
+            WriteFailure::Transient(reason) => (transient_code(&error), reason),
+        }),
     }
 }
 

@@ -231,14 +231,9 @@ impl RowMapper {
         self.columns.iter().map(|c| c.name.as_str())
     }
 
-    /// `INSERT ... USING TIMESTAMP ?` for these columns; identifiers are quoted, values bound.
+    /// The route's insert for these columns (see [`crate::sink::scylla::insert_statement`]).
     pub fn insert_statement(&self, keyspace: &str, table: &str) -> String {
-        let names: Vec<String> = self.column_names().map(|n| format!("\"{n}\"")).collect();
-        let markers = vec!["?"; names.len()].join(", ");
-        format!(
-            "INSERT INTO \"{keyspace}\".\"{table}\" ({}) VALUES ({markers}) USING TIMESTAMP ?",
-            names.join(", ")
-        )
+        crate::sink::scylla::insert_statement(keyspace, table, self.column_names())
     }
 
     /// Maps one JSON message. `key` is the message key, `payload` its body.

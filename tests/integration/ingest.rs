@@ -251,7 +251,7 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
     assert!(status.message().contains("4194304"), "names the limit: {status:?}");
 
     assert!(gateway.stop().expect("stop").success());
-    let written = devkit::count_rows_i64(&session, &names.keyspace, "events", "id")
+    let written = devkit::count_rows::<i64>(&session, &names.keyspace, "events", "id")
         .await
         .expect("count");
     assert_eq!(written, 7);

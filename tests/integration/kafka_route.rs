@@ -92,7 +92,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
         "the kill must land mid-stream (committed {committed_at_kill})"
     );
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let rows_at_kill = devkit::count_rows(&session, &names.keyspace, "orders", "order_id")
+    let rows_at_kill = devkit::count_rows::<String>(&session, &names.keyspace, "orders", "order_id")
         .await
         .expect("count");
     assert!(rows_at_kill < count, "rows at kill: {rows_at_kill}");

@@ -25,7 +25,7 @@ use crate::config::ClusterConfig;
 use crate::mapping::{RowValues, SchemaError, TableSchema};
 
 /// First retry delay of a transiently failed write.
-const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
 /// Longest delay between retries of one write.
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long start-up waits for the first connection.
@@ -169,29 +169,80 @@ pub fn with_timestamp(mut values: RowValues, timestamp_us: i64) -> RowValues {
     values
 }
 
-/// Writes one row, retrying transient failures with backoff until it succeeds or fails
-/// permanently. Runs on a core executor (glommio timers for the backoff).
+/// `INSERT INTO "keyspace"."table" ("c1", ...) VALUES (?, ...) USING TIMESTAMP ?`: identifiers
+/// quoted (embedded quotes doubled), every value bound, the write timestamp bound last.
+pub fn insert_statement<'a>(keyspace: &str, table: &str, columns: impl IntoIterator<Item = &'a str>) -> String {
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let names: Vec<String> = columns.into_iter().map(quote).collect();
+    let markers = vec!["?"; names.len()].join(", ");
+    format!(
+        "INSERT INTO {}.{} ({}) VALUES ({markers}) USING TIMESTAMP ?",
+        quote(keyspace),
+        quote(table),
+        names.join(", ")
+    )
+}
+
+/// How long a write keeps retrying transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// Until it succeeds or fails permanently (sources that can wait: the message stays unacked).
+    Forever,
+    /// At most this many attempts (producers that get a retryable answer instead).
+    UpTo(u32),
+}
+
+/// Runs `request`, retrying transient failures ([`classify`]) with capped exponential backoff.
+/// Returns the first permanent error, or the last transient one once attempts run out. Runs on
+/// a core executor with the island entered (tokio timers; the future stays `Send` for tonic).
+pub async fn execute_with_retries<F, Fut, T>(retries: Retries, mut request: F) -> Result<T, ExecutionError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ExecutionError>>,
+{
+    let mut backoff = RETRY_BACKOFF_MIN;
+    let mut attempts: u32 = 0;
+    loop {
+        attempts = attempts.saturating_add(1);
+        let error = match request().await {
+            Ok(result) => return Ok(result),
+            Err(error) => error,
+        };
+        let exhausted = matches!(retries, Retries::UpTo(max) if attempts >= max);
+        match classify(&error) {
+            WriteFailure::Permanent(_) => return Err(error),
+            WriteFailure::Transient(_) if exhausted => return Err(error),
+            WriteFailure::Transient(reason) => {
+                if attempts == 1 || attempts.is_power_of_two() {
+                    tracing::warn!(attempts, %reason, "write failed, retrying");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Writes one row, retrying transient failures until it succeeds; returns the reason of a
+/// permanent failure.
 pub async fn write_with_retry(
     session: &Arc<Session>,
     statement: &PreparedStatement,
     values: &RowValues,
 ) -> Result<(), String> {
-    let mut backoff = RETRY_BACKOFF_MIN;
-    let mut attempts: u64 = 0;
-    loop {
-        attempts += 1;
-        match session.execute_unpaged(statement, values).await {
-            Ok(_) => return Ok(()),
-            Err(error) => match classify(&error) {
-                WriteFailure::Permanent(reason) => return Err(reason),
-                WriteFailure::Transient(reason) => {
-                    if attempts == 1 || attempts.is_power_of_two() {
-                        tracing::warn!(attempts, %reason, "write failed, retrying");
-                    }
-                    glommio::timer::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
-                }
-            },
-        }
+    execute_with_retries(Retries::Forever, || session.execute_unpaged(statement, values))
+        .await
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn insert_statement_quotes_identifiers_and_binds_the_timestamp() {
+        assert_eq!(
+            super::insert_statement("ks", "t", ["a", "b\"c"]),
+            "INSERT INTO \"ks\".\"t\" (\"a\", \"b\"\"c\") VALUES (?, ?) USING TIMESTAMP ?"
+        );
     }
 }
