@@ -102,6 +102,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             dead_letter,
             completions: completions_tx,
             counters: Arc::clone(&counters),
+            ownership: Arc::clone(&ownership),
+            batch_rows_max: config.runtime.write_batch_rows_max,
         });
         let mut queues = Vec::with_capacity(cpus.len());
         for core_routes in &mut per_core {

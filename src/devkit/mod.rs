@@ -45,30 +45,30 @@ pub async fn connect(contact: &str) -> anyhow::Result<Session> {
         .with_context(|| format!("cannot connect to Cassandra at {contact}; is `deploy/local/stack.sh up` running?"))
 }
 
-/// Creates (or recreates) keyspace `keyspace` with the sample `orders` table.
-pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+/// Drops and recreates `keyspace` (replication factor 1), then runs `create_table` in it.
+async fn recreate_keyspace_with(session: &Session, keyspace: &str, create_table: String) -> anyhow::Result<()> {
     session
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
         .await?;
+    let replication = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
     session
         .query_unpaged(
-            format!(
-                "CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
-            ),
+            format!("CREATE KEYSPACE {keyspace} WITH replication = {replication}"),
             &[],
         )
         .await?;
-    session
-        .query_unpaged(
-            format!(
-                "CREATE TABLE {keyspace}.orders (order_id text PRIMARY KEY, customer_id bigint, city text, \
-                 amount decimal, quantity int, placed_at timestamp, express boolean, tags set<text>)"
-            ),
-            &[],
-        )
-        .await?;
+    session.query_unpaged(create_table, &[]).await?;
     session.await_schema_agreement().await?;
     Ok(())
+}
+
+/// Creates (or recreates) keyspace `keyspace` with the sample `orders` table.
+pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    let table = format!(
+        "CREATE TABLE {keyspace}.orders (order_id text PRIMARY KEY, customer_id bigint, city text, \
+         amount decimal, quantity int, placed_at timestamp, express boolean, tags set<text>)"
+    );
+    recreate_keyspace_with(session, keyspace, table).await
 }
 
 /// The `[[route]]` block that maps sample order messages into `keyspace.orders`.
@@ -561,28 +561,10 @@ pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, writ
 
 /// Creates (or recreates) keyspace `keyspace` with the sample `events` table for the ingest API.
 pub async fn create_events_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
-    session
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
-        .await?;
-    session
-        .query_unpaged(
-            format!(
-                "CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
-            ),
-            &[],
-        )
-        .await?;
-    session
-        .query_unpaged(
-            format!(
-                "CREATE TABLE {keyspace}.events (id bigint PRIMARY KEY, name text, score double, \
-                 at timestamp, tags list<int>)"
-            ),
-            &[],
-        )
-        .await?;
-    session.await_schema_agreement().await?;
-    Ok(())
+    let table = format!(
+        "CREATE TABLE {keyspace}.events (id bigint PRIMARY KEY, name text, score double, at timestamp, tags list<int>)"
+    );
+    recreate_keyspace_with(session, keyspace, table).await
 }
 
 /// Columns of the sample events, in row order.

@@ -19,7 +19,6 @@ use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
-use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::MaybeUnset;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -33,7 +32,7 @@ use super::proto::{
 };
 use super::status::status;
 use crate::mapping::RowValues;
-use crate::sink::scylla::{classify, execute_with_retries, insert_statement, with_timestamp, Retries, WriteFailure};
+use crate::sink::scylla::{classify, insert_statement, with_timestamp, write_rows_once, Retries, WriteFailure};
 use crate::telemetry::metric;
 use crate::topology::Ownership;
 
@@ -519,46 +518,29 @@ async fn write_rows(
 /// database rejects the batch for a permanent reason, its rows are retried one by one so each
 /// row gets its own outcome.
 async fn write_chunk(writer: &TableWriter, chunk: Vec<PendingRow>) -> Vec<(u32, RowOutcome)> {
-    if let [row] = chunk.as_slice() {
-        return vec![(row.index, write_row(writer, &row.values).await)];
-    }
-    let mut batch = Batch::new(BatchType::Unlogged);
-    for _ in &chunk {
-        batch.append_statement(writer.insert.clone());
-    }
-    batch.set_is_idempotent(true);
-    let values: Vec<&RowValues> = chunk.iter().map(|r| &r.values).collect();
-    let outcome = with_retries(|| writer.session.batch(&batch, &values)).await;
+    let rows: Vec<&RowValues> = chunk.iter().map(|r| &r.values).collect();
+    let outcome = row_outcome(write_rows_once(&writer.session, &writer.insert, &rows, RETRIES).await);
     match outcome {
-        Err((ErrorCode::Rejected, _)) => {
-            let singles = chunk
-                .iter()
-                .map(|row| async move { (row.index, write_row(writer, &row.values).await) });
+        Err((ErrorCode::Rejected, _)) if chunk.len() > 1 => {
+            let singles = chunk.iter().map(|row| async move {
+                let outcome = write_rows_once(&writer.session, &writer.insert, &[&row.values], RETRIES).await;
+                (row.index, row_outcome(outcome))
+            });
             futures::future::join_all(singles).await
         }
         outcome => chunk.iter().map(|row| (row.index, outcome.clone())).collect(),
     }
 }
 
-/// One row, retrying transient failures a few times before reporting them.
-async fn write_row(writer: &TableWriter, values: &RowValues) -> RowOutcome {
-    with_retries(|| writer.session.execute_unpaged(&writer.insert, values)).await
-}
+/// Producers get a retryable code after a few attempts rather than an unbounded wait.
+const RETRIES: Retries = Retries::UpTo(WRITE_ATTEMPTS_MAX);
 
-/// Runs a request with at most [`WRITE_ATTEMPTS_MAX`] attempts and turns a failure into a row
-/// error code: the producer gets a retryable code rather than an unbounded wait.
-async fn with_retries<F, Fut, T>(request: F) -> RowOutcome
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ExecutionError>>,
-{
-    match execute_with_retries(Retries::UpTo(WRITE_ATTEMPTS_MAX), request).await {
-        Ok(_) => Ok(()),
-        Err(error) => Err(match classify(&error) {
-            WriteFailure::Permanent(reason) => (ErrorCode::Rejected, reason),
-            WriteFailure::Transient(reason) => (transient_code(&error), reason),
-        }),
-    }
+/// A write's result as a row outcome.
+fn row_outcome(result: Result<(), ExecutionError>) -> RowOutcome {
+    result.map_err(|error| match classify(&error) {
+        WriteFailure::Permanent(reason) => (ErrorCode::Rejected, reason),
+        WriteFailure::Transient(reason) => (transient_code(&error), reason),
+    })
 }
 
 fn transient_code(error: &ExecutionError) -> ErrorCode {

@@ -24,6 +24,35 @@ fn start_gateway(names: &Names) -> Gateway {
     Gateway::start(&gateway_binary(), &path, &names.dir.join("gateway.log")).expect("gateway starts")
 }
 
+/// A fresh `events` table, a gateway serving it, and a shard-aware client.
+struct Setup {
+    names: Names,
+    session: scylla::client::session::Session,
+    gateway: Gateway,
+    table: String,
+    client: ShardAwareClient,
+}
+
+async fn setup(test: &str) -> Setup {
+    let names = Names::new(test);
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    let gateway = start_gateway(&names);
+    let table = format!("{}.events", names.keyspace);
+    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
+        .await
+        .expect("client connects");
+    Setup {
+        names,
+        session,
+        gateway,
+        table,
+        client,
+    }
+}
+
 fn batches(table: &str, count: i64) -> Vec<RowBatch> {
     (0..count)
         .step_by(BATCH_ROWS as usize)
@@ -67,17 +96,14 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smart_client_writes_a_million_rows_with_zero_forwards() {
     let _lock = gateway_lock().await;
-    let names = Names::new("smart");
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_events_table(&session, &names.keyspace)
-        .await
-        .expect("create table");
-    let gateway = start_gateway(&names);
-    let table = format!("{}.events", names.keyspace);
     let count = 1_000_000;
-    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
-        .await
-        .expect("client connects");
+    let Setup {
+        names,
+        gateway,
+        table,
+        client,
+        ..
+    } = setup("smart").await;
     assert!(client.cores() >= 1);
 
     let summary = client.stream(batches(&table, count)).await.expect("stream");
@@ -106,17 +132,14 @@ async fn smart_client_writes_a_million_rows_with_zero_forwards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_client_writes_a_million_rows_with_one_hop_per_foreign_row() {
     let _lock = gateway_lock().await;
-    let names = Names::new("plain");
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_events_table(&session, &names.keyspace)
-        .await
-        .expect("create table");
-    let gateway = start_gateway(&names);
-    let table = format!("{}.events", names.keyspace);
     let count = 1_000_000;
-    let smart = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
-        .await
-        .expect("client connects");
+    let Setup {
+        names,
+        gateway,
+        table,
+        client: smart,
+        ..
+    } = setup("plain").await;
     let all = batches(&table, count);
     let columns = devkit::event_columns();
     let cores = smart.cores();
@@ -160,16 +183,13 @@ async fn plain_client_writes_a_million_rows_with_one_hop_per_foreign_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_are_rejected_per_row_with_reasons() {
     let _lock = gateway_lock().await;
-    let names = Names::new("badrows");
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_events_table(&session, &names.keyspace)
-        .await
-        .expect("create table");
-    let gateway = start_gateway(&names);
-    let table = format!("{}.events", names.keyspace);
-    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
-        .await
-        .expect("client connects");
+    let Setup {
+        names,
+        session,
+        gateway,
+        table,
+        client,
+    } = setup("badrows").await;
     let v = |kind| Value { kind: Some(kind) };
 
     let mut rows: Vec<Row> = (0..10).map(devkit::event_row).collect();

@@ -5,8 +5,11 @@
 //!   (which also drives rebalances), hands each message to the core that owns its partition
 //!   (`topology::kafka_partition_owner`) in batches over a bounded channel, and stores offsets
 //!   from the contiguous watermark as completions come back;
-//! - each core runs [`run_on_core`]: decode, map, write with retry, or dead-letter, then report
-//!   completion. Concurrency per core and route is bounded by a semaphore.
+//! - each core runs [`run_on_core`]: decode and map a batch, group rows by replica and shard (the
+//!   ownership snapshot), write each group in UNLOGGED batches with retry, dead-letter what
+//!   cannot be mapped or written, then report completions. Messages in flight per core and route
+//!   are bounded by a semaphore. (Rows are not yet forwarded to their token's owner core: a
+//!   partition's rows are written by the partition's core.)
 //!
 //! Delivery contract: an offset is stored (and later auto-committed) only after the message and
 //! every message before it in its partition is written or dead-lettered; a `kill -9` therefore
@@ -17,7 +20,7 @@
 pub mod dead_letter;
 pub mod watermark;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,10 +34,12 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
+use arc_swap::ArcSwap;
+
 use crate::config::{KafkaSourceConfig, StartFrom};
-use crate::mapping::{write_timestamp_us, RowMapper};
-use crate::sink::scylla::{with_timestamp, write_with_retry};
-use crate::topology::kafka_partition_owner;
+use crate::mapping::{write_timestamp_us, RowMapper, RowValues};
+use crate::sink::scylla::{with_timestamp, write_rows_once, Retries};
+use crate::topology::{kafka_partition_owner, Ownership};
 use dead_letter::{DeadLetter, DeadLetterTopic};
 use watermark::Watermarks;
 
@@ -65,6 +70,9 @@ pub struct KafkaWork {
     /// Message payload; `None` for a tombstone.
     pub payload: Option<Vec<u8>>,
 }
+
+/// A message and the row it maps to.
+type MappedRow = (KafkaWork, RowValues);
 
 /// A message that is written or dead-lettered.
 #[derive(Debug, Clone, Copy)]
@@ -103,25 +111,90 @@ pub struct RouteWriter {
     pub completions: crossbeam_channel::Sender<Completion>,
     /// Route counters.
     pub counters: Arc<RouteCounters>,
+    /// Ring snapshot: groups rows by replica and shard for batching.
+    pub ownership: Arc<ArcSwap<Ownership>>,
+    /// Rows per UNLOGGED batch.
+    pub batch_rows_max: usize,
 }
 
 impl RouteWriter {
-    /// Writes one message's row, or dead-letters it; then reports completion.
-    async fn process(&self, work: KafkaWork) {
-        match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
-            Ok(values) => {
-                let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.offset));
-                match write_with_retry(&self.session, &self.insert, &values).await {
-                    Ok(()) => {
-                        self.counters.written.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(reason) => self.dead_letter(&work, "write_rejected", &reason).await,
+    /// Maps a batch of messages, writes the rows in UNLOGGED batches of one replica and shard,
+    /// dead-letters what cannot be mapped or written, and reports every message's completion
+    /// only after its row is written or its dead letter delivered.
+    async fn process_batch(&self, batch: Vec<KafkaWork>) {
+        let ownership = self.ownership.load();
+        let mut groups: HashMap<(Option<u32>, u32), Vec<MappedRow>> = HashMap::new();
+        let mut unmappable = Vec::new();
+        for work in batch {
+            match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
+                Ok(values) => {
+                    let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.offset));
+                    let replica_shard = match self.insert.calculate_token(&values) {
+                        Ok(Some(token)) => {
+                            let placement = ownership.place(token.value());
+                            (placement.node, placement.shard)
+                        }
+                        _ => (None, 0),
+                    };
+                    groups.entry(replica_shard).or_default().push((work, values));
                 }
+                Err(error) => unmappable.push((work, error)),
             }
-            Err(error) => self.dead_letter(&work, error.code(), &error.to_string()).await,
         }
-        // The poll thread outlives every writer task; a closed channel only happens after a
-        // shutdown deadline, when the completion no longer matters (the message is replayed).
+        let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
+            self.dead_letter(&work, error.code(), &error.to_string()).await;
+            self.complete(&work);
+        });
+        let mut chunks = Vec::new();
+        for (_, mut group) in groups {
+            while !group.is_empty() {
+                let rest = group.split_off(group.len().min(self.batch_rows_max));
+                chunks.push(std::mem::replace(&mut group, rest));
+            }
+        }
+        let writes = chunks.into_iter().map(|chunk| self.write_chunk(chunk));
+        futures::join!(
+            futures::future::join_all(dead_letters),
+            futures::future::join_all(writes)
+        );
+    }
+
+    /// Writes one chunk, retrying transient failures until they pass. If the database refuses
+    /// the chunk for a permanent reason, its rows are written one by one so only the refused
+    /// ones are dead-lettered.
+    async fn write_chunk(&self, chunk: Vec<MappedRow>) {
+        let rows: Vec<&RowValues> = chunk.iter().map(|(_, values)| values).collect();
+        let outcome = write_rows_once(&self.session, &self.insert, &rows, Retries::Forever).await;
+        match outcome {
+            Ok(()) => {
+                self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                chunk.iter().for_each(|(work, _)| self.complete(work));
+            }
+            Err(_) if chunk.len() > 1 => {
+                let singles = chunk.into_iter().map(|single| self.write_chunk_single(single));
+                futures::future::join_all(singles).await;
+            }
+            Err(error) => {
+                let (work, _) = &chunk[0];
+                self.dead_letter(work, "write_rejected", &error.to_string()).await;
+                self.complete(work);
+            }
+        }
+    }
+
+    async fn write_chunk_single(&self, (work, values): MappedRow) {
+        match write_rows_once(&self.session, &self.insert, &[&values], Retries::Forever).await {
+            Ok(()) => {
+                self.counters.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => self.dead_letter(&work, "write_rejected", &error.to_string()).await,
+        }
+        self.complete(&work);
+    }
+
+    /// Reports a message done. The poll thread outlives every writer task; a closed channel
+    /// only happens after a shutdown deadline, when the message is replayed anyway.
+    fn complete(&self, work: &KafkaWork) {
         let _ = self.completions.send(Completion {
             partition: work.partition,
             epoch: work.epoch,
@@ -146,8 +219,8 @@ impl RouteWriter {
     }
 }
 
-/// Runs on a core: processes the batches this core receives for one route, at most
-/// `inflight_max` messages at once, until the poll thread closes the queue; then waits for the
+/// Runs on a core: processes the batches this core receives for one route, with at most
+/// `inflight_max` messages in flight, until the poll thread closes the queue; then waits for the
 /// messages still in flight.
 pub async fn run_on_core(
     writer: Arc<RouteWriter>,
@@ -156,17 +229,16 @@ pub async fn run_on_core(
 ) {
     let permits = Rc::new(glommio::sync::Semaphore::new(inflight_max as u64));
     while let Some(batch) = queue.recv().await {
-        for work in batch {
-            let Ok(permit) = permits.acquire_static_permit(1).await else {
-                return;
-            };
-            let writer = Arc::clone(&writer);
-            glommio::spawn_local(async move {
-                writer.process(work).await;
-                drop(permit);
-            })
-            .detach();
-        }
+        let units = batch.len().clamp(1, inflight_max) as u64;
+        let Ok(permit) = permits.acquire_static_permit(units).await else {
+            return;
+        };
+        let writer = Arc::clone(&writer);
+        glommio::spawn_local(async move {
+            writer.process_batch(batch).await;
+            drop(permit);
+        })
+        .detach();
     }
     let _ = permits.acquire(inflight_max as u64).await;
 }

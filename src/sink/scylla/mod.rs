@@ -10,7 +10,6 @@
 //! with capped exponential backoff, never counting as success; permanent failures (the server
 //! rejects the statement or value) are returned for dead-lettering.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use scylla::client::execution_profile::ExecutionProfile;
@@ -18,6 +17,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, MaybeUnset};
 
@@ -223,17 +223,28 @@ where
     }
 }
 
-/// Writes one row, retrying transient failures until it succeeds; returns the reason of a
-/// permanent failure.
-pub async fn write_with_retry(
-    session: &Arc<Session>,
-    statement: &PreparedStatement,
-    values: &RowValues,
-) -> Result<(), String> {
-    execute_with_retries(Retries::Forever, || session.execute_unpaged(statement, values))
+/// Writes rows of one prepared insert: a single row as a plain write, several as one UNLOGGED
+/// batch (callers only group rows of one replica and shard), retrying per `retries`.
+pub async fn write_rows_once(
+    session: &Session,
+    insert: &PreparedStatement,
+    rows: &[&RowValues],
+    retries: Retries,
+) -> Result<(), ExecutionError> {
+    if let [row] = rows {
+        return execute_with_retries(retries, || session.execute_unpaged(insert, row))
+            .await
+            .map(|_| ());
+    }
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for _ in rows {
+        batch.append_statement(insert.clone());
+    }
+    batch.set_is_idempotent(true);
+    let values: Vec<&RowValues> = rows.to_vec();
+    execute_with_retries(retries, || session.batch(&batch, &values))
         .await
         .map(|_| ())
-        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]
