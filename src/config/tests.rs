@@ -168,4 +168,10 @@ fn shipped_example_config_is_valid() {
     let config = Config::parse(text, "deploy/shardgate.example.toml").expect("example config validates");
     assert_eq!(config.routes.len(), 1);
     assert_eq!(config.routes[0].columns.len(), 5);
+    assert_eq!(config.runtime.write_batch_rows_max, 64);
+    assert_eq!(
+        config.ingest.expect("ingest").core_addr(1),
+        Some("127.0.0.1:50101".parse().expect("addr"))
+    );
+    assert_eq!(config.admin, Some("127.0.0.1:9190".parse().expect("addr")));
 }

@@ -44,6 +44,9 @@ pub const FORWARD_QUEUE_BATCHES_MAX: usize = 64;
 const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Rows one batch may carry.
 const BATCH_ROWS_MAX: usize = 10_000;
+/// Prepared writers kept per gateway, one per (table, column list). Past it, the cache is
+/// emptied and refilled on demand, so a producer cycling through column lists cannot grow it.
+const WRITER_CACHE_ENTRIES_MAX: usize = 4096;
 /// How often a missing table may trigger a schema refresh.
 const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -171,7 +174,11 @@ impl IngestShared {
             return Ok(Arc::clone(writer));
         }
         let writer = Arc::new(self.prepare_writer(table, columns).await?);
-        lock(&self.writers).insert(key, Arc::clone(&writer));
+        let mut writers = lock(&self.writers);
+        if writers.len() >= WRITER_CACHE_ENTRIES_MAX {
+            writers.clear();
+        }
+        writers.insert(key, Arc::clone(&writer));
         Ok(writer)
     }
 
