@@ -115,17 +115,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         &args.work_dir.join(format!("gateway-{mode}.log")),
     )?;
     let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
-    let batches: Vec<RowBatch> = (0..args.rows)
-        .step_by(args.batch_rows as usize)
-        .map(|start| RowBatch {
-            table: table.clone(),
-            columns: devkit::event_columns(),
-            rows: (start..(start + args.batch_rows).min(args.rows))
-                .map(devkit::event_row)
-                .collect(),
-            timestamp_us: 0,
-        })
-        .collect();
+    let batches = devkit::event_batches(&table, args.rows, args.batch_rows);
     let per_stream: Vec<(IngestClient<Channel>, Vec<RowBatch>)> = if mode == "grpc-smart" {
         let mut parts: Vec<Vec<RowBatch>> = (0..client.cores()).map(|_| Vec::new()).collect();
         let mut unknown = Vec::new();

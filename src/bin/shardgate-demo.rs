@@ -18,7 +18,6 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
-use shardgate::ingest::proto::RowBatch;
 
 #[derive(Parser)]
 #[command(about = "Run the shardgate demo against the local stack")]
@@ -134,17 +133,7 @@ async fn main() -> anyhow::Result<()> {
         args.grpc_rows
     );
     let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
-    let batches: Vec<RowBatch> = (0..args.grpc_rows)
-        .step_by(GRPC_BATCH_ROWS as usize)
-        .map(|start| RowBatch {
-            table: table.clone(),
-            columns: devkit::event_columns(),
-            rows: (start..(start + GRPC_BATCH_ROWS).min(args.grpc_rows))
-                .map(devkit::event_row)
-                .collect(),
-            timestamp_us: 0,
-        })
-        .collect();
+    let batches = devkit::event_batches(&table, args.grpc_rows, GRPC_BATCH_ROWS);
     let grpc_cpu_before = gateway.cpu_seconds()?;
     let grpc_start = Instant::now();
     let grpc = client.stream(batches).await?;

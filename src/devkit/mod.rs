@@ -593,6 +593,19 @@ pub fn event_row(i: i64) -> crate::ingest::proto::Row {
     }
 }
 
+/// Events `0..count` for `table` in batches of `batch_rows` rows.
+pub fn event_batches(table: &str, count: i64, batch_rows: i64) -> Vec<crate::ingest::proto::RowBatch> {
+    (0..count)
+        .step_by(batch_rows.max(1) as usize)
+        .map(|start| crate::ingest::proto::RowBatch {
+            table: table.to_string(),
+            columns: event_columns(),
+            rows: (start..(start + batch_rows).min(count)).map(event_row).collect(),
+            timestamp_us: 0,
+        })
+        .collect()
+}
+
 /// Reads every row of `keyspace.events` and compares it with events `0..count`.
 pub async fn verify_events(session: &Session, keyspace: &str, count: u64) -> anyhow::Result<Verification> {
     let mut rows = session

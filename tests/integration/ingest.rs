@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use shardgate::client::{stream_batches, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
+use shardgate::ingest::proto::ingest_client::IngestClient;
 use shardgate::ingest::proto::value::Kind;
-use shardgate::ingest::proto::{ErrorCode, Row, RowBatch, Value, WriteRequest};
+use shardgate::ingest::proto::{ErrorCode, Row, RowBatch, Value, WriteRequest, WriteResponse};
+use tonic::transport::Channel;
 
 use crate::{gateway_binary, gateway_lock, Names};
 
@@ -54,17 +56,22 @@ async fn setup(test: &str) -> Setup {
 }
 
 fn batches(table: &str, count: i64) -> Vec<RowBatch> {
-    (0..count)
-        .step_by(BATCH_ROWS as usize)
-        .map(|start| RowBatch {
-            table: table.to_string(),
-            columns: devkit::event_columns(),
-            rows: (start..(start + BATCH_ROWS).min(count))
-                .map(devkit::event_row)
-                .collect(),
-            timestamp_us: 0,
-        })
-        .collect()
+    devkit::event_batches(table, count, BATCH_ROWS)
+}
+
+/// Writes one batch of `columns` holding event 1 to `table` over `client`.
+async fn write_event(client: &mut IngestClient<Channel>, table: String, columns: Vec<String>) -> WriteResponse {
+    let batch = RowBatch {
+        table,
+        columns,
+        rows: vec![devkit::event_row(1)],
+        timestamp_us: 0,
+    };
+    client
+        .write(WriteRequest { batch: Some(batch) })
+        .await
+        .expect("write")
+        .into_inner()
 }
 
 async fn assert_events_exact(names: &Names, count: u64) {
@@ -222,37 +229,13 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
     );
 
     let mut shared = client.shared_client();
-    let unknown_table = RowBatch {
-        table: format!("{}.nope", names.keyspace),
-        columns: devkit::event_columns(),
-        rows: vec![devkit::event_row(1)],
-        timestamp_us: 0,
-    };
-    let response = shared
-        .write(WriteRequest {
-            batch: Some(unknown_table),
-        })
-        .await
-        .expect("write")
-        .into_inner();
+    let response = write_event(&mut shared, format!("{}.nope", names.keyspace), devkit::event_columns()).await;
     assert_eq!(response.written, 0);
     assert_eq!(response.errors[0].code, ErrorCode::UnknownTable as i32);
 
     let mut columns = devkit::event_columns();
     columns[1] = "nmae".into();
-    let unknown_column = RowBatch {
-        table: table.clone(),
-        columns,
-        rows: vec![devkit::event_row(1)],
-        timestamp_us: 0,
-    };
-    let response = shared
-        .write(WriteRequest {
-            batch: Some(unknown_column),
-        })
-        .await
-        .expect("write")
-        .into_inner();
+    let response = write_event(&mut shared, table.clone(), columns).await;
     assert_eq!(response.errors[0].code, ErrorCode::UnknownColumn as i32);
     assert!(response.errors[0].reason.contains("`nmae`"));
 
