@@ -31,7 +31,7 @@ use super::proto::{
     TableKey, Topology, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use super::status::status;
-use crate::mapping::RowValues;
+use crate::mapping::{RowValues, TableSchema};
 use crate::sink::scylla::{classify, insert_statement, with_timestamp, write_rows_once, Retries, WriteFailure};
 use crate::telemetry::metric;
 use crate::topology::Ownership;
@@ -52,9 +52,6 @@ const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Prepared writers by (table, column list).
 type WriterCache = HashMap<(String, Vec<String>), Arc<TableWriter>>;
-
-/// Column name → (type, kind) of one table.
-type ColumnTypes = HashMap<String, (ColumnType<'static>, ColumnKind)>;
 
 /// A row's outcome: written, or why not.
 type RowOutcome = Result<(), (ErrorCode, String)>;
@@ -194,13 +191,13 @@ impl IngestShared {
             let _ = self.session.refresh_metadata().await;
             schema = self.lookup_table(keyspace, name);
         }
-        let Some((column_types, key_columns)) = schema else {
+        let Some(schema) = schema else {
             return Err((ErrorCode::UnknownTable, format!("table `{table}` does not exist")));
         };
         let mut types = Vec::with_capacity(columns.len());
         let mut key_positions = Vec::new();
         for (position, column) in columns.iter().enumerate() {
-            let Some((typ, kind)) = column_types.get(column) else {
+            let Some((typ, kind)) = schema.columns.get(column) else {
                 return Err((
                     ErrorCode::UnknownColumn,
                     format!("table `{table}` has no column `{column}`"),
@@ -211,7 +208,8 @@ impl IngestShared {
             }
             types.push(typ.clone());
         }
-        if let Some(missing) = key_columns.iter().find(|k| !columns.contains(k)) {
+        let mut key_columns = schema.partition_key.iter().chain(&schema.clustering_key);
+        if let Some(missing) = key_columns.find(|k| !columns.contains(k)) {
             return Err((
                 ErrorCode::MissingKey,
                 format!("primary key column `{missing}` is not among the batch's columns"),
@@ -233,17 +231,14 @@ impl IngestShared {
         })
     }
 
-    /// Column types and kinds, plus primary-key column names, from the cached schema.
-    fn lookup_table(&self, keyspace: &str, table: &str) -> Option<(ColumnTypes, Vec<String>)> {
+    /// The table's schema from the driver's cached metadata.
+    fn lookup_table(&self, keyspace: &str, table: &str) -> Option<TableSchema> {
         let state = self.session.get_cluster_state();
-        let meta = state.get_keyspace(keyspace)?.tables.get(table)?;
-        let columns = meta
-            .columns
-            .iter()
-            .map(|(n, c)| (n.clone(), (c.typ.clone(), c.kind.clone())))
-            .collect();
-        let keys = meta.partition_key.iter().chain(&meta.clustering_key).cloned().collect();
-        Some((columns, keys))
+        state
+            .get_keyspace(keyspace)?
+            .tables
+            .get(table)
+            .map(TableSchema::from_driver)
     }
 
     fn may_refresh_schema(&self) -> bool {
