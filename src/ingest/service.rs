@@ -32,9 +32,12 @@ use super::proto::{
 };
 use super::status::status;
 use crate::mapping::{RowValues, TableSchema};
-use crate::sink::scylla::{classify, insert_statement, with_timestamp, write_rows_once, Retries, WriteFailure};
+use crate::sink::scylla::{
+    batches_by_replica_shard, classify, insert_statement, place_row, with_timestamp, write_rows_once, Retries,
+    WriteFailure,
+};
 use crate::telemetry::metric;
-use crate::topology::Ownership;
+use crate::topology::{Ownership, ReplicaShard};
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
@@ -63,7 +66,7 @@ pub struct PendingRow {
     /// Bound values (the write timestamp last).
     values: RowValues,
     /// Primary replica and shard: rows sharing it may share an UNLOGGED batch.
-    replica_shard: (Option<u32>, u32),
+    replica_shard: ReplicaShard,
 }
 
 /// Rows a core hands to the row's owner core, with the channel for their outcomes.
@@ -324,13 +327,9 @@ impl IngestService {
             let index = index as u32;
             match bind_row(&writer.types, &writer.key_positions, row, timestamp_us) {
                 Ok(values) => {
-                    let (owner, replica_shard) = match writer.insert.calculate_token(&values) {
-                        Ok(Some(token)) => {
-                            let placement = ownership.place(token.value());
-                            (placement.core, (placement.node, placement.shard))
-                        }
-                        _ => (self.core, (None, 0)),
-                    };
+                    let placement = place_row(&writer.insert, &values, &ownership);
+                    let owner = placement.map_or(self.core, |p| p.core);
+                    let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
                     let pending = PendingRow {
                         index,
                         values,
@@ -493,17 +492,7 @@ async fn write_rows(
     metrics: &CoreMetrics,
     batch_rows_max: usize,
 ) -> Vec<(u32, RowOutcome)> {
-    let mut groups: HashMap<(Option<u32>, u32), Vec<PendingRow>> = HashMap::new();
-    for row in rows {
-        groups.entry(row.replica_shard).or_default().push(row);
-    }
-    let mut chunks: Vec<Vec<PendingRow>> = Vec::new();
-    for (_, mut group) in groups {
-        while !group.is_empty() {
-            let rest = group.split_off(group.len().min(batch_rows_max));
-            chunks.push(std::mem::replace(&mut group, rest));
-        }
-    }
+    let chunks = batches_by_replica_shard(rows.into_iter().map(|row| (row.replica_shard, row)), batch_rows_max);
     let writes = chunks.into_iter().map(|chunk| async move {
         let started = Instant::now();
         let outcomes = write_chunk(writer, chunk).await;

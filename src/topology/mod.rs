@@ -53,6 +53,9 @@ pub struct Ownership {
     nodes: Vec<NodeShards>,
 }
 
+/// A primary replica (node ordinal, `None` while the ring is empty) and its shard.
+pub type ReplicaShard = (Option<u32>, u32);
+
 /// Where a token lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
@@ -62,6 +65,13 @@ pub struct Placement {
     pub shard: u32,
     /// Owning core.
     pub core: usize,
+}
+
+impl Placement {
+    /// The (replica, shard) pair: rows sharing it may share an UNLOGGED batch.
+    pub fn replica_shard(&self) -> ReplicaShard {
+        (self.node, self.shard)
+    }
 }
 
 impl Ownership {

@@ -20,7 +20,7 @@
 pub mod dead_letter;
 pub mod watermark;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +38,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::{write_timestamp_us, RowMapper, RowValues};
-use crate::sink::scylla::{with_timestamp, write_rows_once, Retries};
+use crate::sink::scylla::{batches_by_replica_shard, place_row, with_timestamp, write_rows_once, Retries};
 use crate::topology::{kafka_partition_owner, Ownership};
 use dead_letter::{DeadLetter, DeadLetterTopic};
 use watermark::Watermarks;
@@ -123,20 +123,15 @@ impl RouteWriter {
     /// only after its row is written or its dead letter delivered.
     async fn process_batch(&self, batch: Vec<KafkaWork>) {
         let ownership = self.ownership.load();
-        let mut groups: HashMap<(Option<u32>, u32), Vec<MappedRow>> = HashMap::new();
+        let mut mapped = Vec::new();
         let mut unmappable = Vec::new();
         for work in batch {
             match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
                 Ok(values) => {
                     let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.offset));
-                    let replica_shard = match self.insert.calculate_token(&values) {
-                        Ok(Some(token)) => {
-                            let placement = ownership.place(token.value());
-                            (placement.node, placement.shard)
-                        }
-                        _ => (None, 0),
-                    };
-                    groups.entry(replica_shard).or_default().push((work, values));
+                    let replica_shard =
+                        place_row(&self.insert, &values, &ownership).map_or((None, 0), |p| p.replica_shard());
+                    mapped.push((replica_shard, (work, values)));
                 }
                 Err(error) => unmappable.push((work, error)),
             }
@@ -145,13 +140,7 @@ impl RouteWriter {
             self.dead_letter(&work, error.code(), &error.to_string()).await;
             self.complete(&work);
         });
-        let mut chunks = Vec::new();
-        for (_, mut group) in groups {
-            while !group.is_empty() {
-                let rest = group.split_off(group.len().min(self.batch_rows_max));
-                chunks.push(std::mem::replace(&mut group, rest));
-            }
-        }
+        let chunks = batches_by_replica_shard(mapped, self.batch_rows_max);
         let writes = chunks.into_iter().map(|chunk| self.write_chunk(chunk));
         futures::join!(
             futures::future::join_all(dead_letters),

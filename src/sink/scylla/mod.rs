@@ -10,6 +10,7 @@
 //! with capped exponential backoff, never counting as success; permanent failures (the server
 //! rejects the statement or value) are returned for dead-lettering.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use scylla::client::execution_profile::ExecutionProfile;
@@ -23,6 +24,7 @@ use scylla::value::{CqlValue, MaybeUnset};
 
 use crate::config::ClusterConfig;
 use crate::mapping::{RowValues, SchemaError, TableSchema};
+use crate::topology::{Ownership, Placement, ReplicaShard};
 
 /// First retry delay of a transiently failed write.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
@@ -247,8 +249,43 @@ pub async fn write_rows_once(
         .map(|_| ())
 }
 
+/// Where a bound row goes: its token from the driver (through the prepared statement), placed
+/// on the ring snapshot. `None` when the driver cannot compute the token.
+pub fn place_row(insert: &PreparedStatement, values: &RowValues, ownership: &Ownership) -> Option<Placement> {
+    insert
+        .calculate_token(values)
+        .ok()
+        .flatten()
+        .map(|token| ownership.place(token.value()))
+}
+
+/// Groups rows by their (replica, shard) and cuts each group into batches of at most
+/// `rows_max` rows: the only rows that may share an UNLOGGED batch.
+pub fn batches_by_replica_shard<T>(rows: impl IntoIterator<Item = (ReplicaShard, T)>, rows_max: usize) -> Vec<Vec<T>> {
+    let mut groups: HashMap<ReplicaShard, Vec<T>> = HashMap::new();
+    for (key, row) in rows {
+        groups.entry(key).or_default().push(row);
+    }
+    let mut batches = Vec::new();
+    for (_, mut group) in groups {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(rows_max.max(1)));
+            batches.push(std::mem::replace(&mut group, rest));
+        }
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn batches_hold_one_replica_shard_and_at_most_rows_max() {
+        let rows = (0..10).map(|i| (if i % 2 == 0 { (Some(0), 1) } else { (None, 0) }, i));
+        let mut batches = super::batches_by_replica_shard(rows, 3);
+        batches.sort();
+        assert_eq!(batches, vec![vec![0, 2, 4], vec![1, 3, 5], vec![6, 8], vec![7, 9]]);
+    }
+
     #[test]
     fn insert_statement_quotes_identifiers_and_binds_the_timestamp() {
         assert_eq!(
