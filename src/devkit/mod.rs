@@ -108,8 +108,14 @@ topic = "{dead_letter_topic}"
     )
 }
 
-/// A gateway config with the given routes, 2 island threads, and the local cluster.
+/// A gateway config for the local cluster with the given routes and default limits.
 pub fn gateway_toml(routes: &str) -> String {
+    gateway_toml_with(routes, "")
+}
+
+/// A gateway config for the local cluster: `runtime_extra` lines go in `[runtime]`, then the
+/// routes.
+fn gateway_toml_with(routes: &str, runtime_extra: &str) -> String {
     format!(
         r#"
 [cluster]
@@ -121,6 +127,7 @@ consistency = "local_quorum"
 cores = "auto"
 island_threads = 1
 shutdown_deadline_ms = 5000
+{runtime_extra}
 {routes}"#
     )
 }
@@ -548,12 +555,10 @@ pub const ADMIN_LISTEN: &str = "127.0.0.1:9190";
 
 /// A gateway config serving the ingest API (and metrics) with the given routes.
 pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, write_batch_rows_max: usize) -> String {
-    let base = gateway_toml(routes).replace(
-        "shutdown_deadline_ms = 5000",
-        &format!(
-            "shutdown_deadline_ms = 5000\ninflight_rows_per_core_max = {inflight_rows_per_core_max}\nwrite_batch_rows_max = {write_batch_rows_max}"
-        ),
+    let limits = format!(
+        "inflight_rows_per_core_max = {inflight_rows_per_core_max}\nwrite_batch_rows_max = {write_batch_rows_max}"
     );
+    let base = gateway_toml_with(routes, &limits);
     format!(
         "{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n\n[admin]\nlisten = \"{ADMIN_LISTEN}\"\n"
     )
