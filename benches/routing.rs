@@ -6,8 +6,9 @@
 //!   serialization + the driver's Murmur3);
 //! - `ingest/decode_and_bind`: protobuf decode of a 500-row `WriteRequest` of 100-byte rows and
 //!   conversion of every row to bound CQL values;
-//! - `mesh/forward_hop`: handing 500-row batches to another thread over the bounded queue the
-//!   cores use for forwards, and receiving them there.
+//! - `mesh/forward_hop`: running a task that carries a 500-row batch on another core through
+//!   `runtime::mesh` (the same inbox, `spawn_local` and reply every forward uses) and awaiting
+//!   its answer.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,7 @@ use shardgate::client::row_token;
 use shardgate::devkit;
 use shardgate::ingest::proto::{RowBatch, WriteRequest};
 use shardgate::ingest::service::bind_row;
+use shardgate::runtime::mesh::{self, Mesh};
 use shardgate::topology::{NodeShards, Ownership};
 
 const TOKENS: usize = 4096;
@@ -106,29 +108,32 @@ fn decode_and_bind(c: &mut Criterion) {
 
 fn mesh_hop(c: &mut Criterion) {
     let rows: Vec<_> = (0..500).map(devkit::event_row).collect();
-    let (to_owner, mut at_owner) = tokio::sync::mpsc::channel::<Vec<shardgate::ingest::proto::Row>>(64);
-    let (back, mut returned) = tokio::sync::mpsc::channel::<usize>(64);
-    let owner = std::thread::spawn(move || {
-        while let Some(batch) = at_owner.blocking_recv() {
-            if back.blocking_send(batch.len()).is_err() {
-                break;
-            }
-        }
-    });
+    let (mesh, mut inboxes) = Mesh::new(1);
+    let inbox = inboxes.pop().expect("one inbox");
+    let (stop_tx, stop_rx) = futures::channel::oneshot::channel::<()>();
+    let owner = glommio::LocalExecutorBuilder::default()
+        .name("owner")
+        .io_memory(512 * 1024)
+        .spawn(move || async move {
+            mesh::serve(inbox, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        })
+        .expect("owner executor");
     let mut group = c.benchmark_group("mesh");
     group.throughput(Throughput::Elements(rows.len() as u64));
     group.bench_function("forward_hop", |b| {
         b.iter_batched(
             || rows.clone(),
             |batch| {
-                to_owner.blocking_send(batch).expect("owner alive");
-                returned.blocking_recv().expect("reply")
+                futures::executor::block_on(mesh.run_on(0, move || async move { batch.len() })).expect("owner alive")
             },
             criterion::BatchSize::SmallInput,
         )
     });
     group.finish();
-    drop(to_owner);
+    let _ = stop_tx.send(());
     let _ = owner.join();
 }
 

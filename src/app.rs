@@ -22,11 +22,12 @@ use crate::bridge::kafka::{self, Poller, RouteCounters, RouteWriter, CORE_QUEUE_
 use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
-use crate::ingest::service::{serve_forwards, ForwardBatch, IngestService, IngestShared};
+use crate::ingest::service::{IngestService, IngestShared};
 use crate::mapping::RowMapper;
+use crate::runtime::mesh::{self, Mesh};
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
 use crate::sink::scylla;
-use crate::telemetry;
+use crate::telemetry::{self, RowMetrics};
 use crate::topology::Ownership;
 
 /// How often the island checks the driver's cluster state for a topology change.
@@ -37,7 +38,6 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// One core's share of the ingest API.
 struct CoreIngest {
     shared: Arc<IngestShared>,
-    forwards: tokio::sync::mpsc::Receiver<ForwardBatch>,
     config: IngestConfig,
 }
 
@@ -67,6 +67,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&ownership),
         cpus.len(),
     ));
+    let (mesh, inboxes) = Mesh::new(cpus.len());
 
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
@@ -104,6 +105,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             counters: Arc::clone(&counters),
             ownership: Arc::clone(&ownership),
             batch_rows_max: config.runtime.write_batch_rows_max,
+            mesh: Arc::clone(&mesh),
+            metrics: RowMetrics::per_core(&route.name, &format!("{}.{}", route.keyspace, route.table), cpus.len()),
         });
         let mut queues = Vec::with_capacity(cpus.len());
         for core_routes in &mut per_core {
@@ -137,20 +140,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                         .map(|a| format!("{}:{}", ingest.advertise_host, a.port()))
                 })
                 .collect();
-            let (shared, queues) = IngestShared::new(
+            let shared = IngestShared::new(
                 Arc::clone(&session),
                 Arc::clone(&ownership),
-                cpus.len(),
+                Arc::clone(&mesh),
                 inflight_max,
                 config.runtime.write_batch_rows_max,
                 endpoints,
             );
-            queues
-                .into_iter()
-                .map(|forwards| {
+            (0..cpus.len())
+                .map(|_| {
                     Some(CoreIngest {
                         shared: Arc::clone(&shared),
-                        forwards,
                         config: ingest.clone(),
                     })
                 })
@@ -159,17 +160,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         None => (0..cpus.len()).map(|_| None).collect(),
     };
     let (bound_tx, bound_rx) = crossbeam_channel::bounded::<Result<(), String>>(cpus.len());
+    drop(mesh);
+    // A core keeps serving its mesh inbox until every core has finished its own sources: only
+    // then can no forwarded task arrive any more.
+    let sources_done = Arc::new(tokio::sync::Barrier::new(cpus.len()));
     let bodies: Vec<_> = per_core
         .into_iter()
         .zip(ingest_parts)
+        .zip(inboxes)
         .enumerate()
-        .map(|(core, (routes, ingest))| {
+        .map(|(core, ((routes, ingest), inbox))| {
             let stop = stop_rx.clone();
             let bound = bound_tx.clone();
+            let sources_done = Arc::clone(&sources_done);
             move || async move {
                 let tasks = routes
                     .into_iter()
-                    .map(|r| kafka::run_on_core(r.writer, r.queue, inflight_max));
+                    .map(|r| kafka::run_on_core(core, r.writer, r.queue, inflight_max));
                 let ingest = async move {
                     match ingest {
                         Some(part) => serve_ingest_on_core(core, part, stop, bound).await,
@@ -178,7 +185,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                         }
                     }
                 };
-                futures::join!(futures::future::join_all(tasks), ingest);
+                let sources = async move {
+                    futures::join!(futures::future::join_all(tasks), ingest);
+                    sources_done.wait().await;
+                };
+                mesh::serve(inbox, sources).await;
             }
         })
         .collect();
@@ -249,13 +260,7 @@ async fn serve_ingest_on_core(
             }
         }
     };
-    let servers = async {
-        futures::join!(
-            server::serve(shared_listener, routes),
-            own_port,
-            serve_forwards(part.forwards, core, Arc::clone(&part.shared))
-        )
-    };
+    let servers = async { futures::join!(server::serve(shared_listener, routes), own_port) };
     futures::pin_mut!(servers);
     let stopped = stop.wait_for(|stop| *stop);
     futures::pin_mut!(stopped);

@@ -150,7 +150,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         rows += written;
         latencies.extend(l);
     }
-    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_ingest_rows_forwarded_total")?;
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     gateway.stop()?;
     anyhow::ensure!(rows == args.rows as u64, "{mode}: {rows} of {} rows written", args.rows);
     Ok(Outcome {

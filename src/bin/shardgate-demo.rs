@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let grpc = client.stream(batches).await?;
     let grpc_elapsed = grpc_start.elapsed();
     let grpc_cpu = gateway.cpu_seconds()? - grpc_cpu_before;
-    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_ingest_rows_forwarded_total")?;
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     println!(
         "   gRPC: {} rows written, {} rejected, in {:.1} s",
         grpc.written,

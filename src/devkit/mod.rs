@@ -113,8 +113,8 @@ pub fn gateway_toml(routes: &str) -> String {
     gateway_toml_with(routes, "")
 }
 
-/// A gateway config for the local cluster: `runtime_extra` lines go in `[runtime]`, then the
-/// routes.
+/// A gateway config for the local cluster, with metrics on [`ADMIN_LISTEN`]: `runtime_extra`
+/// lines go in `[runtime]`, then the routes.
 fn gateway_toml_with(routes: &str, runtime_extra: &str) -> String {
     format!(
         r#"
@@ -128,6 +128,9 @@ cores = "auto"
 island_threads = 1
 shutdown_deadline_ms = 5000
 {runtime_extra}
+
+[admin]
+listen = "{ADMIN_LISTEN}"
 {routes}"#
     )
 }
@@ -559,9 +562,7 @@ pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, writ
         "inflight_rows_per_core_max = {inflight_rows_per_core_max}\nwrite_batch_rows_max = {write_batch_rows_max}"
     );
     let base = gateway_toml_with(routes, &limits);
-    format!(
-        "{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n\n[admin]\nlisten = \"{ADMIN_LISTEN}\"\n"
-    )
+    format!("{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n")
 }
 
 /// Creates (or recreates) keyspace `keyspace` with the sample `events` table for the ingest API.
@@ -644,8 +645,28 @@ pub async fn verify_events(session: &Session, keyspace: &str, count: u64) -> any
     Ok(report)
 }
 
+/// How many of sample orders `0..count` each of `cores` cores owns (token of the order id →
+/// ring snapshot → owner core), as the gateway computes it.
+pub fn orders_per_owner_core(session: &Session, keyspace: &str, count: u64, cores: usize) -> anyhow::Result<Vec<u64>> {
+    let state = session.get_cluster_state();
+    let ownership = crate::topology::Ownership::from_cluster_state(&state, cores);
+    let mut per_core = vec![0u64; cores];
+    for i in 0..count {
+        let token = state
+            .compute_token(keyspace, "orders", &(expected_order(i).order_id,))
+            .context("token of an order id")?;
+        per_core[ownership.owner_core(token.value())] += 1;
+    }
+    Ok(per_core)
+}
+
 /// Sum of a Prometheus counter over all its label sets, scraped from `addr`'s `/metrics`.
 pub fn scrape_metric(addr: &str, name: &str) -> anyhow::Result<f64> {
+    scrape_metric_where(addr, name, &[])
+}
+
+/// The sum of metric `name`'s samples whose labels include every `(label, value)` of `labels`.
+pub fn scrape_metric_where(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach metrics at {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -658,6 +679,11 @@ pub fn scrape_metric(addr: &str, name: &str) -> anyhow::Result<f64> {
     Ok(body
         .lines()
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }

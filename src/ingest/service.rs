@@ -4,8 +4,8 @@
 //!
 //! Per batch: resolve the table writer (schema check + prepared insert, cached), convert each
 //! row, compute its token with the prepared statement, and split rows by owner core. Owned rows
-//! are written here; the rest go to their owners as one forwarded batch per owner over a bounded
-//! channel (one hop, counted in `shardgate_ingest_rows_forwarded_total`). Rows are admitted by a
+//! are written here; the rest go to their owners as one task per owner over the cross-core mesh
+//! (`runtime::mesh`: one hop, counted in `shardgate_rows_forwarded_total`). Rows are admitted by a
 //! per-core semaphore of `inflight_rows_per_core_max` permits, acquired before a stream's next
 //! batch is read: when it is empty, the stream stops reading.
 
@@ -21,7 +21,7 @@ use scylla::cluster::metadata::{ColumnKind, ColumnType};
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::MaybeUnset;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{cql_type_name, to_cql};
@@ -32,17 +32,16 @@ use super::proto::{
 };
 use super::status::status;
 use crate::mapping::{RowValues, TableSchema};
+use crate::runtime::mesh::Mesh;
 use crate::sink::scylla::{
     batches_by_replica_shard, classify, insert_statement, place_row, with_timestamp, write_rows_once, Retries,
     WriteFailure,
 };
-use crate::telemetry::metric;
+use crate::telemetry::{metric, RowMetrics};
 use crate::topology::{Ownership, ReplicaShard};
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
-/// Batches a core's forward queue holds before forwarding cores wait.
-pub const FORWARD_QUEUE_BATCHES_MAX: usize = 64;
 /// Batches answered concurrently on one stream.
 const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Rows one batch may carry.
@@ -69,40 +68,8 @@ pub struct PendingRow {
     replica_shard: ReplicaShard,
 }
 
-/// Rows a core hands to the row's owner core, with the channel for their outcomes.
-pub struct ForwardBatch {
-    writer: Arc<TableWriter>,
-    rows: Vec<PendingRow>,
-    reply: oneshot::Sender<Vec<(u32, RowOutcome)>>,
-}
-
-/// Metric handles of one core, registered once (label allocation and registry lookups stay off
-/// the per-row path).
-#[derive(Clone)]
-pub struct CoreMetrics {
-    core: String,
-    received: metrics::Counter,
-    written: metrics::Counter,
-    forwarded: metrics::Counter,
-    batch_rows: metrics::Histogram,
-    write_latency: metrics::Histogram,
-    inflight_rows: metrics::Gauge,
-}
-
-impl CoreMetrics {
-    fn new(core: usize) -> CoreMetrics {
-        let label = core.to_string();
-        CoreMetrics {
-            received: metrics::counter!(metric::INGEST_ROWS_RECEIVED, "core" => label.clone()),
-            written: metrics::counter!(metric::INGEST_ROWS_WRITTEN, "core" => label.clone()),
-            forwarded: metrics::counter!(metric::INGEST_ROWS_FORWARDED, "core" => label.clone()),
-            batch_rows: metrics::histogram!(metric::INGEST_BATCH_ROWS, "core" => label.clone()),
-            write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, "core" => label.clone()),
-            inflight_rows: metrics::gauge!(metric::INGEST_ROWS_IN_FLIGHT, "core" => label.clone()),
-            core: label,
-        }
-    }
-}
+/// The `source` label of rows from the ingest API.
+const SOURCE_LABEL: &str = "grpc";
 
 /// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
 pub struct TableWriter {
@@ -114,6 +81,8 @@ pub struct TableWriter {
     insert: PreparedStatement,
     /// The session the insert runs on.
     session: Arc<Session>,
+    /// Metric handles of the table, one per core.
+    metrics: Vec<RowMetrics>,
 }
 
 /// State shared by every core's service instance.
@@ -122,8 +91,8 @@ pub struct IngestShared {
     pub session: Arc<Session>,
     /// Current ownership snapshot (swapped when the cluster topology changes).
     pub ownership: Arc<ArcSwap<Ownership>>,
-    /// Forward queue of each core.
-    pub forward_queues: Vec<mpsc::Sender<ForwardBatch>>,
+    /// The cross-core mesh rows are forwarded over.
+    pub mesh: Arc<Mesh>,
     /// In-flight row budget of each core.
     pub budgets: Vec<Arc<Semaphore>>,
     /// Rows one core may hold in flight.
@@ -132,39 +101,40 @@ pub struct IngestShared {
     pub core_endpoints: Vec<String>,
     /// Rows per UNLOGGED batch sent to the database (1 = single writes).
     pub write_batch_rows_max: usize,
-    /// Metric handles per core.
-    metrics: Vec<CoreMetrics>,
+    /// In-flight gauge per core.
+    inflight_gauges: Vec<metrics::Gauge>,
     writers: Mutex<WriterCache>,
     last_schema_refresh: Mutex<Option<Instant>>,
 }
 
 impl IngestShared {
-    /// Creates the shared state and the receiving ends of the forward queues (one per core).
+    /// Creates the state shared by every core's service.
     pub fn new(
         session: Arc<Session>,
         ownership: Arc<ArcSwap<Ownership>>,
-        cores: usize,
+        mesh: Arc<Mesh>,
         inflight_rows_max: usize,
         write_batch_rows_max: usize,
         core_endpoints: Vec<String>,
-    ) -> (Arc<IngestShared>, Vec<mpsc::Receiver<ForwardBatch>>) {
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..cores).map(|_| mpsc::channel(FORWARD_QUEUE_BATCHES_MAX)).unzip();
+    ) -> Arc<IngestShared> {
+        let cores = mesh.cores();
         let shared = IngestShared {
             session,
             ownership,
-            forward_queues: senders,
+            mesh,
             budgets: (0..cores)
                 .map(|_| Arc::new(Semaphore::new(inflight_rows_max)))
                 .collect(),
             inflight_rows_max,
             core_endpoints,
             write_batch_rows_max: write_batch_rows_max.max(1),
-            metrics: (0..cores).map(CoreMetrics::new).collect(),
+            inflight_gauges: (0..cores)
+                .map(|core| metrics::gauge!(metric::INGEST_ROWS_IN_FLIGHT, "core" => core.to_string()))
+                .collect(),
             writers: Mutex::new(HashMap::new()),
             last_schema_refresh: Mutex::new(None),
         };
-        (Arc::new(shared), receivers)
+        Arc::new(shared)
     }
 
     /// The writer for `table` with `columns`, prepared on first use.
@@ -231,6 +201,7 @@ impl IngestShared {
             key_positions,
             insert,
             session: Arc::clone(&self.session),
+            metrics: RowMetrics::per_core(SOURCE_LABEL, table, self.mesh.cores()),
         })
     }
 
@@ -295,9 +266,6 @@ impl IngestService {
     /// Converts, routes and writes one batch; returns rows written and per-row errors.
     async fn write_batch(&self, batch: RowBatch) -> (u32, Vec<RowError>) {
         let rows = batch.rows.len();
-        let metrics = &self.shared.metrics[self.core];
-        metrics.received.increment(rows as u64);
-        metrics.batch_rows.record(rows as f64);
         if rows > BATCH_ROWS_MAX {
             let reason = format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX}");
             return (
@@ -310,10 +278,14 @@ impl IngestService {
         let writer = match self.shared.writer(&batch.table, &batch.columns).await {
             Ok(writer) => writer,
             Err((code, reason)) => {
-                self.count_failed(code, rows);
+                metrics::counter!(metric::ROWS_FAILED, "core" => self.core.to_string(), "source" => SOURCE_LABEL, "code" => code.as_str_name())
+                    .increment(rows as u64);
                 return (0, (0..rows).map(|i| row_error(i as u32, code, &reason)).collect());
             }
         };
+        let metrics = &writer.metrics[self.core];
+        metrics.received.increment(rows as u64);
+        metrics.batch_rows.record(rows as f64);
         let timestamp_us = if batch.timestamp_us > 0 {
             batch.timestamp_us
         } else {
@@ -345,57 +317,45 @@ impl IngestService {
             }
         }
         let mut written = 0u32;
-        let mut replies = Vec::with_capacity(remote.len());
-        for (owner, rows) in remote {
-            let forwarded = rows.len() as u64;
-            let (reply, outcome) = oneshot::channel();
-            let sent = self.shared.forward_queues[owner]
-                .send(ForwardBatch {
-                    writer: Arc::clone(&writer),
-                    rows,
-                    reply,
+        let batch_rows_max = self.shared.write_batch_rows_max;
+        let forwards = remote.into_iter().map(|(owner, rows)| {
+            let writer = Arc::clone(&writer);
+            let indexes: Vec<u32> = rows.iter().map(|r| r.index).collect();
+            metrics.forwarded.increment(rows.len() as u64);
+            async move {
+                let outcome = self
+                    .shared
+                    .mesh
+                    .run_on(owner, move || async move {
+                        write_rows(&writer, rows, &writer.metrics[owner], batch_rows_max).await
+                    })
+                    .await;
+                outcome.unwrap_or_else(|gone| {
+                    let reason = gone.to_string();
+                    indexes
+                        .into_iter()
+                        .map(|index| (index, Err((ErrorCode::Unavailable, reason.clone()))))
+                        .collect()
                 })
-                .await;
-            match sent {
-                Ok(()) => {
-                    metrics.forwarded.increment(forwarded);
-                    replies.push(outcome);
-                }
-                Err(mpsc::error::SendError(batch)) => {
-                    for row in batch.rows {
-                        errors.push(row_error(
-                            row.index,
-                            ErrorCode::Unavailable,
-                            "owner core is shutting down",
-                        ));
-                    }
-                }
             }
-        }
-        for (index, outcome) in write_rows(&writer, local, metrics, self.shared.write_batch_rows_max).await {
+        });
+        let (local, forwarded) = futures::join!(
+            write_rows(&writer, local, metrics, batch_rows_max),
+            futures::future::join_all(forwards)
+        );
+        for (index, outcome) in local.into_iter().chain(forwarded.into_iter().flatten()) {
             tally(index, outcome, &mut written, &mut errors);
         }
-        for reply in replies {
-            match reply.await {
-                Ok(outcomes) => {
-                    for (index, outcome) in outcomes {
-                        tally(index, outcome, &mut written, &mut errors);
-                    }
-                }
-                Err(_) => tracing::warn!(core = self.core, "owner core dropped a forwarded batch"),
-            }
-        }
         for error in &errors {
-            self.count_failed(ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Unspecified), 1);
+            metrics.failed(
+                ErrorCode::try_from(error.code)
+                    .unwrap_or(ErrorCode::Unspecified)
+                    .as_str_name(),
+                1,
+            );
         }
         errors.sort_by_key(|e| e.row);
         (written, errors)
-    }
-
-    fn count_failed(&self, code: ErrorCode, rows: usize) {
-        let core = self.shared.metrics[self.core].core.clone();
-        metrics::counter!(metric::INGEST_ROWS_FAILED, "core" => core, "code" => code.as_str_name())
-            .increment(rows as u64);
     }
 
     /// Admits `rows` rows into this core's in-flight budget.
@@ -405,7 +365,7 @@ impl IngestService {
             .acquire_many_owned(permits)
             .await
             .map_err(|_| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
-        let gauge = self.shared.metrics[self.core].inflight_rows.clone();
+        let gauge = self.shared.inflight_gauges[self.core].clone();
         gauge.increment(f64::from(permits));
         Ok(Admitted {
             _permit: permit,
@@ -489,7 +449,7 @@ pub fn bind_row(
 async fn write_rows(
     writer: &TableWriter,
     rows: Vec<PendingRow>,
-    metrics: &CoreMetrics,
+    metrics: &RowMetrics,
     batch_rows_max: usize,
 ) -> Vec<(u32, RowOutcome)> {
     let chunks = batches_by_replica_shard(rows.into_iter().map(|row| (row.replica_shard, row)), batch_rows_max);
@@ -541,19 +501,6 @@ fn transient_code(error: &ExecutionError) -> ErrorCode {
             _,
         )) => ErrorCode::Overloaded,
         _ => ErrorCode::Unavailable,
-    }
-}
-
-/// Serves the forwarded batches of one core until every sender is gone. Runs on that core.
-pub async fn serve_forwards(mut queue: mpsc::Receiver<ForwardBatch>, core: usize, shared: Arc<IngestShared>) {
-    while let Some(batch) = queue.recv().await {
-        let shared = Arc::clone(&shared);
-        glommio::spawn_local(async move {
-            let metrics = &shared.metrics[core];
-            let outcomes = write_rows(&batch.writer, batch.rows, metrics, shared.write_batch_rows_max).await;
-            let _ = batch.reply.send(outcomes);
-        })
-        .detach();
     }
 }
 

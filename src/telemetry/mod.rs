@@ -6,23 +6,84 @@ use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
 
-/// Every metric name, in one place. Labels: `core` (data-plane core index), `code` (row error
-/// code); all bounded.
+/// Every metric name, in one place. Labels: `core` (data-plane core index), `table`
+/// (`keyspace.table`), `source` (`grpc` or the route's name), `code` (row error code); all bounded
+/// by configuration, the cores and the tables that exist.
 pub mod metric {
-    /// Rows received by the ingest API, by the core that received them.
-    pub const INGEST_ROWS_RECEIVED: &str = "shardgate_ingest_rows_received_total";
+    /// Rows received (from a producer or a source message), by the core that received them.
+    pub const ROWS_RECEIVED: &str = "shardgate_rows_received_total";
     /// Rows confirmed by the database, by the core that wrote them.
-    pub const INGEST_ROWS_WRITTEN: &str = "shardgate_ingest_rows_written_total";
-    /// Rows rejected or failed, by core and error code.
-    pub const INGEST_ROWS_FAILED: &str = "shardgate_ingest_rows_failed_total";
-    /// Rows a core received but did not own, forwarded once to their owner core.
-    pub const INGEST_ROWS_FORWARDED: &str = "shardgate_ingest_rows_forwarded_total";
-    /// Rows admitted into a core's in-flight budget and not yet answered.
+    pub const ROWS_WRITTEN: &str = "shardgate_rows_written_total";
+    /// Rows rejected or failed, by core, table, source and error code.
+    pub const ROWS_FAILED: &str = "shardgate_rows_failed_total";
+    /// Rows a core received but did not own, handed once to their owner core.
+    pub const ROWS_FORWARDED: &str = "shardgate_rows_forwarded_total";
+    /// Rows admitted into a core's in-flight budget and not yet answered (ingest API).
     pub const INGEST_ROWS_IN_FLIGHT: &str = "shardgate_ingest_rows_in_flight";
     /// Rows per received batch.
-    pub const INGEST_BATCH_ROWS: &str = "shardgate_ingest_batch_rows";
-    /// Latency of one row write (send to database confirmation, retries included).
+    pub const BATCH_ROWS: &str = "shardgate_batch_rows";
+    /// Latency of one database write (a row or an UNLOGGED batch; retries included).
     pub const WRITE_LATENCY_SECONDS: &str = "shardgate_write_latency_seconds";
+    /// Messages of a Kafka partition not yet consumed (high watermark minus position), by route
+    /// and partition.
+    pub const KAFKA_CONSUMER_LAG: &str = "shardgate_kafka_consumer_lag";
+}
+
+/// Metric handles of one (source, table, core), registered once so that label allocation and
+/// registry lookups stay off the per-row path.
+#[derive(Clone)]
+pub struct RowMetrics {
+    core: String,
+    table: String,
+    source: String,
+    /// Rows received.
+    pub received: metrics::Counter,
+    /// Rows written.
+    pub written: metrics::Counter,
+    /// Rows forwarded to their owner core.
+    pub forwarded: metrics::Counter,
+    /// Rows per received batch.
+    pub batch_rows: metrics::Histogram,
+    /// Latency of one database write.
+    pub write_latency: metrics::Histogram,
+}
+
+impl RowMetrics {
+    /// Handles for rows of `table` from `source` on `core`.
+    pub fn new(source: &str, table: &str, core: usize) -> RowMetrics {
+        let labels = [
+            ("core", core.to_string()),
+            ("table", table.to_string()),
+            ("source", source.to_string()),
+        ];
+        RowMetrics {
+            received: metrics::counter!(metric::ROWS_RECEIVED, &labels),
+            written: metrics::counter!(metric::ROWS_WRITTEN, &labels),
+            forwarded: metrics::counter!(metric::ROWS_FORWARDED, &labels),
+            batch_rows: metrics::histogram!(metric::BATCH_ROWS, &labels),
+            write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, &labels),
+            core: core.to_string(),
+            table: table.to_string(),
+            source: source.to_string(),
+        }
+    }
+
+    /// One handle set per core.
+    pub fn per_core(source: &str, table: &str, cores: usize) -> Vec<RowMetrics> {
+        (0..cores).map(|core| RowMetrics::new(source, table, core)).collect()
+    }
+
+    /// Counts `rows` failed rows with error `code` (not on the hot path).
+    pub fn failed(&self, code: &str, rows: u64) {
+        metrics::counter!(
+            metric::ROWS_FAILED,
+            "core" => self.core.clone(),
+            "table" => self.table.clone(),
+            "source" => self.source.clone(),
+            "code" => code.to_string()
+        )
+        .increment(rows);
+    }
 }
 
 /// Installs the global tracing subscriber: compact text to stderr, thread names shown (they

@@ -13,8 +13,8 @@ use tonic::transport::Channel;
 
 use crate::{gateway_binary, gateway_lock, Names};
 
-const FORWARDED: &str = "shardgate_ingest_rows_forwarded_total";
-const WRITTEN: &str = "shardgate_ingest_rows_written_total";
+const FORWARDED: &str = shardgate::telemetry::metric::ROWS_FORWARDED;
+const WRITTEN: &str = shardgate::telemetry::metric::ROWS_WRITTEN;
 const BATCH_ROWS: i64 = 500;
 /// RSS ceiling for a gateway with `inflight_rows_per_core_max = 2048` under a producer faster
 /// than Cassandra.

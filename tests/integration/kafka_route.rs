@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use shardgate::devkit::{self, Gateway};
+use shardgate::telemetry::metric;
 
 use crate::{gateway_binary, gateway_lock, wait_committed, Names};
 
@@ -65,10 +66,27 @@ async fn hundred_thousand_messages_land_exactly() {
     let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
         .expect("gateway starts");
     wait_committed(&names, PARTITIONS, count as i64, DEADLINE);
+    let written_by_core = |core: usize| {
+        let core = core.to_string();
+        let labels = [("source", "orders"), ("core", core.as_str())];
+        devkit::scrape_metric_where(devkit::ADMIN_LISTEN, metric::ROWS_WRITTEN, &labels).expect("metrics")
+    };
+    let cores = shardgate::runtime::data_plane_cpus(None).expect("hwloc").len();
+    let written: Vec<f64> = (0..cores).map(written_by_core).collect();
+    let forwarded = devkit::scrape_metric_where(devkit::ADMIN_LISTEN, metric::ROWS_FORWARDED, &[("source", "orders")])
+        .expect("metrics");
     let status = gateway.stop().expect("stop gateway");
     assert!(status.success(), "graceful stop exits 0, got {status}");
 
     assert_all_orders_exact(&names, count).await;
+    // Every row is written by the core that owns its token, whichever core read its partition.
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let owned = devkit::orders_per_owner_core(&session, &names.keyspace, count, cores).expect("ownership");
+    let owned: Vec<f64> = owned.into_iter().map(|n| n as f64).collect();
+    assert_eq!(written, owned, "rows written per core vs rows each core owns");
+    if cores > 1 {
+        assert!(forwarded > 0.0, "partitions' cores hand foreign rows to their owners");
+    }
     let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
     assert_eq!(committed, end, "every partition committed to its end");
 }

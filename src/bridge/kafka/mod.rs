@@ -5,11 +5,13 @@
 //!   (which also drives rebalances), hands each message to the core that owns its partition
 //!   (`topology::kafka_partition_owner`) in batches over a bounded channel, and stores offsets
 //!   from the contiguous watermark as completions come back;
-//! - each core runs [`run_on_core`]: decode and map a batch, group rows by replica and shard (the
-//!   ownership snapshot), write each group in UNLOGGED batches with retry, dead-letter what
-//!   cannot be mapped or written, then report completions. Messages in flight per core and route
-//!   are bounded by a semaphore. (Rows are not yet forwarded to their token's owner core: a
-//!   partition's rows are written by the partition's core.)
+//! - each core runs [`run_on_core`] for the partitions it owns: decode and map a batch, place
+//!   each row (token → replica, shard, owner core), keep the rows it owns and hand every other
+//!   owner its rows in one task over the cross-core mesh (`runtime::mesh`); each owner writes
+//!   its rows in UNLOGGED batches of one replica and shard with retry. What cannot be mapped or
+//!   written is dead-lettered; completions are reported once the owner's write (or the dead
+//!   letter) is confirmed. Messages in flight per core and route are bounded by a semaphore that
+//!   is held until the owners answer.
 //!
 //! Delivery contract: an offset is stored (and later auto-committed) only after the message and
 //! every message before it in its partition is written or dead-lettered; a `kill -9` therefore
@@ -38,8 +40,10 @@ use arc_swap::ArcSwap;
 
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::{write_timestamp_us, RowMapper, RowValues};
+use crate::runtime::mesh::Mesh;
 use crate::sink::scylla::{batches_by_replica_shard, place_row, with_timestamp, write_rows_once, Retries};
-use crate::topology::{kafka_partition_owner, Ownership};
+use crate::telemetry::RowMetrics;
+use crate::topology::{kafka_partition_owner, Ownership, ReplicaShard};
 use dead_letter::{DeadLetter, DeadLetterTopic};
 use watermark::Watermarks;
 
@@ -73,6 +77,9 @@ pub struct KafkaWork {
 
 /// A message and the row it maps to.
 type MappedRow = (KafkaWork, RowValues);
+
+/// A mapped row with the replica and shard it belongs to.
+type PlacedRow = (ReplicaShard, MappedRow);
 
 /// A message that is written or dead-lettered.
 #[derive(Debug, Clone, Copy)]
@@ -111,72 +118,110 @@ pub struct RouteWriter {
     pub completions: crossbeam_channel::Sender<Completion>,
     /// Route counters.
     pub counters: Arc<RouteCounters>,
-    /// Ring snapshot: groups rows by replica and shard for batching.
+    /// Ring snapshot: each row's replica, shard and owner core.
     pub ownership: Arc<ArcSwap<Ownership>>,
     /// Rows per UNLOGGED batch.
     pub batch_rows_max: usize,
+    /// The cross-core mesh rows travel to their owner core on.
+    pub mesh: Arc<Mesh>,
+    /// Metric handles of the route's table, one per core.
+    pub metrics: Vec<RowMetrics>,
 }
 
 impl RouteWriter {
-    /// Maps a batch of messages, writes the rows in UNLOGGED batches of one replica and shard,
-    /// dead-letters what cannot be mapped or written, and reports every message's completion
-    /// only after its row is written or its dead letter delivered.
-    async fn process_batch(&self, batch: Vec<KafkaWork>) {
+    /// Maps a batch of messages received on `core`, writes each row on its owner core (in
+    /// UNLOGGED batches of one replica and shard), dead-letters what cannot be mapped or
+    /// written, and reports every message's completion only after its row is written or its
+    /// dead letter delivered. Returns once every owner has answered.
+    async fn process_batch(self: &Arc<Self>, core: usize, batch: Vec<KafkaWork>) {
         let ownership = self.ownership.load();
-        let mut mapped = Vec::new();
+        let metrics = &self.metrics[core];
+        metrics.received.increment(batch.len() as u64);
+        metrics.batch_rows.record(batch.len() as f64);
+        let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         for work in batch {
             match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
                 Ok(values) => {
                     let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.offset));
-                    let replica_shard =
-                        place_row(&self.insert, &values, &ownership).map_or((None, 0), |p| p.replica_shard());
-                    mapped.push((replica_shard, (work, values)));
+                    let placement = place_row(&self.insert, &values, &ownership);
+                    let owner = placement.map_or(core, |p| p.core);
+                    let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
+                    by_owner.entry(owner).or_default().push((replica_shard, (work, values)));
                 }
                 Err(error) => unmappable.push((work, error)),
             }
         }
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
-            self.dead_letter(&work, error.code(), &error.to_string()).await;
+            self.dead_letter(core, &work, error.code(), &error.to_string()).await;
             self.complete(&work);
         });
-        let chunks = batches_by_replica_shard(mapped, self.batch_rows_max);
-        let writes = chunks.into_iter().map(|chunk| self.write_chunk(chunk));
+        let writes = by_owner.into_iter().map(|(owner, rows)| async move {
+            if owner == core {
+                return self.write_rows(core, rows).await;
+            }
+            metrics.forwarded.increment(rows.len() as u64);
+            let writer = Arc::clone(self);
+            let forwarded = self
+                .mesh
+                .run_on(owner, move || async move { writer.write_rows(owner, rows).await })
+                .await;
+            if let Err(gone) = forwarded {
+                // Only at shutdown. The rows' messages are never completed, so their offsets are
+                // not stored and they replay on the next start.
+                tracing::warn!(route = %self.route, %gone, "rows not forwarded; they replay on restart");
+            }
+        });
         futures::join!(
             futures::future::join_all(dead_letters),
             futures::future::join_all(writes)
         );
     }
 
-    /// Writes one chunk, retrying transient failures until they pass. If the database refuses
-    /// the chunk for a permanent reason, its rows are written one by one so only the refused
-    /// ones are dead-lettered.
-    async fn write_chunk(&self, chunk: Vec<MappedRow>) {
+    /// Writes rows on `core` in UNLOGGED batches of one replica and shard.
+    async fn write_rows(&self, core: usize, rows: Vec<PlacedRow>) {
+        let chunks = batches_by_replica_shard(rows, self.batch_rows_max);
+        let writes = chunks.into_iter().map(|chunk| self.write_chunk(core, chunk));
+        futures::future::join_all(writes).await;
+    }
+
+    /// Writes one chunk on `core`, retrying transient failures until they pass. If the database
+    /// refuses the chunk for a permanent reason, its rows are written one by one so only the
+    /// refused ones are dead-lettered.
+    async fn write_chunk(&self, core: usize, chunk: Vec<MappedRow>) {
+        let metrics = &self.metrics[core];
         let rows: Vec<&RowValues> = chunk.iter().map(|(_, values)| values).collect();
+        let started = Instant::now();
         let outcome = write_rows_once(&self.session, &self.insert, &rows, Retries::Forever).await;
+        metrics.write_latency.record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
                 self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                metrics.written.increment(chunk.len() as u64);
                 chunk.iter().for_each(|(work, _)| self.complete(work));
             }
             Err(_) if chunk.len() > 1 => {
-                let singles = chunk.into_iter().map(|single| self.write_chunk_single(single));
+                let singles = chunk.into_iter().map(|single| self.write_single(core, single));
                 futures::future::join_all(singles).await;
             }
             Err(error) => {
                 let (work, _) = &chunk[0];
-                self.dead_letter(work, "write_rejected", &error.to_string()).await;
+                self.dead_letter(core, work, "write_rejected", &error.to_string()).await;
                 self.complete(work);
             }
         }
     }
 
-    async fn write_chunk_single(&self, (work, values): MappedRow) {
+    async fn write_single(&self, core: usize, (work, values): MappedRow) {
         match write_rows_once(&self.session, &self.insert, &[&values], Retries::Forever).await {
             Ok(()) => {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
+                self.metrics[core].written.increment(1);
             }
-            Err(error) => self.dead_letter(&work, "write_rejected", &error.to_string()).await,
+            Err(error) => {
+                self.dead_letter(core, &work, "write_rejected", &error.to_string())
+                    .await
+            }
         }
         self.complete(&work);
     }
@@ -191,7 +236,8 @@ impl RouteWriter {
         });
     }
 
-    async fn dead_letter(&self, work: &KafkaWork, reason_code: &str, reason: &str) {
+    async fn dead_letter(&self, core: usize, work: &KafkaWork, reason_code: &str, reason: &str) {
+        self.metrics[core].failed(reason_code, 1);
         tracing::debug!(route = %self.route, partition = work.partition, offset = work.offset, reason_code, reason, "dead-lettering message");
         self.dead_letter
             .send(&DeadLetter {
@@ -208,10 +254,11 @@ impl RouteWriter {
     }
 }
 
-/// Runs on a core: processes the batches this core receives for one route, with at most
-/// `inflight_max` messages in flight, until the poll thread closes the queue; then waits for the
-/// messages still in flight.
+/// Runs on core `core`: processes the batches this core receives for one route, with at most
+/// `inflight_max` messages in flight (forwarded rows included), until the poll thread closes the
+/// queue; then waits for the messages still in flight.
 pub async fn run_on_core(
+    core: usize,
     writer: Arc<RouteWriter>,
     mut queue: tokio::sync::mpsc::Receiver<Vec<KafkaWork>>,
     inflight_max: usize,
@@ -224,7 +271,7 @@ pub async fn run_on_core(
         };
         let writer = Arc::clone(&writer);
         glommio::spawn_local(async move {
-            writer.process_batch(batch).await;
+            writer.process_batch(core, batch).await;
             drop(permit);
         })
         .detach();
