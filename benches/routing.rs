@@ -5,7 +5,8 @@
 //! - `routing/client_token`: the shard-aware client's token for a bigint partition key (driver
 //!   serialization + the driver's Murmur3);
 //! - `ingest/decode_and_bind`: protobuf decode of a 500-row `WriteRequest` of 100-byte rows and
-//!   conversion of every row to bound CQL values;
+//!   conversion of every row to bound CQL values; `ingest/flat_decode_and_bind`: the same rows as
+//!   a FlatBuffers `RowBatch` (verify, read, bind);
 //! - `mesh/forward_hop`: running a task that carries a 500-row batch on another core through
 //!   `runtime::mesh` (the same inbox, `spawn_local` and reply every forward uses) and awaiting
 //!   its answer.
@@ -17,6 +18,7 @@ use prost::Message;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 use shardgate::client::row_token;
 use shardgate::devkit;
+use shardgate::ingest::flat::{decode_row_batch, encode_row_batch};
 use shardgate::ingest::proto::{RowBatch, WriteRequest};
 use shardgate::ingest::service::bind_row;
 use shardgate::runtime::mesh::{self, Mesh};
@@ -79,6 +81,7 @@ fn decode_and_bind(c: &mut Criterion) {
         rows: (0..500).map(devkit::event_row).collect(),
         timestamp_us: 0,
     };
+    let flat = encode_row_batch(&batch);
     let bytes = WriteRequest { batch: Some(batch) }.encode_to_vec();
     let types = vec![
         ColumnType::Native(NativeType::BigInt),
@@ -96,6 +99,16 @@ fn decode_and_bind(c: &mut Criterion) {
         b.iter(|| {
             let request = WriteRequest::decode(bytes.as_slice()).expect("decode");
             let batch = request.batch.expect("batch");
+            batch
+                .rows
+                .iter()
+                .filter_map(|row| bind_row(&types, &[0], row, 1).ok())
+                .count()
+        })
+    });
+    group.bench_function("flat_decode_and_bind", |b| {
+        b.iter(|| {
+            let batch = decode_row_batch(&flat).expect("verified");
             batch
                 .rows
                 .iter()

@@ -18,8 +18,11 @@ use scylla::serialize::writers::CellWriter;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ingest::convert::{parse_native_type, to_cql};
+use crate::ingest::flat::encode_row_batch;
 use crate::ingest::proto::ingest_client::IngestClient;
-use crate::ingest::proto::{GetTopologyRequest, Row, RowBatch, RowError, WriteRequest, WriteResponse};
+use crate::ingest::proto::{
+    GetTopologyRequest, Row, RowBatch, RowError, WriteFlatRequest, WriteRequest, WriteResponse,
+};
 use crate::topology::{NodeShards, Ownership};
 
 /// Errors connecting the client.
@@ -173,14 +176,30 @@ impl ShardAwareClient {
     /// Writes a batch: each part to its owner core's endpoint, concurrently; per-row errors come
     /// back against the original row indexes.
     pub async fn write(&self, batch: RowBatch) -> Result<WriteResponse, tonic::Status> {
+        self.write_parts(batch, Encoding::Protobuf).await
+    }
+
+    /// Like [`ShardAwareClient::write`], sending each part as a FlatBuffers row batch
+    /// (`WriteFlat`).
+    pub async fn write_flat(&self, batch: RowBatch) -> Result<WriteResponse, tonic::Status> {
+        self.write_parts(batch, Encoding::FlatBuffers).await
+    }
+
+    async fn write_parts(&self, batch: RowBatch, encoding: Encoding) -> Result<WriteResponse, tonic::Status> {
         let calls = self.split(batch).into_iter().map(|(owner, part, indexes)| {
             let mut client = match owner {
                 Some(core) => self.core_client(core),
                 None => self.shared_client(),
             };
             async move {
-                let response = client.write(WriteRequest { batch: Some(part) }).await?.into_inner();
-                Ok::<_, tonic::Status>((response, indexes))
+                let response = match encoding {
+                    Encoding::Protobuf => client.write(WriteRequest { batch: Some(part) }).await?,
+                    Encoding::FlatBuffers => {
+                        let row_batch = encode_row_batch(&part);
+                        client.write_flat(WriteFlatRequest { row_batch }).await?
+                    }
+                };
+                Ok::<_, tonic::Status>((response.into_inner(), indexes))
             }
         });
         let mut merged = WriteResponse {
@@ -198,6 +217,13 @@ impl ShardAwareClient {
         merged.errors.sort_by_key(|e| e.row);
         Ok(merged)
     }
+}
+
+/// How a batch travels to the gateway.
+#[derive(Debug, Clone, Copy)]
+enum Encoding {
+    Protobuf,
+    FlatBuffers,
 }
 
 /// The token of `row`'s partition key: each key column's value serialized by the driver's
@@ -256,6 +282,7 @@ pub async fn stream_batches(
     let requests = futures::stream::iter(batches.into_iter().enumerate().map(|(id, batch)| WriteStreamRequest {
         batch_id: id as u64,
         batch: Some(batch),
+        flat_batch: Vec::new(),
     }));
     let mut responses = client.write_stream(requests).await?.into_inner();
     let mut summary = StreamSummary::default();

@@ -25,10 +25,11 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{cql_type_name, to_cql};
+use super::flat::decode_row_batch;
 use super::proto::ingest_server::Ingest;
 use super::proto::{
     ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch, RowError,
-    TableKey, Topology, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
+    TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use super::status::status;
 use crate::mapping::{RowValues, TableSchema};
@@ -504,6 +505,17 @@ fn transient_code(error: &ExecutionError) -> ErrorCode {
     }
 }
 
+/// The rows of one stream message: the protobuf batch, else the FlatBuffers one.
+fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, Status> {
+    match batch {
+        Some(batch) => Ok(batch),
+        None if !flat_batch.is_empty() => {
+            decode_row_batch(flat_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))
+        }
+        None => Err(Status::invalid_argument("`batch` or `flat_batch` is required")),
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -513,6 +525,14 @@ impl Ingest for IngestService {
             .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
+        let _permit = self.admit(batch.rows.len()).await?;
+        let (written, errors) = self.write_batch(batch).await;
+        Ok(Response::new(WriteResponse { written, errors }))
+    }
+
+    async fn write_flat(&self, request: Request<WriteFlatRequest>) -> Result<Response<WriteResponse>, Status> {
+        let batch = decode_row_batch(&request.into_inner().row_batch)
+            .map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
         let _permit = self.admit(batch.rows.len()).await?;
         let (written, errors) = self.write_batch(batch).await;
         Ok(Response::new(WriteResponse { written, errors }))
@@ -541,11 +561,12 @@ impl Ingest for IngestService {
                         break;
                     }
                 };
-                let Some(batch) = message.batch else {
-                    let _ = responses
-                        .send(Err(Status::invalid_argument("`batch` is required")))
-                        .await;
-                    break;
+                let batch = match stream_batch(message.batch, &message.flat_batch) {
+                    Ok(batch) => batch,
+                    Err(status) => {
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
                 };
                 let permit = match service.admit(batch.rows.len()).await {
                     Ok(permit) => permit,

@@ -8,7 +8,9 @@ use shardgate::client::{stream_batches, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
 use shardgate::ingest::proto::ingest_client::IngestClient;
 use shardgate::ingest::proto::value::Kind;
-use shardgate::ingest::proto::{ErrorCode, Row, RowBatch, Value, WriteRequest, WriteResponse};
+use shardgate::ingest::proto::{
+    ErrorCode, Row, RowBatch, Value, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
+};
 use tonic::transport::Channel;
 
 use crate::{gateway_binary, gateway_lock, Names};
@@ -258,4 +260,62 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
         .await
         .expect("count");
     assert_eq!(written, 7);
+}
+
+/// FlatBuffers row batches (`schemas/row_batch.fbs`) through `WriteFlat` from the shard-aware
+/// client land with exact values and no forwards; a buffer that fails verification is refused
+/// with a reason, as a stream message too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flatbuffers_batches_land_exactly_and_bad_buffers_are_refused() {
+    let _lock = gateway_lock().await;
+    let count = 20_000;
+    let Setup {
+        names,
+        gateway,
+        table,
+        client,
+        ..
+    } = setup("flat").await;
+
+    let mut written = 0;
+    for batch in batches(&table, count) {
+        let response = client.write_flat(batch).await.expect("write_flat");
+        assert!(response.errors.is_empty(), "row errors: {:?}", response.errors);
+        written += u64::from(response.written);
+    }
+    assert_eq!(written, count as u64);
+    assert_eq!(
+        devkit::scrape_metric(devkit::ADMIN_LISTEN, FORWARDED).expect("metrics"),
+        0.0,
+        "zero forwards"
+    );
+
+    let mut plain = client.shared_client();
+    let garbage = vec![0xFF; 64];
+    let refused = plain
+        .write_flat(WriteFlatRequest {
+            row_batch: garbage.clone(),
+        })
+        .await
+        .expect_err("garbage refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("not a valid FlatBuffers"),
+        "{}",
+        refused.message()
+    );
+    let request = WriteStreamRequest {
+        batch_id: 7,
+        batch: None,
+        flat_batch: garbage,
+    };
+    let streamed = match plain.write_stream(futures::stream::iter([request])).await {
+        Ok(response) => response.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let status = streamed.expect_err("garbage in a stream is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+
+    assert!(gateway.stop().expect("stop").success());
+    assert_events_exact(&names, count as u64).await;
 }
