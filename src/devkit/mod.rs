@@ -248,6 +248,16 @@ pub fn produce<I>(topic: &str, messages: I) -> anyhow::Result<u64>
 where
     I: IntoIterator<Item = (String, Vec<u8>)>,
 {
+    produce_at(topic, messages, None)
+}
+
+/// Like [`produce`], sending at most `per_second` messages per second when given (each message
+/// carries its send time as its Kafka timestamp).
+pub fn produce_at<I>(topic: &str, messages: I, per_second: Option<u64>) -> anyhow::Result<u64>
+where
+    I: IntoIterator<Item = (String, Vec<u8>)>,
+{
+    let started = std::time::Instant::now();
     let producer: BaseProducer<DeliveryFailures> = ClientConfig::new()
         .set("bootstrap.servers", KAFKA)
         .set("acks", "all")
@@ -271,6 +281,16 @@ where
             }
         }
         sent += 1;
+        if let Some(rate) = per_second.filter(|&r| r > 0) {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(ahead) = due
+                .checked_sub(started.elapsed())
+                .filter(|a| *a >= Duration::from_millis(1))
+            {
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(ahead);
+            }
+        }
     }
     producer.flush(Timeout::After(Duration::from_secs(120)))?;
     let failed = producer.context().0.load(Ordering::Relaxed);
@@ -667,6 +687,11 @@ pub fn scrape_metric(addr: &str, name: &str) -> anyhow::Result<f64> {
 
 /// The sum of metric `name`'s samples whose labels include every `(label, value)` of `labels`.
 pub fn scrape_metric_where(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    Ok(scrape_samples(addr, name, labels)?.into_iter().sum())
+}
+
+/// Every sample of metric `name` whose labels include every `(label, value)` of `labels`.
+pub fn scrape_samples(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<Vec<f64>> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach metrics at {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -685,7 +710,7 @@ pub fn scrape_metric_where(addr: &str, name: &str, labels: &[(&str, &str)]) -> a
                 .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+        .collect())
 }
 
 /// Resident set size of process `pid` in bytes, from /proc.

@@ -24,6 +24,9 @@ pub mod metric {
     pub const BATCH_ROWS: &str = "shardgate_batch_rows";
     /// Latency of one database write (a row or an UNLOGGED batch; retries included).
     pub const WRITE_LATENCY_SECONDS: &str = "shardgate_write_latency_seconds";
+    /// From a source message's timestamp (Kafka create or log-append time) to its rows being
+    /// confirmed by the database or its dead letter delivered, by route.
+    pub const DELIVERY_LATENCY_SECONDS: &str = "shardgate_delivery_latency_seconds";
     /// Messages of a Kafka partition not yet consumed (high watermark minus position), by route
     /// and partition.
     pub const KAFKA_CONSUMER_LAG: &str = "shardgate_kafka_consumer_lag";
@@ -46,6 +49,8 @@ pub struct RowMetrics {
     pub batch_rows: metrics::Histogram,
     /// Latency of one database write.
     pub write_latency: metrics::Histogram,
+    /// Source message time to confirmed (bridges).
+    pub delivery_latency: metrics::Histogram,
 }
 
 impl RowMetrics {
@@ -62,6 +67,7 @@ impl RowMetrics {
             forwarded: metrics::counter!(metric::ROWS_FORWARDED, &labels),
             batch_rows: metrics::histogram!(metric::BATCH_ROWS, &labels),
             write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, &labels),
+            delivery_latency: metrics::histogram!(metric::DELIVERY_LATENCY_SECONDS, &labels),
             core: core.to_string(),
             table: table.to_string(),
             source: source.to_string(),

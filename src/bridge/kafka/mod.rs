@@ -154,7 +154,7 @@ impl RouteWriter {
         }
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
             self.dead_letter(core, &work, error.code(), &error.to_string()).await;
-            self.complete(&work);
+            self.complete(core, &work);
         });
         let writes = by_owner.into_iter().map(|(owner, rows)| async move {
             if owner == core {
@@ -198,7 +198,7 @@ impl RouteWriter {
             Ok(()) => {
                 self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 metrics.written.increment(chunk.len() as u64);
-                chunk.iter().for_each(|(work, _)| self.complete(work));
+                chunk.iter().for_each(|(work, _)| self.complete(core, work));
             }
             Err(_) if chunk.len() > 1 => {
                 let singles = chunk.into_iter().map(|single| self.write_single(core, single));
@@ -207,7 +207,7 @@ impl RouteWriter {
             Err(error) => {
                 let (work, _) = &chunk[0];
                 self.dead_letter(core, work, "write_rejected", &error.to_string()).await;
-                self.complete(work);
+                self.complete(core, work);
             }
         }
     }
@@ -223,12 +223,16 @@ impl RouteWriter {
                     .await
             }
         }
-        self.complete(&work);
+        self.complete(core, &work);
     }
 
     /// Reports a message done. The poll thread outlives every writer task; a closed channel
     /// only happens after a shutdown deadline, when the message is replayed anyway.
-    fn complete(&self, work: &KafkaWork) {
+    fn complete(&self, core: usize, work: &KafkaWork) {
+        if let Some(sent_ms) = work.timestamp_ms {
+            let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
+            self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
+        }
         let _ = self.completions.send(Completion {
             partition: work.partition,
             epoch: work.epoch,
