@@ -18,7 +18,10 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::bridge::kafka::{self, Poller, RouteCounters, RouteWriter, CORE_QUEUE_BATCHES_MAX};
+use crate::bridge::dead_letter::{DeadLetterSink, DeadLetterSubject, DeadLetterTopic};
+use crate::bridge::kafka::{self, Poller};
+use crate::bridge::nats;
+use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, CORE_QUEUE_BATCHES_MAX};
 use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
@@ -44,7 +47,7 @@ struct CoreIngest {
 /// One route's share of a core: its writer and the queue the poll thread fills.
 struct CoreRoute {
     writer: Arc<RouteWriter>,
-    queue: tokio::sync::mpsc::Receiver<Vec<kafka::KafkaWork>>,
+    queue: tokio::sync::mpsc::Receiver<Vec<SourceMessage>>,
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C.
@@ -71,6 +74,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
+    let mut jetstream_pullers = Vec::new();
+    let mut nats_clients = Vec::new();
     for route in &config.routes {
         let schema = island.block_on(scylla::table_schema(
             &session,
@@ -83,50 +88,76 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             &session,
             &mapper.insert_statement(&route.keyspace, &route.table),
         ))?;
-        let SourceConfig::Kafka(source) = &route.source;
-        let DeadLetterConfig::Kafka {
-            brokers,
-            topic: dead_letter_topic,
-        } = &route.dead_letter;
-        let dead_letter = kafka::dead_letter::DeadLetterTopic::new(brokers, dead_letter_topic, &route.name)
-            .with_context(|| format!("route `{}`: cannot create the dead-letter producer", route.name))?;
-        let consumer = kafka::subscribe(source, &route.name)
-            .with_context(|| format!("route `{}`: cannot reach Kafka at `{}`", route.name, source.brokers))?;
-        let (completions_tx, completions_rx) = crossbeam_channel::unbounded();
+        let dead_letter = match &route.dead_letter {
+            DeadLetterConfig::Kafka { brokers, topic } => DeadLetterSink::Kafka(
+                DeadLetterTopic::new(brokers, topic)
+                    .with_context(|| format!("route `{}`: cannot create the dead-letter producer", route.name))?,
+            ),
+            DeadLetterConfig::Nats { url, subject } => {
+                let client = island
+                    .block_on(nats::connect(url, &route.name))
+                    .with_context(|| format!("route `{}`: dead-letter subject", route.name))?;
+                nats_clients.push(client.clone());
+                DeadLetterSink::Nats(DeadLetterSubject::new(client, subject))
+            }
+        };
         let counters = Arc::new(RouteCounters::default());
+        let mut queues = Vec::with_capacity(cpus.len());
+        let mut receivers = Vec::with_capacity(cpus.len());
+        for _ in 0..cpus.len() {
+            let (tx, rx) = tokio::sync::mpsc::channel(CORE_QUEUE_BATCHES_MAX);
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        let (source_name, completions) = match &route.source {
+            SourceConfig::Kafka(source) => {
+                let consumer = kafka::subscribe(source, &route.name)
+                    .with_context(|| format!("route `{}`: cannot reach Kafka at `{}`", route.name, source.brokers))?;
+                let (completions_tx, completions_rx) = crossbeam_channel::unbounded();
+                pollers.push(Poller {
+                    route: route.name.clone(),
+                    topic: source.topic.clone(),
+                    consumer,
+                    queues,
+                    completions: completions_rx,
+                    shutdown: Arc::clone(&shutdown),
+                    drain_deadline: config.runtime.shutdown_deadline,
+                    counters: Arc::clone(&counters),
+                });
+                (source.topic.clone(), Some(completions_tx))
+            }
+            SourceConfig::JetStream(source) => {
+                let client = island
+                    .block_on(nats::connect(&source.url, &route.name))
+                    .with_context(|| format!("route `{}`", route.name))?;
+                nats_clients.push(client.clone());
+                let consumer = island
+                    .block_on(nats::consumer(client, source))
+                    .with_context(|| format!("route `{}`", route.name))?;
+                jetstream_pullers.push((route.name.clone(), consumer, queues, Arc::clone(&counters)));
+                (source.stream.clone(), None)
+            }
+        };
         let writer = Arc::new(RouteWriter {
             route: route.name.clone(),
-            topic: source.topic.clone(),
+            source: source_name,
             mapper,
             session: Arc::clone(&session),
             insert,
             dead_letter,
-            completions: completions_tx,
-            counters: Arc::clone(&counters),
+            completions,
+            counters,
             ownership: Arc::clone(&ownership),
             batch_rows_max: config.runtime.write_batch_rows_max,
             mesh: Arc::clone(&mesh),
             metrics: RowMetrics::per_core(&route.name, &format!("{}.{}", route.keyspace, route.table), cpus.len()),
         });
-        let mut queues = Vec::with_capacity(cpus.len());
-        for core_routes in &mut per_core {
-            let (tx, rx) = tokio::sync::mpsc::channel(CORE_QUEUE_BATCHES_MAX);
-            queues.push(tx);
+        for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
             core_routes.push(CoreRoute {
                 writer: Arc::clone(&writer),
-                queue: rx,
+                queue,
             });
         }
-        pollers.push(Poller {
-            route: route.name.clone(),
-            topic: source.topic.clone(),
-            consumer,
-            queues,
-            completions: completions_rx,
-            shutdown: Arc::clone(&shutdown),
-            drain_deadline: config.runtime.shutdown_deadline,
-            counters,
-        });
         tracing::info!(route = %route.name, table = %format!("{}.{}", route.keyspace, route.table), "route ready");
     }
 
@@ -176,7 +207,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             move || async move {
                 let tasks = routes
                     .into_iter()
-                    .map(|r| kafka::run_on_core(core, r.writer, r.queue, inflight_max));
+                    .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));
                 let ingest = async move {
                     match ingest {
                         Some(part) => serve_ingest_on_core(core, part, stop, bound).await,
@@ -206,6 +237,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         let name = format!("poll-{}", poller.route);
         poll_threads.push(spawn_housekeeping(&name, move || poller.run()).context("cannot start a poll thread")?);
     }
+    let pull_tasks: Vec<_> = jetstream_pullers
+        .into_iter()
+        .map(|(name, consumer, queues, counters)| {
+            island
+                .handle()
+                .spawn(nats::pull(name, consumer, queues, counters, stop_rx.clone()))
+        })
+        .collect();
     if let Some(ingest) = &config.ingest {
         tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
     }
@@ -218,7 +257,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     for thread in poll_threads {
         let _ = thread.join();
     }
+    for task in pull_tasks {
+        let _ = island.block_on(task);
+    }
     join_cores_within(cores, config.runtime.shutdown_deadline);
+    // Acks and dead letters the cores published leave before the process does.
+    for client in nats_clients {
+        let _ = island.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.flush()).await });
+    }
     Ok(())
 }
 

@@ -1,4 +1,8 @@
-//! Sources that feed routes. One folder per broker with the same files in each (`mod.rs` for
-//! the consumer and per-core writer, `dead_letter.rs`, `watermark.rs` where acks are ordered).
+//! Sources that feed routes. `route` is the per-core half every source shares (map, route to
+//! the owner core, write, dead-letter, complete); `dead_letter` the destinations; one module per
+//! broker for its consumer (`kafka`: poll thread and watermark; `nats`: JetStream puller).
 
+pub mod dead_letter;
 pub mod kafka;
+pub mod nats;
+pub mod route;

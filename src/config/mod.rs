@@ -183,6 +183,25 @@ impl fmt::Display for FieldRef {
 pub enum SourceConfig {
     /// A Kafka consumer group on one topic.
     Kafka(KafkaSourceConfig),
+    /// A JetStream durable pull consumer.
+    JetStream(JetStreamSourceConfig),
+}
+
+/// JetStream consumer settings of one route.
+#[derive(Debug, Clone)]
+pub struct JetStreamSourceConfig {
+    /// NATS server URL.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subjects to create the stream with if it does not exist (empty: it must exist).
+    pub subjects: Vec<String>,
+    /// Durable consumer name.
+    pub durable: String,
+    /// Delivered-but-unacked bound.
+    pub max_ack_pending: i64,
+    /// Redelivery delay of an unacked message.
+    pub ack_wait: Duration,
 }
 
 /// Kafka consumer settings of one route.
@@ -221,6 +240,13 @@ pub enum DeadLetterConfig {
         brokers: String,
         /// Topic name.
         topic: String,
+    },
+    /// A NATS subject; payload kept, headers carry the reason and the source coordinates.
+    Nats {
+        /// Server URL.
+        url: String,
+        /// Subject.
+        subject: String,
     },
 }
 

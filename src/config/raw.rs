@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{
     validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef, Format,
-    IngestConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
+    IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
 };
 
 /// Top level of a shardgate config file.
@@ -157,6 +157,35 @@ pub enum RawSource {
         #[serde(default)]
         properties: BTreeMap<String, String>,
     },
+    /// `kind = "jetstream"`: a durable pull consumer on a JetStream stream. Gateways naming the
+    /// same `durable` share its messages.
+    Jetstream {
+        /// NATS server URL, for example `nats://127.0.0.1:4222`.
+        url: String,
+        /// Stream name.
+        stream: String,
+        /// Subjects of the stream, used only to create it when it does not exist. Empty: the
+        /// stream must exist.
+        #[serde(default)]
+        subjects: Vec<String>,
+        /// Durable consumer name (created with explicit acks if it does not exist).
+        durable: String,
+        /// Messages delivered and not yet acked, per consumer: the backpressure bound. Default
+        /// 4096.
+        #[serde(default = "default_max_ack_pending")]
+        max_ack_pending: i64,
+        /// How long the server waits for an ack before redelivering, in milliseconds. Default
+        /// 30000.
+        #[serde(default = "default_ack_wait_ms")]
+        ack_wait_ms: u64,
+    },
+}
+
+fn default_max_ack_pending() -> i64 {
+    4096
+}
+fn default_ack_wait_ms() -> u64 {
+    30_000
 }
 
 /// `[route.dead_letter]`, tagged by `kind`.
@@ -170,6 +199,15 @@ pub enum RawDeadLetter {
         brokers: Option<Vec<String>>,
         /// Dead-letter topic.
         topic: String,
+    },
+    /// `kind = "nats"`: published with headers to a subject (capture it in a JetStream stream
+    /// to keep the letters).
+    Nats {
+        /// NATS server URL; default: the route's source URL.
+        #[serde(default)]
+        url: Option<String>,
+        /// Dead-letter subject.
+        subject: String,
     },
 }
 
@@ -377,7 +415,6 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
         });
     }
     let source = validate_source(&key("source"), raw.source)?;
-    let SourceConfig::Kafka(kafka) = &source;
     let Some(dead_letter) = raw.dead_letter else {
         return Err(ConfigError::invalid(
             key("dead_letter"),
@@ -388,18 +425,44 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
     let dead_letter = match dead_letter {
         RawDeadLetter::Kafka { brokers, topic } => {
             validate_topic(&key("dead_letter.topic"), &topic)?;
-            if topic == kafka.topic {
+            let source_kafka = match &source {
+                SourceConfig::Kafka(kafka) => Some(kafka),
+                _ => None,
+            };
+            if source_kafka.is_some_and(|kafka| kafka.topic == topic) {
                 return Err(ConfigError::invalid(
                     key("dead_letter.topic"),
                     &topic,
                     "a topic other than the source topic",
                 ));
             }
-            let brokers = match brokers {
-                Some(list) => join_brokers(&key("dead_letter.brokers"), &list)?,
-                None => kafka.brokers.clone(),
+            let brokers = match (brokers, source_kafka) {
+                (Some(list), _) => join_brokers(&key("dead_letter.brokers"), &list)?,
+                (None, Some(kafka)) => kafka.brokers.clone(),
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter.brokers"),
+                        "(missing)",
+                        "the Kafka brokers of the dead-letter topic (the source is not Kafka)",
+                    ))
+                }
             };
             DeadLetterConfig::Kafka { brokers, topic }
+        }
+        RawDeadLetter::Nats { url, subject } => {
+            validate_subject(&key("dead_letter.subject"), &subject)?;
+            let url = match (url, &source) {
+                (Some(url), _) => validate_nats_url(&key("dead_letter.url"), url)?,
+                (None, SourceConfig::JetStream(js)) => js.url.clone(),
+                (None, _) => {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter.url"),
+                        "(missing)",
+                        "the NATS server URL of the dead-letter subject (the source is not NATS)",
+                    ))
+                }
+            };
+            DeadLetterConfig::Nats { url, subject }
         }
     };
     Ok(RouteConfig {
@@ -468,6 +531,91 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 properties: properties.into_iter().collect(),
             }))
         }
+        RawSource::Jetstream {
+            url,
+            stream,
+            subjects,
+            durable,
+            max_ack_pending,
+            ack_wait_ms,
+        } => {
+            let url = validate_nats_url(&format!("{key}.url"), url)?;
+            validate_nats_name(&format!("{key}.stream"), &stream)?;
+            validate_nats_name(&format!("{key}.durable"), &durable)?;
+            for (i, subject) in subjects.iter().enumerate() {
+                validate_subject(&format!("{key}.subjects[{i}]"), subject)?;
+            }
+            if !(1..=1_000_000).contains(&max_ack_pending) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.max_ack_pending"),
+                    max_ack_pending,
+                    "a number of messages from 1 to 1000000",
+                ));
+            }
+            if !(1000..=TIMEOUT_MS_MAX).contains(&ack_wait_ms) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.ack_wait_ms"),
+                    ack_wait_ms,
+                    format!("milliseconds from 1000 to {TIMEOUT_MS_MAX}"),
+                ));
+            }
+            Ok(SourceConfig::JetStream(JetStreamSourceConfig {
+                url,
+                stream,
+                subjects,
+                durable,
+                max_ack_pending,
+                ack_wait: Duration::from_millis(ack_wait_ms),
+            }))
+        }
+    }
+}
+
+/// A `nats://host:port` URL (or a bare `host:port`).
+fn validate_nats_url(key: &str, url: String) -> Result<String, ConfigError> {
+    let rest = url.strip_prefix("nats://").unwrap_or(&url);
+    let valid = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if valid {
+        Ok(url)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            &url,
+            "a NATS URL like `nats://127.0.0.1:4222`",
+        ))
+    }
+}
+
+/// A stream or consumer name: letters, digits, `-` and `_`.
+fn validate_nats_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            name,
+            "a name of letters, digits, `-` and `_` (at most 255)",
+        ))
+    }
+}
+
+/// A NATS subject: dot-separated non-empty tokens without whitespace.
+fn validate_subject(key: &str, subject: &str) -> Result<(), ConfigError> {
+    if !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && !t.contains(char::is_whitespace))
+    {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            subject,
+            "a NATS subject like `orders.created` (tokens separated by `.`, no spaces)",
+        ))
     }
 }
 

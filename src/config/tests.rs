@@ -49,9 +49,13 @@ fn valid_config_parses_with_defaults() {
             },
         ]
     );
-    let SourceConfig::Kafka(kafka) = &route.source;
+    let SourceConfig::Kafka(kafka) = &route.source else {
+        panic!("a Kafka source");
+    };
     assert_eq!(kafka.start_from, StartFrom::Earliest);
-    let DeadLetterConfig::Kafka { brokers, topic } = &route.dead_letter;
+    let DeadLetterConfig::Kafka { brokers, topic } = &route.dead_letter else {
+        panic!("a Kafka dead-letter topic");
+    };
     assert_eq!(
         (brokers.as_str(), topic.as_str()),
         ("127.0.0.1:9092", "orders.dead-letter")
@@ -174,4 +178,90 @@ fn shipped_example_config_is_valid() {
         Some("127.0.0.1:50101".parse().expect("addr"))
     );
     assert_eq!(config.admin, Some("127.0.0.1:9190".parse().expect("addr")));
+}
+
+const JETSTREAM: &str = r#"
+[cluster]
+contact_points = ["127.0.0.1:9042"]
+
+[[route]]
+name = "orders"
+table = "shop.orders"
+[route.source]
+kind = "jetstream"
+url = "nats://127.0.0.1:4222"
+stream = "ORDERS"
+subjects = ["orders.>"]
+durable = "shardgate-orders"
+[route.dead_letter]
+kind = "nats"
+subject = "orders.dead-letter"
+"#;
+
+#[test]
+fn jetstream_route_parses_with_defaults_and_nats_dead_letters() {
+    let config = Config::parse(JETSTREAM, "test.toml").expect("valid");
+    let route = &config.routes[0];
+    let SourceConfig::JetStream(js) = &route.source else {
+        panic!("a JetStream source");
+    };
+    assert_eq!(
+        (js.stream.as_str(), js.durable.as_str()),
+        ("ORDERS", "shardgate-orders")
+    );
+    assert_eq!(js.max_ack_pending, 4096);
+    assert_eq!(js.ack_wait, Duration::from_secs(30));
+    let DeadLetterConfig::Nats { url, subject } = &route.dead_letter else {
+        panic!("a NATS dead-letter subject");
+    };
+    assert_eq!(
+        (url.as_str(), subject.as_str()),
+        ("nats://127.0.0.1:4222", "orders.dead-letter")
+    );
+}
+
+#[test]
+fn bad_jetstream_keys_are_named() {
+    let cases = [
+        ("stream = \"ORDERS\"", "stream = \"OR DERS\"", "route[0].source.stream"),
+        (
+            "subjects = [\"orders.>\"]",
+            "subjects = [\"orders..x\"]",
+            "route[0].source.subjects[0]",
+        ),
+        (
+            "url = \"nats://127.0.0.1:4222\"",
+            "url = \"nats://nohost\"",
+            "route[0].source.url",
+        ),
+        (
+            "durable = \"shardgate-orders\"",
+            "durable = \"shardgate-orders\"\nmax_ack_pending = 0",
+            "max_ack_pending",
+        ),
+        (
+            "durable = \"shardgate-orders\"",
+            "durable = \"shardgate-orders\"\nack_wait_ms = 10",
+            "ack_wait_ms",
+        ),
+        (
+            "subject = \"orders.dead-letter\"",
+            "subject = \"\"",
+            "route[0].dead_letter.subject",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let text = JETSTREAM.replace(from, to);
+        let error = error_of(&text);
+        assert!(error.contains(key), "`{to}`: {error}");
+    }
+}
+
+#[test]
+fn kafka_dead_letter_for_a_nats_source_needs_brokers() {
+    let text = JETSTREAM.replace(
+        "kind = \"nats\"\nsubject = \"orders.dead-letter\"",
+        "kind = \"kafka\"\ntopic = \"orders.dead-letter\"",
+    );
+    assert!(error_of(&text).contains("dead_letter.brokers"), "{}", error_of(&text));
 }

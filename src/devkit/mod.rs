@@ -723,3 +723,161 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .context("VmRSS missing")?;
     Ok(kib * 1024)
 }
+
+/// The local NATS server.
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+/// Sample order `i` as a JSON message that carries its id as field `order_id` (NATS messages
+/// have no key).
+pub fn order_message_with_id(i: u64) -> Vec<u8> {
+    let (id, payload) = order_message(i);
+    format!("{{\"order_id\":\"{id}\",{}", &payload[1..]).into_bytes()
+}
+
+/// A JetStream route for the sample orders: stream `stream` (created by the gateway on
+/// `subject` if missing), durable `durable`, dead letters to NATS subject `dead_letter_subject`.
+pub fn jetstream_orders_route_toml(
+    name: &str,
+    keyspace: &str,
+    stream: &str,
+    subject: &str,
+    durable: &str,
+    dead_letter_subject: &str,
+) -> String {
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+table = "{keyspace}.orders"
+format = "json"
+
+[route.source]
+kind = "jetstream"
+url = "{NATS}"
+stream = "{stream}"
+subjects = ["{subject}"]
+durable = "{durable}"
+ack_wait_ms = 3000
+
+[route.columns]
+order_id = "order_id"
+customer_id = "customer.id"
+city = "customer.address.city"
+amount = "amount"
+quantity = "quantity"
+placed_at = "placed_at"
+express = "express"
+tags = "tags"
+
+[route.dead_letter]
+kind = "nats"
+subject = "{dead_letter_subject}"
+"#
+    )
+}
+
+/// Creates (or replaces) JetStream stream `name` capturing `subjects`.
+pub async fn create_stream(name: &str, subjects: &[&str]) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    let _ = js.delete_stream(name).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create stream `{name}`: {e}"))?;
+    Ok(())
+}
+
+/// Publishes `payloads` to `subject` through JetStream, each acknowledged by the server.
+pub async fn publish_jetstream(subject: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> anyhow::Result<u64> {
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    let mut pending = Vec::new();
+    let mut sent = 0;
+    for payload in payloads {
+        pending.push(
+            js.publish(subject.to_string(), payload.into())
+                .await
+                .map_err(|e| anyhow::anyhow!("publish: {e}"))?,
+        );
+        sent += 1;
+        if pending.len() >= 1000 {
+            for ack in pending.drain(..) {
+                ack.await.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+    }
+    Ok(sent)
+}
+
+/// A durable consumer's (messages not yet delivered, delivered but not acked), or `None` while
+/// the consumer does not exist.
+pub async fn jetstream_backlog(stream: &str, durable: &str) -> anyhow::Result<Option<(u64, usize)>> {
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream `{stream}`: {e}"))?;
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream.get_consumer(durable).await;
+    match consumer {
+        Ok(mut consumer) => {
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer info: {e}"))?;
+            Ok(Some((info.num_pending, info.num_ack_pending)))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// A dead letter read back from a JetStream stream: its headers and payload.
+#[derive(Debug, Clone)]
+pub struct NatsDeadLetter {
+    /// Header name → value.
+    pub headers: BTreeMap<String, String>,
+    /// Original payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads every message of JetStream stream `stream` (expects `expected`, waits up to
+/// `deadline`).
+pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<NatsDeadLetter>> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream `{stream}`: {e}"))?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("ordered consumer: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("messages: {e}"))?;
+    let mut letters = Vec::new();
+    let started = std::time::Instant::now();
+    while letters.len() < expected && started.elapsed() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
+            Ok(Some(Ok(message))) => letters.push(NatsDeadLetter {
+                headers: message
+                    .headers
+                    .iter()
+                    .flat_map(|h| h.iter())
+                    .filter_map(|(k, v)| Some((k.to_string(), v.first()?.to_string())))
+                    .collect(),
+                payload: message.payload.to_vec(),
+            }),
+            Ok(Some(Err(e))) => anyhow::bail!("reading stream: {e}"),
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    Ok(letters)
+}

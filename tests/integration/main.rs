@@ -5,6 +5,7 @@
 //! compete for the machine's two cores.
 
 mod ingest;
+mod jetstream;
 mod kafka_route;
 mod startup;
 

@@ -1,0 +1,165 @@
+//! JetStream source: a durable pull consumer with explicit acks, at-least-once into a table.
+//!
+//! The puller runs on the island (async-nats is tokio-bound): it reads the consumer's message
+//! stream in ready chunks and hands each chunk to the next core (round robin) over the route's
+//! bounded per-core queues; the cores' side is `bridge::route`. A message is acked only after its
+//! row is confirmed, or terminated (`AckKind::Term`) after its dead letter is delivered, so a
+//! poison message is never redelivered. `max_ack_pending` bounds what the server hands out
+//! unacked, and full core queues stop the puller: memory stays bounded. A message not acked
+//! within `ack_wait` (a crashed gateway) is redelivered, to this or another gateway sharing the
+//! durable; replays write identical cells (timestamp from publish time and stream sequence).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, stream};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::route::{Origin, RouteCounters, SourceMessage};
+use crate::config::JetStreamSourceConfig;
+
+/// Messages handed to one core at a time, at most.
+const CHUNK_MESSAGES_MAX: usize = 256;
+
+/// Errors reaching the server, the stream or the consumer at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct NatsError {
+    what: String,
+    reason: String,
+}
+
+fn nats_error(what: impl Into<String>, reason: impl std::fmt::Display) -> NatsError {
+    NatsError {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Connects to a NATS server. Run on the island.
+pub async fn connect(url: &str, route: &str) -> Result<async_nats::Client, NatsError> {
+    async_nats::ConnectOptions::new()
+        .name(format!("shardgate-{route}"))
+        .retry_on_initial_connect()
+        .connection_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|e| nats_error(format!("cannot connect to NATS at `{url}`"), e))
+}
+
+/// Finds (or creates, when subjects are configured) the stream and gets or creates the durable
+/// consumer. Run on the island at start-up.
+pub async fn consumer(
+    client: async_nats::Client,
+    source: &JetStreamSourceConfig,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, NatsError> {
+    let context = jetstream::new(client);
+    let stream = if source.subjects.is_empty() {
+        context
+            .get_stream(&source.stream)
+            .await
+            .map_err(|e| nats_error(format!("JetStream stream `{}`", source.stream), e))?
+    } else {
+        context
+            .get_or_create_stream(stream::Config {
+                name: source.stream.clone(),
+                subjects: source.subjects.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error(format!("cannot create JetStream stream `{}`", source.stream), e))?
+    };
+    stream
+        .get_or_create_consumer(
+            &source.durable,
+            pull::Config {
+                durable_name: Some(source.durable.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: source.ack_wait,
+                max_ack_pending: source.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            nats_error(
+                format!("JetStream consumer `{}` on `{}`", source.durable, source.stream),
+                e,
+            )
+        })
+}
+
+/// The pull loop of one route; returns when `stop` turns true (dropping the core queues, so the
+/// cores finish what they hold) or when the consumer's stream ends.
+pub async fn pull(
+    route: String,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
+    counters: Arc<RouteCounters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let messages = match consumer.messages().await {
+        Ok(messages) => messages,
+        Err(error) => {
+            tracing::error!(%route, %error, "cannot read the JetStream consumer; the route is stopped");
+            return;
+        }
+    };
+    tracing::info!(%route, cores = queues.len(), "consuming");
+    let mut chunks = messages.ready_chunks(CHUNK_MESSAGES_MAX);
+    let mut next_core = 0;
+    loop {
+        let chunk = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            chunk = chunks.next() => match chunk {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        let mut batch = Vec::with_capacity(chunk.len());
+        for message in chunk {
+            match message {
+                Ok(message) => batch.push(source_message(message)),
+                Err(error) => tracing::warn!(%route, %error, "JetStream pull error"),
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let core = next_core;
+        next_core = (next_core + 1) % queues.len();
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            sent = queues[core].send(batch) => if sent.is_err() {
+                tracing::error!(%route, core, "core queue closed; stopping the route");
+                break;
+            },
+        }
+    }
+    tracing::info!(
+        %route,
+        received = counters.received.load(Ordering::Relaxed),
+        written = counters.written.load(Ordering::Relaxed),
+        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
+        "stopped"
+    );
+}
+
+fn source_message(message: jetstream::Message) -> SourceMessage {
+    let (position, timestamp_ms) = message
+        .info()
+        .map(|info| (info.stream_sequence as i64, Some(info.published.timestamp_millis())))
+        .unwrap_or((0, None));
+    SourceMessage {
+        position,
+        timestamp_ms,
+        key: None,
+        payload: Some(message.payload.to_vec()),
+        origin: Origin::JetStream {
+            subject: message.subject.to_string(),
+            message: Box::new(message),
+        },
+    }
+}

@@ -1,0 +1,321 @@
+//! The per-core half of every source: one [`RouteWriter`] per route, shared by all cores.
+//! A source's consumer (Kafka poll thread, JetStream puller on the island) hands batches of
+//! [`SourceMessage`]s to cores over bounded queues; [`run_on_core`] maps each message to a row,
+//! places the row (token → replica, shard, owner core), keeps the rows the core owns and hands
+//! every other owner its rows in one task over the cross-core mesh (`runtime::mesh`). Owners
+//! write UNLOGGED batches of one replica and shard, retrying transient failures forever. What
+//! cannot be mapped or written goes to the route's dead-letter destination; only then, or once
+//! the row is confirmed, is the message completed (Kafka: contiguous watermark on the poll
+//! thread; JetStream: ack, or term after a dead letter). Messages in flight per core and route
+//! are bounded by a semaphore held until the owners answer, and the queues are bounded, so a
+//! slow database stops consumption instead of growing memory.
+//!
+//! Replays are idempotent: each write carries a timestamp derived from the message
+//! (`mapping::write_timestamp_us` of its time and position).
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+
+use super::dead_letter::{headers, DeadLetter, DeadLetterSink};
+use crate::mapping::{write_timestamp_us, RowMapper, RowValues};
+use crate::runtime::mesh::Mesh;
+use crate::sink::scylla::{batches_by_replica_shard, place_row, with_timestamp, write_rows_once, Retries};
+use crate::telemetry::RowMetrics;
+use crate::topology::{Ownership, ReplicaShard};
+
+/// Batches a core's queue holds per route before the source's consumer waits.
+pub const CORE_QUEUE_BATCHES_MAX: usize = 8;
+
+/// One source message, copied out of its client library, on its way to a core.
+#[derive(Debug)]
+pub struct SourceMessage {
+    /// Position in its partition or stream (Kafka offset, JetStream stream sequence): orders
+    /// messages of the same millisecond in the write timestamp.
+    pub position: i64,
+    /// Message time in milliseconds (Kafka create or log-append time, JetStream publish time).
+    pub timestamp_ms: Option<i64>,
+    /// Message key (Kafka), if any.
+    pub key: Option<Vec<u8>>,
+    /// Message payload; `None` for a Kafka tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// Where it came from: how to acknowledge it and what to tell the dead-letter destination.
+    pub origin: Origin,
+}
+
+/// Where a message came from.
+#[derive(Debug)]
+pub enum Origin {
+    /// A Kafka partition; the poll thread stores offsets from the contiguous watermark.
+    Kafka {
+        /// Source partition.
+        partition: i32,
+        /// Watermark epoch the completion must carry.
+        epoch: u64,
+    },
+    /// A JetStream consumer; the message is acked (or terminated once dead-lettered) itself.
+    JetStream {
+        /// Subject the message was published on.
+        subject: String,
+        /// The message, for its ack.
+        message: Box<async_nats::jetstream::Message>,
+    },
+}
+
+impl SourceMessage {
+    /// Source coordinates as dead-letter headers.
+    fn coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
+        match &self.origin {
+            Origin::Kafka { partition, .. } => vec![
+                (headers::SOURCE_TOPIC, source.to_string()),
+                (headers::SOURCE_PARTITION, partition.to_string()),
+                (headers::SOURCE_OFFSET, self.position.to_string()),
+            ],
+            Origin::JetStream { subject, .. } => vec![
+                (headers::SOURCE_STREAM, source.to_string()),
+                (headers::SOURCE_SUBJECT, subject.clone()),
+                (headers::SOURCE_SEQUENCE, self.position.to_string()),
+            ],
+        }
+    }
+}
+
+/// A message and the row it maps to.
+type MappedRow = (SourceMessage, RowValues);
+
+/// A mapped row with the replica and shard it belongs to.
+type PlacedRow = (ReplicaShard, MappedRow);
+
+/// A Kafka message that is written or dead-lettered, reported to the poll thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    /// Source partition.
+    pub partition: i32,
+    /// Watermark epoch.
+    pub epoch: u64,
+    /// Source offset.
+    pub offset: i64,
+}
+
+/// Counters of one route, shared by its poll thread and cores.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    /// Messages handed to cores.
+    pub received: AtomicU64,
+    /// Rows confirmed by the database.
+    pub written: AtomicU64,
+    /// Messages sent to the dead-letter destination.
+    pub dead_lettered: AtomicU64,
+}
+
+/// What a core needs to turn a route's messages into rows. Shared by all cores.
+pub struct RouteWriter {
+    /// Route name.
+    pub route: String,
+    /// Source topic or stream (for dead-letter headers).
+    pub source: String,
+    /// Message → bound values.
+    pub mapper: RowMapper,
+    /// The cluster session (sockets on the island).
+    pub session: Arc<Session>,
+    /// The route's prepared insert.
+    pub insert: PreparedStatement,
+    /// Where failed messages go.
+    pub dead_letter: DeadLetterSink,
+    /// Kafka completions back to the poll thread (unused by other sources).
+    pub completions: Option<crossbeam_channel::Sender<Completion>>,
+    /// Route counters.
+    pub counters: Arc<RouteCounters>,
+    /// Ring snapshot: each row's replica, shard and owner core.
+    pub ownership: Arc<ArcSwap<Ownership>>,
+    /// Rows per UNLOGGED batch.
+    pub batch_rows_max: usize,
+    /// The cross-core mesh rows travel to their owner core on.
+    pub mesh: Arc<Mesh>,
+    /// Metric handles of the route's table, one per core.
+    pub metrics: Vec<RowMetrics>,
+}
+
+impl RouteWriter {
+    /// Maps a batch of messages received on `core`, writes each row on its owner core (in
+    /// UNLOGGED batches of one replica and shard), dead-letters what cannot be mapped or
+    /// written, and reports every message's completion only after its row is written or its
+    /// dead letter delivered. Returns once every owner has answered.
+    async fn process_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
+        let ownership = self.ownership.load();
+        let metrics = &self.metrics[core];
+        metrics.received.increment(batch.len() as u64);
+        metrics.batch_rows.record(batch.len() as f64);
+        let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
+        let mut unmappable = Vec::new();
+        for work in batch {
+            match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
+                Ok(values) => {
+                    let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.position));
+                    let placement = place_row(&self.insert, &values, &ownership);
+                    let owner = placement.map_or(core, |p| p.core);
+                    let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
+                    by_owner.entry(owner).or_default().push((replica_shard, (work, values)));
+                }
+                Err(error) => unmappable.push((work, error)),
+            }
+        }
+        let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
+            self.dead_letter(core, &work, error.code(), &error.to_string()).await;
+            self.complete(core, &work, true);
+        });
+        let writes = by_owner.into_iter().map(|(owner, rows)| async move {
+            if owner == core {
+                return self.write_rows(core, rows).await;
+            }
+            metrics.forwarded.increment(rows.len() as u64);
+            let writer = Arc::clone(self);
+            let forwarded = self
+                .mesh
+                .run_on(owner, move || async move { writer.write_rows(owner, rows).await })
+                .await;
+            if let Err(gone) = forwarded {
+                // Only at shutdown. The rows' messages are never completed, so their offsets are
+                // not stored and they replay on the next start.
+                tracing::warn!(route = %self.route, %gone, "rows not forwarded; they replay on restart");
+            }
+        });
+        futures::join!(
+            futures::future::join_all(dead_letters),
+            futures::future::join_all(writes)
+        );
+    }
+
+    /// Writes rows on `core` in UNLOGGED batches of one replica and shard.
+    async fn write_rows(&self, core: usize, rows: Vec<PlacedRow>) {
+        let chunks = batches_by_replica_shard(rows, self.batch_rows_max);
+        let writes = chunks.into_iter().map(|chunk| self.write_chunk(core, chunk));
+        futures::future::join_all(writes).await;
+    }
+
+    /// Writes one chunk on `core`, retrying transient failures until they pass. If the database
+    /// refuses the chunk for a permanent reason, its rows are written one by one so only the
+    /// refused ones are dead-lettered.
+    async fn write_chunk(&self, core: usize, chunk: Vec<MappedRow>) {
+        let metrics = &self.metrics[core];
+        let rows: Vec<&RowValues> = chunk.iter().map(|(_, values)| values).collect();
+        let started = Instant::now();
+        let outcome = write_rows_once(&self.session, &self.insert, &rows, Retries::Forever).await;
+        metrics.write_latency.record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                metrics.written.increment(chunk.len() as u64);
+                chunk.iter().for_each(|(work, _)| self.complete(core, work, false));
+            }
+            Err(_) if chunk.len() > 1 => {
+                let singles = chunk.into_iter().map(|single| self.write_single(core, single));
+                futures::future::join_all(singles).await;
+            }
+            Err(error) => {
+                let (work, _) = &chunk[0];
+                self.dead_letter(core, work, "write_rejected", &error.to_string()).await;
+                self.complete(core, work, true);
+            }
+        }
+    }
+
+    async fn write_single(&self, core: usize, (work, values): MappedRow) {
+        let dead_lettered = match write_rows_once(&self.session, &self.insert, &[&values], Retries::Forever).await {
+            Ok(()) => {
+                self.counters.written.fetch_add(1, Ordering::Relaxed);
+                self.metrics[core].written.increment(1);
+                false
+            }
+            Err(error) => {
+                self.dead_letter(core, &work, "write_rejected", &error.to_string())
+                    .await;
+                true
+            }
+        };
+        self.complete(core, &work, dead_lettered);
+    }
+
+    /// Reports a message done: a Kafka completion to the poll thread (a closed channel only
+    /// happens after a shutdown deadline, when the message is replayed anyway), or a JetStream
+    /// ack — a termination when the message was dead-lettered, so it is never redelivered.
+    fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool) {
+        if let Some(sent_ms) = work.timestamp_ms {
+            let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
+            self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
+        }
+        match &work.origin {
+            Origin::Kafka { partition, epoch } => {
+                if let Some(completions) = &self.completions {
+                    let _ = completions.send(Completion {
+                        partition: *partition,
+                        epoch: *epoch,
+                        offset: work.position,
+                    });
+                }
+            }
+            Origin::JetStream { message, .. } => {
+                let message = message.clone();
+                let route = self.route.clone();
+                let kind = if dead_lettered {
+                    async_nats::jetstream::AckKind::Term
+                } else {
+                    async_nats::jetstream::AckKind::Ack
+                };
+                // The ack is a publish on the island's connection; not awaited on the core.
+                tokio::spawn(async move {
+                    if let Err(error) = message.ack_with(kind).await {
+                        tracing::warn!(%route, %error, "JetStream ack failed; the message will be redelivered");
+                    }
+                });
+            }
+        }
+    }
+
+    async fn dead_letter(&self, core: usize, work: &SourceMessage, reason_code: &str, reason: &str) {
+        self.metrics[core].failed(reason_code, 1);
+        tracing::debug!(route = %self.route, position = work.position, reason_code, reason, "dead-lettering message");
+        self.dead_letter
+            .send(&DeadLetter {
+                route: &self.route,
+                reason_code,
+                reason,
+                source: work.coordinates(&self.source),
+                key: work.key.as_deref(),
+                payload: work.payload.as_deref(),
+            })
+            .await;
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs on core `core`: processes the batches this core receives for one route, with at most
+/// `inflight_max` messages in flight (forwarded rows included), until the poll thread closes the
+/// queue; then waits for the messages still in flight.
+pub async fn run_on_core(
+    core: usize,
+    writer: Arc<RouteWriter>,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<SourceMessage>>,
+    inflight_max: usize,
+) {
+    let permits = Rc::new(glommio::sync::Semaphore::new(inflight_max as u64));
+    while let Some(batch) = queue.recv().await {
+        let units = batch.len().clamp(1, inflight_max) as u64;
+        let Ok(permit) = permits.acquire_static_permit(units).await else {
+            return;
+        };
+        let writer = Arc::clone(&writer);
+        glommio::spawn_local(async move {
+            writer.process_batch(core, batch).await;
+            drop(permit);
+        })
+        .detach();
+    }
+    let _ = permits.acquire(inflight_max as u64).await;
+}
