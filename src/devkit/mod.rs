@@ -73,6 +73,7 @@ pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::R
 
 /// The `[[route]]` block that maps sample order messages into `keyspace.orders`.
 pub fn orders_route_toml(name: &str, keyspace: &str, topic: &str, group: &str, dead_letter_topic: &str) -> String {
+    let columns = orders_columns_toml("$key");
     format!(
         r#"
 [[route]]
@@ -91,20 +92,27 @@ commit_interval_ms = 500
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
 
-[route.columns]
-order_id = "$key"
+{columns}
+
+[route.dead_letter]
+kind = "kafka"
+topic = "{dead_letter_topic}"
+"#
+    )
+}
+
+/// The `[route.columns]` table of the sample orders, the order id read from `order_id_field`.
+fn orders_columns_toml(order_id_field: &str) -> String {
+    format!(
+        r#"[route.columns]
+order_id = "{order_id_field}"
 customer_id = "customer.id"
 city = "customer.address.city"
 amount = "amount"
 quantity = "quantity"
 placed_at = "placed_at"
 express = "express"
-tags = "tags"
-
-[route.dead_letter]
-kind = "kafka"
-topic = "{dead_letter_topic}"
-"#
+tags = "tags""#
     )
 }
 
@@ -744,6 +752,7 @@ pub fn jetstream_orders_route_toml(
     durable: &str,
     dead_letter_subject: &str,
 ) -> String {
+    let columns = orders_columns_toml("order_id");
     format!(
         r#"
 [[route]]
@@ -759,15 +768,7 @@ subjects = ["{subject}"]
 durable = "{durable}"
 ack_wait_ms = 3000
 
-[route.columns]
-order_id = "order_id"
-customer_id = "customer.id"
-city = "customer.address.city"
-amount = "amount"
-quantity = "quantity"
-placed_at = "placed_at"
-express = "express"
-tags = "tags"
+{columns}
 
 [route.dead_letter]
 kind = "nats"

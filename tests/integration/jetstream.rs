@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use shardgate::devkit::{self, Gateway};
 
-use crate::{gateway_binary, gateway_lock, Names};
+use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, Names};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -71,16 +71,6 @@ async fn wait_all_acked(js: &JetStreamNames) {
         assert!(started.elapsed() < DEADLINE, "JetStream consumer did not drain");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-async fn assert_all_orders_exact(names: &Names, count: u64) {
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let report = devkit::verify_orders(&session, &names.keyspace, count)
-        .await
-        .expect("read back orders");
-    assert_eq!(report.missing, 0, "missing rows: {:?}", report.differences);
-    assert_eq!(report.rows, count, "row count: {:?}", report.differences);
-    assert_eq!(report.matching, count, "wrong values: {:?}", report.differences);
 }
 
 /// 20,000 orders and 30 malformed messages through a JetStream durable: every order lands with

@@ -6,7 +6,7 @@ use std::time::Duration;
 use shardgate::devkit::{self, Gateway};
 use shardgate::telemetry::metric;
 
-use crate::{gateway_binary, gateway_lock, wait_committed, Names};
+use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committed, Names};
 
 const PARTITIONS: i32 = 6;
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -16,28 +16,6 @@ fn orders(count: u64) -> impl Iterator<Item = (String, Vec<u8>)> {
         let (key, payload) = devkit::order_message(i);
         (key, payload.into_bytes())
     })
-}
-
-async fn assert_all_orders_exact(names: &Names, count: u64) {
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let report = devkit::verify_orders(&session, &names.keyspace, count)
-        .await
-        .expect("read back orders");
-    assert_eq!(
-        report.missing, 0,
-        "missing rows; first differences: {:?}",
-        report.differences
-    );
-    assert_eq!(
-        report.rows, count,
-        "row count; first differences: {:?}",
-        report.differences
-    );
-    assert_eq!(
-        report.matching, count,
-        "rows with wrong values: {:?}",
-        report.differences
-    );
 }
 
 async fn setup(names: &Names) {

@@ -84,3 +84,26 @@ pub fn wait_committed(names: &Names, partitions: i32, target: i64, deadline: Dur
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// Reads the sample orders `0..count` back from the test keyspace: every row present, exact.
+pub async fn assert_all_orders_exact(names: &Names, count: u64) {
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let report = devkit::verify_orders(&session, &names.keyspace, count)
+        .await
+        .expect("read back orders");
+    assert_eq!(
+        report.missing, 0,
+        "missing rows; first differences: {:?}",
+        report.differences
+    );
+    assert_eq!(
+        report.rows, count,
+        "row count; first differences: {:?}",
+        report.differences
+    );
+    assert_eq!(
+        report.matching, count,
+        "rows with wrong values: {:?}",
+        report.differences
+    );
+}
