@@ -170,8 +170,10 @@ fn contact_point_needs_a_port() {
 fn shipped_example_config_is_valid() {
     let text = include_str!("../../deploy/shardgate.example.toml");
     let config = Config::parse(text, "deploy/shardgate.example.toml").expect("example config validates");
-    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes.len(), 2);
     assert_eq!(config.routes[0].columns.len(), 5);
+    assert!(matches!(config.routes[1].source, SourceConfig::JetStream(_)));
+    assert!(matches!(config.routes[1].dead_letter, DeadLetterConfig::Nats { .. }));
     assert_eq!(config.runtime.write_batch_rows_max, 64);
     assert_eq!(
         config.ingest.expect("ingest").core_addr(1),
