@@ -20,8 +20,8 @@ use tokio::sync::watch;
 
 use crate::bridge::dead_letter::{DeadLetterSink, DeadLetterSubject, DeadLetterTopic};
 use crate::bridge::kafka::{self, Poller};
-use crate::bridge::nats;
 use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, CORE_QUEUE_BATCHES_MAX};
+use crate::bridge::{amqp, nats};
 use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
@@ -75,6 +75,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
     let mut jetstream_pullers = Vec::new();
+    let mut amqp_consumers = Vec::new();
     let mut nats_clients = Vec::new();
     for route in &config.routes {
         let schema = island.block_on(scylla::table_schema(
@@ -100,6 +101,15 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 nats_clients.push(client.clone());
                 DeadLetterSink::Nats(DeadLetterSubject::new(client, subject))
             }
+            DeadLetterConfig::Amqp {
+                url,
+                exchange,
+                routing_key,
+            } => DeadLetterSink::Amqp(Box::new(
+                island
+                    .block_on(amqp::DeadLetterExchange::open(url, exchange, routing_key))
+                    .map_err(|reason| anyhow::anyhow!("route `{}`: dead-letter exchange: {reason}", route.name))?,
+            )),
         };
         let counters = Arc::new(RouteCounters::default());
         let mut queues = Vec::with_capacity(cpus.len());
@@ -136,6 +146,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     .with_context(|| format!("route `{}`", route.name))?;
                 jetstream_pullers.push((route.name.clone(), consumer, queues, Arc::clone(&counters)));
                 (source.stream.clone(), None)
+            }
+            SourceConfig::Amqp(source) => {
+                island
+                    .block_on(amqp::check(source))
+                    .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+                amqp_consumers.push((route.name.clone(), source.clone(), queues, Arc::clone(&counters)));
+                (source.queue.clone(), None)
             }
         };
         let writer = Arc::new(RouteWriter {
@@ -237,7 +254,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         let name = format!("poll-{}", poller.route);
         poll_threads.push(spawn_housekeeping(&name, move || poller.run()).context("cannot start a poll thread")?);
     }
-    let pull_tasks: Vec<_> = jetstream_pullers
+    let mut pull_tasks: Vec<_> = jetstream_pullers
         .into_iter()
         .map(|(name, consumer, queues, counters)| {
             island
@@ -245,6 +262,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 .spawn(nats::pull(name, consumer, queues, counters, stop_rx.clone()))
         })
         .collect();
+    pull_tasks.extend(amqp_consumers.into_iter().map(|(name, source, queues, counters)| {
+        island.handle().spawn(amqp::consume(
+            name,
+            source,
+            queues,
+            counters,
+            stop_rx.clone(),
+            config.runtime.shutdown_deadline,
+        ))
+    }));
     if let Some(ingest) = &config.ingest {
         tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
     }

@@ -1,4 +1,4 @@
-//! Dead-letter destinations: a Kafka topic or a NATS subject. Created at start-up; `send` is
+//! Dead-letter destinations: a Kafka topic, a NATS subject or a RabbitMQ exchange. Created at start-up; `send` is
 //! awaited on the core that gave up on the message. The original key and payload are kept byte
 //! for byte; headers carry why and where from. A dead letter is retried until the broker
 //! confirms it: the source message is only acknowledged after that, so nothing is dropped
@@ -32,6 +32,12 @@ pub mod headers {
     pub const SOURCE_SUBJECT: &str = "shardgate.source.subject";
     /// Source stream sequence, decimal (JetStream).
     pub const SOURCE_SEQUENCE: &str = "shardgate.source.sequence";
+    /// Source queue (RabbitMQ).
+    pub const SOURCE_QUEUE: &str = "shardgate.source.queue";
+    /// Routing key the message was published with (RabbitMQ).
+    pub const SOURCE_ROUTING_KEY: &str = "shardgate.source.routing_key";
+    /// Whether the broker had delivered the message before (RabbitMQ).
+    pub const SOURCE_REDELIVERED: &str = "shardgate.source.redelivered";
     /// Original message key, when the destination has no key of its own (NATS), as text.
     pub const KEY: &str = "shardgate.key";
 }
@@ -77,6 +83,8 @@ pub enum DeadLetterSink {
     Kafka(DeadLetterTopic),
     /// A NATS subject (captured by a JetStream stream if it should be durable).
     Nats(DeadLetterSubject),
+    /// A RabbitMQ exchange, with publisher confirms.
+    Amqp(Box<super::amqp::DeadLetterExchange>),
 }
 
 impl DeadLetterSink {
@@ -87,6 +95,14 @@ impl DeadLetterSink {
             let (destination, result) = match self {
                 DeadLetterSink::Kafka(topic) => (topic.topic.as_str(), topic.send_once(letter).await),
                 DeadLetterSink::Nats(subject) => (subject.subject.as_str(), subject.send_once(letter).await),
+                DeadLetterSink::Amqp(exchange) => {
+                    let mut headers = letter.headers();
+                    if let Some(key) = letter.key {
+                        headers.push((headers::KEY, String::from_utf8_lossy(key).into_owned()));
+                    }
+                    let payload = letter.payload.unwrap_or_default();
+                    (exchange.exchange.as_str(), exchange.send_once(headers, payload).await)
+                }
             };
             match result {
                 Ok(()) => return,

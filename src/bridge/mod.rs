@@ -1,7 +1,8 @@
 //! Sources that feed routes. `route` is the per-core half every source shares (map, route to
 //! the owner core, write, dead-letter, complete); `dead_letter` the destinations; one module per
-//! broker for its consumer (`kafka`: poll thread and watermark; `nats`: JetStream puller).
+//! broker for its consumer (`kafka`: poll thread and watermark; `nats`: JetStream puller; `amqp`: RabbitMQ consumer).
 
+pub mod amqp;
 pub mod dead_letter;
 pub mod kafka;
 pub mod nats;

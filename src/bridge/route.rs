@@ -66,6 +66,19 @@ pub enum Origin {
         /// The message, for its ack.
         message: Box<async_nats::jetstream::Message>,
     },
+    /// A RabbitMQ queue; the delivery is acked, or rejected without requeue once dead-lettered.
+    Amqp {
+        /// Source queue.
+        queue: String,
+        /// Routing key it was published with.
+        routing_key: String,
+        /// Whether the broker delivered it before.
+        redelivered: bool,
+        /// Text-valued headers.
+        headers: Vec<(String, String)>,
+        /// Acks on the delivering channel.
+        acker: lapin::acker::Acker,
+    },
 }
 
 impl SourceMessage {
@@ -81,6 +94,16 @@ impl SourceMessage {
                 (headers::SOURCE_STREAM, source.to_string()),
                 (headers::SOURCE_SUBJECT, subject.clone()),
                 (headers::SOURCE_SEQUENCE, self.position.to_string()),
+            ],
+            Origin::Amqp {
+                queue,
+                routing_key,
+                redelivered,
+                ..
+            } => vec![
+                (headers::SOURCE_QUEUE, queue.clone()),
+                (headers::SOURCE_ROUTING_KEY, routing_key.clone()),
+                (headers::SOURCE_REDELIVERED, redelivered.to_string()),
             ],
         }
     }
@@ -272,6 +295,22 @@ impl RouteWriter {
                 tokio::spawn(async move {
                     if let Err(error) = message.ack_with(kind).await {
                         tracing::warn!(%route, %error, "JetStream ack failed; the message will be redelivered");
+                    }
+                });
+            }
+            Origin::Amqp { acker, .. } => {
+                let acker = acker.clone();
+                let route = self.route.clone();
+                tokio::spawn(async move {
+                    let result = if dead_lettered {
+                        acker
+                            .reject(lapin::options::BasicRejectOptions { requeue: false })
+                            .await
+                    } else {
+                        acker.ack(lapin::options::BasicAckOptions::default()).await
+                    };
+                    if let Err(error) = result {
+                        tracing::warn!(%route, %error, "RabbitMQ ack failed; the message will be redelivered");
                     }
                 });
             }

@@ -185,6 +185,21 @@ pub enum SourceConfig {
     Kafka(KafkaSourceConfig),
     /// A JetStream durable pull consumer.
     JetStream(JetStreamSourceConfig),
+    /// A RabbitMQ queue consumer.
+    Amqp(AmqpSourceConfig),
+}
+
+/// RabbitMQ consumer settings of one route.
+#[derive(Debug, Clone)]
+pub struct AmqpSourceConfig {
+    /// AMQP URL.
+    pub url: String,
+    /// Queue.
+    pub queue: String,
+    /// Unacked deliveries the broker hands out.
+    pub prefetch: u16,
+    /// Declare the queue (durable) when missing.
+    pub declare: bool,
 }
 
 /// JetStream consumer settings of one route.
@@ -247,6 +262,15 @@ pub enum DeadLetterConfig {
         url: String,
         /// Subject.
         subject: String,
+    },
+    /// A RabbitMQ exchange; payload kept, headers carry the reason and the source coordinates.
+    Amqp {
+        /// AMQP URL.
+        url: String,
+        /// Exchange (`""`: the default exchange).
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
     },
 }
 

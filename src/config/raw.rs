@@ -7,8 +7,9 @@ use scylla::frame::types::Consistency;
 use serde::Deserialize;
 
 use super::{
-    validate_identifier, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig, FieldRef, Format,
-    IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig, StartFrom,
+    validate_identifier, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig,
+    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig,
+    StartFrom,
 };
 
 /// Top level of a shardgate config file.
@@ -179,8 +180,30 @@ pub enum RawSource {
         #[serde(default = "default_ack_wait_ms")]
         ack_wait_ms: u64,
     },
+    /// `kind = "rabbitmq"`: a consumer on a queue. Gateways on the same queue are competing
+    /// consumers.
+    Rabbitmq {
+        /// AMQP URL, for example `amqp://guest:guest@127.0.0.1:5672/%2f`.
+        url: String,
+        /// Queue to consume.
+        queue: String,
+        /// Deliveries the broker hands out unacked (`basic.qos`): the backpressure bound.
+        /// Default 1024.
+        #[serde(default = "default_prefetch")]
+        prefetch: u16,
+        /// Declare the queue (durable) if it does not exist; `false` requires it to exist.
+        /// Default true.
+        #[serde(default = "default_true")]
+        declare: bool,
+    },
 }
 
+fn default_prefetch() -> u16 {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
 fn default_max_ack_pending() -> i64 {
     4096
 }
@@ -208,6 +231,18 @@ pub enum RawDeadLetter {
         url: Option<String>,
         /// Dead-letter subject.
         subject: String,
+    },
+    /// `kind = "rabbitmq"`: published (persistent, with publisher confirms) to an exchange.
+    Rabbitmq {
+        /// AMQP URL; default: the route's source URL.
+        #[serde(default)]
+        url: Option<String>,
+        /// Exchange; default `""`, the default exchange, which routes to the queue named by
+        /// `routing_key`.
+        #[serde(default)]
+        exchange: String,
+        /// Routing key (with the default exchange: the dead-letter queue's name).
+        routing_key: String,
     },
 }
 
@@ -464,6 +499,44 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             };
             DeadLetterConfig::Nats { url, subject }
         }
+        RawDeadLetter::Rabbitmq {
+            url,
+            exchange,
+            routing_key,
+        } => {
+            let url = match (url, &source) {
+                (Some(url), _) => validate_amqp_url(&key("dead_letter.url"), url)?,
+                (None, SourceConfig::Amqp(amqp)) => amqp.url.clone(),
+                (None, _) => {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter.url"),
+                        "(missing)",
+                        "the AMQP URL of the dead-letter exchange (the source is not RabbitMQ)",
+                    ))
+                }
+            };
+            if exchange.is_empty() && routing_key.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("dead_letter.routing_key"),
+                    "",
+                    "the dead-letter queue's name when `exchange` is the default exchange",
+                ));
+            }
+            if let SourceConfig::Amqp(amqp) = &source {
+                if exchange.is_empty() && routing_key == amqp.queue {
+                    return Err(ConfigError::invalid(
+                        key("dead_letter.routing_key"),
+                        &routing_key,
+                        "a queue other than the source queue",
+                    ));
+                }
+            }
+            DeadLetterConfig::Amqp {
+                url,
+                exchange,
+                routing_key,
+            }
+        }
     };
     Ok(RouteConfig {
         name: raw.name,
@@ -568,6 +641,49 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 ack_wait: Duration::from_millis(ack_wait_ms),
             }))
         }
+        RawSource::Rabbitmq {
+            url,
+            queue,
+            prefetch,
+            declare,
+        } => {
+            let url = validate_amqp_url(&format!("{key}.url"), url)?;
+            if queue.is_empty() || queue.len() > 255 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.queue"),
+                    &queue,
+                    "a queue name of 1 to 255 bytes",
+                ));
+            }
+            if prefetch == 0 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.prefetch"),
+                    prefetch,
+                    "a number of deliveries from 1 to 65535",
+                ));
+            }
+            Ok(SourceConfig::Amqp(AmqpSourceConfig {
+                url,
+                queue,
+                prefetch,
+                declare,
+            }))
+        }
+    }
+}
+
+/// An `amqp://` or `amqps://` URL with a host.
+fn validate_amqp_url(key: &str, url: String) -> Result<String, ConfigError> {
+    let rest = url.strip_prefix("amqp://").or_else(|| url.strip_prefix("amqps://"));
+    let host = rest.map(|r| r.rsplit('@').next().unwrap_or(r)).unwrap_or("");
+    if !host.is_empty() && !host.starts_with('/') {
+        Ok(url)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            crate::bridge::amqp::redact(&url),
+            "an AMQP URL like `amqp://guest:guest@127.0.0.1:5672/%2f`",
+        ))
     }
 }
 

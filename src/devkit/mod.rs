@@ -836,9 +836,9 @@ pub async fn jetstream_backlog(stream: &str, durable: &str) -> anyhow::Result<Op
     }
 }
 
-/// A dead letter read back from a JetStream stream: its headers and payload.
+/// A dead letter read back from a JetStream stream or a RabbitMQ queue: headers and payload.
 #[derive(Debug, Clone)]
-pub struct NatsDeadLetter {
+pub struct BrokerDeadLetter {
     /// Header name → value.
     pub headers: BTreeMap<String, String>,
     /// Original payload.
@@ -847,7 +847,7 @@ pub struct NatsDeadLetter {
 
 /// Reads every message of JetStream stream `stream` (expects `expected`, waits up to
 /// `deadline`).
-pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<NatsDeadLetter>> {
+pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<BrokerDeadLetter>> {
     use futures::StreamExt;
     let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
     let stream = js
@@ -866,7 +866,7 @@ pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> a
     let started = std::time::Instant::now();
     while letters.len() < expected && started.elapsed() < deadline {
         match tokio::time::timeout(Duration::from_secs(1), messages.next()).await {
-            Ok(Some(Ok(message))) => letters.push(NatsDeadLetter {
+            Ok(Some(Ok(message))) => letters.push(BrokerDeadLetter {
                 headers: message
                     .headers
                     .iter()
@@ -881,4 +881,138 @@ pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> a
         }
     }
     Ok(letters)
+}
+
+/// The local RabbitMQ broker.
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn amqp_channel() -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+    let connection = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+/// Deletes and re-declares durable queue `queue`.
+pub async fn recreate_queue(queue: &str) -> anyhow::Result<()> {
+    let (connection, channel) = amqp_channel().await?;
+    let _ = channel.queue_delete(queue, Default::default()).await;
+    channel
+        .queue_declare(
+            queue,
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "done").await;
+    Ok(())
+}
+
+/// Publishes `payloads` to queue `queue` (default exchange, persistent), each confirmed.
+pub async fn publish_rabbitmq(queue: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> anyhow::Result<u64> {
+    let (connection, channel) = amqp_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    let mut sent = 0;
+    let mut pending = Vec::new();
+    for payload in payloads {
+        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        pending.push(
+            channel
+                .basic_publish("", queue, Default::default(), &payload, properties)
+                .await?,
+        );
+        sent += 1;
+        if pending.len() >= 1000 {
+            for confirm in pending.drain(..) {
+                anyhow::ensure!(confirm.await?.is_ack(), "broker nacked a message");
+            }
+        }
+    }
+    for confirm in pending {
+        anyhow::ensure!(confirm.await?.is_ack(), "broker nacked a message");
+    }
+    let _ = connection.close(200, "done").await;
+    Ok(sent)
+}
+
+/// Messages ready in queue `queue` (not counting delivered-but-unacked ones).
+pub async fn queue_depth(queue: &str) -> anyhow::Result<u32> {
+    let (connection, channel) = amqp_channel().await?;
+    let declared = channel
+        .queue_declare(
+            queue,
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "done").await;
+    Ok(declared.message_count())
+}
+
+/// Takes (and acks) up to `expected` messages from queue `queue`, waiting up to `deadline`.
+pub async fn read_queue(queue: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<BrokerDeadLetter>> {
+    let (connection, channel) = amqp_channel().await?;
+    let mut letters = Vec::new();
+    let started = std::time::Instant::now();
+    while letters.len() < expected && started.elapsed() < deadline {
+        match channel.basic_get(queue, Default::default()).await? {
+            Some(message) => {
+                let delivery = message.delivery;
+                let headers = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .map(|table| {
+                        table
+                            .inner()
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                let text = v.as_long_string()?.as_bytes();
+                                Some((k.as_str().to_string(), String::from_utf8_lossy(text).into_owned()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                delivery.acker.ack(Default::default()).await?;
+                letters.push(BrokerDeadLetter {
+                    headers,
+                    payload: delivery.data,
+                });
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let _ = connection.close(200, "done").await;
+    Ok(letters)
+}
+
+/// A RabbitMQ route for the sample orders from queue `queue`, dead letters to queue
+/// `dead_letter_queue` through the default exchange.
+pub fn rabbitmq_orders_route_toml(name: &str, keyspace: &str, queue: &str, dead_letter_queue: &str) -> String {
+    let columns = orders_columns_toml("order_id");
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+table = "{keyspace}.orders"
+format = "json"
+
+[route.source]
+kind = "rabbitmq"
+url = "{AMQP}"
+queue = "{queue}"
+prefetch = 512
+
+{columns}
+
+[route.dead_letter]
+kind = "rabbitmq"
+routing_key = "{dead_letter_queue}"
+"#
+    )
 }

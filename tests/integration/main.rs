@@ -7,6 +7,7 @@
 mod ingest;
 mod jetstream;
 mod kafka_route;
+mod rabbitmq;
 mod startup;
 
 use std::path::PathBuf;

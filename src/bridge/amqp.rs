@@ -1,0 +1,306 @@
+//! RabbitMQ (AMQP 0-9-1) source: a queue consumer with prefetch, at-least-once into a table.
+//!
+//! The consumer loop runs on the island: connect, set the prefetch (`basic.qos`), consume, and
+//! hand ready chunks of deliveries to the cores round robin over the route's bounded queues; the
+//! cores' side is `bridge::route`. A delivery is acked (`basic.ack`) only after its row is
+//! confirmed, or rejected without requeue after its dead letter is confirmed. Prefetch bounds
+//! what the broker hands out unacked; full core queues stop the loop. Several gateways on one
+//! queue are competing consumers. A lost connection is re-established with capped backoff; its
+//! unacked deliveries are redelivered by the broker (to this or another gateway).
+//!
+//! Write timestamps come from the message's `timestamp` property (seconds) when the producer
+//! sets it, else from the receipt time; the position that orders one millisecond is the
+//! delivery tag. AMQP has no stable offset, so a redelivered message writes the same values with
+//! a write time derived anew (set `timestamp` on the producer side for identical cells).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::{mpsc, watch};
+
+use super::route::{Origin, RouteCounters, SourceMessage};
+use crate::config::AmqpSourceConfig;
+
+/// Deliveries handed to one core at a time, at most.
+const CHUNK_MESSAGES_MAX: usize = 256;
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Connects to the broker. Run on the island.
+pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(url, ConnectionProperties::default()).await
+}
+
+/// Checks at start-up that the broker answers and the queue exists (declaring it durable when
+/// `declare` is set), so a wrong URL or queue stops the gateway with the reason.
+pub async fn check(source: &AmqpSourceConfig) -> Result<(), String> {
+    let connection = connect(&source.url)
+        .await
+        .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(&source.url)))?;
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    declare(&channel, source)
+        .await
+        .map_err(|e| format!("queue `{}`: {e}", source.queue))?;
+    let _ = connection.close(200, "checked").await;
+    Ok(())
+}
+
+async fn declare(channel: &lapin::Channel, source: &AmqpSourceConfig) -> Result<(), lapin::Error> {
+    let options = QueueDeclareOptions {
+        passive: !source.declare,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(source.queue.as_str(), options, FieldTable::default())
+        .await
+        .map(|_| ())
+}
+
+/// The consume loop of one route; returns when `stop` turns true (dropping the core queues, so
+/// the cores finish what they hold). Reconnects with backoff when the connection is lost.
+pub async fn consume(
+    route: String,
+    source: AmqpSourceConfig,
+    queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
+    counters: Arc<RouteCounters>,
+    mut stop: watch::Receiver<bool>,
+    drain_deadline: Duration,
+) {
+    let mut queues = Some(queues);
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut next_core = 0;
+    loop {
+        let stopped = *stop.borrow();
+        if stopped {
+            break;
+        }
+        match consume_once(
+            &route,
+            &source,
+            &mut queues,
+            &counters,
+            &mut stop,
+            &mut next_core,
+            drain_deadline,
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%route, %error, backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection lost; reconnecting");
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            }
+        }
+    }
+    tracing::info!(
+        %route,
+        received = counters.received.load(Ordering::Relaxed),
+        written = counters.written.load(Ordering::Relaxed),
+        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
+        "stopped"
+    );
+}
+
+/// One connection's life: `Ok` when stopped, `Err` when the connection or consumer failed.
+async fn consume_once(
+    route: &str,
+    source: &AmqpSourceConfig,
+    queues: &mut Option<Vec<mpsc::Sender<Vec<SourceMessage>>>>,
+    counters: &RouteCounters,
+    stop: &mut watch::Receiver<bool>,
+    next_core: &mut usize,
+    drain_deadline: Duration,
+) -> Result<(), String> {
+    let cores = queues.as_ref().map_or(1, Vec::len);
+    let connection = connect(&source.url).await.map_err(|e| e.to_string())?;
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    declare(&channel, source).await.map_err(|e| e.to_string())?;
+    channel
+        .basic_qos(source.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = channel
+        .basic_consume(
+            source.queue.as_str(),
+            format!("shardgate-{route}").as_str(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(%route, queue = %source.queue, prefetch = source.prefetch, "consuming");
+    let mut chunks = consumer.ready_chunks(CHUNK_MESSAGES_MAX);
+    loop {
+        let chunk = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => None,
+            chunk = chunks.next() => Some(chunk.ok_or_else(|| "consumer cancelled".to_string())?),
+        };
+        let Some(chunk) = chunk else {
+            drain(queues, counters, drain_deadline).await;
+            let _ = connection.close(200, "shardgate stopping").await;
+            return Ok(());
+        };
+        let mut batch = Vec::with_capacity(chunk.len());
+        for delivery in chunk {
+            batch.push(source_message(delivery.map_err(|e| e.to_string())?, &source.queue));
+        }
+        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let core = *next_core;
+        *next_core = (*next_core + 1) % cores;
+        let sent = match &*queues {
+            Some(queues) => tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => Ok(()),
+                sent = queues[core].send(batch) => sent.map_err(|_| ()),
+            },
+            None => Err(()),
+        };
+        if sent.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// At stop: closes the core queues (the cores finish what they hold) and keeps the connection
+/// open until every received delivery is written or dead-lettered, or the deadline passes, so
+/// their acks still go out on the channel that delivered them.
+async fn drain(
+    queues: &mut Option<Vec<mpsc::Sender<Vec<SourceMessage>>>>,
+    counters: &RouteCounters,
+    deadline: Duration,
+) {
+    queues.take();
+    let started = tokio::time::Instant::now();
+    let done = || {
+        counters.written.load(Ordering::Relaxed) + counters.dead_lettered.load(Ordering::Relaxed)
+            >= counters.received.load(Ordering::Relaxed)
+    };
+    while !done() && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The acks are spawned right after completion; give them a moment to be written.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMessage {
+    let timestamp_ms = delivery
+        .properties
+        .timestamp()
+        .map(|seconds| seconds as i64 * 1000)
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+    let headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), header_text(v)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    SourceMessage {
+        position: delivery.delivery_tag as i64,
+        timestamp_ms: Some(timestamp_ms),
+        key: None,
+        payload: Some(delivery.data),
+        origin: Origin::Amqp {
+            queue: queue.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            headers,
+            acker: delivery.acker,
+        },
+    }
+}
+
+fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::LongLongInt(i) => Some(i.to_string()),
+        AMQPValue::LongInt(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// `amqp://user:password@host` with the password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A dead-letter exchange: published with publisher confirms and headers; the source message
+/// is acked only once the broker confirmed the letter.
+pub struct DeadLetterExchange {
+    _connection: Connection,
+    channel: lapin::Channel,
+    /// Exchange name (`""` is the default exchange, routing by queue name).
+    pub exchange: String,
+    routing_key: String,
+}
+
+impl DeadLetterExchange {
+    /// Opens a confirming channel on a new connection. Run on the island at start-up.
+    pub async fn open(url: &str, exchange: &str, routing_key: &str) -> Result<DeadLetterExchange, String> {
+        let connection = connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(url)))?;
+        let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(DeadLetterExchange {
+            _connection: connection,
+            channel,
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        })
+    }
+
+    /// Publishes one letter and waits for the broker's confirm.
+    pub async fn send_once(&self, headers: Vec<(&'static str, String)>, payload: &[u8]) -> Result<(), String> {
+        let mut table = FieldTable::default();
+        for (key, value) in headers {
+            table.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
+        }
+        let properties = BasicProperties::default().with_headers(table).with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str(),
+                self.routing_key.as_str(),
+                BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if confirm.is_nack() {
+            return Err("the broker refused the dead letter (nack)".to_string());
+        }
+        Ok(())
+    }
+}
