@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::bridge::dead_letter::{DeadLetterSink, DeadLetterSubject, DeadLetterTopic};
 use crate::bridge::kafka::{self, Poller};
 use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, CORE_QUEUE_BATCHES_MAX};
-use crate::bridge::{amqp, nats};
+use crate::bridge::{amqp, nats, zeromq};
 use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
@@ -76,6 +76,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut pollers = Vec::with_capacity(config.routes.len());
     let mut jetstream_pullers = Vec::new();
     let mut amqp_consumers = Vec::new();
+    let mut zmq_receivers = Vec::new();
     let mut nats_clients = Vec::new();
     for route in &config.routes {
         let schema = island.block_on(scylla::table_schema(
@@ -153,6 +154,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
                 amqp_consumers.push((route.name.clone(), source.clone(), queues, Arc::clone(&counters)));
                 (source.queue.clone(), None)
+            }
+            SourceConfig::Zmq(source) => {
+                let socket =
+                    zeromq::open(source).map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+                zmq_receivers.push((
+                    route.name.clone(),
+                    source.endpoint.clone(),
+                    socket,
+                    queues,
+                    Arc::clone(&counters),
+                ));
+                (source.endpoint.clone(), None)
             }
         };
         let writer = Arc::new(RouteWriter {
@@ -249,7 +262,17 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             Err(_) => bail!("cores did not start within {} s", BIND_TIMEOUT.as_secs()),
         }
     }
-    let mut poll_threads = Vec::with_capacity(pollers.len());
+    let mut poll_threads = Vec::with_capacity(pollers.len() + zmq_receivers.len());
+    for (name, endpoint, socket, queues, counters) in zmq_receivers {
+        let shutdown = Arc::clone(&shutdown);
+        let thread_name = format!("zmq-{name}");
+        poll_threads.push(
+            spawn_housekeeping(&thread_name, move || {
+                zeromq::receive(name, endpoint, socket, queues, counters, shutdown)
+            })
+            .context("cannot start a ZeroMQ thread")?,
+        );
+    }
     for poller in pollers {
         let name = format!("poll-{}", poller.route);
         poll_threads.push(spawn_housekeeping(&name, move || poller.run()).context("cannot start a poll thread")?);

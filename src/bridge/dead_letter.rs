@@ -38,6 +38,8 @@ pub mod headers {
     pub const SOURCE_ROUTING_KEY: &str = "shardgate.source.routing_key";
     /// Whether the broker had delivered the message before (RabbitMQ).
     pub const SOURCE_REDELIVERED: &str = "shardgate.source.redelivered";
+    /// Socket endpoint (ZeroMQ).
+    pub const SOURCE_ENDPOINT: &str = "shardgate.source.endpoint";
     /// Original message key, when the destination has no key of its own (NATS), as text.
     pub const KEY: &str = "shardgate.key";
 }

@@ -79,6 +79,11 @@ pub enum Origin {
         /// Acks on the delivering channel.
         acker: lapin::acker::Acker,
     },
+    /// A ZeroMQ socket: nothing to acknowledge (at-most-once).
+    Zmq {
+        /// The socket's endpoint.
+        endpoint: String,
+    },
 }
 
 impl SourceMessage {
@@ -104,6 +109,10 @@ impl SourceMessage {
                 (headers::SOURCE_QUEUE, queue.clone()),
                 (headers::SOURCE_ROUTING_KEY, routing_key.clone()),
                 (headers::SOURCE_REDELIVERED, redelivered.to_string()),
+            ],
+            Origin::Zmq { endpoint } => vec![
+                (headers::SOURCE_ENDPOINT, endpoint.clone()),
+                (headers::SOURCE_SEQUENCE, self.position.to_string()),
             ],
         }
     }
@@ -314,6 +323,7 @@ impl RouteWriter {
                     }
                 });
             }
+            Origin::Zmq { .. } => {}
         }
     }
 

@@ -187,6 +187,30 @@ pub enum SourceConfig {
     JetStream(JetStreamSourceConfig),
     /// A RabbitMQ queue consumer.
     Amqp(AmqpSourceConfig),
+    /// A ZeroMQ PULL or SUB socket.
+    Zmq(ZmqSourceConfig),
+}
+
+/// ZeroMQ socket settings of one route.
+#[derive(Debug, Clone)]
+pub struct ZmqSourceConfig {
+    /// PULL or SUB.
+    pub socket: ZmqSocketKind,
+    /// `tcp://host:port`, `ipc://path`, ...
+    pub endpoint: String,
+    /// Bind (true) or connect (false).
+    pub bind: bool,
+    /// SUB prefixes.
+    pub subscribe: Vec<String>,
+}
+
+/// The ZeroMQ socket types a route can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZmqSocketKind {
+    /// PULL: load-balanced from PUSH senders.
+    Pull,
+    /// SUB: every message of the subscribed prefixes from PUB senders.
+    Sub,
 }
 
 /// RabbitMQ consumer settings of one route.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::{
     validate_identifier, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig,
     FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig,
-    StartFrom,
+    StartFrom, ZmqSocketKind, ZmqSourceConfig,
 };
 
 /// Top level of a shardgate config file.
@@ -196,6 +196,23 @@ pub enum RawSource {
         #[serde(default = "default_true")]
         declare: bool,
     },
+    /// `kind = "zeromq"`: a PULL or SUB socket (at-most-once: ZeroMQ has no acknowledgement).
+    Zeromq {
+        /// `pull` or `sub`.
+        socket: String,
+        /// Endpoint, for example `tcp://127.0.0.1:5557`.
+        endpoint: String,
+        /// Bind the endpoint (true) or connect to it (false). Default false.
+        #[serde(default)]
+        bind: bool,
+        /// SUB only: topic prefixes to subscribe to. Default `[""]`, everything.
+        #[serde(default = "default_subscribe")]
+        subscribe: Vec<String>,
+    },
+}
+
+fn default_subscribe() -> Vec<String> {
+    vec![String::new()]
 }
 
 fn default_prefetch() -> u16 {
@@ -667,6 +684,34 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 queue,
                 prefetch,
                 declare,
+            }))
+        }
+        RawSource::Zeromq {
+            socket,
+            endpoint,
+            bind,
+            subscribe,
+        } => {
+            let socket = match socket.as_str() {
+                "pull" => ZmqSocketKind::Pull,
+                "sub" => ZmqSocketKind::Sub,
+                other => return Err(ConfigError::invalid(format!("{key}.socket"), other, "`pull` or `sub`")),
+            };
+            let transport_ok = ["tcp://", "ipc://", "inproc://"]
+                .iter()
+                .any(|t| endpoint.strip_prefix(t).is_some_and(|rest| !rest.is_empty()));
+            if !transport_ok {
+                return Err(ConfigError::invalid(
+                    format!("{key}.endpoint"),
+                    &endpoint,
+                    "a ZeroMQ endpoint like `tcp://127.0.0.1:5557` or `ipc:///run/orders.sock`",
+                ));
+            }
+            Ok(SourceConfig::Zmq(ZmqSourceConfig {
+                socket,
+                endpoint,
+                bind,
+                subscribe,
             }))
         }
     }

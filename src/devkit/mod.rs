@@ -1016,3 +1016,50 @@ routing_key = "{dead_letter_queue}"
 "#
     )
 }
+
+/// Endpoint the ZeroMQ test routes bind their PULL socket to.
+pub const ZMQ_ENDPOINT: &str = "tcp://127.0.0.1:5557";
+
+/// A ZeroMQ route for the sample orders: PULL bound on [`ZMQ_ENDPOINT`], two-frame messages
+/// (order id, JSON), dead letters to NATS subject `dead_letter_subject`.
+pub fn zeromq_orders_route_toml(name: &str, keyspace: &str, dead_letter_subject: &str) -> String {
+    let columns = orders_columns_toml("$key");
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+table = "{keyspace}.orders"
+format = "json"
+
+[route.source]
+kind = "zeromq"
+socket = "pull"
+endpoint = "{ZMQ_ENDPOINT}"
+bind = true
+
+{columns}
+
+[route.dead_letter]
+kind = "nats"
+url = "{NATS}"
+subject = "{dead_letter_subject}"
+"#
+    )
+}
+
+/// Sends (key, payload) messages as two-frame ZeroMQ messages from a PUSH socket connected to
+/// `endpoint` (blocks until a PULL peer is there); returns after the socket's buffer drained.
+pub fn push_zeromq(endpoint: &str, messages: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> anyhow::Result<u64> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::PUSH)?;
+    socket.set_linger(30_000)?;
+    socket.set_sndhwm(100_000)?;
+    socket.connect(endpoint)?;
+    let mut sent = 0;
+    for (key, payload) in messages {
+        socket.send_multipart([key, payload], 0)?;
+        sent += 1;
+    }
+    drop(socket);
+    Ok(sent)
+}

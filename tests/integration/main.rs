@@ -9,6 +9,7 @@ mod jetstream;
 mod kafka_route;
 mod rabbitmq;
 mod startup;
+mod zeromq;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
