@@ -77,6 +77,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut jetstream_pullers = Vec::new();
     let mut amqp_consumers = Vec::new();
     let mut zmq_receivers = Vec::new();
+    let mut nats_subscribers = Vec::new();
     let mut nats_clients = Vec::new();
     for route in &config.routes {
         let schema = island.block_on(scylla::table_schema(
@@ -154,6 +155,22 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
                 amqp_consumers.push((route.name.clone(), source.clone(), queues, Arc::clone(&counters)));
                 (source.queue.clone(), None)
+            }
+            SourceConfig::Nats(source) => {
+                let client = island
+                    .block_on(nats::connect(&source.url, &route.name))
+                    .with_context(|| format!("route `{}`", route.name))?;
+                nats_clients.push(client.clone());
+                let subscriber = island
+                    .block_on(async {
+                        match &source.queue_group {
+                            Some(group) => client.queue_subscribe(source.subject.clone(), group.clone()).await,
+                            None => client.subscribe(source.subject.clone()).await,
+                        }
+                    })
+                    .with_context(|| format!("route `{}`: cannot subscribe to `{}`", route.name, source.subject))?;
+                nats_subscribers.push((route.name.clone(), subscriber, queues, Arc::clone(&counters)));
+                (source.subject.clone(), None)
             }
             SourceConfig::Zmq(source) => {
                 let socket =
@@ -285,6 +302,15 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 .spawn(nats::pull(name, consumer, queues, counters, stop_rx.clone()))
         })
         .collect();
+    pull_tasks.extend(
+        nats_subscribers
+            .into_iter()
+            .map(|(name, subscriber, queues, counters)| {
+                island
+                    .handle()
+                    .spawn(nats::subscribe(name, subscriber, queues, counters, stop_rx.clone()))
+            }),
+    );
     pull_tasks.extend(amqp_consumers.into_iter().map(|(name, source, queues, counters)| {
         island.handle().spawn(amqp::consume(
             name,

@@ -1,3 +1,6 @@
+//! NATS sources. Core subscriptions (`subscribe`, optionally in a queue group so that several
+//! gateways split the subject) are at-most-once: core NATS has no acknowledgement.
+//!
 //! JetStream source: a durable pull consumer with explicit acks, at-least-once into a table.
 //!
 //! The puller runs on the island (async-nats is tokio-bound): it reads the consumer's message
@@ -145,6 +148,67 @@ pub async fn pull(
         dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
         "stopped"
     );
+}
+
+/// The subscription loop of a NATS core route (at-most-once: core NATS has no acknowledgement);
+/// returns when `stop` turns true, dropping the core queues.
+pub async fn subscribe(
+    route: String,
+    mut subscriber: async_nats::Subscriber,
+    queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
+    counters: Arc<RouteCounters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tracing::info!(%route, cores = queues.len(), "subscribed (at-most-once)");
+    let mut sequence: i64 = 0;
+    let mut next_core = 0;
+    loop {
+        let chunk = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            first = subscriber.next() => match first {
+                Some(first) => first,
+                None => break,
+            },
+        };
+        let mut batch = vec![core_message(chunk, &mut sequence)];
+        while batch.len() < CHUNK_MESSAGES_MAX {
+            match futures::FutureExt::now_or_never(subscriber.next()) {
+                Some(Some(message)) => batch.push(core_message(message, &mut sequence)),
+                _ => break,
+            }
+        }
+        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let core = next_core;
+        next_core = (next_core + 1) % queues.len();
+        let sent = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            sent = queues[core].send(batch) => sent,
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    let _ = subscriber.unsubscribe().await;
+    tracing::info!(
+        %route,
+        received = counters.received.load(Ordering::Relaxed),
+        written = counters.written.load(Ordering::Relaxed),
+        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
+        "stopped"
+    );
+}
+
+fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessage {
+    *sequence += 1;
+    SourceMessage {
+        position: *sequence,
+        timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
+        key: None,
+        payload: Some(message.payload.to_vec()),
+        origin: Origin::Nats {
+            subject: message.subject.to_string(),
+        },
+    }
 }
 
 fn source_message(message: jetstream::Message) -> SourceMessage {

@@ -79,6 +79,11 @@ pub enum Origin {
         /// Acks on the delivering channel.
         acker: lapin::acker::Acker,
     },
+    /// A core NATS subscription: nothing to acknowledge (at-most-once).
+    Nats {
+        /// Subject the message was published on.
+        subject: String,
+    },
     /// A ZeroMQ socket: nothing to acknowledge (at-most-once).
     Zmq {
         /// The socket's endpoint.
@@ -109,6 +114,10 @@ impl SourceMessage {
                 (headers::SOURCE_QUEUE, queue.clone()),
                 (headers::SOURCE_ROUTING_KEY, routing_key.clone()),
                 (headers::SOURCE_REDELIVERED, redelivered.to_string()),
+            ],
+            Origin::Nats { subject } => vec![
+                (headers::SOURCE_SUBJECT, subject.clone()),
+                (headers::SOURCE_SEQUENCE, self.position.to_string()),
             ],
             Origin::Zmq { endpoint } => vec![
                 (headers::SOURCE_ENDPOINT, endpoint.clone()),
@@ -323,7 +332,7 @@ impl RouteWriter {
                     }
                 });
             }
-            Origin::Zmq { .. } => {}
+            Origin::Nats { .. } | Origin::Zmq { .. } => {}
         }
     }
 

@@ -189,6 +189,19 @@ pub enum SourceConfig {
     Amqp(AmqpSourceConfig),
     /// A ZeroMQ PULL or SUB socket.
     Zmq(ZmqSourceConfig),
+    /// A core NATS subscription.
+    Nats(NatsSourceConfig),
+}
+
+/// Core NATS subscription settings of one route.
+#[derive(Debug, Clone)]
+pub struct NatsSourceConfig {
+    /// Server URL.
+    pub url: String,
+    /// Subject (wildcards allowed).
+    pub subject: String,
+    /// Queue group: gateways in one group split the messages.
+    pub queue_group: Option<String>,
 }
 
 /// ZeroMQ socket settings of one route.

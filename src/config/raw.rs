@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::{
     validate_identifier, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig,
-    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, RouteConfig, RuntimeConfig, SourceConfig,
-    StartFrom, ZmqSocketKind, ZmqSourceConfig,
+    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, NatsSourceConfig, RouteConfig,
+    RuntimeConfig, SourceConfig, StartFrom, ZmqSocketKind, ZmqSourceConfig,
 };
 
 /// Top level of a shardgate config file.
@@ -195,6 +195,17 @@ pub enum RawSource {
         /// Default true.
         #[serde(default = "default_true")]
         declare: bool,
+    },
+    /// `kind = "nats"`: a core NATS subscription (at-most-once: core NATS has no
+    /// acknowledgement; use `jetstream` for at-least-once).
+    Nats {
+        /// NATS server URL, for example `nats://127.0.0.1:4222`.
+        url: String,
+        /// Subject; wildcards `*` and `>` allowed.
+        subject: String,
+        /// Queue group: gateways naming the same group split the messages. Optional.
+        #[serde(default)]
+        queue_group: Option<String>,
     },
     /// `kind = "zeromq"`: a PULL or SUB socket (at-most-once: ZeroMQ has no acknowledgement).
     Zeromq {
@@ -506,6 +517,7 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             let url = match (url, &source) {
                 (Some(url), _) => validate_nats_url(&key("dead_letter.url"), url)?,
                 (None, SourceConfig::JetStream(js)) => js.url.clone(),
+                (None, SourceConfig::Nats(nats)) => nats.url.clone(),
                 (None, _) => {
                     return Err(ConfigError::invalid(
                         key("dead_letter.url"),
@@ -684,6 +696,22 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 queue,
                 prefetch,
                 declare,
+            }))
+        }
+        RawSource::Nats {
+            url,
+            subject,
+            queue_group,
+        } => {
+            let url = validate_nats_url(&format!("{key}.url"), url)?;
+            validate_subject(&format!("{key}.subject"), &subject)?;
+            if let Some(group) = &queue_group {
+                validate_nats_name(&format!("{key}.queue_group"), group)?;
+            }
+            Ok(SourceConfig::Nats(NatsSourceConfig {
+                url,
+                subject,
+                queue_group,
             }))
         }
         RawSource::Zeromq {

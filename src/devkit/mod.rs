@@ -118,12 +118,17 @@ tags = "tags""#
 
 /// A gateway config for the local cluster with the given routes and default limits.
 pub fn gateway_toml(routes: &str) -> String {
-    gateway_toml_with(routes, "")
+    gateway_toml_with(routes, "", ADMIN_LISTEN)
+}
+
+/// Like [`gateway_toml`] with metrics on `admin` (a second gateway on the same host).
+pub fn gateway_toml_on(routes: &str, admin: &str) -> String {
+    gateway_toml_with(routes, "", admin)
 }
 
 /// A gateway config for the local cluster, with metrics on [`ADMIN_LISTEN`]: `runtime_extra`
 /// lines go in `[runtime]`, then the routes.
-fn gateway_toml_with(routes: &str, runtime_extra: &str) -> String {
+fn gateway_toml_with(routes: &str, runtime_extra: &str, admin: &str) -> String {
     format!(
         r#"
 [cluster]
@@ -138,7 +143,7 @@ shutdown_deadline_ms = 5000
 {runtime_extra}
 
 [admin]
-listen = "{ADMIN_LISTEN}"
+listen = "{admin}"
 {routes}"#
     )
 }
@@ -589,7 +594,7 @@ pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, writ
     let limits = format!(
         "inflight_rows_per_core_max = {inflight_rows_per_core_max}\nwrite_batch_rows_max = {write_batch_rows_max}"
     );
-    let base = gateway_toml_with(routes, &limits);
+    let base = gateway_toml_with(routes, &limits, ADMIN_LISTEN);
     format!("{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n")
 }
 
@@ -1061,5 +1066,49 @@ pub fn push_zeromq(endpoint: &str, messages: impl IntoIterator<Item = (Vec<u8>, 
         sent += 1;
     }
     drop(socket);
+    Ok(sent)
+}
+
+/// A core NATS route for the sample orders on `subject` in queue group `queue_group`, dead
+/// letters to NATS subject `dead_letter_subject`.
+pub fn nats_orders_route_toml(
+    name: &str,
+    keyspace: &str,
+    subject: &str,
+    queue_group: &str,
+    dead_letter_subject: &str,
+) -> String {
+    let columns = orders_columns_toml("order_id");
+    format!(
+        r#"
+[[route]]
+name = "{name}"
+table = "{keyspace}.orders"
+format = "json"
+
+[route.source]
+kind = "nats"
+url = "{NATS}"
+subject = "{subject}"
+queue_group = "{queue_group}"
+
+{columns}
+
+[route.dead_letter]
+kind = "nats"
+subject = "{dead_letter_subject}"
+"#
+    )
+}
+
+/// Publishes `payloads` on core NATS subject `subject` and flushes.
+pub async fn publish_nats(subject: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> anyhow::Result<u64> {
+    let client = async_nats::connect(NATS).await?;
+    let mut sent = 0;
+    for payload in payloads {
+        client.publish(subject.to_string(), payload.into()).await?;
+        sent += 1;
+    }
+    client.flush().await?;
     Ok(sent)
 }

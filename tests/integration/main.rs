@@ -8,6 +8,7 @@ mod ingest;
 mod jetstream;
 mod kafka_route;
 mod rabbitmq;
+mod scale_out;
 mod startup;
 mod zeromq;
 
