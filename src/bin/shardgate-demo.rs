@@ -6,7 +6,9 @@
 //!    consumer-group offsets, which only advance once rows are written);
 //! 4. streams typed rows over gRPC with the shard-aware client (each row to the core that owns
 //!    it) into an `events` table;
-//! 5. reads every row back from Cassandra and compares it with what was sent, reads the
+//! 5. publishes sample orders to a JetStream stream, a RabbitMQ queue, a core NATS subject and
+//!    a ZeroMQ PUSH socket (the same gateway has a route for each) into a second `orders` table;
+//! 6. reads every row back from Cassandra and compares it with what was sent, reads the
 //!    dead-letter topic, and prints a summary with rows/s and gateway CPU-seconds per million rows.
 //!
 //! Exits non-zero if any row is missing or wrong, or a malformed message was not dead-lettered.
@@ -31,6 +33,9 @@ struct Args {
     /// Malformed messages mixed in (they must land in the dead-letter topic).
     #[arg(long, default_value_t = 30)]
     malformed: u64,
+    /// Orders sent through each of JetStream, RabbitMQ, NATS and ZeroMQ.
+    #[arg(long, default_value_t = 20_000)]
+    broker_messages: u64,
     /// Partitions of the source topic.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
@@ -48,6 +53,85 @@ struct Args {
 const KEYSPACE: &str = "shardgate_demo";
 const GRPC_KEYSPACE: &str = "shardgate_demo_grpc";
 const GRPC_BATCH_ROWS: i64 = 500;
+const BROKERS_KEYSPACE: &str = "shardgate_demo_brokers";
+/// Routes of the other brokers, in the order their order-id ranges follow each other.
+const BROKER_ROUTES: [&str; 4] = ["jetstream", "rabbitmq", "nats", "zeromq"];
+
+/// Names of the demo's JetStream, RabbitMQ and NATS resources for one run.
+struct BrokerNames {
+    stream: String,
+    subject: String,
+    queue: String,
+    core_subject: String,
+    dead_letter_subject: String,
+}
+
+impl BrokerNames {
+    fn new(run: u64) -> BrokerNames {
+        BrokerNames {
+            stream: format!("DEMO_{run}"),
+            subject: format!("demo.{run}.orders"),
+            queue: format!("demo.{run}.orders"),
+            core_subject: format!("demo.{run}.core"),
+            dead_letter_subject: format!("demo.{run}.dead-letter"),
+        }
+    }
+
+    /// One route per broker into `BROKERS_KEYSPACE.orders`.
+    fn routes(&self) -> String {
+        [
+            devkit::jetstream_orders_route_toml(
+                BROKER_ROUTES[0],
+                BROKERS_KEYSPACE,
+                &self.stream,
+                &self.subject,
+                "shardgate-demo",
+                &self.dead_letter_subject,
+            ),
+            devkit::rabbitmq_orders_route_toml(
+                BROKER_ROUTES[1],
+                BROKERS_KEYSPACE,
+                &self.queue,
+                &format!("{}.dead-letter", self.queue),
+            ),
+            devkit::nats_orders_route_toml(
+                BROKER_ROUTES[2],
+                BROKERS_KEYSPACE,
+                &self.core_subject,
+                "shardgate-demo",
+                &self.dead_letter_subject,
+            ),
+            devkit::zeromq_orders_route_toml(BROKER_ROUTES[3], BROKERS_KEYSPACE, &self.dead_letter_subject),
+        ]
+        .concat()
+    }
+
+    async fn create(&self) -> anyhow::Result<()> {
+        devkit::create_stream(&self.stream, &[&self.subject]).await?;
+        devkit::create_stream(&format!("{}_DL", self.stream), &[&self.dead_letter_subject]).await?;
+        devkit::recreate_queue(&self.queue).await?;
+        devkit::recreate_queue(&format!("{}.dead-letter", self.queue)).await?;
+        Ok(())
+    }
+
+    /// Sends orders `range` of broker `index` (in `BROKER_ROUTES` order).
+    async fn send(&self, index: usize, range: std::ops::Range<u64>) -> anyhow::Result<u64> {
+        match index {
+            0 => devkit::publish_jetstream(&self.subject, range.map(devkit::order_message_with_id)).await,
+            1 => devkit::publish_rabbitmq(&self.queue, range.map(devkit::order_message_with_id)).await,
+            2 => devkit::publish_nats(&self.core_subject, range.map(devkit::order_message_with_id)).await,
+            _ => {
+                let messages: Vec<_> = range
+                    .map(|i| {
+                        let (key, payload) = devkit::order_message(i);
+                        (key.into_bytes(), payload.into_bytes())
+                    })
+                    .collect();
+                tokio::task::spawn_blocking(move || devkit::push_zeromq(devkit::ZMQ_ENDPOINT, messages)).await?
+            }
+        }
+    }
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -67,6 +151,9 @@ async fn main() -> anyhow::Result<()> {
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, KEYSPACE).await?;
     devkit::create_events_table(&session, GRPC_KEYSPACE).await?;
+    devkit::create_orders_table(&session, BROKERS_KEYSPACE).await?;
+    let brokers = BrokerNames::new(run);
+    brokers.create().await?;
     devkit::create_topic(&topic, args.partitions).await?;
     devkit::create_topic(&dead_letter_topic, 1).await?;
     println!("   table {KEYSPACE}.orders and topic {topic} created");
@@ -91,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let config_path = args.work_dir.join("gateway.toml");
-    let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic);
+    let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic) + &brokers.routes();
     std::fs::write(&config_path, devkit::ingest_gateway_toml(&routes, 2048, 64))?;
     let log_path = args.work_dir.join("gateway.log");
     let gateway_start = Instant::now();
@@ -139,14 +226,52 @@ async fn main() -> anyhow::Result<()> {
     let grpc = client.stream(batches).await?;
     let grpc_elapsed = grpc_start.elapsed();
     let grpc_cpu = gateway.cpu_seconds()? - grpc_cpu_before;
-    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
+    let forwarded = devkit::scrape_metric_where(
+        devkit::ADMIN_LISTEN,
+        shardgate::telemetry::metric::ROWS_FORWARDED,
+        &[("source", "grpc")],
+    )?;
     println!(
         "   gRPC: {} rows written, {} rejected, in {:.1} s",
         grpc.written,
         grpc.errors.len(),
         grpc_elapsed.as_secs_f64()
     );
+    println!(
+        "   brokers: {} orders each through JetStream, RabbitMQ, NATS (queue group) and ZeroMQ (PUSH → PULL)",
+        args.broker_messages
+    );
+    let mut broker_lines = Vec::new();
+    for (index, route) in BROKER_ROUTES.iter().enumerate() {
+        let first = index as u64 * args.broker_messages;
+        let started = Instant::now();
+        let sent = brokers.send(index, first..first + args.broker_messages).await?;
+        let target = first + args.broker_messages;
+        loop {
+            let rows = devkit::count_rows::<String>(&session, BROKERS_KEYSPACE, "orders", "order_id").await?;
+            if rows >= target {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(args.stall_timeout_s) {
+                bail!(
+                    "{route}: only {rows} of {target} rows after {} s; see {}",
+                    args.stall_timeout_s,
+                    log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let line = format!(
+            "{route:<10} {sent} sent, all written in {seconds:.1} s ({:.0} rows/s, send included)",
+            sent as f64 / seconds
+        );
+        println!("   {line}");
+        broker_lines.push(line);
+    }
     let status = gateway.stop()?;
+    let broker_total = args.broker_messages * BROKER_ROUTES.len() as u64;
+    let broker_report = devkit::verify_orders(&session, BROKERS_KEYSPACE, broker_total).await?;
 
     let report = devkit::verify_orders(&session, KEYSPACE, args.messages).await?;
     let dead_letters = devkit::read_topic(&dead_letter_topic, malformed_sent as usize, Duration::from_secs(30))?;
@@ -188,7 +313,17 @@ async fn main() -> anyhow::Result<()> {
     let grpc_report = devkit::verify_events(&session, GRPC_KEYSPACE, args.grpc_rows as u64).await?;
     println!("   gRPC rows verified exact: {} of {} ({:.0} rows/s, {:.1} CPU-s per million rows, {forwarded} forwarded between cores)",
         grpc_report.matching, args.grpc_rows, args.grpc_rows as f64 / grpc_elapsed.as_secs_f64(), grpc_cpu * 1e6 / args.grpc_rows as f64);
+    println!(
+        "   broker rows verified exact: {} of {} (JetStream, RabbitMQ, NATS, ZeroMQ)",
+        broker_report.matching, broker_total
+    );
+    for line in &broker_lines {
+        println!("     - {line}");
+    }
     println!("   gateway exit:             {status}");
+    for difference in &broker_report.differences {
+        println!("   broker difference: {difference}");
+    }
     for difference in &grpc_report.differences {
         println!("   gRPC difference: {difference}");
     }
@@ -200,9 +335,13 @@ async fn main() -> anyhow::Result<()> {
         || dead_letters.len() as u64 != malformed_sent
         || grpc_report.matching != args.grpc_rows as u64
         || grpc_report.rows != args.grpc_rows as u64
+        || broker_report.matching != broker_total
+        || broker_report.rows != broker_total
     {
         bail!("verification failed");
     }
-    println!("== OK: every Kafka and gRPC row verified in Cassandra, every malformed message dead-lettered");
+    println!(
+        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered"
+    );
     Ok(())
 }
