@@ -212,6 +212,7 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
         })
         .unwrap_or_default();
     SourceMessage {
+        write_timestamp_us: None,
         position: delivery.delivery_tag as i64,
         timestamp_ms: Some(timestamp_ms),
         key: None,

@@ -201,6 +201,7 @@ pub async fn subscribe(
 fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessage {
     *sequence += 1;
     SourceMessage {
+        write_timestamp_us: None,
         position: *sequence,
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key: None,
@@ -217,6 +218,7 @@ fn source_message(message: jetstream::Message) -> SourceMessage {
         .map(|info| (info.stream_sequence as i64, Some(info.published.timestamp_millis())))
         .unwrap_or((0, None));
     SourceMessage {
+        write_timestamp_us: None,
         position,
         timestamp_ms,
         key: None,

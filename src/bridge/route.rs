@@ -41,6 +41,9 @@ pub struct SourceMessage {
     pub position: i64,
     /// Message time in milliseconds (Kafka create or log-append time, JetStream publish time).
     pub timestamp_ms: Option<i64>,
+    /// Write timestamp the source assigned (Kafka: per-partition clock), else derived from
+    /// `timestamp_ms` and `position`.
+    pub write_timestamp_us: Option<i64>,
     /// Message key (Kafka), if any.
     pub key: Option<Vec<u8>>,
     /// Message payload; `None` for a Kafka tombstone.
@@ -198,7 +201,10 @@ impl RouteWriter {
         for work in batch {
             match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
                 Ok(values) => {
-                    let values = with_timestamp(values, write_timestamp_us(work.timestamp_ms, work.position));
+                    let timestamp_us = work
+                        .write_timestamp_us
+                        .unwrap_or_else(|| write_timestamp_us(work.timestamp_ms, work.position));
+                    let values = with_timestamp(values, timestamp_us);
                     let placement = place_row(&self.insert, &values, &ownership);
                     let owner = placement.map_or(core, |p| p.core);
                     let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());

@@ -118,6 +118,7 @@ fn source_message(mut frames: Vec<Vec<u8>>, sequence: i64, endpoint: &str) -> So
     }
     .filter(|k| !k.is_empty());
     SourceMessage {
+        write_timestamp_us: None,
         position: sequence,
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key,

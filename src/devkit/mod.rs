@@ -1112,3 +1112,34 @@ pub async fn publish_nats(subject: &str, payloads: impl IntoIterator<Item = Vec<
     client.flush().await?;
     Ok(sent)
 }
+
+/// Produces (key, payload) messages to partition `partition` of `topic`, all with Kafka
+/// timestamp `timestamp_ms`; returns once the broker acknowledged them.
+pub fn produce_at_time(
+    topic: &str,
+    partition: i32,
+    timestamp_ms: i64,
+    messages: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> anyhow::Result<u64> {
+    let producer: BaseProducer<DeliveryFailures> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create_with_context(DeliveryFailures::default())?;
+    let mut sent = 0;
+    for (key, payload) in messages {
+        let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
+            .partition(partition)
+            .timestamp(timestamp_ms)
+            .key(key.as_str())
+            .payload(&payload);
+        producer.send(record).map_err(|(e, _)| e)?;
+        sent += 1;
+    }
+    producer.flush(Timeout::After(Duration::from_secs(60)))?;
+    anyhow::ensure!(
+        producer.context().0.load(Ordering::Relaxed) == 0,
+        "the broker refused some messages"
+    );
+    Ok(sent)
+}

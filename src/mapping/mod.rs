@@ -304,5 +304,14 @@ pub fn write_timestamp_us(source_time_ms: Option<i64>, offset: i64) -> i64 {
     millis * 1000 + offset.rem_euclid(1000)
 }
 
+/// The next write timestamp of a partition whose previous message was written at
+/// `previous_us`: the source time in microseconds, but always after the previous message. So
+/// any number of messages within one millisecond apply in source order. Deterministic on replay
+/// when `previous_us` is restored with the committed position (Kafka: commit metadata).
+pub fn next_write_timestamp_us(source_time_ms: Option<i64>, previous_us: i64) -> i64 {
+    let millis = source_time_ms.unwrap_or(0).clamp(0, i64::MAX / 1000 - 1);
+    (millis * 1000).max(previous_us.saturating_add(1))
+}
+
 #[cfg(test)]
 mod tests;

@@ -184,3 +184,19 @@ proptest! {
         prop_assert_eq!(&values[2], &Some(Some(CqlValue::Text(city))));
     }
 }
+
+#[test]
+fn write_clock_orders_a_burst_within_one_millisecond() {
+    let mut last = 0;
+    let stamps: Vec<i64> = (0..1500)
+        .map(|_| {
+            last = super::next_write_timestamp_us(Some(7), last);
+            last
+        })
+        .collect();
+    assert_eq!(stamps[0], 7000);
+    assert!(stamps.windows(2).all(|w| w[1] > w[0]), "strictly increasing");
+    // A later millisecond starts at its own time once the clock has not run past it.
+    assert_eq!(super::next_write_timestamp_us(Some(9), 8500), 9000);
+    assert_eq!(super::next_write_timestamp_us(Some(8), 8500), 8501);
+}

@@ -177,3 +177,72 @@ async fn malformed_messages_are_dead_lettered_with_reasons() {
         assert!(offsets_seen.insert((partition, offset)), "no duplicate dead letters");
     }
 }
+
+/// 1,000 updates of one key within one millisecond (same Kafka timestamp, offsets 500..1499 so
+/// they straddle a multiple of 1000) apply in source order: the last one is what reads back.
+/// Then the same 1,500 messages replayed by a fresh consumer group write identical cells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_updates_in_one_millisecond_apply_in_order() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("samems");
+    setup(&names).await;
+    let millis = chrono::Utc::now().timestamp_millis();
+    let others = (0..500).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce_at_time(&names.topic, 0, millis - 1, others).expect("produce");
+    let (key, template) = devkit::order_message(900_000);
+    let updates = (0..1000i64).map(|n| {
+        let mut order: serde_json::Value = serde_json::from_str(&template).expect("json");
+        order["customer"]["id"] = serde_json::json!(n);
+        (key.clone(), order.to_string().into_bytes())
+    });
+    devkit::produce_at_time(&names.topic, 0, millis, updates).expect("produce updates");
+
+    let read_back = || async {
+        let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+        let row: (Option<i64>, Option<i64>) = session
+            .query_unpaged(
+                format!(
+                    "SELECT customer_id, WRITETIME(customer_id) FROM {}.orders WHERE order_id = ?",
+                    names.keyspace
+                ),
+                (&key,),
+            )
+            .await
+            .expect("select")
+            .into_rows_result()
+            .expect("rows")
+            .single_row()
+            .expect("one row");
+        row
+    };
+    let gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
+        .expect("gateway starts");
+    wait_committed(&names, PARTITIONS, 1_500, DEADLINE);
+    assert!(gateway.stop().expect("stop").success());
+    let (last, written_at) = read_back().await;
+    assert_eq!(last, Some(999), "the last of 1,000 same-millisecond updates wins");
+    let written_at = written_at.expect("write time");
+    assert!(
+        written_at >= millis * 1000 + 999,
+        "1,000 distinct increasing write times from {}: {written_at}",
+        millis * 1000
+    );
+
+    // A replay from the start (new group) stamps the same write times: nothing changes.
+    let replay = Names {
+        group: format!("{}-replay", names.group),
+        ..names.clone()
+    };
+    let gateway = Gateway::start(&gateway_binary(), &replay.write_config(), &names.dir.join("replay.log"))
+        .expect("gateway starts");
+    wait_committed(&replay, PARTITIONS, 1_500, DEADLINE);
+    assert!(gateway.stop().expect("stop").success());
+    assert_eq!(
+        read_back().await,
+        (Some(999), Some(written_at)),
+        "replay writes identical cells"
+    );
+}

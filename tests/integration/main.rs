@@ -26,6 +26,7 @@ pub async fn gateway_lock() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// Names unique to this test run.
+#[derive(Clone)]
 pub struct Names {
     pub keyspace: String,
     pub topic: String,

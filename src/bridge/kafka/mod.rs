@@ -14,7 +14,7 @@
 
 pub mod watermark;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,10 +23,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::route::{Completion, Origin, RouteCounters, SourceMessage};
 use crate::config::{KafkaSourceConfig, StartFrom};
+use crate::mapping::next_write_timestamp_us;
 use crate::topology::kafka_partition_owner;
 use watermark::Watermarks;
 
@@ -123,6 +124,62 @@ pub fn subscribe(source: &KafkaSourceConfig, route: &str) -> Result<RouteConsume
     Ok(consumer)
 }
 
+/// Metadata prefix of a committed offset: the write timestamp of the message before it.
+const CLOCK_METADATA_PREFIX: &str = "shardgate.write_ts_us=";
+/// How long an assignment waits for the committed offsets' metadata.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-partition write clocks: each message is written at its source time, but always after the
+/// previous message of its partition (`mapping::next_write_timestamp_us`), so any number of
+/// messages within one millisecond apply in source order. The clock travels with the committed
+/// offset (as its metadata), so a replay after a crash stamps the same timestamps.
+#[derive(Debug, Default)]
+struct Clocks {
+    /// Last write timestamp handed out, by partition.
+    last: HashMap<i32, i64>,
+    /// Last stored watermark (offset, its write timestamp), by partition.
+    stored: HashMap<i32, (i64, i64)>,
+}
+
+impl Clocks {
+    fn next(&mut self, partition: i32, source_time_ms: Option<i64>) -> i64 {
+        let last = self.last.entry(partition).or_insert(0);
+        *last = next_write_timestamp_us(source_time_ms, *last);
+        *last
+    }
+
+    fn forget(&mut self, partition: i32) {
+        self.last.remove(&partition);
+        self.stored.remove(&partition);
+    }
+
+    /// A list of `offset + 1` per partition with the clock as metadata.
+    fn offsets_of(
+        &self,
+        topic: &str,
+        marks: impl Iterator<Item = (i32, (i64, i64))>,
+    ) -> Result<TopicPartitionList, KafkaError> {
+        let mut list = TopicPartitionList::new();
+        for (partition, (offset, timestamp_us)) in marks {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset + 1))?;
+            if let Some(mut elem) = list.find_partition(topic, partition) {
+                elem.set_metadata(format!("{CLOCK_METADATA_PREFIX}{timestamp_us}"));
+            }
+        }
+        Ok(list)
+    }
+
+    /// Every stored watermark, for the final commit.
+    fn stored_offsets(&self, topic: &str) -> Result<TopicPartitionList, KafkaError> {
+        self.offsets_of(topic, self.stored.iter().map(|(&p, &mark)| (p, mark)))
+    }
+}
+
+/// The write clock a committed offset's metadata carries, if any.
+fn clock_from_metadata(metadata: &str) -> Option<i64> {
+    metadata.strip_prefix(CLOCK_METADATA_PREFIX)?.parse().ok()
+}
+
 /// The poll side of a Kafka route.
 pub struct Poller {
     /// Route name.
@@ -144,22 +201,49 @@ pub struct Poller {
 }
 
 impl Poller {
+    /// Restores the write clocks of newly assigned partitions from their committed offsets'
+    /// metadata (none: the clock starts from the source time).
+    fn restore_clocks(&self, clocks: &mut Clocks, partitions: &[i32]) {
+        let mut list = TopicPartitionList::new();
+        for &p in partitions {
+            list.add_partition(&self.topic, p);
+        }
+        match self.consumer.committed_offsets(list, COMMITTED_TIMEOUT) {
+            Ok(committed) => {
+                for elem in committed.elements_for_topic(&self.topic) {
+                    match clock_from_metadata(elem.metadata()) {
+                        Some(clock) => {
+                            clocks.last.insert(elem.partition(), clock);
+                        }
+                        None => {
+                            clocks.last.remove(&elem.partition());
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(route = %self.route, %error, "cannot read committed offsets; write clocks restart from source time")
+            }
+        }
+    }
+
     /// The poll loop; returns after shutdown, once in-flight messages are done or the deadline
     /// passed, with the stored offsets committed.
     pub fn run(self) {
         let mut marks = Watermarks::default();
+        let mut clocks = Clocks::default();
         let mut last_progress = Instant::now();
         let mut last_error_log: Option<Instant> = None;
         tracing::info!(route = %self.route, topic = %self.topic, cores = self.queues.len(), "consuming");
         while !self.shutdown.load(Ordering::Relaxed) {
-            self.apply_completions(&mut marks, None);
+            self.apply_completions(&mut marks, &mut clocks, None);
             let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
             let mut taken = 0;
             let mut wait = POLL_WAIT;
             while taken < POLL_BATCH_MAX {
                 let polled = self.consumer.poll(wait);
                 wait = Duration::ZERO;
-                self.apply_rebalances(&mut marks);
+                self.apply_rebalances(&mut marks, &mut clocks);
                 match polled {
                     None => break,
                     Some(Err(error)) => {
@@ -172,11 +256,14 @@ impl Poller {
                     Some(Ok(message)) => {
                         let partition = message.partition();
                         let offset = message.offset();
-                        let epoch = marks.track(partition, offset);
+                        let timestamp_ms = message.timestamp().to_millis();
+                        let write_timestamp_us = clocks.next(partition, timestamp_ms);
+                        let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
                         let owner = kafka_partition_owner(partition, self.queues.len());
                         batches[owner].push(SourceMessage {
                             position: offset,
-                            timestamp_ms: message.timestamp().to_millis(),
+                            timestamp_ms,
+                            write_timestamp_us: Some(write_timestamp_us),
                             key: message.key().map(<[u8]>::to_vec),
                             payload: message.payload().map(<[u8]>::to_vec),
                             origin: Origin::Kafka { partition, epoch },
@@ -197,7 +284,7 @@ impl Poller {
                 last_progress = Instant::now();
             }
         }
-        self.drain(marks);
+        self.drain(marks, clocks);
     }
 
     fn log_progress(&self, marks: &Watermarks) {
@@ -212,18 +299,24 @@ impl Poller {
     }
 
     /// Waits for in-flight messages up to the deadline, then commits what is stored.
-    fn drain(self, mut marks: Watermarks) {
+    fn drain(self, mut marks: Watermarks, mut clocks: Clocks) {
         let deadline = Instant::now() + self.drain_deadline;
         while marks.in_flight() > 0 && Instant::now() < deadline {
-            self.apply_completions(&mut marks, Some(Duration::from_millis(50)));
+            self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
         }
         let abandoned = marks.in_flight();
         if abandoned > 0 {
             tracing::warn!(route = %self.route, abandoned, "shutdown deadline passed; unfinished messages will be replayed on restart");
         }
-        if let Err(error) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            // "No offset stored" is normal when nothing was consumed.
-            tracing::debug!(route = %self.route, %error, "final offset commit");
+        // An explicit list: a commit of "the current state" would drop the offsets' metadata.
+        match clocks.stored_offsets(&self.topic) {
+            Ok(list) if list.count() > 0 => {
+                if let Err(error) = self.consumer.commit(&list, CommitMode::Sync) {
+                    tracing::warn!(route = %self.route, %error, "final offset commit failed; the last messages will replay");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(route = %self.route, %error, "final offset commit"),
         }
         self.log_progress(&marks);
         tracing::info!(route = %self.route, "stopped");
@@ -231,10 +324,10 @@ impl Poller {
 
     /// Applies completions and stores advanced watermarks. With `wait`, blocks up to that long
     /// for the first completion.
-    fn apply_completions(&self, marks: &mut Watermarks, wait: Option<Duration>) {
-        let mut advanced: BTreeMap<i32, i64> = BTreeMap::new();
+    fn apply_completions(&self, marks: &mut Watermarks, clocks: &mut Clocks, wait: Option<Duration>) {
+        let mut advanced: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
         let mut apply = |c: Completion, marks: &mut Watermarks| {
-            if let Some(mark) = marks.complete(c.partition, c.epoch, c.offset) {
+            if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
                 advanced.insert(c.partition, mark);
             }
         };
@@ -246,27 +339,36 @@ impl Poller {
         while let Ok(c) = self.completions.try_recv() {
             apply(c, marks);
         }
-        for (partition, offset) in advanced {
-            // librdkafka stores `offset + 1`, the next message to read.
-            if let Err(error) = self.consumer.store_offset(&self.topic, partition, offset) {
-                tracing::debug!(route = %self.route, partition, %error, "offset not stored (partition revoked?)");
-            }
+        if advanced.is_empty() {
+            return;
+        }
+        for (&partition, &(offset, timestamp_us)) in &advanced {
+            clocks.stored.insert(partition, (offset, timestamp_us));
+        }
+        // The next message to read (`offset + 1`), with the write clock in the metadata so that a
+        // replay from here stamps the same timestamps.
+        let stored = clocks.offsets_of(&self.topic, advanced.into_iter());
+        let result = stored.and_then(|list| self.consumer.store_offsets(&list));
+        if let Err(error) = result {
+            tracing::debug!(route = %self.route, %error, "offsets not stored (partition revoked?)");
         }
     }
 
-    fn apply_rebalances(&self, marks: &mut Watermarks) {
+    fn apply_rebalances(&self, marks: &mut Watermarks, clocks: &mut Clocks) {
         for event in self.consumer.context().take() {
             match event {
                 RebalanceEvent::Assigned(partitions) => {
                     tracing::info!(route = %self.route, ?partitions, "partitions assigned");
-                    for p in partitions {
+                    for &p in &partitions {
                         marks.assign(p);
                     }
+                    self.restore_clocks(clocks, &partitions);
                 }
                 RebalanceEvent::Revoked(partitions) => {
                     tracing::info!(route = %self.route, ?partitions, "partitions revoked");
                     for p in partitions {
                         marks.revoke(p);
+                        clocks.forget(p);
                     }
                 }
             }

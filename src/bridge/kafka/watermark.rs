@@ -11,10 +11,11 @@
 
 use std::collections::{HashMap, VecDeque};
 
-/// One tracked message: its offset and whether it is done.
+/// One tracked message: its offset, its write timestamp and whether it is done.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     offset: i64,
+    timestamp_us: i64,
     done: bool,
 }
 
@@ -54,6 +55,12 @@ impl Watermarks {
     /// Records a received message; returns the epoch its completion must carry. A message at or
     /// before the newest tracked offset means the consumer rewound: tracking restarts.
     pub fn track(&mut self, partition: i32, offset: i64) -> u64 {
+        self.track_stamped(partition, offset, 0)
+    }
+
+    /// [`Watermarks::track`] for a message written with `timestamp_us`, which
+    /// [`Watermarks::complete_stamped`] reports with the watermark.
+    pub fn track_stamped(&mut self, partition: i32, offset: i64, timestamp_us: i64) -> u64 {
         let rewound = match self.partitions.get(&partition) {
             None => true,
             Some(p) => p.slots.back().is_some_and(|last| offset <= last.offset),
@@ -64,13 +71,22 @@ impl Watermarks {
         let Some(p) = self.partitions.get_mut(&partition) else {
             unreachable!("assigned above")
         };
-        p.slots.push_back(Slot { offset, done: false });
+        p.slots.push_back(Slot {
+            offset,
+            timestamp_us,
+            done: false,
+        });
         p.epoch
     }
 
     /// Marks a message done. Returns the new watermark (the offset of the last message of the
     /// contiguous done prefix) when it advanced, `None` otherwise or for a stale epoch.
     pub fn complete(&mut self, partition: i32, epoch: u64, offset: i64) -> Option<i64> {
+        self.complete_stamped(partition, epoch, offset).map(|(mark, _)| mark)
+    }
+
+    /// [`Watermarks::complete`], returning the watermark with its message's write timestamp.
+    pub fn complete_stamped(&mut self, partition: i32, epoch: u64, offset: i64) -> Option<(i64, i64)> {
         let p = self.partitions.get_mut(&partition)?;
         if p.epoch != epoch {
             return None;
@@ -82,7 +98,7 @@ impl Watermarks {
             if !front.done {
                 break;
             }
-            advanced = Some(front.offset);
+            advanced = Some((front.offset, front.timestamp_us));
             p.slots.pop_front();
         }
         advanced
