@@ -267,3 +267,110 @@ fn kafka_dead_letter_for_a_nats_source_needs_brokers() {
     );
     assert!(error_of(&text).contains("dead_letter.brokers"), "{}", error_of(&text));
 }
+
+const BROKERS: &str = r#"
+[cluster]
+contact_points = ["127.0.0.1:9042"]
+
+[[route]]
+name = "rabbit"
+table = "shop.orders"
+[route.source]
+kind = "rabbitmq"
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue = "orders"
+[route.dead_letter]
+kind = "rabbitmq"
+routing_key = "orders.dead-letter"
+
+[[route]]
+name = "zmq"
+table = "shop.orders"
+[route.source]
+kind = "zeromq"
+socket = "pull"
+endpoint = "tcp://127.0.0.1:5557"
+bind = true
+[route.dead_letter]
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+subject = "orders.dead-letter"
+
+[[route]]
+name = "core"
+table = "shop.orders"
+[route.source]
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+subject = "orders.*"
+queue_group = "shardgate"
+[route.dead_letter]
+kind = "nats"
+subject = "orders.dead-letter"
+"#;
+
+#[test]
+fn rabbitmq_zeromq_and_nats_routes_parse_with_defaults() {
+    let config = Config::parse(BROKERS, "test.toml").expect("valid");
+    let SourceConfig::Amqp(amqp) = &config.routes[0].source else {
+        panic!("a RabbitMQ source");
+    };
+    assert_eq!(
+        (amqp.queue.as_str(), amqp.prefetch, amqp.declare),
+        ("orders", 1024, true)
+    );
+    let DeadLetterConfig::Amqp {
+        url,
+        exchange,
+        routing_key,
+    } = &config.routes[0].dead_letter
+    else {
+        panic!("a RabbitMQ dead-letter exchange");
+    };
+    assert_eq!(
+        (url.as_str(), exchange.as_str(), routing_key.as_str()),
+        (amqp.url.as_str(), "", "orders.dead-letter")
+    );
+    let SourceConfig::Zmq(zmq) = &config.routes[1].source else {
+        panic!("a ZeroMQ source");
+    };
+    assert_eq!((zmq.socket, zmq.bind), (ZmqSocketKind::Pull, true));
+    assert_eq!(zmq.subscribe, vec![String::new()]);
+    let SourceConfig::Nats(nats) = &config.routes[2].source else {
+        panic!("a NATS source");
+    };
+    assert_eq!(nats.queue_group.as_deref(), Some("shardgate"));
+}
+
+#[test]
+fn bad_broker_keys_are_named() {
+    let cases = [
+        ("queue = \"orders\"", "queue = \"\"", "route[0].source.queue"),
+        (
+            "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+            "url = \"http://x\"",
+            "route[0].source.url",
+        ),
+        (
+            "routing_key = \"orders.dead-letter\"",
+            "routing_key = \"orders\"",
+            "route[0].dead_letter.routing_key",
+        ),
+        ("socket = \"pull\"", "socket = \"push\"", "route[1].source.socket"),
+        (
+            "endpoint = \"tcp://127.0.0.1:5557\"",
+            "endpoint = \"127.0.0.1:5557\"",
+            "route[1].source.endpoint",
+        ),
+        (
+            "subject = \"orders.*\"",
+            "subject = \"orders..x\"",
+            "route[2].source.subject",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let text = BROKERS.replacen(from, to, 1);
+        let error = error_of(&text);
+        assert!(error.contains(key), "`{to}`: {error}");
+    }
+}
