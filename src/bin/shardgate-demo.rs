@@ -247,20 +247,14 @@ async fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let sent = brokers.send(index, first..first + args.broker_messages).await?;
         let target = first + args.broker_messages;
-        loop {
-            let rows = devkit::count_rows::<String>(&session, BROKERS_KEYSPACE, "orders", "order_id").await?;
-            if rows >= target {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(args.stall_timeout_s) {
-                bail!(
-                    "{route}: only {rows} of {target} rows after {} s; see {}",
-                    args.stall_timeout_s,
-                    log_path.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        devkit::wait_for_orders(
+            &session,
+            BROKERS_KEYSPACE,
+            target,
+            Duration::from_secs(args.stall_timeout_s),
+        )
+        .await
+        .with_context(|| format!("{route}: see {}", log_path.display()))?;
         let seconds = started.elapsed().as_secs_f64();
         let line = format!(
             "{route:<10} {sent} sent, all written in {seconds:.1} s ({:.0} rows/s, send included)",

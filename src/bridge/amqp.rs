@@ -25,7 +25,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, watch};
 
-use super::route::{Origin, RouteCounters, SourceMessage};
+use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
 use crate::config::AmqpSourceConfig;
 
 /// Deliveries handed to one core at a time, at most.
@@ -74,25 +74,14 @@ pub async fn consume(
     mut stop: watch::Receiver<bool>,
     drain_deadline: Duration,
 ) {
-    let mut queues = Some(queues);
+    let mut cores = Some(RoundRobin::new(queues));
     let mut backoff = RECONNECT_BACKOFF_MIN;
-    let mut next_core = 0;
     loop {
         let stopped = *stop.borrow();
         if stopped {
             break;
         }
-        match consume_once(
-            &route,
-            &source,
-            &mut queues,
-            &counters,
-            &mut stop,
-            &mut next_core,
-            drain_deadline,
-        )
-        .await
-        {
+        match consume_once(&route, &source, &mut cores, &counters, &mut stop, drain_deadline).await {
             Ok(()) => break,
             Err(error) => {
                 tracing::warn!(%route, %error, backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection lost; reconnecting");
@@ -104,26 +93,18 @@ pub async fn consume(
             }
         }
     }
-    tracing::info!(
-        %route,
-        received = counters.received.load(Ordering::Relaxed),
-        written = counters.written.load(Ordering::Relaxed),
-        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
-        "stopped"
-    );
+    counters.log_stopped(&route);
 }
 
 /// One connection's life: `Ok` when stopped, `Err` when the connection or consumer failed.
 async fn consume_once(
     route: &str,
     source: &AmqpSourceConfig,
-    queues: &mut Option<Vec<mpsc::Sender<Vec<SourceMessage>>>>,
+    cores: &mut Option<RoundRobin>,
     counters: &RouteCounters,
     stop: &mut watch::Receiver<bool>,
-    next_core: &mut usize,
     drain_deadline: Duration,
 ) -> Result<(), String> {
-    let cores = queues.as_ref().map_or(1, Vec::len);
     let connection = connect(&source.url).await.map_err(|e| e.to_string())?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     declare(&channel, source).await.map_err(|e| e.to_string())?;
@@ -148,7 +129,7 @@ async fn consume_once(
             chunk = chunks.next() => Some(chunk.ok_or_else(|| "consumer cancelled".to_string())?),
         };
         let Some(chunk) = chunk else {
-            drain(queues, counters, drain_deadline).await;
+            drain(cores, counters, drain_deadline).await;
             let _ = connection.close(200, "shardgate stopping").await;
             return Ok(());
         };
@@ -156,17 +137,12 @@ async fn consume_once(
         for delivery in chunk {
             batch.push(source_message(delivery.map_err(|e| e.to_string())?, &source.queue));
         }
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let core = *next_core;
-        *next_core = (*next_core + 1) % cores;
-        let sent = match &*queues {
-            Some(queues) => tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => Ok(()),
-                sent = queues[core].send(batch) => sent.map_err(|_| ()),
-            },
-            None => Err(()),
+        let Some(round_robin) = cores.as_mut() else {
+            return Ok(());
         };
-        if sent.is_err() {
+        let handed = round_robin.hand_off(batch, counters, stop).await;
+        // Not handed: stopping (the next turn drains), or a core gone without a stop.
+        if !handed && !*stop.borrow() {
             return Ok(());
         }
     }
@@ -175,12 +151,8 @@ async fn consume_once(
 /// At stop: closes the core queues (the cores finish what they hold) and keeps the connection
 /// open until every received delivery is written or dead-lettered, or the deadline passes, so
 /// their acks still go out on the channel that delivered them.
-async fn drain(
-    queues: &mut Option<Vec<mpsc::Sender<Vec<SourceMessage>>>>,
-    counters: &RouteCounters,
-    deadline: Duration,
-) {
-    queues.take();
+async fn drain(cores: &mut Option<RoundRobin>, counters: &RouteCounters, deadline: Duration) {
+    cores.take();
     let started = tokio::time::Instant::now();
     let done = || {
         counters.written.load(Ordering::Relaxed) + counters.dead_lettered.load(Ordering::Relaxed)

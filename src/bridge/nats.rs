@@ -12,14 +12,13 @@
 //! within `ack_wait` (a crashed gateway) is redelivered, to this or another gateway sharing the
 //! durable; replays write identical cells (timestamp from publish time and stream sequence).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, stream};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use super::route::{Origin, RouteCounters, SourceMessage};
+use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
 use crate::config::JetStreamSourceConfig;
 
 /// Messages handed to one core at a time, at most.
@@ -111,7 +110,7 @@ pub async fn pull(
     };
     tracing::info!(%route, cores = queues.len(), "consuming");
     let mut chunks = messages.ready_chunks(CHUNK_MESSAGES_MAX);
-    let mut next_core = 0;
+    let mut cores = RoundRobin::new(queues);
     loop {
         let chunk = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
@@ -127,27 +126,11 @@ pub async fn pull(
                 Err(error) => tracing::warn!(%route, %error, "JetStream pull error"),
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let core = next_core;
-        next_core = (next_core + 1) % queues.len();
-        tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
-            sent = queues[core].send(batch) => if sent.is_err() {
-                tracing::error!(%route, core, "core queue closed; stopping the route");
-                break;
-            },
+        if !batch.is_empty() && !cores.hand_off(batch, &counters, &mut stop).await {
+            break;
         }
     }
-    tracing::info!(
-        %route,
-        received = counters.received.load(Ordering::Relaxed),
-        written = counters.written.load(Ordering::Relaxed),
-        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
-        "stopped"
-    );
+    counters.log_stopped(&route);
 }
 
 /// The subscription loop of a NATS core route (at-most-once: core NATS has no acknowledgement);
@@ -161,7 +144,7 @@ pub async fn subscribe(
 ) {
     tracing::info!(%route, cores = queues.len(), "subscribed (at-most-once)");
     let mut sequence: i64 = 0;
-    let mut next_core = 0;
+    let mut cores = RoundRobin::new(queues);
     loop {
         let chunk = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
@@ -177,25 +160,12 @@ pub async fn subscribe(
                 _ => break,
             }
         }
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let core = next_core;
-        next_core = (next_core + 1) % queues.len();
-        let sent = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
-            sent = queues[core].send(batch) => sent,
-        };
-        if sent.is_err() {
+        if !cores.hand_off(batch, &counters, &mut stop).await {
             break;
         }
     }
     let _ = subscriber.unsubscribe().await;
-    tracing::info!(
-        %route,
-        received = counters.received.load(Ordering::Relaxed),
-        written = counters.written.load(Ordering::Relaxed),
-        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
-        "stopped"
-    );
+    counters.log_stopped(&route);
 }
 
 fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessage {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::route::{Origin, RouteCounters, SourceMessage};
+use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
 use crate::config::{ZmqSocketKind, ZmqSourceConfig};
 
 /// Messages per batch handed to a core, at most.
@@ -69,7 +69,7 @@ pub fn receive(
 ) {
     tracing::info!(%route, %endpoint, cores = queues.len(), "receiving (at-most-once)");
     let mut sequence: i64 = 0;
-    let mut next_core = 0;
+    let mut cores = RoundRobin::new(queues);
     while !shutdown.load(Ordering::Relaxed) {
         let mut batch = Vec::new();
         let mut flags = 0;
@@ -91,21 +91,12 @@ pub fn receive(
         if batch.is_empty() {
             continue;
         }
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let core = next_core;
-        next_core = (next_core + 1) % queues.len();
-        if queues[core].blocking_send(batch).is_err() {
-            tracing::error!(%route, core, "core queue closed; stopping the route");
+        if !cores.hand_off_blocking(batch, &counters) {
+            tracing::error!(%route, "core queue closed; stopping the route");
             break;
         }
     }
-    tracing::info!(
-        %route,
-        received = counters.received.load(Ordering::Relaxed),
-        written = counters.written.load(Ordering::Relaxed),
-        dead_lettered = counters.dead_lettered.load(Ordering::Relaxed),
-        "stopped"
-    );
+    counters.log_stopped(&route);
 }
 
 fn source_message(mut frames: Vec<Vec<u8>>, sequence: i64, endpoint: &str) -> SourceMessage {

@@ -73,7 +73,28 @@ pub async fn create_orders_table(session: &Session, keyspace: &str) -> anyhow::R
 
 /// The `[[route]]` block that maps sample order messages into `keyspace.orders`.
 pub fn orders_route_toml(name: &str, keyspace: &str, topic: &str, group: &str, dead_letter_topic: &str) -> String {
-    let columns = orders_columns_toml("$key");
+    let source = format!(
+        r#"kind = "kafka"
+brokers = ["{KAFKA}"]
+topic = "{topic}"
+group_id = "{group}"
+start_from = "earliest"
+commit_interval_ms = 500
+[route.source.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000""#
+    );
+    let dead_letter = format!(
+        r#"kind = "kafka"
+topic = "{dead_letter_topic}""#
+    );
+    orders_route(name, keyspace, &source, "$key", &dead_letter)
+}
+
+/// A `[[route]]` into `keyspace.orders` with the given `[route.source]` and
+/// `[route.dead_letter]` bodies, the order id read from `order_id_field`.
+fn orders_route(name: &str, keyspace: &str, source: &str, order_id_field: &str, dead_letter: &str) -> String {
+    let columns = orders_columns_toml(order_id_field);
     format!(
         r#"
 [[route]]
@@ -82,21 +103,12 @@ table = "{keyspace}.orders"
 format = "json"
 
 [route.source]
-kind = "kafka"
-brokers = ["{KAFKA}"]
-topic = "{topic}"
-group_id = "{group}"
-start_from = "earliest"
-commit_interval_ms = 500
-[route.source.properties]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
+{source}
 
 {columns}
 
 [route.dead_letter]
-kind = "kafka"
-topic = "{dead_letter_topic}"
+{dead_letter}
 "#
     )
 }
@@ -693,6 +705,22 @@ pub fn orders_per_owner_core(session: &Session, keyspace: &str, count: u64, core
     Ok(per_core)
 }
 
+/// Waits until `keyspace.orders` holds at least `count` rows; fails after `deadline`.
+pub async fn wait_for_orders(session: &Session, keyspace: &str, count: u64, deadline: Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let rows = count_rows::<String>(session, keyspace, "orders", "order_id").await?;
+        if rows >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "only {rows} of {count} rows arrived within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Sum of a Prometheus counter over all its label sets, scraped from `addr`'s `/metrics`.
 pub fn scrape_metric(addr: &str, name: &str) -> anyhow::Result<f64> {
     scrape_metric_where(addr, name, &[])
@@ -757,29 +785,19 @@ pub fn jetstream_orders_route_toml(
     durable: &str,
     dead_letter_subject: &str,
 ) -> String {
-    let columns = orders_columns_toml("order_id");
-    format!(
-        r#"
-[[route]]
-name = "{name}"
-table = "{keyspace}.orders"
-format = "json"
-
-[route.source]
-kind = "jetstream"
+    let source = format!(
+        r#"kind = "jetstream"
 url = "{NATS}"
 stream = "{stream}"
 subjects = ["{subject}"]
 durable = "{durable}"
-ack_wait_ms = 3000
-
-{columns}
-
-[route.dead_letter]
-kind = "nats"
-subject = "{dead_letter_subject}"
-"#
-    )
+ack_wait_ms = 3000"#
+    );
+    let dead_letter = format!(
+        r#"kind = "nats"
+subject = "{dead_letter_subject}""#
+    );
+    orders_route(name, keyspace, &source, "order_id", &dead_letter)
 }
 
 /// Creates (or replaces) JetStream stream `name` capturing `subjects`.
@@ -999,27 +1017,17 @@ pub async fn read_queue(queue: &str, expected: usize, deadline: Duration) -> any
 /// A RabbitMQ route for the sample orders from queue `queue`, dead letters to queue
 /// `dead_letter_queue` through the default exchange.
 pub fn rabbitmq_orders_route_toml(name: &str, keyspace: &str, queue: &str, dead_letter_queue: &str) -> String {
-    let columns = orders_columns_toml("order_id");
-    format!(
-        r#"
-[[route]]
-name = "{name}"
-table = "{keyspace}.orders"
-format = "json"
-
-[route.source]
-kind = "rabbitmq"
+    let source = format!(
+        r#"kind = "rabbitmq"
 url = "{AMQP}"
 queue = "{queue}"
-prefetch = 512
-
-{columns}
-
-[route.dead_letter]
-kind = "rabbitmq"
-routing_key = "{dead_letter_queue}"
-"#
-    )
+prefetch = 512"#
+    );
+    let dead_letter = format!(
+        r#"kind = "rabbitmq"
+routing_key = "{dead_letter_queue}""#
+    );
+    orders_route(name, keyspace, &source, "order_id", &dead_letter)
 }
 
 /// Endpoint the ZeroMQ test routes bind their PULL socket to.
@@ -1028,28 +1036,18 @@ pub const ZMQ_ENDPOINT: &str = "tcp://127.0.0.1:5557";
 /// A ZeroMQ route for the sample orders: PULL bound on [`ZMQ_ENDPOINT`], two-frame messages
 /// (order id, JSON), dead letters to NATS subject `dead_letter_subject`.
 pub fn zeromq_orders_route_toml(name: &str, keyspace: &str, dead_letter_subject: &str) -> String {
-    let columns = orders_columns_toml("$key");
-    format!(
-        r#"
-[[route]]
-name = "{name}"
-table = "{keyspace}.orders"
-format = "json"
-
-[route.source]
-kind = "zeromq"
+    let source = format!(
+        r#"kind = "zeromq"
 socket = "pull"
 endpoint = "{ZMQ_ENDPOINT}"
-bind = true
-
-{columns}
-
-[route.dead_letter]
-kind = "nats"
+bind = true"#
+    );
+    let dead_letter = format!(
+        r#"kind = "nats"
 url = "{NATS}"
-subject = "{dead_letter_subject}"
-"#
-    )
+subject = "{dead_letter_subject}""#
+    );
+    orders_route(name, keyspace, &source, "$key", &dead_letter)
 }
 
 /// Sends (key, payload) messages as two-frame ZeroMQ messages from a PUSH socket connected to
@@ -1078,27 +1076,17 @@ pub fn nats_orders_route_toml(
     queue_group: &str,
     dead_letter_subject: &str,
 ) -> String {
-    let columns = orders_columns_toml("order_id");
-    format!(
-        r#"
-[[route]]
-name = "{name}"
-table = "{keyspace}.orders"
-format = "json"
-
-[route.source]
-kind = "nats"
+    let source = format!(
+        r#"kind = "nats"
 url = "{NATS}"
 subject = "{subject}"
-queue_group = "{queue_group}"
-
-{columns}
-
-[route.dead_letter]
-kind = "nats"
-subject = "{dead_letter_subject}"
-"#
-    )
+queue_group = "{queue_group}""#
+    );
+    let dead_letter = format!(
+        r#"kind = "nats"
+subject = "{dead_letter_subject}""#
+    );
+    orders_route(name, keyspace, &source, "order_id", &dead_letter)
 }
 
 /// Publishes `payloads` on core NATS subject `subject` and flushes.

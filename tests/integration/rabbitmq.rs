@@ -37,17 +37,9 @@ async fn setup(names: &Names, test: &str) -> (Queues, std::path::PathBuf) {
 /// Waits until the orders table holds `count` rows.
 async fn wait_rows(names: &Names, count: u64) {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    let started = Instant::now();
-    loop {
-        let rows = devkit::count_rows::<String>(&session, &names.keyspace, "orders", "order_id")
-            .await
-            .expect("count rows");
-        if rows >= count {
-            return;
-        }
-        assert!(started.elapsed() < DEADLINE, "only {rows} of {count} rows arrived");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    devkit::wait_for_orders(&session, &names.keyspace, count, DEADLINE)
+        .await
+        .expect("rows arrive");
 }
 
 /// 20,000 orders and 30 malformed messages through a queue: every order lands with exact

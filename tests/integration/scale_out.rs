@@ -1,7 +1,7 @@
 //! Two gateways sharing every source: one Kafka consumer group, one JetStream durable, one
 //! RabbitMQ queue and one NATS queue group. They split the load and together write every row.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shardgate::devkit::{self, Gateway};
 use shardgate::telemetry::metric;
@@ -84,17 +84,9 @@ async fn two_gateways_split_every_source_and_write_every_row() {
         .expect("publish NATS");
 
     let total = PER_SOURCE * ROUTES.len() as u64;
-    let started = Instant::now();
-    loop {
-        let rows = devkit::count_rows::<String>(&session, &names.keyspace, "orders", "order_id")
-            .await
-            .expect("count rows");
-        if rows >= total {
-            break;
-        }
-        assert!(started.elapsed() < DEADLINE, "only {rows} of {total} rows arrived");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    devkit::wait_for_orders(&session, &names.keyspace, total, DEADLINE)
+        .await
+        .expect("rows arrive");
     let mut shares = Vec::new();
     for admin in ADMIN {
         let share: Vec<f64> = ROUTES

@@ -1,6 +1,6 @@
 //! ZeroMQ → Cassandra route: multipart messages from a PUSH socket, dead letters to NATS.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shardgate::devkit::{self, Gateway};
 
@@ -47,17 +47,9 @@ async fn zeromq_messages_land_exactly_and_poison_is_dead_lettered() {
         .expect("push");
     assert_eq!(sent, count + bad);
 
-    let started = Instant::now();
-    loop {
-        let rows = devkit::count_rows::<String>(&session, &names.keyspace, "orders", "order_id")
-            .await
-            .expect("count rows");
-        if rows >= count {
-            break;
-        }
-        assert!(started.elapsed() < DEADLINE, "only {rows} of {count} rows arrived");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    devkit::wait_for_orders(&session, &names.keyspace, count, DEADLINE)
+        .await
+        .expect("rows arrive");
     let letters = devkit::read_stream(&dead_letter_stream, bad as usize, Duration::from_secs(60))
         .await
         .expect("read dead letters");
