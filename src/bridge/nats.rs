@@ -43,7 +43,6 @@ fn nats_error(what: impl Into<String>, reason: impl std::fmt::Display) -> NatsEr
 pub async fn connect(url: &str, route: &str) -> Result<async_nats::Client, NatsError> {
     async_nats::ConnectOptions::new()
         .name(format!("shardgate-{route}"))
-        .retry_on_initial_connect()
         .connection_timeout(std::time::Duration::from_secs(10))
         .connect(url)
         .await
