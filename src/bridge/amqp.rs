@@ -171,18 +171,7 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
         .timestamp()
         .map(|seconds| seconds as i64 * 1000)
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-    let headers = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .map(|table| {
-            table
-                .inner()
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str().to_string(), header_text(v)?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = text_headers(&delivery.properties);
     SourceMessage {
         write_timestamp_us: None,
         position: delivery.delivery_tag as i64,
@@ -197,6 +186,21 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
             acker: delivery.acker,
         },
     }
+}
+
+/// A message's headers whose values are text, booleans or integers, as text.
+pub fn text_headers(properties: &BasicProperties) -> Vec<(String, String)> {
+    properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), header_text(v)?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn header_text(value: &AMQPValue) -> Option<String> {

@@ -986,21 +986,9 @@ pub async fn read_queue(queue: &str, expected: usize, deadline: Duration) -> any
         match channel.basic_get(queue, Default::default()).await? {
             Some(message) => {
                 let delivery = message.delivery;
-                let headers = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .map(|table| {
-                        table
-                            .inner()
-                            .iter()
-                            .filter_map(|(k, v)| {
-                                let text = v.as_long_string()?.as_bytes();
-                                Some((k.as_str().to_string(), String::from_utf8_lossy(text).into_owned()))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = crate::bridge::amqp::text_headers(&delivery.properties)
+                    .into_iter()
+                    .collect();
                 delivery.acker.ack(Default::default()).await?;
                 letters.push(BrokerDeadLetter {
                     headers,
