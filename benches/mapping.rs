@@ -1,13 +1,14 @@
 //! Per-row cost of the mapping stage: JSON decode of a sample order message, field lookup and
 //! coercion of eight columns to their CQL types (text, bigint, decimal, int, timestamp, boolean,
 //! set<text>), and the write timestamp. This is the core-side CPU a Kafka row costs before the
-//! driver serializes it. Assumes the demo's message shape (~230 bytes of JSON).
+//! driver serializes it. Assumes the demo's message shape (~230 bytes of JSON). A second case
+//! adds a CEL filter and a computed column, the price of expressions per message.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use scylla::cluster::metadata::{CollectionType, ColumnKind, ColumnType, NativeType};
 use shardgate::config::Config;
 use shardgate::devkit;
-use shardgate::mapping::{write_timestamp_us, RowMapper, TableSchema};
+use shardgate::mapping::{write_timestamp_us, Envelope, RouteMapper, TableSchema};
 
 fn orders_schema() -> TableSchema {
     let native = ColumnType::Native;
@@ -35,28 +36,57 @@ fn orders_schema() -> TableSchema {
     }
 }
 
+fn envelope<'a>(key: &'a str, payload: &'a str, position: i64) -> Envelope<'a> {
+    Envelope {
+        key: Some(key.as_bytes()),
+        payload: Some(payload.as_bytes()),
+        headers: &[],
+        source: "orders",
+        partition: Some(0),
+        position,
+        timestamp_ms: Some(1_700_000_000_000),
+    }
+}
+
 fn mapping(c: &mut Criterion) {
     let routes = devkit::orders_route_toml("orders", "ks", "in", "g", "dl");
     let config = Config::parse(&devkit::gateway_toml(&routes), "bench").expect("bench config");
-    let mapper = RowMapper::new(&config.routes[0], &orders_schema()).expect("mapper");
+    let plain = RouteMapper::new(&config.routes[0], &[orders_schema()]).expect("mapper");
+    let mut with_expressions = config.routes[0].clone();
+    with_expressions.filter = Some("msg.quantity > 0 && msg.city != 'nowhere'".into());
+    with_expressions.targets[0].columns.retain(|c| c.column != "express");
+    with_expressions.targets[0]
+        .columns
+        .push(shardgate::config::ColumnMapping {
+            column: "express".into(),
+            field: shardgate::config::FieldRef::Expr("msg.quantity >= 3".into()),
+        });
+    let computed = RouteMapper::new(&with_expressions, &[orders_schema()]).expect("mapper");
     let messages: Vec<(String, String)> = (0..1024).map(devkit::order_message).collect();
 
     let mut group = c.benchmark_group("mapping");
     group.throughput(Throughput::Elements(messages.len() as u64));
-    group.bench_function("json_order_to_bound_row", |b| {
-        b.iter_batched(
-            || (),
-            |()| {
-                for (offset, (key, payload)) in messages.iter().enumerate() {
-                    let values = mapper
-                        .map_json(Some(key.as_bytes()), Some(payload.as_bytes()))
-                        .expect("valid row");
-                    std::hint::black_box((values, write_timestamp_us(Some(1_700_000_000_000), offset as i64)));
-                }
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    for (name, mapper) in [
+        ("json_order_to_bound_row", &plain),
+        ("json_order_filter_and_computed_column", &computed),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || (),
+                |()| {
+                    for (offset, (key, payload)) in messages.iter().enumerate() {
+                        let offset = offset as i64;
+                        let timestamp_us = write_timestamp_us(Some(1_700_000_000_000), offset);
+                        let rows = mapper
+                            .map(&envelope(key, payload, offset), timestamp_us)
+                            .expect("valid row");
+                        std::hint::black_box(rows);
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -20,13 +20,13 @@ use tokio::sync::watch;
 
 use crate::bridge::dead_letter::{DeadLetterSink, DeadLetterSubject, DeadLetterTopic};
 use crate::bridge::kafka::{self, Poller};
-use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, CORE_QUEUE_BATCHES_MAX};
+use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, TargetStatements, CORE_QUEUE_BATCHES_MAX};
 use crate::bridge::{amqp, nats, zeromq};
 use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
 use crate::ingest::service::{IngestService, IngestShared};
-use crate::mapping::RowMapper;
+use crate::mapping::RouteMapper;
 use crate::runtime::mesh::{self, Mesh};
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
 use crate::sink::scylla;
@@ -80,17 +80,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut nats_subscribers = Vec::new();
     let mut nats_clients = Vec::new();
     for route in &config.routes {
-        let schema = island.block_on(scylla::table_schema(
-            &session,
-            &route.name,
-            &route.keyspace,
-            &route.table,
-        ))?;
-        let mapper = RowMapper::new(route, &schema)?;
-        let insert = island.block_on(scylla::prepare_insert(
-            &session,
-            &mapper.insert_statement(&route.keyspace, &route.table),
-        ))?;
+        let mut schemas = Vec::with_capacity(route.targets.len());
+        for target in &route.targets {
+            schemas.push(island.block_on(scylla::table_schema(
+                &session,
+                &route.name,
+                &target.keyspace,
+                &target.table,
+            ))?);
+        }
+        let mapper = RouteMapper::new(route, &schemas)?;
+        let mut statements = Vec::with_capacity(route.targets.len());
+        for target in 0..route.targets.len() {
+            statements.push(TargetStatements {
+                upsert: island.block_on(scylla::prepare_insert(&session, &mapper.upsert_statement(target)))?,
+                delete: island.block_on(scylla::prepare_insert(&session, &mapper.delete_statement(target)))?,
+            });
+        }
         let dead_letter = match &route.dead_letter {
             DeadLetterConfig::Kafka { brokers, topic } => DeadLetterSink::Kafka(
                 DeadLetterTopic::new(brokers, topic)
@@ -190,14 +196,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             source: source_name,
             mapper,
             session: Arc::clone(&session),
-            insert,
+            statements,
             dead_letter,
             completions,
             counters,
             ownership: Arc::clone(&ownership),
             batch_rows_max: config.runtime.write_batch_rows_max,
             mesh: Arc::clone(&mesh),
-            metrics: RowMetrics::per_core(&route.name, &format!("{}.{}", route.keyspace, route.table), cpus.len()),
+            metrics: RowMetrics::per_core(&route.name, &route.tables_label(), cpus.len()),
         });
         for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
             core_routes.push(CoreRoute {
@@ -205,7 +211,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 queue,
             });
         }
-        tracing::info!(route = %route.name, table = %format!("{}.{}", route.keyspace, route.table), "route ready");
+        tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
     }
 
     let inflight_max = config.runtime.inflight_rows_per_core_max;

@@ -177,12 +177,12 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
         position: delivery.delivery_tag as i64,
         timestamp_ms: Some(timestamp_ms),
         key: None,
+        headers,
         payload: Some(delivery.data),
         origin: Origin::Amqp {
             queue: queue.to_string(),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
-            headers,
             acker: delivery.acker,
         },
     }

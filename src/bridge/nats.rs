@@ -174,11 +174,22 @@ fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessa
         position: *sequence,
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key: None,
+        headers: text_headers(message.headers.as_ref()),
         payload: Some(message.payload.to_vec()),
         origin: Origin::Nats {
             subject: message.subject.to_string(),
         },
     }
+}
+
+/// NATS headers as text, the first value of each name.
+fn text_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
+    headers.map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .filter_map(|(name, values)| Some((name.to_string(), values.first()?.as_str().to_string())))
+            .collect()
+    })
 }
 
 fn source_message(message: jetstream::Message) -> SourceMessage {
@@ -191,6 +202,7 @@ fn source_message(message: jetstream::Message) -> SourceMessage {
         position,
         timestamp_ms,
         key: None,
+        headers: text_headers(message.headers.as_ref()),
         payload: Some(message.payload.to_vec()),
         origin: Origin::JetStream {
             subject: message.subject.to_string(),

@@ -10,13 +10,16 @@
 //! are bounded by a semaphore held until the owners answer, and the queues are bounded, so a
 //! slow database stops consumption instead of growing memory.
 //!
+//! One message may become several rows (several target tables, upserts or deletes): it completes
+//! once all of them are written, or is dead-lettered once if any is refused.
+//!
 //! Replays are idempotent: each write carries a timestamp derived from the message
-//! (`mapping::write_timestamp_us` of its time and position).
+//! (`mapping::write_timestamp_us` of its time and position, or the Kafka partition clock).
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -24,9 +27,9 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::dead_letter::{headers, DeadLetter, DeadLetterSink};
-use crate::mapping::{write_timestamp_us, RowMapper, RowValues};
+use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
 use crate::runtime::mesh::Mesh;
-use crate::sink::scylla::{batches_by_replica_shard, place_row, with_timestamp, write_rows_once, Retries};
+use crate::sink::scylla::{batches_by_replica_shard, place_row, write_statements_once, Retries};
 use crate::telemetry::RowMetrics;
 use crate::topology::{Ownership, ReplicaShard};
 
@@ -44,8 +47,10 @@ pub struct SourceMessage {
     /// Write timestamp the source assigned (Kafka: per-partition clock), else derived from
     /// `timestamp_ms` and `position`.
     pub write_timestamp_us: Option<i64>,
-    /// Message key (Kafka), if any.
+    /// Message key (Kafka; ZeroMQ first frame), if any.
     pub key: Option<Vec<u8>>,
+    /// Headers or properties whose values are text (Kafka, NATS, JetStream, AMQP).
+    pub headers: Vec<(String, String)>,
     /// Message payload; `None` for a Kafka tombstone.
     pub payload: Option<Vec<u8>>,
     /// Where it came from: how to acknowledge it and what to tell the dead-letter destination.
@@ -77,8 +82,6 @@ pub enum Origin {
         routing_key: String,
         /// Whether the broker delivered it before.
         redelivered: bool,
-        /// Text-valued headers.
-        headers: Vec<(String, String)>,
         /// Acks on the delivering channel.
         acker: lapin::acker::Acker,
     },
@@ -95,6 +98,22 @@ pub enum Origin {
 }
 
 impl SourceMessage {
+    /// What the mapper sees of this message.
+    fn envelope<'a>(&'a self, source: &'a str) -> Envelope<'a> {
+        Envelope {
+            key: self.key.as_deref(),
+            payload: self.payload.as_deref(),
+            headers: &self.headers,
+            source,
+            partition: match &self.origin {
+                Origin::Kafka { partition, .. } => Some(*partition),
+                _ => None,
+            },
+            position: self.position,
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+
     /// Source coordinates as dead-letter headers.
     fn coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
         match &self.origin {
@@ -130,11 +149,8 @@ impl SourceMessage {
     }
 }
 
-/// A message and the row it maps to.
-type MappedRow = (SourceMessage, RowValues);
-
-/// A mapped row with the replica and shard it belongs to.
-type PlacedRow = (ReplicaShard, MappedRow);
+/// A row with the replica and shard it belongs to.
+type PlacedRow = (ReplicaShard, RowWork);
 
 /// A Kafka message that is written or dead-lettered, reported to the poll thread.
 #[derive(Debug, Clone, Copy)]
@@ -156,6 +172,8 @@ pub struct RouteCounters {
     pub written: AtomicU64,
     /// Messages sent to the dead-letter destination.
     pub dead_lettered: AtomicU64,
+    /// Messages skipped by the route's filter (or sent to no target).
+    pub filtered: AtomicU64,
 }
 
 impl RouteCounters {
@@ -166,6 +184,7 @@ impl RouteCounters {
             received = self.received.load(Ordering::Relaxed),
             written = self.written.load(Ordering::Relaxed),
             dead_lettered = self.dead_lettered.load(Ordering::Relaxed),
+            filtered = self.filtered.load(Ordering::Relaxed),
             "stopped"
         );
     }
@@ -219,18 +238,37 @@ impl RoundRobin {
     }
 }
 
+/// The prepared statements of one target table.
+pub struct TargetStatements {
+    /// `INSERT ... USING [TTL ? AND] TIMESTAMP ?`.
+    pub upsert: PreparedStatement,
+    /// `DELETE ... USING TIMESTAMP ? WHERE <primary key>`.
+    pub delete: PreparedStatement,
+}
+
+/// A message whose rows are being written, possibly on several cores.
+struct Pending {
+    work: SourceMessage,
+    rows_left: AtomicUsize,
+    /// The first permanent failure among its rows: (reason code, reason).
+    failure: Mutex<Option<(&'static str, String)>>,
+}
+
+/// One row of a message on its way to its owner core.
+type RowWork = (Arc<Pending>, MappedRow);
+
 /// What a core needs to turn a route's messages into rows. Shared by all cores.
 pub struct RouteWriter {
     /// Route name.
     pub route: String,
     /// Source topic or stream (for dead-letter headers).
     pub source: String,
-    /// Message → bound values.
-    pub mapper: RowMapper,
+    /// Message → rows.
+    pub mapper: RouteMapper,
     /// The cluster session (sockets on the island).
     pub session: Arc<Session>,
-    /// The route's prepared insert.
-    pub insert: PreparedStatement,
+    /// Prepared statements, by target index.
+    pub statements: Vec<TargetStatements>,
     /// Where failed messages go.
     pub dead_letter: DeadLetterSink,
     /// Kafka completions back to the poll thread (unused by other sources).
@@ -243,15 +281,24 @@ pub struct RouteWriter {
     pub batch_rows_max: usize,
     /// The cross-core mesh rows travel to their owner core on.
     pub mesh: Arc<Mesh>,
-    /// Metric handles of the route's table, one per core.
+    /// Metric handles of the route's tables, one per core.
     pub metrics: Vec<RowMetrics>,
 }
 
 impl RouteWriter {
+    fn statement(&self, row: &MappedRow) -> &PreparedStatement {
+        let statements = &self.statements[row.target];
+        if row.delete {
+            &statements.delete
+        } else {
+            &statements.upsert
+        }
+    }
+
     /// Maps a batch of messages received on `core`, writes each row on its owner core (in
     /// UNLOGGED batches of one replica and shard), dead-letters what cannot be mapped or
-    /// written, and reports every message's completion only after its row is written or its
-    /// dead letter delivered. Returns once every owner has answered.
+    /// written, and reports every message's completion only after all its rows are written or
+    /// its dead letter delivered. Returns once every owner has answered.
     async fn process_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
         let ownership = self.ownership.load();
         let metrics = &self.metrics[core];
@@ -260,16 +307,30 @@ impl RouteWriter {
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         for work in batch {
-            match self.mapper.map_json(work.key.as_deref(), work.payload.as_deref()) {
-                Ok(values) => {
-                    let timestamp_us = work
-                        .write_timestamp_us
-                        .unwrap_or_else(|| write_timestamp_us(work.timestamp_ms, work.position));
-                    let values = with_timestamp(values, timestamp_us);
-                    let placement = place_row(&self.insert, &values, &ownership);
-                    let owner = placement.map_or(core, |p| p.core);
-                    let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
-                    by_owner.entry(owner).or_default().push((replica_shard, (work, values)));
+            let timestamp_us = work
+                .write_timestamp_us
+                .unwrap_or_else(|| write_timestamp_us(work.timestamp_ms, work.position));
+            match self.mapper.map(&work.envelope(&self.source), timestamp_us) {
+                Ok(rows) if rows.is_empty() => {
+                    self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+                    metrics.filtered.increment(1);
+                    self.complete(core, &work, false);
+                }
+                Ok(rows) => {
+                    let pending = Arc::new(Pending {
+                        work,
+                        rows_left: AtomicUsize::new(rows.len()),
+                        failure: Mutex::new(None),
+                    });
+                    for row in rows {
+                        let placement = place_row(self.statement(&row), &row.values, &ownership);
+                        let owner = placement.map_or(core, |p| p.core);
+                        let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
+                        by_owner
+                            .entry(owner)
+                            .or_default()
+                            .push((replica_shard, (Arc::clone(&pending), row)));
+                    }
                 }
                 Err(error) => unmappable.push((work, error)),
             }
@@ -309,45 +370,72 @@ impl RouteWriter {
 
     /// Writes one chunk on `core`, retrying transient failures until they pass. If the database
     /// refuses the chunk for a permanent reason, its rows are written one by one so only the
-    /// refused ones are dead-lettered.
-    async fn write_chunk(&self, core: usize, chunk: Vec<MappedRow>) {
+    /// refused ones fail their messages.
+    async fn write_chunk(&self, core: usize, chunk: Vec<RowWork>) {
         let metrics = &self.metrics[core];
-        let rows: Vec<&RowValues> = chunk.iter().map(|(_, values)| values).collect();
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(_, row)| (self.statement(row), &row.values))
+            .collect();
         let started = Instant::now();
-        let outcome = write_rows_once(&self.session, &self.insert, &rows, Retries::Forever).await;
+        let outcome = write_statements_once(&self.session, &rows, Retries::Forever).await;
         metrics.write_latency.record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
                 self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 metrics.written.increment(chunk.len() as u64);
-                chunk.iter().for_each(|(work, _)| self.complete(core, work, false));
+                for (pending, _) in &chunk {
+                    self.row_done(core, pending, None).await;
+                }
             }
             Err(_) if chunk.len() > 1 => {
                 let singles = chunk.into_iter().map(|single| self.write_single(core, single));
                 futures::future::join_all(singles).await;
             }
             Err(error) => {
-                let (work, _) = &chunk[0];
-                self.dead_letter(core, work, "write_rejected", &error.to_string()).await;
-                self.complete(core, work, true);
+                let (pending, _) = &chunk[0];
+                self.row_done(core, pending, Some(error.to_string())).await;
             }
         }
     }
 
-    async fn write_single(&self, core: usize, (work, values): MappedRow) {
-        let dead_lettered = match write_rows_once(&self.session, &self.insert, &[&values], Retries::Forever).await {
+    async fn write_single(&self, core: usize, (pending, row): RowWork) {
+        let statement = self.statement(&row);
+        let failure = match write_statements_once(&self.session, &[(statement, &row.values)], Retries::Forever).await {
             Ok(()) => {
                 self.counters.written.fetch_add(1, Ordering::Relaxed);
                 self.metrics[core].written.increment(1);
-                false
+                None
             }
-            Err(error) => {
-                self.dead_letter(core, &work, "write_rejected", &error.to_string())
-                    .await;
-                true
-            }
+            Err(error) => Some(error.to_string()),
         };
-        self.complete(core, &work, dead_lettered);
+        self.row_done(core, &pending, failure).await;
+    }
+
+    /// One row of a message is written (or refused, with the reason). The last row completes the
+    /// message: acknowledged when every row was written, else dead-lettered with the first
+    /// refusal and then acknowledged.
+    async fn row_done(&self, core: usize, pending: &Pending, refused: Option<String>) {
+        let failure = {
+            let mut failure = match pending.failure.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let (Some(reason), None) = (refused, failure.as_ref()) {
+                *failure = Some(("write_rejected", reason));
+            }
+            if pending.rows_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+                return;
+            }
+            failure.take()
+        };
+        match failure {
+            Some((code, reason)) => {
+                self.dead_letter(core, &pending.work, code, &reason).await;
+                self.complete(core, &pending.work, true);
+            }
+            None => self.complete(core, &pending.work, false),
+        }
     }
 
     /// Reports a message done: a Kafka completion to the poll thread (a closed channel only

@@ -113,6 +113,7 @@ fn source_message(mut frames: Vec<Vec<u8>>, sequence: i64, endpoint: &str) -> So
         position: sequence,
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key,
+        headers: Vec::new(),
         payload: Some(payload),
         origin: Origin::Zmq {
             endpoint: endpoint.to_string(),

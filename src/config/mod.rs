@@ -125,30 +125,114 @@ pub struct RuntimeConfig {
     pub shutdown_deadline: Duration,
 }
 
-/// One route: a source feeding one table.
+/// One route: a source feeding one or more tables.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     /// Unique route name, used in logs, metrics and dead-letter headers.
     pub name: String,
-    /// Target keyspace.
-    pub keyspace: String,
-    /// Target table.
-    pub table: String,
     /// Where messages come from.
     pub source: SourceConfig,
     /// Message format.
     pub format: Format,
-    /// Column → field mappings; empty means "every column from the field of the same name".
-    pub columns: Vec<ColumnMapping>,
+    /// Tables a message is written to (one `table` + `[route.columns]`, or `[[route.target]]`).
+    pub targets: Vec<TargetConfig>,
+    /// A field whose text names the one target table of each message (`table_from`).
+    pub table_from: Option<FieldRef>,
+    /// CEL expression; a message for which it is false is skipped (acknowledged, not written).
+    pub filter: Option<String>,
+    /// CEL expression; a message for which it is true deletes its rows instead of writing them.
+    pub delete_when: Option<String>,
+    /// Whether a message without a payload (a Kafka tombstone) deletes its rows. Default true.
+    pub delete_on_tombstone: bool,
+    /// Time to live of written cells.
+    pub ttl: Option<TtlConfig>,
+    /// Write timestamp from a field instead of the source's time and position.
+    pub timestamp: Option<TimestampConfig>,
     /// Where messages that cannot be written go.
     pub dead_letter: DeadLetterConfig,
 }
 
+impl RouteConfig {
+    /// `keyspace.table` of every target, comma-separated (logs and metric labels).
+    pub fn tables_label(&self) -> String {
+        let names: Vec<String> = self.targets.iter().map(TargetConfig::qualified).collect();
+        names.join(",")
+    }
+}
+
+/// One table a route writes to.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// Keyspace.
+    pub keyspace: String,
+    /// Table.
+    pub table: String,
+    /// CEL expression; the message is written to this table only when it is true.
+    pub when: Option<String>,
+    /// Column → field mappings; empty means "every column from the field of the same name".
+    pub columns: Vec<ColumnMapping>,
+}
+
+impl TargetConfig {
+    /// `keyspace.table`.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.keyspace, self.table)
+    }
+}
+
 /// Message formats a route can decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
     /// One JSON object per message.
     Json,
+    /// One Protobuf message per message, decoded with a descriptor loaded at start-up.
+    Protobuf(ProtobufConfig),
+    /// The payload is UTF-8 text, mapped with `$payload`.
+    Text,
+    /// The payload is opaque bytes, mapped with `$payload`.
+    Bytes,
+}
+
+/// Where a Protobuf route's message type is defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtobufConfig {
+    /// Fully qualified message name, for example `shop.v1.Order`.
+    pub message: String,
+    /// A serialized `FileDescriptorSet` (`protoc --descriptor_set_out`, `buf build -o`).
+    pub descriptor_set: Option<std::path::PathBuf>,
+    /// `.proto` files compiled at start-up (instead of a descriptor set).
+    pub files: Vec<std::path::PathBuf>,
+    /// Include directories for `files`; default: each file's directory.
+    pub includes: Vec<std::path::PathBuf>,
+}
+
+/// Time to live of written cells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TtlConfig {
+    /// The same TTL for every row, in seconds.
+    Seconds(i32),
+    /// Seconds read from the message; a message without it uses the table's default.
+    Field(FieldRef),
+}
+
+/// Unit of a numeric timestamp field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeUnit {
+    /// Seconds since the epoch.
+    Seconds,
+    /// Milliseconds since the epoch.
+    Millis,
+    /// Microseconds since the epoch (CQL's write-time unit).
+    Micros,
+}
+
+/// Write timestamp read from the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimestampConfig {
+    /// Where it is read from: a number in `unit`, or RFC 3339 text.
+    pub field: FieldRef,
+    /// Unit of numeric values.
+    pub unit: TimeUnit,
 }
 
 /// One column fed from one place in the message.
@@ -165,15 +249,41 @@ pub struct ColumnMapping {
 pub enum FieldRef {
     /// The message key, as UTF-8 text (`$key`).
     Key,
+    /// A path into the message key decoded as a JSON object (`$key.id`).
+    KeyPath(Vec<String>),
+    /// A header or property, as text (`$header.trace-id`): Kafka headers, NATS headers, AMQP
+    /// headers.
+    Header(String),
+    /// The source's name: Kafka topic, JetStream stream, queue, subject or endpoint (`$source`).
+    Source,
+    /// Kafka partition (`$partition`); unset for other sources.
+    Partition,
+    /// Offset or sequence within the source (`$position`).
+    Position,
+    /// Message time, epoch milliseconds (`$timestamp`).
+    Timestamp,
+    /// The raw payload (`$payload`): bytes for `blob` columns, UTF-8 text otherwise.
+    Payload,
     /// A path of object keys into the decoded payload (`customer.address.city`).
     Path(Vec<String>),
+    /// A computed value: a CEL expression over `msg`, `key`, `headers`, `source`, `partition`,
+    /// `position` and `timestamp` (`{ expr = "..." }`).
+    Expr(String),
 }
 
 impl fmt::Display for FieldRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FieldRef::Key => f.write_str("$key"),
+            FieldRef::KeyPath(parts) => write!(f, "$key.{}", parts.join(".")),
+            FieldRef::Header(name) => write!(f, "$header.{name}"),
+            FieldRef::Source => f.write_str("$source"),
+            FieldRef::Partition => f.write_str("$partition"),
+            FieldRef::Position => f.write_str("$position"),
+            FieldRef::Timestamp => f.write_str("$timestamp"),
+            FieldRef::Payload => f.write_str("$payload"),
             FieldRef::Path(parts) => f.write_str(&parts.join(".")),
+            FieldRef::Expr(source) => write!(f, "expr `{source}`"),
         }
     }
 }

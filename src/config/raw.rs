@@ -8,8 +8,9 @@ use serde::Deserialize;
 
 use super::{
     validate_identifier, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig,
-    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, NatsSourceConfig, RouteConfig,
-    RuntimeConfig, SourceConfig, StartFrom, ZmqSocketKind, ZmqSourceConfig,
+    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, NatsSourceConfig, ProtobufConfig,
+    RouteConfig, RuntimeConfig, SourceConfig, StartFrom, TargetConfig, TimeUnit, TimestampConfig, TtlConfig,
+    ZmqSocketKind, ZmqSourceConfig,
 };
 
 /// Top level of a shardgate config file.
@@ -21,7 +22,7 @@ pub struct RawConfig {
     /// `[runtime]`: cores and limits; every key has a default.
     #[serde(default)]
     pub runtime: RawRuntime,
-    /// `[[route]]`: one table per entry, fed by one source.
+    /// `[[route]]`: one or more tables per entry, fed by one source.
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
     /// `[ingest]`: the gRPC ingest API. Absent: no gRPC port.
@@ -120,19 +121,81 @@ impl Default for RawRuntime {
 pub struct RawRoute {
     /// Unique name of the route.
     pub name: String,
-    /// Target table as `keyspace.table`.
-    pub table: String,
-    /// Message format: `json`. Default `json`.
+    /// Target table as `keyspace.table` (one target; or `[[route.target]]` for several).
+    pub table: Option<String>,
+    /// Message format: `json`, `protobuf`, `text` or `bytes`. Default `json`.
     #[serde(default = "default_format")]
     pub format: String,
+    /// `[route.protobuf]`: the message type of a `protobuf` route.
+    pub protobuf: Option<RawProtobuf>,
     /// `[route.source]`: where messages come from.
     pub source: RawSource,
-    /// `[route.columns]`: `column = "field.path"` or `column = "$key"`. Omitted: every column
-    /// of the table is read from the top-level field of the same name.
+    /// `[route.columns]` of the single `table`: `column = "field.path"`, `"$key"`, ... or
+    /// `{ expr = "CEL" }`. Omitted: every column is read from the top-level field of its name.
     #[serde(default)]
-    pub columns: BTreeMap<String, String>,
+    pub columns: BTreeMap<String, RawColumn>,
+    /// `[[route.target]]`: several tables, each with its own columns and condition.
+    #[serde(default)]
+    pub target: Vec<RawTarget>,
+    /// A field whose text names the target table of each message.
+    pub table_from: Option<String>,
+    /// CEL expression: messages for which it is false are skipped.
+    pub filter: Option<String>,
+    /// CEL expression: messages for which it is true delete their rows.
+    pub delete_when: Option<String>,
+    /// Whether a message without payload (Kafka tombstone) deletes its rows. Default true.
+    #[serde(default = "default_true")]
+    pub delete_on_tombstone: bool,
+    /// TTL of written cells: seconds, or a field holding seconds.
+    pub ttl: Option<toml::Value>,
+    /// Field holding the write time (RFC 3339 text or a number in `timestamp_unit`).
+    pub timestamp: Option<String>,
+    /// `s`, `ms` or `us`. Default `ms`.
+    pub timestamp_unit: Option<String>,
     /// `[route.dead_letter]`: where undecodable or unwritable messages go. Required.
     pub dead_letter: Option<RawDeadLetter>,
+}
+
+/// A column's source: a field reference, or `{ expr = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawColumn {
+    /// `"field.path"`, `"$key"`, `"$header.name"`, ...
+    Field(String),
+    /// `{ expr = "msg.qty * msg.price" }`
+    Expr {
+        /// CEL source.
+        expr: String,
+    },
+}
+
+/// `[[route.target]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    /// `keyspace.table`.
+    pub table: String,
+    /// CEL expression: the message goes to this table only when it is true.
+    pub when: Option<String>,
+    /// `[route.target.columns]`, as `[route.columns]`.
+    #[serde(default)]
+    pub columns: BTreeMap<String, RawColumn>,
+}
+
+/// `[route.protobuf]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProtobuf {
+    /// Fully qualified message name.
+    pub message: String,
+    /// Path of a serialized `FileDescriptorSet`.
+    pub descriptor_set: Option<String>,
+    /// `.proto` files to compile at start-up.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Include directories for `files`.
+    #[serde(default)]
+    pub includes: Vec<String>,
 }
 
 /// `[route.source]`, tagged by `kind`.
@@ -460,23 +523,78 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             "a non-empty name of letters, digits, `_`, `-`, `.`",
         ));
     }
-    let Some((keyspace, table)) = raw.table.split_once('.') else {
-        return Err(ConfigError::invalid(key("table"), &raw.table, "`keyspace.table`"));
+    let format = validate_format(&key, raw.format.as_str(), raw.protobuf)?;
+    let raw_payload = matches!(format, Format::Text | Format::Bytes);
+    let targets = match (raw.table, raw.target.is_empty()) {
+        (Some(table), true) => vec![validate_target(&key, "", &table, None, raw.columns, raw_payload)?],
+        (None, false) if raw.columns.is_empty() => raw
+            .target
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| validate_target(&key, &format!("target[{i}]."), &t.table, t.when, t.columns, raw_payload))
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, false) => {
+            return Err(ConfigError::invalid(
+                key("columns"),
+                "(set)",
+                "columns inside each `[[route.target]]` when the route has targets",
+            ))
+        }
+        (Some(table), false) => {
+            return Err(ConfigError::invalid(
+                key("table"),
+                &table,
+                "either `table` or `[[route.target]]` tables, not both",
+            ))
+        }
+        (None, true) => {
+            return Err(ConfigError::invalid(
+                key("table"),
+                "(missing)",
+                "`table = \"keyspace.table\"` or one or more `[[route.target]]` tables",
+            ))
+        }
     };
-    validate_identifier(&key("table"), keyspace)?;
-    validate_identifier(&key("table"), table)?;
-    let format = match raw.format.as_str() {
-        "json" => Format::Json,
-        other => return Err(ConfigError::invalid(key("format"), other, "`json`")),
+    let table_from = raw
+        .table_from
+        .map(|field| parse_field_ref(&key("table_from"), &field))
+        .transpose()?;
+    let filter = raw.filter.map(|e| validate_expression(&key("filter"), e)).transpose()?;
+    let delete_when = raw
+        .delete_when
+        .map(|e| validate_expression(&key("delete_when"), e))
+        .transpose()?;
+    let ttl = match raw.ttl {
+        None => None,
+        Some(toml::Value::Integer(seconds)) => match i32::try_from(seconds) {
+            Ok(seconds) if seconds > 0 => Some(TtlConfig::Seconds(seconds)),
+            _ => {
+                return Err(ConfigError::invalid(
+                    key("ttl"),
+                    seconds.to_string(),
+                    "seconds between 1 and 2147483647, or a field name",
+                ))
+            }
+        },
+        Some(toml::Value::String(field)) => Some(TtlConfig::Field(parse_field_ref(&key("ttl"), &field)?)),
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                key("ttl"),
+                other.to_string(),
+                "seconds (an integer) or a field name (a string)",
+            ))
+        }
     };
-    let mut columns = Vec::with_capacity(raw.columns.len());
-    for (column, field) in &raw.columns {
-        validate_identifier(&key(&format!("columns.{column}")), column)?;
-        columns.push(ColumnMapping {
-            column: column.clone(),
-            field: parse_field_ref(&key(&format!("columns.{column}")), field)?,
-        });
-    }
+    let unit = match raw.timestamp_unit.as_deref() {
+        None | Some("ms") => TimeUnit::Millis,
+        Some("s") => TimeUnit::Seconds,
+        Some("us") => TimeUnit::Micros,
+        Some(other) => return Err(ConfigError::invalid(key("timestamp_unit"), other, "`s`, `ms` or `us`")),
+    };
+    let timestamp = raw
+        .timestamp
+        .map(|field| parse_field_ref(&key("timestamp"), &field).map(|field| TimestampConfig { field, unit }))
+        .transpose()?;
     let source = validate_source(&key("source"), raw.source)?;
     let Some(dead_letter) = raw.dead_letter else {
         return Err(ConfigError::invalid(
@@ -569,13 +687,135 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
     };
     Ok(RouteConfig {
         name: raw.name,
-        keyspace: keyspace.to_string(),
-        table: table.to_string(),
         source,
         format,
-        columns,
+        targets,
+        table_from,
+        filter,
+        delete_when,
+        delete_on_tombstone: raw.delete_on_tombstone,
+        ttl,
+        timestamp,
         dead_letter,
     })
+}
+
+fn validate_format(
+    key: &impl Fn(&str) -> String,
+    format: &str,
+    protobuf: Option<RawProtobuf>,
+) -> Result<Format, ConfigError> {
+    let format = match (format, protobuf) {
+        ("json", None) => Format::Json,
+        ("text", None) => Format::Text,
+        ("bytes", None) => Format::Bytes,
+        ("protobuf", Some(raw)) => {
+            let valid_name = !raw.message.is_empty()
+                && raw
+                    .message
+                    .split('.')
+                    .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            if !valid_name {
+                return Err(ConfigError::invalid(
+                    key("protobuf.message"),
+                    &raw.message,
+                    "a fully qualified message name such as `shop.v1.Order`",
+                ));
+            }
+            if raw.descriptor_set.is_some() != raw.files.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("protobuf"),
+                    "(descriptor_set and files)",
+                    "exactly one of `descriptor_set` (a FileDescriptorSet file) or `files` (.proto files)",
+                ));
+            }
+            Format::Protobuf(ProtobufConfig {
+                message: raw.message,
+                descriptor_set: raw.descriptor_set.map(Into::into),
+                files: raw.files.into_iter().map(Into::into).collect(),
+                includes: raw.includes.into_iter().map(Into::into).collect(),
+            })
+        }
+        ("protobuf", None) => {
+            return Err(ConfigError::invalid(
+                key("protobuf"),
+                "(missing)",
+                "a `[route.protobuf]` table with `message` and `descriptor_set` or `files`",
+            ))
+        }
+        ("json" | "text" | "bytes", Some(_)) => {
+            return Err(ConfigError::invalid(
+                key("protobuf"),
+                "(set)",
+                "`format = \"protobuf\"` when `[route.protobuf]` is given",
+            ))
+        }
+        (other, _) => {
+            return Err(ConfigError::invalid(
+                key("format"),
+                other,
+                "`json`, `protobuf`, `text` or `bytes`",
+            ))
+        }
+    };
+    Ok(format)
+}
+
+fn validate_target(
+    key: &impl Fn(&str) -> String,
+    prefix: &str,
+    table: &str,
+    when: Option<String>,
+    raw_columns: BTreeMap<String, RawColumn>,
+    raw_payload: bool,
+) -> Result<TargetConfig, ConfigError> {
+    let Some((keyspace, name)) = table.split_once('.') else {
+        return Err(ConfigError::invalid(
+            key(&format!("{prefix}table")),
+            table,
+            "`keyspace.table`",
+        ));
+    };
+    validate_identifier(&key(&format!("{prefix}table")), keyspace)?;
+    validate_identifier(&key(&format!("{prefix}table")), name)?;
+    if raw_payload && raw_columns.is_empty() {
+        return Err(ConfigError::invalid(
+            key(&format!("{prefix}columns")),
+            "(missing)",
+            "explicit columns for a `text` or `bytes` route, for example `body = \"$payload\"`",
+        ));
+    }
+    let mut columns = Vec::with_capacity(raw_columns.len());
+    for (column, source) in raw_columns {
+        let column_key = key(&format!("{prefix}columns.{column}"));
+        validate_identifier(&column_key, &column)?;
+        let field = match source {
+            RawColumn::Field(field) => parse_field_ref(&column_key, &field)?,
+            RawColumn::Expr { expr } => FieldRef::Expr(validate_expression(&format!("{column_key}.expr"), expr)?),
+        };
+        columns.push(ColumnMapping { column, field });
+    }
+    let when = when
+        .map(|e| validate_expression(&key(&format!("{prefix}when")), e))
+        .transpose()?;
+    Ok(TargetConfig {
+        keyspace: keyspace.to_string(),
+        table: name.to_string(),
+        when,
+        columns,
+    })
+}
+
+/// Compiles a CEL expression once, so a syntax error names its key at start-up.
+fn validate_expression(key: &str, source: String) -> Result<String, ConfigError> {
+    match crate::mapping::expr::Expr::compile(&source) {
+        Ok(_) => Ok(source),
+        Err(reason) => Err(ConfigError::invalid(
+            key,
+            &source,
+            format!("a CEL expression ({reason})"),
+        )),
+    }
 }
 
 fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
@@ -808,27 +1048,45 @@ fn validate_subject(key: &str, subject: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `$key` or a dotted path of object keys.
+/// Parses `$key`, `$key.path`, `$header.name`, `$source`, `$partition`, `$position`,
+/// `$timestamp`, `$payload` or a dotted path of object keys.
 pub(crate) fn parse_field_ref(key: &str, text: &str) -> Result<FieldRef, ConfigError> {
-    if text == "$key" {
-        return Ok(FieldRef::Key);
-    }
-    if text.starts_with('$') {
-        return Err(ConfigError::invalid(
-            key,
-            text,
-            "`$key` or a field path such as `customer.id`",
-        ));
-    }
-    let parts: Vec<String> = text.split('.').map(str::to_string).collect();
-    if parts.iter().any(String::is_empty) {
-        return Err(ConfigError::invalid(
-            key,
-            text,
-            "a field path of non-empty names separated by `.`",
-        ));
-    }
-    Ok(FieldRef::Path(parts))
+    const EXPECTED: &str = "a field path such as `customer.id`, or `$key`, `$key.<path>`, `$header.<name>`, \
+         `$source`, `$partition`, `$position`, `$timestamp`, `$payload`";
+    let path = |text: &str| -> Result<Vec<String>, ConfigError> {
+        let parts: Vec<String> = text.split('.').map(str::to_string).collect();
+        if parts.iter().any(String::is_empty) {
+            return Err(ConfigError::invalid(
+                key,
+                text,
+                "a field path of non-empty names separated by `.`",
+            ));
+        }
+        Ok(parts)
+    };
+    let field = match text {
+        "$key" => FieldRef::Key,
+        "$source" => FieldRef::Source,
+        "$partition" => FieldRef::Partition,
+        "$position" => FieldRef::Position,
+        "$timestamp" => FieldRef::Timestamp,
+        "$payload" => FieldRef::Payload,
+        _ => {
+            if let Some(rest) = text.strip_prefix("$key.") {
+                FieldRef::KeyPath(path(rest)?)
+            } else if let Some(name) = text.strip_prefix("$header.") {
+                if name.is_empty() {
+                    return Err(ConfigError::invalid(key, text, EXPECTED));
+                }
+                FieldRef::Header(name.to_string())
+            } else if text.starts_with('$') {
+                return Err(ConfigError::invalid(key, text, EXPECTED));
+            } else {
+                FieldRef::Path(path(text)?)
+            }
+        }
+    };
+    Ok(field)
 }
 
 fn parse_consistency(text: &str) -> Result<Consistency, ConfigError> {

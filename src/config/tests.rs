@@ -35,9 +35,13 @@ fn valid_config_parses_with_defaults() {
     assert_eq!(config.runtime.cores, None);
     assert_eq!(config.runtime.island_threads, 1);
     let route = &config.routes[0];
-    assert_eq!((route.keyspace.as_str(), route.table.as_str()), ("shop", "orders"));
+    assert_eq!(route.targets.len(), 1);
+    let target = &route.targets[0];
+    assert_eq!((target.keyspace.as_str(), target.table.as_str()), ("shop", "orders"));
+    assert!(route.delete_on_tombstone);
+    assert_eq!(route.format, Format::Json);
     assert_eq!(
-        route.columns,
+        target.columns,
         vec![
             ColumnMapping {
                 column: "city".into(),
@@ -130,7 +134,8 @@ fn reserved_kafka_property_is_refused() {
 
 #[test]
 fn bad_field_refs_are_refused() {
-    assert!(error_of(&VALID.replace("\"$key\"", "\"$header\"")).contains("`$key` or a field path"));
+    assert!(error_of(&VALID.replace("\"$key\"", "\"$header\"")).contains("`$key`, `$key.<path>`"));
+    assert!(error_of(&VALID.replace("\"$key\"", "\"$keys\"")).contains("route[0].columns.order_id"));
     assert!(error_of(&VALID.replace("\"customer.address.city\"", "\"customer..city\"")).contains("non-empty names"));
 }
 
@@ -171,7 +176,7 @@ fn shipped_example_config_is_valid() {
     let text = include_str!("../../deploy/shardgate.example.toml");
     let config = Config::parse(text, "deploy/shardgate.example.toml").expect("example config validates");
     assert_eq!(config.routes.len(), 2);
-    assert_eq!(config.routes[0].columns.len(), 5);
+    assert_eq!(config.routes[0].targets[0].columns.len(), 5);
     assert!(matches!(config.routes[1].source, SourceConfig::JetStream(_)));
     assert!(matches!(config.routes[1].dead_letter, DeadLetterConfig::Nats { .. }));
     assert_eq!(config.runtime.write_batch_rows_max, 64);
@@ -372,5 +377,104 @@ fn bad_broker_keys_are_named() {
         let text = BROKERS.replacen(from, to, 1);
         let error = error_of(&text);
         assert!(error.contains(key), "`{to}`: {error}");
+    }
+}
+
+/// The single-table route of `VALID` with extra route keys spliced in before `[route.source]`.
+fn with_route_keys(keys: &str) -> String {
+    VALID.replace("[route.source]", &format!("{keys}\n[route.source]"))
+}
+
+#[test]
+fn mapping_keys_parse_into_targets_expressions_ttl_and_timestamp() {
+    let text = VALID.replace(
+        "table = \"shop.orders\"\n",
+        "filter = \"msg.status != 'test'\"\ndelete_when = \"msg.op == 'd'\"\nttl = 3600\n\
+         timestamp = \"updated_at\"\ntimestamp_unit = \"us\"\ntable_from = \"$header.kind\"\n\
+         [[route.target]]\ntable = \"shop.orders\"\nwhen = \"has(msg.total)\"\n\
+         [route.target.columns]\norder_id = \"$key.id\"\ntotal = { expr = \"msg.qty * msg.price\" }\n\
+         [[route.target]]\ntable = \"shop.orders_by_customer\"\n",
+    );
+    let text = text.replace(
+        "[route.columns]\norder_id = \"$key\"\ncity = \"customer.address.city\"\n",
+        "",
+    );
+    let config = Config::parse(&text, "test.toml").expect("valid");
+    let route = &config.routes[0];
+    assert_eq!(route.targets.len(), 2);
+    assert_eq!(route.targets[0].when.as_deref(), Some("has(msg.total)"));
+    assert_eq!(
+        route.targets[0].columns,
+        vec![
+            ColumnMapping {
+                column: "order_id".into(),
+                field: FieldRef::KeyPath(vec!["id".into()])
+            },
+            ColumnMapping {
+                column: "total".into(),
+                field: FieldRef::Expr("msg.qty * msg.price".into())
+            },
+        ]
+    );
+    assert!(route.targets[1].columns.is_empty());
+    assert_eq!(route.table_from, Some(FieldRef::Header("kind".into())));
+    assert_eq!(route.filter.as_deref(), Some("msg.status != 'test'"));
+    assert_eq!(route.delete_when.as_deref(), Some("msg.op == 'd'"));
+    assert_eq!(route.ttl, Some(TtlConfig::Seconds(3600)));
+    assert_eq!(
+        route.timestamp,
+        Some(TimestampConfig {
+            field: FieldRef::Path(vec!["updated_at".into()]),
+            unit: TimeUnit::Micros
+        })
+    );
+    assert_eq!(route.tables_label(), "shop.orders,shop.orders_by_customer");
+}
+
+#[test]
+fn bad_mapping_keys_are_named() {
+    let cases = [
+        (with_route_keys("filter = \"msg.qty >\""), "route[0].filter"),
+        (with_route_keys("delete_when = \"(\""), "route[0].delete_when"),
+        (with_route_keys("ttl = -5"), "route[0].ttl"),
+        (with_route_keys("ttl = 1.5"), "route[0].ttl"),
+        (with_route_keys("timestamp_unit = \"ns\""), "route[0].timestamp_unit"),
+        (with_route_keys("format = \"avro\""), "route[0].format"),
+        (with_route_keys("format = \"protobuf\""), "route[0].protobuf"),
+        (
+            with_route_keys("format = \"protobuf\"\n[route.protobuf]\nmessage = \"shop.Order\""),
+            "route[0].protobuf",
+        ),
+        (
+            with_route_keys(
+                "format = \"protobuf\"\n[route.protobuf]\nmessage = \"shop..Order\"\nfiles = [\"o.proto\"]",
+            ),
+            "route[0].protobuf.message",
+        ),
+        (
+            VALID.replace("city = \"customer.address.city\"", "city = { expr = \"msg.\" }"),
+            "route[0].columns.city.expr",
+        ),
+        (
+            with_route_keys("[[route.target]]\ntable = \"shop.other\""),
+            "route[0].table",
+        ),
+        (
+            VALID
+                .replace("table = \"shop.orders\"\n", "format = \"text\"\n")
+                .replace(
+                    "[route.columns]\norder_id = \"$key\"\ncity = \"customer.address.city\"\n",
+                    "",
+                )
+                .replace(
+                    "[route.source]",
+                    "[[route.target]]\ntable = \"shop.raw\"\n[route.source]",
+                ),
+            "route[0].target[0].columns",
+        ),
+    ];
+    for (text, key) in cases {
+        let message = error_of(&text);
+        assert!(message.contains(key), "expected `{key}` in: {message}");
     }
 }

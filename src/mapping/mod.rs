@@ -1,14 +1,21 @@
 //! Formats and field → column mapping.
 //!
-//! A [`RowMapper`] is built once per route at start-up from the route config and the table's
-//! schema read from the cluster ([`RowMapper::new`] refuses unknown columns and unmapped primary
-//! key columns). On the data plane it turns one message into the bound values of the route's
-//! prepared insert, on the core that owns the message; it is pure and never panics on input.
+//! A [`RouteMapper`] is built once per route at start-up from the route config, the tables'
+//! schemas read from the cluster ([`RouteMapper::new`] refuses unknown columns and unmapped
+//! primary key columns) and the format's decoder (Protobuf descriptors are loaded then). On the
+//! data plane it turns one message into rows — an upsert or a delete for each target table the
+//! message goes to — on the core that received it; it is pure and never panics on input.
 //!
 //! Value rules: a field that is absent leaves its column UNSET (a partial update, never a null
 //! overwrite); JSON `null` writes a null; primary-key columns must be present and non-null.
+//! A message with no payload (Kafka tombstone) deletes its rows, keyed from `$key`, headers or
+//! metadata; `delete_when` turns any message into a delete. `filter` skips messages, `when`
+//! picks target tables, `table_from` names the one target per message, computed columns are CEL
+//! expressions ([`expr`]). TTL and the write timestamp may come from fields.
 
 pub mod coerce;
+pub mod expr;
+pub mod format;
 
 use std::collections::HashMap;
 
@@ -16,7 +23,9 @@ use scylla::cluster::metadata::{ColumnKind, ColumnType, NativeType, Table};
 use scylla::value::{CqlValue, MaybeUnset};
 use serde_json::Value;
 
-use crate::config::{ColumnMapping, FieldRef, RouteConfig};
+use self::expr::{Bound, Expr, Variables};
+use self::format::Decoder;
+use crate::config::{ColumnMapping, FieldRef, RouteConfig, TargetConfig, TimeUnit, TtlConfig};
 
 /// Bound values of one row, in the order of [`RowMapper::column_names`].
 pub type RowValues = Vec<MaybeUnset<Option<CqlValue>>>;
@@ -56,6 +65,33 @@ pub enum SchemaError {
         /// The unmapped key column.
         column: String,
     },
+    /// The format's schema could not be loaded (Protobuf descriptors).
+    #[error("route `{route}`: {reason}")]
+    Format {
+        /// Route name.
+        route: String,
+        /// What is wrong, naming the config key.
+        reason: String,
+    },
+    /// A computed column, filter or condition does not compile (checked at config time too).
+    #[error("route `{route}`: {key}: {reason}")]
+    Expression {
+        /// Route name.
+        route: String,
+        /// Where it is configured.
+        key: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// `table_from` needs more than one target to choose from, all in one keyspace or named
+    /// fully.
+    #[error("route `{route}`: {reason}")]
+    Targets {
+        /// Route name.
+        route: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The column's type cannot be written by this route.
     #[error("route `{route}`: column `{column}` has type {typ}, which routes cannot write")]
     UnsupportedColumn {
@@ -68,11 +104,11 @@ pub enum SchemaError {
     },
 }
 
-/// Why one message could not become a row. The message goes to the dead-letter destination.
+/// Why one message could not become rows. The message goes to the dead-letter destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MappingError {
-    /// The message has no payload (a Kafka tombstone); deletes are not mapped yet.
-    #[error("message has no payload (tombstone); deletes are not supported by this route")]
+    /// The message has no payload (a Kafka tombstone) and the route does not delete on them.
+    #[error("message has no payload (tombstone) and `delete_on_tombstone` is off for this route")]
     EmptyPayload,
     /// The payload is not valid JSON.
     #[error("payload is not valid JSON: {0}")]
@@ -80,17 +116,24 @@ pub enum MappingError {
     /// The payload is JSON but not an object.
     #[error("payload is JSON but not an object")]
     NotObject,
+    /// The payload is not a message of the route's Protobuf type.
+    #[error("payload is not a valid Protobuf message {0}")]
+    NotProtobuf(String),
     /// `$key` is mapped but the message has no key.
     #[error("column `{column}` is mapped from `$key` but the message has no key")]
     KeyAbsent {
         /// The column fed by the key.
         column: String,
     },
-    /// The message key is not UTF-8 text.
-    #[error("column `{column}` is mapped from `$key` but the key is not UTF-8 text")]
+    /// The message key is not UTF-8 text, or not a JSON object for `$key.<path>`.
+    #[error("column `{column}` is mapped from `{field}` but the key is not {expected}")]
     KeyNotText {
         /// The column fed by the key.
         column: String,
+        /// The reference.
+        field: String,
+        /// What the key should be.
+        expected: &'static str,
     },
     /// A primary-key column's field is absent or null.
     #[error("primary key column `{column}` has no value: field `{field}` is missing or null")]
@@ -110,6 +153,36 @@ pub enum MappingError {
         /// Why it does not fit.
         reason: String,
     },
+    /// A filter, condition or computed column failed to evaluate.
+    #[error("{key} `{source_text}` failed: {reason}")]
+    Expression {
+        /// Which expression (`filter`, `delete_when`, `target[0].when`, `columns.total`).
+        key: String,
+        /// Its source.
+        source_text: String,
+        /// The evaluation error.
+        reason: String,
+    },
+    /// `table_from` names no target of the route.
+    #[error("`table_from` ({field}) is `{value}`, which is none of this route's tables: {tables}")]
+    UnknownTable {
+        /// The field.
+        field: String,
+        /// Its value in this message.
+        value: String,
+        /// The route's tables.
+        tables: String,
+    },
+    /// The write time or TTL field has a value that cannot be one.
+    #[error("`{key}` (field `{field}`): {reason}")]
+    BadAttribute {
+        /// `timestamp` or `ttl`.
+        key: &'static str,
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl MappingError {
@@ -119,9 +192,13 @@ impl MappingError {
             MappingError::EmptyPayload => "empty_payload",
             MappingError::NotJson(_) => "not_json",
             MappingError::NotObject => "not_object",
+            MappingError::NotProtobuf(_) => "not_protobuf",
             MappingError::KeyAbsent { .. } | MappingError::KeyNotText { .. } => "bad_key",
             MappingError::MissingPrimaryKey { .. } => "missing_key_column",
             MappingError::BadValue { .. } => "bad_value",
+            MappingError::Expression { .. } => "expression_failed",
+            MappingError::UnknownTable { .. } => "unknown_table",
+            MappingError::BadAttribute { .. } => "bad_attribute",
         }
     }
 }
@@ -153,26 +230,83 @@ impl TableSchema {
     }
 }
 
-/// One column of the route's insert statement.
-#[derive(Debug, Clone)]
+/// Where one value comes from, with expressions compiled.
+#[derive(Debug)]
+enum ValueSource {
+    /// A field reference other than an expression.
+    Field(FieldRef),
+    /// A computed value.
+    Expr(Box<Expr>),
+}
+
+impl ValueSource {
+    fn new(route: &str, key: String, field: FieldRef) -> Result<ValueSource, SchemaError> {
+        match field {
+            FieldRef::Expr(source) => compile(route, key, &source).map(|e| ValueSource::Expr(Box::new(e))),
+            other => Ok(ValueSource::Field(other)),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            ValueSource::Field(field) => field.to_string(),
+            ValueSource::Expr(expr) => format!("expr `{}`", expr.source()),
+        }
+    }
+
+    fn reads_payload(&self) -> bool {
+        matches!(
+            self,
+            ValueSource::Expr(_) | ValueSource::Field(FieldRef::Path(_) | FieldRef::Payload)
+        )
+    }
+}
+
+fn compile(route: &str, key: String, source: &str) -> Result<Expr, SchemaError> {
+    Expr::compile(source).map_err(|reason| SchemaError::Expression {
+        route: route.to_string(),
+        key,
+        reason,
+    })
+}
+
+/// One column of a target's statements.
+#[derive(Debug)]
 struct BoundColumn {
     name: String,
     typ: ColumnType<'static>,
-    field: FieldRef,
-    primary_key: bool,
+    source: ValueSource,
+    /// `columns.<name>` or `target[i].columns.<name>`, for expression errors.
+    key: String,
 }
 
-/// Turns messages of one route into bound values for its prepared insert.
-#[derive(Debug, Clone)]
-pub struct RowMapper {
+/// One table a route writes to: its columns in bind order and its primary key.
+#[derive(Debug)]
+pub struct TargetMapper {
+    /// Keyspace.
+    pub keyspace: String,
+    /// Table.
+    pub table: String,
+    when: Option<(String, Expr)>,
     columns: Vec<BoundColumn>,
+    /// Indexes into `columns` of the partition key then clustering columns, in table order.
+    primary_key: Vec<usize>,
 }
 
-impl RowMapper {
-    /// Checks the route against the table schema and fixes the column order.
-    pub fn new(route: &RouteConfig, table: &TableSchema) -> Result<RowMapper, SchemaError> {
-        let table_name = format!("{}.{}", route.keyspace, route.table);
-        let mappings: Vec<ColumnMapping> = if route.columns.is_empty() {
+impl TargetMapper {
+    fn new(
+        route: &RouteConfig,
+        index: usize,
+        target: &TargetConfig,
+        table: &TableSchema,
+    ) -> Result<TargetMapper, SchemaError> {
+        let table_name = target.qualified();
+        let prefix = if route.targets.len() > 1 {
+            format!("target[{index}].")
+        } else {
+            String::new()
+        };
+        let mappings: Vec<ColumnMapping> = if target.columns.is_empty() {
             let mut names: Vec<&String> = table.columns.keys().collect();
             names.sort();
             names
@@ -183,11 +317,11 @@ impl RowMapper {
                 })
                 .collect()
         } else {
-            route.columns.clone()
+            target.columns.clone()
         };
         let mut columns = Vec::with_capacity(mappings.len());
         for mapping in mappings {
-            let Some((typ, kind)) = table.columns.get(&mapping.column) else {
+            let Some((typ, _)) = table.columns.get(&mapping.column) else {
                 let mut available: Vec<&str> = table.columns.keys().map(String::as_str).collect();
                 available.sort_unstable();
                 return Err(SchemaError::ColumnNotFound {
@@ -207,23 +341,39 @@ impl RowMapper {
                     typ: format!("{typ:?}"),
                 });
             }
+            let key = format!("{prefix}columns.{}", mapping.column);
             columns.push(BoundColumn {
-                primary_key: matches!(kind, ColumnKind::PartitionKey | ColumnKind::Clustering),
+                source: ValueSource::new(&route.name, key.clone(), mapping.field)?,
                 name: mapping.column,
                 typ: typ.clone(),
-                field: mapping.field,
+                key,
             });
         }
+        let mut primary_key = Vec::new();
         for key_column in table.partition_key.iter().chain(&table.clustering_key) {
-            if !columns.iter().any(|c| &c.name == key_column) {
+            let Some(position) = columns.iter().position(|c| &c.name == key_column) else {
                 return Err(SchemaError::PrimaryKeyUnmapped {
                     route: route.name.clone(),
                     table: table_name,
                     column: key_column.clone(),
                 });
-            }
+            };
+            primary_key.push(position);
         }
-        Ok(RowMapper { columns })
+        let when = match &target.when {
+            Some(source) => {
+                let key = format!("{prefix}when");
+                Some((key.clone(), compile(&route.name, key, source)?))
+            }
+            None => None,
+        };
+        Ok(TargetMapper {
+            keyspace: target.keyspace.clone(),
+            table: target.table.clone(),
+            when,
+            columns,
+            primary_key,
+        })
     }
 
     /// Column names in bind order.
@@ -231,59 +381,460 @@ impl RowMapper {
         self.columns.iter().map(|c| c.name.as_str())
     }
 
-    /// The route's insert for these columns (see [`crate::sink::scylla::insert_statement`]).
-    pub fn insert_statement(&self, keyspace: &str, table: &str) -> String {
-        crate::sink::scylla::insert_statement(keyspace, table, self.column_names())
+    /// `keyspace.table`.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.keyspace, self.table)
+    }
+}
+
+/// One row a message becomes: an upsert or a delete of one target table.
+#[derive(Debug)]
+pub struct MappedRow {
+    /// Index of the target in [`RouteMapper::targets`].
+    pub target: usize,
+    /// A delete (bound to the target's delete statement) rather than an upsert.
+    pub delete: bool,
+    /// Bound values, in the order of the statement (see [`RouteMapper::upsert_statement`] and
+    /// [`RouteMapper::delete_statement`]).
+    pub values: RowValues,
+}
+
+/// What a mapper sees of one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    /// Message key.
+    pub key: Option<&'a [u8]>,
+    /// Payload; `None` for a tombstone.
+    pub payload: Option<&'a [u8]>,
+    /// Text headers or properties.
+    pub headers: &'a [(String, String)],
+    /// Topic, stream, queue, subject or endpoint.
+    pub source: &'a str,
+    /// Kafka partition.
+    pub partition: Option<i32>,
+    /// Offset or sequence.
+    pub position: i64,
+    /// Message time, epoch milliseconds.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// A resolved value before coercion.
+enum Found<'m> {
+    Missing,
+    Json(std::borrow::Cow<'m, Value>),
+    Bytes(&'m [u8]),
+}
+
+/// One message being mapped: the decoded document and what is derived from it lazily.
+struct Message<'a, 'm> {
+    envelope: &'a Envelope<'a>,
+    document: &'m Value,
+    key_document: std::cell::OnceCell<Option<Value>>,
+    bound: std::cell::OnceCell<Bound>,
+}
+
+impl<'a, 'm> Message<'a, 'm> {
+    fn bound(&self) -> &Bound {
+        self.bound.get_or_init(|| {
+            let key = self.envelope.key.and_then(|k| std::str::from_utf8(k).ok());
+            Bound::new(&Variables {
+                msg: self.document,
+                key,
+                headers: self.envelope.headers,
+                source: self.envelope.source,
+                partition: self.envelope.partition,
+                position: self.envelope.position,
+                timestamp_ms: self.envelope.timestamp_ms,
+            })
+        })
     }
 
-    /// Maps one JSON message. `key` is the message key, `payload` its body.
-    pub fn map_json(&self, key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<RowValues, MappingError> {
-        let payload = payload.ok_or(MappingError::EmptyPayload)?;
-        let document: Value = serde_json::from_slice(payload).map_err(|e| MappingError::NotJson(e.to_string()))?;
-        if !document.is_object() {
-            return Err(MappingError::NotObject);
-        }
-        let mut values = Vec::with_capacity(self.columns.len());
-        for column in &self.columns {
-            values.push(self.bind_column(column, key, &document)?);
-        }
-        Ok(values)
+    fn condition(&self, key: &str, expr: &Expr) -> Result<bool, MappingError> {
+        expr.is_true(self.bound()).map_err(|reason| MappingError::Expression {
+            key: key.to_string(),
+            source_text: expr.source().to_string(),
+            reason,
+        })
     }
 
-    fn bind_column(
-        &self,
-        column: &BoundColumn,
-        key: Option<&[u8]>,
-        document: &Value,
-    ) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
-        let key_value;
-        let found: Option<&Value> = match &column.field {
-            FieldRef::Key => {
-                let bytes = key.ok_or_else(|| MappingError::KeyAbsent {
-                    column: column.name.clone(),
+    /// Resolves a value source; `column` names the column in errors.
+    fn resolve(&self, source: &ValueSource, column: &str, key: &str) -> Result<Found<'_>, MappingError> {
+        let text = |s: &str| Found::Json(std::borrow::Cow::Owned(Value::String(s.to_string())));
+        let number = |n: i64| Found::Json(std::borrow::Cow::Owned(Value::from(n)));
+        let field = match source {
+            ValueSource::Expr(expr) => {
+                let value = expr.evaluate(self.bound()).map_err(|reason| MappingError::Expression {
+                    key: key.to_string(),
+                    source_text: expr.source().to_string(),
+                    reason,
                 })?;
-                let text = std::str::from_utf8(bytes).map_err(|_| MappingError::KeyNotText {
-                    column: column.name.clone(),
-                })?;
-                key_value = Value::String(text.to_string());
-                Some(&key_value)
+                return Ok(Found::Json(std::borrow::Cow::Owned(value)));
             }
-            FieldRef::Path(parts) => lookup(document, parts),
+            ValueSource::Field(field) => field,
+        };
+        let found = match field {
+            FieldRef::Key => {
+                let bytes = self.envelope.key.ok_or_else(|| MappingError::KeyAbsent {
+                    column: column.to_string(),
+                })?;
+                let key_text = std::str::from_utf8(bytes).map_err(|_| MappingError::KeyNotText {
+                    column: column.to_string(),
+                    field: field.to_string(),
+                    expected: "UTF-8 text",
+                })?;
+                text(key_text)
+            }
+            FieldRef::KeyPath(parts) => {
+                let document = self.key_document.get_or_init(|| {
+                    self.envelope
+                        .key
+                        .and_then(|k| serde_json::from_slice::<Value>(k).ok())
+                        .filter(Value::is_object)
+                });
+                let Some(document) = document else {
+                    return Err(MappingError::KeyNotText {
+                        column: column.to_string(),
+                        field: field.to_string(),
+                        expected: "a JSON object",
+                    });
+                };
+                lookup(document, parts).map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v)))
+            }
+            FieldRef::Header(name) => self
+                .envelope
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(Found::Missing, |(_, v)| text(v)),
+            FieldRef::Source => text(self.envelope.source),
+            FieldRef::Partition => self.envelope.partition.map_or(Found::Missing, |p| number(i64::from(p))),
+            FieldRef::Position => number(self.envelope.position),
+            FieldRef::Timestamp => self.envelope.timestamp_ms.map_or(Found::Missing, number),
+            FieldRef::Payload => self.envelope.payload.map_or(Found::Missing, Found::Bytes),
+            FieldRef::Path(parts) => {
+                lookup(self.document, parts).map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v)))
+            }
+            FieldRef::Expr(_) => Found::Missing,
+        };
+        Ok(found)
+    }
+
+    fn bind(&self, column: &BoundColumn, primary_key: bool) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
+        let found = self.resolve(&column.source, &column.name, &column.key)?;
+        let missing_key = || MappingError::MissingPrimaryKey {
+            column: column.name.clone(),
+            field: column.source.label(),
+        };
+        let bad = |reason: String| MappingError::BadValue {
+            column: column.name.clone(),
+            field: column.source.label(),
+            reason,
         };
         match found {
-            None | Some(Value::Null) if column.primary_key => Err(MappingError::MissingPrimaryKey {
-                column: column.name.clone(),
-                field: column.field.to_string(),
-            }),
-            None => Ok(MaybeUnset::Unset),
-            Some(Value::Null) => Ok(MaybeUnset::Set(None)),
-            Some(value) => coerce::coerce(value, &column.typ)
+            Found::Missing if primary_key => Err(missing_key()),
+            Found::Missing => Ok(MaybeUnset::Unset),
+            Found::Json(value) if value.is_null() => {
+                if primary_key {
+                    Err(missing_key())
+                } else {
+                    Ok(MaybeUnset::Set(None))
+                }
+            }
+            Found::Json(value) => coerce::coerce(&value, &column.typ)
                 .map(|v| MaybeUnset::Set(Some(v)))
-                .map_err(|e| MappingError::BadValue {
-                    column: column.name.clone(),
-                    field: column.field.to_string(),
-                    reason: e.reason,
-                }),
+                .map_err(|e| bad(e.reason)),
+            Found::Bytes(bytes) => match &column.typ {
+                ColumnType::Native(NativeType::Blob) => Ok(MaybeUnset::Set(Some(CqlValue::Blob(bytes.to_vec())))),
+                typ => {
+                    let text = std::str::from_utf8(bytes).map_err(|_| bad("the payload is not UTF-8 text".into()))?;
+                    coerce::coerce(&Value::String(text.to_string()), typ)
+                        .map(|v| MaybeUnset::Set(Some(v)))
+                        .map_err(|e| bad(e.reason))
+                }
+            },
+        }
+    }
+}
+
+/// Turns messages of one route into rows for its target tables.
+#[derive(Debug)]
+pub struct RouteMapper {
+    decoder: Decoder,
+    targets: Vec<TargetMapper>,
+    table_from: Option<FieldRef>,
+    filter: Option<Expr>,
+    delete_when: Option<Expr>,
+    delete_on_tombstone: bool,
+    ttl: Option<TtlConfig>,
+    timestamp: Option<(FieldRef, TimeUnit)>,
+}
+
+/// Longest TTL CQL accepts: 20 years, in seconds.
+const TTL_MAX_SECONDS: i64 = 630_720_000;
+
+impl RouteMapper {
+    /// Checks the route against its tables' schemas (`tables[i]` for `route.targets[i]`),
+    /// compiles its expressions and loads its decoder.
+    pub fn new(route: &RouteConfig, tables: &[TableSchema]) -> Result<RouteMapper, SchemaError> {
+        let targets = route
+            .targets
+            .iter()
+            .zip(tables)
+            .enumerate()
+            .map(|(i, (target, table))| TargetMapper::new(route, i, target, table))
+            .collect::<Result<Vec<_>, _>>()?;
+        if route.table_from.is_some() {
+            let mut names: Vec<&str> = targets.iter().map(|t| t.table.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            if names.len() != targets.len() {
+                return Err(SchemaError::Targets {
+                    route: route.name.clone(),
+                    reason: "`table_from` needs targets with distinct table names".into(),
+                });
+            }
+        }
+        let filter = route
+            .filter
+            .as_deref()
+            .map(|s| compile(&route.name, "filter".into(), s))
+            .transpose()?;
+        let delete_when = route
+            .delete_when
+            .as_deref()
+            .map(|s| compile(&route.name, "delete_when".into(), s))
+            .transpose()?;
+        Ok(RouteMapper {
+            decoder: Decoder::load(&route.name, &route.format)?,
+            targets,
+            table_from: route.table_from.clone(),
+            filter,
+            delete_when,
+            delete_on_tombstone: route.delete_on_tombstone,
+            ttl: route.ttl.clone(),
+            timestamp: route.timestamp.as_ref().map(|t| (t.field.clone(), t.unit)),
+        })
+    }
+
+    /// The route's target tables.
+    pub fn targets(&self) -> &[TargetMapper] {
+        &self.targets
+    }
+
+    /// Whether a target's primary key can be read without the payload, so deletes from
+    /// tombstones are possible.
+    pub fn deletes_without_payload(&self, target: usize) -> bool {
+        let target = &self.targets[target];
+        target
+            .primary_key
+            .iter()
+            .all(|&i| !target.columns[i].source.reads_payload())
+    }
+
+    /// The target's upsert: `INSERT ... USING [TTL ? AND] TIMESTAMP ?`; values are the columns,
+    /// then the TTL when the route has one, then the write timestamp.
+    pub fn upsert_statement(&self, target: usize) -> String {
+        let target = &self.targets[target];
+        let mut statement =
+            crate::sink::scylla::insert_statement(&target.keyspace, &target.table, target.column_names());
+        if self.ttl.is_some() {
+            statement = statement.replace(" USING TIMESTAMP ?", " USING TTL ? AND TIMESTAMP ?");
+        }
+        statement
+    }
+
+    /// The target's delete: `DELETE FROM ... USING TIMESTAMP ? WHERE <primary key>`; values are
+    /// the write timestamp, then the primary key columns in table order.
+    pub fn delete_statement(&self, target: usize) -> String {
+        let target = &self.targets[target];
+        let keys = target.primary_key.iter().map(|&i| target.columns[i].name.as_str());
+        crate::sink::scylla::delete_statement(&target.keyspace, &target.table, keys)
+    }
+
+    /// Maps one message. `timestamp_us` is the write time derived from the source (time and
+    /// position), used unless the route reads it from a field. An empty result means the message
+    /// was filtered out (or went to no target) and is done.
+    pub fn map(&self, envelope: &Envelope<'_>, timestamp_us: i64) -> Result<Vec<MappedRow>, MappingError> {
+        let tombstone = envelope.payload.is_none();
+        let document = match envelope.payload {
+            Some(payload) => self.decoder.decode(payload)?,
+            None if self.delete_on_tombstone => Value::Null,
+            None => return Err(MappingError::EmptyPayload),
+        };
+        let message = Message {
+            envelope,
+            document: &document,
+            key_document: std::cell::OnceCell::new(),
+            bound: std::cell::OnceCell::new(),
+        };
+        if !tombstone {
+            if let Some(filter) = &self.filter {
+                if !message.condition("filter", filter)? {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let delete = tombstone
+            || match &self.delete_when {
+                Some(expr) => message.condition("delete_when", expr)?,
+                None => false,
+            };
+        let timestamp_us = match &self.timestamp {
+            Some((field, unit)) => self.timestamp_from(&message, field, *unit)?.unwrap_or(timestamp_us),
+            None => timestamp_us,
+        };
+        let chosen = self.chosen_targets(&message, tombstone)?;
+        let mut rows = Vec::with_capacity(chosen.len());
+        for index in chosen {
+            let target = &self.targets[index];
+            let values = if delete {
+                let mut values = Vec::with_capacity(target.primary_key.len() + 1);
+                values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
+                for &i in &target.primary_key {
+                    values.push(message.bind(&target.columns[i], true)?);
+                }
+                values
+            } else {
+                let mut values = Vec::with_capacity(target.columns.len() + 2);
+                for (i, column) in target.columns.iter().enumerate() {
+                    values.push(message.bind(column, target.primary_key.contains(&i))?);
+                }
+                if self.ttl.is_some() {
+                    values.push(self.ttl_value(&message)?);
+                }
+                values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
+                values
+            };
+            rows.push(MappedRow {
+                target: index,
+                delete,
+                values,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Targets this message goes to: the one `table_from` names, else every target whose `when`
+    /// holds. A tombstone has no payload to test, so it goes to every target (or the one
+    /// `table_from` names when that comes from the key or headers).
+    fn chosen_targets(&self, message: &Message<'_, '_>, tombstone: bool) -> Result<Vec<usize>, MappingError> {
+        if let Some(field) = &self.table_from {
+            let source = ValueSource::Field(field.clone());
+            let value = match message.resolve(&source, "table_from", "table_from")? {
+                Found::Json(value) => match value.as_ref() {
+                    Value::String(s) => Some(s.clone()),
+                    other => Some(other.to_string()),
+                },
+                Found::Bytes(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                Found::Missing => None,
+            };
+            match value {
+                None if tombstone => {}
+                found => {
+                    let value = found.unwrap_or_default();
+                    let index = self
+                        .targets
+                        .iter()
+                        .position(|t| t.table == value || t.qualified() == value);
+                    return match index {
+                        Some(index) => Ok(vec![index]),
+                        None => Err(MappingError::UnknownTable {
+                            field: field.to_string(),
+                            value,
+                            tables: self
+                                .targets
+                                .iter()
+                                .map(TargetMapper::qualified)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        }),
+                    };
+                }
+            }
+        }
+        let mut chosen = Vec::with_capacity(self.targets.len());
+        for (index, target) in self.targets.iter().enumerate() {
+            let wanted = match (&target.when, tombstone) {
+                (Some((key, expr)), false) => message.condition(key, expr)?,
+                _ => true,
+            };
+            if wanted {
+                chosen.push(index);
+            }
+        }
+        Ok(chosen)
+    }
+
+    fn timestamp_from(
+        &self,
+        message: &Message<'_, '_>,
+        field: &FieldRef,
+        unit: TimeUnit,
+    ) -> Result<Option<i64>, MappingError> {
+        let bad = |reason: String| MappingError::BadAttribute {
+            key: "timestamp",
+            field: field.to_string(),
+            reason,
+        };
+        let source = ValueSource::Field(field.clone());
+        let value = match message.resolve(&source, "timestamp", "timestamp")? {
+            Found::Missing => return Ok(None),
+            Found::Json(value) => value.into_owned(),
+            Found::Bytes(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+        };
+        let micros = match &value {
+            Value::Null => return Ok(None),
+            Value::Number(n) => {
+                let n = n.as_i64().ok_or_else(|| bad(format!("`{n}` is not an integer")))?;
+                let scale = match unit {
+                    TimeUnit::Seconds => 1_000_000,
+                    TimeUnit::Millis => 1_000,
+                    TimeUnit::Micros => 1,
+                };
+                n.checked_mul(scale)
+                    .ok_or_else(|| bad(format!("`{n}` is out of range")))?
+            }
+            Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| bad(format!("`{text}` is not RFC 3339 time: {e}")))?
+                .timestamp_micros(),
+            other => {
+                return Err(bad(format!(
+                    "expected a number or RFC 3339 text, got {}",
+                    coerce::preview(other)
+                )))
+            }
+        };
+        if micros < 0 {
+            return Err(bad(format!("`{value}` is before 1970")));
+        }
+        Ok(Some(micros))
+    }
+
+    fn ttl_value(&self, message: &Message<'_, '_>) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
+        let field = match &self.ttl {
+            None => return Ok(MaybeUnset::Unset),
+            Some(TtlConfig::Seconds(seconds)) => return Ok(MaybeUnset::Set(Some(CqlValue::Int(*seconds)))),
+            Some(TtlConfig::Field(field)) => field,
+        };
+        let bad = |reason: String| MappingError::BadAttribute {
+            key: "ttl",
+            field: field.to_string(),
+            reason,
+        };
+        let source = ValueSource::Field(field.clone());
+        let seconds = match message.resolve(&source, "ttl", "ttl")? {
+            Found::Missing => return Ok(MaybeUnset::Unset),
+            Found::Json(value) => match value.as_ref() {
+                Value::Null => return Ok(MaybeUnset::Unset),
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.trim().parse::<i64>().ok(),
+                _ => None,
+            },
+            Found::Bytes(bytes) => std::str::from_utf8(bytes).ok().and_then(|s| s.trim().parse().ok()),
+        };
+        match seconds {
+            Some(seconds @ 0..=TTL_MAX_SECONDS) => Ok(MaybeUnset::Set(Some(CqlValue::Int(seconds as i32)))),
+            _ => Err(bad(format!("expected whole seconds between 0 and {TTL_MAX_SECONDS}"))),
         }
     }
 }

@@ -1,5 +1,7 @@
 use super::*;
-use crate::config::{DeadLetterConfig, Format, KafkaSourceConfig, SourceConfig, StartFrom};
+use crate::config::{
+    DeadLetterConfig, Format, KafkaSourceConfig, ProtobufConfig, SourceConfig, StartFrom, TargetConfig, TimestampConfig,
+};
 use proptest::prelude::*;
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ fn schema() -> TableSchema {
         ("city", native(NativeType::Text), ColumnKind::Regular),
         ("amount", native(NativeType::Decimal), ColumnKind::Regular),
         ("hits", native(NativeType::BigInt), ColumnKind::Regular),
+        ("body", native(NativeType::Blob), ColumnKind::Regular),
     ];
     TableSchema {
         columns: columns.into_iter().map(|(n, t, k)| (n.to_string(), (t, k))).collect(),
@@ -19,11 +22,24 @@ fn schema() -> TableSchema {
     }
 }
 
-fn route(columns: &[(&str, FieldRef)]) -> RouteConfig {
+fn target(table: &str, when: Option<&str>, columns: &[(&str, FieldRef)]) -> TargetConfig {
+    TargetConfig {
+        keyspace: "ks".into(),
+        table: table.into(),
+        when: when.map(str::to_string),
+        columns: columns
+            .iter()
+            .map(|(c, f)| ColumnMapping {
+                column: c.to_string(),
+                field: f.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn route_with(targets: Vec<TargetConfig>) -> RouteConfig {
     RouteConfig {
         name: "r".into(),
-        keyspace: "ks".into(),
-        table: "t".into(),
         source: SourceConfig::Kafka(KafkaSourceConfig {
             brokers: "b:1".into(),
             topic: "in".into(),
@@ -33,13 +49,13 @@ fn route(columns: &[(&str, FieldRef)]) -> RouteConfig {
             properties: vec![],
         }),
         format: Format::Json,
-        columns: columns
-            .iter()
-            .map(|(c, f)| ColumnMapping {
-                column: c.to_string(),
-                field: f.clone(),
-            })
-            .collect(),
+        targets,
+        table_from: None,
+        filter: None,
+        delete_when: None,
+        delete_on_tombstone: true,
+        ttl: None,
+        timestamp: None,
         dead_letter: DeadLetterConfig::Kafka {
             brokers: "b:1".into(),
             topic: "dl".into(),
@@ -47,12 +63,22 @@ fn route(columns: &[(&str, FieldRef)]) -> RouteConfig {
     }
 }
 
+fn route(columns: &[(&str, FieldRef)]) -> RouteConfig {
+    route_with(vec![target("t", None, columns)])
+}
+
 fn path(p: &str) -> FieldRef {
     FieldRef::Path(p.split('.').map(str::to_string).collect())
 }
 
+fn expr(source: &str) -> FieldRef {
+    FieldRef::Expr(source.into())
+}
+
 /// Comparable view of bound values: `None` = unset, `Some(None)` = null.
-fn view(values: &RowValues) -> Vec<Option<Option<CqlValue>>> {
+type View = Vec<Option<Option<CqlValue>>>;
+
+fn view(values: &RowValues) -> View {
     values
         .iter()
         .map(|v| match v {
@@ -62,21 +88,95 @@ fn view(values: &RowValues) -> Vec<Option<Option<CqlValue>>> {
         .collect()
 }
 
-fn map(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Vec<Option<Option<CqlValue>>>, MappingError> {
-    mapper().map_json(key, payload).map(|v| view(&v))
+fn envelope<'a>(key: Option<&'a [u8]>, payload: Option<&'a [u8]>, headers: &'a [(String, String)]) -> Envelope<'a> {
+    Envelope {
+        key,
+        payload,
+        headers,
+        source: "orders",
+        partition: Some(2),
+        position: 77,
+        timestamp_ms: Some(1_700_000_000_000),
+    }
 }
 
-fn mapper() -> RowMapper {
-    RowMapper::new(
+/// Write timestamp the tests pass as the source-derived one.
+const TS: i64 = 5_000_000;
+
+fn set(value: CqlValue) -> Option<Option<CqlValue>> {
+    Some(Some(value))
+}
+
+fn text(value: &str) -> Option<Option<CqlValue>> {
+    set(CqlValue::Text(value.into()))
+}
+
+fn rows_of(
+    mapper: &RouteMapper,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<Vec<(usize, bool, View)>, MappingError> {
+    let headers = vec![
+        ("tenant".to_string(), "acme".to_string()),
+        ("n".to_string(), "12".to_string()),
+        ("h".to_string(), "!".to_string()),
+    ];
+    mapper
+        .map(&envelope(key, payload, &headers), TS)
+        .map(|rows| rows.iter().map(|r| (r.target, r.delete, view(&r.values))).collect())
+}
+
+/// The single upsert's values without the trailing write timestamp.
+fn map(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<View, MappingError> {
+    let mut rows = rows_of(&mapper(), key, payload)?;
+    assert_eq!(rows.len(), 1);
+    let (_, delete, mut values) = rows.remove(0);
+    assert!(!delete);
+    assert_eq!(values.pop(), Some(set(CqlValue::BigInt(TS))));
+    Ok(values)
+}
+
+fn mapper() -> RouteMapper {
+    RouteMapper::new(
         &route(&[
             ("id", FieldRef::Key),
             ("seq", path("seq")),
             ("city", path("customer.address.city")),
             ("hits", path("hits")),
         ]),
-        &schema(),
+        &[schema()],
     )
     .expect("mapper")
+}
+
+/// A route using every feature at once (for the never-panics property).
+fn rich_mapper() -> RouteMapper {
+    let mut route = route_with(vec![
+        target(
+            "t",
+            Some("has(msg.seq) && msg.seq > 0"),
+            &[
+                ("id", FieldRef::KeyPath(vec!["id".into()])),
+                ("seq", path("seq")),
+                ("city", expr("msg.city + headers.h")),
+                ("hits", FieldRef::Position),
+                ("body", FieldRef::Payload),
+            ],
+        ),
+        target(
+            "u",
+            None,
+            &[("id", FieldRef::Header("h".into())), ("seq", FieldRef::Partition)],
+        ),
+    ]);
+    route.filter = Some("!has(msg.skip)".into());
+    route.delete_when = Some("has(msg.op) && msg.op == 'd'".into());
+    route.ttl = Some(TtlConfig::Field(path("ttl")));
+    route.timestamp = Some(TimestampConfig {
+        field: path("at"),
+        unit: TimeUnit::Millis,
+    });
+    RouteMapper::new(&route, &[schema(), schema()]).expect("mapper")
 }
 
 #[test]
@@ -86,15 +186,7 @@ fn maps_key_nested_path_and_leaves_missing_unset() {
         Some(br#"{"seq": 3, "customer": {"address": {"city": "Oslo"}}}"#),
     )
     .expect("row");
-    assert_eq!(
-        values,
-        vec![
-            Some(Some(CqlValue::Text("k1".into()))),
-            Some(Some(CqlValue::Int(3))),
-            Some(Some(CqlValue::Text("Oslo".into()))),
-            None,
-        ]
-    );
+    assert_eq!(values, vec![text("k1"), set(CqlValue::Int(3)), text("Oslo"), None]);
 }
 
 #[test]
@@ -108,14 +200,17 @@ fn errors_carry_column_field_and_reason() {
     let m = map;
     assert!(matches!(m(Some(b"k"), Some(b"{nope")), Err(MappingError::NotJson(_))));
     assert_eq!(m(Some(b"k"), Some(b"[1]")), Err(MappingError::NotObject));
-    assert_eq!(m(Some(b"k"), None), Err(MappingError::EmptyPayload));
     assert_eq!(
         m(None, Some(br#"{"seq":1}"#)),
         Err(MappingError::KeyAbsent { column: "id".into() })
     );
     assert_eq!(
         m(Some(&[0xff]), Some(br#"{"seq":1}"#)),
-        Err(MappingError::KeyNotText { column: "id".into() })
+        Err(MappingError::KeyNotText {
+            column: "id".into(),
+            field: "$key".into(),
+            expected: "UTF-8 text"
+        })
     );
     assert_eq!(
         m(Some(b"k"), Some(br#"{"seq": null}"#)),
@@ -134,25 +229,247 @@ fn errors_carry_column_field_and_reason() {
 
 #[test]
 fn schema_errors_found_at_start() {
-    let unknown = RowMapper::new(
+    let unknown = RouteMapper::new(
         &route(&[("id", FieldRef::Key), ("seq", path("s")), ("nope", path("x"))]),
-        &schema(),
+        &[schema()],
     );
     assert!(matches!(unknown, Err(SchemaError::ColumnNotFound { column, .. }) if column == "nope"));
-    let unmapped = RowMapper::new(&route(&[("id", FieldRef::Key)]), &schema());
+    let unmapped = RouteMapper::new(&route(&[("id", FieldRef::Key)]), &[schema()]);
     assert!(matches!(unmapped, Err(SchemaError::PrimaryKeyUnmapped { column, .. }) if column == "seq"));
+    let bad_expr = RouteMapper::new(&route(&[("id", FieldRef::Key), ("seq", expr("1 +"))]), &[schema()]);
+    assert!(matches!(bad_expr, Err(SchemaError::Expression { key, .. }) if key == "columns.seq"));
 }
 
 #[test]
 fn empty_mapping_maps_every_column_by_name() {
-    let m = RowMapper::new(&route(&[]), &schema()).expect("mapper");
+    let m = RouteMapper::new(&route(&[]), &[schema()]).expect("mapper");
     assert_eq!(
-        m.column_names().collect::<Vec<_>>(),
-        ["amount", "city", "hits", "id", "seq"]
+        m.targets()[0].column_names().collect::<Vec<_>>(),
+        ["amount", "body", "city", "hits", "id", "seq"]
     );
     assert_eq!(
-        m.insert_statement("ks", "t"),
-        "INSERT INTO \"ks\".\"t\" (\"amount\", \"city\", \"hits\", \"id\", \"seq\") VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        m.upsert_statement(0),
+        "INSERT INTO \"ks\".\"t\" (\"amount\", \"body\", \"city\", \"hits\", \"id\", \"seq\") VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    );
+    assert_eq!(
+        m.delete_statement(0),
+        "DELETE FROM \"ks\".\"t\" USING TIMESTAMP ? WHERE \"id\" = ? AND \"seq\" = ?"
+    );
+}
+
+#[test]
+fn tombstones_delete_when_the_key_names_the_row_and_fail_otherwise() {
+    let by_key = RouteMapper::new(
+        &route(&[
+            ("id", FieldRef::KeyPath(vec!["id".into()])),
+            ("seq", FieldRef::KeyPath(vec!["seq".into()])),
+            ("city", path("city")),
+        ]),
+        &[schema()],
+    )
+    .expect("mapper");
+    assert!(by_key.deletes_without_payload(0));
+    let rows = rows_of(&by_key, Some(br#"{"id": "a", "seq": 4}"#), None).expect("delete");
+    assert_eq!(
+        rows,
+        vec![(
+            0,
+            true,
+            vec![set(CqlValue::BigInt(TS)), text("a"), set(CqlValue::Int(4))]
+        )]
+    );
+    // The default mapper reads `seq` from the payload, which a tombstone does not have.
+    assert!(!mapper().deletes_without_payload(0));
+    assert!(
+        matches!(rows_of(&mapper(), Some(b"k"), None), Err(MappingError::MissingPrimaryKey { column, .. }) if column == "seq")
+    );
+    let mut off = route(&[("id", FieldRef::Key), ("seq", path("seq"))]);
+    off.delete_on_tombstone = false;
+    let off = RouteMapper::new(&off, &[schema()]).expect("mapper");
+    assert_eq!(rows_of(&off, Some(b"k"), None), Err(MappingError::EmptyPayload));
+}
+
+#[test]
+fn filter_delete_marker_and_conditions_pick_rows() {
+    let m = rich_mapper();
+    // Filtered out: no rows, no error.
+    assert_eq!(
+        rows_of(&m, Some(br#"{"id":"a"}"#), Some(br#"{"skip": true, "seq": 1}"#)),
+        Ok(vec![])
+    );
+    // `when` of target 0 is false (seq 0): only target 1, keyed from the header and partition.
+    let rows = rows_of(&m, Some(br#"{"id":"a"}"#), Some(br#"{"seq": 0, "city": "x"}"#)).expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, 1);
+    // Delete marker: both targets get a delete with the key columns only.
+    let rows = rows_of(&m, Some(br#"{"id":"a"}"#), Some(br#"{"op": "d", "seq": 5}"#)).expect("rows");
+    assert_eq!(
+        rows.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        vec![(0, true), (1, true)]
+    );
+    assert_eq!(
+        rows[0].2,
+        vec![set(CqlValue::BigInt(TS)), text("a"), set(CqlValue::Int(5))]
+    );
+}
+
+#[test]
+fn computed_columns_metadata_ttl_and_timestamp_fields() {
+    let m = rich_mapper();
+    let payload = br#"{"seq": 2, "city": "Oslo-", "ttl": 60, "at": 1700000000123}"#;
+    let rows = rows_of(&m, Some(br#"{"id":"a"}"#), Some(payload)).expect("rows");
+    assert_eq!(rows.len(), 2);
+    let (target, delete, values) = &rows[0];
+    assert_eq!((*target, *delete), (0, false));
+    assert_eq!(
+        values,
+        &vec![
+            text("a"),
+            set(CqlValue::Int(2)),
+            text("Oslo-!"),
+            set(CqlValue::BigInt(77)),
+            set(CqlValue::Blob(payload.to_vec())),
+            set(CqlValue::Int(60)),
+            set(CqlValue::BigInt(1_700_000_000_123_000)),
+        ]
+    );
+    // Target 1: keyed from the header `h` and the Kafka partition.
+    assert_eq!(rows[1].2[..2], [text("!"), set(CqlValue::Int(2))]);
+    // Without `at` the source's timestamp is used; without `ttl` the TTL is unset (table default).
+    let rows = rows_of(&m, Some(br#"{"id":"a"}"#), Some(br#"{"seq": 2, "city": "x"}"#)).expect("rows");
+    assert_eq!(rows[0].2[5..], [None, set(CqlValue::BigInt(TS))]);
+    // A computed column that cannot be evaluated fails the message with the expression named.
+    let failed = rows_of(&m, Some(br#"{"id":"a"}"#), Some(br#"{"seq": 2}"#));
+    assert!(
+        matches!(&failed, Err(MappingError::Expression { key, .. }) if key == "target[0].columns.city"),
+        "{failed:?}"
+    );
+    let bad_ttl = rows_of(
+        &m,
+        Some(br#"{"id":"a"}"#),
+        Some(br#"{"seq": 2, "city": "x", "ttl": -1}"#),
+    );
+    assert!(matches!(bad_ttl, Err(MappingError::BadAttribute { key: "ttl", .. })));
+    let bad_time = rows_of(
+        &m,
+        Some(br#"{"id":"a"}"#),
+        Some(br#"{"seq": 2, "city": "x", "at": "noon"}"#),
+    );
+    assert!(matches!(
+        bad_time,
+        Err(MappingError::BadAttribute { key: "timestamp", .. })
+    ));
+}
+
+#[test]
+fn table_from_names_the_target_per_message() {
+    let mut route = route_with(vec![
+        target("t", None, &[("id", FieldRef::Key), ("seq", path("seq"))]),
+        target(
+            "u",
+            None,
+            &[
+                ("id", FieldRef::Key),
+                ("seq", path("seq")),
+                ("city", FieldRef::Header("tenant".into())),
+            ],
+        ),
+    ]);
+    route.table_from = Some(path("kind"));
+    let m = RouteMapper::new(&route, &[schema(), schema()]).expect("mapper");
+    let rows = rows_of(&m, Some(b"k"), Some(br#"{"kind": "u", "seq": 1}"#)).expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].0, 1);
+    assert_eq!(rows[0].2[2], text("acme"));
+    let rows = rows_of(&m, Some(b"k"), Some(br#"{"kind": "ks.t", "seq": 1}"#)).expect("rows");
+    assert_eq!(rows[0].0, 0);
+    assert!(matches!(
+        rows_of(&m, Some(b"k"), Some(br#"{"kind": "v", "seq": 1}"#)),
+        Err(MappingError::UnknownTable { value, .. }) if value == "v"
+    ));
+}
+
+#[test]
+fn raw_payloads_map_with_dollar_payload() {
+    let mut route = route(&[
+        ("id", FieldRef::Source),
+        ("seq", FieldRef::Header("n".into())),
+        ("city", FieldRef::Payload),
+        ("body", FieldRef::Payload),
+    ]);
+    route.format = Format::Text;
+    let m = RouteMapper::new(&route, &[schema()]).expect("mapper");
+    let rows = rows_of(&m, None, Some(b"hello \xc3\xa9")).expect("rows");
+    assert_eq!(
+        rows[0].2[..4],
+        [
+            text("orders"),
+            set(CqlValue::Int(12)),
+            text("hello é"),
+            set(CqlValue::Blob(b"hello \xc3\xa9".to_vec()))
+        ]
+    );
+    assert!(matches!(rows_of(&m, None, Some(&[0xff])), Err(MappingError::BadValue { column, .. }) if column == "city"));
+}
+
+#[test]
+fn protobuf_messages_decode_from_a_proto_file() {
+    let dir = std::env::temp_dir().join(format!("shardgate-proto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("order.proto"),
+        r#"syntax = "proto3";
+package shop.v1;
+message Address { string city = 1; }
+message Order {
+  string id = 1;
+  int32 seq = 2;
+  optional int64 hits = 3;
+  Address address = 4;
+  bytes body = 5;
+}
+"#,
+    )
+    .expect("proto");
+    let mut route = route(&[
+        ("id", path("id")),
+        ("seq", path("seq")),
+        ("hits", path("hits")),
+        ("city", path("address.city")),
+        ("body", path("body")),
+    ]);
+    route.format = Format::Protobuf(ProtobufConfig {
+        message: "shop.v1.Order".into(),
+        descriptor_set: None,
+        files: vec![dir.join("order.proto")],
+        includes: vec![],
+    });
+    let m = RouteMapper::new(&route, &[schema()]).expect("mapper");
+    // id = "o1", seq = 7, address { city = "Oslo" }, body = [1, 2]; hits not set.
+    let payload = [
+        0x0a, 2, b'o', b'1', 0x10, 7, 0x22, 6, 0x0a, 4, b'O', b's', b'l', b'o', 0x2a, 2, 1, 2,
+    ];
+    let rows = rows_of(&m, None, Some(&payload)).expect("rows");
+    assert_eq!(
+        rows[0].2[..5],
+        [
+            text("o1"),
+            set(CqlValue::Int(7)),
+            None,
+            text("Oslo"),
+            set(CqlValue::Blob(vec![1, 2]))
+        ]
+    );
+    assert!(matches!(
+        rows_of(&m, None, Some(&[0xff, 0xff])),
+        Err(MappingError::NotProtobuf(_))
+    ));
+    let mut missing = route.clone();
+    if let Format::Protobuf(p) = &mut missing.format {
+        p.message = "shop.v1.Nope".into();
+    }
+    assert!(
+        matches!(RouteMapper::new(&missing, &[schema()]), Err(SchemaError::Format { reason, .. }) if reason.contains("shop.v1.Order"))
     );
 }
 
@@ -171,7 +488,10 @@ proptest! {
     #[test]
     fn arbitrary_input_never_panics(key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..16)),
                                     payload in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256))) {
-        let _ = mapper().map_json(key.as_deref(), payload.as_deref());
+        let headers = vec![("h".to_string(), "v".to_string())];
+        for mapper in [mapper(), rich_mapper()] {
+            let _ = mapper.map(&envelope(key.as_deref(), payload.as_deref(), &headers), 1);
+        }
     }
 
     /// Any JSON object with a valid key and integer seq maps, and the key comes back as text.

@@ -18,6 +18,8 @@ pub mod metric {
     pub const ROWS_FAILED: &str = "shardgate_rows_failed_total";
     /// Rows a core received but did not own, handed once to their owner core.
     pub const ROWS_FORWARDED: &str = "shardgate_rows_forwarded_total";
+    /// Source messages skipped by their route's filter (or sent to no target table).
+    pub const MESSAGES_FILTERED: &str = "shardgate_messages_filtered_total";
     /// Rows admitted into a core's in-flight budget and not yet answered (ingest API).
     pub const INGEST_ROWS_IN_FLIGHT: &str = "shardgate_ingest_rows_in_flight";
     /// Rows per received batch.
@@ -45,6 +47,8 @@ pub struct RowMetrics {
     pub written: metrics::Counter,
     /// Rows forwarded to their owner core.
     pub forwarded: metrics::Counter,
+    /// Messages skipped by the route's filter.
+    pub filtered: metrics::Counter,
     /// Rows per received batch.
     pub batch_rows: metrics::Histogram,
     /// Latency of one database write.
@@ -65,6 +69,7 @@ impl RowMetrics {
             received: metrics::counter!(metric::ROWS_RECEIVED, &labels),
             written: metrics::counter!(metric::ROWS_WRITTEN, &labels),
             forwarded: metrics::counter!(metric::ROWS_FORWARDED, &labels),
+            filtered: metrics::counter!(metric::MESSAGES_FILTERED, &labels),
             batch_rows: metrics::histogram!(metric::BATCH_ROWS, &labels),
             write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, &labels),
             delivery_latency: metrics::histogram!(metric::DELIVERY_LATENCY_SECONDS, &labels),

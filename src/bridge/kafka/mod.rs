@@ -47,9 +47,12 @@ enum RebalanceEvent {
     Revoked(Vec<i32>),
 }
 
-/// Consumer context that records rebalances for the poll loop.
-#[derive(Default)]
+/// How often librdkafka reports statistics (consumer lag).
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// Consumer context that records rebalances for the poll loop and publishes consumer lag.
 pub struct RebalanceRecorder {
+    route: String,
     events: Mutex<Vec<RebalanceEvent>>,
 }
 
@@ -58,6 +61,13 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<i32> {
 }
 
 impl RebalanceRecorder {
+    fn new(route: &str) -> RebalanceRecorder {
+        RebalanceRecorder {
+            route: route.to_string(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
     fn push(&self, event: RebalanceEvent) {
         match self.events.lock() {
             Ok(mut events) => events.push(event),
@@ -73,7 +83,32 @@ impl RebalanceRecorder {
     }
 }
 
-impl ClientContext for RebalanceRecorder {}
+impl ClientContext for RebalanceRecorder {
+    /// `shardgate_kafka_consumer_lag{route, topic, partition}`: high watermark minus the
+    /// consumer's position, from librdkafka's statistics; 0 for partitions this gateway does not
+    /// fetch (owned by another gateway of the group, or not yet assigned).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (&partition, p) in &stats.partitions {
+                if partition < 0 {
+                    continue;
+                }
+                let lag = if p.fetch_state == "active" {
+                    p.consumer_lag.max(0)
+                } else {
+                    0
+                };
+                metrics::gauge!(
+                    crate::telemetry::metric::KAFKA_CONSUMER_LAG,
+                    "route" => self.route.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string(),
+                )
+                .set(lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceRecorder {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -104,6 +139,7 @@ pub fn subscribe(source: &KafkaSourceConfig, route: &str) -> Result<RouteConsume
         .set("client.id", format!("shardgate-{route}"))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set(
             "auto.commit.interval.ms",
             source.commit_interval.as_millis().to_string(),
@@ -118,10 +154,22 @@ pub fn subscribe(source: &KafkaSourceConfig, route: &str) -> Result<RouteConsume
     for (key, value) in &source.properties {
         config.set(key, value);
     }
-    let consumer: RouteConsumer = config.create_with_context(RebalanceRecorder::default())?;
+    let consumer: RouteConsumer = config.create_with_context(RebalanceRecorder::new(route))?;
     consumer.fetch_metadata(None, METADATA_TIMEOUT)?;
     consumer.subscribe(&[&source.topic])?;
     Ok(consumer)
+}
+
+/// A message's headers whose values are UTF-8 text.
+fn text_headers(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, String)> {
+    use rdkafka::message::Headers as _;
+    let Some(headers) = message.headers() else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .filter_map(|h| Some((h.key.to_string(), std::str::from_utf8(h.value?).ok()?.to_string())))
+        .collect()
 }
 
 /// Metadata prefix of a committed offset: the write timestamp of the message before it.
@@ -265,6 +313,7 @@ impl Poller {
                             timestamp_ms,
                             write_timestamp_us: Some(write_timestamp_us),
                             key: message.key().map(<[u8]>::to_vec),
+                            headers: text_headers(&message),
                             payload: message.payload().map(<[u8]>::to_vec),
                             origin: Origin::Kafka { partition, epoch },
                         });

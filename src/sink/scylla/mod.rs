@@ -185,6 +185,19 @@ pub fn insert_statement<'a>(keyspace: &str, table: &str, columns: impl IntoItera
     )
 }
 
+/// `DELETE FROM "keyspace"."table" USING TIMESTAMP ? WHERE "k1" = ? AND ...`: the write
+/// timestamp bound first, then the primary key columns.
+pub fn delete_statement<'a>(keyspace: &str, table: &str, key_columns: impl IntoIterator<Item = &'a str>) -> String {
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let conditions: Vec<String> = key_columns.into_iter().map(|c| format!("{} = ?", quote(c))).collect();
+    format!(
+        "DELETE FROM {}.{} USING TIMESTAMP ? WHERE {}",
+        quote(keyspace),
+        quote(table),
+        conditions.join(" AND ")
+    )
+}
+
 /// How long a write keeps retrying transient failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retries {
@@ -233,17 +246,28 @@ pub async fn write_rows_once(
     rows: &[&RowValues],
     retries: Retries,
 ) -> Result<(), ExecutionError> {
-    if let [row] = rows {
-        return execute_with_retries(retries, || session.execute_unpaged(insert, row))
+    let statements: Vec<(&PreparedStatement, &RowValues)> = rows.iter().map(|row| (insert, *row)).collect();
+    write_statements_once(session, &statements, retries).await
+}
+
+/// Like [`write_rows_once`], each row with its own prepared statement (upserts and deletes of
+/// several tables in one UNLOGGED batch).
+pub async fn write_statements_once(
+    session: &Session,
+    rows: &[(&PreparedStatement, &RowValues)],
+    retries: Retries,
+) -> Result<(), ExecutionError> {
+    if let [(statement, row)] = rows {
+        return execute_with_retries(retries, || session.execute_unpaged(statement, row))
             .await
             .map(|_| ());
     }
     let mut batch = Batch::new(BatchType::Unlogged);
-    for _ in rows {
-        batch.append_statement(insert.clone());
+    for (statement, _) in rows {
+        batch.append_statement((*statement).clone());
     }
     batch.set_is_idempotent(true);
-    let values: Vec<&RowValues> = rows.to_vec();
+    let values: Vec<&RowValues> = rows.iter().map(|(_, values)| *values).collect();
     execute_with_retries(retries, || session.batch(&batch, &values))
         .await
         .map(|_| ())
