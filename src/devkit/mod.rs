@@ -1119,3 +1119,59 @@ pub fn produce_at_time(
     );
     Ok(sent)
 }
+
+/// One Kafka record for [`produce_records`].
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// Key (`None`: no key).
+    pub key: Option<String>,
+    /// Payload (`None`: a tombstone).
+    pub payload: Option<Vec<u8>>,
+    /// Text headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Produces records with headers and tombstones to partition 0 of `topic`, in order (idempotent
+/// producer), and returns once the broker acknowledged all of them.
+pub fn produce_records(topic: &str, records: impl IntoIterator<Item = Record>) -> anyhow::Result<u64> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: BaseProducer<DeliveryFailures> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create_with_context(DeliveryFailures::default())?;
+    let mut sent = 0;
+    for record in records {
+        let mut headers = OwnedHeaders::new();
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        loop {
+            let mut message: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).partition(0).headers(headers.clone());
+            if let Some(key) = &record.key {
+                message = message.key(key.as_str());
+            }
+            if let Some(payload) = &record.payload {
+                message = message.payload(payload.as_slice());
+            }
+            match producer.send(message) {
+                Ok(()) => break,
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    producer.poll(Duration::from_millis(20));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        sent += 1;
+    }
+    producer.flush(Timeout::After(Duration::from_secs(60)))?;
+    anyhow::ensure!(
+        producer.context().0.load(Ordering::Relaxed) == 0,
+        "the broker refused some messages"
+    );
+    Ok(sent)
+}

@@ -715,8 +715,9 @@ impl RouteMapper {
     }
 
     /// Targets this message goes to: the one `table_from` names, else every target whose `when`
-    /// holds. A tombstone has no payload to test, so it goes to every target (or the one
-    /// `table_from` names when that comes from the key or headers).
+    /// holds. A tombstone has no payload to test: it deletes from every target whose primary key
+    /// comes from the key, headers or metadata (or the one `table_from` names when that does),
+    /// and fails when there is none.
     fn chosen_targets(&self, message: &Message<'_, '_>, tombstone: bool) -> Result<Vec<usize>, MappingError> {
         if let Some(field) = &self.table_from {
             let source = ValueSource::Field(field.clone());
@@ -755,12 +756,29 @@ impl RouteMapper {
         let mut chosen = Vec::with_capacity(self.targets.len());
         for (index, target) in self.targets.iter().enumerate() {
             let wanted = match (&target.when, tombstone) {
+                (_, true) => self.deletes_without_payload(index),
                 (Some((key, expr)), false) => message.condition(key, expr)?,
-                _ => true,
+                (None, false) => true,
             };
             if wanted {
                 chosen.push(index);
             }
+        }
+        if tombstone && chosen.is_empty() {
+            // No target can be keyed without the payload; name the first key column that needs it.
+            let target = &self.targets[0];
+            let column = target
+                .primary_key
+                .iter()
+                .map(|&i| &target.columns[i])
+                .find(|c| c.source.reads_payload())
+                .map_or_else(String::new, |c| c.name.clone());
+            let field = target
+                .columns
+                .iter()
+                .find(|c| c.name == column)
+                .map_or_else(String::new, |c| c.source.label());
+            return Err(MappingError::MissingPrimaryKey { column, field });
         }
         Ok(chosen)
     }

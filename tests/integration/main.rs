@@ -7,6 +7,7 @@
 mod ingest;
 mod jetstream;
 mod kafka_route;
+mod mapping;
 mod rabbitmq;
 mod scale_out;
 mod startup;
