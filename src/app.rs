@@ -18,11 +18,11 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::bridge::dead_letter::{DeadLetterSink, DeadLetterSubject, DeadLetterTopic};
+use crate::bridge::dead_letter::DeadLetterSink;
 use crate::bridge::kafka::{self, Poller};
 use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, TargetStatements, CORE_QUEUE_BATCHES_MAX};
 use crate::bridge::{amqp, nats, zeromq};
-use crate::config::{Config, DeadLetterConfig, IngestConfig, SourceConfig};
+use crate::config::{Config, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
 use crate::ingest::server;
 use crate::ingest::service::{IngestService, IngestShared};
@@ -97,28 +97,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 delete: island.block_on(scylla::prepare_insert(&session, &mapper.delete_statement(target)))?,
             });
         }
-        let dead_letter = match &route.dead_letter {
-            DeadLetterConfig::Kafka { brokers, topic } => DeadLetterSink::Kafka(
-                DeadLetterTopic::new(brokers, topic)
-                    .with_context(|| format!("route `{}`: cannot create the dead-letter producer", route.name))?,
-            ),
-            DeadLetterConfig::Nats { url, subject } => {
-                let client = island
-                    .block_on(nats::connect(url, &route.name))
-                    .with_context(|| format!("route `{}`: dead-letter subject", route.name))?;
-                nats_clients.push(client.clone());
-                DeadLetterSink::Nats(DeadLetterSubject::new(client, subject))
-            }
-            DeadLetterConfig::Amqp {
-                url,
-                exchange,
-                routing_key,
-            } => DeadLetterSink::Amqp(Box::new(
-                island
-                    .block_on(amqp::DeadLetterExchange::open(url, exchange, routing_key))
-                    .map_err(|reason| anyhow::anyhow!("route `{}`: dead-letter exchange: {reason}", route.name))?,
-            )),
-        };
+        let (dead_letter, dead_letter_nats) = island
+            .block_on(DeadLetterSink::open(&route.dead_letter, &route.name, &session))
+            .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+        nats_clients.extend(dead_letter_nats);
         let counters = Arc::new(RouteCounters::default());
         let mut queues = Vec::with_capacity(cpus.len());
         let mut receivers = Vec::with_capacity(cpus.len());

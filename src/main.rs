@@ -1,4 +1,5 @@
-//! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline.
+//! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline,
+//! `replay` sends a route's dead letters back through the route.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send a route's dead letters (Kafka topic or table) back through the route as configured
+    /// now; letters that fail again return to the dead-letter destination.
+    Replay {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Route whose dead letters to replay.
+        #[arg(long, short)]
+        route: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +56,10 @@ fn main() -> ExitCode {
         Command::Serve { config } => Config::load(&config)
             .map_err(anyhow::Error::from)
             .and_then(shardgate::app::serve),
+        Command::Replay { config, route } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| shardgate::replay::run(c, &route))
+            .map(|report| println!("route `{route}`: {report}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

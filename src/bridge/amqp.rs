@@ -256,7 +256,7 @@ impl DeadLetterExchange {
     }
 
     /// Publishes one letter and waits for the broker's confirm.
-    pub async fn send_once(&self, headers: Vec<(&'static str, String)>, payload: &[u8]) -> Result<(), String> {
+    pub async fn send_once(&self, headers: Vec<(String, String)>, payload: &[u8]) -> Result<(), String> {
         let mut table = FieldTable::default();
         for (key, value) in headers {
             table.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));

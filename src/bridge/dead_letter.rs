@@ -1,10 +1,18 @@
-//! Dead-letter destinations: a Kafka topic, a NATS subject or a RabbitMQ exchange. Created at start-up; `send` is
-//! awaited on the core that gave up on the message. The original key and payload are kept byte
-//! for byte; headers carry why and where from. A dead letter is retried until the broker
-//! confirms it: the source message is only acknowledged after that, so nothing is dropped
-//! silently.
+//! Dead-letter destinations: a Kafka topic, a NATS subject, a RabbitMQ exchange or a ScyllaDB
+//! table. Created at start-up ([`DeadLetterSink::open`]); `send` is awaited on the core that gave
+//! up on the message (or by `shardgate replay`). The original key and payload are kept byte for
+//! byte; headers (table: columns) carry why and where from, the message time and write timestamp
+//! (so a replay writes the cells the original write would have) and the original headers
+//! (`shardgate.header.<name>`). A dead letter is retried until the destination confirms it: the
+//! source message is only acknowledged after that, so nothing is dropped silently.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimeuuid;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -42,6 +50,12 @@ pub mod headers {
     pub const SOURCE_ENDPOINT: &str = "shardgate.source.endpoint";
     /// Original message key, when the destination has no key of its own (NATS), as text.
     pub const KEY: &str = "shardgate.key";
+    /// Message time at the source, epoch milliseconds.
+    pub const SOURCE_TIMESTAMP: &str = "shardgate.source.timestamp";
+    /// Write timestamp (microseconds) the message's rows were to be written with.
+    pub const WRITE_TIMESTAMP: &str = "shardgate.write_timestamp_us";
+    /// Prefix of the original message's headers.
+    pub const HEADER_PREFIX: &str = "shardgate.header.";
 }
 
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -60,6 +74,8 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
     /// Source coordinates as (header, value).
     pub source: Vec<(&'static str, String)>,
+    /// The original message's text headers.
+    pub headers: &'a [(String, String)],
     /// Original key.
     pub key: Option<&'a [u8]>,
     /// Original payload.
@@ -68,13 +84,21 @@ pub struct DeadLetter<'a> {
 
 impl DeadLetter<'_> {
     /// Every header, reason text cut to [`REASON_BYTES_MAX`].
-    fn headers(&self) -> Vec<(&'static str, String)> {
+    fn headers(&self) -> Vec<(String, String)> {
         let mut all = vec![
-            (headers::ROUTE, self.route.to_string()),
-            (headers::REASON_CODE, self.reason_code.to_string()),
-            (headers::REASON, truncate(self.reason, REASON_BYTES_MAX).to_string()),
+            (headers::ROUTE.to_string(), self.route.to_string()),
+            (headers::REASON_CODE.to_string(), self.reason_code.to_string()),
+            (
+                headers::REASON.to_string(),
+                truncate(self.reason, REASON_BYTES_MAX).to_string(),
+            ),
         ];
-        all.extend(self.source.iter().cloned());
+        all.extend(self.source.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        all.extend(
+            self.headers
+                .iter()
+                .map(|(k, v)| (format!("{}{k}", headers::HEADER_PREFIX), v.clone())),
+        );
         all
     }
 }
@@ -87,9 +111,46 @@ pub enum DeadLetterSink {
     Nats(DeadLetterSubject),
     /// A RabbitMQ exchange, with publisher confirms.
     Amqp(Box<super::amqp::DeadLetterExchange>),
+    /// A ScyllaDB table.
+    Table(DeadLetterTable),
 }
 
 impl DeadLetterSink {
+    /// Opens the destination `config` names (on the island). Returns the NATS client it
+    /// created, if any, for the caller to flush at shutdown.
+    pub async fn open(
+        config: &crate::config::DeadLetterConfig,
+        route: &str,
+        session: &Arc<Session>,
+    ) -> Result<(DeadLetterSink, Option<async_nats::Client>), String> {
+        use crate::config::DeadLetterConfig;
+        match config {
+            DeadLetterConfig::Kafka { brokers, topic } => DeadLetterTopic::new(brokers, topic)
+                .map(|t| (DeadLetterSink::Kafka(t), None))
+                .map_err(|e| format!("cannot create the dead-letter producer: {e}")),
+            DeadLetterConfig::Nats { url, subject } => {
+                let client = super::nats::connect(url, route)
+                    .await
+                    .map_err(|e| format!("dead-letter subject: {e:#}"))?;
+                Ok((
+                    DeadLetterSink::Nats(DeadLetterSubject::new(client.clone(), subject)),
+                    Some(client),
+                ))
+            }
+            DeadLetterConfig::Amqp {
+                url,
+                exchange,
+                routing_key,
+            } => super::amqp::DeadLetterExchange::open(url, exchange, routing_key)
+                .await
+                .map(|e| (DeadLetterSink::Amqp(Box::new(e)), None))
+                .map_err(|reason| format!("dead-letter exchange: {reason}")),
+            DeadLetterConfig::Table { keyspace, table } => DeadLetterTable::open(Arc::clone(session), keyspace, table)
+                .await
+                .map(|t| (DeadLetterSink::Table(t), None)),
+        }
+    }
+
     /// Sends one dead letter, retrying until the broker confirms it.
     pub async fn send(&self, letter: &DeadLetter<'_>) {
         let mut backoff = RETRY_BACKOFF_MIN;
@@ -97,10 +158,11 @@ impl DeadLetterSink {
             let (destination, result) = match self {
                 DeadLetterSink::Kafka(topic) => (topic.topic.as_str(), topic.send_once(letter).await),
                 DeadLetterSink::Nats(subject) => (subject.subject.as_str(), subject.send_once(letter).await),
+                DeadLetterSink::Table(table) => (table.name.as_str(), table.send_once(letter).await),
                 DeadLetterSink::Amqp(exchange) => {
                     let mut headers = letter.headers();
                     if let Some(key) = letter.key {
-                        headers.push((headers::KEY, String::from_utf8_lossy(key).into_owned()));
+                        headers.push((headers::KEY.to_string(), String::from_utf8_lossy(key).into_owned()));
                     }
                     let payload = letter.payload.unwrap_or_default();
                     (exchange.exchange.as_str(), exchange.send_once(headers, payload).await)
@@ -110,7 +172,9 @@ impl DeadLetterSink {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::warn!(route = letter.route, destination, %error, "dead letter not delivered, retrying");
-                    glommio::timer::sleep(backoff).await;
+                    // tokio's timer: works on the cores (the island's handle is entered there) and
+                    // in `shardgate replay`.
+                    tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 }
             }
@@ -144,7 +208,7 @@ impl DeadLetterTopic {
         let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
         for (key, value) in &pairs {
             headers = headers.insert(Header {
-                key,
+                key: key.as_str(),
                 value: Some(value.as_str()),
             });
         }
@@ -183,7 +247,7 @@ impl DeadLetterSubject {
     async fn send_once(&self, letter: &DeadLetter<'_>) -> Result<(), String> {
         let mut headers = async_nats::HeaderMap::new();
         for (key, value) in letter.headers() {
-            headers.insert(key, value.as_str());
+            headers.insert(key.as_str(), value.as_str());
         }
         if let Some(key) = letter.key {
             headers.insert(headers::KEY, String::from_utf8_lossy(key).as_ref());
@@ -195,6 +259,89 @@ impl DeadLetterSubject {
             .map_err(|e| e.to_string())?;
         self.client.flush().await.map_err(|e| e.to_string())
     }
+}
+
+/// A dead-letter table, created if it does not exist: one row per dead letter, partitioned by
+/// route and UTC day so no partition grows without bound.
+pub struct DeadLetterTable {
+    session: Arc<Session>,
+    insert: PreparedStatement,
+    name: String,
+}
+
+/// Columns of a dead-letter table (`CREATE TABLE` in [`DeadLetterTable::open`]).
+pub type DeadLetterRow = (
+    String,
+    String,
+    CqlTimeuuid,
+    Option<String>,
+    Option<String>,
+    Option<HashMap<String, String>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+);
+
+impl DeadLetterTable {
+    /// Creates `keyspace.table` if needed (the keyspace must exist) and prepares the insert.
+    pub async fn open(session: Arc<Session>, keyspace: &str, table: &str) -> Result<DeadLetterTable, String> {
+        let name = format!("{keyspace}.{table}");
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {name} (route text, day text, id timeuuid, reason_code text, reason text, \
+             headers map<text, text>, key blob, payload blob, PRIMARY KEY ((route, day), id))"
+        );
+        session
+            .query_unpaged(create, &[])
+            .await
+            .map_err(|e| format!("cannot create dead-letter table `{name}`: {e}"))?;
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(|e| format!("dead-letter table `{name}`: {e}"))?;
+        let mut insert = session
+            .prepare(format!(
+                "INSERT INTO {name} (route, day, id, reason_code, reason, headers, key, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await
+            .map_err(|e| format!("dead-letter table `{name}`: {e}"))?;
+        insert.set_is_idempotent(true);
+        Ok(DeadLetterTable { session, insert, name })
+    }
+
+    /// `keyspace.table`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send_once(&self, letter: &DeadLetter<'_>) -> Result<(), String> {
+        let now = chrono::Utc::now();
+        let node: [u8; 6] = rand_node();
+        let id = CqlTimeuuid::from(uuid::Uuid::now_v1(&node));
+        let headers: HashMap<String, String> = letter.headers().into_iter().collect();
+        let values = (
+            letter.route,
+            now.format("%Y-%m-%d").to_string(),
+            id,
+            letter.reason_code,
+            truncate(letter.reason, REASON_BYTES_MAX),
+            headers,
+            letter.key,
+            letter.payload,
+        );
+        self.session
+            .execute_unpaged(&self.insert, values)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A random node id for version-1 UUIDs (multicast bit set, as RFC 4122 asks of random ids).
+fn rand_node() -> [u8; 6] {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    let mut node = [0u8; 6];
+    node.copy_from_slice(&bytes[..6]);
+    node[0] |= 0x01;
+    node
 }
 
 /// Cuts `text` to at most `bytes_max` bytes on a character boundary.

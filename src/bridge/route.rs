@@ -114,8 +114,24 @@ impl SourceMessage {
         }
     }
 
-    /// Source coordinates as dead-letter headers.
+    /// The write timestamp of this message's rows: the source's clock (Kafka), else derived
+    /// from its time and position.
+    pub fn write_timestamp_us(&self) -> i64 {
+        self.write_timestamp_us
+            .unwrap_or_else(|| write_timestamp_us(self.timestamp_ms, self.position))
+    }
+
+    /// Source coordinates, message time and write timestamp as dead-letter headers.
     fn coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
+        let mut coordinates = self.source_coordinates(source);
+        if let Some(ms) = self.timestamp_ms {
+            coordinates.push((headers::SOURCE_TIMESTAMP, ms.to_string()));
+        }
+        coordinates.push((headers::WRITE_TIMESTAMP, self.write_timestamp_us().to_string()));
+        coordinates
+    }
+
+    fn source_coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
         match &self.origin {
             Origin::Kafka { partition, .. } => vec![
                 (headers::SOURCE_TOPIC, source.to_string()),
@@ -307,10 +323,7 @@ impl RouteWriter {
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         for work in batch {
-            let timestamp_us = work
-                .write_timestamp_us
-                .unwrap_or_else(|| write_timestamp_us(work.timestamp_ms, work.position));
-            match self.mapper.map(&work.envelope(&self.source), timestamp_us) {
+            match self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us()) {
                 Ok(rows) if rows.is_empty() => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);
@@ -500,6 +513,7 @@ impl RouteWriter {
                 reason_code,
                 reason,
                 source: work.coordinates(&self.source),
+                headers: &work.headers,
                 key: work.key.as_deref(),
                 payload: work.payload.as_deref(),
             })

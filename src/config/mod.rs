@@ -419,6 +419,14 @@ pub enum DeadLetterConfig {
         /// Routing key.
         routing_key: String,
     },
+    /// A ScyllaDB table (created at start-up if missing): one row per dead letter, partitioned
+    /// by route and day.
+    Table {
+        /// Keyspace (must exist).
+        keyspace: String,
+        /// Table.
+        table: String,
+    },
 }
 
 impl Config {

@@ -335,6 +335,11 @@ pub enum RawDeadLetter {
         /// Routing key (with the default exchange: the dead-letter queue's name).
         routing_key: String,
     },
+    /// `kind = "table"`: rows in a ScyllaDB table (created if missing) of the route's cluster.
+    Table {
+        /// `keyspace.table`.
+        table: String,
+    },
 }
 
 fn default_consistency() -> String {
@@ -682,6 +687,25 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
                 url,
                 exchange,
                 routing_key,
+            }
+        }
+        RawDeadLetter::Table { table } => {
+            let key = key("dead_letter.table");
+            let Some((keyspace, name)) = table.split_once('.') else {
+                return Err(ConfigError::invalid(key, &table, "`keyspace.table`"));
+            };
+            validate_identifier(&key, keyspace)?;
+            validate_identifier(&key, name)?;
+            if targets.iter().any(|t| t.keyspace == keyspace && t.table == name) {
+                return Err(ConfigError::invalid(
+                    key,
+                    &table,
+                    "a table other than the route's targets",
+                ));
+            }
+            DeadLetterConfig::Table {
+                keyspace: keyspace.to_string(),
+                table: name.to_string(),
             }
         }
     };

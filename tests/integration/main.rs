@@ -9,6 +9,7 @@ mod jetstream;
 mod kafka_route;
 mod mapping;
 mod rabbitmq;
+mod replay;
 mod scale_out;
 mod startup;
 mod zeromq;

@@ -1,0 +1,449 @@
+//! `shardgate replay`: sends a route's dead letters back through the route — decoded, mapped and
+//! written with the route as configured now, after the cause was fixed — from its dead-letter
+//! Kafka topic or table. Each letter carries its source coordinates, message time and write
+//! timestamp, so replayed rows get the cells the original write would have written. A letter
+//! that fails again goes back to the dead-letter destination with its new reason.
+//!
+//! Progress is durable: a Kafka topic is read by the consumer group `shardgate-replay.<route>`
+//! whose offsets are committed after each chunk (a second run starts where the first stopped);
+//! table rows are deleted once replayed. Letters of other routes sharing the destination are
+//! left alone (Kafka: skipped; table: not read). A transient database failure that outlasts
+//! the retries stops the run before the chunk is committed, so nothing is lost.
+//!
+//! Runs on a plain tokio runtime: it is an operator's command, not the data plane.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use futures::{StreamExt as _, TryStreamExt as _};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlTimeuuid;
+
+use crate::bridge::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSink};
+use crate::config::{Config, DeadLetterConfig, RouteConfig};
+use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
+use crate::sink::scylla::{self as sink, classify, write_statements_once, Retries, WriteFailure};
+
+/// Letters replayed concurrently.
+const CONCURRENCY: usize = 64;
+/// Letters per committed chunk.
+const CHUNK: usize = 512;
+/// Attempts of a transient write failure before the run stops.
+const WRITE_ATTEMPTS: u32 = 8;
+/// How long a Kafka poll waits.
+const POLL_WAIT: Duration = Duration::from_millis(500);
+/// Polls in a row without a message before the topic counts as read to its end.
+const IDLE_POLLS_MAX: u32 = 20;
+
+/// Source coordinate headers copied onto a letter that fails again.
+const COORDINATES: &[&str] = &[
+    headers::SOURCE_TOPIC,
+    headers::SOURCE_PARTITION,
+    headers::SOURCE_OFFSET,
+    headers::SOURCE_STREAM,
+    headers::SOURCE_SUBJECT,
+    headers::SOURCE_SEQUENCE,
+    headers::SOURCE_QUEUE,
+    headers::SOURCE_ROUTING_KEY,
+    headers::SOURCE_REDELIVERED,
+    headers::SOURCE_ENDPOINT,
+    headers::SOURCE_TIMESTAMP,
+    headers::WRITE_TIMESTAMP,
+];
+
+/// What a run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Letters of this route read.
+    pub letters: u64,
+    /// Rows written.
+    pub rows_written: u64,
+    /// Letters the route's filter skips now.
+    pub filtered: u64,
+    /// Letters that failed again and went back to the dead-letter destination.
+    pub dead_lettered_again: u64,
+    /// Letters of other routes, left alone.
+    pub other_routes: u64,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} letter(s) replayed: {} row(s) written, {} filtered, {} dead-lettered again; {} of other routes left alone",
+            self.letters, self.rows_written, self.filtered, self.dead_lettered_again, self.other_routes
+        )
+    }
+}
+
+/// One dead letter as read back.
+struct Letter {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: HashMap<String, String>,
+}
+
+enum Outcome {
+    Written(u64),
+    Filtered,
+    DeadLettered,
+}
+
+/// The route, ready to map and write.
+struct Replayer {
+    route: RouteConfig,
+    mapper: RouteMapper,
+    session: Arc<Session>,
+    statements: Vec<(PreparedStatement, PreparedStatement)>,
+    sink: DeadLetterSink,
+}
+
+/// Replays the dead letters of `route_name`. Blocks until the destination is read to its end.
+pub fn run(config: Config, route_name: &str) -> anyhow::Result<ReplayReport> {
+    let Some(route) = config.routes.iter().find(|r| r.name == route_name).cloned() else {
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        bail!("no route `{route_name}` in the config; routes: {}", names.join(", "));
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async move {
+        let session = Arc::new(sink::connect(&config.cluster).await?);
+        let mut schemas = Vec::new();
+        for target in &route.targets {
+            schemas.push(sink::table_schema(&session, &route.name, &target.keyspace, &target.table).await?);
+        }
+        let mapper = RouteMapper::new(&route, &schemas)?;
+        let mut statements = Vec::new();
+        for target in 0..route.targets.len() {
+            statements.push((
+                sink::prepare_insert(&session, &mapper.upsert_statement(target)).await?,
+                sink::prepare_insert(&session, &mapper.delete_statement(target)).await?,
+            ));
+        }
+        let (sink, _nats) = DeadLetterSink::open(&route.dead_letter, &route.name, &session)
+            .await
+            .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+        let replayer = Replayer {
+            route,
+            mapper,
+            session,
+            statements,
+            sink,
+        };
+        match replayer.route.dead_letter.clone() {
+            DeadLetterConfig::Kafka { brokers, topic } => replayer.replay_topic(&brokers, &topic).await,
+            DeadLetterConfig::Table { keyspace, table } => replayer.replay_table(&keyspace, &table).await,
+            DeadLetterConfig::Nats { subject, .. } => bail!(
+                "route `{}` dead-letters to the NATS subject `{subject}`, which keeps nothing to replay; \
+                 replay reads a Kafka topic or a table",
+                replayer.route.name
+            ),
+            DeadLetterConfig::Amqp { .. } => bail!(
+                "route `{}` dead-letters to RabbitMQ; replay reads a Kafka topic or a table (shovel the \
+                 dead-letter queue back into the source queue to retry it)",
+                replayer.route.name
+            ),
+        }
+    })
+}
+
+impl Replayer {
+    /// Replays the route's letters in `topic` from the replay group's committed offsets to the
+    /// end of the topic as it was when the run started.
+    async fn replay_topic(&self, brokers: &str, topic: &str) -> anyhow::Result<ReplayReport> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("shardgate-replay.{}", self.route.name))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("Kafka consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(15))
+            .with_context(|| format!("metadata of `{topic}`"))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            bail!("dead-letter topic `{topic}` does not exist");
+        }
+        let mut ends = HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for &partition in &partitions {
+            let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(15))?;
+            ends.insert(partition, high);
+            assignment.add_partition(topic, partition);
+        }
+        let committed = consumer.committed_offsets(assignment.clone(), Duration::from_secs(15))?;
+        let mut start = TopicPartitionList::new();
+        let mut positions = HashMap::new();
+        for element in committed.elements() {
+            let offset = match element.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            positions.insert(element.partition(), offset);
+            start.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?;
+        }
+        consumer.assign(&start)?;
+        let mut report = ReplayReport::default();
+        let done = |positions: &HashMap<i32, i64>| {
+            ends.iter()
+                .all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end)
+        };
+        let mut idle_polls = 0;
+        while !done(&positions) && idle_polls < IDLE_POLLS_MAX {
+            let mut chunk = Vec::new();
+            while chunk.len() < CHUNK {
+                let Some(polled) = consumer.poll(POLL_WAIT) else {
+                    idle_polls += 1;
+                    break;
+                };
+                idle_polls = 0;
+                let message = polled?;
+                let (partition, offset) = (message.partition(), message.offset());
+                if offset >= ends.get(&partition).copied().unwrap_or(0) {
+                    continue;
+                }
+                positions.insert(partition, offset + 1);
+                let mut headers = HashMap::new();
+                if let Some(list) = message.headers() {
+                    for header in list.iter() {
+                        let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        headers.insert(header.key.to_string(), value.unwrap_or_default());
+                    }
+                }
+                chunk.push(Letter {
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+                if done(&positions) {
+                    break;
+                }
+            }
+            self.replay_chunk(chunk, &mut report).await?;
+            let mut progress = TopicPartitionList::new();
+            for (&partition, &offset) in &positions {
+                progress.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+            }
+            consumer.commit(&progress, CommitMode::Sync)?;
+        }
+        if !done(&positions) {
+            bail!("`{topic}` stopped delivering before its end; {report} so far (committed, rerun to continue)");
+        }
+        Ok(report)
+    }
+
+    /// Replays the route's rows of `keyspace.table` written before the run started, deleting
+    /// each once replayed.
+    async fn replay_table(&self, keyspace: &str, table: &str) -> anyhow::Result<ReplayReport> {
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        let mut delete = self
+            .session
+            .prepare(format!(
+                "DELETE FROM {keyspace}.{table} WHERE route = ? AND day = ? AND id = ?"
+            ))
+            .await?;
+        delete.set_is_idempotent(true);
+        let mut rows = self
+            .session
+            .query_iter(
+                format!("SELECT route, day, id, reason_code, reason, headers, key, payload FROM {keyspace}.{table}"),
+                &[],
+            )
+            .await?
+            .rows_stream::<DeadLetterRow>()?;
+        let mut report = ReplayReport::default();
+        let mut chunk = Vec::new();
+        let mut keys = Vec::new();
+        while let Some((route, day, id, _code, _reason, headers, key, payload)) = rows.try_next().await? {
+            if route != self.route.name {
+                report.other_routes += 1;
+                continue;
+            }
+            // Letters this run sent back (they failed again) are left for the next run.
+            if timeuuid_ms(id).is_some_and(|ms| ms >= started_ms) {
+                continue;
+            }
+            chunk.push(Letter {
+                key,
+                payload,
+                headers: headers.unwrap_or_default(),
+            });
+            keys.push((route, day, id));
+            if chunk.len() >= CHUNK {
+                self.replay_chunk(std::mem::take(&mut chunk), &mut report).await?;
+                self.delete_rows(&delete, std::mem::take(&mut keys)).await?;
+            }
+        }
+        self.replay_chunk(chunk, &mut report).await?;
+        self.delete_rows(&delete, keys).await?;
+        Ok(report)
+    }
+
+    async fn delete_rows(
+        &self,
+        delete: &PreparedStatement,
+        keys: Vec<(String, String, CqlTimeuuid)>,
+    ) -> anyhow::Result<()> {
+        for key in keys {
+            sink::execute_with_retries(Retries::UpTo(WRITE_ATTEMPTS), || {
+                self.session.execute_unpaged(delete, &key)
+            })
+            .await
+            .context("deleting a replayed dead letter")?;
+        }
+        Ok(())
+    }
+
+    async fn replay_chunk(&self, chunk: Vec<Letter>, report: &mut ReplayReport) -> anyhow::Result<()> {
+        let outcomes: Vec<anyhow::Result<Option<Outcome>>> = futures::stream::iter(chunk)
+            .map(|letter| self.replay_one(letter))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for outcome in outcomes {
+            match outcome? {
+                None => report.other_routes += 1,
+                Some(outcome) => {
+                    report.letters += 1;
+                    match outcome {
+                        Outcome::Written(rows) => report.rows_written += rows,
+                        Outcome::Filtered => report.filtered += 1,
+                        Outcome::DeadLettered => report.dead_lettered_again += 1,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `None` for a letter of another route.
+    async fn replay_one(&self, letter: Letter) -> anyhow::Result<Option<Outcome>> {
+        if letter.headers.get(headers::ROUTE) != Some(&self.route.name) {
+            return Ok(None);
+        }
+        let header = |name: &str| letter.headers.get(name);
+        let number = |names: &[&str]| names.iter().find_map(|n| header(n)?.parse::<i64>().ok());
+        let source = [
+            headers::SOURCE_TOPIC,
+            headers::SOURCE_STREAM,
+            headers::SOURCE_QUEUE,
+            headers::SOURCE_SUBJECT,
+            headers::SOURCE_ENDPOINT,
+        ]
+        .iter()
+        .find_map(|n| header(n))
+        .cloned()
+        .unwrap_or_default();
+        let position = number(&[headers::SOURCE_OFFSET, headers::SOURCE_SEQUENCE]).unwrap_or(0);
+        let timestamp_ms = number(&[headers::SOURCE_TIMESTAMP]);
+        let timestamp_us =
+            number(&[headers::WRITE_TIMESTAMP]).unwrap_or_else(|| write_timestamp_us(timestamp_ms, position));
+        let original_headers: Vec<(String, String)> = letter
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(headers::HEADER_PREFIX)?.to_string(), v.clone())))
+            .collect();
+        let key = letter
+            .key
+            .clone()
+            .or_else(|| header(headers::KEY).map(|k| k.clone().into_bytes()));
+        let envelope = Envelope {
+            key: key.as_deref(),
+            payload: letter.payload.as_deref(),
+            headers: &original_headers,
+            source: &source,
+            partition: number(&[headers::SOURCE_PARTITION]).and_then(|p| i32::try_from(p).ok()),
+            position,
+            timestamp_ms,
+        };
+        let rows = match self.mapper.map(&envelope, timestamp_us) {
+            Ok(rows) if rows.is_empty() => return Ok(Some(Outcome::Filtered)),
+            Ok(rows) => rows,
+            Err(error) => {
+                self.dead_letter_again(
+                    &letter,
+                    &original_headers,
+                    key.as_deref(),
+                    error.code(),
+                    &error.to_string(),
+                )
+                .await;
+                return Ok(Some(Outcome::DeadLettered));
+            }
+        };
+        let count = rows.len() as u64;
+        for row in rows {
+            if let Err(reason) = self.write(&row).await? {
+                self.dead_letter_again(&letter, &original_headers, key.as_deref(), "write_rejected", &reason)
+                    .await;
+                return Ok(Some(Outcome::DeadLettered));
+            }
+        }
+        Ok(Some(Outcome::Written(count)))
+    }
+
+    /// `Ok(Err(reason))` when the database refuses the row for good; `Err` when it stays
+    /// unavailable.
+    async fn write(&self, row: &MappedRow) -> anyhow::Result<Result<(), String>> {
+        let (upsert, delete) = &self.statements[row.target];
+        let statement = if row.delete { delete } else { upsert };
+        match write_statements_once(
+            &self.session,
+            &[(statement, &row.values)],
+            Retries::UpTo(WRITE_ATTEMPTS),
+        )
+        .await
+        {
+            Ok(()) => Ok(Ok(())),
+            Err(error) => match classify(&error) {
+                WriteFailure::Permanent(reason) => Ok(Err(reason)),
+                WriteFailure::Transient(reason) => bail!("the cluster stays unavailable: {reason}"),
+            },
+        }
+    }
+
+    async fn dead_letter_again(
+        &self,
+        letter: &Letter,
+        original_headers: &[(String, String)],
+        key: Option<&[u8]>,
+        reason_code: &str,
+        reason: &str,
+    ) {
+        let source = COORDINATES
+            .iter()
+            .filter_map(|&name| Some((name, letter.headers.get(name)?.clone())))
+            .collect();
+        self.sink
+            .send(&DeadLetter {
+                route: &self.route.name,
+                reason_code,
+                reason,
+                source,
+                headers: original_headers,
+                key,
+                payload: letter.payload.as_deref(),
+            })
+            .await;
+    }
+}
+
+/// Milliseconds since the epoch of a version-1 UUID.
+fn timeuuid_ms(id: CqlTimeuuid) -> Option<i64> {
+    let (seconds, nanos) = uuid::Uuid::from(id).get_timestamp()?.to_unix();
+    Some(seconds as i64 * 1000 + i64::from(nanos / 1_000_000))
+}

@@ -1,0 +1,222 @@
+//! `shardgate replay` against the real Kafka and Cassandra: a route whose computed column only
+//! knows `price` dead-letters the messages that carry `unit_price`; after the config is fixed,
+//! replay writes them, sends the hopeless ones (not JSON) back to the dead-letter destination,
+//! and a second run replays only those. Once with a Kafka dead-letter topic, once with a
+//! dead-letter table.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use shardgate::devkit::{self, Gateway, Record};
+
+use super::{gateway_binary, gateway_lock, Names};
+
+const GOOD: u64 = 200;
+const FIXABLE: u64 = 100;
+const HOPELESS: u64 = 5;
+const DEADLINE: Duration = Duration::from_secs(120);
+
+const BROKEN_TOTAL: &str = "double(msg.qty) * msg.price";
+const FIXED_TOTAL: &str = "double(msg.qty) * (has(msg.price) ? msg.price : msg.unit_price)";
+
+fn config(names: &Names, total: &str) -> String {
+    let ks = &names.keyspace;
+    let route = |name: &str, topic: &str, dead_letter: &str| {
+        format!(
+            r#"
+[[route]]
+name = "{name}"
+table = "{ks}.{name}"
+[route.source]
+kind = "kafka"
+brokers = ["{kafka}"]
+topic = "{topic}"
+group_id = "{group}-{name}"
+start_from = "earliest"
+commit_interval_ms = 500
+[route.columns]
+id = "$key"
+qty = "qty"
+total = {{ expr = "{total}" }}
+[route.dead_letter]
+{dead_letter}
+"#,
+            kafka = devkit::KAFKA,
+            group = names.group,
+        )
+    };
+    let routes = route(
+        "via_topic",
+        &format!("{}.a", names.topic),
+        &format!("kind = \"kafka\"\ntopic = \"{}\"", names.dead_letter_topic),
+    ) + &route(
+        "via_table",
+        &format!("{}.b", names.topic),
+        &format!("kind = \"table\"\ntable = \"{ks}.dead_letters\""),
+    );
+    devkit::gateway_toml(&routes)
+}
+
+fn records() -> Vec<Record> {
+    let mut records = Vec::new();
+    for i in 0..GOOD + FIXABLE {
+        let price = if i < GOOD { "price" } else { "unit_price" };
+        records.push(Record {
+            key: Some(format!("item-{i:04}")),
+            payload: Some(format!(r#"{{"qty": {}, "{price}": {}.5}}"#, i % 7 + 1, i % 20).into_bytes()),
+            headers: vec![],
+        });
+    }
+    for j in 0..HOPELESS {
+        records.push(Record {
+            key: Some(format!("junk-{j}")),
+            payload: Some(b"{not json".to_vec()),
+            headers: vec![],
+        });
+    }
+    records
+}
+
+fn replay(config: &std::path::Path, route: &str) -> String {
+    let output = Command::new(gateway_binary())
+        .args(["replay", "--config"])
+        .arg(config)
+        .args(["--route", route])
+        .output()
+        .expect("run shardgate replay");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "replay failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+async fn assert_items(session: &scylla::client::session::Session, ks: &str, table: &str, count: u64) {
+    let mut rows = session
+        .query_iter(format!("SELECT id, qty, total FROM {ks}.{table}"), &[])
+        .await
+        .expect("select")
+        .rows_stream::<(String, Option<i32>, Option<f64>)>()
+        .expect("typed rows");
+    let mut seen = 0;
+    while let Some((id, qty, total)) = rows.try_next().await.expect("row") {
+        let i: u64 = id.strip_prefix("item-").expect("item id").parse().expect("number");
+        let q = (i % 7 + 1) as i32;
+        assert_eq!(qty, Some(q), "{id}");
+        assert_eq!(total, Some(f64::from(q) * ((i % 20) as f64 + 0.5)), "{id}");
+        seen += 1;
+    }
+    assert_eq!(seen, count, "rows in {table}");
+}
+
+async fn dead_letter_rows(session: &scylla::client::session::Session, ks: &str) -> Vec<(String, String)> {
+    let mut rows = session
+        .query_iter(format!("SELECT route, reason_code FROM {ks}.dead_letters"), &[])
+        .await
+        .expect("select")
+        .rows_stream::<(String, Option<String>)>()
+        .expect("typed rows");
+    let mut all = Vec::new();
+    while let Some((route, code)) = rows.try_next().await.expect("row") {
+        all.push((route, code.unwrap_or_default()));
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_dead_letters_back_through_the_fixed_route() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("replay");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("keyspace");
+    let ks = &names.keyspace;
+    for table in ["via_topic", "via_table"] {
+        session
+            .query_unpaged(
+                format!("CREATE TABLE {ks}.{table} (id text PRIMARY KEY, qty int, total double)"),
+                &[],
+            )
+            .await
+            .expect("create table");
+    }
+    session.await_schema_agreement().await.expect("schema agreement");
+    for suffix in ["a", "b"] {
+        let topic = format!("{}.{suffix}", names.topic);
+        devkit::create_topic(&topic, 1).await.expect("topic");
+        devkit::produce_records(&topic, records()).expect("produce");
+    }
+
+    let broken = names.dir.join("broken.toml");
+    std::fs::write(&broken, config(&names, BROKEN_TOTAL)).expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &broken, &names.dir.join("gateway.log")).expect("gateway starts");
+    let total = (GOOD + FIXABLE + HOPELESS) as i64;
+    let start = std::time::Instant::now();
+    for route in ["via_topic", "via_table"] {
+        let suffix = if route == "via_topic" { "a" } else { "b" };
+        loop {
+            let (committed, _) = devkit::committed_and_end(
+                &format!("{}-{route}", names.group),
+                &format!("{}.{suffix}", names.topic),
+                1,
+            )
+            .expect("offsets");
+            if committed == total {
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "{route}: committed {committed} of {total}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert!(gateway.stop().expect("stop").success());
+    assert_items(&session, ks, "via_topic", GOOD).await;
+    assert_items(&session, ks, "via_table", GOOD).await;
+    let letters = devkit::read_topic(
+        &names.dead_letter_topic,
+        (FIXABLE + HOPELESS) as usize,
+        Duration::from_secs(60),
+    )
+    .expect("dead letters");
+    assert_eq!(letters.len() as u64, FIXABLE + HOPELESS);
+    assert!(letters
+        .iter()
+        .all(|l| l.headers.contains_key("shardgate.write_timestamp_us")));
+    let rows = dead_letter_rows(&session, ks).await;
+    assert_eq!(rows.len() as u64, FIXABLE + HOPELESS);
+    assert_eq!(
+        rows.iter().filter(|(_, code)| code == "expression_failed").count() as u64,
+        FIXABLE
+    );
+
+    // Fix the config and replay both routes.
+    let fixed = names.dir.join("fixed.toml");
+    std::fs::write(&fixed, config(&names, FIXED_TOTAL)).expect("config");
+    let expected = format!(
+        "{} letter(s) replayed: {FIXABLE} row(s) written, 0 filtered, {HOPELESS} dead-lettered again",
+        FIXABLE + HOPELESS
+    );
+    for route in ["via_topic", "via_table"] {
+        let report = replay(&fixed, route);
+        assert!(report.contains(&expected), "{route}: {report}");
+        assert_items(&session, ks, route, GOOD + FIXABLE).await;
+    }
+    // The table holds only the hopeless letters now, with their new reason.
+    let rows = dead_letter_rows(&session, ks).await;
+    assert_eq!(
+        rows,
+        vec![("via_table".to_string(), "not_json".to_string()); HOPELESS as usize]
+    );
+
+    // A second run replays only what the first sent back.
+    let again = format!("{HOPELESS} letter(s) replayed: 0 row(s) written, 0 filtered, {HOPELESS} dead-lettered again");
+    for route in ["via_topic", "via_table"] {
+        let report = replay(&fixed, route);
+        assert!(report.contains(&again), "{route}: {report}");
+    }
+    assert_eq!(dead_letter_rows(&session, ks).await.len() as u64, HOPELESS);
+}
