@@ -187,6 +187,9 @@ pub enum Format {
     Json,
     /// One Protobuf message per message, decoded with a descriptor loaded at start-up.
     Protobuf(ProtobufConfig),
+    /// One FlatBuffers buffer per message, verified and read with this binary schema (`.bfbs`,
+    /// from `flatc --binary --schema`).
+    FlatBuffers(std::path::PathBuf),
     /// The payload is UTF-8 text, mapped with `$payload`.
     Text,
     /// The payload is opaque bytes, mapped with `$payload`.

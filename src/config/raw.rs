@@ -128,6 +128,8 @@ pub struct RawRoute {
     pub format: String,
     /// `[route.protobuf]`: the message type of a `protobuf` route.
     pub protobuf: Option<RawProtobuf>,
+    /// `[route.flatbuffers]`: the binary schema of a `flatbuffers` route.
+    pub flatbuffers: Option<RawFlatBuffers>,
     /// `[route.source]`: where messages come from.
     pub source: RawSource,
     /// `[route.columns]` of the single `table`: `column = "field.path"`, `"$key"`, ... or
@@ -180,6 +182,14 @@ pub struct RawTarget {
     /// `[route.target.columns]`, as `[route.columns]`.
     #[serde(default)]
     pub columns: BTreeMap<String, RawColumn>,
+}
+
+/// `[route.flatbuffers]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlatBuffers {
+    /// Path of the binary schema (`flatc --binary --schema x.fbs` writes `x.bfbs`).
+    pub schema: String,
 }
 
 /// `[route.protobuf]`
@@ -528,7 +538,24 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             "a non-empty name of letters, digits, `_`, `-`, `.`",
         ));
     }
-    let format = validate_format(&key, raw.format.as_str(), raw.protobuf)?;
+    let format = match (raw.format.as_str(), raw.flatbuffers) {
+        ("flatbuffers", Some(flat)) if raw.protobuf.is_none() => Format::FlatBuffers(flat.schema.into()),
+        ("flatbuffers", None) => {
+            return Err(ConfigError::invalid(
+                key("flatbuffers"),
+                "(missing)",
+                "a `[route.flatbuffers]` table with `schema = \"path/to/schema.bfbs\"`",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(ConfigError::invalid(
+                key("flatbuffers"),
+                "(set)",
+                "`format = \"flatbuffers\"` when `[route.flatbuffers]` is given",
+            ))
+        }
+        (format, None) => validate_format(&key, format, raw.protobuf)?,
+    };
     let raw_payload = matches!(format, Format::Text | Format::Bytes);
     let targets = match (raw.table, raw.target.is_empty()) {
         (Some(table), true) => vec![validate_target(&key, "", &table, None, raw.columns, raw_payload)?],
@@ -778,7 +805,7 @@ fn validate_format(
             return Err(ConfigError::invalid(
                 key("format"),
                 other,
-                "`json`, `protobuf`, `text` or `bytes`",
+                "`json`, `protobuf`, `flatbuffers`, `text` or `bytes`",
             ))
         }
     };

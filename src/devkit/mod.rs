@@ -1175,3 +1175,28 @@ pub fn produce_records(topic: &str, records: impl IntoIterator<Item = Record>) -
     );
     Ok(sent)
 }
+
+/// Sample FlatBuffers order event `i` (`schemas/order_event.fbs`), built field by field:
+/// `order_id` `fb-<i>`, `quantity` `i % 10` (0 is FlatBuffers' default and is not stored),
+/// `amount` `i + 0.5`, `express` every third, `channel` `i % 3`, `address.city` from the sample
+/// cities, `line_quantities` `[1, i % 4]`.
+pub fn order_event_flatbuffer(i: u64) -> Vec<u8> {
+    let mut builder = flatbuffers::FlatBufferBuilder::new();
+    let order_id = builder.create_string(&format!("fb-{i:05}"));
+    let city = builder.create_string(CITIES[(i % CITIES.len() as u64) as usize]);
+    let address_start = builder.start_table();
+    builder.push_slot_always(4, city);
+    let address = builder.end_table(address_start);
+    let lines = builder.create_vector(&[1_i32, (i % 4) as i32]);
+    let start = builder.start_table();
+    builder.push_slot_always(4, order_id);
+    builder.push_slot::<i32>(6, (i % 10) as i32, 0);
+    builder.push_slot::<f64>(8, i as f64 + 0.5, 0.0);
+    builder.push_slot::<bool>(10, i.is_multiple_of(3), false);
+    builder.push_slot::<i8>(12, (i % 3) as i8, 0);
+    builder.push_slot_always(14, address);
+    builder.push_slot_always(16, lines);
+    let root = builder.end_table(start);
+    builder.finish(root, None);
+    builder.finished_data().to_vec()
+}

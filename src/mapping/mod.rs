@@ -119,6 +119,9 @@ pub enum MappingError {
     /// The payload is not a message of the route's Protobuf type.
     #[error("payload is not a valid Protobuf message {0}")]
     NotProtobuf(String),
+    /// The payload does not verify against the route's FlatBuffers schema.
+    #[error("payload is not a valid FlatBuffers {0}")]
+    NotFlatBuffer(String),
     /// `$key` is mapped but the message has no key.
     #[error("column `{column}` is mapped from `$key` but the message has no key")]
     KeyAbsent {
@@ -193,6 +196,7 @@ impl MappingError {
             MappingError::NotJson(_) => "not_json",
             MappingError::NotObject => "not_object",
             MappingError::NotProtobuf(_) => "not_protobuf",
+            MappingError::NotFlatBuffer(_) => "not_flatbuffer",
             MappingError::KeyAbsent { .. } | MappingError::KeyNotText { .. } => "bad_key",
             MappingError::MissingPrimaryKey { .. } => "missing_key_column",
             MappingError::BadValue { .. } => "bad_value",

@@ -520,3 +520,52 @@ fn write_clock_orders_a_burst_within_one_millisecond() {
     assert_eq!(super::next_write_timestamp_us(Some(9), 8500), 9000);
     assert_eq!(super::next_write_timestamp_us(Some(8), 8500), 8501);
 }
+
+#[test]
+fn flatbuffers_messages_verify_and_map_by_field_name() {
+    let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/order_event.bfbs");
+    let decoder = format::Decoder::load("r", &Format::FlatBuffers(schema_path.clone())).expect("schema loads");
+    let document = decoder
+        .decode(&crate::devkit::order_event_flatbuffer(7))
+        .expect("decodes");
+    assert_eq!(
+        document,
+        serde_json::json!({
+            "order_id": "fb-00007",
+            "quantity": 7,
+            "amount": 7.5,
+            "express": false,
+            "channel": "Store",
+            "address": {"city": crate::devkit::expected_order(7).city},
+            "line_quantities": [1, 3],
+        })
+    );
+    // Defaults are not stored but read back as values, as FlatBuffers defines them.
+    let zero = decoder
+        .decode(&crate::devkit::order_event_flatbuffer(0))
+        .expect("decodes");
+    assert_eq!(
+        (zero["quantity"].clone(), zero["channel"].clone()),
+        (serde_json::json!(0), serde_json::json!("Web"))
+    );
+    assert!(matches!(
+        decoder.decode(&[1, 2, 3, 4, 5, 6, 7, 8]),
+        Err(MappingError::NotFlatBuffer(_))
+    ));
+    assert!(matches!(decoder.decode(b""), Err(MappingError::NotFlatBuffer(_))));
+    let bad = format::Decoder::load(
+        "r",
+        &Format::FlatBuffers(std::path::PathBuf::from("schemas/order_event.fbs")),
+    );
+    assert!(matches!(bad, Err(SchemaError::Format { .. })));
+}
+
+proptest! {
+    /// No buffer, however malformed, makes the FlatBuffers decoder panic.
+    #[test]
+    fn arbitrary_flatbuffers_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/order_event.bfbs");
+        let decoder = format::Decoder::load("r", &Format::FlatBuffers(schema_path)).expect("schema loads");
+        let _ = decoder.decode(&payload);
+    }
+}

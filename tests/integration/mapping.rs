@@ -5,6 +5,7 @@
 //!   fields, deletes from tombstones and from a delete marker, and an expression that fails
 //!   (dead-lettered with its reason);
 //! - Protobuf decoded with a `.proto` file compiled at start-up, garbage dead-lettered;
+//! - FlatBuffers verified and read with `schemas/order_event.bfbs`, garbage dead-lettered;
 //! - raw text payloads into one column;
 //! - the table chosen per message from a field, an unknown table dead-lettered.
 
@@ -28,6 +29,8 @@ const PROTO_GARBAGE: u64 = 5;
 const LINES: u64 = 100;
 const EVENTS: u64 = 100;
 const UNKNOWN_KIND: u64 = 3;
+const FLAT_ROWS: u64 = 100;
+const FLAT_GARBAGE: u64 = 3;
 
 const ORDER_PROTO: &str = r#"syntax = "proto3";
 package shop.v1;
@@ -61,6 +64,7 @@ struct Topics {
     proto: String,
     lines: String,
     events: String,
+    flat: String,
 }
 
 impl Topics {
@@ -70,11 +74,12 @@ impl Topics {
             proto: format!("{}.proto", names.topic),
             lines: format!("{}.lines", names.topic),
             events: format!("{}.events", names.topic),
+            flat: format!("{}.flat", names.topic),
         }
     }
 
-    fn all(&self) -> [&str; 4] {
-        [&self.items, &self.proto, &self.lines, &self.events]
+    fn all(&self) -> [&str; 5] {
+        [&self.items, &self.proto, &self.lines, &self.events, &self.flat]
     }
 }
 
@@ -154,7 +159,29 @@ table = "{ks}.events_b"
 [route.dead_letter]
 kind = "kafka"
 topic = "{events}.dl"
+
+[[route]]
+name = "flat"
+format = "flatbuffers"
+table = "{ks}.fb_orders"
+[route.flatbuffers]
+schema = "{flat_schema}"
+{flat_source}
+[route.columns]
+order_id = "order_id"
+quantity = "quantity"
+amount = "amount"
+express = "express"
+channel = "channel"
+city = "address.city"
+line_quantities = "line_quantities"
+[route.dead_letter]
+kind = "kafka"
+topic = "{flat}.dl"
 "#,
+        flat = topics.flat,
+        flat_schema = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/order_event.bfbs"),
+        flat_source = kafka_source(&topics.flat, &format!("{group}-flat")),
         items = topics.items,
         proto = topics.proto,
         lines = topics.lines,
@@ -180,6 +207,10 @@ async fn create_tables(names: &Names) -> scylla::client::session::Session {
         format!("CREATE TABLE {ks}.raw_lines (id text PRIMARY KEY, body text, at timestamp)"),
         format!("CREATE TABLE {ks}.events_a (id text PRIMARY KEY, v int)"),
         format!("CREATE TABLE {ks}.events_b (id text PRIMARY KEY, v int)"),
+        format!(
+            "CREATE TABLE {ks}.fb_orders (order_id text PRIMARY KEY, quantity int, amount double, express boolean, \
+             channel text, city text, line_quantities list<int>)"
+        ),
     ] {
         session.query_unpaged(table, &[]).await.expect("create table");
     }
@@ -313,7 +344,11 @@ fn events_records() -> Vec<Record> {
 
 async fn wait_all_committed(names: &Names, topics: &Topics) {
     let start = std::time::Instant::now();
-    for (topic, suffix) in topics.all().into_iter().zip(["items", "proto", "lines", "events"]) {
+    for (topic, suffix) in topics
+        .all()
+        .into_iter()
+        .zip(["items", "proto", "lines", "events", "flat"])
+    {
         loop {
             let group = format!("{}-{suffix}", names.group);
             let (committed, end) = devkit::committed_and_end(&group, topic, 1).expect("offsets");
@@ -373,6 +408,15 @@ async fn every_format_and_mapping_feature_lands_exactly() {
     devkit::produce_records(&topics.proto, proto_records(&pool)).expect("produce protobuf");
     devkit::produce_records(&topics.lines, lines_records()).expect("produce lines");
     devkit::produce_records(&topics.events, events_records()).expect("produce events");
+    let flat_records = (0..FLAT_ROWS)
+        .map(devkit::order_event_flatbuffer)
+        .chain((0..FLAT_GARBAGE).map(|j| vec![0xde, 0xad, 0xbe, 0xef, j as u8]))
+        .map(|payload| Record {
+            key: None,
+            payload: Some(payload),
+            headers: vec![],
+        });
+    devkit::produce_records(&topics.flat, flat_records).expect("produce flatbuffers");
 
     let config = names.dir.join("gateway.toml");
     std::fs::write(
@@ -505,5 +549,40 @@ async fn every_format_and_mapping_feature_lands_exactly() {
     assert_eq!(
         dead_letter_codes(&format!("{}.dl", topics.events), UNKNOWN_KIND as usize),
         BTreeMap::from([("unknown_table".to_string(), UNKNOWN_KIND as usize)])
+    );
+
+    // FlatBuffers route.
+    let mut rows = session
+        .query_iter(
+            format!("SELECT order_id, quantity, amount, express, channel, city, line_quantities FROM {ks}.fb_orders"),
+            &[],
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(
+            String,
+            Option<i32>,
+            Option<f64>,
+            Option<bool>,
+            Option<String>,
+            Option<String>,
+            Option<Vec<i32>>,
+        )>()
+        .expect("typed rows");
+    let mut seen = 0;
+    while let Some((id, quantity, amount, express, channel, city, lines)) = rows.try_next().await.expect("row") {
+        let i: u64 = id.strip_prefix("fb-").expect("flat id").parse().expect("number");
+        assert_eq!(quantity, Some((i % 10) as i32));
+        assert_eq!(amount, Some(i as f64 + 0.5));
+        assert_eq!(express, Some(i.is_multiple_of(3)));
+        assert_eq!(channel.as_deref(), Some(["Web", "Store", "Phone"][(i % 3) as usize]));
+        assert_eq!(city, Some(devkit::expected_order(i).city));
+        assert_eq!(lines, Some(vec![1, (i % 4) as i32]));
+        seen += 1;
+    }
+    assert_eq!(seen, FLAT_ROWS);
+    assert_eq!(
+        dead_letter_codes(&format!("{}.dl", topics.flat), FLAT_GARBAGE as usize),
+        BTreeMap::from([("not_flatbuffer".to_string(), FLAT_GARBAGE as usize)])
     );
 }
