@@ -192,13 +192,23 @@ fn text_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)
     })
 }
 
+/// A JetStream message on its way to a core. Its write timestamp is the stream's own store time
+/// in microseconds: deterministic (a redelivery writes identical cells) and, as the server
+/// stamps messages in stream order, ordered for any burst slower than one message per
+/// microsecond per stream — unlike time-plus-sequence, it has no wrap within a millisecond.
 fn source_message(message: jetstream::Message) -> SourceMessage {
-    let (position, timestamp_ms) = message
+    let (position, timestamp_ms, write_timestamp_us) = message
         .info()
-        .map(|info| (info.stream_sequence as i64, Some(info.published.timestamp_millis())))
-        .unwrap_or((0, None));
+        .map(|info| {
+            (
+                info.stream_sequence as i64,
+                Some(info.published.timestamp_millis()),
+                Some(info.published.timestamp_micros()),
+            )
+        })
+        .unwrap_or((0, None, None));
     SourceMessage {
-        write_timestamp_us: None,
+        write_timestamp_us,
         position,
         timestamp_ms,
         key: None,

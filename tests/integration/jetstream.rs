@@ -168,3 +168,62 @@ async fn jetstream_kill_9_mid_stream_then_restart_loses_nothing() {
     assert!(gateway.stop().expect("stop").success());
     assert_all_orders_exact(&names, count).await;
 }
+
+/// 1,000 updates of one order published in one burst, after 500 other orders so their stream
+/// sequences straddle 1,000, apply in stream order: the last update reads back, written at the
+/// stream's store time. Then a second durable replays the stream and writes identical cells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_burst_of_updates_to_one_key_applies_in_order() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jsburst");
+    let mut js = JetStreamNames::new(&names, "jsburst");
+    setup(&names, &js).await;
+    devkit::publish_jetstream(&js.subject, (0..500).map(devkit::order_message_with_id))
+        .await
+        .expect("publish");
+    let template: serde_json::Value = serde_json::from_slice(&devkit::order_message_with_id(900_000)).expect("json");
+    let updates = (0..1000i64).map(|n| {
+        let mut order = template.clone();
+        order["customer"]["id"] = serde_json::json!(n);
+        order.to_string().into_bytes()
+    });
+    devkit::publish_jetstream(&js.subject, updates)
+        .await
+        .expect("publish updates");
+
+    let read_back = || async {
+        let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+        session
+            .query_unpaged(
+                format!(
+                    "SELECT customer_id, WRITETIME(customer_id) FROM {}.orders WHERE order_id = ?",
+                    names.keyspace
+                ),
+                (template["order_id"].as_str().expect("id"),),
+            )
+            .await
+            .expect("select")
+            .into_rows_result()
+            .expect("rows")
+            .single_row::<(Option<i64>, Option<i64>)>()
+            .expect("one row")
+    };
+    let mut written = Vec::new();
+    for run in ["first", "replay"] {
+        let config = js.write_config(&names);
+        let gateway = Gateway::start(
+            &gateway_binary(),
+            &config,
+            &names.dir.join(format!("gateway-{run}.log")),
+        )
+        .expect("gateway starts");
+        wait_all_acked(&js).await;
+        assert!(gateway.stop().expect("stop").success());
+        let (customer_id, writetime) = read_back().await;
+        assert_eq!(customer_id, Some(999), "{run}: the last update of the burst wins");
+        written.push(writetime.expect("write time"));
+        // The replay reads the same stream with a new durable.
+        js.durable = format!("{}-replay", js.durable);
+    }
+    assert_eq!(written[0], written[1], "a replay writes identical cells");
+}
