@@ -175,7 +175,15 @@ fn contact_point_needs_a_port() {
 fn shipped_example_config_is_valid() {
     let text = include_str!("../../deploy/shardgate.example.toml");
     let config = Config::parse(text, "deploy/shardgate.example.toml").expect("example config validates");
-    assert_eq!(config.routes.len(), 2);
+    assert_eq!(config.routes.len(), 3);
+    let events = &config.routes[2];
+    assert_eq!(events.targets.len(), 2);
+    assert_eq!(
+        events.ttl,
+        Some(TtlConfig::Field(FieldRef::Path(vec!["retention_s".into()])))
+    );
+    assert!(events.filter.is_some() && events.delete_when.is_some());
+    assert!(matches!(&events.dead_letter, DeadLetterConfig::Table { table, .. } if table == "dead_letters"));
     assert_eq!(config.routes[0].targets[0].columns.len(), 5);
     assert!(matches!(config.routes[1].source, SourceConfig::JetStream(_)));
     assert!(matches!(config.routes[1].dead_letter, DeadLetterConfig::Nats { .. }));

@@ -53,6 +53,21 @@ async fn hundred_thousand_messages_land_exactly() {
     let written: Vec<f64> = (0..cores).map(written_by_core).collect();
     let forwarded = devkit::scrape_metric_where(devkit::ADMIN_LISTEN, metric::ROWS_FORWARDED, &[("source", "orders")])
         .expect("metrics");
+    // librdkafka reports consumer lag every 5 s: one gauge per partition, all 0 once drained.
+    let lag_started = std::time::Instant::now();
+    let lags = loop {
+        let lags = devkit::scrape_samples(devkit::ADMIN_LISTEN, metric::KAFKA_CONSUMER_LAG, &[("route", "orders")])
+            .expect("metrics");
+        if lags.len() == PARTITIONS as usize && lags.iter().all(|&lag| lag == 0.0) {
+            break lags;
+        }
+        assert!(
+            lag_started.elapsed() < Duration::from_secs(30),
+            "consumer lag per partition after draining: {lags:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(lags.len(), PARTITIONS as usize);
     let status = gateway.stop().expect("stop gateway");
     assert!(status.success(), "graceful stop exits 0, got {status}");
 
