@@ -15,5 +15,6 @@ pub mod mapping;
 pub mod replay;
 pub mod runtime;
 pub mod sink;
+pub mod spool;
 pub mod telemetry;
 pub mod topology;

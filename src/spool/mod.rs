@@ -1,0 +1,334 @@
+//! The per-core spool (DESIGN §5): an append-only log of segments on the core's NVMe
+//! directory. A batch of records is appended and made durable with one sync (group commit);
+//! each record gets a [`RecordId`]; once the caller has written a record to the database it
+//! [`Spool::complete`]s it, and a sealed segment whose records are all complete is removed. On
+//! open, the records of every remaining segment are replayed to the caller, a torn tail
+//! (records the crash cut) is skipped with a log line, and new appends go to a fresh segment.
+//! The bytes of live segments are capped: an append over the cap is refused with
+//! [`SpoolError::Full`], which callers turn into backpressure, never into loss.
+//!
+//! Records are opaque bytes here (framed with a length and a CRC32C, [`frame`]); what they
+//! carry is defined in `schemas/` and encoded by the caller. Every file operation goes
+//! through [`storage::Storage`], so tests run the same engine on a fault-injecting in-memory
+//! directory. One spool per core, used from that core only (no locks).
+
+pub mod frame;
+pub mod storage;
+
+use std::collections::BTreeMap;
+
+use self::storage::{SegmentWriter, Storage};
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordId {
+    /// Segment number.
+    pub segment: u64,
+    /// Index of the record in its segment.
+    pub index: u32,
+}
+
+/// Records left by a previous run, oldest first, with their ids.
+pub type Replay = Vec<(RecordId, Vec<u8>)>;
+
+/// Size limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolLimits {
+    /// A segment is sealed once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// Bytes of live segments beyond which appends are refused.
+    pub cap_bytes: u64,
+}
+
+/// Why the spool refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The cap is reached: the caller must wait for completions (backpressure).
+    #[error("spool full: {live_bytes} of {cap_bytes} bytes in use")]
+    Full {
+        /// Bytes in live segments.
+        live_bytes: u64,
+        /// The configured cap.
+        cap_bytes: u64,
+    },
+    /// A record over the frame limit.
+    #[error("record of {0} bytes is over the spool's record limit")]
+    TooLarge(usize),
+    /// The storage failed; the records of the failed append are not durable (not acked).
+    #[error("spool {operation} failed on `{segment}`: {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The segment file.
+        segment: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What [`Spool::open`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: usize,
+    /// Torn tails skipped: (segment, offset, reason).
+    pub torn: Vec<(String, usize, String)>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    name: String,
+    bytes: u64,
+    records: u32,
+    outstanding: u32,
+    sealed: bool,
+}
+
+struct Active<W> {
+    id: u64,
+    writer: W,
+    /// A failed write or sync leaves the file's tail unknown: no more appends go to it.
+    broken: bool,
+}
+
+/// One core's spool.
+pub struct Spool<S: Storage> {
+    storage: S,
+    limits: SpoolLimits,
+    segments: BTreeMap<u64, Segment>,
+    active: Option<Active<S::Writer>>,
+    next_segment: u64,
+    live_bytes: u64,
+}
+
+fn segment_name(id: u64) -> String {
+    format!("segment-{id:020}.log")
+}
+
+fn segment_id(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?.strip_suffix(".log")?.parse().ok()
+}
+
+impl<S: Storage> Spool<S> {
+    /// Opens the spool in `storage` and returns the records left by the previous run, oldest
+    /// first, each with its id; complete them once they are written, as new ones.
+    pub async fn open(storage: S, limits: SpoolLimits) -> Result<(Spool<S>, Replay, Recovery), SpoolError> {
+        let io = |operation: &'static str, segment: String| {
+            move |source| SpoolError::Io {
+                operation,
+                segment,
+                source,
+            }
+        };
+        let names = storage.list().await.map_err(io("list", String::new()))?;
+        let mut ids: Vec<u64> = names.iter().filter_map(|n| segment_id(n)).collect();
+        ids.sort_unstable();
+        let mut spool = Spool {
+            storage,
+            limits,
+            segments: BTreeMap::new(),
+            active: None,
+            next_segment: ids.last().map_or(0, |last| last + 1),
+            live_bytes: 0,
+        };
+        let mut replay = Vec::new();
+        let mut recovery = Recovery::default();
+        for id in ids {
+            let name = segment_name(id);
+            let bytes = spool.storage.read(&name).await.map_err(io("read", name.clone()))?;
+            let (records, tail) = frame::decode(&bytes);
+            if let frame::Tail::Torn { offset, reason } = tail {
+                tracing::warn!(segment = %name, offset, %reason, kept = records.len(), "spool: torn tail skipped");
+                recovery.torn.push((name.clone(), offset, reason));
+            }
+            recovery.segments += 1;
+            recovery.records += records.len();
+            if records.is_empty() {
+                // Nothing to replay; a failed removal is retried on the next open.
+                if let Err(error) = spool.storage.remove(&name).await {
+                    tracing::warn!(segment = %name, %error, "spool: cannot remove an empty segment");
+                }
+                continue;
+            }
+            for (index, record) in records.iter().enumerate() {
+                replay.push((
+                    RecordId {
+                        segment: id,
+                        index: index as u32,
+                    },
+                    record.to_vec(),
+                ));
+            }
+            spool.live_bytes += bytes.len() as u64;
+            spool.segments.insert(
+                id,
+                Segment {
+                    name,
+                    bytes: bytes.len() as u64,
+                    records: records.len() as u32,
+                    outstanding: records.len() as u32,
+                    sealed: true,
+                },
+            );
+        }
+        Ok((spool, replay, recovery))
+    }
+
+    /// Bytes in live segments.
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    /// Records appended or replayed and not yet complete.
+    pub fn outstanding(&self) -> u64 {
+        self.segments.values().map(|s| u64::from(s.outstanding)).sum()
+    }
+
+    /// Appends `records` and makes them durable with one sync. On success every record is
+    /// durable and may be acknowledged to its source; on error none may be (some may still
+    /// be replayed after a restart, which idempotent writes absorb).
+    pub async fn append(&mut self, records: &[&[u8]]) -> Result<Vec<RecordId>, SpoolError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut bytes = Vec::with_capacity(records.iter().map(|r| r.len() + frame::HEADER_BYTES).sum());
+        for record in records {
+            if record.len() > frame::RECORD_BYTES_MAX || record.is_empty() {
+                return Err(SpoolError::TooLarge(record.len()));
+            }
+            frame::encode(record, &mut bytes);
+        }
+        let added = bytes.len() as u64;
+        if self.live_bytes + added > self.limits.cap_bytes {
+            return Err(SpoolError::Full {
+                live_bytes: self.live_bytes,
+                cap_bytes: self.limits.cap_bytes,
+            });
+        }
+        let rotate = match &self.active {
+            None => true,
+            Some(active) => active.broken || self.segments[&active.id].bytes + added > self.limits.segment_bytes_max,
+        };
+        if rotate {
+            self.seal_active().await;
+            self.open_segment().await?;
+        }
+        let Some(active) = self.active.as_mut() else {
+            unreachable!("a segment was just opened");
+        };
+        let Some(segment) = self.segments.get_mut(&active.id) else {
+            unreachable!("the active segment is tracked");
+        };
+        let name = segment.name.clone();
+        let io = |operation: &'static str, source| SpoolError::Io {
+            operation,
+            segment: name,
+            source,
+        };
+        // Whatever the outcome, these bytes may be on disk: count them against the cap.
+        segment.bytes += added;
+        self.live_bytes += added;
+        if let Err(source) = active.writer.write_all(&bytes).await {
+            active.broken = true;
+            return Err(io("write", source));
+        }
+        if let Err(source) = active.writer.sync().await {
+            active.broken = true;
+            return Err(io("sync", source));
+        }
+        let first = segment.records;
+        segment.records += records.len() as u32;
+        segment.outstanding += records.len() as u32;
+        Ok((0..records.len() as u32)
+            .map(|i| RecordId {
+                segment: active.id,
+                index: first + i,
+            })
+            .collect())
+    }
+
+    /// Marks a record written. Removes segments that are sealed and fully complete; a failed
+    /// removal is logged and retried on the next completion (the records would replay, which
+    /// is safe).
+    pub async fn complete(&mut self, id: RecordId) {
+        if let Some(segment) = self.segments.get_mut(&id.segment) {
+            segment.outstanding = segment.outstanding.saturating_sub(1);
+        }
+        self.remove_finished().await;
+    }
+
+    async fn remove_finished(&mut self) {
+        let finished: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| s.sealed && s.outstanding == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in finished {
+            let name = self.segments[&id].name.clone();
+            match self.storage.remove(&name).await {
+                Ok(()) => {
+                    if let Some(segment) = self.segments.remove(&id) {
+                        self.live_bytes = self.live_bytes.saturating_sub(segment.bytes);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(segment = %name, %error, "spool: cannot remove a finished segment; will retry")
+                }
+            }
+        }
+    }
+
+    async fn seal_active(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        if let Some(segment) = self.segments.get_mut(&active.id) {
+            segment.sealed = true;
+        }
+        if let Err(error) = active.writer.close().await {
+            // Everything acknowledged from it was synced before; the close only trims padding.
+            tracing::warn!(segment = active.id, %error, "spool: closing a segment failed");
+        }
+        self.remove_finished().await;
+    }
+
+    async fn open_segment(&mut self) -> Result<(), SpoolError> {
+        let id = self.next_segment;
+        self.next_segment += 1;
+        let name = segment_name(id);
+        let writer = self.storage.create(&name).await.map_err(|source| SpoolError::Io {
+            operation: "create",
+            segment: name.clone(),
+            source,
+        })?;
+        self.segments.insert(
+            id,
+            Segment {
+                name,
+                bytes: 0,
+                records: 0,
+                outstanding: 0,
+                sealed: false,
+            },
+        );
+        self.active = Some(Active {
+            id,
+            writer,
+            broken: false,
+        });
+        Ok(())
+    }
+
+    /// Seals the active segment (graceful shutdown); records still outstanding replay on the
+    /// next open.
+    pub async fn close(mut self) {
+        self.seal_active().await;
+        self.remove_finished().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;
