@@ -527,6 +527,11 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&mut self, needle: &str, deadline: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
@@ -1199,4 +1204,52 @@ pub fn order_event_flatbuffer(i: u64) -> Vec<u8> {
     let root = builder.end_table(start);
     builder.finish(root, None);
     builder.finished_data().to_vec()
+}
+
+/// The local Cassandra frozen with SIGSTOP — unreachable as a hung node is: connections stay
+/// open, requests time out — until [`CassandraPause::resume`] or drop sends SIGCONT.
+pub struct CassandraPause {
+    pid: i32,
+    resumed: bool,
+}
+
+impl CassandraPause {
+    /// Freezes the Cassandra that `deploy/local/stack.sh up` started (pid from its state dir,
+    /// `$SHARDGATE_STATE` or `.state` in the repository).
+    pub fn start() -> anyhow::Result<CassandraPause> {
+        let state = std::env::var_os("SHARDGATE_STATE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"));
+        let pidfile = state.join("cassandra/pid");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .with_context(|| format!("reading {}", pidfile.display()))?
+            .trim()
+            .parse()
+            .context("cassandra pid")?;
+        signal(pid, "STOP")?;
+        Ok(CassandraPause { pid, resumed: false })
+    }
+
+    /// Sends SIGCONT.
+    pub fn resume(mut self) -> anyhow::Result<()> {
+        self.resumed = true;
+        signal(self.pid, "CONT")
+    }
+}
+
+impl Drop for CassandraPause {
+    fn drop(&mut self) {
+        if !self.resumed {
+            let _ = signal(self.pid, "CONT");
+        }
+    }
+}
+
+fn signal(pid: i32, name: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
 }

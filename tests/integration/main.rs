@@ -4,6 +4,7 @@
 //! consumer group. Tests that run a gateway take a process-wide lock so that two gateways never
 //! compete for the machine's two cores.
 
+mod faults;
 mod ingest;
 mod jetstream;
 mod kafka_route;

@@ -1,0 +1,58 @@
+//! Faults against the real services: the database hangs for 30 s in the middle of a Kafka
+//! stream (Cassandra frozen with SIGSTOP: connections stay open, requests time out).
+
+use std::time::{Duration, Instant};
+
+use shardgate::devkit::{self, CassandraPause, Gateway};
+
+use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committed, Names};
+
+const PARTITIONS: i32 = 6;
+const OUTAGE: Duration = Duration::from_secs(30);
+
+/// 200,000 orders through a Kafka route in `written` mode while Cassandra hangs for 30 s: the
+/// route stops committing (nothing is acknowledged that is not written), the gateway stays up,
+/// and once Cassandra is back it drains by itself — every row exactly once with exact values,
+/// every offset committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_route_survives_a_30_second_database_outage() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("outage");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    drop(session);
+    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
+    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
+    let count: u64 = 200_000;
+    let orders = (0..count).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&names.topic, orders).expect("produce");
+
+    let mut gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
+        .expect("gateway starts");
+    wait_committed(&names, PARTITIONS, 20_000, Duration::from_secs(120));
+    let pause = CassandraPause::start().expect("freeze Cassandra");
+    let frozen = Instant::now();
+    // Let in-flight writes time out, then watch the committed offsets stand still.
+    std::thread::sleep(Duration::from_secs(12));
+    let (during, _) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    std::thread::sleep(OUTAGE.saturating_sub(frozen.elapsed()));
+    let (after, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    assert!(
+        after < end,
+        "the outage must land mid-stream ({after} of {end} committed)"
+    );
+    assert_eq!(during, after, "nothing is committed while the database is down");
+    assert!(gateway.is_running(), "the gateway rides the outage out");
+    pause.resume().expect("resume Cassandra");
+
+    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, count).await;
+    let letters = devkit::read_topic(&names.dead_letter_topic, 1, Duration::from_secs(5)).expect("read");
+    assert!(letters.is_empty(), "a timeout is transient: nothing is dead-lettered");
+}
