@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::bridge::dead_letter::DeadLetterSink;
 use crate::bridge::kafka::{self, Poller};
 use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, TargetStatements, CORE_QUEUE_BATCHES_MAX};
+use crate::bridge::spooled;
 use crate::bridge::{amqp, nats, zeromq};
 use crate::config::{Config, IngestConfig, SourceConfig};
 use crate::ingest::proto::ingest_server::IngestServer;
@@ -186,6 +187,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             batch_rows_max: config.runtime.write_batch_rows_max,
             mesh: Arc::clone(&mesh),
             metrics: RowMetrics::per_core(&route.name, &route.tables_label(), cpus.len()),
+            spooled: route.ack == crate::config::AckMode::Spooled,
         });
         for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
             core_routes.push(CoreRoute {
@@ -230,6 +232,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // A core keeps serving its mesh inbox until every core has finished its own sources: only
     // then can no forwarded task arrive any more.
     let sources_done = Arc::new(tokio::sync::Barrier::new(cpus.len()));
+    // Cores open their spools only when a route uses them.
+    let spool = config
+        .runtime
+        .spool
+        .clone()
+        .filter(|_| config.routes.iter().any(|r| r.ack == crate::config::AckMode::Spooled));
     let bodies: Vec<_> = per_core
         .into_iter()
         .zip(ingest_parts)
@@ -239,7 +247,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             let stop = stop_rx.clone();
             let bound = bound_tx.clone();
             let sources_done = Arc::clone(&sources_done);
+            let spool = spool.clone();
             move || async move {
+                let replay = match &spool {
+                    Some(config) => match spooled::open_on_core(config, core).await {
+                        Ok(replay) => replay,
+                        Err(reason) => {
+                            let _ = bound.send(Err(reason));
+                            return;
+                        }
+                    },
+                    None => Vec::new(),
+                };
+                let writers: std::collections::HashMap<_, _> = routes
+                    .iter()
+                    .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
+                    .collect();
+                let replaying = async move { spooled::replay_on_core(core, replay, &writers).await };
                 let tasks = routes
                     .into_iter()
                     .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));
@@ -252,10 +276,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     }
                 };
                 let sources = async move {
-                    futures::join!(futures::future::join_all(tasks), ingest);
+                    futures::join!(futures::future::join_all(tasks), ingest, replaying);
                     sources_done.wait().await;
                 };
                 mesh::serve(inbox, sources).await;
+                spooled::close_on_core().await;
             }
         })
         .collect();

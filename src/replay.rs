@@ -41,20 +41,10 @@ const POLL_WAIT: Duration = Duration::from_millis(500);
 /// Polls in a row without a message before the topic counts as read to its end.
 const IDLE_POLLS_MAX: u32 = 20;
 
-/// Source coordinate headers copied onto a letter that fails again.
-const COORDINATES: &[&str] = &[
-    headers::SOURCE_TOPIC,
-    headers::SOURCE_PARTITION,
-    headers::SOURCE_OFFSET,
-    headers::SOURCE_STREAM,
-    headers::SOURCE_SUBJECT,
-    headers::SOURCE_SEQUENCE,
-    headers::SOURCE_QUEUE,
-    headers::SOURCE_ROUTING_KEY,
-    headers::SOURCE_REDELIVERED,
-    headers::SOURCE_ENDPOINT,
-    headers::SOURCE_TIMESTAMP,
-    headers::WRITE_TIMESTAMP,
+/// Headers copied onto a letter that fails again: its source coordinates and times.
+const COORDINATES: &[&[&str]] = &[
+    headers::SOURCE_COORDINATES,
+    &[headers::SOURCE_TIMESTAMP, headers::WRITE_TIMESTAMP],
 ];
 
 /// What a run did.
@@ -426,6 +416,7 @@ impl Replayer {
     ) {
         let source = COORDINATES
             .iter()
+            .flat_map(|names| names.iter())
             .filter_map(|&name| Some((name, letter.headers.get(name)?.clone())))
             .collect();
         self.sink

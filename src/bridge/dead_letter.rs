@@ -56,6 +56,19 @@ pub mod headers {
     pub const WRITE_TIMESTAMP: &str = "shardgate.write_timestamp_us";
     /// Prefix of the original message's headers.
     pub const HEADER_PREFIX: &str = "shardgate.header.";
+    /// Every source coordinate header.
+    pub const SOURCE_COORDINATES: &[&str] = &[
+        SOURCE_TOPIC,
+        SOURCE_PARTITION,
+        SOURCE_OFFSET,
+        SOURCE_STREAM,
+        SOURCE_SUBJECT,
+        SOURCE_SEQUENCE,
+        SOURCE_QUEUE,
+        SOURCE_ROUTING_KEY,
+        SOURCE_REDELIVERED,
+        SOURCE_ENDPOINT,
+    ];
 }
 
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);

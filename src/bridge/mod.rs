@@ -8,4 +8,5 @@ pub mod dead_letter;
 pub mod kafka;
 pub mod nats;
 pub mod route;
+pub mod spooled;
 pub mod zeromq;

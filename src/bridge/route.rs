@@ -95,9 +95,26 @@ pub enum Origin {
         /// The socket's endpoint.
         endpoint: String,
     },
+    /// Already acknowledged: the message is in the core's spool (`ack = "spooled"`), written
+    /// from there; or replayed from the spool after a restart.
+    Spooled {
+        /// Its source coordinates, for dead letters.
+        coordinates: Vec<(&'static str, String)>,
+        /// Kafka partition, if it came from Kafka.
+        partition: Option<i32>,
+    },
 }
 
 impl SourceMessage {
+    /// The Kafka partition it came from, if any.
+    pub fn partition(&self) -> Option<i32> {
+        match &self.origin {
+            Origin::Kafka { partition, .. } => Some(*partition),
+            Origin::Spooled { partition, .. } => *partition,
+            _ => None,
+        }
+    }
+
     /// What the mapper sees of this message.
     fn envelope<'a>(&'a self, source: &'a str) -> Envelope<'a> {
         Envelope {
@@ -105,10 +122,7 @@ impl SourceMessage {
             payload: self.payload.as_deref(),
             headers: &self.headers,
             source,
-            partition: match &self.origin {
-                Origin::Kafka { partition, .. } => Some(*partition),
-                _ => None,
-            },
+            partition: self.partition(),
             position: self.position,
             timestamp_ms: self.timestamp_ms,
         }
@@ -131,8 +145,10 @@ impl SourceMessage {
         coordinates
     }
 
-    fn source_coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
+    /// Where the message came from, as dead-letter headers.
+    pub fn source_coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
         match &self.origin {
+            Origin::Spooled { coordinates, .. } => coordinates.clone(),
             Origin::Kafka { partition, .. } => vec![
                 (headers::SOURCE_TOPIC, source.to_string()),
                 (headers::SOURCE_PARTITION, partition.to_string()),
@@ -299,6 +315,8 @@ pub struct RouteWriter {
     pub mesh: Arc<Mesh>,
     /// Metric handles of the route's tables, one per core.
     pub metrics: Vec<RowMetrics>,
+    /// `ack = "spooled"`: messages are acknowledged once in the core's spool.
+    pub spooled: bool,
 }
 
 impl RouteWriter {
@@ -311,11 +329,55 @@ impl RouteWriter {
         }
     }
 
+    /// Processes a batch received on `core`. A spooled route first appends the batch to the
+    /// core's spool, acknowledges the source once it is durable and releases the batch's
+    /// in-flight `permit` (the source may read on while the rows are written), then writes the
+    /// rows and completes the records. Otherwise the permit is held until the rows are written.
+    async fn process_batch(
+        self: &Arc<Self>,
+        core: usize,
+        mut batch: Vec<SourceMessage>,
+        permit: glommio::sync::StaticPermit,
+    ) {
+        if !self.spooled {
+            self.write_batch(core, batch).await;
+            drop(permit);
+            return;
+        }
+        let records: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|work| super::spooled::encode(&self.route, work, &work.source_coordinates(&self.source)))
+            .collect();
+        let ids = super::spooled::append(&self.route, &records).await;
+        drop(records);
+        for work in &mut batch {
+            self.complete(core, work, false);
+            work.origin = Origin::Spooled {
+                coordinates: work.source_coordinates(&self.source),
+                partition: work.partition(),
+            };
+        }
+        drop(permit);
+        self.write_batch(core, batch).await;
+        super::spooled::complete(&ids).await;
+    }
+
+    /// Writes messages replayed from the core's spool, then completes their records.
+    pub async fn write_replayed(
+        self: &Arc<Self>,
+        core: usize,
+        batch: Vec<SourceMessage>,
+        ids: Vec<crate::spool::RecordId>,
+    ) {
+        self.write_batch(core, batch).await;
+        super::spooled::complete(&ids).await;
+    }
+
     /// Maps a batch of messages received on `core`, writes each row on its owner core (in
     /// UNLOGGED batches of one replica and shard), dead-letters what cannot be mapped or
     /// written, and reports every message's completion only after all its rows are written or
     /// its dead letter delivered. Returns once every owner has answered.
-    async fn process_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
+    async fn write_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
         let ownership = self.ownership.load();
         let metrics = &self.metrics[core];
         metrics.received.increment(batch.len() as u64);
@@ -455,6 +517,9 @@ impl RouteWriter {
     /// happens after a shutdown deadline, when the message is replayed anyway), or a JetStream
     /// ack — a termination when the message was dead-lettered, so it is never redelivered.
     fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool) {
+        if matches!(work.origin, Origin::Spooled { .. }) {
+            return;
+        }
         if let Some(sent_ms) = work.timestamp_ms {
             let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
             self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
@@ -500,7 +565,7 @@ impl RouteWriter {
                     }
                 });
             }
-            Origin::Nats { .. } | Origin::Zmq { .. } => {}
+            Origin::Nats { .. } | Origin::Zmq { .. } | Origin::Spooled { .. } => {}
         }
     }
 
@@ -538,11 +603,7 @@ pub async fn run_on_core(
             return;
         };
         let writer = Arc::clone(&writer);
-        glommio::spawn_local(async move {
-            writer.process_batch(core, batch).await;
-            drop(permit);
-        })
-        .detach();
+        glommio::spawn_local(async move { writer.process_batch(core, batch, permit).await }).detach();
     }
     let _ = permits.acquire(inflight_max as u64).await;
 }

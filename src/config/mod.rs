@@ -123,6 +123,28 @@ pub struct RuntimeConfig {
     /// How long a graceful shutdown may take before in-flight work is abandoned (and replayed
     /// from the source on the next start).
     pub shutdown_deadline: Duration,
+    /// The per-core spools, if configured.
+    pub spool: Option<SpoolConfig>,
+}
+
+/// Where and how big the per-core spools are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// Directory; core `n` uses `<dir>/core-<n>`.
+    pub dir: std::path::PathBuf,
+    /// Segment size at which a segment is sealed.
+    pub segment_bytes: u64,
+    /// Live bytes per core beyond which spooled routes pause.
+    pub cap_bytes_per_core: u64,
+}
+
+/// When a route acknowledges a source message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// After every row of the message is written (or it is dead-lettered).
+    Written,
+    /// Once the message is durable in the receiving core's spool; rows are written after.
+    Spooled,
 }
 
 /// One route: a source feeding one or more tables.
@@ -130,6 +152,8 @@ pub struct RuntimeConfig {
 pub struct RouteConfig {
     /// Unique route name, used in logs, metrics and dead-letter headers.
     pub name: String,
+    /// When source messages are acknowledged.
+    pub ack: AckMode,
     /// Where messages come from.
     pub source: SourceConfig,
     /// Message format.

@@ -7,10 +7,10 @@ use scylla::frame::types::Consistency;
 use serde::Deserialize;
 
 use super::{
-    validate_identifier, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError, DeadLetterConfig,
-    FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, NatsSourceConfig, ProtobufConfig,
-    RouteConfig, RuntimeConfig, SourceConfig, StartFrom, TargetConfig, TimeUnit, TimestampConfig, TtlConfig,
-    ZmqSocketKind, ZmqSourceConfig,
+    validate_identifier, AckMode, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError,
+    DeadLetterConfig, FieldRef, Format, IngestConfig, JetStreamSourceConfig, KafkaSourceConfig, NatsSourceConfig,
+    ProtobufConfig, RouteConfig, RuntimeConfig, SourceConfig, SpoolConfig, StartFrom, TargetConfig, TimeUnit,
+    TimestampConfig, TtlConfig, ZmqSocketKind, ZmqSourceConfig,
 };
 
 /// Top level of a shardgate config file.
@@ -101,6 +101,23 @@ pub struct RawRuntime {
     /// writes). Default 64; see the README for the measurement.
     #[serde(default = "default_write_batch_rows")]
     pub write_batch_rows_max: usize,
+    /// Directory of the per-core spools (`<dir>/core-<n>`), on the NVMe. Required by routes
+    /// with `ack = "spooled"`.
+    #[serde(default)]
+    pub spool_dir: Option<String>,
+    /// A spool segment is sealed at this size, in MiB. Default 64.
+    #[serde(default = "default_spool_segment_mib")]
+    pub spool_segment_mib: u64,
+    /// Bytes of spool per core, in MiB, beyond which spooled routes pause. Default 1024.
+    #[serde(default = "default_spool_cap_mib")]
+    pub spool_cap_mib_per_core: u64,
+}
+
+fn default_spool_segment_mib() -> u64 {
+    64
+}
+fn default_spool_cap_mib() -> u64 {
+    1024
 }
 
 impl Default for RawRuntime {
@@ -111,6 +128,9 @@ impl Default for RawRuntime {
             inflight_rows_per_core_max: default_inflight_rows(),
             shutdown_deadline_ms: default_shutdown_deadline_ms(),
             write_batch_rows_max: default_write_batch_rows(),
+            spool_dir: None,
+            spool_segment_mib: default_spool_segment_mib(),
+            spool_cap_mib_per_core: default_spool_cap_mib(),
         }
     }
 }
@@ -154,6 +174,10 @@ pub struct RawRoute {
     pub timestamp: Option<String>,
     /// `s`, `ms` or `us`. Default `ms`.
     pub timestamp_unit: Option<String>,
+    /// `written` (ack after the database write, default) or `spooled` (ack once the message is
+    /// in the core's spool on disk; needs `runtime.spool_dir`).
+    #[serde(default)]
+    pub ack: Option<String>,
     /// `[route.dead_letter]`: where undecodable or unwritable messages go. Required.
     pub dead_letter: Option<RawDeadLetter>,
 }
@@ -432,6 +456,13 @@ impl RawConfig {
                     "a name no other route uses",
                 ));
             }
+            if route.ack == AckMode::Spooled && runtime.spool.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("route[{index}].ack"),
+                    "spooled",
+                    "`runtime.spool_dir` set to a directory for the per-core spools",
+                ));
+            }
             routes.push(route);
         }
         Ok(Config {
@@ -520,11 +551,30 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
             format!("a whole number from 1 to {WRITE_BATCH_ROWS_MAX}"),
         ));
     }
+    if raw.spool_segment_mib == 0 || raw.spool_segment_mib > 4096 {
+        return Err(ConfigError::invalid(
+            "runtime.spool_segment_mib",
+            raw.spool_segment_mib,
+            "MiB from 1 to 4096",
+        ));
+    }
+    if raw.spool_cap_mib_per_core < raw.spool_segment_mib {
+        return Err(ConfigError::invalid(
+            "runtime.spool_cap_mib_per_core",
+            raw.spool_cap_mib_per_core,
+            format!("at least `runtime.spool_segment_mib` ({} MiB)", raw.spool_segment_mib),
+        ));
+    }
     Ok(RuntimeConfig {
         cores,
         island_threads: raw.island_threads,
         inflight_rows_per_core_max: raw.inflight_rows_per_core_max,
         write_batch_rows_max: raw.write_batch_rows_max,
+        spool: raw.spool_dir.map(|dir| SpoolConfig {
+            dir: dir.into(),
+            segment_bytes: raw.spool_segment_mib << 20,
+            cap_bytes_per_core: raw.spool_cap_mib_per_core << 20,
+        }),
         shutdown_deadline: Duration::from_millis(bounded_ms("runtime.shutdown_deadline_ms", raw.shutdown_deadline_ms)?),
     })
 }
@@ -736,8 +786,14 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             }
         }
     };
+    let ack = match raw.ack.as_deref() {
+        None | Some("written") => AckMode::Written,
+        Some("spooled") => AckMode::Spooled,
+        Some(other) => return Err(ConfigError::invalid(key("ack"), other, "`written` or `spooled`")),
+    };
     Ok(RouteConfig {
         name: raw.name,
+        ack,
         source,
         format,
         targets,

@@ -140,7 +140,7 @@ pub fn gateway_toml_on(routes: &str, admin: &str) -> String {
 
 /// A gateway config for the local cluster, with metrics on [`ADMIN_LISTEN`]: `runtime_extra`
 /// lines go in `[runtime]`, then the routes.
-fn gateway_toml_with(routes: &str, runtime_extra: &str, admin: &str) -> String {
+pub fn gateway_toml_with(routes: &str, runtime_extra: &str, admin: &str) -> String {
     format!(
         r#"
 [cluster]

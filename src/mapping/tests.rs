@@ -40,6 +40,7 @@ fn target(table: &str, when: Option<&str>, columns: &[(&str, FieldRef)]) -> Targ
 fn route_with(targets: Vec<TargetConfig>) -> RouteConfig {
     RouteConfig {
         name: "r".into(),
+        ack: crate::config::AckMode::Written,
         source: SourceConfig::Kafka(KafkaSourceConfig {
             brokers: "b:1".into(),
             topic: "in".into(),

@@ -1,8 +1,9 @@
 //! Record framing in a segment: `[length: u32 LE][crc32c of the body: u32 LE][body]`. A zero
-//! length is the padding `DmaStreamWriter::sync` leaves after the last record (a clean end);
-//! anything else that does not check out — a length past the end of the file or over the
-//! limit, a checksum mismatch — is a torn tail: the records before it are kept, it and
-//! everything after it are skipped.
+//! length followed by zeros is a clean end; anything else that does not check out — a length
+//! past the end of the file or over the limit, a checksum mismatch — is a torn tail: the
+//! records before it are kept, it and everything after it are skipped. (`DmaStreamWriter::sync`
+//! pads the last block with whatever its buffer held, so after a crash the tail is usually
+//! "torn" padding; a record is only ever trusted when its checksum matches.)
 
 /// Bytes of a frame header.
 pub const HEADER_BYTES: usize = 8;

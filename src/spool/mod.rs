@@ -2,8 +2,9 @@
 //! directory. A batch of records is appended and made durable with one sync (group commit);
 //! each record gets a [`RecordId`]; once the caller has written a record to the database it
 //! [`Spool::complete`]s it, and a sealed segment whose records are all complete is removed. On
-//! open, the records of every remaining segment are replayed to the caller, a torn tail
-//! (records the crash cut) is skipped with a log line, and new appends go to a fresh segment.
+//! open, the records of every remaining segment are replayed to the caller, an unreadable tail
+//! (a record the crash cut, or the padding of the last sync) is skipped with a log line, and new
+//! appends go to a fresh segment.
 //! The bytes of live segments are capped: an append over the cap is refused with
 //! [`SpoolError::Full`], which callers turn into backpressure, never into loss.
 //!
@@ -140,7 +141,15 @@ impl<S: Storage> Spool<S> {
             let bytes = spool.storage.read(&name).await.map_err(io("read", name.clone()))?;
             let (records, tail) = frame::decode(&bytes);
             if let frame::Tail::Torn { offset, reason } = tail {
-                tracing::warn!(segment = %name, offset, %reason, kept = records.len(), "spool: torn tail skipped");
+                // After a crash this is either the block padding of the last sync (glommio pads
+                // with whatever its buffer held) or a record the crash cut: neither was acked.
+                tracing::warn!(
+                    segment = %name,
+                    offset,
+                    %reason,
+                    kept = records.len(),
+                    "spool: unreadable tail skipped (sync padding or a record cut by the crash)"
+                );
                 recovery.torn.push((name.clone(), offset, reason));
             }
             recovery.segments += 1;

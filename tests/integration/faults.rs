@@ -56,3 +56,82 @@ async fn kafka_route_survives_a_30_second_database_outage() {
     let letters = devkit::read_topic(&names.dead_letter_topic, 1, Duration::from_secs(5)).expect("read");
     assert!(letters.is_empty(), "a timeout is transient: nothing is dead-lettered");
 }
+
+/// The same 200,000 orders through a route with `ack = "spooled"`: while Cassandra hangs the
+/// route keeps acknowledging (every offset is committed with the database down — the rows are
+/// in the spool), then the gateway is killed with `kill -9`. Nothing is left in Kafka to
+/// re-read, so when the gateway restarts (database back) every row must come from the spool:
+/// all 200,000 land with exact values and the spool empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("spooled");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
+    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
+    let count: u64 = 200_000;
+    let orders = (0..count).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&names.topic, orders).expect("produce");
+    let spool_dir = names.dir.join("spool");
+    let route = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    )
+    .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        devkit::gateway_toml_with(
+            &route,
+            &format!("spool_dir = \"{}\"", spool_dir.display()),
+            devkit::ADMIN_LISTEN,
+        ),
+    )
+    .expect("config");
+
+    let mut gateway =
+        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    wait_committed(&names, PARTITIONS, 20_000, Duration::from_secs(120));
+    let pause = CassandraPause::start().expect("freeze Cassandra");
+    // Acknowledged at disk speed: the whole topic is committed while the database is down.
+    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(120));
+    let written_before_kill = devkit::scrape_metric_where(
+        devkit::ADMIN_LISTEN,
+        shardgate::telemetry::metric::ROWS_WRITTEN,
+        &[("source", "orders")],
+    )
+    .expect("metrics");
+    assert!(
+        written_before_kill < count as f64,
+        "the outage must leave rows unwritten ({written_before_kill})"
+    );
+    assert!(gateway.is_running());
+    gateway.kill9().expect("kill -9");
+    pause.resume().expect("resume Cassandra");
+
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+    devkit::wait_for_orders(&session, &names.keyspace, count, Duration::from_secs(300))
+        .await
+        .expect("every row replayed from the spool");
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, count).await;
+    let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    assert_eq!(committed, end);
+    let segments: Vec<_> = std::fs::read_dir(&spool_dir)
+        .expect("spool dir")
+        .flat_map(|core| std::fs::read_dir(core.expect("entry").path()).expect("core dir"))
+        .collect();
+    assert!(
+        segments.is_empty(),
+        "the spool empties once every row is written: {segments:?}"
+    );
+}
