@@ -53,7 +53,7 @@ fn mapping(c: &mut Criterion) {
     let config = Config::parse(&devkit::gateway_toml(&routes), "bench").expect("bench config");
     let plain = RouteMapper::new(&config.routes[0], &[orders_schema()]).expect("mapper");
     let mut with_expressions = config.routes[0].clone();
-    with_expressions.filter = Some("msg.quantity > 0 && msg.city != 'nowhere'".into());
+    with_expressions.filter = Some("msg.quantity > 0 && msg.customer.address.city != 'nowhere'".into());
     with_expressions.targets[0].columns.retain(|c| c.column != "express");
     with_expressions.targets[0]
         .columns
