@@ -292,19 +292,11 @@ where
         .create_with_context(DeliveryFailures::default())?;
     let mut sent = 0;
     for (key, payload) in messages {
-        loop {
-            let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(&payload);
-            if !key.is_empty() {
-                record = record.key(key.as_str());
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
+        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(&payload);
+        if !key.is_empty() {
+            record = record.key(key.as_str());
         }
+        send_waiting(&producer, record)?;
         sent += 1;
         if let Some(rate) = per_second.filter(|&r| r > 0) {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -323,6 +315,23 @@ where
         bail!("{failed} of {sent} messages were not delivered to `{topic}`");
     }
     Ok(sent)
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+fn send_waiting(
+    producer: &BaseProducer<DeliveryFailures>,
+    mut record: BaseRecord<'_, str, [u8]>,
+) -> anyhow::Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                producer.poll(Duration::from_millis(20));
+                record = back;
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
 }
 
 /// Rows in `keyspace.table`, counted by reading every key; `K` is the key column's Rust type
@@ -1155,22 +1164,14 @@ pub fn produce_records(topic: &str, records: impl IntoIterator<Item = Record>) -
                 value: Some(value.as_bytes()),
             });
         }
-        loop {
-            let mut message: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).partition(0).headers(headers.clone());
-            if let Some(key) = &record.key {
-                message = message.key(key.as_str());
-            }
-            if let Some(payload) = &record.payload {
-                message = message.payload(payload.as_slice());
-            }
-            match producer.send(message) {
-                Ok(()) => break,
-                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
+        let mut message: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).partition(0).headers(headers);
+        if let Some(key) = &record.key {
+            message = message.key(key.as_str());
         }
+        if let Some(payload) = &record.payload {
+            message = message.payload(payload.as_slice());
+        }
+        send_waiting(&producer, message)?;
         sent += 1;
     }
     producer.flush(Timeout::After(Duration::from_secs(60)))?;

@@ -9,6 +9,24 @@ use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committe
 
 const PARTITIONS: i32 = 6;
 const OUTAGE: Duration = Duration::from_secs(30);
+/// Orders each test produces.
+const ORDERS: u64 = 200_000;
+
+/// The orders table, the topic with [`ORDERS`] orders, the dead-letter topic.
+async fn setup(names: &Names) -> u64 {
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
+    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
+    let orders = (0..ORDERS).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&names.topic, orders).expect("produce");
+    ORDERS
+}
 
 /// 200,000 orders through a Kafka route in `written` mode while Cassandra hangs for 30 s: the
 /// route stops committing (nothing is acknowledged that is not written), the gateway stays up,
@@ -18,19 +36,7 @@ const OUTAGE: Duration = Duration::from_secs(30);
 async fn kafka_route_survives_a_30_second_database_outage() {
     let _lock = gateway_lock().await;
     let names = Names::new("outage");
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, &names.keyspace)
-        .await
-        .expect("create table");
-    drop(session);
-    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
-    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
-    let count: u64 = 200_000;
-    let orders = (0..count).map(|i| {
-        let (key, payload) = devkit::order_message(i);
-        (key, payload.into_bytes())
-    });
-    devkit::produce(&names.topic, orders).expect("produce");
+    let count = setup(&names).await;
 
     let mut gateway = Gateway::start(&gateway_binary(), &names.write_config(), &names.dir.join("gateway.log"))
         .expect("gateway starts");
@@ -66,18 +72,8 @@ async fn kafka_route_survives_a_30_second_database_outage() {
 async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
     let _lock = gateway_lock().await;
     let names = Names::new("spooled");
+    let count = setup(&names).await;
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, &names.keyspace)
-        .await
-        .expect("create table");
-    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
-    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
-    let count: u64 = 200_000;
-    let orders = (0..count).map(|i| {
-        let (key, payload) = devkit::order_message(i);
-        (key, payload.into_bytes())
-    });
-    devkit::produce(&names.topic, orders).expect("produce");
     let spool_dir = names.dir.join("spool");
     let route = devkit::orders_route_toml(
         "orders",
@@ -134,4 +130,68 @@ async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
         segments.is_empty(),
         "the spool empties once every row is written: {segments:?}"
     );
+}
+
+/// NATS core has no acknowledgement; with `ack = "spooled"` a message is safe once the gateway
+/// has received it. 20,000 orders are published while Cassandra hangs (none can be written),
+/// the gateway is killed with `kill -9` once it has received them all, and after the restart
+/// every one of them lands from the spool with exact values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("natsspool");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    let subject = format!("it.natsspool.{}", names.group);
+    let route =
+        devkit::nats_orders_route_toml("orders", &names.keyspace, &subject, "spooled", &format!("{subject}.dl"))
+            .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
+    let config = names.dir.join("gateway.toml");
+    let spool_dir = names.dir.join("spool");
+    std::fs::write(
+        &config,
+        devkit::gateway_toml_with(
+            &route,
+            &format!("spool_dir = \"{}\"", spool_dir.display()),
+            devkit::ADMIN_LISTEN,
+        ),
+    )
+    .expect("config");
+    let count: u64 = 20_000;
+    let mut gateway =
+        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    let pause = CassandraPause::start().expect("freeze Cassandra");
+    devkit::publish_nats(&subject, (0..count).map(devkit::order_message_with_id))
+        .await
+        .expect("publish");
+    let started = Instant::now();
+    loop {
+        let received = devkit::scrape_metric_where(
+            devkit::ADMIN_LISTEN,
+            shardgate::telemetry::metric::ROWS_RECEIVED,
+            &[("source", "orders")],
+        )
+        .expect("metrics");
+        // Counted once a batch is in the spool.
+        if received >= count as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "received {received} of {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gateway.is_running());
+    gateway.kill9().expect("kill -9");
+    pause.resume().expect("resume Cassandra");
+
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+    devkit::wait_for_orders(&session, &names.keyspace, count, Duration::from_secs(180))
+        .await
+        .expect("every received message replayed from the spool");
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, count).await;
 }
