@@ -82,7 +82,11 @@ fn decode_and_bind(c: &mut Criterion) {
         timestamp_us: 0,
     };
     let flat = encode_row_batch(&batch);
-    let bytes = WriteRequest { batch: Some(batch) }.encode_to_vec();
+    let bytes = WriteRequest {
+        batch: Some(batch),
+        ..Default::default()
+    }
+    .encode_to_vec();
     let types = vec![
         ColumnType::Native(NativeType::BigInt),
         ColumnType::Native(NativeType::Text),

@@ -232,12 +232,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // A core keeps serving its mesh inbox until every core has finished its own sources: only
     // then can no forwarded task arrive any more.
     let sources_done = Arc::new(tokio::sync::Barrier::new(cpus.len()));
-    // Cores open their spools only when a route uses them.
-    let spool = config
-        .runtime
-        .spool
-        .clone()
-        .filter(|_| config.routes.iter().any(|r| r.ack == crate::config::AckMode::Spooled));
+    // Cores open their spools when a route or the ingest API (per-call ACK_MODE_SPOOLED) may
+    // use them.
+    let spool =
+        config.runtime.spool.clone().filter(|_| {
+            config.ingest.is_some() || config.routes.iter().any(|r| r.ack == crate::config::AckMode::Spooled)
+        });
     let bodies: Vec<_> = per_core
         .into_iter()
         .zip(ingest_parts)
@@ -263,7 +263,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
                     .collect();
-                let replaying = async move { spooled::replay_on_core(core, replay, &writers).await };
+                let replay_ingest = ingest
+                    .as_ref()
+                    .map(|part| crate::ingest::service::IngestService::new(core, Arc::clone(&part.shared)));
+                let replaying = async move { spooled::replay_on_core(core, replay, &writers, replay_ingest).await };
                 let tasks = routes
                     .into_iter()
                     .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));

@@ -193,19 +193,28 @@ impl ShardAwareClient {
             };
             async move {
                 let response = match encoding {
-                    Encoding::Protobuf => client.write(WriteRequest { batch: Some(part) }).await?,
+                    Encoding::Protobuf => {
+                        client
+                            .write(WriteRequest {
+                                batch: Some(part),
+                                ..Default::default()
+                            })
+                            .await?
+                    }
                     Encoding::FlatBuffers => {
                         let row_batch = encode_row_batch(&part);
-                        client.write_flat(WriteFlatRequest { row_batch }).await?
+                        client
+                            .write_flat(WriteFlatRequest {
+                                row_batch,
+                                ..Default::default()
+                            })
+                            .await?
                     }
                 };
                 Ok::<_, tonic::Status>((response.into_inner(), indexes))
             }
         });
-        let mut merged = WriteResponse {
-            written: 0,
-            errors: Vec::new(),
-        };
+        let mut merged = WriteResponse::default();
         for result in futures::future::join_all(calls).await {
             let (response, indexes) = result?;
             merged.written += response.written;
@@ -282,7 +291,7 @@ pub async fn stream_batches(
     let requests = futures::stream::iter(batches.into_iter().enumerate().map(|(id, batch)| WriteStreamRequest {
         batch_id: id as u64,
         batch: Some(batch),
-        flat_batch: Vec::new(),
+        ..Default::default()
     }));
     let mut responses = client.write_stream(requests).await?.into_inner();
     let mut summary = StreamSummary::default();

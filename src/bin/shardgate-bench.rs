@@ -199,7 +199,7 @@ async fn timed_stream(
             WriteStreamRequest {
                 batch_id: id as u64,
                 batch: Some(batch),
-                flat_batch: Vec::new(),
+                ..Default::default()
             }
         }
     });

@@ -102,6 +102,41 @@ pub async fn append(route: &str, records: &[Vec<u8>]) -> Vec<RecordId> {
     }
 }
 
+/// Whether this core's spool is open (routes or the ingest API may spool).
+pub fn is_open() -> bool {
+    SPOOL.with(|s| s.borrow().is_some())
+}
+
+/// Appends one record once, without waiting: the gRPC path answers RESOURCE_EXHAUSTED when the
+/// spool is full and UNAVAILABLE when the disk fails.
+pub async fn try_append(record: &[u8]) -> Result<Vec<RecordId>, SpoolError> {
+    let Some(spool) = core_spool() else {
+        unreachable!("callers check `is_open` first");
+    };
+    let result = spool.lock().await.append(&[record]).await;
+    result
+}
+
+/// Route name of spool records that hold a gRPC batch (no route may be named "").
+const GRPC_RECORD: &str = "";
+
+/// Encodes a gRPC batch (rows already validated, write timestamp resolved) as a spool record.
+pub fn encode_row_batch(batch: &crate::ingest::proto::RowBatch) -> Vec<u8> {
+    let work = SourceMessage {
+        position: 0,
+        timestamp_ms: None,
+        write_timestamp_us: Some(batch.timestamp_us),
+        key: None,
+        headers: Vec::new(),
+        payload: Some(prost::Message::encode_to_vec(batch)),
+        origin: Origin::Spooled {
+            coordinates: Vec::new(),
+            partition: None,
+        },
+    };
+    encode(GRPC_RECORD, &work, &[])
+}
+
 /// Marks records written.
 pub async fn complete(ids: &[RecordId]) {
     let Some(spool) = core_spool() else {
@@ -215,6 +250,7 @@ pub async fn replay_on_core(
     core: usize,
     replay: Replay,
     writers: &std::collections::HashMap<String, std::sync::Arc<super::route::RouteWriter>>,
+    ingest: Option<crate::ingest::service::IngestService>,
 ) {
     const REPLAY_BATCH: usize = 512;
     if replay.is_empty() {
@@ -223,8 +259,19 @@ pub async fn replay_on_core(
     let total = replay.len();
     let mut by_route: std::collections::BTreeMap<String, Vec<(RecordId, SourceMessage)>> = Default::default();
     let mut unusable = Vec::new();
+    let mut grpc = Vec::new();
     for (id, bytes) in replay {
         match decode(&bytes) {
+            Ok((route, message)) if route == GRPC_RECORD => match (&ingest, message.payload.as_deref()) {
+                (Some(_), Some(payload)) => match <crate::ingest::proto::RowBatch as prost::Message>::decode(payload) {
+                    Ok(batch) => grpc.push((id, batch)),
+                    Err(error) => {
+                        tracing::error!(core, %error, "spool: undecodable gRPC batch skipped");
+                        unusable.push(id);
+                    }
+                },
+                _ => tracing::warn!(core, "spool: gRPC batch kept (the ingest API is not configured)"),
+            },
             Ok((route, message)) if writers.contains_key(&route) => {
                 by_route.entry(route).or_default().push((id, message))
             }
@@ -236,6 +283,11 @@ pub async fn replay_on_core(
         }
     }
     complete(&unusable).await;
+    if let Some(service) = &ingest {
+        for (id, batch) in grpc {
+            service.write_spooled(batch, vec![id]).await;
+        }
+    }
     for (route, records) in by_route {
         let writer = &writers[&route];
         let mut records = records.into_iter().peekable();

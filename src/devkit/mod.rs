@@ -625,9 +625,12 @@ pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, writ
 }
 
 /// Creates (or recreates) keyspace `keyspace` with the sample `events` table for the ingest API.
+/// `tags` is a frozen list: a non-frozen list appends its elements under new cell ids on every
+/// write, so a replayed write (at-least-once delivery, the spool) would duplicate them.
 pub async fn create_events_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
     let table = format!(
-        "CREATE TABLE {keyspace}.events (id bigint PRIMARY KEY, name text, score double, at timestamp, tags list<int>)"
+        "CREATE TABLE {keyspace}.events (id bigint PRIMARY KEY, name text, score double, at timestamp, \
+         tags frozen<list<int>>)"
     );
     recreate_keyspace_with(session, keyspace, table).await
 }

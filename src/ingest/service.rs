@@ -28,8 +28,9 @@ use super::convert::{cql_type_name, to_cql};
 use super::flat::decode_row_batch;
 use super::proto::ingest_server::Ingest;
 use super::proto::{
-    ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch, RowError,
-    TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
+    AckMode, ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch,
+    RowError, TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
+    WriteStreamResponse,
 };
 use super::status::status;
 use crate::mapping::{RowValues, TableSchema};
@@ -179,6 +180,13 @@ impl IngestShared {
             };
             if matches!(kind, ColumnKind::PartitionKey | ColumnKind::Clustering) {
                 key_positions.push(position);
+            }
+            if crate::mapping::replay_unsafe(typ) {
+                tracing::warn!(
+                    %table,
+                    %column,
+                    "non-frozen list column: a retried or spooled write appends its elements again; use frozen<list<...>> or a set"
+                );
             }
             types.push(typ.clone());
         }
@@ -359,6 +367,110 @@ impl IngestService {
         (written, errors)
     }
 
+    /// Answers one batch per its ack mode: written now, or (ACK_MODE_SPOOLED) validated, made
+    /// durable in this core's spool and written in the background. Returns (written, spooled,
+    /// errors).
+    async fn accept(&self, batch: RowBatch, ack: i32) -> Result<(u32, u32, Vec<RowError>), Status> {
+        if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
+            let (written, errors) = self.write_batch(batch).await;
+            return Ok((written, 0, errors));
+        }
+        if !crate::bridge::spooled::is_open() {
+            return Err(Status::failed_precondition(
+                "ACK_MODE_SPOOLED needs `runtime.spool_dir` in the gateway's config",
+            ));
+        }
+        let rows = batch.rows.len();
+        if rows > BATCH_ROWS_MAX {
+            // Refused row by row, as a written batch would be.
+            let (written, errors) = self.write_batch(batch).await;
+            return Ok((written, 0, errors));
+        }
+        let writer = match self.shared.writer(&batch.table, &batch.columns).await {
+            Ok(writer) => writer,
+            Err((code, reason)) => {
+                return Ok((0, 0, (0..rows).map(|i| row_error(i as u32, code, &reason)).collect()));
+            }
+        };
+        let timestamp_us = if batch.timestamp_us > 0 {
+            batch.timestamp_us
+        } else {
+            now_us()
+        };
+        let mut errors = Vec::new();
+        let mut valid = Vec::with_capacity(rows);
+        for (index, row) in batch.rows.into_iter().enumerate() {
+            match bind_row(&writer.types, &writer.key_positions, &row, timestamp_us) {
+                Ok(_) => valid.push(row),
+                Err((code, reason)) => errors.push(row_error(index as u32, code, &reason)),
+            }
+        }
+        if valid.is_empty() {
+            return Ok((0, 0, errors));
+        }
+        let spooled = valid.len() as u32;
+        // The resolved timestamp travels with the rows: a replay writes identical cells.
+        let batch = RowBatch {
+            table: batch.table,
+            columns: batch.columns,
+            rows: valid,
+            timestamp_us,
+        };
+        // The spool is core-local (not `Send`): append on a local task, answer through a oneshot.
+        let (answer, answered) = futures::channel::oneshot::channel();
+        let service = self.clone();
+        glommio::spawn_local(async move {
+            let record = crate::bridge::spooled::encode_row_batch(&batch);
+            match crate::bridge::spooled::try_append(&record).await {
+                Ok(ids) => {
+                    let _ = answer.send(Ok(()));
+                    service.write_spooled(batch, ids).await;
+                }
+                Err(error) => {
+                    let status = match error {
+                        crate::spool::SpoolError::Full { .. } => Status::resource_exhausted(error.to_string()),
+                        other => Status::unavailable(other.to_string()),
+                    };
+                    let _ = answer.send(Err(status));
+                }
+            }
+        })
+        .detach();
+        answered
+            .await
+            .map_err(|_| Status::unavailable("the core stopped before the rows were spooled"))??;
+        Ok((0, spooled, errors))
+    }
+
+    /// Writes a spooled batch (just accepted, or replayed after a restart) until every row is
+    /// written or refused for good, then completes its spool record. Refusals are logged and
+    /// counted (the client was answered when the rows were spooled).
+    pub async fn write_spooled(&self, mut batch: RowBatch, ids: Vec<crate::spool::RecordId>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (_, errors) = self.write_batch(batch.clone()).await;
+            let (retry, refused): (Vec<RowError>, Vec<RowError>) = errors.into_iter().partition(|e| {
+                matches!(
+                    ErrorCode::try_from(e.code),
+                    Ok(ErrorCode::Unavailable | ErrorCode::Overloaded)
+                )
+            });
+            if let Some(first) = refused.first() {
+                tracing::warn!(core = self.core, rows = refused.len(), reason = %first.reason, "spooled gRPC rows refused by the database");
+            }
+            if retry.is_empty() {
+                break;
+            }
+            batch.rows = retry
+                .iter()
+                .filter_map(|e| batch.rows.get(e.row as usize).cloned())
+                .collect();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        crate::bridge::spooled::complete(&ids).await;
+    }
+
     /// Admits `rows` rows into this core's in-flight budget.
     async fn admit(&self, rows: usize) -> Result<Admitted, Status> {
         let permits = rows.clamp(1, self.shared.inflight_rows_max) as u32;
@@ -521,21 +633,30 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Stat
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let request = request.into_inner();
+        let ack = request.ack;
         let batch = request
-            .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, errors) = self.write_batch(batch).await;
-        Ok(Response::new(WriteResponse { written, errors }))
+        let (written, spooled, errors) = self.accept(batch, ack).await?;
+        Ok(Response::new(WriteResponse {
+            written,
+            errors,
+            spooled,
+        }))
     }
 
     async fn write_flat(&self, request: Request<WriteFlatRequest>) -> Result<Response<WriteResponse>, Status> {
-        let batch = decode_row_batch(&request.into_inner().row_batch)
-            .map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
+        let request = request.into_inner();
+        let batch = decode_row_batch(&request.row_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, errors) = self.write_batch(batch).await;
-        Ok(Response::new(WriteResponse { written, errors }))
+        let (written, spooled, errors) = self.accept(batch, request.ack).await?;
+        Ok(Response::new(WriteResponse {
+            written,
+            errors,
+            spooled,
+        }))
     }
 
     type WriteStreamStream = ResponseStream;
@@ -578,15 +699,15 @@ impl Ingest for IngestService {
                 let service = service.clone();
                 let mut responses = responses.clone();
                 glommio::spawn_local(async move {
-                    let (written, errors) = service.write_batch(batch).await;
+                    let answer = service.accept(batch, message.ack).await;
                     drop(permit);
-                    let _ = responses
-                        .send(Ok(WriteStreamResponse {
-                            batch_id: message.batch_id,
-                            written,
-                            errors,
-                        }))
-                        .await;
+                    let answer = answer.map(|(written, spooled, errors)| WriteStreamResponse {
+                        batch_id: message.batch_id,
+                        written,
+                        errors,
+                        spooled,
+                    });
+                    let _ = responses.send(answer).await;
                     drop(slot);
                 })
                 .detach();

@@ -345,6 +345,14 @@ impl TargetMapper {
                     typ: format!("{typ:?}"),
                 });
             }
+            if replay_unsafe(typ) {
+                tracing::warn!(
+                    route = %route.name,
+                    table = %table_name,
+                    column = %mapping.column,
+                    "non-frozen list column: a replayed message appends its elements again; use frozen<list<...>> or a set"
+                );
+            }
             let key = format!("{prefix}columns.{}", mapping.column);
             columns.push(BoundColumn {
                 source: ValueSource::new(&route.name, key.clone(), mapping.field)?,
@@ -859,6 +867,19 @@ impl RouteMapper {
             _ => Err(bad(format!("expected whole seconds between 0 and {TTL_MAX_SECONDS}"))),
         }
     }
+}
+
+/// Whether writing `typ` twice changes the row: a non-frozen list appends its elements under new
+/// cell ids on every write, so a replayed write (redelivery, the spool, `shardgate replay`)
+/// duplicates them. Every other type is replay-safe with the gateway's write timestamps.
+pub fn replay_unsafe(typ: &ColumnType<'_>) -> bool {
+    matches!(
+        typ,
+        ColumnType::Collection {
+            frozen: false,
+            typ: scylla::cluster::metadata::CollectionType::List(_),
+        }
+    )
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.

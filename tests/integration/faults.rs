@@ -195,3 +195,89 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
     assert!(gateway.stop().expect("stop").success());
     assert_all_orders_exact(&names, count).await;
 }
+
+/// gRPC writes with `ACK_MODE_SPOOLED`: 99,500 rows are acknowledged (spooled) while Cassandra
+/// hangs, the gateway is killed with `kill -9`, and after the restart every row lands from the
+/// spool with exact values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_spooled_batches_are_acked_during_an_outage_and_survive_kill_9() {
+    use shardgate::ingest::proto::ingest_client::IngestClient;
+    use shardgate::ingest::proto::{AckMode, WriteRequest};
+
+    let _lock = gateway_lock().await;
+    let names = Names::new("grpcspool");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    let spool_dir = names.dir.join("spool");
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        devkit::ingest_gateway_toml("", 2048, 64).replacen(
+            "[runtime]\n",
+            &format!("[runtime]\nspool_dir = \"{}\"\n", spool_dir.display()),
+            1,
+        ),
+    )
+    .expect("config");
+    let count: i64 = 100_000;
+    let table = format!("{}.events", names.keyspace);
+    let mut batches = devkit::event_batches(&table, count, 500).into_iter();
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    let mut client = IngestClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("client connects");
+    // The first batch is written synchronously, so the table's statement is prepared.
+    let first = client
+        .write(WriteRequest {
+            batch: batches.next(),
+            ack: AckMode::Written as i32,
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!((first.written, first.spooled), (500, 0));
+
+    let pause = CassandraPause::start().expect("freeze Cassandra");
+    for batch in batches {
+        let answer = client
+            .write(WriteRequest {
+                batch: Some(batch),
+                ack: AckMode::Spooled as i32,
+            })
+            .await
+            .expect("spooled while the database is down")
+            .into_inner();
+        assert_eq!((answer.written, answer.spooled), (0, 500));
+        assert!(answer.errors.is_empty(), "{:?}", answer.errors);
+    }
+    gateway.kill9().expect("kill -9");
+    pause.resume().expect("resume Cassandra");
+
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+    let started = Instant::now();
+    loop {
+        let rows = devkit::count_rows::<i64>(&session, &names.keyspace, "events", "id")
+            .await
+            .expect("count");
+        if rows == count as u64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "{rows} of {count} rows after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(gateway.stop().expect("stop").success());
+    let report = devkit::verify_events(&session, &names.keyspace, count as u64)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching),
+        (count as u64, count as u64),
+        "{:?}",
+        report.differences
+    );
+}

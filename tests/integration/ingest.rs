@@ -70,7 +70,10 @@ async fn write_event(client: &mut IngestClient<Channel>, table: String, columns:
         timestamp_us: 0,
     };
     client
-        .write(WriteRequest { batch: Some(batch) })
+        .write(WriteRequest {
+            batch: Some(batch),
+            ..Default::default()
+        })
         .await
         .expect("write")
         .into_inner()
@@ -250,7 +253,10 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
         timestamp_us: 0,
     };
     let status = shared
-        .write(WriteRequest { batch: Some(huge) })
+        .write(WriteRequest {
+            batch: Some(huge),
+            ..Default::default()
+        })
         .await
         .expect_err("too large");
     assert!(status.message().contains("4194304"), "names the limit: {status:?}");
@@ -295,6 +301,7 @@ async fn flatbuffers_batches_land_exactly_and_bad_buffers_are_refused() {
     let refused = plain
         .write_flat(WriteFlatRequest {
             row_batch: garbage.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("garbage refused");
@@ -308,6 +315,7 @@ async fn flatbuffers_batches_land_exactly_and_bad_buffers_are_refused() {
         batch_id: 7,
         batch: None,
         flat_batch: garbage,
+        ..Default::default()
     };
     let streamed = match plain.write_stream(futures::stream::iter([request])).await {
         Ok(response) => response.into_inner().message().await.map(|_| ()),
