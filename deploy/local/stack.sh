@@ -6,6 +6,7 @@
 #   deploy/local/stack.sh up        install, fetch, start and wait for every service
 #   deploy/local/stack.sh status    one line per service
 #   deploy/local/stack.sh down      stop every service
+#   deploy/local/stack.sh stop S    stop one service (cassandra, kafka, nats, rabbitmq); `up` starts it again
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
 # Services: Cassandra 5.0 (CQL 9042), Kafka 4 KRaft (9092), NATS + JetStream (4222),
@@ -300,6 +301,7 @@ case "${1:-}" in
   up) cmd_up ;;
   status) cmd_status ;;
   down) cmd_down ;;
+  stop) stop_one "${2:?usage: $0 stop cassandra|kafka|nats|rabbitmq}" ;;
   wipe) cmd_wipe ;;
-  *) die "usage: $0 install|fetch|up|status|down|wipe" ;;
+  *) die "usage: $0 install|fetch|up|status|down|stop SERVICE|wipe" ;;
 esac

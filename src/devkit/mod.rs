@@ -1257,3 +1257,28 @@ fn signal(pid: i32, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
     Ok(())
 }
+
+/// Stops the given local services (`kafka`, `nats`, `rabbitmq`, `cassandra`) and starts them
+/// again with `deploy/local/stack.sh`, waiting until they are ready.
+pub fn restart_services(services: &[&str]) -> anyhow::Result<()> {
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/stack.sh");
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let output = std::process::Command::new("bash")
+            .arg(&stack)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} {args:?}", stack.display()))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "stack.sh {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    for service in services {
+        run(&["stop", service])?;
+    }
+    run(&["up"])
+}

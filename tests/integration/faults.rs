@@ -281,3 +281,93 @@ async fn grpc_spooled_batches_are_acked_during_an_outage_and_survive_kill_9() {
         report.differences
     );
 }
+
+/// Broker restarts: a gateway consumes Kafka, JetStream and RabbitMQ; all three brokers are
+/// stopped and started again; the bridges reconnect by themselves and resume from their
+/// positions — the messages published after the restart land too, every row exact, offsets
+/// committed, the queue and the durable drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_resume_after_broker_restarts() {
+    const PER_SOURCE: u64 = 10_000;
+    let _lock = gateway_lock().await;
+    let names = Names::new("restarts");
+    let run = names.group.rsplit('-').next().unwrap_or("0").to_string();
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::create_topic(&names.topic, PARTITIONS).await.expect("topic");
+    devkit::create_topic(&names.dead_letter_topic, 1).await.expect("topic");
+    let stream = format!("IT_restarts_{run}");
+    let subject = format!("it.restarts.{run}.js");
+    devkit::create_stream(&stream, &[&subject]).await.expect("stream");
+    let queue = format!("it.restarts.{run}.orders");
+    devkit::recreate_queue(&queue).await.expect("queue");
+    devkit::recreate_queue(&format!("{queue}.dead-letter"))
+        .await
+        .expect("queue");
+    let routes = [
+        devkit::orders_route_toml(
+            "kafka",
+            &names.keyspace,
+            &names.topic,
+            &names.group,
+            &names.dead_letter_topic,
+        ),
+        devkit::jetstream_orders_route_toml(
+            "jetstream",
+            &names.keyspace,
+            &stream,
+            &subject,
+            "restarts",
+            &format!("it.restarts.{run}.dead-letter"),
+        ),
+        devkit::rabbitmq_orders_route_toml("rabbitmq", &names.keyspace, &queue, &format!("{queue}.dead-letter")),
+    ]
+    .concat();
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(&config, devkit::gateway_toml(&routes)).expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
+
+    // Sources 0..3 before the restart, 3..6 after: source `s` carries orders of range `s`.
+    let range = |s: u64| s * PER_SOURCE..(s + 1) * PER_SOURCE;
+    let publish = |first: u64| {
+        let subject = subject.clone();
+        let queue = queue.clone();
+        let topic = names.topic.clone();
+        async move {
+            devkit::produce(
+                &topic,
+                range(first).map(|i| {
+                    let (key, payload) = devkit::order_message(i);
+                    (key, payload.into_bytes())
+                }),
+            )
+            .expect("produce");
+            devkit::publish_jetstream(&subject, range(first + 1).map(devkit::order_message_with_id))
+                .await
+                .expect("publish JetStream");
+            devkit::publish_rabbitmq(&queue, range(first + 2).map(devkit::order_message_with_id))
+                .await
+                .expect("publish RabbitMQ");
+        }
+    };
+    publish(0).await;
+    devkit::wait_for_orders(&session, &names.keyspace, 3 * PER_SOURCE, Duration::from_secs(120))
+        .await
+        .expect("rows before the restart");
+    devkit::restart_services(&["kafka", "nats", "rabbitmq"]).expect("restart the brokers");
+    publish(3).await;
+    devkit::wait_for_orders(&session, &names.keyspace, 6 * PER_SOURCE, Duration::from_secs(180))
+        .await
+        .expect("rows after the restart: every bridge resumed");
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, 6 * PER_SOURCE).await;
+    let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    assert_eq!(committed, end);
+    assert_eq!(devkit::queue_depth(&queue).await.expect("depth"), 0);
+    assert_eq!(
+        devkit::jetstream_backlog(&stream, "restarts").await.expect("backlog"),
+        Some((0, 0))
+    );
+}
