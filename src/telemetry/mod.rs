@@ -1,4 +1,5 @@
-//! Logs and metrics. `RUST_LOG` overrides the default log level (`info`). Metrics are served as
+//! Logs and metrics. `RUST_LOG` overrides the default log level (`info`, with the driver's
+//! per-response server warnings at `error`). Metrics are served as
 //! Prometheus text on the admin port by the exporter, which runs on the island.
 
 use std::io::IsTerminal;
@@ -100,7 +101,11 @@ impl RowMetrics {
 /// Installs the global tracing subscriber: compact text to stderr, thread names shown (they
 /// name the core or island thread a line came from).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The driver logs every server warning at WARN from `scylla::network::connection`; the
+    // gateway's UNLOGGED batches of one replica and shard (DESIGN §4) make Cassandra warn
+    // "Unlogged batch covering N partitions" on each of them. `RUST_LOG` brings them back.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,scylla::network::connection=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_thread_names(true)
