@@ -317,6 +317,16 @@ where
     Ok(sent)
 }
 
+/// Waits until the broker acknowledged everything `producer` sent; an error if it refused any.
+fn flush_all(producer: &BaseProducer<DeliveryFailures>) -> anyhow::Result<()> {
+    producer.flush(Timeout::After(Duration::from_secs(60)))?;
+    anyhow::ensure!(
+        producer.context().0.load(Ordering::Relaxed) == 0,
+        "the broker refused some messages"
+    );
+    Ok(())
+}
+
 /// Sends `record`, waiting while the producer's queue is full.
 fn send_waiting(
     producer: &BaseProducer<DeliveryFailures>,
@@ -1129,11 +1139,7 @@ pub fn produce_at_time(
         producer.send(record).map_err(|(e, _)| e)?;
         sent += 1;
     }
-    producer.flush(Timeout::After(Duration::from_secs(60)))?;
-    anyhow::ensure!(
-        producer.context().0.load(Ordering::Relaxed) == 0,
-        "the broker refused some messages"
-    );
+    flush_all(&producer)?;
     Ok(sent)
 }
 
@@ -1177,11 +1183,7 @@ pub fn produce_records(topic: &str, records: impl IntoIterator<Item = Record>) -
         send_waiting(&producer, message)?;
         sent += 1;
     }
-    producer.flush(Timeout::After(Duration::from_secs(60)))?;
-    anyhow::ensure!(
-        producer.context().0.load(Ordering::Relaxed) == 0,
-        "the broker refused some messages"
-    );
+    flush_all(&producer)?;
     Ok(sent)
 }
 

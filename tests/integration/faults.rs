@@ -12,6 +12,16 @@ const OUTAGE: Duration = Duration::from_secs(30);
 /// Orders each test produces.
 const ORDERS: u64 = 200_000;
 
+/// Writes a gateway config with `route` switched to `ack = "spooled"` and the spools in
+/// `spool_dir`; returns its path.
+fn write_spooled_config(names: &Names, route: &str, spool_dir: &std::path::Path) -> std::path::PathBuf {
+    let route = route.replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
+    let config = names.dir.join("gateway.toml");
+    let spool = format!("spool_dir = \"{}\"", spool_dir.display());
+    std::fs::write(&config, devkit::gateway_toml_with(&route, &spool, devkit::ADMIN_LISTEN)).expect("config");
+    config
+}
+
 /// The orders table, the topic with [`ORDERS`] orders, the dead-letter topic.
 async fn setup(names: &Names) -> u64 {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
@@ -81,18 +91,8 @@ async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
         &names.topic,
         &names.group,
         &names.dead_letter_topic,
-    )
-    .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
-    let config = names.dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        devkit::gateway_toml_with(
-            &route,
-            &format!("spool_dir = \"{}\"", spool_dir.display()),
-            devkit::ADMIN_LISTEN,
-        ),
-    )
-    .expect("config");
+    );
+    let config = write_spooled_config(&names, &route, &spool_dir);
 
     let mut gateway =
         Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
@@ -146,19 +146,8 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         .expect("create table");
     let subject = format!("it.natsspool.{}", names.group);
     let route =
-        devkit::nats_orders_route_toml("orders", &names.keyspace, &subject, "spooled", &format!("{subject}.dl"))
-            .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
-    let config = names.dir.join("gateway.toml");
-    let spool_dir = names.dir.join("spool");
-    std::fs::write(
-        &config,
-        devkit::gateway_toml_with(
-            &route,
-            &format!("spool_dir = \"{}\"", spool_dir.display()),
-            devkit::ADMIN_LISTEN,
-        ),
-    )
-    .expect("config");
+        devkit::nats_orders_route_toml("orders", &names.keyspace, &subject, "spooled", &format!("{subject}.dl"));
+    let config = write_spooled_config(&names, &route, &names.dir.join("spool"));
     let count: u64 = 20_000;
     let mut gateway =
         Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
