@@ -22,6 +22,28 @@ fn write_spooled_config(names: &Names, route: &str, spool_dir: &std::path::Path)
     config
 }
 
+/// Kills the running gateway with `kill -9`, lets Cassandra run again, restarts the gateway and
+/// waits until orders `0..count` are all in the table — from the spool — then stops it and
+/// checks every row.
+async fn kill_then_replay(
+    mut gateway: Gateway,
+    pause: CassandraPause,
+    names: &Names,
+    config: &std::path::Path,
+    session: &scylla::client::session::Session,
+    count: u64,
+) {
+    assert!(gateway.is_running(), "the gateway rode the outage out");
+    gateway.kill9().expect("kill -9");
+    pause.resume().expect("resume Cassandra");
+    let gateway = Gateway::start(&gateway_binary(), config, &names.dir.join("gateway-2.log")).expect("restart");
+    devkit::wait_for_orders(session, &names.keyspace, count, Duration::from_secs(300))
+        .await
+        .expect("every acknowledged row replayed from the spool");
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(names, count).await;
+}
+
 /// The orders table, the topic with [`ORDERS`] orders, the dead-letter topic.
 async fn setup(names: &Names) -> u64 {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
@@ -94,8 +116,7 @@ async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
     );
     let config = write_spooled_config(&names, &route, &spool_dir);
 
-    let mut gateway =
-        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
     wait_committed(&names, PARTITIONS, 20_000, Duration::from_secs(120));
     let pause = CassandraPause::start().expect("freeze Cassandra");
     // Acknowledged at disk speed: the whole topic is committed while the database is down.
@@ -110,16 +131,7 @@ async fn spooled_route_acks_through_an_outage_and_replays_after_kill_9() {
         written_before_kill < count as f64,
         "the outage must leave rows unwritten ({written_before_kill})"
     );
-    assert!(gateway.is_running());
-    gateway.kill9().expect("kill -9");
-    pause.resume().expect("resume Cassandra");
-
-    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
-    devkit::wait_for_orders(&session, &names.keyspace, count, Duration::from_secs(300))
-        .await
-        .expect("every row replayed from the spool");
-    assert!(gateway.stop().expect("stop").success());
-    assert_all_orders_exact(&names, count).await;
+    kill_then_replay(gateway, pause, &names, &config, &session, count).await;
     let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
     assert_eq!(committed, end);
     let segments: Vec<_> = std::fs::read_dir(&spool_dir)
@@ -149,8 +161,7 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         devkit::nats_orders_route_toml("orders", &names.keyspace, &subject, "spooled", &format!("{subject}.dl"));
     let config = write_spooled_config(&names, &route, &names.dir.join("spool"));
     let count: u64 = 20_000;
-    let mut gateway =
-        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
     let pause = CassandraPause::start().expect("freeze Cassandra");
     devkit::publish_nats(&subject, (0..count).map(devkit::order_message_with_id))
         .await
@@ -173,16 +184,7 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(gateway.is_running());
-    gateway.kill9().expect("kill -9");
-    pause.resume().expect("resume Cassandra");
-
-    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
-    devkit::wait_for_orders(&session, &names.keyspace, count, Duration::from_secs(180))
-        .await
-        .expect("every received message replayed from the spool");
-    assert!(gateway.stop().expect("stop").success());
-    assert_all_orders_exact(&names, count).await;
+    kill_then_replay(gateway, pause, &names, &config, &session, count).await;
 }
 
 /// gRPC writes with `ACK_MODE_SPOOLED`: 99,500 rows are acknowledged (spooled) while Cassandra
