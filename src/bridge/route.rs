@@ -344,16 +344,18 @@ impl RouteWriter {
             drop(permit);
             return;
         }
+        let coordinates: Vec<_> = batch.iter().map(|work| work.source_coordinates(&self.source)).collect();
         let records: Vec<Vec<u8>> = batch
             .iter()
-            .map(|work| super::spooled::encode(&self.route, work, &work.source_coordinates(&self.source)))
+            .zip(&coordinates)
+            .map(|(work, coordinates)| super::spooled::encode(&self.route, work, coordinates))
             .collect();
         let ids = super::spooled::append(&self.route, &records).await;
         drop(records);
-        for work in &mut batch {
+        for (work, coordinates) in batch.iter_mut().zip(coordinates) {
             self.complete(core, work, false);
             work.origin = Origin::Spooled {
-                coordinates: work.source_coordinates(&self.source),
+                coordinates,
                 partition: work.partition(),
             };
         }
