@@ -1260,27 +1260,38 @@ fn signal(pid: i32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the given local services (`kafka`, `nats`, `rabbitmq`, `cassandra`) and starts them
-/// again with `deploy/local/stack.sh`, waiting until they are ready.
+/// Runs `deploy/local/stack.sh` with `args`.
+fn stack(args: &[&str]) -> anyhow::Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/stack.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} {args:?}", script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "stack.sh {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Stops one local service (`cassandra`, `kafka`, `nats`, `rabbitmq`).
+pub fn stop_service(service: &str) -> anyhow::Result<()> {
+    stack(&["stop", service])
+}
+
+/// Starts every local service that is not running and waits until all are ready.
+pub fn start_services() -> anyhow::Result<()> {
+    stack(&["up"])
+}
+
+/// Stops the given local services and starts them again, waiting until they are ready.
 pub fn restart_services(services: &[&str]) -> anyhow::Result<()> {
-    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/stack.sh");
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let output = std::process::Command::new("bash")
-            .arg(&stack)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {} {args:?}", stack.display()))?;
-        anyhow::ensure!(
-            output.status.success(),
-            "stack.sh {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(())
-    };
     for service in services {
-        run(&["stop", service])?;
+        stop_service(service)?;
     }
-    run(&["up"])
+    start_services()
 }

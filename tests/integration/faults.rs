@@ -362,3 +362,108 @@ async fn bridges_resume_after_broker_restarts() {
         Some((0, 0))
     );
 }
+
+/// Cassandra stopped (process gone, connections refused) for 30 s while rows arrive over gRPC
+/// with `ACK_MODE_SPOOLED` and over a Kafka route in `written` mode, then started again: the
+/// gRPC rows are answered from the spool during the outage, the Kafka route commits nothing
+/// while the database is gone, and once it is back both drain by themselves — every row exactly
+/// once with exact values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_spooled_and_kafka_written_ride_out_a_stopped_database() {
+    use shardgate::ingest::proto::ingest_client::IngestClient;
+    use shardgate::ingest::proto::{AckMode, WriteRequest};
+
+    let _lock = gateway_lock().await;
+    let names = Names::new("dbstop");
+    let count = setup(&names).await;
+    let grpc_keyspace = format!("{}_grpc", names.keyspace);
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &grpc_keyspace)
+        .await
+        .expect("events table");
+    drop(session);
+    let route = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    );
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        devkit::ingest_gateway_toml(&route, 2048, 64).replacen(
+            "[runtime]\n",
+            &format!("[runtime]\nspool_dir = \"{}\"\n", names.dir.join("spool").display()),
+            1,
+        ),
+    )
+    .expect("config");
+    let events: i64 = 100_000;
+    let mut batches = devkit::event_batches(&format!("{grpc_keyspace}.events"), events, 500).into_iter();
+    let mut gateway =
+        Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
+    let mut client = IngestClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("client connects");
+    let first = client
+        .write(WriteRequest {
+            batch: batches.next(),
+            ack: AckMode::Written as i32,
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(first.written, 500);
+    wait_committed(&names, PARTITIONS, 20_000, Duration::from_secs(120));
+
+    devkit::stop_service("cassandra").expect("stop Cassandra");
+    let stopped = Instant::now();
+    for batch in batches {
+        let answer = client
+            .write(WriteRequest {
+                batch: Some(batch),
+                ack: AckMode::Spooled as i32,
+            })
+            .await
+            .expect("spooled while the database is stopped")
+            .into_inner();
+        assert_eq!(answer.spooled, 500);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let (during, _) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    std::thread::sleep(OUTAGE.saturating_sub(stopped.elapsed()));
+    let (after, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+    assert_eq!(during, after, "nothing is committed while the database is stopped");
+    assert!(after < end, "the outage lands mid-stream");
+    assert!(gateway.is_running(), "the gateway rides the outage out");
+    devkit::start_services().expect("start Cassandra again");
+
+    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is back");
+    let started = Instant::now();
+    loop {
+        let rows = devkit::count_rows::<i64>(&session, &grpc_keyspace, "events", "id")
+            .await
+            .expect("count");
+        if rows == events as u64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "{rows} of {events} gRPC rows"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, count).await;
+    let report = devkit::verify_events(&session, &grpc_keyspace, events as u64)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching),
+        (events as u64, events as u64),
+        "{:?}",
+        report.differences
+    );
+}
