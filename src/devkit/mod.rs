@@ -732,20 +732,36 @@ pub fn orders_per_owner_core(session: &Session, keyspace: &str, count: u64, core
     Ok(per_core)
 }
 
-/// Waits until `keyspace.orders` holds at least `count` rows; fails after `deadline`.
-pub async fn wait_for_orders(session: &Session, keyspace: &str, count: u64, deadline: Duration) -> anyhow::Result<()> {
+/// Waits until `keyspace.table` holds at least `count` rows (counted by reading `key_column`
+/// of type `K`).
+pub async fn wait_for_rows<K>(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    key_column: &str,
+    count: u64,
+    deadline: Duration,
+) -> anyhow::Result<()>
+where
+    K: for<'frame, 'metadata> scylla::deserialize::value::DeserializeValue<'frame, 'metadata>,
+{
     let started = std::time::Instant::now();
     loop {
-        let rows = count_rows::<String>(session, keyspace, "orders", "order_id").await?;
+        let rows = count_rows::<K>(session, keyspace, table, key_column).await?;
         if rows >= count {
             return Ok(());
         }
         anyhow::ensure!(
             started.elapsed() < deadline,
-            "only {rows} of {count} rows arrived within {deadline:?}"
+            "only {rows} of {count} rows of {keyspace}.{table} arrived within {deadline:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until `keyspace.orders` holds at least `count` rows; fails after `deadline`.
+pub async fn wait_for_orders(session: &Session, keyspace: &str, count: u64, deadline: Duration) -> anyhow::Result<()> {
+    wait_for_rows::<String>(session, keyspace, "orders", "order_id", count, deadline).await
 }
 
 /// Sum of a Prometheus counter over all its label sets, scraped from `addr`'s `/metrics`.

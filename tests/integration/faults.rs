@@ -4,6 +4,9 @@
 use std::time::{Duration, Instant};
 
 use shardgate::devkit::{self, CassandraPause, Gateway};
+use shardgate::ingest::proto::ingest_client::IngestClient;
+use shardgate::ingest::proto::{AckMode, RowBatch, WriteRequest};
+use tonic::transport::Channel;
 
 use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committed, Names};
 
@@ -12,14 +15,67 @@ const OUTAGE: Duration = Duration::from_secs(30);
 /// Orders each test produces.
 const ORDERS: u64 = 200_000;
 
+/// Writes `gateway_toml` with the per-core spools in `spool_dir` as the test's config; returns
+/// its path.
+fn write_config_with_spool(names: &Names, gateway_toml: &str, spool_dir: &std::path::Path) -> std::path::PathBuf {
+    let config = names.dir.join("gateway.toml");
+    let spool = format!("[runtime]\nspool_dir = \"{}\"\n", spool_dir.display());
+    std::fs::write(&config, gateway_toml.replacen("[runtime]\n", &spool, 1)).expect("config");
+    config
+}
+
 /// Writes a gateway config with `route` switched to `ack = "spooled"` and the spools in
 /// `spool_dir`; returns its path.
 fn write_spooled_config(names: &Names, route: &str, spool_dir: &std::path::Path) -> std::path::PathBuf {
     let route = route.replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
-    let config = names.dir.join("gateway.toml");
-    let spool = format!("spool_dir = \"{}\"", spool_dir.display());
-    std::fs::write(&config, devkit::gateway_toml_with(&route, &spool, devkit::ADMIN_LISTEN)).expect("config");
-    config
+    write_config_with_spool(names, &devkit::gateway_toml(&route), spool_dir)
+}
+
+/// Connects a gRPC client to the gateway and writes the first of `batches` synchronously, so the
+/// table's statement is prepared before the database goes away.
+async fn connect_and_write_first(batches: &mut impl Iterator<Item = RowBatch>) -> IngestClient<Channel> {
+    let mut client = IngestClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("client connects");
+    let first = client
+        .write(WriteRequest {
+            batch: batches.next(),
+            ack: AckMode::Written as i32,
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!((first.written, first.spooled), (500, 0));
+    client
+}
+
+/// Sends every batch with `ACK_MODE_SPOOLED`; each must be answered as spooled whole.
+async fn write_spooled(client: &mut IngestClient<Channel>, batches: impl Iterator<Item = RowBatch>) {
+    for batch in batches {
+        let answer = client
+            .write(WriteRequest {
+                batch: Some(batch),
+                ack: AckMode::Spooled as i32,
+            })
+            .await
+            .expect("spooled while the database is down")
+            .into_inner();
+        assert_eq!((answer.written, answer.spooled), (0, 500));
+        assert!(answer.errors.is_empty(), "{:?}", answer.errors);
+    }
+}
+
+/// Checks that `keyspace.events` holds exactly the sample events `0..count`.
+async fn assert_events_exact(session: &scylla::client::session::Session, keyspace: &str, count: u64) {
+    let report = devkit::verify_events(session, keyspace, count)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching),
+        (count, count),
+        "{:?}",
+        report.differences
+    );
 }
 
 /// Kills the running gateway with `kill -9`, lets Cassandra run again, restarts the gateway and
@@ -192,85 +248,41 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
 /// spool with exact values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_spooled_batches_are_acked_during_an_outage_and_survive_kill_9() {
-    use shardgate::ingest::proto::ingest_client::IngestClient;
-    use shardgate::ingest::proto::{AckMode, WriteRequest};
-
     let _lock = gateway_lock().await;
     let names = Names::new("grpcspool");
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
     devkit::create_events_table(&session, &names.keyspace)
         .await
         .expect("create table");
-    let spool_dir = names.dir.join("spool");
-    let config = names.dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        devkit::ingest_gateway_toml("", 2048, 64).replacen(
-            "[runtime]\n",
-            &format!("[runtime]\nspool_dir = \"{}\"\n", spool_dir.display()),
-            1,
-        ),
-    )
-    .expect("config");
+    let config = write_config_with_spool(
+        &names,
+        &devkit::ingest_gateway_toml("", 2048, 64),
+        &names.dir.join("spool"),
+    );
     let count: i64 = 100_000;
     let table = format!("{}.events", names.keyspace);
     let mut batches = devkit::event_batches(&table, count, 500).into_iter();
     let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
-    let mut client = IngestClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
-        .await
-        .expect("client connects");
-    // The first batch is written synchronously, so the table's statement is prepared.
-    let first = client
-        .write(WriteRequest {
-            batch: batches.next(),
-            ack: AckMode::Written as i32,
-        })
-        .await
-        .expect("write")
-        .into_inner();
-    assert_eq!((first.written, first.spooled), (500, 0));
+    let mut client = connect_and_write_first(&mut batches).await;
 
     let pause = CassandraPause::start().expect("freeze Cassandra");
-    for batch in batches {
-        let answer = client
-            .write(WriteRequest {
-                batch: Some(batch),
-                ack: AckMode::Spooled as i32,
-            })
-            .await
-            .expect("spooled while the database is down")
-            .into_inner();
-        assert_eq!((answer.written, answer.spooled), (0, 500));
-        assert!(answer.errors.is_empty(), "{:?}", answer.errors);
-    }
+    write_spooled(&mut client, batches).await;
     gateway.kill9().expect("kill -9");
     pause.resume().expect("resume Cassandra");
 
     let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
-    let started = Instant::now();
-    loop {
-        let rows = devkit::count_rows::<i64>(&session, &names.keyspace, "events", "id")
-            .await
-            .expect("count");
-        if rows == count as u64 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "{rows} of {count} rows after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    devkit::wait_for_rows::<i64>(
+        &session,
+        &names.keyspace,
+        "events",
+        "id",
+        count as u64,
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("every spooled row after the restart");
     assert!(gateway.stop().expect("stop").success());
-    let report = devkit::verify_events(&session, &names.keyspace, count as u64)
-        .await
-        .expect("read back");
-    assert_eq!(
-        (report.rows, report.matching),
-        (count as u64, count as u64),
-        "{:?}",
-        report.differences
-    );
+    assert_events_exact(&session, &names.keyspace, count as u64).await;
 }
 
 /// Broker restarts: a gateway consumes Kafka, JetStream and RabbitMQ; the NATS server and
@@ -372,9 +384,6 @@ async fn bridges_resume_after_broker_restarts() {
 /// once with exact values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_spooled_and_kafka_written_ride_out_a_stopped_database() {
-    use shardgate::ingest::proto::ingest_client::IngestClient;
-    use shardgate::ingest::proto::{AckMode, WriteRequest};
-
     let _lock = gateway_lock().await;
     let names = Names::new("dbstop");
     let count = setup(&names).await;
@@ -391,47 +400,21 @@ async fn grpc_spooled_and_kafka_written_ride_out_a_stopped_database() {
         &names.group,
         &names.dead_letter_topic,
     );
-    let config = names.dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        devkit::ingest_gateway_toml(&route, 2048, 64).replacen(
-            "[runtime]\n",
-            &format!("[runtime]\nspool_dir = \"{}\"\n", names.dir.join("spool").display()),
-            1,
-        ),
-    )
-    .expect("config");
+    let config = write_config_with_spool(
+        &names,
+        &devkit::ingest_gateway_toml(&route, 2048, 64),
+        &names.dir.join("spool"),
+    );
     let events: i64 = 100_000;
     let mut batches = devkit::event_batches(&format!("{grpc_keyspace}.events"), events, 500).into_iter();
     let mut gateway =
         Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
-    let mut client = IngestClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
-        .await
-        .expect("client connects");
-    let first = client
-        .write(WriteRequest {
-            batch: batches.next(),
-            ack: AckMode::Written as i32,
-        })
-        .await
-        .expect("write")
-        .into_inner();
-    assert_eq!(first.written, 500);
+    let mut client = connect_and_write_first(&mut batches).await;
     wait_committed(&names, PARTITIONS, 20_000, Duration::from_secs(120));
 
     devkit::stop_service("cassandra").expect("stop Cassandra");
     let stopped = Instant::now();
-    for batch in batches {
-        let answer = client
-            .write(WriteRequest {
-                batch: Some(batch),
-                ack: AckMode::Spooled as i32,
-            })
-            .await
-            .expect("spooled while the database is stopped")
-            .into_inner();
-        assert_eq!(answer.spooled, 500);
-    }
+    write_spooled(&mut client, batches).await;
     std::thread::sleep(Duration::from_secs(5));
     let (during, _) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
     std::thread::sleep(OUTAGE.saturating_sub(stopped.elapsed()));
@@ -443,29 +426,17 @@ async fn grpc_spooled_and_kafka_written_ride_out_a_stopped_database() {
 
     wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is back");
-    let started = Instant::now();
-    loop {
-        let rows = devkit::count_rows::<i64>(&session, &grpc_keyspace, "events", "id")
-            .await
-            .expect("count");
-        if rows == events as u64 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "{rows} of {events} gRPC rows"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    devkit::wait_for_rows::<i64>(
+        &session,
+        &grpc_keyspace,
+        "events",
+        "id",
+        events as u64,
+        Duration::from_secs(300),
+    )
+    .await
+    .expect("every spooled gRPC row");
     assert!(gateway.stop().expect("stop").success());
     assert_all_orders_exact(&names, count).await;
-    let report = devkit::verify_events(&session, &grpc_keyspace, events as u64)
-        .await
-        .expect("read back");
-    assert_eq!(
-        (report.rows, report.matching),
-        (events as u64, events as u64),
-        "{:?}",
-        report.differences
-    );
+    assert_events_exact(&session, &grpc_keyspace, events as u64).await;
 }
