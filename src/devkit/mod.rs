@@ -613,6 +613,41 @@ impl Drop for Gateway {
     }
 }
 
+/// Simulates a crash in the middle of a spool write: in the newest segment (of any core under
+/// `spool_dir`) that holds records, replaces whatever follows the last record with the first
+/// half of a frame carrying `record` — a record whose write the crash cut, never acknowledged.
+/// Returns the segment's path. Run it on a stopped gateway.
+pub fn tear_spool_tail(spool_dir: &Path, record: &[u8]) -> anyhow::Result<PathBuf> {
+    use crate::spool::frame;
+    let mut segments = Vec::new();
+    for core in std::fs::read_dir(spool_dir).with_context(|| format!("spool dir {}", spool_dir.display()))? {
+        for segment in std::fs::read_dir(core?.path())? {
+            let path = segment?.path();
+            let bytes = std::fs::read(&path)?;
+            let (records, _) = frame::decode(&bytes);
+            if let Some(last) = records.last() {
+                // Bodies borrow from `bytes`.
+                let end = last.as_ptr() as usize - bytes.as_ptr() as usize + last.len();
+                segments.push((path.clone(), end));
+            }
+        }
+    }
+    // Segment names sort by number; the newest segment across cores is as good as any.
+    let (path, end) = segments
+        .into_iter()
+        .max_by(|a, b| a.0.file_name().cmp(&b.0.file_name()))
+        .context("no spool segment holds a record")?;
+    let mut torn = Vec::new();
+    frame::encode(record, &mut torn);
+    torn.truncate(torn.len() / 2);
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.set_len(end as u64)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end as u64))?;
+    std::io::Write::write_all(&mut file, &torn)?;
+    file.sync_all()?;
+    Ok(path)
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
