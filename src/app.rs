@@ -245,28 +245,25 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .enumerate()
         .map(|(core, ((routes, ingest), inbox))| {
             let stop = stop_rx.clone();
+            let drain_stop = stop_rx.clone();
             let bound = bound_tx.clone();
             let sources_done = Arc::clone(&sources_done);
             let spool = spool.clone();
             move || async move {
-                let replay = match &spool {
-                    Some(config) => match spooled::open_on_core(config, core).await {
-                        Ok(replay) => replay,
-                        Err(reason) => {
-                            let _ = bound.send(Err(reason));
-                            return;
-                        }
-                    },
-                    None => Vec::new(),
-                };
+                if let Some(config) = &spool {
+                    if let Err(reason) = spooled::open_on_core(config, core).await {
+                        let _ = bound.send(Err(reason));
+                        return;
+                    }
+                }
                 let writers: std::collections::HashMap<_, _> = routes
                     .iter()
                     .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
                     .collect();
-                let replay_ingest = ingest
+                let drain_ingest = ingest
                     .as_ref()
                     .map(|part| crate::ingest::service::IngestService::new(core, Arc::clone(&part.shared)));
-                let replaying = async move { spooled::replay_on_core(core, replay, &writers, replay_ingest).await };
+                let draining = spooled::drain_on_core(core, writers, drain_ingest, drain_stop);
                 let tasks = routes
                     .into_iter()
                     .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));
@@ -279,7 +276,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     }
                 };
                 let sources = async move {
-                    futures::join!(futures::future::join_all(tasks), ingest, replaying);
+                    futures::join!(futures::future::join_all(tasks), ingest, draining);
                     sources_done.wait().await;
                 };
                 mesh::serve(inbox, sources).await;

@@ -339,7 +339,10 @@ impl RouteWriter {
         mut batch: Vec<SourceMessage>,
         permit: glommio::sync::StaticPermit,
     ) {
+        let metrics = &self.metrics[core];
         if !self.spooled {
+            metrics.received.increment(batch.len() as u64);
+            metrics.batch_rows.record(batch.len() as f64);
             self.write_batch(core, batch).await;
             drop(permit);
             return;
@@ -351,7 +354,10 @@ impl RouteWriter {
             .map(|(work, coordinates)| super::spooled::encode(&self.route, work, coordinates))
             .collect();
         let ids = super::spooled::append(&self.route, &records).await;
+        let bytes = records.iter().map(|r| r.len() as u64).sum();
         drop(records);
+        metrics.received.increment(batch.len() as u64);
+        metrics.batch_rows.record(batch.len() as f64);
         for (work, coordinates) in batch.iter_mut().zip(coordinates) {
             self.complete(core, work, false);
             work.origin = Origin::Spooled {
@@ -360,11 +366,19 @@ impl RouteWriter {
             };
         }
         drop(permit);
+        // Written from memory while the core's budget allows; beyond, the records wait on disk
+        // and the core's drain reads them back (`spooled::drain_on_core`).
+        let Some(held) = super::spooled::hold(bytes) else {
+            super::spooled::defer(&ids);
+            return;
+        };
         self.write_batch(core, batch).await;
         super::spooled::complete(&ids).await;
+        drop(held);
     }
 
-    /// Writes messages replayed from the core's spool, then completes their records.
+    /// Writes messages read back from the core's spool (left by the previous run, or deferred),
+    /// then completes their records.
     pub async fn write_replayed(
         self: &Arc<Self>,
         core: usize,
@@ -382,8 +396,6 @@ impl RouteWriter {
     async fn write_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
         let ownership = self.ownership.load();
         let metrics = &self.metrics[core];
-        metrics.received.increment(batch.len() as u64);
-        metrics.batch_rows.record(batch.len() as f64);
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         for work in batch {

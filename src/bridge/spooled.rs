@@ -9,7 +9,8 @@
 //! One spool per core (`<runtime.spool_dir>/core-<n>`), opened on the core at start-up and
 //! reached through a thread-local; the records are `schemas/spool_record.fbs`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use super::dead_letter::headers;
 use super::route::{Origin, SourceMessage};
 use crate::config::SpoolConfig;
 use crate::spool::storage::DmaStorage;
-use crate::spool::{RecordId, Replay, Spool, SpoolError, SpoolLimits};
+use crate::spool::{RecordId, Spool, SpoolError, SpoolLimits};
 
 #[rustfmt::skip]
 #[allow(clippy::all, clippy::pedantic, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
@@ -36,15 +37,100 @@ type CoreSpool = Rc<Mutex<Spool<DmaStorage>>>;
 
 thread_local! {
     static SPOOL: RefCell<Option<CoreSpool>> = const { RefCell::new(None) };
+    static BACKLOG: RefCell<Option<Rc<Backlog>>> = const { RefCell::new(None) };
 }
 
 fn core_spool() -> Option<CoreSpool> {
     SPOOL.with(|s| s.borrow().clone())
 }
 
-/// Opens core `core`'s spool and installs it for this thread; returns the records left by the
-/// previous run.
-pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<Replay, String> {
+fn core_backlog() -> Option<Rc<Backlog>> {
+    BACKLOG.with(|b| b.borrow().clone())
+}
+
+/// What a core still has to write from its spool. A spooled record is written from memory
+/// while the bytes of such records stay under the core's budget (`held`); beyond it — the
+/// database slow or away — its id waits here (`deferred`) and the record is read back from
+/// disk once the budget frees, so memory stays bounded however long the database is away.
+/// Records a previous run left start out deferred. Deferred records are written oldest
+/// segment first, and while any wait, new records wait behind them.
+struct Backlog {
+    /// Bytes of spooled records being written from memory.
+    held_bytes: Cell<u64>,
+    /// The budget for `held_bytes`.
+    held_max: u64,
+    /// Records that wait on disk only, by segment.
+    deferred: RefCell<BTreeMap<u64, Vec<u32>>>,
+    /// Records deferred and not yet handed to a writer (those taken by the drain included).
+    waiting: Cell<u64>,
+    /// Wakes the core's drain: records deferred or memory released.
+    changed: tokio::sync::Notify,
+}
+
+impl Backlog {
+    fn release(&self, bytes: u64) {
+        self.held_bytes.set(self.held_bytes.get().saturating_sub(bytes));
+        self.changed.notify_one();
+    }
+
+    fn admits(&self, bytes: u64) -> bool {
+        let held = self.held_bytes.get();
+        held == 0 || held + bytes <= self.held_max
+    }
+
+    fn take(&self, bytes: u64) -> Held {
+        self.held_bytes.set(self.held_bytes.get() + bytes);
+        Held {
+            backlog: core_backlog(),
+            bytes,
+        }
+    }
+}
+
+/// Memory of spooled records being written; dropping it returns the bytes to the core's
+/// budget.
+pub struct Held {
+    backlog: Option<Rc<Backlog>>,
+    bytes: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(backlog) = &self.backlog {
+            backlog.release(self.bytes);
+        }
+    }
+}
+
+/// Admits `bytes` of records just appended to this core's spool to be written from memory;
+/// `None` when the core's budget is spent or older records wait on disk: then [`defer`] their
+/// ids and drop the records.
+pub fn hold(bytes: u64) -> Option<Held> {
+    let backlog = core_backlog()?;
+    if backlog.waiting.get() > 0 || !backlog.admits(bytes) {
+        return None;
+    }
+    Some(backlog.take(bytes))
+}
+
+/// Leaves records `ids` (durable in this core's spool) on disk only; the core's drain writes
+/// them once memory frees.
+pub fn defer(ids: &[RecordId]) {
+    let Some(backlog) = core_backlog() else {
+        unreachable!("records are only deferred on cores whose spool is open");
+    };
+    let mut deferred = backlog.deferred.borrow_mut();
+    for id in ids {
+        deferred.entry(id.segment).or_default().push(id.index);
+    }
+    backlog.waiting.set(backlog.waiting.get() + ids.len() as u64);
+    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS).increment(ids.len() as f64);
+    backlog.changed.notify_one();
+}
+
+/// Opens core `core`'s spool and installs it for this thread; the records left by the previous
+/// run are deferred: [`drain_on_core`] writes them.
+pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), String> {
     let dir = config.dir.join(format!("core-{core}"));
     let storage = DmaStorage::new(dir.clone()).map_err(|e| format!("spool directory `{}`: {e}", dir.display()))?;
     let limits = SpoolLimits {
@@ -64,7 +150,17 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<Replay, S
         );
     }
     SPOOL.with(|s| *s.borrow_mut() = Some(Rc::new(Mutex::new(spool))));
-    Ok(replay)
+    BACKLOG.with(|b| {
+        *b.borrow_mut() = Some(Rc::new(Backlog {
+            held_bytes: Cell::new(0),
+            held_max: config.memory_bytes_per_core,
+            deferred: RefCell::new(BTreeMap::new()),
+            waiting: Cell::new(0),
+            changed: tokio::sync::Notify::new(),
+        }))
+    });
+    defer(&replay);
+    Ok(())
 }
 
 /// Appends records and waits until they are durable: retries while the spool is full (the
@@ -243,60 +339,178 @@ pub fn decode(bytes: &[u8]) -> Result<(String, SourceMessage), String> {
     ))
 }
 
-/// Writes the records `replay` (left in this core's spool by the previous run) through their
-/// routes on this core, in batches, completing each record once its rows are written. Records
-/// of routes no longer configured stay in the spool (logged) until such a route returns.
-pub async fn replay_on_core(
+/// Runs on core `core` until `stop`: writes the records that wait on disk only (left by the
+/// previous run, or deferred while the core's memory budget was spent) through their routes or
+/// the ingest API, oldest segment first, each chunk once the budget admits it, completing each
+/// record once written. Records of routes no longer configured stay in the spool (logged) until
+/// such a route returns; an unreadable or undecodable record is logged and skipped.
+pub async fn drain_on_core(
     core: usize,
-    replay: Replay,
-    writers: &std::collections::HashMap<String, std::sync::Arc<super::route::RouteWriter>>,
+    writers: std::collections::HashMap<String, std::sync::Arc<super::route::RouteWriter>>,
     ingest: Option<crate::ingest::service::IngestService>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    const REPLAY_BATCH: usize = 512;
-    if replay.is_empty() {
+    let (Some(backlog), Some(spool)) = (core_backlog(), core_spool()) else {
         return;
-    }
-    let total = replay.len();
-    let mut by_route: std::collections::BTreeMap<String, Vec<(RecordId, SourceMessage)>> = Default::default();
-    let mut unusable = Vec::new();
-    let mut grpc = Vec::new();
-    for (id, bytes) in replay {
-        match decode(&bytes) {
-            Ok((route, message)) if route == GRPC_RECORD => match (&ingest, message.payload.as_deref()) {
-                (Some(_), Some(payload)) => match <crate::ingest::proto::RowBatch as prost::Message>::decode(payload) {
-                    Ok(batch) => grpc.push((id, batch)),
-                    Err(error) => {
-                        tracing::error!(core, %error, "spool: undecodable gRPC batch skipped");
-                        unusable.push(id);
+    };
+    let mut unknown_routes = std::collections::BTreeSet::new();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some((segment, indexes)) = next_deferred(&backlog, &mut stop).await else {
+            return;
+        };
+        let read = spool.lock().await.read(segment, &indexes).await;
+        let records = match read {
+            Ok(records) => {
+                backoff = Duration::from_millis(50);
+                records
+            }
+            Err(error) => {
+                tracing::error!(core, %error, "spool: cannot read deferred records; retrying");
+                backlog
+                    .deferred
+                    .borrow_mut()
+                    .entry(segment)
+                    .or_default()
+                    .extend(indexes);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(IO_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let taken = indexes.len() as u64;
+        let mut skipped = Vec::new();
+        let mut by_route: BTreeMap<String, Vec<(RecordId, SourceMessage, u64)>> = BTreeMap::new();
+        let mut grpc = Vec::new();
+        for (index, record) in indexes.into_iter().zip(records) {
+            let id = RecordId { segment, index };
+            let Some(record) = record else {
+                tracing::error!(
+                    core,
+                    segment,
+                    index,
+                    "spool: record damaged after it was acknowledged; skipped"
+                );
+                skipped.push(id);
+                continue;
+            };
+            let bytes = record.len() as u64;
+            match decode(&record) {
+                Ok((route, message)) if route == GRPC_RECORD => match (&ingest, message.payload.as_deref()) {
+                    (Some(_), Some(payload)) => {
+                        match <crate::ingest::proto::RowBatch as prost::Message>::decode(payload) {
+                            Ok(batch) => grpc.push((id, batch, bytes)),
+                            Err(error) => {
+                                tracing::error!(core, %error, "spool: undecodable gRPC batch skipped");
+                                skipped.push(id);
+                            }
+                        }
+                    }
+                    _ => {
+                        if unknown_routes.insert(route) {
+                            tracing::warn!(core, "spool: gRPC batches kept (the ingest API is not configured)");
+                        }
                     }
                 },
-                _ => tracing::warn!(core, "spool: gRPC batch kept (the ingest API is not configured)"),
-            },
-            Ok((route, message)) if writers.contains_key(&route) => {
-                by_route.entry(route).or_default().push((id, message))
+                Ok((route, message)) if writers.contains_key(&route) => {
+                    by_route.entry(route).or_default().push((id, message, bytes))
+                }
+                Ok((route, _)) => {
+                    if unknown_routes.insert(route.clone()) {
+                        tracing::warn!(core, %route, "spool: records of a route not in the config; kept");
+                    }
+                }
+                Err(reason) => {
+                    tracing::error!(core, %reason, "spool: undecodable record skipped");
+                    skipped.push(id);
+                }
             }
-            Ok((route, _)) => tracing::warn!(core, %route, "spool: record of a route not in the config; kept"),
-            Err(reason) => {
-                tracing::error!(core, %reason, "spool: undecodable record skipped");
-                unusable.push(id);
+        }
+        // Records kept for an absent route stay in the spool, no longer waiting.
+        let to_write = (grpc.len() + by_route.values().map(Vec::len).sum::<usize>()) as u64;
+        settle(&backlog, taken - to_write);
+        complete(&skipped).await;
+        for (id, batch, bytes) in grpc {
+            let Some(held) = held_when_admitted(&backlog, bytes, &mut stop).await else {
+                return;
+            };
+            settle(&backlog, 1);
+            let Some(service) = ingest.clone() else {
+                unreachable!("gRPC records are only taken with the ingest API configured");
+            };
+            glommio::spawn_local(async move {
+                service.write_spooled(batch, vec![id]).await;
+                drop(held);
+            })
+            .detach();
+        }
+        for (route, records) in by_route {
+            let writer = &writers[&route];
+            let mut records = records.into_iter().peekable();
+            while records.peek().is_some() {
+                let chunk: Vec<_> = records.by_ref().take(DRAIN_CHUNK).collect();
+                let bytes = chunk.iter().map(|(_, _, bytes)| bytes).sum();
+                let Some(held) = held_when_admitted(&backlog, bytes, &mut stop).await else {
+                    return;
+                };
+                settle(&backlog, chunk.len() as u64);
+                let (ids, batch): (Vec<RecordId>, Vec<SourceMessage>) =
+                    chunk.into_iter().map(|(id, message, _)| (id, message)).unzip();
+                let writer = std::sync::Arc::clone(writer);
+                glommio::spawn_local(async move {
+                    writer.write_replayed(core, batch, ids).await;
+                    drop(held);
+                })
+                .detach();
             }
         }
     }
-    complete(&unusable).await;
-    if let Some(service) = &ingest {
-        for (id, batch) in grpc {
-            service.write_spooled(batch, vec![id]).await;
+}
+
+/// Records handed to a writer per chunk of the drain.
+const DRAIN_CHUNK: usize = 512;
+
+/// Counts `records` of the drain's current segment as no longer waiting.
+fn settle(backlog: &Backlog, records: u64) {
+    backlog.waiting.set(backlog.waiting.get().saturating_sub(records));
+    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS).decrement(records as f64);
+}
+
+/// The oldest segment's deferred records, once there are any; `None` at stop.
+async fn next_deferred(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<(u64, Vec<u32>)> {
+    loop {
+        if *stop.borrow() {
+            return None;
         }
-    }
-    for (route, records) in by_route {
-        let writer = &writers[&route];
-        let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
-            let (ids, batch): (Vec<RecordId>, Vec<SourceMessage>) = records.by_ref().take(REPLAY_BATCH).unzip();
-            writer.write_replayed(core, batch, ids).await;
+        if let Some((segment, mut indexes)) = backlog.deferred.borrow_mut().pop_first() {
+            indexes.sort_unstable();
+            return Some((segment, indexes));
         }
+        wait_for_change(backlog, stop).await;
     }
-    tracing::info!(core, records = total, "spool: replay written");
+}
+
+/// Memory for `bytes` of drained records, once the core's budget admits them; `None` at stop.
+async fn held_when_admitted(
+    backlog: &Backlog,
+    bytes: u64,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<Held> {
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        if backlog.admits(bytes) {
+            return Some(backlog.take(bytes));
+        }
+        wait_for_change(backlog, stop).await;
+    }
+}
+
+async fn wait_for_change(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let changed = std::pin::pin!(backlog.changed.notified());
+    let stopped = std::pin::pin!(stop.changed());
+    futures::future::select(changed, stopped).await;
 }
 
 #[cfg(test)]

@@ -136,6 +136,9 @@ pub struct SpoolConfig {
     pub segment_bytes: u64,
     /// Live bytes per core beyond which spooled routes pause.
     pub cap_bytes_per_core: u64,
+    /// Bytes of spooled records per core written from memory; beyond, they are read back from
+    /// disk once the database keeps up.
+    pub memory_bytes_per_core: u64,
 }
 
 /// When a route acknowledges a source message.

@@ -111,6 +111,11 @@ pub struct RawRuntime {
     /// Bytes of spool per core, in MiB, beyond which spooled routes pause. Default 1024.
     #[serde(default = "default_spool_cap_mib")]
     pub spool_cap_mib_per_core: u64,
+    /// Spooled records per core, in MiB, that are written straight from memory; beyond (the
+    /// database slow or down) acknowledged records wait on disk only and are read back when it
+    /// keeps up again, so memory stays bounded. Default 64.
+    #[serde(default = "default_spool_memory_mib")]
+    pub spool_memory_mib_per_core: u64,
 }
 
 fn default_spool_segment_mib() -> u64 {
@@ -118,6 +123,9 @@ fn default_spool_segment_mib() -> u64 {
 }
 fn default_spool_cap_mib() -> u64 {
     1024
+}
+fn default_spool_memory_mib() -> u64 {
+    64
 }
 
 impl Default for RawRuntime {
@@ -131,6 +139,7 @@ impl Default for RawRuntime {
             spool_dir: None,
             spool_segment_mib: default_spool_segment_mib(),
             spool_cap_mib_per_core: default_spool_cap_mib(),
+            spool_memory_mib_per_core: default_spool_memory_mib(),
         }
     }
 }
@@ -565,6 +574,16 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
             format!("at least `runtime.spool_segment_mib` ({} MiB)", raw.spool_segment_mib),
         ));
     }
+    if raw.spool_memory_mib_per_core == 0 || raw.spool_memory_mib_per_core > raw.spool_cap_mib_per_core {
+        return Err(ConfigError::invalid(
+            "runtime.spool_memory_mib_per_core",
+            raw.spool_memory_mib_per_core,
+            format!(
+                "MiB from 1 to `runtime.spool_cap_mib_per_core` ({} MiB)",
+                raw.spool_cap_mib_per_core
+            ),
+        ));
+    }
     Ok(RuntimeConfig {
         cores,
         island_threads: raw.island_threads,
@@ -574,6 +593,7 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
             dir: dir.into(),
             segment_bytes: raw.spool_segment_mib << 20,
             cap_bytes_per_core: raw.spool_cap_mib_per_core << 20,
+            memory_bytes_per_core: raw.spool_memory_mib_per_core << 20,
         }),
         shutdown_deadline: Duration::from_millis(bounded_ms("runtime.shutdown_deadline_ms", raw.shutdown_deadline_ms)?),
     })

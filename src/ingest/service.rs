@@ -424,7 +424,16 @@ impl IngestService {
             match crate::bridge::spooled::try_append(&record).await {
                 Ok(ids) => {
                     let _ = answer.send(Ok(()));
-                    service.write_spooled(batch, ids).await;
+                    // From memory while the core's budget allows, else read back from disk by
+                    // the core's drain.
+                    match crate::bridge::spooled::hold(record.len() as u64) {
+                        Some(held) => {
+                            drop(record);
+                            service.write_spooled(batch, ids).await;
+                            drop(held);
+                        }
+                        None => crate::bridge::spooled::defer(&ids),
+                    }
                 }
                 Err(error) => {
                     let status = match error {

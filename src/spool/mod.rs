@@ -29,8 +29,8 @@ pub struct RecordId {
     pub index: u32,
 }
 
-/// Records left by a previous run, oldest first, with their ids.
-pub type Replay = Vec<(RecordId, Vec<u8>)>;
+/// The ids of the records a previous run left, oldest first; [`Spool::read`] reads them.
+pub type Replay = Vec<RecordId>;
 
 /// Size limits.
 #[derive(Debug, Clone, Copy)]
@@ -113,8 +113,9 @@ fn segment_id(name: &str) -> Option<u64> {
 }
 
 impl<S: Storage> Spool<S> {
-    /// Opens the spool in `storage` and returns the records left by the previous run, oldest
-    /// first, each with its id; complete them once they are written, as new ones.
+    /// Opens the spool in `storage` and returns the ids of the records left by the previous
+    /// run, oldest first; [`Spool::read`] them and complete them once they are written, as new
+    /// ones. Only one segment is in memory at a time.
     pub async fn open(storage: S, limits: SpoolLimits) -> Result<(Spool<S>, Replay, Recovery), SpoolError> {
         let io = |operation: &'static str, segment: String| {
             move |source| SpoolError::Io {
@@ -161,15 +162,7 @@ impl<S: Storage> Spool<S> {
                 }
                 continue;
             }
-            for (index, record) in records.iter().enumerate() {
-                replay.push((
-                    RecordId {
-                        segment: id,
-                        index: index as u32,
-                    },
-                    record.to_vec(),
-                ));
-            }
+            replay.extend((0..records.len() as u32).map(|index| RecordId { segment: id, index }));
             spool.live_bytes += bytes.len() as u64;
             spool.segments.insert(
                 id,
@@ -183,6 +176,25 @@ impl<S: Storage> Spool<S> {
             );
         }
         Ok((spool, replay, recovery))
+    }
+
+    /// Reads the records `indexes` of `segment` (appended or replayed, not yet complete) back
+    /// from storage, in the order asked: records that wait on disk only (DESIGN §5) are written
+    /// from here. Reads the segment's file once. `None` for a record that is not there (the
+    /// segment was damaged after the record was acknowledged).
+    pub async fn read(&self, segment: u64, indexes: &[u32]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
+        let name = segment_name(segment);
+        let bytes = self.storage.read(&name).await.map_err(|source| SpoolError::Io {
+            operation: "read",
+            segment: name,
+            source,
+        })?;
+        // Acknowledged records are durable and come before any unreadable tail.
+        let (records, _) = frame::decode(&bytes);
+        Ok(indexes
+            .iter()
+            .map(|&index| records.get(index as usize).map(|record| record.to_vec()))
+            .collect())
     }
 
     /// Bytes in live segments.

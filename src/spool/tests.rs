@@ -11,8 +11,33 @@ const LIMITS: SpoolLimits = SpoolLimits {
     cap_bytes: 4096,
 };
 
-fn open(storage: &MemoryStorage) -> (Spool<MemoryStorage>, Replay, Recovery) {
-    block_on(Spool::open(storage.clone(), LIMITS)).expect("open")
+/// Records read back, with their ids.
+type Records = Vec<(RecordId, Vec<u8>)>;
+
+/// Opens the spool and reads back every record it replays, with its id.
+fn open(storage: &MemoryStorage) -> (Spool<MemoryStorage>, Records, Recovery) {
+    let (spool, ids, recovery) = block_on(Spool::open(storage.clone(), LIMITS)).expect("open");
+    let replay = block_on(read_all(&spool, &ids));
+    (spool, replay, recovery)
+}
+
+/// Reads records `ids` back, one read per segment.
+async fn read_all<S: Storage>(spool: &Spool<S>, ids: &[RecordId]) -> Records {
+    let mut by_segment: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for id in ids {
+        by_segment.entry(id.segment).or_default().push(id.index);
+    }
+    let mut records = Vec::new();
+    for (segment, indexes) in by_segment {
+        let bodies = spool.read(segment, &indexes).await.expect("read");
+        records.extend(
+            indexes
+                .into_iter()
+                .zip(bodies)
+                .map(|(index, body)| (RecordId { segment, index }, body.expect("every asked record is there"))),
+        );
+    }
+    records
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +165,24 @@ fn replayed(replay: &[(RecordId, Vec<u8>)]) -> Vec<Vec<u8>> {
     replay.iter().map(|(_, p)| p.clone()).collect()
 }
 
+/// Records waiting on disk only are read back from the live spool — the active segment and
+/// sealed ones — in the order asked; an index past the segment's records reads as `None`.
+#[test]
+fn live_records_read_back_from_active_and_sealed_segments() {
+    let storage = MemoryStorage::default();
+    let (mut spool, _, _) = open(&storage);
+    let mut ids = Vec::new();
+    for chunk in payloads(0..30).chunks(3) {
+        ids.extend(append(&mut spool, chunk).expect("append"));
+    }
+    assert!(ids.last().expect("ids").segment > 0, "several segments");
+    let back = block_on(read_all(&spool, &ids));
+    assert_eq!(replayed(&back), payloads(0..30));
+    let last = ids.last().expect("ids");
+    let asked = block_on(spool.read(last.segment, &[last.index, last.index + 1])).expect("read");
+    assert_eq!(asked, vec![Some(payloads(29..30).remove(0)), None]);
+}
+
 #[test]
 fn write_and_sync_errors_refuse_the_batch_and_the_next_one_lands() {
     for fault in [
@@ -264,12 +307,16 @@ fn dma_storage_appends_replays_and_skips_a_torn_tail() {
                 let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
                 ids.extend(spool.append(&refs).await.expect("append"));
             }
+            // Read back from the DMA files while the writer is open, the active segment too.
+            let back = read_all(&spool, &ids[9_000..]).await;
+            assert_eq!(replayed(&back), records[9_000..].to_vec());
             for id in &ids[..10_000] {
                 spool.complete(*id).await;
             }
             drop(spool);
-            let (_, replay, recovery) = Spool::open(storage.clone(), limits).await.expect("reopen");
-            let replayed: BTreeSet<Vec<u8>> = replay.into_iter().map(|(_, p)| p).collect();
+            let (reopened, ids, recovery) = Spool::open(storage.clone(), limits).await.expect("reopen");
+            let replayed: BTreeSet<Vec<u8>> = read_all(&reopened, &ids).await.into_iter().map(|(_, p)| p).collect();
+            drop(reopened);
             for payload in &records[10_000..] {
                 assert!(
                     replayed.contains(payload),

@@ -33,6 +33,12 @@ pub mod metric {
     /// Messages of a Kafka partition not yet consumed (high watermark minus position), by route
     /// and partition.
     pub const KAFKA_CONSUMER_LAG: &str = "shardgate_kafka_consumer_lag";
+    /// Partitions of a Kafka route's topic assigned to this gateway, by route: 0 while the
+    /// consumer is out of its group (alert on it staying 0).
+    pub const KAFKA_ASSIGNED_PARTITIONS: &str = "shardgate_kafka_assigned_partitions";
+    /// Spooled records (acknowledged, not yet written) that wait on disk only because their
+    /// core's memory budget for spooled writes is spent, all cores together.
+    pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
 }
 
 /// Metric handles of one (source, table, core), registered once so that label allocation and

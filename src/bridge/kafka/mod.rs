@@ -404,7 +404,11 @@ impl Poller {
     }
 
     fn apply_rebalances(&self, marks: &mut Watermarks, clocks: &mut Clocks) {
-        for event in self.consumer.context().take() {
+        let events = self.consumer.context().take();
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
             match event {
                 RebalanceEvent::Assigned(partitions) => {
                     tracing::info!(route = %self.route, ?partitions, "partitions assigned");
@@ -422,5 +426,8 @@ impl Poller {
                 }
             }
         }
+        let assigned = self.consumer.assignment().map_or(0, |list| list.count());
+        metrics::gauge!(crate::telemetry::metric::KAFKA_ASSIGNED_PARTITIONS, "route" => self.route.clone())
+            .set(assigned as f64);
     }
 }

@@ -207,6 +207,27 @@ pub enum Retries {
     UpTo(u32),
 }
 
+/// Interval between two "write failed, retrying" lines of one thread: an outage fails every
+/// in-flight write, and one line per write would flood the log.
+const RETRY_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    /// When this thread last logged a retried write, and retries since.
+    static RETRY_LOG: std::cell::Cell<(Option<std::time::Instant>, u64)> = const { std::cell::Cell::new((None, 0)) };
+}
+
+fn log_retry(attempts: u32, reason: &dyn std::fmt::Display) {
+    RETRY_LOG.with(|log| {
+        let (last, since) = log.get();
+        if last.is_some_and(|t| t.elapsed() < RETRY_LOG_INTERVAL) {
+            log.set((last, since + 1));
+            return;
+        }
+        tracing::warn!(attempts, %reason, retries_since_last_line = since, "write failed, retrying");
+        log.set((Some(std::time::Instant::now()), 0));
+    });
+}
+
 /// Runs `request`, retrying transient failures ([`classify`]) with capped exponential backoff.
 /// Returns the first permanent error, or the last transient one once attempts run out. Runs on
 /// a core executor with the island entered (tokio timers; the future stays `Send` for tonic).
@@ -228,9 +249,7 @@ where
             WriteFailure::Permanent(_) => return Err(error),
             WriteFailure::Transient(_) if exhausted => return Err(error),
             WriteFailure::Transient(reason) => {
-                if attempts == 1 || attempts.is_power_of_two() {
-                    tracing::warn!(attempts, %reason, "write failed, retrying");
-                }
+                log_retry(attempts, &reason);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
