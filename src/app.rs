@@ -246,6 +246,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .map(|(core, ((routes, ingest), inbox))| {
             let stop = stop_rx.clone();
             let drain_stop = stop_rx.clone();
+            let shutdown_deadline = config.runtime.shutdown_deadline;
             let bound = bound_tx.clone();
             let sources_done = Arc::clone(&sources_done);
             let spool = spool.clone();
@@ -277,6 +278,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 };
                 let sources = async move {
                     futures::join!(futures::future::join_all(tasks), ingest, draining);
+                    spooled::finish_on_core(core, shutdown_deadline).await;
                     sources_done.wait().await;
                 };
                 mesh::serve(inbox, sources).await;

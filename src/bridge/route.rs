@@ -353,9 +353,8 @@ impl RouteWriter {
             .zip(&coordinates)
             .map(|(work, coordinates)| super::spooled::encode(&self.route, work, coordinates))
             .collect();
-        let ids = super::spooled::append(&self.route, &records).await;
         let bytes = records.iter().map(|r| r.len() as u64).sum();
-        drop(records);
+        let ids = super::spooled::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
         metrics.batch_rows.record(batch.len() as f64);
         for (work, coordinates) in batch.iter_mut().zip(coordinates) {

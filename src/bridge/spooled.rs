@@ -166,16 +166,12 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
 /// Appends records and waits until they are durable: retries while the spool is full (the
 /// caller's source pauses meanwhile) or the disk fails (logged), so it returns only with
 /// every record synced.
-pub async fn append(route: &str, records: &[Vec<u8>]) -> Vec<RecordId> {
-    let Some(spool) = core_spool() else {
-        unreachable!("spooled routes only run on cores whose spool is open");
-    };
-    let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
+    let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
     let mut full_since: Option<std::time::Instant> = None;
     loop {
-        let result = spool.lock().await.append(&refs).await;
-        match result {
+        match commit(Rc::clone(&records)).await {
             Ok(ids) => return ids,
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
                 if full_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -198,19 +194,134 @@ pub async fn append(route: &str, records: &[Vec<u8>]) -> Vec<RecordId> {
     }
 }
 
+/// One caller's records waiting for the core's next group commit.
+struct CommitRequest {
+    records: Rc<Vec<Vec<u8>>>,
+    done: futures::channel::oneshot::Sender<Result<Vec<RecordId>, SpoolError>>,
+}
+
+thread_local! {
+    /// Records waiting for the next group commit, and whether a commit task runs.
+    static COMMITS: RefCell<(Vec<CommitRequest>, bool)> = const { RefCell::new((Vec::new(), false)) };
+    /// Group commits (appends with one sync) this core made.
+    static SYNCS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Makes `records` durable in this core's spool in a group commit: every caller that arrives
+/// while a sync is under way joins the next one, so concurrent batches share one sync. Returns
+/// the records' ids, or why they are not durable.
+async fn commit(records: Rc<Vec<Vec<u8>>>) -> Result<Vec<RecordId>, SpoolError> {
+    // A bad record fails only its own caller, never the group it would have joined.
+    if let Some(bad) = records.iter().find(|r| r.is_empty() || r.len() > crate::spool::frame::RECORD_BYTES_MAX) {
+        return Err(SpoolError::TooLarge(bad.len()));
+    }
+    let (done, answer) = futures::channel::oneshot::channel();
+    let start = COMMITS.with(|c| {
+        let mut commits = c.borrow_mut();
+        commits.0.push(CommitRequest { records, done });
+        !std::mem::replace(&mut commits.1, true)
+    });
+    if start {
+        glommio::spawn_local(run_commits()).detach();
+    }
+    answer.await.unwrap_or_else(|_| {
+        Err(SpoolError::Io {
+            operation: "commit",
+            segment: String::new(),
+            source: std::io::Error::other("the core stopped before the commit"),
+        })
+    })
+}
+
+/// The core's commit task: takes every waiting request, appends them all with one sync, answers
+/// each, and repeats until none wait.
+async fn run_commits() {
+    let spool = core_spool();
+    loop {
+        let requests = COMMITS.with(|c| {
+            let mut commits = c.borrow_mut();
+            let requests = std::mem::take(&mut commits.0);
+            if requests.is_empty() {
+                commits.1 = false;
+            }
+            requests
+        });
+        if requests.is_empty() {
+            return;
+        }
+        let Some(spool) = &spool else {
+            // The spool is closed (shutdown): nothing more is durable.
+            for request in requests {
+                let closed = SpoolError::Io {
+                    operation: "commit",
+                    segment: String::new(),
+                    source: std::io::Error::other("the spool is closed"),
+                };
+                let _ = request.done.send(Err(closed));
+            }
+            continue;
+        };
+        let mut spool = spool.lock().await;
+        let refs: Vec<&[u8]> = requests.iter().flat_map(|r| r.records.iter().map(Vec::as_slice)).collect();
+        let result = spool.append(&refs).await;
+        drop(refs);
+        SYNCS.with(|syncs| syncs.set(syncs.get() + 1));
+        metrics::counter!(crate::telemetry::metric::SPOOL_COMMITS).increment(1);
+        match result {
+            Ok(mut ids) => {
+                for request in requests.into_iter().rev() {
+                    let mine = ids.split_off(ids.len() - request.records.len());
+                    let _ = request.done.send(Ok(mine));
+                }
+            }
+            Err(SpoolError::Full { .. }) if requests.len() > 1 => {
+                // Together over the cap: each on its own, as many as fit.
+                for request in requests {
+                    let refs: Vec<&[u8]> = request.records.iter().map(Vec::as_slice).collect();
+                    let result = spool.append(&refs).await;
+                    drop(refs);
+                    let _ = request.done.send(result);
+                }
+            }
+            Err(error) => {
+                for request in requests {
+                    let _ = request.done.send(Err(same_error(&error)));
+                }
+            }
+        }
+    }
+}
+
+/// A copy of `error` for each caller of a failed group commit.
+fn same_error(error: &SpoolError) -> SpoolError {
+    match error {
+        SpoolError::Full { live_bytes, cap_bytes } => SpoolError::Full {
+            live_bytes: *live_bytes,
+            cap_bytes: *cap_bytes,
+        },
+        SpoolError::TooLarge(bytes) => SpoolError::TooLarge(*bytes),
+        SpoolError::Io {
+            operation,
+            segment,
+            source,
+        } => SpoolError::Io {
+            operation,
+            segment: segment.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+    }
+}
+
 /// Whether this core's spool is open (routes or the ingest API may spool).
 pub fn is_open() -> bool {
     SPOOL.with(|s| s.borrow().is_some())
 }
 
-/// Appends one record once, without waiting: the gRPC path answers RESOURCE_EXHAUSTED when the
-/// spool is full and UNAVAILABLE when the disk fails.
-pub async fn try_append(record: &[u8]) -> Result<Vec<RecordId>, SpoolError> {
-    let Some(spool) = core_spool() else {
-        unreachable!("callers check `is_open` first");
-    };
-    let result = spool.lock().await.append(&[record]).await;
-    result
+/// Appends one record once (in the core's next group commit), without waiting for room: the
+/// gRPC path answers RESOURCE_EXHAUSTED when the spool is full and UNAVAILABLE when the disk
+/// fails.
+pub async fn try_append(record: Vec<u8>) -> Result<Vec<RecordId>, SpoolError> {
+    commit(Rc::new(vec![record])).await
 }
 
 /// Route name of spool records that hold a gRPC batch (no route may be named "").
@@ -467,6 +578,30 @@ pub async fn drain_on_core(
     }
 }
 
+/// At shutdown, after the sources stopped: waits up to `deadline` for the spooled records this
+/// core is writing from memory. Whatever is unwritten then, and every deferred record, stays in
+/// the spool and is written after the next start (logged).
+pub async fn finish_on_core(core: usize, deadline: Duration) {
+    let Some(backlog) = core_backlog() else {
+        return;
+    };
+    let until = std::time::Instant::now() + deadline;
+    while backlog.held_bytes.get() > 0 && std::time::Instant::now() < until {
+        let changed = std::pin::pin!(backlog.changed.notified());
+        let tick = std::pin::pin!(tokio::time::sleep(Duration::from_millis(100)));
+        futures::future::select(changed, tick).await;
+    }
+    let (writing_bytes, deferred) = (backlog.held_bytes.get(), backlog.waiting.get());
+    if writing_bytes > 0 || deferred > 0 {
+        tracing::info!(
+            core,
+            writing_bytes,
+            deferred,
+            "spool: unwritten records stay in the spool and are written after the next start"
+        );
+    }
+}
+
 /// Records handed to a writer per chunk of the drain.
 const DRAIN_CHUNK: usize = 512;
 
@@ -516,6 +651,52 @@ async fn wait_for_change(backlog: &Backlog, stop: &mut tokio::sync::watch::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent appends on one core share group commits; each caller gets the ids of its own
+    /// records, which read back as what it appended.
+    #[test]
+    fn concurrent_appends_share_one_sync_and_keep_their_records() {
+        let dir = std::env::temp_dir().join(format!("shardgate-group-commit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = SpoolConfig {
+            dir: dir.clone(),
+            segment_bytes: 1 << 20,
+            cap_bytes_per_core: 1 << 30,
+            memory_bytes_per_core: 1 << 20,
+        };
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                open_on_core(&config, 0).await.expect("open");
+                let callers: Vec<_> = (0..16u8)
+                    .map(|caller| {
+                        glommio::spawn_local(async move {
+                            let records: Vec<Vec<u8>> = (0..3u8).map(|i| vec![caller, i, 7]).collect();
+                            (records.clone(), append("test", records).await)
+                        })
+                    })
+                    .collect();
+                let outcomes = futures::future::join_all(callers).await;
+                let syncs = SYNCS.with(Cell::get);
+                assert!(syncs < 16, "16 concurrent callers took {syncs} syncs");
+                let spool = core_spool().expect("open");
+                let spool = spool.lock().await;
+                for (records, ids) in outcomes {
+                    assert_eq!(ids.len(), 3);
+                    for (record, id) in records.into_iter().zip(ids) {
+                        let back = spool.read(id.segment, &[id.index]).await.expect("read");
+                        assert_eq!(back, vec![Some(record)]);
+                    }
+                }
+                drop(spool);
+                let too_large = try_append(Vec::new()).await;
+                assert!(matches!(too_large, Err(SpoolError::TooLarge(0))), "{too_large:?}");
+                close_on_core().await;
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn records_round_trip_every_field() {

@@ -421,14 +421,14 @@ impl IngestService {
         let service = self.clone();
         glommio::spawn_local(async move {
             let record = crate::bridge::spooled::encode_row_batch(&batch);
-            match crate::bridge::spooled::try_append(&record).await {
+            let bytes = record.len() as u64;
+            match crate::bridge::spooled::try_append(record).await {
                 Ok(ids) => {
                     let _ = answer.send(Ok(()));
                     // From memory while the core's budget allows, else read back from disk by
                     // the core's drain.
-                    match crate::bridge::spooled::hold(record.len() as u64) {
+                    match crate::bridge::spooled::hold(bytes) {
                         Some(held) => {
-                            drop(record);
                             service.write_spooled(batch, ids).await;
                             drop(held);
                         }

@@ -36,6 +36,8 @@ pub mod metric {
     /// Partitions of a Kafka route's topic assigned to this gateway, by route: 0 while the
     /// consumer is out of its group (alert on it staying 0).
     pub const KAFKA_ASSIGNED_PARTITIONS: &str = "shardgate_kafka_assigned_partitions";
+    /// Group commits of the spools (one sync each, however many batches joined it).
+    pub const SPOOL_COMMITS: &str = "shardgate_spool_commits_total";
     /// Spooled records (acknowledged, not yet written) that wait on disk only because their
     /// core's memory budget for spooled writes is spent, all cores together.
     pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
