@@ -169,19 +169,25 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
 pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
     let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
-    let mut full_since: Option<std::time::Instant> = None;
     loop {
         match commit(Rc::clone(&records)).await {
             Ok(ids) => return ids,
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
-                if full_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                // Every batch in flight meets the cap; one line per core every 10 s says it.
+                let log = FULL_LOGGED.with(|last| {
+                    let due = last.get().is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+                    if due {
+                        last.set(Some(std::time::Instant::now()));
+                    }
+                    due
+                });
+                if log {
                     tracing::warn!(
                         route,
                         live_bytes,
                         cap_bytes,
                         "spool full: the route waits for rows to be written"
                     );
-                    full_since = Some(std::time::Instant::now());
                 }
                 tokio::time::sleep(FULL_WAIT).await;
             }
@@ -203,6 +209,8 @@ struct CommitRequest {
 thread_local! {
     /// Records waiting for the next group commit, and whether a commit task runs.
     static COMMITS: RefCell<(Vec<CommitRequest>, bool)> = const { RefCell::new((Vec::new(), false)) };
+    /// When this core last logged that its spool is full.
+    static FULL_LOGGED: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
     /// Group commits (appends with one sync) this core made.
     static SYNCS: Cell<u64> = const { Cell::new(0) };
 }
@@ -212,7 +220,10 @@ thread_local! {
 /// the records' ids, or why they are not durable.
 async fn commit(records: Rc<Vec<Vec<u8>>>) -> Result<Vec<RecordId>, SpoolError> {
     // A bad record fails only its own caller, never the group it would have joined.
-    if let Some(bad) = records.iter().find(|r| r.is_empty() || r.len() > crate::spool::frame::RECORD_BYTES_MAX) {
+    if let Some(bad) = records
+        .iter()
+        .find(|r| r.is_empty() || r.len() > crate::spool::frame::RECORD_BYTES_MAX)
+    {
         return Err(SpoolError::TooLarge(bad.len()));
     }
     let (done, answer) = futures::channel::oneshot::channel();
@@ -262,7 +273,10 @@ async fn run_commits() {
             continue;
         };
         let mut spool = spool.lock().await;
-        let refs: Vec<&[u8]> = requests.iter().flat_map(|r| r.records.iter().map(Vec::as_slice)).collect();
+        let refs: Vec<&[u8]> = requests
+            .iter()
+            .flat_map(|r| r.records.iter().map(Vec::as_slice))
+            .collect();
         let result = spool.append(&refs).await;
         drop(refs);
         SYNCS.with(|syncs| syncs.set(syncs.get() + 1));
@@ -322,6 +336,18 @@ pub fn is_open() -> bool {
 /// fails.
 pub async fn try_append(record: Vec<u8>) -> Result<Vec<RecordId>, SpoolError> {
     commit(Rc::new(vec![record])).await
+}
+
+/// Appends one record, waiting while the spool is full (backpressure); returns on success or a
+/// disk failure.
+pub async fn append_when_room(record: Vec<u8>) -> Result<Vec<RecordId>, SpoolError> {
+    let record = Rc::new(vec![record]);
+    loop {
+        match commit(Rc::clone(&record)).await {
+            Err(SpoolError::Full { .. }) => tokio::time::sleep(FULL_WAIT).await,
+            other => return other,
+        }
+    }
 }
 
 /// Route name of spool records that hold a gRPC batch (no route may be named "").

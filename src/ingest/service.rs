@@ -259,6 +259,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a spooled batch does when the core's spool is full.
+#[derive(Debug, Clone, Copy)]
+enum FullSpool {
+    /// Answer RESOURCE_EXHAUSTED (unary calls: the client retries).
+    Refuse,
+    /// Wait for room (streams: backpressure instead of ending the stream).
+    Wait,
+}
+
 /// The service instance of one core.
 #[derive(Clone)]
 pub struct IngestService {
@@ -368,9 +377,15 @@ impl IngestService {
     }
 
     /// Answers one batch per its ack mode: written now, or (ACK_MODE_SPOOLED) validated, made
-    /// durable in this core's spool and written in the background. Returns (written, spooled,
-    /// errors).
-    async fn accept(&self, batch: RowBatch, ack: i32) -> Result<(u32, u32, Vec<RowError>), Status> {
+    /// durable in this core's spool and written in the background. A full spool is
+    /// RESOURCE_EXHAUSTED for unary calls; a stream (`full_spool`) waits for room instead, so
+    /// the stream stays open and stops reading meanwhile. Returns (written, spooled, errors).
+    async fn accept(
+        &self,
+        batch: RowBatch,
+        ack: i32,
+        full_spool: FullSpool,
+    ) -> Result<(u32, u32, Vec<RowError>), Status> {
         if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
             let (written, errors) = self.write_batch(batch).await;
             return Ok((written, 0, errors));
@@ -422,7 +437,11 @@ impl IngestService {
         glommio::spawn_local(async move {
             let record = crate::bridge::spooled::encode_row_batch(&batch);
             let bytes = record.len() as u64;
-            match crate::bridge::spooled::try_append(record).await {
+            let appended = match full_spool {
+                FullSpool::Refuse => crate::bridge::spooled::try_append(record).await,
+                FullSpool::Wait => crate::bridge::spooled::append_when_room(record).await,
+            };
+            match appended {
                 Ok(ids) => {
                     let _ = answer.send(Ok(()));
                     // From memory while the core's budget allows, else read back from disk by
@@ -648,7 +667,7 @@ impl Ingest for IngestService {
             .batch
             .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, ack).await?;
+        let (written, spooled, errors) = self.accept(batch, ack, FullSpool::Refuse).await?;
         Ok(Response::new(WriteResponse {
             written,
             errors,
@@ -660,7 +679,7 @@ impl Ingest for IngestService {
         let request = request.into_inner();
         let batch = decode_row_batch(&request.row_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, request.ack).await?;
+        let (written, spooled, errors) = self.accept(batch, request.ack, FullSpool::Refuse).await?;
         Ok(Response::new(WriteResponse {
             written,
             errors,
@@ -708,7 +727,7 @@ impl Ingest for IngestService {
                 let service = service.clone();
                 let mut responses = responses.clone();
                 glommio::spawn_local(async move {
-                    let answer = service.accept(batch, message.ack).await;
+                    let answer = service.accept(batch, message.ack, FullSpool::Wait).await;
                     drop(permit);
                     let answer = answer.map(|(written, spooled, errors)| WriteStreamResponse {
                         batch_id: message.batch_id,

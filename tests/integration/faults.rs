@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use shardgate::devkit::{self, CassandraPause, Gateway};
 use shardgate::ingest::proto::ingest_client::IngestClient;
-use shardgate::ingest::proto::{AckMode, RowBatch, WriteRequest};
+use shardgate::ingest::proto::{AckMode, RowBatch, WriteRequest, WriteStreamRequest};
 use tonic::transport::Channel;
 
 use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committed, Names};
@@ -517,6 +517,156 @@ async fn ride_out_a_stopped_database(test: &str, kill: bool) {
     )
     .expect("metrics");
     assert_eq!(deferred, 0.0, "every deferred record was read back and written");
+    assert!(gateway.stop().expect("stop").success());
+    assert_all_orders_exact(&names, count).await;
+    assert_events_exact(&session, &grpc_keyspace, events as u64).await;
+}
+
+/// The spool's byte cap is backpressure, never loss. With 2 MiB of spool per core and
+/// Cassandra frozen, a spooled Kafka route fills the spools and pauses (its offsets stop short
+/// of the end); unary gRPC calls with `ACK_MODE_SPOOLED` are answered RESOURCE_EXHAUSTED; a
+/// spooled `WriteStream` stays open without answers (it waits for room). Once Cassandra runs
+/// again the stream's batches are answered as spooled, the refused calls are sent again, and
+/// every order and every event lands exactly once with exact values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_pushes_back_and_loses_nothing() {
+    const UNARY_BATCHES: usize = 20;
+    const STREAM_BATCHES: usize = 10;
+    let _lock = gateway_lock().await;
+    let names = Names::new("spoolcap");
+    let count = setup(&names).await;
+    let grpc_keyspace = format!("{}_grpc", names.keyspace);
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &grpc_keyspace)
+        .await
+        .expect("events table");
+    let route = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    )
+    .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
+    let config = write_config_with_spool(
+        &names,
+        &devkit::ingest_gateway_toml(&route, 2048, 64),
+        &names.dir.join("spool"),
+    );
+    let toml = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        toml.replacen(
+            "[runtime]\n",
+            "[runtime]\nspool_segment_mib = 1\nspool_cap_mib_per_core = 2\n",
+            1,
+        ),
+    )
+    .expect("config");
+    let events = (1 + UNARY_BATCHES + STREAM_BATCHES) as i64 * 500;
+    let mut batches = devkit::event_batches(&format!("{grpc_keyspace}.events"), events, 500).into_iter();
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
+    let mut client = connect_and_write_first(&mut batches).await;
+
+    let pause = CassandraPause::start().expect("freeze Cassandra");
+    // The Kafka route fills both spools and pauses: its committed offsets stop moving.
+    let mut last = -1;
+    let started = Instant::now();
+    let paused_at = loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, PARTITIONS).expect("offsets");
+        assert!(committed < end, "2 MiB per core cannot take the whole topic");
+        if committed == last {
+            break committed;
+        }
+        last = committed;
+        assert!(started.elapsed() < Duration::from_secs(60), "the route never paused");
+    };
+    assert!(paused_at > 0, "the route acknowledged what fitted in the spool");
+
+    let mut refused = Vec::new();
+    for batch in batches.by_ref().take(UNARY_BATCHES) {
+        let request = WriteRequest {
+            batch: Some(batch.clone()),
+            ack: AckMode::Spooled as i32,
+        };
+        match client.write(request).await {
+            Ok(answer) => assert_eq!(answer.into_inner().spooled, 500),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+                refused.push(batch);
+            }
+        }
+    }
+    assert!(!refused.is_empty(), "a full spool answers RESOURCE_EXHAUSTED");
+
+    let stream: Vec<_> = batches
+        .by_ref()
+        .take(STREAM_BATCHES)
+        .enumerate()
+        .map(|(i, batch)| WriteStreamRequest {
+            batch_id: i as u64,
+            batch: Some(batch),
+            ack: AckMode::Spooled as i32,
+            ..Default::default()
+        })
+        .collect();
+    let mut responses = client
+        .clone()
+        .write_stream(futures::stream::iter(stream))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let waiting = tokio::time::timeout(Duration::from_secs(3), responses.message()).await;
+    assert!(waiting.is_err(), "no answer while the spool is full: {waiting:?}");
+    assert_eq!(
+        devkit::committed_and_end(&names.group, &names.topic, PARTITIONS)
+            .expect("offsets")
+            .0,
+        paused_at,
+        "the Kafka route stays paused"
+    );
+
+    pause.resume().expect("resume Cassandra");
+    let mut answered = 0;
+    while let Some(response) = responses.message().await.expect("the stream stayed open") {
+        assert_eq!((response.spooled, response.written), (500, 0), "{response:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, STREAM_BATCHES);
+    for batch in refused {
+        // What a client does with RESOURCE_EXHAUSTED: back off and send it again (the Kafka
+        // route competes for the room the writes free).
+        let started = Instant::now();
+        loop {
+            let request = WriteRequest {
+                batch: Some(batch.clone()),
+                ack: AckMode::Spooled as i32,
+            };
+            match client.write(request).await {
+                Ok(answer) => {
+                    assert_eq!(answer.into_inner().spooled, 500);
+                    break;
+                }
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    assert!(started.elapsed() < Duration::from_secs(120), "no room for 120 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("{status}"),
+            }
+        }
+    }
+    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
+    devkit::wait_for_rows::<i64>(
+        &session,
+        &grpc_keyspace,
+        "events",
+        "id",
+        events as u64,
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("every event");
     assert!(gateway.stop().expect("stop").success());
     assert_all_orders_exact(&names, count).await;
     assert_events_exact(&session, &grpc_keyspace, events as u64).await;
