@@ -58,7 +58,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         let _island = island.handle().enter();
         telemetry::start_metrics(addr).with_context(|| format!("cannot serve metrics on `{addr}`"))?;
     }
-    let session = Arc::new(island.block_on(scylla::connect(&config.cluster))?);
+    let Some(session) = island.block_on(connect_within_wait(&config.cluster))? else {
+        tracing::info!("stopped before the database answered");
+        return Ok(());
+    };
+    let session = Arc::new(session);
     let cpus = data_plane_cpus(config.runtime.cores)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -437,6 +441,34 @@ fn join_cores_within(cores: Cores, deadline: Duration) {
     });
     if done_rx.recv_timeout(deadline).is_err() {
         tracing::warn!("cores did not finish within the shutdown deadline; exiting anyway");
+    }
+}
+
+/// Connects to the cluster, retrying for up to `cluster.connect_wait` (a gateway restarted
+/// during a database outage waits for it, its spool intact); `None` when stopped meanwhile.
+async fn connect_within_wait(cluster: &crate::config::ClusterConfig) -> anyhow::Result<Option<Session>> {
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let error = match scylla::connect(cluster).await {
+            Ok(session) => return Ok(Some(session)),
+            Err(error) => error,
+        };
+        let waited = started.elapsed();
+        if waited + backoff > cluster.connect_wait {
+            return Err(error.into());
+        }
+        tracing::warn!(
+            %error,
+            waited_s = waited.as_secs(),
+            gives_up_after_s = cluster.connect_wait.as_secs(),
+            "database unreachable at start-up; retrying"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = wait_for_stop_signal() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

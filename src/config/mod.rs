@@ -106,6 +106,8 @@ pub struct ClusterConfig {
     pub consistency: Consistency,
     /// Client-side timeout of one request.
     pub request_timeout: Duration,
+    /// How long start-up keeps retrying an unreachable cluster.
+    pub connect_wait: Duration,
 }
 
 /// How many cores run executors and how much work each may hold.

@@ -79,6 +79,11 @@ pub struct RawCluster {
     /// Client-side timeout of one request, in milliseconds. Default 10000.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// How long start-up keeps trying to reach the cluster, in milliseconds, before it gives
+    /// up with the error (0: one attempt). Default 300000, so a gateway restarted during a
+    /// database outage waits for it, its spool intact.
+    #[serde(default = "default_connect_wait_ms")]
+    pub connect_wait_ms: u64,
 }
 
 /// `[runtime]`
@@ -391,6 +396,9 @@ fn default_consistency() -> String {
 fn default_request_timeout_ms() -> u64 {
     10_000
 }
+fn default_connect_wait_ms() -> u64 {
+    300_000
+}
 fn default_cores() -> toml::Value {
     toml::Value::String("auto".to_string())
 }
@@ -524,6 +532,10 @@ fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
         local_datacenter: raw.local_datacenter,
         consistency,
         request_timeout: Duration::from_millis(bounded_ms("cluster.request_timeout_ms", raw.request_timeout_ms)?),
+        connect_wait: Duration::from_millis(match raw.connect_wait_ms {
+            0 => 0,
+            wait => bounded_ms("cluster.connect_wait_ms", wait)?,
+        }),
     })
 }
 

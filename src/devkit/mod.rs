@@ -524,6 +524,13 @@ impl Gateway {
     /// Starts `binary serve --config config`, logging to `log` (truncated), and waits until it
     /// serves.
     pub fn start(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Gateway> {
+        let mut gateway = Gateway::spawn(binary, config, log)?;
+        gateway.wait_for_log("shardgate serving", Duration::from_secs(60))?;
+        Ok(gateway)
+    }
+
+    /// Starts `binary serve --config config`, logging to `log` (truncated), without waiting.
+    pub fn spawn(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Gateway> {
         let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let child = Command::new(binary)
             .args(["serve", "--config"])
@@ -533,12 +540,10 @@ impl Gateway {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        let mut gateway = Gateway {
+        Ok(Gateway {
             child,
             log: log.to_path_buf(),
-        };
-        gateway.wait_for_log("shardgate serving", Duration::from_secs(60))?;
-        Ok(gateway)
+        })
     }
 
     /// Process id.

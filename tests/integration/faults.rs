@@ -434,9 +434,10 @@ async fn grpc_spooled_and_kafka_written_ride_out_a_stopped_database() {
 }
 
 /// The same run, but the gateway is killed with `kill -9` while Cassandra is stopped (gRPC rows
-/// acknowledged only in the spool, Kafka offsets behind the rows in flight) and started again
-/// once Cassandra is back: the spool replays, the Kafka route resumes from its committed
-/// offsets, and every row is there exactly once with exact values.
+/// acknowledged only in the spool, Kafka offsets behind the rows in flight) and restarted while
+/// Cassandra is still stopped: start-up waits for the database, then the spool replays, the
+/// Kafka route resumes from its committed offsets, and every row is there exactly once with
+/// exact values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_spooled_and_kafka_written_survive_kill_9_while_the_database_is_stopped() {
     ride_out_a_stopped_database("dbkill", true).await;
@@ -493,8 +494,15 @@ async fn ride_out_a_stopped_database(test: &str, kill: bool) {
     if kill {
         drop(client);
         gateway.kill9().expect("kill -9");
+        // Restarted while the database is still gone: start-up waits for it.
+        gateway = Gateway::spawn(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+        gateway
+            .wait_for_log("database unreachable at start-up; retrying", Duration::from_secs(60))
+            .expect("the restarted gateway waits for the database");
         devkit::start_services().expect("start Cassandra again");
-        gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+        gateway
+            .wait_for_log("shardgate serving", Duration::from_secs(120))
+            .expect("serving once the database is back");
     } else {
         devkit::start_services().expect("start Cassandra again");
     }
