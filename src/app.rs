@@ -123,6 +123,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     route: route.name.clone(),
                     topic: source.topic.clone(),
                     consumer,
+                    source: source.clone(),
                     queues,
                     completions: completions_rx,
                     shutdown: Arc::clone(&shutdown),

@@ -40,6 +40,13 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval of the progress log line.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long the consumer may stay without partitions after losing them (revoked, no new
+/// assignment — not even an empty one) before the poll thread replaces it with a fresh,
+/// freshly subscribed consumer. librdkafka normally rejoins within seconds of the coordinator
+/// coming back; after a broker outage longer than the session timeout it was seen, about once
+/// in four runs, to never rejoin at all.
+const REJOIN_STUCK_AFTER: Duration = Duration::from_secs(45);
+
 /// Rebalance events recorded inside `poll` and applied right after it returns.
 #[derive(Debug)]
 enum RebalanceEvent {
@@ -236,6 +243,8 @@ pub struct Poller {
     pub topic: String,
     /// The subscribed consumer.
     pub consumer: RouteConsumer,
+    /// The route's source, to subscribe again with a fresh consumer (see [`REJOIN_STUCK_AFTER`]).
+    pub source: KafkaSourceConfig,
     /// One bounded queue per core.
     pub queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
     /// Completions from the cores.
@@ -277,21 +286,27 @@ impl Poller {
 
     /// The poll loop; returns after shutdown, once in-flight messages are done or the deadline
     /// passed, with the stored offsets committed.
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut marks = Watermarks::default();
         let mut clocks = Clocks::default();
         let mut last_progress = Instant::now();
         let mut last_error_log: Option<Instant> = None;
+        // Since when the consumer waits for an assignment (start-up, or after a revocation).
+        let mut unassigned_since = Some(Instant::now());
         tracing::info!(route = %self.route, topic = %self.topic, cores = self.queues.len(), "consuming");
         while !self.shutdown.load(Ordering::Relaxed) {
             self.apply_completions(&mut marks, &mut clocks, None);
+            if unassigned_since.is_some_and(|t| t.elapsed() > REJOIN_STUCK_AFTER) {
+                self.resubscribe();
+                unassigned_since = Some(Instant::now());
+            }
             let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
             let mut taken = 0;
             let mut wait = POLL_WAIT;
             while taken < POLL_BATCH_MAX {
                 let polled = self.consumer.poll(wait);
                 wait = Duration::ZERO;
-                self.apply_rebalances(&mut marks, &mut clocks);
+                self.apply_rebalances(&mut marks, &mut clocks, &mut unassigned_since);
                 match polled {
                     None => break,
                     Some(Err(error)) => {
@@ -334,6 +349,36 @@ impl Poller {
             }
         }
         self.drain(marks, clocks);
+    }
+
+    /// Replaces a consumer that lost its partitions and never rejoined with a fresh one,
+    /// subscribed the same way; it starts from the committed offsets (messages in flight for the
+    /// old assignment were already dropped from the watermarks at the revocation). If the
+    /// brokers do not answer, the old consumer stays and this is tried again later. The old one
+    /// is unsubscribed and closed on a thread of its own, so a close that hangs cannot stop
+    /// the route.
+    fn resubscribe(&mut self) {
+        if self.consumer.assignment().is_ok_and(|list| list.count() > 0) {
+            return;
+        }
+        tracing::warn!(
+            route = %self.route,
+            waited_s = REJOIN_STUCK_AFTER.as_secs(),
+            "kafka consumer has not rejoined its group; subscribing again with a fresh consumer"
+        );
+        match subscribe(&self.source, &self.route) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.consumer, fresh);
+                old.unsubscribe();
+                let closing = std::thread::Builder::new()
+                    .name("kafka-close".into())
+                    .spawn(move || drop(old));
+                if let Err(error) = closing {
+                    tracing::warn!(route = %self.route, %error, "cannot close the old consumer on a thread");
+                }
+            }
+            Err(error) => tracing::warn!(route = %self.route, %error, "brokers not reachable; keeping the consumer"),
+        }
     }
 
     fn log_progress(&self, marks: &Watermarks) {
@@ -403,7 +448,7 @@ impl Poller {
         }
     }
 
-    fn apply_rebalances(&self, marks: &mut Watermarks, clocks: &mut Clocks) {
+    fn apply_rebalances(&self, marks: &mut Watermarks, clocks: &mut Clocks, unassigned_since: &mut Option<Instant>) {
         let events = self.consumer.context().take();
         if events.is_empty() {
             return;
@@ -411,6 +456,8 @@ impl Poller {
         for event in events {
             match event {
                 RebalanceEvent::Assigned(partitions) => {
+                    // In the group again, even with no partitions (more members than partitions).
+                    *unassigned_since = None;
                     tracing::info!(route = %self.route, ?partitions, "partitions assigned");
                     for &p in &partitions {
                         marks.assign(p);
@@ -419,6 +466,7 @@ impl Poller {
                 }
                 RebalanceEvent::Revoked(partitions) => {
                     tracing::info!(route = %self.route, ?partitions, "partitions revoked");
+                    unassigned_since.get_or_insert_with(Instant::now);
                     for p in partitions {
                         marks.revoke(p);
                         clocks.forget(p);
