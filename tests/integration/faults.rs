@@ -446,25 +446,7 @@ async fn grpc_spooled_and_kafka_written_survive_kill_9_while_the_database_is_sto
 async fn ride_out_a_stopped_database(test: &str, kill: bool) {
     let _lock = gateway_lock().await;
     let names = Names::new(test);
-    let count = setup(&names).await;
-    let grpc_keyspace = format!("{}_grpc", names.keyspace);
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_events_table(&session, &grpc_keyspace)
-        .await
-        .expect("events table");
-    drop(session);
-    let route = devkit::orders_route_toml(
-        "orders",
-        &names.keyspace,
-        &names.topic,
-        &names.group,
-        &names.dead_letter_topic,
-    );
-    let config = write_config_with_spool(
-        &names,
-        &devkit::ingest_gateway_toml(&route, 2048, 64),
-        &names.dir.join("spool"),
-    );
+    let (count, grpc_keyspace, config) = setup_orders_and_events(&names, "", "").await;
     let events: i64 = 100_000;
     let mut batches = devkit::event_batches(&format!("{grpc_keyspace}.events"), events, 500).into_iter();
     let mut gateway =
@@ -507,18 +489,56 @@ async fn ride_out_a_stopped_database(test: &str, kill: bool) {
         devkit::start_services().expect("start Cassandra again");
     }
 
-    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is back");
+    drain_and_check(gateway, &names, count, &grpc_keyspace, events as u64).await;
+}
+
+/// The orders table, the topic with [`ORDERS`] orders and an events table in
+/// `<keyspace>_grpc`; a gateway config with the orders route (plus `route_extra`, e.g. an ack
+/// mode) and the ingest API, the spools in the test's directory (plus `runtime_extra`).
+/// Returns (orders, events keyspace, config path).
+async fn setup_orders_and_events(
+    names: &Names,
+    route_extra: &str,
+    runtime_extra: &str,
+) -> (u64, String, std::path::PathBuf) {
+    let count = setup(names).await;
+    let grpc_keyspace = format!("{}_grpc", names.keyspace);
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &grpc_keyspace)
+        .await
+        .expect("events table");
+    let route = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    )
+    .replace("format = \"json\"", &format!("format = \"json\"\n{route_extra}"));
+    let gateway_toml = devkit::ingest_gateway_toml(&route, 2048, 64).replacen(
+        "[runtime]\n",
+        &format!("[runtime]\n{runtime_extra}"),
+        1,
+    );
+    let config = write_config_with_spool(names, &gateway_toml, &names.dir.join("spool"));
+    (count, grpc_keyspace, config)
+}
+
+/// Waits until every order is committed and every event written, checks that no spooled record
+/// still waits on disk, stops the gateway and checks every row.
+async fn drain_and_check(gateway: Gateway, names: &Names, count: u64, grpc_keyspace: &str, events: u64) {
+    wait_committed(names, PARTITIONS, count as i64, Duration::from_secs(300));
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
     devkit::wait_for_rows::<i64>(
         &session,
-        &grpc_keyspace,
+        grpc_keyspace,
         "events",
         "id",
-        events as u64,
+        events,
         Duration::from_secs(300),
     )
     .await
-    .expect("every spooled gRPC row");
+    .expect("every gRPC row");
     let deferred = devkit::scrape_metric(
         devkit::ADMIN_LISTEN,
         shardgate::telemetry::metric::SPOOL_DEFERRED_RECORDS,
@@ -526,8 +546,8 @@ async fn ride_out_a_stopped_database(test: &str, kill: bool) {
     .expect("metrics");
     assert_eq!(deferred, 0.0, "every deferred record was read back and written");
     assert!(gateway.stop().expect("stop").success());
-    assert_all_orders_exact(&names, count).await;
-    assert_events_exact(&session, &grpc_keyspace, events as u64).await;
+    assert_all_orders_exact(names, count).await;
+    assert_events_exact(&session, grpc_keyspace, events).await;
 }
 
 /// The spool's byte cap is backpressure, never loss. With 2 MiB of spool per core and
@@ -542,35 +562,12 @@ async fn a_full_spool_pushes_back_and_loses_nothing() {
     const STREAM_BATCHES: usize = 10;
     let _lock = gateway_lock().await;
     let names = Names::new("spoolcap");
-    let count = setup(&names).await;
-    let grpc_keyspace = format!("{}_grpc", names.keyspace);
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_events_table(&session, &grpc_keyspace)
-        .await
-        .expect("events table");
-    let route = devkit::orders_route_toml(
-        "orders",
-        &names.keyspace,
-        &names.topic,
-        &names.group,
-        &names.dead_letter_topic,
-    )
-    .replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
-    let config = write_config_with_spool(
+    let (count, grpc_keyspace, config) = setup_orders_and_events(
         &names,
-        &devkit::ingest_gateway_toml(&route, 2048, 64),
-        &names.dir.join("spool"),
-    );
-    let toml = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        toml.replacen(
-            "[runtime]\n",
-            "[runtime]\nspool_segment_mib = 1\nspool_cap_mib_per_core = 2\n",
-            1,
-        ),
+        "ack = \"spooled\"",
+        "spool_segment_mib = 1\nspool_cap_mib_per_core = 2\n",
     )
-    .expect("config");
+    .await;
     let events = (1 + UNARY_BATCHES + STREAM_BATCHES) as i64 * 500;
     let mut batches = devkit::event_batches(&format!("{grpc_keyspace}.events"), events, 500).into_iter();
     let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
@@ -664,20 +661,7 @@ async fn a_full_spool_pushes_back_and_loses_nothing() {
             }
         }
     }
-    wait_committed(&names, PARTITIONS, count as i64, Duration::from_secs(300));
-    devkit::wait_for_rows::<i64>(
-        &session,
-        &grpc_keyspace,
-        "events",
-        "id",
-        events as u64,
-        Duration::from_secs(180),
-    )
-    .await
-    .expect("every event");
-    assert!(gateway.stop().expect("stop").success());
-    assert_all_orders_exact(&names, count).await;
-    assert_events_exact(&session, &grpc_keyspace, events as u64).await;
+    drain_and_check(gateway, &names, count, &grpc_keyspace, events as u64).await;
 }
 
 /// SIGTERM mid-stream: a written Kafka route stops reading, finishes the messages in flight
