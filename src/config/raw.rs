@@ -572,11 +572,11 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
             format!("a whole number from 1 to {WRITE_BATCH_ROWS_MAX}"),
         ));
     }
-    if raw.spool_segment_mib == 0 || raw.spool_segment_mib > 4096 {
+    if raw.spool_segment_mib == 0 || raw.spool_segment_mib > 2048 {
         return Err(ConfigError::invalid(
             "runtime.spool_segment_mib",
             raw.spool_segment_mib,
-            "MiB from 1 to 4096",
+            "MiB from 1 to 2048",
         ));
     }
     if raw.spool_cap_mib_per_core < raw.spool_segment_mib {

@@ -83,6 +83,9 @@ struct Segment {
     name: String,
     bytes: u64,
     records: u32,
+    /// Where each record's frame starts, by index: a read of some records reads only their
+    /// bytes.
+    offsets: Vec<u32>,
     outstanding: u32,
     sealed: bool,
 }
@@ -164,12 +167,18 @@ impl<S: Storage> Spool<S> {
             }
             replay.extend((0..records.len() as u32).map(|index| RecordId { segment: id, index }));
             spool.live_bytes += bytes.len() as u64;
+            // Bodies borrow from `bytes`; each frame's header sits just before its body.
+            let offsets = records
+                .iter()
+                .map(|r| (r.as_ptr() as usize - bytes.as_ptr() as usize - frame::HEADER_BYTES) as u32)
+                .collect();
             spool.segments.insert(
                 id,
                 Segment {
                     name,
                     bytes: bytes.len() as u64,
                     records: records.len() as u32,
+                    offsets,
                     outstanding: records.len() as u32,
                     sealed: true,
                 },
@@ -184,16 +193,39 @@ impl<S: Storage> Spool<S> {
     /// segment was damaged after the record was acknowledged).
     pub async fn read(&self, segment: u64, indexes: &[u32]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
         let name = segment_name(segment);
-        let bytes = self.storage.read(&name).await.map_err(|source| SpoolError::Io {
+        let io = |source| SpoolError::Io {
             operation: "read",
-            segment: name,
+            segment: name.clone(),
             source,
-        })?;
+        };
+        // Only the bytes from the first asked record to the end of the last one.
+        let (Some(&first), Some(&last)) = (indexes.iter().min(), indexes.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let (bytes, first_read) = match self.segments.get(&segment) {
+            Some(known) if (last as usize) < known.offsets.len() => {
+                let start = u64::from(known.offsets[first as usize]);
+                let end = known
+                    .offsets
+                    .get(last as usize + 1)
+                    .map_or(known.bytes, |&next| u64::from(next));
+                let bytes = self
+                    .storage
+                    .read_range(&name, start, (end - start) as usize)
+                    .await
+                    .map_err(io)?;
+                (bytes, first)
+            }
+            _ => (self.storage.read(&name).await.map_err(io)?, 0),
+        };
         // Acknowledged records are durable and come before any unreadable tail.
         let (records, _) = frame::decode(&bytes);
         Ok(indexes
             .iter()
-            .map(|&index| records.get(index as usize).map(|record| record.to_vec()))
+            .map(|&index| {
+                let at = index.checked_sub(first_read)? as usize;
+                records.get(at).map(|record| record.to_vec())
+            })
             .collect())
     }
 
@@ -215,10 +247,12 @@ impl<S: Storage> Spool<S> {
             return Ok(Vec::new());
         }
         let mut bytes = Vec::with_capacity(records.iter().map(|r| r.len() + frame::HEADER_BYTES).sum());
+        let mut starts = Vec::with_capacity(records.len());
         for record in records {
             if record.len() > frame::RECORD_BYTES_MAX || record.is_empty() {
                 return Err(SpoolError::TooLarge(record.len()));
             }
+            starts.push(bytes.len() as u64);
             frame::encode(record, &mut bytes);
         }
         let added = bytes.len() as u64;
@@ -248,6 +282,7 @@ impl<S: Storage> Spool<S> {
             segment: name,
             source,
         };
+        let base = segment.bytes;
         // Whatever the outcome, these bytes may be on disk: count them against the cap.
         segment.bytes += added;
         self.live_bytes += added;
@@ -261,6 +296,9 @@ impl<S: Storage> Spool<S> {
         }
         let first = segment.records;
         segment.records += records.len() as u32;
+        segment
+            .offsets
+            .extend(starts.into_iter().map(|start| (base + start) as u32));
         segment.outstanding += records.len() as u32;
         Ok((0..records.len() as u32)
             .map(|i| RecordId {
@@ -331,6 +369,7 @@ impl<S: Storage> Spool<S> {
                 name,
                 bytes: 0,
                 records: 0,
+                offsets: Vec::new(),
                 outstanding: 0,
                 sealed: false,
             },

@@ -19,6 +19,8 @@ pub trait Storage {
     async fn create(&self, name: &str) -> io::Result<Self::Writer>;
     /// Reads `name` whole (segments are bounded by `segment_bytes_max`).
     async fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// Reads up to `len` bytes of `name` from `offset` (fewer at the end of the file).
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Removes `name`.
     async fn remove(&self, name: &str) -> io::Result<()>;
 }
@@ -85,6 +87,23 @@ impl Storage for DmaStorage {
 
     async fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         std::fs::read(self.dir.join(name))
+    }
+
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(self.dir.join(name))?;
+        let mut bytes = vec![0; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut bytes[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        bytes.truncate(filled);
+        Ok(bytes)
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
@@ -219,6 +238,12 @@ impl Storage for MemoryStorage {
         let mut bytes = file.durable.clone();
         bytes.extend_from_slice(&file.volatile);
         Ok(bytes)
+    }
+
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let bytes = self.read(name).await?;
+        let start = (offset as usize).min(bytes.len());
+        Ok(bytes[start..(start + len).min(bytes.len())].to_vec())
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
