@@ -78,10 +78,10 @@ impl Backlog {
         held == 0 || held + bytes <= self.held_max
     }
 
-    fn take(&self, bytes: u64) -> Held {
+    fn take(self: &Rc<Self>, bytes: u64) -> Held {
         self.held_bytes.set(self.held_bytes.get() + bytes);
         Held {
-            backlog: core_backlog(),
+            backlog: Rc::clone(self),
             bytes,
         }
     }
@@ -90,15 +90,13 @@ impl Backlog {
 /// Memory of spooled records being written; dropping it returns the bytes to the core's
 /// budget.
 pub struct Held {
-    backlog: Option<Rc<Backlog>>,
+    backlog: Rc<Backlog>,
     bytes: u64,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(backlog) = &self.backlog {
-            backlog.release(self.bytes);
-        }
+        self.backlog.release(self.bytes);
     }
 }
 
@@ -174,14 +172,7 @@ pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
             Ok(ids) => return ids,
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
                 // Every batch in flight meets the cap; one line per core every 10 s says it.
-                let log = FULL_LOGGED.with(|last| {
-                    let due = last.get().is_none_or(|t| t.elapsed() > Duration::from_secs(10));
-                    if due {
-                        last.set(Some(std::time::Instant::now()));
-                    }
-                    due
-                });
-                if log {
+                if FULL_LOG.with(|log| log.due(Duration::from_secs(10))).is_some() {
                     tracing::warn!(
                         route,
                         live_bytes,
@@ -209,8 +200,8 @@ struct CommitRequest {
 thread_local! {
     /// Records waiting for the next group commit, and whether a commit task runs.
     static COMMITS: RefCell<(Vec<CommitRequest>, bool)> = const { RefCell::new((Vec::new(), false)) };
-    /// When this core last logged that its spool is full.
-    static FULL_LOGGED: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+    /// This core's "spool full" lines.
+    static FULL_LOG: crate::telemetry::LogEvery = const { crate::telemetry::LogEvery::new() };
     /// Group commits (appends with one sync) this core made.
     static SYNCS: Cell<u64> = const { Cell::new(0) };
 }
@@ -331,20 +322,22 @@ pub fn is_open() -> bool {
     SPOOL.with(|s| s.borrow().is_some())
 }
 
-/// Appends one record once (in the core's next group commit), without waiting for room: the
-/// gRPC path answers RESOURCE_EXHAUSTED when the spool is full and UNAVAILABLE when the disk
-/// fails.
-pub async fn try_append(record: Vec<u8>) -> Result<Vec<RecordId>, SpoolError> {
-    commit(Rc::new(vec![record])).await
+/// What [`append_record`] does when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Return [`SpoolError::Full`] (unary gRPC calls answer RESOURCE_EXHAUSTED).
+    Refuse,
+    /// Wait for room (gRPC streams: backpressure instead of ending the stream).
+    Wait,
 }
 
-/// Appends one record, waiting while the spool is full (backpressure); returns on success or a
-/// disk failure.
-pub async fn append_when_room(record: Vec<u8>) -> Result<Vec<RecordId>, SpoolError> {
+/// Appends one record in the core's next group commit; a disk failure is returned (the gRPC
+/// path answers UNAVAILABLE), a full spool per `when_full`.
+pub async fn append_record(record: Vec<u8>, when_full: WhenFull) -> Result<Vec<RecordId>, SpoolError> {
     let record = Rc::new(vec![record]);
     loop {
         match commit(Rc::clone(&record)).await {
-            Err(SpoolError::Full { .. }) => tokio::time::sleep(FULL_WAIT).await,
+            Err(SpoolError::Full { .. }) if when_full == WhenFull::Wait => tokio::time::sleep(FULL_WAIT).await,
             other => return other,
         }
     }
@@ -653,7 +646,7 @@ async fn next_deferred(backlog: &Backlog, stop: &mut tokio::sync::watch::Receive
 
 /// Memory for `bytes` of drained records, once the core's budget admits them; `None` at stop.
 async fn held_when_admitted(
-    backlog: &Backlog,
+    backlog: &Rc<Backlog>,
     bytes: u64,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<Held> {
@@ -714,7 +707,7 @@ mod tests {
                     }
                 }
                 drop(spool);
-                let too_large = try_append(Vec::new()).await;
+                let too_large = append_record(Vec::new(), WhenFull::Refuse).await;
                 assert!(matches!(too_large, Err(SpoolError::TooLarge(0))), "{too_large:?}");
                 close_on_core().await;
             })

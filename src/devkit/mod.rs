@@ -631,8 +631,7 @@ pub fn tear_spool_tail(spool_dir: &Path, record: &[u8]) -> anyhow::Result<PathBu
             let bytes = std::fs::read(&path)?;
             let (records, _) = frame::decode(&bytes);
             if let Some(last) = records.last() {
-                // Bodies borrow from `bytes`.
-                let end = last.as_ptr() as usize - bytes.as_ptr() as usize + last.len();
+                let end = frame::frame_offset(&bytes, last) + frame::HEADER_BYTES + last.len();
                 segments.push((path.clone(), end));
             }
         }

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bridge::spooled::WhenFull;
 use arc_swap::ArcSwap;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
@@ -259,15 +260,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What a spooled batch does when the core's spool is full.
-#[derive(Debug, Clone, Copy)]
-enum FullSpool {
-    /// Answer RESOURCE_EXHAUSTED (unary calls: the client retries).
-    Refuse,
-    /// Wait for room (streams: backpressure instead of ending the stream).
-    Wait,
-}
-
 /// The service instance of one core.
 #[derive(Clone)]
 pub struct IngestService {
@@ -384,7 +376,7 @@ impl IngestService {
         &self,
         batch: RowBatch,
         ack: i32,
-        full_spool: FullSpool,
+        full_spool: WhenFull,
     ) -> Result<(u32, u32, Vec<RowError>), Status> {
         if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
             let (written, errors) = self.write_batch(batch).await;
@@ -437,11 +429,7 @@ impl IngestService {
         glommio::spawn_local(async move {
             let record = crate::bridge::spooled::encode_row_batch(&batch);
             let bytes = record.len() as u64;
-            let appended = match full_spool {
-                FullSpool::Refuse => crate::bridge::spooled::try_append(record).await,
-                FullSpool::Wait => crate::bridge::spooled::append_when_room(record).await,
-            };
-            match appended {
+            match crate::bridge::spooled::append_record(record, full_spool).await {
                 Ok(ids) => {
                     let _ = answer.send(Ok(()));
                     // From memory while the core's budget allows, else read back from disk by
@@ -667,7 +655,7 @@ impl Ingest for IngestService {
             .batch
             .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, ack, FullSpool::Refuse).await?;
+        let (written, spooled, errors) = self.accept(batch, ack, WhenFull::Refuse).await?;
         Ok(Response::new(WriteResponse {
             written,
             errors,
@@ -679,7 +667,7 @@ impl Ingest for IngestService {
         let request = request.into_inner();
         let batch = decode_row_batch(&request.row_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, request.ack, FullSpool::Refuse).await?;
+        let (written, spooled, errors) = self.accept(batch, request.ack, WhenFull::Refuse).await?;
         Ok(Response::new(WriteResponse {
             written,
             errors,
@@ -727,7 +715,7 @@ impl Ingest for IngestService {
                 let service = service.clone();
                 let mut responses = responses.clone();
                 glommio::spawn_local(async move {
-                    let answer = service.accept(batch, message.ack, FullSpool::Wait).await;
+                    let answer = service.accept(batch, message.ack, WhenFull::Wait).await;
                     drop(permit);
                     let answer = answer.map(|(written, spooled, errors)| WriteStreamResponse {
                         batch_id: message.batch_id,

@@ -17,6 +17,11 @@ pub fn encode(body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
+/// Where the frame of `body` — a record [`decode`] returned from `bytes` — starts in `bytes`.
+pub fn frame_offset(bytes: &[u8], body: &[u8]) -> usize {
+    body.as_ptr() as usize - bytes.as_ptr() as usize - HEADER_BYTES
+}
+
 /// How a segment's bytes end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tail {

@@ -167,11 +167,7 @@ impl<S: Storage> Spool<S> {
             }
             replay.extend((0..records.len() as u32).map(|index| RecordId { segment: id, index }));
             spool.live_bytes += bytes.len() as u64;
-            // Bodies borrow from `bytes`; each frame's header sits just before its body.
-            let offsets = records
-                .iter()
-                .map(|r| (r.as_ptr() as usize - bytes.as_ptr() as usize - frame::HEADER_BYTES) as u32)
-                .collect();
+            let offsets = records.iter().map(|r| frame::frame_offset(&bytes, r) as u32).collect();
             spool.segments.insert(
                 id,
                 Segment {

@@ -106,6 +106,39 @@ impl RowMetrics {
     }
 }
 
+/// A log line that repeats per event (every write an outage fails, every batch a full spool
+/// refuses) written at most once per interval; kept in a thread-local, so per core.
+pub struct LogEvery {
+    last: std::cell::Cell<Option<std::time::Instant>>,
+    suppressed: std::cell::Cell<u64>,
+}
+
+impl LogEvery {
+    /// A limiter that has not logged yet.
+    pub const fn new() -> LogEvery {
+        LogEvery {
+            last: std::cell::Cell::new(None),
+            suppressed: std::cell::Cell::new(0),
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` when a line is due now, else `None`.
+    pub fn due(&self, interval: std::time::Duration) -> Option<u64> {
+        if self.last.get().is_some_and(|t| t.elapsed() < interval) {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return None;
+        }
+        self.last.set(Some(std::time::Instant::now()));
+        Some(self.suppressed.replace(0))
+    }
+}
+
+impl Default for LogEvery {
+    fn default() -> Self {
+        LogEvery::new()
+    }
+}
+
 /// Installs the global tracing subscriber: compact text to stderr, thread names shown (they
 /// name the core or island thread a line came from).
 pub fn init_logging() {

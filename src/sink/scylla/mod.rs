@@ -212,20 +212,14 @@ pub enum Retries {
 const RETRY_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 thread_local! {
-    /// When this thread last logged a retried write, and retries since.
-    static RETRY_LOG: std::cell::Cell<(Option<std::time::Instant>, u64)> = const { std::cell::Cell::new((None, 0)) };
+    /// This thread's "write failed, retrying" lines.
+    static RETRY_LOG: crate::telemetry::LogEvery = const { crate::telemetry::LogEvery::new() };
 }
 
 fn log_retry(attempts: u32, reason: &dyn std::fmt::Display) {
-    RETRY_LOG.with(|log| {
-        let (last, since) = log.get();
-        if last.is_some_and(|t| t.elapsed() < RETRY_LOG_INTERVAL) {
-            log.set((last, since + 1));
-            return;
-        }
-        tracing::warn!(attempts, %reason, retries_since_last_line = since, "write failed, retrying");
-        log.set((Some(std::time::Instant::now()), 0));
-    });
+    if let Some(retries_since_last_line) = RETRY_LOG.with(|log| log.due(RETRY_LOG_INTERVAL)) {
+        tracing::warn!(attempts, %reason, retries_since_last_line, "write failed, retrying");
+    }
 }
 
 /// Runs `request`, retrying transient failures ([`classify`]) with capped exponential backoff.
