@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // A request that is not valid protobuf is INVALID_ARGUMENT (MALFORMED), not INTERNAL.
+        .codec_path("crate::ingest::codec::IngestCodec")
         .compile_protos(&["proto/shardgate/v1/ingest.proto"], &["proto"])?;
     Ok(())
 }

@@ -42,6 +42,7 @@ fn envelope<'a>(key: &'a str, payload: &'a str, position: i64) -> Envelope<'a> {
         payload: Some(payload.as_bytes()),
         headers: &[],
         source: "orders",
+        subject: None,
         partition: Some(0),
         position,
         timestamp_ms: Some(1_700_000_000_000),

@@ -97,6 +97,7 @@ fn decode_and_bind(c: &mut Criterion) {
             typ: CollectionType::List(Box::new(ColumnType::Native(NativeType::Int))),
         },
     ];
+    let names: Vec<String> = (0..types.len()).map(|i| format!("c{i}")).collect();
     let mut group = c.benchmark_group("ingest");
     group.throughput(Throughput::Elements(500));
     group.bench_function("decode_and_bind", |b| {
@@ -106,7 +107,7 @@ fn decode_and_bind(c: &mut Criterion) {
             batch
                 .rows
                 .iter()
-                .filter_map(|row| bind_row(&types, &[0], row, 1).ok())
+                .filter_map(|row| bind_row(&names, &types, &[0], row, 1).ok())
                 .count()
         })
     });
@@ -116,7 +117,7 @@ fn decode_and_bind(c: &mut Criterion) {
             batch
                 .rows
                 .iter()
-                .filter_map(|row| bind_row(&types, &[0], row, 1).ok())
+                .filter_map(|row| bind_row(&names, &types, &[0], row, 1).ok())
                 .count()
         })
     });

@@ -76,6 +76,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         cpus.len(),
     ));
     let (mesh, inboxes) = Mesh::new(cpus.len());
+    if config.ingest.is_some() {
+        warn_replay_unsafe_tables(&session.get_cluster_state());
+    }
+    let gateway_id = config.gateway_id();
+    if config.routes.iter().any(|r| matches!(r.source, SourceConfig::Kafka(_))) {
+        match &gateway_id {
+            Some(id) => tracing::info!(gateway_id = %id, "Kafka routes join their groups as static members"),
+            None => tracing::info!(
+                "no `runtime.gateway_id` and no fixed listener port: Kafka routes join their groups as dynamic members (a restarted gateway waits for the group's session timeout)"
+            ),
+        }
+    }
 
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut pollers = Vec::with_capacity(config.routes.len());
@@ -116,7 +128,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         let (source_name, completions) = match &route.source {
             SourceConfig::Kafka(source) => {
-                let consumer = kafka::subscribe(source, &route.name)
+                let instance_id = gateway_id
+                    .as_deref()
+                    .map(|id| kafka::group_instance_id(id, &route.name));
+                let consumer = kafka::subscribe(source, &route.name, instance_id.as_deref())
                     .with_context(|| format!("route `{}`: cannot reach Kafka at `{}`", route.name, source.brokers))?;
                 let (completions_tx, completions_rx) = crossbeam_channel::unbounded();
                 pollers.push(Poller {
@@ -124,6 +139,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     topic: source.topic.clone(),
                     consumer,
                     source: source.clone(),
+                    instance_id,
                     queues,
                     completions: completions_rx,
                     shutdown: Arc::clone(&shutdown),
@@ -372,9 +388,11 @@ async fn serve_ingest_on_core(
     mut stop: watch::Receiver<bool>,
     bound: crossbeam_channel::Sender<Result<(), String>>,
 ) {
+    // `ingest.message_bytes_max` is enforced on the body (ingest::limit), before tonic, so an
+    // oversized message is answered TOO_LARGE and a stream goes on; tonic's own limit is off.
+    let limit = part.config.message_bytes_max;
     let routes = tonic::service::Routes::new(
-        IngestServer::new(IngestService::new(core, Arc::clone(&part.shared)))
-            .max_decoding_message_size(part.config.message_bytes_max),
+        IngestServer::new(IngestService::new(core, Arc::clone(&part.shared))).max_decoding_message_size(usize::MAX),
     );
     let shared_listener = match server::bind(part.config.listen) {
         Ok(listener) => listener,
@@ -398,15 +416,29 @@ async fn serve_ingest_on_core(
         let routes = routes.clone();
         async move {
             if let Some(listener) = core_listener {
-                server::serve(listener, routes).await;
+                server::serve(listener, routes, limit).await;
             }
         }
     };
-    let servers = async { futures::join!(server::serve(shared_listener, routes), own_port) };
+    let servers = async { futures::join!(server::serve(shared_listener, routes, limit), own_port) };
     futures::pin_mut!(servers);
     let stopped = stop.wait_for(|stop| *stop);
     futures::pin_mut!(stopped);
     futures::future::select(servers, stopped).await;
+}
+
+/// Warns once per table with non-frozen list columns, for every user table of the cluster: the
+/// ingest API may write any of them. System keyspaces are skipped.
+fn warn_replay_unsafe_tables(state: &::scylla::cluster::ClusterState) {
+    for (keyspace, meta) in state.keyspaces_iter() {
+        if keyspace.starts_with("system") {
+            continue;
+        }
+        for (table, table_meta) in &meta.tables {
+            let schema = crate::mapping::TableSchema::from_driver(table_meta);
+            crate::mapping::warn_replay_unsafe_columns(keyspace, table, &schema);
+        }
+    }
 }
 
 /// Rebuilds the ownership snapshot whenever the driver's cluster state changes. Runs on the

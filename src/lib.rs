@@ -12,6 +12,7 @@ pub mod config;
 pub mod devkit;
 pub mod ingest;
 pub mod mapping;
+pub mod reference;
 pub mod replay;
 pub mod runtime;
 pub mod sink;

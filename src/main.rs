@@ -1,5 +1,6 @@
 //! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline,
-//! `replay` sends a route's dead letters back through the route.
+//! `replay` sends a route's dead letters back through the route, `reference` checks or
+//! writes the generated references under `deploy/reference/`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +43,26 @@ enum Command {
         #[arg(long, short)]
         route: String,
     },
+    /// Checks that the generated references under `deploy/reference/` (configuration keys,
+    /// reason codes, the config's JSON Schema) match the code; `--write` rewrites them.
+    Reference {
+        /// Repository root.
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// Rewrite stale files instead of failing on them.
+        #[arg(long)]
+        write: bool,
+    },
+}
+
+fn reference(repo: &std::path::Path, write: bool) -> anyhow::Result<()> {
+    let stale = shardgate::reference::write_references(repo, !write)?;
+    match (stale.is_empty(), write) {
+        (true, _) => println!("references are current"),
+        (false, true) => println!("rewrote {}", stale.join(", ")),
+        (false, false) => anyhow::bail!("stale: {}; run `shardgate reference --write`", stale.join(", ")),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -60,6 +81,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| shardgate::replay::run(c, &route))
             .map(|report| println!("route `{route}`: {report}")),
+        Command::Reference { repo, write } => reference(&repo, write),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

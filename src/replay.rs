@@ -356,6 +356,9 @@ impl Replayer {
             payload: letter.payload.as_deref(),
             headers: &original_headers,
             source: &source,
+            subject: header(headers::SOURCE_SUBJECT)
+                .or_else(|| header(headers::SOURCE_ROUTING_KEY))
+                .map(String::as_str),
             partition: number(&[headers::SOURCE_PARTITION]).and_then(|p| i32::try_from(p).ok()),
             position,
             timestamp_ms,
@@ -368,7 +371,7 @@ impl Replayer {
                     &letter,
                     &original_headers,
                     key.as_deref(),
-                    error.code(),
+                    error.code().as_str(),
                     &error.to_string(),
                 )
                 .await;
@@ -378,8 +381,14 @@ impl Replayer {
         let count = rows.len() as u64;
         for row in rows {
             if let Err(reason) = self.write(&row).await? {
-                self.dead_letter_again(&letter, &original_headers, key.as_deref(), "write_rejected", &reason)
-                    .await;
+                self.dead_letter_again(
+                    &letter,
+                    &original_headers,
+                    key.as_deref(),
+                    crate::mapping::ReasonCode::WriteRejected.as_str(),
+                    &reason,
+                )
+                .await;
                 return Ok(Some(Outcome::DeadLettered));
             }
         }

@@ -115,6 +115,19 @@ impl SourceMessage {
         }
     }
 
+    /// The message's own subject: NATS or JetStream subject, AMQP routing key.
+    pub fn subject(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::JetStream { subject, .. } | Origin::Nats { subject } => Some(subject),
+            Origin::Amqp { routing_key, .. } => Some(routing_key),
+            Origin::Spooled { coordinates, .. } => coordinates
+                .iter()
+                .find(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY)
+                .map(|(_, value)| value.as_str()),
+            Origin::Kafka { .. } | Origin::Zmq { .. } => None,
+        }
+    }
+
     /// What the mapper sees of this message.
     fn envelope<'a>(&'a self, source: &'a str) -> Envelope<'a> {
         Envelope {
@@ -122,6 +135,7 @@ impl SourceMessage {
             payload: self.payload.as_deref(),
             headers: &self.headers,
             source,
+            subject: self.subject(),
             partition: self.partition(),
             position: self.position,
             timestamp_ms: self.timestamp_ms,
@@ -424,7 +438,8 @@ impl RouteWriter {
             }
         }
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
-            self.dead_letter(core, &work, error.code(), &error.to_string()).await;
+            self.dead_letter(core, &work, error.code().as_str(), &error.to_string())
+                .await;
             self.complete(core, &work, true);
         });
         let writes = by_owner.into_iter().map(|(owner, rows)| async move {
@@ -510,7 +525,7 @@ impl RouteWriter {
                 Err(poisoned) => poisoned.into_inner(),
             };
             if let (Some(reason), None) = (refused, failure.as_ref()) {
-                *failure = Some(("write_rejected", reason));
+                *failure = Some((crate::mapping::ReasonCode::WriteRejected.as_str(), reason));
             }
             if pending.rows_left.fetch_sub(1, Ordering::AcqRel) != 1 {
                 return;

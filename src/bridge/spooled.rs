@@ -147,6 +147,16 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
             "spool: replaying records left by the previous run"
         );
     }
+    if core == 0 {
+        // glommio probes each block device once for polled IO (io_uring IOPOLL) and logs an
+        // ERROR when the probe read fails, as it does on most virtual disks; it then uses
+        // interrupt-driven IO, which is correct. The filter in `telemetry::init_logging` hides
+        // that line; this says it once, at INFO.
+        tracing::info!(
+            dir = %config.dir.display(),
+            "spool open; on disks without polled IO (most virtual disks) glommio uses interrupt-driven IO, which is expected"
+        );
+    }
     SPOOL.with(|s| *s.borrow_mut() = Some(Rc::new(Mutex::new(spool))));
     BACKLOG.with(|b| {
         *b.borrow_mut() = Some(Rc::new(Backlog {

@@ -5,9 +5,10 @@
 //! what is expected; unknown keys are errors (`deny_unknown_fields`). Connectivity and the
 //! cluster schema are checked later, at start-up (`app`), never here.
 
+mod de;
 mod raw;
 
-pub use raw::RawConfig;
+pub use raw::{RawConfig, RawDeadLetter, RawSource};
 
 use std::fmt;
 use std::path::Path;
@@ -26,12 +27,24 @@ pub enum ConfigError {
         /// Underlying IO error.
         source: std::io::Error,
     },
-    /// TOML syntax error, unknown key or wrong type; toml's message carries line and key.
+    /// TOML syntax error; toml's message carries the line and column.
     #[error("config file `{path}`: {message}")]
     Parse {
         /// Path given on the command line.
         path: String,
-        /// The TOML parser's message (includes the location and the key).
+        /// The TOML parser's message (includes the location).
+        message: String,
+    },
+    /// A key that does not exist, a required key that is missing, or a value of the wrong type.
+    #[error("config file `{path}`{}: `{key}`: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Key {
+        /// Path given on the command line.
+        path: String,
+        /// Full key path, for example `route[2].source.commit_interval_ms`.
+        key: String,
+        /// Line of the value in the file, when known.
+        line: Option<usize>,
+        /// What is wrong: the value as read and what is expected.
         message: String,
     },
     /// A value parsed but is not acceptable.
@@ -127,6 +140,8 @@ pub struct RuntimeConfig {
     pub shutdown_deadline: Duration,
     /// The per-core spools, if configured.
     pub spool: Option<SpoolConfig>,
+    /// `runtime.gateway_id` as written; see [`Config::gateway_id`] for the default.
+    pub gateway_id: Option<String>,
 }
 
 /// Where and how big the per-core spools are.
@@ -288,6 +303,10 @@ pub enum FieldRef {
     Header(String),
     /// The source's name: Kafka topic, JetStream stream, queue, subject or endpoint (`$source`).
     Source,
+    /// The message's own subject (`$subject`): the NATS or JetStream subject it was published
+    /// on (a wildcard subscription's real subject), the RabbitMQ routing key; unset for Kafka
+    /// and ZeroMQ.
+    Subject,
     /// Kafka partition (`$partition`); unset for other sources.
     Partition,
     /// Offset or sequence within the source (`$position`).
@@ -310,6 +329,7 @@ impl fmt::Display for FieldRef {
             FieldRef::KeyPath(parts) => write!(f, "$key.{}", parts.join(".")),
             FieldRef::Header(name) => write!(f, "$header.{name}"),
             FieldRef::Source => f.write_str("$source"),
+            FieldRef::Subject => f.write_str("$subject"),
             FieldRef::Partition => f.write_str("$partition"),
             FieldRef::Position => f.write_str("$position"),
             FieldRef::Timestamp => f.write_str("$timestamp"),
@@ -462,6 +482,37 @@ pub enum DeadLetterConfig {
 }
 
 impl Config {
+    /// This gateway's stable name: `runtime.gateway_id`, else `<hostname>-<port>` of the
+    /// ingest (else admin) listener when its port is fixed; `None` when neither gives one.
+    /// Reads the host name, so call it at start-up, not from `validate`.
+    pub fn gateway_id(&self) -> Option<String> {
+        if let Some(id) = &self.runtime.gateway_id {
+            return Some(id.clone());
+        }
+        let port = [
+            self.ingest.as_ref().map(|i| i.listen.port()),
+            self.admin.map(|a| a.port()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|&port| port != 0)?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(48)
+            .collect();
+        let host = if host.is_empty() { "localhost".to_string() } else { host };
+        Some(format!("{host}-{port}"))
+    }
+
     /// Reads and validates a config file. Does no network IO.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -473,11 +524,7 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?;
-        raw.validate()
+        de::parse(text, origin)?.validate()
     }
 }
 

@@ -3,8 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use scylla::frame::types::Consistency;
 use serde::Deserialize;
+
+use super::de;
 
 use super::{
     validate_identifier, AckMode, AmqpSourceConfig, ClusterConfig, ColumnMapping, Config, ConfigError,
@@ -14,7 +17,7 @@ use super::{
 };
 
 /// Top level of a shardgate config file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// `[cluster]`: how to reach the database.
@@ -34,7 +37,7 @@ pub struct RawConfig {
 }
 
 /// `[ingest]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawIngest {
     /// Shared gRPC address every core accepts on, e.g. `127.0.0.1:50051`.
@@ -46,13 +49,14 @@ pub struct RawIngest {
     /// Host published to clients for the per-core ports. Default: the host of `listen`.
     #[serde(default)]
     pub advertise_host: Option<String>,
-    /// Largest accepted request message in bytes. Default 4 MiB.
+    /// Largest accepted request message in bytes (1024 to 268435456); a larger one is refused
+    /// `TOO_LARGE` naming this key, and a stream goes on with its next message.
     #[serde(default = "default_message_bytes_max")]
     pub message_bytes_max: usize,
 }
 
 /// `[admin]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     /// Address of the Prometheus endpoint (`/metrics`), e.g. `127.0.0.1:9190`.
@@ -64,7 +68,7 @@ fn default_message_bytes_max() -> usize {
 }
 
 /// `[cluster]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     /// Contact points, `host:port`, for example `["127.0.0.1:9042"]`.
@@ -73,54 +77,65 @@ pub struct RawCluster {
     #[serde(default)]
     pub local_datacenter: Option<String>,
     /// Write consistency: `one`, `two`, `three`, `quorum`, `all`, `local_quorum`, `each_quorum`,
-    /// `local_one`, `any`. Default `local_quorum`.
+    /// `local_one`, `any`.
     #[serde(default = "default_consistency")]
+    #[schemars(extend("enum" = ["any", "one", "two", "three", "quorum", "all", "local_quorum", "each_quorum", "local_one"]))]
     pub consistency: String,
-    /// Client-side timeout of one request, in milliseconds. Default 10000.
+    /// Client-side timeout of one request, in milliseconds.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// How long start-up keeps trying to reach the cluster, in milliseconds, before it gives
-    /// up with the error (0: one attempt). Default 300000, so a gateway restarted during a
+    /// up with the error (0: one attempt). The default waits 5 minutes, so a gateway restarted during a
     /// database outage waits for it, its spool intact.
     #[serde(default = "default_connect_wait_ms")]
     pub connect_wait_ms: u64,
 }
 
 /// `[runtime]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRuntime {
-    /// Data-plane cores: `"auto"` (one per physical core) or a number. Default `"auto"`.
+    /// Data-plane cores: `"auto"` (one per physical core) or a number.
     #[serde(default = "default_cores")]
+    #[schemars(schema_with = "cores_schema")]
     pub cores: toml::Value,
-    /// Worker threads of the tokio driver island (database and broker sockets). Default 1.
+    /// Worker threads of the tokio driver island (database and broker sockets).
     #[serde(default = "default_island_threads")]
     pub island_threads: usize,
-    /// Rows a core may have in flight before its sources stop reading. Default 2048.
+    /// Rows a core may have in flight before its sources stop reading.
     #[serde(default = "default_inflight_rows")]
     pub inflight_rows_per_core_max: usize,
-    /// Graceful shutdown deadline in milliseconds. Default 10000.
+    /// Graceful shutdown deadline in milliseconds: in-flight messages finish within it, the rest
+    /// replays after the next start.
     #[serde(default = "default_shutdown_deadline_ms")]
     pub shutdown_deadline_ms: u64,
     /// Rows per UNLOGGED batch on the gRPC write path, grouped by replica and shard (1 = single
-    /// writes). Default 64; see the README for the measurement.
+    /// writes); the default is measured, see the README.
     #[serde(default = "default_write_batch_rows")]
     pub write_batch_rows_max: usize,
     /// Directory of the per-core spools (`<dir>/core-<n>`), on the NVMe. Required by routes
     /// with `ack = "spooled"`.
     #[serde(default)]
     pub spool_dir: Option<String>,
-    /// A spool segment is sealed at this size, in MiB. Default 64.
+    /// A spool segment is sealed at this size, in MiB (1 to 2048).
     #[serde(default = "default_spool_segment_mib")]
     pub spool_segment_mib: u64,
-    /// Bytes of spool per core, in MiB, beyond which spooled routes pause. Default 1024.
+    /// Bytes of spool per core, in MiB, beyond which spooled routes pause (backpressure).
     #[serde(default = "default_spool_cap_mib")]
     pub spool_cap_mib_per_core: u64,
     /// Spooled records per core, in MiB, that are written straight from memory; beyond (the
     /// database slow or down) acknowledged records wait on disk only and are read back when it
-    /// keeps up again, so memory stays bounded. Default 64.
+    /// keeps up again, so memory stays bounded.
     #[serde(default = "default_spool_memory_mib")]
     pub spool_memory_mib_per_core: u64,
+    /// Stable name of this gateway, unique among the gateways sharing a Kafka consumer group.
+    /// Kafka routes join their group as static members (`group.instance.id` =
+    /// `shardgate.<gateway_id>.<route>`), so a gateway restarted within the group's session
+    /// timeout gets its partitions back at once instead of after that timeout. Default:
+    /// `<hostname>-<port>` of `ingest.listen`, else of `admin.listen`, when that port is not 0;
+    /// with neither, Kafka routes join as dynamic members. Letters, digits, `.`, `_` and `-`.
+    #[serde(default)]
+    pub gateway_id: Option<String>,
 }
 
 fn default_spool_segment_mib() -> u64 {
@@ -145,20 +160,23 @@ impl Default for RawRuntime {
             spool_segment_mib: default_spool_segment_mib(),
             spool_cap_mib_per_core: default_spool_cap_mib(),
             spool_memory_mib_per_core: default_spool_memory_mib(),
+            gateway_id: None,
         }
     }
 }
 
 /// `[[route]]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Unique name of the route.
     pub name: String,
     /// Target table as `keyspace.table` (one target; or `[[route.target]]` for several).
     pub table: Option<String>,
-    /// Message format: `json`, `protobuf`, `text` or `bytes`. Default `json`.
+    /// Message format; `protobuf` needs `[route.protobuf]`, `flatbuffers` needs
+    /// `[route.flatbuffers]`, `text` and `bytes` map the payload with `"$payload"`.
     #[serde(default = "default_format")]
+    #[schemars(extend("enum" = ["json", "protobuf", "flatbuffers", "text", "bytes"]))]
     pub format: String,
     /// `[route.protobuf]`: the message type of a `protobuf` route.
     pub protobuf: Option<RawProtobuf>,
@@ -179,25 +197,31 @@ pub struct RawRoute {
     pub filter: Option<String>,
     /// CEL expression: messages for which it is true delete their rows.
     pub delete_when: Option<String>,
-    /// Whether a message without payload (Kafka tombstone) deletes its rows. Default true.
+    /// Whether a message without payload (Kafka tombstone) deletes its rows.
     #[serde(default = "default_true")]
     pub delete_on_tombstone: bool,
     /// TTL of written cells: seconds, or a field holding seconds.
+    #[serde(default)]
+    #[schemars(schema_with = "ttl_schema")]
     pub ttl: Option<toml::Value>,
     /// Field holding the write time (RFC 3339 text or a number in `timestamp_unit`).
     pub timestamp: Option<String>,
-    /// `s`, `ms` or `us`. Default `ms`.
+    /// Unit of a numeric `timestamp` field.
+    #[schemars(extend("enum" = ["s", "ms", "us"], "default" = "ms"))]
     pub timestamp_unit: Option<String>,
     /// `written` (ack after the database write, default) or `spooled` (ack once the message is
     /// in the core's spool on disk; needs `runtime.spool_dir`).
     #[serde(default)]
+    #[schemars(extend("enum" = ["written", "spooled"], "default" = "written"))]
     pub ack: Option<String>,
     /// `[route.dead_letter]`: where undecodable or unwritable messages go. Required.
+    #[schemars(required)]
     pub dead_letter: Option<RawDeadLetter>,
 }
 
-/// A column's source: a field reference, or `{ expr = "..." }`.
-#[derive(Debug, Deserialize)]
+/// A column's source: a field reference (`"customer.id"`, `"$key"`, `"$header.tenant"`, ...),
+/// or a table `{ expr = "CEL" }` computing the value.
+#[derive(Debug, JsonSchema)]
 #[serde(untagged)]
 pub enum RawColumn {
     /// `"field.path"`, `"$key"`, `"$header.name"`, ...
@@ -209,8 +233,40 @@ pub enum RawColumn {
     },
 }
 
+impl<'de> Deserialize<'de> for RawColumn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ColumnVisitor)
+    }
+}
+
+/// Reads a column source: a string, or a table with the one key `expr`.
+struct ColumnVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ColumnVisitor {
+    type Value = RawColumn;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field path in quotes such as \"customer.id\" or \"$key\", or a table { expr = \"CEL\" }")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, field: &str) -> Result<RawColumn, E> {
+        Ok(RawColumn::Field(field.to_string()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawColumn, A::Error> {
+        /// The one key of an expression column.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ExprColumn {
+            expr: String,
+        }
+        let column = ExprColumn::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(RawColumn::Expr { expr: column.expr })
+    }
+}
+
 /// `[[route.target]]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawTarget {
     /// `keyspace.table`.
@@ -223,7 +279,7 @@ pub struct RawTarget {
 }
 
 /// `[route.flatbuffers]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFlatBuffers {
     /// Path of the binary schema (`flatc --binary --schema x.fbs` writes `x.bfbs`).
@@ -231,7 +287,7 @@ pub struct RawFlatBuffers {
 }
 
 /// `[route.protobuf]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawProtobuf {
     /// Fully qualified message name.
@@ -246,91 +302,151 @@ pub struct RawProtobuf {
     pub includes: Vec<String>,
 }
 
-/// `[route.source]`, tagged by `kind`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// `[route.source]`: where the route's messages come from, chosen by `kind`.
+#[derive(Debug, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RawSource {
-    /// `kind = "kafka"`
-    Kafka {
-        /// Bootstrap servers, for example `["127.0.0.1:9092"]`.
-        brokers: Vec<String>,
-        /// Topic to consume.
-        topic: String,
-        /// Consumer group id. Gateways with the same id split the partitions.
-        group_id: String,
-        /// `earliest` or `latest`: where a group without committed offsets starts. Default
-        /// `earliest`.
-        #[serde(default = "default_start_from")]
-        start_from: String,
-        /// How often stored offsets are committed, in milliseconds. Default 1000.
-        #[serde(default = "default_commit_interval_ms")]
-        commit_interval_ms: u64,
-        /// Extra librdkafka consumer properties. Keys shardgate sets itself are refused.
-        #[serde(default)]
-        properties: BTreeMap<String, String>,
-    },
-    /// `kind = "jetstream"`: a durable pull consumer on a JetStream stream. Gateways naming the
-    /// same `durable` share its messages.
-    Jetstream {
-        /// NATS server URL, for example `nats://127.0.0.1:4222`.
-        url: String,
-        /// Stream name.
-        stream: String,
-        /// Subjects of the stream, used only to create it when it does not exist. Empty: the
-        /// stream must exist.
-        #[serde(default)]
-        subjects: Vec<String>,
-        /// Durable consumer name (created with explicit acks if it does not exist).
-        durable: String,
-        /// Messages delivered and not yet acked, per consumer: the backpressure bound. Default
-        /// 4096.
-        #[serde(default = "default_max_ack_pending")]
-        max_ack_pending: i64,
-        /// How long the server waits for an ack before redelivering, in milliseconds. Default
-        /// 30000.
-        #[serde(default = "default_ack_wait_ms")]
-        ack_wait_ms: u64,
-    },
-    /// `kind = "rabbitmq"`: a consumer on a queue. Gateways on the same queue are competing
-    /// consumers.
-    Rabbitmq {
-        /// AMQP URL, for example `amqp://guest:guest@127.0.0.1:5672/%2f`.
-        url: String,
-        /// Queue to consume.
-        queue: String,
-        /// Deliveries the broker hands out unacked (`basic.qos`): the backpressure bound.
-        /// Default 1024.
-        #[serde(default = "default_prefetch")]
-        prefetch: u16,
-        /// Declare the queue (durable) if it does not exist; `false` requires it to exist.
-        /// Default true.
-        #[serde(default = "default_true")]
-        declare: bool,
-    },
-    /// `kind = "nats"`: a core NATS subscription (at-most-once: core NATS has no
-    /// acknowledgement; use `jetstream` for at-least-once).
-    Nats {
-        /// NATS server URL, for example `nats://127.0.0.1:4222`.
-        url: String,
-        /// Subject; wildcards `*` and `>` allowed.
-        subject: String,
-        /// Queue group: gateways naming the same group split the messages. Optional.
-        #[serde(default)]
-        queue_group: Option<String>,
-    },
-    /// `kind = "zeromq"`: a PULL or SUB socket (at-most-once: ZeroMQ has no acknowledgement).
-    Zeromq {
-        /// `pull` or `sub`.
-        socket: String,
-        /// Endpoint, for example `tcp://127.0.0.1:5557`.
-        endpoint: String,
-        /// Bind the endpoint (true) or connect to it (false). Default false.
-        #[serde(default)]
-        bind: bool,
-        /// SUB only: topic prefixes to subscribe to. Default `[""]`, everything.
-        #[serde(default = "default_subscribe")]
-        subscribe: Vec<String>,
-    },
+    /// A Kafka consumer group on one topic. Gateways naming the same `group_id` split the
+    /// partitions; offsets are committed only for messages written or dead-lettered.
+    Kafka(RawKafkaSource),
+    /// A durable JetStream pull consumer with explicit acks: a message is acked once written,
+    /// terminated once dead-lettered. Gateways naming the same `durable` share its messages.
+    Jetstream(RawJetStreamSource),
+    /// A consumer on a RabbitMQ queue: `basic.ack` once written, `basic.reject` (no requeue)
+    /// once dead-lettered. Gateways on the same queue are competing consumers.
+    Rabbitmq(RawRabbitMqSource),
+    /// A core NATS subscription. At-most-once (core NATS has no acknowledgement) unless the
+    /// route sets `ack = "spooled"`; use `jetstream` for at-least-once from the broker.
+    /// `$source` maps the subscription subject, `$subject` each message's own subject.
+    Nats(RawNatsSource),
+    /// A ZeroMQ PULL or SUB socket. At-most-once (ZeroMQ has no acknowledgement) unless the
+    /// route sets `ack = "spooled"`. Multipart messages: the first frame is the key, the last
+    /// the payload.
+    Zeromq(RawZeroMqSource),
+}
+
+impl RawSource {
+    /// The `kind` values, in documentation order.
+    pub const KINDS: &'static [&'static str] = &["kafka", "jetstream", "rabbitmq", "nats", "zeromq"];
+}
+
+impl<'de> Deserialize<'de> for RawSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (kind, table) = de::tagged(deserializer)?;
+        Ok(match kind.as_str() {
+            "kafka" => RawSource::Kafka(de::variant(table)?),
+            "jetstream" => RawSource::Jetstream(de::variant(table)?),
+            "rabbitmq" => RawSource::Rabbitmq(de::variant(table)?),
+            "nats" => RawSource::Nats(de::variant(table)?),
+            "zeromq" => RawSource::Zeromq(de::variant(table)?),
+            other => return Err(de::unknown_kind(other, Self::KINDS)),
+        })
+    }
+}
+
+/// `[route.source]` with `kind = "kafka"`: a consumer group on one topic. Gateways naming the
+/// same `group_id` split the partitions.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafkaSource {
+    /// Bootstrap servers, for example `["127.0.0.1:9092"]`.
+    pub brokers: Vec<String>,
+    /// Topic to consume.
+    pub topic: String,
+    /// Consumer group id. Gateways with the same id split the partitions.
+    pub group_id: String,
+    /// Where a group without committed offsets starts.
+    #[serde(default = "default_start_from")]
+    #[schemars(extend("enum" = ["earliest", "latest"]))]
+    pub start_from: String,
+    /// How often stored offsets are committed, in milliseconds (1 to 600000).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Extra librdkafka consumer properties, for example `"session.timeout.ms" = "6000"`: how
+    /// long the group waits for a gateway that stopped answering before its partitions go to
+    /// another gateway (librdkafka's default is 45 s). Keys shardgate sets itself are refused:
+    /// `bootstrap.servers`, `group.id`, `group.instance.id`, `enable.auto.commit`,
+    /// `enable.auto.offset.store`, `auto.offset.reset`, `auto.commit.interval.ms`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[route.source]` with `kind = "jetstream"`: a durable pull consumer with explicit acks.
+/// Gateways naming the same `durable` share its messages.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJetStreamSource {
+    /// NATS server URL, for example `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subjects of the stream, used only to create it when it does not exist. Empty: the
+    /// stream must exist.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// Durable consumer name (created with explicit acks if it does not exist).
+    pub durable: String,
+    /// Messages delivered and not yet acked, per consumer: the backpressure bound (1 to
+    /// 1000000).
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: i64,
+    /// How long the server waits for an ack before redelivering, in milliseconds (1000 to
+    /// 600000).
+    #[serde(default = "default_ack_wait_ms")]
+    pub ack_wait_ms: u64,
+}
+
+/// `[route.source]` with `kind = "rabbitmq"`: a consumer on a queue. Gateways on the same
+/// queue are competing consumers.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitMqSource {
+    /// AMQP URL, for example `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Queue to consume.
+    pub queue: String,
+    /// Deliveries the broker hands out unacked (`basic.qos`): the backpressure bound (1 to
+    /// 65535).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the queue (durable) if it does not exist; `false` requires it to exist.
+    #[serde(default = "default_true")]
+    pub declare: bool,
+}
+
+/// `[route.source]` with `kind = "nats"`: a core NATS subscription. At-most-once (core NATS
+/// has no acknowledgement) unless the route sets `ack = "spooled"`; use `jetstream` for
+/// at-least-once from the broker.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawNatsSource {
+    /// NATS server URL, for example `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Subject; wildcards `*` and `>` allowed. `$source` maps this subscription subject,
+    /// `$subject` each message's own subject.
+    pub subject: String,
+    /// Queue group: gateways naming the same group split the messages. Optional.
+    #[serde(default)]
+    pub queue_group: Option<String>,
+}
+
+/// `[route.source]` with `kind = "zeromq"`: a PULL or SUB socket. At-most-once (ZeroMQ has no
+/// acknowledgement) unless the route sets `ack = "spooled"`. Multipart messages: the first
+/// frame is the key, the last the payload.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawZeroMqSource {
+    /// Socket type.
+    #[schemars(extend("enum" = ["pull", "sub"]))]
+    pub socket: String,
+    /// Endpoint, for example `tcp://127.0.0.1:5557` or `ipc:///run/orders.sock`.
+    pub endpoint: String,
+    /// Bind the endpoint (true) or connect to it (false).
+    #[serde(default)]
+    pub bind: bool,
+    /// SUB only: topic prefixes to subscribe to; `[""]` is everything.
+    #[serde(default = "default_subscribe")]
+    pub subscribe: Vec<String>,
 }
 
 fn default_subscribe() -> Vec<String> {
@@ -350,44 +466,94 @@ fn default_ack_wait_ms() -> u64 {
     30_000
 }
 
-/// `[route.dead_letter]`, tagged by `kind`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// `[route.dead_letter]`: where messages that cannot be decoded, mapped or written go, with
+/// their reason code (see the reason codes reference). Required on every route.
+#[derive(Debug, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RawDeadLetter {
-    /// `kind = "kafka"`
-    Kafka {
-        /// Bootstrap servers; default: the route's source brokers.
-        #[serde(default)]
-        brokers: Option<Vec<String>>,
-        /// Dead-letter topic.
-        topic: String,
-    },
-    /// `kind = "nats"`: published with headers to a subject (capture it in a JetStream stream
-    /// to keep the letters).
-    Nats {
-        /// NATS server URL; default: the route's source URL.
-        #[serde(default)]
-        url: Option<String>,
-        /// Dead-letter subject.
-        subject: String,
-    },
-    /// `kind = "rabbitmq"`: published (persistent, with publisher confirms) to an exchange.
-    Rabbitmq {
-        /// AMQP URL; default: the route's source URL.
-        #[serde(default)]
-        url: Option<String>,
-        /// Exchange; default `""`, the default exchange, which routes to the queue named by
-        /// `routing_key`.
-        #[serde(default)]
-        exchange: String,
-        /// Routing key (with the default exchange: the dead-letter queue's name).
-        routing_key: String,
-    },
-    /// `kind = "table"`: rows in a ScyllaDB table (created if missing) of the route's cluster.
-    Table {
-        /// `keyspace.table`.
-        table: String,
-    },
+    /// Letters produced to a Kafka topic: key and bytes as received, the reason and source
+    /// coordinates in `shardgate.*` headers. `shardgate replay` reads them back.
+    Kafka(RawKafkaDeadLetter),
+    /// Letters published with `shardgate.*` headers to a NATS subject (capture it in a
+    /// JetStream stream to keep them).
+    Nats(RawNatsDeadLetter),
+    /// Letters published (persistent, with publisher confirms) to a RabbitMQ exchange, the
+    /// reason in AMQP headers.
+    Rabbitmq(RawRabbitMqDeadLetter),
+    /// Letters as rows of a ScyllaDB table of the route's cluster (`route`, `day`, `id`,
+    /// `reason_code`, `reason`, `headers`, `key`, `payload`), created if missing, partitioned
+    /// by route and day. `shardgate replay` reads them back.
+    Table(RawTableDeadLetter),
+}
+
+impl RawDeadLetter {
+    /// The `kind` values, in documentation order.
+    pub const KINDS: &'static [&'static str] = &["kafka", "nats", "rabbitmq", "table"];
+}
+
+impl<'de> Deserialize<'de> for RawDeadLetter {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (kind, table) = de::tagged(deserializer)?;
+        Ok(match kind.as_str() {
+            "kafka" => RawDeadLetter::Kafka(de::variant(table)?),
+            "nats" => RawDeadLetter::Nats(de::variant(table)?),
+            "rabbitmq" => RawDeadLetter::Rabbitmq(de::variant(table)?),
+            "table" => RawDeadLetter::Table(de::variant(table)?),
+            other => return Err(de::unknown_kind(other, Self::KINDS)),
+        })
+    }
+}
+
+/// `[route.dead_letter]` with `kind = "kafka"`: letters produced to a topic, key and bytes as
+/// received, the reason and source coordinates in headers.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafkaDeadLetter {
+    /// Bootstrap servers; default: the route's source brokers (required when the source is
+    /// not Kafka).
+    #[serde(default)]
+    pub brokers: Option<Vec<String>>,
+    /// Dead-letter topic (not the source topic).
+    pub topic: String,
+}
+
+/// `[route.dead_letter]` with `kind = "nats"`: letters published with headers to a subject
+/// (capture it in a JetStream stream to keep them).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawNatsDeadLetter {
+    /// NATS server URL; default: the route's source URL (required when the source is not
+    /// NATS or JetStream).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Dead-letter subject.
+    pub subject: String,
+}
+
+/// `[route.dead_letter]` with `kind = "rabbitmq"`: letters published (persistent, with
+/// publisher confirms) to an exchange, the reason in AMQP headers.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitMqDeadLetter {
+    /// AMQP URL; default: the route's source URL (required when the source is not RabbitMQ).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Exchange; `""` is the default exchange, which routes to the queue named by
+    /// `routing_key`.
+    #[serde(default)]
+    pub exchange: String,
+    /// Routing key (with the default exchange: the dead-letter queue's name, not the source
+    /// queue).
+    pub routing_key: String,
+}
+
+/// `[route.dead_letter]` with `kind = "table"`: letters as rows of a ScyllaDB table of the
+/// route's cluster, created if missing, partitioned by route and day.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTableDeadLetter {
+    /// `keyspace.table` (the keyspace must exist; not one of the route's targets).
+    pub table: String,
 }
 
 fn default_consistency() -> String {
@@ -399,6 +565,20 @@ fn default_request_timeout_ms() -> u64 {
 fn default_connect_wait_ms() -> u64 {
     300_000
 }
+/// `runtime.cores`: `"auto"` or a whole number.
+fn cores_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [{ "type": "string", "enum": ["auto"] }, { "type": "integer", "minimum": 1, "maximum": CORES_MAX }]
+    })
+}
+
+/// `route.ttl`: seconds, or the field holding seconds.
+fn ttl_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [{ "type": "integer", "minimum": 1 }, { "type": "string" }]
+    })
+}
+
 fn default_cores() -> toml::Value {
     toml::Value::String("auto".to_string())
 }
@@ -444,6 +624,7 @@ const KAFKA_RESERVED_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "auto.offset.reset",
     "auto.commit.interval.ms",
+    "group.instance.id",
 ];
 
 impl RawConfig {
@@ -608,7 +789,26 @@ fn validate_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
             memory_bytes_per_core: raw.spool_memory_mib_per_core << 20,
         }),
         shutdown_deadline: Duration::from_millis(bounded_ms("runtime.shutdown_deadline_ms", raw.shutdown_deadline_ms)?),
+        gateway_id: raw.gateway_id.map(validate_gateway_id).transpose()?,
     })
+}
+
+/// Longest `runtime.gateway_id`: Kafka allows 249 characters in `group.instance.id`, which
+/// also carries a prefix and the route name.
+const GATEWAY_ID_LEN_MAX: usize = 64;
+
+fn validate_gateway_id(id: String) -> Result<String, ConfigError> {
+    let valid = !id.is_empty()
+        && id.len() <= GATEWAY_ID_LEN_MAX
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid {
+        return Err(ConfigError::invalid(
+            "runtime.gateway_id",
+            &id,
+            format!("1 to {GATEWAY_ID_LEN_MAX} letters, digits, `.`, `_` or `-`, unique among the gateways of a consumer group"),
+        ));
+    }
+    Ok(id)
 }
 
 fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigError> {
@@ -718,7 +918,7 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
         ));
     };
     let dead_letter = match dead_letter {
-        RawDeadLetter::Kafka { brokers, topic } => {
+        RawDeadLetter::Kafka(RawKafkaDeadLetter { brokers, topic }) => {
             validate_topic(&key("dead_letter.topic"), &topic)?;
             let source_kafka = match &source {
                 SourceConfig::Kafka(kafka) => Some(kafka),
@@ -744,7 +944,7 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             };
             DeadLetterConfig::Kafka { brokers, topic }
         }
-        RawDeadLetter::Nats { url, subject } => {
+        RawDeadLetter::Nats(RawNatsDeadLetter { url, subject }) => {
             validate_subject(&key("dead_letter.subject"), &subject)?;
             let url = match (url, &source) {
                 (Some(url), _) => validate_nats_url(&key("dead_letter.url"), url)?,
@@ -760,11 +960,11 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
             };
             DeadLetterConfig::Nats { url, subject }
         }
-        RawDeadLetter::Rabbitmq {
+        RawDeadLetter::Rabbitmq(RawRabbitMqDeadLetter {
             url,
             exchange,
             routing_key,
-        } => {
+        }) => {
             let url = match (url, &source) {
                 (Some(url), _) => validate_amqp_url(&key("dead_letter.url"), url)?,
                 (None, SourceConfig::Amqp(amqp)) => amqp.url.clone(),
@@ -798,7 +998,7 @@ fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig, ConfigErro
                 routing_key,
             }
         }
-        RawDeadLetter::Table { table } => {
+        RawDeadLetter::Table(RawTableDeadLetter { table }) => {
             let key = key("dead_letter.table");
             let Some((keyspace, name)) = table.split_once('.') else {
                 return Err(ConfigError::invalid(key, &table, "`keyspace.table`"));
@@ -959,14 +1159,14 @@ fn validate_expression(key: &str, source: String) -> Result<String, ConfigError>
 
 fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigError> {
     match raw {
-        RawSource::Kafka {
+        RawSource::Kafka(RawKafkaSource {
             brokers,
             topic,
             group_id,
             start_from,
             commit_interval_ms,
             properties,
-        } => {
+        }) => {
             let brokers = join_brokers(&format!("{key}.brokers"), &brokers)?;
             validate_topic(&format!("{key}.topic"), &topic)?;
             if group_id.is_empty() {
@@ -1012,14 +1212,14 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 properties: properties.into_iter().collect(),
             }))
         }
-        RawSource::Jetstream {
+        RawSource::Jetstream(RawJetStreamSource {
             url,
             stream,
             subjects,
             durable,
             max_ack_pending,
             ack_wait_ms,
-        } => {
+        }) => {
             let url = validate_nats_url(&format!("{key}.url"), url)?;
             validate_nats_name(&format!("{key}.stream"), &stream)?;
             validate_nats_name(&format!("{key}.durable"), &durable)?;
@@ -1049,12 +1249,12 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 ack_wait: Duration::from_millis(ack_wait_ms),
             }))
         }
-        RawSource::Rabbitmq {
+        RawSource::Rabbitmq(RawRabbitMqSource {
             url,
             queue,
             prefetch,
             declare,
-        } => {
+        }) => {
             let url = validate_amqp_url(&format!("{key}.url"), url)?;
             if queue.is_empty() || queue.len() > 255 {
                 return Err(ConfigError::invalid(
@@ -1077,11 +1277,11 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 declare,
             }))
         }
-        RawSource::Nats {
+        RawSource::Nats(RawNatsSource {
             url,
             subject,
             queue_group,
-        } => {
+        }) => {
             let url = validate_nats_url(&format!("{key}.url"), url)?;
             validate_subject(&format!("{key}.subject"), &subject)?;
             if let Some(group) = &queue_group {
@@ -1093,12 +1293,12 @@ fn validate_source(key: &str, raw: RawSource) -> Result<SourceConfig, ConfigErro
                 queue_group,
             }))
         }
-        RawSource::Zeromq {
+        RawSource::Zeromq(RawZeroMqSource {
             socket,
             endpoint,
             bind,
             subscribe,
-        } => {
+        }) => {
             let socket = match socket.as_str() {
                 "pull" => ZmqSocketKind::Pull,
                 "sub" => ZmqSocketKind::Sub,
@@ -1191,7 +1391,7 @@ fn validate_subject(key: &str, subject: &str) -> Result<(), ConfigError> {
 /// `$timestamp`, `$payload` or a dotted path of object keys.
 pub(crate) fn parse_field_ref(key: &str, text: &str) -> Result<FieldRef, ConfigError> {
     const EXPECTED: &str = "a field path such as `customer.id`, or `$key`, `$key.<path>`, `$header.<name>`, \
-         `$source`, `$partition`, `$position`, `$timestamp`, `$payload`";
+         `$source`, `$subject`, `$partition`, `$position`, `$timestamp`, `$payload`";
     let path = |text: &str| -> Result<Vec<String>, ConfigError> {
         let parts: Vec<String> = text.split('.').map(str::to_string).collect();
         if parts.iter().any(String::is_empty) {
@@ -1206,6 +1406,7 @@ pub(crate) fn parse_field_ref(key: &str, text: &str) -> Result<FieldRef, ConfigE
     let field = match text {
         "$key" => FieldRef::Key,
         "$source" => FieldRef::Source,
+        "$subject" => FieldRef::Subject,
         "$partition" => FieldRef::Partition,
         "$position" => FieldRef::Position,
         "$timestamp" => FieldRef::Timestamp,

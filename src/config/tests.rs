@@ -486,3 +486,117 @@ fn bad_mapping_keys_are_named() {
         assert!(message.contains(key), "expected `{key}` in: {message}");
     }
 }
+
+/// Three routes, so paths carry an index other than 0: the third has a RabbitMQ source.
+fn three_routes(third_source: &str, third_columns: &str) -> String {
+    let second = VALID
+        .split("[[route]]")
+        .nth(1)
+        .expect("a route")
+        .replace("name = \"orders\"", "name = \"orders2\"")
+        .replace("group_id = \"shardgate-orders\"", "group_id = \"g2\"");
+    let third = format!(
+        "[[route]]\nname = \"queue\"\ntable = \"shop.orders\"\n[route.source]\n{third_source}\n[route.columns]\n{third_columns}\n[route.dead_letter]\nkind = \"table\"\ntable = \"shop.dead\"\n"
+    );
+    format!("{VALID}\n[[route]]{second}\n{third}")
+}
+
+/// A wrong type nested in a tagged table names the full key path, the value and what is
+/// expected (issue 11, item 4).
+#[test]
+fn wrong_types_in_nested_tables_name_the_full_key_path() {
+    let rabbit = "kind = \"rabbitmq\"\nurl = \"amqp://127.0.0.1\"\nqueue = \"q\"";
+    let text = three_routes(&format!("{rabbit}\nprefetch = \"lots\""), "order_id = \"$key\"");
+    let message = error_of(&text);
+    assert!(message.contains("`route[2].source.prefetch`"), "{message}");
+    assert!(message.contains("\"lots\""), "{message}");
+    assert!(message.contains("expected a whole number from 0 to 65535"), "{message}");
+
+    let text = VALID.replace(
+        "group_id = \"shardgate-orders\"",
+        "group_id = \"shardgate-orders\"\ncommit_interval_ms = \"1s\"",
+    );
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].source.commit_interval_ms`"), "{message}");
+    assert!(message.contains("string \"1s\""), "{message}");
+    assert!(message.contains(", line "), "the line of the key: {message}");
+
+    let text = VALID.replace("group_id = \"shardgate-orders\"", "group_id = 7");
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].source.group_id`"), "{message}");
+
+    let text = VALID.replace("topic = \"orders.dead-letter\"", "topic = [\"a\"]");
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].dead_letter.topic`"), "{message}");
+
+    let text = VALID.replace("kind = \"kafka\"\nbrokers", "kind = \"kafkaa\"\nbrokers");
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].source.kind`"), "{message}");
+    assert!(
+        message.contains("unknown kind `kafkaa`, expected one of `kafka`"),
+        "{message}"
+    );
+
+    let text = VALID.replace("kind = \"kafka\"\nbrokers", "brokers");
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].source`: missing field `kind`"), "{message}");
+}
+
+/// A number where a column mapping is expected names the column's key and both accepted forms;
+/// so does an unknown key in an expression table.
+#[test]
+fn bad_column_mappings_name_the_column_key() {
+    let text = three_routes(
+        "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"a.>\"",
+        "qty = 5",
+    );
+    let message = error_of(&text);
+    assert!(message.contains("`route[2].columns.qty`"), "{message}");
+    assert!(message.contains("integer `5`"), "{message}");
+    assert!(message.contains("a field path in quotes"), "{message}");
+    assert!(message.contains("{ expr = \"CEL\" }"), "{message}");
+
+    let text = VALID.replace("city = \"customer.address.city\"", "city = { exp = \"1\" }");
+    let message = error_of(&text);
+    assert!(message.contains("`route[0].columns.city"), "{message}");
+    assert!(message.contains("unknown field `exp`"), "{message}");
+}
+
+/// Top-level and runtime keys keep their paths too; unknown keys name where they are.
+#[test]
+fn wrong_types_at_any_depth_name_their_path() {
+    let message = error_of(&format!("{VALID}\n[runtime]\ninflight_rows_per_core_max = -3\n"));
+    assert!(message.contains("`runtime.inflight_rows_per_core_max`"), "{message}");
+    let message = error_of(&VALID.replace("contact_points = [\"127.0.0.1:9042\"]", "contact_points = [9042]"));
+    assert!(message.contains("`cluster.contact_points[0]`"), "{message}");
+    let message = error_of(&VALID.replace("kind = \"kafka\"\ntopic", "kind = \"kafka\"\ntopics = \"x\"\ntopic"));
+    assert!(message.contains("`route[0].dead_letter.topics`"), "{message}");
+    assert!(message.contains("unknown field `topics`"), "{message}");
+}
+
+/// `runtime.gateway_id` is checked for Kafka's legal characters; the default comes from the
+/// host name and a fixed listener port, and is absent without one.
+#[test]
+fn gateway_id_is_validated_and_defaulted() {
+    let config = Config::parse(&format!("{VALID}\n[runtime]\ngateway_id = \"gw-1.eu\"\n"), "t").expect("valid");
+    assert_eq!(config.gateway_id().as_deref(), Some("gw-1.eu"));
+    let message = error_of(&format!("{VALID}\n[runtime]\ngateway_id = \"gw 1\"\n"));
+    assert!(message.starts_with("`runtime.gateway_id` = `gw 1`"), "{message}");
+    let config = Config::parse(VALID, "t").expect("valid");
+    assert_eq!(config.gateway_id(), None);
+    let config = Config::parse(&format!("{VALID}\n[admin]\nlisten = \"127.0.0.1:9190\"\n"), "t").expect("valid");
+    assert!(config.gateway_id().expect("derived").ends_with("-9190"));
+    let message = error_of(&VALID.replace(
+        "group_id = \"shardgate-orders\"",
+        "group_id = \"g\"\nproperties = { \"group.instance.id\" = \"x\" }",
+    ));
+    assert!(message.contains("group.instance.id"), "{message}");
+}
+
+/// `$subject` maps a message's own subject.
+#[test]
+fn subject_field_ref_parses() {
+    let config = Config::parse(&VALID.replace("\"customer.address.city\"", "\"$subject\""), "t").expect("valid");
+    let columns = &config.routes[0].targets[0].columns;
+    assert!(columns.iter().any(|c| c.field == FieldRef::Subject), "{columns:?}");
+}

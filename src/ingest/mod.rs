@@ -3,8 +3,10 @@
 //! `convert` turns typed values into CQL values; `flat` reads FlatBuffers row batches
 //! (`schemas/row_batch.fbs`) into the same typed rows.
 
+pub mod codec;
 pub mod convert;
 pub mod flat;
+pub mod limit;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -13,6 +13,7 @@ use glommio::net::TcpListener;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tower::ServiceExt;
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a core's full rate.
 const STREAM_WINDOW_BYTES: u32 = 1 << 20;
@@ -37,8 +38,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// Accepts connections forever, serving `routes` on each with HTTP/2.
-pub async fn serve(listener: TcpListener, routes: tonic::service::Routes) {
+/// Accepts connections forever, serving `routes` on each with HTTP/2. Request messages over
+/// `message_bytes_max` are skipped and answered TOO_LARGE (see `ingest::limit`).
+pub async fn serve(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -50,7 +52,10 @@ pub async fn serve(listener: TcpListener, routes: tonic::service::Routes) {
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream.compat());
-        let service = TowerToHyperService::new(routes.clone());
+        let limited = routes
+            .clone()
+            .map_request(move |request| super::limit::limit_request(request, message_bytes_max));
+        let service = TowerToHyperService::new(limited);
         glommio::spawn_local(async move {
             let result = hyper::server::conn::http2::Builder::new(LocalExecutor)
                 .initial_stream_window_size(STREAM_WINDOW_BYTES)

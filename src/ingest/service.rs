@@ -27,10 +27,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{cql_type_name, to_cql};
 use super::flat::decode_row_batch;
+use super::limit::{take_oversized, OversizeLog};
 use super::proto::ingest_server::Ingest;
 use super::proto::{
-    AckMode, ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row, RowBatch,
-    RowError, TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
+    AckMode, BatchError, ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row,
+    RowBatch, RowError, TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
     WriteStreamResponse,
 };
 use super::status::status;
@@ -61,6 +62,12 @@ type WriterCache = HashMap<(String, Vec<String>), Arc<TableWriter>>;
 /// A row's outcome: written, or why not.
 type RowOutcome = Result<(), (ErrorCode, String)>;
 
+/// A batch refused as a whole: one code and one reason for all its rows.
+pub type Refusal = (ErrorCode, String);
+
+/// What a batch came to: rows written, rows spooled, rows refused one by one.
+type Accepted = (u32, u32, Vec<RowError>);
+
 /// A converted row on its way to the database.
 pub struct PendingRow {
     /// Index in the producer's batch.
@@ -76,6 +83,8 @@ const SOURCE_LABEL: &str = "grpc";
 
 /// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
 pub struct TableWriter {
+    /// Column names in the batch's column order, for row errors.
+    names: Vec<String>,
     /// Column types in the batch's column order.
     types: Vec<ColumnType<'static>>,
     /// Positions (in the batch's columns) of primary-key columns, which must be non-null.
@@ -141,7 +150,7 @@ impl IngestShared {
     }
 
     /// The writer for `table` with `columns`, prepared on first use.
-    async fn writer(&self, table: &str, columns: &[String]) -> Result<Arc<TableWriter>, (ErrorCode, String)> {
+    async fn writer(&self, table: &str, columns: &[String]) -> Result<Arc<TableWriter>, Refusal> {
         let key = (table.to_string(), columns.to_vec());
         if let Some(writer) = lock(&self.writers).get(&key) {
             return Ok(Arc::clone(writer));
@@ -155,7 +164,17 @@ impl IngestShared {
         Ok(writer)
     }
 
-    async fn prepare_writer(&self, table: &str, columns: &[String]) -> Result<TableWriter, (ErrorCode, String)> {
+    async fn prepare_writer(&self, table: &str, columns: &[String]) -> Result<TableWriter, Refusal> {
+        if let Some(twice) = columns
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| columns[..i].contains(c).then_some(c))
+        {
+            return Err((
+                ErrorCode::DuplicateColumn,
+                format!("column `{twice}` is named twice in the batch's columns"),
+            ));
+        }
         let Some((keyspace, name)) = table.split_once('.') else {
             return Err((
                 ErrorCode::UnknownTable,
@@ -174,20 +193,18 @@ impl IngestShared {
         let mut key_positions = Vec::new();
         for (position, column) in columns.iter().enumerate() {
             let Some((typ, kind)) = schema.columns.get(column) else {
+                let mut known: Vec<&str> = schema.columns.keys().map(String::as_str).collect();
+                known.sort_unstable();
                 return Err((
                     ErrorCode::UnknownColumn,
-                    format!("table `{table}` has no column `{column}`"),
+                    format!(
+                        "table `{table}` has no column `{column}`; its columns: `{}`",
+                        known.join("`, `")
+                    ),
                 ));
             };
             if matches!(kind, ColumnKind::PartitionKey | ColumnKind::Clustering) {
                 key_positions.push(position);
-            }
-            if crate::mapping::replay_unsafe(typ) {
-                tracing::warn!(
-                    %table,
-                    %column,
-                    "non-frozen list column: a retried or spooled write appends its elements again; use frozen<list<...>> or a set"
-                );
             }
             types.push(typ.clone());
         }
@@ -206,7 +223,10 @@ impl IngestShared {
             )
         })?;
         insert.set_is_idempotent(true);
+        // Tables created after start-up are checked here, once (start-up checked the others).
+        crate::mapping::warn_replay_unsafe_columns(keyspace, name, &schema);
         Ok(TableWriter {
+            names: columns.to_vec(),
             types,
             key_positions,
             insert,
@@ -273,26 +293,31 @@ impl IngestService {
         IngestService { core, shared }
     }
 
-    /// Converts, routes and writes one batch; returns rows written and per-row errors.
-    async fn write_batch(&self, batch: RowBatch) -> (u32, Vec<RowError>) {
+    /// The prepared writer of a batch, or the batch's refusal (counted once).
+    async fn batch_writer(&self, batch: &RowBatch) -> Result<Arc<TableWriter>, Refusal> {
         let rows = batch.rows.len();
-        if rows > BATCH_ROWS_MAX {
-            let reason = format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX}");
-            return (
-                0,
-                (0..rows)
-                    .map(|i| row_error(i as u32, ErrorCode::TooLarge, &reason))
-                    .collect(),
-            );
-        }
-        let writer = match self.shared.writer(&batch.table, &batch.columns).await {
-            Ok(writer) => writer,
-            Err((code, reason)) => {
-                metrics::counter!(metric::ROWS_FAILED, "core" => self.core.to_string(), "source" => SOURCE_LABEL, "code" => code.as_str_name())
-                    .increment(rows as u64);
-                return (0, (0..rows).map(|i| row_error(i as u32, code, &reason)).collect());
-            }
+        let writer = if rows > BATCH_ROWS_MAX {
+            Err((
+                ErrorCode::TooLarge,
+                format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX} rows per batch"),
+            ))
+        } else {
+            self.shared.writer(&batch.table, &batch.columns).await
         };
+        writer.inspect_err(|(code, _)| self.count_refusal(*code))
+    }
+
+    /// Counts one batch refused as a whole (never its rows one by one).
+    fn count_refusal(&self, code: ErrorCode) {
+        metrics::counter!(metric::BATCHES_REFUSED, "core" => self.core.to_string(), "source" => SOURCE_LABEL, "code" => code.as_str_name())
+            .increment(1);
+    }
+
+    /// Converts, routes and writes one batch; returns rows written and per-row errors, or the
+    /// batch's refusal.
+    async fn write_batch(&self, batch: RowBatch) -> Result<(u32, Vec<RowError>), Refusal> {
+        let rows = batch.rows.len();
+        let writer = self.batch_writer(&batch).await?;
         let metrics = &writer.metrics[self.core];
         metrics.received.increment(rows as u64);
         metrics.batch_rows.record(rows as f64);
@@ -307,7 +332,7 @@ impl IngestService {
         let mut remote: BTreeMap<usize, Vec<PendingRow>> = BTreeMap::new();
         for (index, row) in batch.rows.iter().enumerate() {
             let index = index as u32;
-            match bind_row(&writer.types, &writer.key_positions, row, timestamp_us) {
+            match bind_row(&writer.names, &writer.types, &writer.key_positions, row, timestamp_us) {
                 Ok(values) => {
                     let placement = place_row(&writer.insert, &values, &ownership);
                     let owner = placement.map_or(self.core, |p| p.core);
@@ -365,40 +390,27 @@ impl IngestService {
             );
         }
         errors.sort_by_key(|e| e.row);
-        (written, errors)
+        Ok((written, errors))
     }
 
     /// Answers one batch per its ack mode: written now, or (ACK_MODE_SPOOLED) validated, made
     /// durable in this core's spool and written in the background. A full spool is
     /// RESOURCE_EXHAUSTED for unary calls; a stream (`full_spool`) waits for room instead, so
     /// the stream stays open and stops reading meanwhile. Returns (written, spooled, errors).
-    async fn accept(
-        &self,
-        batch: RowBatch,
-        ack: i32,
-        full_spool: WhenFull,
-    ) -> Result<(u32, u32, Vec<RowError>), Status> {
+    async fn accept(&self, batch: RowBatch, ack: i32, full_spool: WhenFull) -> Result<Accepted, Refusal> {
         if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
-            let (written, errors) = self.write_batch(batch).await;
+            let (written, errors) = self.write_batch(batch).await?;
             return Ok((written, 0, errors));
         }
         if !crate::bridge::spooled::is_open() {
-            return Err(Status::failed_precondition(
-                "ACK_MODE_SPOOLED needs `runtime.spool_dir` in the gateway's config",
+            self.count_refusal(ErrorCode::NoSpool);
+            return Err((
+                ErrorCode::NoSpool,
+                "ACK_MODE_SPOOLED needs `runtime.spool_dir` in the gateway's config".to_string(),
             ));
         }
         let rows = batch.rows.len();
-        if rows > BATCH_ROWS_MAX {
-            // Refused row by row, as a written batch would be.
-            let (written, errors) = self.write_batch(batch).await;
-            return Ok((written, 0, errors));
-        }
-        let writer = match self.shared.writer(&batch.table, &batch.columns).await {
-            Ok(writer) => writer,
-            Err((code, reason)) => {
-                return Ok((0, 0, (0..rows).map(|i| row_error(i as u32, code, &reason)).collect()));
-            }
-        };
+        let writer = self.batch_writer(&batch).await?;
         let timestamp_us = if batch.timestamp_us > 0 {
             batch.timestamp_us
         } else {
@@ -407,7 +419,7 @@ impl IngestService {
         let mut errors = Vec::new();
         let mut valid = Vec::with_capacity(rows);
         for (index, row) in batch.rows.into_iter().enumerate() {
-            match bind_row(&writer.types, &writer.key_positions, &row, timestamp_us) {
+            match bind_row(&writer.names, &writer.types, &writer.key_positions, &row, timestamp_us) {
                 Ok(_) => valid.push(row),
                 Err((code, reason)) => errors.push(row_error(index as u32, code, &reason)),
             }
@@ -443,18 +455,21 @@ impl IngestService {
                     }
                 }
                 Err(error) => {
-                    let status = match error {
-                        crate::spool::SpoolError::Full { .. } => Status::resource_exhausted(error.to_string()),
-                        other => Status::unavailable(other.to_string()),
+                    let code = match error {
+                        crate::spool::SpoolError::Full { .. } => ErrorCode::Overloaded,
+                        _ => ErrorCode::Unavailable,
                     };
-                    let _ = answer.send(Err(status));
+                    let _ = answer.send(Err((code, error.to_string())));
                 }
             }
         })
         .detach();
-        answered
-            .await
-            .map_err(|_| Status::unavailable("the core stopped before the rows were spooled"))??;
+        answered.await.map_err(|_| {
+            (
+                ErrorCode::Unavailable,
+                "the core stopped before the rows were spooled".to_string(),
+            )
+        })??;
         Ok((0, spooled, errors))
     }
 
@@ -464,7 +479,15 @@ impl IngestService {
     pub async fn write_spooled(&self, mut batch: RowBatch, ids: Vec<crate::spool::RecordId>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let (_, errors) = self.write_batch(batch.clone()).await;
+            let errors = match self.write_batch(batch.clone()).await {
+                Ok((_, errors)) => errors,
+                Err((code, reason)) => {
+                    // The table or its columns went away since the rows were spooled: refused
+                    // for good, like a row the database refuses.
+                    tracing::warn!(core = self.core, rows = batch.rows.len(), code = code.as_str_name(), %reason, "spooled gRPC batch refused");
+                    Vec::new()
+                }
+            };
             let (retry, refused): (Vec<RowError>, Vec<RowError>) = errors.into_iter().partition(|e| {
                 matches!(
                     ErrorCode::try_from(e.code),
@@ -541,11 +564,13 @@ fn now_us() -> i64 {
 /// Converts one row to bound values (plus the write timestamp) for columns of `types`. Missing
 /// trailing values leave their columns unset; columns at `key_positions` must be non-null.
 pub fn bind_row(
+    names: &[String],
     types: &[ColumnType<'static>],
     key_positions: &[usize],
     row: &Row,
     timestamp_us: i64,
 ) -> Result<RowValues, (ErrorCode, String)> {
+    let name = |position: usize| names.get(position).map_or("?", String::as_str);
     if row.values.len() > types.len() {
         return Err((
             ErrorCode::BadValue,
@@ -556,9 +581,12 @@ pub fn bind_row(
     for (position, typ) in types.iter().enumerate() {
         let bound = match row.values.get(position) {
             None => MaybeUnset::Unset,
-            Some(value) => MaybeUnset::Set(
-                to_cql(value, typ).map_err(|e| (ErrorCode::BadValue, format!("column {position}: {}", e.0)))?,
-            ),
+            Some(value) => MaybeUnset::Set(to_cql(value, typ).map_err(|e| {
+                (
+                    ErrorCode::BadValue,
+                    format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
+                )
+            })?),
         };
         values.push(bound);
     }
@@ -566,7 +594,7 @@ pub fn bind_row(
         if !matches!(values.get(position), Some(MaybeUnset::Set(Some(_)))) {
             return Err((
                 ErrorCode::MissingKey,
-                format!("primary key column {position} is missing or null"),
+                format!("primary key column `{}` is missing or null", name(position)),
             ));
         }
     }
@@ -634,13 +662,44 @@ fn transient_code(error: &ExecutionError) -> ErrorCode {
 }
 
 /// The rows of one stream message: the protobuf batch, else the FlatBuffers one.
-fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, Status> {
+fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, Refusal> {
     match batch {
         Some(batch) => Ok(batch),
         None if !flat_batch.is_empty() => {
-            decode_row_batch(flat_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))
+            decode_row_batch(flat_batch).map_err(|e| (ErrorCode::Malformed, e.to_string()))
         }
-        None => Err(Status::invalid_argument("`batch` or `flat_batch` is required")),
+        None => Err((ErrorCode::Malformed, "`batch` or `flat_batch` is required".to_string())),
+    }
+}
+
+/// A unary call's answer: the response, or the batch's refusal as its status.
+fn unary_answer(answer: Result<Accepted, Refusal>) -> Result<Response<WriteResponse>, Status> {
+    let (written, spooled, errors) = answer.map_err(|(code, reason)| status(code, reason))?;
+    Ok(Response::new(WriteResponse {
+        written,
+        errors,
+        spooled,
+    }))
+}
+
+/// A stream batch's answer: written, spooled and row errors, or the batch's refusal.
+fn stream_answer(batch_id: u64, answer: Result<Accepted, Refusal>) -> WriteStreamResponse {
+    match answer {
+        Ok((written, spooled, errors)) => WriteStreamResponse {
+            batch_id,
+            written,
+            errors,
+            spooled,
+            batch_error: None,
+        },
+        Err((code, reason)) => WriteStreamResponse {
+            batch_id,
+            batch_error: Some(BatchError {
+                code: code as i32,
+                reason,
+            }),
+            ..Default::default()
+        },
     }
 }
 
@@ -649,30 +708,35 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Stat
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        if let Some(oversized) = take_oversized(request.extensions(), 0) {
+            self.count_refusal(ErrorCode::TooLarge);
+            return Err(status(ErrorCode::TooLarge, oversized.reason()));
+        }
         let request = request.into_inner();
         let ack = request.ack;
-        let batch = request
-            .batch
-            .ok_or_else(|| Status::invalid_argument("`batch` is required"))?;
+        let Some(batch) = request.batch else {
+            self.count_refusal(ErrorCode::Malformed);
+            return Err(status(ErrorCode::Malformed, "`batch` is required"));
+        };
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, ack, WhenFull::Refuse).await?;
-        Ok(Response::new(WriteResponse {
-            written,
-            errors,
-            spooled,
-        }))
+        unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
     }
 
     async fn write_flat(&self, request: Request<WriteFlatRequest>) -> Result<Response<WriteResponse>, Status> {
+        if let Some(oversized) = take_oversized(request.extensions(), 0) {
+            self.count_refusal(ErrorCode::TooLarge);
+            return Err(status(ErrorCode::TooLarge, oversized.reason()));
+        }
         let request = request.into_inner();
-        let batch = decode_row_batch(&request.row_batch).map_err(|e| status(ErrorCode::BadValue, e.to_string()))?;
+        let batch = match decode_row_batch(&request.row_batch) {
+            Ok(batch) => batch,
+            Err(error) => {
+                self.count_refusal(ErrorCode::Malformed);
+                return Err(status(ErrorCode::Malformed, error.to_string()));
+            }
+        };
         let _permit = self.admit(batch.rows.len()).await?;
-        let (written, spooled, errors) = self.accept(batch, request.ack, WhenFull::Refuse).await?;
-        Ok(Response::new(WriteResponse {
-            written,
-            errors,
-            spooled,
-        }))
+        unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
     }
 
     type WriteStreamStream = ResponseStream;
@@ -681,11 +745,13 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<WriteStreamRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let limits = request.extensions().get::<Arc<OversizeLog>>().cloned();
         let mut incoming = request.into_inner();
         let (mut responses, receiver) = futures::channel::mpsc::channel(STREAM_BATCHES_IN_FLIGHT_MAX);
         let service = self.clone();
         glommio::spawn_local(async move {
             let batches_in_flight = Arc::new(Semaphore::new(STREAM_BATCHES_IN_FLIGHT_MAX));
+            let mut sequence = 0u64;
             loop {
                 let Ok(slot) = Arc::clone(&batches_in_flight).acquire_owned().await else {
                     break;
@@ -694,15 +760,25 @@ impl Ingest for IngestService {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
                     Err(status) => {
+                        // Unreadable bytes: the stream cannot be followed past them.
                         let _ = responses.send(Err(status)).await;
                         break;
                     }
                 };
-                let batch = match stream_batch(message.batch, &message.flat_batch) {
+                let oversized = limits.as_ref().and_then(|log| log.take(sequence));
+                sequence += 1;
+                let batch = match oversized {
+                    Some(oversized) => Err((oversized.batch_id, (ErrorCode::TooLarge, oversized.reason()))),
+                    None => stream_batch(message.batch, &message.flat_batch).map_err(|r| (message.batch_id, r)),
+                };
+                let batch = match batch {
                     Ok(batch) => batch,
-                    Err(status) => {
-                        let _ = responses.send(Err(status)).await;
-                        break;
+                    Err((batch_id, refusal)) => {
+                        service.count_refusal(refusal.0);
+                        if responses.send(Ok(stream_answer(batch_id, Err(refusal)))).await.is_err() {
+                            break;
+                        }
+                        continue;
                     }
                 };
                 let permit = match service.admit(batch.rows.len()).await {
@@ -714,16 +790,11 @@ impl Ingest for IngestService {
                 };
                 let service = service.clone();
                 let mut responses = responses.clone();
+                let (batch_id, ack) = (message.batch_id, message.ack);
                 glommio::spawn_local(async move {
-                    let answer = service.accept(batch, message.ack, WhenFull::Wait).await;
+                    let answer = service.accept(batch, ack, WhenFull::Wait).await;
                     drop(permit);
-                    let answer = answer.map(|(written, spooled, errors)| WriteStreamResponse {
-                        batch_id: message.batch_id,
-                        written,
-                        errors,
-                        spooled,
-                    });
-                    let _ = responses.send(answer).await;
+                    let _ = responses.send(Ok(stream_answer(batch_id, answer))).await;
                     drop(slot);
                 })
                 .detach();

@@ -16,6 +16,9 @@
 pub mod coerce;
 pub mod expr;
 pub mod format;
+mod reason;
+
+pub use reason::ReasonCode;
 
 use std::collections::HashMap;
 
@@ -122,8 +125,8 @@ pub enum MappingError {
     /// The payload does not verify against the route's FlatBuffers schema.
     #[error("payload is not a valid FlatBuffers {0}")]
     NotFlatBuffer(String),
-    /// `$key` is mapped but the message has no key.
-    #[error("column `{column}` is mapped from `$key` but the message has no key")]
+    /// A primary-key column is mapped from `$key` but the message has no key.
+    #[error("primary key column `{column}` is mapped from `$key` but the message has no key")]
     KeyAbsent {
         /// The column fed by the key.
         column: String,
@@ -189,20 +192,20 @@ pub enum MappingError {
 }
 
 impl MappingError {
-    /// Stable short code for dead-letter headers and metrics labels.
-    pub fn code(&self) -> &'static str {
+    /// Stable reason code for dead-letter headers and metrics labels.
+    pub fn code(&self) -> ReasonCode {
         match self {
-            MappingError::EmptyPayload => "empty_payload",
-            MappingError::NotJson(_) => "not_json",
-            MappingError::NotObject => "not_object",
-            MappingError::NotProtobuf(_) => "not_protobuf",
-            MappingError::NotFlatBuffer(_) => "not_flatbuffer",
-            MappingError::KeyAbsent { .. } | MappingError::KeyNotText { .. } => "bad_key",
-            MappingError::MissingPrimaryKey { .. } => "missing_key_column",
-            MappingError::BadValue { .. } => "bad_value",
-            MappingError::Expression { .. } => "expression_failed",
-            MappingError::UnknownTable { .. } => "unknown_table",
-            MappingError::BadAttribute { .. } => "bad_attribute",
+            MappingError::EmptyPayload => ReasonCode::EmptyPayload,
+            MappingError::NotJson(_) => ReasonCode::NotJson,
+            MappingError::NotObject => ReasonCode::NotObject,
+            MappingError::NotProtobuf(_) => ReasonCode::NotProtobuf,
+            MappingError::NotFlatBuffer(_) => ReasonCode::NotFlatBuffer,
+            MappingError::KeyAbsent { .. } | MappingError::KeyNotText { .. } => ReasonCode::BadKey,
+            MappingError::MissingPrimaryKey { .. } => ReasonCode::MissingKeyColumn,
+            MappingError::BadValue { .. } => ReasonCode::BadValue,
+            MappingError::Expression { .. } => ReasonCode::ExpressionFailed,
+            MappingError::UnknownTable { .. } => ReasonCode::UnknownTable,
+            MappingError::BadAttribute { .. } => ReasonCode::BadAttribute,
         }
     }
 }
@@ -305,6 +308,7 @@ impl TargetMapper {
         table: &TableSchema,
     ) -> Result<TargetMapper, SchemaError> {
         let table_name = target.qualified();
+        warn_replay_unsafe_columns(&target.keyspace, &target.table, table);
         let prefix = if route.targets.len() > 1 {
             format!("target[{index}].")
         } else {
@@ -344,14 +348,6 @@ impl TargetMapper {
                     column: mapping.column,
                     typ: format!("{typ:?}"),
                 });
-            }
-            if replay_unsafe(typ) {
-                tracing::warn!(
-                    route = %route.name,
-                    table = %table_name,
-                    column = %mapping.column,
-                    "non-frozen list column: a replayed message appends its elements again; use frozen<list<...>> or a set"
-                );
             }
             let key = format!("{prefix}columns.{}", mapping.column);
             columns.push(BoundColumn {
@@ -422,6 +418,8 @@ pub struct Envelope<'a> {
     pub headers: &'a [(String, String)],
     /// Topic, stream, queue, subject or endpoint.
     pub source: &'a str,
+    /// The message's own subject (NATS, JetStream) or routing key (RabbitMQ).
+    pub subject: Option<&'a str>,
     /// Kafka partition.
     pub partition: Option<i32>,
     /// Offset or sequence.
@@ -485,10 +483,10 @@ impl<'a, 'm> Message<'a, 'm> {
             ValueSource::Field(field) => field,
         };
         let found = match field {
+            // An absent key is a missing value: only a primary-key column needs one (`bind`).
+            FieldRef::Key | FieldRef::KeyPath(_) if self.envelope.key.is_none() => Found::Missing,
             FieldRef::Key => {
-                let bytes = self.envelope.key.ok_or_else(|| MappingError::KeyAbsent {
-                    column: column.to_string(),
-                })?;
+                let bytes = self.envelope.key.unwrap_or_default();
                 let key_text = std::str::from_utf8(bytes).map_err(|_| MappingError::KeyNotText {
                     column: column.to_string(),
                     field: field.to_string(),
@@ -519,6 +517,7 @@ impl<'a, 'm> Message<'a, 'm> {
                 .find(|(n, _)| n == name)
                 .map_or(Found::Missing, |(_, v)| text(v)),
             FieldRef::Source => text(self.envelope.source),
+            FieldRef::Subject => self.envelope.subject.map_or(Found::Missing, text),
             FieldRef::Partition => self.envelope.partition.map_or(Found::Missing, |p| number(i64::from(p))),
             FieldRef::Position => number(self.envelope.position),
             FieldRef::Timestamp => self.envelope.timestamp_ms.map_or(Found::Missing, number),
@@ -542,7 +541,12 @@ impl<'a, 'm> Message<'a, 'm> {
             field: column.source.label(),
             reason,
         };
+        let key_absent = self.envelope.key.is_none()
+            && matches!(column.source, ValueSource::Field(FieldRef::Key | FieldRef::KeyPath(_)));
         match found {
+            Found::Missing if primary_key && key_absent => Err(MappingError::KeyAbsent {
+                column: column.name.clone(),
+            }),
             Found::Missing if primary_key => Err(missing_key()),
             Found::Missing => Ok(MaybeUnset::Unset),
             Found::Json(value) if value.is_null() => {
@@ -880,6 +884,36 @@ pub fn replay_unsafe(typ: &ColumnType<'_>) -> bool {
             typ: scylla::cluster::metadata::CollectionType::List(_),
         }
     )
+}
+
+/// Tables already warned about by [`warn_replay_unsafe_columns`], so each is named once.
+static REPLAY_UNSAFE_WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Logs one WARN line, once per process, for a table with non-frozen `list` columns (see
+/// [`replay_unsafe`]). Called at start-up for route targets and, with the ingest API on, for
+/// every table of the cluster; and when the ingest API first writes a table created later.
+pub fn warn_replay_unsafe_columns(keyspace: &str, table: &str, schema: &TableSchema) {
+    let mut columns: Vec<&str> = schema
+        .columns
+        .iter()
+        .filter(|(_, (typ, _))| replay_unsafe(typ))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if columns.is_empty() {
+        return;
+    }
+    columns.sort_unstable();
+    let qualified = format!("{keyspace}.{table}");
+    let mut warned = REPLAY_UNSAFE_WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.contains(&qualified) {
+        return;
+    }
+    warned.push(qualified.clone());
+    tracing::warn!(
+        table = %qualified,
+        columns = %columns.join(", "),
+        "non-frozen list column(s): a retried, spooled or replayed write appends the elements again; use frozen<list<...>> or a set"
+    );
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.

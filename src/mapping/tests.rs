@@ -95,6 +95,7 @@ fn envelope<'a>(key: Option<&'a [u8]>, payload: Option<&'a [u8]>, headers: &'a [
         payload,
         headers,
         source: "orders",
+        subject: Some("orders.eu"),
         partition: Some(2),
         position: 77,
         timestamp_ms: Some(1_700_000_000_000),
@@ -569,4 +570,36 @@ proptest! {
         let decoder = format::Decoder::load("r", &Format::FlatBuffers(schema_path)).expect("schema loads");
         let _ = decoder.decode(&payload);
     }
+}
+
+/// `$key` (and `$key.<path>`) in a regular column: a message without a key leaves it unset,
+/// like any missing field; only a primary-key column needs the key (`bad_key`).
+#[test]
+fn absent_key_leaves_a_regular_column_unset() {
+    let mapper = RouteMapper::new(
+        &route(&[
+            ("id", path("id")),
+            ("seq", path("seq")),
+            ("city", FieldRef::Key),
+            ("hits", FieldRef::KeyPath(vec!["n".into()])),
+        ]),
+        &[schema()],
+    )
+    .expect("mapper");
+    let rows = rows_of(&mapper, None, Some(br#"{"id": "a", "seq": 1}"#)).expect("mapped without a key");
+    assert_eq!(rows.len(), 1);
+    let values = &rows[0].2;
+    assert_eq!(values[..4], [text("a"), set(CqlValue::Int(1)), None, None]);
+    let keyed = rows_of(&mapper, Some(br#"{"n": 7}"#), Some(br#"{"id": "a", "seq": 1}"#)).expect("mapped");
+    assert_eq!(
+        keyed[0].2[..4],
+        [
+            text("a"),
+            set(CqlValue::Int(1)),
+            text(r#"{"n": 7}"#),
+            set(CqlValue::BigInt(7))
+        ]
+    );
+    let error = map(None, Some(br#"{"seq":1}"#)).expect_err("key column needs the key");
+    assert_eq!(error.code(), ReasonCode::BadKey);
 }

@@ -17,6 +17,9 @@ pub mod metric {
     pub const ROWS_WRITTEN: &str = "shardgate_rows_written_total";
     /// Rows rejected or failed, by core, table, source and error code.
     pub const ROWS_FAILED: &str = "shardgate_rows_failed_total";
+    /// gRPC batches refused as a whole (unknown table or column, too large, malformed, ...),
+    /// by core, source and error code; their rows are not counted in `ROWS_FAILED`.
+    pub const BATCHES_REFUSED: &str = "shardgate_batches_refused_total";
     /// Rows a core received but did not own, handed once to their owner core.
     pub const ROWS_FORWARDED: &str = "shardgate_rows_forwarded_total";
     /// Source messages skipped by their route's filter (or sent to no target table).
@@ -144,9 +147,11 @@ impl Default for LogEvery {
 pub fn init_logging() {
     // The driver logs every server warning at WARN from `scylla::network::connection`; the
     // gateway's UNLOGGED batches of one replica and shard (DESIGN §4) make Cassandra warn
-    // "Unlogged batch covering N partitions" on each of them. `RUST_LOG` brings them back.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,scylla::network::connection=error"));
+    // "Unlogged batch covering N partitions" on each of them. glommio's reactor logs one
+    // ERROR, only when a disk does not support polled IO, which is harmless (the spool says so
+    // at INFO when it opens). `RUST_LOG` brings both back.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,scylla::network::connection=error,glommio::reactor=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_thread_names(true)

@@ -39,6 +39,8 @@ const POLL_WAIT: Duration = Duration::from_millis(50);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval of the progress log line.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a consumer waiting for its assignment says so.
+const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long the consumer may stay without partitions after losing them (revoked, no new
 /// assignment — not even an empty one) before the poll thread replaces it with a fresh,
@@ -136,10 +138,25 @@ impl ConsumerContext for RebalanceRecorder {
 /// The route's consumer, subscribed and checked against the brokers.
 pub type RouteConsumer = BaseConsumer<RebalanceRecorder>;
 
-/// Creates the consumer, checks that the brokers answer, and subscribes. Called at start-up
-/// on the (unpinned) main thread, so librdkafka's threads are not bound to a data-plane core.
-pub fn subscribe(source: &KafkaSourceConfig, route: &str) -> Result<RouteConsumer, KafkaError> {
+/// The `group.instance.id` of a route's consumer on gateway `gateway_id`: static membership,
+/// so a restarted gateway gets its partitions back at once instead of after the session
+/// timeout. Route names and gateway ids are validated to Kafka's legal characters.
+pub fn group_instance_id(gateway_id: &str, route: &str) -> String {
+    format!("shardgate.{gateway_id}.{route}")
+}
+
+/// Creates the consumer, checks that the brokers answer, and subscribes; a static group member
+/// when `instance_id` is given. Called at start-up on the (unpinned) main thread, so
+/// librdkafka's threads are not bound to a data-plane core.
+pub fn subscribe(
+    source: &KafkaSourceConfig,
+    route: &str,
+    instance_id: Option<&str>,
+) -> Result<RouteConsumer, KafkaError> {
     let mut config = ClientConfig::new();
+    if let Some(id) = instance_id {
+        config.set("group.instance.id", id);
+    }
     config
         .set("bootstrap.servers", &source.brokers)
         .set("group.id", &source.group_id)
@@ -245,6 +262,8 @@ pub struct Poller {
     pub consumer: RouteConsumer,
     /// The route's source, to subscribe again with a fresh consumer (see [`REJOIN_STUCK_AFTER`]).
     pub source: KafkaSourceConfig,
+    /// The consumer's `group.instance.id` (static membership), if the gateway has an id.
+    pub instance_id: Option<String>,
     /// One bounded queue per core.
     pub queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
     /// Completions from the cores.
@@ -293,9 +312,25 @@ impl Poller {
         let mut last_error_log: Option<Instant> = None;
         // Since when the consumer waits for an assignment (start-up, or after a revocation).
         let mut unassigned_since = Some(Instant::now());
-        tracing::info!(route = %self.route, topic = %self.topic, cores = self.queues.len(), "consuming");
+        let mut last_wait_log: Option<Instant> = None;
+        tracing::info!(
+            route = %self.route,
+            topic = %self.topic,
+            cores = self.queues.len(),
+            group = %self.source.group_id,
+            member = self.instance_id.as_deref().unwrap_or("dynamic"),
+            "consuming"
+        );
         while !self.shutdown.load(Ordering::Relaxed) {
             self.apply_completions(&mut marks, &mut clocks, None);
+            if let Some(since) = unassigned_since {
+                if last_wait_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_INTERVAL)
+                    && since.elapsed() >= WAIT_LOG_INTERVAL
+                {
+                    self.log_waiting(since);
+                    last_wait_log = Some(Instant::now());
+                }
+            }
             if unassigned_since.is_some_and(|t| t.elapsed() > REJOIN_STUCK_AFTER) {
                 self.resubscribe();
                 unassigned_since = Some(Instant::now());
@@ -366,7 +401,7 @@ impl Poller {
             waited_s = REJOIN_STUCK_AFTER.as_secs(),
             "kafka consumer has not rejoined its group; subscribing again with a fresh consumer"
         );
-        match subscribe(&self.source, &self.route) {
+        match subscribe(&self.source, &self.route, self.instance_id.as_deref()) {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut self.consumer, fresh);
                 old.unsubscribe();
@@ -379,6 +414,22 @@ impl Poller {
             }
             Err(error) => tracing::warn!(route = %self.route, %error, "brokers not reachable; keeping the consumer"),
         }
+    }
+
+    /// Says what an unassigned consumer waits for, so a quiet start-up is explained.
+    fn log_waiting(&self, since: Instant) {
+        let how = match &self.instance_id {
+            Some(_) => "as a static member; a member that left within the session timeout gets its partitions back at once, a new one waits for the old member's session timeout",
+            None => "as a dynamic member; after a crash the group waits for the old member's session timeout (`session.timeout.ms`, librdkafka default 45 s) before it hands its partitions over — set `runtime.gateway_id` for instant restarts",
+        };
+        tracing::info!(
+            route = %self.route,
+            group = %self.source.group_id,
+            topic = %self.topic,
+            member = self.instance_id.as_deref().unwrap_or("dynamic"),
+            waited_s = since.elapsed().as_secs(),
+            "waiting for the group coordinator to assign partitions, {how}"
+        );
     }
 
     fn log_progress(&self, marks: &Watermarks) {
