@@ -271,6 +271,8 @@ pub struct StreamSummary {
     pub written: u64,
     /// Rows not written (row indexes are within their sub-batch).
     pub errors: Vec<RowError>,
+    /// Batches refused as a whole, by batch id (within their stream).
+    pub batch_errors: Vec<(u64, crate::ingest::proto::BatchError)>,
 }
 
 impl StreamSummary {
@@ -278,6 +280,7 @@ impl StreamSummary {
         self.batches += other.batches;
         self.written += other.written;
         self.errors.extend(other.errors);
+        self.batch_errors.extend(other.batch_errors);
     }
 }
 
@@ -300,6 +303,9 @@ pub async fn stream_batches(
         summary.batches += 1;
         summary.written += u64::from(response.written);
         summary.errors.extend(response.errors);
+        if let Some(refused) = response.batch_error {
+            summary.batch_errors.push((response.batch_id, refused));
+        }
     }
     Ok(summary)
 }

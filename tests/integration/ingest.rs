@@ -17,6 +17,8 @@ use crate::{gateway_binary, gateway_lock, Names};
 
 const FORWARDED: &str = shardgate::telemetry::metric::ROWS_FORWARDED;
 const WRITTEN: &str = shardgate::telemetry::metric::ROWS_WRITTEN;
+const FAILED: &str = shardgate::telemetry::metric::ROWS_FAILED;
+const REFUSED: &str = shardgate::telemetry::metric::BATCHES_REFUSED;
 const BATCH_ROWS: i64 = 500;
 /// RSS ceiling for a gateway with `inflight_rows_per_core_max = 2048` under a producer faster
 /// than Cassandra.
@@ -62,7 +64,11 @@ fn batches(table: &str, count: i64) -> Vec<RowBatch> {
 }
 
 /// Writes one batch of `columns` holding event 1 to `table` over `client`.
-async fn write_event(client: &mut IngestClient<Channel>, table: String, columns: Vec<String>) -> WriteResponse {
+async fn write_event(
+    client: &mut IngestClient<Channel>,
+    table: String,
+    columns: Vec<String>,
+) -> Result<WriteResponse, tonic::Status> {
     let batch = RowBatch {
         table,
         columns,
@@ -75,8 +81,7 @@ async fn write_event(client: &mut IngestClient<Channel>, table: String, columns:
             ..Default::default()
         })
         .await
-        .expect("write")
-        .into_inner()
+        .map(tonic::Response::into_inner)
 }
 
 async fn assert_events_exact(names: &Names, count: u64) {
@@ -189,11 +194,73 @@ async fn plain_client_writes_a_million_rows_with_one_hop_per_foreign_row() {
     assert_events_exact(&names, count as u64).await;
 }
 
-/// Bad rows are rejected one by one with a reason code while the rest of the batch is written;
-/// an unknown table or column rejects every row; an oversized message is refused naming the
-/// limit.
+/// The error code a status built by the gateway carries in its metadata.
+fn error_code_of(status: &tonic::Status) -> &str {
+    status
+        .metadata()
+        .get(shardgate::ingest::status::ERROR_CODE_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Rows and batches the gateway counted as failed or refused, by code.
+fn failed_rows(code: &str) -> f64 {
+    devkit::scrape_metric_where(devkit::ADMIN_LISTEN, FAILED, &[("code", code)]).unwrap_or(0.0)
+}
+
+fn refused_batches(code: &str) -> f64 {
+    devkit::scrape_metric_where(devkit::ADMIN_LISTEN, REFUSED, &[("code", code)]).unwrap_or(0.0)
+}
+
+/// Sends `body` as the raw protobuf of a `Write` request and returns the answer.
+async fn write_raw(endpoint: &str, body: Vec<u8>) -> Result<WriteResponse, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{endpoint}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/shardgate.v1.Ingest/Write");
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Encodes raw bytes as a request message; decodes a `WriteResponse`.
+#[derive(Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = WriteResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<WriteResponse>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+/// Bad rows are refused one by one, naming the column and its type, while the rest of the
+/// batch is written. A batch that cannot be written at all (unknown table or column, a column
+/// named twice, an oversized or malformed request) fails once with its own code, counted once
+/// as a refused batch and never as failed rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_rows_are_rejected_per_row_with_reasons() {
+async fn bad_rows_are_rejected_per_row_and_bad_batches_once() {
     let _lock = gateway_lock().await;
     let Setup {
         names,
@@ -225,24 +292,55 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
             (7, ErrorCode::BadValue as i32)
         ]
     );
+    let reasons: Vec<&str> = response.errors.iter().map(|e| e.reason.as_str()).collect();
     assert!(
-        response.errors[0]
-            .reason
-            .contains("cannot be written to a column of type double"),
-        "{:?}",
-        response.errors[0]
+        reasons[0].starts_with("column `score` (double): a `text` value cannot be written"),
+        "{reasons:?}"
     );
+    assert_eq!(reasons[1], "primary key column `id` is missing or null");
+    assert!(reasons[2].starts_with("column `id` (bigint): "), "{reasons:?}");
 
     let mut shared = client.shared_client();
-    let response = write_event(&mut shared, format!("{}.nope", names.keyspace), devkit::event_columns()).await;
-    assert_eq!(response.written, 0);
-    assert_eq!(response.errors[0].code, ErrorCode::UnknownTable as i32);
+    let failed_before = failed_rows("UNKNOWN_TABLE") + failed_rows("UNKNOWN_COLUMN");
+    let refused = write_event(&mut shared, format!("{}.nope", names.keyspace), devkit::event_columns())
+        .await
+        .expect_err("unknown table");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert_eq!(error_code_of(&refused), "UNKNOWN_TABLE");
 
     let mut columns = devkit::event_columns();
     columns[1] = "nmae".into();
-    let response = write_event(&mut shared, table.clone(), columns).await;
-    assert_eq!(response.errors[0].code, ErrorCode::UnknownColumn as i32);
-    assert!(response.errors[0].reason.contains("`nmae`"));
+    let refused = write_event(&mut shared, table.clone(), columns)
+        .await
+        .expect_err("unknown column");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(error_code_of(&refused), "UNKNOWN_COLUMN");
+    assert!(refused.message().contains("no column `nmae`"), "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("its columns: `at`, `id`, `name`, `score`, `tags`"),
+        "{refused:?}"
+    );
+    assert_eq!(refused_batches("UNKNOWN_COLUMN"), 1.0, "one batch, counted once");
+    assert_eq!(refused_batches("UNKNOWN_TABLE"), 1.0);
+    assert_eq!(
+        failed_rows("UNKNOWN_TABLE") + failed_rows("UNKNOWN_COLUMN"),
+        failed_before,
+        "a refused batch is not counted as failed rows"
+    );
+
+    let mut columns = devkit::event_columns();
+    columns[4] = "name".into();
+    let refused = write_event(&mut shared, table.clone(), columns)
+        .await
+        .expect_err("duplicate column");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(error_code_of(&refused), "DUPLICATE_COLUMN");
+    assert_eq!(
+        refused.message(),
+        "DUPLICATE_COLUMN: column `name` is named twice in the batch's columns"
+    );
 
     let huge = RowBatch {
         table: table.clone(),
@@ -252,20 +350,107 @@ async fn bad_rows_are_rejected_per_row_with_reasons() {
         }],
         timestamp_us: 0,
     };
-    let status = shared
-        .write(WriteRequest {
+    let request = WriteRequest {
+        batch: Some(huge.clone()),
+        ..Default::default()
+    };
+    let size = prost::Message::encoded_len(&request);
+    let status = shared.write(request).await.expect_err("too large");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(error_code_of(&status), "TOO_LARGE");
+    assert_eq!(
+        status.message(),
+        format!(
+            "TOO_LARGE: request message of {size} bytes is over `ingest.message_bytes_max` = 4194304 bytes; split the batch"
+        )
+    );
+
+    let status = write_raw(devkit::INGEST_LISTEN, vec![0x0a, 0xff, 0x01, 0x02])
+        .await
+        .expect_err("malformed protobuf");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(error_code_of(&status), "MALFORMED");
+    assert!(status.message().contains("not a valid protobuf message"), "{status:?}");
+
+    // On a stream, a refused batch is answered with `batch_error` and the stream goes on.
+    let mut bad_columns = devkit::event_columns();
+    bad_columns[2] = "scroe".into();
+    let stream = vec![
+        WriteStreamRequest {
+            batch_id: 1,
+            batch: Some(RowBatch {
+                table: table.clone(),
+                columns: devkit::event_columns(),
+                rows: (20..30).map(devkit::event_row).collect(),
+                timestamp_us: 0,
+            }),
+            ..Default::default()
+        },
+        WriteStreamRequest {
+            batch_id: 2,
             batch: Some(huge),
             ..Default::default()
-        })
+        },
+        WriteStreamRequest {
+            batch_id: 3,
+            batch: Some(RowBatch {
+                table: table.clone(),
+                columns: bad_columns,
+                rows: vec![devkit::event_row(100)],
+                timestamp_us: 0,
+            }),
+            ..Default::default()
+        },
+        WriteStreamRequest {
+            batch_id: 4,
+            flat_batch: vec![0xff; 32],
+            ..Default::default()
+        },
+        WriteStreamRequest {
+            batch_id: 5,
+            batch: Some(RowBatch {
+                table: table.clone(),
+                columns: devkit::event_columns(),
+                rows: (30..40).map(devkit::event_row).collect(),
+                timestamp_us: 0,
+            }),
+            ..Default::default()
+        },
+    ];
+    let mut answers = shared
+        .write_stream(futures::stream::iter(stream))
         .await
-        .expect_err("too large");
-    assert!(status.message().contains("4194304"), "names the limit: {status:?}");
+        .expect("stream opens")
+        .into_inner();
+    let mut by_batch = std::collections::BTreeMap::new();
+    while let Some(answer) = answers.message().await.expect("the stream stays open") {
+        by_batch.insert(answer.batch_id, answer);
+    }
+    assert_eq!(by_batch.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!((by_batch[&1].written, by_batch[&5].written), (10, 10));
+    let refusal = |id: u64| {
+        let error = by_batch[&id].batch_error.clone().expect("a batch error");
+        (ErrorCode::try_from(error.code).expect("code"), error.reason)
+    };
+    let (code, reason) = refusal(2);
+    assert_eq!(code, ErrorCode::TooLarge);
+    assert!(
+        reason.contains("`ingest.message_bytes_max` = 4194304 bytes"),
+        "{reason}"
+    );
+    assert_eq!(refusal(3).0, ErrorCode::UnknownColumn);
+    assert_eq!(refusal(4).0, ErrorCode::Malformed);
+    assert!(by_batch[&2].errors.is_empty() && by_batch[&2].written == 0);
 
     assert!(gateway.stop().expect("stop").success());
     let written = devkit::count_rows::<i64>(&session, &names.keyspace, "events", "id")
         .await
         .expect("count");
-    assert_eq!(written, 7);
+    assert_eq!(
+        written,
+        7 + 10 + 10,
+        "7 good rows of the first batch, then stream batches 1 and 5"
+    );
 }
 
 /// FlatBuffers row batches (`schemas/row_batch.fbs`) through `WriteFlat` from the shard-aware
@@ -318,11 +503,12 @@ async fn flatbuffers_batches_land_exactly_and_bad_buffers_are_refused() {
         ..Default::default()
     };
     let streamed = match plain.write_stream(futures::stream::iter([request])).await {
-        Ok(response) => response.into_inner().message().await.map(|_| ()),
+        Ok(response) => response.into_inner().message().await,
         Err(status) => Err(status),
     };
-    let status = streamed.expect_err("garbage in a stream is refused");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    let answer = streamed.expect("garbage in a stream is answered, not a stream error");
+    let refusal = answer.and_then(|a| a.batch_error).expect("a batch error");
+    assert_eq!(refusal.code, ErrorCode::Malformed as i32, "{refusal:?}");
 
     assert!(gateway.stop().expect("stop").success());
     assert_events_exact(&names, count as u64).await;

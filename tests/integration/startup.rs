@@ -80,3 +80,68 @@ async fn route_to_missing_table_or_column_is_refused() {
     assert!(!ok);
     assert!(text.contains("has no column `qty`"), "{text}");
 }
+
+/// `check` names the full key path of a wrong type nested in a tagged table.
+#[test]
+fn check_names_the_full_path_of_a_nested_wrong_type() {
+    let names = Names::new("checkpath");
+    let config = names.write_config();
+    let original = std::fs::read_to_string(&config).expect("read config");
+    let bad = names.dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        original.replace("commit_interval_ms = 500", "commit_interval_ms = \"1s\""),
+    )
+    .expect("write");
+    let (ok, text) = run(&["check", "--config", bad.to_str().expect("utf-8 path")]);
+    assert!(!ok);
+    assert!(text.contains("`route[0].source.commit_interval_ms`"), "{text}");
+    assert!(text.contains("string \"1s\", expected a whole number"), "{text}");
+}
+
+/// A clean start with a spool and the ingest API logs no ERROR line (glommio's polled-IO probe
+/// is explained at INFO instead), and a table with a non-frozen list is warned about at
+/// start-up, before anything writes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_start_logs_no_error_and_warns_about_list_columns_up_front() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("cleanstart");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {}.listy (id int PRIMARY KEY, tags list<int>, names list<text>)",
+                names.keyspace
+            ),
+            &[],
+        )
+        .await
+        .expect("create list table");
+    session.await_schema_agreement().await.expect("schema agreement");
+    let spool = names.dir.join("spool");
+    let config = devkit::ingest_gateway_toml("", 2048, 64).replace(
+        "write_batch_rows_max = 64",
+        &format!("write_batch_rows_max = 64\nspool_dir = \"{}\"", spool.display()),
+    );
+    let path = names.dir.join("gateway.toml");
+    std::fs::write(&path, config).expect("write config");
+    let log = names.dir.join("gateway.log");
+    let gateway = devkit::Gateway::start(&gateway_binary(), &path, &log).expect("gateway starts");
+    let mut gateway = gateway;
+    gateway
+        .wait_for_log("ingest API listening", std::time::Duration::from_secs(60))
+        .expect("ingest API up");
+    assert!(gateway.stop().expect("stop").success());
+    let text = std::fs::read_to_string(&log).expect("read log");
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "ERROR lines on a clean start: {errors:?}");
+    assert!(text.contains("spool open"), "{text}");
+    let warning = text
+        .lines()
+        .find(|l| l.contains("non-frozen list") && l.contains(&format!("{}.listy", names.keyspace)))
+        .unwrap_or_else(|| panic!("no start-up warning for the list table: {text}"));
+    assert!(warning.contains("names, tags"), "{warning}");
+}
