@@ -361,8 +361,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
     }
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
+    let ready = metrics::gauge!(crate::telemetry::metric::READY);
+    ready.set(1.0);
 
     island.block_on(wait_for_stop_signal());
+    ready.set(0.0);
     tracing::info!("stopping: draining in-flight messages");
     let _ = stop_tx.send(true);
     shutdown.store(true, Ordering::Relaxed);

@@ -92,6 +92,7 @@ pub fn render_config_reference(examples: &[(String, String)]) -> String {
         };
         render_table(&mut out, &title, key, target, &defs, required.contains(key), property);
     }
+    render_json_forms(&mut out);
     out.push_str("## Examples\n\nEach file below is checked by the test suite with `shardgate check`'s own code.\n\n");
     for (name, text) in examples {
         let _ = write!(
@@ -101,6 +102,25 @@ pub fn render_config_reference(examples: &[(String, String)]) -> String {
         );
     }
     out
+}
+
+/// What each CQL type accepts from JSON (and from Protobuf and FlatBuffers fields, which are
+/// read as JSON values first).
+fn render_json_forms(out: &mut String) {
+    out.push_str(
+        "## JSON forms per CQL type\n\n\
+         A mapped field is coerced to its column's type as read from the cluster's schema. A \
+         field that is missing leaves its column unset (a partial update, never a null \
+         overwrite); an explicit JSON `null` writes a null (not allowed in primary-key \
+         columns). A value that fits none of its type's forms dead-letters the message \
+         (`bad_value`, naming the column, the field and the value). `counter` and `duration` \
+         columns cannot be mapped.\n\n| CQL type | accepts | examples |\n| --- | --- | --- |\n",
+    );
+    for form in crate::mapping::coerce::json_forms() {
+        let examples: Vec<String> = form.examples.iter().map(|e| format!("`{e}`")).collect();
+        let _ = writeln!(out, "| `{}` | {} | {} |", form.cql, form.accepts, examples.join(", "));
+    }
+    out.push('\n');
 }
 
 /// One `## [table]` section: its description, a key table, then its sub-tables.
@@ -493,6 +513,45 @@ mod tests {
                 panic!("{name}: {error}");
             }
         }
+    }
+
+    /// The README names every metric, reason code, gRPC error code, source and dead-letter
+    /// kind, and links the generated references, so nothing a user meets is undocumented there.
+    #[test]
+    fn readme_names_every_metric_code_and_kind() {
+        let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
+        let mut missing = Vec::new();
+        for name in crate::telemetry::metric::ALL {
+            if !readme.contains(name) {
+                missing.push(format!("metric {name}"));
+            }
+        }
+        for code in crate::mapping::ReasonCode::ALL {
+            if !readme.contains(&format!("`{}`", code.as_str())) {
+                missing.push(format!("reason code {code}"));
+            }
+        }
+        for code in crate::ingest::status::ALL_CODES {
+            if !readme.contains(&format!("`{}`", code.as_str_name())) {
+                missing.push(format!("error code {}", code.as_str_name()));
+            }
+        }
+        for kind in crate::config::RawSource::KINDS {
+            if !readme.contains(&format!("`{kind}`")) {
+                missing.push(format!("source kind {kind}"));
+            }
+        }
+        for kind in crate::config::RawDeadLetter::KINDS {
+            if !readme.contains(&format!("`{kind}`")) {
+                missing.push(format!("dead-letter kind {kind}"));
+            }
+        }
+        for link in [CONFIG_REFERENCE_PATH, REASONS_REFERENCE_PATH, CONFIG_SCHEMA_PATH] {
+            if !readme.contains(&format!("]({link}")) {
+                missing.push(format!("link to {link}"));
+            }
+        }
+        assert!(missing.is_empty(), "undocumented in README.md: {missing:?}");
     }
 
     /// The examples together use every source kind and every dead-letter kind.

@@ -48,6 +48,151 @@ pub(crate) fn preview(value: &Value) -> String {
 const CQL_DATE_EPOCH: i64 = 1 << 31;
 const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
+/// What a column of one CQL type accepts from JSON: the user documentation of [`coerce`]
+/// (rendered into `deploy/reference/configuration.md`); every example is checked by a test.
+#[derive(Debug, Clone)]
+pub struct JsonForm {
+    /// The CQL type as written in a schema.
+    pub cql: &'static str,
+    /// The column type the examples are coerced to.
+    pub typ: ColumnType<'static>,
+    /// The JSON forms accepted.
+    pub accepts: &'static str,
+    /// JSON literals that this type accepts.
+    pub examples: &'static [&'static str],
+}
+
+/// The JSON forms of every CQL type a mapped column may have, in documentation order.
+pub fn json_forms() -> Vec<JsonForm> {
+    let native = ColumnType::Native;
+    let form = |cql, typ, accepts, examples| JsonForm {
+        cql,
+        typ,
+        accepts,
+        examples,
+    };
+    vec![
+        form(
+            "text, varchar",
+            native(NativeType::Text),
+            "a string; numbers and booleans become their JSON text, objects and arrays compact JSON",
+            &[r#""Oslo""#, "42", r#"{"a":1}"#],
+        ),
+        form(
+            "ascii",
+            native(NativeType::Ascii),
+            "as `text`, ASCII only",
+            &[r#""abc""#],
+        ),
+        form(
+            "boolean",
+            native(NativeType::Boolean),
+            "`true`/`false`, or the strings `\"true\"`/`\"false\"` (any case)",
+            &["true", r#""FALSE""#],
+        ),
+        form(
+            "tinyint, smallint, int, bigint",
+            native(NativeType::BigInt),
+            "an integer, or a string holding one; range-checked for the column's width (no fractions)",
+            &["42", r#""-7""#, "9223372036854775807"],
+        ),
+        form(
+            "float, double",
+            native(NativeType::Double),
+            "a number, or a string holding one",
+            &["1.5", "3", r#""2.25""#],
+        ),
+        form(
+            "decimal",
+            native(NativeType::Decimal),
+            "a number or a numeric string, kept at full precision (never through a binary float)",
+            &["12.345678901234567890", r#""0.10""#],
+        ),
+        form(
+            "varint",
+            native(NativeType::Varint),
+            "an integer of any size, or a string holding one",
+            &["123456789012345678901234567890", r#""-5""#],
+        ),
+        form(
+            "timestamp",
+            native(NativeType::Timestamp),
+            "epoch milliseconds (a number or numeric string) or RFC 3339 text with a zone",
+            &[
+                "1700000000123",
+                r#""2023-11-14T22:13:20.123Z""#,
+                r#""2023-11-14T23:13:20+01:00""#,
+            ],
+        ),
+        form(
+            "date",
+            native(NativeType::Date),
+            "`YYYY-MM-DD`, or days since 1970-01-01 (may be negative)",
+            &[r#""2024-02-29""#, "19000"],
+        ),
+        form(
+            "time",
+            native(NativeType::Time),
+            "`HH:MM:SS[.fraction]`, or nanoseconds since midnight",
+            &[r#""13:45:00.5""#, "1000000000"],
+        ),
+        form(
+            "uuid",
+            native(NativeType::Uuid),
+            "a UUID string",
+            &[r#""123e4567-e89b-42d3-a456-426614174000""#],
+        ),
+        form(
+            "timeuuid",
+            native(NativeType::Timeuuid),
+            "a version 1 UUID string",
+            &[r#""d2177dd0-eaa2-11de-a572-001b779c76e3""#],
+        ),
+        form(
+            "inet",
+            native(NativeType::Inet),
+            "an IPv4 or IPv6 address string",
+            &[r#""10.0.0.1""#, r#""::1""#],
+        ),
+        form(
+            "blob",
+            native(NativeType::Blob),
+            "`0x`-prefixed hex, or standard base64 (`$payload` maps raw bytes)",
+            &[r#""0x00ff10""#, r#""AP8Q""#],
+        ),
+        form(
+            "list<T>, set<T>",
+            ColumnType::Collection {
+                frozen: true,
+                typ: CollectionType::Set(Box::new(native(NativeType::Int))),
+            },
+            "a JSON array of `T` forms (no nulls inside)",
+            &["[1, 2, 3]", r#"["4"]"#],
+        ),
+        form(
+            "map<K, V>",
+            ColumnType::Collection {
+                frozen: false,
+                typ: CollectionType::Map(Box::new(native(NativeType::Int)), Box::new(native(NativeType::Text))),
+            },
+            "a JSON object; keys are read as `K` from their text, values as `V` (no nulls inside)",
+            &[r#"{"1": "a", "2": "b"}"#],
+        ),
+        form(
+            "tuple<...>",
+            ColumnType::Tuple(vec![native(NativeType::Int), native(NativeType::Text)]),
+            "a JSON array with one element per field (`null` allowed)",
+            &[r#"[1, "x"]"#, "[2, null]"],
+        ),
+        form(
+            "user types",
+            native(NativeType::Text),
+            "a JSON object by field name; missing fields are null, unknown fields are refused",
+            &[],
+        ),
+    ]
+}
+
 /// Converts `value` to a CQL value of type `typ`. `null` is handled by the caller.
 pub fn coerce(value: &Value, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceError> {
     match typ {
@@ -404,6 +549,22 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    /// Every example in the documented JSON forms is accepted by its type.
+    #[test]
+    fn documented_json_forms_are_accepted() {
+        for form in json_forms() {
+            for example in form.examples {
+                let value: Value = serde_json::from_str(example).expect("example is JSON");
+                assert!(
+                    coerce(&value, &form.typ).is_ok(),
+                    "{}: {example} refused: {:?}",
+                    form.cql,
+                    coerce(&value, &form.typ)
+                );
+            }
+        }
+    }
+
     use super::*;
     use serde_json::json;
 

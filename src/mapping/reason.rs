@@ -83,7 +83,7 @@ impl ReasonCode {
             }
             ReasonCode::MissingKeyColumn => "A primary-key column's field is missing or null in the message.",
             ReasonCode::BadValue => {
-                "A value cannot become its column's CQL type; the reason names the column, the field, the expected form and the value (see *JSON forms per CQL type* in the README)."
+                "A value cannot become its column's CQL type; the reason names the column, the field, the expected form and the value (see *JSON forms per CQL type* in the configuration reference)."
             }
             ReasonCode::BadAttribute => "The route's `ttl` or `timestamp` field holds a value that is not a valid TTL or write time.",
             ReasonCode::ExpressionFailed => "A CEL `filter`, `delete_when`, `when` or computed column failed to evaluate (for example a missing field or a type error).",

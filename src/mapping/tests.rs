@@ -603,3 +603,21 @@ fn absent_key_leaves_a_regular_column_unset() {
     let error = map(None, Some(br#"{"seq":1}"#)).expect_err("key column needs the key");
     assert_eq!(error.code(), ReasonCode::BadKey);
 }
+
+/// `$subject` maps the message's own subject (a wildcard subscription's real subject), and is
+/// unset for sources without one.
+#[test]
+fn subject_maps_the_message_subject() {
+    let mapper = RouteMapper::new(
+        &route(&[("id", path("id")), ("seq", path("seq")), ("city", FieldRef::Subject)]),
+        &[schema()],
+    )
+    .expect("mapper");
+    let rows = rows_of(&mapper, None, Some(br#"{"id": "a", "seq": 1}"#)).expect("mapped");
+    assert_eq!(rows[0].2[2], text("orders.eu"));
+    let headers = Vec::new();
+    let mut no_subject = envelope(None, Some(br#"{"id": "a", "seq": 1}"#), &headers);
+    no_subject.subject = None;
+    let rows = mapper.map(&no_subject, TS).expect("mapped");
+    assert!(matches!(rows[0].values[2], MaybeUnset::Unset));
+}

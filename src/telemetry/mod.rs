@@ -11,6 +11,9 @@ use tracing_subscriber::EnvFilter;
 /// (`keyspace.table`), `source` (`grpc` or the route's name), `code` (row error code); all bounded
 /// by configuration, the cores and the tables that exist.
 pub mod metric {
+    /// 1 once every source, core and listener is up (the `shardgate serving` log line), 0
+    /// from the stop signal on: the readiness signal for load balancers and deploy scripts.
+    pub const READY: &str = "shardgate_ready";
     /// Rows received (from a producer or a source message), by the core that received them.
     pub const ROWS_RECEIVED: &str = "shardgate_rows_received_total";
     /// Rows confirmed by the database, by the core that wrote them.
@@ -44,6 +47,25 @@ pub mod metric {
     /// Spooled records (acknowledged, not yet written) that wait on disk only because their
     /// core's memory budget for spooled writes is spent, all cores together.
     pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
+
+    /// Every metric above; the README must name each (a test checks).
+    pub const ALL: &[&str] = &[
+        READY,
+        ROWS_RECEIVED,
+        ROWS_WRITTEN,
+        ROWS_FAILED,
+        BATCHES_REFUSED,
+        ROWS_FORWARDED,
+        MESSAGES_FILTERED,
+        INGEST_ROWS_IN_FLIGHT,
+        BATCH_ROWS,
+        WRITE_LATENCY_SECONDS,
+        DELIVERY_LATENCY_SECONDS,
+        KAFKA_CONSUMER_LAG,
+        KAFKA_ASSIGNED_PARTITIONS,
+        SPOOL_COMMITS,
+        SPOOL_DEFERRED_RECORDS,
+    ];
 }
 
 /// Metric handles of one (source, table, core), registered once so that label allocation and

@@ -145,3 +145,17 @@ async fn clean_start_logs_no_error_and_warns_about_list_columns_up_front() {
         .unwrap_or_else(|| panic!("no start-up warning for the list table: {text}"));
     assert!(warning.contains("names, tags"), "{warning}");
 }
+
+/// `shardgate check` accepts every example of the configuration reference.
+#[test]
+fn check_accepts_every_reference_example() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(shardgate::reference::EXAMPLES_DIR);
+    let examples = shardgate::reference::read_examples(&dir).expect("examples");
+    assert!(examples.len() >= 6, "{examples:?}");
+    for (name, _) in examples {
+        let path = dir.join(&name);
+        let (ok, text) = run(&["check", "--config", path.to_str().expect("utf-8 path")]);
+        assert!(ok, "{name}: {text}");
+        assert!(text.contains(": valid, "), "{name}: {text}");
+    }
+}
