@@ -9,6 +9,8 @@ pub mod app;
 pub mod bridge;
 pub mod client;
 pub mod config;
+/// Demo, bench and test tooling; only with the `devkit` feature (and in unit tests).
+#[cfg(any(test, feature = "devkit"))]
 pub mod devkit;
 pub mod ingest;
 pub mod mapping;

@@ -7,5 +7,5 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 deploy/local/stack.sh up
 echo "[demo] building shardgate (release; the first build takes several minutes)"
-cargo build --release --locked --bins
+cargo build --release --locked --features devkit --bins
 exec target/release/shardgate-demo --gateway target/release/shardgate --work-dir .state/demo "$@"

@@ -12,7 +12,7 @@ if [[ "${CI:-}" == "true" ]]; then
 fi
 log="$(mktemp)"
 set +e
-cargo test --release --locked "$@" 2>&1 | tee "$log"
+cargo test --release --locked --features devkit "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary, e.g. "tests: 45 passed, 0 failed".

@@ -23,7 +23,7 @@ use crate::spool::storage::DmaStorage;
 use crate::spool::{RecordId, Spool, SpoolError, SpoolLimits};
 
 #[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
+#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
 #[path = "spool_record_generated.rs"]
 mod spool_record_generated;
 use spool_record_generated::shardgate::spool as fb;

@@ -20,5 +20,5 @@ pub mod proto {
 /// Code flatc 25 generated from `schemas/row_batch.fbs` (`flatc --rust -o src/ingest
 /// schemas/row_batch.fbs`); not edited by hand.
 #[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
+#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
 mod row_batch_generated;
