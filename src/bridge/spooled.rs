@@ -28,8 +28,9 @@ use crate::spool::{RecordId, Spool, SpoolError, SpoolLimits};
 mod spool_record_generated;
 use spool_record_generated::shardgate::spool as fb;
 
-/// How long an append waits before retrying when the spool is full (backpressure).
-const FULL_WAIT: Duration = Duration::from_millis(20);
+/// Longest an append waits on a full spool before it tries again anyway; it is woken as soon as
+/// records complete (room may have freed), this only bounds a missed wake-up.
+const FULL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Longest wait between retries of a failing disk.
 const IO_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -38,6 +39,14 @@ type CoreSpool = Rc<Mutex<Spool<DmaStorage>>>;
 thread_local! {
     static SPOOL: RefCell<Option<CoreSpool>> = const { RefCell::new(None) };
     static BACKLOG: RefCell<Option<Rc<Backlog>>> = const { RefCell::new(None) };
+    /// Woken whenever records of this core complete: appends waiting on a full spool retry.
+    static ROOM: Rc<tokio::sync::Notify> = Rc::new(tokio::sync::Notify::new());
+}
+
+/// Waits until records of this core complete (room may have freed) or [`FULL_WAIT_MAX`] passes.
+/// Registered before the caller's failed append returns, so no completion in between is missed.
+async fn wait_for_room(room: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) {
+    let _ = tokio::time::timeout(FULL_WAIT_MAX, room).await;
 }
 
 fn core_spool() -> Option<CoreSpool> {
@@ -177,7 +186,11 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
 pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
     let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
+    let room = ROOM.with(Rc::clone);
     loop {
+        let notified = room.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
         match commit(Rc::clone(&records)).await {
             Ok(ids) => return ids,
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
@@ -190,7 +203,7 @@ pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
                         "spool full: the route waits for rows to be written"
                     );
                 }
-                tokio::time::sleep(FULL_WAIT).await;
+                wait_for_room(notified).await;
             }
             Err(error) => {
                 tracing::error!(route, %error, "spool append failed; retrying (the source is not acknowledged)");
@@ -345,9 +358,13 @@ pub enum WhenFull {
 /// path answers UNAVAILABLE), a full spool per `when_full`.
 pub async fn append_record(record: Vec<u8>, when_full: WhenFull) -> Result<Vec<RecordId>, SpoolError> {
     let record = Rc::new(vec![record]);
+    let room = ROOM.with(Rc::clone);
     loop {
+        let notified = room.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
         match commit(Rc::clone(&record)).await {
-            Err(SpoolError::Full { .. }) if when_full == WhenFull::Wait => tokio::time::sleep(FULL_WAIT).await,
+            Err(SpoolError::Full { .. }) if when_full == WhenFull::Wait => wait_for_room(notified).await,
             other => return other,
         }
     }
@@ -382,6 +399,8 @@ pub async fn complete(ids: &[RecordId]) {
     for id in ids {
         spool.complete(*id).await;
     }
+    drop(spool);
+    ROOM.with(|room| room.notify_waiters());
 }
 
 /// Seals this core's spool at shutdown (outstanding records replay on the next start).
