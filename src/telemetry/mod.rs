@@ -164,6 +164,11 @@ impl Default for LogEvery {
     }
 }
 
+/// The log filter without `RUST_LOG`: INFO, minus the two library lines above.
+fn default_filter() -> EnvFilter {
+    EnvFilter::new("info,scylla::network::connection=error,glommio::reactor=off")
+}
+
 /// Installs the global tracing subscriber: compact text to stderr, thread names shown (they
 /// name the core or island thread a line came from).
 pub fn init_logging() {
@@ -172,8 +177,7 @@ pub fn init_logging() {
     // "Unlogged batch covering N partitions" on each of them. glommio's reactor logs one
     // ERROR, only when a disk does not support polled IO, which is harmless (the spool says so
     // at INFO when it opens). `RUST_LOG` brings both back.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,scylla::network::connection=error,glommio::reactor=off"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_thread_names(true)
@@ -188,4 +192,40 @@ pub fn start_metrics(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Counts the events that pass the filter.
+    struct Count(Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// glommio's one reactor ERROR (a disk without polled IO) is not logged by default; every
+    /// other ERROR, WARN and INFO is (issue 11: ERROR is for an operator who must act).
+    #[test]
+    fn default_filter_hides_only_the_iopoll_probe_error() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(super::default_filter())
+            .with(Count(Arc::clone(&count)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "glommio::reactor", "got unexpected error when probing iopoll support");
+            assert_eq!(count.load(Ordering::Relaxed), 0, "glommio's probe error is filtered");
+            tracing::error!(target: "glommio::executor", "another glommio error");
+            tracing::error!(target: "shardgate::spool", "data at risk");
+            tracing::info!(target: "shardgate::app", "serving");
+            tracing::debug!(target: "shardgate::app", "detail");
+            assert_eq!(count.load(Ordering::Relaxed), 3);
+        });
+    }
 }
