@@ -83,7 +83,7 @@ pub fn render_config_reference(examples: &[(String, String)]) -> String {
     root_properties.sort_by_key(|(key, _)| root_order.iter().position(|k| k == key).unwrap_or(usize::MAX));
     let required = required_keys(&schema);
     for (key, property) in root_properties {
-        let (target, _) = resolve_items(resolve(property, &defs).0, &defs);
+        let target = resolve_items(resolve(property, &defs), &defs);
         let repeated = is_array_of_tables(property, &defs);
         let title = if repeated {
             format!("[[{key}]]")
@@ -153,7 +153,7 @@ fn render_table(
     let mut nested = Vec::new();
     let mut rows = Vec::new();
     for (key, property) in properties(def) {
-        let (target, _) = resolve(property, defs);
+        let target = resolve(property, defs);
         if is_table(target) || is_array_of_tables(property, defs) || target.get("oneOf").is_some() {
             nested.push((key, property, target));
             continue;
@@ -168,7 +168,7 @@ fn render_table(
         out.push('\n');
     }
     for (key, property, target) in nested {
-        let (target, _) = resolve_items(target, defs);
+        let target = resolve_items(target, defs);
         let sub_path = format!("{path}.{key}");
         let title = if is_array_of_tables(property, defs) {
             format!("[[{sub_path}]]")
@@ -194,7 +194,7 @@ fn render_variants(out: &mut String, path: &str, variants: &[Value], defs: &Map<
             .pointer("/properties/kind/const")
             .and_then(Value::as_str)
             .unwrap_or("?");
-        let (target, _) = resolve(variant, defs);
+        let target = resolve(variant, defs);
         let level = "#".repeat(3 + path.matches('.').count().min(1));
         let _ = writeln!(out, "{level} `[{path}]` `kind = \"{kind}\"`\n");
         let text = table_text(target);
@@ -239,7 +239,7 @@ fn toml_literal(value: &Value) -> String {
 }
 
 fn allowed_values(property: &Value, defs: &Map<String, Value>) -> Vec<String> {
-    let (target, _) = resolve(property, defs);
+    let target = resolve(property, defs);
     let mut values: Vec<String> = target
         .get("enum")
         .or_else(|| property.get("enum"))
@@ -259,7 +259,7 @@ fn allowed_values(property: &Value, defs: &Map<String, Value>) -> Vec<String> {
 
 /// A short type name: `string`, `integer`, `array of string`, `table of column = source`.
 fn type_name(property: &Value, defs: &Map<String, Value>) -> String {
-    let (target, _) = resolve(property, defs);
+    let target = resolve(property, defs);
     if let Some(alternatives) = target.get("anyOf").and_then(Value::as_array) {
         let names: Vec<String> = alternatives
             .iter()
@@ -329,9 +329,8 @@ fn description(schema: &Value) -> String {
         .to_string()
 }
 
-/// Follows `$ref` and strips an optional's `null` alternative; also says whether it was
-/// optional.
-fn resolve<'a>(schema: &'a Value, defs: &'a Map<String, Value>) -> (&'a Value, bool) {
+/// Follows `$ref` and strips an optional's `null` alternative.
+fn resolve<'a>(schema: &'a Value, defs: &'a Map<String, Value>) -> &'a Value {
     if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
         let name = reference.trim_start_matches("#/$defs/");
         if let Some(def) = defs.get(name) {
@@ -344,17 +343,17 @@ fn resolve<'a>(schema: &'a Value, defs: &'a Map<String, Value>) -> (&'a Value, b
             .filter(|a| a.get("type") != Some(&Value::String("null".into())))
             .collect();
         if non_null.len() == 1 && alternatives.len() == 2 {
-            return (resolve(non_null[0], defs).0, true);
+            return resolve(non_null[0], defs);
         }
     }
-    (schema, false)
+    schema
 }
 
 /// The item schema of an array of tables, else the schema itself.
-fn resolve_items<'a>(schema: &'a Value, defs: &'a Map<String, Value>) -> (&'a Value, bool) {
+fn resolve_items<'a>(schema: &'a Value, defs: &'a Map<String, Value>) -> &'a Value {
     match schema.get("items") {
         Some(items) if schema.get("type") == Some(&Value::String("array".into())) => resolve(items, defs),
-        _ => (schema, false),
+        _ => schema,
     }
 }
 
@@ -363,17 +362,14 @@ fn is_table(schema: &Value) -> bool {
 }
 
 fn is_array_of_tables(property: &Value, defs: &Map<String, Value>) -> bool {
-    let (target, _) = resolve(property, defs);
+    let target = resolve(property, defs);
     target.get("type") == Some(&Value::String("array".into()))
-        && target
-            .get("items")
-            .is_some_and(|items| is_table(resolve(items, defs).0))
+        && target.get("items").is_some_and(|items| is_table(resolve(items, defs)))
 }
 
 /// The reason-code reference in Markdown: dead-letter reason codes and the gRPC API's error
 /// codes with their statuses.
 pub fn render_reasons_reference() -> String {
-    use crate::ingest::proto::ErrorCode;
     use crate::ingest::status;
     use crate::mapping::ReasonCode;
     let mut out = String::new();
@@ -419,7 +415,6 @@ pub fn render_reasons_reference() -> String {
     for (code, when) in status::OTHER_STATUSES {
         let _ = writeln!(out, "| `{}` | {when} |", grpc_code_name(*code));
     }
-    let _ = ErrorCode::Unspecified;
     out
 }
 

@@ -55,6 +55,11 @@ pub struct OversizeLog {
 }
 
 impl OversizeLog {
+    /// The log [`limit_request`] put in a request's extensions.
+    pub fn of(extensions: &tonic::Extensions) -> Option<Arc<OversizeLog>> {
+        extensions.get::<Arc<OversizeLog>>().cloned()
+    }
+
     /// Takes the entry of message `sequence`, if that message was skipped.
     pub fn take(&self, sequence: u64) -> Option<Oversized> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,7 +78,7 @@ impl OversizeLog {
 
 /// The entry of message `sequence` in a request's log (put there by [`limit_request`]).
 pub fn take_oversized(extensions: &tonic::Extensions, sequence: u64) -> Option<Oversized> {
-    extensions.get::<Arc<OversizeLog>>()?.take(sequence)
+    OversizeLog::of(extensions)?.take(sequence)
 }
 
 /// Wraps a request's body in a [`LimitedBody`] and puts its log in the request's extensions.

@@ -293,21 +293,21 @@ impl IngestService {
         IngestService { core, shared }
     }
 
-    /// The prepared writer of a batch, or the batch's refusal (counted once).
+    /// The prepared writer of a batch, or the batch's refusal.
     async fn batch_writer(&self, batch: &RowBatch) -> Result<Arc<TableWriter>, Refusal> {
         let rows = batch.rows.len();
-        let writer = if rows > BATCH_ROWS_MAX {
-            Err((
+        if rows > BATCH_ROWS_MAX {
+            return Err((
                 ErrorCode::TooLarge,
                 format!("batch has {rows} rows; the limit is {BATCH_ROWS_MAX} rows per batch"),
-            ))
-        } else {
-            self.shared.writer(&batch.table, &batch.columns).await
-        };
-        writer.inspect_err(|(code, _)| self.count_refusal(*code))
+            ));
+        }
+        self.shared.writer(&batch.table, &batch.columns).await
     }
 
-    /// Counts one batch refused as a whole (never its rows one by one).
+    /// Counts one batch refused as a whole (never its rows one by one). Called where a refusal
+    /// becomes an answer ([`IngestService::unary_answer`], [`IngestService::stream_answer`]) or
+    /// is given up on (a spooled batch's replay).
     fn count_refusal(&self, code: ErrorCode) {
         metrics::counter!(metric::BATCHES_REFUSED, "core" => self.core.to_string(), "source" => SOURCE_LABEL, "code" => code.as_str_name())
             .increment(1);
@@ -403,7 +403,6 @@ impl IngestService {
             return Ok((written, 0, errors));
         }
         if !crate::bridge::spooled::is_open() {
-            self.count_refusal(ErrorCode::NoSpool);
             return Err((
                 ErrorCode::NoSpool,
                 "ACK_MODE_SPOOLED needs `runtime.spool_dir` in the gateway's config".to_string(),
@@ -484,6 +483,7 @@ impl IngestService {
                 Err((code, reason)) => {
                     // The table or its columns went away since the rows were spooled: refused
                     // for good, like a row the database refuses.
+                    self.count_refusal(code);
                     tracing::warn!(core = self.core, rows = batch.rows.len(), code = code.as_str_name(), %reason, "spooled gRPC batch refused");
                     Vec::new()
                 }
@@ -508,6 +508,44 @@ impl IngestService {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         crate::bridge::spooled::complete(&ids).await;
+    }
+
+    /// A unary call's answer: the response, or the batch's refusal (counted) as its status.
+    fn unary_answer(&self, answer: Result<Accepted, Refusal>) -> Result<Response<WriteResponse>, Status> {
+        let (written, spooled, errors) = answer.map_err(|(code, reason)| {
+            self.count_refusal(code);
+            status(code, reason)
+        })?;
+        Ok(Response::new(WriteResponse {
+            written,
+            errors,
+            spooled,
+        }))
+    }
+
+    /// A stream batch's answer: written, spooled and row errors, or the batch's refusal
+    /// (counted).
+    fn stream_answer(&self, batch_id: u64, answer: Result<Accepted, Refusal>) -> WriteStreamResponse {
+        match answer {
+            Ok((written, spooled, errors)) => WriteStreamResponse {
+                batch_id,
+                written,
+                errors,
+                spooled,
+                batch_error: None,
+            },
+            Err((code, reason)) => {
+                self.count_refusal(code);
+                WriteStreamResponse {
+                    batch_id,
+                    batch_error: Some(BatchError {
+                        code: code as i32,
+                        reason,
+                    }),
+                    ..Default::default()
+                }
+            }
+        }
     }
 
     /// Admits `rows` rows into this core's in-flight budget.
@@ -672,71 +710,34 @@ fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, 
     }
 }
 
-/// A unary call's answer: the response, or the batch's refusal as its status.
-fn unary_answer(answer: Result<Accepted, Refusal>) -> Result<Response<WriteResponse>, Status> {
-    let (written, spooled, errors) = answer.map_err(|(code, reason)| status(code, reason))?;
-    Ok(Response::new(WriteResponse {
-        written,
-        errors,
-        spooled,
-    }))
-}
-
-/// A stream batch's answer: written, spooled and row errors, or the batch's refusal.
-fn stream_answer(batch_id: u64, answer: Result<Accepted, Refusal>) -> WriteStreamResponse {
-    match answer {
-        Ok((written, spooled, errors)) => WriteStreamResponse {
-            batch_id,
-            written,
-            errors,
-            spooled,
-            batch_error: None,
-        },
-        Err((code, reason)) => WriteStreamResponse {
-            batch_id,
-            batch_error: Some(BatchError {
-                code: code as i32,
-                reason,
-            }),
-            ..Default::default()
-        },
-    }
-}
-
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
         if let Some(oversized) = take_oversized(request.extensions(), 0) {
-            self.count_refusal(ErrorCode::TooLarge);
-            return Err(status(ErrorCode::TooLarge, oversized.reason()));
+            return self.unary_answer(Err((ErrorCode::TooLarge, oversized.reason())));
         }
         let request = request.into_inner();
         let ack = request.ack;
         let Some(batch) = request.batch else {
-            self.count_refusal(ErrorCode::Malformed);
-            return Err(status(ErrorCode::Malformed, "`batch` is required"));
+            return self.unary_answer(Err((ErrorCode::Malformed, "`batch` is required".to_string())));
         };
         let _permit = self.admit(batch.rows.len()).await?;
-        unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
+        self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
     }
 
     async fn write_flat(&self, request: Request<WriteFlatRequest>) -> Result<Response<WriteResponse>, Status> {
         if let Some(oversized) = take_oversized(request.extensions(), 0) {
-            self.count_refusal(ErrorCode::TooLarge);
-            return Err(status(ErrorCode::TooLarge, oversized.reason()));
+            return self.unary_answer(Err((ErrorCode::TooLarge, oversized.reason())));
         }
         let request = request.into_inner();
         let batch = match decode_row_batch(&request.row_batch) {
             Ok(batch) => batch,
-            Err(error) => {
-                self.count_refusal(ErrorCode::Malformed);
-                return Err(status(ErrorCode::Malformed, error.to_string()));
-            }
+            Err(error) => return self.unary_answer(Err((ErrorCode::Malformed, error.to_string()))),
         };
         let _permit = self.admit(batch.rows.len()).await?;
-        unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
+        self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
     }
 
     type WriteStreamStream = ResponseStream;
@@ -745,7 +746,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<WriteStreamRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let limits = request.extensions().get::<Arc<OversizeLog>>().cloned();
+        let limits = OversizeLog::of(request.extensions());
         let mut incoming = request.into_inner();
         let (mut responses, receiver) = futures::channel::mpsc::channel(STREAM_BATCHES_IN_FLIGHT_MAX);
         let service = self.clone();
@@ -774,8 +775,11 @@ impl Ingest for IngestService {
                 let batch = match batch {
                     Ok(batch) => batch,
                     Err((batch_id, refusal)) => {
-                        service.count_refusal(refusal.0);
-                        if responses.send(Ok(stream_answer(batch_id, Err(refusal)))).await.is_err() {
+                        if responses
+                            .send(Ok(service.stream_answer(batch_id, Err(refusal))))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         continue;
@@ -794,7 +798,7 @@ impl Ingest for IngestService {
                 glommio::spawn_local(async move {
                     let answer = service.accept(batch, ack, WhenFull::Wait).await;
                     drop(permit);
-                    let _ = responses.send(Ok(stream_answer(batch_id, answer))).await;
+                    let _ = responses.send(Ok(service.stream_answer(batch_id, answer))).await;
                     drop(slot);
                 })
                 .detach();

@@ -541,10 +541,12 @@ impl<'a, 'm> Message<'a, 'm> {
             field: column.source.label(),
             reason,
         };
-        let key_absent = self.envelope.key.is_none()
-            && matches!(column.source, ValueSource::Field(FieldRef::Key | FieldRef::KeyPath(_)));
+        let key_absent = || {
+            self.envelope.key.is_none()
+                && matches!(column.source, ValueSource::Field(FieldRef::Key | FieldRef::KeyPath(_)))
+        };
         match found {
-            Found::Missing if primary_key && key_absent => Err(MappingError::KeyAbsent {
+            Found::Missing if primary_key && key_absent() => Err(MappingError::KeyAbsent {
                 column: column.name.clone(),
             }),
             Found::Missing if primary_key => Err(missing_key()),
