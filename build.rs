@@ -1,4 +1,4 @@
-//! Generates the gRPC ingest API from `proto/shardgate/v1/ingest.proto` (protoc from Debian's
+//! Generates the gRPC API from `proto/shardgate/v1/*.proto` (protoc from Debian's
 //! `protobuf-compiler`, installed by `deploy/local/stack.sh install`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,7 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         // A request that is not valid protobuf is INVALID_ARGUMENT (MALFORMED), not INTERNAL.
-        .codec_path("crate::ingest::codec::IngestCodec")
-        .compile_protos(&["proto/shardgate/v1/ingest.proto"], &["proto"])?;
+        .codec_path("crate::server::codec::ApiCodec")
+        .compile_protos(
+            &[
+                "proto/shardgate/v1/types.proto",
+                "proto/shardgate/v1/topology.proto",
+                "proto/shardgate/v1/ingest.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

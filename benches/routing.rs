@@ -21,11 +21,11 @@ use prost::Message;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 use shardgate::client::row_token;
 use shardgate::devkit;
-use shardgate::ingest::flat::{decode_row_batch, encode_row_batch};
-use shardgate::ingest::proto::{RowBatch, WriteRequest};
 use shardgate::ingest::service::bind_row;
 use shardgate::runtime::mesh::{self, Mesh};
 use shardgate::topology::{NodeShards, Ownership};
+use shardgate::wire::flat::{decode_row_batch, encode_row_batch};
+use shardgate::wire::proto::{RowBatch, WriteRequest};
 
 const TOKENS: usize = 4096;
 

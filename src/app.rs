@@ -9,6 +9,7 @@
 //! in-flight messages up to the deadline, commit stored offsets, close the core queues; cores
 //! finish and exit.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,23 +17,28 @@ use std::time::Duration;
 use ::scylla::client::session::Session;
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
+use futures::future::LocalBoxFuture;
 use tokio::sync::watch;
 
-use crate::bridge::dead_letter::DeadLetterSink;
+use crate::bridge::handoff::CORE_QUEUE_BATCHES_MAX;
 use crate::bridge::kafka::{self, Poller};
-use crate::bridge::route::{self, RouteCounters, RouteWriter, SourceMessage, TargetStatements, CORE_QUEUE_BATCHES_MAX};
-use crate::bridge::spooled;
+use crate::bridge::message::SourceMessage;
+use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::{amqp, nats, zeromq};
 use crate::config::{Config, IngestConfig, SourceConfig};
-use crate::ingest::proto::ingest_server::IngestServer;
-use crate::ingest::server;
 use crate::ingest::service::{IngestService, IngestShared};
-use crate::mapping::RouteMapper;
 use crate::runtime::mesh::{self, Mesh};
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
+use crate::server::http2;
+use crate::sink::broker::nats::connect as nats_connect;
+use crate::sink::dead_letter::DeadLetterSink;
 use crate::sink::scylla;
+use crate::spool::drain::{self, Replay};
+use crate::spool::record::RouteRecord;
+use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::{self, RowMetrics};
 use crate::topology::Ownership;
+use crate::wire::proto::ingest_server::IngestServer;
 
 /// How often the island checks the driver's cluster state for a topology change.
 const TOPOLOGY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -97,23 +103,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut nats_subscribers = Vec::new();
     let mut nats_clients = Vec::new();
     for route in &config.routes {
-        let mut schemas = Vec::with_capacity(route.targets.len());
-        for target in &route.targets {
-            schemas.push(island.block_on(scylla::table_schema(
-                &session,
-                &route.name,
-                &target.keyspace,
-                &target.table,
-            ))?);
-        }
-        let mapper = RouteMapper::new(route, &schemas)?;
-        let mut statements = Vec::with_capacity(route.targets.len());
-        for target in 0..route.targets.len() {
-            statements.push(TargetStatements {
-                upsert: island.block_on(scylla::prepare_insert(&session, &mapper.upsert_statement(target)))?,
-                delete: island.block_on(scylla::prepare_insert(&session, &mapper.delete_statement(target)))?,
-            });
-        }
+        let (mapper, statements) = island.block_on(route::prepare_route(&session, route))?;
         let (dead_letter, dead_letter_nats) = island
             .block_on(DeadLetterSink::open(&route.dead_letter, &route.name, &session))
             .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
@@ -133,7 +123,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                     .map(|id| kafka::group_instance_id(id, &route.name));
                 let consumer = kafka::subscribe(source, &route.name, instance_id.as_deref())
                     .with_context(|| format!("route `{}`: cannot reach Kafka at `{}`", route.name, source.brokers))?;
-                let (completions_tx, completions_rx) = crossbeam_channel::unbounded();
+                let capacity = kafka::completions_capacity(cpus.len(), config.runtime.inflight_rows_per_core_max);
+                let (completions_tx, completions_rx) = crossbeam_channel::bounded(capacity);
                 pollers.push(Poller {
                     route: route.name.clone(),
                     topic: source.topic.clone(),
@@ -150,7 +141,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             }
             SourceConfig::JetStream(source) => {
                 let client = island
-                    .block_on(nats::connect(&source.url, &route.name))
+                    .block_on(nats_connect(&source.url, &route.name))
                     .with_context(|| format!("route `{}`", route.name))?;
                 nats_clients.push(client.clone());
                 let consumer = island
@@ -168,7 +159,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             }
             SourceConfig::Nats(source) => {
                 let client = island
-                    .block_on(nats::connect(&source.url, &route.name))
+                    .block_on(nats_connect(&source.url, &route.name))
                     .with_context(|| format!("route `{}`", route.name))?;
                 nats_clients.push(client.clone());
                 let subscriber = island
@@ -273,19 +264,22 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             let spool = spool.clone();
             move || async move {
                 if let Some(config) = &spool {
-                    if let Err(reason) = spooled::open_on_core(config, core).await {
+                    if let Err(reason) = spool::open_on_core(config, core).await {
                         let _ = bound.send(Err(reason));
                         return;
                     }
                 }
-                let writers: std::collections::HashMap<_, _> = routes
-                    .iter()
-                    .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
-                    .collect();
-                let drain_ingest = ingest
-                    .as_ref()
-                    .map(|part| crate::ingest::service::IngestService::new(core, Arc::clone(&part.shared)));
-                let draining = spooled::drain_on_core(core, writers, drain_ingest, drain_stop);
+                let replay = Rc::new(Replayers {
+                    core,
+                    routes: routes
+                        .iter()
+                        .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
+                        .collect(),
+                    ingest: ingest
+                        .as_ref()
+                        .map(|part| IngestService::new(core, Arc::clone(&part.shared))),
+                });
+                let draining = drain::drain_on_core(core, replay, drain_stop);
                 let tasks = routes
                     .into_iter()
                     .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));
@@ -299,11 +293,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 };
                 let sources = async move {
                     futures::join!(futures::future::join_all(tasks), ingest, draining);
-                    spooled::finish_on_core(core, shutdown_deadline).await;
+                    spool::finish_on_core(core, shutdown_deadline).await;
                     sources_done.wait().await;
                 };
                 mesh::serve(inbox, sources).await;
-                spooled::close_on_core().await;
+                spool::close_on_core().await;
             }
         })
         .collect();
@@ -383,6 +377,36 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The writers of one core's spooled records: its routes by name, and the ingest API.
+struct Replayers {
+    core: usize,
+    routes: std::collections::HashMap<String, Arc<RouteWriter>>,
+    ingest: Option<IngestService>,
+}
+
+impl Replay for Replayers {
+    fn route(&self, route: &str, messages: Vec<RouteRecord>, spooled: Spooled) -> Option<LocalBoxFuture<'static, ()>> {
+        let writer = Arc::clone(self.routes.get(route)?);
+        let core = self.core;
+        Some(Box::pin(
+            async move { writer.write_replayed(core, messages, spooled).await },
+        ))
+    }
+
+    fn knows_route(&self, route: &str) -> bool {
+        self.routes.contains_key(route)
+    }
+
+    fn grpc(&self, batch: Vec<u8>, spooled: Spooled) -> Option<LocalBoxFuture<'static, ()>> {
+        let service = self.ingest.clone()?;
+        Some(Box::pin(async move { service.write_replayed(batch, spooled).await }))
+    }
+
+    fn knows_grpc(&self) -> bool {
+        self.ingest.is_some()
+    }
+}
+
 /// Binds this core's ingest listeners (shared port and own port), reports the outcome, and
 /// serves until the stop signal. Runs on core `core`.
 async fn serve_ingest_on_core(
@@ -391,13 +415,13 @@ async fn serve_ingest_on_core(
     mut stop: watch::Receiver<bool>,
     bound: crossbeam_channel::Sender<Result<(), String>>,
 ) {
-    // `ingest.message_bytes_max` is enforced on the body (ingest::limit), before tonic, so an
+    // `ingest.message_bytes_max` is enforced on the body (server::limit), before tonic, so an
     // oversized message is answered TOO_LARGE and a stream goes on; tonic's own limit is off.
     let limit = part.config.message_bytes_max;
     let routes = tonic::service::Routes::new(
         IngestServer::new(IngestService::new(core, Arc::clone(&part.shared))).max_decoding_message_size(usize::MAX),
     );
-    let shared_listener = match server::bind(part.config.listen) {
+    let shared_listener = match http2::bind(part.config.listen) {
         Ok(listener) => listener,
         Err(e) => {
             let _ = bound.send(Err(format!(
@@ -407,7 +431,7 @@ async fn serve_ingest_on_core(
             return;
         }
     };
-    let core_listener = match part.config.core_addr(core).map(server::bind).transpose() {
+    let core_listener = match part.config.core_addr(core).map(http2::bind).transpose() {
         Ok(listener) => listener,
         Err(e) => {
             let _ = bound.send(Err(format!("core {core} cannot listen on its own port: {e}")));
@@ -419,11 +443,11 @@ async fn serve_ingest_on_core(
         let routes = routes.clone();
         async move {
             if let Some(listener) = core_listener {
-                server::serve(listener, routes, limit).await;
+                http2::serve(listener, routes, limit).await;
             }
         }
     };
-    let servers = async { futures::join!(server::serve(shared_listener, routes, limit), own_port) };
+    let servers = async { futures::join!(http2::serve(shared_listener, routes, limit), own_port) };
     futures::pin_mut!(servers);
     let stopped = stop.wait_for(|stop| *stop);
     futures::pin_mut!(stopped);
@@ -439,7 +463,7 @@ fn warn_replay_unsafe_tables(state: &::scylla::cluster::ClusterState) {
         }
         for (table, table_meta) in &meta.tables {
             let schema = crate::mapping::TableSchema::from_driver(table_meta);
-            crate::mapping::warn_replay_unsafe_columns(keyspace, table, &schema);
+            crate::sink::scylla::schema::warn_replay_unsafe_columns(keyspace, table, &schema);
         }
     }
 }

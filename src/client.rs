@@ -17,13 +17,11 @@ use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::CellWriter;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::ingest::convert::{parse_native_type, to_cql};
-use crate::ingest::flat::encode_row_batch;
-use crate::ingest::proto::ingest_client::IngestClient;
-use crate::ingest::proto::{
-    GetTopologyRequest, Row, RowBatch, RowError, WriteFlatRequest, WriteRequest, WriteResponse,
-};
 use crate::topology::{NodeShards, Ownership};
+use crate::wire::convert::{parse_native_type, to_cql};
+use crate::wire::flat::encode_row_batch;
+use crate::wire::proto::ingest_client::IngestClient;
+use crate::wire::proto::{GetTopologyRequest, Row, RowBatch, RowError, WriteFlatRequest, WriteRequest, WriteResponse};
 
 /// Errors connecting the client.
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +270,7 @@ pub struct StreamSummary {
     /// Rows not written (row indexes are within their sub-batch).
     pub errors: Vec<RowError>,
     /// Batches refused as a whole, by batch id (within their stream).
-    pub batch_errors: Vec<(u64, crate::ingest::proto::BatchError)>,
+    pub batch_errors: Vec<(u64, crate::wire::proto::BatchError)>,
 }
 
 impl StreamSummary {
@@ -289,7 +287,7 @@ pub async fn stream_batches(
     mut client: IngestClient<Channel>,
     batches: Vec<RowBatch>,
 ) -> Result<StreamSummary, tonic::Status> {
-    use crate::ingest::proto::WriteStreamRequest;
+    use crate::wire::proto::WriteStreamRequest;
     use futures::StreamExt;
     let requests = futures::stream::iter(batches.into_iter().enumerate().map(|(id, batch)| WriteStreamRequest {
         batch_id: id as u64,

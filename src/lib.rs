@@ -1,9 +1,11 @@
 //! shardgate: a thread-per-core, shard-native gateway between message systems and ScyllaDB.
 //!
-//! Layout (see README's design section): `config` (pure validation), `runtime` (pinned glommio
-//! executors + the tokio driver island), `topology` (row → owner core), `mapping` (formats and
-//! columns), `sink::scylla` (session, prepared writes, retries), `bridge` (sources), `app`
-//! (wiring), `telemetry` (logs).
+//! Layout (README's design section has the table with each module's threads): `config` (pure
+//! validation), `runtime` (pinned glommio executors + the tokio driver island), `topology` (row →
+//! owner core), `wire` (protos, value conversion, FlatBuffers), `server` (gRPC on glommio, status
+//! codes), `ingest` (the ingest RPCs), `mapping` (formats and columns), `sink` (ScyllaDB: one
+//! write engine; broker publishers; dead letters), `spool` (per-core durable log and its
+//! service), `bridge` (sources), `replay`, `client`, `app` (wiring), `telemetry` (logs, metrics).
 
 pub mod app;
 pub mod bridge;
@@ -17,7 +19,9 @@ pub mod mapping;
 pub mod reference;
 pub mod replay;
 pub mod runtime;
+pub mod server;
 pub mod sink;
 pub mod spool;
 pub mod telemetry;
 pub mod topology;
+pub mod wire;

@@ -25,10 +25,14 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimeuuid;
 
-use crate::bridge::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSink};
+use crate::bridge::route::{prepare_route, TargetStatements};
 use crate::config::{Config, DeadLetterConfig, RouteConfig};
 use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
-use crate::sink::scylla::{self as sink, classify, write_statements_once, Retries, WriteFailure};
+use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSink};
+use crate::sink::scylla::retry::{execute_with_retries, Retries};
+use crate::sink::scylla::writer::{self, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::{self as sink, RowValues};
+use crate::telemetry::RowMetrics;
 
 /// Letters replayed concurrently.
 const CONCURRENCY: usize = 64;
@@ -90,7 +94,8 @@ struct Replayer {
     route: RouteConfig,
     mapper: RouteMapper,
     session: Arc<Session>,
-    statements: Vec<(PreparedStatement, PreparedStatement)>,
+    statements: Vec<TargetStatements>,
+    metrics: RowMetrics,
     sink: DeadLetterSink,
 }
 
@@ -107,26 +112,17 @@ pub fn run(config: Config, route_name: &str) -> anyhow::Result<ReplayReport> {
         .context("tokio runtime")?;
     runtime.block_on(async move {
         let session = Arc::new(sink::connect(&config.cluster).await?);
-        let mut schemas = Vec::new();
-        for target in &route.targets {
-            schemas.push(sink::table_schema(&session, &route.name, &target.keyspace, &target.table).await?);
-        }
-        let mapper = RouteMapper::new(&route, &schemas)?;
-        let mut statements = Vec::new();
-        for target in 0..route.targets.len() {
-            statements.push((
-                sink::prepare_insert(&session, &mapper.upsert_statement(target)).await?,
-                sink::prepare_insert(&session, &mapper.delete_statement(target)).await?,
-            ));
-        }
+        let (mapper, statements) = prepare_route(&session, &route).await?;
         let (sink, _nats) = DeadLetterSink::open(&route.dead_letter, &route.name, &session)
             .await
             .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+        let metrics = RowMetrics::new("replay", &route.tables_label(), 0);
         let replayer = Replayer {
             route,
             mapper,
             session,
             statements,
+            metrics,
             sink,
         };
         match replayer.route.dead_letter.clone() {
@@ -289,7 +285,7 @@ impl Replayer {
         keys: Vec<(String, String, CqlTimeuuid)>,
     ) -> anyhow::Result<()> {
         for key in keys {
-            sink::execute_with_retries(Retries::UpTo(WRITE_ATTEMPTS), || {
+            execute_with_retries(Retries::UpTo(WRITE_ATTEMPTS), || {
                 self.session.execute_unpaged(delete, &key)
             })
             .await
@@ -379,40 +375,32 @@ impl Replayer {
             }
         };
         let count = rows.len() as u64;
-        for row in rows {
-            if let Err(reason) = self.write(&row).await? {
-                self.dead_letter_again(
-                    &letter,
-                    &original_headers,
-                    key.as_deref(),
-                    crate::mapping::ReasonCode::WriteRejected.as_str(),
-                    &reason,
-                )
-                .await;
-                return Ok(Some(Outcome::DeadLettered));
+        let options = WriteOptions {
+            batch_rows_max: 1,
+            retries: Retries::UpTo(WRITE_ATTEMPTS),
+        };
+        let placed = rows.into_iter().map(|row| ((None, 0), row)).collect();
+        let outcomes = writer::write_rows(&self.session, self, placed, options, &self.metrics).await;
+        let mut refused = None;
+        for (_, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {}
+                Err(WriteError::Refused(reason)) => refused = refused.or(Some(reason)),
+                Err(error) => bail!("the cluster stays unavailable: {}", error.reason()),
             }
         }
-        Ok(Some(Outcome::Written(count)))
-    }
-
-    /// `Ok(Err(reason))` when the database refuses the row for good; `Err` when it stays
-    /// unavailable.
-    async fn write(&self, row: &MappedRow) -> anyhow::Result<Result<(), String>> {
-        let (upsert, delete) = &self.statements[row.target];
-        let statement = if row.delete { delete } else { upsert };
-        match write_statements_once(
-            &self.session,
-            &[(statement, &row.values)],
-            Retries::UpTo(WRITE_ATTEMPTS),
-        )
-        .await
-        {
-            Ok(()) => Ok(Ok(())),
-            Err(error) => match classify(&error) {
-                WriteFailure::Permanent(reason) => Ok(Err(reason)),
-                WriteFailure::Transient(reason) => bail!("the cluster stays unavailable: {reason}"),
-            },
+        if let Some(reason) = refused {
+            self.dead_letter_again(
+                &letter,
+                &original_headers,
+                key.as_deref(),
+                crate::mapping::ReasonCode::WriteRejected.as_str(),
+                &reason,
+            )
+            .await;
+            return Ok(Some(Outcome::DeadLettered));
         }
+        Ok(Some(Outcome::Written(count)))
     }
 
     async fn dead_letter_again(
@@ -439,6 +427,16 @@ impl Replayer {
                 payload: letter.payload.as_deref(),
             })
             .await;
+    }
+}
+
+impl Statements<MappedRow> for Replayer {
+    fn statement(&self, row: &MappedRow) -> &PreparedStatement {
+        TargetStatements::of(&self.statements, row)
+    }
+
+    fn values<'r>(&self, row: &'r MappedRow) -> &'r RowValues {
+        &row.values
     }
 }
 

@@ -23,8 +23,8 @@ use clap::Parser;
 use futures::StreamExt;
 use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
-use shardgate::ingest::proto::ingest_client::IngestClient;
-use shardgate::ingest::proto::{RowBatch, WriteStreamRequest};
+use shardgate::wire::proto::ingest_client::IngestClient;
+use shardgate::wire::proto::{RowBatch, WriteStreamRequest};
 use tonic::transport::Channel;
 
 #[derive(Parser)]

@@ -20,194 +20,24 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-use super::dead_letter::{headers, DeadLetter, DeadLetterSink};
-use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
+pub use super::message::Completion;
+use super::message::{Origin, SourceMessage};
+use crate::config::RouteConfig;
+use crate::mapping::{MappedRow, RouteMapper};
 use crate::runtime::mesh::Mesh;
-use crate::sink::scylla::{batches_by_replica_shard, place_row, write_statements_once, Retries};
+use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::sink::scylla as scylla_sink;
+use crate::sink::scylla::retry::Retries;
+use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions};
+use crate::spool::record::RouteRecord;
+use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::RowMetrics;
 use crate::topology::{Ownership, ReplicaShard};
-
-/// Batches a core's queue holds per route before the source's consumer waits.
-pub const CORE_QUEUE_BATCHES_MAX: usize = 8;
-
-/// One source message, copied out of its client library, on its way to a core.
-#[derive(Debug)]
-pub struct SourceMessage {
-    /// Position in its partition or stream (Kafka offset, JetStream stream sequence): orders
-    /// messages of the same millisecond in the write timestamp.
-    pub position: i64,
-    /// Message time in milliseconds (Kafka create or log-append time, JetStream publish time).
-    pub timestamp_ms: Option<i64>,
-    /// Write timestamp the source assigned (Kafka: per-partition clock), else derived from
-    /// `timestamp_ms` and `position`.
-    pub write_timestamp_us: Option<i64>,
-    /// Message key (Kafka; ZeroMQ first frame), if any.
-    pub key: Option<Vec<u8>>,
-    /// Headers or properties whose values are text (Kafka, NATS, JetStream, AMQP).
-    pub headers: Vec<(String, String)>,
-    /// Message payload; `None` for a Kafka tombstone.
-    pub payload: Option<Vec<u8>>,
-    /// Where it came from: how to acknowledge it and what to tell the dead-letter destination.
-    pub origin: Origin,
-}
-
-/// Where a message came from.
-#[derive(Debug)]
-pub enum Origin {
-    /// A Kafka partition; the poll thread stores offsets from the contiguous watermark.
-    Kafka {
-        /// Source partition.
-        partition: i32,
-        /// Watermark epoch the completion must carry.
-        epoch: u64,
-    },
-    /// A JetStream consumer; the message is acked (or terminated once dead-lettered) itself.
-    JetStream {
-        /// Subject the message was published on.
-        subject: String,
-        /// The message, for its ack.
-        message: Box<async_nats::jetstream::Message>,
-    },
-    /// A RabbitMQ queue; the delivery is acked, or rejected without requeue once dead-lettered.
-    Amqp {
-        /// Source queue.
-        queue: String,
-        /// Routing key it was published with.
-        routing_key: String,
-        /// Whether the broker delivered it before.
-        redelivered: bool,
-        /// Acks on the delivering channel.
-        acker: lapin::acker::Acker,
-    },
-    /// A core NATS subscription: nothing to acknowledge (at-most-once).
-    Nats {
-        /// Subject the message was published on.
-        subject: String,
-    },
-    /// A ZeroMQ socket: nothing to acknowledge (at-most-once).
-    Zmq {
-        /// The socket's endpoint.
-        endpoint: String,
-    },
-    /// Already acknowledged: the message is in the core's spool (`ack = "spooled"`), written
-    /// from there; or replayed from the spool after a restart.
-    Spooled {
-        /// Its source coordinates, for dead letters.
-        coordinates: Vec<(&'static str, String)>,
-        /// Kafka partition, if it came from Kafka.
-        partition: Option<i32>,
-    },
-}
-
-impl SourceMessage {
-    /// The Kafka partition it came from, if any.
-    pub fn partition(&self) -> Option<i32> {
-        match &self.origin {
-            Origin::Kafka { partition, .. } => Some(*partition),
-            Origin::Spooled { partition, .. } => *partition,
-            _ => None,
-        }
-    }
-
-    /// The message's own subject: NATS or JetStream subject, AMQP routing key.
-    pub fn subject(&self) -> Option<&str> {
-        match &self.origin {
-            Origin::JetStream { subject, .. } | Origin::Nats { subject } => Some(subject),
-            Origin::Amqp { routing_key, .. } => Some(routing_key),
-            Origin::Spooled { coordinates, .. } => coordinates
-                .iter()
-                .find(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY)
-                .map(|(_, value)| value.as_str()),
-            Origin::Kafka { .. } | Origin::Zmq { .. } => None,
-        }
-    }
-
-    /// What the mapper sees of this message.
-    fn envelope<'a>(&'a self, source: &'a str) -> Envelope<'a> {
-        Envelope {
-            key: self.key.as_deref(),
-            payload: self.payload.as_deref(),
-            headers: &self.headers,
-            source,
-            subject: self.subject(),
-            partition: self.partition(),
-            position: self.position,
-            timestamp_ms: self.timestamp_ms,
-        }
-    }
-
-    /// The write timestamp of this message's rows: the source's clock (Kafka), else derived
-    /// from its time and position.
-    pub fn write_timestamp_us(&self) -> i64 {
-        self.write_timestamp_us
-            .unwrap_or_else(|| write_timestamp_us(self.timestamp_ms, self.position))
-    }
-
-    /// Source coordinates, message time and write timestamp as dead-letter headers.
-    fn coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
-        let mut coordinates = self.source_coordinates(source);
-        if let Some(ms) = self.timestamp_ms {
-            coordinates.push((headers::SOURCE_TIMESTAMP, ms.to_string()));
-        }
-        coordinates.push((headers::WRITE_TIMESTAMP, self.write_timestamp_us().to_string()));
-        coordinates
-    }
-
-    /// Where the message came from, as dead-letter headers.
-    pub fn source_coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
-        match &self.origin {
-            Origin::Spooled { coordinates, .. } => coordinates.clone(),
-            Origin::Kafka { partition, .. } => vec![
-                (headers::SOURCE_TOPIC, source.to_string()),
-                (headers::SOURCE_PARTITION, partition.to_string()),
-                (headers::SOURCE_OFFSET, self.position.to_string()),
-            ],
-            Origin::JetStream { subject, .. } => vec![
-                (headers::SOURCE_STREAM, source.to_string()),
-                (headers::SOURCE_SUBJECT, subject.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-            Origin::Amqp {
-                queue,
-                routing_key,
-                redelivered,
-                ..
-            } => vec![
-                (headers::SOURCE_QUEUE, queue.clone()),
-                (headers::SOURCE_ROUTING_KEY, routing_key.clone()),
-                (headers::SOURCE_REDELIVERED, redelivered.to_string()),
-            ],
-            Origin::Nats { subject } => vec![
-                (headers::SOURCE_SUBJECT, subject.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-            Origin::Zmq { endpoint } => vec![
-                (headers::SOURCE_ENDPOINT, endpoint.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-        }
-    }
-}
-
-/// A row with the replica and shard it belongs to.
-type PlacedRow = (ReplicaShard, RowWork);
-
-/// A Kafka message that is written or dead-lettered, reported to the poll thread.
-#[derive(Debug, Clone, Copy)]
-pub struct Completion {
-    /// Source partition.
-    pub partition: i32,
-    /// Watermark epoch.
-    pub epoch: u64,
-    /// Source offset.
-    pub offset: i64,
-}
 
 /// Counters of one route, shared by its poll thread and cores.
 #[derive(Debug, Default)]
@@ -236,53 +66,8 @@ impl RouteCounters {
     }
 }
 
-/// Hands a source's batches to the cores in turn over their bounded queues (for sources
-/// without partitions: JetStream, RabbitMQ, NATS, ZeroMQ).
-pub struct RoundRobin {
-    queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
-    next: usize,
-}
-
-impl RoundRobin {
-    /// Over the route's per-core queues.
-    pub fn new(queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>) -> RoundRobin {
-        RoundRobin { queues, next: 0 }
-    }
-
-    /// Number of cores.
-    pub fn cores(&self) -> usize {
-        self.queues.len()
-    }
-
-    fn next_queue(&mut self) -> tokio::sync::mpsc::Sender<Vec<SourceMessage>> {
-        let core = self.next;
-        self.next = (self.next + 1) % self.queues.len();
-        self.queues[core].clone()
-    }
-
-    /// Counts `batch` received and hands it to the next core, waiting while that core's queue
-    /// is full. `false` when the gateway is stopping (the batch is dropped: its messages were
-    /// not acknowledged) or the core is gone.
-    pub async fn hand_off(
-        &mut self,
-        batch: Vec<SourceMessage>,
-        counters: &RouteCounters,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> bool {
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let queue = self.next_queue();
-        tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => false,
-            sent = queue.send(batch) => sent.is_ok(),
-        }
-    }
-
-    /// [`RoundRobin::hand_off`] from a plain thread: `false` when the core is gone.
-    pub fn hand_off_blocking(&mut self, batch: Vec<SourceMessage>, counters: &RouteCounters) -> bool {
-        counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.next_queue().blocking_send(batch).is_ok()
-    }
-}
+/// A row with the replica and shard it belongs to.
+type PlacedRow = (ReplicaShard, RowWork);
 
 /// The prepared statements of one target table.
 pub struct TargetStatements {
@@ -290,6 +75,18 @@ pub struct TargetStatements {
     pub upsert: PreparedStatement,
     /// `DELETE ... USING TIMESTAMP ? WHERE <primary key>`.
     pub delete: PreparedStatement,
+}
+
+impl TargetStatements {
+    /// The statement a mapped row is written with: its target's delete or upsert.
+    pub fn of<'a>(statements: &'a [TargetStatements], row: &MappedRow) -> &'a PreparedStatement {
+        let target = &statements[row.target];
+        if row.delete {
+            &target.delete
+        } else {
+            &target.upsert
+        }
+    }
 }
 
 /// A message whose rows are being written, possibly on several cores.
@@ -333,14 +130,40 @@ pub struct RouteWriter {
     pub spooled: bool,
 }
 
+impl Statements<RowWork> for RouteWriter {
+    fn statement(&self, (_, row): &RowWork) -> &PreparedStatement {
+        RouteWriter::statement(self, row)
+    }
+
+    fn values<'r>(&self, (_, row): &'r RowWork) -> &'r crate::sink::scylla::RowValues {
+        &row.values
+    }
+}
+
+/// Reads a route's tables from the cluster, builds its mapper and prepares its statements: the
+/// one route set-up, shared by `serve` and `shardgate replay`. Runs on the island.
+pub async fn prepare_route(
+    session: &Session,
+    route: &RouteConfig,
+) -> anyhow::Result<(RouteMapper, Vec<TargetStatements>)> {
+    let mut schemas = Vec::with_capacity(route.targets.len());
+    for target in &route.targets {
+        schemas.push(scylla_sink::table_schema(session, &route.name, &target.keyspace, &target.table).await?);
+    }
+    let mapper = RouteMapper::new(route, &schemas)?;
+    let mut statements = Vec::with_capacity(route.targets.len());
+    for target in 0..route.targets.len() {
+        statements.push(TargetStatements {
+            upsert: scylla_sink::prepare_insert(session, &mapper.upsert_statement(target)).await?,
+            delete: scylla_sink::prepare_insert(session, &mapper.delete_statement(target)).await?,
+        });
+    }
+    Ok((mapper, statements))
+}
+
 impl RouteWriter {
     fn statement(&self, row: &MappedRow) -> &PreparedStatement {
-        let statements = &self.statements[row.target];
-        if row.delete {
-            &statements.delete
-        } else {
-            &statements.upsert
-        }
+        TargetStatements::of(&self.statements, row)
     }
 
     /// Processes a batch received on `core`. A spooled route first appends the batch to the
@@ -361,45 +184,35 @@ impl RouteWriter {
             drop(permit);
             return;
         }
-        let coordinates: Vec<_> = batch.iter().map(|work| work.source_coordinates(&self.source)).collect();
         let records: Vec<Vec<u8>> = batch
             .iter()
-            .zip(&coordinates)
-            .map(|(work, coordinates)| super::spooled::encode(&self.route, work, coordinates))
+            .map(|work| work.spool_record(&self.route, &self.source))
             .collect();
-        let bytes = records.iter().map(|r| r.len() as u64).sum();
-        let ids = super::spooled::append(&self.route, records).await;
+        let appended = spool::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
         metrics.batch_rows.record(batch.len() as f64);
-        for (work, coordinates) in batch.iter_mut().zip(coordinates) {
+        for work in &mut batch {
+            // Durable: the source is acknowledged now, and the message is the spool's from here
+            // on (nothing left to acknowledge when its rows are written).
             self.complete(core, work, false);
-            work.origin = Origin::Spooled {
-                coordinates,
-                partition: work.partition(),
-            };
+            work.origin = work.spooled_origin(&self.source);
         }
         drop(permit);
         // Written from memory while the core's budget allows; beyond, the records wait on disk
-        // and the core's drain reads them back (`spooled::drain_on_core`).
-        let Some(held) = super::spooled::hold(bytes) else {
-            super::spooled::defer(&ids);
+        // and the core's drain reads them back (`spool::drain`).
+        let Some(spooled) = appended.hold() else {
             return;
         };
         self.write_batch(core, batch).await;
-        super::spooled::complete(&ids).await;
-        drop(held);
+        spooled.written().await;
     }
 
     /// Writes messages read back from the core's spool (left by the previous run, or deferred),
     /// then completes their records.
-    pub async fn write_replayed(
-        self: &Arc<Self>,
-        core: usize,
-        batch: Vec<SourceMessage>,
-        ids: Vec<crate::spool::RecordId>,
-    ) {
+    pub async fn write_replayed(self: &Arc<Self>, core: usize, messages: Vec<RouteRecord>, spooled: Spooled) {
+        let batch = messages.into_iter().map(SourceMessage::from_record).collect();
         self.write_batch(core, batch).await;
-        super::spooled::complete(&ids).await;
+        spooled.written().await;
     }
 
     /// Maps a batch of messages received on `core`, writes each row on its owner core (in
@@ -426,8 +239,7 @@ impl RouteWriter {
                     });
                     for row in rows {
                         let placement = place_row(self.statement(&row), &row.values, &ownership);
-                        let owner = placement.map_or(core, |p| p.core);
-                        let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
+                        let (owner, replica_shard) = owner_of(placement, core);
                         by_owner
                             .entry(owner)
                             .or_default()
@@ -464,55 +276,21 @@ impl RouteWriter {
         );
     }
 
-    /// Writes rows on `core` in UNLOGGED batches of one replica and shard.
+    /// Writes rows on `core` through the write engine (UNLOGGED batches of one replica and
+    /// shard, transient failures retried until they pass, a refused batch split so only the
+    /// refused rows fail their messages), then settles each row.
     async fn write_rows(&self, core: usize, rows: Vec<PlacedRow>) {
-        let chunks = batches_by_replica_shard(rows, self.batch_rows_max);
-        let writes = chunks.into_iter().map(|chunk| self.write_chunk(core, chunk));
-        futures::future::join_all(writes).await;
-    }
-
-    /// Writes one chunk on `core`, retrying transient failures until they pass. If the database
-    /// refuses the chunk for a permanent reason, its rows are written one by one so only the
-    /// refused ones fail their messages.
-    async fn write_chunk(&self, core: usize, chunk: Vec<RowWork>) {
-        let metrics = &self.metrics[core];
-        let rows: Vec<_> = chunk
-            .iter()
-            .map(|(_, row)| (self.statement(row), &row.values))
-            .collect();
-        let started = Instant::now();
-        let outcome = write_statements_once(&self.session, &rows, Retries::Forever).await;
-        metrics.write_latency.record(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(()) => {
-                self.counters.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                metrics.written.increment(chunk.len() as u64);
-                for (pending, _) in &chunk {
-                    self.row_done(core, pending, None).await;
-                }
-            }
-            Err(_) if chunk.len() > 1 => {
-                let singles = chunk.into_iter().map(|single| self.write_single(core, single));
-                futures::future::join_all(singles).await;
-            }
-            Err(error) => {
-                let (pending, _) = &chunk[0];
-                self.row_done(core, pending, Some(error.to_string())).await;
-            }
-        }
-    }
-
-    async fn write_single(&self, core: usize, (pending, row): RowWork) {
-        let statement = self.statement(&row);
-        let failure = match write_statements_once(&self.session, &[(statement, &row.values)], Retries::Forever).await {
-            Ok(()) => {
-                self.counters.written.fetch_add(1, Ordering::Relaxed);
-                self.metrics[core].written.increment(1);
-                None
-            }
-            Err(error) => Some(error.to_string()),
+        let options = WriteOptions {
+            batch_rows_max: self.batch_rows_max,
+            retries: Retries::Forever,
         };
-        self.row_done(core, &pending, failure).await;
+        let outcomes = writer::write_rows(&self.session, self, rows, options, &self.metrics[core]).await;
+        let written = outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).count();
+        self.counters.written.fetch_add(written as u64, Ordering::Relaxed);
+        for ((pending, _), outcome) in outcomes {
+            let refused = outcome.err().map(|error| error.reason().to_string());
+            self.row_done(core, &pending, refused).await;
+        }
     }
 
     /// One row of a message is written (or refused, with the reason). The last row completes the
@@ -555,11 +333,17 @@ impl RouteWriter {
         match &work.origin {
             Origin::Kafka { partition, epoch } => {
                 if let Some(completions) = &self.completions {
-                    let _ = completions.send(Completion {
+                    let completion = Completion {
                         partition: *partition,
                         epoch: *epoch,
                         offset: work.position,
-                    });
+                    };
+                    // Never blocks a core (`kafka::completions_capacity`). Full can only be a bug:
+                    // the partition's offsets then stop advancing and it replays after a restart,
+                    // which is safe. Disconnected happens after a shutdown deadline: replayed too.
+                    if let Err(crossbeam_channel::TrySendError::Full(_)) = completions.try_send(completion) {
+                        tracing::error!(route = %self.route, partition, "completion channel full; offsets stop advancing");
+                    }
                 }
             }
             Origin::JetStream { message, .. } => {

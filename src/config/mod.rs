@@ -549,5 +549,17 @@ pub(crate) fn validate_identifier(key: &str, value: &str) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// `amqp://user:password@host` with the password hidden, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests;

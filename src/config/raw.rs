@@ -1333,7 +1333,7 @@ fn validate_amqp_url(key: &str, url: String) -> Result<String, ConfigError> {
     } else {
         Err(ConfigError::invalid(
             key,
-            crate::bridge::amqp::redact(&url),
+            super::redact_url(&url),
             "an AMQP URL like `amqp://guest:guest@127.0.0.1:5672/%2f`",
         ))
     }

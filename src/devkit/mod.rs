@@ -696,9 +696,9 @@ pub fn event_columns() -> Vec<String> {
 }
 
 /// Sample event `i` as a typed row (about 100 bytes on the wire).
-pub fn event_row(i: i64) -> crate::ingest::proto::Row {
-    use crate::ingest::proto::value::Kind;
-    use crate::ingest::proto::{Row, Value, Values};
+pub fn event_row(i: i64) -> crate::wire::proto::Row {
+    use crate::wire::proto::value::Kind;
+    use crate::wire::proto::{Row, Value, Values};
     let v = |kind| Value { kind: Some(kind) };
     Row {
         values: vec![
@@ -714,10 +714,10 @@ pub fn event_row(i: i64) -> crate::ingest::proto::Row {
 }
 
 /// Events `0..count` for `table` in batches of `batch_rows` rows.
-pub fn event_batches(table: &str, count: i64, batch_rows: i64) -> Vec<crate::ingest::proto::RowBatch> {
+pub fn event_batches(table: &str, count: i64, batch_rows: i64) -> Vec<crate::wire::proto::RowBatch> {
     (0..count)
         .step_by(batch_rows.max(1) as usize)
-        .map(|start| crate::ingest::proto::RowBatch {
+        .map(|start| crate::wire::proto::RowBatch {
             table: table.to_string(),
             columns: event_columns(),
             rows: (start..(start + batch_rows).min(count)).map(event_row).collect(),

@@ -2,47 +2,51 @@
 //! connection tasks are spawned there), so a row the core owns is converted, routed and written
 //! without leaving it.
 //!
-//! Per batch: resolve the table writer (schema check + prepared insert, cached), convert each
-//! row, compute its token with the prepared statement, and split rows by owner core. Owned rows
-//! are written here; the rest go to their owners as one task per owner over the cross-core mesh
-//! (`runtime::mesh`: one hop, counted in `shardgate_rows_forwarded_total`). Rows are admitted by a
+//! Per batch: resolve the table writer (schema check + prepared insert, cached per core with no
+//! lock), bind each row once, compute its token with the prepared statement, and split rows by
+//! owner core. Owned rows are written here through the write engine (`sink::scylla::writer`);
+//! the rest go to their owners as one task per owner over the cross-core mesh (`runtime::mesh`:
+//! one hop, counted in `shardgate_rows_forwarded_total`). `ACK_MODE_SPOOLED` appends the valid
+//! rows to the core's spool as one gRPC record (`spool::service`), answers once it is durable,
+//! and writes the rows it bound. Rows are admitted by a
 //! per-core semaphore of `inflight_rows_per_core_max` permits, acquired before a stream's next
 //! batch is read: when it is empty, the stream stops reading.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bridge::spooled::WhenFull;
 use arc_swap::ArcSwap;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
-use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::MaybeUnset;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{cql_type_name, to_cql};
-use super::flat::decode_row_batch;
-use super::limit::{take_oversized, OversizeLog};
-use super::proto::ingest_server::Ingest;
-use super::proto::{
-    AckMode, BatchError, ErrorCode, GetTopologyRequest, KeyColumn, NodeShards as ProtoNodeShards, RingEntry, Row,
-    RowBatch, RowError, TableKey, Topology, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
-    WriteStreamResponse,
-};
-use super::status::status;
-use crate::mapping::{RowValues, TableSchema};
 use crate::runtime::mesh::Mesh;
-use crate::sink::scylla::{
-    batches_by_replica_shard, classify, insert_statement, place_row, with_timestamp, write_rows_once, Retries,
-    WriteFailure,
-};
+use crate::server::limit::{take_oversized, OversizeLog};
+use crate::server::status::status;
+use crate::server::topology::topology;
+use crate::sink::scylla::retry::Retries;
+use crate::sink::scylla::schema::warn_replay_unsafe_columns;
+use crate::sink::scylla::statement::{insert_statement, with_timestamp};
+use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::{cached_table_schema, prepare_insert, RowValues};
+use crate::spool::record;
+use crate::spool::service::{self as spool, Spooled, WhenFull};
 use crate::telemetry::{metric, RowMetrics};
 use crate::topology::{Ownership, ReplicaShard};
+use crate::wire::convert::{cql_type_name, to_cql};
+use crate::wire::flat::decode_row_batch;
+use crate::wire::proto::ingest_server::Ingest;
+use crate::wire::proto::{
+    AckMode, BatchError, ErrorCode, GetTopologyRequest, Row, RowBatch, RowError, Topology, WriteFlatRequest,
+    WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
+};
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
@@ -50,14 +54,19 @@ const WRITE_ATTEMPTS_MAX: u32 = 4;
 const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Rows one batch may carry.
 const BATCH_ROWS_MAX: usize = 10_000;
-/// Prepared writers kept per gateway, one per (table, column list). Past it, the cache is
+/// Prepared writers kept per core, one per (table, column list). Past it, the core's cache is
 /// emptied and refilled on demand, so a producer cycling through column lists cannot grow it.
 const WRITER_CACHE_ENTRIES_MAX: usize = 4096;
 /// How often a missing table may trigger a schema refresh.
 const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Prepared writers by (table, column list).
-type WriterCache = HashMap<(String, Vec<String>), Arc<TableWriter>>;
+thread_local! {
+    /// This core's prepared writers by table, then column list: looked up by borrowed names, no
+    /// lock and no allocation per batch. Every core prepares its own on first use.
+    static WRITERS: RefCell<HashMap<String, Vec<Arc<TableWriter>>>> = RefCell::new(HashMap::new());
+    /// When this core last refreshed the schema for a table it did not know.
+    static LAST_SCHEMA_REFRESH: Cell<Option<Instant>> = const { Cell::new(None) };
+}
 
 /// A row's outcome: written, or why not.
 type RowOutcome = Result<(), (ErrorCode, String)>;
@@ -68,20 +77,19 @@ pub type Refusal = (ErrorCode, String);
 /// What a batch came to: rows written, rows spooled, rows refused one by one.
 type Accepted = (u32, u32, Vec<RowError>);
 
-/// A converted row on its way to the database.
+/// A bound row on its way to the database.
 pub struct PendingRow {
     /// Index in the producer's batch.
     index: u32,
     /// Bound values (the write timestamp last).
     values: RowValues,
-    /// Primary replica and shard: rows sharing it may share an UNLOGGED batch.
-    replica_shard: ReplicaShard,
 }
 
 /// The `source` label of rows from the ingest API.
 const SOURCE_LABEL: &str = "grpc";
 
-/// What writing rows of one (table, column list) needs; prepared once, shared by all cores.
+/// What writing rows of one (table, column list) needs; prepared once per core, shared with the
+/// cores rows are forwarded to.
 pub struct TableWriter {
     /// Column names in the batch's column order, for row errors.
     names: Vec<String>,
@@ -95,6 +103,16 @@ pub struct TableWriter {
     session: Arc<Session>,
     /// Metric handles of the table, one per core.
     metrics: Vec<RowMetrics>,
+}
+
+impl Statements<PendingRow> for TableWriter {
+    fn statement(&self, _: &PendingRow) -> &PreparedStatement {
+        &self.insert
+    }
+
+    fn values<'r>(&self, row: &'r PendingRow) -> &'r RowValues {
+        &row.values
+    }
 }
 
 /// State shared by every core's service instance.
@@ -115,8 +133,6 @@ pub struct IngestShared {
     pub write_batch_rows_max: usize,
     /// In-flight gauge per core.
     inflight_gauges: Vec<metrics::Gauge>,
-    writers: Mutex<WriterCache>,
-    last_schema_refresh: Mutex<Option<Instant>>,
 }
 
 impl IngestShared {
@@ -143,24 +159,28 @@ impl IngestShared {
             inflight_gauges: (0..cores)
                 .map(|core| metrics::gauge!(metric::INGEST_ROWS_IN_FLIGHT, "core" => core.to_string()))
                 .collect(),
-            writers: Mutex::new(HashMap::new()),
-            last_schema_refresh: Mutex::new(None),
         };
         Arc::new(shared)
     }
 
-    /// The writer for `table` with `columns`, prepared on first use.
+    /// The writer for `table` with `columns` on this core, prepared on first use.
     async fn writer(&self, table: &str, columns: &[String]) -> Result<Arc<TableWriter>, Refusal> {
-        let key = (table.to_string(), columns.to_vec());
-        if let Some(writer) = lock(&self.writers).get(&key) {
-            return Ok(Arc::clone(writer));
+        let cached = WRITERS.with(|writers| {
+            let writers = writers.borrow();
+            let candidates = writers.get(table)?;
+            candidates.iter().find(|w| w.names == columns).map(Arc::clone)
+        });
+        if let Some(writer) = cached {
+            return Ok(writer);
         }
         let writer = Arc::new(self.prepare_writer(table, columns).await?);
-        let mut writers = lock(&self.writers);
-        if writers.len() >= WRITER_CACHE_ENTRIES_MAX {
-            writers.clear();
-        }
-        writers.insert(key, Arc::clone(&writer));
+        WRITERS.with(|writers| {
+            let mut writers = writers.borrow_mut();
+            if writers.values().map(Vec::len).sum::<usize>() >= WRITER_CACHE_ENTRIES_MAX {
+                writers.clear();
+            }
+            writers.entry(table.to_string()).or_default().push(Arc::clone(&writer));
+        });
         Ok(writer)
     }
 
@@ -181,10 +201,10 @@ impl IngestShared {
                 format!("table `{table}` is not `keyspace.table`"),
             ));
         };
-        let mut schema = self.lookup_table(keyspace, name);
-        if schema.is_none() && self.may_refresh_schema() {
+        let mut schema = cached_table_schema(&self.session, keyspace, name);
+        if schema.is_none() && may_refresh_schema() {
             let _ = self.session.refresh_metadata().await;
-            schema = self.lookup_table(keyspace, name);
+            schema = cached_table_schema(&self.session, keyspace, name);
         }
         let Some(schema) = schema else {
             return Err((ErrorCode::UnknownTable, format!("table `{table}` does not exist")));
@@ -216,15 +236,14 @@ impl IngestShared {
             ));
         }
         let statement = insert_statement(keyspace, name, columns.iter().map(String::as_str));
-        let mut insert = self.session.prepare(statement).await.map_err(|e| {
+        let insert = prepare_insert(&self.session, &statement).await.map_err(|e| {
             (
                 ErrorCode::Rejected,
                 format!("cannot prepare the insert for `{table}`: {e}"),
             )
         })?;
-        insert.set_is_idempotent(true);
         // Tables created after start-up are checked here, once (start-up checked the others).
-        crate::mapping::warn_replay_unsafe_columns(keyspace, name, &schema);
+        warn_replay_unsafe_columns(keyspace, name, &schema);
         Ok(TableWriter {
             names: columns.to_vec(),
             types,
@@ -234,50 +253,17 @@ impl IngestShared {
             metrics: RowMetrics::per_core(SOURCE_LABEL, table, self.mesh.cores()),
         })
     }
-
-    /// The table's schema from the driver's cached metadata.
-    fn lookup_table(&self, keyspace: &str, table: &str) -> Option<TableSchema> {
-        let state = self.session.get_cluster_state();
-        state
-            .get_keyspace(keyspace)?
-            .tables
-            .get(table)
-            .map(TableSchema::from_driver)
-    }
-
-    fn may_refresh_schema(&self) -> bool {
-        let mut last = lock(&self.last_schema_refresh);
-        if last.is_some_and(|t| t.elapsed() < SCHEMA_REFRESH_INTERVAL) {
-            return false;
-        }
-        *last = Some(Instant::now());
-        true
-    }
-
-    /// Partition key columns of `table` with their CQL types, for `GetTopology`.
-    fn table_key(&self, table: &str) -> Option<TableKey> {
-        let (keyspace, name) = table.split_once('.')?;
-        let state = self.session.get_cluster_state();
-        let meta = state.get_keyspace(keyspace)?.tables.get(name)?;
-        let columns = meta
-            .partition_key
-            .iter()
-            .filter_map(|k| {
-                meta.columns.get(k).map(|c| KeyColumn {
-                    name: k.clone(),
-                    cql_type: cql_type_name(&c.typ),
-                })
-            })
-            .collect();
-        Some(TableKey {
-            table: table.to_string(),
-            columns,
-        })
-    }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Whether this core may refresh the schema now (at most every [`SCHEMA_REFRESH_INTERVAL`]).
+fn may_refresh_schema() -> bool {
+    LAST_SCHEMA_REFRESH.with(|last| {
+        if last.get().is_some_and(|t| t.elapsed() < SCHEMA_REFRESH_INTERVAL) {
+            return false;
+        }
+        last.set(Some(Instant::now()));
+        true
+    })
 }
 
 /// The service instance of one core.
@@ -313,7 +299,81 @@ impl IngestService {
             .increment(1);
     }
 
-    /// Converts, routes and writes one batch; returns rows written and per-row errors, or the
+    /// Binds a batch's rows for its writer: the bound rows, and the rows refused one by one.
+    fn bind_batch(writer: &TableWriter, batch: &RowBatch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
+        let mut rows = Vec::with_capacity(batch.rows.len());
+        let mut errors = Vec::new();
+        for (index, row) in batch.rows.iter().enumerate() {
+            let index = index as u32;
+            match bind_row(&writer.names, &writer.types, &writer.key_positions, row, timestamp_us) {
+                Ok(values) => rows.push(PendingRow { index, values }),
+                Err((code, reason)) => errors.push(row_error(index, code, &reason)),
+            }
+        }
+        (rows, errors)
+    }
+
+    /// Places bound rows and writes each on its owner core through the write engine (this
+    /// core's rows here, every other owner's in one task over the mesh). Returns every row with
+    /// its outcome; a row whose owner core is gone (only at shutdown) comes back UNAVAILABLE
+    /// without its values.
+    async fn write_bound(&self, writer: &Arc<TableWriter>, rows: Vec<PendingRow>) -> Vec<(PendingRow, RowOutcome)> {
+        let ownership = self.shared.ownership.load();
+        let mut by_owner: BTreeMap<usize, Vec<(ReplicaShard, PendingRow)>> = BTreeMap::new();
+        for row in rows {
+            let (owner, replica_shard) = owner_of(place_row(&writer.insert, &row.values, &ownership), self.core);
+            by_owner.entry(owner).or_default().push((replica_shard, row));
+        }
+        let options = WriteOptions {
+            batch_rows_max: self.shared.write_batch_rows_max,
+            retries: RETRIES,
+        };
+        let writes = by_owner.into_iter().map(|(owner, rows)| {
+            let writer = Arc::clone(writer);
+            async move {
+                if owner == self.core {
+                    let outcomes =
+                        writer::write_rows(&writer.session, &*writer, rows, options, &writer.metrics[owner]).await;
+                    return outcomes
+                        .into_iter()
+                        .map(|(row, outcome)| (row, row_outcome(outcome)))
+                        .collect();
+                }
+                writer.metrics[self.core].forwarded.increment(rows.len() as u64);
+                let indexes: Vec<u32> = rows.iter().map(|(_, row)| row.index).collect();
+                let forwarded = self
+                    .shared
+                    .mesh
+                    .run_on(owner, move || async move {
+                        let outcomes =
+                            writer::write_rows(&writer.session, &*writer, rows, options, &writer.metrics[owner]).await;
+                        outcomes
+                            .into_iter()
+                            .map(|(row, outcome)| (row, row_outcome(outcome)))
+                            .collect::<Vec<_>>()
+                    })
+                    .await;
+                forwarded.unwrap_or_else(|gone| {
+                    // Only at shutdown: the rows went with the task; their producer gets a
+                    // retryable code.
+                    let reason = gone.to_string();
+                    indexes
+                        .into_iter()
+                        .map(|index| {
+                            let row = PendingRow {
+                                index,
+                                values: Vec::new(),
+                            };
+                            (row, Err((ErrorCode::Unavailable, reason.clone())))
+                        })
+                        .collect()
+                })
+            }
+        });
+        futures::future::join_all(writes).await.into_iter().flatten().collect()
+    }
+
+    /// Binds, routes and writes one batch; returns rows written and per-row errors, or the
     /// batch's refusal.
     async fn write_batch(&self, batch: RowBatch) -> Result<(u32, Vec<RowError>), Refusal> {
         let rows = batch.rows.len();
@@ -321,65 +381,14 @@ impl IngestService {
         let metrics = &writer.metrics[self.core];
         metrics.received.increment(rows as u64);
         metrics.batch_rows.record(rows as f64);
-        let timestamp_us = if batch.timestamp_us > 0 {
-            batch.timestamp_us
-        } else {
-            now_us()
-        };
-        let ownership = self.shared.ownership.load();
-        let mut errors = Vec::new();
-        let mut local = Vec::new();
-        let mut remote: BTreeMap<usize, Vec<PendingRow>> = BTreeMap::new();
-        for (index, row) in batch.rows.iter().enumerate() {
-            let index = index as u32;
-            match bind_row(&writer.names, &writer.types, &writer.key_positions, row, timestamp_us) {
-                Ok(values) => {
-                    let placement = place_row(&writer.insert, &values, &ownership);
-                    let owner = placement.map_or(self.core, |p| p.core);
-                    let replica_shard = placement.map_or((None, 0), |p| p.replica_shard());
-                    let pending = PendingRow {
-                        index,
-                        values,
-                        replica_shard,
-                    };
-                    if owner == self.core {
-                        local.push(pending);
-                    } else {
-                        remote.entry(owner).or_default().push(pending);
-                    }
-                }
-                Err((code, reason)) => errors.push(row_error(index, code, &reason)),
-            }
-        }
+        let (bound, mut errors) = Self::bind_batch(&writer, &batch, resolve_timestamp(batch.timestamp_us));
+        drop(batch);
         let mut written = 0u32;
-        let batch_rows_max = self.shared.write_batch_rows_max;
-        let forwards = remote.into_iter().map(|(owner, rows)| {
-            let writer = Arc::clone(&writer);
-            let indexes: Vec<u32> = rows.iter().map(|r| r.index).collect();
-            metrics.forwarded.increment(rows.len() as u64);
-            async move {
-                let outcome = self
-                    .shared
-                    .mesh
-                    .run_on(owner, move || async move {
-                        write_rows(&writer, rows, &writer.metrics[owner], batch_rows_max).await
-                    })
-                    .await;
-                outcome.unwrap_or_else(|gone| {
-                    let reason = gone.to_string();
-                    indexes
-                        .into_iter()
-                        .map(|index| (index, Err((ErrorCode::Unavailable, reason.clone()))))
-                        .collect()
-                })
+        for (row, outcome) in self.write_bound(&writer, bound).await {
+            match outcome {
+                Ok(()) => written += 1,
+                Err((code, reason)) => errors.push(row_error(row.index, code, &reason)),
             }
-        });
-        let (local, forwarded) = futures::join!(
-            write_rows(&writer, local, metrics, batch_rows_max),
-            futures::future::join_all(forwards)
-        );
-        for (index, outcome) in local.into_iter().chain(forwarded.into_iter().flatten()) {
-            tally(index, outcome, &mut written, &mut errors);
         }
         for error in &errors {
             metrics.failed(
@@ -393,64 +402,55 @@ impl IngestService {
         Ok((written, errors))
     }
 
-    /// Answers one batch per its ack mode: written now, or (ACK_MODE_SPOOLED) validated, made
-    /// durable in this core's spool and written in the background. A full spool is
-    /// RESOURCE_EXHAUSTED for unary calls; a stream (`full_spool`) waits for room instead, so
-    /// the stream stays open and stops reading meanwhile. Returns (written, spooled, errors).
+    /// Answers one batch per its ack mode: written now, or (ACK_MODE_SPOOLED) bound, made
+    /// durable in this core's spool and written in the background from the rows bound here. A
+    /// full spool is RESOURCE_EXHAUSTED for unary calls; a stream (`full_spool`) waits for room
+    /// instead, so the stream stays open and stops reading meanwhile. Returns (written,
+    /// spooled, errors).
     async fn accept(&self, batch: RowBatch, ack: i32, full_spool: WhenFull) -> Result<Accepted, Refusal> {
         if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
             let (written, errors) = self.write_batch(batch).await?;
             return Ok((written, 0, errors));
         }
-        if !crate::bridge::spooled::is_open() {
+        if !spool::is_open() {
             return Err((
                 ErrorCode::NoSpool,
                 "ACK_MODE_SPOOLED needs `runtime.spool_dir` in the gateway's config".to_string(),
             ));
         }
-        let rows = batch.rows.len();
         let writer = self.batch_writer(&batch).await?;
-        let timestamp_us = if batch.timestamp_us > 0 {
-            batch.timestamp_us
-        } else {
-            now_us()
-        };
-        let mut errors = Vec::new();
-        let mut valid = Vec::with_capacity(rows);
-        for (index, row) in batch.rows.into_iter().enumerate() {
-            match bind_row(&writer.names, &writer.types, &writer.key_positions, &row, timestamp_us) {
-                Ok(_) => valid.push(row),
-                Err((code, reason)) => errors.push(row_error(index as u32, code, &reason)),
-            }
-        }
-        if valid.is_empty() {
+        let timestamp_us = resolve_timestamp(batch.timestamp_us);
+        let (bound, errors) = Self::bind_batch(&writer, &batch, timestamp_us);
+        if bound.is_empty() {
             return Ok((0, 0, errors));
         }
-        let spooled = valid.len() as u32;
-        // The resolved timestamp travels with the rows: a replay writes identical cells.
-        let batch = RowBatch {
+        let spooled = bound.len() as u32;
+        // The spool keeps the valid rows as the producer sent them, with the resolved timestamp
+        // (a replay writes identical cells): protobuf bytes, encoded once.
+        let mut rows = batch.rows;
+        let valid: Vec<Row> = bound
+            .iter()
+            .map(|row| std::mem::take(&mut rows[row.index as usize]))
+            .collect();
+        let record = record::encode_grpc(&RowBatch {
             table: batch.table,
             columns: batch.columns,
             rows: valid,
             timestamp_us,
-        };
+        });
         // The spool is core-local (not `Send`): append on a local task, answer through a oneshot.
         let (answer, answered) = futures::channel::oneshot::channel();
         let service = self.clone();
         glommio::spawn_local(async move {
-            let record = crate::bridge::spooled::encode_row_batch(&batch);
-            let bytes = record.len() as u64;
-            match crate::bridge::spooled::append_record(record, full_spool).await {
-                Ok(ids) => {
+            match spool::append_batch(record, full_spool).await {
+                Ok(appended) => {
                     let _ = answer.send(Ok(()));
                     // From memory while the core's budget allows, else read back from disk by
                     // the core's drain.
-                    match crate::bridge::spooled::hold(bytes) {
-                        Some(held) => {
-                            service.write_spooled(batch, ids).await;
-                            drop(held);
+                    if let Some(spooled) = appended.hold() {
+                        if service.write_until_settled(&writer, bound).await {
+                            spooled.written().await;
                         }
-                        None => crate::bridge::spooled::defer(&ids),
                     }
                 }
                 Err(error) => {
@@ -472,42 +472,63 @@ impl IngestService {
         Ok((0, spooled, errors))
     }
 
-    /// Writes a spooled batch (just accepted, or replayed after a restart) until every row is
-    /// written or refused for good, then completes its spool record. Refusals are logged and
-    /// counted (the client was answered when the rows were spooled).
-    pub async fn write_spooled(&self, mut batch: RowBatch, ids: Vec<crate::spool::RecordId>) {
+    /// Writes spooled rows until each is written or refused for good (the client was answered
+    /// when the rows were spooled): rows that failed for a transient reason are written again,
+    /// with backoff; refusals are logged and counted. `false` when an owner core is gone (the
+    /// gateway is stopping): the record must stay in the spool and replay after the restart.
+    async fn write_until_settled(&self, writer: &Arc<TableWriter>, mut rows: Vec<PendingRow>) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let errors = match self.write_batch(batch.clone()).await {
-                Ok((_, errors)) => errors,
-                Err((code, reason)) => {
-                    // The table or its columns went away since the rows were spooled: refused
-                    // for good, like a row the database refuses.
-                    self.count_refusal(code);
-                    tracing::warn!(core = self.core, rows = batch.rows.len(), code = code.as_str_name(), %reason, "spooled gRPC batch refused");
-                    Vec::new()
+            let mut retry = Vec::new();
+            let mut refused = Vec::new();
+            for (row, outcome) in self.write_bound(writer, rows).await {
+                match outcome {
+                    Ok(()) => {}
+                    Err(_) if row.values.is_empty() => return false,
+                    Err((ErrorCode::Unavailable | ErrorCode::Overloaded, _)) => retry.push(row),
+                    Err((code, reason)) => refused.push((code, reason)),
                 }
-            };
-            let (retry, refused): (Vec<RowError>, Vec<RowError>) = errors.into_iter().partition(|e| {
-                matches!(
-                    ErrorCode::try_from(e.code),
-                    Ok(ErrorCode::Unavailable | ErrorCode::Overloaded)
-                )
-            });
-            if let Some(first) = refused.first() {
-                tracing::warn!(core = self.core, rows = refused.len(), reason = %first.reason, "spooled gRPC rows refused by the database");
+            }
+            if let Some((code, reason)) = refused.first() {
+                writer.metrics[self.core].failed(code.as_str_name(), refused.len() as u64);
+                tracing::warn!(core = self.core, rows = refused.len(), %reason, "spooled gRPC rows refused by the database");
             }
             if retry.is_empty() {
-                break;
+                return true;
             }
-            batch.rows = retry
-                .iter()
-                .filter_map(|e| batch.rows.get(e.row as usize).cloned())
-                .collect();
+            rows = retry;
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        crate::bridge::spooled::complete(&ids).await;
+    }
+
+    /// Writes a gRPC batch read back from the spool (left by the previous run, or deferred),
+    /// then completes its record. A batch whose table or columns went away since is refused
+    /// for good (logged and counted), like a row the database refuses.
+    pub async fn write_replayed(&self, batch: Vec<u8>, spooled: Spooled) {
+        let batch = match <RowBatch as prost::Message>::decode(batch.as_slice()) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(core = self.core, %error, "spool: undecodable gRPC batch skipped");
+                return spooled.written().await;
+            }
+        };
+        match self.batch_writer(&batch).await {
+            Ok(writer) => {
+                let (bound, errors) = Self::bind_batch(&writer, &batch, resolve_timestamp(batch.timestamp_us));
+                if let Some(first) = errors.first() {
+                    tracing::warn!(core = self.core, rows = errors.len(), reason = %first.reason, "spooled gRPC rows no longer fit their table");
+                }
+                if !self.write_until_settled(&writer, bound).await {
+                    return;
+                }
+            }
+            Err((code, reason)) => {
+                self.count_refusal(code);
+                tracing::warn!(core = self.core, rows = batch.rows.len(), code = code.as_str_name(), %reason, "spooled gRPC batch refused");
+            }
+        }
+        spooled.written().await;
     }
 
     /// A unary call's answer: the response, or the batch's refusal (counted) as its status.
@@ -578,13 +599,6 @@ impl Drop for Admitted {
     }
 }
 
-fn tally(index: u32, outcome: RowOutcome, written: &mut u32, errors: &mut Vec<RowError>) {
-    match outcome {
-        Ok(()) => *written += 1,
-        Err((code, reason)) => errors.push(row_error(index, code, &reason)),
-    }
-}
-
 fn row_error(row: u32, code: ErrorCode, reason: &str) -> RowError {
     RowError {
         row,
@@ -639,63 +653,24 @@ pub fn bind_row(
     Ok(with_timestamp(values, timestamp_us))
 }
 
-/// Writes rows concurrently on the current core: rows sharing a (replica, shard) go together
-/// in UNLOGGED batches of up to `batch_rows_max`, each batch and each single row in parallel.
-async fn write_rows(
-    writer: &TableWriter,
-    rows: Vec<PendingRow>,
-    metrics: &RowMetrics,
-    batch_rows_max: usize,
-) -> Vec<(u32, RowOutcome)> {
-    let chunks = batches_by_replica_shard(rows.into_iter().map(|row| (row.replica_shard, row)), batch_rows_max);
-    let writes = chunks.into_iter().map(|chunk| async move {
-        let started = Instant::now();
-        let outcomes = write_chunk(writer, chunk).await;
-        metrics.write_latency.record(started.elapsed().as_secs_f64());
-        metrics
-            .written
-            .increment(outcomes.iter().filter(|(_, o)| o.is_ok()).count() as u64);
-        outcomes
-    });
-    futures::future::join_all(writes).await.into_iter().flatten().collect()
-}
-
-/// One chunk: a single row is a plain write; several rows go as one UNLOGGED batch. If the
-/// database rejects the batch for a permanent reason, its rows are retried one by one so each
-/// row gets its own outcome.
-async fn write_chunk(writer: &TableWriter, chunk: Vec<PendingRow>) -> Vec<(u32, RowOutcome)> {
-    let rows: Vec<&RowValues> = chunk.iter().map(|r| &r.values).collect();
-    let outcome = row_outcome(write_rows_once(&writer.session, &writer.insert, &rows, RETRIES).await);
-    match outcome {
-        Err((ErrorCode::Rejected, _)) if chunk.len() > 1 => {
-            let singles = chunk.iter().map(|row| async move {
-                let outcome = write_rows_once(&writer.session, &writer.insert, &[&row.values], RETRIES).await;
-                (row.index, row_outcome(outcome))
-            });
-            futures::future::join_all(singles).await
-        }
-        outcome => chunk.iter().map(|row| (row.index, outcome.clone())).collect(),
-    }
-}
-
 /// Producers get a retryable code after a few attempts rather than an unbounded wait.
 const RETRIES: Retries = Retries::UpTo(WRITE_ATTEMPTS_MAX);
 
-/// A write's result as a row outcome.
-fn row_outcome(result: Result<(), ExecutionError>) -> RowOutcome {
-    result.map_err(|error| match classify(&error) {
-        WriteFailure::Permanent(reason) => (ErrorCode::Rejected, reason),
-        WriteFailure::Transient(reason) => (transient_code(&error), reason),
+/// A write engine outcome as a row outcome.
+fn row_outcome(outcome: Result<(), WriteError>) -> RowOutcome {
+    outcome.map_err(|error| match error {
+        WriteError::Refused(reason) => (ErrorCode::Rejected, reason),
+        WriteError::Overloaded(reason) => (ErrorCode::Overloaded, reason),
+        WriteError::Unavailable(reason) => (ErrorCode::Unavailable, reason),
     })
 }
 
-fn transient_code(error: &ExecutionError) -> ErrorCode {
-    match error {
-        ExecutionError::LastAttemptError(RequestAttemptError::DbError(
-            DbError::Overloaded | DbError::RateLimitReached { .. },
-            _,
-        )) => ErrorCode::Overloaded,
-        _ => ErrorCode::Unavailable,
+/// The batch's write timestamp, or now when the producer left it 0.
+fn resolve_timestamp(timestamp_us: i64) -> i64 {
+    if timestamp_us > 0 {
+        timestamp_us
+    } else {
+        now_us()
     }
 }
 
@@ -814,30 +789,7 @@ impl Ingest for IngestService {
 
     async fn get_topology(&self, request: Request<GetTopologyRequest>) -> Result<Response<Topology>, Status> {
         let ownership = self.shared.ownership.load();
-        let mut tables = Vec::new();
-        for table in request.into_inner().tables {
-            match self.shared.table_key(&table) {
-                Some(key) => tables.push(key),
-                None => return Err(Status::not_found(format!("table `{table}` does not exist"))),
-            }
-        }
-        Ok(Response::new(Topology {
-            cores: ownership.cores() as u32,
-            core_endpoints: self.shared.core_endpoints.clone(),
-            ring: ownership
-                .ring()
-                .iter()
-                .map(|&(token, node)| RingEntry { token, node })
-                .collect(),
-            nodes: ownership
-                .nodes()
-                .iter()
-                .map(|n| ProtoNodeShards {
-                    shards: u32::from(n.shards),
-                    msb_ignore: u32::from(n.msb_ignore),
-                })
-                .collect(),
-            tables,
-        }))
+        let tables = request.into_inner().tables;
+        topology(&ownership, &self.shared.core_endpoints, &self.shared.session, tables).map(Response::new)
     }
 }

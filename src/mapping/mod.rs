@@ -20,32 +20,20 @@ mod reason;
 
 pub use reason::ReasonCode;
 
-use std::collections::HashMap;
-
-use scylla::cluster::metadata::{ColumnKind, ColumnType, NativeType, Table};
+use scylla::cluster::metadata::{ColumnType, NativeType};
 use scylla::value::{CqlValue, MaybeUnset};
 use serde_json::Value;
 
 use self::expr::{Bound, Expr, Variables};
 use self::format::Decoder;
 use crate::config::{ColumnMapping, FieldRef, RouteConfig, TargetConfig, TimeUnit, TtlConfig};
-
-/// Bound values of one row, in the order of [`RowMapper::column_names`].
-pub type RowValues = Vec<MaybeUnset<Option<CqlValue>>>;
+use crate::sink::scylla::schema::warn_replay_unsafe_columns;
+pub use crate::sink::scylla::schema::{RowValues, TableSchema};
+use crate::sink::scylla::statement::{delete_statement, insert_statement};
 
 /// A route that does not fit its table; found at start-up, before any message is read.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    /// The keyspace or table does not exist in the cluster.
-    #[error("route `{route}`: table `{keyspace}.{table}` does not exist in the cluster")]
-    TableNotFound {
-        /// Route name.
-        route: String,
-        /// Keyspace as configured.
-        keyspace: String,
-        /// Table as configured.
-        table: String,
-    },
     /// A mapped column does not exist in the table.
     #[error("route `{route}`: table `{table}` has no column `{column}`; its columns are {available}")]
     ColumnNotFound {
@@ -206,33 +194,6 @@ impl MappingError {
             MappingError::Expression { .. } => ReasonCode::ExpressionFailed,
             MappingError::UnknownTable { .. } => ReasonCode::UnknownTable,
             MappingError::BadAttribute { .. } => ReasonCode::BadAttribute,
-        }
-    }
-}
-
-/// What the mapper needs of a table: column types and the primary key, copied from the
-/// driver's schema metadata ([`TableSchema::from_driver`]).
-#[derive(Debug, Clone, Default)]
-pub struct TableSchema {
-    /// Column name → (type, kind).
-    pub columns: HashMap<String, (ColumnType<'static>, ColumnKind)>,
-    /// Partition key columns in order.
-    pub partition_key: Vec<String>,
-    /// Clustering columns in order.
-    pub clustering_key: Vec<String>,
-}
-
-impl TableSchema {
-    /// Copies the parts of the driver's table metadata the mapper uses.
-    pub fn from_driver(table: &Table) -> TableSchema {
-        TableSchema {
-            columns: table
-                .columns
-                .iter()
-                .map(|(name, c)| (name.clone(), (c.typ.clone(), c.kind.clone())))
-                .collect(),
-            partition_key: table.partition_key.clone(),
-            clustering_key: table.clustering_key.clone(),
         }
     }
 }
@@ -653,8 +614,7 @@ impl RouteMapper {
     /// then the TTL when the route has one, then the write timestamp.
     pub fn upsert_statement(&self, target: usize) -> String {
         let target = &self.targets[target];
-        let mut statement =
-            crate::sink::scylla::insert_statement(&target.keyspace, &target.table, target.column_names());
+        let mut statement = insert_statement(&target.keyspace, &target.table, target.column_names());
         if self.ttl.is_some() {
             statement = statement.replace(" USING TIMESTAMP ?", " USING TTL ? AND TIMESTAMP ?");
         }
@@ -666,7 +626,7 @@ impl RouteMapper {
     pub fn delete_statement(&self, target: usize) -> String {
         let target = &self.targets[target];
         let keys = target.primary_key.iter().map(|&i| target.columns[i].name.as_str());
-        crate::sink::scylla::delete_statement(&target.keyspace, &target.table, keys)
+        delete_statement(&target.keyspace, &target.table, keys)
     }
 
     /// Maps one message. `timestamp_us` is the write time derived from the source (time and
@@ -873,49 +833,6 @@ impl RouteMapper {
             _ => Err(bad(format!("expected whole seconds between 0 and {TTL_MAX_SECONDS}"))),
         }
     }
-}
-
-/// Whether writing `typ` twice changes the row: a non-frozen list appends its elements under new
-/// cell ids on every write, so a replayed write (redelivery, the spool, `shardgate replay`)
-/// duplicates them. Every other type is replay-safe with the gateway's write timestamps.
-pub fn replay_unsafe(typ: &ColumnType<'_>) -> bool {
-    matches!(
-        typ,
-        ColumnType::Collection {
-            frozen: false,
-            typ: scylla::cluster::metadata::CollectionType::List(_),
-        }
-    )
-}
-
-/// Tables already warned about by [`warn_replay_unsafe_columns`], so each is named once.
-static REPLAY_UNSAFE_WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Logs one WARN line, once per process, for a table with non-frozen `list` columns (see
-/// [`replay_unsafe`]). Called at start-up for route targets and, with the ingest API on, for
-/// every table of the cluster; and when the ingest API first writes a table created later.
-pub fn warn_replay_unsafe_columns(keyspace: &str, table: &str, schema: &TableSchema) {
-    let mut columns: Vec<&str> = schema
-        .columns
-        .iter()
-        .filter(|(_, (typ, _))| replay_unsafe(typ))
-        .map(|(name, _)| name.as_str())
-        .collect();
-    if columns.is_empty() {
-        return;
-    }
-    columns.sort_unstable();
-    let qualified = format!("{keyspace}.{table}");
-    let mut warned = REPLAY_UNSAFE_WARNED.lock().unwrap_or_else(|p| p.into_inner());
-    if warned.contains(&qualified) {
-        return;
-    }
-    warned.push(qualified.clone());
-    tracing::warn!(
-        table = %qualified,
-        columns = %columns.join(", "),
-        "non-frozen list column(s): a retried, spooled or replayed write appends the elements again; use frozen<list<...>> or a set"
-    );
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.

@@ -3,6 +3,7 @@ use crate::config::{
     DeadLetterConfig, Format, KafkaSourceConfig, ProtobufConfig, SourceConfig, StartFrom, TargetConfig, TimestampConfig,
 };
 use proptest::prelude::*;
+use scylla::cluster::metadata::ColumnKind;
 use std::time::Duration;
 
 fn schema() -> TableSchema {

@@ -8,12 +8,18 @@
 //! The bytes of live segments are capped: an append over the cap is refused with
 //! [`SpoolError::Full`], which callers turn into backpressure, never into loss.
 //!
-//! Records are opaque bytes here (framed with a length and a CRC32C, [`frame`]); what they
-//! carry is defined in `schemas/` and encoded by the caller. Every file operation goes
+//! Records are opaque bytes to the engine (framed with a length and a CRC32C, [`frame`]); what
+//! they carry is [`record`]'s (an explicit kind: a route's message or a gRPC batch). The
+//! per-core service every spooling caller goes through — group commit, memory budget,
+//! complete — is [`service`]; [`drain`] writes what waits on disk through the writers the
+//! application registers. Every file operation goes
 //! through [`storage::Storage`], so tests run the same engine on a fault-injecting in-memory
 //! directory. One spool per core, used from that core only (no locks).
 
+pub mod drain;
 pub mod frame;
+pub mod record;
+pub mod service;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -309,6 +315,8 @@ impl<S: Storage> Spool<S> {
     /// is safe).
     pub async fn complete(&mut self, id: RecordId) {
         if let Some(segment) = self.segments.get_mut(&id.segment) {
+            // A record completes once: a second completion is a caller's bug.
+            debug_assert!(segment.outstanding > 0, "record {id:?} completed twice");
             segment.outstanding = segment.outstanding.saturating_sub(1);
         }
         self.remove_finished().await;

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use shardgate::devkit::{self, CassandraPause, Gateway};
-use shardgate::ingest::proto::ingest_client::IngestClient;
-use shardgate::ingest::proto::{AckMode, RowBatch, WriteRequest, WriteStreamRequest};
+use shardgate::wire::proto::ingest_client::IngestClient;
+use shardgate::wire::proto::{AckMode, RowBatch, WriteRequest, WriteStreamRequest};
 use tonic::transport::Channel;
 
 use crate::{assert_all_orders_exact, gateway_binary, gateway_lock, wait_committed, Names};
@@ -250,18 +250,18 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
     // A crash in the middle of a spool write: the newest segment ends in half a record (order
     // `count`, never published, never acknowledged). The restart must skip it with a log line
     // and replay every record before it.
-    let torn = shardgate::bridge::route::SourceMessage {
+    let torn = shardgate::bridge::message::SourceMessage {
         position: 0,
         timestamp_ms: None,
         write_timestamp_us: None,
         key: None,
         headers: Vec::new(),
         payload: Some(devkit::order_message_with_id(count)),
-        origin: shardgate::bridge::route::Origin::Nats {
+        origin: shardgate::bridge::message::Origin::Nats {
             subject: subject.clone(),
         },
     };
-    let torn = shardgate::bridge::spooled::encode("orders", &torn, &[]);
+    let torn = torn.spool_record("orders", "");
     devkit::tear_spool_tail(&names.dir.join("spool"), &torn).expect("tear the spool's tail");
     pause.resume().expect("resume Cassandra");
     let log = names.dir.join("gateway-2.log");

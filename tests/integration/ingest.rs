@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use shardgate::client::{stream_batches, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
-use shardgate::ingest::proto::ingest_client::IngestClient;
-use shardgate::ingest::proto::value::Kind;
-use shardgate::ingest::proto::{
+use shardgate::wire::proto::ingest_client::IngestClient;
+use shardgate::wire::proto::value::Kind;
+use shardgate::wire::proto::{
     ErrorCode, Row, RowBatch, Value, WriteFlatRequest, WriteRequest, WriteResponse, WriteStreamRequest,
 };
 use tonic::transport::Channel;
@@ -198,7 +198,7 @@ async fn plain_client_writes_a_million_rows_with_one_hop_per_foreign_row() {
 fn error_code_of(status: &tonic::Status) -> &str {
     status
         .metadata()
-        .get(shardgate::ingest::status::ERROR_CODE_METADATA)
+        .get(shardgate::server::status::ERROR_CODE_METADATA)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }

@@ -25,7 +25,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::route::{Completion, Origin, RouteCounters, SourceMessage};
+use super::message::{Completion, Origin, SourceMessage};
+use super::route::RouteCounters;
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::topology::kafka_partition_owner;
@@ -137,6 +138,17 @@ impl ConsumerContext for RebalanceRecorder {
 
 /// The route's consumer, subscribed and checked against the brokers.
 pub type RouteConsumer = BaseConsumer<RebalanceRecorder>;
+
+/// Capacity of a route's completion channel (cores → poll thread). Completions waiting there
+/// never outnumber the messages handed out and not yet applied: at most, per core, a full queue
+/// (`CORE_QUEUE_BATCHES_MAX` batches of `POLL_BATCH_MAX`), the messages admitted in flight
+/// (`inflight_max`, overshot by at most one batch) and the batch the poll thread is handing
+/// over — the poll thread hands out nothing while it waits on a full queue, and applies every
+/// waiting completion otherwise. Twice that, so a full channel can only be a bug (logged).
+pub fn completions_capacity(cores: usize, inflight_max: usize) -> usize {
+    let per_core = (super::handoff::CORE_QUEUE_BATCHES_MAX + 2) * POLL_BATCH_MAX + inflight_max;
+    2 * cores.max(1) * per_core
+}
 
 /// The `group.instance.id` of a route's consumer on gateway `gateway_id`: static membership,
 /// so a restarted gateway gets its partitions back at once instead of after the session

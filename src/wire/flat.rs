@@ -6,9 +6,9 @@
 
 use flatbuffers::{FlatBufferBuilder, ForwardsUOffset, Vector, VerifierOptions, WIPOffset};
 
+pub use super::generated::row_batch::shardgate::v_1::fb;
 use super::proto::value::Kind;
 use super::proto::{Decimal, Map, MapEntry, Row, RowBatch, Value, Values};
-pub use super::row_batch_generated::shardgate::v_1::fb;
 
 /// Tables one buffer may hold: a 10,000-row batch of 100 columns with room for collections.
 const TABLES_MAX: usize = 4_000_000;

@@ -1,4 +1,4 @@
-//! The protobuf codec of the ingest API: prost's, except that a request that is not valid
+//! The protobuf codec of every gRPC service: prost's, except that a request that is not valid
 //! protobuf is the client's fault, answered INVALID_ARGUMENT with the `MALFORMED` code rather
 //! than tonic's INTERNAL. Generated service code names it (`build.rs`, `codec_path`). Runs on
 //! the core serving the connection.
@@ -7,19 +7,19 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-use super::proto::ErrorCode;
+use crate::wire::proto::ErrorCode;
 
 /// prost's codec with client-fault decode errors.
 #[derive(Debug, Clone)]
-pub struct IngestCodec<T, U>(ProstCodec<T, U>);
+pub struct ApiCodec<T, U>(ProstCodec<T, U>);
 
-impl<T, U> Default for IngestCodec<T, U> {
+impl<T, U> Default for ApiCodec<T, U> {
     fn default() -> Self {
-        IngestCodec(ProstCodec::default())
+        ApiCodec(ProstCodec::default())
     }
 }
 
-impl<T, U> Codec for IngestCodec<T, U>
+impl<T, U> Codec for ApiCodec<T, U>
 where
     T: prost::Message + Send + 'static,
     U: prost::Message + Default + Send + 'static,
@@ -27,22 +27,22 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = IngestDecoder<U>;
+    type Decoder = ApiDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         self.0.encoder()
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        IngestDecoder(ProstDecoder::default())
+        ApiDecoder(ProstDecoder::default())
     }
 }
 
 /// Decodes with prost; a decode error becomes `MALFORMED` (INVALID_ARGUMENT).
 #[derive(Debug)]
-pub struct IngestDecoder<U>(ProstDecoder<U>);
+pub struct ApiDecoder<U>(ProstDecoder<U>);
 
-impl<U> Decoder for IngestDecoder<U>
+impl<U> Decoder for ApiDecoder<U>
 where
     U: prost::Message + Default + Send + 'static,
 {

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
+use super::handoff::RoundRobin;
+use super::message::{Origin, SourceMessage};
+use super::route::RouteCounters;
 use crate::config::{ZmqSocketKind, ZmqSourceConfig};
 
 /// Messages per batch handed to a core, at most.

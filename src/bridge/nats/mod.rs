@@ -18,36 +18,14 @@ use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, stream};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
+use super::handoff::RoundRobin;
+use super::message::{Origin, SourceMessage};
+use super::route::RouteCounters;
 use crate::config::JetStreamSourceConfig;
+use crate::sink::broker::nats::{nats_error, NatsError};
 
 /// Messages handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
-
-/// Errors reaching the server, the stream or the consumer at start-up.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {reason}")]
-pub struct NatsError {
-    what: String,
-    reason: String,
-}
-
-fn nats_error(what: impl Into<String>, reason: impl std::fmt::Display) -> NatsError {
-    NatsError {
-        what: what.into(),
-        reason: reason.to_string(),
-    }
-}
-
-/// Connects to a NATS server. Run on the island.
-pub async fn connect(url: &str, route: &str) -> Result<async_nats::Client, NatsError> {
-    async_nats::ConnectOptions::new()
-        .name(format!("shardgate-{route}"))
-        .connection_timeout(std::time::Duration::from_secs(10))
-        .connect(url)
-        .await
-        .map_err(|e| nats_error(format!("cannot connect to NATS at `{url}`"), e))
-}
 
 /// Finds (or creates, when subjects are configured) the stream and gets or creates the durable
 /// consumer. Run on the island at start-up.

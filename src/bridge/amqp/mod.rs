@@ -18,25 +18,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
 use tokio::sync::{mpsc, watch};
 
-use super::route::{Origin, RoundRobin, RouteCounters, SourceMessage};
+use super::handoff::RoundRobin;
+use super::message::{Origin, SourceMessage};
+use super::route::RouteCounters;
 use crate::config::AmqpSourceConfig;
+use crate::sink::broker::amqp::{connect, redact};
 
 /// Deliveries handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// Connects to the broker. Run on the island.
-pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
-    Connection::connect(url, ConnectionProperties::default()).await
-}
 
 /// Checks at start-up that the broker answers and the queue exists (declaring it durable when
 /// `declare` is set), so a wrong URL or queue stops the gateway with the reason.
@@ -211,73 +207,5 @@ fn header_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::LongLongInt(i) => Some(i.to_string()),
         AMQPValue::LongInt(i) => Some(i.to_string()),
         _ => None,
-    }
-}
-
-/// `amqp://user:password@host` with the password hidden, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            let user = credentials.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-/// A dead-letter exchange: published with publisher confirms and headers; the source message
-/// is acked only once the broker confirmed the letter.
-pub struct DeadLetterExchange {
-    _connection: Connection,
-    channel: lapin::Channel,
-    /// Exchange name (`""` is the default exchange, routing by queue name).
-    pub exchange: String,
-    routing_key: String,
-}
-
-impl DeadLetterExchange {
-    /// Opens a confirming channel on a new connection. Run on the island at start-up.
-    pub async fn open(url: &str, exchange: &str, routing_key: &str) -> Result<DeadLetterExchange, String> {
-        let connection = connect(url)
-            .await
-            .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(url)))?;
-        let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(DeadLetterExchange {
-            _connection: connection,
-            channel,
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-        })
-    }
-
-    /// Publishes one letter and waits for the broker's confirm.
-    pub async fn send_once(&self, headers: Vec<(String, String)>, payload: &[u8]) -> Result<(), String> {
-        let mut table = FieldTable::default();
-        for (key, value) in headers {
-            table.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
-        }
-        let properties = BasicProperties::default().with_headers(table).with_delivery_mode(2);
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str(),
-                self.routing_key.as_str(),
-                BasicPublishOptions::default(),
-                payload,
-                properties,
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        if confirm.is_nack() {
-            return Err("the broker refused the dead letter (nack)".to_string());
-        }
-        Ok(())
     }
 }

@@ -1,13 +1,18 @@
-//! Routes with `ack = "spooled"`: the receiving core appends each batch of source messages to
-//! its spool (one group commit), acknowledges the source once the sync returns, then maps and
-//! writes the rows as any route does and completes the records once they are written or
-//! dead-lettered. After a crash, the core's spool replays what was acknowledged but not yet
-//! written through the same route (`replay_on_core`). NATS core and ZeroMQ routes become
-//! at-least-once from the moment of receipt; Kafka, JetStream and RabbitMQ routes acknowledge
-//! at disk speed and keep flowing while the database is down, up to the spool's cap.
+//! The spool's per-core service: the one protocol every spooling caller follows (routes with
+//! `ack = "spooled"`, gRPC batches with `ACK_MODE_SPOOLED`):
+//!
+//! 1. [`append`] / [`append_batch`]: the records join the core's next group commit (every caller
+//!    that arrives while a sync is under way shares the next one) and come back [`Appended`]
+//!    once durable — the caller acknowledges its source or answers its client then;
+//! 2. [`Appended::hold`]: written from memory while the core's memory budget
+//!    (`runtime.spool_memory_mib_per_core`) allows — [`Spooled`] — else left on disk for the
+//!    drain (`spool::drain`) to read back once memory frees;
+//! 3. [`Spooled::written`]: the caller wrote (or dead-lettered) them; the records complete, the
+//!    memory returns, and appends waiting on a full spool are woken.
 //!
 //! One spool per core (`<runtime.spool_dir>/core-<n>`), opened on the core at start-up and
-//! reached through a thread-local; the records are `schemas/spool_record.fbs`.
+//! reached through this module's thread-locals. Threads: the owning core only (nothing here is
+//! `Send`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -16,17 +21,9 @@ use std::time::Duration;
 
 use futures::lock::Mutex;
 
-use super::dead_letter::headers;
-use super::route::{Origin, SourceMessage};
+use super::storage::DmaStorage;
+use super::{RecordId, Spool, SpoolError, SpoolLimits};
 use crate::config::SpoolConfig;
-use crate::spool::storage::DmaStorage;
-use crate::spool::{RecordId, Spool, SpoolError, SpoolLimits};
-
-#[rustfmt::skip]
-#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, missing_docs, unused_imports, dead_code, mismatched_lifetime_syntaxes)]
-#[path = "spool_record_generated.rs"]
-mod spool_record_generated;
-use spool_record_generated::shardgate::spool as fb;
 
 /// Longest an append waits on a full spool before it tries again anyway; it is woken as soon as
 /// records complete (room may have freed), this only bounds a missed wake-up.
@@ -34,7 +31,7 @@ const FULL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Longest wait between retries of a failing disk.
 const IO_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-type CoreSpool = Rc<Mutex<Spool<DmaStorage>>>;
+pub(super) type CoreSpool = Rc<Mutex<Spool<DmaStorage>>>;
 
 thread_local! {
     static SPOOL: RefCell<Option<CoreSpool>> = const { RefCell::new(None) };
@@ -49,11 +46,11 @@ async fn wait_for_room(room: std::pin::Pin<&mut tokio::sync::futures::Notified<'
     let _ = tokio::time::timeout(FULL_WAIT_MAX, room).await;
 }
 
-fn core_spool() -> Option<CoreSpool> {
+pub(super) fn core_spool() -> Option<CoreSpool> {
     SPOOL.with(|s| s.borrow().clone())
 }
 
-fn core_backlog() -> Option<Rc<Backlog>> {
+pub(super) fn core_backlog() -> Option<Rc<Backlog>> {
     BACKLOG.with(|b| b.borrow().clone())
 }
 
@@ -63,31 +60,31 @@ fn core_backlog() -> Option<Rc<Backlog>> {
 /// disk once the budget frees, so memory stays bounded however long the database is away.
 /// Records a previous run left start out deferred. Deferred records are written oldest
 /// segment first, and while any wait, new records wait behind them.
-struct Backlog {
+pub(super) struct Backlog {
     /// Bytes of spooled records being written from memory.
-    held_bytes: Cell<u64>,
+    pub(super) held_bytes: Cell<u64>,
     /// The budget for `held_bytes`.
-    held_max: u64,
+    pub(super) held_max: u64,
     /// Records that wait on disk only, by segment.
-    deferred: RefCell<BTreeMap<u64, Vec<u32>>>,
+    pub(super) deferred: RefCell<BTreeMap<u64, Vec<u32>>>,
     /// Records deferred and not yet handed to a writer (those taken by the drain included).
-    waiting: Cell<u64>,
+    pub(super) waiting: Cell<u64>,
     /// Wakes the core's drain: records deferred or memory released.
-    changed: tokio::sync::Notify,
+    pub(super) changed: tokio::sync::Notify,
 }
 
 impl Backlog {
-    fn release(&self, bytes: u64) {
+    pub(super) fn release(&self, bytes: u64) {
         self.held_bytes.set(self.held_bytes.get().saturating_sub(bytes));
         self.changed.notify_one();
     }
 
-    fn admits(&self, bytes: u64) -> bool {
+    pub(super) fn admits(&self, bytes: u64) -> bool {
         let held = self.held_bytes.get();
         held == 0 || held + bytes <= self.held_max
     }
 
-    fn take(self: &Rc<Self>, bytes: u64) -> Held {
+    pub(super) fn take(self: &Rc<Self>, bytes: u64) -> Held {
         self.held_bytes.set(self.held_bytes.get() + bytes);
         Held {
             backlog: Rc::clone(self),
@@ -109,20 +106,65 @@ impl Drop for Held {
     }
 }
 
-/// Admits `bytes` of records just appended to this core's spool to be written from memory;
-/// `None` when the core's budget is spent or older records wait on disk: then [`defer`] their
-/// ids and drop the records.
-pub fn hold(bytes: u64) -> Option<Held> {
-    let backlog = core_backlog()?;
-    if backlog.waiting.get() > 0 || !backlog.admits(bytes) {
-        return None;
+/// Records durable in this core's spool, not yet written.
+#[must_use = "durable records are written from memory (`hold`) or left to the drain"]
+pub struct Appended {
+    ids: Vec<RecordId>,
+    bytes: u64,
+}
+
+impl Appended {
+    /// Admits the records to be written from memory, or — the core's budget spent, or older
+    /// records waiting on disk — leaves them on disk for the core's drain (`None`; the caller
+    /// drops its copy).
+    pub fn hold(self) -> Option<Spooled> {
+        let admitted = core_backlog().filter(|backlog| backlog.waiting.get() == 0 && backlog.admits(self.bytes));
+        let Some(backlog) = admitted else {
+            defer(&self.ids);
+            return None;
+        };
+        Some(Spooled {
+            held: Some(backlog.take(self.bytes)),
+            ids: self.ids,
+        })
     }
-    Some(backlog.take(bytes))
+}
+
+/// Spooled records being written from memory. [`Spooled::written`] completes them; dropping it
+/// unwritten (a core stopping) leaves them in the spool for the next start.
+#[must_use = "spooled records complete only through `written`"]
+pub struct Spooled {
+    ids: Vec<RecordId>,
+    held: Option<Held>,
+}
+
+impl Spooled {
+    /// Records the drain read back, with the memory it admitted them under.
+    pub(super) fn replayed(ids: Vec<RecordId>, held: Held) -> Spooled {
+        Spooled { ids, held: Some(held) }
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The records are written (or dead-lettered, or refused for good): complete them, return
+    /// their memory, wake appends waiting for room.
+    pub async fn written(mut self) {
+        complete(&self.ids).await;
+        drop(self.held.take());
+    }
 }
 
 /// Leaves records `ids` (durable in this core's spool) on disk only; the core's drain writes
 /// them once memory frees.
-pub fn defer(ids: &[RecordId]) {
+fn defer(ids: &[RecordId]) {
     let Some(backlog) = core_backlog() else {
         unreachable!("records are only deferred on cores whose spool is open");
     };
@@ -136,7 +178,7 @@ pub fn defer(ids: &[RecordId]) {
 }
 
 /// Opens core `core`'s spool and installs it for this thread; the records left by the previous
-/// run are deferred: [`drain_on_core`] writes them.
+/// run are deferred: the drain (`spool::drain`) writes them.
 pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), String> {
     let dir = config.dir.join(format!("core-{core}"));
     let storage = DmaStorage::new(dir.clone()).map_err(|e| format!("spool directory `{}`: {e}", dir.display()))?;
@@ -183,7 +225,8 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
 /// Appends records and waits until they are durable: retries while the spool is full (the
 /// caller's source pauses meanwhile) or the disk fails (logged), so it returns only with
 /// every record synced.
-pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
+pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Appended {
+    let bytes = records.iter().map(|r| r.len() as u64).sum();
     let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
     let room = ROOM.with(Rc::clone);
@@ -192,7 +235,7 @@ pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Vec<RecordId> {
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         match commit(Rc::clone(&records)).await {
-            Ok(ids) => return ids,
+            Ok(ids) => return Appended { ids, bytes },
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
                 // Every batch in flight meets the cap; one line per core every 10 s says it.
                 if FULL_LOG.with(|log| log.due(Duration::from_secs(10))).is_some() {
@@ -345,7 +388,7 @@ pub fn is_open() -> bool {
     SPOOL.with(|s| s.borrow().is_some())
 }
 
-/// What [`append_record`] does when the spool is full.
+/// What [`append_batch`] does when the spool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
     /// Return [`SpoolError::Full`] (unary gRPC calls answer RESOURCE_EXHAUSTED).
@@ -356,7 +399,8 @@ pub enum WhenFull {
 
 /// Appends one record in the core's next group commit; a disk failure is returned (the gRPC
 /// path answers UNAVAILABLE), a full spool per `when_full`.
-pub async fn append_record(record: Vec<u8>, when_full: WhenFull) -> Result<Vec<RecordId>, SpoolError> {
+pub async fn append_batch(record: Vec<u8>, when_full: WhenFull) -> Result<Appended, SpoolError> {
+    let bytes = record.len() as u64;
     let record = Rc::new(vec![record]);
     let room = ROOM.with(Rc::clone);
     loop {
@@ -365,33 +409,14 @@ pub async fn append_record(record: Vec<u8>, when_full: WhenFull) -> Result<Vec<R
         notified.as_mut().enable();
         match commit(Rc::clone(&record)).await {
             Err(SpoolError::Full { .. }) if when_full == WhenFull::Wait => wait_for_room(notified).await,
-            other => return other,
+            Ok(ids) => return Ok(Appended { ids, bytes }),
+            Err(error) => return Err(error),
         }
     }
 }
 
-/// Route name of spool records that hold a gRPC batch (no route may be named "").
-const GRPC_RECORD: &str = "";
-
-/// Encodes a gRPC batch (rows already validated, write timestamp resolved) as a spool record.
-pub fn encode_row_batch(batch: &crate::ingest::proto::RowBatch) -> Vec<u8> {
-    let work = SourceMessage {
-        position: 0,
-        timestamp_ms: None,
-        write_timestamp_us: Some(batch.timestamp_us),
-        key: None,
-        headers: Vec::new(),
-        payload: Some(prost::Message::encode_to_vec(batch)),
-        origin: Origin::Spooled {
-            coordinates: Vec::new(),
-            partition: None,
-        },
-    };
-    encode(GRPC_RECORD, &work, &[])
-}
-
 /// Marks records written.
-pub async fn complete(ids: &[RecordId]) {
+pub(super) async fn complete(ids: &[RecordId]) {
     let Some(spool) = core_spool() else {
         return;
     };
@@ -410,219 +435,6 @@ pub async fn close_on_core() {
     };
     if let Ok(spool) = Rc::try_unwrap(spool) {
         spool.into_inner().close().await;
-    }
-}
-
-/// Encodes a message of `route` as a spool record.
-pub fn encode(route: &str, work: &SourceMessage, coordinates: &[(&'static str, String)]) -> Vec<u8> {
-    let mut builder = flatbuffers::FlatBufferBuilder::with_capacity(
-        64 + work.payload.as_ref().map_or(0, Vec::len) + work.key.as_ref().map_or(0, Vec::len),
-    );
-    let route = builder.create_string(route);
-    let key = work.key.as_ref().map(|k| builder.create_vector(k));
-    let payload = work.payload.as_ref().map(|p| builder.create_vector(p));
-    let headers = pairs(&mut builder, work.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    let coordinates = pairs(&mut builder, coordinates.iter().map(|(n, v)| (*n, v.as_str())));
-    let record = fb::SpoolRecord::create(
-        &mut builder,
-        &fb::SpoolRecordArgs {
-            route: Some(route),
-            key,
-            payload,
-            headers: Some(headers),
-            coordinates: Some(coordinates),
-            position: work.position,
-            timestamp_ms: work.timestamp_ms,
-            write_timestamp_us: Some(work.write_timestamp_us()),
-            partition: work.partition(),
-        },
-    );
-    builder.finish(record, None);
-    builder.finished_data().to_vec()
-}
-
-type Pairs<'b> = flatbuffers::WIPOffset<flatbuffers::Vector<'b, flatbuffers::ForwardsUOffset<fb::Pair<'b>>>>;
-
-fn pairs<'n, 'b>(
-    builder: &mut flatbuffers::FlatBufferBuilder<'b>,
-    items: impl Iterator<Item = (&'n str, &'n str)>,
-) -> Pairs<'b> {
-    let offsets: Vec<_> = items
-        .map(|(name, value)| {
-            let name = builder.create_string(name);
-            let value = builder.create_string(value);
-            fb::Pair::create(
-                builder,
-                &fb::PairArgs {
-                    name: Some(name),
-                    value: Some(value),
-                },
-            )
-        })
-        .collect();
-    builder.create_vector(&offsets)
-}
-
-/// Decodes a spool record into its route's name and a message with a spooled origin (nothing
-/// left to acknowledge).
-pub fn decode(bytes: &[u8]) -> Result<(String, SourceMessage), String> {
-    let record = flatbuffers::root::<fb::SpoolRecord>(bytes).map_err(|e| format!("not a spool record: {e}"))?;
-    let route = record.route().ok_or("spool record without a route")?.to_string();
-    let pairs = |list: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::Pair<'_>>>>| {
-        list.into_iter()
-            .flatten()
-            .filter_map(|p| Some((p.name()?.to_string(), p.value()?.to_string())))
-            .collect::<Vec<_>>()
-    };
-    let coordinates = pairs(record.coordinates())
-        .into_iter()
-        .filter_map(|(name, value)| {
-            let name = headers::SOURCE_COORDINATES.iter().find(|n| **n == name)?;
-            Some((*name, value))
-        })
-        .collect();
-    Ok((
-        route,
-        SourceMessage {
-            position: record.position(),
-            timestamp_ms: record.timestamp_ms(),
-            write_timestamp_us: record.write_timestamp_us(),
-            key: record.key().map(|k| k.bytes().to_vec()),
-            headers: pairs(record.headers()),
-            payload: record.payload().map(|p| p.bytes().to_vec()),
-            origin: Origin::Spooled {
-                coordinates,
-                partition: record.partition(),
-            },
-        },
-    ))
-}
-
-/// Runs on core `core` until `stop`: writes the records that wait on disk only (left by the
-/// previous run, or deferred while the core's memory budget was spent) through their routes or
-/// the ingest API, oldest segment first, each chunk once the budget admits it, completing each
-/// record once written. Records of routes no longer configured stay in the spool (logged) until
-/// such a route returns; an unreadable or undecodable record is logged and skipped.
-pub async fn drain_on_core(
-    core: usize,
-    writers: std::collections::HashMap<String, std::sync::Arc<super::route::RouteWriter>>,
-    ingest: Option<crate::ingest::service::IngestService>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let (Some(backlog), Some(spool)) = (core_backlog(), core_spool()) else {
-        return;
-    };
-    let mut unknown_routes = std::collections::BTreeSet::new();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let Some((segment, indexes)) = next_deferred(&backlog, &mut stop).await else {
-            return;
-        };
-        let read = spool.lock().await.read(segment, &indexes).await;
-        let records = match read {
-            Ok(records) => {
-                backoff = Duration::from_millis(50);
-                records
-            }
-            Err(error) => {
-                tracing::error!(core, %error, "spool: cannot read deferred records; retrying");
-                backlog
-                    .deferred
-                    .borrow_mut()
-                    .entry(segment)
-                    .or_default()
-                    .extend(indexes);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(IO_BACKOFF_MAX);
-                continue;
-            }
-        };
-        let taken = indexes.len() as u64;
-        let mut skipped = Vec::new();
-        let mut by_route: BTreeMap<String, Vec<(RecordId, SourceMessage, u64)>> = BTreeMap::new();
-        let mut grpc = Vec::new();
-        for (index, record) in indexes.into_iter().zip(records) {
-            let id = RecordId { segment, index };
-            let Some(record) = record else {
-                tracing::error!(
-                    core,
-                    segment,
-                    index,
-                    "spool: record damaged after it was acknowledged; skipped"
-                );
-                skipped.push(id);
-                continue;
-            };
-            let bytes = record.len() as u64;
-            match decode(&record) {
-                Ok((route, message)) if route == GRPC_RECORD => match (&ingest, message.payload.as_deref()) {
-                    (Some(_), Some(payload)) => {
-                        match <crate::ingest::proto::RowBatch as prost::Message>::decode(payload) {
-                            Ok(batch) => grpc.push((id, batch, bytes)),
-                            Err(error) => {
-                                tracing::error!(core, %error, "spool: undecodable gRPC batch skipped");
-                                skipped.push(id);
-                            }
-                        }
-                    }
-                    _ => {
-                        if unknown_routes.insert(route) {
-                            tracing::warn!(core, "spool: gRPC batches kept (the ingest API is not configured)");
-                        }
-                    }
-                },
-                Ok((route, message)) if writers.contains_key(&route) => {
-                    by_route.entry(route).or_default().push((id, message, bytes))
-                }
-                Ok((route, _)) => {
-                    if unknown_routes.insert(route.clone()) {
-                        tracing::warn!(core, %route, "spool: records of a route not in the config; kept");
-                    }
-                }
-                Err(reason) => {
-                    tracing::error!(core, %reason, "spool: undecodable record skipped");
-                    skipped.push(id);
-                }
-            }
-        }
-        // Records kept for an absent route stay in the spool, no longer waiting.
-        let to_write = (grpc.len() + by_route.values().map(Vec::len).sum::<usize>()) as u64;
-        settle(&backlog, taken - to_write);
-        complete(&skipped).await;
-        for (id, batch, bytes) in grpc {
-            let Some(held) = held_when_admitted(&backlog, bytes, &mut stop).await else {
-                return;
-            };
-            settle(&backlog, 1);
-            let Some(service) = ingest.clone() else {
-                unreachable!("gRPC records are only taken with the ingest API configured");
-            };
-            glommio::spawn_local(async move {
-                service.write_spooled(batch, vec![id]).await;
-                drop(held);
-            })
-            .detach();
-        }
-        for (route, records) in by_route {
-            let writer = &writers[&route];
-            let mut records = records.into_iter().peekable();
-            while records.peek().is_some() {
-                let chunk: Vec<_> = records.by_ref().take(DRAIN_CHUNK).collect();
-                let bytes = chunk.iter().map(|(_, _, bytes)| bytes).sum();
-                let Some(held) = held_when_admitted(&backlog, bytes, &mut stop).await else {
-                    return;
-                };
-                settle(&backlog, chunk.len() as u64);
-                let (ids, batch): (Vec<RecordId>, Vec<SourceMessage>) =
-                    chunk.into_iter().map(|(id, message, _)| (id, message)).unzip();
-                let writer = std::sync::Arc::clone(writer);
-                glommio::spawn_local(async move {
-                    writer.write_replayed(core, batch, ids).await;
-                    drop(held);
-                })
-                .detach();
-            }
-        }
     }
 }
 
@@ -650,52 +462,6 @@ pub async fn finish_on_core(core: usize, deadline: Duration) {
     }
 }
 
-/// Records handed to a writer per chunk of the drain.
-const DRAIN_CHUNK: usize = 512;
-
-/// Counts `records` of the drain's current segment as no longer waiting.
-fn settle(backlog: &Backlog, records: u64) {
-    backlog.waiting.set(backlog.waiting.get().saturating_sub(records));
-    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS).decrement(records as f64);
-}
-
-/// The oldest segment's deferred records, once there are any; `None` at stop.
-async fn next_deferred(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<(u64, Vec<u32>)> {
-    loop {
-        if *stop.borrow() {
-            return None;
-        }
-        if let Some((segment, mut indexes)) = backlog.deferred.borrow_mut().pop_first() {
-            indexes.sort_unstable();
-            return Some((segment, indexes));
-        }
-        wait_for_change(backlog, stop).await;
-    }
-}
-
-/// Memory for `bytes` of drained records, once the core's budget admits them; `None` at stop.
-async fn held_when_admitted(
-    backlog: &Rc<Backlog>,
-    bytes: u64,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> Option<Held> {
-    loop {
-        if *stop.borrow() {
-            return None;
-        }
-        if backlog.admits(bytes) {
-            return Some(backlog.take(bytes));
-        }
-        wait_for_change(backlog, stop).await;
-    }
-}
-
-async fn wait_for_change(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let changed = std::pin::pin!(backlog.changed.notified());
-    let stopped = std::pin::pin!(stop.changed());
-    futures::future::select(changed, stopped).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,7 +485,7 @@ mod tests {
                     .map(|caller| {
                         glommio::spawn_local(async move {
                             let records: Vec<Vec<u8>> = (0..3u8).map(|i| vec![caller, i, 7]).collect();
-                            (records.clone(), append("test", records).await)
+                            (records.clone(), append("test", records).await.ids)
                         })
                     })
                     .collect();
@@ -736,7 +502,9 @@ mod tests {
                     }
                 }
                 drop(spool);
-                let too_large = append_record(Vec::new(), WhenFull::Refuse).await;
+                let too_large = append_batch(Vec::new(), WhenFull::Refuse)
+                    .await
+                    .map(|appended| appended.ids);
                 assert!(matches!(too_large, Err(SpoolError::TooLarge(0))), "{too_large:?}");
                 close_on_core().await;
             })
@@ -744,33 +512,5 @@ mod tests {
             .join()
             .expect("join");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn records_round_trip_every_field() {
-        let work = SourceMessage {
-            position: 42,
-            timestamp_ms: Some(1_700_000_000_000),
-            write_timestamp_us: Some(1_700_000_000_000_123),
-            key: Some(b"k".to_vec()),
-            headers: vec![("tenant".into(), "acme".into())],
-            payload: None,
-            origin: Origin::Nats {
-                subject: "orders.created".into(),
-            },
-        };
-        let coordinates = vec![(headers::SOURCE_SUBJECT, "orders.created".to_string())];
-        let bytes = encode("orders", &work, &coordinates);
-        let (route, back) = decode(&bytes).expect("decodes");
-        assert_eq!(route, "orders");
-        assert_eq!(
-            (back.position, back.timestamp_ms, back.write_timestamp_us),
-            (42, Some(1_700_000_000_000), Some(1_700_000_000_000_123))
-        );
-        assert_eq!(back.key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(back.payload, None, "a tombstone stays a tombstone");
-        assert_eq!(back.headers, work.headers);
-        assert!(matches!(back.origin, Origin::Spooled { ref coordinates, partition: None } if coordinates.len() == 1));
-        assert!(decode(b"garbage!").is_err());
     }
 }

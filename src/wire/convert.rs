@@ -271,7 +271,7 @@ pub fn parse_native_type(name: &str) -> Option<ColumnType<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::proto;
+    use crate::wire::proto;
 
     fn v(kind: Kind) -> Value {
         Value { kind: Some(kind) }

@@ -6,7 +6,7 @@
 
 use tonic::{Code, Status};
 
-use super::proto::{BatchError, ErrorCode, RowError};
+use crate::wire::proto::{BatchError, ErrorCode, RowError};
 
 /// Metadata key of the error code on a status built here.
 pub const ERROR_CODE_METADATA: &str = "shardgate-error-code";

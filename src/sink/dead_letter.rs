@@ -1,5 +1,5 @@
-//! Dead-letter destinations: a Kafka topic, a NATS subject, a RabbitMQ exchange or a ScyllaDB
-//! table. Created at start-up ([`DeadLetterSink::open`]); `send` is awaited on the core that gave
+//! Dead-letter destinations: a Kafka topic, a NATS subject, a RabbitMQ exchange (through the
+//! `broker` publishers) or a ScyllaDB table. Created at start-up ([`DeadLetterSink::open`]); `send` is awaited on the core that gave
 //! up on the message (or by `shardgate replay`). The original key and payload are kept byte for
 //! byte; headers (table: columns) carry why and where from, the message time and write timestamp
 //! (so a replay writes the cells the original write would have) and the original headers
@@ -14,11 +14,9 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimeuuid;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use super::broker::amqp::AmqpPublisher;
+use super::broker::kafka::KafkaPublisher;
+use super::broker::nats::NatsPublisher;
 
 /// Header names on every dead letter.
 pub mod headers {
@@ -114,16 +112,26 @@ impl DeadLetter<'_> {
         );
         all
     }
+
+    /// [`DeadLetter::headers`], plus the original key as text for destinations without keys
+    /// (NATS, RabbitMQ).
+    fn headers_with_key(&self) -> Vec<(String, String)> {
+        let mut all = self.headers();
+        if let Some(key) = self.key {
+            all.push((headers::KEY.to_string(), String::from_utf8_lossy(key).into_owned()));
+        }
+        all
+    }
 }
 
 /// Where a route's dead letters go.
 pub enum DeadLetterSink {
     /// A Kafka topic.
-    Kafka(DeadLetterTopic),
+    Kafka(KafkaPublisher),
     /// A NATS subject (captured by a JetStream stream if it should be durable).
-    Nats(DeadLetterSubject),
+    Nats(NatsPublisher),
     /// A RabbitMQ exchange, with publisher confirms.
-    Amqp(Box<super::amqp::DeadLetterExchange>),
+    Amqp(Box<AmqpPublisher>),
     /// A ScyllaDB table.
     Table(DeadLetterTable),
 }
@@ -138,15 +146,15 @@ impl DeadLetterSink {
     ) -> Result<(DeadLetterSink, Option<async_nats::Client>), String> {
         use crate::config::DeadLetterConfig;
         match config {
-            DeadLetterConfig::Kafka { brokers, topic } => DeadLetterTopic::new(brokers, topic)
+            DeadLetterConfig::Kafka { brokers, topic } => KafkaPublisher::new(brokers, topic)
                 .map(|t| (DeadLetterSink::Kafka(t), None))
                 .map_err(|e| format!("cannot create the dead-letter producer: {e}")),
             DeadLetterConfig::Nats { url, subject } => {
-                let client = super::nats::connect(url, route)
+                let client = super::broker::nats::connect(url, route)
                     .await
                     .map_err(|e| format!("dead-letter subject: {e:#}"))?;
                 Ok((
-                    DeadLetterSink::Nats(DeadLetterSubject::new(client.clone(), subject)),
+                    DeadLetterSink::Nats(NatsPublisher::new(client.clone(), subject)),
                     Some(client),
                 ))
             }
@@ -154,7 +162,7 @@ impl DeadLetterSink {
                 url,
                 exchange,
                 routing_key,
-            } => super::amqp::DeadLetterExchange::open(url, exchange, routing_key)
+            } => AmqpPublisher::open(url, exchange, routing_key)
                 .await
                 .map(|e| (DeadLetterSink::Amqp(Box::new(e)), None))
                 .map_err(|reason| format!("dead-letter exchange: {reason}")),
@@ -169,16 +177,24 @@ impl DeadLetterSink {
         let mut backoff = RETRY_BACKOFF_MIN;
         loop {
             let (destination, result) = match self {
-                DeadLetterSink::Kafka(topic) => (topic.topic.as_str(), topic.send_once(letter).await),
-                DeadLetterSink::Nats(subject) => (subject.subject.as_str(), subject.send_once(letter).await),
+                DeadLetterSink::Kafka(topic) => (
+                    topic.topic(),
+                    topic.publish(letter.key, letter.payload, &letter.headers()).await,
+                ),
+                DeadLetterSink::Nats(subject) => {
+                    let payload = letter.payload.map(<[u8]>::to_vec).unwrap_or_default();
+                    (
+                        subject.subject(),
+                        subject.publish(&letter.headers_with_key(), payload).await,
+                    )
+                }
                 DeadLetterSink::Table(table) => (table.name.as_str(), table.send_once(letter).await),
                 DeadLetterSink::Amqp(exchange) => {
-                    let mut headers = letter.headers();
-                    if let Some(key) = letter.key {
-                        headers.push((headers::KEY.to_string(), String::from_utf8_lossy(key).into_owned()));
-                    }
                     let payload = letter.payload.unwrap_or_default();
-                    (exchange.exchange.as_str(), exchange.send_once(headers, payload).await)
+                    (
+                        exchange.exchange.as_str(),
+                        exchange.publish(letter.headers_with_key(), payload).await,
+                    )
                 }
             };
             match result {
@@ -192,85 +208,6 @@ impl DeadLetterSink {
                 }
             }
         }
-    }
-}
-
-/// A dead-letter Kafka topic.
-pub struct DeadLetterTopic {
-    producer: FutureProducer,
-    topic: String,
-}
-
-impl DeadLetterTopic {
-    /// Creates the producer (no network IO until the first send).
-    pub fn new(brokers: &str, topic: &str) -> Result<DeadLetterTopic, KafkaError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()?;
-        Ok(DeadLetterTopic {
-            producer,
-            topic: topic.to_string(),
-        })
-    }
-
-    async fn send_once(&self, letter: &DeadLetter<'_>) -> Result<(), String> {
-        let pairs = letter.headers();
-        let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
-        for (key, value) in &pairs {
-            headers = headers.insert(Header {
-                key: key.as_str(),
-                value: Some(value.as_str()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
-        if let Some(key) = letter.key {
-            record = record.key(key);
-        }
-        if let Some(payload) = letter.payload {
-            record = record.payload(payload);
-        }
-        self.producer
-            .send(record, Timeout::After(Duration::from_secs(5)))
-            .await
-            .map(|_| ())
-            .map_err(|(error, _)| error.to_string())
-    }
-}
-
-/// A dead-letter NATS subject: published with headers, then flushed, so the letter has left the
-/// gateway before the source message is acknowledged. Make it durable with a JetStream stream
-/// that captures the subject.
-pub struct DeadLetterSubject {
-    client: async_nats::Client,
-    subject: String,
-}
-
-impl DeadLetterSubject {
-    /// A publisher on `client` (connected at start-up on the island).
-    pub fn new(client: async_nats::Client, subject: &str) -> DeadLetterSubject {
-        DeadLetterSubject {
-            client,
-            subject: subject.to_string(),
-        }
-    }
-
-    async fn send_once(&self, letter: &DeadLetter<'_>) -> Result<(), String> {
-        let mut headers = async_nats::HeaderMap::new();
-        for (key, value) in letter.headers() {
-            headers.insert(key.as_str(), value.as_str());
-        }
-        if let Some(key) = letter.key {
-            headers.insert(headers::KEY, String::from_utf8_lossy(key).as_ref());
-        }
-        let payload = letter.payload.map(<[u8]>::to_vec).unwrap_or_default();
-        self.client
-            .publish_with_headers(self.subject.clone(), headers, payload.into())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.client.flush().await.map_err(|e| e.to_string())
     }
 }
 

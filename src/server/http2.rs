@@ -39,7 +39,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts connections forever, serving `routes` on each with HTTP/2. Request messages over
-/// `message_bytes_max` are skipped and answered TOO_LARGE (see `ingest::limit`).
+/// `message_bytes_max` are skipped and answered TOO_LARGE (see `server::limit`).
 pub async fn serve(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
     loop {
         let stream = match listener.accept().await {

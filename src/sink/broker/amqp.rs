@@ -1,0 +1,72 @@
+//! RabbitMQ producer: a confirming channel on its own connection, publishing persistent
+//! messages with headers. Also the one `connect` and the URL redaction the RabbitMQ source uses.
+//! Threads: the island (lapin is tokio-bound); callers on a core await it through the island's
+//! reactor.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+/// Connects to the broker. Run on the island.
+pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(url, ConnectionProperties::default()).await
+}
+
+pub use crate::config::redact_url as redact;
+
+/// Publishes to one exchange with publisher confirms: `publish` returns once the broker
+/// confirmed the message (persistent, headers as long strings). Dead letters go out through one;
+/// so will processing jobs' results.
+pub struct AmqpPublisher {
+    _connection: Connection,
+    channel: lapin::Channel,
+    /// Exchange name (`""` is the default exchange, routing by queue name).
+    pub exchange: String,
+    routing_key: String,
+}
+
+impl AmqpPublisher {
+    /// Opens a confirming channel on a new connection. Run on the island at start-up.
+    pub async fn open(url: &str, exchange: &str, routing_key: &str) -> Result<AmqpPublisher, String> {
+        let connection = connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(url)))?;
+        let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(AmqpPublisher {
+            _connection: connection,
+            channel,
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        })
+    }
+
+    /// Publishes one message and waits for the broker's confirm.
+    pub async fn publish(&self, headers: Vec<(String, String)>, payload: &[u8]) -> Result<(), String> {
+        let mut table = FieldTable::default();
+        for (key, value) in headers {
+            table.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
+        }
+        let properties = BasicProperties::default().with_headers(table).with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str(),
+                self.routing_key.as_str(),
+                BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if confirm.is_nack() {
+            return Err("the broker refused the message (nack)".to_string());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! Kafka producer: idempotent, `acks=all`, a short linger; `publish` returns once the broker
+//! acknowledged the record. Threads: librdkafka's own threads do the IO; `publish` is awaited on
+//! whichever thread sends (a core, `shardgate replay`).
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+/// How long one publish may wait in librdkafka's queue and for the broker.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes to one topic.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl KafkaPublisher {
+    /// Creates the producer (no network IO until the first publish).
+    pub fn new(brokers: &str, topic: &str) -> Result<KafkaPublisher, KafkaError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()?;
+        Ok(KafkaPublisher {
+            producer,
+            topic: topic.to_string(),
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Publishes one record with text headers and waits for the broker's acknowledgement.
+    pub async fn publish(
+        &self,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(String, String)],
+    ) -> Result<(), String> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (key, value) in headers {
+            owned = owned.insert(Header {
+                key: key.as_str(),
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        self.producer
+            .send(record, Timeout::After(PUBLISH_TIMEOUT))
+            .await
+            .map(|_| ())
+            .map_err(|(error, _)| error.to_string())
+    }
+}

@@ -1,0 +1,64 @@
+//! NATS producer: publishes with headers on a subject and flushes, so a message has left the
+//! gateway when `publish` returns (a JetStream stream that captures the subject makes it
+//! durable). Also the one `connect` every NATS user shares. Threads: the island (async-nats is
+//! tokio-bound); callers on a core await it through the island's reactor.
+
+/// Errors reaching the server, the stream or the consumer at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct NatsError {
+    what: String,
+    reason: String,
+}
+
+/// A [`NatsError`] saying what failed and why.
+pub fn nats_error(what: impl Into<String>, reason: impl std::fmt::Display) -> NatsError {
+    NatsError {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Connects to a NATS server. Run on the island.
+pub async fn connect(url: &str, route: &str) -> Result<async_nats::Client, NatsError> {
+    async_nats::ConnectOptions::new()
+        .name(format!("shardgate-{route}"))
+        .connection_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|e| nats_error(format!("cannot connect to NATS at `{url}`"), e))
+}
+
+/// Publishes on one subject.
+pub struct NatsPublisher {
+    client: async_nats::Client,
+    subject: String,
+}
+
+impl NatsPublisher {
+    /// A publisher on `client` (connected at start-up on the island).
+    pub fn new(client: async_nats::Client, subject: &str) -> NatsPublisher {
+        NatsPublisher {
+            client,
+            subject: subject.to_string(),
+        }
+    }
+
+    /// The subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// Publishes one message with `headers` and flushes the connection.
+    pub async fn publish(&self, headers: &[(String, String)], payload: Vec<u8>) -> Result<(), String> {
+        let mut map = async_nats::HeaderMap::new();
+        for (key, value) in headers {
+            map.insert(key.as_str(), value.as_str());
+        }
+        self.client
+            .publish_with_headers(self.subject.clone(), map, payload.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.client.flush().await.map_err(|e| e.to_string())
+    }
+}

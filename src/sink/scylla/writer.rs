@@ -1,0 +1,195 @@
+//! The one ScyllaDB write engine: routes, the ingest API and `shardgate replay` all write through
+//! [`write_rows`]. Rows arrive placed (their primary replica and shard known, on the core that
+//! owns them); rows of one (replica, shard) share UNLOGGED batches of at most `batch_rows_max`
+//! rows, every batch in parallel; a batch the database refuses for a permanent reason is split
+//! into single writes, so only the refused rows fail. Transient failures retry per [`Retries`].
+//! Every row comes back with its outcome; what an outcome means (ack, dead letter, a row error
+//! to the producer) is the caller's.
+//!
+//! Threads: the core that owns the rows (its futures are not `Send`-bound; statements are
+//! serialized and answers parsed there, the sockets live on the island).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use scylla::client::session::Session;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+
+use super::retry::{classify, execute_with_retries, Retries, WriteFailure};
+use super::schema::RowValues;
+use crate::telemetry::RowMetrics;
+use crate::topology::{Ownership, Placement, ReplicaShard};
+
+/// Why a row was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The database refused the row for good (a bad value, a schema mismatch).
+    Refused(String),
+    /// The database is overloaded or rate-limits: attempts ran out.
+    Overloaded(String),
+    /// Replicas did not answer, or the connection was lost: attempts ran out.
+    Unavailable(String),
+}
+
+impl WriteError {
+    /// Sorts a driver error.
+    pub fn of(error: &ExecutionError) -> WriteError {
+        match classify(error) {
+            WriteFailure::Permanent(reason) => WriteError::Refused(reason),
+            WriteFailure::Transient(reason) => match error {
+                ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                    DbError::Overloaded | DbError::RateLimitReached { .. },
+                    _,
+                )) => WriteError::Overloaded(reason),
+                _ => WriteError::Unavailable(reason),
+            },
+        }
+    }
+
+    /// The reason, as the database gave it.
+    pub fn reason(&self) -> &str {
+        match self {
+            WriteError::Refused(reason) | WriteError::Overloaded(reason) | WriteError::Unavailable(reason) => reason,
+        }
+    }
+}
+
+/// What a row type needs to be written: the prepared statement it binds to (chosen by the
+/// caller's context, e.g. a route's upsert or delete of a target) and its bound values.
+pub trait Statements<R> {
+    /// The statement `row` is written with.
+    fn statement(&self, row: &R) -> &PreparedStatement;
+    /// The row's bound values, in the statement's marker order.
+    fn values<'r>(&self, row: &'r R) -> &'r RowValues;
+}
+
+/// How rows are written.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Rows per UNLOGGED batch (1 = single writes).
+    pub batch_rows_max: usize,
+    /// How long transient failures retry.
+    pub retries: Retries,
+}
+
+/// Writes `rows` (placed, on their owner core) and returns each with its outcome, in no
+/// particular order. Records write latency per batch and rows written in `metrics`.
+pub async fn write_rows<R, S: Statements<R>>(
+    session: &Session,
+    statements: &S,
+    rows: Vec<(ReplicaShard, R)>,
+    options: WriteOptions,
+    metrics: &RowMetrics,
+) -> Vec<(R, Result<(), WriteError>)> {
+    let chunks = batches_by_replica_shard(rows, options.batch_rows_max);
+    let writes = chunks.into_iter().map(|chunk| async move {
+        let started = Instant::now();
+        let outcomes = write_chunk(session, statements, chunk, options.retries).await;
+        metrics.write_latency.record(started.elapsed().as_secs_f64());
+        metrics
+            .written
+            .increment(outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).count() as u64);
+        outcomes
+    });
+    futures::future::join_all(writes).await.into_iter().flatten().collect()
+}
+
+/// One chunk: a single row as a plain write, several as one UNLOGGED batch; a batch refused for
+/// good is retried row by row so each row gets its own outcome.
+async fn write_chunk<R, S: Statements<R>>(
+    session: &Session,
+    statements: &S,
+    chunk: Vec<R>,
+    retries: Retries,
+) -> Vec<(R, Result<(), WriteError>)> {
+    let bound: Vec<_> = chunk
+        .iter()
+        .map(|row| (statements.statement(row), statements.values(row)))
+        .collect();
+    let outcome = write_statements_once(session, &bound, retries)
+        .await
+        .map_err(|error| WriteError::of(&error));
+    drop(bound);
+    match outcome {
+        Err(WriteError::Refused(_)) if chunk.len() > 1 => {
+            let singles = chunk.into_iter().map(|row| async move {
+                let bound = [(statements.statement(&row), statements.values(&row))];
+                let outcome = write_statements_once(session, &bound, retries)
+                    .await
+                    .map_err(|error| WriteError::of(&error));
+                (row, outcome)
+            });
+            futures::future::join_all(singles).await
+        }
+        outcome => chunk.into_iter().map(|row| (row, outcome.clone())).collect(),
+    }
+}
+
+/// Writes rows, each with its own prepared statement: a single row as a plain write, several as
+/// one UNLOGGED batch (callers group rows of one replica and shard), retrying per `retries`.
+async fn write_statements_once(
+    session: &Session,
+    rows: &[(&PreparedStatement, &RowValues)],
+    retries: Retries,
+) -> Result<(), ExecutionError> {
+    if let [(statement, row)] = rows {
+        return execute_with_retries(retries, || session.execute_unpaged(statement, row))
+            .await
+            .map(|_| ());
+    }
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for (statement, _) in rows {
+        batch.append_statement((*statement).clone());
+    }
+    batch.set_is_idempotent(true);
+    let values: Vec<&RowValues> = rows.iter().map(|(_, values)| *values).collect();
+    execute_with_retries(retries, || session.batch(&batch, &values))
+        .await
+        .map(|_| ())
+}
+
+/// Where a bound row goes: its token from the driver (through the prepared statement), placed
+/// on the ring snapshot. `None` when the driver cannot compute the token.
+pub fn place_row(statement: &PreparedStatement, values: &RowValues, ownership: &Ownership) -> Option<Placement> {
+    statement
+        .calculate_token(values)
+        .ok()
+        .flatten()
+        .map(|token| ownership.place(token.value()))
+}
+
+/// The owner core and the (replica, shard) of a row placed by [`place_row`]; a row whose token
+/// cannot be computed stays on `here` with no replica.
+pub fn owner_of(placement: Option<Placement>, here: usize) -> (usize, ReplicaShard) {
+    placement.map_or((here, (None, 0)), |p| (p.core, p.replica_shard()))
+}
+
+/// Groups rows by their (replica, shard) and cuts each group into batches of at most
+/// `rows_max` rows: the only rows that may share an UNLOGGED batch.
+pub fn batches_by_replica_shard<T>(rows: impl IntoIterator<Item = (ReplicaShard, T)>, rows_max: usize) -> Vec<Vec<T>> {
+    let mut groups: HashMap<ReplicaShard, Vec<T>> = HashMap::new();
+    for (key, row) in rows {
+        groups.entry(key).or_default().push(row);
+    }
+    let mut batches = Vec::new();
+    for (_, mut group) in groups {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(rows_max.max(1)));
+            batches.push(std::mem::replace(&mut group, rest));
+        }
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batches_hold_one_replica_shard_and_at_most_rows_max() {
+        let rows = (0..10).map(|i| (if i % 2 == 0 { (Some(0), 1) } else { (None, 0) }, i));
+        let mut batches = super::batches_by_replica_shard(rows, 3);
+        batches.sort();
+        assert_eq!(batches, vec![vec![0, 2, 4], vec![1, 3, 5], vec![6, 8], vec![7, 9]]);
+    }
+}
