@@ -6,6 +6,9 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 deploy/local/stack.sh up
+# The module graph stays acyclic (a cycle fails the run before anything is built).
+python3 deploy/local/acyclic.py --self-test
+python3 deploy/local/acyclic.py
 if [[ "${CI:-}" == "true" ]]; then
   # CI leaves nothing running behind it.
   trap 'deploy/local/stack.sh down || true' EXIT

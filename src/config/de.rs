@@ -10,13 +10,13 @@
 use serde::de::{DeserializeOwned, Error as _};
 use serde::Deserializer;
 
-use super::{ConfigError, RawConfig};
+use super::error::ConfigError;
 
 /// Opens and closes a key path carried inside a nested error message.
 const NESTED_PATH_MARK: char = '\u{1f}';
 
 /// Parses config text into the raw structs; `origin` names the file in errors.
-pub(super) fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+pub(super) fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
     let deserializer = toml::Deserializer::parse(text).map_err(|error| ConfigError::Parse {
         path: origin.to_string(),
         message: error.to_string(),

@@ -1,4 +1,6 @@
 use super::*;
+use scylla::frame::types::Consistency;
+use std::time::Duration;
 
 const VALID: &str = r#"
 [cluster]

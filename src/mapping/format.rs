@@ -19,7 +19,7 @@ use base64::Engine as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, MessageDescriptor, ReflectMessage, Value as PbValue};
 use serde_json::{Map, Number, Value};
 
-use super::{MappingError, SchemaError};
+use super::error::{MappingError, SchemaError};
 use crate::config::{Format, ProtobufConfig};
 use flatbuffers_reflection::reflection::{BaseType, Schema};
 use flatbuffers_reflection::SafeBuffer;
