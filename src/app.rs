@@ -1,16 +1,16 @@
 //! Wiring: the one place that starts subsystems, in order, and stops them in reverse.
 //!
 //! Start: island → metrics exporter → session → ownership snapshot (+ refresher) → per route
-//! (schema check, prepare, dead-letter producer, consumer subscribed) → core executors (each binds
-//! its ingest listeners and reports back) → poll threads. Any refusal (unreachable cluster or
+//! (schema check, prepare, dead-letter producer, source opened: `bridge::open_source`) → core
+//! executors (each opens its spool, binds its ingest listeners and reports back) → each source's
+//! consumer on the thread it asks for (`bridge::source::Consumer`). Any refusal (unreachable cluster or
 //! broker, missing table or column, a port in use) stops start-up with the reason before a
 //! message is read.
-//! Stop (SIGTERM or Ctrl-C): ingest listeners close, poll threads stop polling and drain
-//! in-flight messages up to the deadline, commit stored offsets, close the core queues; cores
-//! finish and exit.
+//! Stop (SIGTERM or Ctrl-C): one signal (`runtime::shutdown`) — ingest listeners close, consumers
+//! stop reading and drain in-flight messages up to the deadline (Kafka commits stored offsets),
+//! closing the core queues; cores finish and exit.
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,19 +18,19 @@ use ::scylla::client::session::Session;
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use futures::future::LocalBoxFuture;
-use tokio::sync::watch;
 
+use crate::bridge;
 use crate::bridge::handoff::CORE_QUEUE_BATCHES_MAX;
-use crate::bridge::kafka::{self, Poller};
 use crate::bridge::message::SourceMessage;
 use crate::bridge::route::{self, RouteCounters, RouteWriter};
-use crate::bridge::{amqp, nats, zeromq};
-use crate::config::{Config, IngestConfig, SourceConfig};
+use crate::bridge::source::{Consumer, Handoff, Opened, Start};
+use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
+use crate::runtime::budget::Budget;
 use crate::runtime::mesh::{self, Mesh};
+use crate::runtime::shutdown::{self, Stop};
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
 use crate::server::http2;
-use crate::sink::broker::nats::connect as nats_connect;
 use crate::sink::dead_letter::DeadLetterSink;
 use crate::sink::scylla;
 use crate::spool::drain::{self, Replay};
@@ -51,10 +51,27 @@ struct CoreIngest {
     config: IngestConfig,
 }
 
-/// One route's share of a core: its writer and the queue the poll thread fills.
+/// One route's share of a core: its writer and the queue its source fills.
 struct CoreRoute {
     writer: Arc<RouteWriter>,
     queue: tokio::sync::mpsc::Receiver<Vec<SourceMessage>>,
+}
+
+/// What every part of the gateway is built on.
+struct Base<'a> {
+    config: &'a Config,
+    island: &'a Island,
+    session: Arc<Session>,
+    ownership: Arc<ArcSwap<Ownership>>,
+    mesh: Arc<Mesh>,
+    cores: usize,
+    stop: Stop,
+}
+
+/// A source's consumer, started on its thread.
+enum Running {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 /// Runs the gateway until SIGTERM or Ctrl-C.
@@ -70,8 +87,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let session = Arc::new(session);
     let cpus = data_plane_cpus(config.runtime.cores)?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stopper, stop) = shutdown::signal();
     let ownership = Arc::new(ArcSwap::from_pointee(Ownership::from_cluster_state(
         &session.get_cluster_state(),
         cpus.len(),
@@ -82,125 +98,31 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         cpus.len(),
     ));
     let (mesh, inboxes) = Mesh::new(cpus.len());
-    if config.ingest.is_some() {
-        warn_replay_unsafe_tables(&session.get_cluster_state());
-    }
-    let gateway_id = config.gateway_id();
-    if config.routes.iter().any(|r| matches!(r.source, SourceConfig::Kafka(_))) {
-        match &gateway_id {
-            Some(id) => tracing::info!(gateway_id = %id, "Kafka routes join their groups as static members"),
-            None => tracing::info!(
-                "no `runtime.gateway_id` and no fixed listener port: Kafka routes join their groups as dynamic members (a restarted gateway waits for the group's session timeout)"
-            ),
-        }
-    }
-
+    log_start_notes(&config, &session);
+    let base = Base {
+        config: &config,
+        island: &island,
+        session,
+        ownership,
+        mesh,
+        cores: cpus.len(),
+        stop,
+    };
+    let budgets: Vec<Budget> = (0..cpus.len())
+        .map(|_| Budget::new(config.runtime.inflight_rows_per_core_max))
+        .collect();
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
-    let mut pollers = Vec::with_capacity(config.routes.len());
-    let mut jetstream_pullers = Vec::new();
-    let mut amqp_consumers = Vec::new();
-    let mut zmq_receivers = Vec::new();
-    let mut nats_subscribers = Vec::new();
-    let mut nats_clients = Vec::new();
+    let mut consumers = Vec::with_capacity(config.routes.len());
+    let mut connections = Vec::new();
     for route in &config.routes {
-        let (mapper, statements) = island.block_on(route::prepare_route(&session, route))?;
-        let (dead_letter, dead_letter_nats) = island
-            .block_on(DeadLetterSink::open(&route.dead_letter, &route.name, &session))
-            .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
-        nats_clients.extend(dead_letter_nats);
-        let counters = Arc::new(RouteCounters::default());
-        let mut queues = Vec::with_capacity(cpus.len());
-        let mut receivers = Vec::with_capacity(cpus.len());
-        for _ in 0..cpus.len() {
-            let (tx, rx) = tokio::sync::mpsc::channel(CORE_QUEUE_BATCHES_MAX);
-            queues.push(tx);
-            receivers.push(rx);
-        }
-        let (source_name, completions) = match &route.source {
-            SourceConfig::Kafka(source) => {
-                let instance_id = gateway_id
-                    .as_deref()
-                    .map(|id| kafka::group_instance_id(id, &route.name));
-                let consumer = kafka::subscribe(source, &route.name, instance_id.as_deref())
-                    .with_context(|| format!("route `{}`: cannot reach Kafka at `{}`", route.name, source.brokers))?;
-                let capacity = kafka::completions_capacity(cpus.len(), config.runtime.inflight_rows_per_core_max);
-                let (completions_tx, completions_rx) = crossbeam_channel::bounded(capacity);
-                pollers.push(Poller {
-                    route: route.name.clone(),
-                    topic: source.topic.clone(),
-                    consumer,
-                    source: source.clone(),
-                    instance_id,
-                    queues,
-                    completions: completions_rx,
-                    shutdown: Arc::clone(&shutdown),
-                    drain_deadline: config.runtime.shutdown_deadline,
-                    counters: Arc::clone(&counters),
-                });
-                (source.topic.clone(), Some(completions_tx))
-            }
-            SourceConfig::JetStream(source) => {
-                let client = island
-                    .block_on(nats_connect(&source.url, &route.name))
-                    .with_context(|| format!("route `{}`", route.name))?;
-                nats_clients.push(client.clone());
-                let consumer = island
-                    .block_on(nats::consumer(client, source))
-                    .with_context(|| format!("route `{}`", route.name))?;
-                jetstream_pullers.push((route.name.clone(), consumer, queues, Arc::clone(&counters)));
-                (source.stream.clone(), None)
-            }
-            SourceConfig::Amqp(source) => {
-                island
-                    .block_on(amqp::check(source))
-                    .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
-                amqp_consumers.push((route.name.clone(), source.clone(), queues, Arc::clone(&counters)));
-                (source.queue.clone(), None)
-            }
-            SourceConfig::Nats(source) => {
-                let client = island
-                    .block_on(nats_connect(&source.url, &route.name))
-                    .with_context(|| format!("route `{}`", route.name))?;
-                nats_clients.push(client.clone());
-                let subscriber = island
-                    .block_on(async {
-                        match &source.queue_group {
-                            Some(group) => client.queue_subscribe(source.subject.clone(), group.clone()).await,
-                            None => client.subscribe(source.subject.clone()).await,
-                        }
-                    })
-                    .with_context(|| format!("route `{}`: cannot subscribe to `{}`", route.name, source.subject))?;
-                nats_subscribers.push((route.name.clone(), subscriber, queues, Arc::clone(&counters)));
-                (source.subject.clone(), None)
-            }
-            SourceConfig::Zmq(source) => {
-                let socket =
-                    zeromq::open(source).map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
-                zmq_receivers.push((
-                    route.name.clone(),
-                    source.endpoint.clone(),
-                    socket,
-                    queues,
-                    Arc::clone(&counters),
-                ));
-                (source.endpoint.clone(), None)
-            }
-        };
-        let writer = Arc::new(RouteWriter {
-            route: route.name.clone(),
-            source: source_name,
-            mapper,
-            session: Arc::clone(&session),
-            statements,
-            dead_letter,
-            completions,
-            counters,
-            ownership: Arc::clone(&ownership),
-            batch_rows_max: config.runtime.write_batch_rows_max,
-            mesh: Arc::clone(&mesh),
-            metrics: RowMetrics::per_core(&route.name, &route.tables_label(), cpus.len()),
-            spooled: route.ack == crate::config::AckMode::Spooled,
-        });
+        let OpenRoute {
+            writer,
+            receivers,
+            opened,
+            dead_letter_nats,
+        } = open_route(&base, route)?;
+        connections.extend(opened.connection.into_iter().chain(dead_letter_nats));
+        consumers.push((route.name.clone(), opened.consumer));
         for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
             core_routes.push(CoreRoute {
                 writer: Arc::clone(&writer),
@@ -209,38 +131,160 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
     }
+    let ingest = ingest_parts(&base, &budgets);
+    let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, budgets)?;
+    let running = consumers
+        .into_iter()
+        .map(|(route, consumer)| start_consumer(&island, &route, consumer))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(ingest) = &config.ingest {
+        tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
+    }
+    tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
+    let ready = metrics::gauge!(crate::telemetry::metric::READY);
+    ready.set(1.0);
 
-    let inflight_max = config.runtime.inflight_rows_per_core_max;
-    let ingest_parts: Vec<Option<CoreIngest>> = match &config.ingest {
-        Some(ingest) => {
-            let endpoints = (0..cpus.len())
-                .filter_map(|core| {
-                    ingest
-                        .core_addr(core)
-                        .map(|a| format!("{}:{}", ingest.advertise_host, a.port()))
-                })
-                .collect();
-            let shared = IngestShared::new(
-                Arc::clone(&session),
-                Arc::clone(&ownership),
-                Arc::clone(&mesh),
-                inflight_max,
-                config.runtime.write_batch_rows_max,
-                endpoints,
-            );
-            (0..cpus.len())
-                .map(|_| {
-                    Some(CoreIngest {
-                        shared: Arc::clone(&shared),
-                        config: ingest.clone(),
-                    })
-                })
-                .collect()
+    island.block_on(wait_for_stop_signal());
+    ready.set(0.0);
+    tracing::info!("stopping: draining in-flight messages");
+    stopper.stop();
+    for consumer in running {
+        match consumer {
+            Running::Thread(thread) => drop(thread.join()),
+            Running::Task(task) => drop(island.block_on(task)),
         }
-        None => (0..cpus.len()).map(|_| None).collect(),
+    }
+    join_cores_within(cores, config.runtime.shutdown_deadline);
+    // Acks and dead letters the cores published leave before the process does.
+    for client in connections {
+        let _ = island.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.flush()).await });
+    }
+    Ok(())
+}
+
+/// Start-up lines worth saying once: replay-unsafe tables (every table, with the ingest API on)
+/// and how Kafka routes join their groups.
+fn log_start_notes(config: &Config, session: &Session) {
+    if config.ingest.is_some() {
+        warn_replay_unsafe_tables(&session.get_cluster_state());
+    }
+    if config.routes.iter().any(|r| matches!(r.source, SourceConfig::Kafka(_))) {
+        match config.gateway_id() {
+            Some(id) => tracing::info!(gateway_id = %id, "Kafka routes join their groups as static members"),
+            None => tracing::info!(
+                "no `runtime.gateway_id` and no fixed listener port: Kafka routes join their groups as dynamic members (a restarted gateway waits for the group's session timeout)"
+            ),
+        }
+    }
+}
+
+/// The per-core queues of one route and the receiving ends, one per core.
+type CoreQueues = (
+    Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
+    Vec<tokio::sync::mpsc::Receiver<Vec<SourceMessage>>>,
+);
+
+/// A route, set up: its writer, its queues' receiving ends (one per core), its opened source,
+/// and its dead-letter NATS connection (flushed at shutdown), if any.
+struct OpenRoute {
+    writer: Arc<RouteWriter>,
+    receivers: Vec<tokio::sync::mpsc::Receiver<Vec<SourceMessage>>>,
+    opened: Opened,
+    dead_letter_nats: Option<async_nats::Client>,
+}
+
+/// Sets one route up: tables checked and statements prepared, dead-letter destination open,
+/// source opened (its consumer not yet running).
+fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute> {
+    let (mapper, statements) = base.island.block_on(route::prepare_route(&base.session, route))?;
+    let (dead_letter, dead_letter_nats) = base
+        .island
+        .block_on(DeadLetterSink::open(&route.dead_letter, &route.name, &base.session))
+        .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+    let counters = Arc::new(RouteCounters::default());
+    let (queues, receivers): CoreQueues = (0..base.cores)
+        .map(|_| tokio::sync::mpsc::channel(CORE_QUEUE_BATCHES_MAX))
+        .unzip();
+    let gateway_id = base.config.gateway_id();
+    let start = Start {
+        route: &route.name,
+        island: base.island,
+        gateway_id: gateway_id.as_deref(),
+        cores: base.cores,
+        inflight_rows_max: base.config.runtime.inflight_rows_per_core_max,
+        shutdown_deadline: base.config.runtime.shutdown_deadline,
     };
+    let handoff = Handoff {
+        route: route.name.clone(),
+        queues,
+        counters: Arc::clone(&counters),
+        stop: base.stop.clone(),
+    };
+    let opened = bridge::open_source(&route.source, &start, handoff)?;
+    let writer = Arc::new(RouteWriter {
+        route: route.name.clone(),
+        source: opened.name.clone(),
+        mapper,
+        session: Arc::clone(&base.session),
+        statements,
+        dead_letter,
+        counters,
+        ownership: Arc::clone(&base.ownership),
+        batch_rows_max: base.config.runtime.write_batch_rows_max,
+        mesh: Arc::clone(&base.mesh),
+        metrics: RowMetrics::per_core(&route.name, &route.tables_label(), base.cores),
+        spooled: route.ack == crate::config::AckMode::Spooled,
+    });
+    Ok(OpenRoute {
+        writer,
+        receivers,
+        opened,
+        dead_letter_nats,
+    })
+}
+
+/// Each core's share of the ingest API, if it is configured.
+fn ingest_parts(base: &Base<'_>, budgets: &[Budget]) -> Vec<Option<CoreIngest>> {
+    let Some(ingest) = &base.config.ingest else {
+        return (0..base.cores).map(|_| None).collect();
+    };
+    let endpoints = (0..base.cores)
+        .filter_map(|core| {
+            ingest
+                .core_addr(core)
+                .map(|a| format!("{}:{}", ingest.advertise_host, a.port()))
+        })
+        .collect();
+    let shared = IngestShared::new(
+        Arc::clone(&base.session),
+        Arc::clone(&base.ownership),
+        Arc::clone(&base.mesh),
+        budgets.to_vec(),
+        base.config.runtime.write_batch_rows_max,
+        endpoints,
+    );
+    (0..base.cores)
+        .map(|_| {
+            Some(CoreIngest {
+                shared: Arc::clone(&shared),
+                config: ingest.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Starts the core executors and waits until each has opened its spool and bound its ingest
+/// listeners (or refused, with the reason).
+fn start_cores(
+    base: &Base<'_>,
+    cpus: &[usize],
+    per_core: Vec<Vec<CoreRoute>>,
+    ingest: Vec<Option<CoreIngest>>,
+    inboxes: Vec<mesh::Inbox>,
+    budgets: Vec<Budget>,
+) -> anyhow::Result<Cores> {
+    let config = base.config;
     let (bound_tx, bound_rx) = crossbeam_channel::bounded::<Result<(), String>>(cpus.len());
-    drop(mesh);
     // A core keeps serving its mesh inbox until every core has finished its own sources: only
     // then can no forwarded task arrive any more.
     let sources_done = Arc::new(tokio::sync::Barrier::new(cpus.len()));
@@ -252,56 +296,25 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         });
     let bodies: Vec<_> = per_core
         .into_iter()
-        .zip(ingest_parts)
-        .zip(inboxes)
+        .zip(ingest)
+        .zip(inboxes.into_iter().zip(budgets))
         .enumerate()
-        .map(|(core, ((routes, ingest), inbox))| {
-            let stop = stop_rx.clone();
-            let drain_stop = stop_rx.clone();
-            let shutdown_deadline = config.runtime.shutdown_deadline;
-            let bound = bound_tx.clone();
-            let sources_done = Arc::clone(&sources_done);
-            let spool = spool.clone();
-            move || async move {
-                if let Some(config) = &spool {
-                    if let Err(reason) = spool::open_on_core(config, core).await {
-                        let _ = bound.send(Err(reason));
-                        return;
-                    }
-                }
-                let replay = Rc::new(Replayers {
-                    core,
-                    routes: routes
-                        .iter()
-                        .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
-                        .collect(),
-                    ingest: ingest
-                        .as_ref()
-                        .map(|part| IngestService::new(core, Arc::clone(&part.shared))),
-                });
-                let draining = drain::drain_on_core(core, replay, drain_stop);
-                let tasks = routes
-                    .into_iter()
-                    .map(|r| route::run_on_core(core, r.writer, r.queue, inflight_max));
-                let ingest = async move {
-                    match ingest {
-                        Some(part) => serve_ingest_on_core(core, part, stop, bound).await,
-                        None => {
-                            let _ = bound.send(Ok(()));
-                        }
-                    }
-                };
-                let sources = async move {
-                    futures::join!(futures::future::join_all(tasks), ingest, draining);
-                    spool::finish_on_core(core, shutdown_deadline).await;
-                    sources_done.wait().await;
-                };
-                mesh::serve(inbox, sources).await;
-                spool::close_on_core().await;
-            }
+        .map(|(core, ((routes, ingest), (inbox, budget)))| {
+            let body = CoreBody {
+                core,
+                routes,
+                ingest,
+                budget,
+                spool: spool.clone(),
+                stop: base.stop.clone(),
+                bound: bound_tx.clone(),
+                sources_done: Arc::clone(&sources_done),
+                shutdown_deadline: config.runtime.shutdown_deadline,
+            };
+            move || body.run(inbox)
         })
         .collect();
-    let cores = Cores::start(&cpus, island.handle(), bodies)?;
+    let cores = Cores::start(cpus, base.island.handle(), bodies)?;
     for _ in 0..cpus.len() {
         match bound_rx.recv_timeout(BIND_TIMEOUT) {
             Ok(Ok(())) => {}
@@ -309,72 +322,79 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             Err(_) => bail!("cores did not start within {} s", BIND_TIMEOUT.as_secs()),
         }
     }
-    let mut poll_threads = Vec::with_capacity(pollers.len() + zmq_receivers.len());
-    for (name, endpoint, socket, queues, counters) in zmq_receivers {
-        let shutdown = Arc::clone(&shutdown);
-        let thread_name = format!("zmq-{name}");
-        poll_threads.push(
-            spawn_housekeeping(&thread_name, move || {
-                zeromq::receive(name, endpoint, socket, queues, counters, shutdown)
-            })
-            .context("cannot start a ZeroMQ thread")?,
-        );
-    }
-    for poller in pollers {
-        let name = format!("poll-{}", poller.route);
-        poll_threads.push(spawn_housekeeping(&name, move || poller.run()).context("cannot start a poll thread")?);
-    }
-    let mut pull_tasks: Vec<_> = jetstream_pullers
-        .into_iter()
-        .map(|(name, consumer, queues, counters)| {
-            island
-                .handle()
-                .spawn(nats::pull(name, consumer, queues, counters, stop_rx.clone()))
-        })
-        .collect();
-    pull_tasks.extend(
-        nats_subscribers
-            .into_iter()
-            .map(|(name, subscriber, queues, counters)| {
-                island
-                    .handle()
-                    .spawn(nats::subscribe(name, subscriber, queues, counters, stop_rx.clone()))
-            }),
-    );
-    pull_tasks.extend(amqp_consumers.into_iter().map(|(name, source, queues, counters)| {
-        island.handle().spawn(amqp::consume(
-            name,
-            source,
-            queues,
-            counters,
-            stop_rx.clone(),
-            config.runtime.shutdown_deadline,
-        ))
-    }));
-    if let Some(ingest) = &config.ingest {
-        tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
-    }
-    tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
-    let ready = metrics::gauge!(crate::telemetry::metric::READY);
-    ready.set(1.0);
+    Ok(cores)
+}
 
-    island.block_on(wait_for_stop_signal());
-    ready.set(0.0);
-    tracing::info!("stopping: draining in-flight messages");
-    let _ = stop_tx.send(true);
-    shutdown.store(true, Ordering::Relaxed);
-    for thread in poll_threads {
-        let _ = thread.join();
+/// What one core runs: its spool, its routes, its ingest listeners, its drain, its mesh inbox.
+struct CoreBody {
+    core: usize,
+    routes: Vec<CoreRoute>,
+    ingest: Option<CoreIngest>,
+    budget: Budget,
+    spool: Option<crate::config::SpoolConfig>,
+    stop: Stop,
+    bound: crossbeam_channel::Sender<Result<(), String>>,
+    sources_done: Arc<tokio::sync::Barrier>,
+    shutdown_deadline: Duration,
+}
+
+impl CoreBody {
+    /// Runs on the core until the stop signal and every core's sources are done.
+    async fn run(self, inbox: mesh::Inbox) {
+        let core = self.core;
+        if let Some(config) = &self.spool {
+            if let Err(reason) = spool::open_on_core(config, core).await {
+                let _ = self.bound.send(Err(reason));
+                return;
+            }
+        }
+        let replay = Rc::new(Replayers {
+            core,
+            routes: self
+                .routes
+                .iter()
+                .map(|r| (r.writer.route.clone(), Arc::clone(&r.writer)))
+                .collect(),
+            ingest: self
+                .ingest
+                .as_ref()
+                .map(|part| IngestService::new(core, Arc::clone(&part.shared))),
+        });
+        let draining = drain::drain_on_core(core, replay, self.stop.clone());
+        let budget = self.budget;
+        let tasks = self
+            .routes
+            .into_iter()
+            .map(|r| route::run_on_core(core, r.writer, r.queue, budget.clone()));
+        let (stop, bound) = (self.stop, self.bound);
+        let ingest = async move {
+            match self.ingest {
+                Some(part) => serve_ingest_on_core(core, part, stop, bound).await,
+                None => {
+                    let _ = bound.send(Ok(()));
+                }
+            }
+        };
+        let (shutdown_deadline, sources_done) = (self.shutdown_deadline, self.sources_done);
+        let sources = async move {
+            futures::join!(futures::future::join_all(tasks), ingest, draining);
+            spool::finish_on_core(core, shutdown_deadline).await;
+            sources_done.wait().await;
+        };
+        mesh::serve(inbox, sources).await;
+        spool::close_on_core().await;
     }
-    for task in pull_tasks {
-        let _ = island.block_on(task);
-    }
-    join_cores_within(cores, config.runtime.shutdown_deadline);
-    // Acks and dead letters the cores published leave before the process does.
-    for client in nats_clients {
-        let _ = island.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.flush()).await });
-    }
-    Ok(())
+}
+
+/// Starts a source's consumer on the thread it asked for.
+fn start_consumer(island: &Island, route: &str, consumer: Consumer) -> anyhow::Result<Running> {
+    Ok(match consumer {
+        Consumer::Island(future) => Running::Task(island.handle().spawn(future)),
+        Consumer::Thread(body) => Running::Thread(
+            spawn_housekeeping(&format!("source-{route}"), body)
+                .with_context(|| format!("route `{route}`: cannot start its source thread"))?,
+        ),
+    })
 }
 
 /// The writers of one core's spooled records: its routes by name, and the ingest API.
@@ -412,7 +432,7 @@ impl Replay for Replayers {
 async fn serve_ingest_on_core(
     core: usize,
     part: CoreIngest,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
     bound: crossbeam_channel::Sender<Result<(), String>>,
 ) {
     // `ingest.message_bytes_max` is enforced on the body (server::limit), before tonic, so an
@@ -449,7 +469,7 @@ async fn serve_ingest_on_core(
     };
     let servers = async { futures::join!(http2::serve(shared_listener, routes, limit), own_port) };
     futures::pin_mut!(servers);
-    let stopped = stop.wait_for(|stop| *stop);
+    let stopped = stop.stopped();
     futures::pin_mut!(stopped);
     futures::future::select(servers, stopped).await;
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::message::SourceMessage;
 use super::route::RouteCounters;
+use crate::runtime::shutdown::Stop;
 
 /// Batches a core's queue holds per route before the source's consumer waits.
 pub const CORE_QUEUE_BATCHES_MAX: usize = 8;
@@ -38,16 +39,11 @@ impl RoundRobin {
     /// Counts `batch` received and hands it to the next core, waiting while that core's queue
     /// is full. `false` when the gateway is stopping (the batch is dropped: its messages were
     /// not acknowledged) or the core is gone.
-    pub async fn hand_off(
-        &mut self,
-        batch: Vec<SourceMessage>,
-        counters: &RouteCounters,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> bool {
+    pub async fn hand_off(&mut self, batch: Vec<SourceMessage>, counters: &RouteCounters, stop: &mut Stop) -> bool {
         counters.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let queue = self.next_queue();
         tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => false,
+            _ = stop.stopped() => false,
             sent = queue.send(batch) => sent.is_ok(),
         }
     }

@@ -1,6 +1,6 @@
 //! A source message on its way to a core, and where it came from. Every source copies what it
-//! receives into a [`SourceMessage`]; its [`Origin`] says how it is acknowledged and what the
-//! dead-letter headers say about it. A message a route spools is encoded as a spool record
+//! receives into a [`SourceMessage`]; its [`Origin`] — implemented by each source in its own
+//! folder — says how it is settled and what the dead-letter headers say about it. A message a route spools is encoded as a spool record
 //! ([`SourceMessage::spool_record`]) and comes back from the drain as one with a spooled origin
 //! ([`SourceMessage::from_record`]). Data only: built on a source's thread, used on cores.
 
@@ -26,78 +26,86 @@ pub struct SourceMessage {
     /// Message payload; `None` for a Kafka tombstone.
     pub payload: Option<Vec<u8>>,
     /// Where it came from: how to acknowledge it and what to tell the dead-letter destination.
-    pub origin: Origin,
+    pub origin: Box<dyn Origin>,
 }
 
-/// Where a message came from.
+/// How a message ends: its rows written, or its dead letter delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Every row is confirmed by the database.
+    Written,
+    /// Its dead letter is confirmed by the destination (or the route's filter skipped it).
+    DeadLettered,
+}
+
+/// A source's handle on one message: how it is acknowledged and where it came from. Each source
+/// implements it in its own folder (`kafka::ack`, `nats::ack`, `amqp::ack`, `zeromq`), so the
+/// shared route engine never names a broker; a spooled message's handle is [`Spooled`].
+pub trait Origin: Send + Sync + std::fmt::Debug {
+    /// Settles the message at its source (Kafka: a completion to the poll thread; JetStream:
+    /// ack, or term once dead-lettered; RabbitMQ: ack, or reject without requeue). Called once,
+    /// on the core that finishes the message; never blocks it.
+    fn settle(&self, settlement: Settlement, route: &str);
+    /// Its source coordinates as dead-letter headers; `source` is the route's topic, stream,
+    /// queue, subject or endpoint, `position` the message's.
+    fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)>;
+    /// The message's own subject: NATS or JetStream subject, AMQP routing key.
+    fn subject(&self) -> Option<&str> {
+        None
+    }
+    /// The Kafka partition it came from.
+    fn partition(&self) -> Option<i32> {
+        None
+    }
+    /// Whether settling reaches the source (false once the message is the spool's).
+    fn acknowledges(&self) -> bool {
+        true
+    }
+}
+
+/// A message that is the spool's: acknowledged at its source when it became durable (`ack =
+/// "spooled"`), or replayed from the spool after a restart. Nothing left to settle; its
+/// coordinates stay for dead letters.
 #[derive(Debug)]
-pub enum Origin {
-    /// A Kafka partition; the poll thread stores offsets from the contiguous watermark.
-    Kafka {
-        /// Source partition.
-        partition: i32,
-        /// Watermark epoch the completion must carry.
-        epoch: u64,
-    },
-    /// A JetStream consumer; the message is acked (or terminated once dead-lettered) itself.
-    JetStream {
-        /// Subject the message was published on.
-        subject: String,
-        /// The message, for its ack.
-        message: Box<async_nats::jetstream::Message>,
-    },
-    /// A RabbitMQ queue; the delivery is acked, or rejected without requeue once dead-lettered.
-    Amqp {
-        /// Source queue.
-        queue: String,
-        /// Routing key it was published with.
-        routing_key: String,
-        /// Whether the broker delivered it before.
-        redelivered: bool,
-        /// Acks on the delivering channel.
-        acker: lapin::acker::Acker,
-    },
-    /// A core NATS subscription: nothing to acknowledge (at-most-once).
-    Nats {
-        /// Subject the message was published on.
-        subject: String,
-    },
-    /// A ZeroMQ socket: nothing to acknowledge (at-most-once).
-    Zmq {
-        /// The socket's endpoint.
-        endpoint: String,
-    },
-    /// Already acknowledged: the message is in the core's spool (`ack = "spooled"`), written
-    /// from there; or replayed from the spool after a restart.
-    Spooled {
-        /// Its source coordinates, for dead letters.
-        coordinates: Vec<(&'static str, String)>,
-        /// Kafka partition, if it came from Kafka.
-        partition: Option<i32>,
-    },
+pub struct Spooled {
+    /// Its source coordinates, for dead letters.
+    pub coordinates: Vec<(&'static str, String)>,
+    /// Kafka partition, if it came from Kafka.
+    pub partition: Option<i32>,
+}
+
+impl Origin for Spooled {
+    fn settle(&self, _: Settlement, _: &str) {}
+
+    fn coordinates(&self, _: &str, _: i64) -> Vec<(&'static str, String)> {
+        self.coordinates.clone()
+    }
+
+    fn subject(&self) -> Option<&str> {
+        self.coordinates
+            .iter()
+            .find(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY)
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn partition(&self) -> Option<i32> {
+        self.partition
+    }
+
+    fn acknowledges(&self) -> bool {
+        false
+    }
 }
 
 impl SourceMessage {
     /// The Kafka partition it came from, if any.
     pub fn partition(&self) -> Option<i32> {
-        match &self.origin {
-            Origin::Kafka { partition, .. } => Some(*partition),
-            Origin::Spooled { partition, .. } => *partition,
-            _ => None,
-        }
+        self.origin.partition()
     }
 
     /// The message's own subject: NATS or JetStream subject, AMQP routing key.
     pub fn subject(&self) -> Option<&str> {
-        match &self.origin {
-            Origin::JetStream { subject, .. } | Origin::Nats { subject } => Some(subject),
-            Origin::Amqp { routing_key, .. } => Some(routing_key),
-            Origin::Spooled { coordinates, .. } => coordinates
-                .iter()
-                .find(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY)
-                .map(|(_, value)| value.as_str()),
-            Origin::Kafka { .. } | Origin::Zmq { .. } => None,
-        }
+        self.origin.subject()
     }
 
     /// What the mapper sees of this message.
@@ -133,37 +141,7 @@ impl SourceMessage {
 
     /// Where the message came from, as dead-letter headers.
     pub fn source_coordinates(&self, source: &str) -> Vec<(&'static str, String)> {
-        match &self.origin {
-            Origin::Spooled { coordinates, .. } => coordinates.clone(),
-            Origin::Kafka { partition, .. } => vec![
-                (headers::SOURCE_TOPIC, source.to_string()),
-                (headers::SOURCE_PARTITION, partition.to_string()),
-                (headers::SOURCE_OFFSET, self.position.to_string()),
-            ],
-            Origin::JetStream { subject, .. } => vec![
-                (headers::SOURCE_STREAM, source.to_string()),
-                (headers::SOURCE_SUBJECT, subject.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-            Origin::Amqp {
-                queue,
-                routing_key,
-                redelivered,
-                ..
-            } => vec![
-                (headers::SOURCE_QUEUE, queue.clone()),
-                (headers::SOURCE_ROUTING_KEY, routing_key.clone()),
-                (headers::SOURCE_REDELIVERED, redelivered.to_string()),
-            ],
-            Origin::Nats { subject } => vec![
-                (headers::SOURCE_SUBJECT, subject.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-            Origin::Zmq { endpoint } => vec![
-                (headers::SOURCE_ENDPOINT, endpoint.clone()),
-                (headers::SOURCE_SEQUENCE, self.position.to_string()),
-            ],
-        }
+        self.origin.coordinates(source, self.position)
     }
 }
 
@@ -186,11 +164,11 @@ impl SourceMessage {
 
     /// The origin a message has once it is the spool's: nothing left to acknowledge, its
     /// coordinates kept for dead letters.
-    pub fn spooled_origin(&self, source: &str) -> Origin {
-        Origin::Spooled {
+    pub fn spooled_origin(&self, source: &str) -> Box<dyn Origin> {
+        Box::new(Spooled {
             coordinates: self.source_coordinates(source),
             partition: self.partition(),
-        }
+        })
     }
 
     /// A message read back from the spool.
@@ -210,23 +188,12 @@ impl SourceMessage {
             key: record.key,
             headers: record.headers,
             payload: record.payload,
-            origin: Origin::Spooled {
+            origin: Box::new(Spooled {
                 coordinates,
                 partition: record.partition,
-            },
+            }),
         }
     }
-}
-
-/// A Kafka message that is written or dead-lettered, reported to the poll thread.
-#[derive(Debug, Clone, Copy)]
-pub struct Completion {
-    /// Source partition.
-    pub partition: i32,
-    /// Watermark epoch.
-    pub epoch: u64,
-    /// Source offset.
-    pub offset: i64,
 }
 
 #[cfg(test)]
@@ -242,9 +209,10 @@ mod tests {
             key: Some(b"k".to_vec()),
             headers: vec![("tenant".into(), "acme".into())],
             payload: None,
-            origin: Origin::Nats {
-                subject: "orders.created".into(),
-            },
+            origin: Box::new(Spooled {
+                coordinates: vec![(headers::SOURCE_SUBJECT, "orders.created".to_string())],
+                partition: None,
+            }),
         };
         let bytes = work.spool_record("orders", "orders-subject");
         let Ok(record::Record::Route(record)) = record::decode(&bytes) else {
@@ -260,6 +228,10 @@ mod tests {
         assert_eq!(back.payload, None, "a tombstone stays a tombstone");
         assert_eq!(back.headers, work.headers);
         assert_eq!(back.subject(), Some("orders.created"));
-        assert!(matches!(back.origin, Origin::Spooled { ref coordinates, partition: None } if coordinates.len() == 2));
+        assert!(
+            !back.origin.acknowledges(),
+            "a message from the spool has nothing to settle"
+        );
+        assert_eq!(back.source_coordinates("ignored").len(), 1);
     }
 }

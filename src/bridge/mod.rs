@@ -11,4 +11,19 @@ pub mod kafka;
 pub mod message;
 pub mod nats;
 pub mod route;
+pub mod source;
 pub mod zeromq;
+
+use crate::config::SourceConfig;
+use source::{Handoff, Opened, Start};
+
+/// Opens a route's source, whichever broker it is: the one `match` over source kinds.
+pub fn open_source(config: &SourceConfig, start: &Start<'_>, handoff: Handoff) -> anyhow::Result<Opened> {
+    match config {
+        SourceConfig::Kafka(config) => source::open::<kafka::KafkaSource>(config, start, handoff),
+        SourceConfig::JetStream(config) => source::open::<nats::JetStreamSource>(config, start, handoff),
+        SourceConfig::Nats(config) => source::open::<nats::NatsSource>(config, start, handoff),
+        SourceConfig::Amqp(config) => source::open::<amqp::AmqpSource>(config, start, handoff),
+        SourceConfig::Zmq(config) => source::open::<zeromq::ZmqSource>(config, start, handoff),
+    }
+}

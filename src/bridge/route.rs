@@ -5,10 +5,14 @@
 //! every other owner its rows in one task over the cross-core mesh (`runtime::mesh`). Owners
 //! write UNLOGGED batches of one replica and shard, retrying transient failures forever. What
 //! cannot be mapped or written goes to the route's dead-letter destination; only then, or once
-//! the row is confirmed, is the message completed (Kafka: contiguous watermark on the poll
-//! thread; JetStream: ack, or term after a dead letter). Messages in flight per core and route
-//! are bounded by a semaphore held until the owners answer, and the queues are bounded, so a
-//! slow database stops consumption instead of growing memory.
+//! the row is confirmed, is the message settled — by its origin, which each source implements in
+//! its own folder (Kafka: contiguous watermark on the poll thread; JetStream: ack, or term after
+//! a dead letter; RabbitMQ: ack, or reject). Each batch is admitted into the core's row budget
+//! (`runtime::budget`, shared with the core's other routes and the ingest API) and held until
+//! the owners answer, and the queues are bounded, so a slow database stops consumption instead
+//! of growing memory.
+//!
+//! Threads: every core (`run_on_core`, the writes on each row's owner core).
 //!
 //! One message may become several rows (several target tables, upserts or deletes): it completes
 //! once all of them are written, or is dead-lettered once if any is refused.
@@ -25,10 +29,10 @@ use arc_swap::ArcSwap;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-pub use super::message::Completion;
-use super::message::{Origin, SourceMessage};
+use super::message::{Settlement, SourceMessage};
 use crate::config::RouteConfig;
 use crate::mapping::{MappedRow, RouteMapper};
+use crate::runtime::budget::{Admitted, Budget};
 use crate::runtime::mesh::Mesh;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scylla as scylla_sink;
@@ -114,8 +118,6 @@ pub struct RouteWriter {
     pub statements: Vec<TargetStatements>,
     /// Where failed messages go.
     pub dead_letter: DeadLetterSink,
-    /// Kafka completions back to the poll thread (unused by other sources).
-    pub completions: Option<crossbeam_channel::Sender<Completion>>,
     /// Route counters.
     pub counters: Arc<RouteCounters>,
     /// Ring snapshot: each row's replica, shard and owner core.
@@ -168,20 +170,15 @@ impl RouteWriter {
 
     /// Processes a batch received on `core`. A spooled route first appends the batch to the
     /// core's spool, acknowledges the source once it is durable and releases the batch's
-    /// in-flight `permit` (the source may read on while the rows are written), then writes the
-    /// rows and completes the records. Otherwise the permit is held until the rows are written.
-    async fn process_batch(
-        self: &Arc<Self>,
-        core: usize,
-        mut batch: Vec<SourceMessage>,
-        permit: glommio::sync::StaticPermit,
-    ) {
+    /// admission into the core's budget (the source may read on while the rows are written), then writes the
+    /// rows and completes the records. Otherwise the admission is held until the rows are written.
+    async fn process_batch(self: &Arc<Self>, core: usize, mut batch: Vec<SourceMessage>, admitted: Admitted) {
         let metrics = &self.metrics[core];
         if !self.spooled {
             metrics.received.increment(batch.len() as u64);
             metrics.batch_rows.record(batch.len() as f64);
             self.write_batch(core, batch).await;
-            drop(permit);
+            drop(admitted);
             return;
         }
         let records: Vec<Vec<u8>> = batch
@@ -197,7 +194,7 @@ impl RouteWriter {
             self.complete(core, work, false);
             work.origin = work.spooled_origin(&self.source);
         }
-        drop(permit);
+        drop(admitted);
         // Written from memory while the core's budget allows; beyond, the records wait on disk
         // and the core's drain reads them back (`spool::drain`).
         let Some(spooled) = appended.hold() else {
@@ -319,66 +316,23 @@ impl RouteWriter {
         }
     }
 
-    /// Reports a message done: a Kafka completion to the poll thread (a closed channel only
-    /// happens after a shutdown deadline, when the message is replayed anyway), or a JetStream
-    /// ack — a termination when the message was dead-lettered, so it is never redelivered.
+    /// Settles a finished message at its source (its origin knows how: `kafka::ack`,
+    /// `nats::ack`, `amqp::ack`, ...) and records its delivery latency; nothing for a message
+    /// that is the spool's.
     fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool) {
-        if matches!(work.origin, Origin::Spooled { .. }) {
+        if !work.origin.acknowledges() {
             return;
         }
         if let Some(sent_ms) = work.timestamp_ms {
             let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
             self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
         }
-        match &work.origin {
-            Origin::Kafka { partition, epoch } => {
-                if let Some(completions) = &self.completions {
-                    let completion = Completion {
-                        partition: *partition,
-                        epoch: *epoch,
-                        offset: work.position,
-                    };
-                    // Never blocks a core (`kafka::completions_capacity`). Full can only be a bug:
-                    // the partition's offsets then stop advancing and it replays after a restart,
-                    // which is safe. Disconnected happens after a shutdown deadline: replayed too.
-                    if let Err(crossbeam_channel::TrySendError::Full(_)) = completions.try_send(completion) {
-                        tracing::error!(route = %self.route, partition, "completion channel full; offsets stop advancing");
-                    }
-                }
-            }
-            Origin::JetStream { message, .. } => {
-                let message = message.clone();
-                let route = self.route.clone();
-                let kind = if dead_lettered {
-                    async_nats::jetstream::AckKind::Term
-                } else {
-                    async_nats::jetstream::AckKind::Ack
-                };
-                // The ack is a publish on the island's connection; not awaited on the core.
-                tokio::spawn(async move {
-                    if let Err(error) = message.ack_with(kind).await {
-                        tracing::warn!(%route, %error, "JetStream ack failed; the message will be redelivered");
-                    }
-                });
-            }
-            Origin::Amqp { acker, .. } => {
-                let acker = acker.clone();
-                let route = self.route.clone();
-                tokio::spawn(async move {
-                    let result = if dead_lettered {
-                        acker
-                            .reject(lapin::options::BasicRejectOptions { requeue: false })
-                            .await
-                    } else {
-                        acker.ack(lapin::options::BasicAckOptions::default()).await
-                    };
-                    if let Err(error) = result {
-                        tracing::warn!(%route, %error, "RabbitMQ ack failed; the message will be redelivered");
-                    }
-                });
-            }
-            Origin::Nats { .. } | Origin::Zmq { .. } | Origin::Spooled { .. } => {}
-        }
+        let settlement = if dead_lettered {
+            Settlement::DeadLettered
+        } else {
+            Settlement::Written
+        };
+        work.origin.settle(settlement, &self.route);
     }
 
     async fn dead_letter(&self, core: usize, work: &SourceMessage, reason_code: &str, reason: &str) {
@@ -399,23 +353,64 @@ impl RouteWriter {
     }
 }
 
-/// Runs on core `core`: processes the batches this core receives for one route, with at most
-/// `inflight_max` messages in flight (forwarded rows included), until the poll thread closes the
-/// queue; then waits for the messages still in flight.
+/// Runs on core `core`: processes the batches this core receives for one route, each admitted
+/// into the core's row budget first (shared with the core's other routes and the ingest API;
+/// held until the owners answered, forwarded rows included), until the source closes the
+/// queue; then waits for this route's batches still in flight.
 pub async fn run_on_core(
     core: usize,
     writer: Arc<RouteWriter>,
     mut queue: tokio::sync::mpsc::Receiver<Vec<SourceMessage>>,
-    inflight_max: usize,
+    budget: Budget,
 ) {
-    let permits = Rc::new(glommio::sync::Semaphore::new(inflight_max as u64));
+    let in_flight = Rc::new(InFlight::default());
     while let Some(batch) = queue.recv().await {
-        let units = batch.len().clamp(1, inflight_max) as u64;
-        let Ok(permit) = permits.acquire_static_permit(units).await else {
+        let Some(admitted) = budget.admit(batch.len()).await else {
             return;
         };
         let writer = Arc::clone(&writer);
-        glommio::spawn_local(async move { writer.process_batch(core, batch, permit).await }).detach();
+        let task = in_flight.start();
+        glommio::spawn_local(async move {
+            writer.process_batch(core, batch, admitted).await;
+            drop(task);
+        })
+        .detach();
     }
-    let _ = permits.acquire(inflight_max as u64).await;
+    in_flight.finished().await;
+}
+
+/// Batches of one route in flight on one core.
+#[derive(Default)]
+struct InFlight {
+    tasks: std::cell::Cell<usize>,
+    done: tokio::sync::Notify,
+}
+
+/// One batch in flight; dropping it counts the batch done.
+struct Task(Rc<InFlight>);
+
+impl InFlight {
+    fn start(self: &Rc<Self>) -> Task {
+        self.tasks.set(self.tasks.get() + 1);
+        Task(Rc::clone(self))
+    }
+
+    async fn finished(&self) {
+        while self.tasks.get() > 0 {
+            let done = self.done.notified();
+            futures::pin_mut!(done);
+            done.as_mut().enable();
+            if self.tasks.get() == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.tasks.set(self.0.tasks.get() - 1);
+        self.0.done.notify_waiters();
+    }
 }

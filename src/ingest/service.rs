@@ -8,9 +8,9 @@
 //! the rest go to their owners as one task per owner over the cross-core mesh (`runtime::mesh`:
 //! one hop, counted in `shardgate_rows_forwarded_total`). `ACK_MODE_SPOOLED` appends the valid
 //! rows to the core's spool as one gRPC record (`spool::service`), answers once it is durable,
-//! and writes the rows it bound. Rows are admitted by a
-//! per-core semaphore of `inflight_rows_per_core_max` permits, acquired before a stream's next
-//! batch is read: when it is empty, the stream stops reading.
+//! and writes the rows it bound. Rows are admitted into the core's row budget
+//! (`runtime::budget`: `inflight_rows_per_core_max`, shared with the core's routes) before a
+//! stream's next batch is read: when it is full, the stream stops reading.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +27,7 @@ use scylla::value::MaybeUnset;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::runtime::budget::{Admitted, Budget};
 use crate::runtime::mesh::Mesh;
 use crate::server::limit::{take_oversized, OversizeLog};
 use crate::server::status::status;
@@ -123,10 +124,8 @@ pub struct IngestShared {
     pub ownership: Arc<ArcSwap<Ownership>>,
     /// The cross-core mesh rows are forwarded over.
     pub mesh: Arc<Mesh>,
-    /// In-flight row budget of each core.
-    pub budgets: Vec<Arc<Semaphore>>,
-    /// Rows one core may hold in flight.
-    pub inflight_rows_max: usize,
+    /// Each core's row budget, shared with the core's routes.
+    pub budgets: Vec<Budget>,
     /// `host:port` of each core's own port, published by `GetTopology`.
     pub core_endpoints: Vec<String>,
     /// Rows per UNLOGGED batch sent to the database (1 = single writes).
@@ -141,7 +140,7 @@ impl IngestShared {
         session: Arc<Session>,
         ownership: Arc<ArcSwap<Ownership>>,
         mesh: Arc<Mesh>,
-        inflight_rows_max: usize,
+        budgets: Vec<Budget>,
         write_batch_rows_max: usize,
         core_endpoints: Vec<String>,
     ) -> Arc<IngestShared> {
@@ -150,10 +149,7 @@ impl IngestShared {
             session,
             ownership,
             mesh,
-            budgets: (0..cores)
-                .map(|_| Arc::new(Semaphore::new(inflight_rows_max)))
-                .collect(),
-            inflight_rows_max,
+            budgets,
             core_endpoints,
             write_batch_rows_max: write_batch_rows_max.max(1),
             inflight_gauges: (0..cores)
@@ -569,33 +565,30 @@ impl IngestService {
         }
     }
 
-    /// Admits `rows` rows into this core's in-flight budget.
-    async fn admit(&self, rows: usize) -> Result<Admitted, Status> {
-        let permits = rows.clamp(1, self.shared.inflight_rows_max) as u32;
-        let permit = Arc::clone(&self.shared.budgets[self.core])
-            .acquire_many_owned(permits)
+    /// Admits `rows` rows into this core's budget (shared with its routes).
+    async fn admit(&self, rows: usize) -> Result<IngestAdmitted, Status> {
+        let admitted = self.shared.budgets[self.core]
+            .admit(rows)
             .await
-            .map_err(|_| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
+            .ok_or_else(|| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
         let gauge = self.shared.inflight_gauges[self.core].clone();
-        gauge.increment(f64::from(permits));
-        Ok(Admitted {
-            _permit: permit,
+        gauge.increment(admitted.rows() as f64);
+        Ok(IngestAdmitted {
+            _admitted: admitted,
             gauge,
-            rows: f64::from(permits),
         })
     }
 }
 
-/// Rows admitted into a core's budget; released (and un-counted) when dropped.
-struct Admitted {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+/// Ingest rows admitted into a core's budget; released (and un-counted) when dropped.
+struct IngestAdmitted {
+    _admitted: Admitted,
     gauge: metrics::Gauge,
-    rows: f64,
 }
 
-impl Drop for Admitted {
+impl Drop for IngestAdmitted {
     fn drop(&mut self) {
-        self.gauge.decrement(self.rows);
+        self.gauge.decrement(self._admitted.rows() as f64);
     }
 }
 

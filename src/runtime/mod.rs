@@ -9,7 +9,9 @@
 //! This module is the one place that knows about both runtimes, so a pinned tokio runtime per
 //! core stays a contained change if a benchmark ever says so.
 
+pub mod budget;
 pub mod mesh;
+pub mod shutdown;
 
 use std::future::Future;
 use std::thread::JoinHandle;

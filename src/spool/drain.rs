@@ -16,6 +16,7 @@ use futures::future::LocalBoxFuture;
 use super::record::{self, Record, RouteRecord};
 use super::service::{complete, core_backlog, core_spool, Backlog, Held, Spooled};
 use super::RecordId;
+use crate::runtime::shutdown::Stop;
 
 /// Records handed to a writer per chunk of the drain.
 const DRAIN_CHUNK: usize = 512;
@@ -37,7 +38,7 @@ pub trait Replay {
 }
 
 /// Runs on core `core` until `stop`, handing deferred records to `replay`.
-pub async fn drain_on_core(core: usize, replay: Rc<dyn Replay>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn drain_on_core(core: usize, replay: Rc<dyn Replay>, mut stop: Stop) {
     let (Some(backlog), Some(spool)) = (core_backlog(), core_spool()) else {
         return;
     };
@@ -144,9 +145,9 @@ fn settle(backlog: &Backlog, records: u64) {
 }
 
 /// The oldest segment's deferred records, once there are any; `None` at stop.
-async fn next_deferred(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<(u64, Vec<u32>)> {
+async fn next_deferred(backlog: &Backlog, stop: &mut Stop) -> Option<(u64, Vec<u32>)> {
     loop {
-        if *stop.borrow() {
+        if stop.is_stopped() {
             return None;
         }
         if let Some((segment, mut indexes)) = backlog.deferred.borrow_mut().pop_first() {
@@ -158,13 +159,9 @@ async fn next_deferred(backlog: &Backlog, stop: &mut tokio::sync::watch::Receive
 }
 
 /// Memory for `bytes` of drained records, once the core's budget admits them; `None` at stop.
-async fn held_when_admitted(
-    backlog: &Rc<Backlog>,
-    bytes: u64,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> Option<Held> {
+async fn held_when_admitted(backlog: &Rc<Backlog>, bytes: u64, stop: &mut Stop) -> Option<Held> {
     loop {
-        if *stop.borrow() {
+        if stop.is_stopped() {
             return None;
         }
         if backlog.admits(bytes) {
@@ -174,8 +171,8 @@ async fn held_when_admitted(
     }
 }
 
-async fn wait_for_change(backlog: &Backlog, stop: &mut tokio::sync::watch::Receiver<bool>) {
+async fn wait_for_change(backlog: &Backlog, stop: &mut Stop) {
     let changed = std::pin::pin!(backlog.changed.notified());
-    let stopped = std::pin::pin!(stop.changed());
+    let stopped = std::pin::pin!(stop.stopped());
     futures::future::select(changed, stopped).await;
 }

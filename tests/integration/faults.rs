@@ -257,9 +257,9 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         key: None,
         headers: Vec::new(),
         payload: Some(devkit::order_message_with_id(count)),
-        origin: shardgate::bridge::message::Origin::Nats {
+        origin: Box::new(shardgate::bridge::nats::ack::NatsOrigin {
             subject: subject.clone(),
-        },
+        }),
     };
     let torn = torn.spool_record("orders", "");
     devkit::tear_spool_tail(&names.dir.join("spool"), &torn).expect("tear the spool's tail");

@@ -17,22 +17,64 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod ack;
+
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::handoff::RoundRobin;
-use super::message::{Origin, SourceMessage};
+use super::message::SourceMessage;
 use super::route::RouteCounters;
+use super::source::{Consumer, Handoff, Source, Start};
 use crate::config::AmqpSourceConfig;
+use crate::runtime::shutdown::Stop;
 use crate::sink::broker::amqp::{connect, redact};
+use ack::AmqpOrigin;
 
 /// Deliveries handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A RabbitMQ route's source: checked at start-up (the broker answers, the queue exists or is
+/// declared); the consumer connects on the island and reconnects itself.
+pub struct AmqpSource {
+    config: AmqpSourceConfig,
+    shutdown_deadline: Duration,
+}
+
+impl Source for AmqpSource {
+    type Config = AmqpSourceConfig;
+
+    fn open(config: &AmqpSourceConfig, start: &Start<'_>) -> anyhow::Result<AmqpSource> {
+        start
+            .island
+            .block_on(check(config))
+            .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", start.route))?;
+        Ok(AmqpSource {
+            config: config.clone(),
+            shutdown_deadline: start.shutdown_deadline,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.config.queue.clone()
+    }
+
+    fn consumer(self, handoff: Handoff) -> Consumer {
+        Consumer::Island(Box::pin(consume(
+            handoff.route,
+            self.config,
+            handoff.queues,
+            handoff.counters,
+            handoff.stop,
+            self.shutdown_deadline,
+        )))
+    }
+}
 
 /// Checks at start-up that the broker answers and the queue exists (declaring it durable when
 /// `declare` is set), so a wrong URL or queue stops the gateway with the reason.
@@ -67,13 +109,13 @@ pub async fn consume(
     source: AmqpSourceConfig,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
     drain_deadline: Duration,
 ) {
     let mut cores = Some(RoundRobin::new(queues));
     let mut backoff = RECONNECT_BACKOFF_MIN;
     loop {
-        let stopped = *stop.borrow();
+        let stopped = stop.is_stopped();
         if stopped {
             break;
         }
@@ -82,7 +124,7 @@ pub async fn consume(
             Err(error) => {
                 tracing::warn!(%route, %error, backoff_ms = backoff.as_millis() as u64, "RabbitMQ connection lost; reconnecting");
                 tokio::select! {
-                    _ = stop.wait_for(|stop| *stop) => break,
+                    _ = stop.stopped() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
@@ -98,7 +140,7 @@ async fn consume_once(
     source: &AmqpSourceConfig,
     cores: &mut Option<RoundRobin>,
     counters: &RouteCounters,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Stop,
     drain_deadline: Duration,
 ) -> Result<(), String> {
     let connection = connect(&source.url).await.map_err(|e| e.to_string())?;
@@ -121,7 +163,7 @@ async fn consume_once(
     let mut chunks = consumer.ready_chunks(CHUNK_MESSAGES_MAX);
     loop {
         let chunk = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => None,
+            _ = stop.stopped() => None,
             chunk = chunks.next() => Some(chunk.ok_or_else(|| "consumer cancelled".to_string())?),
         };
         let Some(chunk) = chunk else {
@@ -138,7 +180,7 @@ async fn consume_once(
         };
         let handed = round_robin.hand_off(batch, counters, stop).await;
         // Not handed: stopping (the next turn drains), or a core gone without a stop.
-        if !handed && !*stop.borrow() {
+        if !handed && !stop.is_stopped() {
             return Ok(());
         }
     }
@@ -175,12 +217,12 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
         key: None,
         headers,
         payload: Some(delivery.data),
-        origin: Origin::Amqp {
+        origin: Box::new(AmqpOrigin {
             queue: queue.to_string(),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
             acker: delivery.acker,
-        },
+        }),
     }
 }
 

@@ -12,10 +12,11 @@
 //! carries a timestamp derived from the message (`mapping::write_timestamp_us`). When the cores'
 //! queues are full the poll thread blocks, so memory stays bounded.
 
+pub mod ack;
 pub mod watermark;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,15 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::message::{Completion, Origin, SourceMessage};
+use super::message::SourceMessage;
 use super::route::RouteCounters;
+use super::source::{Consumer as SourceConsumer, Handoff, Source, Start};
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
+use crate::runtime::shutdown::Stop;
 use crate::topology::kafka_partition_owner;
+pub use ack::Completion;
+use ack::KafkaOrigin;
 use watermark::Watermarks;
 
 /// Messages taken from librdkafka per dispatch round.
@@ -148,6 +153,66 @@ pub type RouteConsumer = BaseConsumer<RebalanceRecorder>;
 pub fn completions_capacity(cores: usize, inflight_max: usize) -> usize {
     let per_core = (super::handoff::CORE_QUEUE_BATCHES_MAX + 2) * POLL_BATCH_MAX + inflight_max;
     2 * cores.max(1) * per_core
+}
+
+/// A Kafka route's source: its subscribed consumer and the completion channel its cores report
+/// on; the consumer loop is the route's poll thread ([`Poller`]).
+pub struct KafkaSource {
+    config: KafkaSourceConfig,
+    consumer: RouteConsumer,
+    instance_id: Option<String>,
+    completions: (
+        crossbeam_channel::Sender<Completion>,
+        crossbeam_channel::Receiver<Completion>,
+    ),
+    shutdown_deadline: Duration,
+}
+
+impl Source for KafkaSource {
+    type Config = KafkaSourceConfig;
+
+    /// Subscribes on the (unpinned) main thread, so librdkafka's threads are not bound to a
+    /// data-plane core.
+    fn open(config: &KafkaSourceConfig, start: &Start<'_>) -> anyhow::Result<KafkaSource> {
+        let instance_id = start.gateway_id.map(|id| group_instance_id(id, start.route));
+        let consumer = subscribe(config, start.route, instance_id.as_deref()).map_err(|e| {
+            anyhow::anyhow!(
+                "route `{}`: cannot reach Kafka at `{}`: {e}",
+                start.route,
+                config.brokers
+            )
+        })?;
+        let capacity = completions_capacity(start.cores, start.inflight_rows_max);
+        Ok(KafkaSource {
+            config: config.clone(),
+            consumer,
+            instance_id,
+            completions: crossbeam_channel::bounded(capacity),
+            shutdown_deadline: start.shutdown_deadline,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.config.topic.clone()
+    }
+
+    fn consumer(self, handoff: Handoff) -> SourceConsumer {
+        let (completions_tx, completions) = self.completions;
+        let poller = Poller {
+            route: handoff.route,
+            topic: self.config.topic.clone(),
+            consumer: self.consumer,
+            source: self.config,
+            instance_id: self.instance_id,
+            queues: handoff.queues,
+            completions,
+            completions_tx,
+            stop: handoff.stop,
+            drain_deadline: self.shutdown_deadline,
+            counters: handoff.counters,
+        };
+        SourceConsumer::Thread(Box::new(move || poller.run()))
+    }
 }
 
 /// The `group.instance.id` of a route's consumer on gateway `gateway_id`: static membership,
@@ -280,8 +345,10 @@ pub struct Poller {
     pub queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
     /// Completions from the cores.
     pub completions: crossbeam_channel::Receiver<Completion>,
-    /// Set when the gateway is stopping.
-    pub shutdown: Arc<AtomicBool>,
+    /// The sending side, one clone in every message's origin.
+    pub completions_tx: crossbeam_channel::Sender<Completion>,
+    /// The gateway's stop signal.
+    pub stop: Stop,
     /// How long to wait for in-flight messages at shutdown.
     pub drain_deadline: Duration,
     /// Route counters.
@@ -333,7 +400,7 @@ impl Poller {
             member = self.instance_id.as_deref().unwrap_or("dynamic"),
             "consuming"
         );
-        while !self.shutdown.load(Ordering::Relaxed) {
+        while !self.stop.is_stopped() {
             self.apply_completions(&mut marks, &mut clocks, None);
             if let Some(since) = unassigned_since {
                 if last_wait_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_INTERVAL)
@@ -377,7 +444,12 @@ impl Poller {
                             key: message.key().map(<[u8]>::to_vec),
                             headers: text_headers(&message),
                             payload: message.payload().map(<[u8]>::to_vec),
-                            origin: Origin::Kafka { partition, epoch },
+                            origin: Box::new(KafkaOrigin {
+                                partition,
+                                epoch,
+                                offset,
+                                completions: self.completions_tx.clone(),
+                            }),
                         });
                         taken += 1;
                     }

@@ -12,17 +12,119 @@
 //! within `ack_wait` (a crashed gateway) is redelivered, to this or another gateway sharing the
 //! durable; replays write identical cells (timestamp from publish time and stream sequence).
 
+pub mod ack;
+
 use std::sync::Arc;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, stream};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::handoff::RoundRobin;
-use super::message::{Origin, SourceMessage};
+use super::message::SourceMessage;
 use super::route::RouteCounters;
-use crate::config::JetStreamSourceConfig;
-use crate::sink::broker::nats::{nats_error, NatsError};
+use super::source::{Consumer, Handoff, Source, Start};
+use crate::config::{JetStreamSourceConfig, NatsSourceConfig};
+use crate::runtime::shutdown::Stop;
+use crate::sink::broker::nats::{connect, nats_error, NatsError};
+use ack::{JetStreamOrigin, NatsOrigin};
+
+/// A JetStream route's source: its connection and durable pull consumer.
+pub struct JetStreamSource {
+    client: async_nats::Client,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    stream: String,
+}
+
+impl Source for JetStreamSource {
+    type Config = JetStreamSourceConfig;
+
+    fn open(config: &JetStreamSourceConfig, start: &Start<'_>) -> anyhow::Result<JetStreamSource> {
+        let route = start.route;
+        let client = start
+            .island
+            .block_on(connect(&config.url, route))
+            .map_err(|e| anyhow::anyhow!("route `{route}`: {e}"))?;
+        let consumer = start
+            .island
+            .block_on(consumer(client.clone(), config))
+            .map_err(|e| anyhow::anyhow!("route `{route}`: {e}"))?;
+        Ok(JetStreamSource {
+            client,
+            consumer,
+            stream: config.stream.clone(),
+        })
+    }
+
+    fn name(&self) -> String {
+        self.stream.clone()
+    }
+
+    fn connection(&self) -> Option<async_nats::Client> {
+        Some(self.client.clone())
+    }
+
+    fn consumer(self, handoff: Handoff) -> Consumer {
+        Consumer::Island(Box::pin(pull(
+            handoff.route,
+            self.consumer,
+            handoff.queues,
+            handoff.counters,
+            handoff.stop,
+        )))
+    }
+}
+
+/// A core NATS route's source: its connection and subscription (in a queue group if set).
+pub struct NatsSource {
+    client: async_nats::Client,
+    subscriber: async_nats::Subscriber,
+    subject: String,
+}
+
+impl Source for NatsSource {
+    type Config = NatsSourceConfig;
+
+    fn open(config: &NatsSourceConfig, start: &Start<'_>) -> anyhow::Result<NatsSource> {
+        let route = start.route;
+        let client = start
+            .island
+            .block_on(connect(&config.url, route))
+            .map_err(|e| anyhow::anyhow!("route `{route}`: {e}"))?;
+        let subscriber = start
+            .island
+            .block_on(async {
+                match &config.queue_group {
+                    Some(group) => client.queue_subscribe(config.subject.clone(), group.clone()).await,
+                    None => client.subscribe(config.subject.clone()).await,
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("route `{route}`: cannot subscribe to `{}`: {e}", config.subject))?;
+        Ok(NatsSource {
+            client,
+            subscriber,
+            subject: config.subject.clone(),
+        })
+    }
+
+    fn name(&self) -> String {
+        self.subject.clone()
+    }
+
+    fn connection(&self) -> Option<async_nats::Client> {
+        Some(self.client.clone())
+    }
+
+    fn consumer(self, handoff: Handoff) -> Consumer {
+        Consumer::Island(Box::pin(subscribe(
+            handoff.route,
+            self.subscriber,
+            handoff.queues,
+            handoff.counters,
+            handoff.stop,
+        )))
+    }
+}
 
 /// Messages handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
@@ -76,7 +178,7 @@ pub async fn pull(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
     let messages = match consumer.messages().await {
         Ok(messages) => messages,
@@ -90,7 +192,7 @@ pub async fn pull(
     let mut cores = RoundRobin::new(queues);
     loop {
         let chunk = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = stop.stopped() => break,
             chunk = chunks.next() => match chunk {
                 Some(chunk) => chunk,
                 None => break,
@@ -117,14 +219,14 @@ pub async fn subscribe(
     mut subscriber: async_nats::Subscriber,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
     tracing::info!(%route, cores = queues.len(), "subscribed (at-most-once)");
     let mut sequence: i64 = 0;
     let mut cores = RoundRobin::new(queues);
     loop {
         let chunk = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = stop.stopped() => break,
             first = subscriber.next() => match first {
                 Some(first) => first,
                 None => break,
@@ -154,9 +256,9 @@ fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessa
         key: None,
         headers: text_headers(message.headers.as_ref()),
         payload: Some(message.payload.to_vec()),
-        origin: Origin::Nats {
+        origin: Box::new(NatsOrigin {
             subject: message.subject.to_string(),
-        },
+        }),
     }
 }
 
@@ -192,9 +294,9 @@ fn source_message(message: jetstream::Message) -> SourceMessage {
         key: None,
         headers: text_headers(message.headers.as_ref()),
         payload: Some(message.payload.to_vec()),
-        origin: Origin::JetStream {
+        origin: Box::new(JetStreamOrigin {
             subject: message.subject.to_string(),
             message: Box::new(message),
-        },
+        }),
     }
 }

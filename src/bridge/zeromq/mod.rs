@@ -11,16 +11,18 @@
 //! but not yet written when the gateway dies are lost (the NVMe spool of issue 5 makes it
 //! at-least-once from receipt). Malformed messages still go to the dead-letter destination.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::handoff::RoundRobin;
-use super::message::{Origin, SourceMessage};
+use super::message::{Origin, Settlement, SourceMessage};
 use super::route::RouteCounters;
+use super::source::{Consumer, Handoff, Source, Start};
 use crate::config::{ZmqSocketKind, ZmqSourceConfig};
+use crate::runtime::shutdown::Stop;
+use crate::sink::dead_letter::headers;
 
 /// Messages per batch handed to a core, at most.
 const BATCH_MESSAGES_MAX: usize = 256;
@@ -60,19 +62,54 @@ pub fn open(source: &ZmqSourceConfig) -> Result<zmq::Socket, String> {
     Ok(socket)
 }
 
-/// The receive loop; returns after `shutdown`, dropping the core queues.
+/// A ZeroMQ route's source: its socket, bound or connected at start-up.
+pub struct ZmqSource {
+    socket: zmq::Socket,
+    endpoint: String,
+}
+
+impl Source for ZmqSource {
+    type Config = ZmqSourceConfig;
+
+    fn open(config: &ZmqSourceConfig, start: &Start<'_>) -> anyhow::Result<ZmqSource> {
+        let socket = open(config).map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", start.route))?;
+        Ok(ZmqSource {
+            socket,
+            endpoint: config.endpoint.clone(),
+        })
+    }
+
+    fn name(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    fn consumer(self, handoff: Handoff) -> Consumer {
+        Consumer::Thread(Box::new(move || {
+            receive(
+                handoff.route,
+                self.endpoint,
+                self.socket,
+                handoff.queues,
+                handoff.counters,
+                handoff.stop,
+            )
+        }))
+    }
+}
+
+/// The receive loop; returns once the gateway stops, dropping the core queues.
 pub fn receive(
     route: String,
     endpoint: String,
     socket: zmq::Socket,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
-    shutdown: Arc<AtomicBool>,
+    stop: Stop,
 ) {
     tracing::info!(%route, %endpoint, cores = queues.len(), "receiving (at-most-once)");
     let mut sequence: i64 = 0;
     let mut cores = RoundRobin::new(queues);
-    while !shutdown.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         let mut batch = Vec::new();
         let mut flags = 0;
         while batch.len() < BATCH_MESSAGES_MAX {
@@ -117,8 +154,26 @@ fn source_message(mut frames: Vec<Vec<u8>>, sequence: i64, endpoint: &str) -> So
         key,
         headers: Vec::new(),
         payload: Some(payload),
-        origin: Origin::Zmq {
+        origin: Box::new(ZmqOrigin {
             endpoint: endpoint.to_string(),
-        },
+        }),
+    }
+}
+
+/// Where a ZeroMQ message came from: nothing to acknowledge (at-most-once).
+#[derive(Debug)]
+pub struct ZmqOrigin {
+    /// The socket's endpoint.
+    pub endpoint: String,
+}
+
+impl Origin for ZmqOrigin {
+    fn settle(&self, _: Settlement, _: &str) {}
+
+    fn coordinates(&self, _: &str, position: i64) -> Vec<(&'static str, String)> {
+        vec![
+            (headers::SOURCE_ENDPOINT, self.endpoint.clone()),
+            (headers::SOURCE_SEQUENCE, position.to_string()),
+        ]
     }
 }
