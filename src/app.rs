@@ -148,18 +148,30 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     ready.set(0.0);
     tracing::info!("stopping: draining in-flight messages");
     stopper.stop();
+    stop_in_order(&island, running, cores, connections, config.runtime.shutdown_deadline);
+    Ok(())
+}
+
+/// The reverse of start-up, once the stop signal is raised: consumers finish (draining what
+/// they handed out, up to the deadline), then the cores, then the NATS connections flush (acks
+/// and dead letters the cores published leave before the process does).
+fn stop_in_order(
+    island: &Island,
+    running: Vec<Running>,
+    cores: Cores,
+    connections: Vec<async_nats::Client>,
+    deadline: Duration,
+) {
     for consumer in running {
         match consumer {
             Running::Thread(thread) => drop(thread.join()),
             Running::Task(task) => drop(island.block_on(task)),
         }
     }
-    join_cores_within(cores, config.runtime.shutdown_deadline);
-    // Acks and dead letters the cores published leave before the process does.
+    join_cores_within(cores, deadline);
     for client in connections {
         let _ = island.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.flush()).await });
     }
-    Ok(())
 }
 
 /// Start-up lines worth saying once: replay-unsafe tables (every table, with the ingest API on)

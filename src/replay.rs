@@ -375,21 +375,7 @@ impl Replayer {
             }
         };
         let count = rows.len() as u64;
-        let options = WriteOptions {
-            batch_rows_max: 1,
-            retries: Retries::UpTo(WRITE_ATTEMPTS),
-        };
-        let placed = rows.into_iter().map(|row| ((None, 0), row)).collect();
-        let outcomes = writer::write_rows(&self.session, self, placed, options, &self.metrics).await;
-        let mut refused = None;
-        for (_, outcome) in outcomes {
-            match outcome {
-                Ok(()) => {}
-                Err(WriteError::Refused(reason)) => refused = refused.or(Some(reason)),
-                Err(error) => bail!("the cluster stays unavailable: {}", error.reason()),
-            }
-        }
-        if let Some(reason) = refused {
+        if let Err(reason) = self.write_rows(rows).await? {
             self.dead_letter_again(
                 &letter,
                 &original_headers,
@@ -401,6 +387,25 @@ impl Replayer {
             return Ok(Some(Outcome::DeadLettered));
         }
         Ok(Some(Outcome::Written(count)))
+    }
+
+    /// Writes one letter's rows through the write engine: `Ok(Err(reason))` when the database
+    /// refuses one for good; `Err` when it stays unavailable past the attempts.
+    async fn write_rows(&self, rows: Vec<MappedRow>) -> anyhow::Result<Result<(), String>> {
+        let options = WriteOptions {
+            batch_rows_max: 1,
+            retries: Retries::UpTo(WRITE_ATTEMPTS),
+        };
+        let placed = rows.into_iter().map(|row| ((None, 0), row)).collect();
+        let mut refused = None;
+        for (_, outcome) in writer::write_rows(&self.session, self, placed, options, &self.metrics).await {
+            match outcome {
+                Ok(()) => {}
+                Err(WriteError::Refused(reason)) => refused = refused.or(Some(reason)),
+                Err(error) => bail!("the cluster stays unavailable: {}", error.reason()),
+            }
+        }
+        Ok(refused.map_or(Ok(()), Err))
     }
 
     async fn dead_letter_again(

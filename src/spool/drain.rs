@@ -68,74 +68,112 @@ pub async fn drain_on_core(core: usize, replay: Rc<dyn Replay>, mut stop: Stop) 
             }
         };
         let taken = indexes.len() as u64;
-        let mut skipped = Vec::new();
-        let mut by_route: BTreeMap<String, Vec<(RecordId, RouteRecord, u64)>> = BTreeMap::new();
-        let mut grpc = Vec::new();
-        for (index, bytes) in indexes.into_iter().zip(records) {
-            let id = RecordId { segment, index };
-            let Some(bytes) = bytes else {
-                tracing::error!(
-                    core,
-                    segment,
-                    index,
-                    "spool: record damaged after it was acknowledged; skipped"
-                );
-                skipped.push(id);
-                continue;
-            };
-            let size = bytes.len() as u64;
-            match record::decode(&bytes) {
-                Ok(Record::Grpc(batch)) if replay.knows_grpc() => grpc.push((id, batch, size)),
-                Ok(Record::Grpc(_)) => {
-                    if kept_for.insert(String::new()) {
-                        tracing::warn!(core, "spool: gRPC batches kept (the ingest API is not configured)");
-                    }
-                }
-                Ok(Record::Route(message)) if replay.knows_route(&message.route) => by_route
-                    .entry(message.route.clone())
-                    .or_default()
-                    .push((id, message, size)),
-                Ok(Record::Route(message)) => {
-                    if kept_for.insert(message.route.clone()) {
-                        tracing::warn!(core, route = %message.route, "spool: records of a route not in the config; kept");
-                    }
-                }
-                Err(reason) => {
-                    tracing::error!(core, %reason, "spool: undecodable record skipped");
-                    skipped.push(id);
-                }
-            }
-        }
+        let sorted = sort_records(core, segment, indexes, records, &*replay, &mut kept_for);
         // Records kept for an absent writer stay in the spool, no longer waiting.
-        let to_write = (grpc.len() + by_route.values().map(Vec::len).sum::<usize>()) as u64;
-        settle(&backlog, taken - to_write);
-        complete(&skipped).await;
-        for (id, batch, size) in grpc {
-            let Some(held) = held_when_admitted(&backlog, size, &mut stop).await else {
-                return;
-            };
-            settle(&backlog, 1);
-            if let Some(write) = replay.grpc(batch, Spooled::replayed(vec![id], held)) {
-                glommio::spawn_local(write).detach();
-            }
+        settle(&backlog, taken - sorted.to_write());
+        complete(&sorted.skipped).await;
+        if !hand_over(sorted, &backlog, &*replay, &mut stop).await {
+            return;
         }
-        for (route, messages) in by_route {
-            let mut messages = messages.into_iter().peekable();
-            while messages.peek().is_some() {
-                let chunk: Vec<_> = messages.by_ref().take(DRAIN_CHUNK).collect();
-                let size = chunk.iter().map(|(_, _, size)| size).sum();
-                let Some(held) = held_when_admitted(&backlog, size, &mut stop).await else {
-                    return;
-                };
-                settle(&backlog, chunk.len() as u64);
-                let (ids, messages): (Vec<RecordId>, Vec<RouteRecord>) =
-                    chunk.into_iter().map(|(id, message, _)| (id, message)).unzip();
-                if let Some(write) = replay.route(&route, messages, Spooled::replayed(ids, held)) {
-                    glommio::spawn_local(write).detach();
+    }
+}
+
+/// One segment's deferred records, sorted by who writes them.
+#[derive(Default)]
+struct Sorted {
+    /// Damaged or undecodable: completed without a write (logged).
+    skipped: Vec<RecordId>,
+    /// Route messages by route, each with its record's size.
+    by_route: BTreeMap<String, Vec<(RecordId, RouteRecord, u64)>>,
+    /// gRPC batches, each with its record's size.
+    grpc: Vec<(RecordId, Vec<u8>, u64)>,
+}
+
+impl Sorted {
+    fn to_write(&self) -> u64 {
+        (self.grpc.len() + self.by_route.values().map(Vec::len).sum::<usize>()) as u64
+    }
+}
+
+/// Decodes records read back from `segment` and sorts them: to a route's writer, to the ingest
+/// API, kept (no writer for them now; logged once per route in `kept_for`), or skipped.
+fn sort_records(
+    core: usize,
+    segment: u64,
+    indexes: Vec<u32>,
+    records: Vec<Option<Vec<u8>>>,
+    replay: &dyn Replay,
+    kept_for: &mut BTreeSet<String>,
+) -> Sorted {
+    let mut sorted = Sorted::default();
+    for (index, bytes) in indexes.into_iter().zip(records) {
+        let id = RecordId { segment, index };
+        let Some(bytes) = bytes else {
+            tracing::error!(
+                core,
+                segment,
+                index,
+                "spool: record damaged after it was acknowledged; skipped"
+            );
+            sorted.skipped.push(id);
+            continue;
+        };
+        let size = bytes.len() as u64;
+        match record::decode(&bytes) {
+            Ok(Record::Grpc(batch)) if replay.knows_grpc() => sorted.grpc.push((id, batch, size)),
+            Ok(Record::Grpc(_)) => {
+                if kept_for.insert(String::new()) {
+                    tracing::warn!(core, "spool: gRPC batches kept (the ingest API is not configured)");
                 }
+            }
+            Ok(Record::Route(message)) if replay.knows_route(&message.route) => sorted
+                .by_route
+                .entry(message.route.clone())
+                .or_default()
+                .push((id, message, size)),
+            Ok(Record::Route(message)) => {
+                if kept_for.insert(message.route.clone()) {
+                    tracing::warn!(core, route = %message.route, "spool: records of a route not in the config; kept");
+                }
+            }
+            Err(reason) => {
+                tracing::error!(core, %reason, "spool: undecodable record skipped");
+                sorted.skipped.push(id);
             }
         }
     }
+    sorted
+}
+
+/// Hands sorted records to their writers, each chunk once the core's memory budget admits it;
+/// `false` at stop.
+async fn hand_over(sorted: Sorted, backlog: &Rc<Backlog>, replay: &dyn Replay, stop: &mut Stop) -> bool {
+    for (id, batch, size) in sorted.grpc {
+        let Some(held) = held_when_admitted(backlog, size, stop).await else {
+            return false;
+        };
+        settle(backlog, 1);
+        if let Some(write) = replay.grpc(batch, Spooled::replayed(vec![id], held)) {
+            glommio::spawn_local(write).detach();
+        }
+    }
+    for (route, messages) in sorted.by_route {
+        let mut messages = messages.into_iter().peekable();
+        while messages.peek().is_some() {
+            let chunk: Vec<_> = messages.by_ref().take(DRAIN_CHUNK).collect();
+            let size = chunk.iter().map(|(_, _, size)| size).sum();
+            let Some(held) = held_when_admitted(backlog, size, stop).await else {
+                return false;
+            };
+            settle(backlog, chunk.len() as u64);
+            let (ids, messages): (Vec<RecordId>, Vec<RouteRecord>) =
+                chunk.into_iter().map(|(id, message, _)| (id, message)).unzip();
+            if let Some(write) = replay.route(&route, messages, Spooled::replayed(ids, held)) {
+                glommio::spawn_local(write).detach();
+            }
+        }
+    }
+    true
 }
 
 /// Counts `records` of the drain's current segment as no longer waiting.

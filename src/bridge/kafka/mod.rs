@@ -431,26 +431,8 @@ impl Poller {
                         break;
                     }
                     Some(Ok(message)) => {
-                        let partition = message.partition();
-                        let offset = message.offset();
-                        let timestamp_ms = message.timestamp().to_millis();
-                        let write_timestamp_us = clocks.next(partition, timestamp_ms);
-                        let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
-                        let owner = kafka_partition_owner(partition, self.queues.len());
-                        batches[owner].push(SourceMessage {
-                            position: offset,
-                            timestamp_ms,
-                            write_timestamp_us: Some(write_timestamp_us),
-                            key: message.key().map(<[u8]>::to_vec),
-                            headers: text_headers(&message),
-                            payload: message.payload().map(<[u8]>::to_vec),
-                            origin: Box::new(KafkaOrigin {
-                                partition,
-                                epoch,
-                                offset,
-                                completions: self.completions_tx.clone(),
-                            }),
-                        });
+                        let (owner, message) = self.source_message(&message, &mut marks, &mut clocks);
+                        batches[owner].push(message);
                         taken += 1;
                     }
                 }
@@ -468,6 +450,37 @@ impl Poller {
             }
         }
         self.drain(marks, clocks);
+    }
+
+    /// A polled message copied out for its partition's core (returned with it): stamped with
+    /// its partition's write clock and tracked in the watermark.
+    fn source_message(
+        &self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        marks: &mut Watermarks,
+        clocks: &mut Clocks,
+    ) -> (usize, SourceMessage) {
+        let partition = message.partition();
+        let offset = message.offset();
+        let timestamp_ms = message.timestamp().to_millis();
+        let write_timestamp_us = clocks.next(partition, timestamp_ms);
+        let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
+        let owner = kafka_partition_owner(partition, self.queues.len());
+        let message = SourceMessage {
+            position: offset,
+            timestamp_ms,
+            write_timestamp_us: Some(write_timestamp_us),
+            key: message.key().map(<[u8]>::to_vec),
+            headers: text_headers(message),
+            payload: message.payload().map(<[u8]>::to_vec),
+            origin: Box::new(KafkaOrigin {
+                partition,
+                epoch,
+                offset,
+                completions: self.completions_tx.clone(),
+            }),
+        };
+        (owner, message)
     }
 
     /// Replaces a consumer that lost its partitions and never rejoined with a fresh one,
