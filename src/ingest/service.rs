@@ -51,6 +51,8 @@ use crate::wire::proto::{
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
+/// Longest a unary call waits for room in its core's row budget before it is answered OVERLOADED.
+const UNARY_ADMIT_WAIT: Duration = Duration::from_secs(1);
 /// Batches answered concurrently on one stream.
 const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Rows one batch may carry.
@@ -565,12 +567,36 @@ impl IngestService {
         }
     }
 
-    /// Admits `rows` rows into this core's budget (shared with its routes).
+    /// Admits `rows` rows into this core's budget (shared with its routes), waiting for room
+    /// (a stream: it stops reading meanwhile).
     async fn admit(&self, rows: usize) -> Result<IngestAdmitted, Status> {
-        let admitted = self.shared.budgets[self.core]
-            .admit(rows)
-            .await
-            .ok_or_else(|| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
+        let admitted = self.shared.budgets[self.core].admit(rows).await;
+        self.admitted(admitted)
+    }
+
+    /// Admits a unary call's rows, waiting at most [`UNARY_ADMIT_WAIT`]: a unary call cannot be
+    /// slowed by flow control, and a core whose budget stays full (its routes stalled behind a
+    /// full spool, say) answers OVERLOADED rather than holding the call.
+    async fn admit_unary(&self, rows: usize) -> Result<IngestAdmitted, Status> {
+        let budget = &self.shared.budgets[self.core];
+        match budget.admit_within(rows, UNARY_ADMIT_WAIT).await {
+            Ok(admitted) => self.admitted(admitted),
+            Err(()) => {
+                self.count_refusal(ErrorCode::Overloaded);
+                Err(status(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "core {} has `runtime.inflight_rows_per_core_max` = {} rows in flight; retry later",
+                        self.core,
+                        budget.rows_max()
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn admitted(&self, admitted: Option<Admitted>) -> Result<IngestAdmitted, Status> {
+        let admitted = admitted.ok_or_else(|| status(ErrorCode::Unavailable, "gateway is shutting down"))?;
         let gauge = self.shared.inflight_gauges[self.core].clone();
         gauge.increment(admitted.rows() as f64);
         Ok(IngestAdmitted {
@@ -691,7 +717,7 @@ impl Ingest for IngestService {
         let Some(batch) = request.batch else {
             return self.unary_answer(Err((ErrorCode::Malformed, "`batch` is required".to_string())));
         };
-        let _permit = self.admit(batch.rows.len()).await?;
+        let _permit = self.admit_unary(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
     }
 
@@ -704,7 +730,7 @@ impl Ingest for IngestService {
             Ok(batch) => batch,
             Err(error) => return self.unary_answer(Err((ErrorCode::Malformed, error.to_string()))),
         };
-        let _permit = self.admit(batch.rows.len()).await?;
+        let _permit = self.admit_unary(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
     }
 

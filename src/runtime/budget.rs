@@ -52,6 +52,14 @@ impl Budget {
         Some(Admitted { _permit: permit, rows })
     }
 
+    /// [`Budget::admit`], waiting at most `wait`: `Err(())` when the rows did not fit in time (a
+    /// unary call is refused then — it cannot be slowed by flow control the way a stream is).
+    /// `Ok(None)` once the budget is closed. Runs where tokio's timer is available (the cores
+    /// enter the island's handle).
+    pub async fn admit_within(&self, rows: usize, wait: std::time::Duration) -> Result<Option<Admitted>, ()> {
+        tokio::time::timeout(wait, self.admit(rows)).await.map_err(|_| ())
+    }
+
     /// Rows the budget holds at most.
     pub fn rows_max(&self) -> usize {
         self.rows_max
