@@ -26,7 +26,7 @@ use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::source::{Consumer, Handoff, Opened, Start};
 use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
-use crate::runtime::budget::Budget;
+use crate::runtime::budget::{self, Budget};
 use crate::runtime::mesh::{self, Mesh};
 use crate::runtime::shutdown::{self, Stop};
 use crate::runtime::{data_plane_cpus, spawn_housekeeping, Cores, Island};
@@ -108,9 +108,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         cores: cpus.len(),
         stop,
     };
-    let budgets: Vec<Budget> = (0..cpus.len())
-        .map(|_| Budget::new(config.runtime.inflight_rows_per_core_max))
-        .collect();
+    // Each route and the ingest API get an equal share of every core's row budget.
+    let consumers = config.routes.len() + usize::from(config.ingest.is_some());
+    let share = budget::shares(config.runtime.inflight_rows_per_core_max, consumers);
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut consumers = Vec::with_capacity(config.routes.len());
     let mut connections = Vec::new();
@@ -131,8 +131,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
     }
-    let ingest = ingest_parts(&base, &budgets);
-    let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, budgets)?;
+    let ingest = ingest_parts(&base, share);
+    let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, share)?;
     let running = consumers
         .into_iter()
         .map(|(route, consumer)| start_consumer(&island, &route, consumer))
@@ -256,7 +256,7 @@ fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute>
 }
 
 /// Each core's share of the ingest API, if it is configured.
-fn ingest_parts(base: &Base<'_>, budgets: &[Budget]) -> Vec<Option<CoreIngest>> {
+fn ingest_parts(base: &Base<'_>, share: usize) -> Vec<Option<CoreIngest>> {
     let Some(ingest) = &base.config.ingest else {
         return (0..base.cores).map(|_| None).collect();
     };
@@ -271,7 +271,7 @@ fn ingest_parts(base: &Base<'_>, budgets: &[Budget]) -> Vec<Option<CoreIngest>> 
         Arc::clone(&base.session),
         Arc::clone(&base.ownership),
         Arc::clone(&base.mesh),
-        budgets.to_vec(),
+        (0..base.cores).map(|_| Budget::new(share)).collect(),
         base.config.runtime.write_batch_rows_max,
         endpoints,
     );
@@ -293,7 +293,7 @@ fn start_cores(
     per_core: Vec<Vec<CoreRoute>>,
     ingest: Vec<Option<CoreIngest>>,
     inboxes: Vec<mesh::Inbox>,
-    budgets: Vec<Budget>,
+    share: usize,
 ) -> anyhow::Result<Cores> {
     let config = base.config;
     let (bound_tx, bound_rx) = crossbeam_channel::bounded::<Result<(), String>>(cpus.len());
@@ -309,14 +309,14 @@ fn start_cores(
     let bodies: Vec<_> = per_core
         .into_iter()
         .zip(ingest)
-        .zip(inboxes.into_iter().zip(budgets))
+        .zip(inboxes)
         .enumerate()
-        .map(|(core, ((routes, ingest), (inbox, budget)))| {
+        .map(|(core, ((routes, ingest), inbox))| {
             let body = CoreBody {
                 core,
                 routes,
                 ingest,
-                budget,
+                share,
                 spool: spool.clone(),
                 stop: base.stop.clone(),
                 bound: bound_tx.clone(),
@@ -342,7 +342,8 @@ struct CoreBody {
     core: usize,
     routes: Vec<CoreRoute>,
     ingest: Option<CoreIngest>,
-    budget: Budget,
+    /// Each route's share of the core's row budget.
+    share: usize,
     spool: Option<crate::config::SpoolConfig>,
     stop: Stop,
     bound: crossbeam_channel::Sender<Result<(), String>>,
@@ -373,11 +374,11 @@ impl CoreBody {
                 .map(|part| IngestService::new(core, Arc::clone(&part.shared))),
         });
         let draining = drain::drain_on_core(core, replay, self.stop.clone());
-        let budget = self.budget;
+        let share = self.share;
         let tasks = self
             .routes
             .into_iter()
-            .map(|r| route::run_on_core(core, r.writer, r.queue, budget.clone()));
+            .map(|r| route::run_on_core(core, r.writer, r.queue, Budget::new(share)));
         let (stop, bound) = (self.stop, self.bound);
         let ingest = async move {
             match self.ingest {

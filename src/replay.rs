@@ -153,36 +153,7 @@ impl Replayer {
             .set("auto.offset.reset", "earliest")
             .create()
             .context("Kafka consumer")?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(15))
-            .with_context(|| format!("metadata of `{topic}`"))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            bail!("dead-letter topic `{topic}` does not exist");
-        }
-        let mut ends = HashMap::new();
-        let mut assignment = TopicPartitionList::new();
-        for &partition in &partitions {
-            let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(15))?;
-            ends.insert(partition, high);
-            assignment.add_partition(topic, partition);
-        }
-        let committed = consumer.committed_offsets(assignment.clone(), Duration::from_secs(15))?;
-        let mut start = TopicPartitionList::new();
-        let mut positions = HashMap::new();
-        for element in committed.elements() {
-            let offset = match element.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            positions.insert(element.partition(), offset);
-            start.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?;
-        }
-        consumer.assign(&start)?;
+        let (ends, mut positions) = assign_from_committed(&consumer, topic)?;
         let mut report = ReplayReport::default();
         let done = |positions: &HashMap<i32, i64>| {
             ends.iter()
@@ -203,18 +174,7 @@ impl Replayer {
                     continue;
                 }
                 positions.insert(partition, offset + 1);
-                let mut headers = HashMap::new();
-                if let Some(list) = message.headers() {
-                    for header in list.iter() {
-                        let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                        headers.insert(header.key.to_string(), value.unwrap_or_default());
-                    }
-                }
-                chunk.push(Letter {
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
+                chunk.push(Letter::of(&message));
                 if done(&positions) {
                     break;
                 }
@@ -442,6 +402,63 @@ impl Statements<MappedRow> for Replayer {
 
     fn values<'r>(&self, row: &'r MappedRow) -> &'r RowValues {
         &row.values
+    }
+}
+
+/// Assigns every partition of `topic` from the replay group's committed offsets; returns each
+/// partition's end (high watermark when the run starts) and its start position.
+fn assign_from_committed(
+    consumer: &BaseConsumer,
+    topic: &str,
+) -> anyhow::Result<(HashMap<i32, i64>, HashMap<i32, i64>)> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .with_context(|| format!("metadata of `{topic}`"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("dead-letter topic `{topic}` does not exist");
+    }
+    let mut ends = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for &partition in &partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(15))?;
+        ends.insert(partition, high);
+        assignment.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(assignment, Duration::from_secs(15))?;
+    let mut start = TopicPartitionList::new();
+    let mut positions = HashMap::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        positions.insert(element.partition(), offset);
+        start.add_partition_offset(topic, element.partition(), Offset::Offset(offset))?;
+    }
+    consumer.assign(&start)?;
+    Ok((ends, positions))
+}
+
+impl Letter {
+    /// A dead letter read from a Kafka topic: key, payload and text headers.
+    fn of(message: &rdkafka::message::BorrowedMessage<'_>) -> Letter {
+        let mut headers = HashMap::new();
+        if let Some(list) = message.headers() {
+            for header in list.iter() {
+                let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                headers.insert(header.key.to_string(), value.unwrap_or_default());
+            }
+        }
+        Letter {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
     }
 }
 

@@ -7,9 +7,8 @@
 //! cannot be mapped or written goes to the route's dead-letter destination; only then, or once
 //! the row is confirmed, is the message settled — by its origin, which each source implements in
 //! its own folder (Kafka: contiguous watermark on the poll thread; JetStream: ack, or term after
-//! a dead letter; RabbitMQ: ack, or reject). Each batch is admitted into the core's row budget
-//! (`runtime::budget`, shared with the core's other routes and the ingest API) and held until
-//! the owners answer, and the queues are bounded, so a slow database stops consumption instead
+//! a dead letter; RabbitMQ: ack, or reject). Each batch is admitted into the route's share of
+//! the core's row budget (`runtime::budget`) and held until the owners answer, and the queues are bounded, so a slow database stops consumption instead
 //! of growing memory.
 //!
 //! Threads: every core (`run_on_core`, the writes on each row's owner core).
@@ -354,9 +353,9 @@ impl RouteWriter {
 }
 
 /// Runs on core `core`: processes the batches this core receives for one route, each admitted
-/// into the core's row budget first (shared with the core's other routes and the ingest API;
-/// held until the owners answered, forwarded rows included), until the source closes the
-/// queue; then waits for this route's batches still in flight.
+/// into the route's share of the core's row budget first (held until the owners answered,
+/// forwarded rows included), until the source closes the queue; then waits for this route's
+/// batches still in flight.
 pub async fn run_on_core(
     core: usize,
     writer: Arc<RouteWriter>,

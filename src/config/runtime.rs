@@ -19,9 +19,9 @@ pub struct RawRuntime {
     /// Worker threads of the tokio driver island (database and broker sockets).
     #[serde(default = "default_island_threads")]
     pub island_threads: usize,
-    /// Rows a core may have in flight before its sources stop reading: one budget per core,
-    /// shared by every route and the ingest API on it (a source message counts as one row until
-    /// it is mapped).
+    /// Rows a core may have in flight before its sources stop reading, in all: split evenly
+    /// among the core's routes and the ingest API, so a stalled route cannot starve the others
+    /// (a source message counts as one row until it is mapped). Raise it with many routes.
     #[serde(default = "default_inflight_rows")]
     pub inflight_rows_per_core_max: usize,
     /// Graceful shutdown deadline in milliseconds: in-flight messages finish within it, the rest

@@ -8,9 +8,9 @@
 //! the rest go to their owners as one task per owner over the cross-core mesh (`runtime::mesh`:
 //! one hop, counted in `shardgate_rows_forwarded_total`). `ACK_MODE_SPOOLED` appends the valid
 //! rows to the core's spool as one gRPC record (`spool::service`), answers once it is durable,
-//! and writes the rows it bound. Rows are admitted into the core's row budget
-//! (`runtime::budget`: `inflight_rows_per_core_max`, shared with the core's routes) before a
-//! stream's next batch is read: when it is full, the stream stops reading.
+//! and writes the rows it bound. Rows are admitted into the ingest API's share of the core's row
+//! budget (`runtime::budget`) before a stream's next batch is read: when it is full, the stream
+//! stops reading.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -51,8 +51,6 @@ use crate::wire::proto::{
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
-/// Longest a unary call waits for room in its core's row budget before it is answered OVERLOADED.
-const UNARY_ADMIT_WAIT: Duration = Duration::from_secs(1);
 /// Batches answered concurrently on one stream.
 const STREAM_BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Rows one batch may carry.
@@ -126,7 +124,7 @@ pub struct IngestShared {
     pub ownership: Arc<ArcSwap<Ownership>>,
     /// The cross-core mesh rows are forwarded over.
     pub mesh: Arc<Mesh>,
-    /// Each core's row budget, shared with the core's routes.
+    /// Each core's ingest share of its row budget.
     pub budgets: Vec<Budget>,
     /// `host:port` of each core's own port, published by `GetTopology`.
     pub core_endpoints: Vec<String>,
@@ -567,32 +565,11 @@ impl IngestService {
         }
     }
 
-    /// Admits `rows` rows into this core's budget (shared with its routes), waiting for room
-    /// (a stream: it stops reading meanwhile).
+    /// Admits `rows` rows into this core's ingest share of the row budget, waiting for room (a
+    /// stream stops reading meanwhile).
     async fn admit(&self, rows: usize) -> Result<IngestAdmitted, Status> {
         let admitted = self.shared.budgets[self.core].admit(rows).await;
         self.admitted(admitted)
-    }
-
-    /// Admits a unary call's rows, waiting at most [`UNARY_ADMIT_WAIT`]: a unary call cannot be
-    /// slowed by flow control, and a core whose budget stays full (its routes stalled behind a
-    /// full spool, say) answers OVERLOADED rather than holding the call.
-    async fn admit_unary(&self, rows: usize) -> Result<IngestAdmitted, Status> {
-        let budget = &self.shared.budgets[self.core];
-        match budget.admit_within(rows, UNARY_ADMIT_WAIT).await {
-            Ok(admitted) => self.admitted(admitted),
-            Err(()) => {
-                self.count_refusal(ErrorCode::Overloaded);
-                Err(status(
-                    ErrorCode::Overloaded,
-                    format!(
-                        "core {} has `runtime.inflight_rows_per_core_max` = {} rows in flight; retry later",
-                        self.core,
-                        budget.rows_max()
-                    ),
-                ))
-            }
-        }
     }
 
     fn admitted(&self, admitted: Option<Admitted>) -> Result<IngestAdmitted, Status> {
@@ -717,7 +694,7 @@ impl Ingest for IngestService {
         let Some(batch) = request.batch else {
             return self.unary_answer(Err((ErrorCode::Malformed, "`batch` is required".to_string())));
         };
-        let _permit = self.admit_unary(batch.rows.len()).await?;
+        let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
     }
 
@@ -730,7 +707,7 @@ impl Ingest for IngestService {
             Ok(batch) => batch,
             Err(error) => return self.unary_answer(Err((ErrorCode::Malformed, error.to_string()))),
         };
-        let _permit = self.admit_unary(batch.rows.len()).await?;
+        let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
     }
 

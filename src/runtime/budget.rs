@@ -1,9 +1,12 @@
-//! One admission budget per core, in rows: `runtime.inflight_rows_per_core_max` rows may be in
-//! flight on a core across everything that admits work there — every route's batches (a source
-//! message counts as one row until it is mapped) and every ingest batch. Work is admitted before
-//! it is read on, so a full budget stops the sources and streams feeding that core: a slow
-//! database slows intake instead of growing memory. Rows forwarded to another core stay counted
-//! on the core that admitted them, until their owner answers.
+//! Admission in rows: `runtime.inflight_rows_per_core_max` rows may be in flight on a core, in
+//! all. [`shares`] splits that per-core budget evenly among the core's consumers — each route
+//! and the ingest API get a [`Budget`] of their own share — so the key's value is the core's
+//! total (before, each consumer had the whole value: (routes + 1) × it per core), and a route
+//! stalled on the database cannot starve the ingest API (which keeps accepting spooled batches
+//! through an outage) or another route. A source message counts as one row until it is mapped.
+//! Work is admitted before it is read on, so a full share stops the source or stream feeding it:
+//! a slow database slows intake instead of growing memory. Rows forwarded to another core stay
+//! counted on the core that admitted them, until their owner answers.
 //!
 //! Threads: admitted and released on the core that owns the budget; the semaphore is tokio's
 //! (runtime-agnostic), so a tonic future holding an admission stays `Send`.
@@ -33,6 +36,12 @@ impl Admitted {
     }
 }
 
+/// Each consumer's share of a core's `rows_per_core` rows when `consumers` share the core
+/// (at least 1 row each).
+pub fn shares(rows_per_core: usize, consumers: usize) -> usize {
+    (rows_per_core / consumers.max(1)).max(1)
+}
+
 impl Budget {
     /// A budget of `rows_max` rows (at least 1).
     pub fn new(rows_max: usize) -> Budget {
@@ -50,14 +59,6 @@ impl Budget {
         let permits = u32::try_from(rows).unwrap_or(u32::MAX);
         let permit = Arc::clone(&self.rows).acquire_many_owned(permits).await.ok()?;
         Some(Admitted { _permit: permit, rows })
-    }
-
-    /// [`Budget::admit`], waiting at most `wait`: `Err(())` when the rows did not fit in time (a
-    /// unary call is refused then — it cannot be slowed by flow control the way a stream is).
-    /// `Ok(None)` once the budget is closed. Runs where tokio's timer is available (the cores
-    /// enter the island's handle).
-    pub async fn admit_within(&self, rows: usize, wait: std::time::Duration) -> Result<Option<Admitted>, ()> {
-        tokio::time::timeout(wait, self.admit(rows)).await.map_err(|_| ())
     }
 
     /// Rows the budget holds at most.
