@@ -171,7 +171,7 @@ impl RouteWriter {
     /// core's spool, acknowledges the source once it is durable and releases the batch's
     /// admission into the core's budget (the source may read on while the rows are written), then writes the
     /// rows and completes the records. Otherwise the admission is held until the rows are written.
-    async fn process_batch(self: &Arc<Self>, core: usize, mut batch: Vec<SourceMessage>, admitted: Admitted) {
+    async fn process_batch(self: &Arc<Self>, core: usize, mut batch: Vec<SourceMessage>, admitted: (Admitted, Task)) {
         let metrics = &self.metrics[core];
         if !self.spooled {
             metrics.received.increment(batch.len() as u64);
@@ -368,12 +368,11 @@ pub async fn run_on_core(
             return;
         };
         let writer = Arc::clone(&writer);
-        let task = in_flight.start();
-        glommio::spawn_local(async move {
-            writer.process_batch(core, batch, admitted).await;
-            drop(task);
-        })
-        .detach();
+        // The batch counts as in flight while it holds its admission: a spooled batch lets go
+        // once it is durable, so a stop waits for the spool, not for the database (the spool's
+        // `finish_on_core` then waits for its writes, up to the deadline).
+        let admission = (admitted, in_flight.start());
+        glommio::spawn_local(async move { writer.process_batch(core, batch, admission).await }).detach();
     }
     in_flight.finished().await;
 }
