@@ -11,7 +11,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use scylla::cluster::metadata::{CollectionType, ColumnKind, ColumnType, NativeType};
 use shardgate::config::Config;
 use shardgate::devkit;
-use shardgate::mapping::{write_timestamp_us, Envelope, RouteMapper, TableSchema};
+use shardgate::mapping::{write_timestamp_us, Envelope, RouteMapper};
+use shardgate::sink::scylla::TableSchema;
 
 fn orders_schema() -> TableSchema {
     let native = ColumnType::Native;

@@ -495,7 +495,7 @@ fn warn_replay_unsafe_tables(state: &::scylla::cluster::ClusterState) {
             continue;
         }
         for (table, table_meta) in &meta.tables {
-            let schema = crate::mapping::TableSchema::from_driver(table_meta);
+            let schema = crate::sink::scylla::TableSchema::from_driver(table_meta);
             crate::sink::scylla::schema::warn_replay_unsafe_columns(keyspace, table, &schema);
         }
     }

@@ -148,7 +148,23 @@ impl SourceMessage {
 impl SourceMessage {
     /// The spool record of this message, received by `route` from `source`.
     pub fn spool_record(&self, route: &str, source: &str) -> Vec<u8> {
+        self.encode_record(route, &self.source_coordinates(source))
+    }
+
+    /// Hands the message to the spool: returns its spool record and settles nothing itself —
+    /// its origin becomes [`Spooled`] (the coordinates computed once for both), and the old
+    /// origin is returned for the caller to settle at the source.
+    pub fn into_spool(&mut self, route: &str, source: &str) -> (Vec<u8>, Box<dyn Origin>) {
         let coordinates = self.source_coordinates(source);
+        let record = self.encode_record(route, &coordinates);
+        let spooled = Box::new(Spooled {
+            coordinates,
+            partition: self.partition(),
+        });
+        (record, std::mem::replace(&mut self.origin, spooled))
+    }
+
+    fn encode_record(&self, route: &str, coordinates: &[(&'static str, String)]) -> Vec<u8> {
         record::encode_route(
             route,
             self.position,
@@ -160,15 +176,6 @@ impl SourceMessage {
             coordinates.iter().map(|(n, v)| (*n, v.as_str())),
             self.partition(),
         )
-    }
-
-    /// The origin a message has once it is the spool's: nothing left to acknowledge, its
-    /// coordinates kept for dead letters.
-    pub fn spooled_origin(&self, source: &str) -> Box<dyn Origin> {
-        Box::new(Spooled {
-            coordinates: self.source_coordinates(source),
-            partition: self.partition(),
-        })
     }
 
     /// A message read back from the spool.

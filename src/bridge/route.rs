@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
-use super::message::{Settlement, SourceMessage};
+use super::message::{Origin, Settlement, SourceMessage};
 use crate::config::RouteConfig;
 use crate::mapping::{MappedRow, RouteMapper};
 use crate::runtime::budget::{Admitted, Budget};
@@ -180,18 +180,17 @@ impl RouteWriter {
             drop(admitted);
             return;
         }
-        let records: Vec<Vec<u8>> = batch
-            .iter()
-            .map(|work| work.spool_record(&self.route, &self.source))
-            .collect();
+        // Each message becomes the spool's (nothing left to settle when its rows are written);
+        // its source origin is kept to be settled once the records are durable.
+        let (records, origins): (Vec<Vec<u8>>, Vec<Box<dyn Origin>>) = batch
+            .iter_mut()
+            .map(|work| work.into_spool(&self.route, &self.source))
+            .unzip();
         let appended = spool::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
         metrics.batch_rows.record(batch.len() as f64);
-        for work in &mut batch {
-            // Durable: the source is acknowledged now, and the message is the spool's from here
-            // on (nothing left to acknowledge when its rows are written).
-            self.complete(core, work, false);
-            work.origin = work.spooled_origin(&self.source);
+        for (work, origin) in batch.iter().zip(&origins) {
+            self.settle(core, work.timestamp_ms, origin.as_ref(), false);
         }
         drop(admitted);
         // Written from memory while the core's budget allows; beyond, the records wait on disk
@@ -319,10 +318,15 @@ impl RouteWriter {
     /// `nats::ack`, `amqp::ack`, ...) and records its delivery latency; nothing for a message
     /// that is the spool's.
     fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool) {
-        if !work.origin.acknowledges() {
+        self.settle(core, work.timestamp_ms, work.origin.as_ref(), dead_lettered);
+    }
+
+    /// Settles `origin` at its source and records the message's delivery latency.
+    fn settle(&self, core: usize, timestamp_ms: Option<i64>, origin: &dyn Origin, dead_lettered: bool) {
+        if !origin.acknowledges() {
             return;
         }
-        if let Some(sent_ms) = work.timestamp_ms {
+        if let Some(sent_ms) = timestamp_ms {
             let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
             self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
         }
@@ -331,7 +335,7 @@ impl RouteWriter {
         } else {
             Settlement::Written
         };
-        work.origin.settle(settlement, &self.route);
+        origin.settle(settlement, &self.route);
     }
 
     async fn dead_letter(&self, core: usize, work: &SourceMessage, reason_code: &str, reason: &str) {

@@ -311,9 +311,8 @@ impl IngestService {
 
     /// Places bound rows and writes each on its owner core through the write engine (this
     /// core's rows here, every other owner's in one task over the mesh). Returns every row with
-    /// its outcome; a row whose owner core is gone (only at shutdown) comes back UNAVAILABLE
-    /// without its values.
-    async fn write_bound(&self, writer: &Arc<TableWriter>, rows: Vec<PendingRow>) -> Vec<(PendingRow, RowOutcome)> {
+    /// its outcome.
+    async fn write_bound(&self, writer: &Arc<TableWriter>, rows: Vec<PendingRow>) -> Vec<Written> {
         let ownership = self.shared.ownership.load();
         let mut by_owner: BTreeMap<usize, Vec<(ReplicaShard, PendingRow)>> = BTreeMap::new();
         for row in rows {
@@ -328,12 +327,7 @@ impl IngestService {
             let writer = Arc::clone(writer);
             async move {
                 if owner == self.core {
-                    let outcomes =
-                        writer::write_rows(&writer.session, &*writer, rows, options, &writer.metrics[owner]).await;
-                    return outcomes
-                        .into_iter()
-                        .map(|(row, outcome)| (row, row_outcome(outcome)))
-                        .collect();
+                    return write_on_owner(&writer, rows, options, owner).await;
                 }
                 writer.metrics[self.core].forwarded.increment(rows.len() as u64);
                 let indexes: Vec<u32> = rows.iter().map(|(_, row)| row.index).collect();
@@ -341,27 +335,15 @@ impl IngestService {
                     .shared
                     .mesh
                     .run_on(owner, move || async move {
-                        let outcomes =
-                            writer::write_rows(&writer.session, &*writer, rows, options, &writer.metrics[owner]).await;
-                        outcomes
-                            .into_iter()
-                            .map(|(row, outcome)| (row, row_outcome(outcome)))
-                            .collect::<Vec<_>>()
+                        write_on_owner(&writer, rows, options, owner).await
                     })
                     .await;
                 forwarded.unwrap_or_else(|gone| {
-                    // Only at shutdown: the rows went with the task; their producer gets a
-                    // retryable code.
+                    // Only at shutdown: the rows went with the task.
                     let reason = gone.to_string();
                     indexes
                         .into_iter()
-                        .map(|index| {
-                            let row = PendingRow {
-                                index,
-                                values: Vec::new(),
-                            };
-                            (row, Err((ErrorCode::Unavailable, reason.clone())))
-                        })
+                        .map(|index| Written::Gone(index, reason.clone()))
                         .collect()
                 })
             }
@@ -380,10 +362,12 @@ impl IngestService {
         let (bound, mut errors) = Self::bind_batch(&writer, &batch, resolve_timestamp(batch.timestamp_us));
         drop(batch);
         let mut written = 0u32;
-        for (row, outcome) in self.write_bound(&writer, bound).await {
-            match outcome {
-                Ok(()) => written += 1,
-                Err((code, reason)) => errors.push(row_error(row.index, code, &reason)),
+        for written_row in self.write_bound(&writer, bound).await {
+            match written_row {
+                Written::Row(_, Ok(())) => written += 1,
+                Written::Row(row, Err((code, reason))) => errors.push(row_error(row.index, code, &reason)),
+                // The producer gets a retryable code.
+                Written::Gone(index, reason) => errors.push(row_error(index, ErrorCode::Unavailable, &reason)),
             }
         }
         for error in &errors {
@@ -477,12 +461,12 @@ impl IngestService {
         loop {
             let mut retry = Vec::new();
             let mut refused = Vec::new();
-            for (row, outcome) in self.write_bound(writer, rows).await {
-                match outcome {
-                    Ok(()) => {}
-                    Err(_) if row.values.is_empty() => return false,
-                    Err((ErrorCode::Unavailable | ErrorCode::Overloaded, _)) => retry.push(row),
-                    Err((code, reason)) => refused.push((code, reason)),
+            for written_row in self.write_bound(writer, rows).await {
+                match written_row {
+                    Written::Row(_, Ok(())) => {}
+                    Written::Row(row, Err((ErrorCode::Unavailable | ErrorCode::Overloaded, _))) => retry.push(row),
+                    Written::Row(_, Err((code, reason))) => refused.push((code, reason)),
+                    Written::Gone(..) => return false,
                 }
             }
             if let Some((code, reason)) = refused.first() {
@@ -647,6 +631,29 @@ pub fn bind_row(
         }
     }
     Ok(with_timestamp(values, timestamp_us))
+}
+
+/// A bound row after [`IngestService::write_bound`]: its outcome, or gone with its owner core
+/// (only at shutdown: the row went with the mesh task that could not run).
+enum Written {
+    /// Written, or refused with a code.
+    Row(PendingRow, RowOutcome),
+    /// The owner core was gone: the row's index and why.
+    Gone(u32, String),
+}
+
+/// Writes `rows` on `owner` (the current core) through the write engine.
+async fn write_on_owner(
+    writer: &TableWriter,
+    rows: Vec<(ReplicaShard, PendingRow)>,
+    options: WriteOptions,
+    owner: usize,
+) -> Vec<Written> {
+    writer::write_rows(&writer.session, writer, rows, options, &writer.metrics[owner])
+        .await
+        .into_iter()
+        .map(|(row, outcome)| Written::Row(row, row_outcome(outcome)))
+        .collect()
 }
 
 /// Producers get a retryable code after a few attempts rather than an unbounded wait.

@@ -30,7 +30,7 @@ use self::expr::{Bound, Expr, Variables};
 use self::format::Decoder;
 use crate::config::{ColumnMapping, FieldRef, RouteConfig, TargetConfig, TimeUnit, TtlConfig};
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
-pub use crate::sink::scylla::schema::{RowValues, TableSchema};
+use crate::sink::scylla::schema::{RowValues, TableSchema};
 use crate::sink::scylla::statement::{delete_statement, insert_statement};
 
 /// Where one value comes from, with expressions compiled.

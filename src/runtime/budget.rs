@@ -61,13 +61,9 @@ impl Budget {
         Some(Admitted { _permit: permit, rows })
     }
 
-    /// Rows the budget holds at most.
-    pub fn rows_max(&self) -> usize {
-        self.rows_max
-    }
-
     /// Rows admitted now.
-    pub fn rows_in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn rows_in_flight(&self) -> usize {
         self.rows_max - self.rows.available_permits()
     }
 }

@@ -144,16 +144,6 @@ impl Spooled {
         Spooled { ids, held: Some(held) }
     }
 
-    /// Number of records.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether it holds no record.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
     /// The records are written (or dead-lettered, or refused for good): complete them, return
     /// their memory, wake appends waiting for room.
     pub async fn written(mut self) {

@@ -41,10 +41,7 @@ impl Source for JetStreamSource {
 
     fn open(config: &JetStreamSourceConfig, start: &Start<'_>) -> anyhow::Result<JetStreamSource> {
         let route = start.route;
-        let client = start
-            .island
-            .block_on(connect(&config.url, route))
-            .map_err(|e| anyhow::anyhow!("route `{route}`: {e}"))?;
+        let client = connected(&config.url, start)?;
         let consumer = start
             .island
             .block_on(consumer(client.clone(), config))
@@ -75,6 +72,14 @@ impl Source for JetStreamSource {
     }
 }
 
+/// A route's NATS connection, opened at start-up on the island.
+fn connected(url: &str, start: &Start<'_>) -> anyhow::Result<async_nats::Client> {
+    start
+        .island
+        .block_on(connect(url, start.route))
+        .map_err(|e| anyhow::anyhow!("route `{}`: {e}", start.route))
+}
+
 /// A core NATS route's source: its connection and subscription (in a queue group if set).
 pub struct NatsSource {
     client: async_nats::Client,
@@ -87,10 +92,7 @@ impl Source for NatsSource {
 
     fn open(config: &NatsSourceConfig, start: &Start<'_>) -> anyhow::Result<NatsSource> {
         let route = start.route;
-        let client = start
-            .island
-            .block_on(connect(&config.url, route))
-            .map_err(|e| anyhow::anyhow!("route `{route}`: {e}"))?;
+        let client = connected(&config.url, start)?;
         let subscriber = start
             .island
             .block_on(async {
