@@ -23,7 +23,7 @@ use crate::bridge;
 use crate::bridge::handoff::CORE_QUEUE_BATCHES_MAX;
 use crate::bridge::message::SourceMessage;
 use crate::bridge::route::{self, RouteCounters, RouteWriter};
-use crate::bridge::source::{Consumer, CoreTask, Handoff, Opened, Start};
+use crate::bridge::source::{Consumer, Handoff, Opened, Start};
 use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
 use crate::runtime::budget::{self, Budget};
@@ -51,12 +51,10 @@ struct CoreIngest {
     config: IngestConfig,
 }
 
-/// One route's share of a core: its writer, the queue its source fills and the source's task
-/// on this core, if it has one.
+/// One route's share of a core: its writer and the queue its source fills.
 struct CoreRoute {
     writer: Arc<RouteWriter>,
     queue: tokio::sync::mpsc::Receiver<Vec<SourceMessage>>,
-    source_task: Option<CoreTask>,
 }
 
 /// What every part of the gateway is built on.
@@ -124,19 +122,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             dead_letter_nats,
         } = open_route(&base, route)?;
         connections.extend(opened.connection.into_iter().chain(dead_letter_nats));
-        let (consumer, mut source_tasks) = match opened.consumer {
-            Consumer::ThreadAndCores(thread, tasks) => {
-                (Consumer::Thread(thread), tasks.into_iter().map(Some).collect())
-            }
-            consumer => (consumer, Vec::new()),
-        };
-        source_tasks.resize_with(base.cores, || None);
-        consumers.push((route.name.clone(), consumer));
-        for ((core_routes, queue), source_task) in per_core.iter_mut().zip(receivers).zip(source_tasks) {
+        consumers.push((route.name.clone(), opened.consumer));
+        for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
             core_routes.push(CoreRoute {
                 writer: Arc::clone(&writer),
                 queue,
-                source_task,
             });
         }
         tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
@@ -385,17 +375,10 @@ impl CoreBody {
         });
         let draining = drain::drain_on_core(core, replay, self.stop.clone());
         let share = self.share;
-        let tasks = self.routes.into_iter().map(|r| async move {
-            let source_task = async move {
-                if let Some(task) = r.source_task {
-                    task().await;
-                }
-            };
-            futures::join!(
-                route::run_on_core(core, r.writer, r.queue, Budget::new(share)),
-                source_task
-            );
-        });
+        let tasks = self
+            .routes
+            .into_iter()
+            .map(|r| route::run_on_core(core, r.writer, r.queue, Budget::new(share)));
         let (stop, bound) = (self.stop, self.bound);
         let ingest = async move {
             match self.ingest {
@@ -420,7 +403,7 @@ impl CoreBody {
 fn start_consumer(island: &Island, route: &str, consumer: Consumer) -> anyhow::Result<Running> {
     Ok(match consumer {
         Consumer::Island(future) => Running::Task(island.handle().spawn(future)),
-        Consumer::Thread(body) | Consumer::ThreadAndCores(body, _) => Running::Thread(
+        Consumer::Thread(body) => Running::Thread(
             spawn_housekeeping(&format!("source-{route}"), body)
                 .with_context(|| format!("route `{route}`: cannot start its source thread"))?,
         ),

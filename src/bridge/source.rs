@@ -6,8 +6,7 @@
 //! `message::Origin`, implemented in the source's folder.
 //!
 //! Threads: `open` runs on the main thread (async clients through the island's `block_on`); the
-//! consumer on the island, on its own housekeeping thread, or on that thread and every core, as
-//! it says.
+//! consumer on the island or on its own housekeeping thread, as it says.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,18 +20,12 @@ use super::route::RouteCounters;
 use crate::runtime::shutdown::Stop;
 use crate::runtime::Island;
 
-/// A task a source runs on one core, built there (its future may hold core-local state).
-pub type CoreTask = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
 /// A source's consumer loop, with the thread it runs on.
 pub enum Consumer {
     /// An async loop on the island (async-nats and lapin are tokio-bound).
     Island(Pin<Box<dyn Future<Output = ()> + Send>>),
     /// A blocking loop on a housekeeping thread of its own (librdkafka's poll, libzmq's recv).
     Thread(Box<dyn FnOnce() + Send>),
-    /// A housekeeping thread plus one task per core, in core order (Kafka's partition queues,
-    /// read on their owner cores while the thread serves the group).
-    ThreadAndCores(Box<dyn FnOnce() + Send>, Vec<CoreTask>),
 }
 
 /// Where a source's consumer hands its batches, and when it stops.

@@ -1,6 +1,5 @@
-//! How a Kafka message is settled: a [`Completion`] to whoever tracks its partition's contiguous
-//! watermark (`watermark`) — the route's poll thread, or the reader on the partition's owner core
-//! (`kafka::queues`) — which stores offsets from it. A dead letter
+//! How a Kafka message is settled: a [`Completion`] to its route's poll thread, which advances
+//! the partition's contiguous watermark and stores offsets from it (`watermark`). A dead letter
 //! completes the message the same way: its offset may be committed once the letter is confirmed.
 //! Settled on the core that finishes the message; never blocks it.
 
@@ -27,32 +26,8 @@ pub struct KafkaOrigin {
     pub epoch: u64,
     /// Source offset.
     pub offset: i64,
-    /// Where its completion goes (bounded: `completions_capacity`).
-    pub completions: Completions,
-}
-
-/// The sending end of a completion channel.
-#[derive(Debug, Clone)]
-pub enum Completions {
-    /// To the route's poll thread.
-    Thread(crossbeam_channel::Sender<Completion>),
-    /// To the reader of the partition on its owner core.
-    Core(tokio::sync::mpsc::Sender<Completion>),
-}
-
-impl Completions {
-    /// Sends without blocking; `false` only when the channel is full.
-    fn try_send(&self, completion: Completion) -> bool {
-        match self {
-            Completions::Thread(tx) => {
-                !matches!(tx.try_send(completion), Err(crossbeam_channel::TrySendError::Full(_)))
-            }
-            Completions::Core(tx) => !matches!(
-                tx.try_send(completion),
-                Err(tokio::sync::mpsc::error::TrySendError::Full(_))
-            ),
-        }
-    }
+    /// The route's completion channel (bounded: `completions_capacity`).
+    pub completions: crossbeam_channel::Sender<Completion>,
 }
 
 impl Origin for KafkaOrigin {
@@ -65,7 +40,7 @@ impl Origin for KafkaOrigin {
         // Never blocks a core (`completions_capacity`). Full can only be a bug: the partition's
         // offsets then stop advancing and it replays after a restart, which is safe.
         // Disconnected happens after a shutdown deadline: replayed too.
-        if !self.completions.try_send(completion) {
+        if let Err(crossbeam_channel::TrySendError::Full(_)) = self.completions.try_send(completion) {
             tracing::error!(
                 route,
                 partition = self.partition,

@@ -13,36 +13,34 @@
 //! queues are full the poll thread blocks, so memory stays bounded.
 
 pub mod ack;
-pub mod queues;
 pub mod watermark;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::message::SourceMessage;
 use super::route::RouteCounters;
-use super::source::{Consumer as SourceConsumer, CoreTask, Handoff, Source, Start};
+use super::source::{Consumer as SourceConsumer, Handoff, Source, Start};
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::runtime::shutdown::Stop;
 use crate::topology::kafka_partition_owner;
 pub use ack::Completion;
-use ack::{Completions, KafkaOrigin};
-use queues::{Control, Links, Queue, Report};
+use ack::KafkaOrigin;
 use watermark::Watermarks;
 
 /// Messages taken from librdkafka per dispatch round.
-pub(crate) const POLL_BATCH_MAX: usize = 512;
+const POLL_BATCH_MAX: usize = 512;
 /// How long one poll waits when nothing is buffered.
-pub(crate) const POLL_WAIT: Duration = Duration::from_millis(50);
+const POLL_WAIT: Duration = Duration::from_millis(50);
 /// How long start-up waits for broker metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval of the progress log line.
@@ -58,9 +56,9 @@ const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(5);
 const REJOIN_STUCK_AFTER: Duration = Duration::from_secs(45);
 
 /// Rebalance events recorded inside `poll` and applied right after it returns.
+#[derive(Debug)]
 enum RebalanceEvent {
-    /// Partitions assigned, with their queues when the cores read them (`queues`).
-    Assigned(Vec<i32>, Vec<(i32, Queue)>),
+    Assigned(Vec<i32>),
     Revoked(Vec<i32>),
 }
 
@@ -71,9 +69,6 @@ const STATISTICS_INTERVAL_MS: &str = "5000";
 pub struct RebalanceRecorder {
     route: String,
     events: Mutex<Vec<RebalanceEvent>>,
-    /// Set when the cores read the partitions: the consumer, to split each assigned partition's
-    /// queue inside the rebalance callback, before its first fetch.
-    split: OnceLock<Weak<RouteConsumer>>,
 }
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<i32> {
@@ -85,7 +80,6 @@ impl RebalanceRecorder {
         RebalanceRecorder {
             route: route.to_string(),
             events: Mutex::new(Vec::new()),
-            split: OnceLock::new(),
         }
     }
 
@@ -140,19 +134,7 @@ impl ConsumerContext for RebalanceRecorder {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(list) => {
-                let queues = match self.split.get().and_then(Weak::upgrade) {
-                    Some(consumer) => list
-                        .elements()
-                        .iter()
-                        .filter_map(|e| {
-                            Some((e.partition(), consumer.split_partition_queue(e.topic(), e.partition())?))
-                        })
-                        .collect(),
-                    None => Vec::new(),
-                };
-                self.push(RebalanceEvent::Assigned(partitions_of(list), queues));
-            }
+            Rebalance::Assign(list) => self.push(RebalanceEvent::Assigned(partitions_of(list))),
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, "consumer group rebalance failed"),
         }
@@ -177,32 +159,13 @@ pub fn completions_capacity(cores: usize, inflight_max: usize) -> usize {
 /// on; the consumer loop is the route's poll thread ([`Poller`]).
 pub struct KafkaSource {
     config: KafkaSourceConfig,
-    consumer: Arc<RouteConsumer>,
+    consumer: RouteConsumer,
     instance_id: Option<String>,
-    cores: usize,
-    inflight_rows_max: usize,
+    completions: (
+        crossbeam_channel::Sender<Completion>,
+        crossbeam_channel::Receiver<Completion>,
+    ),
     shutdown_deadline: Duration,
-}
-
-/// Where a route's messages leave librdkafka.
-pub enum Intake {
-    /// The poll thread copies each message out and hands it to its partition's core.
-    Thread {
-        /// One bounded queue per core.
-        queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
-        /// Completions from the cores.
-        completions: crossbeam_channel::Receiver<Completion>,
-        /// The sending side, one clone in every message's origin.
-        completions_tx: crossbeam_channel::Sender<Completion>,
-    },
-    /// Each core reads the queues of the partitions it owns (`queues::Reader`).
-    Cores(Links),
-}
-
-/// Whether the cores read their partitions' queues (`SHARDGATE_KAFKA_INTAKE=queues`) or the
-/// poll thread hands messages over (`thread`, the default).
-fn cores_read_partitions() -> bool {
-    std::env::var("SHARDGATE_KAFKA_INTAKE").is_ok_and(|v| v == "queues")
 }
 
 impl Source for KafkaSource {
@@ -219,12 +182,12 @@ impl Source for KafkaSource {
                 config.brokers
             )
         })?;
+        let capacity = completions_capacity(start.cores, start.inflight_rows_max);
         Ok(KafkaSource {
             config: config.clone(),
-            consumer: Arc::new(consumer),
+            consumer,
             instance_id,
-            cores: start.cores,
-            inflight_rows_max: start.inflight_rows_max,
+            completions: crossbeam_channel::bounded(capacity),
             shutdown_deadline: start.shutdown_deadline,
         })
     }
@@ -234,50 +197,21 @@ impl Source for KafkaSource {
     }
 
     fn consumer(self, handoff: Handoff) -> SourceConsumer {
-        let mut tasks: Vec<CoreTask> = Vec::new();
-        let intake = if cores_read_partitions() {
-            let capacity = completions_capacity(1, self.inflight_rows_max);
-            let (links, readers) = queues::readers(
-                &handoff.route,
-                handoff.queues,
-                &handoff.counters,
-                &handoff.stop,
-                capacity,
-                self.shutdown_deadline,
-            );
-            tasks = readers
-                .into_iter()
-                .map(|reader| -> CoreTask { Box::new(move || Box::pin(reader.run())) })
-                .collect();
-            let _ = self.consumer.context().split.set(Arc::downgrade(&self.consumer));
-            Intake::Cores(links)
-        } else {
-            let (completions_tx, completions) =
-                crossbeam_channel::bounded(completions_capacity(self.cores, self.inflight_rows_max));
-            Intake::Thread {
-                queues: handoff.queues,
-                completions,
-                completions_tx,
-            }
-        };
+        let (completions_tx, completions) = self.completions;
         let poller = Poller {
             route: handoff.route,
             topic: self.config.topic.clone(),
             consumer: self.consumer,
             source: self.config,
             instance_id: self.instance_id,
-            cores: self.cores,
-            intake,
+            queues: handoff.queues,
+            completions,
+            completions_tx,
             stop: handoff.stop,
             drain_deadline: self.shutdown_deadline,
             counters: handoff.counters,
         };
-        let thread: Box<dyn FnOnce() + Send> = Box::new(move || poller.run());
-        if tasks.is_empty() {
-            SourceConsumer::Thread(thread)
-        } else {
-            SourceConsumer::ThreadAndCores(thread, tasks)
-        }
+        SourceConsumer::Thread(Box::new(move || poller.run()))
     }
 }
 
@@ -328,7 +262,8 @@ pub fn subscribe(
 }
 
 /// A message's headers whose values are UTF-8 text.
-fn text_headers<M: Message>(message: &M) -> Vec<(String, String)> {
+fn text_headers(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, String)> {
+    use rdkafka::message::Headers as _;
     let Some(headers) = message.headers() else {
         return Vec::new();
     };
@@ -348,7 +283,7 @@ const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// messages within one millisecond apply in source order. The clock travels with the committed
 /// offset (as its metadata), so a replay after a crash stamps the same timestamps.
 #[derive(Debug, Default)]
-pub(crate) struct Clocks {
+struct Clocks {
     /// Last write timestamp handed out, by partition.
     last: HashMap<i32, i64>,
     /// Last stored watermark (offset, its write timestamp), by partition.
@@ -362,7 +297,7 @@ impl Clocks {
         *last
     }
 
-    pub(crate) fn forget(&mut self, partition: i32) {
+    fn forget(&mut self, partition: i32) {
         self.last.remove(&partition);
         self.stored.remove(&partition);
     }
@@ -394,35 +329,6 @@ fn clock_from_metadata(metadata: &str) -> Option<i64> {
     metadata.strip_prefix(CLOCK_METADATA_PREFIX)?.parse().ok()
 }
 
-/// A polled message copied out for its partition's core: stamped with its partition's write
-/// clock and tracked in the watermark.
-fn source_message<M: Message>(
-    message: &M,
-    marks: &mut Watermarks,
-    clocks: &mut Clocks,
-    completions: Completions,
-) -> SourceMessage {
-    let partition = message.partition();
-    let offset = message.offset();
-    let timestamp_ms = message.timestamp().to_millis();
-    let write_timestamp_us = clocks.next(partition, timestamp_ms);
-    let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
-    SourceMessage {
-        position: offset,
-        timestamp_ms,
-        write_timestamp_us: Some(write_timestamp_us),
-        key: message.key().map(<[u8]>::to_vec),
-        headers: text_headers(message),
-        payload: message.payload().map(<[u8]>::to_vec),
-        origin: Box::new(KafkaOrigin {
-            partition,
-            epoch,
-            offset,
-            completions,
-        }),
-    }
-}
-
 /// The poll side of a Kafka route.
 pub struct Poller {
     /// Route name.
@@ -430,15 +336,17 @@ pub struct Poller {
     /// Source topic.
     pub topic: String,
     /// The subscribed consumer.
-    pub consumer: Arc<RouteConsumer>,
+    pub consumer: RouteConsumer,
     /// The route's source, to subscribe again with a fresh consumer (see [`REJOIN_STUCK_AFTER`]).
     pub source: KafkaSourceConfig,
     /// The consumer's `group.instance.id` (static membership), if the gateway has an id.
     pub instance_id: Option<String>,
-    /// Data-plane cores.
-    pub cores: usize,
-    /// Where messages leave librdkafka.
-    pub intake: Intake,
+    /// One bounded queue per core.
+    pub queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
+    /// Completions from the cores.
+    pub completions: crossbeam_channel::Receiver<Completion>,
+    /// The sending side, one clone in every message's origin.
+    pub completions_tx: crossbeam_channel::Sender<Completion>,
     /// The gateway's stop signal.
     pub stop: Stop,
     /// How long to wait for in-flight messages at shutdown.
@@ -450,20 +358,26 @@ pub struct Poller {
 impl Poller {
     /// Restores the write clocks of newly assigned partitions from their committed offsets'
     /// metadata (none: the clock starts from the source time).
-    fn restore_clocks(&self, partitions: &[i32]) -> HashMap<i32, Option<i64>> {
+    fn restore_clocks(&self, clocks: &mut Clocks, partitions: &[i32]) {
         let mut list = TopicPartitionList::new();
         for &p in partitions {
             list.add_partition(&self.topic, p);
         }
         match self.consumer.committed_offsets(list, COMMITTED_TIMEOUT) {
-            Ok(committed) => committed
-                .elements_for_topic(&self.topic)
-                .iter()
-                .map(|elem| (elem.partition(), clock_from_metadata(elem.metadata())))
-                .collect(),
+            Ok(committed) => {
+                for elem in committed.elements_for_topic(&self.topic) {
+                    match clock_from_metadata(elem.metadata()) {
+                        Some(clock) => {
+                            clocks.last.insert(elem.partition(), clock);
+                        }
+                        None => {
+                            clocks.last.remove(&elem.partition());
+                        }
+                    }
+                }
+            }
             Err(error) => {
-                tracing::warn!(route = %self.route, %error, "cannot read committed offsets; write clocks restart from source time");
-                HashMap::new()
+                tracing::warn!(route = %self.route, %error, "cannot read committed offsets; write clocks restart from source time")
             }
         }
     }
@@ -481,8 +395,7 @@ impl Poller {
         tracing::info!(
             route = %self.route,
             topic = %self.topic,
-            cores = self.cores,
-            intake = if matches!(self.intake, Intake::Cores(_)) { "partition queues on the cores" } else { "poll thread" },
+            cores = self.queues.len(),
             group = %self.source.group_id,
             member = self.instance_id.as_deref().unwrap_or("dynamic"),
             "consuming"
@@ -501,7 +414,7 @@ impl Poller {
                 self.resubscribe();
                 unassigned_since = Some(Instant::now());
             }
-            let mut batches: Vec<Vec<SourceMessage>> = (0..self.cores).map(|_| Vec::new()).collect();
+            let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
             let mut taken = 0;
             let mut wait = POLL_WAIT;
             while taken < POLL_BATCH_MAX {
@@ -518,28 +431,17 @@ impl Poller {
                         break;
                     }
                     Some(Ok(message)) => {
-                        let owner = kafka_partition_owner(message.partition(), self.cores);
-                        match &self.intake {
-                            Intake::Thread { completions_tx, .. } => {
-                                let completions = Completions::Thread(completions_tx.clone());
-                                batches[owner].push(source_message(&message, &mut marks, &mut clocks, completions));
-                                taken += 1;
-                            }
-                            Intake::Cores(links) => {
-                                tracing::warn!(route = %self.route, partition = message.partition(), offset = message.offset(), "message on the main queue; handed to its partition's reader");
-                                let _ = links.controls[owner].send(Control::Stray(Box::new(message.detach())));
-                            }
-                        }
+                        let (owner, message) = self.source_message(&message, &mut marks, &mut clocks);
+                        batches[owner].push(message);
+                        taken += 1;
                     }
                 }
             }
-            if let Intake::Thread { queues, .. } = &self.intake {
-                self.counters.received.fetch_add(taken as u64, Ordering::Relaxed);
-                for (core, batch) in batches.into_iter().enumerate() {
-                    if !batch.is_empty() && queues[core].blocking_send(batch).is_err() {
-                        tracing::error!(route = %self.route, core, "core queue closed; stopping the route");
-                        return;
-                    }
+            self.counters.received.fetch_add(taken as u64, Ordering::Relaxed);
+            for (core, batch) in batches.into_iter().enumerate() {
+                if !batch.is_empty() && self.queues[core].blocking_send(batch).is_err() {
+                    tracing::error!(route = %self.route, core, "core queue closed; stopping the route");
+                    return;
                 }
             }
             if last_progress.elapsed() >= PROGRESS_LOG_INTERVAL {
@@ -548,6 +450,37 @@ impl Poller {
             }
         }
         self.drain(marks, clocks);
+    }
+
+    /// A polled message copied out for its partition's core (returned with it): stamped with
+    /// its partition's write clock and tracked in the watermark.
+    fn source_message(
+        &self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        marks: &mut Watermarks,
+        clocks: &mut Clocks,
+    ) -> (usize, SourceMessage) {
+        let partition = message.partition();
+        let offset = message.offset();
+        let timestamp_ms = message.timestamp().to_millis();
+        let write_timestamp_us = clocks.next(partition, timestamp_ms);
+        let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
+        let owner = kafka_partition_owner(partition, self.queues.len());
+        let message = SourceMessage {
+            position: offset,
+            timestamp_ms,
+            write_timestamp_us: Some(write_timestamp_us),
+            key: message.key().map(<[u8]>::to_vec),
+            headers: text_headers(message),
+            payload: message.payload().map(<[u8]>::to_vec),
+            origin: Box::new(KafkaOrigin {
+                partition,
+                epoch,
+                offset,
+                completions: self.completions_tx.clone(),
+            }),
+        };
+        (owner, message)
     }
 
     /// Replaces a consumer that lost its partitions and never rejoined with a fresh one,
@@ -567,10 +500,6 @@ impl Poller {
         );
         match subscribe(&self.source, &self.route, self.instance_id.as_deref()) {
             Ok(fresh) => {
-                let fresh = Arc::new(fresh);
-                if matches!(self.intake, Intake::Cores(_)) {
-                    let _ = fresh.context().split.set(Arc::downgrade(&fresh));
-                }
                 let old = std::mem::replace(&mut self.consumer, fresh);
                 old.unsubscribe();
                 let closing = std::thread::Builder::new()
@@ -614,25 +543,10 @@ impl Poller {
     /// Waits for in-flight messages up to the deadline, then commits what is stored.
     fn drain(self, mut marks: Watermarks, mut clocks: Clocks) {
         let deadline = Instant::now() + self.drain_deadline;
-        let abandoned = match &self.intake {
-            Intake::Thread { .. } => {
-                while marks.in_flight() > 0 && Instant::now() < deadline {
-                    self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
-                }
-                marks.in_flight()
-            }
-            Intake::Cores(links) => {
-                // Each reader waits for its own messages up to the same deadline, then reports.
-                let deadline = deadline + Duration::from_secs(1);
-                let (mut drained, mut abandoned) = (0, 0);
-                while drained < self.cores && Instant::now() < deadline {
-                    let (advanced, done, unfinished) = take_reports(links, Some(Duration::from_millis(50)));
-                    (drained, abandoned) = (drained + done, abandoned + unfinished);
-                    self.store(advanced, &mut clocks);
-                }
-                abandoned
-            }
-        };
+        while marks.in_flight() > 0 && Instant::now() < deadline {
+            self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
+        }
+        let abandoned = marks.in_flight();
         if abandoned > 0 {
             tracing::warn!(route = %self.route, abandoned, "shutdown deadline passed; unfinished messages will be replayed on restart");
         }
@@ -650,34 +564,31 @@ impl Poller {
         tracing::info!(route = %self.route, "stopped");
     }
 
-    /// Applies completions (or the readers' reports) and stores advanced watermarks. With
-    /// `wait`, blocks up to that long for the first one.
+    /// Applies completions and stores advanced watermarks. With `wait`, blocks up to that long
+    /// for the first completion.
     fn apply_completions(&self, marks: &mut Watermarks, clocks: &mut Clocks, wait: Option<Duration>) {
-        let advanced = match &self.intake {
-            Intake::Thread { completions, .. } => {
-                let mut advanced = BTreeMap::new();
-                let first = wait.and_then(|wait| completions.recv_timeout(wait).ok());
-                for c in first.into_iter().chain(completions.try_iter()) {
-                    if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
-                        advanced.insert(c.partition, mark);
-                    }
-                }
-                advanced
+        let mut advanced: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        let mut apply = |c: Completion, marks: &mut Watermarks| {
+            if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
+                advanced.insert(c.partition, mark);
             }
-            Intake::Cores(links) => take_reports(links, wait).0,
         };
-        self.store(advanced, clocks);
-    }
-
-    /// Stores advanced watermarks: the next message to read (`offset + 1`), with the write clock
-    /// in the metadata so that a replay from here stamps the same timestamps.
-    fn store(&self, advanced: BTreeMap<i32, (i64, i64)>, clocks: &mut Clocks) {
+        if let Some(wait) = wait {
+            if let Ok(c) = self.completions.recv_timeout(wait) {
+                apply(c, marks);
+            }
+        }
+        while let Ok(c) = self.completions.try_recv() {
+            apply(c, marks);
+        }
         if advanced.is_empty() {
             return;
         }
         for (&partition, &(offset, timestamp_us)) in &advanced {
             clocks.stored.insert(partition, (offset, timestamp_us));
         }
+        // The next message to read (`offset + 1`), with the write clock in the metadata so that a
+        // replay from here stamps the same timestamps.
         let stored = clocks.offsets_of(&self.topic, advanced.into_iter());
         let result = stored.and_then(|list| self.consumer.store_offsets(&list));
         if let Err(error) = result {
@@ -692,35 +603,14 @@ impl Poller {
         }
         for event in events {
             match event {
-                RebalanceEvent::Assigned(partitions, queues) => {
+                RebalanceEvent::Assigned(partitions) => {
                     // In the group again, even with no partitions (more members than partitions).
                     *unassigned_since = None;
                     tracing::info!(route = %self.route, ?partitions, "partitions assigned");
-                    let committed = self.restore_clocks(&partitions);
-                    match &self.intake {
-                        Intake::Thread { .. } => {
-                            for &p in &partitions {
-                                marks.assign(p);
-                            }
-                            for (p, clock) in committed {
-                                match clock {
-                                    Some(clock) => clocks.last.insert(p, clock),
-                                    None => clocks.last.remove(&p),
-                                };
-                            }
-                        }
-                        Intake::Cores(links) => {
-                            for (partition, queue) in queues {
-                                let clock = committed.get(&partition).copied().flatten();
-                                let owner = kafka_partition_owner(partition, self.cores);
-                                let _ = links.controls[owner].send(Control::Assign {
-                                    partition,
-                                    queue,
-                                    clock,
-                                });
-                            }
-                        }
+                    for &p in &partitions {
+                        marks.assign(p);
                     }
+                    self.restore_clocks(clocks, &partitions);
                 }
                 RebalanceEvent::Revoked(partitions) => {
                     tracing::info!(route = %self.route, ?partitions, "partitions revoked");
@@ -728,10 +618,6 @@ impl Poller {
                     for p in partitions {
                         marks.revoke(p);
                         clocks.forget(p);
-                        if let Intake::Cores(links) = &self.intake {
-                            let owner = kafka_partition_owner(p, self.cores);
-                            let _ = links.controls[owner].send(Control::Revoke(p));
-                        }
                     }
                 }
             }
@@ -740,22 +626,4 @@ impl Poller {
         metrics::gauge!(crate::telemetry::metric::KAFKA_ASSIGNED_PARTITIONS, "route" => self.route.clone())
             .set(assigned as f64);
     }
-}
-
-/// The readers' reports: advanced watermarks, how many readers finished and how many messages
-/// they left unfinished. With `wait`, blocks up to that long for the first report.
-fn take_reports(links: &Links, wait: Option<Duration>) -> (BTreeMap<i32, (i64, i64)>, usize, usize) {
-    let mut advanced = BTreeMap::new();
-    let (mut drained, mut abandoned) = (0, 0);
-    let first = wait.and_then(|wait| links.reports.recv_timeout(wait).ok());
-    for report in first.into_iter().chain(links.reports.try_iter()) {
-        match report {
-            Report::Stored(marks) => advanced.extend(marks),
-            Report::Drained { abandoned: unfinished } => {
-                drained += 1;
-                abandoned += unfinished;
-            }
-        }
-    }
-    (advanced, drained, abandoned)
 }
