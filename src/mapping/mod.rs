@@ -123,36 +123,10 @@ impl TargetMapper {
         } else {
             target.columns.clone()
         };
-        let mut columns = Vec::with_capacity(mappings.len());
-        for mapping in mappings {
-            let Some((typ, _)) = table.columns.get(&mapping.column) else {
-                let mut available: Vec<&str> = table.columns.keys().map(String::as_str).collect();
-                available.sort_unstable();
-                return Err(SchemaError::ColumnNotFound {
-                    route: route.name.clone(),
-                    table: table_name,
-                    column: mapping.column,
-                    available: format!("`{}`", available.join("`, `")),
-                });
-            };
-            if matches!(
-                typ,
-                ColumnType::Native(NativeType::Counter) | ColumnType::Native(NativeType::Duration)
-            ) {
-                return Err(SchemaError::UnsupportedColumn {
-                    route: route.name.clone(),
-                    column: mapping.column,
-                    typ: format!("{typ:?}"),
-                });
-            }
-            let key = format!("{prefix}columns.{}", mapping.column);
-            columns.push(BoundColumn {
-                source: ValueSource::new(&route.name, key.clone(), mapping.field)?,
-                name: mapping.column,
-                typ: typ.clone(),
-                key,
-            });
-        }
+        let columns = mappings
+            .into_iter()
+            .map(|mapping| bind_column(&route.name, &table_name, &prefix, table, mapping))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut primary_key = Vec::new();
         for key_column in table.partition_key.iter().chain(&table.clustering_key) {
             let Some(position) = columns.iter().position(|c| &c.name == key_column) else {
@@ -189,6 +163,43 @@ impl TargetMapper {
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.keyspace, self.table)
     }
+}
+
+/// A mapped column checked against its table: present, of a type a message can fill.
+fn bind_column(
+    route: &str,
+    table_name: &str,
+    prefix: &str,
+    table: &TableSchema,
+    mapping: ColumnMapping,
+) -> Result<BoundColumn, SchemaError> {
+    let Some((typ, _)) = table.columns.get(&mapping.column) else {
+        let mut available: Vec<&str> = table.columns.keys().map(String::as_str).collect();
+        available.sort_unstable();
+        return Err(SchemaError::ColumnNotFound {
+            route: route.to_string(),
+            table: table_name.to_string(),
+            column: mapping.column,
+            available: format!("`{}`", available.join("`, `")),
+        });
+    };
+    if matches!(
+        typ,
+        ColumnType::Native(NativeType::Counter) | ColumnType::Native(NativeType::Duration)
+    ) {
+        return Err(SchemaError::UnsupportedColumn {
+            route: route.to_string(),
+            column: mapping.column,
+            typ: format!("{typ:?}"),
+        });
+    }
+    let key = format!("{prefix}columns.{}", mapping.column);
+    Ok(BoundColumn {
+        source: ValueSource::new(route, key.clone(), mapping.field)?,
+        name: mapping.column,
+        typ: typ.clone(),
+        key,
+    })
 }
 
 /// One row a message becomes: an upsert or a delete of one target table.
