@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,12 +62,18 @@ const WRITER_CACHE_ENTRIES_MAX: usize = 4096;
 /// How often a missing table may trigger a schema refresh.
 const SCHEMA_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
-thread_local! {
+/// The ingest API's state on one core, in the core's context (`runtime::context`).
+#[derive(Default)]
+struct CoreWriters {
     /// This core's prepared writers by table, then column list: looked up by borrowed names, no
     /// lock and no allocation per batch. Every core prepares its own on first use.
-    static WRITERS: RefCell<HashMap<String, Vec<Arc<TableWriter>>>> = RefCell::new(HashMap::new());
+    by_table: RefCell<HashMap<String, Vec<Arc<TableWriter>>>>,
     /// When this core last refreshed the schema for a table it did not know.
-    static LAST_SCHEMA_REFRESH: Cell<Option<Instant>> = const { Cell::new(None) };
+    last_schema_refresh: Cell<Option<Instant>>,
+}
+
+fn core_writers() -> Rc<CoreWriters> {
+    crate::runtime::context::state::<CoreWriters>()
 }
 
 /// A row's outcome: written, or why not.
@@ -161,22 +168,23 @@ impl IngestShared {
 
     /// The writer for `table` with `columns` on this core, prepared on first use.
     async fn writer(&self, table: &str, columns: &[String]) -> Result<Arc<TableWriter>, Refusal> {
-        let cached = WRITERS.with(|writers| {
-            let writers = writers.borrow();
-            let candidates = writers.get(table)?;
-            candidates.iter().find(|w| w.names == columns).map(Arc::clone)
-        });
+        // The state is looked up on each side of the await, not held across it: the handler's
+        // future stays `Send` for tonic.
+        let cached = core_writers()
+            .by_table
+            .borrow()
+            .get(table)
+            .and_then(|candidates| candidates.iter().find(|w| w.names == columns).map(Arc::clone));
         if let Some(writer) = cached {
             return Ok(writer);
         }
         let writer = Arc::new(self.prepare_writer(table, columns).await?);
-        WRITERS.with(|writers| {
-            let mut writers = writers.borrow_mut();
-            if writers.values().map(Vec::len).sum::<usize>() >= WRITER_CACHE_ENTRIES_MAX {
-                writers.clear();
-            }
-            writers.entry(table.to_string()).or_default().push(Arc::clone(&writer));
-        });
+        let writers = core_writers();
+        let mut by_table = writers.by_table.borrow_mut();
+        if by_table.values().map(Vec::len).sum::<usize>() >= WRITER_CACHE_ENTRIES_MAX {
+            by_table.clear();
+        }
+        by_table.entry(table.to_string()).or_default().push(Arc::clone(&writer));
         Ok(writer)
     }
 
@@ -253,13 +261,12 @@ impl IngestShared {
 
 /// Whether this core may refresh the schema now (at most every [`SCHEMA_REFRESH_INTERVAL`]).
 fn may_refresh_schema() -> bool {
-    LAST_SCHEMA_REFRESH.with(|last| {
-        if last.get().is_some_and(|t| t.elapsed() < SCHEMA_REFRESH_INTERVAL) {
-            return false;
-        }
-        last.set(Some(Instant::now()));
-        true
-    })
+    let last = &core_writers().last_schema_refresh;
+    if last.get().is_some_and(|t| t.elapsed() < SCHEMA_REFRESH_INTERVAL) {
+        return false;
+    }
+    last.set(Some(Instant::now()));
+    true
 }
 
 /// The service instance of one core.

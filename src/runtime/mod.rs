@@ -10,6 +10,7 @@
 //! core stays a contained change if a benchmark ever says so.
 
 pub mod budget;
+pub mod context;
 pub mod mesh;
 pub mod shutdown;
 
@@ -97,7 +98,7 @@ pub struct Cores {
 
 impl Cores {
     /// Starts one executor per entry of `cpus`, pinned to it; core `i` runs `bodies[i]()` on its
-    /// own thread with the island entered.
+    /// own thread with the island entered and its context (`context`) installed.
     pub fn start<B, Fut>(cpus: &[usize], island: tokio::runtime::Handle, bodies: Vec<B>) -> Result<Cores, RuntimeError>
     where
         B: FnOnce() -> Fut + Send + 'static,
@@ -113,6 +114,9 @@ impl Cores {
                 .spawn(move || async move {
                     // Held for the executor's life: tokio timers and driver futures need it.
                     let _island = handle.enter();
+                    // The core's state (spool service, writer cache, log limiters) lives and
+                    // goes with its body.
+                    let _context = context::install(core);
                     body().await;
                 });
             match spawned {

@@ -11,8 +11,8 @@
 //!    memory returns, and appends waiting on a full spool are woken.
 //!
 //! One spool per core (`<runtime.spool_dir>/core-<n>`), opened on the core at start-up and
-//! reached through this module's thread-locals. Threads: the owning core only (nothing here is
-//! `Send`).
+//! kept, with the rest of this service's per-core state ([`CoreService`]), in the core's context
+//! (`runtime::context`). Threads: the owning core only (nothing here is `Send`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -33,11 +33,25 @@ const IO_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 pub(super) type CoreSpool = Rc<Mutex<Spool<DmaStorage>>>;
 
-thread_local! {
-    static SPOOL: RefCell<Option<CoreSpool>> = const { RefCell::new(None) };
-    static BACKLOG: RefCell<Option<Rc<Backlog>>> = const { RefCell::new(None) };
+/// This service's state on one core, in the core's context (`runtime::context`).
+#[derive(Default)]
+struct CoreService {
+    /// The core's spool, once opened.
+    spool: RefCell<Option<CoreSpool>>,
+    /// What the core still has to write from its spool, once opened.
+    backlog: RefCell<Option<Rc<Backlog>>>,
     /// Woken whenever records of this core complete: appends waiting on a full spool retry.
-    static ROOM: Rc<tokio::sync::Notify> = Rc::new(tokio::sync::Notify::new());
+    room: tokio::sync::Notify,
+    /// Records waiting for the next group commit, and whether a commit task runs.
+    commits: RefCell<(Vec<CommitRequest>, bool)>,
+    /// This core's "spool full" lines.
+    full_log: crate::telemetry::LogEvery,
+    /// Group commits (appends with one sync) this core made.
+    syncs: Cell<u64>,
+}
+
+fn service() -> Rc<CoreService> {
+    crate::runtime::context::state::<CoreService>()
 }
 
 /// Waits until records of this core complete (room may have freed) or [`FULL_WAIT_MAX`] passes.
@@ -47,11 +61,11 @@ async fn wait_for_room(room: std::pin::Pin<&mut tokio::sync::futures::Notified<'
 }
 
 pub(super) fn core_spool() -> Option<CoreSpool> {
-    SPOOL.with(|s| s.borrow().clone())
+    service().spool.borrow().clone()
 }
 
 pub(super) fn core_backlog() -> Option<Rc<Backlog>> {
-    BACKLOG.with(|b| b.borrow().clone())
+    service().backlog.borrow().clone()
 }
 
 /// What a core still has to write from its spool. A spooled record is written from memory
@@ -198,16 +212,15 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
             "spool open; on disks without polled IO (most virtual disks) glommio uses interrupt-driven IO, which is expected"
         );
     }
-    SPOOL.with(|s| *s.borrow_mut() = Some(Rc::new(Mutex::new(spool))));
-    BACKLOG.with(|b| {
-        *b.borrow_mut() = Some(Rc::new(Backlog {
-            held_bytes: Cell::new(0),
-            held_max: config.memory_bytes_per_core,
-            deferred: RefCell::new(BTreeMap::new()),
-            waiting: Cell::new(0),
-            changed: tokio::sync::Notify::new(),
-        }))
-    });
+    let service = service();
+    *service.spool.borrow_mut() = Some(Rc::new(Mutex::new(spool)));
+    *service.backlog.borrow_mut() = Some(Rc::new(Backlog {
+        held_bytes: Cell::new(0),
+        held_max: config.memory_bytes_per_core,
+        deferred: RefCell::new(BTreeMap::new()),
+        waiting: Cell::new(0),
+        changed: tokio::sync::Notify::new(),
+    }));
     defer(&replay);
     Ok(())
 }
@@ -219,16 +232,16 @@ pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Appended {
     let bytes = records.iter().map(|r| r.len() as u64).sum();
     let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
-    let room = ROOM.with(Rc::clone);
+    let service = service();
     loop {
-        let notified = room.notified();
+        let notified = service.room.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         match commit(Rc::clone(&records)).await {
             Ok(ids) => return Appended { ids, bytes },
             Err(SpoolError::Full { live_bytes, cap_bytes }) => {
                 // Every batch in flight meets the cap; one line per core every 10 s says it.
-                if FULL_LOG.with(|log| log.due(Duration::from_secs(10))).is_some() {
+                if service.full_log.due(Duration::from_secs(10)).is_some() {
                     tracing::warn!(
                         route,
                         live_bytes,
@@ -253,15 +266,6 @@ struct CommitRequest {
     done: futures::channel::oneshot::Sender<Result<Vec<RecordId>, SpoolError>>,
 }
 
-thread_local! {
-    /// Records waiting for the next group commit, and whether a commit task runs.
-    static COMMITS: RefCell<(Vec<CommitRequest>, bool)> = const { RefCell::new((Vec::new(), false)) };
-    /// This core's "spool full" lines.
-    static FULL_LOG: crate::telemetry::LogEvery = const { crate::telemetry::LogEvery::new() };
-    /// Group commits (appends with one sync) this core made.
-    static SYNCS: Cell<u64> = const { Cell::new(0) };
-}
-
 /// Makes `records` durable in this core's spool in a group commit: every caller that arrives
 /// while a sync is under way joins the next one, so concurrent batches share one sync. Returns
 /// the records' ids, or why they are not durable.
@@ -274,11 +278,12 @@ async fn commit(records: Rc<Vec<Vec<u8>>>) -> Result<Vec<RecordId>, SpoolError> 
         return Err(SpoolError::TooLarge(bad.len()));
     }
     let (done, answer) = futures::channel::oneshot::channel();
-    let start = COMMITS.with(|c| {
-        let mut commits = c.borrow_mut();
+    let start = {
+        let service = service();
+        let mut commits = service.commits.borrow_mut();
         commits.0.push(CommitRequest { records, done });
         !std::mem::replace(&mut commits.1, true)
-    });
+    };
     if start {
         glommio::spawn_local(run_commits()).detach();
     }
@@ -294,16 +299,17 @@ async fn commit(records: Rc<Vec<Vec<u8>>>) -> Result<Vec<RecordId>, SpoolError> 
 /// The core's commit task: takes every waiting request, appends them all with one sync, answers
 /// each, and repeats until none wait.
 async fn run_commits() {
-    let spool = core_spool();
+    let service = service();
+    let spool = service.spool.borrow().clone();
     loop {
-        let requests = COMMITS.with(|c| {
-            let mut commits = c.borrow_mut();
+        let requests = {
+            let mut commits = service.commits.borrow_mut();
             let requests = std::mem::take(&mut commits.0);
             if requests.is_empty() {
                 commits.1 = false;
             }
             requests
-        });
+        };
         if requests.is_empty() {
             return;
         }
@@ -326,7 +332,7 @@ async fn run_commits() {
             .collect();
         let result = spool.append(&refs).await;
         drop(refs);
-        SYNCS.with(|syncs| syncs.set(syncs.get() + 1));
+        service.syncs.set(service.syncs.get() + 1);
         metrics::counter!(crate::telemetry::metric::SPOOL_COMMITS).increment(1);
         match result {
             Ok(mut ids) => {
@@ -375,7 +381,7 @@ fn same_error(error: &SpoolError) -> SpoolError {
 
 /// Whether this core's spool is open (routes or the ingest API may spool).
 pub fn is_open() -> bool {
-    SPOOL.with(|s| s.borrow().is_some())
+    service().spool.borrow().is_some()
 }
 
 /// What [`append_batch`] does when the spool is full.
@@ -392,9 +398,9 @@ pub enum WhenFull {
 pub async fn append_batch(record: Vec<u8>, when_full: WhenFull) -> Result<Appended, SpoolError> {
     let bytes = record.len() as u64;
     let record = Rc::new(vec![record]);
-    let room = ROOM.with(Rc::clone);
+    let service = service();
     loop {
-        let notified = room.notified();
+        let notified = service.room.notified();
         let mut notified = std::pin::pin!(notified);
         notified.as_mut().enable();
         match commit(Rc::clone(&record)).await {
@@ -415,12 +421,13 @@ pub(super) async fn complete(ids: &[RecordId]) {
         spool.complete(*id).await;
     }
     drop(spool);
-    ROOM.with(|room| room.notify_waiters());
+    service().room.notify_waiters();
 }
 
 /// Seals this core's spool at shutdown (outstanding records replay on the next start).
 pub async fn close_on_core() {
-    let Some(spool) = SPOOL.with(|s| s.borrow_mut().take()) else {
+    let taken = service().spool.borrow_mut().take();
+    let Some(spool) = taken else {
         return;
     };
     if let Ok(spool) = Rc::try_unwrap(spool) {
@@ -480,7 +487,7 @@ mod tests {
                     })
                     .collect();
                 let outcomes = futures::future::join_all(callers).await;
-                let syncs = SYNCS.with(Cell::get);
+                let syncs = service().syncs.get();
                 assert!(syncs < 16, "16 concurrent callers took {syncs} syncs");
                 let spool = core_spool().expect("open");
                 let spool = spool.lock().await;

@@ -132,7 +132,7 @@ impl RowMetrics {
 }
 
 /// A log line that repeats per event (every write an outage fails, every batch a full spool
-/// refuses) written at most once per interval; kept in a thread-local, so per core.
+/// refuses) written at most once per interval; kept in a core's context, so per core.
 pub struct LogEvery {
     last: std::cell::Cell<Option<std::time::Instant>>,
     suppressed: std::cell::Cell<u64>,

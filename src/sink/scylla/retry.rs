@@ -59,13 +59,13 @@ pub enum Retries {
 /// in-flight write, and one line per write would flood the log.
 const RETRY_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-thread_local! {
-    /// This thread's "write failed, retrying" lines.
-    static RETRY_LOG: crate::telemetry::LogEvery = const { crate::telemetry::LogEvery::new() };
-}
+/// This core's "write failed, retrying" lines, in the core's context (`runtime::context`).
+#[derive(Default)]
+struct RetryLog(crate::telemetry::LogEvery);
 
 fn log_retry(attempts: u32, reason: &dyn std::fmt::Display) {
-    if let Some(retries_since_last_line) = RETRY_LOG.with(|log| log.due(RETRY_LOG_INTERVAL)) {
+    let log = crate::runtime::context::state::<RetryLog>();
+    if let Some(retries_since_last_line) = log.0.due(RETRY_LOG_INTERVAL) {
         tracing::warn!(attempts, %reason, retries_since_last_line, "write failed, retrying");
     }
 }
