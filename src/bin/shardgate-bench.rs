@@ -5,8 +5,15 @@
 //! percentiles:
 //! - `grpc-smart`: the shard-aware client, one `WriteStream` per core endpoint;
 //! - `grpc-plain`: one `WriteStream` on the shared port (rows a core does not own are forwarded);
-//! - `kafka`: messages produced first, then the gateway consumes them (latency not measured:
-//!   rows/s is messages ÷ time to all offsets committed, including the group join).
+//! - `kafka`: messages produced first, then the gateway consumes them (rows/s is messages ÷
+//!   time to all offsets committed, including the group join; latency from a second run at a
+//!   steady rate);
+//! - `ceiling` / `ceiling-events`: the Kafka mode's orders / the gRPC modes' events written by
+//!   the scylla crate alone, no gateway — what the database takes on this machine, the bar the
+//!   other modes are measured against.
+//!
+//! Every mode also reports the database's CPU seconds per million rows (the local Cassandra's
+//! utime + stime from /proc over the same span).
 //!
 //! gRPC latency is per batch, from the moment the client hands the batch to the stream to the
 //! moment its response arrives; each stream keeps `--window` batches in flight (closed loop).
@@ -18,9 +25,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use scylla::client::session::Session;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::value::{CqlDecimal, CqlTimestamp};
 use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
 use shardgate::wire::proto::ingest_client::IngestClient;
@@ -30,8 +43,13 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
-    /// Modes to run: grpc-smart, grpc-plain, kafka, kafka-spooled (comma separated).
-    #[arg(long, default_value = "grpc-smart,grpc-plain,kafka", value_delimiter = ',')]
+    /// Modes to run: ceiling, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-spooled
+    /// (comma separated).
+    #[arg(
+        long,
+        default_value = "ceiling-events,grpc-smart,grpc-plain,ceiling,kafka",
+        value_delimiter = ','
+    )]
     modes: Vec<String>,
     /// Rows per mode.
     #[arg(long, default_value_t = 500_000)]
@@ -43,7 +61,8 @@ struct Args {
     /// answered), so latency measures service time rather than the client's own queue.
     #[arg(long, default_value_t = 8)]
     window: usize,
-    /// The gateway's `runtime.write_batch_rows_max` (1 = single writes).
+    /// The gateway's `runtime.write_batch_rows_max` (1 = single writes), and the ceiling
+    /// writer's rows per batch.
     #[arg(long, default_value_t = 64)]
     write_batch_rows: usize,
     /// Messages per second in the Kafka latency run.
@@ -62,6 +81,8 @@ struct Outcome {
     rows: u64,
     seconds: f64,
     cpu_seconds: f64,
+    /// The database's CPU seconds over the same span.
+    database_cpu_seconds: f64,
     latencies: Vec<Duration>,
     /// p50, p99, p999 in milliseconds when measured by the gateway instead of `latencies`.
     quantiles_ms: Option<[f64; 3]>,
@@ -75,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let mut outcomes = Vec::new();
     for mode in &args.modes {
         let outcome = match mode.as_str() {
+            "ceiling" | "ceiling-events" => ceiling(&args, mode).await?,
             "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
             "kafka" => kafka(&args, false).await?,
             "kafka-spooled" => kafka(&args, true).await?,
@@ -83,8 +105,8 @@ async fn main() -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     println!();
-    println!("| mode | rows | seconds | rows/s | gateway CPU-s per million rows | p50 ms | p99 ms | p999 ms | forwarded rows |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| mode | rows | seconds | rows/s | writer CPU-s per million rows | Cassandra CPU-s per million rows | p50 ms | p99 ms | p999 ms | forwarded rows |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for o in &outcomes {
         let mut l = o.latencies.clone();
         l.sort_unstable();
@@ -99,12 +121,13 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         println!(
-            "| {} | {} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
             o.mode,
             o.rows,
             o.seconds,
             o.rows as f64 / o.seconds,
             o.cpu_seconds * 1e6 / o.rows as f64,
+            o.database_cpu_seconds * 1e6 / o.rows as f64,
             pct(0.50),
             pct(0.99),
             pct(0.999),
@@ -150,11 +173,13 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         vec![(client.shared_client(), batches)]
     };
     println!("== {mode}: {} rows in batches of {}", args.rows, args.batch_rows);
+    let database = devkit::CassandraCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
     let started = Instant::now();
     let results = futures::future::join_all(per_stream.into_iter().map(|(c, b)| timed_stream(c, b, args.window))).await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
+    let database_cpu_seconds = database.seconds()?;
     let mut rows = 0;
     let mut latencies = Vec::new();
     for result in results {
@@ -170,6 +195,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         rows,
         seconds,
         cpu_seconds,
+        database_cpu_seconds,
         latencies,
         quantiles_ms: None,
         forwarded,
@@ -263,6 +289,7 @@ async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
     devkit::produce(&topic, messages)?;
     let config = args.work_dir.join("gateway-kafka.toml");
     std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled)?)?;
+    let database = devkit::CassandraCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka.log"))?;
     wait_committed(&group, &topic, partitions, args.rows).await?;
@@ -275,6 +302,7 @@ async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()?;
+    let database_cpu_seconds = database.seconds()?;
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     gateway.stop()?;
     let quantiles_ms = kafka_latency(args, keyspace, run, spooled).await?;
@@ -283,6 +311,7 @@ async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
         rows: args.rows as u64,
         seconds,
         cpu_seconds,
+        database_cpu_seconds,
         latencies: Vec::new(),
         quantiles_ms: Some(quantiles_ms),
         forwarded,
@@ -347,4 +376,172 @@ async fn wait_committed(group: &str, topic: &str, partitions: i32, target: i64) 
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Batches the ceiling writer keeps in flight.
+const CEILING_IN_FLIGHT: usize = 48;
+
+/// One sample order as the ceiling writer binds it: the columns of `orders`, then the write
+/// timestamp.
+type OrderRow = (
+    String,
+    i64,
+    String,
+    CqlDecimal,
+    i32,
+    CqlTimestamp,
+    bool,
+    Vec<String>,
+    i64,
+);
+
+fn order_row(i: u64) -> OrderRow {
+    let e = devkit::expected_order(i);
+    (
+        e.order_id,
+        e.customer_id,
+        e.city,
+        CqlDecimal::from_signed_be_bytes_slice_and_exponent(&e.amount_cents.to_be_bytes(), 2),
+        e.quantity,
+        CqlTimestamp(e.placed_at_ms),
+        e.express,
+        e.tags,
+        e.placed_at_ms * 1_000,
+    )
+}
+
+/// One sample event (the gRPC modes' rows) as the ceiling writer binds it, then the write
+/// timestamp.
+type EventRow = (i64, String, f64, CqlTimestamp, Vec<i32>, i64);
+
+fn event_row(i: i64) -> EventRow {
+    use shardgate::wire::proto::value::Kind;
+    let row = devkit::event_row(i);
+    let kinds: Vec<_> = row.values.into_iter().filter_map(|v| v.kind).collect();
+    match kinds.as_slice() {
+        [Kind::Int(id), Kind::Text(name), Kind::Double(score), Kind::TimestampMs(at), Kind::List(tags)] => {
+            let tags = tags
+                .values
+                .iter()
+                .filter_map(|v| match v.kind {
+                    Some(Kind::Int(n)) => Some(n as i32),
+                    _ => None,
+                })
+                .collect();
+            (*id, name.clone(), *score, CqlTimestamp(*at), tags, at * 1_000)
+        }
+        _ => unreachable!("devkit::event_row's shape"),
+    }
+}
+
+/// The database's ceiling on this machine: the rows of the Kafka mode (`ceiling`: orders) or of
+/// the gRPC modes (`ceiling-events`) written by the scylla crate alone, no gateway.
+async fn ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    let rows = args.rows as u64;
+    let (keyspace, written) = if mode == "ceiling" {
+        let keyspace = "shardgate_bench_ceiling";
+        devkit::create_orders_table(&session, keyspace).await?;
+        let insert = format!(
+            "INSERT INTO {keyspace}.orders (order_id, customer_id, city, amount, quantity, placed_at, express, tags) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        );
+        let written = write_ceiling(args, &session, keyspace, "orders", &insert, (0..rows).map(order_row)).await?;
+        devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
+        (keyspace, written)
+    } else {
+        let keyspace = "shardgate_bench_ceiling_events";
+        devkit::create_events_table(&session, keyspace).await?;
+        let insert = format!(
+            "INSERT INTO {keyspace}.events (id, name, score, at, tags) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        );
+        let written = write_ceiling(
+            args,
+            &session,
+            keyspace,
+            "events",
+            &insert,
+            (0..args.rows).map(event_row),
+        )
+        .await?;
+        let report = devkit::verify_events(&session, keyspace, rows).await?;
+        anyhow::ensure!(
+            report.matching == rows,
+            "ceiling-events: {} of {rows} rows exact",
+            report.matching
+        );
+        (keyspace, written)
+    };
+    let (seconds, cpu_seconds, database_cpu_seconds, latencies) = written;
+    println!("   {mode}: {rows} rows in {keyspace}, row-exact");
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds,
+        latencies,
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// What a ceiling run measured: seconds, writer CPU-s, database CPU-s, per-batch latencies.
+type CeilingRun = (f64, f64, f64, Vec<Duration>);
+
+/// Writes `rows` with `insert` the way a driver-only writer does best: rows grouped by the
+/// (replica, shard) of their token, UNLOGGED batches of `--write-batch-rows` rows of one group,
+/// [`CEILING_IN_FLIGHT`] batches in flight. The writer's CPU is this process's own over the
+/// run, grouping included; latency is per batch.
+async fn write_ceiling<R: SerializeRow + Send + Sync>(
+    args: &Args,
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    insert: &str,
+    rows: impl Iterator<Item = R>,
+) -> anyhow::Result<CeilingRun> {
+    let insert = session.prepare(insert).await?;
+    println!(
+        "== ceiling: {} rows into {keyspace}.{table} by the scylla crate alone, UNLOGGED batches of {} rows of one replica and shard, {CEILING_IN_FLIGHT} in flight",
+        args.rows, args.write_batch_rows
+    );
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
+    let started = Instant::now();
+    let cluster = session.get_cluster_state();
+    let mut open: HashMap<(uuid::Uuid, u32), Vec<R>> = HashMap::new();
+    let mut groups = Vec::new();
+    for row in rows {
+        let token = insert.calculate_token(&row)?.context("the table has a partition key")?;
+        let (node, shard) = cluster
+            .get_token_endpoints(keyspace, table, token)
+            .into_iter()
+            .next()
+            .context("no replica for a token")?;
+        let group = open.entry((node.host_id, shard)).or_default();
+        group.push(row);
+        if group.len() >= args.write_batch_rows {
+            groups.push(std::mem::take(group));
+        }
+    }
+    groups.extend(open.into_values().filter(|g| !g.is_empty()));
+    let insert = &insert;
+    let latencies: Vec<Duration> = futures::stream::iter(groups)
+        .map(|rows| async move {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in &rows {
+                batch.append_statement(insert.clone());
+            }
+            let sent = Instant::now();
+            session.batch(&batch, &rows).await.map(|_| sent.elapsed())
+        })
+        .buffer_unordered(CEILING_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
+    Ok((seconds, cpu_seconds, database.seconds()?, latencies))
 }

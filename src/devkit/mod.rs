@@ -585,12 +585,7 @@ impl Gateway {
 
     /// CPU seconds (user + system) the gateway has used, from /proc.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-        Ok(ticks / 100.0)
+        process_cpu_seconds(self.child.id())
     }
 
     /// `kill -9`: no drain, no commit.
@@ -1270,6 +1265,53 @@ pub fn order_event_flatbuffer(i: u64) -> Vec<u8> {
     builder.finished_data().to_vec()
 }
 
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// The pid of the Cassandra `deploy/local/stack.sh up` started (from its state dir,
+/// `$SHARDGATE_STATE` or `.state` in the repository).
+pub fn cassandra_pid() -> anyhow::Result<i32> {
+    let state = std::env::var_os("SHARDGATE_STATE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"));
+    let pidfile = state.join("cassandra/pid");
+    std::fs::read_to_string(&pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?
+        .trim()
+        .parse()
+        .context("cassandra pid")
+}
+
+/// The local Cassandra's CPU over a span of a run: read at [`CassandraCpu::start`], the
+/// difference at [`CassandraCpu::seconds`].
+pub struct CassandraCpu {
+    pid: u32,
+    before: f64,
+}
+
+impl CassandraCpu {
+    /// Starts the span now.
+    pub fn start() -> anyhow::Result<CassandraCpu> {
+        let pid = u32::try_from(cassandra_pid()?).context("cassandra pid")?;
+        Ok(CassandraCpu {
+            pid,
+            before: process_cpu_seconds(pid)?,
+        })
+    }
+
+    /// Cassandra's CPU seconds since the start of the span.
+    pub fn seconds(&self) -> anyhow::Result<f64> {
+        Ok(process_cpu_seconds(self.pid)? - self.before)
+    }
+}
+
 /// The local Cassandra frozen with SIGSTOP — unreachable as a hung node is: connections stay
 /// open, requests time out — until [`CassandraPause::resume`] or drop sends SIGCONT.
 pub struct CassandraPause {
@@ -1281,15 +1323,7 @@ impl CassandraPause {
     /// Freezes the Cassandra that `deploy/local/stack.sh up` started (pid from its state dir,
     /// `$SHARDGATE_STATE` or `.state` in the repository).
     pub fn start() -> anyhow::Result<CassandraPause> {
-        let state = std::env::var_os("SHARDGATE_STATE")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"));
-        let pidfile = state.join("cassandra/pid");
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .with_context(|| format!("reading {}", pidfile.display()))?
-            .trim()
-            .parse()
-            .context("cassandra pid")?;
+        let pid = cassandra_pid()?;
         signal(pid, "STOP")?;
         Ok(CassandraPause { pid, resumed: false })
     }
