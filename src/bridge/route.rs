@@ -175,7 +175,7 @@ impl RouteWriter {
         let metrics = &self.metrics[core];
         if !self.spooled {
             metrics.received.increment(batch.len() as u64);
-            metrics.batch_rows.record(batch.len() as f64);
+            metrics.received_batch_rows.record(batch.len() as f64);
             self.write_batch(core, batch).await;
             drop(admitted);
             return;
@@ -188,7 +188,7 @@ impl RouteWriter {
             .unzip();
         let appended = spool::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
-        metrics.batch_rows.record(batch.len() as f64);
+        metrics.received_batch_rows.record(batch.len() as f64);
         for (work, origin) in batch.iter().zip(&origins) {
             self.settle(core, work.timestamp_ms, origin.as_ref(), false);
         }

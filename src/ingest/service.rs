@@ -365,7 +365,7 @@ impl IngestService {
         let writer = self.batch_writer(&batch).await?;
         let metrics = &writer.metrics[self.core];
         metrics.received.increment(rows as u64);
-        metrics.batch_rows.record(rows as f64);
+        metrics.received_batch_rows.record(rows as f64);
         let (bound, mut errors) = Self::bind_batch(&writer, &batch, resolve_timestamp(batch.timestamp_us));
         drop(batch);
         let mut written = 0u32;

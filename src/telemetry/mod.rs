@@ -29,7 +29,11 @@ pub mod metric {
     pub const MESSAGES_FILTERED: &str = "shardgate_messages_filtered_total";
     /// Rows admitted into a core's in-flight budget and not yet answered (ingest API).
     pub const INGEST_ROWS_IN_FLIGHT: &str = "shardgate_ingest_rows_in_flight";
-    /// Rows per received batch.
+    /// Rows per received batch: a gRPC batch, or a source's hand-off of messages to a core.
+    pub const RECEIVED_BATCH_ROWS: &str = "shardgate_received_batch_rows";
+    /// Rows per write sent to the database — an UNLOGGED batch, or one row — by core, table,
+    /// source, `replica` (the node's ordinal in the ring snapshot, nodes in ascending host-id
+    /// order) and `shard`: the batch size the database really gets.
     pub const BATCH_ROWS: &str = "shardgate_batch_rows";
     /// Latency of one database write (a row or an UNLOGGED batch; retries included).
     pub const WRITE_LATENCY_SECONDS: &str = "shardgate_write_latency_seconds";
@@ -58,6 +62,7 @@ pub mod metric {
         ROWS_FORWARDED,
         MESSAGES_FILTERED,
         INGEST_ROWS_IN_FLIGHT,
+        RECEIVED_BATCH_ROWS,
         BATCH_ROWS,
         WRITE_LATENCY_SECONDS,
         DELIVERY_LATENCY_SECONDS,
@@ -68,10 +73,19 @@ pub mod metric {
     ];
 }
 
+/// A core's `shardgate_batch_rows` histograms by (handle set, replica, shard).
+#[derive(Default)]
+struct DatabaseBatches(std::cell::RefCell<std::collections::HashMap<DatabaseBatchKey, metrics::Histogram>>);
+
+/// A handle set's id, a replica's ordinal (`None` while the ring is empty), a shard.
+type DatabaseBatchKey = (u64, Option<u32>, u32);
+
 /// Metric handles of one (source, table, core), registered once so that label allocation and
 /// registry lookups stay off the per-row path.
 #[derive(Clone)]
 pub struct RowMetrics {
+    /// Tells this handle set's per-(replica, shard) histograms apart in a core's cache.
+    id: u64,
     core: String,
     table: String,
     source: String,
@@ -84,7 +98,7 @@ pub struct RowMetrics {
     /// Messages skipped by the route's filter.
     pub filtered: metrics::Counter,
     /// Rows per received batch.
-    pub batch_rows: metrics::Histogram,
+    pub received_batch_rows: metrics::Histogram,
     /// Latency of one database write.
     pub write_latency: metrics::Histogram,
     /// Source message time to confirmed (bridges).
@@ -99,12 +113,14 @@ impl RowMetrics {
             ("table", table.to_string()),
             ("source", source.to_string()),
         ];
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         RowMetrics {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             received: metrics::counter!(metric::ROWS_RECEIVED, &labels),
             written: metrics::counter!(metric::ROWS_WRITTEN, &labels),
             forwarded: metrics::counter!(metric::ROWS_FORWARDED, &labels),
             filtered: metrics::counter!(metric::MESSAGES_FILTERED, &labels),
-            batch_rows: metrics::histogram!(metric::BATCH_ROWS, &labels),
+            received_batch_rows: metrics::histogram!(metric::RECEIVED_BATCH_ROWS, &labels),
             write_latency: metrics::histogram!(metric::WRITE_LATENCY_SECONDS, &labels),
             delivery_latency: metrics::histogram!(metric::DELIVERY_LATENCY_SECONDS, &labels),
             core: core.to_string(),
@@ -116,6 +132,25 @@ impl RowMetrics {
     /// One handle set per core.
     pub fn per_core(source: &str, table: &str, cores: usize) -> Vec<RowMetrics> {
         (0..cores).map(|core| RowMetrics::new(source, table, core)).collect()
+    }
+
+    /// Records one write sent to the database: `rows` rows (an UNLOGGED batch, or one row) of
+    /// replica `node` (ordinal; `None` while the ring is empty) and `shard`. The histogram of each
+    /// (replica, shard) is registered once per core, in the core's context.
+    pub fn database_batch(&self, (node, shard): (Option<u32>, u32), rows: usize) {
+        let cache = crate::runtime::context::state::<DatabaseBatches>();
+        let mut cache = cache.0.borrow_mut();
+        let histogram = cache.entry((self.id, node, shard)).or_insert_with(|| {
+            metrics::histogram!(
+                metric::BATCH_ROWS,
+                "core" => self.core.clone(),
+                "table" => self.table.clone(),
+                "source" => self.source.clone(),
+                "replica" => node.map_or_else(|| "none".to_string(), |n| n.to_string()),
+                "shard" => shard.to_string()
+            )
+        });
+        histogram.record(rows as f64);
     }
 
     /// Counts `rows` failed rows with error `code` (not on the hot path).

@@ -143,6 +143,56 @@ async fn smart_client_writes_a_million_rows_with_zero_forwards() {
     assert_events_exact(&names, count as u64).await;
 }
 
+/// `shardgate_batch_rows` is what the database gets: every written row is counted in exactly
+/// one database write, labelled with its replica and shard, and the shard-aware client's
+/// 500-row batches reach the database as UNLOGGED batches of up to 64 rows, not row by row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_batches_are_measured_per_replica_and_shard() {
+    const ROWS_PER_DATABASE_BATCH_MAX: f64 = 64.0;
+    let _lock = gateway_lock().await;
+    let count = 10_000;
+    let Setup {
+        names,
+        gateway,
+        table,
+        client,
+        ..
+    } = setup("dbbatches").await;
+    let summary = client.stream(batches(&table, count)).await.expect("stream");
+    assert_eq!(
+        summary.written,
+        count as u64,
+        "{:?}",
+        &summary.errors[..summary.errors.len().min(5)]
+    );
+    let metric = shardgate::telemetry::metric::BATCH_ROWS;
+    let rows = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{metric}_sum")).expect("metrics");
+    let writes = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{metric}_count")).expect("metrics");
+    assert_eq!(rows, count as f64, "each written row is in exactly one database write");
+    assert!(
+        writes >= count as f64 / ROWS_PER_DATABASE_BATCH_MAX,
+        "{writes} writes cannot carry {count} rows in batches of at most 64"
+    );
+    assert!(
+        rows / writes >= ROWS_PER_DATABASE_BATCH_MAX / 2.0,
+        "500-row batches reach the database as batches of {:.1} rows on average",
+        rows / writes
+    );
+    // One Cassandra node, which reports no shards: replica 0, shard 0.
+    let labelled = devkit::scrape_metric_where(
+        devkit::ADMIN_LISTEN,
+        &format!("{metric}_count"),
+        &[("replica", "0"), ("shard", "0"), ("source", "grpc")],
+    )
+    .expect("metrics");
+    assert_eq!(
+        labelled, writes,
+        "every database write is labelled with its replica and shard"
+    );
+    assert!(gateway.stop().expect("stop").success());
+    assert_events_exact(&names, count as u64).await;
+}
+
 /// 1,000,000 rows through one `WriteStream` on the shared port from a plain client are all
 /// written; rows a core does not own cost one forward each; RSS stays bounded while the
 /// producer sends faster than Cassandra accepts.

@@ -84,7 +84,8 @@ pub async fn write_rows<R, S: Statements<R>>(
     metrics: &RowMetrics,
 ) -> Vec<(R, Result<(), WriteError>)> {
     let chunks = batches_by_replica_shard(rows, options.batch_rows_max);
-    let writes = chunks.into_iter().map(|chunk| async move {
+    let writes = chunks.into_iter().map(|(replica_shard, chunk)| async move {
+        metrics.database_batch(replica_shard, chunk.len());
         let started = Instant::now();
         let outcomes = write_chunk(session, statements, chunk, options.retries).await;
         metrics.write_latency.record(started.elapsed().as_secs_f64());
@@ -168,16 +169,19 @@ pub fn owner_of(placement: Option<Placement>, here: usize) -> (usize, ReplicaSha
 
 /// Groups rows by their (replica, shard) and cuts each group into batches of at most
 /// `rows_max` rows: the only rows that may share an UNLOGGED batch.
-pub fn batches_by_replica_shard<T>(rows: impl IntoIterator<Item = (ReplicaShard, T)>, rows_max: usize) -> Vec<Vec<T>> {
+pub fn batches_by_replica_shard<T>(
+    rows: impl IntoIterator<Item = (ReplicaShard, T)>,
+    rows_max: usize,
+) -> Vec<(ReplicaShard, Vec<T>)> {
     let mut groups: HashMap<ReplicaShard, Vec<T>> = HashMap::new();
     for (key, row) in rows {
         groups.entry(key).or_default().push(row);
     }
     let mut batches = Vec::new();
-    for (_, mut group) in groups {
+    for (key, mut group) in groups {
         while !group.is_empty() {
             let rest = group.split_off(group.len().min(rows_max.max(1)));
-            batches.push(std::mem::replace(&mut group, rest));
+            batches.push((key, std::mem::replace(&mut group, rest)));
         }
     }
     batches
@@ -190,6 +194,16 @@ mod tests {
         let rows = (0..10).map(|i| (if i % 2 == 0 { (Some(0), 1) } else { (None, 0) }, i));
         let mut batches = super::batches_by_replica_shard(rows, 3);
         batches.sort();
-        assert_eq!(batches, vec![vec![0, 2, 4], vec![1, 3, 5], vec![6, 8], vec![7, 9]]);
+        let odd = (None, 0);
+        let even = (Some(0), 1);
+        assert_eq!(
+            batches,
+            vec![
+                (odd, vec![1, 3, 5]),
+                (odd, vec![7, 9]),
+                (even, vec![0, 2, 4]),
+                (even, vec![6, 8])
+            ]
+        );
     }
 }
