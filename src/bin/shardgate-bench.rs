@@ -8,6 +8,9 @@
 //! - `kafka`: messages produced first, then the gateway consumes them (rows/s is messages ÷
 //!   time to all offsets committed, including the group join; latency from a second run at a
 //!   steady rate);
+//! - `rabbitmq` / `jetstream`: `--broker-rows` orders published to a durable queue / stream
+//!   first, then the gateway consumes them (rows/s is rows ÷ time from gateway start to the last
+//!   row read back from the table);
 //! - `ceiling` / `ceiling-events`: the Kafka mode's orders / the gRPC modes' events written by
 //!   the scylla crate alone, no gateway — what the database takes on this machine, the bar the
 //!   other modes are measured against.
@@ -43,8 +46,8 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
-    /// Modes to run: ceiling, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-spooled
-    /// (comma separated).
+    /// Modes to run: ceiling, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-spooled,
+    /// rabbitmq, jetstream (comma separated).
     #[arg(
         long,
         default_value = "ceiling-events,grpc-smart,grpc-plain,ceiling,kafka",
@@ -65,6 +68,9 @@ struct Args {
     /// writer's rows per batch.
     #[arg(long, default_value_t = 64)]
     write_batch_rows: usize,
+    /// Rows of the `rabbitmq` and `jetstream` modes.
+    #[arg(long, default_value_t = 200_000)]
+    broker_rows: u64,
     /// Messages per second in the Kafka latency run.
     #[arg(long, default_value_t = 5_000)]
     kafka_rate: u64,
@@ -100,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
             "kafka" => kafka(&args, false).await?,
             "kafka-spooled" => kafka(&args, true).await?,
+            "rabbitmq" | "jetstream" => broker(&args, mode).await?,
             other => anyhow::bail!("unknown mode `{other}`"),
         };
         outcomes.push(outcome);
@@ -544,4 +551,81 @@ async fn write_ceiling<R: SerializeRow + Send + Sync>(
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
     Ok((seconds, cpu_seconds, database.seconds()?, latencies))
+}
+
+/// RabbitMQ or JetStream → Cassandra: the orders published first (persistent / stream-stored,
+/// each confirmed), then a gateway started on them; rows/s is rows ÷ time from gateway start
+/// until every row reads back from the table.
+async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
+    let keyspace = "shardgate_bench_broker";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders_table(&session, keyspace).await?;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let rows = args.broker_rows;
+    let messages = (0..rows).map(devkit::order_message_with_id);
+    println!("== {mode}: publishing {rows} messages");
+    let routes = if mode == "rabbitmq" {
+        let (queue, dead_letter) = (format!("bench.orders.{run}"), format!("bench.orders.{run}.dead-letter"));
+        devkit::recreate_queue(&queue).await?;
+        devkit::recreate_queue(&dead_letter).await?;
+        devkit::publish_rabbitmq(&queue, messages).await?;
+        devkit::rabbitmq_orders_route_toml("orders", keyspace, &queue, &dead_letter)
+    } else {
+        let (stream, subject) = (format!("bench-orders-{run}"), format!("bench.orders.{run}"));
+        devkit::create_stream(&stream, &[&subject]).await?;
+        devkit::publish_jetstream(&subject, messages).await?;
+        let durable = format!("bench-{run}");
+        devkit::jetstream_orders_route_toml(
+            "orders",
+            keyspace,
+            &stream,
+            &subject,
+            &durable,
+            &format!("{subject}.dead-letter"),
+        )
+    };
+    let config = args.work_dir.join(format!("gateway-{mode}.toml"));
+    std::fs::write(&config, devkit::gateway_toml(&routes))?;
+    let database = devkit::CassandraCpu::start()?;
+    let started = Instant::now();
+    let gateway = Gateway::start(
+        &args.gateway,
+        &config,
+        &args.work_dir.join(format!("gateway-{mode}.log")),
+    )?;
+    devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(600)).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()?;
+    let database_cpu_seconds = database.seconds()?;
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
+    let handed = |suffix: &str| {
+        devkit::scrape_metric(
+            devkit::ADMIN_LISTEN,
+            &format!("{}_{suffix}", shardgate::telemetry::metric::RECEIVED_BATCH_ROWS),
+        )
+    };
+    let written = |suffix: &str| {
+        devkit::scrape_metric(
+            devkit::ADMIN_LISTEN,
+            &format!("{}_{suffix}", shardgate::telemetry::metric::BATCH_ROWS),
+        )
+    };
+    println!(
+        "   {mode}: {:.1} messages per hand-off to a core, {:.1} rows per database write",
+        handed("sum")? / handed("count")?.max(1.0),
+        written("sum")? / written("count")?.max(1.0)
+    );
+    gateway.stop()?;
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded,
+    })
 }

@@ -36,6 +36,11 @@ use ack::AmqpOrigin;
 
 /// Deliveries handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
+/// How long a hand-off waits for more deliveries after its first: lapin yields deliveries one
+/// frame at a time, so without it a core got hand-offs of 4–5 messages and the database
+/// batches of as many rows. Bounded by [`CHUNK_MESSAGES_MAX`] and, through the unacknowledged
+/// window, by the prefetch.
+const HANDOFF_LINGER: Duration = Duration::from_millis(2);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -160,6 +165,8 @@ async fn consume_once(
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(%route, queue = %source.queue, prefetch = source.prefetch, "consuming");
+    let (acks, settled) = mpsc::unbounded_channel();
+    tokio::spawn(ack::run_acker(route.to_string(), channel.clone(), settled));
     let mut chunks = consumer.ready_chunks(CHUNK_MESSAGES_MAX);
     loop {
         let chunk = tokio::select! {
@@ -171,9 +178,31 @@ async fn consume_once(
             let _ = connection.close(200, "shardgate stopping").await;
             return Ok(());
         };
-        let mut batch = Vec::with_capacity(chunk.len());
+        let mut batch = Vec::with_capacity(CHUNK_MESSAGES_MAX);
         for delivery in chunk {
-            batch.push(source_message(delivery.map_err(|e| e.to_string())?, &source.queue));
+            batch.push(source_message(
+                delivery.map_err(|e| e.to_string())?,
+                &source.queue,
+                &acks,
+            ));
+        }
+        let linger = tokio::time::sleep(HANDOFF_LINGER);
+        tokio::pin!(linger);
+        while batch.len() < CHUNK_MESSAGES_MAX {
+            let more = tokio::select! {
+                biased;
+                more = chunks.next() => more,
+                _ = &mut linger => None,
+            };
+            // Cancelled: what is here is handed off, the next turn sees the end.
+            let Some(more) = more else { break };
+            for delivery in more {
+                batch.push(source_message(
+                    delivery.map_err(|e| e.to_string())?,
+                    &source.queue,
+                    &acks,
+                ));
+            }
         }
         let Some(round_robin) = cores.as_mut() else {
             return Ok(());
@@ -203,7 +232,11 @@ async fn drain(cores: &mut Option<RoundRobin>, counters: &RouteCounters, deadlin
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
-fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMessage {
+fn source_message(
+    delivery: lapin::message::Delivery,
+    queue: &str,
+    acks: &mpsc::UnboundedSender<ack::Settled>,
+) -> SourceMessage {
     let timestamp_ms = delivery
         .properties
         .timestamp()
@@ -221,7 +254,8 @@ fn source_message(delivery: lapin::message::Delivery, queue: &str) -> SourceMess
             queue: queue.to_string(),
             routing_key: delivery.routing_key.to_string(),
             redelivered: delivery.redelivered,
-            acker: delivery.acker,
+            tag: delivery.delivery_tag,
+            acks: acks.clone(),
         }),
     }
 }
