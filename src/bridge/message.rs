@@ -98,6 +98,23 @@ impl Origin for Spooled {
 }
 
 impl SourceMessage {
+    /// A message at `position` with no payload and an origin that settles nowhere (unit tests).
+    #[cfg(test)]
+    pub fn test_message(position: i64) -> SourceMessage {
+        SourceMessage {
+            position,
+            timestamp_ms: None,
+            write_timestamp_us: None,
+            key: None,
+            headers: Vec::new(),
+            payload: None,
+            origin: Box::new(Spooled {
+                coordinates: Vec::new(),
+                partition: None,
+            }),
+        }
+    }
+
     /// The Kafka partition it came from, if any.
     pub fn partition(&self) -> Option<i32> {
         self.origin.partition()

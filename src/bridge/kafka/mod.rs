@@ -3,16 +3,18 @@
 //! One housekeeping poll thread per route ([`Poller::run`]) owns the `BaseConsumer`: it polls
 //! (which also drives rebalances), hands each message to the core that reads its partition
 //! (`topology::kafka_partition_owner`) in batches over a bounded channel, and stores offsets
-//! from the contiguous watermark as completions come back. The cores' side (map, route to the
+//! from the contiguous watermark as completions come back. A core whose channel is full has its
+//! partitions paused at the broker until it catches up (`pause`); the others are fed meanwhile. The cores' side (map, route to the
 //! owner core, write, dead-letter, complete) is shared by every source: `bridge::route`.
 //!
 //! Delivery contract: an offset is stored (and later auto-committed) only after the message and
 //! every message before it in its partition is written or dead-lettered; a `kill -9` therefore
 //! replays from the last committed offset, and replays write identical cells because each write
 //! carries a timestamp derived from the message (`mapping::write_timestamp_us`). When the cores'
-//! queues are full the poll thread blocks, so memory stays bounded.
+//! queues are full their partitions pause, so memory stays bounded.
 
 pub mod ack;
+pub mod pause;
 pub mod watermark;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +43,8 @@ use watermark::Watermarks;
 const POLL_BATCH_MAX: usize = 512;
 /// How long one poll waits when nothing is buffered.
 const POLL_WAIT: Duration = Duration::from_millis(50);
+/// How long one poll waits while a core has batches waiting (its queue is retried after).
+const PAUSED_RETRY: Duration = Duration::from_millis(5);
 /// How long start-up waits for broker metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval of the progress log line.
@@ -204,7 +208,7 @@ impl Source for KafkaSource {
             consumer: self.consumer,
             source: self.config,
             instance_id: self.instance_id,
-            queues: handoff.queues,
+            queues: pause::CoreQueues::new(handoff.queues),
             completions,
             completions_tx,
             stop: handoff.stop,
@@ -341,8 +345,8 @@ pub struct Poller {
     pub source: KafkaSourceConfig,
     /// The consumer's `group.instance.id` (static membership), if the gateway has an id.
     pub instance_id: Option<String>,
-    /// One bounded queue per core.
-    pub queues: Vec<tokio::sync::mpsc::Sender<Vec<SourceMessage>>>,
+    /// One bounded queue per core, and what waits for each.
+    pub queues: pause::CoreQueues,
     /// Completions from the cores.
     pub completions: crossbeam_channel::Receiver<Completion>,
     /// The sending side, one clone in every message's origin.
@@ -395,7 +399,7 @@ impl Poller {
         tracing::info!(
             route = %self.route,
             topic = %self.topic,
-            cores = self.queues.len(),
+            cores = self.queues.cores(),
             group = %self.source.group_id,
             member = self.instance_id.as_deref().unwrap_or("dynamic"),
             "consuming"
@@ -414,13 +418,19 @@ impl Poller {
                 self.resubscribe();
                 unassigned_since = Some(Instant::now());
             }
-            let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.len()).map(|_| Vec::new()).collect();
+            let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.cores()).map(|_| Vec::new()).collect();
             let mut taken = 0;
-            let mut wait = POLL_WAIT;
+            // A core with batches waiting is retried soon, not after a whole poll wait.
+            let mut wait = if self.queues.any_waiting() {
+                PAUSED_RETRY
+            } else {
+                POLL_WAIT
+            };
+            let mut rebalanced = false;
             while taken < POLL_BATCH_MAX {
                 let polled = self.consumer.poll(wait);
                 wait = Duration::ZERO;
-                self.apply_rebalances(&mut marks, &mut clocks, &mut unassigned_since);
+                rebalanced |= self.apply_rebalances(&mut marks, &mut clocks, &mut unassigned_since);
                 match polled {
                     None => break,
                     Some(Err(error)) => {
@@ -437,13 +447,20 @@ impl Poller {
                     }
                 }
             }
-            self.counters.received.fetch_add(taken as u64, Ordering::Relaxed);
-            for (core, batch) in batches.into_iter().enumerate() {
-                if !batch.is_empty() && self.queues[core].blocking_send(batch).is_err() {
+            if rebalanced {
+                // A new assignment fetches every partition; cores still full pause theirs anew.
+                self.queues.forget_pauses();
+            }
+            match self.queues.hand_off(batches) {
+                Ok(handed) => {
+                    self.counters.received.fetch_add(handed as u64, Ordering::Relaxed);
+                }
+                Err(pause::Closed(core)) => {
                     tracing::error!(route = %self.route, core, "core queue closed; stopping the route");
                     return;
                 }
             }
+            self.apply_pauses();
             if last_progress.elapsed() >= PROGRESS_LOG_INTERVAL {
                 self.log_progress(&marks);
                 last_progress = Instant::now();
@@ -465,7 +482,7 @@ impl Poller {
         let timestamp_ms = message.timestamp().to_millis();
         let write_timestamp_us = clocks.next(partition, timestamp_ms);
         let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
-        let owner = kafka_partition_owner(partition, self.queues.len());
+        let owner = kafka_partition_owner(partition, self.queues.cores());
         let message = SourceMessage {
             position: offset,
             timestamp_ms,
@@ -481,6 +498,34 @@ impl Poller {
             }),
         };
         (owner, message)
+    }
+
+    /// Pauses the partitions of each core that has batches waiting, and resumes those of each
+    /// core that took them all.
+    fn apply_pauses(&mut self) {
+        for (core, pause) in self.queues.pause_changes() {
+            let Ok(assignment) = self.consumer.assignment() else {
+                continue;
+            };
+            let mut list = TopicPartitionList::new();
+            for elem in assignment.elements() {
+                if kafka_partition_owner(elem.partition(), self.queues.cores()) == core {
+                    list.add_partition(elem.topic(), elem.partition());
+                }
+            }
+            let result = if pause {
+                self.consumer.pause(&list)
+            } else {
+                self.consumer.resume(&list)
+            };
+            match result {
+                Ok(()) => {
+                    tracing::debug!(route = %self.route, core, pause, partitions = list.count(), "core's partitions paused or resumed");
+                    self.queues.set_paused(core, pause);
+                }
+                Err(error) => tracing::warn!(route = %self.route, core, %error, "cannot pause or resume partitions"),
+            }
+        }
     }
 
     /// Replaces a consumer that lost its partitions and never rejoined with a fresh one,
@@ -543,7 +588,10 @@ impl Poller {
     /// Waits for in-flight messages up to the deadline, then commits what is stored.
     fn drain(self, mut marks: Watermarks, mut clocks: Clocks) {
         let deadline = Instant::now() + self.drain_deadline;
-        while marks.in_flight() > 0 && Instant::now() < deadline {
+        // Batches still waiting for a full core were never handed over: they cannot complete,
+        // and replay after a restart.
+        let never_handed = self.queues.waiting_messages();
+        while marks.in_flight() > never_handed && Instant::now() < deadline {
             self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
         }
         let abandoned = marks.in_flight();
@@ -596,10 +644,16 @@ impl Poller {
         }
     }
 
-    fn apply_rebalances(&self, marks: &mut Watermarks, clocks: &mut Clocks, unassigned_since: &mut Option<Instant>) {
+    /// Applies the rebalances recorded during the last poll; `true` when there were any.
+    fn apply_rebalances(
+        &self,
+        marks: &mut Watermarks,
+        clocks: &mut Clocks,
+        unassigned_since: &mut Option<Instant>,
+    ) -> bool {
         let events = self.consumer.context().take();
         if events.is_empty() {
-            return;
+            return false;
         }
         for event in events {
             match event {
@@ -625,5 +679,6 @@ impl Poller {
         let assigned = self.consumer.assignment().map_or(0, |list| list.count());
         metrics::gauge!(crate::telemetry::metric::KAFKA_ASSIGNED_PARTITIONS, "route" => self.route.clone())
             .set(assigned as f64);
+        true
     }
 }

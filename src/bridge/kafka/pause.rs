@@ -1,0 +1,149 @@
+//! The poll thread's hand-off to the cores, one core at a time. A core whose queue is full keeps
+//! its batches waiting here and its partitions are paused at the broker (librdkafka stops
+//! fetching them), so a core held up — its spool full, its writes slow — never stops the poll
+//! thread from feeding the other cores; a blocking send did, and one full core stalled the whole
+//! route. The core's partitions resume once its queue has taken everything waiting. Messages of
+//! a partition keep their order: a core's new batches queue behind its waiting ones.
+//!
+//! Threads: the route's poll thread.
+
+use std::collections::VecDeque;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+use crate::bridge::message::SourceMessage;
+
+/// The route's per-core queues, with what waits for each.
+pub struct CoreQueues {
+    queues: Vec<Sender<Vec<SourceMessage>>>,
+    waiting: Vec<VecDeque<Vec<SourceMessage>>>,
+    paused: Vec<bool>,
+}
+
+/// A core whose queue is closed (it stopped).
+#[derive(Debug)]
+pub struct Closed(pub usize);
+
+impl CoreQueues {
+    /// Over the route's per-core queues.
+    pub fn new(queues: Vec<Sender<Vec<SourceMessage>>>) -> CoreQueues {
+        let cores = queues.len();
+        CoreQueues {
+            queues,
+            waiting: (0..cores).map(|_| VecDeque::new()).collect(),
+            paused: vec![false; cores],
+        }
+    }
+
+    /// Number of cores.
+    pub fn cores(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Queues `batches` (one per core, possibly empty) behind what waits already, and hands each
+    /// core all its queue takes now. Returns how many messages were handed.
+    pub fn hand_off(&mut self, batches: Vec<Vec<SourceMessage>>) -> Result<usize, Closed> {
+        for (core, batch) in batches.into_iter().enumerate() {
+            if !batch.is_empty() {
+                self.waiting[core].push_back(batch);
+            }
+        }
+        let mut handed = 0;
+        for core in 0..self.queues.len() {
+            while let Some(batch) = self.waiting[core].pop_front() {
+                let len = batch.len();
+                match self.queues[core].try_send(batch) {
+                    Ok(()) => handed += len,
+                    Err(TrySendError::Full(batch)) => {
+                        self.waiting[core].push_front(batch);
+                        break;
+                    }
+                    Err(TrySendError::Closed(_)) => return Err(Closed(core)),
+                }
+            }
+        }
+        Ok(handed)
+    }
+
+    /// Cores whose pause state must change: `(core, pause)` — pause a core with batches
+    /// waiting, resume one whose queue took them all. The caller pauses or resumes the core's
+    /// partitions and confirms with [`CoreQueues::set_paused`].
+    pub fn pause_changes(&self) -> Vec<(usize, bool)> {
+        (0..self.queues.len())
+            .filter_map(|core| {
+                let blocked = !self.waiting[core].is_empty();
+                (blocked != self.paused[core]).then_some((core, blocked))
+            })
+            .collect()
+    }
+
+    /// Records that `core`'s partitions are paused (or resumed).
+    pub fn set_paused(&mut self, core: usize, paused: bool) {
+        self.paused[core] = paused;
+    }
+
+    /// After a rebalance: a new assignment starts fetching, whatever was paused before.
+    pub fn forget_pauses(&mut self) {
+        self.paused.fill(false);
+    }
+
+    /// Whether any core has batches waiting.
+    pub fn any_waiting(&self) -> bool {
+        self.waiting.iter().any(|w| !w.is_empty())
+    }
+
+    /// Messages waiting for a core (never handed, so never completed).
+    pub fn waiting_messages(&self) -> usize {
+        self.waiting.iter().flatten().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CoreQueues;
+    use crate::bridge::message::SourceMessage;
+
+    fn batch(positions: std::ops::Range<i64>) -> Vec<SourceMessage> {
+        positions.map(SourceMessage::test_message).collect()
+    }
+
+    #[test]
+    fn a_full_core_waits_alone_and_keeps_its_order() {
+        let (full_tx, mut full_rx) = tokio::sync::mpsc::channel(1);
+        let (free_tx, mut free_rx) = tokio::sync::mpsc::channel(8);
+        let mut queues = CoreQueues::new(vec![full_tx, free_tx]);
+        assert_eq!(queues.hand_off(vec![batch(0..2), batch(100..101)]).expect("open"), 3);
+        assert_eq!(queues.hand_off(vec![batch(2..4), batch(101..102)]).expect("open"), 1);
+        assert_eq!(queues.hand_off(vec![batch(4..5), batch(102..103)]).expect("open"), 1);
+        assert_eq!(queues.pause_changes(), vec![(0, true)], "only the full core pauses");
+        queues.set_paused(0, true);
+        assert_eq!(queues.waiting_messages(), 3);
+        assert_eq!(
+            free_rx.try_recv().expect("handed").len(),
+            1,
+            "the other core is fed meanwhile"
+        );
+        let first = full_rx.try_recv().expect("first batch");
+        assert_eq!(first[0].position, 0);
+        assert_eq!(queues.hand_off(vec![Vec::new(), Vec::new()]).expect("open"), 2);
+        assert_eq!(
+            full_rx.try_recv().expect("next").first().map(|m| m.position),
+            Some(2),
+            "in order"
+        );
+        assert_eq!(queues.hand_off(vec![Vec::new(), Vec::new()]).expect("open"), 1);
+        assert!(!queues.any_waiting());
+        assert_eq!(
+            queues.pause_changes(),
+            vec![(0, false)],
+            "resumed once everything is taken"
+        );
+        drop(full_rx);
+        queues.set_paused(0, false);
+        assert!(
+            queues.hand_off(vec![batch(5..6), Vec::new()]).is_err(),
+            "a closed core is reported"
+        );
+    }
+}
