@@ -4,14 +4,16 @@
 //! (which also drives rebalances), hands each message to the core that reads its partition
 //! (`topology::kafka_partition_owner`) in batches over a bounded channel, and stores offsets
 //! from the contiguous watermark as completions come back. A core whose channel is full has its
-//! partitions paused at the broker until it catches up (`pause`); the others are fed meanwhile. The cores' side (map, route to the
-//! owner core, write, dead-letter, complete) is shared by every source: `bridge::route`.
+//! partitions paused at the broker until it catches up (`pause`); the others are fed meanwhile.
+//! The cores' side (map, route to the owner core, write, dead-letter, complete) is shared by
+//! every source: `bridge::route`.
 //!
 //! Delivery contract: an offset is stored (and later auto-committed) only after the message and
 //! every message before it in its partition is written or dead-lettered; a `kill -9` therefore
 //! replays from the last committed offset, and replays write identical cells because each write
-//! carries a timestamp derived from the message (`mapping::write_timestamp_us`). When the cores'
-//! queues are full their partitions pause, so memory stays bounded.
+//! carries a timestamp derived from the message (`mapping::write_timestamp_us`). When a core's
+//! queue is full its partitions pause, so memory stays bounded (by the core queues, and by what
+//! librdkafka had fetched for those partitions before the pause).
 
 pub mod ack;
 pub mod pause;
