@@ -596,9 +596,12 @@ impl Poller {
         while marks.in_flight() > never_handed && Instant::now() < deadline {
             self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
         }
-        let abandoned = marks.in_flight();
+        let abandoned = marks.in_flight().saturating_sub(never_handed);
         if abandoned > 0 {
             tracing::warn!(route = %self.route, abandoned, "shutdown deadline passed; unfinished messages will be replayed on restart");
+        }
+        if never_handed > 0 {
+            tracing::info!(route = %self.route, never_handed, "messages read but not yet handed to a core at the stop (it was catching up); they are replayed on restart");
         }
         // An explicit list: a commit of "the current state" would drop the offsets' metadata.
         match clocks.stored_offsets(&self.topic) {
