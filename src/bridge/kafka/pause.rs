@@ -1,24 +1,38 @@
-//! The poll thread's hand-off to the cores, one core at a time. A core whose queue is full keeps
-//! its batches waiting here and its partitions are paused at the broker (librdkafka stops
-//! fetching them), so a core held up — its spool full, its writes slow — never stops the poll
-//! thread from feeding the other cores; a blocking send did, and one full core stalled the whole
-//! route. The core's partitions resume once its queue has taken everything waiting. Messages of
-//! a partition keep their order: a core's new batches queue behind its waiting ones.
+//! The poll thread's hand-off to the cores, one core at a time. A core whose queue is full is
+//! waited for, as long as it is only busy: up to [`STUCK_AFTER`] since its queue filled. A core
+//! still full after that is held up — its spool full, the database away — and then keeps its
+//! batches waiting here while its partitions are paused at the broker (librdkafka stops
+//! fetching them), so it no longer stops the poll thread from feeding the other cores (a
+//! blocking send did: one full core stalled the whole route). Pausing at once instead cost
+//! more than half the throughput under ordinary load (librdkafka's fetch pipeline restarts on
+//! every resume). The core's partitions resume once its queue has taken everything waiting.
+//! Messages of a partition keep their order: a core's new batches queue behind its waiting
+//! ones.
 //!
 //! Threads: the route's poll thread.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
 use crate::bridge::message::SourceMessage;
 
+/// How long a core's queue may stay full before the core counts as held up and its partitions
+/// pause.
+pub const STUCK_AFTER: Duration = Duration::from_millis(200);
+/// Between two tries of a busy core's queue.
+const BUSY_RETRY: Duration = Duration::from_millis(1);
+
 /// The route's per-core queues, with what waits for each.
 pub struct CoreQueues {
     queues: Vec<Sender<Vec<SourceMessage>>>,
     waiting: Vec<VecDeque<Vec<SourceMessage>>>,
     paused: Vec<bool>,
+    /// Since when each core's queue has been full, while it is.
+    full_since: Vec<Option<Instant>>,
+    stuck_after: Duration,
 }
 
 /// A core whose queue is closed (it stopped).
@@ -33,7 +47,16 @@ impl CoreQueues {
             queues,
             waiting: (0..cores).map(|_| VecDeque::new()).collect(),
             paused: vec![false; cores],
+            full_since: vec![None; cores],
+            stuck_after: STUCK_AFTER,
         }
+    }
+
+    /// With another wait before a full core counts as held up (tests).
+    #[cfg(test)]
+    fn with_stuck_after(mut self, stuck_after: Duration) -> CoreQueues {
+        self.stuck_after = stuck_after;
+        self
     }
 
     /// Number of cores.
@@ -54,10 +77,18 @@ impl CoreQueues {
             while let Some(batch) = self.waiting[core].pop_front() {
                 let len = batch.len();
                 match self.queues[core].try_send(batch) {
-                    Ok(()) => handed += len,
+                    Ok(()) => {
+                        handed += len;
+                        self.full_since[core] = None;
+                    }
                     Err(TrySendError::Full(batch)) => {
                         self.waiting[core].push_front(batch);
-                        break;
+                        let since = *self.full_since[core].get_or_insert_with(Instant::now);
+                        if self.paused[core] || since.elapsed() >= self.stuck_after {
+                            break;
+                        }
+                        // Busy, not held up: wait for it, as a blocking send would.
+                        std::thread::sleep(BUSY_RETRY);
                     }
                     Err(TrySendError::Closed(_)) => return Err(Closed(core)),
                 }
@@ -72,6 +103,7 @@ impl CoreQueues {
     pub fn pause_changes(&self) -> Vec<(usize, bool)> {
         (0..self.queues.len())
             .filter_map(|core| {
+                // Batches wait only for a core that stayed full past `stuck_after`.
                 let blocked = !self.waiting[core].is_empty();
                 (blocked != self.paused[core]).then_some((core, blocked))
             })
@@ -112,7 +144,7 @@ mod tests {
     fn a_full_core_waits_alone_and_keeps_its_order() {
         let (full_tx, mut full_rx) = tokio::sync::mpsc::channel(1);
         let (free_tx, mut free_rx) = tokio::sync::mpsc::channel(8);
-        let mut queues = CoreQueues::new(vec![full_tx, free_tx]);
+        let mut queues = CoreQueues::new(vec![full_tx, free_tx]).with_stuck_after(std::time::Duration::ZERO);
         assert_eq!(queues.hand_off(vec![batch(0..2), batch(100..101)]).expect("open"), 3);
         assert_eq!(queues.hand_off(vec![batch(2..4), batch(101..102)]).expect("open"), 1);
         assert_eq!(queues.hand_off(vec![batch(4..5), batch(102..103)]).expect("open"), 1);
