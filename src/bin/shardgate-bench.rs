@@ -608,22 +608,10 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let database_cpu_seconds = database.seconds()?;
     devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
-    let handed = |suffix: &str| {
-        devkit::scrape_metric(
-            devkit::ADMIN_LISTEN,
-            &format!("{}_{suffix}", shardgate::telemetry::metric::RECEIVED_BATCH_ROWS),
-        )
-    };
-    let written = |suffix: &str| {
-        devkit::scrape_metric(
-            devkit::ADMIN_LISTEN,
-            &format!("{}_{suffix}", shardgate::telemetry::metric::BATCH_ROWS),
-        )
-    };
     println!(
         "   {mode}: {:.1} messages per hand-off to a core, {:.1} rows per database write",
-        handed("sum")? / handed("count")?.max(1.0),
-        written("sum")? / written("count")?.max(1.0)
+        histogram_mean(shardgate::telemetry::metric::RECEIVED_BATCH_ROWS)?,
+        histogram_mean(shardgate::telemetry::metric::BATCH_ROWS)?
     );
     gateway.stop()?;
     Ok(Outcome {
@@ -636,4 +624,11 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         quantiles_ms: None,
         forwarded,
     })
+}
+
+/// The mean of a histogram the gateway exports (its `_sum` over its `_count`, all label sets).
+fn histogram_mean(name: &str) -> anyhow::Result<f64> {
+    let sum = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{name}_sum"))?;
+    let count = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{name}_count"))?;
+    Ok(sum / count.max(1.0))
 }

@@ -75,6 +75,7 @@ impl AckWindow {
     }
 
     /// Deliveries settled but not yet covered by an ack (waiting for an earlier tag).
+    #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.settled.len()
     }
