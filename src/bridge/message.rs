@@ -4,6 +4,8 @@
 //! ([`SourceMessage::spool_record`]) and comes back from the drain as one with a spooled origin
 //! ([`SourceMessage::from_record`]). Data only: built on a source's thread, used on cores.
 
+use bytes::Bytes;
+
 use crate::mapping::{write_timestamp_us, Envelope};
 use crate::sink::dead_letter::headers;
 use crate::spool::record::{self, RouteRecord};
@@ -19,12 +21,14 @@ pub struct SourceMessage {
     /// Write timestamp the source assigned (Kafka: per-partition clock), else derived from
     /// `timestamp_ms` and `position`.
     pub write_timestamp_us: Option<i64>,
-    /// Message key (Kafka; ZeroMQ first frame), if any.
-    pub key: Option<Vec<u8>>,
+    /// Message key (Kafka; ZeroMQ first frame), if any. `Bytes`, so a source may hand a whole
+    /// poll's keys and payloads over in one buffer (Kafka) or pass its client's buffer on
+    /// (NATS) instead of one allocation per message.
+    pub key: Option<Bytes>,
     /// Headers or properties whose values are text (Kafka, NATS, JetStream, AMQP).
     pub headers: Vec<(String, String)>,
     /// Message payload; `None` for a Kafka tombstone.
-    pub payload: Option<Vec<u8>>,
+    pub payload: Option<Bytes>,
     /// Where it came from: how to acknowledge it and what to tell the dead-letter destination.
     pub origin: Box<dyn Origin>,
 }
@@ -209,9 +213,9 @@ impl SourceMessage {
             position: record.position,
             timestamp_ms: record.timestamp_ms,
             write_timestamp_us: record.write_timestamp_us,
-            key: record.key,
+            key: record.key.map(Into::into),
             headers: record.headers,
-            payload: record.payload,
+            payload: record.payload.map(Into::into),
             origin: Box::new(Spooled {
                 coordinates,
                 partition: record.partition,
@@ -230,7 +234,7 @@ mod tests {
             position: 42,
             timestamp_ms: Some(1_700_000_000_000),
             write_timestamp_us: Some(1_700_000_000_000_123),
-            key: Some(b"k".to_vec()),
+            key: Some(bytes::Bytes::from_static(b"k")),
             headers: vec![("tenant".into(), "acme".into())],
             payload: None,
             origin: Box::new(Spooled {

@@ -189,8 +189,9 @@ impl RouteWriter {
         let appended = spool::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
         metrics.received_batch_rows.record(batch.len() as f64);
+        let now_ms = now_ms();
         for (work, origin) in batch.iter().zip(&origins) {
-            self.settle(core, work.timestamp_ms, origin.as_ref(), false);
+            self.settle(core, work.timestamp_ms, origin.as_ref(), false, now_ms);
         }
         drop(admitted);
         // Written from memory while the core's budget allows; beyond, the records wait on disk
@@ -219,12 +220,13 @@ impl RouteWriter {
         let metrics = &self.metrics[core];
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
+        let mapped_ms = now_ms();
         for work in batch {
             match self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us()) {
                 Ok(rows) if rows.is_empty() => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);
-                    self.complete(core, &work, false);
+                    self.complete(core, &work, false, mapped_ms);
                 }
                 Ok(rows) => {
                     let pending = Arc::new(Pending {
@@ -247,7 +249,7 @@ impl RouteWriter {
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
             self.dead_letter(core, &work, error.code().as_str(), &error.to_string())
                 .await;
-            self.complete(core, &work, true);
+            self.complete(core, &work, true, now_ms());
         });
         let writes = by_owner.into_iter().map(|(owner, rows)| async move {
             if owner == core {
@@ -282,16 +284,18 @@ impl RouteWriter {
         let outcomes = writer::write_rows(&self.session, self, rows, options, &self.metrics[core]).await;
         let written = outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).count();
         self.counters.written.fetch_add(written as u64, Ordering::Relaxed);
+        // One clock read for the whole write: every message it completes was confirmed now.
+        let written_ms = now_ms();
         for ((pending, _), outcome) in outcomes {
             let refused = outcome.err().map(|error| error.reason().to_string());
-            self.row_done(core, &pending, refused).await;
+            self.row_done(core, &pending, refused, written_ms).await;
         }
     }
 
-    /// One row of a message is written (or refused, with the reason). The last row completes the
-    /// message: acknowledged when every row was written, else dead-lettered with the first
-    /// refusal and then acknowledged.
-    async fn row_done(&self, core: usize, pending: &Pending, refused: Option<String>) {
+    /// One row of a message is written (or refused, with the reason) at `written_ms`. The last
+    /// row completes the message: acknowledged when every row was written, else dead-lettered
+    /// with the first refusal and then acknowledged.
+    async fn row_done(&self, core: usize, pending: &Pending, refused: Option<String>, written_ms: i64) {
         let failure = {
             let mut failure = match pending.failure.lock() {
                 Ok(guard) => guard,
@@ -308,26 +312,26 @@ impl RouteWriter {
         match failure {
             Some((code, reason)) => {
                 self.dead_letter(core, &pending.work, code, &reason).await;
-                self.complete(core, &pending.work, true);
+                self.complete(core, &pending.work, true, now_ms());
             }
-            None => self.complete(core, &pending.work, false),
+            None => self.complete(core, &pending.work, false, written_ms),
         }
     }
 
     /// Settles a finished message at its source (its origin knows how: `kafka::ack`,
     /// `nats::ack`, `amqp::ack`, ...) and records its delivery latency; nothing for a message
-    /// that is the spool's.
-    fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool) {
-        self.settle(core, work.timestamp_ms, work.origin.as_ref(), dead_lettered);
+    /// that is the spool's. `now_ms`: when it finished (epoch milliseconds).
+    fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool, now_ms: i64) {
+        self.settle(core, work.timestamp_ms, work.origin.as_ref(), dead_lettered, now_ms);
     }
 
-    /// Settles `origin` at its source and records the message's delivery latency.
-    fn settle(&self, core: usize, timestamp_ms: Option<i64>, origin: &dyn Origin, dead_lettered: bool) {
+    /// Settles `origin` at its source and records the message's delivery latency up to `now_ms`.
+    fn settle(&self, core: usize, timestamp_ms: Option<i64>, origin: &dyn Origin, dead_lettered: bool, now_ms: i64) {
         if !origin.acknowledges() {
             return;
         }
         if let Some(sent_ms) = timestamp_ms {
-            let age_ms = chrono::Utc::now().timestamp_millis() - sent_ms;
+            let age_ms = now_ms - sent_ms;
             self.metrics[core].delivery_latency.record(age_ms.max(0) as f64 / 1e3);
         }
         let settlement = if dead_lettered {
@@ -354,6 +358,12 @@ impl RouteWriter {
             .await;
         self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The wall clock in epoch milliseconds (delivery latency is measured from the source's
+/// message time, a wall-clock time).
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// Runs on core `core`: processes the batches this core receives for one route, each admitted

@@ -49,7 +49,7 @@ pub async fn connect(contact: &str) -> anyhow::Result<Session> {
 }
 
 /// Drops and recreates `keyspace` (replication factor 1), then runs `create_table` in it.
-async fn recreate_keyspace_with(session: &Session, keyspace: &str, create_table: String) -> anyhow::Result<()> {
+pub async fn recreate_keyspace_with(session: &Session, keyspace: &str, create_table: String) -> anyhow::Result<()> {
     session
         .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), &[])
         .await?;

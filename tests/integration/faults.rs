@@ -256,7 +256,7 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         write_timestamp_us: None,
         key: None,
         headers: Vec::new(),
-        payload: Some(devkit::order_message_with_id(count)),
+        payload: Some(devkit::order_message_with_id(count).into()),
         origin: Box::new(shardgate::bridge::nats::ack::NatsOrigin {
             subject: subject.clone(),
         }),

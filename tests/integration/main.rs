@@ -16,6 +16,7 @@ mod rabbitmq;
 mod replay;
 mod scale_out;
 mod startup;
+mod tokens;
 mod zeromq;
 
 use std::path::PathBuf;

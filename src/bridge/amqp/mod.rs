@@ -249,7 +249,7 @@ fn source_message(
         timestamp_ms: Some(timestamp_ms),
         key: None,
         headers,
-        payload: Some(delivery.data),
+        payload: Some(delivery.data.into()),
         origin: Box::new(AmqpOrigin {
             queue: queue.to_string(),
             routing_key: delivery.routing_key.to_string(),

@@ -20,10 +20,12 @@ pub mod pause;
 pub mod watermark;
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -335,6 +337,37 @@ fn clock_from_metadata(metadata: &str) -> Option<i64> {
     metadata.strip_prefix(CLOCK_METADATA_PREFIX)?.parse().ok()
 }
 
+/// A polled message whose key and payload are still ranges of its core's poll buffer.
+struct Copied {
+    message: SourceMessage,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+}
+
+/// One poll's messages for one core, their keys and payloads copied into one buffer: one
+/// allocation per core and poll instead of two per message (measured on the poll thread: its
+/// allocations, freed on the cores, were 7 % of the gateway's CPU).
+#[derive(Default)]
+struct PollBatch {
+    buffer: Vec<u8>,
+    messages: Vec<Copied>,
+}
+
+impl PollBatch {
+    /// The messages, their keys and payloads cut out of the shared buffer.
+    fn into_messages(self) -> Vec<SourceMessage> {
+        let buffer = Bytes::from(self.buffer);
+        self.messages
+            .into_iter()
+            .map(|copied| SourceMessage {
+                key: copied.key.map(|range| buffer.slice(range)),
+                payload: copied.payload.map(|range| buffer.slice(range)),
+                ..copied.message
+            })
+            .collect()
+    }
+}
+
 /// The poll side of a Kafka route.
 pub struct Poller {
     /// Route name.
@@ -420,7 +453,7 @@ impl Poller {
                 self.resubscribe();
                 unassigned_since = Some(Instant::now());
             }
-            let mut batches: Vec<Vec<SourceMessage>> = (0..self.queues.cores()).map(|_| Vec::new()).collect();
+            let mut batches: Vec<PollBatch> = (0..self.queues.cores()).map(|_| PollBatch::default()).collect();
             let mut taken = 0;
             // A core with batches waiting is retried soon, not after a whole poll wait.
             let mut wait = if self.queues.any_waiting() {
@@ -443,8 +476,9 @@ impl Poller {
                         break;
                     }
                     Some(Ok(message)) => {
-                        let (owner, message) = self.source_message(&message, &mut marks, &mut clocks);
-                        batches[owner].push(message);
+                        let owner = kafka_partition_owner(message.partition(), self.queues.cores());
+                        let copied = self.source_message(&message, &mut batches[owner].buffer, &mut marks, &mut clocks);
+                        batches[owner].messages.push(copied);
                         taken += 1;
                     }
                 }
@@ -453,7 +487,10 @@ impl Poller {
                 // A new assignment fetches every partition; cores still full pause theirs anew.
                 self.queues.forget_pauses();
             }
-            match self.queues.hand_off(batches) {
+            match self
+                .queues
+                .hand_off(batches.into_iter().map(PollBatch::into_messages).collect())
+            {
                 Ok(handed) => {
                     self.counters.received.fetch_add(handed as u64, Ordering::Relaxed);
                 }
@@ -471,27 +508,34 @@ impl Poller {
         self.drain(marks, clocks);
     }
 
-    /// A polled message copied out for its partition's core (returned with it): stamped with
-    /// its partition's write clock and tracked in the watermark.
+    /// A polled message copied out for its partition's core: stamped with its partition's
+    /// write clock and tracked in the watermark; its key and payload appended to `buffer` (the
+    /// core's share of this poll), to be cut out of it by [`PollBatch::into_messages`].
     fn source_message(
         &self,
         message: &rdkafka::message::BorrowedMessage<'_>,
+        buffer: &mut Vec<u8>,
         marks: &mut Watermarks,
         clocks: &mut Clocks,
-    ) -> (usize, SourceMessage) {
+    ) -> Copied {
         let partition = message.partition();
         let offset = message.offset();
         let timestamp_ms = message.timestamp().to_millis();
         let write_timestamp_us = clocks.next(partition, timestamp_ms);
         let epoch = marks.track_stamped(partition, offset, write_timestamp_us);
-        let owner = kafka_partition_owner(partition, self.queues.cores());
+        let mut append = |bytes: &[u8]| {
+            buffer.extend_from_slice(bytes);
+            buffer.len() - bytes.len()..buffer.len()
+        };
+        let key = message.key().map(&mut append);
+        let payload = message.payload().map(&mut append);
         let message = SourceMessage {
             position: offset,
             timestamp_ms,
             write_timestamp_us: Some(write_timestamp_us),
-            key: message.key().map(<[u8]>::to_vec),
+            key: None,
             headers: text_headers(message),
-            payload: message.payload().map(<[u8]>::to_vec),
+            payload: None,
             origin: Box::new(KafkaOrigin {
                 partition,
                 epoch,
@@ -499,7 +543,7 @@ impl Poller {
                 completions: self.completions_tx.clone(),
             }),
         };
-        (owner, message)
+        Copied { message, key, payload }
     }
 
     /// Pauses the partitions of each core that has batches waiting, and resumes those of each

@@ -257,7 +257,7 @@ fn core_message(message: async_nats::Message, sequence: &mut i64) -> SourceMessa
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key: None,
         headers: text_headers(message.headers.as_ref()),
-        payload: Some(message.payload.to_vec()),
+        payload: Some(message.payload.clone()),
         origin: Box::new(NatsOrigin {
             subject: message.subject.to_string(),
         }),
@@ -295,7 +295,7 @@ fn source_message(message: jetstream::Message) -> SourceMessage {
         timestamp_ms,
         key: None,
         headers: text_headers(message.headers.as_ref()),
-        payload: Some(message.payload.to_vec()),
+        payload: Some(message.payload.clone()),
         origin: Box::new(JetStreamOrigin {
             subject: message.subject.to_string(),
             message: Box::new(message),

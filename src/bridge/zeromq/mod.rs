@@ -146,14 +146,15 @@ fn source_message(mut frames: Vec<Vec<u8>>, sequence: i64, endpoint: &str) -> So
     } else {
         Some(frames.swap_remove(0))
     }
-    .filter(|k| !k.is_empty());
+    .filter(|k| !k.is_empty())
+    .map(Into::into);
     SourceMessage {
         write_timestamp_us: None,
         position: sequence,
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key,
         headers: Vec::new(),
-        payload: Some(payload),
+        payload: Some(payload.into()),
         origin: Box::new(ZmqOrigin {
             endpoint: endpoint.to_string(),
         }),
