@@ -17,6 +17,7 @@ pub mod coerce;
 mod error;
 pub mod expr;
 pub mod format;
+mod project;
 mod reason;
 
 pub use error::{MappingError, SchemaError};
@@ -28,6 +29,7 @@ use serde_json::Value;
 
 use self::expr::{Bound, Expr, Variables};
 use self::format::Decoder;
+use self::project::{Projected, Projection};
 use crate::config::{ColumnMapping, FieldRef, RouteConfig, TargetConfig, TimeUnit, TtlConfig};
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::schema::{RowValues, TableSchema};
@@ -242,10 +244,33 @@ enum Found<'m> {
     Bytes(&'m [u8]),
 }
 
+/// A decoded payload: the whole document, or only the members the route reads.
+enum Decoded<'r> {
+    Full(Value),
+    Projected(&'r Projection, Projected),
+}
+
+/// The document fields are read from.
+#[derive(Clone, Copy)]
+enum Document<'m> {
+    Full(&'m Value),
+    Projected(&'m Projection, &'m Projected),
+}
+
+impl<'m> Document<'m> {
+    /// The value at a path of object keys; `None` when any step is absent or not an object.
+    fn lookup(self, parts: &[String]) -> Option<&'m Value> {
+        match self {
+            Document::Full(document) => lookup(document, parts),
+            Document::Projected(projection, document) => projection.lookup(document, parts),
+        }
+    }
+}
+
 /// One message being mapped: the decoded document and what is derived from it lazily.
 struct Message<'a, 'm> {
     envelope: &'a Envelope<'a>,
-    document: &'m Value,
+    document: Document<'m>,
     key_document: std::cell::OnceCell<Option<Value>>,
     bound: std::cell::OnceCell<Bound>,
 }
@@ -254,8 +279,18 @@ impl<'a, 'm> Message<'a, 'm> {
     fn bound(&self) -> &Bound {
         self.bound.get_or_init(|| {
             let key = self.envelope.key.and_then(|k| std::str::from_utf8(k).ok());
+            // Expressions see the whole message: a route with any is never projected
+            // (`projection_for`).
+            debug_assert!(
+                matches!(self.document, Document::Full(_)),
+                "expression over a projection"
+            );
+            let msg = match self.document {
+                Document::Full(document) => document,
+                Document::Projected(..) => &Value::Null,
+            };
             Bound::new(&Variables {
-                msg: self.document,
+                msg,
                 key,
                 headers: self.envelope.headers,
                 source: self.envelope.source,
@@ -329,9 +364,10 @@ impl<'a, 'm> Message<'a, 'm> {
             FieldRef::Position => number(self.envelope.position),
             FieldRef::Timestamp => self.envelope.timestamp_ms.map_or(Found::Missing, number),
             FieldRef::Payload => self.envelope.payload.map_or(Found::Missing, Found::Bytes),
-            FieldRef::Path(parts) => {
-                lookup(self.document, parts).map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v)))
-            }
+            FieldRef::Path(parts) => self
+                .document
+                .lookup(parts)
+                .map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v))),
             FieldRef::Expr(_) => Found::Missing,
         };
         Ok(found)
@@ -385,6 +421,8 @@ impl<'a, 'm> Message<'a, 'm> {
 #[derive(Debug)]
 pub struct RouteMapper {
     decoder: Decoder,
+    /// JSON routes without expressions decode only the members they read.
+    projection: Option<Projection>,
     targets: Vec<TargetMapper>,
     table_from: Option<FieldRef>,
     filter: Option<Expr>,
@@ -429,8 +467,10 @@ impl RouteMapper {
             .as_deref()
             .map(|s| compile(&route.name, "delete_when".into(), s))
             .transpose()?;
+        let decoder = Decoder::load(&route.name, &route.format)?;
         Ok(RouteMapper {
-            decoder: Decoder::load(&route.name, &route.format)?,
+            projection: projection_for(route, &decoder, &targets),
+            decoder,
             targets,
             table_from: route.table_from.clone(),
             filter,
@@ -480,14 +520,18 @@ impl RouteMapper {
     /// was filtered out (or went to no target) and is done.
     pub fn map(&self, envelope: &Envelope<'_>, timestamp_us: i64) -> Result<Vec<MappedRow>, MappingError> {
         let tombstone = envelope.payload.is_none();
-        let document = match envelope.payload {
-            Some(payload) => self.decoder.decode(payload)?,
-            None if self.delete_on_tombstone => Value::Null,
+        let decoded = match envelope.payload {
+            Some(payload) => self.decode(payload)?,
+            None if self.delete_on_tombstone => Decoded::Full(Value::Null),
             None => return Err(MappingError::EmptyPayload),
+        };
+        let document = match &decoded {
+            Decoded::Full(document) => Document::Full(document),
+            Decoded::Projected(projection, members) => Document::Projected(projection, members),
         };
         let message = Message {
             envelope,
-            document: &document,
+            document,
             key_document: std::cell::OnceCell::new(),
             bound: std::cell::OnceCell::new(),
         };
@@ -536,6 +580,17 @@ impl RouteMapper {
             });
         }
         Ok(rows)
+    }
+
+    /// Decodes a payload: projected when the route allows and the payload is one JSON object,
+    /// else in full (which also reports why a payload is refused).
+    fn decode(&self, payload: &[u8]) -> Result<Decoded<'_>, MappingError> {
+        if let Some(projection) = &self.projection {
+            if let Some(members) = projection.decode(payload) {
+                return Ok(Decoded::Projected(projection, members));
+            }
+        }
+        self.decoder.decode(payload).map(Decoded::Full)
     }
 
     /// Targets this message goes to: the one `table_from` names, else every target whose `when`
@@ -679,6 +734,41 @@ impl RouteMapper {
             _ => Err(bad(format!("expected whole seconds between 0 and {TTL_MAX_SECONDS}"))),
         }
     }
+}
+
+/// The projection of a JSON route none of whose values or conditions is an expression: the
+/// first segments of every payload path it reads (columns, TTL, timestamp, `table_from`).
+fn projection_for(route: &RouteConfig, decoder: &Decoder, targets: &[TargetMapper]) -> Option<Projection> {
+    if !matches!(decoder, Decoder::Json)
+        || route.filter.is_some()
+        || route.delete_when.is_some()
+        || targets.iter().any(|t| t.when.is_some())
+    {
+        return None;
+    }
+    let mut fields: Vec<&FieldRef> = Vec::new();
+    for target in targets {
+        for column in &target.columns {
+            match &column.source {
+                ValueSource::Field(field) => fields.push(field),
+                ValueSource::Expr(_) => return None,
+            }
+        }
+    }
+    if let Some(TtlConfig::Field(field)) = &route.ttl {
+        fields.push(field);
+    }
+    fields.extend(route.timestamp.as_ref().map(|t| &t.field));
+    fields.extend(route.table_from.as_ref());
+    let mut segments = Vec::new();
+    for field in fields {
+        match field {
+            FieldRef::Path(parts) => segments.push(parts.first()?.as_str()),
+            FieldRef::Expr(_) => return None,
+            _ => {}
+        }
+    }
+    Some(Projection::new(segments))
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.

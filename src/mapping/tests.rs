@@ -622,3 +622,116 @@ fn subject_maps_the_message_subject() {
     let rows = mapper.map(&no_subject, TS).expect("mapped");
     assert!(matches!(rows[0].values[2], MaybeUnset::Unset));
 }
+
+/// A JSON route without expressions that reads payload paths everywhere a field may stand:
+/// columns (nested too), TTL, timestamp and `table_from`.
+fn paths_mapper() -> RouteMapper {
+    let columns = [
+        ("id", FieldRef::Key),
+        ("seq", path("seq")),
+        ("city", path("customer.address.city")),
+        ("hits", path("hits")),
+        ("amount", path("customer.amount")),
+    ];
+    let mut route = route_with(vec![target("t", None, &columns), target("u", None, &columns)]);
+    route.ttl = Some(TtlConfig::Field(path("ttl")));
+    route.timestamp = Some(TimestampConfig {
+        field: path("at"),
+        unit: TimeUnit::Millis,
+    });
+    route.table_from = Some(path("table"));
+    RouteMapper::new(&route, &[schema(), schema()]).expect("mapper")
+}
+
+#[test]
+fn routes_without_expressions_decode_only_what_they_read() {
+    assert!(mapper().projection.is_some());
+    assert!(paths_mapper().projection.is_some());
+    // Any expression sees the whole message.
+    assert!(rich_mapper().projection.is_none());
+    let mut computed = route(&[("id", FieldRef::Key), ("seq", path("seq")), ("city", expr("msg.city"))]);
+    assert!(RouteMapper::new(&computed, &[schema()])
+        .expect("mapper")
+        .projection
+        .is_none());
+    computed.targets[0].columns.pop();
+    computed.filter = Some("msg.seq > 1".into());
+    assert!(RouteMapper::new(&computed, &[schema()])
+        .expect("mapper")
+        .projection
+        .is_none());
+    // A valid message maps the same both ways (the last of a repeated key wins).
+    let payload = br#"{"table":"u","seq":3,"customer":{"address":{"city":"Oslo"},"amount":"1.5"},"hits":9,"ttl":60,"at":1700000000000,"seq":4}"#;
+    let (projected, full) = projected_and_full(&mut paths_mapper(), b"k1", payload);
+    assert!(projected.starts_with("Ok([(1, false, "), "{projected}");
+    assert!(projected.contains("Int(4)"), "{projected}");
+    assert_eq!(projected, full);
+}
+
+/// Maps with the route's projection and again with a full decode; both must agree exactly,
+/// errors included.
+fn projected_and_full(mapper: &mut RouteMapper, key: &[u8], payload: &[u8]) -> (String, String) {
+    let projected = format!("{:?}", rows_of(mapper, Some(key), Some(payload)));
+    let projection = mapper.projection.take();
+    let full = format!("{:?}", rows_of(mapper, Some(key), Some(payload)));
+    mapper.projection = projection;
+    (projected, full)
+}
+
+/// JSON values whose objects use the keys the paths mapper reads, and others.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        (-1e6f64..1e6).prop_map(serde_json::Value::from),
+        "[a-z0-9 ]{0,6}".prop_map(serde_json::Value::from),
+        prop_oneof![Just("t"), Just("u"), Just("ks.u")].prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(serde_json::Value::Array),
+            proptest::collection::vec((json_key(), inner), 0..4)
+                .prop_map(|members| serde_json::Value::Object(members.into_iter().collect())),
+        ]
+    })
+}
+
+fn json_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("seq"),
+        Just("customer"),
+        Just("address"),
+        Just("city"),
+        Just("amount"),
+        Just("hits"),
+        Just("ttl"),
+        Just("at"),
+        Just("table"),
+        Just("other"),
+    ]
+    .prop_map(str::to_string)
+}
+
+proptest! {
+    /// A projected decode maps every object — duplicate keys, nulls, wrong types, nesting —
+    /// exactly as the full decode does, and so does any malformed payload.
+    #[test]
+    fn projected_and_full_decodes_map_alike(members in proptest::collection::vec((json_key(), json_value()), 0..8),
+                                            noise in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let mut mapper = paths_mapper();
+        // Object text written member by member, so a key may repeat.
+        let body: Vec<String> = members
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+            .collect();
+        let object = format!("{{{}}}", body.join(","));
+        let (projected, full) = projected_and_full(&mut mapper, b"k1", object.as_bytes());
+        prop_assert_eq!(projected, full);
+        let (projected, full) = projected_and_full(&mut mapper, b"k1", &noise);
+        prop_assert_eq!(projected, full);
+        let truncated = &object.as_bytes()[..object.len() / 2];
+        let (projected, full) = projected_and_full(&mut mapper, b"k1", truncated);
+        prop_assert_eq!(projected, full);
+    }
+}
