@@ -12,7 +12,11 @@
 //! answers every path the route reads with the same value the full decode would (a duplicate
 //! key keeps its last value, as `serde_json::Map` does), and any payload the projection cannot
 //! take — not JSON, not an object, trailing bytes — is decoded in full by the caller, which
-//! reports the error the full decode gives.
+//! reports the error the full decode gives. One difference, on purpose: serde_json refuses a
+//! document nested more than 128 levels deep when it builds a `Value` (its guard against stack
+//! overflow), but skips unread members iteratively, without that limit — so a message whose
+//! deep nesting is only in members the route does not read is now mapped instead of
+//! dead-lettered as `not_json`. A deep member the route reads is still refused.
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
@@ -164,6 +168,24 @@ mod tests {
         // A duplicate key keeps its last value; an escaped key matches its unescaped name.
         assert_same(r#"{"id":"first","id":"last","\u00e9\"x":1}"#);
         assert_same(r#" { "amount" : 123456789012345678901234567890.000000001 } "#);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_only_where_the_route_reads() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let unread = format!(r#"{{"id":"a","skip":{deep}}}"#);
+        let read = format!(r#"{{"id":"a","tags":{deep}}}"#);
+        assert!(
+            serde_json::from_str::<Value>(&unread).is_err(),
+            "the full decode refuses it"
+        );
+        let projection = projection();
+        let projected = projection.decode(unread.as_bytes()).expect("unread nesting is skipped");
+        assert_eq!(
+            projection.lookup(&projected, &["id".to_string()]),
+            Some(&Value::from("a"))
+        );
+        assert!(projection.decode(read.as_bytes()).is_none());
     }
 
     #[test]
