@@ -12,6 +12,9 @@
 //! - `rabbitmq` / `jetstream`: `--broker-rows` orders published to a durable queue / stream
 //!   first, then the gateway consumes them (rows/s is rows ÷ time from gateway start to the
 //!   gateway's written-rows counter reaching them all; the table is read back after);
+//! - `zeromq`: a gateway started first with its PULL socket bound, then `--broker-rows` orders
+//!   pushed to it (PUSH blocks at its high-water mark, so nothing is dropped); rows/s is rows ÷
+//!   time from the first row written to the last;
 //! - `ceiling` / `ceiling-events`: the Kafka mode's orders / the gRPC modes' events written by
 //!   the scylla crate alone, no gateway — what the database takes on this machine, the bar the
 //!   other modes are measured against.
@@ -48,7 +51,7 @@ use tonic::transport::Channel;
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
     /// Modes to run: ceiling, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-spooled,
-    /// rabbitmq, jetstream (comma separated).
+    /// rabbitmq, jetstream, zeromq (comma separated).
     #[arg(
         long,
         default_value = "ceiling-events,grpc-smart,grpc-plain,ceiling,kafka",
@@ -69,7 +72,7 @@ struct Args {
     /// writer's rows per batch.
     #[arg(long, default_value_t = 64)]
     write_batch_rows: usize,
-    /// Rows of the `rabbitmq` and `jetstream` modes.
+    /// Rows of the `rabbitmq`, `jetstream` and `zeromq` modes.
     #[arg(long, default_value_t = 200_000)]
     broker_rows: u64,
     /// Messages per second in the Kafka latency run.
@@ -108,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
             "kafka" => kafka(&args, false).await?,
             "kafka-spooled" => kafka(&args, true).await?,
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
+            "zeromq" => zeromq(&args).await?,
             other => anyhow::bail!("unknown mode `{other}`"),
         };
         outcomes.push(outcome);
@@ -622,7 +626,51 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     })
 }
 
-/// The mean of a histogram the gateway exports (its `_sum` over its `_count`, all label sets).
+/// ZeroMQ → Cassandra: the gateway binds its PULL socket first, then `--broker-rows` orders are
+/// pushed (two frames: order id, JSON); rows/s is rows ÷ time from the first row written to the
+/// last (ZeroMQ keeps no backlog to fill beforehand).
+async fn zeromq(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "zeromq";
+    let keyspace = "shardgate_bench_broker";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders_table(&session, keyspace).await?;
+    let rows = args.broker_rows;
+    let routes = devkit::zeromq_orders_route_toml("orders", keyspace, "bench.zeromq.dead-letter");
+    let config = args.work_dir.join("gateway-zeromq.toml");
+    std::fs::write(&config, devkit::gateway_toml(&routes))?;
+    let database = devkit::CassandraCpu::start()?;
+    let started = Instant::now();
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-zeromq.log"))?;
+    println!("== {mode}: pushing {rows} messages");
+    let pusher = tokio::task::spawn_blocking(move || {
+        let messages = (0..rows).map(|i| {
+            let (key, payload) = devkit::order_message(i);
+            (key.into_bytes(), payload.into_bytes())
+        });
+        devkit::push_zeromq(devkit::ZMQ_ENDPOINT, messages)
+    });
+    let first_written = wait_written(mode, 1, started).await?;
+    let last_written = wait_written(mode, rows, started).await?;
+    let seconds = last_written.duration_since(first_written).as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()?;
+    let database_cpu_seconds = database.seconds()?;
+    anyhow::ensure!(pusher.await?? == rows, "{mode}: not every message was pushed");
+    devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
+    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
+    print_batch_shape(mode)?;
+    gateway.stop()?;
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded,
+    })
+}
+
 /// Waits until the gateway's written counter reaches `rows` and returns when; fails 600 s
 /// after `started`. Polled every 50 ms (at most 0.5 % of a 10 s span): the wait costs the
 /// database nothing, and each scrape renders every metric — its summaries' quantiles cost the
@@ -650,6 +698,7 @@ fn print_batch_shape(mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The mean of a histogram the gateway exports (its `_sum` over its `_count`, all label sets).
 fn histogram_mean(name: &str) -> anyhow::Result<f64> {
     let sum = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{name}_sum"))?;
     let count = devkit::scrape_metric(devkit::ADMIN_LISTEN, &format!("{name}_count"))?;
