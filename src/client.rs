@@ -12,12 +12,12 @@
 use std::collections::HashMap;
 
 use scylla::cluster::metadata::ColumnType;
-use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
+use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner};
 use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::CellWriter;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::topology::{NodeShards, Ownership};
+use crate::topology::{NodeShards, Ownership, PartitionKeyHasher};
 use crate::wire::convert::{parse_native_type, to_cql};
 use crate::wire::flat::encode_row_batch;
 use crate::wire::proto::ingest_client::IngestClient;
@@ -238,26 +238,17 @@ enum Encoding {
 /// Murmur3 partitioner. `key` lists the partition key columns in order; `columns` names the
 /// row's values. `None` when a key column is absent, null or does not fit its type.
 pub fn row_token(key: &[(String, ColumnType<'static>)], columns: &[String], row: &Row) -> Option<i64> {
-    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(key.len());
+    let mut hasher = PartitionKeyHasher::new(Murmur3Partitioner.build_hasher(), key.len());
+    let mut cell = Vec::new();
     for (name, typ) in key {
         let position = columns.iter().position(|c| c == name)?;
         let value = to_cql(row.values.get(position)?, typ).ok()??;
-        let mut cell = Vec::new();
+        cell.clear();
         value.serialize(typ, CellWriter::new(&mut cell)).ok()?;
         // A serialized cell is a 4-byte length, then the value.
-        parts.push(cell.get(4..)?.to_vec());
+        hasher.component(cell.get(4..)?)?;
     }
-    let mut hasher = Murmur3Partitioner.build_hasher();
-    if let [single] = parts.as_slice() {
-        hasher.write(single);
-    } else {
-        for part in &parts {
-            hasher.write(&u16::try_from(part.len()).ok()?.to_be_bytes());
-            hasher.write(part);
-            hasher.write(&[0]);
-        }
-    }
-    Some(hasher.finish().value())
+    Some(hasher.finish())
 }
 
 /// What a stream of batches achieved.

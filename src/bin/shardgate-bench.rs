@@ -608,22 +608,7 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     // nothing); the table is read back after the measured span.
     wait_written(mode, rows, started).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = gateway.cpu_seconds()?;
-    let database_cpu_seconds = database.seconds()?;
-    devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
-    let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
-    print_batch_shape(mode)?;
-    gateway.stop()?;
-    Ok(Outcome {
-        mode: mode.into(),
-        rows,
-        seconds,
-        cpu_seconds,
-        database_cpu_seconds,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded,
-    })
+    broker_outcome(mode, rows, seconds, gateway, database, &session, keyspace).await
 }
 
 /// ZeroMQ → Cassandra: the gateway binds its PULL socket first, then `--broker-rows` orders are
@@ -652,10 +637,26 @@ async fn zeromq(args: &Args) -> anyhow::Result<Outcome> {
     let first_written = wait_written(mode, 1, started).await?;
     let last_written = wait_written(mode, rows, started).await?;
     let seconds = last_written.duration_since(first_written).as_secs_f64();
+    let outcome = broker_outcome(mode, rows, seconds, gateway, database, &session, keyspace).await?;
+    anyhow::ensure!(pusher.await?? == rows, "{mode}: not every message was pushed");
+    Ok(outcome)
+}
+
+/// The end of a broker mode once its last row is written (`seconds` measured): the gateway's
+/// and the database's CPU so far, then the table read back row-exact, the batch shape printed
+/// and the gateway stopped.
+async fn broker_outcome(
+    mode: &str,
+    rows: u64,
+    seconds: f64,
+    gateway: Gateway,
+    database: devkit::CassandraCpu,
+    session: &Session,
+    keyspace: &str,
+) -> anyhow::Result<Outcome> {
     let cpu_seconds = gateway.cpu_seconds()?;
     let database_cpu_seconds = database.seconds()?;
-    anyhow::ensure!(pusher.await?? == rows, "{mode}: not every message was pushed");
-    devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
+    devkit::wait_for_orders(session, keyspace, rows, Duration::from_secs(60)).await?;
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     print_batch_shape(mode)?;
     gateway.stop()?;

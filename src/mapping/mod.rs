@@ -250,19 +250,12 @@ enum Decoded<'r> {
     Projected(&'r Projection, Projected),
 }
 
-/// The document fields are read from.
-#[derive(Clone, Copy)]
-enum Document<'m> {
-    Full(&'m Value),
-    Projected(&'m Projection, &'m Projected),
-}
-
-impl<'m> Document<'m> {
+impl Decoded<'_> {
     /// The value at a path of object keys; `None` when any step is absent or not an object.
-    fn lookup(self, parts: &[String]) -> Option<&'m Value> {
+    fn lookup(&self, parts: &[String]) -> Option<&Value> {
         match self {
-            Document::Full(document) => lookup(document, parts),
-            Document::Projected(projection, document) => projection.lookup(document, parts),
+            Decoded::Full(document) => lookup(document, parts),
+            Decoded::Projected(projection, document) => projection.lookup(document, parts),
         }
     }
 }
@@ -270,7 +263,7 @@ impl<'m> Document<'m> {
 /// One message being mapped: the decoded document and what is derived from it lazily.
 struct Message<'a, 'm> {
     envelope: &'a Envelope<'a>,
-    document: Document<'m>,
+    document: &'m Decoded<'m>,
     key_document: std::cell::OnceCell<Option<Value>>,
     bound: std::cell::OnceCell<Bound>,
 }
@@ -282,12 +275,12 @@ impl<'a, 'm> Message<'a, 'm> {
             // Expressions see the whole message: a route with any is never projected
             // (`projection_for`).
             debug_assert!(
-                matches!(self.document, Document::Full(_)),
+                matches!(self.document, Decoded::Full(_)),
                 "expression over a projection"
             );
             let msg = match self.document {
-                Document::Full(document) => document,
-                Document::Projected(..) => &Value::Null,
+                Decoded::Full(document) => document,
+                Decoded::Projected(..) => &Value::Null,
             };
             Bound::new(&Variables {
                 msg,
@@ -525,13 +518,9 @@ impl RouteMapper {
             None if self.delete_on_tombstone => Decoded::Full(Value::Null),
             None => return Err(MappingError::EmptyPayload),
         };
-        let document = match &decoded {
-            Decoded::Full(document) => Document::Full(document),
-            Decoded::Projected(projection, members) => Document::Projected(projection, members),
-        };
         let message = Message {
             envelope,
-            document,
+            document: &decoded,
             key_document: std::cell::OnceCell::new(),
             bound: std::cell::OnceCell::new(),
         };

@@ -13,9 +13,10 @@
 //! - otherwise (Cassandra reports no shards: one per node), the token ring is split into `cores`
 //!   equal ranges, so every core gets work under a uniform key distribution.
 //!
-//! Tokens come from the driver (`PreparedStatement::calculate_token`, or
-//! [`crate::client`]'s use of the driver's Murmur3 partitioner); shards from the driver's
-//! `Sharder`. Nothing here re-implements either. With tablets, ownership is only a hint: a row
+//! Tokens are the driver's partitioners over the partition key serialized by the driver's
+//! `SerializeValue`, combined into one key by [`PartitionKeyHasher`] (the gateway's
+//! `sink::scylla::writer::row_token` and [`crate::client`]'s both use it); shards come from the
+//! driver's `Sharder`. Nothing here re-implements either. With tablets, ownership is only a hint: a row
 //! that reaches a core that does not own it is forwarded, never written wrongly, because any core
 //! may write any row through the shared session.
 
@@ -23,7 +24,45 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU16;
 
 use scylla::cluster::ClusterState;
+use scylla::routing::partitioner::PartitionerHasher;
 use scylla::routing::{Sharder, Token};
+
+/// Hashes a partition key given component by component (each a serialized value, without its
+/// length prefix): a single component as it is, several each as a 2-byte big-endian length,
+/// the bytes and a 0 — the composite encoding Cassandra and ScyllaDB hash, and the driver's
+/// `calculate_token` builds.
+pub struct PartitionKeyHasher<H: PartitionerHasher> {
+    hasher: H,
+    composite: bool,
+}
+
+impl<H: PartitionerHasher> PartitionKeyHasher<H> {
+    /// A hasher for a key of `components` columns, using a partitioner's `hasher`.
+    pub fn new(hasher: H, components: usize) -> PartitionKeyHasher<H> {
+        PartitionKeyHasher {
+            hasher,
+            composite: components > 1,
+        }
+    }
+
+    /// Adds the next component in key order; `None` when it is longer than a composite
+    /// component can be (64 KiB).
+    pub fn component(&mut self, bytes: &[u8]) -> Option<()> {
+        if self.composite {
+            self.hasher.write(&u16::try_from(bytes.len()).ok()?.to_be_bytes());
+            self.hasher.write(bytes);
+            self.hasher.write(&[0]);
+        } else {
+            self.hasher.write(bytes);
+        }
+        Some(())
+    }
+
+    /// The token.
+    pub fn finish(self) -> i64 {
+        self.hasher.finish().value()
+    }
+}
 
 /// Shard layout of one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
