@@ -34,9 +34,9 @@ fn fail<T>(reason: impl Into<String>) -> Result<T, CoerceError> {
 }
 
 /// Short, bounded rendering of a JSON value for error messages.
-pub(crate) fn preview(value: &Value) -> String {
+pub(crate) fn preview<'a>(value: impl Into<Json<'a>>) -> String {
     const PREVIEW_CHARS_MAX: usize = 64;
-    let text = value.to_string();
+    let text = value.into().to_string();
     if text.chars().count() <= PREVIEW_CHARS_MAX {
         return text;
     }
@@ -193,13 +193,81 @@ pub fn json_forms() -> Vec<JsonForm> {
     ]
 }
 
+/// A JSON value as coercion reads it, borrowed: from a decoded document, or straight from a
+/// payload's bytes (a projected member's text or number literal needs no `Value` of its own).
+#[derive(Debug, Clone, Copy)]
+pub enum Json<'a> {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// A number's literal, as written (serde_json's `arbitrary_precision` keeps it so too).
+    Number(&'a str),
+    /// A string's text, unescaped.
+    String(&'a str),
+    /// An array.
+    Array(&'a [Value]),
+    /// An object.
+    Object(&'a serde_json::Map<String, Value>),
+}
+
+impl<'a> From<&'a Value> for Json<'a> {
+    fn from(value: &'a Value) -> Json<'a> {
+        match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(*b),
+            Value::Number(n) => Json::Number(n.as_str()),
+            Value::String(s) => Json::String(s),
+            Value::Array(items) => Json::Array(items),
+            Value::Object(object) => Json::Object(object),
+        }
+    }
+}
+
+impl Json<'_> {
+    /// Whether it is `null`.
+    pub fn is_null(self) -> bool {
+        matches!(self, Json::Null)
+    }
+
+    /// The number as `i64`, as `serde_json::Number::as_i64` answers.
+    fn as_i64(self) -> Option<i64> {
+        match self {
+            Json::Number(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Compact JSON text, as `Value`'s `Display` writes it.
+impl std::fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let write = |f: &mut std::fmt::Formatter<'_>, json: Result<String, serde_json::Error>| {
+            f.write_str(&json.map_err(|_| std::fmt::Error)?)
+        };
+        match self {
+            Json::Null => f.write_str("null"),
+            Json::Bool(b) => write!(f, "{b}"),
+            Json::Number(n) => f.write_str(n),
+            Json::String(s) => write(f, serde_json::to_string(s)),
+            Json::Array(items) => write(f, serde_json::to_string(items)),
+            Json::Object(object) => write(f, serde_json::to_string(object)),
+        }
+    }
+}
+
 /// Converts `value` to a CQL value of type `typ`. `null` is handled by the caller.
 pub fn coerce(value: &Value, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceError> {
+    coerce_json(value.into(), typ)
+}
+
+/// [`coerce`] of a borrowed JSON value.
+pub fn coerce_json(value: Json<'_>, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceError> {
     match typ {
         ColumnType::Native(native) => coerce_native(value, native),
         ColumnType::Collection { typ: collection, .. } => coerce_collection(value, collection),
         ColumnType::Tuple(types) => {
-            let Value::Array(items) = value else {
+            let Json::Array(items) = value else {
                 return fail(format!("expected a JSON array for a tuple, got {}", preview(value)));
             };
             if items.len() != types.len() {
@@ -223,7 +291,7 @@ pub fn coerce(value: &Value, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceErr
             Ok(CqlValue::Tuple(fields))
         }
         ColumnType::UserDefinedType { definition, .. } => {
-            let Value::Object(object) = value else {
+            let Json::Object(object) = value else {
                 return fail(format!(
                     "expected a JSON object for a user type, got {}",
                     preview(value)
@@ -255,8 +323,8 @@ pub fn coerce(value: &Value, typ: &ColumnType<'_>) -> Result<CqlValue, CoerceErr
     }
 }
 
-fn coerce_collection(value: &Value, collection: &CollectionType<'_>) -> Result<CqlValue, CoerceError> {
-    let elements = |items: &Vec<Value>, element: &ColumnType<'_>| -> Result<Vec<CqlValue>, CoerceError> {
+fn coerce_collection(value: Json<'_>, collection: &CollectionType<'_>) -> Result<CqlValue, CoerceError> {
+    let elements = |items: &[Value], element: &ColumnType<'_>| -> Result<Vec<CqlValue>, CoerceError> {
         items
             .iter()
             .enumerate()
@@ -272,21 +340,21 @@ fn coerce_collection(value: &Value, collection: &CollectionType<'_>) -> Result<C
     };
     match collection {
         CollectionType::List(element) => match value {
-            Value::Array(items) => Ok(CqlValue::List(elements(items, element)?)),
+            Json::Array(items) => Ok(CqlValue::List(elements(items, element)?)),
             other => fail(format!("expected a JSON array for a list, got {}", preview(other))),
         },
         CollectionType::Set(element) => match value {
-            Value::Array(items) => Ok(CqlValue::Set(elements(items, element)?)),
+            Json::Array(items) => Ok(CqlValue::Set(elements(items, element)?)),
             other => fail(format!("expected a JSON array for a set, got {}", preview(other))),
         },
         CollectionType::Map(key_type, value_type) => {
-            let Value::Object(object) = value else {
+            let Json::Object(object) = value else {
                 return fail(format!("expected a JSON object for a map, got {}", preview(value)));
             };
             let mut pairs = Vec::with_capacity(object.len());
             for (k, v) in object {
                 // Map keys arrive as JSON strings; coerce them as text first, then as the key type.
-                let key = coerce(&Value::String(k.clone()), key_type).map_err(|e| CoerceError {
+                let key = coerce_json(Json::String(k), key_type).map_err(|e| CoerceError {
                     reason: format!("map key `{k}`: {}", e.reason),
                 })?;
                 if v.is_null() {
@@ -303,7 +371,7 @@ fn coerce_collection(value: &Value, collection: &CollectionType<'_>) -> Result<C
     }
 }
 
-fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceError> {
+fn coerce_native(value: Json<'_>, native: &NativeType) -> Result<CqlValue, CoerceError> {
     match native {
         NativeType::Text => Ok(CqlValue::Text(as_text(value))),
         NativeType::Ascii => {
@@ -314,9 +382,9 @@ fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceE
             Ok(CqlValue::Ascii(text))
         }
         NativeType::Boolean => match value {
-            Value::Bool(b) => Ok(CqlValue::Boolean(*b)),
-            Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(CqlValue::Boolean(true)),
-            Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(CqlValue::Boolean(false)),
+            Json::Bool(b) => Ok(CqlValue::Boolean(b)),
+            Json::String(s) if s.eq_ignore_ascii_case("true") => Ok(CqlValue::Boolean(true)),
+            Json::String(s) if s.eq_ignore_ascii_case("false") => Ok(CqlValue::Boolean(false)),
             other => fail(format!(
                 "expected true or false for a `boolean` column, got {}",
                 preview(other)
@@ -349,7 +417,7 @@ fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceE
             Ok(CqlValue::Timeuuid(CqlTimeuuid::from(id)))
         }
         NativeType::Inet => match value {
-            Value::String(s) => IpAddr::from_str(s).map(CqlValue::Inet).or_else(|_| {
+            Json::String(s) => IpAddr::from_str(s).map(CqlValue::Inet).or_else(|_| {
                 fail(format!(
                     "expected an IPv4 or IPv6 address for an `inet` column, got {}",
                     preview(value)
@@ -366,17 +434,17 @@ fn coerce_native(value: &Value, native: &NativeType) -> Result<CqlValue, CoerceE
     }
 }
 
-fn as_text(value: &Value) -> String {
+fn as_text(value: Json<'_>) -> String {
     match value {
-        Value::String(s) => s.clone(),
+        Json::String(s) => s.to_string(),
         other => other.to_string(),
     }
 }
 
-fn integer(value: &Value, cql: &str) -> Result<i64, CoerceError> {
+fn integer(value: Json<'_>, cql: &str) -> Result<i64, CoerceError> {
     let parsed = match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse::<i64>().ok(),
+        Json::Number(_) => value.as_i64(),
+        Json::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
     };
     parsed.map_or_else(
@@ -394,10 +462,11 @@ fn narrow<T: TryFrom<i64>>(n: i64, cql: &str) -> Result<T, CoerceError> {
     T::try_from(n).or_else(|_| fail(format!("{n} is out of range for a `{cql}` column")))
 }
 
-fn float(value: &Value, cql: &str) -> Result<f64, CoerceError> {
+fn float(value: Json<'_>, cql: &str) -> Result<f64, CoerceError> {
     let parsed = match value {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse::<f64>().ok(),
+        // As `serde_json::Number::as_f64` answers.
+        Json::Number(n) => n.parse::<f64>().ok().filter(|f| f.is_finite()),
+        Json::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     };
     parsed.map_or_else(
@@ -411,17 +480,17 @@ fn float(value: &Value, cql: &str) -> Result<f64, CoerceError> {
     )
 }
 
-/// The number's literal text (serde_json's `arbitrary_precision` keeps it as written).
-fn number_text(value: &Value) -> Option<String> {
+/// The number's literal text.
+fn number_text(value: Json<'_>) -> Option<&str> {
     match value {
-        Value::Number(n) => Some(n.to_string()),
-        Value::String(s) => Some(s.trim().to_string()),
+        Json::Number(n) => Some(n),
+        Json::String(s) => Some(s.trim()),
         _ => None,
     }
 }
 
-fn decimal(value: &Value) -> Result<CqlValue, CoerceError> {
-    let parsed = number_text(value).and_then(|t| BigDecimal::from_str(&t).ok());
+fn decimal(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+    let parsed = number_text(value).and_then(|t| BigDecimal::from_str(t).ok());
     let Some(decimal) = parsed else {
         return fail(format!(
             "expected a decimal number for a `decimal` column, got {}",
@@ -438,8 +507,8 @@ fn decimal(value: &Value) -> Result<CqlValue, CoerceError> {
     )))
 }
 
-fn varint(value: &Value) -> Result<CqlValue, CoerceError> {
-    let parsed = number_text(value).and_then(|t| BigInt::from_str(&t).ok());
+fn varint(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+    let parsed = number_text(value).and_then(|t| BigInt::from_str(t).ok());
     let Some(int) = parsed else {
         return fail(format!(
             "expected an integer for a `varint` column, got {}",
@@ -451,10 +520,10 @@ fn varint(value: &Value) -> Result<CqlValue, CoerceError> {
     )))
 }
 
-fn timestamp(value: &Value) -> Result<CqlValue, CoerceError> {
+fn timestamp(value: Json<'_>) -> Result<CqlValue, CoerceError> {
     let millis = match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+        Json::Number(_) => value.as_i64(),
+        Json::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
             .ok()
             .map(|t| t.timestamp_millis()),
         _ => None,
@@ -470,10 +539,10 @@ fn timestamp(value: &Value) -> Result<CqlValue, CoerceError> {
     )
 }
 
-fn date(value: &Value) -> Result<CqlValue, CoerceError> {
+fn date(value: Json<'_>) -> Result<CqlValue, CoerceError> {
     let days = match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        Json::Number(_) => value.as_i64(),
+        Json::String(s) => chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
             .ok()
             .map(|d| d.signed_duration_since(chrono::NaiveDate::default()).num_days()),
         _ => None,
@@ -490,10 +559,10 @@ fn date(value: &Value) -> Result<CqlValue, CoerceError> {
     )
 }
 
-fn time(value: &Value) -> Result<CqlValue, CoerceError> {
+fn time(value: Json<'_>) -> Result<CqlValue, CoerceError> {
     let nanos = match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M:%S%.f")
+        Json::Number(_) => value.as_i64(),
+        Json::String(s) => chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M:%S%.f")
             .ok()
             .map(|t| {
                 t.signed_duration_since(chrono::NaiveTime::MIN)
@@ -511,9 +580,9 @@ fn time(value: &Value) -> Result<CqlValue, CoerceError> {
     }
 }
 
-fn uuid(value: &Value, cql: &str) -> Result<uuid::Uuid, CoerceError> {
+fn uuid(value: Json<'_>, cql: &str) -> Result<uuid::Uuid, CoerceError> {
     match value {
-        Value::String(s) => uuid::Uuid::parse_str(s.trim())
+        Json::String(s) => uuid::Uuid::parse_str(s.trim())
             .or_else(|_| fail(format!("expected a UUID for a `{cql}` column, got {}", preview(value)))),
         other => fail(format!(
             "expected a UUID string for a `{cql}` column, got {}",
@@ -522,8 +591,8 @@ fn uuid(value: &Value, cql: &str) -> Result<uuid::Uuid, CoerceError> {
     }
 }
 
-fn blob(value: &Value) -> Result<Vec<u8>, CoerceError> {
-    let Value::String(s) = value else {
+fn blob(value: Json<'_>) -> Result<Vec<u8>, CoerceError> {
+    let Json::String(s) = value else {
         return fail(format!(
             "expected `0x` hex or base64 text for a `blob` column, got {}",
             preview(value)

@@ -27,6 +27,7 @@ use scylla::cluster::metadata::{ColumnType, NativeType};
 use scylla::value::{CqlValue, MaybeUnset};
 use serde_json::Value;
 
+use self::coerce::Json;
 use self::expr::{Bound, Expr, Variables};
 use self::format::Decoder;
 use self::project::{Projected, Projection};
@@ -83,6 +84,8 @@ struct BoundColumn {
     source: ValueSource,
     /// `columns.<name>` or `target[i].columns.<name>`, for expression errors.
     key: String,
+    /// Where a projected document keeps this column's path, resolved once at start-up.
+    slots: Option<Box<[usize]>>,
 }
 
 /// One table a route writes to: its columns in bind order and its primary key.
@@ -201,6 +204,7 @@ fn bind_column(
         name: mapping.column,
         typ: typ.clone(),
         key,
+        slots: None,
     })
 }
 
@@ -240,21 +244,36 @@ pub struct Envelope<'a> {
 /// A resolved value before coercion.
 enum Found<'m> {
     Missing,
-    Json(std::borrow::Cow<'m, Value>),
+    /// Borrowed from the message or its decoded payload.
+    Json(Json<'m>),
+    /// Made for this message (metadata numbers, an expression's result).
+    Owned(Value),
     Bytes(&'m [u8]),
 }
 
-/// A decoded payload: the whole document, or only the members the route reads.
-enum Decoded<'r> {
+impl Found<'_> {
+    /// The JSON value found, if any.
+    fn json(&self) -> Option<Json<'_>> {
+        match self {
+            Found::Json(json) => Some(*json),
+            Found::Owned(value) => Some(value.into()),
+            Found::Missing | Found::Bytes(_) => None,
+        }
+    }
+}
+
+/// A decoded payload: the whole document, or only the members the route reads (borrowing the
+/// payload's text).
+enum Decoded<'a> {
     Full(Value),
-    Projected(&'r Projection, Projected),
+    Projected(&'a Projection, Projected<'a>),
 }
 
 impl Decoded<'_> {
     /// The value at a path of object keys; `None` when any step is absent or not an object.
-    fn lookup(&self, parts: &[String]) -> Option<&Value> {
+    fn lookup(&self, parts: &[String]) -> Option<Json<'_>> {
         match self {
-            Decoded::Full(document) => lookup(document, parts),
+            Decoded::Full(document) => lookup(document, parts).map(Json::from),
             Decoded::Projected(projection, document) => projection.lookup(document, parts),
         }
     }
@@ -304,8 +323,7 @@ impl<'a, 'm> Message<'a, 'm> {
 
     /// Resolves a value source; `column` names the column in errors.
     fn resolve(&self, source: &ValueSource, column: &str, key: &str) -> Result<Found<'_>, MappingError> {
-        let text = |s: &str| Found::Json(std::borrow::Cow::Owned(Value::String(s.to_string())));
-        let number = |n: i64| Found::Json(std::borrow::Cow::Owned(Value::from(n)));
+        let number = |n: i64| Found::Owned(Value::from(n));
         let field = match source {
             ValueSource::Expr(expr) => {
                 let value = expr.evaluate(self.bound()).map_err(|reason| MappingError::Expression {
@@ -313,7 +331,7 @@ impl<'a, 'm> Message<'a, 'm> {
                     source_text: expr.source().to_string(),
                     reason,
                 })?;
-                return Ok(Found::Json(std::borrow::Cow::Owned(value)));
+                return Ok(Found::Owned(value));
             }
             ValueSource::Field(field) => field,
         };
@@ -327,7 +345,7 @@ impl<'a, 'm> Message<'a, 'm> {
                     field: field.to_string(),
                     expected: "UTF-8 text",
                 })?;
-                text(key_text)
+                Found::Json(Json::String(key_text))
             }
             FieldRef::KeyPath(parts) => {
                 let document = self.key_document.get_or_init(|| {
@@ -343,31 +361,36 @@ impl<'a, 'm> Message<'a, 'm> {
                         expected: "a JSON object",
                     });
                 };
-                lookup(document, parts).map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v)))
+                lookup(document, parts).map_or(Found::Missing, |v| Found::Json(v.into()))
             }
             FieldRef::Header(name) => self
                 .envelope
                 .headers
                 .iter()
                 .find(|(n, _)| n == name)
-                .map_or(Found::Missing, |(_, v)| text(v)),
-            FieldRef::Source => text(self.envelope.source),
-            FieldRef::Subject => self.envelope.subject.map_or(Found::Missing, text),
+                .map_or(Found::Missing, |(_, v)| Found::Json(Json::String(v))),
+            FieldRef::Source => Found::Json(Json::String(self.envelope.source)),
+            FieldRef::Subject => self
+                .envelope
+                .subject
+                .map_or(Found::Missing, |s| Found::Json(Json::String(s))),
             FieldRef::Partition => self.envelope.partition.map_or(Found::Missing, |p| number(i64::from(p))),
             FieldRef::Position => number(self.envelope.position),
             FieldRef::Timestamp => self.envelope.timestamp_ms.map_or(Found::Missing, number),
             FieldRef::Payload => self.envelope.payload.map_or(Found::Missing, Found::Bytes),
-            FieldRef::Path(parts) => self
-                .document
-                .lookup(parts)
-                .map_or(Found::Missing, |v| Found::Json(std::borrow::Cow::Borrowed(v))),
+            FieldRef::Path(parts) => self.document.lookup(parts).map_or(Found::Missing, Found::Json),
             FieldRef::Expr(_) => Found::Missing,
         };
         Ok(found)
     }
 
     fn bind(&self, column: &BoundColumn, primary_key: bool) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
-        let found = self.resolve(&column.source, &column.name, &column.key)?;
+        let found = match (&column.slots, self.document) {
+            (Some(slots), Decoded::Projected(projection, document)) => {
+                projection.at(document, slots).map_or(Found::Missing, Found::Json)
+            }
+            _ => self.resolve(&column.source, &column.name, &column.key)?,
+        };
         let missing_key = || MappingError::MissingPrimaryKey {
             column: column.name.clone(),
             field: column.source.label(),
@@ -381,32 +404,32 @@ impl<'a, 'm> Message<'a, 'm> {
             self.envelope.key.is_none()
                 && matches!(column.source, ValueSource::Field(FieldRef::Key | FieldRef::KeyPath(_)))
         };
-        match found {
-            Found::Missing if primary_key && key_absent() => Err(MappingError::KeyAbsent {
-                column: column.name.clone(),
-            }),
-            Found::Missing if primary_key => Err(missing_key()),
-            Found::Missing => Ok(MaybeUnset::Unset),
-            Found::Json(value) if value.is_null() => {
-                if primary_key {
-                    Err(missing_key())
-                } else {
-                    Ok(MaybeUnset::Set(None))
-                }
+        let value = match &found {
+            Found::Missing if primary_key && key_absent() => {
+                return Err(MappingError::KeyAbsent {
+                    column: column.name.clone(),
+                })
             }
-            Found::Json(value) => coerce::coerce(&value, &column.typ)
-                .map(|v| MaybeUnset::Set(Some(v)))
-                .map_err(|e| bad(e.reason)),
+            Found::Missing if primary_key => return Err(missing_key()),
+            Found::Missing => return Ok(MaybeUnset::Unset),
             Found::Bytes(bytes) => match &column.typ {
-                ColumnType::Native(NativeType::Blob) => Ok(MaybeUnset::Set(Some(CqlValue::Blob(bytes.to_vec())))),
-                typ => {
-                    let text = std::str::from_utf8(bytes).map_err(|_| bad("the payload is not UTF-8 text".into()))?;
-                    coerce::coerce(&Value::String(text.to_string()), typ)
-                        .map(|v| MaybeUnset::Set(Some(v)))
-                        .map_err(|e| bad(e.reason))
+                ColumnType::Native(NativeType::Blob) => {
+                    return Ok(MaybeUnset::Set(Some(CqlValue::Blob(bytes.to_vec()))))
                 }
+                _ => Json::String(std::str::from_utf8(bytes).map_err(|_| bad("the payload is not UTF-8 text".into()))?),
             },
+            found => found.json().unwrap_or(Json::Null),
+        };
+        if value.is_null() {
+            return if primary_key {
+                Err(missing_key())
+            } else {
+                Ok(MaybeUnset::Set(None))
+            };
         }
+        coerce::coerce_json(value, &column.typ)
+            .map(|v| MaybeUnset::Set(Some(v)))
+            .map_err(|e| bad(e.reason))
     }
 }
 
@@ -432,7 +455,7 @@ impl RouteMapper {
     /// Checks the route against its tables' schemas (`tables[i]` for `route.targets[i]`),
     /// compiles its expressions and loads its decoder.
     pub fn new(route: &RouteConfig, tables: &[TableSchema]) -> Result<RouteMapper, SchemaError> {
-        let targets = route
+        let mut targets = route
             .targets
             .iter()
             .zip(tables)
@@ -461,8 +484,16 @@ impl RouteMapper {
             .map(|s| compile(&route.name, "delete_when".into(), s))
             .transpose()?;
         let decoder = Decoder::load(&route.name, &route.format)?;
+        let projection = projection_for(route, &decoder, &targets);
+        if let Some(projection) = &projection {
+            for column in targets.iter_mut().flat_map(|t| t.columns.iter_mut()) {
+                if let ValueSource::Field(FieldRef::Path(parts)) = &column.source {
+                    column.slots = projection.slots(parts);
+                }
+            }
+        }
         Ok(RouteMapper {
-            projection: projection_for(route, &decoder, &targets),
+            projection,
             decoder,
             targets,
             table_from: route.table_from.clone(),
@@ -573,7 +604,7 @@ impl RouteMapper {
 
     /// Decodes a payload: projected when the route allows and the payload is one JSON object,
     /// else in full (which also reports why a payload is refused).
-    fn decode(&self, payload: &[u8]) -> Result<Decoded<'_>, MappingError> {
+    fn decode<'a>(&'a self, payload: &'a [u8]) -> Result<Decoded<'a>, MappingError> {
         if let Some(projection) = &self.projection {
             if let Some(members) = projection.decode(payload) {
                 return Ok(Decoded::Projected(projection, members));
@@ -589,13 +620,13 @@ impl RouteMapper {
     fn chosen_targets(&self, message: &Message<'_, '_>, tombstone: bool) -> Result<Vec<usize>, MappingError> {
         if let Some(field) = &self.table_from {
             let source = ValueSource::Field(field.clone());
-            let value = match message.resolve(&source, "table_from", "table_from")? {
-                Found::Json(value) => match value.as_ref() {
-                    Value::String(s) => Some(s.clone()),
-                    other => Some(other.to_string()),
-                },
+            let found = message.resolve(&source, "table_from", "table_from")?;
+            let value = match &found {
                 Found::Bytes(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-                Found::Missing => None,
+                found => found.json().map(|json| match json {
+                    Json::String(s) => s.to_string(),
+                    other => other.to_string(),
+                }),
             };
             match value {
                 None if tombstone => {}
@@ -663,15 +694,20 @@ impl RouteMapper {
             reason,
         };
         let source = ValueSource::Field(field.clone());
-        let value = match message.resolve(&source, "timestamp", "timestamp")? {
+        let found = message.resolve(&source, "timestamp", "timestamp")?;
+        let bytes_text;
+        let value = match &found {
             Found::Missing => return Ok(None),
-            Found::Json(value) => value.into_owned(),
-            Found::Bytes(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+            Found::Bytes(bytes) => {
+                bytes_text = String::from_utf8_lossy(bytes);
+                Json::String(&bytes_text)
+            }
+            found => found.json().unwrap_or(Json::Null),
         };
-        let micros = match &value {
-            Value::Null => return Ok(None),
-            Value::Number(n) => {
-                let n = n.as_i64().ok_or_else(|| bad(format!("`{n}` is not an integer")))?;
+        let micros = match value {
+            Json::Null => return Ok(None),
+            Json::Number(n) => {
+                let n = n.parse::<i64>().map_err(|_| bad(format!("`{n}` is not an integer")))?;
                 let scale = match unit {
                     TimeUnit::Seconds => 1_000_000,
                     TimeUnit::Millis => 1_000,
@@ -680,7 +716,7 @@ impl RouteMapper {
                 n.checked_mul(scale)
                     .ok_or_else(|| bad(format!("`{n}` is out of range")))?
             }
-            Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+            Json::String(text) => chrono::DateTime::parse_from_rfc3339(text)
                 .map_err(|e| bad(format!("`{text}` is not RFC 3339 time: {e}")))?
                 .timestamp_micros(),
             other => {
@@ -708,15 +744,17 @@ impl RouteMapper {
             reason,
         };
         let source = ValueSource::Field(field.clone());
-        let seconds = match message.resolve(&source, "ttl", "ttl")? {
+        let found = message.resolve(&source, "ttl", "ttl")?;
+        let seconds = match &found {
             Found::Missing => return Ok(MaybeUnset::Unset),
-            Found::Json(value) => match value.as_ref() {
-                Value::Null => return Ok(MaybeUnset::Unset),
-                Value::Number(n) => n.as_i64(),
-                Value::String(s) => s.trim().parse::<i64>().ok(),
-                _ => None,
-            },
             Found::Bytes(bytes) => std::str::from_utf8(bytes).ok().and_then(|s| s.trim().parse().ok()),
+            found => match found.json() {
+                None | Some(Json::Null) => return Ok(MaybeUnset::Unset),
+                // As `serde_json::Number::as_i64` answers.
+                Some(Json::Number(n)) => n.parse::<i64>().ok(),
+                Some(Json::String(s)) => s.trim().parse::<i64>().ok(),
+                Some(_) => None,
+            },
         };
         match seconds {
             Some(seconds @ 0..=TTL_MAX_SECONDS) => Ok(MaybeUnset::Set(Some(CqlValue::Int(seconds as i32)))),
@@ -726,7 +764,7 @@ impl RouteMapper {
 }
 
 /// The projection of a JSON route none of whose values or conditions is an expression: the
-/// first segments of every payload path it reads (columns, TTL, timestamp, `table_from`).
+/// payload paths it reads (columns, TTL, timestamp, `table_from`).
 fn projection_for(route: &RouteConfig, decoder: &Decoder, targets: &[TargetMapper]) -> Option<Projection> {
     if !matches!(decoder, Decoder::Json)
         || route.filter.is_some()
@@ -749,15 +787,15 @@ fn projection_for(route: &RouteConfig, decoder: &Decoder, targets: &[TargetMappe
     }
     fields.extend(route.timestamp.as_ref().map(|t| &t.field));
     fields.extend(route.table_from.as_ref());
-    let mut segments = Vec::new();
+    let mut paths = Vec::new();
     for field in fields {
         match field {
-            FieldRef::Path(parts) => segments.push(parts.first()?.as_str()),
-            FieldRef::Expr(_) => return None,
+            FieldRef::Path(parts) if !parts.is_empty() => paths.push(parts.as_slice()),
+            FieldRef::Path(_) | FieldRef::Expr(_) => return None,
             _ => {}
         }
     }
-    Some(Projection::new(segments))
+    Some(Projection::new(paths))
 }
 
 /// Follows a path of object keys; `None` when any step is absent or not an object.

@@ -687,6 +687,16 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         (-1e6f64..1e6).prop_map(serde_json::Value::from),
         "[a-z0-9 ]{0,6}".prop_map(serde_json::Value::from),
         prop_oneof![Just("t"), Just("u"), Just("ks.u")].prop_map(serde_json::Value::from),
+        // Strings that need escapes, and number literals kept as written.
+        "[a-z\"\\\\é\n\u{1}]{0,4}".prop_map(serde_json::Value::from),
+        prop_oneof![
+            Just("1E+3"),
+            Just("-0.50"),
+            Just("12345678901234567890123"),
+            Just("7e0"),
+            Just("60")
+        ]
+        .prop_map(|literal| serde_json::from_str::<serde_json::Value>(literal).expect("a JSON number")),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
