@@ -10,14 +10,22 @@
 //!   group join before it is printed apart; offsets committed and the table read back after;
 //!   latency from a second run at a steady rate);
 //! - `rabbitmq` / `jetstream`: `--broker-rows` orders published to a durable queue / stream
-//!   first, then the gateway consumes them (rows/s is rows ÷ time from gateway start to the
-//!   gateway's written-rows counter reaching them all; the table is read back after);
+//!   first, then the gateway consumes them (rows/s is rows ÷ time from the first row written to
+//!   the last, by the gateway's written-rows counter; the table is read back after);
+//! - `rabbitmq-consume` / `jetstream-consume`: the same orders read by a client that only
+//!   consumes and acknowledges them, as the gateway's source is configured (prefetch 512 with
+//!   `multiple` acks / a durable pull consumer with explicit acks) — the broker's own ceiling;
+//! - `nats`: core NATS, a gateway subscribed first, then `--broker-rows` orders published at
+//!   `--nats-rate` per second (core NATS keeps no backlog and drops for a consumer that falls
+//!   too far behind: a run that loses messages fails, naming how many);
 //! - `zeromq`: a gateway started first with its PULL socket bound, then `--broker-rows` orders
 //!   pushed to it (PUSH blocks at its high-water mark, so nothing is dropped); rows/s is rows ÷
 //!   time from the first row written to the last;
-//! - `ceiling` / `ceiling-events`: the Kafka mode's orders / the gRPC modes' events written by
-//!   the scylla crate alone, no gateway — what the database takes on this machine, the bar the
-//!   other modes are measured against.
+//! - `kafka-5`: as `kafka`, with the 5-column orders (a flat ~117-byte JSON object; the table
+//!   read back and compared value by value);
+//! - `ceiling` / `ceiling-5` / `ceiling-events`: the Kafka modes' orders (8 / 5 columns) / the
+//!   gRPC modes' events written by the scylla crate alone, no gateway — what the database takes
+//!   on this machine, the bar the other modes are measured against.
 //!
 //! Every mode also reports the database's CPU seconds per million rows (the local Cassandra's
 //! utime + stime from /proc over the same span).
@@ -50,8 +58,10 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
-    /// Modes to run: ceiling, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-spooled,
-    /// rabbitmq, jetstream, zeromq (comma separated).
+    /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-5,
+    /// kafka-spooled,
+    /// rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
+    /// separated).
     #[arg(
         long,
         default_value = "ceiling-events,grpc-smart,grpc-plain,ceiling,kafka",
@@ -72,9 +82,13 @@ struct Args {
     /// writer's rows per batch.
     #[arg(long, default_value_t = 64)]
     write_batch_rows: usize,
-    /// Rows of the `rabbitmq`, `jetstream` and `zeromq` modes.
+    /// Rows of the `rabbitmq`, `jetstream`, `nats` and `zeromq` modes and their `-consume`
+    /// ceilings.
     #[arg(long, default_value_t = 200_000)]
     broker_rows: u64,
+    /// Messages per second the `nats` mode publishes.
+    #[arg(long, default_value_t = 40_000)]
+    nats_rate: u64,
     /// Messages per second in the Kafka latency run.
     #[arg(long, default_value_t = 5_000)]
     kafka_rate: u64,
@@ -106,11 +120,14 @@ async fn main() -> anyhow::Result<()> {
     let mut outcomes = Vec::new();
     for mode in &args.modes {
         let outcome = match mode.as_str() {
-            "ceiling" | "ceiling-events" => ceiling(&args, mode).await?,
+            "ceiling" | "ceiling-events" | "ceiling-5" => ceiling(&args, mode).await?,
             "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
-            "kafka" => kafka(&args, false).await?,
-            "kafka-spooled" => kafka(&args, true).await?,
+            "kafka" => kafka(&args, false, false).await?,
+            "kafka-spooled" => kafka(&args, true, false).await?,
+            "kafka-5" => kafka(&args, false, true).await?,
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
+            "rabbitmq-consume" | "jetstream-consume" => broker_ceiling(&args, mode).await?,
+            "nats" => nats(&args).await?,
             "zeromq" => zeromq(&args).await?,
             other => anyhow::bail!("unknown mode `{other}`"),
         };
@@ -264,8 +281,20 @@ async fn timed_stream(
 
 /// The gateway config of a Kafka bench run: the orders route, acknowledged after the write or
 /// once in the spool (`<work_dir>/spool`, emptied first).
-fn kafka_config(args: &Args, keyspace: &str, topic: &str, group: &str, spooled: bool) -> anyhow::Result<String> {
-    let routes = devkit::orders_route_toml("orders", keyspace, topic, group, &format!("{topic}.dead-letter"));
+fn kafka_config(
+    args: &Args,
+    keyspace: &str,
+    topic: &str,
+    group: &str,
+    spooled: bool,
+    five: bool,
+) -> anyhow::Result<String> {
+    let route = if five {
+        devkit::orders5_route_toml
+    } else {
+        devkit::orders_route_toml
+    };
+    let routes = route("orders", keyspace, topic, group, &format!("{topic}.dead-letter"));
     if !spooled {
         return Ok(devkit::gateway_toml(&routes));
     }
@@ -279,12 +308,25 @@ fn kafka_config(args: &Args, keyspace: &str, topic: &str, group: &str, spooled: 
     ))
 }
 
-/// Kafka → Cassandra. Rows/s is rows ÷ time from gateway start until every row is written
-/// (spooled: read back from the table, since offsets are committed before the writes).
-async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
-    let keyspace = "shardgate_bench_kafka";
+/// Kafka → Cassandra, the 8-column orders or (`five`) the 5-column ones. Rows/s is rows ÷ time
+/// from the first row written to the last, by the gateway's written-rows counter.
+async fn kafka(args: &Args, spooled: bool, five: bool) -> anyhow::Result<Outcome> {
+    let mode = match (spooled, five) {
+        (true, _) => "kafka-spooled",
+        (false, true) => "kafka-5",
+        (false, false) => "kafka",
+    };
+    let keyspace = if five {
+        "shardgate_bench_kafka5"
+    } else {
+        "shardgate_bench_kafka"
+    };
     let session = devkit::connect(devkit::CASSANDRA).await?;
-    devkit::create_orders_table(&session, keyspace).await?;
+    if five {
+        devkit::create_orders5_table(&session, keyspace).await?;
+    } else {
+        devkit::create_orders_table(&session, keyspace).await?;
+    }
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -293,21 +335,26 @@ async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
     let partitions = 6;
     devkit::create_topic(&topic, partitions).await?;
     devkit::create_topic(&format!("{topic}.dead-letter"), 1).await?;
-    println!("== kafka: producing {} messages to {topic}", args.rows);
+    println!("== {mode}: producing {} messages to {topic}", args.rows);
+    let message = if five {
+        devkit::order5_message
+    } else {
+        devkit::order_message
+    };
     let messages = (0..args.rows as u64).map(|i| {
-        let (key, payload) = devkit::order_message(i);
+        let (key, payload) = message(i);
         (key, payload.into_bytes())
     });
     devkit::produce(&topic, messages)?;
     let config = args.work_dir.join("gateway-kafka.toml");
-    std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled)?)?;
+    std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled, five)?)?;
     let database = devkit::CassandraCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka.log"))?;
     // The span is measured from the first row written (the group join before it is reported
     // apart) to the last; offsets committed and the table read back after it.
-    let first_written = wait_written("kafka", 1, started).await?;
-    let last_written = wait_written("kafka", args.rows as u64, started).await?;
+    let first_written = wait_written(mode, 1, started).await?;
+    let last_written = wait_written(mode, args.rows as u64, started).await?;
     let seconds = last_written.duration_since(first_written).as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()?;
     let database_cpu_seconds = database.seconds()?;
@@ -317,19 +364,35 @@ async fn kafka(args: &Args, spooled: bool) -> anyhow::Result<Outcome> {
         first_written.duration_since(started).as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    devkit::wait_for_orders(&session, keyspace, args.rows as u64, Duration::from_secs(600)).await?;
+    let rows = args.rows as u64;
+    if five {
+        let report = devkit::verify_orders5(&session, keyspace, rows).await?;
+        anyhow::ensure!(
+            report.matching == rows,
+            "{mode}: {} of {rows} rows exact ({:?})",
+            report.matching,
+            report.differences
+        );
+    } else {
+        devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(600)).await?;
+    }
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
-    print_batch_shape(if spooled { "kafka-spooled" } else { "kafka" })?;
+    print_batch_shape(mode)?;
     gateway.stop()?;
-    let quantiles_ms = kafka_latency(args, keyspace, run, spooled).await?;
+    // The latency run uses the 8-column orders only.
+    let quantiles_ms = if five {
+        None
+    } else {
+        Some(kafka_latency(args, keyspace, run, spooled).await?)
+    };
     Ok(Outcome {
-        mode: if spooled { "kafka-spooled" } else { "kafka" }.into(),
+        mode: mode.into(),
         rows: args.rows as u64,
         seconds,
         cpu_seconds,
         database_cpu_seconds,
         latencies: Vec::new(),
-        quantiles_ms: Some(quantiles_ms),
+        quantiles_ms,
         forwarded,
     })
 }
@@ -347,7 +410,7 @@ async fn kafka_latency(args: &Args, keyspace: &str, run: u64, spooled: bool) -> 
     let partitions = 6;
     devkit::create_topic(&topic, partitions).await?;
     let config = args.work_dir.join("gateway-kafka-latency.toml");
-    std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled)?)?;
+    std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled, false)?)?;
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka-latency.log"))?;
     // Wait for the group to own the partitions; the warm-up message is then consumed.
     devkit::produce(
@@ -426,6 +489,19 @@ fn order_row(i: u64) -> OrderRow {
     )
 }
 
+/// One 5-column order as the ceiling writer binds it, then the write timestamp.
+fn order5_row(i: u64) -> (String, i64, CqlDecimal, i32, CqlTimestamp, i64) {
+    let (order_id, customer_id, cents, quantity, placed_at_ms) = devkit::expected_order5(i);
+    (
+        order_id,
+        customer_id,
+        CqlDecimal::from_signed_be_bytes_slice_and_exponent(&cents.to_be_bytes(), 2),
+        quantity,
+        CqlTimestamp(placed_at_ms),
+        placed_at_ms * 1_000,
+    )
+}
+
 /// One sample event (the gRPC modes' rows) as the ceiling writer binds it, then the write
 /// timestamp.
 type EventRow = (i64, String, f64, CqlTimestamp, Vec<i32>, i64);
@@ -464,6 +540,21 @@ async fn ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         );
         let written = write_ceiling(args, &session, keyspace, "orders", &insert, (0..rows).map(order_row)).await?;
         devkit::wait_for_orders(&session, keyspace, rows, Duration::from_secs(60)).await?;
+        (keyspace, written)
+    } else if mode == "ceiling-5" {
+        let keyspace = "shardgate_bench_ceiling5";
+        devkit::create_orders5_table(&session, keyspace).await?;
+        let insert = format!(
+            "INSERT INTO {keyspace}.orders5 (order_id, customer_id, amount, quantity, placed_at) \
+             VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        );
+        let written = write_ceiling(args, &session, keyspace, "orders5", &insert, (0..rows).map(order5_row)).await?;
+        let report = devkit::verify_orders5(&session, keyspace, rows).await?;
+        anyhow::ensure!(
+            report.matching == rows,
+            "ceiling-5: {} of {rows} rows exact",
+            report.matching
+        );
         (keyspace, written)
     } else {
         let keyspace = "shardgate_bench_ceiling_events";
@@ -562,39 +653,61 @@ async fn write_ceiling<R: SerializeRow + Send + Sync>(
     Ok((seconds, cpu_seconds, database.seconds()?, latencies))
 }
 
-/// RabbitMQ or JetStream → Cassandra: the orders published first (persistent / stream-stored,
-/// each confirmed), then a gateway started on them; rows/s is rows ÷ time from gateway start
-/// until every row reads back from the table.
-async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
-    let keyspace = "shardgate_bench_broker";
-    let session = devkit::connect(devkit::CASSANDRA).await?;
-    devkit::create_orders_table(&session, keyspace).await?;
+/// Where [`fill_broker`] left the orders.
+enum Filled {
+    /// A RabbitMQ queue.
+    Queue(String),
+    /// A JetStream stream and the durable consumer name to read it with.
+    Stream { stream: String, durable: String },
+}
+
+/// Publishes `rows` orders to a fresh RabbitMQ queue (`kind` "rabbitmq"; persistent, each
+/// confirmed) or JetStream stream (each acknowledged); returns where they are and the gateway
+/// route that reads them into `keyspace`.
+async fn fill_broker(kind: &str, rows: u64, keyspace: &str) -> anyhow::Result<(Filled, String)> {
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let rows = args.broker_rows;
+        .as_millis();
     let messages = (0..rows).map(devkit::order_message_with_id);
-    println!("== {mode}: publishing {rows} messages");
-    let routes = if mode == "rabbitmq" {
+    println!("== {kind}: publishing {rows} messages");
+    if kind == "rabbitmq" {
         let (queue, dead_letter) = (format!("bench.orders.{run}"), format!("bench.orders.{run}.dead-letter"));
         devkit::recreate_queue(&queue).await?;
         devkit::recreate_queue(&dead_letter).await?;
         devkit::publish_rabbitmq(&queue, messages).await?;
-        devkit::rabbitmq_orders_route_toml("orders", keyspace, &queue, &dead_letter)
+        let route = devkit::rabbitmq_orders_route_toml("orders", keyspace, &queue, &dead_letter);
+        Ok((Filled::Queue(queue), route))
     } else {
         let (stream, subject) = (format!("bench-orders-{run}"), format!("bench.orders.{run}"));
         devkit::create_stream(&stream, &[&subject]).await?;
         devkit::publish_jetstream(&subject, messages).await?;
         let durable = format!("bench-{run}");
-        devkit::jetstream_orders_route_toml(
+        let route = devkit::jetstream_orders_route_toml(
             "orders",
             keyspace,
             &stream,
             &subject,
             &durable,
             &format!("{subject}.dead-letter"),
-        )
-    };
+        );
+        Ok((Filled::Stream { stream, durable }, route))
+    }
+}
+
+/// The prefetch of the bench's RabbitMQ route (`devkit::rabbitmq_orders_route_toml`).
+const RABBITMQ_PREFETCH: u16 = 512;
+/// `max_ack_pending` of the bench's JetStream route (the source's default).
+const JETSTREAM_MAX_ACK_PENDING: i64 = 4096;
+
+/// RabbitMQ or JetStream → Cassandra: the orders published first (persistent / stream-stored,
+/// each confirmed), then a gateway started on them; rows/s is rows ÷ time from the first row
+/// written to the last (connecting and the consumer's set-up are printed apart).
+async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
+    let keyspace = "shardgate_bench_broker";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders_table(&session, keyspace).await?;
+    let rows = args.broker_rows;
+    let (_, routes) = fill_broker(mode, rows, keyspace).await?;
     let config = args.work_dir.join(format!("gateway-{mode}.toml"));
     std::fs::write(&config, devkit::gateway_toml(&routes))?;
     let database = devkit::CassandraCpu::start()?;
@@ -606,8 +719,110 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     )?;
     // Done when the gateway has written every row (its counter, so the wait costs the database
     // nothing); the table is read back after the measured span.
-    wait_written(mode, rows, started).await?;
-    let seconds = started.elapsed().as_secs_f64();
+    let first_written = wait_written(mode, 1, started).await?;
+    let last_written = wait_written(mode, rows, started).await?;
+    println!(
+        "   first row written {:.2} s after the gateway started",
+        first_written.duration_since(started).as_secs_f64()
+    );
+    let seconds = last_written.duration_since(first_written).as_secs_f64();
+    broker_outcome(mode, rows, seconds, gateway, database, &session, keyspace).await
+}
+
+/// The broker's own ceiling: the orders of the `rabbitmq` / `jetstream` mode read by a client
+/// that only consumes and acknowledges them, configured as the gateway's source is. Rows/s is
+/// messages ÷ time from the first delivery to the last acknowledgement; "writer" CPU is this
+/// process's (the consuming client's) over the run.
+async fn broker_ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
+    let kind = mode.trim_end_matches("-consume");
+    let rows = args.broker_rows;
+    let (filled, _) = fill_broker(kind, rows, "shardgate_bench_broker").await?;
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
+    let span = match &filled {
+        Filled::Queue(queue) => devkit::drain_rabbitmq(queue, rows, RABBITMQ_PREFETCH).await?,
+        Filled::Stream { stream, durable } => {
+            devkit::drain_jetstream(stream, durable, rows, JETSTREAM_MAX_ACK_PENDING).await?
+        }
+    };
+    let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
+    println!("   {mode}: {rows} messages consumed and acknowledged, nothing written");
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds: span.as_secs_f64(),
+        cpu_seconds,
+        database_cpu_seconds: database.seconds()?,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// Core NATS → Cassandra: the gateway subscribes first (a warm-up order is published until one
+/// is written), then `--broker-rows` orders are published at `--nats-rate` per second. Rows/s
+/// is rows ÷ time from the first row written to the last; a run in which core NATS dropped
+/// messages (it keeps no backlog) fails, naming how many.
+async fn nats(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "nats";
+    let keyspace = "shardgate_bench_broker";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders_table(&session, keyspace).await?;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let subject = format!("bench.orders.nats.{run}");
+    let routes =
+        devkit::nats_orders_route_toml("orders", keyspace, &subject, "bench", &format!("{subject}.dead-letter"));
+    let config = args.work_dir.join("gateway-nats.toml");
+    std::fs::write(&config, devkit::gateway_toml(&routes))?;
+    let database = devkit::CassandraCpu::start()?;
+    let started = Instant::now();
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-nats.log"))?;
+    let written = || {
+        devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_WRITTEN).unwrap_or(0.0) as u64
+    };
+    while written() == 0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "{mode}: the gateway never subscribed"
+        );
+        devkit::publish_nats(&subject, [devkit::order_message_with_id(0)]).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let warm_up = written();
+    let rows = args.broker_rows;
+    println!("== {mode}: publishing {rows} messages at {} per second", args.nats_rate);
+    let publisher = {
+        let subject = subject.clone();
+        let rate = args.nats_rate;
+        tokio::spawn(async move {
+            devkit::publish_nats_at(&subject, (0..rows).map(devkit::order_message_with_id), rate).await
+        })
+    };
+    let target = warm_up + rows;
+    let (mut first, mut seen, mut last_change) = (None, warm_up, Instant::now());
+    loop {
+        let now = written();
+        if now > seen {
+            first.get_or_insert_with(Instant::now);
+            seen = now;
+            last_change = Instant::now();
+        }
+        if seen >= target {
+            break;
+        }
+        anyhow::ensure!(
+            !publisher.is_finished() || last_change.elapsed() < Duration::from_secs(3),
+            "{mode}: {} of {rows} messages written, the rest dropped by core NATS at {} per second (lower --nats-rate)",
+            seen - warm_up,
+            args.nats_rate
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    anyhow::ensure!(publisher.await?? == rows, "{mode}: not every message was published");
     broker_outcome(mode, rows, seconds, gateway, database, &session, keyspace).await
 }
 

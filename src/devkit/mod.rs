@@ -223,6 +223,57 @@ pub fn order_message(i: u64) -> (String, String) {
     (e.order_id, payload)
 }
 
+/// Creates `keyspace.orders5`, the 5-column orders (issue 13's workload): order id, customer,
+/// amount, quantity, time.
+pub async fn create_orders5_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    let table = format!(
+        "CREATE TABLE {keyspace}.orders5 (order_id text PRIMARY KEY, customer_id bigint, amount decimal, \
+         quantity int, placed_at timestamp)"
+    );
+    recreate_keyspace_with(session, keyspace, table).await
+}
+
+/// Sample order `i` of the 5-column workload as a Kafka message: (key, flat JSON payload of
+/// about 117 bytes, the order id in it too). Its values are those of [`expected_order`].
+pub fn order5_message(i: u64) -> (String, String) {
+    let e = expected_order(i);
+    let placed_at = chrono::DateTime::from_timestamp_millis(e.placed_at_ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    let payload = format!(
+        r#"{{"order_id":"{}","customer_id":{},"amount":{}.{:02},"quantity":{},"placed_at":"{}"}}"#,
+        e.order_id,
+        e.customer_id,
+        e.amount_cents / 100,
+        e.amount_cents % 100,
+        e.quantity,
+        placed_at,
+    );
+    (e.order_id, payload)
+}
+
+/// The `[[route]]` block that maps [`order5_message`]s from `topic` into `keyspace.orders5`
+/// (every column named as its field).
+pub fn orders5_route_toml(name: &str, keyspace: &str, topic: &str, group: &str, dead_letter_topic: &str) -> String {
+    orders_route_toml(name, keyspace, topic, group, dead_letter_topic)
+        .replace(
+            &format!("table = \"{keyspace}.orders\""),
+            &format!("table = \"{keyspace}.orders5\""),
+        )
+        .replace(
+            &orders_columns_toml("$key"),
+            "[route.columns]\norder_id = \"order_id\"\ncustomer_id = \"customer_id\"\namount = \"amount\"\n\
+             quantity = \"quantity\"\nplaced_at = \"placed_at\"",
+        )
+}
+
+/// Order `i` of the 5-column workload as the table must hold it: (order id, customer id,
+/// amount in cents, quantity, placed at in epoch milliseconds).
+pub fn expected_order5(i: u64) -> (String, i64, i64, i32, i64) {
+    let e = expected_order(i);
+    (e.order_id, e.customer_id, e.amount_cents, e.quantity, e.placed_at_ms)
+}
+
 /// Malformed message `j` of three kinds, with the reason code the gateway must give it.
 pub fn malformed_message(j: u64) -> (String, Vec<u8>, &'static str) {
     let key = format!("bad-{j:06}");
@@ -754,6 +805,55 @@ pub async fn verify_events(session: &Session, keyspace: &str, count: u64) -> any
     Ok(report)
 }
 
+/// Reads `keyspace.orders5` back and compares every row with [`expected_order5`].
+pub async fn verify_orders5(session: &Session, keyspace: &str, count: u64) -> anyhow::Result<Verification> {
+    type Row = (
+        String,
+        Option<i64>,
+        Option<CqlDecimal>,
+        Option<i32>,
+        Option<CqlTimestamp>,
+    );
+    let mut rows = session
+        .query_iter(
+            format!("SELECT order_id, customer_id, amount, quantity, placed_at FROM {keyspace}.orders5"),
+            &[],
+        )
+        .await?
+        .rows_stream::<Row>()?;
+    let mut report = Verification::default();
+    let mut seen = vec![false; count as usize];
+    while let Some(row) = rows.try_next().await? {
+        report.rows += 1;
+        let index = row.0.strip_prefix("order-").and_then(|n| n.parse::<u64>().ok());
+        let Some(i) = index.filter(|i| *i < count) else {
+            note(&mut report, format!("unexpected row {}", row.0));
+            continue;
+        };
+        seen[i as usize] = true;
+        let amount = row.2.as_ref().map(|d| {
+            let (digits, scale) = d.as_signed_be_bytes_slice_and_exponent();
+            (BigInt::from_signed_bytes_be(digits), scale)
+        });
+        let got = (row.0.clone(), row.1, amount, row.3, row.4.map(|t| t.0));
+        let (order_id, customer_id, cents, quantity, placed_at_ms) = expected_order5(i);
+        let expected = (
+            order_id,
+            Some(customer_id),
+            Some((BigInt::from(cents), 2)),
+            Some(quantity),
+            Some(placed_at_ms),
+        );
+        if got == expected {
+            report.matching += 1;
+        } else {
+            note(&mut report, format!("{i}: got {got:?}, expected {expected:?}"));
+        }
+    }
+    report.missing = seen.iter().filter(|s| !**s).count() as u64;
+    Ok(report)
+}
+
 /// How many of sample orders `0..count` each of `cores` cores owns (token of the order id →
 /// ring snapshot → owner core), as the gateway computes it.
 pub fn orders_per_owner_core(session: &Session, keyspace: &str, count: u64, cores: usize) -> anyhow::Result<Vec<u64>> {
@@ -937,6 +1037,84 @@ pub async fn jetstream_backlog(stream: &str, durable: &str) -> anyhow::Result<Op
         }
         Err(_) => Ok(None),
     }
+}
+
+/// The broker's own ceiling for a JetStream consumer: a durable pull consumer `durable` on
+/// `stream` configured as the gateway's (explicit acks, `max_ack_pending`), reading `count`
+/// messages and acknowledging each, doing nothing else. Returns the time from the first
+/// message to the last acknowledgement sent (acks are flushed before it ends).
+pub async fn drain_jetstream(
+    stream: &str,
+    durable: &str,
+    count: u64,
+    max_ack_pending: i64,
+) -> anyhow::Result<Duration> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use futures::StreamExt;
+    let client = async_nats::connect(NATS).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream `{stream}`: {e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            durable,
+            pull::Config {
+                durable_name: Some(durable.to_string()),
+                ack_policy: AckPolicy::Explicit,
+                max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer `{durable}`: {e}"))?;
+    let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("consume: {e}"))?;
+    let mut first = None;
+    let mut read = 0;
+    while read < count {
+        let message = messages
+            .next()
+            .await
+            .context("the consumer ended")?
+            .map_err(|e| anyhow::anyhow!("message: {e}"))?;
+        first.get_or_insert_with(Instant::now);
+        message.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+        read += 1;
+    }
+    client.flush().await?;
+    Ok(first.map_or(Duration::ZERO, |t| t.elapsed()))
+}
+
+/// The broker's own ceiling for a RabbitMQ consumer: `count` deliveries from queue `queue`
+/// with prefetch `prefetch`, acknowledged with one `multiple` ack per half prefetch, doing
+/// nothing else. Returns the time from the first delivery to the last acknowledgement.
+pub async fn drain_rabbitmq(queue: &str, count: u64, prefetch: u16) -> anyhow::Result<Duration> {
+    use futures::StreamExt;
+    let (connection, channel) = amqp_channel().await?;
+    channel.basic_qos(prefetch, Default::default()).await?;
+    let mut consumer = channel
+        .basic_consume(queue, "shardgate-bench-drain", Default::default(), Default::default())
+        .await?;
+    let ack_every = u64::from(prefetch / 2).max(1);
+    let mut first = None;
+    let mut read = 0;
+    while read < count {
+        let delivery = consumer.next().await.context("the consumer was cancelled")??;
+        first.get_or_insert_with(Instant::now);
+        read += 1;
+        if read % ack_every == 0 || read == count {
+            channel
+                .basic_ack(
+                    delivery.delivery_tag,
+                    lapin::options::BasicAckOptions { multiple: true },
+                )
+                .await?;
+        }
+    }
+    let seconds = first.map_or(Duration::ZERO, |t| t.elapsed());
+    let _ = connection.close(200, "done").await;
+    Ok(seconds)
 }
 
 /// A dead letter read back from a JetStream stream or a RabbitMQ queue: headers and payload.
@@ -1162,6 +1340,30 @@ pub async fn publish_nats(subject: &str, payloads: impl IntoIterator<Item = Vec<
     let client = async_nats::connect(NATS).await?;
     let mut sent = 0;
     for payload in payloads {
+        client.publish(subject.to_string(), payload.into()).await?;
+        sent += 1;
+    }
+    client.flush().await?;
+    Ok(sent)
+}
+
+/// Publishes `payloads` on core NATS subject `subject` at `per_second` (in bursts every
+/// 10 ms, flushed), and flushes at the end.
+pub async fn publish_nats_at(
+    subject: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+    per_second: u64,
+) -> anyhow::Result<u64> {
+    let client = async_nats::connect(NATS).await?;
+    let per_tick = (per_second / 100).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0;
+    for payload in payloads {
+        if sent % per_tick == 0 {
+            client.flush().await?;
+            tick.tick().await;
+        }
         client.publish(subject.to_string(), payload.into()).await?;
         sent += 1;
     }
