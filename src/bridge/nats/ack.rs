@@ -1,33 +1,58 @@
 //! How NATS messages are settled. A JetStream message is acked once its rows are written, or
 //! terminated (`AckKind::Term`) once its dead letter is delivered, so a poison message is never
-//! redelivered; the ack is a publish on the island's connection, spawned there, not awaited on
-//! the core. A core NATS message has nothing to acknowledge (at-most-once).
+//! redelivered. JetStream acks are per message (`AckPolicy::Explicit`: an `All` ack would also
+//! ack what another gateway sharing the durable has not written yet), so they are made cheap
+//! instead: a core sends each settlement to the route's ack task on the island
+//! ([`run_acker`]), which publishes every waiting one back to back on the route's connection —
+//! one write to the server for many acks, no task and no message copy per ack. A core NATS
+//! message has nothing to acknowledge (at-most-once).
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use crate::bridge::message::{Origin, Settlement};
 use crate::sink::dead_letter::headers;
 
-/// Where a JetStream message came from, with the message for its ack.
+/// One JetStream settlement: the message's ack subject and how it ends.
+pub type Settled = (async_nats::Subject, Settlement);
+
+/// The route's ack task: takes every settlement waiting and publishes its ack (`+ACK` when
+/// written, `+TERM` when dead-lettered) on `client`, then flushes once. Ends when every
+/// message's sender is gone. Runs on the island.
+pub async fn run_acker(route: String, client: async_nats::Client, mut settled: mpsc::UnboundedReceiver<Settled>) {
+    let mut batch = Vec::new();
+    while settled.recv_many(&mut batch, usize::MAX).await > 0 {
+        for (reply, settlement) in batch.drain(..) {
+            let kind = match settlement {
+                Settlement::Written => Bytes::from_static(b"+ACK"),
+                Settlement::DeadLettered => Bytes::from_static(b"+TERM"),
+            };
+            if let Err(error) = client.publish(reply, kind).await {
+                tracing::warn!(%route, %error, "JetStream ack failed; the message will be redelivered");
+            }
+        }
+    }
+}
+
+/// Where a JetStream message came from, and the route's ack task its settlement goes to.
 #[derive(Debug)]
 pub struct JetStreamOrigin {
     /// Subject the message was published on.
     pub subject: String,
-    /// The message, for its ack.
-    pub message: Box<async_nats::jetstream::Message>,
+    /// The subject its ack is published on; `None` for a message that is not JetStream's
+    /// (nothing to acknowledge).
+    pub reply: Option<async_nats::Subject>,
+    /// The route's ack task (unbounded, but never holding more than the consumer's
+    /// `max_ack_pending`).
+    pub acks: mpsc::UnboundedSender<Settled>,
 }
 
 impl Origin for JetStreamOrigin {
     fn settle(&self, settlement: Settlement, route: &str) {
-        let message = self.message.clone();
-        let route = route.to_string();
-        let kind = match settlement {
-            Settlement::Written => async_nats::jetstream::AckKind::Ack,
-            Settlement::DeadLettered => async_nats::jetstream::AckKind::Term,
-        };
-        tokio::spawn(async move {
-            if let Err(error) = message.ack_with(kind).await {
-                tracing::warn!(%route, %error, "JetStream ack failed; the message will be redelivered");
-            }
-        });
+        let Some(reply) = &self.reply else { return };
+        if self.acks.send((reply.clone(), settlement)).is_err() {
+            tracing::warn!(%route, "the JetStream ack task has stopped; the message will be redelivered");
+        }
     }
 
     fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)> {

@@ -64,6 +64,7 @@ impl Source for JetStreamSource {
     fn consumer(self, handoff: Handoff) -> Consumer {
         Consumer::Island(Box::pin(pull(
             handoff.route,
+            self.client,
             self.consumer,
             handoff.queues,
             handoff.counters,
@@ -177,6 +178,7 @@ pub async fn consumer(
 /// cores finish what they hold) or when the consumer's stream ends.
 pub async fn pull(
     route: String,
+    client: async_nats::Client,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
@@ -190,6 +192,8 @@ pub async fn pull(
         }
     };
     tracing::info!(%route, cores = queues.len(), "consuming");
+    let (acks, settled) = mpsc::unbounded_channel();
+    tokio::spawn(ack::run_acker(route.clone(), client, settled));
     let mut chunks = messages.ready_chunks(CHUNK_MESSAGES_MAX);
     let mut cores = RoundRobin::new(queues);
     loop {
@@ -203,7 +207,7 @@ pub async fn pull(
         let mut batch = Vec::with_capacity(chunk.len());
         for message in chunk {
             match message {
-                Ok(message) => batch.push(source_message(message)),
+                Ok(message) => batch.push(source_message(message, &acks)),
                 Err(error) => tracing::warn!(%route, %error, "JetStream pull error"),
             }
         }
@@ -278,7 +282,7 @@ fn text_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)
 /// in microseconds: deterministic (a redelivery writes identical cells) and, as the server
 /// stamps messages in stream order, ordered for any burst slower than one message per
 /// microsecond per stream — unlike time-plus-sequence, it has no wrap within a millisecond.
-fn source_message(message: jetstream::Message) -> SourceMessage {
+fn source_message(message: jetstream::Message, acks: &mpsc::UnboundedSender<ack::Settled>) -> SourceMessage {
     let (position, timestamp_ms, write_timestamp_us) = message
         .info()
         .map(|info| {
@@ -295,10 +299,11 @@ fn source_message(message: jetstream::Message) -> SourceMessage {
         timestamp_ms,
         key: None,
         headers: text_headers(message.headers.as_ref()),
-        payload: Some(message.payload.clone()),
         origin: Box::new(JetStreamOrigin {
             subject: message.subject.to_string(),
-            message: Box::new(message),
+            reply: message.message.reply,
+            acks: acks.clone(),
         }),
+        payload: Some(message.message.payload),
     }
 }
