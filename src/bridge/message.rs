@@ -73,9 +73,26 @@ pub trait Origin: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct Spooled {
     /// Its source coordinates, for dead letters.
-    pub coordinates: Vec<(&'static str, String)>,
+    coordinates: Vec<(&'static str, String)>,
     /// Kafka partition, if it came from Kafka.
-    pub partition: Option<i32>,
+    partition: Option<i32>,
+    /// Which coordinate is the message's own subject or routing key, found once: the mapper
+    /// asks for it per message.
+    subject: Option<usize>,
+}
+
+impl Spooled {
+    /// The spool's handle on a message with these source coordinates.
+    pub fn new(coordinates: Vec<(&'static str, String)>, partition: Option<i32>) -> Spooled {
+        let subject = coordinates
+            .iter()
+            .position(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY);
+        Spooled {
+            coordinates,
+            partition,
+            subject,
+        }
+    }
 }
 
 impl Origin for Spooled {
@@ -86,9 +103,8 @@ impl Origin for Spooled {
     }
 
     fn subject(&self) -> Option<&str> {
-        self.coordinates
-            .iter()
-            .find(|(name, _)| *name == headers::SOURCE_SUBJECT || *name == headers::SOURCE_ROUTING_KEY)
+        self.subject
+            .and_then(|i| self.coordinates.get(i))
             .map(|(_, value)| value.as_str())
     }
 
@@ -112,10 +128,7 @@ impl SourceMessage {
             key: None,
             headers: Vec::new(),
             payload: None,
-            origin: Box::new(Spooled {
-                coordinates: Vec::new(),
-                partition: None,
-            }),
+            origin: Box::new(Spooled::new(Vec::new(), None)),
         }
     }
 
@@ -178,10 +191,7 @@ impl SourceMessage {
     pub fn into_spool(&mut self, route: &str, source: &str) -> (Vec<u8>, Box<dyn Origin>) {
         let coordinates = self.source_coordinates(source);
         let record = self.encode_record(route, &coordinates);
-        let spooled = Box::new(Spooled {
-            coordinates,
-            partition: self.partition(),
-        });
+        let spooled = Box::new(Spooled::new(coordinates, self.partition()));
         (record, std::mem::replace(&mut self.origin, spooled))
     }
 
@@ -216,10 +226,7 @@ impl SourceMessage {
             key: record.key.map(Into::into),
             headers: record.headers,
             payload: record.payload.map(Into::into),
-            origin: Box::new(Spooled {
-                coordinates,
-                partition: record.partition,
-            }),
+            origin: Box::new(Spooled::new(coordinates, record.partition)),
         }
     }
 }
@@ -237,10 +244,13 @@ mod tests {
             key: Some(bytes::Bytes::from_static(b"k")),
             headers: vec![("tenant".into(), "acme".into())],
             payload: None,
-            origin: Box::new(Spooled {
-                coordinates: vec![(headers::SOURCE_SUBJECT, "orders.created".to_string())],
-                partition: None,
-            }),
+            origin: Box::new(Spooled::new(
+                vec![
+                    (headers::SOURCE_STREAM, "orders".to_string()),
+                    (headers::SOURCE_SUBJECT, "orders.created".to_string()),
+                ],
+                None,
+            )),
         };
         let bytes = work.spool_record("orders", "orders-subject");
         let Ok(record::Record::Route(record)) = record::decode(&bytes) else {
@@ -260,6 +270,6 @@ mod tests {
             !back.origin.acknowledges(),
             "a message from the spool has nothing to settle"
         );
-        assert_eq!(back.source_coordinates("ignored").len(), 1);
+        assert_eq!(back.source_coordinates("ignored").len(), 2);
     }
 }
