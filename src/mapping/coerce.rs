@@ -231,7 +231,7 @@ impl Json<'_> {
     }
 
     /// The number as `i64`, as `serde_json::Number::as_i64` answers.
-    fn as_i64(self) -> Option<i64> {
+    pub fn as_i64(self) -> Option<i64> {
         match self {
             Json::Number(n) => n.parse().ok(),
             _ => None,

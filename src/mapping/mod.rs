@@ -323,18 +323,23 @@ impl<'a, 'm> Message<'a, 'm> {
 
     /// Resolves a value source; `column` names the column in errors.
     fn resolve(&self, source: &ValueSource, column: &str, key: &str) -> Result<Found<'_>, MappingError> {
-        let number = |n: i64| Found::Owned(Value::from(n));
-        let field = match source {
+        match source {
             ValueSource::Expr(expr) => {
                 let value = expr.evaluate(self.bound()).map_err(|reason| MappingError::Expression {
                     key: key.to_string(),
                     source_text: expr.source().to_string(),
                     reason,
                 })?;
-                return Ok(Found::Owned(value));
+                Ok(Found::Owned(value))
             }
-            ValueSource::Field(field) => field,
-        };
+            ValueSource::Field(field) => self.field(field, column),
+        }
+    }
+
+    /// Resolves a field reference other than an expression; `column` names the column in
+    /// errors.
+    fn field(&self, field: &FieldRef, column: &str) -> Result<Found<'_>, MappingError> {
+        let number = |n: i64| Found::Owned(Value::from(n));
         let found = match field {
             // An absent key is a missing value: only a primary-key column needs one (`bind`).
             FieldRef::Key | FieldRef::KeyPath(_) if self.envelope.key.is_none() => Found::Missing,
@@ -619,8 +624,7 @@ impl RouteMapper {
     /// and fails when there is none.
     fn chosen_targets(&self, message: &Message<'_, '_>, tombstone: bool) -> Result<Vec<usize>, MappingError> {
         if let Some(field) = &self.table_from {
-            let source = ValueSource::Field(field.clone());
-            let found = message.resolve(&source, "table_from", "table_from")?;
+            let found = message.field(field, "table_from")?;
             let value = match &found {
                 Found::Bytes(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
                 found => found.json().map(|json| match json {
@@ -693,8 +697,7 @@ impl RouteMapper {
             field: field.to_string(),
             reason,
         };
-        let source = ValueSource::Field(field.clone());
-        let found = message.resolve(&source, "timestamp", "timestamp")?;
+        let found = message.field(field, "timestamp")?;
         let bytes_text;
         let value = match &found {
             Found::Missing => return Ok(None),
@@ -707,7 +710,7 @@ impl RouteMapper {
         let micros = match value {
             Json::Null => return Ok(None),
             Json::Number(n) => {
-                let n = n.parse::<i64>().map_err(|_| bad(format!("`{n}` is not an integer")))?;
+                let n = value.as_i64().ok_or_else(|| bad(format!("`{n}` is not an integer")))?;
                 let scale = match unit {
                     TimeUnit::Seconds => 1_000_000,
                     TimeUnit::Millis => 1_000,
@@ -743,15 +746,13 @@ impl RouteMapper {
             field: field.to_string(),
             reason,
         };
-        let source = ValueSource::Field(field.clone());
-        let found = message.resolve(&source, "ttl", "ttl")?;
+        let found = message.field(field, "ttl")?;
         let seconds = match &found {
             Found::Missing => return Ok(MaybeUnset::Unset),
             Found::Bytes(bytes) => std::str::from_utf8(bytes).ok().and_then(|s| s.trim().parse().ok()),
             found => match found.json() {
                 None | Some(Json::Null) => return Ok(MaybeUnset::Unset),
-                // As `serde_json::Number::as_i64` answers.
-                Some(Json::Number(n)) => n.parse::<i64>().ok(),
+                Some(number @ Json::Number(_)) => number.as_i64(),
                 Some(Json::String(s)) => s.trim().parse::<i64>().ok(),
                 Some(_) => None,
             },

@@ -110,12 +110,8 @@ impl Projection {
         let (first, rest) = parts.split_first()?;
         let index = self.index(first)?;
         match document.members.get(index)?.as_ref()? {
-            Member::Scalar(json) => rest.is_empty().then_some(*json),
-            Member::Value(value) => rest
-                .iter()
-                .try_fold(value, |node, part| node.as_object()?.get(part))
-                .map(Json::from),
             Member::Object(members) => self.inner[index].as_ref()?.lookup(members, rest),
+            member => member.read(rest),
         }
     }
 
@@ -144,9 +140,9 @@ impl Projection {
     pub fn at<'d>(&self, document: &'d Projected<'_>, slots: &[usize]) -> Option<Json<'d>> {
         let (&first, rest) = slots.split_first()?;
         match document.members.get(first)?.as_ref()? {
-            Member::Scalar(json) => rest.is_empty().then_some(*json),
-            Member::Value(value) => rest.is_empty().then(|| Json::from(value)),
             Member::Object(members) => self.inner.get(first)?.as_ref()?.at(members, rest),
+            member if rest.is_empty() => member.read(&[]),
+            _ => None,
         }
     }
 
@@ -164,6 +160,21 @@ impl Projection {
             _ => Member::Value(serde_json::from_str(raw).ok()?),
         };
         Some(member)
+    }
+}
+
+impl Member<'_> {
+    /// The value at `parts` (object keys) inside a member read whole; `None` for an object
+    /// read in part, or when a step is absent or not an object.
+    fn read(&self, parts: &[String]) -> Option<Json<'_>> {
+        match self {
+            Member::Scalar(json) => parts.is_empty().then_some(*json),
+            Member::Value(value) => parts
+                .iter()
+                .try_fold(value, |node, part| node.as_object()?.get(part))
+                .map(Json::from),
+            Member::Object(_) => None,
+        }
     }
 }
 
