@@ -15,6 +15,10 @@
 //! - `rabbitmq-consume` / `jetstream-consume`: the same orders read by a client that only
 //!   consumes and acknowledges them, as the gateway's source is configured (prefetch 512 with
 //!   `multiple` acks / a durable pull consumer with explicit acks) — the broker's own ceiling;
+//! - `kafka-consume`: the `kafka-5` mode's orders read by a client that only consumes them
+//!   (librdkafka as the gateway's source configures it: each message copied out, its offset
+//!   stored, stored offsets committed automatically) — the broker's and librdkafka's share of
+//!   the Kafka path's cost;
 //! - `nats`: core NATS, a gateway subscribed first, then `--broker-rows` orders published at
 //!   `--nats-rate` per second (core NATS keeps no backlog and drops for a consumer that falls
 //!   too far behind: a run that loses messages fails, naming how many);
@@ -59,7 +63,7 @@ use tonic::transport::Channel;
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
     /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-5,
-    /// kafka-spooled,
+    /// kafka-spooled, kafka-consume,
     /// rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
     /// separated).
     #[arg(
@@ -127,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             "kafka-5" => kafka(&args, false, true).await?,
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
             "rabbitmq-consume" | "jetstream-consume" => broker_ceiling(&args, mode).await?,
+            "kafka-consume" => kafka_ceiling(&args).await?,
             "nats" => nats(&args).await?,
             "zeromq" => zeromq(&args).await?,
             other => anyhow::bail!("unknown mode `{other}`"),
@@ -747,6 +752,42 @@ async fn broker_ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     };
     let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
     println!("   {mode}: {rows} messages consumed and acknowledged, nothing written");
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds: span.as_secs_f64(),
+        cpu_seconds,
+        database_cpu_seconds: database.seconds()?,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// The Kafka path's floor: `--rows` 5-column orders produced to a fresh 6-partition topic, then
+/// read by a client that only consumes them (`devkit::drain_kafka`), its CPU in the writer
+/// column. What the gateway spends per Kafka row beyond this and the `ceiling-5` writer's is its
+/// own.
+async fn kafka_ceiling(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "kafka-consume";
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let topic = format!("bench.orders.consume.{run}");
+    devkit::create_topic(&topic, 6).await?;
+    println!("== {mode}: producing {} messages to {topic}", args.rows);
+    let messages = (0..args.rows as u64).map(|i| {
+        let (key, payload) = devkit::order5_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&topic, messages)?;
+    let rows = args.rows as u64;
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
+    let group = format!("shardgate-bench-consume-{run}");
+    let span = tokio::task::spawn_blocking(move || devkit::drain_kafka(&topic, &group, rows)).await??;
+    let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
+    println!("   {mode}: {rows} messages consumed and their offsets committed, nothing written");
     Ok(Outcome {
         mode: mode.into(),
         rows,

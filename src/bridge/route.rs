@@ -221,6 +221,7 @@ impl RouteWriter {
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         let mapped_ms = now_ms();
+        let capacity = batch.len();
         for work in batch {
             match self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us()) {
                 Ok(rows) if rows.is_empty() => {
@@ -237,9 +238,11 @@ impl RouteWriter {
                     for row in rows {
                         let placement = place_row(self.statement(&row), &row.values, &ownership);
                         let (owner, replica_shard) = owner_of(placement, core);
+                        // Sized for the whole batch: growing by pushes moved every row
+                        // several times.
                         by_owner
                             .entry(owner)
-                            .or_default()
+                            .or_insert_with(|| Vec::with_capacity(capacity))
                             .push((replica_shard, (Arc::clone(&pending), row)));
                     }
                 }

@@ -1117,6 +1117,45 @@ pub async fn drain_rabbitmq(queue: &str, count: u64, prefetch: u16) -> anyhow::R
     Ok(seconds)
 }
 
+/// The broker's own ceiling for a Kafka consumer: `count` messages of `topic` read by a
+/// consumer in group `group` configured as the gateway's source is (automatic commits of
+/// explicitly stored offsets, from the earliest offset), each message's key and payload copied
+/// out of librdkafka's buffer (as the gateway's poll thread copies them) and its offset stored,
+/// doing nothing else. Blocking: run it on a blocking thread. Returns the time from the first
+/// message to the last, after a final synchronous commit.
+pub fn drain_kafka(topic: &str, group: &str, count: u64) -> anyhow::Result<Duration> {
+    use rdkafka::consumer::CommitMode;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut copied = Vec::with_capacity(1 << 20);
+    let mut first = None;
+    let mut read = 0;
+    while read < count {
+        anyhow::ensure!(Instant::now() < deadline, "{read} of {count} messages read from `{topic}`");
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        first.get_or_insert_with(Instant::now);
+        if copied.len() > (1 << 20) {
+            copied.clear();
+        }
+        copied.extend_from_slice(message.key().unwrap_or_default());
+        copied.extend_from_slice(message.payload().unwrap_or_default());
+        consumer.store_offset_from_message(&message)?;
+        read += 1;
+    }
+    consumer.commit_consumer_state(CommitMode::Sync)?;
+    Ok(first.map_or(Duration::ZERO, |t| t.elapsed()))
+}
+
 /// A dead letter read back from a JetStream stream or a RabbitMQ queue: headers and payload.
 #[derive(Debug, Clone)]
 pub struct BrokerDeadLetter {
