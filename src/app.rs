@@ -26,6 +26,8 @@ use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::source::{Consumer, Handoff, Opened, Start};
 use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
+use crate::query::service::{QueryService, QueryShared};
+use crate::query::token::Keys;
 use crate::runtime::budget::{self, Budget};
 use crate::runtime::mesh::{self, Mesh};
 use crate::runtime::shutdown::{self, Stop};
@@ -39,6 +41,7 @@ use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::{self, RowMetrics};
 use crate::topology::Ownership;
 use crate::wire::proto::ingest_server::IngestServer;
+use crate::wire::proto::query_server::QueryServer;
 
 /// How often the island checks the driver's cluster state for a topology change.
 const TOPOLOGY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -48,6 +51,8 @@ const BIND_TIMEOUT: Duration = Duration::from_secs(30);
 /// One core's share of the ingest API.
 struct CoreIngest {
     shared: Arc<IngestShared>,
+    /// The query API, served on the same listeners.
+    query: Arc<QueryShared>,
     config: IngestConfig,
 }
 
@@ -131,7 +136,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
     }
-    let ingest = ingest_parts(&base, share);
+    let ingest = ingest_parts(&base, share)?;
     let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, share)?;
     let running = consumers
         .into_iter()
@@ -255,11 +260,18 @@ fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute>
     })
 }
 
-/// Each core's share of the ingest API, if it is configured.
-fn ingest_parts(base: &Base<'_>, share: usize) -> Vec<Option<CoreIngest>> {
+/// Each core's share of the ingest and query APIs, if they are configured.
+fn ingest_parts(base: &Base<'_>, share: usize) -> anyhow::Result<Vec<Option<CoreIngest>>> {
     let Some(ingest) = &base.config.ingest else {
-        return (0..base.cores).map(|_| None).collect();
+        return Ok((0..base.cores).map(|_| None).collect());
     };
+    let query = Arc::new(QueryShared {
+        session: Arc::clone(&base.session),
+        ownership: Arc::clone(&base.ownership),
+        mesh: Arc::clone(&base.mesh),
+        config: base.config.query.clone(),
+        keys: page_token_keys(&base.config.query)?,
+    });
     let endpoints = (0..base.cores)
         .filter_map(|core| {
             ingest
@@ -275,14 +287,29 @@ fn ingest_parts(base: &Base<'_>, share: usize) -> Vec<Option<CoreIngest>> {
         base.config.runtime.write_batch_rows_max,
         endpoints,
     );
-    (0..base.cores)
+    Ok((0..base.cores)
         .map(|_| {
             Some(CoreIngest {
                 shared: Arc::clone(&shared),
+                query: Arc::clone(&query),
                 config: ingest.clone(),
             })
         })
-        .collect()
+        .collect())
+}
+
+/// The key page tokens are MAC'd with: `query.page_token_key_file` (or the spool directory's
+/// `page-token.key`), created when missing; else one for this process.
+fn page_token_keys(query: &crate::config::QueryConfig) -> anyhow::Result<Keys> {
+    match &query.page_token_key_file {
+        Some(path) => {
+            Keys::load(path).with_context(|| format!("query.page_token_key_file: cannot use {}", path.display()))
+        }
+        None => {
+            tracing::warn!("page tokens are MAC'd with a key of this process only: they are refused after a restart; set query.page_token_key_file (or runtime.spool_dir) to keep them");
+            Ok(Keys::random()?)
+        }
+    }
 }
 
 /// Starts the core executors and waits until each has opened its spool and bound its ingest
@@ -453,6 +480,9 @@ async fn serve_ingest_on_core(
     let limit = part.config.message_bytes_max;
     let routes = tonic::service::Routes::new(
         IngestServer::new(IngestService::new(core, Arc::clone(&part.shared))).max_decoding_message_size(usize::MAX),
+    )
+    .add_service(
+        QueryServer::new(QueryService::new(core, Arc::clone(&part.query))).max_decoding_message_size(usize::MAX),
     );
     let shared_listener = match http2::bind(part.config.listen) {
         Ok(listener) => listener,

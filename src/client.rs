@@ -21,7 +21,11 @@ use crate::topology::{NodeShards, Ownership, PartitionKeyHasher};
 use crate::wire::convert::{parse_native_type, to_cql};
 use crate::wire::flat::encode_row_batch;
 use crate::wire::proto::ingest_client::IngestClient;
-use crate::wire::proto::{GetTopologyRequest, Row, RowBatch, RowError, WriteFlatRequest, WriteRequest, WriteResponse};
+use crate::wire::proto::query_client::QueryClient;
+use crate::wire::proto::{
+    GetRequest, GetResponse, GetTopologyRequest, ResultSet, Row, RowBatch, RowError, ScanRequest, Split,
+    WriteFlatRequest, WriteRequest, WriteResponse,
+};
 
 /// Errors connecting the client.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +49,14 @@ struct TableKey {
     columns: Vec<(String, ColumnType<'static>)>,
 }
 
-/// A gateway client that routes each row to its owner core.
+/// A gateway client that routes each row to its owner core: writes, `Get`s and scan splits.
 #[derive(Clone)]
 pub struct ShardAwareClient {
     ownership: Ownership,
     shared: IngestClient<Channel>,
     cores: Vec<IngestClient<Channel>>,
+    query_shared: QueryClient<Channel>,
+    query_cores: Vec<QueryClient<Channel>>,
     keys: HashMap<String, TableKey>,
 }
 
@@ -73,7 +79,9 @@ impl ShardAwareClient {
     /// Connects to the gateway's shared endpoint (`host:port`), reads the topology for `tables`
     /// (`keyspace.table`) and connects to every core's own endpoint.
     pub async fn connect(endpoint: &str, tables: &[&str]) -> Result<ShardAwareClient, ClientError> {
-        let mut shared = IngestClient::new(channel(endpoint).await?);
+        let shared_channel = channel(endpoint).await?;
+        let query_shared = QueryClient::new(shared_channel.clone()).max_decoding_message_size(usize::MAX);
+        let mut shared = IngestClient::new(shared_channel);
         let request = GetTopologyRequest {
             tables: tables.iter().map(|t| t.to_string()).collect(),
         };
@@ -95,8 +103,11 @@ impl ShardAwareClient {
                 .collect(),
         );
         let mut cores = Vec::with_capacity(topology.core_endpoints.len());
+        let mut query_cores = Vec::with_capacity(topology.core_endpoints.len());
         for core_endpoint in &topology.core_endpoints {
-            cores.push(IngestClient::new(channel(core_endpoint).await?));
+            let core_channel = channel(core_endpoint).await?;
+            query_cores.push(QueryClient::new(core_channel.clone()).max_decoding_message_size(usize::MAX));
+            cores.push(IngestClient::new(core_channel));
         }
         let keys = topology
             .tables
@@ -114,6 +125,8 @@ impl ShardAwareClient {
             ownership,
             shared,
             cores,
+            query_shared,
+            query_cores,
             keys,
         })
     }
@@ -223,6 +236,155 @@ impl ShardAwareClient {
         }
         merged.errors.sort_by_key(|e| e.row);
         Ok(merged)
+    }
+}
+
+impl ShardAwareClient {
+    /// The query client of core `core`'s own endpoint (the shared one when cores publish none).
+    pub fn query_core_client(&self, core: usize) -> QueryClient<Channel> {
+        self.query_cores
+            .get(core)
+            .cloned()
+            .unwrap_or_else(|| self.query_shared.clone())
+    }
+
+    /// The query client of the shared endpoint.
+    pub fn query_client(&self) -> QueryClient<Channel> {
+        self.query_shared.clone()
+    }
+
+    /// `Get` sent to the core that owns the key (the shared endpoint when the client cannot
+    /// tell: a table it was not connected for, a key type it does not handle).
+    pub async fn get(&self, request: GetRequest) -> Result<GetResponse, tonic::Status> {
+        let owner = self.keys.get(&request.table).and_then(|key| {
+            let names: Vec<String> = key.columns.iter().map(|(name, _)| name.clone()).collect();
+            let row = Row {
+                values: request.key.iter().take(names.len()).cloned().collect(),
+            };
+            row_token(&key.columns, &names, &row).map(|token| self.ownership.owner_core(token))
+        });
+        let mut client = match owner {
+            Some(core) => self.query_core_client(core),
+            None => self.query_client(),
+        };
+        client.get(request).await.map(tonic::Response::into_inner)
+    }
+
+    /// Scans a table in parallel, each split at its owner core's endpoint, `parallel` splits at
+    /// a time: `request` gives the table, columns, `where` and options; `splits` (from
+    /// `PlanScan`) and `resume` (one token per split, empty = from its start) say what is left.
+    /// A split whose stream breaks (a transport error, the gateway restarting) resumes from its
+    /// last page's token, up to `SCAN_SPLIT_RETRIES` times in a row. Pages arrive on the returned
+    /// channel as they come; it closes when every split is done, or after the first error.
+    pub fn scan(
+        &self,
+        request: ScanRequest,
+        splits: Vec<Split>,
+        resume: Vec<Vec<u8>>,
+        parallel: usize,
+    ) -> tokio::sync::mpsc::Receiver<Result<ScanPage, tonic::Status>> {
+        let (pages, receiver) = tokio::sync::mpsc::channel(parallel.max(1));
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+        for (index, split) in splits.into_iter().enumerate() {
+            let token = resume.get(index).cloned().unwrap_or_default();
+            let client = self.query_core_client(split.core as usize);
+            let (request, pages, permits) = (request.clone(), pages.clone(), std::sync::Arc::clone(&permits));
+            tokio::spawn(async move {
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                scan_split(client, request, index, split, token, pages).await;
+            });
+        }
+        receiver
+    }
+}
+
+/// Times a scan split is resumed in a row after its stream broke.
+pub const SCAN_SPLIT_RETRIES: u32 = 5;
+
+/// One page of a scan split, as [`ShardAwareClient::scan`] delivers it.
+#[derive(Debug, Clone)]
+pub struct ScanPage {
+    /// Index of the split in the caller's list.
+    pub split: usize,
+    /// The page's rows and column specs.
+    pub result: ResultSet,
+    /// Resumes the split after this page; empty once the split is done.
+    pub token: Vec<u8>,
+}
+
+/// Reads one split to its end on `client`, resuming from the last token when the stream breaks.
+async fn scan_split(
+    mut client: QueryClient<Channel>,
+    request: ScanRequest,
+    index: usize,
+    split: Split,
+    mut token: Vec<u8>,
+    pages: tokio::sync::mpsc::Sender<Result<ScanPage, tonic::Status>>,
+) {
+    use futures::StreamExt;
+    let mut failures = 0;
+    loop {
+        let mut attempt = request.clone();
+        attempt.splits = vec![split.clone()];
+        attempt.resume = vec![token.clone()];
+        attempt.parallel_splits = 1;
+        let broke = match client.scan(attempt).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut broke = None;
+                while let Some(page) = stream.next().await {
+                    match page {
+                        Ok(page) => {
+                            failures = 0;
+                            let result = page.page.unwrap_or_default();
+                            token = result.next_page_token.clone();
+                            let done = page.split_done;
+                            if pages
+                                .send(Ok(ScanPage {
+                                    split: index,
+                                    result,
+                                    token: token.clone(),
+                                }))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            if done {
+                                return;
+                            }
+                        }
+                        Err(status) => {
+                            broke = Some(status);
+                            break;
+                        }
+                    }
+                }
+                // A stream that ends without its split done broke too.
+                Some(broke.unwrap_or_else(|| tonic::Status::unavailable("the scan stream ended early")))
+            }
+            Err(status) => Some(status),
+        };
+        let Some(status) = broke else { return };
+        // Transport breaks and the gateway's retryable refusals (UNAVAILABLE, TIMEOUT,
+        // OVERLOADED); a bad request fails at once.
+        let transient = matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Internal
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::ResourceExhausted
+        );
+        failures += 1;
+        if !transient || failures > SCAN_SPLIT_RETRIES {
+            let _ = pages.send(Err(status)).await;
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(failures))).await;
     }
 }
 

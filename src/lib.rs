@@ -14,8 +14,10 @@ pub mod config;
 /// Demo, bench and test tooling; only with the `devkit` feature (and in unit tests).
 #[cfg(any(test, feature = "devkit"))]
 pub mod devkit;
+pub mod export;
 pub mod ingest;
 pub mod mapping;
+pub mod query;
 pub mod reference;
 pub mod replay;
 pub mod runtime;

@@ -1,6 +1,7 @@
 //! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline,
-//! `replay` sends a route's dead letters back through the route, `reference` checks or
-//! writes the generated references under `deploy/reference/`.
+//! `replay` sends a route's dead letters back through the route, `export` streams a table
+//! through the gateway's scan path, `reference` checks or writes the generated references
+//! under `deploy/reference/`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,43 @@ enum Command {
         #[arg(long, short)]
         route: String,
     },
+    /// Streams a table (or the rows a `--where` keeps) through the gateway's scan path to JSON
+    /// lines or CSV: planned by the gateway, each split read at its owner core's port. A
+    /// progress bar on a terminal, a summary line otherwise.
+    Export {
+        /// TOML config of the gateway to read through (its `[ingest] listen` address).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// `keyspace.table`.
+        #[arg(long)]
+        table: String,
+        /// Columns, comma separated; default all.
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+        /// Extra CQL restrictions, e.g. `status = 'open'` (add `--allow-filtering` for
+        /// non-key columns).
+        #[arg(long, default_value = "")]
+        r#where: String,
+        /// Adds ALLOW FILTERING to the scan.
+        #[arg(long)]
+        allow_filtering: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: shardgate::export::Format,
+        /// Output file; default stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// State file: a stopped export started again with it goes on where it stopped, every
+        /// row in the output exactly once (needs `--output`).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Splits read at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Rows per page.
+        #[arg(long, default_value_t = 5000)]
+        page_size: u32,
+    },
     /// Checks that the generated references under `deploy/reference/` (configuration keys,
     /// reason codes, the config's JSON Schema) match the code; `--write` rewrites them.
     Reference {
@@ -82,6 +120,49 @@ fn main() -> ExitCode {
             .and_then(|c| shardgate::replay::run(c, &route))
             .map(|report| println!("route `{route}`: {report}")),
         Command::Reference { repo, write } => reference(&repo, write),
+        Command::Export {
+            config,
+            table,
+            columns,
+            r#where,
+            allow_filtering,
+            format,
+            output,
+            resume,
+            parallel,
+            page_size,
+        } => Config::load(&config).map_err(anyhow::Error::from).and_then(|c| {
+            let ingest = c.ingest.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no `[ingest]` table; export reads through its listener",
+                    config.display()
+                )
+            })?;
+            let mut address = ingest.listen;
+            if address.ip().is_unspecified() {
+                address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let spec = shardgate::export::ExportSpec {
+                endpoint: address.to_string(),
+                table,
+                columns,
+                r#where,
+                allow_filtering,
+                format,
+                output,
+                resume,
+                parallel,
+                page_size,
+            };
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = runtime.block_on(shardgate::export::run(spec, progress))?;
+            eprintln!("export: {report}");
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

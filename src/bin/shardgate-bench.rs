@@ -27,6 +27,13 @@
 //!   time from the first row written to the last;
 //! - `kafka-5`: as `kafka`, with the 5-column orders (a flat ~117-byte JSON object; the table
 //!   read back and compared value by value);
+//! - `scan-driver` / `scan-driver-parallel` / `scan`: the `ceiling-events` table (`--rows`
+//!   events, written by the driver alone when it holds anything else) read whole by one paged
+//!   `SELECT *` with the scylla crate alone / by `--scan-splits` token ranges read 8 at a time
+//!   with the scylla crate alone / through a gateway's `Scan` with the shard-aware client
+//!   (`--scan-parallel` splits at a time, each at its owner core's port, every row compared);
+//! - `get-smart` / `get-plain`: `Get`s of those events by key, to the owner core's port / on the
+//!   shared port: latency at a fixed `--get-rate`, rows/s with 64 in flight;
 //! - `ceiling` / `ceiling-5` / `ceiling-events`: the Kafka modes' orders (8 / 5 columns) / the
 //!   gRPC modes' events written by the scylla crate alone, no gateway — what the database takes
 //!   on this machine, the bar the other modes are measured against.
@@ -63,7 +70,7 @@ use tonic::transport::Channel;
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
     /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-5,
-    /// kafka-spooled, kafka-consume,
+    /// kafka-spooled, kafka-consume, scan-driver, scan-driver-parallel, scan, get-smart, get-plain,
     /// rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
     /// separated).
     #[arg(
@@ -93,6 +100,15 @@ struct Args {
     /// Messages per second the `nats` mode publishes.
     #[arg(long, default_value_t = 40_000)]
     nats_rate: u64,
+    /// Token ranges of the `scan-driver-parallel` mode (read 8 at a time).
+    #[arg(long, default_value_t = 24)]
+    scan_splits: usize,
+    /// Splits the `scan` mode reads at once.
+    #[arg(long, default_value_t = 4)]
+    scan_parallel: usize,
+    /// `Get`s per second in the latency run of the `get-smart` / `get-plain` modes.
+    #[arg(long, default_value_t = 2_000)]
+    get_rate: u64,
     /// Messages per second in the Kafka latency run.
     #[arg(long, default_value_t = 5_000)]
     kafka_rate: u64,
@@ -132,6 +148,11 @@ async fn main() -> anyhow::Result<()> {
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
             "rabbitmq-consume" | "jetstream-consume" => broker_ceiling(&args, mode).await?,
             "kafka-consume" => kafka_ceiling(&args).await?,
+            "scan-driver" => scan_driver(&args, false).await?,
+            "scan-driver-parallel" => scan_driver(&args, true).await?,
+            "scan" => scan_gateway(&args).await?,
+            "get-smart" => get_gateway(&args, true).await?,
+            "get-plain" => get_gateway(&args, false).await?,
             "nats" => nats(&args).await?,
             "zeromq" => zeromq(&args).await?,
             other => anyhow::bail!("unknown mode `{other}`"),
@@ -795,6 +816,274 @@ async fn kafka_ceiling(args: &Args) -> anyhow::Result<Outcome> {
         cpu_seconds,
         database_cpu_seconds: database.seconds()?,
         latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// Keyspace of the read modes' table: the `ceiling-events` mode's.
+const READ_KEYSPACE: &str = "shardgate_bench_ceiling_events";
+
+/// The events table with exactly `--rows` sample events, written by the driver alone when it
+/// holds anything else.
+async fn ensure_events(args: &Args, session: &Session) -> anyhow::Result<()> {
+    let rows = args.rows as u64;
+    let present = session
+        .query_unpaged(format!("SELECT count(*) FROM {READ_KEYSPACE}.events"), ())
+        .await
+        .ok()
+        .and_then(|r| r.into_rows_result().ok())
+        .and_then(|r| r.single_row::<(i64,)>().ok())
+        .map(|(n,)| n as u64);
+    if present == Some(rows) {
+        return Ok(());
+    }
+    println!("== filling {READ_KEYSPACE}.events with {rows} events (driver alone)");
+    devkit::create_events_table(session, READ_KEYSPACE).await?;
+    let insert = format!(
+        "INSERT INTO {READ_KEYSPACE}.events (id, name, score, at, tags) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+    );
+    write_ceiling(
+        args,
+        session,
+        READ_KEYSPACE,
+        "events",
+        &insert,
+        (0..args.rows).map(event_row),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reads with the scylla crate alone: `SELECT *` of the events table, one paged query
+/// (`scan-driver`) or `--scan-splits` token ranges read 8 at a time (`scan-driver-parallel`).
+/// Counts the rows and checks every id came once. Its CPU is this process's.
+async fn scan_driver(args: &Args, parallel: bool) -> anyhow::Result<Outcome> {
+    let mode = if parallel {
+        "scan-driver-parallel"
+    } else {
+        "scan-driver"
+    };
+    let session = Arc::new(devkit::connect(devkit::CASSANDRA).await?);
+    ensure_events(args, &session).await?;
+    let rows = args.rows as u64;
+    println!("== {mode}: reading {rows} events with the scylla crate alone");
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
+    let started = Instant::now();
+    let ranges: Vec<(i64, i64)> = if parallel {
+        let count = args.scan_splits.max(1) as i128;
+        let width = (i128::from(i64::MAX) - i128::from(i64::MIN)) / count;
+        (0..count)
+            .map(|i| {
+                let start = i128::from(i64::MIN) + width * i;
+                let end = if i == count - 1 {
+                    i128::from(i64::MAX)
+                } else {
+                    start + width
+                };
+                (start as i64, end as i64)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ids: Vec<i64> = if parallel {
+        let mut select = session
+            .prepare(format!(
+                "SELECT id, name, score, at, tags FROM {READ_KEYSPACE}.events WHERE token(id) > ? AND token(id) <= ?"
+            ))
+            .await?;
+        select.set_page_size(5000);
+        let select = Arc::new(select);
+        let reads = ranges.into_iter().map(|(start, end)| {
+            let (session, select) = (Arc::clone(&session), Arc::clone(&select));
+            async move {
+                let mut ids = Vec::new();
+                let mut pages = session
+                    .execute_iter((*select).clone(), (start, end))
+                    .await?
+                    .rows_stream::<(i64, Option<String>, Option<f64>, Option<CqlTimestamp>, Option<Vec<i32>>)>()?;
+                while let Some(row) = pages.next().await {
+                    ids.push(row?.0);
+                }
+                Ok::<_, anyhow::Error>(ids)
+            }
+        });
+        let mut ids = Vec::new();
+        let mut running = futures::stream::iter(reads).buffer_unordered(8);
+        while let Some(part) = running.next().await {
+            ids.extend(part?);
+        }
+        ids
+    } else {
+        let mut select = session
+            .prepare(format!("SELECT id, name, score, at, tags FROM {READ_KEYSPACE}.events"))
+            .await?;
+        select.set_page_size(5000);
+        let mut ids = Vec::new();
+        let mut pages = session.execute_iter(select, ()).await?.rows_stream::<(
+            i64,
+            Option<String>,
+            Option<f64>,
+            Option<CqlTimestamp>,
+            Option<Vec<i32>>,
+        )>()?;
+        while let Some(row) = pages.next().await {
+            ids.push(row?.0);
+        }
+        ids
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
+    let mut seen = vec![false; rows as usize];
+    for id in &ids {
+        anyhow::ensure!(
+            (0..rows as i64).contains(id) && !std::mem::replace(&mut seen[*id as usize], true),
+            "{mode}: event {id} out of range or read twice"
+        );
+    }
+    anyhow::ensure!(ids.len() as u64 == rows, "{mode}: {} of {rows} rows read", ids.len());
+    println!("   {mode}: {rows} rows read, each once");
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds: database.seconds()?,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// The events table scanned through a gateway with the shard-aware client: planned by the
+/// gateway, `--scan-parallel` splits at a time, each at its owner core's port; every row
+/// compared with the event it should be. CPU is the gateway's.
+async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "scan";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    ensure_events(args, &session).await?;
+    let rows = args.rows as u64;
+    let config = args.work_dir.join("gateway-query.toml");
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, args.write_batch_rows))?;
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-query.log"))?;
+    let table = format!("{READ_KEYSPACE}.events");
+    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
+    println!(
+        "== {mode}: scanning {rows} events through the gateway, {} splits at a time",
+        args.scan_parallel
+    );
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = gateway.cpu_seconds()?;
+    let report = devkit::read_back_events(&client, &table, rows, args.scan_parallel, 0).await?;
+    let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
+    let database_cpu_seconds = database.seconds()?;
+    anyhow::ensure!(
+        report.exact == rows && report.scanned == rows,
+        "{mode}: {} of {rows} rows exact, {} scanned, {} duplicates: {:?}",
+        report.exact,
+        report.scanned,
+        report.duplicates,
+        report.differences
+    );
+    println!(
+        "   {mode}: {rows} rows read back exact, each once, in {} splits",
+        report.splits
+    );
+    gateway.stop()?;
+    Ok(Outcome {
+        mode: mode.into(),
+        rows,
+        seconds: report.scan_time.as_secs_f64(),
+        cpu_seconds,
+        database_cpu_seconds,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// `Get`s of the events by key through a gateway, by the shard-aware client (`get-smart`: each
+/// to its key's owner core) or a plain one on the shared port (`get-plain`). Latency from a run
+/// at a fixed `--get-rate`; rows/s from a closed loop of 64 `Get`s in flight. Every answer is
+/// compared with its event. CPU is the gateway's over the closed loop.
+async fn get_gateway(args: &Args, smart: bool) -> anyhow::Result<Outcome> {
+    use shardgate::wire::proto::value::Kind;
+    use shardgate::wire::proto::{GetRequest, Value};
+    let mode = if smart { "get-smart" } else { "get-plain" };
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    ensure_events(args, &session).await?;
+    let rows = args.rows as u64;
+    let config = args.work_dir.join("gateway-query.toml");
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, args.write_batch_rows))?;
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-query.log"))?;
+    let table = format!("{READ_KEYSPACE}.events");
+    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
+    let plain = client.query_client();
+    let count = (rows / 20).clamp(5_000, 50_000);
+    let request = |id: u64| GetRequest {
+        table: table.clone(),
+        columns: devkit::event_columns(),
+        key: vec![Value {
+            kind: Some(Kind::Int((id * 7919 % rows) as i64)),
+        }],
+        ..Default::default()
+    };
+    let get = |id: u64| {
+        let (client, mut plain, request) = (client.clone(), plain.clone(), request(id));
+        async move {
+            let expected = devkit::event_row((id * 7919 % rows) as i64);
+            let started = Instant::now();
+            let response = if smart {
+                client.get(request).await?
+            } else {
+                plain.get(request).await?.into_inner()
+            };
+            let elapsed = started.elapsed();
+            let got = response.result.map(|r| r.rows).unwrap_or_default();
+            anyhow::ensure!(got == [expected], "get of event {}: {got:?}", id * 7919 % rows);
+            Ok::<_, anyhow::Error>(elapsed)
+        }
+    };
+    println!(
+        "== {mode}: {count} gets at {} per second, then {count} with 64 in flight",
+        args.get_rate
+    );
+    let mut latencies = Vec::with_capacity(count as usize);
+    let paced = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..count {
+        let due = Duration::from_secs_f64(i as f64 / args.get_rate.max(1) as f64);
+        if let Some(wait) = due.checked_sub(paced.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        pending.push(tokio::spawn(get(i)));
+        while pending.len() > 1024 {
+            latencies.push(pending.next().await.expect("pending")??);
+        }
+    }
+    while let Some(done) = pending.next().await {
+        latencies.push(done??);
+    }
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = gateway.cpu_seconds()?;
+    let started = Instant::now();
+    let mut closed = futures::stream::iter((count..2 * count).map(get)).buffer_unordered(64);
+    while let Some(done) = closed.next().await {
+        done?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
+    gateway.stop()?;
+    println!("   {mode}: {} gets, every answer its event", 2 * count);
+    Ok(Outcome {
+        mode: mode.into(),
+        rows: count,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds: database.seconds()?,
+        latencies,
         quantiles_ms: None,
         forwarded: 0.0,
     })

@@ -8,10 +8,13 @@
 //!    it) into an `events` table;
 //! 5. publishes sample orders to a JetStream stream, a RabbitMQ queue, a core NATS subject and
 //!    a ZeroMQ PUSH socket (the same gateway has a route for each) into a second `orders` table;
-//! 6. reads every row back from Cassandra and compares it with what was sent, reads the
+//! 6. reads the `events` table back through the gateway's query API: a scan planned by the
+//!    gateway, each split read at its owner core's port, and 1,000 `Get`s by key;
+//! 7. reads every row back from Cassandra and compares it with what was sent, reads the
 //!    dead-letter topic, and prints a summary with rows/s and gateway CPU-seconds per million rows.
 //!
-//! Exits non-zero if any row is missing or wrong, or a malformed message was not dead-lettered.
+//! Exits non-zero if any row is missing or wrong (in Cassandra or through the query API), or a
+//! malformed message was not dead-lettered.
 
 // Tooling and tests: a failed expectation is the tool or test failing, never a gateway core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -266,6 +269,8 @@ async fn main() -> anyhow::Result<()> {
         println!("   {line}");
         broker_lines.push(line);
     }
+    println!("   queries: scanning the gRPC table and getting events by key through the query API");
+    let read_back = devkit::read_back_events(&client, &table, args.grpc_rows as u64, 4, 1_000).await?;
     let status = gateway.stop()?;
     let broker_total = args.broker_messages * BROKER_ROUTES.len() as u64;
     let broker_report = devkit::verify_orders(&session, BROKERS_KEYSPACE, broker_total).await?;
@@ -311,6 +316,20 @@ async fn main() -> anyhow::Result<()> {
     println!("   gRPC rows verified exact: {} of {} ({:.0} rows/s, {:.1} CPU-s per million rows, {forwarded} forwarded between cores)",
         grpc_report.matching, args.grpc_rows, args.grpc_rows as f64 / grpc_elapsed.as_secs_f64(), grpc_cpu * 1e6 / args.grpc_rows as f64);
     println!(
+        "   query API:                {} of {} rows scanned exact in {:.1} s ({:.0} rows/s, {} splits, {} duplicates); {} of {} gets exact",
+        read_back.exact,
+        args.grpc_rows,
+        read_back.scan_time.as_secs_f64(),
+        read_back.scanned as f64 / read_back.scan_time.as_secs_f64().max(1e-3),
+        read_back.splits,
+        read_back.duplicates,
+        read_back.gets_exact,
+        read_back.gets
+    );
+    for difference in &read_back.differences {
+        println!("   query difference: {difference}");
+    }
+    println!(
         "   broker rows verified exact: {} of {} (JetStream, RabbitMQ, NATS, ZeroMQ)",
         broker_report.matching, broker_total
     );
@@ -334,11 +353,14 @@ async fn main() -> anyhow::Result<()> {
         || grpc_report.rows != args.grpc_rows as u64
         || broker_report.matching != broker_total
         || broker_report.rows != broker_total
+        || read_back.exact != args.grpc_rows as u64
+        || read_back.scanned != args.grpc_rows as u64
+        || read_back.gets_exact != read_back.gets
     {
         bail!("verification failed");
     }
     println!(
-        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered"
+        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered, the gRPC table read back exact through the query API"
     );
     Ok(())
 }

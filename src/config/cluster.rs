@@ -73,6 +73,11 @@ pub(super) fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigE
 }
 
 pub(super) fn parse_consistency(text: &str) -> Result<Consistency, ConfigError> {
+    parse_consistency_at("cluster.consistency", text)
+}
+
+/// Parses a consistency level named at config key `key`.
+pub(super) fn parse_consistency_at(key: &str, text: &str) -> Result<Consistency, ConfigError> {
     let consistency = match text.to_ascii_lowercase().as_str() {
         "any" => Consistency::Any,
         "one" => Consistency::One,
@@ -85,7 +90,7 @@ pub(super) fn parse_consistency(text: &str) -> Result<Consistency, ConfigError> 
         "local_one" => Consistency::LocalOne,
         _ => {
             return Err(ConfigError::invalid(
-                "cluster.consistency",
+                key,
                 text,
                 "one of `any`, `one`, `two`, `three`, `quorum`, `all`, `local_quorum`, `each_quorum`, `local_one`",
             ))

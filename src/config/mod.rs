@@ -16,6 +16,7 @@ mod de;
 mod dead_letter;
 mod error;
 mod ingest;
+mod query;
 mod route;
 mod runtime;
 mod source;
@@ -27,6 +28,7 @@ pub use dead_letter::{
 };
 pub use error::ConfigError;
 pub use ingest::{IngestConfig, RawIngest};
+pub use query::{QueryConfig, RawQuery};
 pub use route::{
     AckMode, ColumnMapping, FieldRef, Format, ProtobufConfig, RawColumn, RawFlatBuffers, RawProtobuf, RawRoute,
     RawTarget, RouteConfig, TargetConfig, TimeUnit, TimestampConfig, TtlConfig,
@@ -43,6 +45,7 @@ use std::path::Path;
 use check::parse_socket_addr;
 use cluster::validate_cluster;
 use ingest::validate_ingest;
+use query::validate_query;
 use route::validate_route;
 use runtime::validate_runtime;
 use schemars::JsonSchema;
@@ -59,6 +62,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The gRPC ingest API, if served.
     pub ingest: Option<IngestConfig>,
+    /// The gRPC query API's defaults and limits (served with the ingest API, on its
+    /// listeners).
+    pub query: QueryConfig,
     /// Address of the Prometheus metrics endpoint, if served.
     pub admin: Option<std::net::SocketAddr>,
 }
@@ -128,6 +134,10 @@ pub struct RawConfig {
     /// `[admin]`: metrics endpoint. Absent: no admin port.
     #[serde(default)]
     pub admin: Option<RawAdmin>,
+    /// `[query]`: the gRPC query API, served on the `[ingest]` listeners; every key has a
+    /// default.
+    #[serde(default)]
+    pub query: Option<RawQuery>,
 }
 
 /// `[admin]`
@@ -144,6 +154,17 @@ impl RawConfig {
         let cluster = validate_cluster(self.cluster)?;
         let runtime = validate_runtime(self.runtime)?;
         let ingest = self.ingest.map(validate_ingest).transpose()?;
+        if self.query.is_some() && ingest.is_none() {
+            return Err(ConfigError::invalid(
+                "query",
+                "a table",
+                "an `[ingest]` table too: the query API is served on its listeners",
+            ));
+        }
+        let query = validate_query(
+            self.query.unwrap_or_default(),
+            runtime.spool.as_ref().map(|spool| spool.dir.as_path()),
+        )?;
         let admin = match self.admin {
             Some(admin) => Some(parse_socket_addr("admin.listen", &admin.listen)?),
             None => None,
@@ -179,6 +200,7 @@ impl RawConfig {
             runtime,
             routes,
             ingest,
+            query,
             admin,
         })
     }

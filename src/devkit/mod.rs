@@ -722,6 +722,110 @@ pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, writ
     format!("{base}\n[ingest]\nlisten = \"{INGEST_LISTEN}\"\ncore_port_base = {INGEST_CORE_PORT_BASE}\n")
 }
 
+/// What reading the sample events back through the query API found.
+#[derive(Debug, Clone, Default)]
+pub struct EventsReadBack {
+    /// Rows the scan returned.
+    pub scanned: u64,
+    /// Scanned rows equal to the event they should be, each counted once.
+    pub exact: u64,
+    /// Rows returned more than once.
+    pub duplicates: u64,
+    /// Scan splits.
+    pub splits: usize,
+    /// Time the scan took.
+    pub scan_time: Duration,
+    /// `Get`s made and how many returned exactly their event.
+    pub gets: u64,
+    /// `Get`s that returned exactly their event.
+    pub gets_exact: u64,
+    /// First differences, for the report.
+    pub differences: Vec<String>,
+}
+
+/// Reads the sample events `0..count` of `table` back through the gateway's query API with the
+/// shard-aware client: a scan of the whole table (planned by the gateway, `parallel` splits at
+/// a time, each at its owner core's port), every row compared with the event it should be; then
+/// `gets` of them by key (spread over the range), each to the key's owner core.
+pub async fn read_back_events(
+    client: &crate::client::ShardAwareClient,
+    table: &str,
+    count: u64,
+    parallel: usize,
+    gets: u64,
+) -> anyhow::Result<EventsReadBack> {
+    use crate::wire::proto::value::Kind;
+    use crate::wire::proto::{GetRequest, PlanScanRequest, QueryOptions, ScanRequest, Value};
+    let mut report = EventsReadBack::default();
+    let started = Instant::now();
+    let splits = client
+        .query_client()
+        .plan_scan(PlanScanRequest {
+            table: table.to_string(),
+            min_splits: 0,
+        })
+        .await?
+        .into_inner()
+        .splits;
+    report.splits = splits.len();
+    let request = ScanRequest {
+        table: table.to_string(),
+        columns: event_columns(),
+        options: Some(QueryOptions {
+            page_size: 5000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut seen = vec![false; count as usize];
+    let mut pages = client.scan(request, splits, Vec::new(), parallel);
+    while let Some(page) = pages.recv().await {
+        for row in page?.result.rows {
+            report.scanned += 1;
+            let id = match row.values.first().and_then(|v| v.kind.as_ref()) {
+                Some(Kind::Int(id)) if (0..count as i64).contains(id) => *id,
+                _ => {
+                    if report.differences.len() < 5 {
+                        report
+                            .differences
+                            .push(format!("scanned a row outside the events: {row:?}"));
+                    }
+                    continue;
+                }
+            };
+            if std::mem::replace(&mut seen[id as usize], true) {
+                report.duplicates += 1;
+            } else if row == event_row(id) {
+                report.exact += 1;
+            } else if report.differences.len() < 5 {
+                report.differences.push(format!("event {id} scanned as {row:?}"));
+            }
+        }
+    }
+    report.scan_time = started.elapsed();
+    let step = (count / gets.max(1)).max(1);
+    for id in (0..count).step_by(step as usize).take(gets as usize) {
+        let response = client
+            .get(GetRequest {
+                table: table.to_string(),
+                columns: event_columns(),
+                key: vec![Value {
+                    kind: Some(Kind::Int(id as i64)),
+                }],
+                ..Default::default()
+            })
+            .await?;
+        report.gets += 1;
+        let rows = response.result.map(|r| r.rows).unwrap_or_default();
+        if rows == [event_row(id as i64)] {
+            report.gets_exact += 1;
+        } else if report.differences.len() < 5 {
+            report.differences.push(format!("get of event {id} returned {rows:?}"));
+        }
+    }
+    Ok(report)
+}
+
 /// Creates (or recreates) keyspace `keyspace` with the sample `events` table for the ingest API.
 /// `tags` is a frozen list: a non-frozen list appends its elements under new cell ids on every
 /// write, so a replayed write (at-least-once delivery, the spool) would duplicate them.
@@ -1138,7 +1242,10 @@ pub fn drain_kafka(topic: &str, group: &str, count: u64) -> anyhow::Result<Durat
     let mut first = None;
     let mut read = 0;
     while read < count {
-        anyhow::ensure!(Instant::now() < deadline, "{read} of {count} messages read from `{topic}`");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{read} of {count} messages read from `{topic}`"
+        );
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };

@@ -12,7 +12,7 @@ use crate::wire::proto::{BatchError, ErrorCode, RowError};
 pub const ERROR_CODE_METADATA: &str = "shardgate-error-code";
 
 /// Every code a client may see, in documentation order.
-pub const ALL_CODES: [ErrorCode; 11] = [
+pub const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::BadValue,
     ErrorCode::MissingKey,
     ErrorCode::UnknownTable,
@@ -24,6 +24,10 @@ pub const ALL_CODES: [ErrorCode; 11] = [
     ErrorCode::Overloaded,
     ErrorCode::Unavailable,
     ErrorCode::Rejected,
+    ErrorCode::BadQuery,
+    ErrorCode::ReadOnly,
+    ErrorCode::BadPageToken,
+    ErrorCode::Timeout,
 ];
 
 /// gRPC statuses the ingest API answers without one of its codes.
@@ -45,7 +49,11 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::UnknownColumn
         | ErrorCode::MissingKey
         | ErrorCode::DuplicateColumn
-        | ErrorCode::Malformed => Code::InvalidArgument,
+        | ErrorCode::Malformed
+        | ErrorCode::BadQuery
+        | ErrorCode::BadPageToken => Code::InvalidArgument,
+        ErrorCode::ReadOnly => Code::PermissionDenied,
+        ErrorCode::Timeout => Code::DeadlineExceeded,
         ErrorCode::UnknownTable => Code::NotFound,
         ErrorCode::Overloaded => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
@@ -119,6 +127,26 @@ pub fn describe(code: ErrorCode) -> CodeDoc {
             "row, batch",
             "the database refused the write (or, for a batch, refused to prepare the insert) for a permanent reason",
             "no",
+        ),
+        ErrorCode::BadQuery => (
+            "request",
+            "query API: the database refused the statement (CQL syntax, an invalid query such as a restriction that needs ALLOW FILTERING, binds of the wrong count or names), or a request field is out of range (`page_size` over `query.page_size_max`, a `where` without `table`)",
+            "no: fix the request",
+        ),
+        ErrorCode::ReadOnly => (
+            "request",
+            "query API: `Execute` of a statement that is not a SELECT (decided from its prepared metadata) while `query.allow_writes` is false",
+            "no",
+        ),
+        ErrorCode::BadPageToken => (
+            "request",
+            "query API: a `page_token` or `resume` token the gateway did not issue for this request — altered, from another statement, binds, table or split, or MAC'd with another `query.page_token_key_file`",
+            "no: restart from the first page",
+        ),
+        ErrorCode::Timeout => (
+            "request",
+            "query API: the database timed out reading (the reason says whether data was present)",
+            "yes, perhaps with a smaller `page_size`",
         ),
         ErrorCode::Unspecified => ("—", "never sent", "—"),
     };

@@ -52,6 +52,18 @@ pub mod metric {
     /// core's memory budget for spooled writes is spent, all cores together.
     pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
 
+    /// Rows returned by the query API, by core, table and `rpc` (`get`, `execute`, `scan`).
+    pub const ROWS_READ: &str = "shardgate_rows_read_total";
+    /// Pages read from the database by the query API, by core, table and `rpc`.
+    pub const READ_PAGES: &str = "shardgate_read_pages_total";
+    /// Latency of one page read from the database by the query API, by core, table and `rpc`.
+    pub const READ_LATENCY_SECONDS: &str = "shardgate_read_latency_seconds";
+    /// Scan splits by core (the split's), table and `state`: `started` when a `Scan` begins
+    /// reading a split, `done` once its last page is sent.
+    pub const SCAN_SPLITS: &str = "shardgate_scan_splits_total";
+    /// Query API requests refused, by core and `code`.
+    pub const READS_REFUSED: &str = "shardgate_reads_refused_total";
+
     /// Every metric above; the README must name each (a test checks).
     pub const ALL: &[&str] = &[
         READY,
@@ -70,6 +82,11 @@ pub mod metric {
         KAFKA_ASSIGNED_PARTITIONS,
         SPOOL_COMMITS,
         SPOOL_DEFERRED_RECORDS,
+        ROWS_READ,
+        READ_PAGES,
+        READ_LATENCY_SECONDS,
+        SCAN_SPLITS,
+        READS_REFUSED,
     ];
 }
 

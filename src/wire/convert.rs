@@ -8,7 +8,7 @@ use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, CqlValue, CqlVarint};
 
 use super::proto::value::Kind;
-use super::proto::Value;
+use super::proto::{Decimal, Duration, Map, MapEntry, Udt, UdtField, Value, Values};
 
 /// Days between CQL's date origin and 1970-01-01 (2^31).
 const CQL_DATE_EPOCH: i64 = 1 << 31;
@@ -47,7 +47,85 @@ fn kind_name(kind: &Option<Kind>) -> &'static str {
         Some(Kind::List(_)) => "list",
         Some(Kind::Set(_)) => "set",
         Some(Kind::Map(_)) => "map",
+        Some(Kind::Unset(_)) => "unset",
+        Some(Kind::Udt(_)) => "udt",
+        Some(Kind::Tuple(_)) => "tuple",
+        Some(Kind::Duration(_)) => "duration",
+        Some(Kind::Vector(_)) => "vector",
     }
+}
+
+/// A CQL value as a typed proto value; `None` (a CQL null) and an empty value become `null`.
+/// Read results: every CQL type has a kind (counters are `int`, a UDT's fields keep their names).
+pub fn from_cql(value: Option<&CqlValue>) -> Value {
+    let Some(value) = value else {
+        return Value {
+            kind: Some(Kind::Null(true)),
+        };
+    };
+    let values = |items: &[CqlValue]| Values {
+        values: items.iter().map(|v| from_cql(Some(v))).collect(),
+    };
+    let kind = match value {
+        CqlValue::Empty => Kind::Null(true),
+        CqlValue::Ascii(s) | CqlValue::Text(s) => Kind::Text(s.clone()),
+        CqlValue::Boolean(b) => Kind::Boolean(*b),
+        CqlValue::Blob(b) => Kind::Blob(b.clone()),
+        CqlValue::Counter(c) => Kind::Int(c.0),
+        CqlValue::Decimal(d) => {
+            let (unscaled, scale) = d.as_signed_be_bytes_slice_and_exponent();
+            Kind::Decimal(Decimal {
+                unscaled: unscaled.to_vec(),
+                scale,
+            })
+        }
+        CqlValue::Date(d) => Kind::DateDays((i64::from(d.0) - CQL_DATE_EPOCH) as i32),
+        CqlValue::Double(d) => Kind::Double(*d),
+        CqlValue::Duration(d) => Kind::Duration(Duration {
+            months: d.months,
+            days: d.days,
+            nanoseconds: d.nanoseconds,
+        }),
+        CqlValue::Float(f) => Kind::Float(*f),
+        CqlValue::Int(i) => Kind::Int(i64::from(*i)),
+        CqlValue::BigInt(i) => Kind::Int(*i),
+        CqlValue::SmallInt(i) => Kind::Int(i64::from(*i)),
+        CqlValue::TinyInt(i) => Kind::Int(i64::from(*i)),
+        CqlValue::Timestamp(t) => Kind::TimestampMs(t.0),
+        CqlValue::Time(t) => Kind::TimeNs(t.0),
+        CqlValue::Inet(IpAddr::V4(a)) => Kind::Inet(a.octets().to_vec()),
+        CqlValue::Inet(IpAddr::V6(a)) => Kind::Inet(a.octets().to_vec()),
+        CqlValue::Uuid(u) => Kind::Uuid(u.as_bytes().to_vec()),
+        CqlValue::Timeuuid(u) => Kind::Timeuuid(u.as_bytes().to_vec()),
+        CqlValue::Varint(v) => Kind::Varint(v.as_signed_bytes_be_slice().to_vec()),
+        CqlValue::List(items) => Kind::List(values(items)),
+        CqlValue::Set(items) => Kind::Set(values(items)),
+        CqlValue::Vector(items) => Kind::Vector(values(items)),
+        CqlValue::Map(pairs) => Kind::Map(Map {
+            entries: pairs
+                .iter()
+                .map(|(k, v)| MapEntry {
+                    key: Some(from_cql(Some(k))),
+                    value: Some(from_cql(Some(v))),
+                })
+                .collect(),
+        }),
+        CqlValue::Tuple(items) => Kind::Tuple(Values {
+            values: items.iter().map(|v| from_cql(v.as_ref())).collect(),
+        }),
+        CqlValue::UserDefinedType { fields, .. } => Kind::Udt(Udt {
+            fields: fields
+                .iter()
+                .map(|(name, v)| UdtField {
+                    name: name.clone(),
+                    value: Some(from_cql(v.as_ref())),
+                })
+                .collect(),
+        }),
+        // A variant a newer driver adds: its debug form, so the value is never lost silently.
+        other => Kind::Text(format!("{other:?}")),
+    };
+    Value { kind: Some(kind) }
 }
 
 fn mismatch<T>(kind: &Option<Kind>, typ: &ColumnType<'_>) -> Result<T, ConvertError> {

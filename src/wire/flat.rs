@@ -207,6 +207,12 @@ fn write_value<'a>(builder: &mut FlatBufferBuilder<'a>, value: &Value) -> WIPOff
             args.items = Some(write_values(builder, &keys));
             args.values = Some(write_values(builder, &values));
         }
+        // Kinds of read results and binds, which the FlatBuffers schema has no kind for: written
+        // as a kind the gateway does not know, so the batch is refused MALFORMED rather than
+        // written with a null in the value's place.
+        Some(Kind::Unset(_) | Kind::Udt(_) | Kind::Tuple(_) | Kind::Duration(_) | Kind::Vector(_)) => {
+            args.kind = fb::Kind(u8::MAX);
+        }
     }
     fb::Value::create(builder, &args)
 }

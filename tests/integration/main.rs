@@ -12,6 +12,7 @@ mod ingest;
 mod jetstream;
 mod kafka_route;
 mod mapping;
+mod query;
 mod rabbitmq;
 mod replay;
 mod scale_out;
