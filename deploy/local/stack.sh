@@ -26,7 +26,7 @@ kafka_heap_mb="${SHARDGATE_KAFKA_HEAP_MB:-768}"
 
 apt_packages=(cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libhwloc-dev libudev-dev
   protobuf-compiler libzmq3-dev pkg-config openjdk-17-jre-headless maven nats-server
-  rabbitmq-server python3-pip)
+  rabbitmq-server python3-pip python3-venv)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }

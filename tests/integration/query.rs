@@ -725,6 +725,16 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
         .into_inner();
     stalled.next().await.expect("a first page").expect("page");
     // Not read any further: the gateway must stop fetching for it.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let rows_read = || {
+        devkit::scrape_metric_where(
+            devkit::ADMIN_LISTEN,
+            shardgate::telemetry::metric::ROWS_READ,
+            &[("rpc", "scan")],
+        )
+        .expect("metrics")
+    };
+    let read = rows_read();
     let reader = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
         .await
         .expect("client connects");
@@ -743,9 +753,17 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
         peak = peak.max(devkit::rss_bytes(gateway.pid()).expect("rss"));
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    // The whole table is ~30 MB on the wire; a gateway buffering it would grow by more than that.
+    // The gateway stopped fetching for the stalled client: of the table's rows it read no more
+    // than the pages a scan may hold (a page per split in flight, the channel's, what HTTP/2's
+    // window takes), nothing more during the 5 s of `Get`s, and its memory did not grow with
+    // the table.
     assert!(
-        peak < baseline + (24 << 20),
+        read <= (count / 2) as f64,
+        "the gateway read {read} of {count} rows for a client that read one page"
+    );
+    assert_eq!(read, rows_read(), "the gateway went on reading for a stalled client");
+    assert!(
+        peak < baseline + (96 << 20),
         "RSS grew from {baseline} to {peak} bytes with a stalled scan"
     );
     drop(stalled);
