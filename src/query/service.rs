@@ -474,7 +474,7 @@ async fn page(
     fingerprint: &Fingerprint,
     skip_metadata: bool,
     (table, rpc): (&str, &'static str),
-) -> Result<(ResultSet, Vec<String>, bool), Refusal> {
+) -> Result<(ResultSet, Vec<String>, Option<Position>), Refusal> {
     let started = Instant::now();
     let (result, paging) = shared
         .session
@@ -483,20 +483,14 @@ async fn page(
         .map_err(|e| read_refusal(&e))?;
     let (mut set, warnings) = result_set(result, skip_metadata)?;
     record_read(table, rpc, set.rows.len(), started);
-    let more = match next_paging_state(&paging) {
-        Some(state) => {
-            set.next_page_token = shared.keys.seal(
-                fingerprint,
-                &Position {
-                    range: position.range,
-                    paging_state: state,
-                },
-            );
-            true
-        }
-        None => false,
-    };
-    Ok((set, warnings, more))
+    let next = next_paging_state(&paging).map(|state| Position {
+        range: position.range,
+        paging_state: state,
+    });
+    if let Some(next) = &next {
+        set.next_page_token = shared.keys.seal(fingerprint, next);
+    }
+    Ok((set, warnings, next))
 }
 
 /// Counts a page read on this core for `table` by `rpc`: its rows, and its latency from
@@ -602,19 +596,28 @@ async fn execute_one(shared: Arc<QueryShared>, request: ExecuteRequest) -> Resul
     })
 }
 
-/// A `Get`, prepared and bound: the statement, its key values, where it resumes.
+/// A `Get` read on this core: prepared and bound here, then its page.
 async fn get_here(shared: Arc<QueryShared>, request: GetRequest) -> Result<GetResponse, Refusal> {
-    let (statement, values, fingerprint, options) = get_statement(&shared, &request).await?;
+    let prepared = get_statement(&shared, &request).await?;
+    get_page(&shared, &request.table, prepared).await
+}
+
+/// The page of a prepared `Get` (its statement, key values, fingerprint and options).
+async fn get_page(
+    shared: &QueryShared,
+    table: &str,
+    (statement, values, fingerprint, options): (Arc<PreparedStatement>, RowValues, Fingerprint, QueryOptions),
+) -> Result<GetResponse, Refusal> {
     let position = resume_position(&shared.keys, &fingerprint, "options.page_token", &options.page_token)?;
     let statement = configured(&shared.config, &statement, &options)?;
     let (result, _, _) = page(
-        &shared,
+        shared,
         &statement,
         &values,
         &position,
         &fingerprint,
         options.skip_metadata,
-        (&request.table, "get"),
+        (table, "get"),
     )
     .await?;
     Ok(GetResponse { result: Some(result) })
@@ -857,11 +860,12 @@ impl Query for QueryService {
         let shared = Arc::clone(&self.shared);
         let core = self.core;
         on_this_core(async move {
-            // The key's owner core reads it; this core prepares and binds once to find it.
-            let (statement, values, _, _) = get_statement(&shared, &request).await?;
-            let owner = place_row(&statement, &values, &shared.ownership.load()).map_or(core, |p| p.core);
+            // The key's owner core reads it; this core prepares and binds to find it, and
+            // reads it with what it bound when it is the owner.
+            let prepared = get_statement(&shared, &request).await?;
+            let owner = place_row(&prepared.0, &prepared.1, &shared.ownership.load()).map_or(core, |p| p.core);
             if owner == core {
-                return get_here(shared, request).await;
+                return get_page(&shared, &request.table, prepared).await;
             }
             let remote = Arc::clone(&shared);
             shared
@@ -910,17 +914,12 @@ impl Query for QueryService {
                     (&run.table, "execute"),
                 )
                 .await;
-                let (result, warnings, more) = match fetched {
+                let (result, warnings, next) = match fetched {
                     Ok(page) => page,
                     Err(refused) => {
                         let _ = pages.send(Err(to_status(refused))).await;
                         return;
                     }
-                };
-                let next = if more {
-                    shared.keys.open(&run.fingerprint, &result.next_page_token).ok()
-                } else {
-                    None
                 };
                 let response = ExecuteResponse {
                     result: Some(result),

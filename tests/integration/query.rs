@@ -724,8 +724,9 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
         .expect("scan")
         .into_inner();
     stalled.next().await.expect("a first page").expect("page");
-    // Not read any further: the gateway must stop fetching for it.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // Not read any further: the gateway must stop fetching for it once the pages a scan may
+    // hold are read (how long filling them takes depends on the database, so wait until the
+    // count holds still for 2 s, or fail after 60 s).
     let rows_read = || {
         devkit::scrape_metric_where(
             devkit::ADMIN_LISTEN,
@@ -734,7 +735,20 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
         )
         .expect("metrics")
     };
-    let read = rows_read();
+    let settling = std::time::Instant::now();
+    let mut read = rows_read();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let now = rows_read();
+        if now == read {
+            break;
+        }
+        assert!(
+            settling.elapsed() < std::time::Duration::from_secs(60),
+            "the gateway kept reading for 60 s for a client that read one page ({now} rows)"
+        );
+        read = now;
+    }
     let reader = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
         .await
         .expect("client connects");
@@ -770,7 +784,7 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
     assert!(gateway.stop().expect("stop").success());
 }
 
-/// The Python example (stubs generated from proto/ by grpcio-tools) writes rows, gets them back
+/// The Python example (its gRPC client code generated from proto/ by grpcio-tools) writes rows, gets them back
 /// by key, scans them and sees a DELETE refused, against a real gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_writes_gets_and_scans() {

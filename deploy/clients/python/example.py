@@ -4,8 +4,8 @@ table, and check that what comes back is what went in.
     deploy/clients/python/run.sh KEYSPACE.TABLE [HOST:PORT]
 
 The table is `(id bigint PRIMARY KEY, name text, score double, at timestamp,
-tags frozen<list<int>>)`, as the test suite creates it. Stubs come from proto/ (run.sh generates
-them with grpcio-tools). Exits non-zero, saying why, on any difference.
+tags frozen<list<int>>)`, as the test suite creates it. The gRPC client code comes from proto/ (run.sh generates
+it with grpcio-tools). Exits non-zero, saying why, on any difference.
 """
 
 import sys
