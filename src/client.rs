@@ -101,6 +101,7 @@ impl ShardAwareClient {
                     msb_ignore: u8::try_from(n.msb_ignore).unwrap_or(0),
                 })
                 .collect(),
+            Vec::new(),
         );
         let mut cores = Vec::with_capacity(topology.core_endpoints.len());
         let mut query_cores = Vec::with_capacity(topology.core_endpoints.len());

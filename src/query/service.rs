@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 use super::plan::plan;
 use super::token::{Fingerprint, FingerprintBuilder, Keys, Position};
 use crate::config::QueryConfig;
+use crate::query::pinned::Pins;
 use crate::runtime::mesh::Mesh;
 use crate::server::limit::take_oversized;
 use crate::server::status::status;
@@ -71,11 +72,12 @@ pub struct QueryService {
     shared: Arc<QueryShared>,
 }
 
-/// This core's prepared statements and schema-refresh clock, in the core's context.
+/// This core's prepared statements, schema-refresh clock and scan pins, in the core's context.
 #[derive(Default)]
 struct CoreStatements {
     prepared: RefCell<HashMap<String, Arc<PreparedStatement>>>,
     last_schema_refresh: Cell<Option<Instant>>,
+    pins: Pins,
 }
 
 /// Why a request is refused: its code and a reason naming the field.
@@ -816,6 +818,13 @@ async fn scan_page(
     values.push(MaybeUnset::Set(Some(CqlValue::BigInt(range.start))));
     values.push(MaybeUnset::Set(Some(CqlValue::BigInt(range.end))));
     values.extend(where_values);
+    let mut statement = statement;
+    let statements = crate::runtime::context::state::<CoreStatements>();
+    statement.set_load_balancing_policy(statements.pins.for_range(
+        &shared.session,
+        &shared.ownership.load(),
+        range.start,
+    ));
     let started = Instant::now();
     let (result, paging) = shared
         .session

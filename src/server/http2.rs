@@ -39,8 +39,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts connections forever, serving `routes` on each with HTTP/2. Request messages over
-/// `message_bytes_max` are skipped and answered TOO_LARGE (see `server::limit`).
+/// `message_bytes_max` are skipped and answered TOO_LARGE (see `server::limit`). Dropping the
+/// returned future stops accepting.
+///
+/// The accept loop runs as a task of its own: glommio 0.9 keeps one more clone of the waker of
+/// whichever task polls a pending `accept` on every poll, until a connection arrives. Polled
+/// from a core's main task — woken by every mesh message — a quiet listener piled up clones
+/// until the task's waker count overflowed (an `i16` in glommio) and the core panicked after
+/// about 32,768 forwarded requests on one connection. Its own task is woken by the accept only.
 pub async fn serve(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
+    // Dropping the task cancels it.
+    glommio::spawn_local(accept_forever(listener, routes, message_bytes_max)).await;
+}
+
+async fn accept_forever(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,

@@ -90,6 +90,9 @@ pub struct Ownership {
     /// Shard layout per node ordinal. Ordinals follow ascending node id, so every builder of the
     /// same cluster gets the same ordinals.
     nodes: Vec<NodeShards>,
+    /// Node id (host id as u128) per node ordinal; empty when the snapshot was rebuilt from
+    /// parts that do not carry them (the smart client's).
+    node_ids: Vec<u128>,
 }
 
 /// A primary replica (node ordinal, `None` while the ring is empty) and its shard.
@@ -129,6 +132,7 @@ impl Ownership {
             cores,
             ring: entries,
             nodes: nodes.values().copied().collect(),
+            node_ids: nodes.keys().copied().collect(),
         }
     }
 
@@ -168,8 +172,19 @@ impl Ownership {
         &self.nodes
     }
 
-    /// Rebuilds a snapshot from its parts (as published by the `GetTopology` RPC).
-    pub fn from_parts(cores: usize, ring: Vec<(i64, u32)>, nodes: Vec<NodeShards>) -> Ownership {
+    /// The node id (host id as u128) of node ordinal `node`, when the snapshot knows it.
+    pub fn node_id(&self, node: u32) -> Option<u128> {
+        self.node_ids.get(node as usize).copied()
+    }
+
+    /// Node ids by ordinal (empty when unknown).
+    pub fn node_ids(&self) -> &[u128] {
+        &self.node_ids
+    }
+
+    /// Rebuilds a snapshot from its parts (as published by the `GetTopology` RPC, which carries
+    /// no node ids: pass none).
+    pub fn from_parts(cores: usize, ring: Vec<(i64, u32)>, nodes: Vec<NodeShards>, node_ids: Vec<u128>) -> Ownership {
         let mut ring: Vec<(i64, u32)> = ring.into_iter().filter(|(_, n)| (*n as usize) < nodes.len()).collect();
         ring.sort_unstable();
         ring.dedup_by_key(|e| e.0);
@@ -177,6 +192,7 @@ impl Ownership {
             cores: cores.max(1),
             ring,
             nodes,
+            node_ids,
         }
     }
 

@@ -53,7 +53,7 @@ fn token_range_buckets_cover_the_ring_in_order() {
 fn parts_round_trip() {
     let (entries, layouts) = ring(3, 4, 9, 8);
     let o = Ownership::new(4, &entries, &layouts);
-    let rebuilt = Ownership::from_parts(o.cores(), o.ring().to_vec(), o.nodes().to_vec());
+    let rebuilt = Ownership::from_parts(o.cores(), o.ring().to_vec(), o.nodes().to_vec(), o.node_ids().to_vec());
     assert_eq!(o, rebuilt);
 }
 

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use crate::{gateway_binary, gateway_lock, Names};
 
 /// Partitions and rows per partition of the all-types table.
-const PARTITIONS: i64 = 200;
+const PARTITIONS: i64 = 1_000;
 const ROWS_PER_PARTITION: i64 = 10;
 /// The write timestamp of every all-types row.
 const WRITTEN_AT_US: i64 = 1_700_000_000_000_000;
@@ -174,19 +174,23 @@ async fn get_returns_the_rows_written_and_pages_a_partition() {
     let table = write_kinds(&names).await;
     let mut client = query_client().await;
 
-    // Every row by its full key: the same values, in SELECT * order, with the column specs.
-    let mut checked = 0;
-    for id in 0..PARTITIONS {
-        for seq in 0..ROWS_PER_PARTITION {
+    // Every row by its full key, in a shuffled order, 64 at a time: the same values, in
+    // SELECT * order, with the column specs.
+    let total = PARTITIONS * ROWS_PER_PARTITION;
+    // 7_919 is prime and does not divide `total`: i ↦ i·7_919 mod total visits every row once.
+    let keys = (0..total)
+        .map(|i| i * 7_919 % total)
+        .map(|n| (n / ROWS_PER_PARTITION, n % ROWS_PER_PARTITION));
+    let checked = futures::stream::iter(keys)
+        .map(|(id, seq)| {
+            let mut client = client.clone();
             let mut request = get(&table, vec![v(Kind::Int(id)), v(Kind::Int(seq))]);
             request.with_writetime = vec!["t".into()];
-            let result = client
-                .get(request)
-                .await
-                .expect("get")
-                .into_inner()
-                .result
-                .expect("result");
+            async move { (id, seq, client.get(request).await) }
+        })
+        .buffer_unordered(64)
+        .fold(0, |checked, (id, seq, answer)| async move {
+            let result = answer.expect("get").into_inner().result.expect("result");
             assert_eq!(result.rows.len(), 1, "row ({id}, {seq})");
             let mut expected = kinds_row(id, seq);
             expected.values.push(v(Kind::Int(WRITTEN_AT_US)));
@@ -194,10 +198,10 @@ async fn get_returns_the_rows_written_and_pages_a_partition() {
             assert!(result.next_page_token.is_empty());
             let names: Vec<&str> = result.columns.iter().map(|c| c.name.as_str()).collect();
             assert_eq!(&names[..KINDS_COLUMNS.len()], KINDS_COLUMNS);
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, PARTITIONS * ROWS_PER_PARTITION);
+            checked + 1
+        })
+        .await;
+    assert_eq!(checked, total);
 
     // A whole partition, 7 rows a page, chosen columns.
     let mut rows = Vec::new();
@@ -694,6 +698,58 @@ async fn export_writes_every_row_once_and_resumes_after_a_kill() {
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("id,name,score,at,tags"));
     assert_eq!(lines.count(), count as usize);
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// A plain client's `Get`s on the shared port, half of them forwarded over the mesh to the
+/// other core, keep answering past 32,768 forwards on one connection. (The owner core's main
+/// task is woken by every forward; glommio kept a waker clone per wake in the pending `accept`
+/// of a quiet listener polled by that task, and the core panicked when the count overflowed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_gets_keep_answering_through_many_forwards() {
+    let _lock = gateway_lock().await;
+    let count = 2_000i64;
+    let gets = 100_000i64;
+    let names = Names::new("query_forwards");
+    create_events(&names).await;
+    let gateway = start(&names, "");
+    let table = events_table(&names, count).await;
+    let client = query_client().await;
+    let answered = futures::stream::iter(0..gets)
+        .map(|i| {
+            let mut client = client.clone();
+            let id = i * 7_919 % count;
+            let request = GetRequest {
+                table: table.clone(),
+                columns: devkit::event_columns(),
+                key: vec![v(Kind::Int(id))],
+                ..Default::default()
+            };
+            async move { (id, client.get(request).await) }
+        })
+        .buffer_unordered(64)
+        .fold(0i64, |answered, (id, answer)| async move {
+            let rows = answer.expect("get").into_inner().result.expect("result").rows;
+            assert_eq!(rows, [devkit::event_row(id)], "event {id}");
+            answered + 1
+        })
+        .await;
+    assert_eq!(answered, gets);
+    // Both cores served: the gets were spread over them by key, so about half were forwarded.
+    let served = |core: &str| {
+        devkit::scrape_metric_where(
+            devkit::ADMIN_LISTEN,
+            shardgate::telemetry::metric::ROWS_READ,
+            &[("rpc", "get"), ("core", core)],
+        )
+        .expect("metrics")
+    };
+    let (zero, one) = (served("0"), served("1"));
+    assert_eq!(zero + one, gets as f64);
+    assert!(
+        zero.min(one) > (gets / 4) as f64,
+        "core 0 read {zero}, core 1 read {one}"
+    );
     assert!(gateway.stop().expect("stop").success());
 }
 
