@@ -41,6 +41,11 @@ pub struct RawQuery {
     /// Most splits one `Scan` request reads at once (1 to 64).
     #[serde(default = "default_scan_parallel_splits_max")]
     pub scan_parallel_splits_max: u32,
+    /// Most scan pages one core fetches from the database at once, over all `Scan`s (1 to
+    /// 1024); more wait their turn, so many scans share the core's database connections
+    /// instead of flooding them.
+    #[serde(default = "default_scan_reads_per_core_max")]
+    pub scan_reads_per_core_max: u32,
 }
 
 impl Default for RawQuery {
@@ -53,6 +58,7 @@ impl Default for RawQuery {
             page_token_key_file: None,
             scan_splits_per_core: default_scan_splits_per_core(),
             scan_parallel_splits_max: default_scan_parallel_splits_max(),
+            scan_reads_per_core_max: default_scan_reads_per_core_max(),
         }
     }
 }
@@ -77,6 +83,10 @@ fn default_scan_parallel_splits_max() -> u32 {
     8
 }
 
+fn default_scan_reads_per_core_max() -> u32 {
+    16
+}
+
 /// The query API's defaults and limits.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
@@ -94,6 +104,8 @@ pub struct QueryConfig {
     pub scan_splits_per_core: u32,
     /// Most splits one scan reads at once.
     pub scan_parallel_splits_max: u32,
+    /// Most scan pages one core fetches at once.
+    pub scan_reads_per_core_max: u32,
 }
 
 pub(super) fn validate_query(raw: RawQuery, spool_dir: Option<&std::path::Path>) -> Result<QueryConfig, ConfigError> {
@@ -133,6 +145,13 @@ pub(super) fn validate_query(raw: RawQuery, spool_dir: Option<&std::path::Path>)
             "from 1 to 64",
         ));
     }
+    if !(1..=1024).contains(&raw.scan_reads_per_core_max) {
+        return Err(ConfigError::invalid(
+            "query.scan_reads_per_core_max",
+            raw.scan_reads_per_core_max,
+            "from 1 to 1024",
+        ));
+    }
     let page_token_key_file = match raw.page_token_key_file {
         Some(path) if path.trim().is_empty() => {
             return Err(ConfigError::invalid("query.page_token_key_file", "\"\"", "a file path"))
@@ -148,5 +167,6 @@ pub(super) fn validate_query(raw: RawQuery, spool_dir: Option<&std::path::Path>)
         page_token_key_file,
         scan_splits_per_core: raw.scan_splits_per_core,
         scan_parallel_splits_max: raw.scan_parallel_splits_max,
+        scan_reads_per_core_max: raw.scan_reads_per_core_max,
     })
 }

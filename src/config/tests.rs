@@ -602,3 +602,27 @@ fn subject_field_ref_parses() {
     let columns = &config.routes[0].targets[0].columns;
     assert!(columns.iter().any(|c| c.field == FieldRef::Subject), "{columns:?}");
 }
+
+#[test]
+fn query_keys_default_and_bad_values_name_their_key() {
+    let none = &VALID[..VALID.find("[[route]]").expect("route")];
+    let ingest = format!("{none}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n");
+    let config = Config::parse(&ingest, "t").expect("ingest without [query]");
+    assert_eq!(config.query.page_size_default, 100);
+    assert_eq!(config.query.scan_reads_per_core_max, 16);
+    assert_eq!(config.query.consistency, Consistency::LocalQuorum);
+    let with = |keys: &str| format!("{ingest}\n[query]\n{keys}\n");
+    let config = Config::parse(&with("scan_reads_per_core_max = 3"), "t").expect("valid");
+    assert_eq!(config.query.scan_reads_per_core_max, 3);
+    for (keys, starts) in [
+        ("scan_reads_per_core_max = 0", "`query.scan_reads_per_core_max` = `0`"),
+        ("scan_parallel_splits_max = 65", "`query.scan_parallel_splits_max` = `65`"),
+        ("scan_splits_per_core = 0", "`query.scan_splits_per_core` = `0`"),
+        ("page_size_max = 100001", "`query.page_size_max` = `100001`"),
+        ("page_size_default = 20000", "`query.page_size_default` = `20000`"),
+        ("consistency = \"any\"", "`query.consistency` = `any`"),
+    ] {
+        let message = error_of(&with(keys));
+        assert!(message.starts_with(starts), "{keys}: {message}");
+    }
+}

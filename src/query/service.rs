@@ -72,12 +72,15 @@ pub struct QueryService {
     shared: Arc<QueryShared>,
 }
 
-/// This core's prepared statements, schema-refresh clock and scan pins, in the core's context.
+/// This core's prepared statements, schema-refresh clock, scan pins and scan-read permits, in
+/// the core's context.
 #[derive(Default)]
 struct CoreStatements {
     prepared: RefCell<HashMap<String, Arc<PreparedStatement>>>,
     last_schema_refresh: Cell<Option<Instant>>,
     pins: Pins,
+    /// Permits for scan page fetches (`query.scan_reads_per_core_max`), made on first use.
+    scan_reads: std::cell::OnceCell<glommio::sync::Semaphore>,
 }
 
 /// Why a request is refused: its code and a reason naming the field.
@@ -820,6 +823,13 @@ async fn scan_page(
     values.extend(where_values);
     let mut statement = statement;
     let statements = crate::runtime::context::state::<CoreStatements>();
+    let permits = statements
+        .scan_reads
+        .get_or_init(|| glommio::sync::Semaphore::new(u64::from(shared.config.scan_reads_per_core_max)));
+    let _permit = permits
+        .acquire_permit(1)
+        .await
+        .map_err(|_| refusal(ErrorCode::Unavailable, "the core is shutting down"))?;
     statement.set_load_balancing_policy(statements.pins.for_range(
         &shared.session,
         &shared.ownership.load(),

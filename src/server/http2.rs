@@ -81,3 +81,56 @@ async fn accept_forever(listener: TcpListener, routes: tonic::service::Routes, m
         .detach();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener with no connection coming, served from a task that is woken 100,000 times
+    /// for other reasons (as a core's main task is by mesh messages), keeps accepting: a
+    /// connection made afterwards is accepted and answered.
+    #[test]
+    fn a_quiet_listener_survives_its_task_being_woken_often() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+                let addr = listener.local_addr().expect("address");
+                let routes = tonic::service::Routes::default();
+                let serving = serve(listener, routes, 1 << 20);
+                futures::pin_mut!(serving);
+                let wakes = async {
+                    for _ in 0..100_000 {
+                        // Wake this task and yield once.
+                        let mut yielded = false;
+                        futures::future::poll_fn(|cx| {
+                            if std::mem::replace(&mut yielded, true) {
+                                std::task::Poll::Ready(())
+                            } else {
+                                cx.waker().wake_by_ref();
+                                std::task::Poll::Pending
+                            }
+                        })
+                        .await;
+                    }
+                    // Then a connection: HTTP/2's preface is answered with the server's SETTINGS.
+                    let mut client = glommio::net::TcpStream::connect(addr).await.expect("connect");
+                    use futures::{AsyncReadExt, AsyncWriteExt};
+                    client
+                        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                        .await
+                        .expect("preface");
+                    let mut frame = [0u8; 9];
+                    client.read_exact(&mut frame).await.expect("the server's first frame");
+                    assert_eq!(frame[3], 4, "a SETTINGS frame");
+                };
+                futures::pin_mut!(wakes);
+                match futures::future::select(serving, wakes).await {
+                    futures::future::Either::Left(_) => panic!("the accept loop ended"),
+                    futures::future::Either::Right(_) => {}
+                }
+            })
+            .expect("executor")
+            .join()
+            .expect("the executor ran to the end");
+    }
+}
