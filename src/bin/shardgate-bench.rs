@@ -31,7 +31,7 @@
 //!   events, written by the driver alone when it holds anything else) read whole by one paged
 //!   `SELECT *` with the scylla crate alone / by `--scan-splits` token ranges read 8 at a time
 //!   with the scylla crate alone / through a gateway's `Scan` with the shard-aware client
-//!   (`--scan-parallel` splits at a time, each at its owner core's port, every row compared);
+//!   (`--scan-splits` planned, `--scan-parallel` splits at a time, each at its owner core's port, every row compared);
 //! - `get-smart` / `get-plain`: `Get`s of those events by key, to the owner core's port / on the
 //!   shared port: latency at a fixed `--get-rate`, rows/s with 64 in flight;
 //! - `ceiling` / `ceiling-5` / `ceiling-events`: the Kafka modes' orders (8 / 5 columns) / the
@@ -100,11 +100,12 @@ struct Args {
     /// Messages per second the `nats` mode publishes.
     #[arg(long, default_value_t = 40_000)]
     nats_rate: u64,
-    /// Token ranges of the `scan-driver-parallel` mode (read 8 at a time).
+    /// Token ranges of the `scan-driver-parallel` mode (read 8 at a time) and splits the `scan`
+    /// mode asks the gateway to plan.
     #[arg(long, default_value_t = 24)]
     scan_splits: usize,
     /// Splits the `scan` mode reads at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     scan_parallel: usize,
     /// `Get`s per second in the latency run of the `get-smart` / `get-plain` modes.
     #[arg(long, default_value_t = 2_000)]
@@ -976,7 +977,8 @@ async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
     );
     let database = devkit::CassandraCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
-    let report = devkit::read_back_events(&client, &table, rows, args.scan_parallel, 0).await?;
+    let report =
+        devkit::read_back_events(&client, &table, rows, args.scan_splits as u32, args.scan_parallel, 0).await?;
     let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
     let database_cpu_seconds = database.seconds()?;
     anyhow::ensure!(

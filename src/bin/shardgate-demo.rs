@@ -270,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
         broker_lines.push(line);
     }
     println!("   queries: scanning the gRPC table and getting events by key through the query API");
-    let read_back = devkit::read_back_events(&client, &table, args.grpc_rows as u64, 4, 1_000).await?;
+    let read_back = devkit::read_back_events(&client, &table, args.grpc_rows as u64, 0, 4, 1_000).await?;
     let status = gateway.stop()?;
     let broker_total = args.broker_messages * BROKER_ROUTES.len() as u64;
     let broker_report = devkit::verify_orders(&session, BROKERS_KEYSPACE, broker_total).await?;

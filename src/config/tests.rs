@@ -616,7 +616,10 @@ fn query_keys_default_and_bad_values_name_their_key() {
     assert_eq!(config.query.scan_reads_per_core_max, 3);
     for (keys, starts) in [
         ("scan_reads_per_core_max = 0", "`query.scan_reads_per_core_max` = `0`"),
-        ("scan_parallel_splits_max = 65", "`query.scan_parallel_splits_max` = `65`"),
+        (
+            "scan_parallel_splits_max = 65",
+            "`query.scan_parallel_splits_max` = `65`",
+        ),
         ("scan_splits_per_core = 0", "`query.scan_splits_per_core` = `0`"),
         ("page_size_max = 100001", "`query.page_size_max` = `100001`"),
         ("page_size_default = 20000", "`query.page_size_default` = `20000`"),

@@ -744,13 +744,14 @@ pub struct EventsReadBack {
 }
 
 /// Reads the sample events `0..count` of `table` back through the gateway's query API with the
-/// shard-aware client: a scan of the whole table (planned by the gateway, `parallel` splits at
-/// a time, each at its owner core's port), every row compared with the event it should be; then
+/// shard-aware client: a scan of the whole table (planned by the gateway into at least `splits`
+/// splits, 0 for its configured default; `parallel` splits at a time, each at its owner core's port), every row compared with the event it should be; then
 /// `gets` of them by key (spread over the range), each to the key's owner core.
 pub async fn read_back_events(
     client: &crate::client::ShardAwareClient,
     table: &str,
     count: u64,
+    splits: u32,
     parallel: usize,
     gets: u64,
 ) -> anyhow::Result<EventsReadBack> {
@@ -762,7 +763,7 @@ pub async fn read_back_events(
         .query_client()
         .plan_scan(PlanScanRequest {
             table: table.to_string(),
-            min_splits: 0,
+            min_splits: splits,
         })
         .await?
         .into_inner()
@@ -1623,13 +1624,17 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-/// The pid of the Cassandra `deploy/local/stack.sh up` started (from its state dir,
-/// `$SHARDGATE_STATE` or `.state` in the repository).
-pub fn cassandra_pid() -> anyhow::Result<i32> {
-    let state = std::env::var_os("SHARDGATE_STATE")
+/// The state directory of `deploy/local/stack.sh`: `$SHARDGATE_STATE` or `.state` in the
+/// repository (service data, pids, and tools it installs such as `bin/grpcurl`).
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::var_os("SHARDGATE_STATE")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"));
-    let pidfile = state.join("cassandra/pid");
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"))
+}
+
+/// The pid of the Cassandra `deploy/local/stack.sh up` started (from its state dir).
+pub fn cassandra_pid() -> anyhow::Result<i32> {
+    let pidfile = state_dir().join("cassandra/pid");
     std::fs::read_to_string(&pidfile)
         .with_context(|| format!("reading {}", pidfile.display()))?
         .trim()

@@ -662,6 +662,35 @@ async fn export_writes_every_row_once_and_resumes_after_a_kill() {
     }
     first.kill().expect("kill");
     first.wait().expect("reaped");
+    // A state file whose saved token is damaged is refused, naming the split, rather than
+    // restarting that split and repeating rows the output holds.
+    let damaged = names.dir.join("damaged.state");
+    let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("JSON");
+    let open = saved["splits"]
+        .as_array()
+        .expect("splits")
+        .iter()
+        .position(|s| s["done"] == false)
+        .expect("a split not done");
+    saved["splits"][open]["token"] = "not base64!".into();
+    std::fs::write(&damaged, serde_json::to_vec(&saved).expect("JSON")).expect("write");
+    std::fs::copy(&output, names.dir.join("damaged.jsonl")).expect("copy");
+    let refused = export(&[
+        "--format",
+        "jsonl",
+        "--output",
+        names.dir.join("damaged.jsonl").to_str().unwrap(),
+        "--resume",
+        damaged.to_str().unwrap(),
+    ])
+    .output()
+    .expect("export runs");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains(&format!("splits[{open}].token is not base64")),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     let second = export(&[
         "--format",
         "jsonl",
@@ -837,6 +866,134 @@ async fn a_stalled_scan_keeps_memory_bounded_and_gets_answering() {
         "RSS grew from {baseline} to {peak} bytes with a stalled scan"
     );
     drop(stalled);
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// The README's grpcurl examples, run as written (the demo's table swapped for this test's):
+/// the `Get` answers event 42, the named-bind `Execute` events 1 and 2, `PlanScan` at least 4
+/// splits, the filtered `Scan` exactly the events with `score < 1.5` over every split, and the
+/// `DELETE` is refused `READ_ONLY` and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_grpcurl_examples_answer() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("query_grpcurl");
+    create_events(&names).await;
+    let gateway = start(&names, "");
+    let table = events_table(&names, 100).await;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(repo.join("README.md")).expect("README");
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains("shardgate.v1.Query/"))
+        .expect("a sh block of grpcurl examples in the README");
+    let block = block.replace("shardgate_demo_grpc.events", &table);
+    let prelude = block.lines().find(|l| l.starts_with("q=")).expect("the q= line");
+    let grpcurl = devkit::state_dir().join("bin/grpcurl");
+    assert!(
+        grpcurl.exists(),
+        "{} (deploy/local/stack.sh install builds it)",
+        grpcurl.display()
+    );
+    let prelude = prelude.replace(".state/bin/grpcurl", grpcurl.to_str().expect("utf-8"));
+    let run = |line: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("{prelude}\n{line}"))
+            .current_dir(repo)
+            .output()
+            .expect("bash runs")
+    };
+    let json = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::Deserializer::from_slice(&output.stdout)
+            .into_iter::<serde_json::Value>()
+            .collect::<Result<_, _>>()
+            .expect("grpcurl prints JSON")
+    };
+    // Event `id`'s text and double values as types.proto's JSON shows them.
+    let event = |id: i64| {
+        let row = devkit::event_row(id);
+        let (Some(Kind::Text(name)), Some(Kind::Double(score))) = (&row.values[1].kind, &row.values[2].kind) else {
+            panic!("event_row's shape changed");
+        };
+        (name.clone(), *score)
+    };
+    let commands: Vec<&str> = block.lines().filter(|l| l.starts_with("$q ")).collect();
+    assert_eq!(commands.len(), 5, "the README's grpcurl examples changed: {commands:?}");
+    let mut checked = Vec::new();
+    for command in commands {
+        let rpc = command.rsplit('/').next().expect("an RPC");
+        let output = run(command);
+        if command.contains("DELETE") {
+            assert!(!output.status.success());
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains("PermissionDenied") && stderr.contains("READ_ONLY"),
+                "{stderr}"
+            );
+            checked.push("refused");
+            continue;
+        }
+        let answers = json(&output);
+        match rpc {
+            "Get" => {
+                let result = &answers[0]["result"];
+                let column = |name: &str| {
+                    let at = result["columns"]
+                        .as_array()
+                        .expect("columns")
+                        .iter()
+                        .position(|c| c["name"] == name)
+                        .expect("column");
+                    result["rows"][0]["values"][at].clone()
+                };
+                let (name, score) = event(42);
+                assert_eq!(column("id"), serde_json::json!({"int": "42"}));
+                assert_eq!(column("name"), serde_json::json!({ "text": name }));
+                assert_eq!(column("score")["double"].as_f64(), Some(score));
+            }
+            "Execute" => {
+                let rows = answers[0]["result"]["rows"].as_array().expect("rows").clone();
+                let got: Vec<_> = rows.iter().map(|r| r["values"].clone()).collect();
+                let want: Vec<_> = [1, 2]
+                    .map(|id| serde_json::json!([{"int": id.to_string()}, {"text": event(id).0}]))
+                    .to_vec();
+                assert_eq!(got, want);
+            }
+            "PlanScan" => {
+                assert!(answers[0]["splits"].as_array().expect("splits").len() >= 4);
+            }
+            "Scan" => {
+                let mut ids: Vec<i64> = answers
+                    .iter()
+                    .flat_map(|page| page["page"]["rows"].as_array().cloned().unwrap_or_default())
+                    .map(|row| row["values"][0]["int"].as_str().expect("id").parse().expect("a number"))
+                    .collect();
+                ids.sort_unstable();
+                let want: Vec<i64> = (0..100).filter(|&id| event(id).1 < 1.5).collect();
+                assert_eq!(ids, want);
+                let total = answers[0]["splitsTotal"].as_u64().expect("splitsTotal");
+                let done = answers.iter().filter(|page| page["splitDone"] == true).count();
+                assert_eq!(done as u64, total, "every split ends");
+            }
+            other => panic!("an example of an unknown RPC: {other}"),
+        }
+        checked.push(rpc);
+    }
+    assert_eq!(checked, ["Get", "Execute", "PlanScan", "Scan", "refused"]);
+    // The refused DELETE deleted nothing.
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let (left,) = session
+        .query_unpaged(format!("SELECT count(*) FROM {table} WHERE id = 1"), ())
+        .await
+        .expect("count")
+        .into_rows_result()
+        .expect("rows")
+        .single_row::<(i64,)>()
+        .expect("one row");
+    assert_eq!(left, 1);
     assert!(gateway.stop().expect("stop").success());
 }
 
