@@ -16,6 +16,7 @@ pub mod config;
 pub mod devkit;
 pub mod export;
 pub mod ingest;
+pub mod job;
 pub mod mapping;
 pub mod query;
 pub mod reference;

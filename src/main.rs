@@ -1,6 +1,6 @@
 //! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline,
 //! `replay` sends a route's dead letters back through the route, `export` streams a table
-//! through the gateway's scan path, `reference` checks or writes the generated references
+//! through the gateway's scan path, `job run` runs a processing job, `reference` checks or writes the generated references
 //! under `deploy/reference/`.
 
 use std::path::PathBuf;
@@ -81,6 +81,11 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         page_size: u32,
     },
+    /// Processing jobs (`[[job]]` in the config).
+    Job {
+        #[command(subcommand)]
+        action: JobAction,
+    },
     /// Checks that the generated references under `deploy/reference/` (configuration keys,
     /// reason codes, the config's JSON Schema) match the code; `--write` rewrites them.
     Reference {
@@ -91,6 +96,52 @@ enum Command {
         #[arg(long)]
         write: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum JobAction {
+    /// Runs a job to the end of its current run (a new run when the last one finished) through
+    /// the gateway's `[ingest]` listener, sharing its splits with other gateways running it; a
+    /// progress bar on a terminal, a summary line at the end.
+    Run {
+        /// TOML config holding the job.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The job's `name`.
+        #[arg(long, short)]
+        job: String,
+    },
+}
+
+fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let loaded = Config::load(config)?;
+    let Some(job) = loaded.jobs.iter().find(|j| j.name == name).cloned() else {
+        let names: Vec<&str> = loaded.jobs.iter().map(|j| j.name.as_str()).collect();
+        anyhow::bail!("no job `{name}` in {}; jobs: {}", config.display(), names.join(", "));
+    };
+    let Some(ingest) = &loaded.ingest else {
+        anyhow::bail!(
+            "{}: no `[ingest]` table; jobs run through its listener",
+            config.display()
+        );
+    };
+    let mut address = ingest.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(shardgate::job::run(
+        &loaded.cluster,
+        job,
+        &address.to_string(),
+        progress,
+    ))?;
+    eprintln!("job `{name}`: {report}");
+    Ok(())
 }
 
 fn reference(repo: &std::path::Path, write: bool) -> anyhow::Result<()> {
@@ -120,6 +171,9 @@ fn main() -> ExitCode {
             .and_then(|c| shardgate::replay::run(c, &route))
             .map(|report| println!("route `{route}`: {report}")),
         Command::Reference { repo, write } => reference(&repo, write),
+        Command::Job {
+            action: JobAction::Run { config, job },
+        } => run_job(&config, &job),
         Command::Export {
             config,
             table,

@@ -16,6 +16,7 @@ mod de;
 mod dead_letter;
 mod error;
 mod ingest;
+mod job;
 mod query;
 mod route;
 mod runtime;
@@ -28,6 +29,10 @@ pub use dead_letter::{
 };
 pub use error::ConfigError;
 pub use ingest::{IngestConfig, RawIngest};
+pub use job::{
+    AggregateConfig, JobConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink, RawJobSource, RawWindow,
+    WindowConfig, WindowSpec,
+};
 pub use query::{QueryConfig, RawQuery};
 pub use route::{
     AckMode, ColumnMapping, FieldRef, Format, ProtobufConfig, RawColumn, RawFlatBuffers, RawProtobuf, RawRoute,
@@ -45,6 +50,7 @@ use std::path::Path;
 use check::parse_socket_addr;
 use cluster::validate_cluster;
 use ingest::validate_ingest;
+use job::validate_job;
 use query::validate_query;
 use route::validate_route;
 use runtime::validate_runtime;
@@ -67,6 +73,8 @@ pub struct Config {
     pub query: QueryConfig,
     /// Address of the Prometheus metrics endpoint, if served.
     pub admin: Option<std::net::SocketAddr>,
+    /// Processing jobs (`shardgate job run`).
+    pub jobs: Vec<JobConfig>,
 }
 
 impl Config {
@@ -138,6 +146,9 @@ pub struct RawConfig {
     /// default.
     #[serde(default)]
     pub query: Option<RawQuery>,
+    /// `[[job]]`: processing jobs, run through the `[ingest]` listener by `shardgate job run`.
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<RawJob>,
 }
 
 /// `[admin]`
@@ -195,6 +206,25 @@ impl RawConfig {
             }
             routes.push(route);
         }
+        if !self.jobs.is_empty() && ingest.is_none() {
+            return Err(ConfigError::invalid(
+                "job",
+                format!("{} job(s)", self.jobs.len()),
+                "an `[ingest]` table too: jobs read and write through its listener",
+            ));
+        }
+        let mut jobs = Vec::with_capacity(self.jobs.len());
+        for (index, raw) in self.jobs.into_iter().enumerate() {
+            let job = validate_job(index, raw)?;
+            if jobs.iter().any(|j: &JobConfig| j.name == job.name) {
+                return Err(ConfigError::invalid(
+                    format!("job[{index}].name"),
+                    &job.name,
+                    "a name no other job uses",
+                ));
+            }
+            jobs.push(job);
+        }
         Ok(Config {
             cluster,
             runtime,
@@ -202,6 +232,7 @@ impl RawConfig {
             ingest,
             query,
             admin,
+            jobs,
         })
     }
 }

@@ -629,3 +629,92 @@ fn query_keys_default_and_bad_values_name_their_key() {
         assert!(message.starts_with(starts), "{keys}: {message}");
     }
 }
+
+/// A job's keys: defaults, a whole aggregate job read back, and each bad value named by its
+/// full key path.
+#[test]
+fn job_keys_default_and_bad_values_name_their_key() {
+    let none = &VALID[..VALID.find("[[route]]").expect("route")];
+    let ingest = format!("{none}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n");
+    let job = |extra: &str| {
+        format!(
+            "{ingest}\n[[job]]\nname = \"hourly\"\n{extra}\n[job.source]\ntable = \"shop.orders\"\n\
+             columns = [\"customer_id\", \"amount\", \"placed_at\"]\n\
+             [job.aggregate]\ngroup_by = [\"customer_id\"]\n\
+             window = {{ column = \"placed_at\", size = \"1h\", hop = \"15m\" }}\n\
+             measures = {{ orders = \"count()\", revenue = \"sum(row.amount)\", biggest = \"max(row.amount)\" }}\n\
+             [[job.sink]]\ntable = \"shop.revenue_hourly\"\n"
+        )
+    };
+    let config = Config::parse(&job(""), "t").expect("a valid job");
+    let parsed = &config.jobs[0];
+    assert_eq!(parsed.state_keyspace, "shardgate");
+    assert_eq!(parsed.lease, std::time::Duration::from_secs(30));
+    assert_eq!(parsed.parallel_splits, 4);
+    assert_eq!(parsed.sinks, ["shop.revenue_hourly"]);
+    let aggregate = parsed.aggregate.as_ref().expect("aggregate");
+    let window = aggregate.window.as_ref().expect("window");
+    assert_eq!((window.spec.size_ms, window.spec.hop_ms), (3_600_000, 900_000));
+    let measures: Vec<(&str, crate::config::MeasureKind)> =
+        aggregate.measures.iter().map(|m| (m.name.as_str(), m.kind)).collect();
+    assert_eq!(
+        measures,
+        [
+            ("biggest", crate::config::MeasureKind::Max),
+            ("orders", crate::config::MeasureKind::Count),
+            ("revenue", crate::config::MeasureKind::Sum),
+        ]
+    );
+    for (source, starts) in [
+        (job("lease = \"0s\""), "`job[0].lease` = `0s`"),
+        (job("lease = \"soon\""), "`job[0].lease` = `soon`"),
+        (job("parallel_splits = 0"), "`job[0].parallel_splits` = `0`"),
+        (job("state_keyspace = \"a-b\""), "`job[0].state_keyspace` = `a-b`"),
+        (job("filter = \"row.amount >\""), "`job[0].filter` = `row.amount >`"),
+        (
+            job("").replace("hop = \"15m\"", "hop = \"7m\""),
+            "`job[0].aggregate.window.hop` = `7m`",
+        ),
+        (
+            job("").replace("size = \"1h\"", "size = \"1 week\""),
+            "`job[0].aggregate.window.size` = `1 week`",
+        ),
+        (
+            job("").replace("column = \"placed_at\"", "column = \"status\""),
+            "`job[0].aggregate.window.column` = `status`",
+        ),
+        (
+            job("").replace("group_by = [\"customer_id\"]", "group_by = [\"store\"]"),
+            "`job[0].aggregate.group_by[0]` = `store`",
+        ),
+        (
+            job("").replace("sum(row.amount)", "median(row.amount)"),
+            "`job[0].aggregate.measures.revenue` = `median(row.amount)`",
+        ),
+        (
+            job("").replace("\"count()\"", "\"count(row.amount)\""),
+            "`job[0].aggregate.measures.orders` = `count(row.amount)`",
+        ),
+        (
+            job("").replace("table = \"shop.revenue_hourly\"", "table = \"revenue\""),
+            "`job[0].sink[0].table` = `revenue`",
+        ),
+        (
+            job("").replace("[[job.sink]]\ntable = \"shop.revenue_hourly\"\n", ""),
+            "`job[0].sink` = `[]`",
+        ),
+        (
+            format!("{}\n{}", job(""), &job("")[ingest.len()..]),
+            "`job[1].name` = `hourly`",
+        ),
+    ] {
+        let message = error_of(&source);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+    let without_ingest = job("").replacen(&ingest, VALID, 1);
+    assert!(
+        error_of(&without_ingest).starts_with("`job` = `1 job(s)`"),
+        "{}",
+        error_of(&without_ingest)
+    );
+}

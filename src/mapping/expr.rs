@@ -87,6 +87,15 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// Binds one row of a job as `row` (an object of its columns).
+    pub fn row(row: &Value) -> Bound {
+        let mut context = Context::with_env(Arc::clone(&ENV));
+        context.add_variable_from_value("row", to_cel(row));
+        Bound { context }
+    }
+}
+
 impl Expr {
     /// Compiles `source`; the error is the parser's message.
     pub fn compile(source: &str) -> Result<Expr, String> {

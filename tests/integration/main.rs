@@ -10,6 +10,7 @@
 mod faults;
 mod ingest;
 mod jetstream;
+mod jobs;
 mod kafka_route;
 mod mapping;
 mod query;

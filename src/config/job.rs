@@ -1,0 +1,418 @@
+//! `[[job]]`: a processing job — the raw table, its validated form and `validate`. A job scans a
+//! table through the query API's shard-aligned splits, keeps the rows a CEL `filter` passes,
+//! and either writes them to its sinks as they are or folds them into `aggregate` groups whose
+//! results it writes at the end. Pure.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::check::{validate_expression, validate_identifier};
+use super::error::ConfigError;
+
+/// `[[job]]`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJob {
+    /// Unique job name (a CQL identifier): the key of its progress in the state tables.
+    pub name: String,
+    /// `[job.source]`: what the job reads.
+    pub source: RawJobSource,
+    /// CEL condition over `row` (the row as an object of its columns, in the JSON forms
+    /// `shardgate export` writes); rows for which it is false are skipped. Default: every row.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// `[job.aggregate]`: group and fold the rows; absent, every kept row is written to the
+    /// sinks as read.
+    #[serde(default)]
+    pub aggregate: Option<RawAggregate>,
+    /// `[[job.sink]]`: where results go (one or more).
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<RawJobSink>,
+    /// Keyspace of the job's progress tables (`job_runs`, `job_splits`, created in it when
+    /// missing). The keyspace itself must exist: its replication is the operator's choice.
+    #[serde(default = "default_state_keyspace")]
+    pub state_keyspace: String,
+    /// How long a gateway's claim on a split lasts without renewal (`"30s"`, 1 s to 1 h).
+    /// A split claimed by a gateway that died is taken over once its lease runs out.
+    #[serde(default = "default_lease")]
+    pub lease: String,
+    /// Splits one `shardgate job run` processes at once (1 to 64).
+    #[serde(default = "default_parallel_splits")]
+    pub parallel_splits: u32,
+}
+
+/// `[job.source]`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobSource {
+    /// `keyspace.table` to scan.
+    pub table: String,
+    /// Columns to read; default all.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Extra CQL restrictions, bound to nothing (e.g. `status = 'open'`).
+    #[serde(default, rename = "where")]
+    pub r#where: String,
+    /// Adds ALLOW FILTERING to the scan (needed by a `where` on non-key columns).
+    #[serde(default)]
+    pub allow_filtering: bool,
+    /// Splits to plan the scan into; 0 = the gateway's default (`query.scan_splits_per_core`
+    /// × cores).
+    #[serde(default)]
+    pub min_splits: u32,
+}
+
+/// `[job.aggregate]`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAggregate {
+    /// Source columns whose values form a group (and become result columns of the same name).
+    /// Empty: one group over all rows (per window).
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// `[job.aggregate.window]`: groups per event-time window too.
+    #[serde(default)]
+    pub window: Option<RawWindow>,
+    /// Result column name → measure: `count()`, or `sum(E)`, `min(E)`, `max(E)`, `mean(E)`,
+    /// `distinct(E)` (approximate, HyperLogLog) of a CEL expression `E` over `row`.
+    pub measures: BTreeMap<String, String>,
+}
+
+/// `[job.aggregate.window]`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    /// Source column of the event time: a `timestamp`.
+    pub column: String,
+    /// Window length (`"1h"`, `"15m"`, `"30s"`; 1 s to 366 days). Windows start at multiples
+    /// of it since the epoch; a row belongs to the one holding its time (tumbling).
+    pub size: String,
+    /// Hopping windows: a new window every `hop` (a divisor of `size`), a row counted in each
+    /// of the `size / hop` windows holding its time. Default: tumbling.
+    #[serde(default)]
+    pub hop: Option<String>,
+}
+
+/// `[[job.sink]]`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobSink {
+    /// `keyspace.table` written through the gateway's ingest API: columns named like the
+    /// results (the `group_by` columns, `window_start` when windowed, each measure), or like
+    /// the source columns for a job without `aggregate`.
+    pub table: String,
+}
+
+fn default_state_keyspace() -> String {
+    "shardgate".into()
+}
+
+fn default_lease() -> String {
+    "30s".into()
+}
+
+fn default_parallel_splits() -> u32 {
+    4
+}
+
+/// A validated job.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// `job[i].name`.
+    pub name: String,
+    /// The table scanned.
+    pub table: String,
+    /// Columns read (empty: all).
+    pub columns: Vec<String>,
+    /// Extra CQL restrictions.
+    pub r#where: String,
+    /// ALLOW FILTERING on the scan.
+    pub allow_filtering: bool,
+    /// Splits planned (0: the gateway's default).
+    pub min_splits: u32,
+    /// CEL filter source.
+    pub filter: Option<String>,
+    /// Grouping and measures, if any.
+    pub aggregate: Option<AggregateConfig>,
+    /// Sink tables.
+    pub sinks: Vec<String>,
+    /// Keyspace of the progress tables.
+    pub state_keyspace: String,
+    /// Split lease.
+    pub lease: Duration,
+    /// Splits at once.
+    pub parallel_splits: u32,
+}
+
+/// A validated `[job.aggregate]`.
+#[derive(Debug, Clone)]
+pub struct AggregateConfig {
+    /// Group columns.
+    pub group_by: Vec<String>,
+    /// Event-time windows.
+    pub window: Option<WindowConfig>,
+    /// Measures in result column order (sorted by name).
+    pub measures: Vec<MeasureConfig>,
+}
+
+/// A validated window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpec {
+    /// Window length, milliseconds.
+    pub size_ms: i64,
+    /// Distance between window starts, milliseconds (= `size_ms` when tumbling).
+    pub hop_ms: i64,
+}
+
+/// A validated `[job.aggregate.window]`.
+#[derive(Debug, Clone)]
+pub struct WindowConfig {
+    /// Event-time column.
+    pub column: String,
+    /// Size and hop.
+    pub spec: WindowSpec,
+}
+
+/// What a measure folds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasureKind {
+    /// Rows in the group.
+    Count,
+    /// Sum of numbers (exact over integers; a float anywhere makes it a double).
+    Sum,
+    /// Least value (numbers, then text).
+    Min,
+    /// Greatest value.
+    Max,
+    /// Arithmetic mean, a double.
+    Mean,
+    /// Approximate count of distinct values (HyperLogLog).
+    Distinct,
+}
+
+/// A validated measure.
+#[derive(Debug, Clone)]
+pub struct MeasureConfig {
+    /// Result column.
+    pub name: String,
+    /// The fold.
+    pub kind: MeasureKind,
+    /// CEL over `row` (none for `count()`).
+    pub expr: Option<String>,
+}
+
+/// `"1h"`-style durations: a number and a unit (`ms`, `s`, `m`, `h`, `d`).
+fn parse_duration(key: &str, text: &str, min: Duration, max: Duration, bounds: &str) -> Result<Duration, ConfigError> {
+    let expected =
+        || format!("a duration like `30s`, `15m`, `1h` or `1d` (a whole number and one of ms, s, m, h, d), {bounds}");
+    let text_trim = text.trim();
+    let split = text_trim.find(|c: char| !c.is_ascii_digit()).unwrap_or(text_trim.len());
+    let (number, unit) = text_trim.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| ConfigError::invalid(key, text, expected()))?;
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(ConfigError::invalid(key, text, expected())),
+    };
+    let duration = number
+        .checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| ConfigError::invalid(key, text, expected()))?;
+    if duration < min || duration > max {
+        return Err(ConfigError::invalid(key, text, expected()));
+    }
+    Ok(duration)
+}
+
+fn validate_table(key: &str, table: &str) -> Result<(), ConfigError> {
+    let Some((keyspace, name)) = table.split_once('.') else {
+        return Err(ConfigError::invalid(key, table, "`keyspace.table`"));
+    };
+    validate_identifier(key, keyspace)?;
+    validate_identifier(key, name)
+}
+
+/// A measure as written: `count()` or `kind(expression)`.
+fn parse_measure(key: &str, name: &str, text: &str) -> Result<MeasureConfig, ConfigError> {
+    let expected =
+        "`count()`, or `sum(E)`, `min(E)`, `max(E)`, `mean(E)` or `distinct(E)` with `E` a CEL expression over `row`";
+    let text_trim = text.trim();
+    let Some((kind, rest)) = text_trim.split_once('(') else {
+        return Err(ConfigError::invalid(key, text, expected));
+    };
+    let Some(inner) = rest.strip_suffix(')') else {
+        return Err(ConfigError::invalid(key, text, expected));
+    };
+    let kind = match kind.trim() {
+        "count" => MeasureKind::Count,
+        "sum" => MeasureKind::Sum,
+        "min" => MeasureKind::Min,
+        "max" => MeasureKind::Max,
+        "mean" => MeasureKind::Mean,
+        "distinct" => MeasureKind::Distinct,
+        _ => return Err(ConfigError::invalid(key, text, expected)),
+    };
+    let inner = inner.trim();
+    let expr = match (kind, inner.is_empty()) {
+        (MeasureKind::Count, true) => None,
+        (MeasureKind::Count, false) => {
+            return Err(ConfigError::invalid(
+                key,
+                text,
+                "`count()`: it counts rows, with no expression",
+            ))
+        }
+        (_, true) => return Err(ConfigError::invalid(key, text, expected)),
+        (_, false) => Some(validate_expression(key, inner.to_string())?),
+    };
+    Ok(MeasureConfig {
+        name: name.to_string(),
+        kind,
+        expr,
+    })
+}
+
+/// Validates `job[index]`.
+pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, ConfigError> {
+    let key = |field: &str| format!("job[{index}].{field}");
+    validate_identifier(&key("name"), &raw.name)?;
+    validate_table(&key("source.table"), &raw.source.table)?;
+    for (i, column) in raw.source.columns.iter().enumerate() {
+        validate_identifier(&key(&format!("source.columns[{i}]")), column)?;
+    }
+    let filter = raw.filter.map(|f| validate_expression(&key("filter"), f)).transpose()?;
+    let readable = |field: &str, column: &str| -> Result<(), ConfigError> {
+        validate_identifier(&key(field), column)?;
+        if !raw.source.columns.is_empty() && !raw.source.columns.iter().any(|c| c == column) {
+            return Err(ConfigError::invalid(
+                key(field),
+                column,
+                format!("one of the columns read (`{}.source.columns`)", key("")),
+            ));
+        }
+        Ok(())
+    };
+    let aggregate = match raw.aggregate {
+        None => None,
+        Some(aggregate) => {
+            for (i, column) in aggregate.group_by.iter().enumerate() {
+                readable(&format!("aggregate.group_by[{i}]"), column)?;
+            }
+            let window = match aggregate.window {
+                None => None,
+                Some(window) => {
+                    readable("aggregate.window.column", &window.column)?;
+                    let size = parse_duration(
+                        &key("aggregate.window.size"),
+                        &window.size,
+                        Duration::from_secs(1),
+                        Duration::from_secs(366 * 86_400),
+                        "from 1s to 366d",
+                    )?;
+                    let hop = match &window.hop {
+                        None => size,
+                        Some(hop) => {
+                            let hop_key = key("aggregate.window.hop");
+                            let parsed = parse_duration(
+                                &hop_key,
+                                hop,
+                                Duration::from_secs(1),
+                                size,
+                                &format!("from 1s to `aggregate.window.size` ({})", window.size),
+                            )?;
+                            if size.as_millis() % parsed.as_millis() != 0 {
+                                return Err(ConfigError::invalid(
+                                    hop_key,
+                                    hop,
+                                    format!("a divisor of `aggregate.window.size` ({})", window.size),
+                                ));
+                            }
+                            parsed
+                        }
+                    };
+                    Some(WindowConfig {
+                        column: window.column,
+                        spec: WindowSpec {
+                            size_ms: size.as_millis() as i64,
+                            hop_ms: hop.as_millis() as i64,
+                        },
+                    })
+                }
+            };
+            if aggregate.measures.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("aggregate.measures"),
+                    "{}",
+                    "at least one measure, for example `orders = \"count()\"`",
+                ));
+            }
+            let mut measures = Vec::with_capacity(aggregate.measures.len());
+            for (name, text) in &aggregate.measures {
+                let measure_key = key(&format!("aggregate.measures.{name}"));
+                validate_identifier(&measure_key, name)?;
+                if aggregate.group_by.iter().any(|g| g == name) || (window.is_some() && name == "window_start") {
+                    return Err(ConfigError::invalid(
+                        measure_key,
+                        name,
+                        "a result column name no `group_by` column (nor `window_start`) has",
+                    ));
+                }
+                measures.push(parse_measure(&measure_key, name, text)?);
+            }
+            Some(AggregateConfig {
+                group_by: aggregate.group_by,
+                window,
+                measures,
+            })
+        }
+    };
+    if raw.sinks.is_empty() {
+        return Err(ConfigError::invalid(
+            key("sink"),
+            "[]",
+            "at least one `[[job.sink]]` with a `table`",
+        ));
+    }
+    let mut sinks = Vec::with_capacity(raw.sinks.len());
+    for (i, sink) in raw.sinks.into_iter().enumerate() {
+        validate_table(&key(&format!("sink[{i}].table")), &sink.table)?;
+        sinks.push(sink.table);
+    }
+    validate_identifier(&key("state_keyspace"), &raw.state_keyspace)?;
+    let lease = parse_duration(
+        &key("lease"),
+        &raw.lease,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "from 1s to 1h",
+    )?;
+    if !(1..=64).contains(&raw.parallel_splits) {
+        return Err(ConfigError::invalid(
+            key("parallel_splits"),
+            raw.parallel_splits,
+            "a number of splits from 1 to 64",
+        ));
+    }
+    Ok(JobConfig {
+        name: raw.name,
+        table: raw.source.table,
+        columns: raw.source.columns,
+        r#where: raw.source.r#where,
+        allow_filtering: raw.source.allow_filtering,
+        min_splits: raw.source.min_splits,
+        filter,
+        aggregate,
+        sinks,
+        state_keyspace: raw.state_keyspace,
+        lease,
+        parallel_splits: raw.parallel_splits,
+    })
+}

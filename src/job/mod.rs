@@ -1,0 +1,648 @@
+//! Processing jobs (`[[job]]`, `shardgate job run`): a table scanned through the gateway's
+//! shard-aligned splits, each split at its owner core's port; rows kept by a CEL filter; either
+//! written as read to the sinks, or folded into aggregate groups ([`aggregate`]) whose results
+//! are written once every split is done. Sinks are written through the gateway's ingest API, so
+//! results take the one write engine's owner-core routing.
+//!
+//! **Progress and sharing** live in two tables of the job's `state_keyspace`: `job_runs` (one
+//! row per job: the current run, its start time, its split plan, its state) and `job_splits`
+//! (per split: owner, lease, done, the split's partial aggregate and counts). A split is
+//! claimed with a lightweight transaction on its lease, renewed while it runs, and marked done
+//! only by the gateway still holding it; a split of a gateway that died is taken over when its
+//! lease runs out. Every gateway running the same job shares its splits this way; whichever
+//! finds every split done merges the partials and writes the results.
+//!
+//! **Never double-counted**: a split's rows count once, in the partial its holder stored with
+//! `done`; a split whose holder died is processed again from its start by the next holder, and
+//! only that holder's partial is kept. Every result and copied row is written with the run's
+//! start time as its write timestamp, so writing it again (a rerun of the last step, a split
+//! processed twice) leaves identical cells.
+
+pub mod aggregate;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use prost::Message;
+use scylla::client::session::Session;
+
+use crate::client::ShardAwareClient;
+use crate::config::{ClusterConfig, JobConfig};
+use crate::export::json_of;
+use crate::mapping::expr::{Bound, Expr};
+use crate::wire::proto::value::Kind;
+use crate::wire::proto::{PlanScanRequest, PlanScanResponse, QueryOptions, Row, RowBatch, ScanRequest, Split};
+use aggregate::Partial;
+
+/// Rows per page a job's scan asks for.
+const PAGE_ROWS: u32 = 2_000;
+/// Rows per batch written to a sink.
+const WRITE_ROWS: usize = 500;
+/// Reasons kept for the report.
+const REASONS_MAX: usize = 5;
+
+/// What a job run did.
+#[derive(Debug, Default, Clone)]
+pub struct JobReport {
+    /// The run (its start, epoch microseconds; also the write timestamp of what it wrote).
+    pub run: i64,
+    /// Splits of the run.
+    pub splits: usize,
+    /// Splits this process finished.
+    pub splits_here: usize,
+    /// Rows read by this process.
+    pub rows_in: u64,
+    /// Rows the filter kept.
+    pub rows_kept: u64,
+    /// Rows an expression failed on (skipped, counted, first reasons in `reasons`).
+    pub rows_failed: u64,
+    /// Rows written to the sinks by this process (results, or copied rows).
+    pub rows_out: u64,
+    /// First failure reasons.
+    pub reasons: Vec<String>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for JobReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {}: {} of {} splits here, {} rows read, {} kept, {} failed, {} written in {:.1} s",
+            self.run,
+            self.splits_here,
+            self.splits,
+            self.rows_in,
+            self.rows_kept,
+            self.rows_failed,
+            self.rows_out,
+            self.seconds
+        )?;
+        for reason in &self.reasons {
+            write!(f, "\n  - {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The compiled expressions of a job.
+struct Compiled {
+    filter: Option<Expr>,
+    measures: Vec<Option<Expr>>,
+}
+
+impl Compiled {
+    fn new(job: &JobConfig) -> anyhow::Result<Compiled> {
+        let compile = |source: &str| Expr::compile(source).map_err(|e| anyhow::anyhow!("{source}: {e}"));
+        Ok(Compiled {
+            filter: job.filter.as_deref().map(compile).transpose()?,
+            measures: job
+                .aggregate
+                .iter()
+                .flat_map(|a| &a.measures)
+                .map(|m| m.expr.as_deref().map(compile).transpose())
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+}
+
+/// A claimed split: its index and the lease deadline it was claimed with.
+struct Claim {
+    index: i32,
+    split: Split,
+}
+
+/// Shared state of one `job run`.
+struct Runner {
+    job: JobConfig,
+    session: Session,
+    client: ShardAwareClient,
+    compiled: Compiled,
+    owner: String,
+    run: i64,
+    rows_in: AtomicU64,
+    rows_kept: AtomicU64,
+    rows_failed: AtomicU64,
+    rows_out: AtomicU64,
+    reasons: std::sync::Mutex<Vec<String>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Creates the progress tables in the job's keyspace (which must exist).
+async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {keyspace}.job_runs (job text PRIMARY KEY, run bigint, plan blob, \
+                 splits int, state text)"
+            ),
+            (),
+        )
+        .await
+        .with_context(|| {
+            format!("creating {keyspace}.job_runs (the keyspace `{keyspace}` of `state_keyspace` must exist)")
+        })?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {keyspace}.job_splits (job text, run bigint, split int, owner text, \
+                 lease_until bigint, done boolean, partial blob, rows_in bigint, rows_kept bigint, \
+                 PRIMARY KEY ((job, run), split))"
+            ),
+            (),
+        )
+        .await
+        .with_context(|| format!("creating {keyspace}.job_splits"))?;
+    Ok(())
+}
+
+/// The job's current run — or a new one when it has none or its last finished: (run, plan).
+async fn current_run(
+    session: &Session,
+    job: &JobConfig,
+    client: &ShardAwareClient,
+) -> anyhow::Result<(i64, Vec<Split>)> {
+    let keyspace = &job.state_keyspace;
+    loop {
+        let existing = session
+            .query_unpaged(
+                format!("SELECT run, plan, state FROM {keyspace}.job_runs WHERE job = ?"),
+                (&job.name,),
+            )
+            .await?
+            .into_rows_result()?
+            .maybe_first_row::<(i64, Vec<u8>, String)>()?;
+        if let Some((run, plan, state)) = &existing {
+            if state == "running" {
+                let plan = PlanScanResponse::decode(plan.as_slice()).context("the run's saved split plan")?;
+                return Ok((*run, plan.splits));
+            }
+        }
+        let plan = client
+            .query_client()
+            .plan_scan(PlanScanRequest {
+                table: job.table.clone(),
+                min_splits: job.min_splits,
+            })
+            .await
+            .with_context(|| format!("planning the scan of {}", job.table))?
+            .into_inner();
+        let run = now_ms() * 1_000;
+        let splits = plan.splits.len() as i32;
+        let started = match &existing {
+            None => session
+                .query_unpaged(
+                    format!(
+                        "INSERT INTO {keyspace}.job_runs (job, run, plan, splits, state) VALUES (?, ?, ?, ?, 'running') \
+                         IF NOT EXISTS"
+                    ),
+                    (&job.name, run, plan.encode_to_vec(), splits),
+                )
+                .await?,
+            Some((previous, _, _)) => session
+                .query_unpaged(
+                    format!(
+                        "UPDATE {keyspace}.job_runs SET run = ?, plan = ?, splits = ?, state = 'running' WHERE job = ? \
+                         IF run = ?"
+                    ),
+                    (run, plan.encode_to_vec(), splits, &job.name, *previous),
+                )
+                .await?,
+        };
+        if applied(started)? {
+            for index in 0..splits {
+                session
+                    .query_unpaged(
+                        format!(
+                            "INSERT INTO {keyspace}.job_splits (job, run, split, owner, lease_until, done) \
+                             VALUES (?, ?, ?, '', 0, false) IF NOT EXISTS"
+                        ),
+                        (&job.name, run, index),
+                    )
+                    .await?;
+            }
+            return Ok((run, plan.splits));
+        }
+        // Another gateway started a run first: go round and join it.
+    }
+}
+
+/// Whether a lightweight transaction applied (its `[applied]` column).
+fn applied(result: scylla::response::query_result::QueryResult) -> anyhow::Result<bool> {
+    let rows = result.into_rows_result()?;
+    let mut typed = rows.rows::<scylla::value::Row>()?;
+    match typed.next() {
+        Some(row) => Ok(matches!(
+            row?.columns.first(),
+            Some(Some(scylla::value::CqlValue::Boolean(true)))
+        )),
+        None => anyhow::bail!("a lightweight transaction answered no row"),
+    }
+}
+
+impl Runner {
+    fn state_table(&self, table: &str) -> String {
+        format!("{}.{table}", self.job.state_keyspace)
+    }
+
+    fn reason(&self, reason: String) {
+        self.rows_failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut reasons) = self.reasons.lock() {
+            if reasons.len() < REASONS_MAX {
+                reasons.push(reason);
+            }
+        }
+    }
+
+    /// Split rows: (index, owner, lease_until, done).
+    async fn splits(&self) -> anyhow::Result<Vec<(i32, String, i64, bool)>> {
+        let mut rows = Vec::new();
+        let pages = self
+            .session
+            .query_iter(
+                format!(
+                    "SELECT split, owner, lease_until, done FROM {} WHERE job = ? AND run = ?",
+                    self.state_table("job_splits")
+                ),
+                (&self.job.name, self.run),
+            )
+            .await?
+            .rows_stream::<(i32, Option<String>, Option<i64>, Option<bool>)>()?;
+        use futures::TryStreamExt;
+        let all: Vec<_> = pages.try_collect().await?;
+        for (index, owner, lease, done) in all {
+            rows.push((
+                index,
+                owner.unwrap_or_default(),
+                lease.unwrap_or(0),
+                done.unwrap_or(false),
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// Claims split `index` if its lease is still `seen_lease` (nobody claimed it since).
+    async fn claim(&self, index: i32, seen_lease: i64) -> anyhow::Result<bool> {
+        let result = self
+            .session
+            .query_unpaged(
+                format!(
+                    "UPDATE {} SET owner = ?, lease_until = ? WHERE job = ? AND run = ? AND split = ? \
+                     IF lease_until = ? AND done = false",
+                    self.state_table("job_splits")
+                ),
+                (
+                    &self.owner,
+                    now_ms() + self.job.lease.as_millis() as i64,
+                    &self.job.name,
+                    self.run,
+                    index,
+                    seen_lease,
+                ),
+            )
+            .await?;
+        applied(result)
+    }
+
+    /// Renews the lease on a split this gateway holds; false when another holds it now.
+    async fn renew(&self, index: i32) -> anyhow::Result<bool> {
+        let result = self
+            .session
+            .query_unpaged(
+                format!(
+                    "UPDATE {} SET lease_until = ? WHERE job = ? AND run = ? AND split = ? IF owner = ?",
+                    self.state_table("job_splits")
+                ),
+                (
+                    now_ms() + self.job.lease.as_millis() as i64,
+                    &self.job.name,
+                    self.run,
+                    index,
+                    &self.owner,
+                ),
+            )
+            .await?;
+        applied(result)
+    }
+
+    /// Writes rows to every sink with the run's write timestamp.
+    async fn write(&self, columns: &[String], rows: Vec<Row>) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for table in &self.job.sinks {
+            let batches: Vec<RowBatch> = rows
+                .chunks(WRITE_ROWS)
+                .map(|chunk| RowBatch {
+                    table: table.clone(),
+                    columns: columns.to_vec(),
+                    rows: chunk.to_vec(),
+                    timestamp_us: self.run,
+                })
+                .collect();
+            let summary = self
+                .client
+                .stream(batches)
+                .await
+                .with_context(|| format!("writing to {table}"))?;
+            if let Some(error) = summary.errors.first() {
+                anyhow::bail!(
+                    "writing to {table}: {} row(s) refused, first: {} {}",
+                    summary.errors.len(),
+                    error.code,
+                    error.reason
+                );
+            }
+            if let Some((_, error)) = summary.batch_errors.first() {
+                anyhow::bail!("writing to {table}: a batch refused: {} {}", error.code, error.reason);
+            }
+            self.rows_out.fetch_add(summary.written, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Processes one claimed split to its end; true when its result was stored as done by this
+    /// gateway (false: the lease was lost to another, whose result will count instead).
+    async fn process(self: &Arc<Self>, claim: Claim) -> anyhow::Result<bool> {
+        let request = ScanRequest {
+            table: self.job.table.clone(),
+            columns: self.job.columns.clone(),
+            r#where: self.job.r#where.clone(),
+            allow_filtering: self.job.allow_filtering,
+            options: Some(QueryOptions {
+                page_size: PAGE_ROWS,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut pages = self.client.scan(request, vec![claim.split.clone()], Vec::new(), 1);
+        let mut names: Vec<String> = Vec::new();
+        let mut partial = Partial::default();
+        let (mut rows_in, mut rows_kept) = (0u64, 0u64);
+        let mut renewed = Instant::now();
+        let renew_every = self.job.lease / 3;
+        while let Some(page) = pages.recv().await {
+            let page = page.with_context(|| format!("scanning split {}", claim.index))?;
+            if names.is_empty() {
+                names = page.result.columns.iter().map(|c| c.name.clone()).collect();
+            }
+            let mut copied = Vec::new();
+            for row in page.result.rows {
+                rows_in += 1;
+                match self.fold_row(&names, row, &mut partial) {
+                    Ok(Some(kept)) => {
+                        rows_kept += 1;
+                        copied.extend(kept);
+                    }
+                    Ok(None) => {}
+                    Err(reason) => self.reason(reason),
+                }
+            }
+            if self.job.aggregate.is_none() {
+                self.write(&names, copied).await?;
+            }
+            if renewed.elapsed() >= renew_every {
+                if !self.renew(claim.index).await? {
+                    tracing::warn!(job = %self.job.name, split = claim.index, "lease lost; another gateway has the split");
+                    return Ok(false);
+                }
+                renewed = Instant::now();
+            }
+        }
+        self.rows_in.fetch_add(rows_in, Ordering::Relaxed);
+        self.rows_kept.fetch_add(rows_kept, Ordering::Relaxed);
+        let partial = serde_json::to_vec(&partial)?;
+        let stored = self
+            .session
+            .query_unpaged(
+                format!(
+                    "UPDATE {} SET done = true, partial = ?, rows_in = ?, rows_kept = ? \
+                     WHERE job = ? AND run = ? AND split = ? IF owner = ?",
+                    self.state_table("job_splits")
+                ),
+                (
+                    partial,
+                    rows_in as i64,
+                    rows_kept as i64,
+                    &self.job.name,
+                    self.run,
+                    claim.index,
+                    &self.owner,
+                ),
+            )
+            .await?;
+        applied(stored)
+    }
+
+    /// One row through the filter and into the partial; `Some(rows to copy)` when kept.
+    fn fold_row(&self, names: &[String], row: Row, partial: &mut Partial) -> Result<Option<Vec<Row>>, String> {
+        let needs_json = self.compiled.filter.is_some() || self.compiled.measures.iter().any(Option::is_some);
+        let object = needs_json.then(|| {
+            serde_json::Value::Object(
+                names
+                    .iter()
+                    .zip(&row.values)
+                    .map(|(name, value)| (name.clone(), json_of(value)))
+                    .collect(),
+            )
+        });
+        let bound = object.as_ref().map(Bound::row);
+        if let (Some(filter), Some(bound)) = (&self.compiled.filter, &bound) {
+            if !filter
+                .is_true(bound)
+                .map_err(|e| format!("filter `{}`: {e}", filter.source()))?
+            {
+                return Ok(None);
+            }
+        }
+        let Some(aggregate) = &self.job.aggregate else {
+            return Ok(Some(vec![row]));
+        };
+        let column = |name: &str| names.iter().position(|n| n == name);
+        let mut group = Vec::with_capacity(aggregate.group_by.len());
+        for name in &aggregate.group_by {
+            let at = column(name).ok_or_else(|| format!("no column `{name}` in the rows read"))?;
+            group.push(row.values[at].clone());
+        }
+        let time_ms = match &aggregate.window {
+            None => None,
+            Some(window) => {
+                let at =
+                    column(&window.column).ok_or_else(|| format!("no column `{}` in the rows read", window.column))?;
+                match &row.values[at].kind {
+                    Some(Kind::TimestampMs(ms)) => Some(*ms),
+                    Some(Kind::Null(_)) | None => None,
+                    Some(other) => {
+                        return Err(format!(
+                            "window column `{}` is not a timestamp: {other:?}",
+                            window.column
+                        ))
+                    }
+                }
+            }
+        };
+        let mut values = Vec::with_capacity(self.compiled.measures.len());
+        for (expr, measure) in self.compiled.measures.iter().zip(&aggregate.measures) {
+            values.push(match (expr, &bound) {
+                (Some(expr), Some(bound)) => Some(
+                    expr.evaluate(bound)
+                        .map_err(|e| format!("measure `{}` = `{}`: {e}", measure.name, expr.source()))?,
+                ),
+                _ => None,
+            });
+        }
+        partial.fold(aggregate, group, time_ms, &values)?;
+        Ok(Some(Vec::new()))
+    }
+
+    /// Merges every split's partial and writes the results; marks the run done.
+    async fn finish(&self) -> anyhow::Result<()> {
+        if let Some(aggregate) = &self.job.aggregate {
+            let mut merged = Partial::default();
+            let mut pages = self
+                .session
+                .query_iter(
+                    format!(
+                        "SELECT partial FROM {} WHERE job = ? AND run = ?",
+                        self.state_table("job_splits")
+                    ),
+                    (&self.job.name, self.run),
+                )
+                .await?
+                .rows_stream::<(Option<Vec<u8>>,)>()?;
+            use futures::StreamExt;
+            while let Some(row) = pages.next().await {
+                let (bytes,) = row?;
+                let partial: Partial =
+                    serde_json::from_slice(&bytes.unwrap_or_default()).context("a split's stored partial")?;
+                merged.merge(partial);
+            }
+            self.write(&aggregate::result_columns(aggregate), merged.rows()).await?;
+        }
+        self.session
+            .query_unpaged(
+                format!(
+                    "UPDATE {} SET state = 'done' WHERE job = ? IF run = ?",
+                    self.state_table("job_runs")
+                ),
+                (&self.job.name, self.run),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Runs `job` to the end of its current run (a new run when the last one finished), sharing its
+/// splits with any other gateway running it, through the gateway at `endpoint`. `progress`
+/// draws a bar on the terminal.
+pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progress: bool) -> anyhow::Result<JobReport> {
+    let started = Instant::now();
+    let compiled = Compiled::new(&job)?;
+    let session = crate::sink::scylla::connect(cluster).await?;
+    ensure_state_tables(&session, &job.state_keyspace).await?;
+    let mut tables: Vec<&str> = vec![job.table.as_str()];
+    tables.extend(job.sinks.iter().map(String::as_str));
+    let client = ShardAwareClient::connect(endpoint, &tables).await?;
+    let (run, plan) = current_run(&session, &job, &client).await?;
+    let owner = format!(
+        "{}-{}-{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim(),
+        std::process::id(),
+        now_ms()
+    );
+    let parallel = job.parallel_splits as usize;
+    let runner = Arc::new(Runner {
+        job,
+        session,
+        client,
+        compiled,
+        owner,
+        run,
+        rows_in: AtomicU64::new(0),
+        rows_kept: AtomicU64::new(0),
+        rows_failed: AtomicU64::new(0),
+        rows_out: AtomicU64::new(0),
+        reasons: std::sync::Mutex::new(Vec::new()),
+    });
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(plan.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} job {msg} [{bar:30}] {pos}/{len} splits, {elapsed}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(runner.job.name.clone());
+        bar
+    });
+    let mut running: tokio::task::JoinSet<(i32, anyhow::Result<bool>)> = tokio::task::JoinSet::new();
+    let mut in_flight: Vec<i32> = Vec::new();
+    let mut splits_here = 0;
+    loop {
+        let splits = runner.splits().await?;
+        let done = splits.iter().filter(|s| s.3).count();
+        if let Some(bar) = &bar {
+            bar.set_position(done as u64);
+        }
+        if done == plan.len() && running.is_empty() {
+            break;
+        }
+        let now = now_ms();
+        let claimable: Vec<(i32, i64)> = splits
+            .iter()
+            .filter(|s| !s.3 && s.2 < now && !in_flight.contains(&s.0))
+            .map(|s| (s.0, s.2))
+            .collect();
+        for (index, lease) in &claimable {
+            if running.len() >= parallel {
+                break;
+            }
+            let Some(split) = plan.get(*index as usize).cloned() else {
+                anyhow::bail!("split {index} is not in the run's plan of {} splits", plan.len());
+            };
+            if runner.claim(*index, *lease).await? {
+                in_flight.push(*index);
+                let (runner, index) = (Arc::clone(&runner), *index);
+                running.spawn(async move { (index, runner.process(Claim { index, split }).await) });
+            }
+        }
+        // Wait for a split to end, or look again in a while (others hold the rest).
+        let wait = tokio::time::sleep(Duration::from_millis(500));
+        tokio::select! {
+            Some(ended) = running.join_next(), if !running.is_empty() => {
+                let (index, outcome) = ended.context("a split task")?;
+                in_flight.retain(|i| *i != index);
+                if outcome? {
+                    splits_here += 1;
+                }
+            }
+            _ = wait => {}
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    runner.finish().await?;
+    let reasons = runner.reasons.lock().map(|r| r.clone()).unwrap_or_default();
+    Ok(JobReport {
+        run,
+        splits: plan.len(),
+        splits_here,
+        rows_in: runner.rows_in.load(Ordering::Relaxed),
+        rows_kept: runner.rows_kept.load(Ordering::Relaxed),
+        rows_failed: runner.rows_failed.load(Ordering::Relaxed),
+        rows_out: runner.rows_out.load(Ordering::Relaxed),
+        reasons,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,390 @@
+//! Processing jobs (`shardgate job run`) against the real Cassandra, through a real gateway:
+//! scan → filter → aggregate (per customer and hour; per hour with distinct customers) → table,
+//! every result recomputed here from the generated orders; a job killed mid-run and run again
+//! finishes its run with the same results and write timestamps; two runners share one job's
+//! splits, one is killed, the other takes its splits over when their leases run out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use shardgate::client::ShardAwareClient;
+use shardgate::devkit::{self, Gateway};
+use shardgate::wire::proto::value::Kind;
+use shardgate::wire::proto::{Row, RowBatch, Value};
+
+use crate::{gateway_binary, gateway_lock, Names};
+
+const ORDERS: i64 = 200_000;
+/// 2026-01-01T00:00:00Z.
+const BASE_MS: i64 = 1_767_225_600_000;
+const HOUR_MS: i64 = 3_600_000;
+const STATUSES: [&str; 5] = ["paid", "paid", "paid", "cancelled", "refunded"];
+
+/// Order `i`: (customer, amount in cents, status, placed at), spread over 24 hours.
+fn order(i: i64) -> (i64, i64, &'static str, i64) {
+    (
+        i * 7_919 % 500,
+        i * 37 % 10_000,
+        STATUSES[(i % 5) as usize],
+        BASE_MS + i * 432,
+    )
+}
+
+fn v(kind: Kind) -> Value {
+    Value { kind: Some(kind) }
+}
+
+/// Recreates the keyspace with the orders table and both result tables, starts a gateway whose
+/// config holds `jobs`, and writes the orders through it.
+async fn setup(names: &Names, jobs: &str) -> (Gateway, std::path::PathBuf) {
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let keyspace = &names.keyspace;
+    devkit::recreate_keyspace_with(
+        &session,
+        keyspace,
+        format!(
+            "CREATE TABLE {keyspace}.orders (order_id bigint PRIMARY KEY, customer_id bigint, amount bigint, \
+             status text, placed_at timestamp)"
+        ),
+    )
+    .await
+    .expect("keyspace");
+    for table in [
+        format!(
+            "CREATE TABLE {keyspace}.by_customer_hour (customer_id bigint, window_start timestamp, orders bigint, \
+             revenue bigint, biggest bigint, PRIMARY KEY (customer_id, window_start))"
+        ),
+        format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, customers bigint, orders bigint)"),
+    ] {
+        session.query_unpaged(table, ()).await.expect("result table");
+    }
+    session.await_schema_agreement().await.expect("schema agreement");
+    let config = names.dir.join("gateway.toml");
+    let text = format!(
+        "{}\n{}\n",
+        devkit::ingest_gateway_toml("", 2048, 64),
+        jobs.replace("KS", keyspace)
+    );
+    std::fs::write(&config, text).expect("write config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
+    let table = format!("{keyspace}.orders");
+    let writer = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table])
+        .await
+        .expect("ingest client connects");
+    let columns: Vec<String> = ["order_id", "customer_id", "amount", "status", "placed_at"]
+        .map(String::from)
+        .to_vec();
+    let batches: Vec<RowBatch> = (0..ORDERS)
+        .step_by(1000)
+        .map(|start| RowBatch {
+            table: table.clone(),
+            columns: columns.clone(),
+            rows: (start..start + 1000)
+                .map(|i| {
+                    let (customer, amount, status, at) = order(i);
+                    Row {
+                        values: vec![
+                            v(Kind::Int(i)),
+                            v(Kind::Int(customer)),
+                            v(Kind::Int(amount)),
+                            v(Kind::Text(status.into())),
+                            v(Kind::TimestampMs(at)),
+                        ],
+                    }
+                })
+                .collect(),
+            timestamp_us: 0,
+        })
+        .collect();
+    let summary = writer.stream(batches).await.expect("write orders");
+    assert_eq!(summary.written, ORDERS as u64);
+    (gateway, config)
+}
+
+const BY_CUSTOMER_HOUR: &str = r#"
+[[job]]
+name = "by_customer_hour"
+state_keyspace = "KS"
+lease = "3s"
+parallel_splits = 2
+filter = "row.status != 'cancelled'"
+[job.source]
+table = "KS.orders"
+columns = ["customer_id", "amount", "status", "placed_at"]
+min_splits = 24
+[job.aggregate]
+group_by = ["customer_id"]
+window = { column = "placed_at", size = "1h" }
+measures = { orders = "count()", revenue = "sum(row.amount)", biggest = "max(row.amount)" }
+[[job.sink]]
+table = "KS.by_customer_hour"
+"#;
+
+const HOURLY: &str = r#"
+[[job]]
+name = "hourly"
+state_keyspace = "KS"
+[job.source]
+table = "KS.orders"
+[job.aggregate]
+window = { column = "placed_at", size = "1h" }
+measures = { customers = "distinct(row.customer_id)", orders = "count()" }
+[[job.sink]]
+table = "KS.hourly"
+"#;
+
+fn job_command(config: &std::path::Path, job: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(gateway_binary());
+    command
+        .args(["job", "run", "--config"])
+        .arg(config)
+        .args(["--job", job]);
+    command
+}
+
+/// (customer, hour start) → (orders, revenue, biggest), computed from the generated orders.
+fn expected_by_customer_hour() -> BTreeMap<(i64, i64), (i64, i64, i64)> {
+    let mut expected: BTreeMap<(i64, i64), (i64, i64, i64)> = BTreeMap::new();
+    for i in 0..ORDERS {
+        let (customer, amount, status, at) = order(i);
+        if status == "cancelled" {
+            continue;
+        }
+        let entry = expected
+            .entry((customer, at.div_euclid(HOUR_MS) * HOUR_MS))
+            .or_insert((0, 0, i64::MIN));
+        entry.0 += 1;
+        entry.1 += amount;
+        entry.2 = entry.2.max(amount);
+    }
+    expected
+}
+
+/// The `by_customer_hour` table, with each row's write time of `revenue`.
+async fn read_by_customer_hour(keyspace: &str) -> (BTreeMap<(i64, i64), (i64, i64, i64)>, BTreeSet<i64>) {
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    type Result = (i64, scylla::value::CqlTimestamp, i64, i64, i64, i64);
+    let rows: Vec<Result> = session
+        .query_iter(
+            format!(
+                "SELECT customer_id, window_start, orders, revenue, biggest, writetime(revenue) \
+                 FROM {keyspace}.by_customer_hour"
+            ),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<Result>()
+        .expect("typed")
+        .try_collect()
+        .await
+        .expect("rows");
+    let times = rows.iter().map(|r| r.5).collect();
+    let table = rows
+        .into_iter()
+        .map(|(customer, start, orders, revenue, biggest, _)| ((customer, start.0), (orders, revenue, biggest)))
+        .collect();
+    (table, times)
+}
+
+/// (run, split owners of the done splits, splits done, splits in all) of a job's current run.
+async fn progress(keyspace: &str, job: &str) -> (i64, Vec<String>, usize, usize) {
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let Some((run,)) = session
+        .query_unpaged(format!("SELECT run FROM {keyspace}.job_runs WHERE job = ?"), (job,))
+        .await
+        .ok()
+        .and_then(|r| r.into_rows_result().ok())
+        .and_then(|r| r.maybe_first_row::<(i64,)>().ok().flatten())
+    else {
+        return (0, Vec::new(), 0, 0);
+    };
+    let splits: Vec<(Option<String>, Option<bool>)> = session
+        .query_iter(
+            format!("SELECT owner, done FROM {keyspace}.job_splits WHERE job = ? AND run = ?"),
+            (job, run),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(Option<String>, Option<bool>)>()
+        .expect("typed")
+        .try_collect()
+        .await
+        .expect("rows");
+    let owners = splits
+        .iter()
+        .filter(|s| s.1 == Some(true))
+        .filter_map(|s| s.0.clone())
+        .collect::<Vec<_>>();
+    let done = owners.len();
+    (run, owners, done, splits.len())
+}
+
+/// Waits until the job's current run has at least `splits` splits done.
+async fn wait_done_splits(keyspace: &str, job: &str, splits: usize, child: &mut std::process::Child) {
+    let started = Instant::now();
+    loop {
+        let (_, _, done, _) = progress(keyspace, job).await;
+        if done >= splits {
+            return;
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the job ended before it was killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no progress: {done} splits done"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Both jobs run to the end; every result equals the aggregation computed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_jobs_aggregate_exactly_into_tables() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_exact");
+    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{HOURLY}")).await;
+    for job in ["by_customer_hour", "hourly"] {
+        let output = job_command(&config, job).output().expect("job runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{job}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{ORDERS} rows read")) && stderr.contains("0 failed"),
+            "{stderr}"
+        );
+    }
+    let expected = expected_by_customer_hour();
+    let (table, times) = read_by_customer_hour(&names.keyspace).await;
+    assert_eq!(table.len(), expected.len());
+    assert_eq!(table, expected);
+    let (run, _, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert_eq!(done, splits);
+    assert_eq!(
+        times,
+        BTreeSet::from([run]),
+        "every result written with the run's timestamp"
+    );
+
+    // Per hour: orders exact; distinct customers within the sketch's error of the true count.
+    let mut hours: BTreeMap<i64, (i64, BTreeSet<i64>)> = BTreeMap::new();
+    for i in 0..ORDERS {
+        let (customer, _, _, at) = order(i);
+        let hour = hours.entry(at.div_euclid(HOUR_MS) * HOUR_MS).or_default();
+        hour.0 += 1;
+        hour.1.insert(customer);
+    }
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let hourly = session
+        .query_iter(
+            format!("SELECT window_start, customers, orders FROM {}.hourly", names.keyspace),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(scylla::value::CqlTimestamp, i64, i64)>()
+        .expect("typed")
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("rows");
+    assert_eq!(hourly.len(), hours.len());
+    for (start, customers, orders) in hourly {
+        let (count, distinct) = &hours[&start.0];
+        assert_eq!(orders, *count, "orders in the hour at {}", start.0);
+        let error = (customers - distinct.len() as i64).abs() as f64 / distinct.len() as f64;
+        assert!(
+            error < 0.05,
+            "{customers} distinct customers estimated, {} true",
+            distinct.len()
+        );
+    }
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// A runner killed (SIGKILL) with a third of its splits done, then run again: the run goes on
+/// (the first runner's splits kept, the rest done by the second) and the results are exact,
+/// all written with the run's one timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_job_resumes_its_run_and_counts_nothing_twice() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_resume");
+    let (gateway, config) = setup(&names, BY_CUSTOMER_HOUR).await;
+    let mut first = job_command(&config, "by_customer_hour")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("job starts");
+    wait_done_splits(&names.keyspace, "by_customer_hour", 8, &mut first).await;
+    first.kill().expect("kill");
+    first.wait().expect("reaped");
+    let (run, owners, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert!(done < splits, "killed before the end: {done} of {splits}");
+    let output = job_command(&config, "by_customer_hour").output().expect("job runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run {run}:")),
+        "the same run goes on: {stderr}"
+    );
+    let (after, all_owners, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert_eq!((after, done), (run, splits));
+    let distinct: BTreeSet<&String> = all_owners.iter().collect();
+    assert_eq!(distinct.len(), 2, "splits done by both runners: {all_owners:?}");
+    assert!(
+        owners.iter().all(|o| all_owners.contains(o)),
+        "the first runner's splits kept"
+    );
+    let (table, times) = read_by_customer_hour(&names.keyspace).await;
+    assert_eq!(table, expected_by_customer_hour());
+    assert_eq!(times, BTreeSet::from([run]));
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// Two runners of one job share its splits; one is killed mid-run and the other finishes,
+/// taking over the killed runner's claimed splits when their leases run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runners_share_a_job_and_one_takes_over_when_the_other_dies() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_shared");
+    // One split at a time each, of 48: both runners get splits before the run ends.
+    let job = BY_CUSTOMER_HOUR
+        .replace("parallel_splits = 2", "parallel_splits = 1")
+        .replace("min_splits = 24", "min_splits = 48");
+    let (gateway, config) = setup(&names, &job).await;
+    let mut doomed = job_command(&config, "by_customer_hour")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("job starts");
+    wait_done_splits(&names.keyspace, "by_customer_hour", 1, &mut doomed).await;
+    let survivor = job_command(&config, "by_customer_hour")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("job starts");
+    // Both at work: the survivor finishes a split of its own, then the other dies.
+    let started = Instant::now();
+    let mut owners = Vec::new();
+    while owners.len() < 2 {
+        let (_, done_by, _, _) = progress(&names.keyspace, "by_customer_hour").await;
+        owners = done_by.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the second runner did no split"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    doomed.kill().expect("kill");
+    doomed.wait().expect("reaped");
+    let (_, _, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert!(done < splits, "killed before the end: {done} of {splits}");
+    let output = survivor.wait_with_output().expect("survivor ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let (run, all_owners, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert_eq!(done, splits);
+    assert_eq!(all_owners.iter().collect::<BTreeSet<_>>().len(), 2, "{all_owners:?}");
+    let (table, times) = read_by_customer_hour(&names.keyspace).await;
+    assert_eq!(table, expected_by_customer_hour());
+    assert_eq!(times, BTreeSet::from([run]));
+    assert!(gateway.stop().expect("stop").success());
+}
