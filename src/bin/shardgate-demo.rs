@@ -10,7 +10,10 @@
 //!    a ZeroMQ PUSH socket (the same gateway has a route for each) into a second `orders` table;
 //! 6. reads the `events` table back through the gateway's query API: a scan planned by the
 //!    gateway, each split read at its owner core's port, and 1,000 `Get`s by key;
-//! 7. reads every row back from Cassandra and compares it with what was sent, reads the
+//! 7. runs a processing job (`shardgate job run`) over the Kafka orders: the express orders'
+//!    count, items, largest quantity, revenue and distinct customers per city and hour, written
+//!    to `city_hourly` and compared with the same aggregation computed here;
+//! 8. reads every row back from Cassandra and compares it with what was sent, reads the
 //!    dead-letter topic, and prints a summary with rows/s and gateway CPU-seconds per million rows.
 //!
 //! Exits non-zero if any row is missing or wrong (in Cassandra or through the query API), or a
@@ -19,11 +22,13 @@
 // Tooling and tests: a failed expectation is the tool or test failing, never a gateway core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use futures::TryStreamExt;
 use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
 
@@ -60,6 +65,121 @@ const KEYSPACE: &str = "shardgate_demo";
 const GRPC_KEYSPACE: &str = "shardgate_demo_grpc";
 const GRPC_BATCH_ROWS: i64 = 500;
 const BROKERS_KEYSPACE: &str = "shardgate_demo_brokers";
+/// The demo's processing job over the Kafka orders (`KS` = the demo keyspace).
+const CITY_HOURLY_JOB: &str = r#"
+[[job]]
+name = "city_hourly"
+state_keyspace = "KS"
+filter = "row.express"
+[job.source]
+table = "KS.orders"
+columns = ["city", "customer_id", "amount", "quantity", "placed_at", "express"]
+[job.aggregate]
+group_by = ["city"]
+window = { column = "placed_at", size = "1h" }
+[job.aggregate.measures]
+orders = "count()"
+items = "sum(row.quantity)"
+largest = "max(row.quantity)"
+revenue_cents = "sum(int(double(row.amount) * 100.0 + 0.5))"
+customers = "distinct(row.customer_id)"
+[[job.sink]]
+table = "KS.city_hourly"
+"#;
+
+/// Per (city, hour start): orders, items, largest quantity, revenue in cents, customers.
+type CityHour = BTreeMap<(String, i64), (i64, i64, i64, i64, i64)>;
+
+/// The express orders `0..messages` aggregated here, independently of the job.
+fn expected_city_hourly(messages: u64) -> CityHour {
+    type Group = (i64, i64, i64, i64, BTreeSet<i64>);
+    let mut groups: BTreeMap<(String, i64), Group> = BTreeMap::new();
+    for i in 0..messages {
+        let order = devkit::expected_order(i);
+        if !order.express {
+            continue;
+        }
+        let hour = order.placed_at_ms.div_euclid(3_600_000) * 3_600_000;
+        let group = groups.entry((order.city, hour)).or_default();
+        group.0 += 1;
+        group.1 += i64::from(order.quantity);
+        group.2 = group.2.max(i64::from(order.quantity));
+        group.3 += order.amount_cents;
+        group.4.insert(order.customer_id);
+    }
+    groups
+        .into_iter()
+        .map(|(key, (orders, items, largest, cents, customers))| {
+            (key, (orders, items, largest, cents, customers.len() as i64))
+        })
+        .collect()
+}
+
+/// Runs the demo job; returns its summary line, results verified against
+/// [`expected_city_hourly`] (every measure exact but the distinct customers, an estimate: within
+/// 5 %).
+async fn run_city_hourly(
+    args: &Args,
+    config: &std::path::Path,
+    session: &scylla::client::session::Session,
+) -> anyhow::Result<(String, usize, usize)> {
+    let started = Instant::now();
+    let output = std::process::Command::new(&args.gateway)
+        .args(["job", "run", "--config"])
+        .arg(config)
+        .args(["--job", "city_hourly"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("job city_hourly failed: {stderr}");
+    }
+    let summary = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("job "))
+        .unwrap_or_default()
+        .to_string();
+    let expected = expected_city_hourly(args.messages);
+    let rows: Vec<(String, scylla::value::CqlTimestamp, i64, i64, i32, i64, i64)> = session
+        .query_iter(
+            format!(
+                "SELECT city, window_start, orders, items, largest, revenue_cents, customers FROM {KEYSPACE}.city_hourly"
+            ),
+            (),
+        )
+        .await?
+        .rows_stream::<(String, scylla::value::CqlTimestamp, i64, i64, i32, i64, i64)>()?
+        .try_collect()
+        .await?;
+    let mut exact = 0;
+    for (city, start, orders, items, largest, cents, customers) in &rows {
+        let Some(want) = expected.get(&(city.clone(), start.0)) else {
+            println!(
+                "   job difference: a group that should not exist: {city} at {}",
+                start.0
+            );
+            continue;
+        };
+        let close = (customers - want.4).abs() * 20 <= want.4;
+        if (*orders, *items, i64::from(*largest), *cents) == (want.0, want.1, want.2, want.3) && close {
+            exact += 1;
+        } else if exact < 3 {
+            println!(
+                "   job difference: {city} at {}: {:?} against {want:?}",
+                start.0,
+                (orders, items, largest, cents, customers)
+            );
+        }
+    }
+    println!(
+        "   job: {} of {} (city, hour) groups as computed here, in {:.1} s",
+        exact,
+        expected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((summary, exact, expected.len()))
+}
+
 /// Routes of the other brokers, in the order their order-id ranges follow each other.
 const BROKER_ROUTES: [&str; 4] = ["jetstream", "rabbitmq", "nats", "zeromq"];
 
@@ -156,6 +276,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, KEYSPACE).await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {KEYSPACE}.city_hourly (city text, window_start timestamp, orders bigint, items bigint, \
+                 largest int, revenue_cents bigint, customers bigint, PRIMARY KEY (city, window_start))"
+            ),
+            (),
+        )
+        .await?;
     devkit::create_events_table(&session, GRPC_KEYSPACE).await?;
     devkit::create_orders_table(&session, BROKERS_KEYSPACE).await?;
     let brokers = BrokerNames::new(run);
@@ -185,7 +314,10 @@ async fn main() -> anyhow::Result<()> {
 
     let config_path = args.work_dir.join("gateway.toml");
     let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic) + &brokers.routes();
-    std::fs::write(&config_path, devkit::ingest_gateway_toml(&routes, 2048, 64))?;
+    std::fs::write(
+        &config_path,
+        devkit::ingest_gateway_toml(&routes, 2048, 64) + &CITY_HOURLY_JOB.replace("KS", KEYSPACE),
+    )?;
     let log_path = args.work_dir.join("gateway.log");
     let gateway_start = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config_path, &log_path)
@@ -219,6 +351,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let cpu_seconds = gateway.cpu_seconds()?;
+    println!("   job: aggregating the express orders per city and hour (shardgate job run --job city_hourly)");
+    let (job_summary, job_exact, job_groups) = run_city_hourly(&args, &config_path, &session).await?;
 
     let table = format!("{GRPC_KEYSPACE}.events");
     println!(
@@ -330,6 +464,10 @@ async fn main() -> anyhow::Result<()> {
         println!("   query difference: {difference}");
     }
     println!(
+        "   job city_hourly:          {job_exact} of {job_groups} (city, hour) groups exact (customers within 5 %)"
+    );
+    println!("     - {job_summary}");
+    println!(
         "   broker rows verified exact: {} of {} (JetStream, RabbitMQ, NATS, ZeroMQ)",
         broker_report.matching, broker_total
     );
@@ -356,11 +494,13 @@ async fn main() -> anyhow::Result<()> {
         || read_back.exact != args.grpc_rows as u64
         || read_back.scanned != args.grpc_rows as u64
         || read_back.gets_exact != read_back.gets
+        || job_exact != job_groups
+        || job_groups == 0
     {
         bail!("verification failed");
     }
     println!(
-        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered, the gRPC table read back exact through the query API"
+        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered, the gRPC table read back exact through the query API, the job's results exact"
     );
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::check::{validate_expression, validate_identifier};
+use super::check::{
+    join_brokers, validate_expression, validate_identifier, validate_nats_url, validate_subject, validate_topic,
+};
 use super::error::ConfigError;
 
 /// `[[job]]`
@@ -96,14 +98,80 @@ pub struct RawWindow {
     pub hop: Option<String>,
 }
 
-/// `[[job.sink]]`
+/// `[[job.sink]]`: exactly one of `table`, `kafka`, `nats`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJobSink {
     /// `keyspace.table` written through the gateway's ingest API: columns named like the
     /// results (the `group_by` columns, `window_start` when windowed, each measure), or like
     /// the source columns for a job without `aggregate`.
-    pub table: String,
+    #[serde(default)]
+    pub table: Option<String>,
+    /// A Kafka topic: each result a JSON object, keyed by its stable message id.
+    #[serde(default)]
+    pub kafka: Option<RawKafkaJobSink>,
+    /// A NATS subject: each result a JSON object with its stable message id in `Nats-Msg-Id`
+    /// (JetStream drops a repeat within its duplicate window).
+    #[serde(default)]
+    pub nats: Option<RawNatsJobSink>,
+}
+
+/// `kafka = { brokers = [..], topic = ".." }`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafkaJobSink {
+    /// Bootstrap servers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic (it must exist, or the broker must create topics).
+    pub topic: String,
+}
+
+/// `nats = { url = "..", subject = "..", jetstream = true }`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawNatsJobSink {
+    /// `nats://host:port`.
+    pub url: String,
+    /// Subject each result is published on.
+    pub subject: String,
+    /// Publish to JetStream and wait for each publish's acknowledgement (a stream must capture
+    /// the subject); false: core NATS, flushed.
+    #[serde(default)]
+    pub jetstream: bool,
+}
+
+/// A validated sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSinkConfig {
+    /// A table, through the ingest API.
+    Table(String),
+    /// A Kafka topic.
+    Kafka {
+        /// Comma-separated bootstrap servers.
+        brokers: String,
+        /// Topic.
+        topic: String,
+    },
+    /// A NATS subject.
+    Nats {
+        /// Server URL.
+        url: String,
+        /// Subject.
+        subject: String,
+        /// Through JetStream, acknowledged.
+        jetstream: bool,
+    },
+}
+
+impl JobSinkConfig {
+    /// The sink as a label, e.g. `table shop.t` or `kafka topic t`.
+    pub fn label(&self) -> String {
+        match self {
+            JobSinkConfig::Table(table) => format!("table {table}"),
+            JobSinkConfig::Kafka { topic, .. } => format!("kafka topic {topic}"),
+            JobSinkConfig::Nats { subject, .. } => format!("nats subject {subject}"),
+        }
+    }
 }
 
 fn default_state_keyspace() -> String {
@@ -137,8 +205,8 @@ pub struct JobConfig {
     pub filter: Option<String>,
     /// Grouping and measures, if any.
     pub aggregate: Option<AggregateConfig>,
-    /// Sink tables.
-    pub sinks: Vec<String>,
+    /// Sinks.
+    pub sinks: Vec<JobSinkConfig>,
     /// Keyspace of the progress tables.
     pub state_keyspace: String,
     /// Split lease.
@@ -378,13 +446,51 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         return Err(ConfigError::invalid(
             key("sink"),
             "[]",
-            "at least one `[[job.sink]]` with a `table`",
+            "at least one `[[job.sink]]` (a `table`, `kafka` or `nats`)",
         ));
     }
     let mut sinks = Vec::with_capacity(raw.sinks.len());
     for (i, sink) in raw.sinks.into_iter().enumerate() {
-        validate_table(&key(&format!("sink[{i}].table")), &sink.table)?;
-        sinks.push(sink.table);
+        let sink_key = |field: &str| key(&format!("sink[{i}]{field}"));
+        let sink = match (sink.table, sink.kafka, sink.nats) {
+            (Some(table), None, None) => {
+                validate_table(&sink_key(".table"), &table)?;
+                JobSinkConfig::Table(table)
+            }
+            (None, Some(kafka), None) => {
+                let brokers = join_brokers(&sink_key(".kafka.brokers"), &kafka.brokers)?;
+                validate_topic(&sink_key(".kafka.topic"), &kafka.topic)?;
+                JobSinkConfig::Kafka {
+                    brokers,
+                    topic: kafka.topic,
+                }
+            }
+            (None, None, Some(nats)) => {
+                let url = validate_nats_url(&sink_key(".nats.url"), nats.url)?;
+                validate_subject(&sink_key(".nats.subject"), &nats.subject)?;
+                JobSinkConfig::Nats {
+                    url,
+                    subject: nats.subject,
+                    jetstream: nats.jetstream,
+                }
+            }
+            (table, kafka, nats) => {
+                let set: Vec<&str> = [
+                    table.is_some().then_some("table"),
+                    kafka.is_some().then_some("kafka"),
+                    nats.is_some().then_some("nats"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                return Err(ConfigError::invalid(
+                    sink_key(""),
+                    format!("{{{}}}", set.join(", ")),
+                    "exactly one of `table`, `kafka`, `nats`",
+                ));
+            }
+        };
+        sinks.push(sink);
     }
     validate_identifier(&key("state_keyspace"), &raw.state_keyspace)?;
     let lease = parse_duration(

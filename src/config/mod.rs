@@ -30,8 +30,8 @@ pub use dead_letter::{
 pub use error::ConfigError;
 pub use ingest::{IngestConfig, RawIngest};
 pub use job::{
-    AggregateConfig, JobConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink, RawJobSource, RawWindow,
-    WindowConfig, WindowSpec,
+    AggregateConfig, JobConfig, JobSinkConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink,
+    RawJobSource, RawKafkaJobSink, RawNatsJobSink, RawWindow, WindowConfig, WindowSpec,
 };
 pub use query::{QueryConfig, RawQuery};
 pub use route::{

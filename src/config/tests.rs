@@ -651,7 +651,10 @@ fn job_keys_default_and_bad_values_name_their_key() {
     assert_eq!(parsed.state_keyspace, "shardgate");
     assert_eq!(parsed.lease, std::time::Duration::from_secs(30));
     assert_eq!(parsed.parallel_splits, 4);
-    assert_eq!(parsed.sinks, ["shop.revenue_hourly"]);
+    assert_eq!(
+        parsed.sinks,
+        [crate::config::JobSinkConfig::Table("shop.revenue_hourly".into())]
+    );
     let aggregate = parsed.aggregate.as_ref().expect("aggregate");
     let window = aggregate.window.as_ref().expect("window");
     assert_eq!((window.spec.size_ms, window.spec.hop_ms), (3_600_000, 900_000));
@@ -706,6 +709,27 @@ fn job_keys_default_and_bad_values_name_their_key() {
         (
             format!("{}\n{}", job(""), &job("")[ingest.len()..]),
             "`job[1].name` = `hourly`",
+        ),
+        (
+            job("").replace(
+                "table = \"shop.revenue_hourly\"",
+                "table = \"shop.r\"\nkafka = { brokers = [\"k:9092\"], topic = \"r\" }",
+            ),
+            "`job[0].sink[0]` = `{table, kafka}`",
+        ),
+        (
+            job("").replace(
+                "table = \"shop.revenue_hourly\"",
+                "kafka = { brokers = [\"k:9092\"], topic = \"a b\" }",
+            ),
+            "`job[0].sink[0].kafka.topic` = `a b`",
+        ),
+        (
+            job("").replace(
+                "table = \"shop.revenue_hourly\"",
+                "nats = { url = \"nats://n\", subject = \"r\" }",
+            ),
+            "`job[0].sink[0].nats.url` = `nats://n`",
         ),
     ] {
         let message = error_of(&source);

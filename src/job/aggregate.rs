@@ -318,6 +318,12 @@ impl Partial {
 
     /// The result rows: the group values, `window_start` when windowed, then each measure.
     pub fn rows(&self) -> Vec<Row> {
+        self.keyed_rows().into_iter().map(|(_, row)| row).collect()
+    }
+
+    /// The result rows, each with its group's key (stable across runs and gateways: the
+    /// encoded group values and the window start).
+    pub fn keyed_rows(&self) -> Vec<(String, Row)> {
         self.groups
             .iter()
             .map(|(key, group)| {
@@ -334,7 +340,7 @@ impl Partial {
                     });
                 }
                 values.extend(group.states.iter().map(State::result));
-                Row { values }
+                (key.clone(), Row { values })
             })
             .collect()
     }

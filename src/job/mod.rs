@@ -29,7 +29,7 @@ use prost::Message;
 use scylla::client::session::Session;
 
 use crate::client::ShardAwareClient;
-use crate::config::{ClusterConfig, JobConfig};
+use crate::config::{ClusterConfig, JobConfig, JobSinkConfig};
 use crate::export::json_of;
 use crate::mapping::expr::{Bound, Expr};
 use crate::wire::proto::value::Kind;
@@ -108,6 +108,119 @@ impl Compiled {
     }
 }
 
+/// Broker publishes awaited at once.
+const PUBLISHES_IN_FLIGHT: usize = 256;
+/// How long a publish is retried before the run stops (the next `job run` resumes it).
+const BROKER_RETRY_FOR: Duration = Duration::from_secs(300);
+
+/// An opened sink.
+enum Sink {
+    /// A table, through the ingest API.
+    Table(String),
+    /// A Kafka topic; the message id is the record key and the `shardgate.message_id` header.
+    Kafka(crate::sink::broker::kafka::KafkaPublisher),
+    /// A NATS subject; the message id in `Nats-Msg-Id`.
+    Nats {
+        client: async_nats::Client,
+        subject: String,
+        jetstream: Option<Box<async_nats::jetstream::Context>>,
+    },
+}
+
+impl Sink {
+    async fn open(config: &JobSinkConfig, job: &str) -> anyhow::Result<Sink> {
+        Ok(match config {
+            JobSinkConfig::Table(table) => Sink::Table(table.clone()),
+            JobSinkConfig::Kafka { brokers, topic } => Sink::Kafka(
+                crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic)
+                    .with_context(|| format!("job `{job}`: kafka sink {topic}"))?,
+            ),
+            JobSinkConfig::Nats {
+                url,
+                subject,
+                jetstream,
+            } => {
+                let client = crate::sink::broker::nats::connect(url, job)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("job `{job}`: nats sink {subject}: {e}"))?;
+                Sink::Nats {
+                    jetstream: jetstream.then(|| Box::new(async_nats::jetstream::new(client.clone()))),
+                    client,
+                    subject: subject.clone(),
+                }
+            }
+        })
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Sink::Table(table) => format!("table {table}"),
+            Sink::Kafka(publisher) => format!("kafka topic {}", publisher.topic()),
+            Sink::Nats { subject, .. } => format!("nats subject {subject}"),
+        }
+    }
+
+    async fn publish_one(&self, job: &str, id: &str, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Sink::Table(_) => Ok(()),
+            Sink::Kafka(publisher) => {
+                let headers = [
+                    ("shardgate.job".to_string(), job.to_string()),
+                    ("shardgate.message_id".to_string(), id.to_string()),
+                ];
+                publisher.publish(Some(id.as_bytes()), Some(payload), &headers).await
+            }
+            Sink::Nats {
+                client,
+                subject,
+                jetstream,
+            } => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", id);
+                headers.insert("shardgate.job", job);
+                match jetstream {
+                    Some(context) => context
+                        .publish_with_headers(subject.clone(), headers, payload.to_vec().into())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => client
+                        .publish_with_headers(subject.clone(), headers, payload.to_vec().into())
+                        .await
+                        .map_err(|e| e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        match self {
+            Sink::Nats { client, .. } => client.flush().await.map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Publishes one result, retried (logged, backing off up to 5 s) until the broker takes it or
+/// `BROKER_RETRY_FOR` passes.
+async fn publish_retrying(sink: &Sink, job: &str, id: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match sink.publish_one(job, id, &payload).await {
+            Ok(()) => return Ok(()),
+            Err(reason) if started.elapsed() < BROKER_RETRY_FOR => {
+                tracing::warn!(job, sink = %sink.label(), %reason, "publish failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(reason) => anyhow::bail!("publishing to {}: {reason}", sink.label()),
+        }
+    }
+}
+
 /// A claimed split: its index and the lease deadline it was claimed with.
 struct Claim {
     index: i32,
@@ -117,6 +230,7 @@ struct Claim {
 /// Shared state of one `job run`.
 struct Runner {
     job: JobConfig,
+    sinks: Vec<Sink>,
     session: Session,
     client: ShardAwareClient,
     compiled: Compiled,
@@ -235,6 +349,31 @@ async fn current_run(
     }
 }
 
+/// A sink table must exist and hold no counters: adding to a counter is not idempotent, so a
+/// split processed twice (after a takeover) would count twice.
+async fn check_sink_table(session: &Session, job: &str, table: &str) -> anyhow::Result<()> {
+    let (keyspace, name) = table.split_once('.').unwrap_or((table, ""));
+    let types: Vec<(String,)> = session
+        .query_unpaged(
+            "SELECT type FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, name),
+        )
+        .await?
+        .into_rows_result()?
+        .rows::<(String,)>()?
+        .collect::<Result<_, _>>()?;
+    if types.is_empty() {
+        anyhow::bail!("job `{job}`: sink table {table} does not exist");
+    }
+    if types.iter().any(|(t,)| t == "counter") {
+        anyhow::bail!(
+            "job `{job}`: sink table {table} is a counter table; counters are not idempotent (a split \
+             processed twice would count twice): use a table of regular columns"
+        );
+    }
+    Ok(())
+}
+
 /// Whether a lightweight transaction applied (its `[applied]` column).
 fn applied(result: scylla::response::query_result::QueryResult) -> anyhow::Result<bool> {
     let rows = result.into_rows_result()?;
@@ -333,40 +472,76 @@ impl Runner {
         applied(result)
     }
 
-    /// Writes rows to every sink with the run's write timestamp.
-    async fn write(&self, columns: &[String], rows: Vec<Row>) -> anyhow::Result<()> {
+    /// Writes rows to every sink: tables with the run's write timestamp, brokers as JSON
+    /// objects each under its stable message id (`ids`, one per row).
+    async fn write(&self, columns: &[String], rows: Vec<Row>, ids: Vec<String>) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        for table in &self.job.sinks {
-            let batches: Vec<RowBatch> = rows
-                .chunks(WRITE_ROWS)
-                .map(|chunk| RowBatch {
-                    table: table.clone(),
-                    columns: columns.to_vec(),
-                    rows: chunk.to_vec(),
-                    timestamp_us: self.run,
-                })
-                .collect();
-            let summary = self
-                .client
-                .stream(batches)
-                .await
-                .with_context(|| format!("writing to {table}"))?;
-            if let Some(error) = summary.errors.first() {
-                anyhow::bail!(
-                    "writing to {table}: {} row(s) refused, first: {} {}",
-                    summary.errors.len(),
-                    error.code,
-                    error.reason
-                );
-            }
-            if let Some((_, error)) = summary.batch_errors.first() {
-                anyhow::bail!("writing to {table}: a batch refused: {} {}", error.code, error.reason);
-            }
-            self.rows_out.fetch_add(summary.written, Ordering::Relaxed);
+        for sink in &self.sinks {
+            let written = match sink {
+                Sink::Table(table) => self.write_table(table, columns, &rows).await?,
+                broker => self.publish(broker, columns, &rows, &ids).await?,
+            };
+            self.rows_out.fetch_add(written, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    async fn write_table(&self, table: &str, columns: &[String], rows: &[Row]) -> anyhow::Result<u64> {
+        let batches: Vec<RowBatch> = rows
+            .chunks(WRITE_ROWS)
+            .map(|chunk| RowBatch {
+                table: table.to_string(),
+                columns: columns.to_vec(),
+                rows: chunk.to_vec(),
+                timestamp_us: self.run,
+            })
+            .collect();
+        let summary = self
+            .client
+            .stream(batches)
+            .await
+            .with_context(|| format!("writing to {table}"))?;
+        if let Some(error) = summary.errors.first() {
+            anyhow::bail!(
+                "writing to {table}: {} row(s) refused, first: {} {}",
+                summary.errors.len(),
+                error.code,
+                error.reason
+            );
+        }
+        if let Some((_, error)) = summary.batch_errors.first() {
+            anyhow::bail!("writing to {table}: a batch refused: {} {}", error.code, error.reason);
+        }
+        Ok(summary.written)
+    }
+
+    /// Publishes each row as a JSON object, `PUBLISHES_IN_FLIGHT` at a time, each retried
+    /// (logged) until the broker takes it or `BROKER_RETRY_FOR` passes.
+    async fn publish(&self, sink: &Sink, columns: &[String], rows: &[Row], ids: &[String]) -> anyhow::Result<u64> {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut pending = FuturesUnordered::new();
+        for (row, id) in rows.iter().zip(ids) {
+            if pending.len() >= PUBLISHES_IN_FLIGHT {
+                if let Some(outcome) = pending.next().await {
+                    outcome?;
+                }
+            }
+            let object: serde_json::Map<String, serde_json::Value> = columns
+                .iter()
+                .zip(&row.values)
+                .map(|(name, value)| (name.clone(), json_of(value)))
+                .collect();
+            pending.push(publish_retrying(sink, &self.job.name, id, serde_json::to_vec(&object)?));
+        }
+        while let Some(outcome) = pending.next().await {
+            outcome?;
+        }
+        sink.flush()
+            .await
+            .map_err(|reason| anyhow::anyhow!("flushing {}: {reason}", sink.label()))?;
+        Ok(rows.len() as u64)
     }
 
     /// Processes one claimed split to its end; true when its result was stored as done by this
@@ -407,7 +582,8 @@ impl Runner {
                 }
             }
             if self.job.aggregate.is_none() {
-                self.write(&names, copied).await?;
+                let ids = copied.iter().map(|row| self.copy_id(row)).collect();
+                self.write(&names, copied, ids).await?;
             }
             if renewed.elapsed() >= renew_every {
                 if !self.renew(claim.index).await? {
@@ -417,8 +593,6 @@ impl Runner {
                 renewed = Instant::now();
             }
         }
-        self.rows_in.fetch_add(rows_in, Ordering::Relaxed);
-        self.rows_kept.fetch_add(rows_kept, Ordering::Relaxed);
         let partial = serde_json::to_vec(&partial)?;
         let stored = self
             .session
@@ -439,7 +613,22 @@ impl Runner {
                 ),
             )
             .await?;
-        applied(stored)
+        let stored = applied(stored)?;
+        // Counted here only when this runner's partial is the one that counts.
+        if stored {
+            self.rows_in.fetch_add(rows_in, Ordering::Relaxed);
+            self.rows_kept.fetch_add(rows_kept, Ordering::Relaxed);
+        }
+        Ok(stored)
+    }
+
+    /// The message id of a copied row: the job, the run and a hash of the row's values (the
+    /// same row read again has the same id).
+    fn copy_id(&self, row: &Row) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(row.encode_to_vec());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{}.{hex}", self.job.name, self.run)
     }
 
     /// One row through the filter and into the partial; `Some(rows to copy)` when kept.
@@ -525,7 +714,12 @@ impl Runner {
                     serde_json::from_slice(&bytes.unwrap_or_default()).context("a split's stored partial")?;
                 merged.merge(partial);
             }
-            self.write(&aggregate::result_columns(aggregate), merged.rows()).await?;
+            let (keys, rows): (Vec<String>, Vec<Row>) = merged.keyed_rows().into_iter().unzip();
+            let ids = keys
+                .iter()
+                .map(|key| format!("{}.{}.{key}", self.job.name, self.run))
+                .collect();
+            self.write(&aggregate::result_columns(aggregate), rows, ids).await?;
         }
         self.session
             .query_unpaged(
@@ -549,7 +743,17 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
     let session = crate::sink::scylla::connect(cluster).await?;
     ensure_state_tables(&session, &job.state_keyspace).await?;
     let mut tables: Vec<&str> = vec![job.table.as_str()];
-    tables.extend(job.sinks.iter().map(String::as_str));
+    tables.extend(job.sinks.iter().filter_map(|sink| match sink {
+        JobSinkConfig::Table(table) => Some(table.as_str()),
+        _ => None,
+    }));
+    for table in &tables[1..] {
+        check_sink_table(&session, &job.name, table).await?;
+    }
+    let mut sinks = Vec::with_capacity(job.sinks.len());
+    for sink in &job.sinks {
+        sinks.push(Sink::open(sink, &job.name).await?);
+    }
     let client = ShardAwareClient::connect(endpoint, &tables).await?;
     let (run, plan) = current_run(&session, &job, &client).await?;
     let owner = format!(
@@ -563,6 +767,7 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
     let parallel = job.parallel_splits as usize;
     let runner = Arc::new(Runner {
         job,
+        sinks,
         session,
         client,
         compiled,

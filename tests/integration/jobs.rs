@@ -56,6 +56,7 @@ async fn setup(names: &Names, jobs: &str) -> (Gateway, std::path::PathBuf) {
              revenue bigint, biggest bigint, PRIMARY KEY (customer_id, window_start))"
         ),
         format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, customers bigint, orders bigint)"),
+        format!("CREATE TABLE {keyspace}.counts (id int PRIMARY KEY, orders counter)"),
     ] {
         session.query_unpaged(table, ()).await.expect("result table");
     }
@@ -132,6 +133,31 @@ window = { column = "placed_at", size = "1h" }
 measures = { customers = "distinct(row.customer_id)", orders = "count()" }
 [[job.sink]]
 table = "KS.hourly"
+[[job.sink]]
+kafka = { brokers = ["127.0.0.1:9092"], topic = "TOPIC" }
+[[job.sink]]
+nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
+"#;
+
+/// A job whose sink is a counter table (refused), and one whose sink table does not exist.
+const REFUSED: &str = r#"
+[[job]]
+name = "into_counters"
+state_keyspace = "KS"
+[job.source]
+table = "KS.orders"
+[job.aggregate]
+measures = { orders = "count()" }
+[[job.sink]]
+table = "KS.counts"
+
+[[job]]
+name = "into_nowhere"
+state_keyspace = "KS"
+[job.source]
+table = "KS.orders"
+[[job.sink]]
+table = "KS.nowhere"
 "#;
 
 fn job_command(config: &std::path::Path, job: &str) -> std::process::Command {
@@ -246,7 +272,21 @@ async fn wait_done_splits(keyspace: &str, job: &str, splits: usize, child: &mut 
 async fn scan_jobs_aggregate_exactly_into_tables() {
     let _lock = gateway_lock().await;
     let names = Names::new("jobs_exact");
-    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{HOURLY}")).await;
+    // The hourly results go to a table, a Kafka topic and a JetStream stream too.
+    let stream = format!("JOBS_{}", names.group.replace('-', "_"));
+    let subject = format!("{}.hourly", names.topic);
+    devkit::create_topic(&names.topic, 1).await.expect("topic");
+    devkit::create_stream(&stream, &[&subject]).await.expect("stream");
+    let hourly = HOURLY.replace("TOPIC", &names.topic).replace("SUBJECT", &subject);
+    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{hourly}{REFUSED}")).await;
+    for (job, reason) in [
+        ("into_counters", "is a counter table; counters are not idempotent"),
+        ("into_nowhere", "does not exist"),
+    ] {
+        let output = job_command(&config, job).output().expect("job runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(reason), "{job}: {stderr}");
+    }
     for job in ["by_customer_hour", "hourly"] {
         let output = job_command(&config, job).output().expect("job runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -290,6 +330,7 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         .await
         .expect("rows");
     assert_eq!(hourly.len(), hours.len());
+    let mut in_table = BTreeMap::new();
     for (start, customers, orders) in hourly {
         let (count, distinct) = &hours[&start.0];
         assert_eq!(orders, *count, "orders in the hour at {}", start.0);
@@ -299,7 +340,48 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
             "{customers} distinct customers estimated, {} true",
             distinct.len()
         );
+        in_table.insert(start.0, (customers, orders));
     }
+    // The same results on the broker sinks: one message per hour (asked for one more, none
+    // came), each under its own stable id, as JSON with the table's values.
+    let as_results = |payloads: Vec<(String, Vec<u8>)>| {
+        let mut results = BTreeMap::new();
+        let mut ids = BTreeSet::new();
+        for (id, payload) in payloads {
+            assert!(ids.insert(id.clone()), "message id {id} twice");
+            assert!(id.starts_with("hourly."), "{id}");
+            let object: serde_json::Value = serde_json::from_slice(&payload).expect("a JSON result");
+            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
+                .expect("RFC 3339")
+                .timestamp_millis();
+            let values = (
+                object["customers"].as_i64().expect("customers"),
+                object["orders"].as_i64().expect("orders"),
+            );
+            results.insert(start, values);
+        }
+        results
+    };
+    let kafka = devkit::read_topic(&names.topic, in_table.len() + 1, Duration::from_secs(10)).expect("topic");
+    assert_eq!(kafka.len(), in_table.len());
+    let kafka = kafka
+        .into_iter()
+        .map(|record| {
+            let key = String::from_utf8(record.key.expect("a key")).expect("utf-8");
+            assert_eq!(record.headers.get("shardgate.message_id"), Some(&key));
+            (key, record.payload.expect("a payload"))
+        })
+        .collect();
+    assert_eq!(as_results(kafka), in_table);
+    let jetstream = devkit::read_stream(&stream, in_table.len() + 1, Duration::from_secs(5))
+        .await
+        .expect("stream");
+    assert_eq!(jetstream.len(), in_table.len());
+    let jetstream = jetstream
+        .into_iter()
+        .map(|message| (message.headers["Nats-Msg-Id"].clone(), message.payload))
+        .collect();
+    assert_eq!(as_results(jetstream), in_table);
     assert!(gateway.stop().expect("stop").success());
 }
 
