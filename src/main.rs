@@ -160,7 +160,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => Config::load(&config)
             .map(|c| {
-                println!("{}: valid, {} route(s)", config.display(), c.routes.len());
+                println!(
+                    "{}: valid, {} route(s), {} job(s)",
+                    config.display(),
+                    c.routes.len(),
+                    c.jobs.len()
+                );
             })
             .map_err(anyhow::Error::from),
         Command::Serve { config } => Config::load(&config)

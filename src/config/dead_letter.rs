@@ -143,7 +143,7 @@ pub enum DeadLetterConfig {
 pub(super) fn validate_dead_letter(
     key: &impl Fn(&str) -> String,
     raw: Option<RawDeadLetter>,
-    source: &SourceConfig,
+    source: Option<&SourceConfig>,
     targets: &[(&str, &str)],
 ) -> Result<DeadLetterConfig, ConfigError> {
     let Some(raw) = raw else {
@@ -164,11 +164,11 @@ pub(super) fn validate_dead_letter(
 fn kafka_dead_letter(
     key: &impl Fn(&str) -> String,
     RawKafkaDeadLetter { brokers, topic }: RawKafkaDeadLetter,
-    source: &SourceConfig,
+    source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
     validate_topic(&key("dead_letter.topic"), &topic)?;
     let source_kafka = match source {
-        SourceConfig::Kafka(kafka) => Some(kafka),
+        Some(SourceConfig::Kafka(kafka)) => Some(kafka),
         _ => None,
     };
     if source_kafka.is_some_and(|kafka| kafka.topic == topic) {
@@ -195,13 +195,13 @@ fn kafka_dead_letter(
 fn nats_dead_letter(
     key: &impl Fn(&str) -> String,
     RawNatsDeadLetter { url, subject }: RawNatsDeadLetter,
-    source: &SourceConfig,
+    source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
     validate_subject(&key("dead_letter.subject"), &subject)?;
     let url = match (url, source) {
         (Some(url), _) => validate_nats_url(&key("dead_letter.url"), url)?,
-        (None, SourceConfig::JetStream(js)) => js.url.clone(),
-        (None, SourceConfig::Nats(nats)) => nats.url.clone(),
+        (None, Some(SourceConfig::JetStream(js))) => js.url.clone(),
+        (None, Some(SourceConfig::Nats(nats))) => nats.url.clone(),
         (None, _) => {
             return Err(ConfigError::invalid(
                 key("dead_letter.url"),
@@ -220,11 +220,11 @@ fn rabbitmq_dead_letter(
         exchange,
         routing_key,
     }: RawRabbitMqDeadLetter,
-    source: &SourceConfig,
+    source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
     let url = match (url, source) {
         (Some(url), _) => validate_amqp_url(&key("dead_letter.url"), url)?,
-        (None, SourceConfig::Amqp(amqp)) => amqp.url.clone(),
+        (None, Some(SourceConfig::Amqp(amqp))) => amqp.url.clone(),
         (None, _) => {
             return Err(ConfigError::invalid(
                 key("dead_letter.url"),
@@ -240,7 +240,7 @@ fn rabbitmq_dead_letter(
             "the dead-letter queue's name when `exchange` is the default exchange",
         ));
     }
-    if let SourceConfig::Amqp(amqp) = source {
+    if let Some(SourceConfig::Amqp(amqp)) = source {
         if exchange.is_empty() && routing_key == amqp.queue {
             return Err(ConfigError::invalid(
                 key("dead_letter.routing_key"),

@@ -44,6 +44,11 @@ pub struct RawJob {
     /// Splits one `shardgate job run` processes at once (1 to 64).
     #[serde(default = "default_parallel_splits")]
     pub parallel_splits: u32,
+    /// `[job.dead_letter]`: where rows an expression or a measure fails on go (as a route's:
+    /// `kind` = `kafka`, `nats`, `rabbitmq` or `table`; brokers and URLs must be given). Absent,
+    /// such rows are only counted.
+    #[serde(default)]
+    pub dead_letter: Option<super::dead_letter::RawDeadLetter>,
 }
 
 /// `[job.source]`
@@ -213,6 +218,8 @@ pub struct JobConfig {
     pub lease: Duration,
     /// Splits at once.
     pub parallel_splits: u32,
+    /// Where failed rows go, if anywhere.
+    pub dead_letter: Option<super::dead_letter::DeadLetterConfig>,
 }
 
 /// A validated `[job.aggregate]`.
@@ -507,7 +514,24 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
             "a number of splits from 1 to 64",
         ));
     }
+    let sink_tables: Vec<(&str, &str)> = sinks
+        .iter()
+        .filter_map(|sink| match sink {
+            JobSinkConfig::Table(table) => table.split_once('.'),
+            _ => None,
+        })
+        .collect();
+    let dead_letter = match raw.dead_letter {
+        None => None,
+        Some(dead_letter) => Some(super::dead_letter::validate_dead_letter(
+            &key,
+            Some(dead_letter),
+            None,
+            &sink_tables,
+        )?),
+    };
     Ok(JobConfig {
+        dead_letter,
         name: raw.name,
         table: raw.source.table,
         columns: raw.source.columns,

@@ -369,7 +369,7 @@ pub(super) fn validate_route(index: usize, raw: RawRoute) -> Result<RouteConfig,
         .iter()
         .map(|t| (t.keyspace.as_str(), t.table.as_str()))
         .collect();
-    let dead_letter = validate_dead_letter(&key, raw.dead_letter, &source, &target_tables)?;
+    let dead_letter = validate_dead_letter(&key, raw.dead_letter, Some(&source), &target_tables)?;
     let ack = match raw.ack.as_deref() {
         None | Some("written") => AckMode::Written,
         Some("spooled") => AckMode::Spooled,

@@ -32,6 +32,8 @@ use crate::client::ShardAwareClient;
 use crate::config::{ClusterConfig, JobConfig, JobSinkConfig};
 use crate::export::json_of;
 use crate::mapping::expr::{Bound, Expr};
+use crate::mapping::ReasonCode;
+use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterSink};
 use crate::wire::proto::value::Kind;
 use crate::wire::proto::{PlanScanRequest, PlanScanResponse, QueryOptions, Row, RowBatch, ScanRequest, Split};
 use aggregate::Partial;
@@ -107,6 +109,9 @@ impl Compiled {
         })
     }
 }
+
+/// Why a row failed, and how.
+type Failure = (ReasonCode, String);
 
 /// Broker publishes awaited at once.
 const PUBLISHES_IN_FLIGHT: usize = 256;
@@ -231,7 +236,8 @@ struct Claim {
 struct Runner {
     job: JobConfig,
     sinks: Vec<Sink>,
-    session: Session,
+    dead_letter: Option<DeadLetterSink>,
+    session: Arc<Session>,
     client: ShardAwareClient,
     compiled: Compiled,
     owner: String,
@@ -392,13 +398,37 @@ impl Runner {
         format!("{}.{table}", self.job.state_keyspace)
     }
 
-    fn reason(&self, reason: String) {
+    /// A row an expression or a measure failed on: counted, its reason kept for the summary,
+    /// and sent to the job's dead-letter destination (the row as a JSON object) if it has one.
+    async fn failed(&self, names: &[String], row: &Row, split: i32, code: ReasonCode, reason: String) {
         self.rows_failed.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut reasons) = self.reasons.lock() {
             if reasons.len() < REASONS_MAX {
-                reasons.push(reason);
+                reasons.push(format!("{}: {reason}", code.as_str()));
             }
         }
+        let Some(sink) = &self.dead_letter else {
+            return;
+        };
+        let object: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .zip(&row.values)
+            .map(|(name, value)| (name.clone(), json_of(value)))
+            .collect();
+        let payload = serde_json::to_vec(&object).unwrap_or_default();
+        let letter = DeadLetter {
+            route: &self.job.name,
+            reason_code: code.as_str(),
+            reason: &reason,
+            source: vec![
+                (headers::SOURCE_TABLE, self.job.table.clone()),
+                (headers::SOURCE_SPLIT, split.to_string()),
+            ],
+            headers: &[],
+            key: None,
+            payload: Some(&payload),
+        };
+        sink.send(&letter).await;
     }
 
     /// Split rows: (index, owner, lease_until, done).
@@ -570,7 +600,7 @@ impl Runner {
                 names = page.result.columns.iter().map(|c| c.name.clone()).collect();
             }
             let mut copied = Vec::new();
-            for row in page.result.rows {
+            for row in &page.result.rows {
                 rows_in += 1;
                 match self.fold_row(&names, row, &mut partial) {
                     Ok(Some(kept)) => {
@@ -578,7 +608,7 @@ impl Runner {
                         copied.extend(kept);
                     }
                     Ok(None) => {}
-                    Err(reason) => self.reason(reason),
+                    Err((code, reason)) => self.failed(&names, row, claim.index, code, reason).await,
                 }
             }
             if self.job.aggregate.is_none() {
@@ -632,7 +662,9 @@ impl Runner {
     }
 
     /// One row through the filter and into the partial; `Some(rows to copy)` when kept.
-    fn fold_row(&self, names: &[String], row: Row, partial: &mut Partial) -> Result<Option<Vec<Row>>, String> {
+    fn fold_row(&self, names: &[String], row: &Row, partial: &mut Partial) -> Result<Option<Vec<Row>>, Failure> {
+        let bad_value = |reason: String| (ReasonCode::BadValue, reason);
+        let failed = |reason: String| (ReasonCode::ExpressionFailed, reason);
         let needs_json = self.compiled.filter.is_some() || self.compiled.measures.iter().any(Option::is_some);
         let object = needs_json.then(|| {
             serde_json::Value::Object(
@@ -647,33 +679,33 @@ impl Runner {
         if let (Some(filter), Some(bound)) = (&self.compiled.filter, &bound) {
             if !filter
                 .is_true(bound)
-                .map_err(|e| format!("filter `{}`: {e}", filter.source()))?
+                .map_err(|e| failed(format!("filter `{}`: {e}", filter.source())))?
             {
                 return Ok(None);
             }
         }
         let Some(aggregate) = &self.job.aggregate else {
-            return Ok(Some(vec![row]));
+            return Ok(Some(vec![row.clone()]));
         };
         let column = |name: &str| names.iter().position(|n| n == name);
         let mut group = Vec::with_capacity(aggregate.group_by.len());
         for name in &aggregate.group_by {
-            let at = column(name).ok_or_else(|| format!("no column `{name}` in the rows read"))?;
+            let at = column(name).ok_or_else(|| bad_value(format!("no column `{name}` in the rows read")))?;
             group.push(row.values[at].clone());
         }
         let time_ms = match &aggregate.window {
             None => None,
             Some(window) => {
-                let at =
-                    column(&window.column).ok_or_else(|| format!("no column `{}` in the rows read", window.column))?;
+                let at = column(&window.column)
+                    .ok_or_else(|| bad_value(format!("no column `{}` in the rows read", window.column)))?;
                 match &row.values[at].kind {
                     Some(Kind::TimestampMs(ms)) => Some(*ms),
                     Some(Kind::Null(_)) | None => None,
                     Some(other) => {
-                        return Err(format!(
+                        return Err(bad_value(format!(
                             "window column `{}` is not a timestamp: {other:?}",
                             window.column
-                        ))
+                        )))
                     }
                 }
             }
@@ -683,12 +715,12 @@ impl Runner {
             values.push(match (expr, &bound) {
                 (Some(expr), Some(bound)) => Some(
                     expr.evaluate(bound)
-                        .map_err(|e| format!("measure `{}` = `{}`: {e}", measure.name, expr.source()))?,
+                        .map_err(|e| failed(format!("measure `{}` = `{}`: {e}", measure.name, expr.source())))?,
                 ),
                 _ => None,
             });
         }
-        partial.fold(aggregate, group, time_ms, &values)?;
+        partial.fold(aggregate, group, time_ms, &values).map_err(bad_value)?;
         Ok(Some(Vec::new()))
     }
 
@@ -754,6 +786,16 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
     for sink in &job.sinks {
         sinks.push(Sink::open(sink, &job.name).await?);
     }
+    let session = Arc::new(session);
+    let dead_letter = match &job.dead_letter {
+        None => None,
+        Some(config) => Some(
+            DeadLetterSink::open(config, &job.name, &session)
+                .await
+                .map_err(|reason| anyhow::anyhow!("job `{}`: dead letters: {reason}", job.name))?
+                .0,
+        ),
+    };
     let client = ShardAwareClient::connect(endpoint, &tables).await?;
     let (run, plan) = current_run(&session, &job, &client).await?;
     let owner = format!(
@@ -768,6 +810,7 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
     let runner = Arc::new(Runner {
         job,
         sinks,
+        dead_letter,
         session,
         client,
         compiled,

@@ -46,6 +46,10 @@ pub mod headers {
     pub const SOURCE_REDELIVERED: &str = "shardgate.source.redelivered";
     /// Socket endpoint (ZeroMQ).
     pub const SOURCE_ENDPOINT: &str = "shardgate.source.endpoint";
+    /// Table a job read the row from (processing jobs).
+    pub const SOURCE_TABLE: &str = "shardgate.source.table";
+    /// Index of the scan split the row was in (processing jobs).
+    pub const SOURCE_SPLIT: &str = "shardgate.source.split";
     /// Original message key, when the destination has no key of its own (NATS), as text.
     pub const KEY: &str = "shardgate.key";
     /// Message time at the source, epoch milliseconds.

@@ -57,6 +57,7 @@ async fn setup(names: &Names, jobs: &str) -> (Gateway, std::path::PathBuf) {
         ),
         format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, customers bigint, orders bigint)"),
         format!("CREATE TABLE {keyspace}.counts (id int PRIMARY KEY, orders counter)"),
+        format!("CREATE TABLE {keyspace}.by_status (status text PRIMARY KEY, orders bigint, shares bigint)"),
     ] {
         session.query_unpaged(table, ()).await.expect("result table");
     }
@@ -158,6 +159,24 @@ state_keyspace = "KS"
 table = "KS.orders"
 [[job.sink]]
 table = "KS.nowhere"
+"#;
+
+/// A job whose measure fails on some rows (division by zero when `amount % 7 == 0`): those rows
+/// go to a dead-letter table and the results count the others.
+const WITH_FAILURES: &str = r#"
+[[job]]
+name = "with_failures"
+state_keyspace = "KS"
+[job.source]
+table = "KS.orders"
+[job.aggregate]
+group_by = ["status"]
+measures = { orders = "count()", shares = "sum(700 / (row.amount % 7))" }
+[[job.sink]]
+table = "KS.by_status"
+[job.dead_letter]
+kind = "table"
+table = "KS.job_dead_letters"
 "#;
 
 fn job_command(config: &std::path::Path, job: &str) -> std::process::Command {
@@ -278,7 +297,66 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
     devkit::create_topic(&names.topic, 1).await.expect("topic");
     devkit::create_stream(&stream, &[&subject]).await.expect("stream");
     let hourly = HOURLY.replace("TOPIC", &names.topic).replace("SUBJECT", &subject);
-    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{hourly}{REFUSED}")).await;
+    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{hourly}{REFUSED}{WITH_FAILURES}")).await;
+    // Rows a measure fails on: dead-lettered with their reason and values, not counted.
+    let output = job_command(&config, "with_failures").output().expect("job runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let failing: BTreeSet<i64> = (0..ORDERS).filter(|i| order(*i).1 % 7 == 0).collect();
+    assert!(
+        stderr.contains(&format!("{} failed", failing.len())) && stderr.contains("expression_failed"),
+        "{stderr}"
+    );
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    type Letter = (String, String, std::collections::HashMap<String, String>, Vec<u8>);
+    let letters: Vec<Letter> = session
+        .query_iter(
+            format!(
+                "SELECT reason_code, reason, headers, payload FROM {}.job_dead_letters",
+                names.keyspace
+            ),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<Letter>()
+        .expect("typed")
+        .try_collect()
+        .await
+        .expect("rows");
+    let mut dead: BTreeSet<i64> = BTreeSet::new();
+    for (code, reason, headers, payload) in &letters {
+        assert_eq!(code, "expression_failed");
+        assert!(reason.contains("measure `shares`"), "{reason}");
+        assert_eq!(headers["shardgate.route"], "with_failures");
+        assert_eq!(headers["shardgate.source.table"], format!("{}.orders", names.keyspace));
+        let row: serde_json::Value = serde_json::from_slice(payload).expect("the row as JSON");
+        let id = row["order_id"].as_i64().expect("order_id");
+        assert_eq!(row["amount"].as_i64(), Some(order(id).1));
+        dead.insert(id);
+    }
+    assert_eq!(dead, failing, "every failing row dead-lettered, once");
+    let mut by_status: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for i in (0..ORDERS).filter(|i| !failing.contains(i)) {
+        let (_, amount, status, _) = order(i);
+        let entry = by_status.entry(status.to_string()).or_default();
+        entry.0 += 1;
+        entry.1 += 700 / (amount % 7);
+    }
+    let got: BTreeMap<String, (i64, i64)> = session
+        .query_iter(
+            format!("SELECT status, orders, shares FROM {}.by_status", names.keyspace),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(String, i64, i64)>()
+        .expect("typed")
+        .map_ok(|(status, orders, shares)| (status, (orders, shares)))
+        .try_collect()
+        .await
+        .expect("rows");
+    assert_eq!(got, by_status);
     for (job, reason) in [
         ("into_counters", "is a counter table; counters are not idempotent"),
         ("into_nowhere", "does not exist"),
