@@ -51,11 +51,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context;
 use clap::Parser;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
@@ -71,7 +71,7 @@ use tonic::transport::Channel;
 struct Args {
     /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-5,
     /// kafka-spooled, kafka-consume, scan-driver, scan-driver-parallel, scan, get-smart, get-plain,
-    /// rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
+    /// job, job-python, rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
     /// separated).
     #[arg(
         long,
@@ -152,6 +152,8 @@ async fn main() -> anyhow::Result<()> {
             "scan-driver" => scan_driver(&args, false).await?,
             "scan-driver-parallel" => scan_driver(&args, true).await?,
             "scan" => scan_gateway(&args).await?,
+            "job" => job_gateway(&args).await?,
+            "job-python" => job_python(&args).await?,
             "get-smart" => get_gateway(&args, true).await?,
             "get-plain" => get_gateway(&args, false).await?,
             "nats" => nats(&args).await?,
@@ -998,6 +1000,204 @@ async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
         mode: mode.into(),
         rows,
         seconds: report.scan_time.as_secs_f64(),
+        cpu_seconds,
+        database_cpu_seconds,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// Per minute of the events `0..rows`: (events, sum of scores, top score), computed here.
+fn expected_per_minute(rows: i64) -> BTreeMap<i64, (i64, f64, f64)> {
+    let mut minutes: BTreeMap<i64, (i64, f64, f64)> = BTreeMap::new();
+    for i in 0..rows {
+        let at = devkit::event_at_ms(i);
+        let score = i as f64 * 0.5;
+        let minute = minutes
+            .entry(at.div_euclid(60_000) * 60_000)
+            .or_insert((0, 0.0, f64::MIN));
+        minute.0 += 1;
+        minute.1 += score;
+        minute.2 = minute.2.max(score);
+    }
+    minutes
+}
+
+/// Compares a per-minute result table with [`expected_per_minute`] (sums to 1e-9 relative:
+/// their order of addition differs).
+async fn check_per_minute(session: &Session, table: &str, rows: i64) -> anyhow::Result<usize> {
+    let expected = expected_per_minute(rows);
+    let got: Vec<(CqlTimestamp, i64, f64, f64)> = session
+        .query_iter(format!("SELECT window_start, events, score, top FROM {table}"), ())
+        .await?
+        .rows_stream::<(CqlTimestamp, i64, f64, f64)>()?
+        .try_collect()
+        .await?;
+    anyhow::ensure!(
+        got.len() == expected.len(),
+        "{table}: {} minutes, {} expected",
+        got.len(),
+        expected.len()
+    );
+    for (start, events, score, top) in got {
+        let Some(&(e, s, t)) = expected.get(&start.0) else {
+            anyhow::bail!("{table}: a minute that should not be there: {}", start.0);
+        };
+        anyhow::ensure!(
+            events == e && (score - s).abs() <= s.abs() * 1e-9 && top == t,
+            "{table}: minute {}: ({events}, {score}, {top}) against ({e}, {s}, {t})",
+            start.0
+        );
+    }
+    Ok(expected.len())
+}
+
+/// Runs `command` to its end, sampling its CPU seconds every 20 ms (the last sample before it
+/// exits: up to 20 ms of CPU can go uncounted). Returns (stdout+stderr, wall seconds, CPU).
+fn run_sampled(mut command: std::process::Command) -> anyhow::Result<(String, f64, f64)> {
+    let started = Instant::now();
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut cpu = 0.0;
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(out) = out.as_mut() {
+            let _ = std::io::Read::read_to_string(out, &mut text);
+        }
+        if let Some(err) = err.as_mut() {
+            let _ = std::io::Read::read_to_string(err, &mut text);
+        }
+        text
+    });
+    let status = loop {
+        if let Ok(seconds) = devkit::process_cpu_seconds(pid) {
+            cpu = seconds;
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let text = reader.join().unwrap_or_default();
+    anyhow::ensure!(status.success(), "{status}: {text}");
+    Ok((text, seconds, cpu))
+}
+
+/// A processing job over the events table through a gateway (`shardgate job run`): events,
+/// score sum and top score per minute into a table; results compared with the same aggregation
+/// computed here. CPU is the gateway's plus the job runner's.
+async fn job_gateway(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "job";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    ensure_events(args, &session).await?;
+    let table = format!("{READ_KEYSPACE}.events_per_minute");
+    session
+        .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())
+        .await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {table} (window_start timestamp PRIMARY KEY, events bigint, score double, top double)"
+            ),
+            (),
+        )
+        .await?;
+    session.await_schema_agreement().await?;
+    let job = format!(
+        "\n[[job]]\nname = \"per_minute\"\nstate_keyspace = \"{READ_KEYSPACE}\"\nparallel_splits = {parallel}\n\
+         [job.source]\ntable = \"{READ_KEYSPACE}.events\"\ncolumns = [\"score\", \"at\"]\nmin_splits = {splits}\n\
+         [job.aggregate]\nwindow = {{ column = \"at\", size = \"1m\" }}\n\
+         measures = {{ events = \"count()\", score = \"sum(row.score)\", top = \"max(row.score)\" }}\n\
+         [[job.sink]]\ntable = \"{table}\"\n",
+        parallel = args.scan_parallel,
+        splits = args.scan_splits,
+    );
+    let config = args.work_dir.join("gateway-job.toml");
+    std::fs::write(
+        &config,
+        devkit::ingest_gateway_toml("", 2048, args.write_batch_rows) + &job,
+    )?;
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-job.log"))?;
+    println!(
+        "== {mode}: aggregating {} events per minute through the gateway (shardgate job run)",
+        args.rows
+    );
+    let database = devkit::CassandraCpu::start()?;
+    let cpu_before = gateway.cpu_seconds()?;
+    let mut command = std::process::Command::new(&args.gateway);
+    command
+        .args(["job", "run", "--config"])
+        .arg(&config)
+        .args(["--job", "per_minute"]);
+    let (text, seconds, runner_cpu) = run_sampled(command)?;
+    let gateway_cpu = gateway.cpu_seconds()? - cpu_before;
+    let database_cpu_seconds = database.seconds()?;
+    let minutes = check_per_minute(&session, &table, args.rows).await?;
+    println!(
+        "   {mode}: {minutes} minutes exact; gateway {:.1} CPU-s/M, runner {:.1} CPU-s/M; {}",
+        gateway_cpu * 1e6 / args.rows as f64,
+        runner_cpu * 1e6 / args.rows as f64,
+        text.lines().rev().find(|l| l.starts_with("job ")).unwrap_or_default()
+    );
+    gateway.stop()?;
+    Ok(Outcome {
+        mode: mode.into(),
+        rows: args.rows as u64,
+        seconds,
+        cpu_seconds: gateway_cpu + runner_cpu,
+        database_cpu_seconds,
+        latencies: Vec::new(),
+        quantiles_ms: None,
+        forwarded: 0.0,
+    })
+}
+
+/// The seed's way: `deploy/bench/python_aggregate.py` reads the events with the Python driver,
+/// aggregates per minute in Python and writes the results back (a virtualenv with the pinned
+/// driver is made in the work directory). CPU is the Python process's.
+async fn job_python(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "job-python";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    ensure_events(args, &session).await?;
+    let venv = args.work_dir.join("venv");
+    let python = venv.join("bin/python");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/bench/python_aggregate.py");
+    let requirements = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/bench/requirements.txt");
+    if !python.exists() {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
+        anyhow::ensure!(made.success(), "python3 -m venv {}", venv.display());
+    }
+    let installed = std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "-r"])
+        .arg(&requirements)
+        .status()?;
+    anyhow::ensure!(installed.success(), "pip install -r {}", requirements.display());
+    let table = format!("{READ_KEYSPACE}.events_per_minute_python");
+    session
+        .query_unpaged(format!("DROP TABLE IF EXISTS {table}"), ())
+        .await?;
+    session.await_schema_agreement().await?;
+    println!("== {mode}: aggregating {} events per minute in Python", args.rows);
+    let database = devkit::CassandraCpu::start()?;
+    let mut command = std::process::Command::new(&python);
+    command.arg(&script).arg(READ_KEYSPACE);
+    let (text, seconds, cpu_seconds) = run_sampled(command)?;
+    let database_cpu_seconds = database.seconds()?;
+    let minutes = check_per_minute(&session, &table, args.rows).await?;
+    println!("   {mode}: {minutes} minutes exact; {}", text.trim());
+    Ok(Outcome {
+        mode: mode.into(),
+        rows: args.rows as u64,
+        seconds,
         cpu_seconds,
         database_cpu_seconds,
         latencies: Vec::new(),

@@ -846,6 +846,11 @@ pub fn event_columns() -> Vec<String> {
         .collect()
 }
 
+/// The `at` of sample event `i`, epoch milliseconds.
+pub fn event_at_ms(i: i64) -> i64 {
+    PLACED_AT_BASE_MS + i
+}
+
 /// Sample event `i` as a typed row (about 100 bytes on the wire).
 pub fn event_row(i: i64) -> crate::wire::proto::Row {
     use crate::wire::proto::value::Kind;
@@ -856,7 +861,7 @@ pub fn event_row(i: i64) -> crate::wire::proto::Row {
             v(Kind::Int(i)),
             v(Kind::Text(format!("event-{i:09}-{}", CITIES[(i % 8) as usize]))),
             v(Kind::Double(i as f64 * 0.5)),
-            v(Kind::TimestampMs(PLACED_AT_BASE_MS + i)),
+            v(Kind::TimestampMs(event_at_ms(i))),
             v(Kind::List(Values {
                 values: vec![v(Kind::Int(i % 7)), v(Kind::Int(i % 11))],
             })),
