@@ -92,7 +92,34 @@ impl std::fmt::Display for JobReport {
 /// The compiled expressions of a job.
 struct Compiled {
     filter: Option<Expr>,
-    measures: Vec<Option<Expr>>,
+    measures: Vec<Input>,
+}
+
+/// What a measure folds per row.
+enum Input {
+    /// Nothing (`count()`).
+    Rows,
+    /// A column's value as is: `row.<column>`, read without building a CEL context.
+    Column(String),
+    /// A CEL expression over `row`.
+    Cel(Expr),
+}
+
+impl Input {
+    fn new(source: Option<&str>) -> anyhow::Result<Input> {
+        let Some(source) = source else {
+            return Ok(Input::Rows);
+        };
+        let bare = source.trim().strip_prefix("row.").filter(|name| {
+            let mut chars = name.chars();
+            chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        Ok(match bare {
+            Some(column) => Input::Column(column.to_string()),
+            None => Input::Cel(Expr::compile(source).map_err(|e| anyhow::anyhow!("{source}: {e}"))?),
+        })
+    }
 }
 
 impl Compiled {
@@ -104,9 +131,14 @@ impl Compiled {
                 .aggregate
                 .iter()
                 .flat_map(|a| &a.measures)
-                .map(|m| m.expr.as_deref().map(compile).transpose())
+                .map(|m| Input::new(m.expr.as_deref()))
                 .collect::<anyhow::Result<_>>()?,
         })
+    }
+
+    /// Whether a row must become a CEL object (a filter or a measure needs one).
+    fn needs_cel(&self) -> bool {
+        self.filter.is_some() || self.measures.iter().any(|m| matches!(m, Input::Cel(_)))
     }
 }
 
@@ -665,8 +697,7 @@ impl Runner {
     fn fold_row(&self, names: &[String], row: &Row, partial: &mut Partial) -> Result<Option<Vec<Row>>, Failure> {
         let bad_value = |reason: String| (ReasonCode::BadValue, reason);
         let failed = |reason: String| (ReasonCode::ExpressionFailed, reason);
-        let needs_json = self.compiled.filter.is_some() || self.compiled.measures.iter().any(Option::is_some);
-        let object = needs_json.then(|| {
+        let object = self.compiled.needs_cel().then(|| {
             serde_json::Value::Object(
                 names
                     .iter()
@@ -711,13 +742,23 @@ impl Runner {
             }
         };
         let mut values = Vec::with_capacity(self.compiled.measures.len());
-        for (expr, measure) in self.compiled.measures.iter().zip(&aggregate.measures) {
-            values.push(match (expr, &bound) {
-                (Some(expr), Some(bound)) => Some(
+        for (input, measure) in self.compiled.measures.iter().zip(&aggregate.measures) {
+            values.push(match (input, &bound) {
+                (Input::Rows, _) => None,
+                (Input::Column(name), _) => {
+                    let at = column(name).ok_or_else(|| {
+                        failed(format!(
+                            "measure `{}` = `row.{name}`: no column `{name}` in the rows read",
+                            measure.name
+                        ))
+                    })?;
+                    Some(json_of(&row.values[at]))
+                }
+                (Input::Cel(expr), Some(bound)) => Some(
                     expr.evaluate(bound)
                         .map_err(|e| failed(format!("measure `{}` = `{}`: {e}", measure.name, expr.source())))?,
                 ),
-                _ => None,
+                (Input::Cel(_), None) => None,
             });
         }
         partial.fold(aggregate, group, time_ms, &values).map_err(bad_value)?;
