@@ -148,6 +148,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
     let ready = metrics::gauge!(crate::telemetry::metric::READY);
     ready.set(1.0);
+    // Scheduled jobs run on the island, through this gateway's own listener.
+    if let Some(ingest) = &config.ingest {
+        let mut endpoint = ingest.listen;
+        if endpoint.ip().is_unspecified() {
+            endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        for job in config.jobs.iter().filter(|job| job.every.is_some()) {
+            let every = job.every.unwrap_or_default();
+            tracing::info!(job = %job.name, every = ?every, "job scheduled");
+            island.handle().spawn(crate::job::schedule(
+                config.cluster.clone(),
+                job.clone(),
+                endpoint.to_string(),
+                every,
+            ));
+        }
+    }
 
     island.block_on(wait_for_stop_signal());
     ready.set(0.0);

@@ -44,6 +44,11 @@ pub struct RawJob {
     /// Splits one `shardgate job run` processes at once (1 to 64).
     #[serde(default = "default_parallel_splits")]
     pub parallel_splits: u32,
+    /// Runs the job inside `shardgate serve` every this long (`"1h"`, `"15m"`; 1 s to 30 d),
+    /// the first run when the gateway is serving, each next one this long after the last
+    /// ended. Absent: the job runs only by `shardgate job run`.
+    #[serde(default)]
+    pub every: Option<String>,
     /// `[job.dead_letter]`: where rows an expression or a measure fails on go (as a route's:
     /// `kind` = `kafka`, `nats`, `rabbitmq` or `table`; brokers and URLs must be given). Absent,
     /// such rows are only counted.
@@ -220,6 +225,8 @@ pub struct JobConfig {
     pub parallel_splits: u32,
     /// Where failed rows go, if anywhere.
     pub dead_letter: Option<super::dead_letter::DeadLetterConfig>,
+    /// Schedule inside `serve`.
+    pub every: Option<Duration>,
 }
 
 /// A validated `[job.aggregate]`.
@@ -530,7 +537,21 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
             &sink_tables,
         )?),
     };
+    let every = raw
+        .every
+        .as_deref()
+        .map(|every| {
+            parse_duration(
+                &key("every"),
+                every,
+                Duration::from_secs(1),
+                Duration::from_secs(30 * 86_400),
+                "from 1s to 30d",
+            )
+        })
+        .transpose()?;
     Ok(JobConfig {
+        every,
         dead_letter,
         name: raw.name,
         table: raw.source.table,

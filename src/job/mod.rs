@@ -34,6 +34,7 @@ use crate::export::json_of;
 use crate::mapping::expr::{Bound, Expr};
 use crate::mapping::ReasonCode;
 use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterSink};
+use crate::telemetry::metric;
 use crate::wire::proto::value::Kind;
 use crate::wire::proto::{PlanScanRequest, PlanScanResponse, QueryOptions, Row, RowBatch, ScanRequest, Split};
 use aggregate::Partial;
@@ -434,6 +435,7 @@ impl Runner {
     /// and sent to the job's dead-letter destination (the row as a JSON object) if it has one.
     async fn failed(&self, names: &[String], row: &Row, split: i32, code: ReasonCode, reason: String) {
         self.rows_failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::JOB_ROWS_FAILED, "job" => self.job.name.clone()).increment(1);
         if let Ok(mut reasons) = self.reasons.lock() {
             if reasons.len() < REASONS_MAX {
                 reasons.push(format!("{}: {reason}", code.as_str()));
@@ -546,6 +548,7 @@ impl Runner {
                 broker => self.publish(broker, columns, &rows, &ids).await?,
             };
             self.rows_out.fetch_add(written, Ordering::Relaxed);
+            metrics::counter!(metric::JOB_ROWS_OUT, "job" => self.job.name.clone()).increment(written);
         }
         Ok(())
     }
@@ -680,6 +683,7 @@ impl Runner {
         if stored {
             self.rows_in.fetch_add(rows_in, Ordering::Relaxed);
             self.rows_kept.fetch_add(rows_kept, Ordering::Relaxed);
+            metrics::counter!(metric::JOB_ROWS_READ, "job" => self.job.name.clone()).increment(rows_in);
         }
         Ok(stored)
     }
@@ -883,6 +887,8 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
         if let Some(bar) = &bar {
             bar.set_position(done as u64);
         }
+        metrics::gauge!(metric::JOB_SPLITS_DONE, "job" => runner.job.name.clone()).set(done as f64);
+        metrics::gauge!(metric::JOB_SPLITS_TOTAL, "job" => runner.job.name.clone()).set(plan.len() as f64);
         if done == plan.len() && running.is_empty() {
             break;
         }
@@ -934,4 +940,24 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
         reasons,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs `job` inside `serve` every `every`: the first run at once, each next one `every` after
+/// the last ended (a failed run is logged, counted and retried at the next tick). Spawned on the
+/// island; ends with it.
+pub async fn schedule(cluster: ClusterConfig, job: JobConfig, endpoint: String, every: Duration) {
+    loop {
+        let name = job.name.clone();
+        match run(&cluster, job.clone(), &endpoint, false).await {
+            Ok(report) => {
+                metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => "done").increment(1);
+                tracing::info!(job = %name, %report, "job run done");
+            }
+            Err(error) => {
+                metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => "failed").increment(1);
+                tracing::warn!(job = %name, error = %format!("{error:#}"), "job run failed; next at the next tick");
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
 }

@@ -52,6 +52,19 @@ pub mod metric {
     /// core's memory budget for spooled writes is spent, all cores together.
     pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
 
+    /// Rows a processing job read, by `job` (the runs inside `serve`).
+    pub const JOB_ROWS_READ: &str = "shardgate_job_rows_read_total";
+    /// Results (or copied rows) a job wrote to its sinks, by `job`, counted once per sink.
+    pub const JOB_ROWS_OUT: &str = "shardgate_job_rows_out_total";
+    /// Rows a job's filter or measures failed on, by `job`.
+    pub const JOB_ROWS_FAILED: &str = "shardgate_job_rows_failed_total";
+    /// Splits of a job's current run done (by any gateway), by `job`.
+    pub const JOB_SPLITS_DONE: &str = "shardgate_job_splits_done";
+    /// Splits of a job's current run, by `job`.
+    pub const JOB_SPLITS_TOTAL: &str = "shardgate_job_splits_total";
+    /// Job runs ended, by `job` and `outcome` (`done`, `failed`).
+    pub const JOB_RUNS: &str = "shardgate_job_runs_total";
+
     /// Rows returned by the query API, by core, table and `rpc` (`get`, `execute`, `scan`).
     pub const ROWS_READ: &str = "shardgate_rows_read_total";
     /// Pages read from the database by the query API, by core, table and `rpc`.
@@ -87,6 +100,12 @@ pub mod metric {
         READ_LATENCY_SECONDS,
         SCAN_SPLITS,
         READS_REFUSED,
+        JOB_ROWS_READ,
+        JOB_ROWS_OUT,
+        JOB_ROWS_FAILED,
+        JOB_SPLITS_DONE,
+        JOB_SPLITS_TOTAL,
+        JOB_RUNS,
     ];
 }
 

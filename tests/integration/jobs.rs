@@ -548,3 +548,60 @@ async fn two_runners_share_a_job_and_one_takes_over_when_the_other_dies() {
     assert_eq!(times, BTreeSet::from([run]));
     assert!(gateway.stop().expect("stop").success());
 }
+
+/// A job with `every` runs inside `serve`: a run that started after the orders were written
+/// ends with exact results, and the gateway's metrics count its runs, rows and splits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_runs_inside_serve_with_metrics() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_scheduled");
+    let job = BY_CUSTOMER_HOUR.replace("lease = \"3s\"", "lease = \"3s\"\nevery = \"2s\"");
+    let (gateway, _config) = setup(&names, &job).await;
+    let written_by_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as i64;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let started = Instant::now();
+    let run = loop {
+        let current = session
+            .query_unpaged(
+                format!("SELECT run, state FROM {}.job_runs WHERE job = ?", names.keyspace),
+                ("by_customer_hour",),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.into_rows_result().ok())
+            .and_then(|r| r.maybe_first_row::<(i64, String)>().ok().flatten());
+        if let Some((run, state)) = current {
+            if run > written_by_us && state == "done" {
+                break run;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no scheduled run after the writes ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (table, times) = read_by_customer_hour(&names.keyspace).await;
+    assert_eq!(table, expected_by_customer_hour());
+    assert!(times.iter().all(|t| *t >= run), "the latest run wrote every result");
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        devkit::scrape_metric_where(devkit::ADMIN_LISTEN, name, labels).expect("metrics")
+    };
+    let job = [("job", "by_customer_hour")];
+    assert!(
+        metric(
+            shardgate::telemetry::metric::JOB_RUNS,
+            &[("job", "by_customer_hour"), ("outcome", "done")]
+        ) >= 1.0
+    );
+    assert!(metric(shardgate::telemetry::metric::JOB_ROWS_READ, &job) >= ORDERS as f64);
+    assert!(metric(shardgate::telemetry::metric::JOB_ROWS_OUT, &job) >= expected_by_customer_hour().len() as f64);
+    // The gauges follow the current run (the next may have begun): 24 splits planned.
+    let total = metric(shardgate::telemetry::metric::JOB_SPLITS_TOTAL, &job);
+    assert!(total >= 24.0, "{total} splits");
+    assert!(metric(shardgate::telemetry::metric::JOB_SPLITS_DONE, &job) <= total);
+    assert!(gateway.stop().expect("stop").success());
+}
