@@ -10,7 +10,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::check::{
-    join_brokers, validate_expression, validate_identifier, validate_nats_url, validate_subject, validate_topic,
+    join_brokers, validate_amqp_url, validate_expression, validate_identifier, validate_nats_url, validate_subject,
+    validate_topic,
 };
 use super::error::ConfigError;
 
@@ -108,7 +109,7 @@ pub struct RawWindow {
     pub hop: Option<String>,
 }
 
-/// `[[job.sink]]`: exactly one of `table`, `kafka`, `nats`.
+/// `[[job.sink]]`: exactly one of `table`, `kafka`, `nats`, `rabbitmq`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJobSink {
@@ -124,6 +125,23 @@ pub struct RawJobSink {
     /// (JetStream drops a repeat within its duplicate window).
     #[serde(default)]
     pub nats: Option<RawNatsJobSink>,
+    /// A RabbitMQ exchange: each result a persistent JSON message with its stable message id
+    /// in the AMQP `message_id` property, published with confirms.
+    #[serde(default)]
+    pub rabbitmq: Option<RawRabbitMqJobSink>,
+}
+
+/// `rabbitmq = { url = "..", exchange = "", routing_key = ".." }`
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRabbitMqJobSink {
+    /// `amqp://user:password@host:port/vhost`.
+    pub url: String,
+    /// Exchange; `""` (the default) routes to the queue named by `routing_key`.
+    #[serde(default)]
+    pub exchange: String,
+    /// Routing key (with the default exchange: the queue's name).
+    pub routing_key: String,
 }
 
 /// `kafka = { brokers = [..], topic = ".." }`
@@ -171,6 +189,15 @@ pub enum JobSinkConfig {
         /// Through JetStream, acknowledged.
         jetstream: bool,
     },
+    /// A RabbitMQ exchange.
+    RabbitMq {
+        /// AMQP URL.
+        url: String,
+        /// Exchange (`""`: the default one).
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
 }
 
 impl JobSinkConfig {
@@ -180,6 +207,9 @@ impl JobSinkConfig {
             JobSinkConfig::Table(table) => format!("table {table}"),
             JobSinkConfig::Kafka { topic, .. } => format!("kafka topic {topic}"),
             JobSinkConfig::Nats { subject, .. } => format!("nats subject {subject}"),
+            JobSinkConfig::RabbitMq {
+                exchange, routing_key, ..
+            } => format!("rabbitmq exchange `{exchange}` routing key {routing_key}"),
         }
     }
 }
@@ -460,18 +490,33 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         return Err(ConfigError::invalid(
             key("sink"),
             "[]",
-            "at least one `[[job.sink]]` (a `table`, `kafka` or `nats`)",
+            "at least one `[[job.sink]]` (a `table`, `kafka`, `nats` or `rabbitmq`)",
         ));
     }
     let mut sinks = Vec::with_capacity(raw.sinks.len());
     for (i, sink) in raw.sinks.into_iter().enumerate() {
         let sink_key = |field: &str| key(&format!("sink[{i}]{field}"));
-        let sink = match (sink.table, sink.kafka, sink.nats) {
-            (Some(table), None, None) => {
+        let sink = match (sink.table, sink.kafka, sink.nats, sink.rabbitmq) {
+            (None, None, None, Some(rabbitmq)) => {
+                let url = validate_amqp_url(&sink_key(".rabbitmq.url"), rabbitmq.url)?;
+                if rabbitmq.routing_key.is_empty() {
+                    return Err(ConfigError::invalid(
+                        sink_key(".rabbitmq.routing_key"),
+                        "",
+                        "a routing key (with the default exchange, the queue's name)",
+                    ));
+                }
+                JobSinkConfig::RabbitMq {
+                    url,
+                    exchange: rabbitmq.exchange,
+                    routing_key: rabbitmq.routing_key,
+                }
+            }
+            (Some(table), None, None, None) => {
                 validate_table(&sink_key(".table"), &table)?;
                 JobSinkConfig::Table(table)
             }
-            (None, Some(kafka), None) => {
+            (None, Some(kafka), None, None) => {
                 let brokers = join_brokers(&sink_key(".kafka.brokers"), &kafka.brokers)?;
                 validate_topic(&sink_key(".kafka.topic"), &kafka.topic)?;
                 JobSinkConfig::Kafka {
@@ -479,7 +524,7 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                     topic: kafka.topic,
                 }
             }
-            (None, None, Some(nats)) => {
+            (None, None, Some(nats), None) => {
                 let url = validate_nats_url(&sink_key(".nats.url"), nats.url)?;
                 validate_subject(&sink_key(".nats.subject"), &nats.subject)?;
                 JobSinkConfig::Nats {
@@ -488,11 +533,12 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                     jetstream: nats.jetstream,
                 }
             }
-            (table, kafka, nats) => {
+            (table, kafka, nats, rabbitmq) => {
                 let set: Vec<&str> = [
                     table.is_some().then_some("table"),
                     kafka.is_some().then_some("kafka"),
                     nats.is_some().then_some("nats"),
+                    rabbitmq.is_some().then_some("rabbitmq"),
                 ]
                 .into_iter()
                 .flatten()
@@ -500,7 +546,7 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                 return Err(ConfigError::invalid(
                     sink_key(""),
                     format!("{{{}}}", set.join(", ")),
-                    "exactly one of `table`, `kafka`, `nats`",
+                    "exactly one of `table`, `kafka`, `nats`, `rabbitmq`",
                 ));
             }
         };

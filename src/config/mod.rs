@@ -31,7 +31,7 @@ pub use error::ConfigError;
 pub use ingest::{IngestConfig, RawIngest};
 pub use job::{
     AggregateConfig, JobConfig, JobSinkConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink,
-    RawJobSource, RawKafkaJobSink, RawNatsJobSink, RawWindow, WindowConfig, WindowSpec,
+    RawJobSource, RawKafkaJobSink, RawNatsJobSink, RawRabbitMqJobSink, RawWindow, WindowConfig, WindowSpec,
 };
 pub use query::{QueryConfig, RawQuery};
 pub use route::{

@@ -731,6 +731,13 @@ fn job_keys_default_and_bad_values_name_their_key() {
             ),
             "`job[0].sink[0].nats.url` = `nats://n`",
         ),
+        (
+            job("").replace(
+                "table = \"shop.revenue_hourly\"",
+                "rabbitmq = { url = \"http://r\", routing_key = \"q\" }",
+            ),
+            "`job[0].sink[0].rabbitmq.url` = `http://r`",
+        ),
     ] {
         let message = error_of(&source);
         assert!(message.starts_with(starts), "{starts}: {message}");

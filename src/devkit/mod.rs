@@ -1274,6 +1274,8 @@ pub fn drain_kafka(topic: &str, group: &str, count: u64) -> anyhow::Result<Durat
 pub struct BrokerDeadLetter {
     /// Header name → value.
     pub headers: BTreeMap<String, String>,
+    /// The AMQP `message_id` property (RabbitMQ), if set.
+    pub message_id: Option<String>,
     /// Original payload.
     pub payload: Vec<u8>,
 }
@@ -1306,6 +1308,7 @@ pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> a
                     .flat_map(|h| h.iter())
                     .filter_map(|(k, v)| Some((k.to_string(), v.first()?.to_string())))
                     .collect(),
+                message_id: None,
                 payload: message.payload.to_vec(),
             }),
             Ok(Some(Err(e))) => anyhow::bail!("reading stream: {e}"),
@@ -1402,6 +1405,7 @@ pub async fn read_queue(queue: &str, expected: usize, deadline: Duration) -> any
                 delivery.acker.ack(Default::default()).await?;
                 letters.push(BrokerDeadLetter {
                     headers,
+                    message_id: delivery.properties.message_id().as_ref().map(|id| id.to_string()),
                     payload: delivery.data,
                 });
             }

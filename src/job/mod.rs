@@ -157,6 +157,8 @@ enum Sink {
     Table(String),
     /// A Kafka topic; the message id is the record key and the `shardgate.message_id` header.
     Kafka(crate::sink::broker::kafka::KafkaPublisher),
+    /// A RabbitMQ exchange; the message id in the AMQP `message_id` property.
+    Amqp(Box<crate::sink::broker::amqp::AmqpPublisher>),
     /// A NATS subject; the message id in `Nats-Msg-Id`.
     Nats {
         client: async_nats::Client,
@@ -173,6 +175,15 @@ impl Sink {
                 crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic)
                     .with_context(|| format!("job `{job}`: kafka sink {topic}"))?,
             ),
+            JobSinkConfig::RabbitMq {
+                url,
+                exchange,
+                routing_key,
+            } => Sink::Amqp(Box::new(
+                crate::sink::broker::amqp::AmqpPublisher::open(url, exchange, routing_key)
+                    .await
+                    .map_err(|reason| anyhow::anyhow!("job `{job}`: rabbitmq sink: {reason}"))?,
+            )),
             JobSinkConfig::Nats {
                 url,
                 subject,
@@ -195,6 +206,7 @@ impl Sink {
             Sink::Table(table) => format!("table {table}"),
             Sink::Kafka(publisher) => format!("kafka topic {}", publisher.topic()),
             Sink::Nats { subject, .. } => format!("nats subject {subject}"),
+            Sink::Amqp(publisher) => format!("rabbitmq exchange `{}`", publisher.exchange),
         }
     }
 
@@ -207,6 +219,10 @@ impl Sink {
                     ("shardgate.message_id".to_string(), id.to_string()),
                 ];
                 publisher.publish(Some(id.as_bytes()), Some(payload), &headers).await
+            }
+            Sink::Amqp(publisher) => {
+                let headers = vec![("shardgate.job".to_string(), job.to_string())];
+                publisher.publish_with_id(headers, payload, Some(id)).await
             }
             Sink::Nats {
                 client,

@@ -138,6 +138,8 @@ table = "KS.hourly"
 kafka = { brokers = ["127.0.0.1:9092"], topic = "TOPIC" }
 [[job.sink]]
 nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
+[[job.sink]]
+rabbitmq = { url = "amqp://guest:guest@127.0.0.1:5672/%2f", routing_key = "QUEUE" }
 "#;
 
 /// A job whose sink is a counter table (refused), and one whose sink table does not exist.
@@ -291,12 +293,17 @@ async fn wait_done_splits(keyspace: &str, job: &str, splits: usize, child: &mut 
 async fn scan_jobs_aggregate_exactly_into_tables() {
     let _lock = gateway_lock().await;
     let names = Names::new("jobs_exact");
-    // The hourly results go to a table, a Kafka topic and a JetStream stream too.
+    // The hourly results go to a table, a Kafka topic, a JetStream stream and a RabbitMQ queue.
     let stream = format!("JOBS_{}", names.group.replace('-', "_"));
     let subject = format!("{}.hourly", names.topic);
     devkit::create_topic(&names.topic, 1).await.expect("topic");
     devkit::create_stream(&stream, &[&subject]).await.expect("stream");
-    let hourly = HOURLY.replace("TOPIC", &names.topic).replace("SUBJECT", &subject);
+    let queue = format!("{}.hourly", names.group);
+    devkit::recreate_queue(&queue).await.expect("queue");
+    let hourly = HOURLY
+        .replace("TOPIC", &names.topic)
+        .replace("SUBJECT", &subject)
+        .replace("QUEUE", &queue);
     let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{hourly}{REFUSED}{WITH_FAILURES}")).await;
     // Rows a measure fails on: dead-lettered with their reason and values, not counted.
     let output = job_command(&config, "with_failures").output().expect("job runs");
@@ -460,6 +467,15 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         .map(|message| (message.headers["Nats-Msg-Id"].clone(), message.payload))
         .collect();
     assert_eq!(as_results(jetstream), in_table);
+    let rabbitmq = devkit::read_queue(&queue, in_table.len() + 1, Duration::from_secs(5))
+        .await
+        .expect("queue");
+    assert_eq!(rabbitmq.len(), in_table.len());
+    let rabbitmq = rabbitmq
+        .into_iter()
+        .map(|message| (message.message_id.expect("an AMQP message_id"), message.payload))
+        .collect();
+    assert_eq!(as_results(rabbitmq), in_table);
     assert!(gateway.stop().expect("stop").success());
 }
 

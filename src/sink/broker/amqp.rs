@@ -46,11 +46,25 @@ impl AmqpPublisher {
 
     /// Publishes one message and waits for the broker's confirm.
     pub async fn publish(&self, headers: Vec<(String, String)>, payload: &[u8]) -> Result<(), String> {
+        self.publish_with_id(headers, payload, None).await
+    }
+
+    /// [`AmqpPublisher::publish`] with the AMQP `message_id` property set (consumers de-duplicate
+    /// on it).
+    pub async fn publish_with_id(
+        &self,
+        headers: Vec<(String, String)>,
+        payload: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<(), String> {
         let mut table = FieldTable::default();
         for (key, value) in headers {
             table.insert(ShortString::from(key), AMQPValue::LongString(LongString::from(value)));
         }
-        let properties = BasicProperties::default().with_headers(table).with_delivery_mode(2);
+        let mut properties = BasicProperties::default().with_headers(table).with_delivery_mode(2);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(ShortString::from(id.to_string()));
+        }
         let confirm = self
             .channel
             .basic_publish(
