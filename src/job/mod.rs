@@ -1,8 +1,9 @@
 //! Processing jobs (`[[job]]`, `shardgate job run`): a table scanned through the gateway's
 //! shard-aligned splits, each split at its owner core's port; rows kept by a CEL filter; either
 //! written as read to the sinks, or folded into aggregate groups ([`aggregate`]) whose results
-//! are written once every split is done. Sinks are written through the gateway's ingest API, so
-//! results take the one write engine's owner-core routing.
+//! are written once every split is done. Table sinks are written through the gateway's ingest
+//! API, so results take the one write engine's owner-core routing; broker sinks (Kafka, NATS or
+//! JetStream, RabbitMQ) get each result as a JSON message under a stable message id.
 //!
 //! **Progress and sharing** live in two tables of the job's `state_keyspace`: `job_runs` (one
 //! row per job: the current run, its start time, its split plan, its state) and `job_splits`
@@ -275,7 +276,7 @@ async fn publish_retrying(sink: &Sink, job: &str, id: &str, payload: Vec<u8>) ->
     }
 }
 
-/// A claimed split: its index and the lease deadline it was claimed with.
+/// A claimed split: its index in the run's plan and its token ranges.
 struct Claim {
     index: i32,
     split: Split,
