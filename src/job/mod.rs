@@ -44,6 +44,8 @@ use aggregate::Partial;
 const PAGE_ROWS: u32 = 2_000;
 /// Rows per batch written to a sink.
 const WRITE_ROWS: usize = 500;
+/// Longest group key kept as is in a result's message id (longer ones are hashed).
+const RESULT_KEY_BYTES_MAX: usize = 128;
 /// Reasons kept for the report.
 const REASONS_MAX: usize = 5;
 
@@ -705,6 +707,18 @@ impl Runner {
         Ok(stored)
     }
 
+    /// The message id of a result: the job, the run and the group key — hashed when long, so
+    /// the id fits every broker (AMQP's `message_id` holds at most 255 bytes).
+    fn result_id(&self, key: &str) -> String {
+        if key.len() <= RESULT_KEY_BYTES_MAX {
+            return format!("{}.{}.{key}", self.job.name, self.run);
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{}.{hex}", self.job.name, self.run)
+    }
+
     /// The message id of a copied row: the job, the run and a hash of the row's values (the
     /// same row read again has the same id).
     fn copy_id(&self, row: &Row) -> String {
@@ -809,10 +823,7 @@ impl Runner {
                 merged.merge(partial);
             }
             let (keys, rows): (Vec<String>, Vec<Row>) = merged.keyed_rows().into_iter().unzip();
-            let ids = keys
-                .iter()
-                .map(|key| format!("{}.{}.{key}", self.job.name, self.run))
-                .collect();
+            let ids = keys.iter().map(|key| self.result_id(key)).collect();
             self.write(&aggregate::result_columns(aggregate), rows, ids).await?;
         }
         self.session
