@@ -284,12 +284,7 @@ pub async fn run(spec: ExportSpec, progress: bool) -> anyhow::Result<ExportRepor
         for row in &result.rows {
             match spec.format {
                 Format::Jsonl => {
-                    let object: serde_json::Map<String, serde_json::Value> = names
-                        .iter()
-                        .zip(&row.values)
-                        .map(|(name, value)| (name.clone(), json_of(value)))
-                        .collect();
-                    serde_json::to_writer(&mut text, &object)?;
+                    serde_json::to_writer(&mut text, &json_object(names, row))?;
                     text.push(b'\n');
                 }
                 Format::Csv => {
@@ -336,6 +331,16 @@ pub async fn run(spec: ExportSpec, progress: bool) -> anyhow::Result<ExportRepor
     );
     report.rows_total = state.rows;
     Ok(report)
+}
+
+/// A row as a JSON object of its columns (`names` in row order), values as [`json_of`] writes
+/// them: a line of `--format jsonl`, a job's `row` and its broker messages.
+pub fn json_object(names: &[String], row: &crate::wire::proto::Row) -> serde_json::Map<String, serde_json::Value> {
+    names
+        .iter()
+        .zip(&row.values)
+        .map(|(name, value)| (name.clone(), json_of(value)))
+        .collect()
 }
 
 /// A typed value as JSON, in the forms the mapping reads back: text as strings, integers and

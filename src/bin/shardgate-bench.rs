@@ -134,6 +134,22 @@ struct Outcome {
     forwarded: f64,
 }
 
+impl Outcome {
+    /// A run measured by its rows, time and CPU only (no latencies, nothing forwarded).
+    fn untimed(mode: String, rows: u64, seconds: f64, cpu_seconds: f64, database_cpu_seconds: f64) -> Outcome {
+        Outcome {
+            mode,
+            rows,
+            seconds,
+            cpu_seconds,
+            database_cpu_seconds,
+            latencies: Vec::new(),
+            quantiles_ms: None,
+            forwarded: 0.0,
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -776,16 +792,13 @@ async fn broker_ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     };
     let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
     println!("   {mode}: {rows} messages consumed and acknowledged, nothing written");
-    Ok(Outcome {
-        mode: mode.into(),
+    Ok(Outcome::untimed(
+        mode.into(),
         rows,
-        seconds: span.as_secs_f64(),
+        span.as_secs_f64(),
         cpu_seconds,
-        database_cpu_seconds: database.seconds()?,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+        database.seconds()?,
+    ))
 }
 
 /// The Kafka path's floor: `--rows` 5-column orders produced to a fresh 6-partition topic, then
@@ -812,16 +825,13 @@ async fn kafka_ceiling(args: &Args) -> anyhow::Result<Outcome> {
     let span = tokio::task::spawn_blocking(move || devkit::drain_kafka(&topic, &group, rows)).await??;
     let cpu_seconds = devkit::process_cpu_seconds(std::process::id())? - cpu_before;
     println!("   {mode}: {rows} messages consumed and their offsets committed, nothing written");
-    Ok(Outcome {
-        mode: mode.into(),
+    Ok(Outcome::untimed(
+        mode.into(),
         rows,
-        seconds: span.as_secs_f64(),
+        span.as_secs_f64(),
         cpu_seconds,
-        database_cpu_seconds: database.seconds()?,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+        database.seconds()?,
+    ))
 }
 
 /// Keyspace of the read modes' table: the `ceiling-events` mode's.
@@ -948,16 +958,13 @@ async fn scan_driver(args: &Args, parallel: bool) -> anyhow::Result<Outcome> {
     }
     anyhow::ensure!(ids.len() as u64 == rows, "{mode}: {} of {rows} rows read", ids.len());
     println!("   {mode}: {rows} rows read, each once");
-    Ok(Outcome {
-        mode: mode.into(),
+    Ok(Outcome::untimed(
+        mode.into(),
         rows,
         seconds,
         cpu_seconds,
-        database_cpu_seconds: database.seconds()?,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+        database.seconds()?,
+    ))
 }
 
 /// The events table scanned through a gateway with the shard-aware client: planned by the
@@ -996,16 +1003,13 @@ async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
         report.splits
     );
     gateway.stop()?;
-    Ok(Outcome {
-        mode: mode.into(),
+    Ok(Outcome::untimed(
+        mode.into(),
         rows,
-        seconds: report.scan_time.as_secs_f64(),
+        report.scan_time.as_secs_f64(),
         cpu_seconds,
         database_cpu_seconds,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+    ))
 }
 
 /// Per minute of the events `0..rows`: (events, sum of scores, top score), computed here.
@@ -1146,16 +1150,13 @@ async fn job_gateway(args: &Args) -> anyhow::Result<Outcome> {
         text.lines().rev().find(|l| l.starts_with("job ")).unwrap_or_default()
     );
     gateway.stop()?;
-    Ok(Outcome {
-        mode: mode.into(),
-        rows: args.rows as u64,
+    Ok(Outcome::untimed(
+        mode.into(),
+        args.rows as u64,
         seconds,
-        cpu_seconds: gateway_cpu + runner_cpu,
+        gateway_cpu + runner_cpu,
         database_cpu_seconds,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+    ))
 }
 
 /// The seed's way: `deploy/bench/python_aggregate.py` reads the events with the Python driver,
@@ -1194,16 +1195,13 @@ async fn job_python(args: &Args) -> anyhow::Result<Outcome> {
     let database_cpu_seconds = database.seconds()?;
     let minutes = check_per_minute(&session, &table, args.rows).await?;
     println!("   {mode}: {minutes} minutes exact; {}", text.trim());
-    Ok(Outcome {
-        mode: mode.into(),
-        rows: args.rows as u64,
+    Ok(Outcome::untimed(
+        mode.into(),
+        args.rows as u64,
         seconds,
         cpu_seconds,
         database_cpu_seconds,
-        latencies: Vec::new(),
-        quantiles_ms: None,
-        forwarded: 0.0,
-    })
+    ))
 }
 
 /// `Get`s of the events by key through a gateway, by the shard-aware client (`get-smart`: each

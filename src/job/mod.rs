@@ -31,7 +31,7 @@ use scylla::client::session::Session;
 
 use crate::client::ShardAwareClient;
 use crate::config::{ClusterConfig, JobConfig, JobSinkConfig};
-use crate::export::json_of;
+use crate::export::{json_object, json_of};
 use crate::mapping::expr::{Bound, Expr};
 use crate::mapping::ReasonCode;
 use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterSink};
@@ -143,6 +143,37 @@ impl Compiled {
     /// Whether a row must become a CEL object (a filter or a measure needs one).
     fn needs_cel(&self) -> bool {
         self.filter.is_some() || self.measures.iter().any(|m| matches!(m, Input::Cel(_)))
+    }
+}
+
+/// Where the columns a job's aggregate reads sit in the rows of a split, found once from the
+/// split's column specs (`None`: the rows lack that column).
+#[derive(Default)]
+struct Positions {
+    group_by: Vec<Option<usize>>,
+    window: Option<usize>,
+    /// Per measure; only `row.<column>` measures have one.
+    measures: Vec<Option<usize>>,
+}
+
+impl Positions {
+    fn new(names: &[String], job: &JobConfig, compiled: &Compiled) -> Positions {
+        let position = |name: &str| names.iter().position(|n| n == name);
+        let Some(aggregate) = &job.aggregate else {
+            return Positions::default();
+        };
+        Positions {
+            group_by: aggregate.group_by.iter().map(|name| position(name)).collect(),
+            window: aggregate.window.as_ref().and_then(|w| position(&w.column)),
+            measures: compiled
+                .measures
+                .iter()
+                .map(|input| match input {
+                    Input::Column(name) => position(name),
+                    _ => None,
+                })
+                .collect(),
+        }
     }
 }
 
@@ -463,12 +494,7 @@ impl Runner {
         let Some(sink) = &self.dead_letter else {
             return;
         };
-        let object: serde_json::Map<String, serde_json::Value> = names
-            .iter()
-            .zip(&row.values)
-            .map(|(name, value)| (name.clone(), json_of(value)))
-            .collect();
-        let payload = serde_json::to_vec(&object).unwrap_or_default();
+        let payload = serde_json::to_vec(&json_object(names, row)).unwrap_or_default();
         let letter = DeadLetter {
             route: &self.job.name,
             reason_code: code.as_str(),
@@ -612,12 +638,8 @@ impl Runner {
                     outcome?;
                 }
             }
-            let object: serde_json::Map<String, serde_json::Value> = columns
-                .iter()
-                .zip(&row.values)
-                .map(|(name, value)| (name.clone(), json_of(value)))
-                .collect();
-            pending.push(publish_retrying(sink, &self.job.name, id, serde_json::to_vec(&object)?));
+            let payload = serde_json::to_vec(&json_object(columns, row))?;
+            pending.push(publish_retrying(sink, &self.job.name, id, payload));
         }
         while let Some(outcome) = pending.next().await {
             outcome?;
@@ -644,6 +666,8 @@ impl Runner {
         };
         let mut pages = self.client.scan(request, vec![claim.split.clone()], Vec::new(), 1);
         let mut names: Vec<String> = Vec::new();
+        // Until a page names the columns, every column reads as missing.
+        let mut positions = Positions::new(&[], &self.job, &self.compiled);
         let mut partial = Partial::default();
         let (mut rows_in, mut rows_kept) = (0u64, 0u64);
         let mut renewed = Instant::now();
@@ -652,11 +676,12 @@ impl Runner {
             let page = page.with_context(|| format!("scanning split {}", claim.index))?;
             if names.is_empty() {
                 names = page.result.columns.iter().map(|c| c.name.clone()).collect();
+                positions = Positions::new(&names, &self.job, &self.compiled);
             }
             let mut copied = Vec::new();
             for row in &page.result.rows {
                 rows_in += 1;
-                match self.fold_row(&names, row, &mut partial) {
+                match self.fold_row(&names, &positions, row, &mut partial) {
                     Ok(Some(kept)) => {
                         rows_kept += 1;
                         copied.extend(kept);
@@ -729,18 +754,19 @@ impl Runner {
     }
 
     /// One row through the filter and into the partial; `Some(rows to copy)` when kept.
-    fn fold_row(&self, names: &[String], row: &Row, partial: &mut Partial) -> Result<Option<Vec<Row>>, Failure> {
+    fn fold_row(
+        &self,
+        names: &[String],
+        positions: &Positions,
+        row: &Row,
+        partial: &mut Partial,
+    ) -> Result<Option<Vec<Row>>, Failure> {
         let bad_value = |reason: String| (ReasonCode::BadValue, reason);
         let failed = |reason: String| (ReasonCode::ExpressionFailed, reason);
-        let object = self.compiled.needs_cel().then(|| {
-            serde_json::Value::Object(
-                names
-                    .iter()
-                    .zip(&row.values)
-                    .map(|(name, value)| (name.clone(), json_of(value)))
-                    .collect(),
-            )
-        });
+        let object = self
+            .compiled
+            .needs_cel()
+            .then(|| serde_json::Value::Object(json_object(names, row)));
         let bound = object.as_ref().map(Bound::row);
         if let (Some(filter), Some(bound)) = (&self.compiled.filter, &bound) {
             if !filter
@@ -753,18 +779,19 @@ impl Runner {
         let Some(aggregate) = &self.job.aggregate else {
             return Ok(Some(vec![row.clone()]));
         };
-        let column = |name: &str| names.iter().position(|n| n == name);
+        // A column the rows lack (or a short row) reads as missing.
+        let value = |at: Option<usize>| at.and_then(|at| row.values.get(at));
         let mut group = Vec::with_capacity(aggregate.group_by.len());
-        for name in &aggregate.group_by {
-            let at = column(name).ok_or_else(|| bad_value(format!("no column `{name}` in the rows read")))?;
-            group.push(row.values[at].clone());
+        for (name, at) in aggregate.group_by.iter().zip(&positions.group_by) {
+            let found = value(*at).ok_or_else(|| bad_value(format!("no column `{name}` in the rows read")))?;
+            group.push(found.clone());
         }
         let time_ms = match &aggregate.window {
             None => None,
             Some(window) => {
-                let at = column(&window.column)
+                let found = value(positions.window)
                     .ok_or_else(|| bad_value(format!("no column `{}` in the rows read", window.column)))?;
-                match &row.values[at].kind {
+                match &found.kind {
                     Some(Kind::TimestampMs(ms)) => Some(*ms),
                     Some(Kind::Null(_)) | None => None,
                     Some(other) => {
@@ -777,17 +804,23 @@ impl Runner {
             }
         };
         let mut values = Vec::with_capacity(self.compiled.measures.len());
-        for (input, measure) in self.compiled.measures.iter().zip(&aggregate.measures) {
+        for ((input, measure), at) in self
+            .compiled
+            .measures
+            .iter()
+            .zip(&aggregate.measures)
+            .zip(&positions.measures)
+        {
             values.push(match (input, &bound) {
                 (Input::Rows, _) => None,
                 (Input::Column(name), _) => {
-                    let at = column(name).ok_or_else(|| {
+                    let found = value(*at).ok_or_else(|| {
                         failed(format!(
                             "measure `{}` = `row.{name}`: no column `{name}` in the rows read",
                             measure.name
                         ))
                     })?;
-                    Some(json_of(&row.values[at]))
+                    Some(json_of(found))
                 }
                 (Input::Cel(expr), Some(bound)) => Some(
                     expr.evaluate(bound)
