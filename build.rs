@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/shardgate/v1/topology.proto",
                 "proto/shardgate/v1/ingest.proto",
                 "proto/shardgate/v1/query.proto",
+                "proto/shardgate/v1/jobs.proto",
             ],
             &["proto"],
         )?;

@@ -26,6 +26,7 @@ use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::source::{Consumer, Handoff, Opened, Start};
 use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
+use crate::job::control::{JobControl, JobsService};
 use crate::query::service::{QueryService, QueryShared};
 use crate::query::token::Keys;
 use crate::runtime::budget::{self, Budget};
@@ -41,6 +42,7 @@ use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::{self, RowMetrics};
 use crate::topology::Ownership;
 use crate::wire::proto::ingest_server::IngestServer;
+use crate::wire::proto::jobs_server::JobsServer;
 use crate::wire::proto::query_server::QueryServer;
 
 /// How often the island checks the driver's cluster state for a topology change.
@@ -53,6 +55,8 @@ struct CoreIngest {
     shared: Arc<IngestShared>,
     /// The query API, served on the same listeners.
     query: Arc<QueryShared>,
+    /// The jobs' control, served on the same listeners.
+    jobs: Arc<JobControl>,
     config: IngestConfig,
 }
 
@@ -136,7 +140,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         tracing::info!(route = %route.name, tables = %route.tables_label(), "route ready");
     }
-    let ingest = ingest_parts(&base, share)?;
+    // The jobs run on the island through this gateway's own listener, controlled over its
+    // `Jobs` service.
+    let jobs = config.ingest.as_ref().map(|ingest| {
+        let mut endpoint = ingest.listen;
+        if endpoint.ip().is_unspecified() {
+            endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        JobControl::new(
+            island.handle(),
+            config.cluster.clone(),
+            config.routes.clone(),
+            config.jobs.clone(),
+            endpoint.to_string(),
+            Arc::clone(&base.session),
+        )
+    });
+    let ingest = ingest_parts(&base, share, jobs.as_ref())?;
     let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, share)?;
     let running = consumers
         .into_iter()
@@ -148,26 +168,17 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
     let ready = metrics::gauge!(crate::telemetry::metric::READY);
     ready.set(1.0);
-    // Scheduled jobs run on the island, through this gateway's own listener.
-    if let Some(ingest) = &config.ingest {
-        let mut endpoint = ingest.listen;
-        if endpoint.ip().is_unspecified() {
-            endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        for job in config.jobs.iter().filter(|job| job.every.is_some()) {
-            let every = job.every.unwrap_or_default();
-            tracing::info!(job = %job.name, every = ?every, "job scheduled");
-            island.handle().spawn(crate::job::schedule(
-                config.cluster.clone(),
-                job.clone(),
-                endpoint.to_string(),
-                every,
-            ));
-        }
+    // Stream jobs and `every` schedules start on the island.
+    if let Some(jobs) = &jobs {
+        jobs.start_all();
     }
 
     island.block_on(wait_for_stop_signal());
     ready.set(0.0);
+    // Jobs stop first: stream jobs checkpoint what they folded while the routes still run.
+    if let Some(jobs) = &jobs {
+        island.block_on(jobs.stop_all(config.runtime.shutdown_deadline));
+    }
     tracing::info!("stopping: draining in-flight messages");
     stopper.stop();
     stop_in_order(&island, running, cores, connections, config.runtime.shutdown_deadline);
@@ -278,8 +289,12 @@ fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute>
 }
 
 /// Each core's share of the ingest and query APIs, if they are configured.
-fn ingest_parts(base: &Base<'_>, share: usize) -> anyhow::Result<Vec<Option<CoreIngest>>> {
-    let Some(ingest) = &base.config.ingest else {
+fn ingest_parts(
+    base: &Base<'_>,
+    share: usize,
+    jobs: Option<&Arc<JobControl>>,
+) -> anyhow::Result<Vec<Option<CoreIngest>>> {
+    let (Some(jobs), Some(ingest)) = (jobs, &base.config.ingest) else {
         return Ok((0..base.cores).map(|_| None).collect());
     };
     let query = Arc::new(QueryShared {
@@ -309,6 +324,7 @@ fn ingest_parts(base: &Base<'_>, share: usize) -> anyhow::Result<Vec<Option<Core
             Some(CoreIngest {
                 shared: Arc::clone(&shared),
                 query: Arc::clone(&query),
+                jobs: Arc::clone(jobs),
                 config: ingest.clone(),
             })
         })
@@ -500,7 +516,8 @@ async fn serve_ingest_on_core(
     )
     .add_service(
         QueryServer::new(QueryService::new(core, Arc::clone(&part.query))).max_decoding_message_size(usize::MAX),
-    );
+    )
+    .add_service(JobsServer::new(JobsService::new(Arc::clone(&part.jobs))));
     let shared_listener = match http2::bind(part.config.listen) {
         Ok(listener) => listener,
         Err(e) => {
@@ -612,7 +629,8 @@ async fn connect_within_wait(cluster: &crate::config::ClusterConfig) -> anyhow::
     }
 }
 
-async fn wait_for_stop_signal() {
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut terminate) => {

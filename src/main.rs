@@ -102,7 +102,9 @@ enum Command {
 enum JobAction {
     /// Runs a job to the end of its current run (a new run when the last one finished) through
     /// the gateway's `[ingest]` listener, sharing its splits with other gateways running it; a
-    /// progress bar on a terminal, a summary line at the end.
+    /// progress bar on a terminal, a summary line at the end. A stream job runs until Ctrl-C or
+    /// SIGTERM (it checkpoints first), sharing its routes' partitions with every gateway
+    /// running it.
     Run {
         /// TOML config holding the job.
         #[arg(long, short)]
@@ -134,11 +136,38 @@ fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if !job.stream.is_empty() {
+        let routes: Vec<_> = job
+            .stream
+            .iter()
+            .filter_map(|route| loaded.routes.iter().find(|r| &r.name == route).cloned())
+            .collect();
+        eprintln!(
+            "job `{name}`: folding routes {} until Ctrl-C or SIGTERM",
+            job.stream.join(", ")
+        );
+        let (command, signal) = shardgate::job::control::steady();
+        runtime.spawn(async move {
+            shardgate::app::wait_for_stop_signal().await;
+            command.send_replace(shardgate::job::control::Command::Stop);
+        });
+        let report = runtime.block_on(shardgate::job::stream::run(
+            &loaded.cluster,
+            job,
+            &routes,
+            &address.to_string(),
+            signal,
+        ))?;
+        eprintln!("job `{name}`: {report}");
+        return Ok(());
+    }
+    let (_command, signal) = shardgate::job::control::steady();
     let report = runtime.block_on(shardgate::job::run(
         &loaded.cluster,
         job,
         &address.to_string(),
         progress,
+        signal,
     ))?;
     eprintln!("job `{name}`: {report}");
     Ok(())

@@ -27,6 +27,9 @@
 //!   time from the first row written to the last;
 //! - `kafka-5`: as `kafka`, with the 5-column orders (a flat ~117-byte JSON object; the table
 //!   read back and compared value by value);
+//! - `kafka-5-rollup`: `kafka-5` with a stream rollup (orders and items per hour) in the same
+//!   gateway; CPU taken once the rollup has checkpointed every message, the closed hours'
+//!   counts checked — its CPU per row against `kafka-5`'s is the rollup's cost per ingested row;
 //! - `scan-driver` / `scan-driver-parallel` / `scan`: the `ceiling-events` table (`--rows`
 //!   events, written by the driver alone when it holds anything else) read whole by one paged
 //!   `SELECT *` with the scylla crate alone / by `--scan-splits` token ranges read 8 at a time
@@ -162,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             "kafka" => kafka(&args, false, false).await?,
             "kafka-spooled" => kafka(&args, true, false).await?,
             "kafka-5" => kafka(&args, false, true).await?,
+            "kafka-5-rollup" => kafka_rollup(&args).await?,
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
             "rabbitmq-consume" | "jetstream-consume" => broker_ceiling(&args, mode).await?,
             "kafka-consume" => kafka_ceiling(&args).await?,
@@ -350,6 +354,150 @@ fn kafka_config(
         &routes,
         &format!("spool_dir = \"{}\"", spool.display()),
         devkit::ADMIN_LISTEN,
+    ))
+}
+
+/// The `kafka-5-rollup` mode's stream job: orders and items per hour over the route's rows.
+const ROLLUP_JOB: &str = r#"
+[[job]]
+name = "bench_hourly"
+state_keyspace = "KS"
+[job.source]
+stream = ["orders"]
+[job.aggregate]
+window = { column = "placed_at", size = "1h", lateness = "1m" }
+measures = { orders = "count()", items = "sum(row.quantity)" }
+[[job.sink]]
+table = "KS.hourly"
+"#;
+
+/// `kafka-5` with a stream rollup (orders and items per hour) beside the route in the same
+/// gateway: its CPU-s per million rows against `kafka-5`'s is the rollup's cost per ingested
+/// row. The gateway's CPU is taken once the job has checkpointed every message too; the closed
+/// hours' order counts are checked against the orders.
+async fn kafka_rollup(args: &Args) -> anyhow::Result<Outcome> {
+    let mode = "kafka-5-rollup";
+    let keyspace = "shardgate_bench_rollup";
+    let session = devkit::connect(devkit::CASSANDRA).await?;
+    devkit::create_orders5_table(&session, keyspace).await?;
+    session
+        .query_unpaged(
+            format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, orders bigint, items bigint)"),
+            (),
+        )
+        .await?;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let topic = format!("bench.rollup.{run}");
+    let group = format!("shardgate-bench-{run}");
+    let partitions = 6;
+    devkit::create_topic(&topic, partitions).await?;
+    devkit::create_topic(&format!("{topic}.dead-letter"), 1).await?;
+    println!("== {mode}: producing {} messages to {topic}", args.rows);
+    let messages = (0..args.rows as u64).map(|i| {
+        let (key, payload) = devkit::order5_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&topic, messages)?;
+    let config = args.work_dir.join("gateway-rollup.toml");
+    let base = kafka_config(args, keyspace, &topic, &group, false, true)?;
+    std::fs::write(
+        &config,
+        format!(
+            "{base}
+[ingest]
+listen = \"{}\"\ncore_port_base = {}
+{}",
+            devkit::INGEST_LISTEN,
+            devkit::INGEST_CORE_PORT_BASE,
+            ROLLUP_JOB.replace("KS", keyspace)
+        ),
+    )?;
+    let database = devkit::CassandraCpu::start()?;
+    let started = Instant::now();
+    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-rollup.log"))?;
+    let first_written = wait_written(mode, 1, started).await?;
+    let last_written = wait_written(mode, args.rows as u64, started).await?;
+    let seconds = last_written.duration_since(first_written).as_secs_f64();
+    // The rollup reads the topic beside the route: wait until it has checkpointed every message.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows: Vec<(String, i64, Option<i64>)> = session
+            .query_unpaged(
+                format!("SELECT part, window, position FROM {keyspace}.job_windows WHERE job = 'bench_hourly'"),
+                (),
+            )
+            .await?
+            .into_rows_result()?
+            .rows::<(String, i64, Option<i64>)>()?
+            .collect::<Result<_, _>>()?;
+        let durable: i64 = rows
+            .iter()
+            .filter(|(part, window, _)| !part.is_empty() && *window == i64::MIN)
+            .filter_map(|(_, _, position)| *position)
+            .sum();
+        if durable >= args.rows {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{mode}: the rollup checkpointed {durable} of {} messages",
+            args.rows
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rollup_done = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()?;
+    let database_cpu_seconds = database.seconds()?;
+    let rows = args.rows as u64;
+    let report = devkit::verify_orders5(&session, keyspace, rows).await?;
+    anyhow::ensure!(
+        report.matching == rows,
+        "{mode}: {} of {rows} rows exact",
+        report.matching
+    );
+    gateway.stop()?;
+    // Every closed hour's count equals the orders placed in it.
+    let mark: Option<i64> = session
+        .query_unpaged(
+            format!("SELECT time FROM {keyspace}.job_windows WHERE job = 'bench_hourly' AND part = '' AND window = ?"),
+            (i64::MIN,),
+        )
+        .await?
+        .into_rows_result()?
+        .maybe_first_row::<(Option<i64>,)>()?
+        .and_then(|(time,)| time);
+    let results: Vec<(scylla::value::CqlTimestamp, i64)> = session
+        .query_unpaged(format!("SELECT window_start, orders FROM {keyspace}.hourly"), ())
+        .await?
+        .into_rows_result()?
+        .rows::<(scylla::value::CqlTimestamp, i64)>()?
+        .collect::<Result<_, _>>()?;
+    let mut expected: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+    for i in 0..rows {
+        let hour = devkit::expected_order(i).placed_at_ms.div_euclid(3_600_000) * 3_600_000;
+        if mark.is_some_and(|mark| hour + 3_600_000 <= mark) {
+            *expected.entry(hour).or_default() += 1;
+        }
+    }
+    let found: std::collections::BTreeMap<i64, i64> = results.into_iter().map(|(at, n)| (at.0, n)).collect();
+    anyhow::ensure!(
+        found == expected && !expected.is_empty(),
+        "{mode}: closed hours' counts differ ({} results, {} expected)",
+        found.len(),
+        expected.len()
+    );
+    println!(
+        "   rollup: every message checkpointed {rollup_done:.1} s after start; {} closed hours exact",
+        expected.len()
+    );
+    Ok(Outcome::untimed(
+        mode.into(),
+        rows,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds,
     ))
 }
 

@@ -13,6 +13,8 @@
 //! 7. runs a processing job (`shardgate job run`) over the Kafka orders: the express orders'
 //!    count, items, largest quantity, revenue and distinct customers per city and hour, written
 //!    to `city_hourly` and compared with the same aggregation computed here;
+//!    A stream rollup inside `serve` folds the same orders as they arrive (orders and items per
+//!    city and 10 minutes); every window it has closed is compared with the orders too;
 //! 8. reads every row back from Cassandra and compares it with what was sent, reads the
 //!    dead-letter topic, and prints a summary with rows/s and gateway CPU-seconds per million rows.
 //!
@@ -86,6 +88,114 @@ customers = "distinct(row.customer_id)"
 [[job.sink]]
 table = "KS.city_hourly"
 "#;
+
+/// The demo's stream rollup inside `serve`: orders and items per city and 10 minutes, folded
+/// from the Kafka route's rows as they arrive.
+const CITY_10MIN_JOB: &str = r#"
+[[job]]
+name = "city_10min"
+state_keyspace = "KS"
+[job.source]
+stream = ["orders"]
+[job.aggregate]
+group_by = ["city"]
+window = { column = "placed_at", size = "10m", lateness = "1m" }
+measures = { orders = "count()", items = "sum(row.quantity)" }
+[[job.sink]]
+table = "KS.city_10min"
+"#;
+
+const TEN_MINUTES_MS: i64 = 600_000;
+
+/// Waits until the stream rollup's closed mark stops moving (the watermark has caught up with
+/// the orders), then compares every closed window with the orders `0..messages` aggregated
+/// here: (closed windows exact, closed windows expected, windows still open, results in the
+/// table, seconds waited).
+async fn verify_city_10min(
+    session: &scylla::client::session::Session,
+    messages: u64,
+) -> anyhow::Result<(usize, usize, usize, usize, f64)> {
+    let started = Instant::now();
+    let closed_mark = || async {
+        let rows: Vec<(String, i64, Option<i64>)> = session
+            .query_iter(
+                format!("SELECT part, window, time FROM {KEYSPACE}.job_windows WHERE job = 'city_10min'"),
+                (),
+            )
+            .await?
+            .rows_stream::<(String, i64, Option<i64>)>()?
+            .try_collect()
+            .await?;
+        anyhow::Ok(
+            rows.into_iter()
+                .find(|(part, window, _)| part.is_empty() && *window == i64::MIN)
+                .and_then(|(_, _, time)| time),
+        )
+    };
+    // Every order is in by now; the job closes what the watermark has passed within seconds.
+    let newest = devkit::expected_order(messages.saturating_sub(1)).placed_at_ms;
+    let mut last = None;
+    let mut still_since = Instant::now();
+    let closed = loop {
+        let mark = closed_mark().await?;
+        if mark != last {
+            last = mark;
+            still_since = Instant::now();
+        }
+        let caught_up = mark.is_some_and(|m| m >= newest - 2 * TEN_MINUTES_MS);
+        if (caught_up && still_since.elapsed() > Duration::from_secs(3)) || started.elapsed() > Duration::from_secs(60)
+        {
+            break mark.unwrap_or(i64::MIN);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for i in 0..messages {
+        let order = devkit::expected_order(i);
+        let start = order.placed_at_ms.div_euclid(TEN_MINUTES_MS) * TEN_MINUTES_MS;
+        let group = expected.entry((order.city, start)).or_default();
+        group.0 += 1;
+        group.1 += i64::from(order.quantity);
+    }
+    let rows: Vec<(String, scylla::value::CqlTimestamp, i64, i64)> = session
+        .query_iter(
+            format!("SELECT city, window_start, orders, items FROM {KEYSPACE}.city_10min"),
+            (),
+        )
+        .await?
+        .rows_stream::<(String, scylla::value::CqlTimestamp, i64, i64)>()?
+        .try_collect()
+        .await?;
+    let found: BTreeMap<(String, i64), (i64, i64)> = rows
+        .into_iter()
+        .map(|(city, start, orders, items)| ((city, start.0), (orders, items)))
+        .collect();
+    let (closed_groups, open_groups): (Vec<_>, Vec<_>) = expected
+        .iter()
+        .partition(|((_, start), _)| start + TEN_MINUTES_MS <= closed);
+    let exact = closed_groups
+        .iter()
+        .filter(|(key, want)| found.get(*key) == Some(*want))
+        .count();
+    for (key, want) in closed_groups
+        .iter()
+        .filter(|(key, want)| found.get(*key) != Some(*want))
+        .take(3)
+    {
+        println!("   stream difference: {key:?}: {:?} against {want:?}", found.get(*key));
+    }
+    let beyond = found.len().saturating_sub(exact);
+    if beyond > 0 {
+        println!("   stream difference: {beyond} result(s) beyond the closed windows' exact ones");
+    }
+    Ok((
+        exact,
+        closed_groups.len(),
+        open_groups.len(),
+        found.len(),
+        started.elapsed().as_secs_f64(),
+    ))
+}
 
 /// Per (city, hour start): orders, items, largest quantity, revenue in cents, customers.
 type CityHour = BTreeMap<(String, i64), (i64, i64, i64, i64, i64)>;
@@ -285,6 +395,15 @@ async fn main() -> anyhow::Result<()> {
             (),
         )
         .await?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {KEYSPACE}.city_10min (city text, window_start timestamp, orders bigint, items bigint, \
+                 PRIMARY KEY (city, window_start))"
+            ),
+            (),
+        )
+        .await?;
     devkit::create_events_table(&session, GRPC_KEYSPACE).await?;
     devkit::create_orders_table(&session, BROKERS_KEYSPACE).await?;
     let brokers = BrokerNames::new(run);
@@ -316,7 +435,9 @@ async fn main() -> anyhow::Result<()> {
     let routes = devkit::orders_route_toml("orders", KEYSPACE, &topic, &group, &dead_letter_topic) + &brokers.routes();
     std::fs::write(
         &config_path,
-        devkit::ingest_gateway_toml(&routes, 2048, 64) + &CITY_HOURLY_JOB.replace("KS", KEYSPACE),
+        devkit::ingest_gateway_toml(&routes, 2048, 64)
+            + &CITY_HOURLY_JOB.replace("KS", KEYSPACE)
+            + &CITY_10MIN_JOB.replace("KS", KEYSPACE),
     )?;
     let log_path = args.work_dir.join("gateway.log");
     let gateway_start = Instant::now();
@@ -351,6 +472,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let cpu_seconds = gateway.cpu_seconds()?;
+    println!("   stream: the rollup city_10min (inside serve) closing its windows as the watermark passes them");
+    let (stream_exact, stream_closed, stream_open, stream_results, stream_wait) =
+        verify_city_10min(&session, args.messages).await?;
     println!("   job: aggregating the express orders per city and hour (shardgate job run --job city_hourly)");
     let (job_summary, job_exact, job_groups) = run_city_hourly(&args, &config_path, &session).await?;
 
@@ -468,6 +592,9 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("     - {job_summary}");
     println!(
+        "   stream rollup city_10min: {stream_exact} of {stream_closed} closed (city, 10 minutes) windows exact; {stream_open} still open (no newer orders to pass them); closed {stream_wait:.1} s after the last commit"
+    );
+    println!(
         "   broker rows verified exact: {} of {} (JetStream, RabbitMQ, NATS, ZeroMQ)",
         broker_report.matching, broker_total
     );
@@ -496,11 +623,14 @@ async fn main() -> anyhow::Result<()> {
         || read_back.gets_exact != read_back.gets
         || job_exact != job_groups
         || job_groups == 0
+        || stream_exact != stream_closed
+        || stream_results != stream_closed
+        || stream_closed == 0
     {
         bail!("verification failed");
     }
     println!(
-        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered, the gRPC table read back exact through the query API, the job's results exact"
+        "== OK: every Kafka, gRPC, JetStream, RabbitMQ, NATS and ZeroMQ row verified in Cassandra, every malformed message dead-lettered, the gRPC table read back exact through the query API, the scan job's and the stream rollup's results exact"
     );
     Ok(())
 }

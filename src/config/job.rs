@@ -1,7 +1,8 @@
-//! `[[job]]`: a processing job — the raw table, its validated form and `validate`. A job scans a
-//! table through the query API's shard-aligned splits, keeps the rows a CEL `filter` passes,
-//! and either writes them to its sinks as they are or folds them into `aggregate` groups whose
-//! results it writes at the end. Pure.
+//! `[[job]]`: a processing job — the raw table, its validated form and `validate`. A scan job
+//! reads a table through the query API's shard-aligned splits, keeps the rows a CEL `filter`
+//! passes, and either writes them to its sinks as they are or folds them into `aggregate`
+//! groups whose results it writes at the end. A stream job folds the mapped rows of Kafka
+//! routes as they arrive into windows, each result written once its window closes. Pure.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -57,12 +58,28 @@ pub struct RawJob {
     pub dead_letter: Option<super::dead_letter::RawDeadLetter>,
 }
 
-/// `[job.source]`
+/// `[job.source]`: `table` (a scan job) or `stream` (a stream job).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJobSource {
     /// `keyspace.table` to scan.
-    pub table: String,
+    #[serde(default)]
+    pub table: Option<String>,
+    /// A stream job: names of Kafka `[[route]]`s whose mapped rows (of each route's first
+    /// target, the row its columns make) the job folds as messages arrive. The job reads each
+    /// route's topic with its own consumer group, `shardgate-job-<name>`, and runs inside every
+    /// `shardgate serve` whose config holds it (gateways share the topic's partitions).
+    #[serde(default)]
+    pub stream: Vec<String>,
+    /// A stream job: how often its progress and open windows are made durable, and closed
+    /// windows written (`"1s"`; 100 ms to 1 min).
+    #[serde(default = "default_checkpoint")]
+    pub checkpoint: String,
+    /// A stream job: a partition whose offset has not moved for this long stops holding the
+    /// watermark back (`"30s"`; 1 s to 1 d). The watermark is the least of the partitions'
+    /// largest event times, so one partition behind the others makes nothing late.
+    #[serde(default = "default_idle")]
+    pub idle: String,
     /// Columns to read; default all.
     #[serde(default)]
     pub columns: Vec<String>,
@@ -107,6 +124,12 @@ pub struct RawWindow {
     /// of the `size / hop` windows holding its time. Default: tumbling.
     #[serde(default)]
     pub hop: Option<String>,
+    /// Stream jobs: how far behind the watermark's event time a row may be and still count
+    /// (`"30s"`; 0 s to 1 d). A window closes, and its result is written, once the watermark
+    /// (the least of the partitions' largest event times, minus `lateness`) passes its end; a
+    /// row arriving for closed windows only is dead-lettered as `late`.
+    #[serde(default)]
+    pub lateness: Option<String>,
 }
 
 /// `[[job.sink]]`: exactly one of `table`, `kafka`, `nats`, `rabbitmq`.
@@ -222,6 +245,14 @@ fn default_lease() -> String {
     "30s".into()
 }
 
+fn default_idle() -> String {
+    "30s".into()
+}
+
+fn default_checkpoint() -> String {
+    "1s".into()
+}
+
 fn default_parallel_splits() -> u32 {
     4
 }
@@ -231,8 +262,14 @@ fn default_parallel_splits() -> u32 {
 pub struct JobConfig {
     /// `job[i].name`.
     pub name: String,
-    /// The table scanned.
+    /// The table scanned (empty for a stream job).
     pub table: String,
+    /// A stream job's routes (empty for a scan job).
+    pub stream: Vec<String>,
+    /// A stream job's checkpoint interval.
+    pub checkpoint: Duration,
+    /// How long a stream job's partition may stand still and still hold the watermark back.
+    pub idle: Duration,
     /// Columns read (empty: all).
     pub columns: Vec<String>,
     /// Extra CQL restrictions.
@@ -286,6 +323,8 @@ pub struct WindowConfig {
     pub column: String,
     /// Size and hop.
     pub spec: WindowSpec,
+    /// Allowed lateness of a stream job's rows, milliseconds.
+    pub lateness_ms: i64,
 }
 
 /// What a measure folds.
@@ -396,7 +435,69 @@ fn parse_measure(key: &str, name: &str, text: &str) -> Result<MeasureConfig, Con
 pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, ConfigError> {
     let key = |field: &str| format!("job[{index}].{field}");
     validate_identifier(&key("name"), &raw.name)?;
-    validate_table(&key("source.table"), &raw.source.table)?;
+    let stream = !raw.source.stream.is_empty();
+    let table = match (&raw.source.table, stream) {
+        (Some(table), false) => {
+            validate_table(&key("source.table"), table)?;
+            table.clone()
+        }
+        (None, true) => String::new(),
+        (table, _) => {
+            return Err(ConfigError::invalid(
+                key("source"),
+                format!(
+                    "{{{}}}",
+                    [table.is_some().then_some("table"), stream.then_some("stream")]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "exactly one of `table` (a scan job) and `stream` (route names: a stream job)",
+            ))
+        }
+    };
+    for (i, route) in raw.source.stream.iter().enumerate() {
+        validate_identifier(&key(&format!("source.stream[{i}]")), route)?;
+    }
+    let checkpoint = parse_duration(
+        &key("source.checkpoint"),
+        &raw.source.checkpoint,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        "from 100ms to 1m",
+    )?;
+    let idle = parse_duration(
+        &key("source.idle"),
+        &raw.source.idle,
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+        "from 1s to 1d",
+    )?;
+    if stream {
+        let scan_only = [
+            ("source.columns", !raw.source.columns.is_empty()),
+            ("source.where", !raw.source.r#where.is_empty()),
+            ("source.allow_filtering", raw.source.allow_filtering),
+            ("source.min_splits", raw.source.min_splits != 0),
+            ("every", raw.every.is_some()),
+        ];
+        if let Some((field, _)) = scan_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::invalid(
+                key(field),
+                "set",
+                "nothing on a stream job (it reads its routes' rows as they arrive and runs inside `serve`)",
+            ));
+        }
+        let windowed = raw.aggregate.as_ref().is_some_and(|a| a.window.is_some());
+        if !windowed {
+            return Err(ConfigError::invalid(
+                key("aggregate.window"),
+                "absent",
+                "a `[job.aggregate.window]` on a stream job: its results are written as windows close",
+            ));
+        }
+    }
     for (i, column) in raw.source.columns.iter().enumerate() {
         validate_identifier(&key(&format!("source.columns[{i}]")), column)?;
     }
@@ -450,12 +551,30 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                             parsed
                         }
                     };
+                    let lateness = match (&window.lateness, stream) {
+                        (None, _) => Duration::ZERO,
+                        (Some(lateness), true) => parse_duration(
+                            &key("aggregate.window.lateness"),
+                            lateness,
+                            Duration::ZERO,
+                            Duration::from_secs(86_400),
+                            "from 0s to 1d",
+                        )?,
+                        (Some(lateness), false) => {
+                            return Err(ConfigError::invalid(
+                                key("aggregate.window.lateness"),
+                                lateness,
+                                "nothing on a scan job (lateness is for `stream` sources)",
+                            ))
+                        }
+                    };
                     Some(WindowConfig {
                         column: window.column,
                         spec: WindowSpec {
                             size_ms: size.as_millis() as i64,
                             hop_ms: hop.as_millis() as i64,
                         },
+                        lateness_ms: lateness.as_millis() as i64,
                     })
                 }
             };
@@ -600,7 +719,10 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         every,
         dead_letter,
         name: raw.name,
-        table: raw.source.table,
+        table,
+        stream: raw.source.stream,
+        checkpoint,
+        idle,
         columns: raw.source.columns,
         r#where: raw.source.r#where,
         allow_filtering: raw.source.allow_filtering,

@@ -223,6 +223,29 @@ impl RawConfig {
                     "a name no other job uses",
                 ));
             }
+            for (i, name) in job.stream.iter().enumerate() {
+                match routes.iter().find(|r| &r.name == name) {
+                    Some(RouteConfig {
+                        source: SourceConfig::Kafka(_),
+                        ..
+                    }) => {}
+                    Some(_) => {
+                        return Err(ConfigError::invalid(
+                            format!("job[{index}].source.stream[{i}]"),
+                            name,
+                            "a Kafka route (a stream job keeps each partition's offset with its state, \
+                             which is how it never counts a message twice)",
+                        ))
+                    }
+                    None => {
+                        return Err(ConfigError::invalid(
+                            format!("job[{index}].source.stream[{i}]"),
+                            name,
+                            "the name of a `[[route]]` in this config",
+                        ))
+                    }
+                }
+            }
             jobs.push(job);
         }
         Ok(Config {

@@ -749,3 +749,78 @@ fn job_keys_default_and_bad_values_name_their_key() {
         error_of(&without_ingest)
     );
 }
+
+/// A stream job's keys: defaults, and each bad value named by its full key path (a route that
+/// is missing or not Kafka, scan-only keys, no window, lateness on a scan job).
+#[test]
+fn stream_job_keys_default_and_bad_values_name_their_key() {
+    let with_ingest = format!("{VALID}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n");
+    let job = |source: &str, window: &str| {
+        format!(
+            "{with_ingest}\n[[job]]\nname = \"city_minutes\"\n[job.source]\n{source}\n\
+             [job.aggregate]\ngroup_by = [\"city\"]\n{window}\n\
+             measures = {{ orders = \"count()\" }}\n[[job.sink]]\ntable = \"shop.city_minutes\"\n"
+        )
+    };
+    let window = "window = { column = \"placed_at\", size = \"1m\", lateness = \"2m\" }";
+    let config = Config::parse(&job("stream = [\"orders\"]", window), "t").expect("a valid stream job");
+    let parsed = &config.jobs[0];
+    assert_eq!(parsed.stream, ["orders"]);
+    assert!(parsed.table.is_empty());
+    assert_eq!(parsed.checkpoint, std::time::Duration::from_secs(1));
+    assert_eq!(parsed.idle, std::time::Duration::from_secs(30));
+    let lateness = parsed
+        .aggregate
+        .as_ref()
+        .and_then(|a| a.window.as_ref())
+        .map(|w| w.lateness_ms);
+    assert_eq!(lateness, Some(120_000));
+    for (source, starts) in [
+        (
+            job("stream = [\"payments\"]", window),
+            "`job[0].source.stream[0]` = `payments`",
+        ),
+        (
+            job("stream = [\"orders\"]\ntable = \"shop.orders\"", window),
+            "`job[0].source` = `{table, stream}`",
+        ),
+        (job("", window), "`job[0].source` = `{}`"),
+        (
+            job("stream = [\"orders\"]\ncolumns = [\"city\"]", window),
+            "`job[0].source.columns` = `set`",
+        ),
+        (job("stream = [\"orders\"]", ""), "`job[0].aggregate.window` = `absent`"),
+        (
+            job("stream = [\"orders\"]\ncheckpoint = \"5m\"", window),
+            "`job[0].source.checkpoint` = `5m`",
+        ),
+        (
+            job("stream = [\"orders\"]\nidle = \"0s\"", window),
+            "`job[0].source.idle` = `0s`",
+        ),
+        (
+            job("stream = [\"orders\"]", &window.replace("2m", "2 minutes")),
+            "`job[0].aggregate.window.lateness` = `2 minutes`",
+        ),
+        (
+            job("table = \"shop.orders\"", window),
+            "`job[0].aggregate.window.lateness` = `2m`",
+        ),
+    ] {
+        let message = error_of(&source);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+    // A stream route must be a Kafka route.
+    let nats = job("stream = [\"orders\"]", window)
+        .replace(
+            "kind = \"kafka\"\nbrokers = [\"127.0.0.1:9092\"]\ntopic = \"orders\"\ngroup_id = \"shardgate-orders\"",
+            "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"orders\"",
+        )
+        .replace(
+            "topic = \"orders.dead-letter\"",
+            "topic = \"orders.dead-letter\"\nbrokers = [\"127.0.0.1:9092\"]",
+        );
+    let message = error_of(&nats);
+    assert!(message.starts_with("`job[0].source.stream[0]` = `orders`"), "{message}");
+    assert!(message.contains("a Kafka route"), "{message}");
+}

@@ -306,6 +306,30 @@ pub async fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes consumer group `group` (its committed offsets with it), retrying while the broker
+/// still counts a member of it (a killed member stays until its session times out).
+pub async fn delete_group(group: &str, deadline: Duration) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", KAFKA).create()?;
+    let started = Instant::now();
+    loop {
+        let results = admin
+            .delete_groups(
+                &[group],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await?;
+        match results.into_iter().next() {
+            Some(Ok(_)) => return Ok(()),
+            Some(Err((_, code))) if started.elapsed() < deadline => {
+                tracing::debug!(group, %code, "group not deletable yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(Err((_, code))) => bail!("cannot delete group `{group}`: {code}"),
+            None => bail!("deleting group `{group}`: no result"),
+        }
+    }
+}
+
 /// Counts failed deliveries of the devkit producer.
 #[derive(Default)]
 pub struct DeliveryFailures(AtomicU64);

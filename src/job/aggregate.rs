@@ -268,20 +268,27 @@ pub fn windows_of(time_ms: i64, spec: WindowSpec) -> impl Iterator<Item = i64> {
 
 impl Partial {
     /// Folds one row: `group` its `group_by` values, `time_ms` its event time (windowed jobs),
-    /// `values` each measure's value (`None` for `count()`).
+    /// `values` each measure's value (`None` for `count()`). Windows ending at or before
+    /// `closed_through` are left alone. Returns how many groups took the row (0: every window
+    /// of its time is closed).
     pub fn fold(
         &mut self,
         config: &AggregateConfig,
         group: Vec<Value>,
         time_ms: Option<i64>,
         values: &[Option<serde_json::Value>],
-    ) -> Result<(), String> {
+        closed_through: i64,
+    ) -> Result<usize, String> {
         let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(Values { values: group }.encode_to_vec());
         let windows: Vec<Option<i64>> = match (&config.window, time_ms) {
-            (Some(window), Some(time)) => windows_of(time, window.spec).map(Some).collect(),
+            (Some(window), Some(time)) => windows_of(time, window.spec)
+                .filter(|start| start.saturating_add(window.spec.size_ms) > closed_through)
+                .map(Some)
+                .collect(),
             (Some(window), None) => return Err(format!("no event time in `{}`", window.column)),
             (None, _) => vec![None],
         };
+        let folded = windows.len();
         for window in windows {
             let key = match window {
                 Some(start) => format!("{encoded}@{start}"),
@@ -297,7 +304,29 @@ impl Partial {
                     .map_err(|e| format!("measure `{}`: {e}", measure.name))?;
             }
         }
-        Ok(())
+        Ok(folded)
+    }
+
+    /// Splits the groups by window start (`None`: unwindowed), each window's own partial.
+    pub fn by_window(&self) -> BTreeMap<Option<i64>, Partial> {
+        let mut windows: BTreeMap<Option<i64>, Partial> = BTreeMap::new();
+        for (key, group) in &self.groups {
+            windows
+                .entry(group.window_ms)
+                .or_default()
+                .groups
+                .insert(key.clone(), group.clone());
+        }
+        windows
+    }
+
+    /// Drops the groups of windows ending at or before `closed_through` (`size_ms` long).
+    pub fn drop_closed(&mut self, size_ms: i64, closed_through: i64) {
+        self.groups.retain(|_, group| {
+            group
+                .window_ms
+                .is_none_or(|start| start.saturating_add(size_ms) > closed_through)
+        });
     }
 
     /// Merges another partial into this one.
@@ -371,6 +400,7 @@ mod tests {
             group_by: vec!["g".into()],
             window: window.map(|spec| WindowConfig {
                 column: "at".into(),
+                lateness_ms: 0,
                 spec,
             }),
             measures: vec![
@@ -399,7 +429,9 @@ mod tests {
             Some(x.clone()),
             Some(x),
         ];
-        partial.fold(config, vec![int(g)], time, &values).expect("fold");
+        partial
+            .fold(config, vec![int(g)], time, &values, i64::MIN)
+            .expect("fold");
     }
 
     #[test]
@@ -444,7 +476,9 @@ mod tests {
         fold(&mut partial, &config, 1, None, serde_json::json!(0.5));
         assert_eq!(partial.rows()[0].values[2].kind, Some(Kind::Double(2.5)));
         let values = vec![None, Some(serde_json::json!("x")), None, None, None, None];
-        let error = partial.fold(&config, vec![int(1)], None, &values).unwrap_err();
+        let error = partial
+            .fold(&config, vec![int(1)], None, &values, i64::MIN)
+            .unwrap_err();
         assert!(error.contains("measure `total`"), "{error}");
     }
 
@@ -469,8 +503,39 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert!(rows.iter().all(|r| r.values[2] == int(1)));
         let error = partial
-            .fold(&config, vec![int(1)], None, &[None, None, None, None, None, None])
+            .fold(
+                &config,
+                vec![int(1)],
+                None,
+                &[None, None, None, None, None, None],
+                i64::MIN,
+            )
             .unwrap_err();
         assert!(error.contains("no event time in `at`"), "{error}");
+    }
+
+    #[test]
+    fn closed_windows_take_nothing_and_a_row_of_closed_windows_only_folds_nowhere() {
+        let spec = WindowSpec {
+            size_ms: 3_600_000,
+            hop_ms: 900_000,
+        };
+        let config = config(Some(spec));
+        let values = [None, None, None, None, None, None];
+        let mut partial = Partial::default();
+        // Windows starting 900,000 and 1,800,000 end at or before 5,400,000: closed.
+        let folded = partial
+            .fold(&config, vec![int(1)], Some(3_700_000), &values, 5_400_000)
+            .expect("fold");
+        assert_eq!(folded, 2);
+        let starts: Vec<Option<i64>> = partial.by_window().into_keys().collect();
+        assert_eq!(starts, [Some(2_700_000), Some(3_600_000)]);
+        let late = partial
+            .fold(&config, vec![int(1)], Some(3_700_000), &values, 7_200_000)
+            .expect("fold");
+        assert_eq!(late, 0);
+        partial.drop_closed(spec.size_ms, 6_300_000);
+        let starts: Vec<Option<i64>> = partial.by_window().into_keys().collect();
+        assert_eq!(starts, [Some(3_600_000)]);
     }
 }

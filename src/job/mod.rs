@@ -20,6 +20,8 @@
 //! processed twice) leaves identical cells.
 
 pub mod aggregate;
+pub mod control;
+pub mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use prost::Message;
 use scylla::client::session::Session;
 
 use crate::client::ShardAwareClient;
-use crate::config::{ClusterConfig, JobConfig, JobSinkConfig};
+use crate::config::{AggregateConfig, ClusterConfig, JobConfig, JobSinkConfig};
 use crate::export::{json_object, json_of};
 use crate::mapping::expr::{Bound, Expr};
 use crate::mapping::ReasonCode;
@@ -97,6 +99,17 @@ impl std::fmt::Display for JobReport {
 struct Compiled {
     filter: Option<Expr>,
     measures: Vec<Input>,
+    aggregate: Option<AggregateConfig>,
+}
+
+/// What became of a row the filter and the measures saw.
+enum Fold {
+    /// The filter skipped it.
+    Skipped,
+    /// Kept by a job without `aggregate`: the row to write as read.
+    Copied(Row),
+    /// Folded into the partial; its event time when windowed.
+    Folded(Option<i64>),
 }
 
 /// What a measure folds per row.
@@ -137,12 +150,100 @@ impl Compiled {
                 .flat_map(|a| &a.measures)
                 .map(|m| Input::new(m.expr.as_deref()))
                 .collect::<anyhow::Result<_>>()?,
+            aggregate: job.aggregate.clone(),
         })
     }
 
     /// Whether a row must become a CEL object (a filter or a measure needs one).
     fn needs_cel(&self) -> bool {
         self.filter.is_some() || self.measures.iter().any(|m| matches!(m, Input::Cel(_)))
+    }
+
+    /// One row through the filter and into the partial. Windows ending at or before
+    /// `closed_through` are closed (a stream job's, already written): the row is not folded
+    /// into them, and is `late` when they are all it belongs to.
+    fn fold_row(
+        &self,
+        names: &[String],
+        positions: &Positions,
+        row: &Row,
+        partial: &mut Partial,
+        closed_through: i64,
+    ) -> Result<Fold, Failure> {
+        let bad_value = |reason: String| (ReasonCode::BadValue, reason);
+        let failed = |reason: String| (ReasonCode::ExpressionFailed, reason);
+        let object = self
+            .needs_cel()
+            .then(|| serde_json::Value::Object(json_object(names, row)));
+        let bound = object.as_ref().map(Bound::row);
+        if let (Some(filter), Some(bound)) = (&self.filter, &bound) {
+            if !filter
+                .is_true(bound)
+                .map_err(|e| failed(format!("filter `{}`: {e}", filter.source())))?
+            {
+                return Ok(Fold::Skipped);
+            }
+        }
+        let Some(aggregate) = &self.aggregate else {
+            return Ok(Fold::Copied(row.clone()));
+        };
+        // A column the rows lack (or a short row) reads as missing.
+        let value = |at: Option<usize>| at.and_then(|at| row.values.get(at));
+        let mut group = Vec::with_capacity(aggregate.group_by.len());
+        for (name, at) in aggregate.group_by.iter().zip(&positions.group_by) {
+            let found = value(*at).ok_or_else(|| bad_value(format!("no column `{name}` in the rows read")))?;
+            group.push(found.clone());
+        }
+        let time_ms = match &aggregate.window {
+            None => None,
+            Some(window) => {
+                let found = value(positions.window)
+                    .ok_or_else(|| bad_value(format!("no column `{}` in the rows read", window.column)))?;
+                match &found.kind {
+                    Some(Kind::TimestampMs(ms)) => Some(*ms),
+                    Some(Kind::Null(_)) | None => None,
+                    Some(other) => {
+                        return Err(bad_value(format!(
+                            "window column `{}` is not a timestamp: {other:?}",
+                            window.column
+                        )))
+                    }
+                }
+            }
+        };
+        let mut values = Vec::with_capacity(self.measures.len());
+        for ((input, measure), at) in self.measures.iter().zip(&aggregate.measures).zip(&positions.measures) {
+            values.push(match (input, &bound) {
+                (Input::Rows, _) => None,
+                (Input::Column(name), _) => {
+                    let found = value(*at).ok_or_else(|| {
+                        failed(format!(
+                            "measure `{}` = `row.{name}`: no column `{name}` in the rows read",
+                            measure.name
+                        ))
+                    })?;
+                    Some(json_of(found))
+                }
+                (Input::Cel(expr), Some(bound)) => Some(
+                    expr.evaluate(bound)
+                        .map_err(|e| failed(format!("measure `{}` = `{}`: {e}", measure.name, expr.source())))?,
+                ),
+                (Input::Cel(_), None) => None,
+            });
+        }
+        let folded = partial
+            .fold(aggregate, group, time_ms, &values, closed_through)
+            .map_err(bad_value)?;
+        if folded == 0 {
+            return Err((
+                ReasonCode::Late,
+                format!(
+                    "event time {} ms is in windows closed already (closed through {closed_through} ms)",
+                    time_ms.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(Fold::Folded(time_ms))
     }
 }
 
@@ -157,9 +258,9 @@ struct Positions {
 }
 
 impl Positions {
-    fn new(names: &[String], job: &JobConfig, compiled: &Compiled) -> Positions {
+    fn new(names: &[String], compiled: &Compiled) -> Positions {
         let position = |name: &str| names.iter().position(|n| n == name);
-        let Some(aggregate) = &job.aggregate else {
+        let Some(aggregate) = &compiled.aggregate else {
             return Positions::default();
         };
         Positions {
@@ -309,6 +410,119 @@ async fn publish_retrying(sink: &Sink, job: &str, id: &str, payload: Vec<u8>) ->
     }
 }
 
+/// Where a job's results go: its sinks, table ones written through the gateway's ingest API.
+struct Output {
+    job: String,
+    sinks: Vec<Sink>,
+    client: ShardAwareClient,
+    rows_out: AtomicU64,
+}
+
+impl Output {
+    /// Checks the sink tables (they must exist and hold no counters), opens every sink and
+    /// connects to the gateway at `endpoint`, which also serves `reads` (a scan job's table).
+    async fn open(job: &JobConfig, session: &Session, endpoint: &str, reads: Option<&str>) -> anyhow::Result<Output> {
+        let mut tables: Vec<&str> = reads.into_iter().collect();
+        for sink in &job.sinks {
+            if let JobSinkConfig::Table(table) = sink {
+                check_sink_table(session, &job.name, table).await?;
+                tables.push(table);
+            }
+        }
+        let mut sinks = Vec::with_capacity(job.sinks.len());
+        for sink in &job.sinks {
+            sinks.push(Sink::open(sink, &job.name).await?);
+        }
+        Ok(Output {
+            job: job.name.clone(),
+            sinks,
+            client: ShardAwareClient::connect(endpoint, &tables).await?,
+            rows_out: AtomicU64::new(0),
+        })
+    }
+
+    /// Writes rows to every sink: tables with the write timestamp `timestamp_us`, brokers as
+    /// JSON objects each under its stable message id (`ids`, one per row).
+    async fn write(
+        &self,
+        columns: &[String],
+        rows: Vec<Row>,
+        ids: Vec<String>,
+        timestamp_us: i64,
+    ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for sink in &self.sinks {
+            let written = match sink {
+                Sink::Table(table) => self.write_table(table, columns, &rows, timestamp_us).await?,
+                broker => self.publish(broker, columns, &rows, &ids).await?,
+            };
+            self.rows_out.fetch_add(written, Ordering::Relaxed);
+            metrics::counter!(metric::JOB_ROWS_OUT, "job" => self.job.clone()).increment(written);
+        }
+        Ok(())
+    }
+
+    async fn write_table(
+        &self,
+        table: &str,
+        columns: &[String],
+        rows: &[Row],
+        timestamp_us: i64,
+    ) -> anyhow::Result<u64> {
+        let batches: Vec<RowBatch> = rows
+            .chunks(WRITE_ROWS)
+            .map(|chunk| RowBatch {
+                table: table.to_string(),
+                columns: columns.to_vec(),
+                rows: chunk.to_vec(),
+                timestamp_us,
+            })
+            .collect();
+        let summary = self
+            .client
+            .stream(batches)
+            .await
+            .with_context(|| format!("writing to {table}"))?;
+        if let Some(error) = summary.errors.first() {
+            anyhow::bail!(
+                "writing to {table}: {} row(s) refused, first: {} {}",
+                summary.errors.len(),
+                error.code,
+                error.reason
+            );
+        }
+        if let Some((_, error)) = summary.batch_errors.first() {
+            anyhow::bail!("writing to {table}: a batch refused: {} {}", error.code, error.reason);
+        }
+        Ok(summary.written)
+    }
+
+    /// Publishes each row as a JSON object, `PUBLISHES_IN_FLIGHT` at a time, each retried
+    /// (logged) until the broker takes it or `BROKER_RETRY_FOR` passes.
+    async fn publish(&self, sink: &Sink, columns: &[String], rows: &[Row], ids: &[String]) -> anyhow::Result<u64> {
+        use futures::stream::{FuturesUnordered, StreamExt};
+        let mut pending = FuturesUnordered::new();
+        for (row, id) in rows.iter().zip(ids) {
+            if pending.len() >= PUBLISHES_IN_FLIGHT {
+                if let Some(outcome) = pending.next().await {
+                    outcome?;
+                }
+            }
+            let payload = serde_json::to_vec(&json_object(columns, row))?;
+            pending.push(publish_retrying(sink, &self.job, id, payload));
+        }
+        while let Some(outcome) = pending.next().await {
+            outcome?;
+        }
+        sink.flush()
+            .await
+            .map_err(|reason| anyhow::anyhow!("flushing {}: {reason}", sink.label()))?;
+        Ok(rows.len() as u64)
+    }
+}
+
 /// A claimed split: its index in the run's plan and its token ranges.
 struct Claim {
     index: i32,
@@ -318,17 +532,15 @@ struct Claim {
 /// Shared state of one `job run`.
 struct Runner {
     job: JobConfig,
-    sinks: Vec<Sink>,
+    output: Output,
     dead_letter: Option<DeadLetterSink>,
     session: Arc<Session>,
-    client: ShardAwareClient,
     compiled: Compiled,
     owner: String,
     run: i64,
     rows_in: AtomicU64,
     rows_kept: AtomicU64,
     rows_failed: AtomicU64,
-    rows_out: AtomicU64,
     reasons: std::sync::Mutex<Vec<String>>,
 }
 
@@ -337,6 +549,41 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+/// A result's message id: `prefix` (the job, and a scan job's run) and the group key — hashed
+/// when long, so the id fits every broker (AMQP's `message_id` holds at most 255 bytes).
+fn message_id(prefix: &str, key: &str) -> String {
+    if key.len() <= RESULT_KEY_BYTES_MAX {
+        return format!("{prefix}.{key}");
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}.{hex}")
+}
+
+/// This process as a lease owner: host, process id and start time.
+fn owner_id() -> String {
+    format!(
+        "{}-{}-{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim(),
+        std::process::id(),
+        now_ms()
+    )
+}
+
+/// The job's dead-letter destination, if it has one.
+async fn open_dead_letter(job: &JobConfig, session: &Arc<Session>) -> anyhow::Result<Option<DeadLetterSink>> {
+    let Some(config) = &job.dead_letter else {
+        return Ok(None);
+    };
+    let (sink, _) = DeadLetterSink::open(config, &job.name, session)
+        .await
+        .map_err(|reason| anyhow::anyhow!("job `{}`: dead letters: {reason}", job.name))?;
+    Ok(Some(sink))
 }
 
 /// Creates the progress tables in the job's keyspace (which must exist).
@@ -581,75 +828,6 @@ impl Runner {
         applied(result)
     }
 
-    /// Writes rows to every sink: tables with the run's write timestamp, brokers as JSON
-    /// objects each under its stable message id (`ids`, one per row).
-    async fn write(&self, columns: &[String], rows: Vec<Row>, ids: Vec<String>) -> anyhow::Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        for sink in &self.sinks {
-            let written = match sink {
-                Sink::Table(table) => self.write_table(table, columns, &rows).await?,
-                broker => self.publish(broker, columns, &rows, &ids).await?,
-            };
-            self.rows_out.fetch_add(written, Ordering::Relaxed);
-            metrics::counter!(metric::JOB_ROWS_OUT, "job" => self.job.name.clone()).increment(written);
-        }
-        Ok(())
-    }
-
-    async fn write_table(&self, table: &str, columns: &[String], rows: &[Row]) -> anyhow::Result<u64> {
-        let batches: Vec<RowBatch> = rows
-            .chunks(WRITE_ROWS)
-            .map(|chunk| RowBatch {
-                table: table.to_string(),
-                columns: columns.to_vec(),
-                rows: chunk.to_vec(),
-                timestamp_us: self.run,
-            })
-            .collect();
-        let summary = self
-            .client
-            .stream(batches)
-            .await
-            .with_context(|| format!("writing to {table}"))?;
-        if let Some(error) = summary.errors.first() {
-            anyhow::bail!(
-                "writing to {table}: {} row(s) refused, first: {} {}",
-                summary.errors.len(),
-                error.code,
-                error.reason
-            );
-        }
-        if let Some((_, error)) = summary.batch_errors.first() {
-            anyhow::bail!("writing to {table}: a batch refused: {} {}", error.code, error.reason);
-        }
-        Ok(summary.written)
-    }
-
-    /// Publishes each row as a JSON object, `PUBLISHES_IN_FLIGHT` at a time, each retried
-    /// (logged) until the broker takes it or `BROKER_RETRY_FOR` passes.
-    async fn publish(&self, sink: &Sink, columns: &[String], rows: &[Row], ids: &[String]) -> anyhow::Result<u64> {
-        use futures::stream::{FuturesUnordered, StreamExt};
-        let mut pending = FuturesUnordered::new();
-        for (row, id) in rows.iter().zip(ids) {
-            if pending.len() >= PUBLISHES_IN_FLIGHT {
-                if let Some(outcome) = pending.next().await {
-                    outcome?;
-                }
-            }
-            let payload = serde_json::to_vec(&json_object(columns, row))?;
-            pending.push(publish_retrying(sink, &self.job.name, id, payload));
-        }
-        while let Some(outcome) = pending.next().await {
-            outcome?;
-        }
-        sink.flush()
-            .await
-            .map_err(|reason| anyhow::anyhow!("flushing {}: {reason}", sink.label()))?;
-        Ok(rows.len() as u64)
-    }
-
     /// Processes one claimed split to its end; true when its result was stored as done by this
     /// gateway (false: the lease was lost to another, whose result will count instead).
     async fn process(self: &Arc<Self>, claim: Claim) -> anyhow::Result<bool> {
@@ -664,10 +842,13 @@ impl Runner {
             }),
             ..Default::default()
         };
-        let mut pages = self.client.scan(request, vec![claim.split.clone()], Vec::new(), 1);
+        let mut pages = self
+            .output
+            .client
+            .scan(request, vec![claim.split.clone()], Vec::new(), 1);
         let mut names: Vec<String> = Vec::new();
         // Until a page names the columns, every column reads as missing.
-        let mut positions = Positions::new(&[], &self.job, &self.compiled);
+        let mut positions = Positions::new(&[], &self.compiled);
         let mut partial = Partial::default();
         let (mut rows_in, mut rows_kept) = (0u64, 0u64);
         let mut renewed = Instant::now();
@@ -676,23 +857,24 @@ impl Runner {
             let page = page.with_context(|| format!("scanning split {}", claim.index))?;
             if names.is_empty() {
                 names = page.result.columns.iter().map(|c| c.name.clone()).collect();
-                positions = Positions::new(&names, &self.job, &self.compiled);
+                positions = Positions::new(&names, &self.compiled);
             }
             let mut copied = Vec::new();
             for row in &page.result.rows {
                 rows_in += 1;
-                match self.fold_row(&names, &positions, row, &mut partial) {
-                    Ok(Some(kept)) => {
+                match self.compiled.fold_row(&names, &positions, row, &mut partial, i64::MIN) {
+                    Ok(Fold::Copied(row)) => {
                         rows_kept += 1;
-                        copied.extend(kept);
+                        copied.push(row);
                     }
-                    Ok(None) => {}
+                    Ok(Fold::Folded(_)) => rows_kept += 1,
+                    Ok(Fold::Skipped) => {}
                     Err((code, reason)) => self.failed(&names, row, claim.index, code, reason).await,
                 }
             }
             if self.job.aggregate.is_none() {
                 let ids = copied.iter().map(|row| self.copy_id(row)).collect();
-                self.write(&names, copied, ids).await?;
+                self.output.write(&names, copied, ids, self.run).await?;
             }
             if renewed.elapsed() >= renew_every {
                 if !self.renew(claim.index).await? {
@@ -732,16 +914,9 @@ impl Runner {
         Ok(stored)
     }
 
-    /// The message id of a result: the job, the run and the group key — hashed when long, so
-    /// the id fits every broker (AMQP's `message_id` holds at most 255 bytes).
+    /// The message id of a result: the job, the run and the group key.
     fn result_id(&self, key: &str) -> String {
-        if key.len() <= RESULT_KEY_BYTES_MAX {
-            return format!("{}.{}.{key}", self.job.name, self.run);
-        }
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(key.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}.{}.{hex}", self.job.name, self.run)
+        message_id(&format!("{}.{}", self.job.name, self.run), key)
     }
 
     /// The message id of a copied row: the job, the run and a hash of the row's values (the
@@ -751,86 +926,6 @@ impl Runner {
         let digest = sha2::Sha256::digest(row.encode_to_vec());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         format!("{}.{}.{hex}", self.job.name, self.run)
-    }
-
-    /// One row through the filter and into the partial; `Some(rows to copy)` when kept.
-    fn fold_row(
-        &self,
-        names: &[String],
-        positions: &Positions,
-        row: &Row,
-        partial: &mut Partial,
-    ) -> Result<Option<Vec<Row>>, Failure> {
-        let bad_value = |reason: String| (ReasonCode::BadValue, reason);
-        let failed = |reason: String| (ReasonCode::ExpressionFailed, reason);
-        let object = self
-            .compiled
-            .needs_cel()
-            .then(|| serde_json::Value::Object(json_object(names, row)));
-        let bound = object.as_ref().map(Bound::row);
-        if let (Some(filter), Some(bound)) = (&self.compiled.filter, &bound) {
-            if !filter
-                .is_true(bound)
-                .map_err(|e| failed(format!("filter `{}`: {e}", filter.source())))?
-            {
-                return Ok(None);
-            }
-        }
-        let Some(aggregate) = &self.job.aggregate else {
-            return Ok(Some(vec![row.clone()]));
-        };
-        // A column the rows lack (or a short row) reads as missing.
-        let value = |at: Option<usize>| at.and_then(|at| row.values.get(at));
-        let mut group = Vec::with_capacity(aggregate.group_by.len());
-        for (name, at) in aggregate.group_by.iter().zip(&positions.group_by) {
-            let found = value(*at).ok_or_else(|| bad_value(format!("no column `{name}` in the rows read")))?;
-            group.push(found.clone());
-        }
-        let time_ms = match &aggregate.window {
-            None => None,
-            Some(window) => {
-                let found = value(positions.window)
-                    .ok_or_else(|| bad_value(format!("no column `{}` in the rows read", window.column)))?;
-                match &found.kind {
-                    Some(Kind::TimestampMs(ms)) => Some(*ms),
-                    Some(Kind::Null(_)) | None => None,
-                    Some(other) => {
-                        return Err(bad_value(format!(
-                            "window column `{}` is not a timestamp: {other:?}",
-                            window.column
-                        )))
-                    }
-                }
-            }
-        };
-        let mut values = Vec::with_capacity(self.compiled.measures.len());
-        for ((input, measure), at) in self
-            .compiled
-            .measures
-            .iter()
-            .zip(&aggregate.measures)
-            .zip(&positions.measures)
-        {
-            values.push(match (input, &bound) {
-                (Input::Rows, _) => None,
-                (Input::Column(name), _) => {
-                    let found = value(*at).ok_or_else(|| {
-                        failed(format!(
-                            "measure `{}` = `row.{name}`: no column `{name}` in the rows read",
-                            measure.name
-                        ))
-                    })?;
-                    Some(json_of(found))
-                }
-                (Input::Cel(expr), Some(bound)) => Some(
-                    expr.evaluate(bound)
-                        .map_err(|e| failed(format!("measure `{}` = `{}`: {e}", measure.name, expr.source())))?,
-                ),
-                (Input::Cel(_), None) => None,
-            });
-        }
-        partial.fold(aggregate, group, time_ms, &values).map_err(bad_value)?;
-        Ok(Some(Vec::new()))
     }
 
     /// Merges every split's partial and writes the results; marks the run done.
@@ -857,7 +952,9 @@ impl Runner {
             }
             let (keys, rows): (Vec<String>, Vec<Row>) = merged.keyed_rows().into_iter().unzip();
             let ids = keys.iter().map(|key| self.result_id(key)).collect();
-            self.write(&aggregate::result_columns(aggregate), rows, ids).await?;
+            self.output
+                .write(&aggregate::result_columns(aggregate), rows, ids, self.run)
+                .await?;
         }
         self.session
             .query_unpaged(
@@ -874,58 +971,37 @@ impl Runner {
 
 /// Runs `job` to the end of its current run (a new run when the last one finished), sharing its
 /// splits with any other gateway running it, through the gateway at `endpoint`. `progress`
-/// draws a bar on the terminal.
-pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progress: bool) -> anyhow::Result<JobReport> {
+/// draws a bar on the terminal. `signal` pauses it (no new split claimed), cancels it (its
+/// splits' reads end, the run is marked `cancelled`) or stops it (reads end, the run stays to
+/// be resumed): both end in an [`control::Interrupted`] error.
+pub async fn run(
+    cluster: &ClusterConfig,
+    job: JobConfig,
+    endpoint: &str,
+    progress: bool,
+    mut signal: control::Signal,
+) -> anyhow::Result<JobReport> {
     let started = Instant::now();
     let compiled = Compiled::new(&job)?;
     let session = crate::sink::scylla::connect(cluster).await?;
     ensure_state_tables(&session, &job.state_keyspace).await?;
-    let mut tables: Vec<&str> = vec![job.table.as_str()];
-    tables.extend(job.sinks.iter().filter_map(|sink| match sink {
-        JobSinkConfig::Table(table) => Some(table.as_str()),
-        _ => None,
-    }));
-    for table in &tables[1..] {
-        check_sink_table(&session, &job.name, table).await?;
-    }
-    let mut sinks = Vec::with_capacity(job.sinks.len());
-    for sink in &job.sinks {
-        sinks.push(Sink::open(sink, &job.name).await?);
-    }
+    let output = Output::open(&job, &session, endpoint, Some(&job.table)).await?;
     let session = Arc::new(session);
-    let dead_letter = match &job.dead_letter {
-        None => None,
-        Some(config) => Some(
-            DeadLetterSink::open(config, &job.name, &session)
-                .await
-                .map_err(|reason| anyhow::anyhow!("job `{}`: dead letters: {reason}", job.name))?
-                .0,
-        ),
-    };
-    let client = ShardAwareClient::connect(endpoint, &tables).await?;
-    let (run, plan) = current_run(&session, &job, &client).await?;
-    let owner = format!(
-        "{}-{}-{}",
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_default()
-            .trim(),
-        std::process::id(),
-        now_ms()
-    );
+    let dead_letter = open_dead_letter(&job, &session).await?;
+    let (run, plan) = current_run(&session, &job, &output.client).await?;
+    let owner = owner_id();
     let parallel = job.parallel_splits as usize;
     let runner = Arc::new(Runner {
         job,
-        sinks,
+        output,
         dead_letter,
         session,
-        client,
         compiled,
         owner,
         run,
         rows_in: AtomicU64::new(0),
         rows_kept: AtomicU64::new(0),
         rows_failed: AtomicU64::new(0),
-        rows_out: AtomicU64::new(0),
         reasons: std::sync::Mutex::new(Vec::new()),
     });
     let bar = progress.then(|| {
@@ -943,6 +1019,28 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
     let mut in_flight: Vec<i32> = Vec::new();
     let mut splits_here = 0;
     loop {
+        let command = *signal.borrow_and_update();
+        if matches!(command, control::Command::Cancel | control::Command::Stop) {
+            running.abort_all();
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
+            if command == control::Command::Cancel {
+                runner
+                    .session
+                    .query_unpaged(
+                        format!(
+                            "UPDATE {} SET state = 'cancelled' WHERE job = ? IF run = ?",
+                            runner.state_table("job_runs")
+                        ),
+                        (&runner.job.name, runner.run),
+                    )
+                    .await?;
+                tracing::info!(job = %runner.job.name, run, "run cancelled");
+                return Err(control::Interrupted("cancelled").into());
+            }
+            return Err(control::Interrupted("stopped").into());
+        }
         let splits = runner.splits().await?;
         let done = splits.iter().filter(|s| s.3).count();
         if let Some(bar) = &bar {
@@ -960,7 +1058,7 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
             .map(|s| (s.0, s.2))
             .collect();
         for (index, lease) in &claimable {
-            if running.len() >= parallel {
+            if running.len() >= parallel || command == control::Command::Pause {
                 break;
             }
             let Some(split) = plan.get(*index as usize).cloned() else {
@@ -983,6 +1081,7 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
                 }
             }
             _ = wait => {}
+            _ = control::next_command(&mut signal) => {}
         }
     }
     if let Some(bar) = bar {
@@ -997,28 +1096,8 @@ pub async fn run(cluster: &ClusterConfig, job: JobConfig, endpoint: &str, progre
         rows_in: runner.rows_in.load(Ordering::Relaxed),
         rows_kept: runner.rows_kept.load(Ordering::Relaxed),
         rows_failed: runner.rows_failed.load(Ordering::Relaxed),
-        rows_out: runner.rows_out.load(Ordering::Relaxed),
+        rows_out: runner.output.rows_out.load(Ordering::Relaxed),
         reasons,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// Runs `job` inside `serve` every `every`: the first run at once, each next one `every` after
-/// the last ended (a failed run is logged, counted and retried at the next tick). Spawned on the
-/// island; ends with it.
-pub async fn schedule(cluster: ClusterConfig, job: JobConfig, endpoint: String, every: Duration) {
-    loop {
-        let name = job.name.clone();
-        match run(&cluster, job.clone(), &endpoint, false).await {
-            Ok(report) => {
-                metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => "done").increment(1);
-                tracing::info!(job = %name, %report, "job run done");
-            }
-            Err(error) => {
-                metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => "failed").increment(1);
-                tracing::warn!(job = %name, error = %format!("{error:#}"), "job run failed; next at the next tick");
-            }
-        }
-        tokio::time::sleep(every).await;
-    }
 }

@@ -31,11 +31,13 @@ pub enum ReasonCode {
     BadAttribute,
     /// The database refused the write for a permanent reason.
     WriteRejected,
+    /// A stream job's row arrived after every window holding it had closed.
+    Late,
 }
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 12] = [
+    pub const ALL: [ReasonCode; 13] = [
         ReasonCode::NotJson,
         ReasonCode::NotObject,
         ReasonCode::NotProtobuf,
@@ -48,6 +50,7 @@ impl ReasonCode {
         ReasonCode::ExpressionFailed,
         ReasonCode::UnknownTable,
         ReasonCode::WriteRejected,
+        ReasonCode::Late,
     ];
 
     /// The stable code as it appears in headers, columns and metric labels.
@@ -65,6 +68,7 @@ impl ReasonCode {
             ReasonCode::UnknownTable => "unknown_table",
             ReasonCode::BadAttribute => "bad_attribute",
             ReasonCode::WriteRejected => "write_rejected",
+            ReasonCode::Late => "late",
         }
     }
 
@@ -90,6 +94,9 @@ impl ReasonCode {
             ReasonCode::UnknownTable => "The `table_from` field names a table that is none of the route's targets.",
             ReasonCode::WriteRejected => {
                 "The database refused the row for a permanent reason (for example an invalid value it checks itself); transient failures are retried, never dead-lettered."
+            }
+            ReasonCode::Late => {
+                "A stream job's row whose every window had already closed: its event time is further behind the largest one seen than the window's `lateness` allows. The job dead-letters the message and does not count it; the route still writes it."
             }
         }
     }

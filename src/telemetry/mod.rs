@@ -64,6 +64,14 @@ pub mod metric {
     pub const JOB_SPLITS_TOTAL: &str = "shardgate_job_splits_total";
     /// Job runs ended, by `job` and `outcome` (`done`, `failed`).
     pub const JOB_RUNS: &str = "shardgate_job_runs_total";
+    /// A stream job's rows that came after every window holding them had closed (dead-lettered
+    /// as `late`, not counted), by `job`.
+    pub const JOB_ROWS_LATE: &str = "shardgate_job_rows_late_total";
+    /// A stream job's watermark (the largest event time seen, less `lateness`) behind the wall
+    /// clock, seconds, by `job`.
+    pub const JOB_WATERMARK_LAG: &str = "shardgate_job_watermark_lag_seconds";
+    /// A stream job's windows closed and written, by `job`.
+    pub const JOB_WINDOWS_CLOSED: &str = "shardgate_job_windows_closed_total";
 
     /// Rows returned by the query API, by core, table and `rpc` (`get`, `execute`, `scan`).
     pub const ROWS_READ: &str = "shardgate_rows_read_total";
@@ -106,6 +114,9 @@ pub mod metric {
         JOB_SPLITS_DONE,
         JOB_SPLITS_TOTAL,
         JOB_RUNS,
+        JOB_ROWS_LATE,
+        JOB_WATERMARK_LAG,
+        JOB_WINDOWS_CLOSED,
     ];
 }
 

@@ -621,3 +621,282 @@ async fn a_scheduled_job_runs_inside_serve_with_metrics() {
     assert!(metric(shardgate::telemetry::metric::JOB_SPLITS_DONE, &job) <= total);
     assert!(gateway.stop().expect("stop").success());
 }
+
+/// 1970-based ms of sample order `i`'s `placed_at` (as `devkit::order_message` writes it).
+fn placed_at_ms(i: u64) -> i64 {
+    devkit::expected_order(i).placed_at_ms
+}
+
+/// Sample order `i`, placed at `at_ms` instead of its own time.
+fn order_placed_at(i: u64, at_ms: i64) -> (String, Vec<u8>) {
+    let (key, payload) = devkit::order_message(i);
+    let mut object: serde_json::Value = serde_json::from_str(&payload).expect("sample order JSON");
+    object["placed_at"] = serde_json::Value::String(
+        chrono::DateTime::from_timestamp_millis(at_ms)
+            .expect("a time")
+            .to_rfc3339(),
+    );
+    (key, serde_json::to_vec(&object).expect("JSON"))
+}
+
+const MINUTE_MS: i64 = 60_000;
+
+const CITY_MINUTES: &str = r#"
+[[job]]
+name = "city_minutes"
+state_keyspace = "KS"
+[job.source]
+stream = ["orders"]
+checkpoint = "500ms"
+[job.aggregate]
+group_by = ["city"]
+window = { column = "placed_at", size = "1m", lateness = "2m" }
+measures = { orders = "count()", items = "sum(row.quantity)" }
+[[job.sink]]
+table = "KS.city_minutes"
+[[job.sink]]
+nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
+[job.dead_letter]
+kind = "kafka"
+brokers = ["127.0.0.1:9092"]
+topic = "LATE"
+"#;
+
+/// Messages the stream job has made durable: its partitions' next offsets, summed.
+async fn stream_folded(session: &scylla::client::session::Session, keyspace: &str) -> i64 {
+    let rows: Vec<(String, i64, Option<i64>)> = session
+        .query_iter(
+            format!("SELECT part, window, position FROM {keyspace}.job_windows WHERE job = 'city_minutes'"),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(String, i64, Option<i64>)>()
+        .expect("typed")
+        .try_collect()
+        .await
+        .expect("rows");
+    rows.iter()
+        .filter(|(part, window, _)| !part.is_empty() && *window == i64::MIN)
+        .filter_map(|(_, _, position)| *position)
+        .sum()
+}
+
+async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace: &str, target: i64) {
+    let started = Instant::now();
+    loop {
+        let folded = stream_folded(session, keyspace).await;
+        if folded >= target {
+            assert_eq!(folded, target, "more messages made durable than produced");
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the stream job made {folded} of {target} messages durable in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Stream rollup: Kafka orders → per-minute orders and items per city, into a table and a
+/// JetStream subject, while the route writes the orders. The gateway is killed (SIGKILL) while
+/// orders flow, the job's consumer group deleted (so the topic is read from its start) and the
+/// gateway restarted; rows within the allowed lateness still count in their window,
+/// rows for closed windows are dead-lettered as `late`; every result equals the aggregation
+/// computed here, written with its window's end as write timestamp, once per window on the
+/// subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_stream");
+    let keyspace = &names.keyspace;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, keyspace)
+        .await
+        .expect("orders table");
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {keyspace}.city_minutes (city text, window_start timestamp, orders bigint, \
+                 items bigint, PRIMARY KEY (city, window_start))"
+            ),
+            (),
+        )
+        .await
+        .expect("result table");
+    session.await_schema_agreement().await.expect("schema agreement");
+    devkit::create_topic(&names.topic, 3).await.expect("topic");
+    let late_topic = format!("{}.late", names.topic);
+    devkit::create_topic(&late_topic, 1).await.expect("late topic");
+    let stream = format!("STREAM_{}", names.group.replace('-', "_"));
+    let subject = format!("{}.minutes", names.topic);
+    devkit::create_stream(&stream, &[&subject]).await.expect("stream");
+    let route = devkit::orders_route_toml("orders", keyspace, &names.topic, &names.group, &names.dead_letter_topic);
+    let job = CITY_MINUTES
+        .replace("KS", keyspace)
+        .replace("SUBJECT", &subject)
+        .replace("LATE", &late_topic);
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("{}\n{job}\n", devkit::ingest_gateway_toml(&route, 2048, 64)),
+    )
+    .expect("config");
+
+    // Half the orders at a paced rate; the gateway is killed once it has closed windows.
+    const MAIN: u64 = 30_000;
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    let topic = names.topic.clone();
+    let producer = std::thread::spawn(move || {
+        let first = (0..MAIN / 2).map(|i| {
+            let (key, payload) = devkit::order_message(i);
+            (key, payload.into_bytes())
+        });
+        devkit::produce_at(&topic, first, Some(3_000)).expect("produce")
+    });
+    let started = Instant::now();
+    loop {
+        let written: i64 = session
+            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.city_minutes"), ())
+            .await
+            .expect("count")
+            .into_rows_result()
+            .expect("rows")
+            .first_row::<(i64,)>()
+            .expect("a count")
+            .0;
+        if written >= 24 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no window closed in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.kill9().expect("kill -9");
+    assert_eq!(producer.join().expect("producer"), MAIN / 2);
+    // Without the group's committed offsets the job reads the topic from its start again: what
+    // its checkpoints counted must be skipped, not counted twice.
+    devkit::delete_group("shardgate-job-city_minutes", Duration::from_secs(30))
+        .await
+        .expect("delete the job's group");
+    let second = (MAIN / 2..MAIN).map(|i| {
+        let (key, payload) = devkit::order_message(i);
+        (key, payload.into_bytes())
+    });
+    devkit::produce(&names.topic, second).expect("produce");
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+    wait_stream_folded(&session, keyspace, MAIN as i64).await;
+
+    // Within the lateness: a minute behind the newest orders, their windows still open.
+    let newest = placed_at_ms(MAIN - 1);
+    let within: Vec<(u64, i64)> = (0..40)
+        .map(|j| (MAIN + j, newest - 60_000 + j as i64 * 1_000))
+        .collect();
+    devkit::produce(&names.topic, within.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
+    wait_stream_folded(&session, keyspace, MAIN as i64 + 40).await;
+    // Twenty minutes behind: their windows closed long ago.
+    let late: Vec<(u64, i64)> = (0..20)
+        .map(|j| (MAIN + 40 + j, newest - 20 * MINUTE_MS + j as i64 * 1_000))
+        .collect();
+    devkit::produce(&names.topic, late.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
+    wait_stream_folded(&session, keyspace, MAIN as i64 + 60).await;
+    // An hour ahead on every partition: the watermark passes every window above.
+    let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
+    devkit::produce(&names.topic, ahead.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
+
+    // (city, window start) → (orders, items), from the orders that count.
+    let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
+    for (i, at) in counted {
+        let order = devkit::expected_order(i);
+        let entry = expected
+            .entry((order.city, at.div_euclid(MINUTE_MS) * MINUTE_MS))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += i64::from(order.quantity);
+    }
+    type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64);
+    let read = || async {
+        let rows: Vec<Result> = session
+            .query_iter(
+                format!("SELECT city, window_start, orders, items, WRITETIME(orders) FROM {keyspace}.city_minutes"),
+                (),
+            )
+            .await
+            .expect("select")
+            .rows_stream::<Result>()
+            .expect("typed")
+            .try_collect()
+            .await
+            .expect("rows");
+        rows
+    };
+    let started = Instant::now();
+    let rows = loop {
+        let rows = read().await;
+        if rows.len() >= expected.len() || started.elapsed() > Duration::from_secs(60) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut found: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for (city, start, orders, items, written_us) in rows {
+        assert_eq!(written_us, (start.0 + MINUTE_MS) * 1_000, "written at the window's end");
+        found.insert((city, start.0), (orders, items));
+    }
+    let differing: Vec<_> = expected
+        .iter()
+        .filter(|(key, value)| found.get(*key) != Some(value))
+        .take(5)
+        .map(|(key, value)| format!("{key:?}: expected {value:?}, found {:?}", found.get(key)))
+        .collect();
+    assert!(differing.is_empty(), "results differ: {differing:?}");
+    assert_eq!(found.len(), expected.len(), "no result beyond the expected windows");
+
+    // The late orders, and only they, dead-lettered as `late`.
+    let letters = devkit::read_topic(&late_topic, late.len() + 1, Duration::from_secs(10)).expect("late topic");
+    let late_keys: BTreeSet<String> = late.iter().map(|(i, _)| devkit::order_message(*i).0).collect();
+    let letter_keys: BTreeSet<String> = letters
+        .iter()
+        .map(|letter| String::from_utf8(letter.key.clone().expect("a key")).expect("utf-8"))
+        .collect();
+    assert_eq!(letter_keys, late_keys);
+    assert_eq!(letters.len(), late.len());
+    assert!(letters
+        .iter()
+        .all(|letter| letter.headers.get("shardgate.reason.code").map(String::as_str) == Some("late")));
+
+    // One message per result on the subject (a window closed again after the kill carries the
+    // same message id, which JetStream drops), each equal to the table's.
+    let messages = devkit::read_stream(&stream, expected.len() + 1, Duration::from_secs(10))
+        .await
+        .expect("stream");
+    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
+    assert_eq!(ids.len(), messages.len(), "unique message ids");
+    let published: BTreeMap<(String, i64), (i64, i64)> = messages
+        .iter()
+        .map(|message| {
+            let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
+                .expect("RFC 3339")
+                .timestamp_millis();
+            (
+                (object["city"].as_str().expect("city").to_string(), start),
+                (
+                    object["orders"].as_i64().expect("orders"),
+                    object["items"].as_i64().expect("items"),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(messages.len(), expected.len());
+    assert_eq!(published, expected);
+    assert!(gateway.stop().expect("stop").success());
+    let log = std::fs::read_to_string(names.dir.join("gateway-2.log")).expect("log");
+    let replayed: u64 = log
+        .split(" already counted")
+        .next()
+        .and_then(|head| head.rsplit('(').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the stream job's report");
+    assert!(replayed > 0, "the restarted job skipped what its checkpoints counted");
+}

@@ -270,7 +270,7 @@ pub fn subscribe(
 }
 
 /// A message's headers whose values are UTF-8 text.
-fn text_headers(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, String)> {
+pub fn text_headers(message: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, String)> {
     use rdkafka::message::Headers as _;
     let Some(headers) = message.headers() else {
         return Vec::new();

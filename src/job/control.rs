@@ -1,0 +1,552 @@
+//! The jobs of one `serve`, controlled: each job's task on the island, started, paused, resumed,
+//! cancelled and stopped through a [`Signal`], and its status — this gateway's view beside the
+//! progress every gateway shares in the job's tables. Behind the `Jobs` gRPC service
+//! ([`JobsService`]), the `every` schedules and the stream jobs `serve` starts.
+//!
+//! Threads: the control is shared by every core's gRPC service; each call's work runs on the
+//! island (the driver and the jobs are tokio-bound) and the core awaits its join handle.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use scylla::client::session::Session;
+use tokio::sync::watch;
+
+use crate::config::{ClusterConfig, JobConfig, RouteConfig};
+use crate::telemetry::metric;
+use crate::wire::proto::jobs_server::Jobs;
+use crate::wire::proto::{JobRequest, JobStatus, ListJobsRequest, ListJobsResponse};
+
+/// What a job's task is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Run (or go on running).
+    Run,
+    /// Claim no new split / read no message until told to run again.
+    Pause,
+    /// End: a scan job's run is marked cancelled; a stream job checkpoints and stops.
+    Cancel,
+    /// The gateway stops: a scan job stops reading (its run resumes later); a stream job
+    /// checkpoints and stops.
+    Stop,
+}
+
+/// A job task's end of its control channel.
+pub type Signal = watch::Receiver<Command>;
+
+/// A control channel nobody commands: the job runs to its end (`shardgate job run`). Keep the
+/// sender to stop it.
+pub fn steady() -> (watch::Sender<Command>, Signal) {
+    watch::channel(Command::Run)
+}
+
+/// The next command, once one is given; never, once the sender is gone.
+pub async fn next_command(signal: &mut Signal) -> Command {
+    match signal.changed().await {
+        Ok(()) => *signal.borrow_and_update(),
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A scan run ended by [`Command::Cancel`] or [`Command::Stop`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub &'static str);
+
+/// A job's state on this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    Idle,
+    Running,
+    Paused,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Local {
+    fn as_str(self) -> &'static str {
+        match self {
+            Local::Idle => "idle",
+            Local::Running => "running",
+            Local::Paused => "paused",
+            Local::Done => "done",
+            Local::Failed => "failed",
+            Local::Cancelled => "cancelled",
+        }
+    }
+
+    fn active(self) -> bool {
+        matches!(self, Local::Running | Local::Paused)
+    }
+}
+
+/// One job's control channel and local state (with its last failure).
+struct Entry {
+    job: JobConfig,
+    command: watch::Sender<Command>,
+    local: watch::Sender<(Local, String)>,
+}
+
+/// The gateway's jobs.
+pub struct JobControl {
+    island: tokio::runtime::Handle,
+    cluster: ClusterConfig,
+    routes: Vec<RouteConfig>,
+    endpoint: String,
+    session: Arc<Session>,
+    /// In config order.
+    entries: Vec<Entry>,
+    by_name: HashMap<String, usize>,
+}
+
+/// A refusal of a control call: NOT_FOUND or FAILED_PRECONDITION, with the reason.
+#[derive(Debug)]
+pub enum Refused {
+    /// No such job.
+    Unknown(String),
+    /// Not in a state the call applies to.
+    State(String),
+}
+
+impl From<Refused> for tonic::Status {
+    fn from(refused: Refused) -> tonic::Status {
+        match refused {
+            Refused::Unknown(reason) => tonic::Status::not_found(reason),
+            Refused::State(reason) => tonic::Status::failed_precondition(reason),
+        }
+    }
+}
+
+impl JobControl {
+    /// The control of `jobs`, running them on `island` through the gateway's listener at
+    /// `endpoint`; `session` reads their shared progress.
+    pub fn new(
+        island: tokio::runtime::Handle,
+        cluster: ClusterConfig,
+        routes: Vec<RouteConfig>,
+        jobs: Vec<JobConfig>,
+        endpoint: String,
+        session: Arc<Session>,
+    ) -> Arc<JobControl> {
+        let by_name = jobs.iter().enumerate().map(|(i, job)| (job.name.clone(), i)).collect();
+        let entries = jobs
+            .into_iter()
+            .map(|job| Entry {
+                job,
+                command: watch::channel(Command::Run).0,
+                local: watch::channel((Local::Idle, String::new())).0,
+            })
+            .collect();
+        Arc::new(JobControl {
+            island,
+            cluster,
+            routes,
+            endpoint,
+            session,
+            entries,
+            by_name,
+        })
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, Refused> {
+        self.by_name.get(name).map(|&i| &self.entries[i]).ok_or_else(|| {
+            let names: Vec<&str> = self.entries.iter().map(|e| e.job.name.as_str()).collect();
+            Refused::Unknown(format!("no job `{name}`; jobs: {}", names.join(", ")))
+        })
+    }
+
+    /// Starts every stream job and every `every` schedule (at `serve`'s start).
+    pub fn start_all(self: &Arc<Self>) {
+        for entry in &self.entries {
+            if !entry.job.stream.is_empty() {
+                tracing::info!(job = %entry.job.name, routes = ?entry.job.stream, "stream job running");
+                let _ = self.start(&entry.job.name);
+            } else if let Some(every) = entry.job.every {
+                tracing::info!(job = %entry.job.name, every = ?every, "job scheduled");
+                self.island
+                    .spawn(Arc::clone(self).schedule(entry.job.name.clone(), every));
+            }
+        }
+    }
+
+    /// Runs `name` now, then each `every` after its run ended (a run started over the API
+    /// counts), until the gateway stops.
+    async fn schedule(self: Arc<Self>, name: String, every: Duration) {
+        let Ok(entry) = self.entry(&name) else {
+            return;
+        };
+        let mut local = entry.local.subscribe();
+        loop {
+            if *entry.command.borrow() == Command::Stop {
+                return;
+            }
+            let _ = self.start(&name);
+            // Until it is no longer running or paused here.
+            while local.borrow_and_update().0.active() {
+                if local.changed().await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Starts `name` on the island unless it runs here already.
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<(), Refused> {
+        let entry = self.entry(name)?;
+        if *entry.command.borrow() == Command::Stop {
+            return Err(Refused::State(format!("job `{name}`: the gateway is stopping")));
+        }
+        let mut started = false;
+        entry.local.send_if_modified(|(local, error)| {
+            if local.active() {
+                return false;
+            }
+            *local = Local::Running;
+            error.clear();
+            started = true;
+            true
+        });
+        if !started {
+            return Ok(());
+        }
+        entry.command.send_replace(Command::Run);
+        let signal = entry.command.subscribe();
+        let control = Arc::clone(self);
+        let name = name.to_string();
+        self.island.spawn(async move { control.run(name, signal).await });
+        Ok(())
+    }
+
+    /// One task of a job: a scan job's run to its end, or a stream job until cancelled.
+    async fn run(self: Arc<Self>, name: String, signal: Signal) {
+        let Ok(entry) = self.entry(&name) else {
+            return;
+        };
+        let job = entry.job.clone();
+        let outcome = if job.stream.is_empty() {
+            super::run(&self.cluster, job, &self.endpoint, false, signal)
+                .await
+                .map(|report| {
+                    tracing::info!(job = %name, %report, "job run done");
+                })
+        } else {
+            let routes: Vec<RouteConfig> = job
+                .stream
+                .iter()
+                .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
+                .collect();
+            super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal)
+                .await
+                .map(|report| {
+                    tracing::info!(job = %name, %report, "stream job stopped");
+                })
+        };
+        let (local, error) = match outcome {
+            Ok(()) if *entry.command.borrow() == Command::Cancel => (Local::Cancelled, String::new()),
+            Ok(()) => (Local::Done, String::new()),
+            Err(error) if error.downcast_ref::<Interrupted>().is_some() => (Local::Cancelled, String::new()),
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::warn!(job = %name, %error, "job failed");
+                (Local::Failed, error)
+            }
+        };
+        if entry.job.stream.is_empty() {
+            let outcome = match local {
+                Local::Done => "done",
+                Local::Cancelled => "cancelled",
+                _ => "failed",
+            };
+            metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => outcome).increment(1);
+        }
+        entry.local.send_replace((local, error));
+    }
+
+    /// Pauses, resumes or cancels `name` here.
+    pub fn command(&self, name: &str, command: Command) -> Result<(), Refused> {
+        let entry = self.entry(name)?;
+        let (local, _) = entry.local.borrow().clone();
+        let next = match (command, local) {
+            (Command::Pause, Local::Running) => Local::Paused,
+            (Command::Run, Local::Paused) => Local::Running,
+            (Command::Cancel, Local::Running | Local::Paused) => local,
+            (Command::Stop, _) => local,
+            _ => {
+                return Err(Refused::State(format!(
+                    "job `{name}` is {} here: {}",
+                    local.as_str(),
+                    match command {
+                        Command::Pause => "only a running job pauses",
+                        Command::Run => "only a paused job resumes",
+                        _ => "only a running or paused job is cancelled",
+                    }
+                )))
+            }
+        };
+        entry.command.send_replace(command);
+        if next != local {
+            entry.local.send_replace((next, String::new()));
+        }
+        Ok(())
+    }
+
+    /// Tells every job the gateway stops and waits up to `deadline` for their tasks to end
+    /// (stream jobs checkpoint first).
+    pub async fn stop_all(&self, deadline: Duration) {
+        for entry in &self.entries {
+            entry.command.send_replace(Command::Stop);
+        }
+        let waits = self.entries.iter().map(|entry| {
+            let mut local = entry.local.subscribe();
+            async move {
+                while local.borrow_and_update().0.active() {
+                    if local.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        if tokio::time::timeout(deadline, futures::future::join_all(waits))
+            .await
+            .is_err()
+        {
+            tracing::warn!("jobs did not stop within the shutdown deadline; scan runs resume, stream jobs restart from their last checkpoint");
+        }
+    }
+
+    /// `name`'s status: this gateway's state and the shared progress in the job's tables.
+    pub async fn status(&self, name: &str) -> Result<JobStatus, Refused> {
+        let entry = self.entry(name)?;
+        let job = &entry.job;
+        let (local, error) = entry.local.borrow().clone();
+        let mut status = JobStatus {
+            job: job.name.clone(),
+            kind: if job.stream.is_empty() { "scan" } else { "stream" }.into(),
+            state: local.as_str().into(),
+            error,
+            every: job
+                .every
+                .map(|every| format!("{}s", every.as_secs()))
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        // Progress tables that do not exist yet (the job never ran) leave the counts at zero.
+        let shared = if job.stream.is_empty() {
+            scan_progress(&self.session, job, &mut status).await
+        } else {
+            stream_progress(&self.session, job, &mut status).await
+        };
+        if let Err(error) = shared {
+            tracing::debug!(job = %job.name, error = %format!("{error:#}"), "no shared progress");
+        }
+        Ok(status)
+    }
+
+    /// Every job's status, in config order.
+    pub async fn list(&self) -> Vec<JobStatus> {
+        let mut all = Vec::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            if let Ok(status) = self.status(&entry.job.name).await {
+                all.push(status);
+            }
+        }
+        all
+    }
+
+    /// Whether `name` runs or is paused here.
+    fn active(&self, name: &str) -> bool {
+        self.entry(name).is_ok_and(|entry| entry.local.borrow().0.active())
+    }
+}
+
+/// A scan job's current run: its state, splits done of all, rows read by the done ones.
+async fn scan_progress(session: &Session, job: &JobConfig, status: &mut JobStatus) -> anyhow::Result<()> {
+    let keyspace = &job.state_keyspace;
+    let run = session
+        .query_unpaged(
+            format!("SELECT run, state, splits FROM {keyspace}.job_runs WHERE job = ?"),
+            (&job.name,),
+        )
+        .await?
+        .into_rows_result()?
+        .maybe_first_row::<(i64, Option<String>, Option<i32>)>()?;
+    let Some((run, state, splits)) = run else {
+        return Ok(());
+    };
+    status.run = run;
+    status.run_state = state.unwrap_or_default();
+    status.splits_total = splits.unwrap_or_default().max(0) as u32;
+    let splits: Vec<(Option<bool>, Option<i64>)> = session
+        .query_iter(
+            format!("SELECT done, rows_in FROM {keyspace}.job_splits WHERE job = ? AND run = ?"),
+            (&job.name, run),
+        )
+        .await?
+        .rows_stream::<(Option<bool>, Option<i64>)>()?
+        .try_collect()
+        .await?;
+    for (done, rows) in splits {
+        if done == Some(true) {
+            status.splits_done += 1;
+            status.rows_read += rows.unwrap_or_default().max(0) as u64;
+        }
+    }
+    Ok(())
+}
+
+/// A stream job's messages checkpointed and its closed mark.
+async fn stream_progress(session: &Session, job: &JobConfig, status: &mut JobStatus) -> anyhow::Result<()> {
+    let rows: Vec<(String, i64, Option<i64>, Option<i64>)> = session
+        .query_iter(
+            format!(
+                "SELECT part, window, position, time FROM {}.job_windows WHERE job = ?",
+                job.state_keyspace
+            ),
+            (&job.name,),
+        )
+        .await?
+        .rows_stream::<(String, i64, Option<i64>, Option<i64>)>()?
+        .try_collect()
+        .await?;
+    for (part, window, position, time) in rows {
+        if window != i64::MIN {
+            continue;
+        }
+        if part.is_empty() {
+            status.closed_through_ms = time.unwrap_or_default();
+        } else {
+            status.rows_read += position.unwrap_or_default().max(0) as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The `Jobs` gRPC service of one core: each call runs on the island.
+pub struct JobsService {
+    control: Arc<JobControl>,
+}
+
+impl JobsService {
+    /// A core's service over the gateway's job control.
+    pub fn new(control: Arc<JobControl>) -> JobsService {
+        JobsService { control }
+    }
+
+    /// Runs `work` on the island and awaits it here.
+    async fn on_island<T, F>(&self, work: impl FnOnce(Arc<JobControl>) -> F) -> Result<T, tonic::Status>
+    where
+        F: std::future::Future<Output = Result<T, Refused>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let future = work(Arc::clone(&self.control));
+        self.control
+            .island
+            .spawn(future)
+            .await
+            .map_err(|e| tonic::Status::internal(format!("job control task: {e}")))?
+            .map_err(tonic::Status::from)
+    }
+
+    async fn act(
+        &self,
+        request: JobRequest,
+        command: Option<Command>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        let status = self
+            .on_island(move |control| async move {
+                match command {
+                    None => control.start(&request.job)?,
+                    Some(command) => control.command(&request.job, command)?,
+                }
+                control.status(&request.job).await
+            })
+            .await?;
+        Ok(tonic::Response::new(status))
+    }
+}
+
+/// How often `WatchJob` sends a status.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn list_jobs(
+        &self,
+        _: tonic::Request<ListJobsRequest>,
+    ) -> Result<tonic::Response<ListJobsResponse>, tonic::Status> {
+        let jobs = self
+            .on_island(|control| async move { Ok(control.list().await) })
+            .await?;
+        Ok(tonic::Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn get_job_status(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        let job = request.into_inner().job;
+        let status = self
+            .on_island(move |control| async move { control.status(&job).await })
+            .await?;
+        Ok(tonic::Response::new(status))
+    }
+
+    async fn start_job(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        self.act(request.into_inner(), None).await
+    }
+
+    async fn pause_job(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        self.act(request.into_inner(), Some(Command::Pause)).await
+    }
+
+    async fn resume_job(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        self.act(request.into_inner(), Some(Command::Run)).await
+    }
+
+    async fn cancel_job(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
+        self.act(request.into_inner(), Some(Command::Cancel)).await
+    }
+
+    type WatchJobStream = futures::stream::BoxStream<'static, Result<JobStatus, tonic::Status>>;
+
+    async fn watch_job(
+        &self,
+        request: tonic::Request<JobRequest>,
+    ) -> Result<tonic::Response<Self::WatchJobStream>, tonic::Status> {
+        let job = request.into_inner().job;
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        // Refuse an unknown job at once, not in the stream.
+        self.control.entry(&job).map_err(tonic::Status::from)?;
+        let control = Arc::clone(&self.control);
+        self.control.island.spawn(async move {
+            loop {
+                let active = control.active(&job);
+                let status = control.status(&job).await.map_err(tonic::Status::from);
+                if sender.send(status).await.is_err() || !active {
+                    return;
+                }
+                tokio::time::sleep(WATCH_EVERY).await;
+            }
+        });
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|item| (item, receiver))
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,699 @@
+//! Stream jobs (`[job.source] stream = ["route", ..]`): rollups as messages arrive. The job
+//! reads each named Kafka route's topic with its own consumer group (`shardgate-job-<name>`),
+//! maps every message with the route's own mapping (the row of its first target), and folds
+//! the rows its filter keeps into event-time windows ([`super::aggregate`]).
+//!
+//! **Durable before counted as done.** Every `checkpoint` the open windows of each
+//! (route, partition) this process holds are written to `job_windows` in the job's
+//! `state_keyspace` — in one conditional batch with the partition's next offset and largest
+//! event time, applied only if the stored offset is still the one this process loaded or last
+//! wrote, and no window closed meanwhile. A message below a partition's stored offset is
+//! skipped: its rows are counted in the stored windows already. So a `kill -9` anywhere loses
+//! nothing (the messages after the stored offset are read again) and counts nothing twice. The
+//! group's Kafka offsets are committed after each checkpoint (for lag tools; never past it).
+//!
+//! **Windows close by watermark**: the least of the largest event times the partitions have
+//! stored (a partition still for `idle` no longer counts), less the window's `lateness`. Whoever sees a window's end at or before the watermark merges every
+//! partition's stored partial of it, writes the results (tables with the window's end as the
+//! write timestamp; brokers under the message id `<job>.<group key>`), then advances the job's
+//! closed mark with a lightweight transaction and deletes the window's partials. A row whose
+//! windows are all closed is dead-lettered as `late`. Several gateways running the job share
+//! the topic's partitions through the group; a checkpoint refused because another gateway moved
+//! a partition's offset or closed windows makes this one start over from the stored state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use scylla::client::session::Session;
+use scylla::statement::batch::Batch;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, MaybeUnset};
+
+use super::aggregate::{result_columns, Partial};
+use super::control::{next_command, Command, Signal};
+use super::{applied, message_id, now_ms, open_dead_letter, Compiled, Fold, Output, Positions};
+use crate::bridge::kafka::text_headers;
+use crate::bridge::route::prepare_route;
+use crate::config::{AggregateConfig, ClusterConfig, JobConfig, RouteConfig, SourceConfig, StartFrom};
+use crate::mapping::{Envelope, ReasonCode, RouteMapper};
+use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterSink};
+use crate::telemetry::metric;
+use crate::wire::convert::from_cql;
+use crate::wire::proto::Row;
+
+/// `window` of a partition's progress row (next offset, largest event time) and of the job's
+/// closed mark (`part` = [`JOB_PART`]).
+const PROGRESS: i64 = i64::MIN;
+/// `part` of the job's closed mark: windows ending at or before its `time` are written.
+const JOB_PART: &str = "";
+/// Pause before starting over after a refused checkpoint or a lost connection.
+const RESTART_PAUSE: Duration = Duration::from_secs(2);
+
+/// What a stream job did while this process ran it.
+#[derive(Debug, Default, Clone)]
+pub struct StreamReport {
+    /// Messages folded (or found to have no row for the job).
+    pub messages: u64,
+    /// Messages skipped because a checkpoint had counted them already.
+    pub replayed: u64,
+    /// Messages the route's mapping refused (the route dead-letters them; the job skips them).
+    pub unmapped: u64,
+    /// Rows the filter kept and folded.
+    pub rows_kept: u64,
+    /// Rows an expression or a measure failed on (dead-lettered).
+    pub rows_failed: u64,
+    /// Rows whose windows had all closed (dead-lettered as `late`).
+    pub rows_late: u64,
+    /// Windows this process closed and wrote.
+    pub windows_closed: u64,
+    /// Results written, counted once per sink.
+    pub rows_out: u64,
+    /// Checkpoints refused (another gateway moved on first), each followed by a start over.
+    pub restarts: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for StreamReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} messages folded ({} already counted, {} unmapped), {} rows kept, {} failed, {} late, \
+             {} windows closed, {} results written, {} restarts in {:.1} s",
+            self.messages,
+            self.replayed,
+            self.unmapped,
+            self.rows_kept,
+            self.rows_failed,
+            self.rows_late,
+            self.windows_closed,
+            self.rows_out,
+            self.restarts,
+            self.seconds
+        )
+    }
+}
+
+/// One route the job reads.
+struct Source {
+    route: String,
+    topic: String,
+    mapper: RouteMapper,
+    /// The first target's columns, the names of the rows the job sees.
+    names: Vec<String>,
+    positions: Positions,
+    consumer: StreamConsumer,
+}
+
+/// One (route, partition) as this process holds it.
+#[derive(Default)]
+struct Part {
+    /// Next offset to fold.
+    position: Option<i64>,
+    /// The next offset `job_windows` holds (what a checkpoint's condition expects).
+    stored: Option<i64>,
+    /// Largest event time folded.
+    max_time: Option<i64>,
+    /// Open windows.
+    partial: Partial,
+    /// Changed since the last checkpoint.
+    dirty: bool,
+}
+
+/// Prepared statements on `job_windows`.
+struct Statements {
+    /// A partition's next offset and largest time, if its stored offset is as expected.
+    progress: PreparedStatement,
+    /// The closed mark rewritten as is, if unchanged (the guard of a checkpoint).
+    closed_guard: PreparedStatement,
+    /// A window's partial of one partition.
+    window: PreparedStatement,
+    /// Advances the closed mark, if unchanged.
+    close: PreparedStatement,
+    /// Deletes a closed window's partial.
+    delete: PreparedStatement,
+    /// A partition's rows.
+    load: PreparedStatement,
+}
+
+/// Why a pass of the job ended.
+enum Ended {
+    /// The stop signal.
+    Stopped,
+    /// A checkpoint was refused: start over from the stored state.
+    Refused,
+}
+
+/// A running stream job.
+struct Stream {
+    job: JobConfig,
+    aggregate: AggregateConfig,
+    compiled: Compiled,
+    session: Arc<Session>,
+    output: Output,
+    dead_letter: Option<DeadLetterSink>,
+    statements: Statements,
+    table: String,
+    closed_through: Option<i64>,
+    report: StreamReport,
+}
+
+/// Creates `job_windows` in the job's keyspace (which must exist).
+async fn ensure_windows_table(session: &Session, keyspace: &str) -> anyhow::Result<()> {
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {keyspace}.job_windows (job text, part text, window bigint, \
+                 position bigint, time bigint, partial blob, PRIMARY KEY (job, part, window))"
+            ),
+            (),
+        )
+        .await
+        .with_context(|| {
+            format!("creating {keyspace}.job_windows (the keyspace `{keyspace}` of `state_keyspace` must exist)")
+        })?;
+    Ok(())
+}
+
+async fn prepare(session: &Session, table: &str) -> anyhow::Result<Statements> {
+    let prepare = |text: String| async move {
+        session
+            .prepare(text.clone())
+            .await
+            .with_context(|| format!("preparing `{text}`"))
+    };
+    Ok(Statements {
+        progress: prepare(format!(
+            "UPDATE {table} SET position = ?, time = ? WHERE job = ? AND part = ? AND window = ? IF position = ?"
+        ))
+        .await?,
+        closed_guard: prepare(format!(
+            "UPDATE {table} SET time = ? WHERE job = ? AND part = ? AND window = ? IF time = ?"
+        ))
+        .await?,
+        window: prepare(format!(
+            "UPDATE {table} SET partial = ? WHERE job = ? AND part = ? AND window = ?"
+        ))
+        .await?,
+        close: prepare(format!(
+            "UPDATE {table} SET time = ? WHERE job = ? AND part = ? AND window = ? IF time = ?"
+        ))
+        .await?,
+        delete: prepare(format!("DELETE FROM {table} WHERE job = ? AND part = ? AND window = ?")).await?,
+        load: prepare(format!(
+            "SELECT window, position, time, partial FROM {table} WHERE job = ? AND part = ?"
+        ))
+        .await?,
+    })
+}
+
+/// A stream job's consumer of one route's topic: its own group, no automatic commits (the
+/// offsets that count are the checkpoint's).
+fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -> anyhow::Result<StreamConsumer> {
+    let mut config = ClientConfig::new();
+    for (key, value) in &kafka.properties {
+        if key != "group.instance.id" {
+            config.set(key, value);
+        }
+    }
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("shardgate-job-{job}"))
+        .set("client.id", format!("shardgate-job-{job}-{route}"))
+        .set("enable.auto.commit", "false")
+        .set(
+            "auto.offset.reset",
+            match kafka.start_from {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        );
+    let consumer: StreamConsumer = config
+        .create()
+        .with_context(|| format!("job `{job}`: a consumer of route `{route}`'s topic"))?;
+    consumer
+        .subscribe(&[&kafka.topic])
+        .with_context(|| format!("job `{job}`: subscribing to {}", kafka.topic))?;
+    Ok(consumer)
+}
+
+/// A mapped row's values as the job sees them (an unset column reads as null).
+fn row_of(values: &[MaybeUnset<Option<CqlValue>>], columns: usize) -> Row {
+    Row {
+        values: values
+            .iter()
+            .take(columns)
+            .map(|value| match value {
+                MaybeUnset::Set(value) => from_cql(value.as_ref()),
+                MaybeUnset::Unset => from_cql(None),
+            })
+            .collect(),
+    }
+}
+
+/// Runs stream job `job` over `routes` (its `stream` routes, in order) until `signal` says
+/// cancel or stop (a last checkpoint first), writing table results through the gateway at
+/// `endpoint`; paused, it checkpoints and reads nothing until resumed. A refused checkpoint or
+/// a lost connection starts the job over from its stored state (logged), so this ends only so,
+/// or on a set-up error (a missing table, a column the job names that the route lacks).
+pub async fn run(
+    cluster: &ClusterConfig,
+    job: JobConfig,
+    routes: &[RouteConfig],
+    endpoint: &str,
+    mut signal: Signal,
+) -> anyhow::Result<StreamReport> {
+    let started = Instant::now();
+    let Some(aggregate) = job.aggregate.clone() else {
+        anyhow::bail!("job `{}`: a stream job needs `[job.aggregate]`", job.name);
+    };
+    let compiled = Compiled::new(&job)?;
+    let session = Arc::new(crate::sink::scylla::connect(cluster).await?);
+    ensure_windows_table(&session, &job.state_keyspace).await?;
+    let table = format!("{}.job_windows", job.state_keyspace);
+    let statements = prepare(&session, &table).await?;
+    let output = Output::open(&job, &session, endpoint, None).await?;
+    let dead_letter = open_dead_letter(&job, &session).await?;
+    let mut stream = Stream {
+        job,
+        aggregate,
+        compiled,
+        session,
+        output,
+        dead_letter,
+        statements,
+        table,
+        closed_through: None,
+        report: StreamReport::default(),
+    };
+    loop {
+        let sources = stream.sources(routes).await?;
+        match stream.pass(&sources, &mut signal).await {
+            Ok(Ended::Stopped) => break,
+            Ok(Ended::Refused) => {
+                stream.report.restarts += 1;
+                tracing::info!(job = %stream.job.name, "checkpoint refused (another gateway moved on first); starting over from the stored state");
+            }
+            Err(error) => {
+                stream.report.restarts += 1;
+                tracing::warn!(job = %stream.job.name, error = %format!("{error:#}"), "stream job failed; starting over from the stored state");
+            }
+        }
+        drop(sources);
+        tokio::select! {
+            _ = tokio::time::sleep(RESTART_PAUSE) => {}
+            command = next_command(&mut signal) => {
+                if matches!(command, Command::Cancel | Command::Stop) {
+                    break;
+                }
+            }
+        }
+    }
+    stream.report.rows_out = stream.output.rows_out.load(Ordering::Relaxed);
+    stream.report.seconds = started.elapsed().as_secs_f64();
+    Ok(stream.report)
+}
+
+impl Stream {
+    /// Maps the job's routes and subscribes to their topics.
+    async fn sources(&self, routes: &[RouteConfig]) -> anyhow::Result<Vec<Source>> {
+        let mut sources = Vec::with_capacity(routes.len());
+        for route in routes {
+            let SourceConfig::Kafka(kafka) = &route.source else {
+                anyhow::bail!("job `{}`: route `{}` is not a Kafka route", self.job.name, route.name);
+            };
+            let (mapper, _) = prepare_route(&self.session, route).await?;
+            let names: Vec<String> = mapper.targets()[0].column_names().map(str::to_string).collect();
+            let missing = self
+                .aggregate
+                .group_by
+                .iter()
+                .chain(self.aggregate.window.as_ref().map(|w| &w.column))
+                .find(|column| !names.contains(column));
+            if let Some(column) = missing {
+                anyhow::bail!(
+                    "job `{}`: route `{}` maps no column `{column}` (its columns: {})",
+                    self.job.name,
+                    route.name,
+                    names.join(", ")
+                );
+            }
+            sources.push(Source {
+                positions: Positions::new(&names, &self.compiled),
+                consumer: subscribe(&self.job.name, &route.name, kafka)?,
+                route: route.name.clone(),
+                topic: kafka.topic.clone(),
+                mapper,
+                names,
+            });
+        }
+        Ok(sources)
+    }
+
+    /// Reads the job's closed mark.
+    async fn load_closed(&self) -> anyhow::Result<Option<i64>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.statements.load, (&self.job.name, JOB_PART))
+            .await?
+            .into_rows_result()?;
+        for row in rows.rows::<(i64, Option<i64>, Option<i64>, Option<Vec<u8>>)>()? {
+            let (window, _, time, _) = row?;
+            if window == PROGRESS {
+                return Ok(time);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Loads a partition's stored state (windows already closed are left out).
+    async fn load_part(&self, part: &str) -> anyhow::Result<Part> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.statements.load, (&self.job.name, part))
+            .await?
+            .into_rows_result()?;
+        let mut loaded = Part::default();
+        for row in rows.rows::<(i64, Option<i64>, Option<i64>, Option<Vec<u8>>)>()? {
+            let (window, position, time, partial) = row?;
+            if window == PROGRESS {
+                loaded.position = position;
+                loaded.stored = position;
+                loaded.max_time = time;
+            } else if let Some(bytes) = partial {
+                let partial: Partial = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("the stored partial of {part}, window {window}"))?;
+                loaded.partial.merge(partial);
+            }
+        }
+        if let (Some(window), Some(closed)) = (&self.aggregate.window, self.closed_through) {
+            loaded.partial.drop_closed(window.spec.size_ms, closed);
+        }
+        Ok(loaded)
+    }
+
+    /// One pass: read until cancelled or stopped, checkpointing every `checkpoint`; ends early
+    /// when a checkpoint is refused.
+    async fn pass(&mut self, sources: &[Source], signal: &mut Signal) -> anyhow::Result<Ended> {
+        self.closed_through = self.load_closed().await?;
+        let mut parts: HashMap<(usize, i32), Part> = HashMap::new();
+        let mut messages = futures::stream::select_all(
+            sources
+                .iter()
+                .enumerate()
+                .map(|(index, source)| source.consumer.stream().map(move |message| (index, message)).boxed()),
+        );
+        let mut tick = tokio::time::interval(self.job.checkpoint);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut command = *signal.borrow_and_update();
+        loop {
+            if command != Command::Run {
+                // What was folded is made durable before pausing or ending.
+                if let Ended::Refused = self.checkpoint(sources, &mut parts).await? {
+                    return Ok(Ended::Refused);
+                }
+                self.close_windows(&mut parts).await?;
+                while command == Command::Pause {
+                    command = next_command(signal).await;
+                }
+                if command != Command::Run {
+                    return Ok(Ended::Stopped);
+                }
+            }
+            tokio::select! {
+                next = next_command(signal) => command = next,
+                _ = tick.tick() => {
+                    if let Ended::Refused = self.checkpoint(sources, &mut parts).await? {
+                        return Ok(Ended::Refused);
+                    }
+                    self.close_windows(&mut parts).await?;
+                }
+                Some((index, message)) = messages.next() => {
+                    let message = message.with_context(|| format!("reading route `{}`'s topic", sources[index].route))?;
+                    self.on_message(&sources[index], index, &message, &mut parts).await?;
+                }
+            }
+        }
+    }
+
+    /// Folds one message's rows, unless a checkpoint counted it already.
+    async fn on_message(
+        &mut self,
+        source: &Source,
+        index: usize,
+        message: &BorrowedMessage<'_>,
+        parts: &mut HashMap<(usize, i32), Part>,
+    ) -> anyhow::Result<()> {
+        let key = (index, message.partition());
+        let part = match parts.entry(key) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(new) => {
+                new.insert(self.load_part(&part_name(&source.route, key.1)).await?)
+            }
+        };
+        let offset = message.offset();
+        if part.position.is_some_and(|next| offset < next) {
+            self.report.replayed += 1;
+            return Ok(());
+        }
+        part.position = Some(offset + 1);
+        part.dirty = true;
+        self.report.messages += 1;
+        let headers = text_headers(message);
+        let envelope = Envelope {
+            key: message.key(),
+            payload: message.payload(),
+            headers: &headers,
+            source: &source.topic,
+            subject: None,
+            partition: Some(key.1),
+            position: offset,
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let rows = match source.mapper.map(&envelope, 0) {
+            Ok(rows) => rows,
+            Err(_) => {
+                // The route dead-letters it with the mapping's reason.
+                self.report.unmapped += 1;
+                return Ok(());
+            }
+        };
+        let closed = self.closed_through.unwrap_or(i64::MIN);
+        for mapped in rows.iter().filter(|row| row.target == 0 && !row.delete) {
+            let row = row_of(&mapped.values, source.names.len());
+            match self
+                .compiled
+                .fold_row(&source.names, &source.positions, &row, &mut part.partial, closed)
+            {
+                Ok(Fold::Folded(time)) => {
+                    self.report.rows_kept += 1;
+                    part.max_time = part.max_time.max(time);
+                }
+                Ok(Fold::Skipped | Fold::Copied(_)) => {}
+                Err((code, reason)) => {
+                    self.report.rows_failed += 1;
+                    metrics::counter!(metric::JOB_ROWS_FAILED, "job" => self.job.name.clone()).increment(1);
+                    if code == ReasonCode::Late {
+                        self.report.rows_late += 1;
+                        metrics::counter!(metric::JOB_ROWS_LATE, "job" => self.job.name.clone()).increment(1);
+                    }
+                    if let Some(sink) = &self.dead_letter {
+                        let letter = DeadLetter {
+                            route: &self.job.name,
+                            reason_code: code.as_str(),
+                            reason: &reason,
+                            source: vec![
+                                (headers::SOURCE_TOPIC, source.topic.clone()),
+                                (headers::SOURCE_PARTITION, key.1.to_string()),
+                                (headers::SOURCE_OFFSET, offset.to_string()),
+                            ],
+                            headers: &headers,
+                            key: message.key(),
+                            payload: message.payload(),
+                        };
+                        sink.send(&letter).await;
+                    }
+                }
+            }
+        }
+        metrics::counter!(metric::JOB_ROWS_READ, "job" => self.job.name.clone()).increment(rows.len() as u64);
+        Ok(())
+    }
+
+    /// Makes every changed partition durable: its open windows, next offset and largest time in
+    /// one conditional batch; then commits the offsets to the group. `Refused` when a condition
+    /// failed (another gateway moved the partition on, or closed windows).
+    async fn checkpoint(
+        &mut self,
+        sources: &[Source],
+        parts: &mut HashMap<(usize, i32), Part>,
+    ) -> anyhow::Result<Ended> {
+        let mut commits: Vec<TopicPartitionList> = sources.iter().map(|_| TopicPartitionList::new()).collect();
+        for ((index, partition), part) in parts.iter_mut().filter(|(_, part)| part.dirty) {
+            let source = &sources[*index];
+            let name = part_name(&source.route, *partition);
+            let mut batch = Batch::default();
+            let mut values: Vec<Vec<Option<CqlValue>>> = Vec::new();
+            let text = |s: &str| Some(CqlValue::Text(s.to_string()));
+            let big = |n: Option<i64>| n.map(CqlValue::BigInt);
+            batch.append_statement(self.statements.progress.clone());
+            values.push(vec![
+                big(part.position),
+                big(part.max_time),
+                text(&self.job.name),
+                text(&name),
+                big(Some(PROGRESS)),
+                big(part.stored),
+            ]);
+            batch.append_statement(self.statements.closed_guard.clone());
+            values.push(vec![
+                big(self.closed_through),
+                text(&self.job.name),
+                text(JOB_PART),
+                big(Some(PROGRESS)),
+                big(self.closed_through),
+            ]);
+            for (window, partial) in part.partial.by_window() {
+                batch.append_statement(self.statements.window.clone());
+                values.push(vec![
+                    Some(CqlValue::Blob(serde_json::to_vec(&partial)?)),
+                    text(&self.job.name),
+                    text(&name),
+                    big(Some(window.unwrap_or_default())),
+                ]);
+            }
+            let result = self
+                .session
+                .batch(&batch, values)
+                .await
+                .with_context(|| format!("checkpointing {name}"))?;
+            if !applied(result)? {
+                return Ok(Ended::Refused);
+            }
+            part.stored = part.position;
+            part.dirty = false;
+            if let Some(position) = part.position {
+                commits[*index].add_partition_offset(&source.topic, *partition, Offset::Offset(position))?;
+            }
+        }
+        for (source, commit) in sources.iter().zip(&commits) {
+            if commit.count() > 0 {
+                if let Err(error) = source.consumer.commit(commit, CommitMode::Async) {
+                    tracing::debug!(job = %self.job.name, %error, "offset commit (for lag tools) failed");
+                }
+            }
+        }
+        Ok(Ended::Stopped)
+    }
+
+    /// Closes the windows the watermark has passed: merges every partition's stored partial of
+    /// each, writes the results, advances the closed mark and deletes their partials.
+    async fn close_windows(&mut self, parts: &mut HashMap<(usize, i32), Part>) -> anyhow::Result<()> {
+        let Some(window) = self.aggregate.window.clone() else {
+            return Ok(());
+        };
+        let size = window.spec.size_ms;
+        let rows = self
+            .session
+            .query_unpaged(
+                format!(
+                    "SELECT part, window, time, partial, WRITETIME(position) FROM {} WHERE job = ?",
+                    self.table
+                ),
+                (&self.job.name,),
+            )
+            .await?
+            .into_rows_result()?;
+        // The least largest event time of the partitions that moved within `idle`.
+        let active_since_us = (now_ms() - self.job.idle.as_millis() as i64) * 1_000;
+        let mut least: Option<i64> = None;
+        let mut closed: Option<i64> = None;
+        let mut stored: Vec<(String, i64, Option<Vec<u8>>)> = Vec::new();
+        for row in rows.rows::<(String, i64, Option<i64>, Option<Vec<u8>>, Option<i64>)>()? {
+            let (part, start, time, partial, written_us) = row?;
+            match (part.as_str(), start) {
+                (JOB_PART, PROGRESS) => closed = time,
+                (_, PROGRESS) => {
+                    if let (Some(time), true) = (time, written_us.unwrap_or_default() >= active_since_us) {
+                        least = Some(least.map_or(time, |least| least.min(time)));
+                    }
+                }
+                _ => stored.push((part, start, partial)),
+            }
+        }
+        let Some(least) = least else {
+            return Ok(());
+        };
+        let watermark = least.saturating_sub(window.lateness_ms);
+        metrics::gauge!(metric::JOB_WATERMARK_LAG, "job" => self.job.name.clone())
+            .set((now_ms() - watermark) as f64 / 1_000.0);
+        let after = closed.unwrap_or(i64::MIN);
+        let closable: BTreeSet<i64> = stored
+            .iter()
+            .map(|(_, start, _)| *start)
+            .filter(|start| start.saturating_add(size) <= watermark && start.saturating_add(size) > after)
+            .collect();
+        if !closable.is_empty() {
+            let mut merged: BTreeMap<i64, Partial> = BTreeMap::new();
+            for (part, start, bytes) in &stored {
+                if let (true, Some(bytes)) = (closable.contains(start), bytes) {
+                    let partial: Partial = serde_json::from_slice(bytes)
+                        .with_context(|| format!("the stored partial of {part}, window {start}"))?;
+                    merged.entry(*start).or_default().merge(partial);
+                }
+            }
+            let columns = result_columns(&self.aggregate);
+            for (start, partial) in merged {
+                let (keys, rows): (Vec<String>, Vec<Row>) = partial.keyed_rows().into_iter().unzip();
+                let ids = keys.iter().map(|key| message_id(&self.job.name, key)).collect();
+                // The window's end is the write timestamp: writing it again leaves identical cells.
+                let end_us = start.saturating_add(size).saturating_mul(1_000);
+                self.output.write(&columns, rows, ids, end_us).await?;
+                self.report.windows_closed += 1;
+                metrics::counter!(metric::JOB_WINDOWS_CLOSED, "job" => self.job.name.clone()).increment(1);
+            }
+            let advanced = self
+                .session
+                .execute_unpaged(
+                    &self.statements.close,
+                    (watermark, &self.job.name, JOB_PART, PROGRESS, closed),
+                )
+                .await?;
+            closed = if applied(advanced)? {
+                Some(watermark)
+            } else {
+                // Another gateway closed them first (with the same results).
+                self.load_closed().await?
+            };
+            tracing::info!(job = %self.job.name, windows = closable.len(), watermark, "windows closed");
+        }
+        self.closed_through = closed;
+        let Some(closed) = closed else {
+            return Ok(());
+        };
+        for (part, start, _) in stored
+            .iter()
+            .filter(|(_, start, _)| start.saturating_add(size) <= closed)
+        {
+            self.session
+                .execute_unpaged(&self.statements.delete, (&self.job.name, part, *start))
+                .await?;
+        }
+        for part in parts.values_mut() {
+            part.partial.drop_closed(size, closed);
+        }
+        Ok(())
+    }
+}
+
+/// A partition's name in `job_windows`: the route and the partition.
+fn part_name(route: &str, partition: i32) -> String {
+    format!("{route}/{partition}")
+}
