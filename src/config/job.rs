@@ -107,7 +107,8 @@ pub struct RawAggregate {
     #[serde(default)]
     pub window: Option<RawWindow>,
     /// Result column name → measure: `count()`, or `sum(E)`, `min(E)`, `max(E)`, `mean(E)`,
-    /// `distinct(E)` (approximate, HyperLogLog) of a CEL expression `E` over `row`.
+    /// `distinct(E)` (approximate, HyperLogLog), `first(E)` or `last(E)` (by the window's event
+    /// time: a window is needed) of a CEL expression `E` over `row`.
     pub measures: BTreeMap<String, String>,
 }
 
@@ -342,6 +343,10 @@ pub enum MeasureKind {
     Mean,
     /// Approximate count of distinct values (HyperLogLog).
     Distinct,
+    /// The value of the row with the earliest event time (ties: the least value).
+    First,
+    /// The value of the row with the latest event time (ties: the greatest value).
+    Last,
 }
 
 /// A validated measure.
@@ -394,7 +399,8 @@ fn validate_table(key: &str, table: &str) -> Result<(), ConfigError> {
 /// A measure as written: `count()` or `kind(expression)`.
 fn parse_measure(key: &str, name: &str, text: &str) -> Result<MeasureConfig, ConfigError> {
     let expected =
-        "`count()`, or `sum(E)`, `min(E)`, `max(E)`, `mean(E)` or `distinct(E)` with `E` a CEL expression over `row`";
+        "`count()`, or `sum(E)`, `min(E)`, `max(E)`, `mean(E)`, `distinct(E)`, `first(E)` or `last(E)` with \
+                    `E` a CEL expression over `row`";
     let text_trim = text.trim();
     let Some((kind, rest)) = text_trim.split_once('(') else {
         return Err(ConfigError::invalid(key, text, expected));
@@ -409,6 +415,8 @@ fn parse_measure(key: &str, name: &str, text: &str) -> Result<MeasureConfig, Con
         "max" => MeasureKind::Max,
         "mean" => MeasureKind::Mean,
         "distinct" => MeasureKind::Distinct,
+        "first" => MeasureKind::First,
+        "last" => MeasureKind::Last,
         _ => return Err(ConfigError::invalid(key, text, expected)),
     };
     let inner = inner.trim();
@@ -596,7 +604,15 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                         "a result column name no `group_by` column (nor `window_start`) has",
                     ));
                 }
-                measures.push(parse_measure(&measure_key, name, text)?);
+                let measure = parse_measure(&measure_key, name, text)?;
+                if matches!(measure.kind, MeasureKind::First | MeasureKind::Last) && window.is_none() {
+                    return Err(ConfigError::invalid(
+                        measure_key,
+                        text,
+                        "a `[job.aggregate.window]` too: `first` and `last` order rows by its event time",
+                    ));
+                }
+                measures.push(measure);
             }
             Some(AggregateConfig {
                 group_by: aggregate.group_by,

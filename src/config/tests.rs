@@ -699,6 +699,15 @@ fn job_keys_default_and_bad_values_name_their_key() {
             "`job[0].aggregate.measures.orders` = `count(row.amount)`",
         ),
         (
+            job("")
+                .replace(
+                    "window = { column = \"placed_at\", size = \"1h\", hop = \"15m\" }\n",
+                    "",
+                )
+                .replace("max(row.amount)", "first(row.amount)"),
+            "`job[0].aggregate.measures.biggest` = `first(row.amount)`",
+        ),
+        (
             job("").replace("table = \"shop.revenue_hourly\"", "table = \"revenue\""),
             "`job[0].sink[0].table` = `revenue`",
         ),

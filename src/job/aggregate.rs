@@ -97,6 +97,15 @@ pub enum State {
     },
     /// HyperLogLog of the values' JSON text.
     Distinct(Box<hyperloglog::HyperLogLog>),
+    /// The earliest row's value so far: (event time, value).
+    First(Option<(i64, Scalar)>),
+    /// The latest row's value so far.
+    Last(Option<(i64, Scalar)>),
+}
+
+/// Whether `(time, value)` comes before `other` (earlier, or as early and less).
+fn earlier(candidate: &(i64, Scalar), other: &(i64, Scalar)) -> bool {
+    candidate.0 < other.0 || (candidate.0 == other.0 && candidate.1.less(&other.1))
 }
 
 impl State {
@@ -114,14 +123,31 @@ impl State {
             MeasureKind::Distinct => State::Distinct(Box::new(hyperloglog::HyperLogLog::new_deterministic(
                 HLL_ERROR, HLL_SEED,
             ))),
+            MeasureKind::First => State::First(None),
+            MeasureKind::Last => State::Last(None),
         }
     }
 
-    /// Folds one row's value (`None` for `count()`); a null is skipped by every measure but
-    /// `count()`. A value a measure cannot take is an error naming it.
-    fn fold(&mut self, value: Option<&serde_json::Value>) -> Result<(), String> {
+    /// Keeps `(time, value)` in a `first` or `last` state when it comes before (after) the kept
+    /// one — the same choice in whatever order rows and partials arrive.
+    fn keep(&mut self, candidate: (i64, Scalar)) {
+        match self {
+            State::First(kept) if kept.as_ref().is_none_or(|k| earlier(&candidate, k)) => *kept = Some(candidate),
+            State::Last(kept) if kept.as_ref().is_none_or(|k| earlier(k, &candidate)) => *kept = Some(candidate),
+            _ => {}
+        }
+    }
+
+    /// Folds one row's value (`None` for `count()`) at event time `time_ms`; a null is skipped
+    /// by every measure but `count()`. A value a measure cannot take is an error naming it.
+    fn fold(&mut self, value: Option<&serde_json::Value>, time_ms: Option<i64>) -> Result<(), String> {
         let scalar = value.and_then(Scalar::of);
         match self {
+            State::First(_) | State::Last(_) => {
+                if let (Some(s), Some(time)) = (scalar, time_ms) {
+                    self.keep((time, s));
+                }
+            }
             State::Count(n) => *n += 1,
             State::Sum { int, float, is_float } => match scalar {
                 None => {}
@@ -207,6 +233,7 @@ impl State {
                 *count += c;
             }
             (State::Distinct(a), State::Distinct(b)) => a.merge(&b),
+            (state @ (State::First(_) | State::Last(_)), State::First(Some(b)) | State::Last(Some(b))) => state.keep(b),
             _ => {}
         }
     }
@@ -230,6 +257,7 @@ impl State {
                 Kind::Double(sum / *count as f64)
             }
             State::Distinct(hll) => Kind::Int(hll.len().round() as i64),
+            State::First(kept) | State::Last(kept) => return kept.as_ref().map_or_else(null, |(_, s)| s.value()),
         };
         Value { kind: Some(kind) }
     }
@@ -300,7 +328,7 @@ impl Partial {
             });
             for ((state, value), measure) in group.states.iter_mut().zip(values).zip(&config.measures) {
                 state
-                    .fold(value.as_ref())
+                    .fold(value.as_ref(), time_ms)
                     .map_err(|e| format!("measure `{}`: {e}", measure.name))?;
             }
         }
@@ -389,6 +417,7 @@ pub fn result_columns(config: &AggregateConfig) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::config::{MeasureConfig, WindowConfig};
+    use serde_json::json;
 
     fn config(window: Option<WindowSpec>) -> AggregateConfig {
         let measure = |name: &str, kind| MeasureConfig {
@@ -537,5 +566,58 @@ mod tests {
         partial.drop_closed(spec.size_ms, 6_300_000);
         let starts: Vec<Option<i64>> = partial.by_window().into_keys().collect();
         assert_eq!(starts, [Some(3_600_000)]);
+    }
+
+    #[test]
+    fn first_and_last_follow_event_time_whatever_order_rows_and_partials_come_in() {
+        let spec = WindowSpec {
+            size_ms: 60_000,
+            hop_ms: 60_000,
+        };
+        let measure = |name: &str, kind| MeasureConfig {
+            name: name.into(),
+            kind,
+            expr: Some("row.x".into()),
+        };
+        let config = AggregateConfig {
+            group_by: vec![],
+            window: Some(WindowConfig {
+                column: "at".into(),
+                lateness_ms: 0,
+                spec,
+            }),
+            measures: vec![measure("first", MeasureKind::First), measure("last", MeasureKind::Last)],
+        };
+        // (time, value): the earliest is 10 at 1,000 ms (tied with 30: the least wins), the
+        // latest 40 at 9,000 ms; a null at 500 ms is skipped.
+        let rows = [
+            (5_000, json!(20)),
+            (1_000, json!(30)),
+            (9_000, json!(40)),
+            (1_000, json!(10)),
+            (500, json!(null)),
+        ];
+        let fold_all = |order: &[usize], split: usize| {
+            let (mut a, mut b) = (Partial::default(), Partial::default());
+            for (n, &i) in order.iter().enumerate() {
+                let (time, value) = &rows[i];
+                let target = if n < split { &mut a } else { &mut b };
+                target
+                    .fold(
+                        &config,
+                        vec![],
+                        Some(*time),
+                        &[Some(value.clone()), Some(value.clone())],
+                        i64::MIN,
+                    )
+                    .expect("fold");
+            }
+            b.merge(a);
+            b.rows()
+        };
+        let forward = fold_all(&[0, 1, 2, 3, 4], 2);
+        let backward = fold_all(&[4, 3, 2, 1, 0], 3);
+        assert_eq!(forward, backward);
+        assert_eq!(forward[0].values[1..], [int(10), int(40)]);
     }
 }

@@ -14,46 +14,11 @@ use futures::TryStreamExt;
 use scylla::client::session::Session;
 use tokio::sync::watch;
 
+pub use super::signal::{next_command, steady, Command, Interrupted, Signal};
 use crate::config::{ClusterConfig, JobConfig, RouteConfig};
 use crate::telemetry::metric;
 use crate::wire::proto::jobs_server::Jobs;
 use crate::wire::proto::{JobRequest, JobStatus, ListJobsRequest, ListJobsResponse};
-
-/// What a job's task is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
-    /// Run (or go on running).
-    Run,
-    /// Claim no new split / read no message until told to run again.
-    Pause,
-    /// End: a scan job's run is marked cancelled; a stream job checkpoints and stops.
-    Cancel,
-    /// The gateway stops: a scan job stops reading (its run resumes later); a stream job
-    /// checkpoints and stops.
-    Stop,
-}
-
-/// A job task's end of its control channel.
-pub type Signal = watch::Receiver<Command>;
-
-/// A control channel nobody commands: the job runs to its end (`shardgate job run`). Keep the
-/// sender to stop it.
-pub fn steady() -> (watch::Sender<Command>, Signal) {
-    watch::channel(Command::Run)
-}
-
-/// The next command, once one is given; never, once the sender is gone.
-pub async fn next_command(signal: &mut Signal) -> Command {
-    match signal.changed().await {
-        Ok(()) => *signal.borrow_and_update(),
-        Err(_) => std::future::pending().await,
-    }
-}
-
-/// A scan run ended by [`Command::Cancel`] or [`Command::Stop`].
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Interrupted(pub &'static str);
 
 /// A job's state on this gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

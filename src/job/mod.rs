@@ -21,6 +21,7 @@
 
 pub mod aggregate;
 pub mod control;
+pub mod signal;
 pub mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use crate::telemetry::metric;
 use crate::wire::proto::value::Kind;
 use crate::wire::proto::{PlanScanRequest, PlanScanResponse, QueryOptions, Row, RowBatch, ScanRequest, Split};
 use aggregate::Partial;
+use signal::{next_command, Command, Interrupted, Signal};
 
 /// Rows per page a job's scan asks for.
 const PAGE_ROWS: u32 = 2_000;
@@ -523,6 +525,16 @@ impl Output {
     }
 }
 
+/// How far a split is: the token resuming it (empty: from its start), the partial and counts
+/// of the rows before it.
+#[derive(Default)]
+struct Progress {
+    token: Vec<u8>,
+    partial: Partial,
+    rows_in: u64,
+    rows_kept: u64,
+}
+
 /// A claimed split: its index in the run's plan and its token ranges.
 struct Claim {
     index: i32,
@@ -604,13 +616,18 @@ async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Resul
         .query_unpaged(
             format!(
                 "CREATE TABLE IF NOT EXISTS {keyspace}.job_splits (job text, run bigint, split int, owner text, \
-                 lease_until bigint, done boolean, partial blob, rows_in bigint, rows_kept bigint, \
+                 lease_until bigint, done boolean, partial blob, rows_in bigint, rows_kept bigint, token blob, \
                  PRIMARY KEY ((job, run), split))"
             ),
             (),
         )
         .await
         .with_context(|| format!("creating {keyspace}.job_splits"))?;
+    // Tables made before splits kept their last page's token get the column (an error says it
+    // is there already).
+    let _ = session
+        .query_unpaged(format!("ALTER TABLE {keyspace}.job_splits ADD token blob"), ())
+        .await;
     Ok(())
 }
 
@@ -807,17 +824,24 @@ impl Runner {
         applied(result)
     }
 
-    /// Renews the lease on a split this gateway holds; false when another holds it now.
-    async fn renew(&self, index: i32) -> anyhow::Result<bool> {
+    /// Renews the lease on a split this gateway holds, storing its progress with it: the
+    /// token resuming it after the last page folded (and written, for a copy job), the partial
+    /// and counts up to there. False when another holds it now.
+    async fn renew(&self, index: i32, progress: &Progress) -> anyhow::Result<bool> {
         let result = self
             .session
             .query_unpaged(
                 format!(
-                    "UPDATE {} SET lease_until = ? WHERE job = ? AND run = ? AND split = ? IF owner = ?",
+                    "UPDATE {} SET lease_until = ?, token = ?, partial = ?, rows_in = ?, rows_kept = ? \
+                     WHERE job = ? AND run = ? AND split = ? IF owner = ?",
                     self.state_table("job_splits")
                 ),
                 (
                     now_ms() + self.job.lease.as_millis() as i64,
+                    &progress.token,
+                    serde_json::to_vec(&progress.partial)?,
+                    progress.rows_in as i64,
+                    progress.rows_kept as i64,
                     &self.job.name,
                     self.run,
                     index,
@@ -826,6 +850,33 @@ impl Runner {
             )
             .await?;
         applied(result)
+    }
+
+    /// What an earlier holder of split `index` stored of its progress (nothing: from its start).
+    async fn stored_progress(&self, index: i32) -> anyhow::Result<Progress> {
+        let row = self
+            .session
+            .query_unpaged(
+                format!(
+                    "SELECT token, partial, rows_in, rows_kept FROM {} WHERE job = ? AND run = ? AND split = ?",
+                    self.state_table("job_splits")
+                ),
+                (&self.job.name, self.run, index),
+            )
+            .await?
+            .into_rows_result()?
+            .maybe_first_row::<(Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>, Option<i64>)>()?;
+        let Some((Some(token), Some(partial), rows_in, rows_kept)) =
+            row.filter(|r| r.0.as_ref().is_some_and(|t| !t.is_empty()))
+        else {
+            return Ok(Progress::default());
+        };
+        Ok(Progress {
+            token,
+            partial: serde_json::from_slice(&partial).context("a split's stored partial")?,
+            rows_in: rows_in.unwrap_or_default().max(0) as u64,
+            rows_kept: rows_kept.unwrap_or_default().max(0) as u64,
+        })
     }
 
     /// Processes one claimed split to its end; true when its result was stored as done by this
@@ -842,19 +893,43 @@ impl Runner {
             }),
             ..Default::default()
         };
-        let mut pages = self
-            .output
-            .client
-            .scan(request, vec![claim.split.clone()], Vec::new(), 1);
+        // A split an earlier holder stored progress of goes on after its last stored page.
+        let mut progress = self.stored_progress(claim.index).await?;
+        if !progress.token.is_empty() {
+            tracing::info!(job = %self.job.name, split = claim.index, rows = progress.rows_in, "resuming the split after its last stored page");
+        }
+        let mut pages = self.output.client.scan(
+            request.clone(),
+            vec![claim.split.clone()],
+            vec![progress.token.clone()],
+            1,
+        );
         let mut names: Vec<String> = Vec::new();
         // Until a page names the columns, every column reads as missing.
         let mut positions = Positions::new(&[], &self.compiled);
-        let mut partial = Partial::default();
         let (mut rows_in, mut rows_kept) = (0u64, 0u64);
         let mut renewed = Instant::now();
         let renew_every = self.job.lease / 3;
+        let mut paged = false;
         while let Some(page) = pages.recv().await {
-            let page = page.with_context(|| format!("scanning split {}", claim.index))?;
+            let page = match page {
+                Ok(page) => page,
+                // A stored token the gateway refuses (its page-token key changed with a restart
+                // and is not kept in a file): the split is read again from its start.
+                Err(status) if !paged && !progress.token.is_empty() => {
+                    tracing::warn!(job = %self.job.name, split = claim.index, reason = %status.message(), "the stored page token is refused; reading the split from its start");
+                    progress = Progress::default();
+                    pages = self
+                        .output
+                        .client
+                        .scan(request.clone(), vec![claim.split.clone()], Vec::new(), 1);
+                    continue;
+                }
+                Err(status) => {
+                    return Err(anyhow::Error::from(status).context(format!("scanning split {}", claim.index)))
+                }
+            };
+            paged = true;
             if names.is_empty() {
                 names = page.result.columns.iter().map(|c| c.name.clone()).collect();
                 positions = Positions::new(&names, &self.compiled);
@@ -862,7 +937,10 @@ impl Runner {
             let mut copied = Vec::new();
             for row in &page.result.rows {
                 rows_in += 1;
-                match self.compiled.fold_row(&names, &positions, row, &mut partial, i64::MIN) {
+                match self
+                    .compiled
+                    .fold_row(&names, &positions, row, &mut progress.partial, i64::MIN)
+                {
                     Ok(Fold::Copied(row)) => {
                         rows_kept += 1;
                         copied.push(row);
@@ -876,15 +954,24 @@ impl Runner {
                 let ids = copied.iter().map(|row| self.copy_id(row)).collect();
                 self.output.write(&names, copied, ids, self.run).await?;
             }
+            progress.token = page.token;
             if renewed.elapsed() >= renew_every {
-                if !self.renew(claim.index).await? {
+                let stored = Progress {
+                    token: progress.token.clone(),
+                    partial: std::mem::take(&mut progress.partial),
+                    rows_in: progress.rows_in + rows_in,
+                    rows_kept: progress.rows_kept + rows_kept,
+                };
+                let renewed_here = self.renew(claim.index, &stored).await;
+                progress.partial = stored.partial;
+                if !renewed_here? {
                     tracing::warn!(job = %self.job.name, split = claim.index, "lease lost; another gateway has the split");
                     return Ok(false);
                 }
                 renewed = Instant::now();
             }
         }
-        let partial = serde_json::to_vec(&partial)?;
+        let partial = serde_json::to_vec(&progress.partial)?;
         let stored = self
             .session
             .query_unpaged(
@@ -895,8 +982,8 @@ impl Runner {
                 ),
                 (
                     partial,
-                    rows_in as i64,
-                    rows_kept as i64,
+                    (progress.rows_in + rows_in) as i64,
+                    (progress.rows_kept + rows_kept) as i64,
                     &self.job.name,
                     self.run,
                     claim.index,
@@ -905,7 +992,7 @@ impl Runner {
             )
             .await?;
         let stored = applied(stored)?;
-        // Counted here only when this runner's partial is the one that counts.
+        // Counted here (the rows this runner read) only when its partial is the one that counts.
         if stored {
             self.rows_in.fetch_add(rows_in, Ordering::Relaxed);
             self.rows_kept.fetch_add(rows_kept, Ordering::Relaxed);
@@ -973,13 +1060,13 @@ impl Runner {
 /// splits with any other gateway running it, through the gateway at `endpoint`. `progress`
 /// draws a bar on the terminal. `signal` pauses it (no new split claimed), cancels it (its
 /// splits' reads end, the run is marked `cancelled`) or stops it (reads end, the run stays to
-/// be resumed): both end in an [`control::Interrupted`] error.
+/// be resumed): both end in an [`Interrupted`] error.
 pub async fn run(
     cluster: &ClusterConfig,
     job: JobConfig,
     endpoint: &str,
     progress: bool,
-    mut signal: control::Signal,
+    mut signal: Signal,
 ) -> anyhow::Result<JobReport> {
     let started = Instant::now();
     let compiled = Compiled::new(&job)?;
@@ -1020,12 +1107,12 @@ pub async fn run(
     let mut splits_here = 0;
     loop {
         let command = *signal.borrow_and_update();
-        if matches!(command, control::Command::Cancel | control::Command::Stop) {
+        if matches!(command, Command::Cancel | Command::Stop) {
             running.abort_all();
             if let Some(bar) = &bar {
                 bar.abandon();
             }
-            if command == control::Command::Cancel {
+            if command == Command::Cancel {
                 runner
                     .session
                     .query_unpaged(
@@ -1037,9 +1124,9 @@ pub async fn run(
                     )
                     .await?;
                 tracing::info!(job = %runner.job.name, run, "run cancelled");
-                return Err(control::Interrupted("cancelled").into());
+                return Err(Interrupted("cancelled").into());
             }
-            return Err(control::Interrupted("stopped").into());
+            return Err(Interrupted("stopped").into());
         }
         let splits = runner.splits().await?;
         let done = splits.iter().filter(|s| s.3).count();
@@ -1058,7 +1145,7 @@ pub async fn run(
             .map(|s| (s.0, s.2))
             .collect();
         for (index, lease) in &claimable {
-            if running.len() >= parallel || command == control::Command::Pause {
+            if running.len() >= parallel || command == Command::Pause {
                 break;
             }
             let Some(split) = plan.get(*index as usize).cloned() else {
@@ -1081,7 +1168,7 @@ pub async fn run(
                 }
             }
             _ = wait => {}
-            _ = control::next_command(&mut signal) => {}
+            _ = next_command(&mut signal) => {}
         }
     }
     if let Some(bar) = bar {

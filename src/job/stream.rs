@@ -37,7 +37,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, MaybeUnset};
 
 use super::aggregate::{result_columns, Partial};
-use super::control::{next_command, Command, Signal};
+use super::signal::{next_command, Command, Signal};
 use super::{applied, message_id, now_ms, open_dead_letter, Compiled, Fold, Output, Positions};
 use crate::bridge::kafka::text_headers;
 use crate::bridge::route::prepare_route;

@@ -651,7 +651,7 @@ checkpoint = "500ms"
 [job.aggregate]
 group_by = ["city"]
 window = { column = "placed_at", size = "1m", lateness = "2m" }
-measures = { orders = "count()", items = "sum(row.quantity)" }
+measures = { orders = "count()", items = "sum(row.quantity)", latest = "last(row.quantity)" }
 [[job.sink]]
 table = "KS.city_minutes"
 [[job.sink]]
@@ -698,7 +698,8 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
     }
 }
 
-/// Stream rollup: Kafka orders → per-minute orders and items per city, into a table and a
+/// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
+/// city, into a table and a
 /// JetStream subject, while the route writes the orders. The gateway is killed (SIGKILL) while
 /// orders flow, the job's consumer group deleted (so the topic is read from its start) and the
 /// gateway restarted; rows within the allowed lateness still count in their window,
@@ -718,7 +719,7 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         .query_unpaged(
             format!(
                 "CREATE TABLE {keyspace}.city_minutes (city text, window_start timestamp, orders bigint, \
-                 items bigint, PRIMARY KEY (city, window_start))"
+                 items bigint, latest bigint, PRIMARY KEY (city, window_start))"
             ),
             (),
         )
@@ -803,22 +804,31 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
     devkit::produce(&names.topic, ahead.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
 
-    // (city, window start) → (orders, items), from the orders that count.
-    let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    // (city, window start) → (orders, items, quantity of the latest order — of equally late
+    // ones, the greatest), from the orders that count.
+    let mut expected: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
+    let mut latest: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
     let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
     for (i, at) in counted {
         let order = devkit::expected_order(i);
-        let entry = expected
-            .entry((order.city, at.div_euclid(MINUTE_MS) * MINUTE_MS))
-            .or_default();
+        let key = (order.city, at.div_euclid(MINUTE_MS) * MINUTE_MS);
+        let quantity = i64::from(order.quantity);
+        let entry = expected.entry(key.clone()).or_default();
         entry.0 += 1;
-        entry.1 += i64::from(order.quantity);
+        entry.1 += quantity;
+        let last = latest.entry(key).or_insert((at, quantity));
+        *last = (*last).max((at, quantity));
     }
-    type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64);
+    for (key, entry) in expected.iter_mut() {
+        entry.2 = latest[key].1;
+    }
+    type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64, i64);
     let read = || async {
         let rows: Vec<Result> = session
             .query_iter(
-                format!("SELECT city, window_start, orders, items, WRITETIME(orders) FROM {keyspace}.city_minutes"),
+                format!(
+                    "SELECT city, window_start, orders, items, latest, WRITETIME(orders) FROM {keyspace}.city_minutes"
+                ),
                 (),
             )
             .await
@@ -838,10 +848,10 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let mut found: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
-    for (city, start, orders, items, written_us) in rows {
+    let mut found: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
+    for (city, start, orders, items, latest, written_us) in rows {
         assert_eq!(written_us, (start.0 + MINUTE_MS) * 1_000, "written at the window's end");
-        found.insert((city, start.0), (orders, items));
+        found.insert((city, start.0), (orders, items, latest));
     }
     let differing: Vec<_> = expected
         .iter()
@@ -872,7 +882,7 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         .expect("stream");
     let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
     assert_eq!(ids.len(), messages.len(), "unique message ids");
-    let published: BTreeMap<(String, i64), (i64, i64)> = messages
+    let published: BTreeMap<(String, i64), (i64, i64, i64)> = messages
         .iter()
         .map(|message| {
             let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
@@ -884,6 +894,7 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
                 (
                     object["orders"].as_i64().expect("orders"),
                     object["items"].as_i64().expect("items"),
+                    object["latest"].as_i64().expect("latest"),
                 ),
             )
         })
@@ -899,4 +910,228 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         .and_then(|n| n.trim().parse().ok())
         .expect("the stream job's report");
     assert!(replayed > 0, "the restarted job skipped what its checkpoints counted");
+}
+
+/// The `Jobs` gRPC service on the gateway's listener: the jobs listed; a scan job started,
+/// paused (no split finishes while paused), resumed and watched to its end with exact results;
+/// started again and cancelled (its run marked `cancelled`); unknown jobs and calls in the wrong
+/// state refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_service_starts_pauses_resumes_watches_and_cancels() {
+    use shardgate::wire::proto::jobs_client::JobsClient;
+    use shardgate::wire::proto::{JobRequest, ListJobsRequest};
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_service");
+    let (gateway, _) = setup(&names, BY_CUSTOMER_HOUR).await;
+    let mut jobs = JobsClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("Jobs client");
+    let request = || JobRequest {
+        job: "by_customer_hour".into(),
+    };
+    let listed = jobs
+        .list_jobs(ListJobsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    let listed: Vec<(&str, &str, &str)> = listed
+        .iter()
+        .map(|s| (s.job.as_str(), s.kind.as_str(), s.state.as_str()))
+        .collect();
+    assert_eq!(listed, [("by_customer_hour", "scan", "idle")]);
+
+    let started = jobs.start_job(request()).await.expect("start").into_inner();
+    assert_eq!(started.state, "running");
+    let paused = jobs.pause_job(request()).await.expect("pause").into_inner();
+    assert_eq!(paused.state, "paused");
+    // Splits read when the pause came finish; then none.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = jobs.get_job_status(request()).await.expect("status").into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = jobs.get_job_status(request()).await.expect("status").into_inner();
+    assert_eq!(second.state, "paused");
+    assert_eq!(first.splits_done, second.splits_done, "no split finishes while paused");
+    assert!(
+        second.splits_total >= 24 && second.splits_done < second.splits_total,
+        "{second:?}"
+    );
+    let refused = jobs
+        .pause_job(request())
+        .await
+        .expect_err("a paused job does not pause");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("only a running job pauses"),
+        "{}",
+        refused.message()
+    );
+
+    assert_eq!(
+        jobs.resume_job(request()).await.expect("resume").into_inner().state,
+        "running"
+    );
+    let mut watch = jobs.watch_job(request()).await.expect("watch").into_inner();
+    let mut seen = Vec::new();
+    while let Some(status) = watch.message().await.expect("a status") {
+        seen.push(status);
+    }
+    let last = seen.last().expect("statuses").clone();
+    assert!(seen.iter().any(|s| s.state == "running"), "{seen:?}");
+    assert_eq!(
+        (last.state.as_str(), last.run_state.as_str()),
+        ("done", "done"),
+        "{last:?}"
+    );
+    assert_eq!(last.splits_done, last.splits_total);
+    assert_eq!(last.run, started.run.max(last.run));
+    assert_eq!(last.rows_read, ORDERS as u64, "rows read by the run's splits");
+    let (table, _) = read_by_customer_hour(&names.keyspace).await;
+    assert_eq!(table, expected_by_customer_hour());
+
+    // A second run, cancelled: marked so in the database, and here.
+    let again = jobs.start_job(request()).await.expect("start again").into_inner();
+    assert_eq!(again.state, "running");
+    jobs.cancel_job(request()).await.expect("cancel");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cancelled = loop {
+        let status = jobs.get_job_status(request()).await.expect("status").into_inner();
+        if status.state == "cancelled" && status.run_state == "cancelled" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not cancelled: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        cancelled.run > last.run,
+        "a new run was cancelled, not the finished one"
+    );
+    let refused = jobs
+        .resume_job(request())
+        .await
+        .expect_err("a cancelled job does not resume");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let unknown = jobs
+        .get_job_status(JobRequest { job: "nope".into() })
+        .await
+        .expect_err("unknown job");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(
+        unknown.message().contains("no job `nope`; jobs: by_customer_hour"),
+        "{}",
+        unknown.message()
+    );
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// Orders and amounts per status, read by big splits one at a time (so a split's progress is
+/// stored while it is read: its lease renews every 333 ms).
+const BY_STATUS_SLOWLY: &str = r#"
+[[job]]
+name = "by_status_slowly"
+state_keyspace = "KS"
+lease = "1s"
+parallel_splits = 1
+[job.source]
+table = "KS.orders"
+columns = ["status", "amount"]
+min_splits = 1
+[job.aggregate]
+group_by = ["status"]
+measures = { orders = "count()", shares = "sum(row.amount)" }
+[[job.sink]]
+table = "KS.by_status"
+"#;
+
+/// A runner killed (SIGKILL) in the middle of a split whose progress it stored: the next runner
+/// goes on after the split's last stored page instead of its start — it reads fewer rows than
+/// the table holds — and the results count every order once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_resumes_after_its_last_stored_page() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_pages");
+    let (gateway, config) = setup(&names, BY_STATUS_SLOWLY).await;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let mut first = job_command(&config, "by_status_slowly")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("job starts");
+    // A split not done with a stored token: its holder is mid-split.
+    let started = Instant::now();
+    loop {
+        let rows: Vec<(Option<bool>, Option<Vec<u8>>)> = session
+            .query_iter(
+                format!(
+                    "SELECT done, token FROM {}.job_splits WHERE job = 'by_status_slowly' ALLOW FILTERING",
+                    names.keyspace
+                ),
+                (),
+            )
+            .await
+            .expect("select")
+            .rows_stream::<(Option<bool>, Option<Vec<u8>>)>()
+            .expect("typed")
+            .try_collect()
+            .await
+            .expect("rows");
+        if rows
+            .iter()
+            .any(|(done, token)| *done != Some(true) && token.as_ref().is_some_and(|t| !t.is_empty()))
+        {
+            break;
+        }
+        assert!(
+            first.try_wait().expect("wait").is_none(),
+            "the job ended before a split stored its progress"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress stored in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill().expect("kill");
+    first.wait().expect("reaped");
+    // Its lease runs out in a second; the next runner takes the split over.
+    let output = job_command(&config, "by_status_slowly").output().expect("job runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming the split after its last stored page"),
+        "{stderr}"
+    );
+    let read: u64 = stderr
+        .split(" rows read")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("rows read in the summary");
+    assert!(
+        read < ORDERS as u64,
+        "the second runner read {read} rows: not from the start"
+    );
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for i in 0..ORDERS {
+        let (_, amount, status, _) = order(i);
+        let entry = expected.entry(status.to_string()).or_default();
+        entry.0 += 1;
+        entry.1 += amount;
+    }
+    let found: BTreeMap<String, (i64, i64)> = session
+        .query_iter(
+            format!("SELECT status, orders, shares FROM {}.by_status", names.keyspace),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(String, i64, i64)>()
+        .expect("typed")
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|(status, orders, shares)| (status, (orders, shares)))
+        .collect();
+    assert_eq!(found, expected);
+    assert!(gateway.stop().expect("stop").success());
 }
