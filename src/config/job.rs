@@ -56,6 +56,12 @@ pub struct RawJob {
     /// such rows are only counted.
     #[serde(default)]
     pub dead_letter: Option<super::dead_letter::RawDeadLetter>,
+    /// `[job.protobuf]`: broker sinks publish each result as this Protobuf message (`message`,
+    /// and `descriptor_set` or `files` + `includes`, as a route's `[route.protobuf]`), its
+    /// fields named like the result columns and set from their JSON forms (a `window_start`
+    /// field is a `string` in RFC 3339, or a `google.protobuf.Timestamp`). Absent: JSON.
+    #[serde(default)]
+    pub protobuf: Option<super::route::RawProtobuf>,
 }
 
 /// `[job.source]`: `table` (a scan job) or `stream` (a stream job).
@@ -295,6 +301,8 @@ pub struct JobConfig {
     pub dead_letter: Option<super::dead_letter::DeadLetterConfig>,
     /// Schedule inside `serve`.
     pub every: Option<Duration>,
+    /// The Protobuf message broker sinks publish, if not JSON.
+    pub protobuf: Option<super::route::ProtobufConfig>,
 }
 
 /// A validated `[job.aggregate]`.
@@ -731,7 +739,24 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
             )
         })
         .transpose()?;
+    let protobuf = match raw.protobuf {
+        None => None,
+        Some(protobuf) => {
+            if sinks.iter().all(|sink| matches!(sink, JobSinkConfig::Table(_))) {
+                return Err(ConfigError::invalid(
+                    key("protobuf"),
+                    &protobuf.message,
+                    "a broker sink (`kafka`, `nats` or `rabbitmq`) too: it is their payload",
+                ));
+            }
+            match super::route::validate_format(&key, "protobuf", Some(protobuf))? {
+                super::route::Format::Protobuf(config) => Some(config),
+                _ => None,
+            }
+        }
+    };
     Ok(JobConfig {
+        protobuf,
         every,
         dead_letter,
         name: raw.name,

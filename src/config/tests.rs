@@ -699,6 +699,17 @@ fn job_keys_default_and_bad_values_name_their_key() {
             "`job[0].aggregate.measures.orders` = `count(row.amount)`",
         ),
         (
+            format!("{}[job.protobuf]\nmessage = \"shop.Hourly\"\nfiles = [\"h.proto\"]\n", job("")),
+            "`job[0].protobuf` = `shop.Hourly`",
+        ),
+        (
+            job("").replace(
+                "table = \"shop.revenue_hourly\"",
+                "kafka = { brokers = [\"k:9092\"], topic = \"r\" }\n[job.protobuf]\nmessage = \"a..b\"\nfiles = [\"h.proto\"]",
+            ),
+            "`job[0].protobuf.message` = `a..b`",
+        ),
+        (
             job("")
                 .replace(
                     "window = { column = \"placed_at\", size = \"1h\", hop = \"15m\" }\n",

@@ -14,8 +14,10 @@
 //! finds every split done merges the partials and writes the results.
 //!
 //! **Never double-counted**: a split's rows count once, in the partial its holder stored with
-//! `done`; a split whose holder died is processed again from its start by the next holder, and
-//! only that holder's partial is kept. Every result and copied row is written with the run's
+//! `done`. With each lease renewal the holder stores the token resuming the split after its last
+//! folded page together with the partial up to there, in one row; a split whose holder died is
+//! read on by the next holder after that page (from its start if none was stored), starting
+//! from that stored partial. Every result and copied row is written with the run's
 //! start time as its write timestamp, so writing it again (a rerun of the last step, a split
 //! processed twice) leaves identical cells.
 
@@ -418,6 +420,8 @@ struct Output {
     sinks: Vec<Sink>,
     client: ShardAwareClient,
     rows_out: AtomicU64,
+    /// The Protobuf message broker sinks publish (`[job.protobuf]`); JSON when none.
+    payload: Option<prost_reflect::MessageDescriptor>,
 }
 
 impl Output {
@@ -431,6 +435,26 @@ impl Output {
                 tables.push(table);
             }
         }
+        let payload = match &job.protobuf {
+            None => None,
+            Some(config) => {
+                let message = crate::mapping::format::load_protobuf(config)
+                    .map_err(|reason| anyhow::anyhow!("job `{}`: [job.protobuf]: {reason}", job.name))?;
+                let columns = match &job.aggregate {
+                    Some(aggregate) => aggregate::result_columns(aggregate),
+                    None => job.columns.clone(),
+                };
+                if let Some(missing) = columns.iter().find(|c| message.get_field_by_name(c).is_none()) {
+                    anyhow::bail!(
+                        "job `{}`: [job.protobuf] message `{}` has no field `{missing}` (the results' columns: {})",
+                        job.name,
+                        message.full_name(),
+                        columns.join(", ")
+                    );
+                }
+                Some(message)
+            }
+        };
         let mut sinks = Vec::with_capacity(job.sinks.len());
         for sink in &job.sinks {
             sinks.push(Sink::open(sink, &job.name).await?);
@@ -440,7 +464,22 @@ impl Output {
             sinks,
             client: ShardAwareClient::connect(endpoint, &tables).await?,
             rows_out: AtomicU64::new(0),
+            payload,
         })
+    }
+
+    /// A result's payload: a JSON object of its columns, or that object as the job's Protobuf
+    /// message.
+    fn payload(&self, columns: &[String], row: &Row) -> anyhow::Result<Vec<u8>> {
+        let object = serde_json::Value::Object(json_object(columns, row));
+        match &self.payload {
+            None => Ok(serde_json::to_vec(&object)?),
+            Some(message) => {
+                let encoded = prost_reflect::DynamicMessage::deserialize(message.clone(), object)
+                    .with_context(|| format!("a result as Protobuf message `{}`", message.full_name()))?;
+                Ok(encoded.encode_to_vec())
+            }
+        }
     }
 
     /// Writes rows to every sink: tables with the write timestamp `timestamp_us`, brokers as
@@ -512,7 +551,7 @@ impl Output {
                     outcome?;
                 }
             }
-            let payload = serde_json::to_vec(&json_object(columns, row))?;
+            let payload = self.payload(columns, row)?;
             pending.push(publish_retrying(sink, &self.job, id, payload));
         }
         while let Some(outcome) = pending.next().await {
@@ -616,7 +655,7 @@ async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Resul
         .query_unpaged(
             format!(
                 "CREATE TABLE IF NOT EXISTS {keyspace}.job_splits (job text, run bigint, split int, owner text, \
-                 lease_until bigint, done boolean, partial blob, rows_in bigint, rows_kept bigint, token blob, \
+                 lease_until bigint, done boolean, partial blob, rows_in bigint, rows_kept bigint, page_token blob, \
                  PRIMARY KEY ((job, run), split))"
             ),
             (),
@@ -626,7 +665,7 @@ async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Resul
     // Tables made before splits kept their last page's token get the column (an error says it
     // is there already).
     let _ = session
-        .query_unpaged(format!("ALTER TABLE {keyspace}.job_splits ADD token blob"), ())
+        .query_unpaged(format!("ALTER TABLE {keyspace}.job_splits ADD page_token blob"), ())
         .await;
     Ok(())
 }
@@ -832,7 +871,7 @@ impl Runner {
             .session
             .query_unpaged(
                 format!(
-                    "UPDATE {} SET lease_until = ?, token = ?, partial = ?, rows_in = ?, rows_kept = ? \
+                    "UPDATE {} SET lease_until = ?, page_token = ?, partial = ?, rows_in = ?, rows_kept = ? \
                      WHERE job = ? AND run = ? AND split = ? IF owner = ?",
                     self.state_table("job_splits")
                 ),
@@ -858,7 +897,7 @@ impl Runner {
             .session
             .query_unpaged(
                 format!(
-                    "SELECT token, partial, rows_in, rows_kept FROM {} WHERE job = ? AND run = ? AND split = ?",
+                    "SELECT page_token, partial, rows_in, rows_kept FROM {} WHERE job = ? AND run = ? AND split = ?",
                     self.state_table("job_splits")
                 ),
                 (&self.job.name, self.run, index),

@@ -141,6 +141,8 @@ struct Statements {
     delete: PreparedStatement,
     /// A partition's rows.
     load: PreparedStatement,
+    /// One window's partial of one partition.
+    partial: PreparedStatement,
 }
 
 /// Why a pass of the job ended.
@@ -209,6 +211,10 @@ async fn prepare(session: &Session, table: &str) -> anyhow::Result<Statements> {
         delete: prepare(format!("DELETE FROM {table} WHERE job = ? AND part = ? AND window = ?")).await?,
         load: prepare(format!(
             "SELECT window, position, time, partial FROM {table} WHERE job = ? AND part = ?"
+        ))
+        .await?,
+        partial: prepare(format!(
+            "SELECT partial FROM {table} WHERE job = ? AND part = ? AND window = ?"
         ))
         .await?,
     })
@@ -604,7 +610,7 @@ impl Stream {
             .session
             .query_unpaged(
                 format!(
-                    "SELECT part, window, time, partial, WRITETIME(position) FROM {} WHERE job = ?",
+                    "SELECT part, window, time, WRITETIME(position) FROM {} WHERE job = ?",
                     self.table
                 ),
                 (&self.job.name,),
@@ -615,9 +621,9 @@ impl Stream {
         let active_since_us = (now_ms() - self.job.idle.as_millis() as i64) * 1_000;
         let mut least: Option<i64> = None;
         let mut closed: Option<i64> = None;
-        let mut stored: Vec<(String, i64, Option<Vec<u8>>)> = Vec::new();
-        for row in rows.rows::<(String, i64, Option<i64>, Option<Vec<u8>>, Option<i64>)>()? {
-            let (part, start, time, partial, written_us) = row?;
+        let mut stored: Vec<(String, i64)> = Vec::new();
+        for row in rows.rows::<(String, i64, Option<i64>, Option<i64>)>()? {
+            let (part, start, time, written_us) = row?;
             match (part.as_str(), start) {
                 (JOB_PART, PROGRESS) => closed = time,
                 (_, PROGRESS) => {
@@ -625,7 +631,7 @@ impl Stream {
                         least = Some(least.map_or(time, |least| least.min(time)));
                     }
                 }
-                _ => stored.push((part, start, partial)),
+                _ => stored.push((part, start)),
             }
         }
         let Some(least) = least else {
@@ -637,14 +643,22 @@ impl Stream {
         let after = closed.unwrap_or(i64::MIN);
         let closable: BTreeSet<i64> = stored
             .iter()
-            .map(|(_, start, _)| *start)
+            .map(|(_, start)| *start)
             .filter(|start| start.saturating_add(size) <= watermark && start.saturating_add(size) > after)
             .collect();
         if !closable.is_empty() {
+            // The partials are read only now, and only the closing windows'.
             let mut merged: BTreeMap<i64, Partial> = BTreeMap::new();
-            for (part, start, bytes) in &stored {
-                if let (true, Some(bytes)) = (closable.contains(start), bytes) {
-                    let partial: Partial = serde_json::from_slice(bytes)
+            for (part, start) in stored.iter().filter(|(_, start)| closable.contains(start)) {
+                let bytes = self
+                    .session
+                    .execute_unpaged(&self.statements.partial, (&self.job.name, part, *start))
+                    .await?
+                    .into_rows_result()?
+                    .maybe_first_row::<(Option<Vec<u8>>,)>()?
+                    .and_then(|(bytes,)| bytes);
+                if let Some(bytes) = bytes {
+                    let partial: Partial = serde_json::from_slice(&bytes)
                         .with_context(|| format!("the stored partial of {part}, window {start}"))?;
                     merged.entry(*start).or_default().merge(partial);
                 }
@@ -678,10 +692,7 @@ impl Stream {
         let Some(closed) = closed else {
             return Ok(());
         };
-        for (part, start, _) in stored
-            .iter()
-            .filter(|(_, start, _)| start.saturating_add(size) <= closed)
-        {
+        for (part, start) in stored.iter().filter(|(_, start)| start.saturating_add(size) <= closed) {
             self.session
                 .execute_unpaged(&self.statements.delete, (&self.job.name, part, *start))
                 .await?;

@@ -80,7 +80,8 @@ impl Decoder {
     }
 }
 
-fn load_protobuf(config: &ProtobufConfig) -> Result<MessageDescriptor, String> {
+/// Loads the message type a `[route.protobuf]` or `[job.protobuf]` table names.
+pub fn load_protobuf(config: &ProtobufConfig) -> Result<MessageDescriptor, String> {
     let pool = if let Some(path) = &config.descriptor_set {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read `protobuf.descriptor_set` `{}`: {e}", path.display()))?;

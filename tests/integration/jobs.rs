@@ -142,6 +142,23 @@ nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
 rabbitmq = { url = "amqp://guest:guest@127.0.0.1:5672/%2f", routing_key = "QUEUE" }
 "#;
 
+/// `hourly`'s results as Protobuf messages (`schemas/job_results.proto`) on a Kafka topic.
+const HOURLY_PROTOBUF: &str = r#"
+[[job]]
+name = "hourly_pb"
+state_keyspace = "KS"
+[job.source]
+table = "KS.orders"
+[job.aggregate]
+window = { column = "placed_at", size = "1h" }
+measures = { customers = "distinct(row.customer_id)", orders = "count()" }
+[[job.sink]]
+kafka = { brokers = ["127.0.0.1:9092"], topic = "TOPIC.pb" }
+[job.protobuf]
+message = "shardgate.examples.HourlyOrders"
+files = ["schemas/job_results.proto"]
+"#;
+
 /// A job whose sink is a counter table (refused), and one whose sink table does not exist.
 const REFUSED: &str = r#"
 [[job]]
@@ -304,7 +321,15 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         .replace("TOPIC", &names.topic)
         .replace("SUBJECT", &subject)
         .replace("QUEUE", &queue);
-    let (gateway, config) = setup(&names, &format!("{BY_CUSTOMER_HOUR}{hourly}{REFUSED}{WITH_FAILURES}")).await;
+    devkit::create_topic(&format!("{}.pb", names.topic), 1)
+        .await
+        .expect("topic");
+    let hourly_pb = HOURLY_PROTOBUF.replace("TOPIC", &names.topic);
+    let (gateway, config) = setup(
+        &names,
+        &format!("{BY_CUSTOMER_HOUR}{hourly}{hourly_pb}{REFUSED}{WITH_FAILURES}"),
+    )
+    .await;
     // Rows a measure fails on: dead-lettered with their reason and values, not counted.
     let output = job_command(&config, "with_failures").output().expect("job runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -372,7 +397,7 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(reason), "{job}: {stderr}");
     }
-    for job in ["by_customer_hour", "hourly"] {
+    for job in ["by_customer_hour", "hourly", "hourly_pb"] {
         let output = job_command(&config, job).output().expect("job runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{job}: {stderr}");
@@ -458,6 +483,34 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         })
         .collect();
     assert_eq!(as_results(kafka), in_table);
+    // As Protobuf: each message decodes as `HourlyOrders` with the table's values.
+    let files = protox::compile(["schemas/job_results.proto"], ["schemas"]).expect("the results' proto");
+    let pool = prost_reflect::DescriptorPool::from_file_descriptor_set(files).expect("descriptors");
+    let message = pool
+        .get_message_by_name("shardgate.examples.HourlyOrders")
+        .expect("HourlyOrders");
+    let records = devkit::read_topic(
+        &format!("{}.pb", names.topic),
+        in_table.len() + 1,
+        Duration::from_secs(10),
+    )
+    .expect("protobuf topic");
+    assert_eq!(records.len(), in_table.len());
+    let mut decoded = BTreeMap::new();
+    for record in records {
+        let payload = record.payload.expect("a payload");
+        let result = prost_reflect::DynamicMessage::decode(message.clone(), payload.as_slice()).expect("HourlyOrders");
+        let field = |name: &str| result.get_field_by_name(name).expect(name).into_owned();
+        let start = chrono::DateTime::parse_from_rfc3339(field("window_start").as_str().expect("text"))
+            .expect("RFC 3339")
+            .timestamp_millis();
+        let values = (
+            field("customers").as_i64().expect("int64"),
+            field("orders").as_i64().expect("int64"),
+        );
+        decoded.insert(start, values);
+    }
+    assert_eq!(decoded, in_table);
     let jetstream = devkit::read_stream(&stream, in_table.len() + 1, Duration::from_secs(5))
         .await
         .expect("stream");
@@ -1059,21 +1112,25 @@ async fn a_split_resumes_after_its_last_stored_page() {
     // A split not done with a stored token: its holder is mid-split.
     let started = Instant::now();
     loop {
-        let rows: Vec<(Option<bool>, Option<Vec<u8>>)> = session
+        // The job creates its progress tables when it starts: until then, nothing.
+        let rows: Vec<(Option<bool>, Option<Vec<u8>>)> = match session
             .query_iter(
                 format!(
-                    "SELECT done, token FROM {}.job_splits WHERE job = 'by_status_slowly' ALLOW FILTERING",
+                    "SELECT done, page_token FROM {}.job_splits WHERE job = 'by_status_slowly' ALLOW FILTERING",
                     names.keyspace
                 ),
                 (),
             )
             .await
-            .expect("select")
-            .rows_stream::<(Option<bool>, Option<Vec<u8>>)>()
-            .expect("typed")
-            .try_collect()
-            .await
-            .expect("rows");
+        {
+            Ok(pages) => pages
+                .rows_stream::<(Option<bool>, Option<Vec<u8>>)>()
+                .expect("typed")
+                .try_collect()
+                .await
+                .expect("rows"),
+            Err(_) => Vec::new(),
+        };
         if rows
             .iter()
             .any(|(done, token)| *done != Some(true) && token.as_ref().is_some_and(|t| !t.is_empty()))
@@ -1133,5 +1190,118 @@ async fn a_split_resumes_after_its_last_stored_page() {
         .map(|(status, orders, shares)| (status, (orders, shares)))
         .collect();
     assert_eq!(found, expected);
+    assert!(gateway.stop().expect("stop").success());
+}
+
+/// `hourly`'s results to a table and a JetStream subject, read slowly (48 splits, one at a time).
+const HOURLY_NATS: &str = r#"
+[[job]]
+name = "hourly_nats"
+state_keyspace = "KS"
+parallel_splits = 1
+[job.source]
+table = "KS.orders"
+min_splits = 48
+[job.aggregate]
+window = { column = "placed_at", size = "1h" }
+measures = { customers = "distinct(row.customer_id)", orders = "count()" }
+[[job.sink]]
+table = "KS.hourly"
+[[job.sink]]
+nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
+"#;
+
+/// The sink broker (NATS with JetStream) stops while the job reads and starts again seconds
+/// later: the job's publishes wait it out (logged, retried), the run ends by itself, and the
+/// subject holds one message per result, each equal to the table's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_out_its_sink_broker_restarting() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_broker_restart");
+    let stream = format!("RESTART_{}", names.group.replace('-', "_"));
+    let subject = format!("{}.hourly", names.topic);
+    devkit::create_stream(&stream, &[&subject]).await.expect("stream");
+    let (gateway, config) = setup(&names, &HOURLY_NATS.replace("SUBJECT", &subject)).await;
+    let job = job_command(&config, "hourly_nats")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("job starts");
+    // Once the run has started (its sinks are open), NATS goes down for a few seconds.
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let started = Instant::now();
+    loop {
+        let run = session
+            .query_unpaged(
+                format!("SELECT run FROM {}.job_runs WHERE job = 'hourly_nats'", names.keyspace),
+                (),
+            )
+            .await
+            .ok()
+            .and_then(|result| result.into_rows_result().ok())
+            .and_then(|rows| rows.maybe_first_row::<(i64,)>().ok().flatten());
+        if run.is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the run did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    devkit::stop_service("nats").expect("stop NATS");
+    let (_, _, done, splits) = progress(&names.keyspace, "hourly_nats").await;
+    assert!(
+        done < splits,
+        "NATS stopped before the results: {done} of {splits} splits done"
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    devkit::start_services().expect("NATS again");
+    let output = job.wait_with_output().expect("the job ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("publish failed; retrying"),
+        "the publishes waited: {stderr}"
+    );
+
+    let table: BTreeMap<i64, (i64, i64)> = session
+        .query_iter(
+            format!("SELECT window_start, customers, orders FROM {}.hourly", names.keyspace),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(scylla::value::CqlTimestamp, i64, i64)>()
+        .expect("typed")
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("rows")
+        .into_iter()
+        .map(|(start, customers, orders)| (start.0, (customers, orders)))
+        .collect();
+    assert_eq!(table.values().map(|v| v.1).sum::<i64>(), ORDERS);
+    let messages = devkit::read_stream(&stream, table.len() + 1, Duration::from_secs(10))
+        .await
+        .expect("stream");
+    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
+    assert_eq!(
+        (messages.len(), ids.len()),
+        (table.len(), table.len()),
+        "one message per result"
+    );
+    let published: BTreeMap<i64, (i64, i64)> = messages
+        .iter()
+        .map(|message| {
+            let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
+                .expect("RFC 3339")
+                .timestamp_millis();
+            (
+                start,
+                (
+                    object["customers"].as_i64().expect("customers"),
+                    object["orders"].as_i64().expect("orders"),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(published, table);
     assert!(gateway.stop().expect("stop").success());
 }
