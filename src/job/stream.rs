@@ -131,12 +131,11 @@ struct Part {
 struct Statements {
     /// A partition's next offset and largest time, if its stored offset is as expected.
     progress: PreparedStatement,
-    /// The closed mark rewritten as is, if unchanged (the guard of a checkpoint).
-    closed_guard: PreparedStatement,
+    /// Sets the closed mark, if unchanged: to its own value as a checkpoint's guard, or on to
+    /// a new watermark when windows close.
+    closed_mark: PreparedStatement,
     /// A window's partial of one partition.
     window: PreparedStatement,
-    /// Advances the closed mark, if unchanged.
-    close: PreparedStatement,
     /// Deletes a closed window's partial.
     delete: PreparedStatement,
     /// A partition's rows.
@@ -196,16 +195,12 @@ async fn prepare(session: &Session, table: &str) -> anyhow::Result<Statements> {
             "UPDATE {table} SET position = ?, time = ? WHERE job = ? AND part = ? AND window = ? IF position = ?"
         ))
         .await?,
-        closed_guard: prepare(format!(
+        closed_mark: prepare(format!(
             "UPDATE {table} SET time = ? WHERE job = ? AND part = ? AND window = ? IF time = ?"
         ))
         .await?,
         window: prepare(format!(
             "UPDATE {table} SET partial = ? WHERE job = ? AND part = ? AND window = ?"
-        ))
-        .await?,
-        close: prepare(format!(
-            "UPDATE {table} SET time = ? WHERE job = ? AND part = ? AND window = ? IF time = ?"
         ))
         .await?,
         delete: prepare(format!("DELETE FROM {table} WHERE job = ? AND part = ? AND window = ?")).await?,
@@ -558,7 +553,7 @@ impl Stream {
                 big(Some(PROGRESS)),
                 big(part.stored),
             ]);
-            batch.append_statement(self.statements.closed_guard.clone());
+            batch.append_statement(self.statements.closed_mark.clone());
             values.push(vec![
                 big(self.closed_through),
                 text(&self.job.name),
@@ -676,7 +671,7 @@ impl Stream {
             let advanced = self
                 .session
                 .execute_unpaged(
-                    &self.statements.close,
+                    &self.statements.closed_mark,
                     (watermark, &self.job.name, JOB_PART, PROGRESS, closed),
                 )
                 .await?;

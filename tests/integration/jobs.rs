@@ -305,6 +305,19 @@ async fn wait_done_splits(keyspace: &str, job: &str, splits: usize, child: &mut 
     }
 }
 
+/// An hourly result published as JSON: (window start, (customers, orders)).
+fn hourly_result(payload: &[u8]) -> (i64, (i64, i64)) {
+    let object: serde_json::Value = serde_json::from_slice(payload).expect("a JSON result");
+    let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
+        .expect("RFC 3339")
+        .timestamp_millis();
+    let values = (
+        object["customers"].as_i64().expect("customers"),
+        object["orders"].as_i64().expect("orders"),
+    );
+    (start, values)
+}
+
 /// Both jobs run to the end; every result equals the aggregation computed here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_jobs_aggregate_exactly_into_tables() {
@@ -460,14 +473,7 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
         for (id, payload) in payloads {
             assert!(ids.insert(id.clone()), "message id {id} twice");
             assert!(id.starts_with("hourly."), "{id}");
-            let object: serde_json::Value = serde_json::from_slice(&payload).expect("a JSON result");
-            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
-                .expect("RFC 3339")
-                .timestamp_millis();
-            let values = (
-                object["customers"].as_i64().expect("customers"),
-                object["orders"].as_i64().expect("orders"),
-            );
+            let (start, values) = hourly_result(&payload);
             results.insert(start, values);
         }
         results
@@ -752,8 +758,7 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
 }
 
 /// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
-/// city, into a table and a
-/// JetStream subject, while the route writes the orders. The gateway is killed (SIGKILL) while
+/// city, into a table and a JetStream subject, while the route writes the orders. The gateway is killed (SIGKILL) while
 /// orders flow, the job's consumer group deleted (so the topic is read from its start) and the
 /// gateway restarted; rows within the allowed lateness still count in their window,
 /// rows for closed windows are dead-lettered as `late`; every result equals the aggregation
@@ -1286,22 +1291,7 @@ async fn a_job_waits_out_its_sink_broker_restarting() {
         (table.len(), table.len()),
         "one message per result"
     );
-    let published: BTreeMap<i64, (i64, i64)> = messages
-        .iter()
-        .map(|message| {
-            let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
-            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
-                .expect("RFC 3339")
-                .timestamp_millis();
-            (
-                start,
-                (
-                    object["customers"].as_i64().expect("customers"),
-                    object["orders"].as_i64().expect("orders"),
-                ),
-            )
-        })
-        .collect();
+    let published: BTreeMap<i64, (i64, i64)> = messages.iter().map(|m| hourly_result(&m.payload)).collect();
     assert_eq!(published, table);
     assert!(gateway.stop().expect("stop").success());
 }
