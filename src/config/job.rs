@@ -64,13 +64,22 @@ pub struct RawJob {
     pub protobuf: Option<super::route::RawProtobuf>,
 }
 
-/// `[job.source]`: `table` (a scan job) or `stream` (a stream job).
+/// `[job.source]`: `table` (a scan job), `query` (a query job) or `stream` (a stream job).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJobSource {
     /// `keyspace.table` to scan.
     #[serde(default)]
     pub table: Option<String>,
+    /// A query job: one CQL `SELECT` (table names qualified), read page by page through the
+    /// gateway's `ExecuteStream` as the job's one split; `?` markers bound to `binds`.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// Bind values of `query`, in marker order: numbers, strings, booleans (a string binds to
+    /// any CQL type that takes its text form, e.g. a timestamp or a uuid).
+    #[serde(default)]
+    #[schemars(with = "Vec<serde_json::Value>")]
+    pub binds: Vec<toml::Value>,
     /// A stream job: names of Kafka `[[route]]`s whose mapped rows (of each route's first
     /// target, the row its columns make) the job folds as messages arrive. The job reads each
     /// route's topic with its own consumer group, `shardgate-job-<name>`, and runs inside every
@@ -269,8 +278,12 @@ fn default_parallel_splits() -> u32 {
 pub struct JobConfig {
     /// `job[i].name`.
     pub name: String,
-    /// The table scanned (empty for a stream job).
+    /// The table scanned (empty for a query or stream job).
     pub table: String,
+    /// A query job's CQL SELECT.
+    pub query: Option<String>,
+    /// Its bind values.
+    pub binds: Vec<serde_json::Value>,
     /// A stream job's routes (empty for a scan job).
     pub stream: Vec<String>,
     /// A stream job's checkpoint interval.
@@ -452,27 +465,83 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
     let key = |field: &str| format!("job[{index}].{field}");
     validate_identifier(&key("name"), &raw.name)?;
     let stream = !raw.source.stream.is_empty();
-    let table = match (&raw.source.table, stream) {
-        (Some(table), false) => {
+    let table = match (&raw.source.table, &raw.source.query, stream) {
+        (Some(table), None, false) => {
             validate_table(&key("source.table"), table)?;
             table.clone()
         }
-        (None, true) => String::new(),
-        (table, _) => {
+        (None, Some(_), false) | (None, None, true) => String::new(),
+        (table, query, _) => {
             return Err(ConfigError::invalid(
                 key("source"),
                 format!(
                     "{{{}}}",
-                    [table.is_some().then_some("table"), stream.then_some("stream")]
-                        .into_iter()
-                        .flatten()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    [
+                        table.is_some().then_some("table"),
+                        query.is_some().then_some("query"),
+                        stream.then_some("stream")
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", ")
                 ),
-                "exactly one of `table` (a scan job) and `stream` (route names: a stream job)",
+                "exactly one of `table` (a scan job), `query` (a CQL SELECT: a query job) and `stream` \
+                 (route names: a stream job)",
             ))
         }
     };
+    let query = match &raw.source.query {
+        None => None,
+        Some(query) => {
+            let first = query.split_whitespace().next().unwrap_or_default();
+            if !first.eq_ignore_ascii_case("select") {
+                return Err(ConfigError::invalid(
+                    key("source.query"),
+                    query,
+                    "a CQL `SELECT` statement (jobs read; they write through their sinks)",
+                ));
+            }
+            let scan_only = [
+                ("source.columns", !raw.source.columns.is_empty()),
+                ("source.where", !raw.source.r#where.is_empty()),
+                ("source.allow_filtering", raw.source.allow_filtering),
+                ("source.min_splits", raw.source.min_splits != 0),
+            ];
+            if let Some((field, _)) = scan_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::invalid(
+                    key(field),
+                    "set",
+                    "nothing on a query job (its `query` says what it reads)",
+                ));
+            }
+            Some(query.clone())
+        }
+    };
+    let mut binds = Vec::with_capacity(raw.source.binds.len());
+    for (i, bind) in raw.source.binds.iter().enumerate() {
+        let value = match bind {
+            toml::Value::Integer(n) => serde_json::json!(n),
+            toml::Value::Float(f) => serde_json::json!(f),
+            toml::Value::String(text) => serde_json::json!(text),
+            toml::Value::Boolean(b) => serde_json::json!(b),
+            other => {
+                return Err(ConfigError::invalid(
+                    key(&format!("source.binds[{i}]")),
+                    other,
+                    "a number, a string or a boolean",
+                ))
+            }
+        };
+        binds.push(value);
+    }
+    if !binds.is_empty() && query.is_none() {
+        return Err(ConfigError::invalid(
+            key("source.binds"),
+            format!("{} value(s)", binds.len()),
+            "a `source.query` to bind them to",
+        ));
+    }
     for (i, route) in raw.source.stream.iter().enumerate() {
         validate_identifier(&key(&format!("source.stream[{i}]")), route)?;
     }
@@ -761,6 +830,8 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         dead_letter,
         name: raw.name,
         table,
+        query,
+        binds,
         stream: raw.source.stream,
         checkpoint,
         idle,

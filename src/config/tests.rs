@@ -830,6 +830,38 @@ fn stream_job_keys_default_and_bad_values_name_their_key() {
         let message = error_of(&source);
         assert!(message.starts_with(starts), "{starts}: {message}");
     }
+    // A query job: one SELECT with its binds; no scan keys, nothing but SELECT.
+    let query =
+        "query = \"SELECT status, amount FROM shop.orders WHERE status = ? ALLOW FILTERING\"\nbinds = [\"paid\"]";
+    let plain = "window = { column = \"placed_at\", size = \"1m\" }";
+    let config = Config::parse(&job(query, plain), "t").expect("a valid query job");
+    assert_eq!(config.jobs[0].binds, [serde_json::json!("paid")]);
+    assert!(config.jobs[0].query.as_deref().is_some_and(|q| q.starts_with("SELECT")));
+    for (source, starts) in [
+        (
+            job("query = \"DELETE FROM shop.orders WHERE id = 1\"", plain),
+            "`job[0].source.query` = `DELETE FROM shop.orders WHERE id = 1`",
+        ),
+        (
+            job(&format!("{query}\ncolumns = [\"status\"]"), plain),
+            "`job[0].source.columns` = `set`",
+        ),
+        (
+            job(&format!("{query}\ntable = \"shop.orders\""), plain),
+            "`job[0].source` = `{table, query}`",
+        ),
+        (
+            job("table = \"shop.orders\"\nbinds = [1]", plain),
+            "`job[0].source.binds` = `1 value(s)`",
+        ),
+        (
+            job("query = \"SELECT * FROM shop.orders\"\nbinds = [[1]]", plain),
+            "`job[0].source.binds[0]` = `[1]`",
+        ),
+    ] {
+        let message = error_of(&source);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
     // A stream route must be a Kafka route.
     let nats = job("stream = [\"orders\"]", window)
         .replace(

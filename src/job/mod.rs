@@ -614,6 +614,21 @@ fn message_id(prefix: &str, key: &str) -> String {
     format!("{prefix}.{hex}")
 }
 
+/// A query job's bind value as the API takes it (the gateway converts it to the marker's type).
+fn bind_value(value: &serde_json::Value) -> crate::wire::proto::Value {
+    let kind = match value {
+        serde_json::Value::Bool(b) => Kind::Boolean(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Kind::Int(i),
+            None => Kind::Double(n.as_f64().unwrap_or_default()),
+        },
+        serde_json::Value::String(text) => Kind::Text(text.clone()),
+        serde_json::Value::Null => Kind::Null(true),
+        other => Kind::Text(other.to_string()),
+    };
+    crate::wire::proto::Value { kind: Some(kind) }
+}
+
 /// This process as a lease owner: host, process id and start time.
 fn owner_id() -> String {
     format!(
@@ -692,15 +707,22 @@ async fn current_run(
                 return Ok((*run, plan.splits));
             }
         }
-        let plan = client
-            .query_client()
-            .plan_scan(PlanScanRequest {
-                table: job.table.clone(),
-                min_splits: job.min_splits,
-            })
-            .await
-            .with_context(|| format!("planning the scan of {}", job.table))?
-            .into_inner();
+        // A query job's statement is its one split.
+        let plan = if job.query.is_some() {
+            PlanScanResponse {
+                splits: vec![Split::default()],
+            }
+        } else {
+            client
+                .query_client()
+                .plan_scan(PlanScanRequest {
+                    table: job.table.clone(),
+                    min_splits: job.min_splits,
+                })
+                .await
+                .with_context(|| format!("planning the scan of {}", job.table))?
+                .into_inner()
+        };
         let run = now_ms() * 1_000;
         let splits = plan.splits.len() as i32;
         let started = match &existing {
@@ -918,6 +940,63 @@ impl Runner {
         })
     }
 
+    /// The pages of a claimed split from `token` on (empty: from its start): a scan job's token
+    /// range through `Scan` at its owner core, or a query job's statement through
+    /// `ExecuteStream`.
+    fn pages(
+        &self,
+        request: &ScanRequest,
+        split: &Split,
+        token: Vec<u8>,
+    ) -> tokio::sync::mpsc::Receiver<Result<crate::client::ScanPage, tonic::Status>> {
+        let Some(cql) = &self.job.query else {
+            return self
+                .output
+                .client
+                .scan(request.clone(), vec![split.clone()], vec![token], 1);
+        };
+        let execute = crate::wire::proto::ExecuteRequest {
+            cql: cql.clone(),
+            values: self.job.binds.iter().map(bind_value).collect(),
+            options: Some(QueryOptions {
+                page_size: PAGE_ROWS,
+                page_token: token,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let mut client = self.output.client.query_client();
+        tokio::spawn(async move {
+            let mut stream = match client.execute_stream(execute).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    let _ = sender.send(Err(status)).await;
+                    return;
+                }
+            };
+            loop {
+                let item = match stream.message().await {
+                    Ok(Some(page)) => {
+                        let result = page.result.unwrap_or_default();
+                        Ok(crate::client::ScanPage {
+                            split: 0,
+                            token: result.next_page_token.clone(),
+                            result,
+                        })
+                    }
+                    Ok(None) => return,
+                    Err(status) => Err(status),
+                };
+                let failed = item.is_err();
+                if sender.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        receiver
+    }
+
     /// Processes one claimed split to its end; true when its result was stored as done by this
     /// gateway (false: the lease was lost to another, whose result will count instead).
     async fn process(self: &Arc<Self>, claim: Claim) -> anyhow::Result<bool> {
@@ -937,12 +1016,7 @@ impl Runner {
         if !progress.token.is_empty() {
             tracing::info!(job = %self.job.name, split = claim.index, rows = progress.rows_in, "resuming the split after its last stored page");
         }
-        let mut pages = self.output.client.scan(
-            request.clone(),
-            vec![claim.split.clone()],
-            vec![progress.token.clone()],
-            1,
-        );
+        let mut pages = self.pages(&request, &claim.split, progress.token.clone());
         let mut names: Vec<String> = Vec::new();
         // Until a page names the columns, every column reads as missing.
         let mut positions = Positions::new(&[], &self.compiled);
@@ -958,10 +1032,7 @@ impl Runner {
                 Err(status) if !paged && !progress.token.is_empty() => {
                     tracing::warn!(job = %self.job.name, split = claim.index, reason = %status.message(), "the stored page token is refused; reading the split from its start");
                     progress = Progress::default();
-                    pages = self
-                        .output
-                        .client
-                        .scan(request.clone(), vec![claim.split.clone()], Vec::new(), 1);
+                    pages = self.pages(&request, &claim.split, Vec::new());
                     continue;
                 }
                 Err(status) => {
@@ -1111,7 +1182,8 @@ pub async fn run(
     let compiled = Compiled::new(&job)?;
     let session = crate::sink::scylla::connect(cluster).await?;
     ensure_state_tables(&session, &job.state_keyspace).await?;
-    let output = Output::open(&job, &session, endpoint, Some(&job.table)).await?;
+    let reads = (!job.table.is_empty()).then_some(job.table.as_str());
+    let output = Output::open(&job, &session, endpoint, reads).await?;
     let session = Arc::new(session);
     let dead_letter = open_dead_letter(&job, &session).await?;
     let (run, plan) = current_run(&session, &job, &output.client).await?;

@@ -58,6 +58,7 @@ async fn setup(names: &Names, jobs: &str) -> (Gateway, std::path::PathBuf) {
         format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, customers bigint, orders bigint)"),
         format!("CREATE TABLE {keyspace}.counts (id int PRIMARY KEY, orders counter)"),
         format!("CREATE TABLE {keyspace}.by_status (status text PRIMARY KEY, orders bigint, shares bigint)"),
+        format!("CREATE TABLE {keyspace}.query_totals (status text PRIMARY KEY, orders bigint, shares bigint)"),
     ] {
         session.query_unpaged(table, ()).await.expect("result table");
     }
@@ -140,6 +141,21 @@ kafka = { brokers = ["127.0.0.1:9092"], topic = "TOPIC" }
 nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
 [[job.sink]]
 rabbitmq = { url = "amqp://guest:guest@127.0.0.1:5672/%2f", routing_key = "QUEUE" }
+"#;
+
+/// A query job: the paid orders' count and amounts, read by one CQL statement with a bind.
+const PAID_BY_QUERY: &str = r#"
+[[job]]
+name = "paid_by_query"
+state_keyspace = "KS"
+[job.source]
+query = "SELECT status, amount FROM KS.orders WHERE status = ? ALLOW FILTERING"
+binds = ["paid"]
+[job.aggregate]
+group_by = ["status"]
+measures = { orders = "count()", shares = "sum(row.amount)" }
+[[job.sink]]
+table = "KS.query_totals"
 "#;
 
 /// `hourly`'s results as Protobuf messages (`schemas/job_results.proto`) on a Kafka topic.
@@ -340,7 +356,7 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
     let hourly_pb = HOURLY_PROTOBUF.replace("TOPIC", &names.topic);
     let (gateway, config) = setup(
         &names,
-        &format!("{BY_CUSTOMER_HOUR}{hourly}{hourly_pb}{REFUSED}{WITH_FAILURES}"),
+        &format!("{BY_CUSTOMER_HOUR}{hourly}{hourly_pb}{PAID_BY_QUERY}{REFUSED}{WITH_FAILURES}"),
     )
     .await;
     // Rows a measure fails on: dead-lettered with their reason and values, not counted.
@@ -419,6 +435,36 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
             "{stderr}"
         );
     }
+    // The query job read every order the statement selects: the paid ones.
+    let paid: Vec<i64> = (0..ORDERS)
+        .filter(|i| order(*i).2 == "paid")
+        .map(|i| order(i).1)
+        .collect();
+    let output = job_command(&config, "paid_by_query").output().expect("job runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("1 of 1 splits here, {} rows read", paid.len())),
+        "{stderr}"
+    );
+    let totals: Vec<(String, i64, i64)> = devkit::connect(devkit::CASSANDRA)
+        .await
+        .expect("Cassandra is up")
+        .query_iter(
+            format!("SELECT status, orders, shares FROM {}.query_totals", names.keyspace),
+            (),
+        )
+        .await
+        .expect("select")
+        .rows_stream::<(String, i64, i64)>()
+        .expect("typed")
+        .try_collect()
+        .await
+        .expect("rows");
+    assert_eq!(
+        totals,
+        [("paid".to_string(), paid.len() as i64, paid.iter().sum::<i64>())]
+    );
     let expected = expected_by_customer_hour();
     let (table, times) = read_by_customer_hour(&names.keyspace).await;
     assert_eq!(table.len(), expected.len());
