@@ -62,7 +62,7 @@ pub mod metric {
     pub const JOB_SPLITS_DONE: &str = "shardgate_job_splits_done";
     /// Splits of a job's current run, by `job`.
     pub const JOB_SPLITS_TOTAL: &str = "shardgate_job_splits_total";
-    /// Job runs ended, by `job` and `outcome` (`done`, `failed`).
+    /// Job runs ended, by `job` and `outcome` (`done`, `failed`, `cancelled`).
     pub const JOB_RUNS: &str = "shardgate_job_runs_total";
     /// A stream job's rows that came after every window holding them had closed (dead-lettered
     /// as `late`, not counted), by `job`.
