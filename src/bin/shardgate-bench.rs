@@ -162,10 +162,10 @@ async fn main() -> anyhow::Result<()> {
         let outcome = match mode.as_str() {
             "ceiling" | "ceiling-events" | "ceiling-5" => ceiling(&args, mode).await?,
             "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
-            "kafka" => kafka(&args, false, false).await?,
-            "kafka-spooled" => kafka(&args, true, false).await?,
-            "kafka-5" => kafka(&args, false, true).await?,
-            "kafka-5-rollup" => kafka_rollup(&args).await?,
+            "kafka" => kafka(&args, false, false, false).await?,
+            "kafka-spooled" => kafka(&args, true, false, false).await?,
+            "kafka-5" => kafka(&args, false, true, false).await?,
+            "kafka-5-rollup" => kafka(&args, false, true, true).await?,
             "rabbitmq" | "jetstream" => broker(&args, mode).await?,
             "rabbitmq-consume" | "jetstream-consume" => broker_ceiling(&args, mode).await?,
             "kafka-consume" => kafka_ceiling(&args).await?,
@@ -371,154 +371,79 @@ measures = { orders = "count()", items = "sum(row.quantity)" }
 table = "KS.hourly"
 "#;
 
-/// `kafka-5` with a stream rollup (orders and items per hour) beside the route in the same
-/// gateway: its CPU-s per million rows against `kafka-5`'s is the rollup's cost per ingested
-/// row. The gateway's CPU is taken once the job has checkpointed every message too; the closed
-/// hours' order counts are checked against the orders.
-async fn kafka_rollup(args: &Args) -> anyhow::Result<Outcome> {
-    let mode = "kafka-5-rollup";
-    let keyspace = "shardgate_bench_rollup";
-    let session = devkit::connect(devkit::CASSANDRA).await?;
-    devkit::create_orders5_table(&session, keyspace).await?;
-    session
-        .query_unpaged(
-            format!("CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, orders bigint, items bigint)"),
-            (),
-        )
-        .await?;
-    let run = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let topic = format!("bench.rollup.{run}");
-    let group = format!("shardgate-bench-{run}");
-    let partitions = 6;
-    devkit::create_topic(&topic, partitions).await?;
-    devkit::create_topic(&format!("{topic}.dead-letter"), 1).await?;
-    println!("== {mode}: producing {} messages to {topic}", args.rows);
-    let messages = (0..args.rows as u64).map(|i| {
-        let (key, payload) = devkit::order5_message(i);
-        (key, payload.into_bytes())
-    });
-    devkit::produce(&topic, messages)?;
-    let config = args.work_dir.join("gateway-rollup.toml");
-    let base = kafka_config(args, keyspace, &topic, &group, false, true)?;
-    std::fs::write(
-        &config,
-        format!(
-            "{base}
-[ingest]
-listen = \"{}\"\ncore_port_base = {}
-{}",
-            devkit::INGEST_LISTEN,
-            devkit::INGEST_CORE_PORT_BASE,
-            ROLLUP_JOB.replace("KS", keyspace)
-        ),
-    )?;
-    let database = devkit::CassandraCpu::start()?;
-    let started = Instant::now();
-    let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-rollup.log"))?;
-    let first_written = wait_written(mode, 1, started).await?;
-    let last_written = wait_written(mode, args.rows as u64, started).await?;
-    let seconds = last_written.duration_since(first_written).as_secs_f64();
-    // The rollup reads the topic beside the route: wait until it has checkpointed every message.
+/// The `kafka-5-rollup` mode's wait: until the rollup has checkpointed every message (it reads
+/// the topic beside the route), so the gateway's CPU is taken over both.
+async fn wait_rollup(session: &scylla::client::session::Session, keyspace: &str, rows: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let rows: Vec<(String, i64, Option<i64>)> = session
-            .query_unpaged(
-                format!("SELECT part, window, position FROM {keyspace}.job_windows WHERE job = 'bench_hourly'"),
-                (),
-            )
-            .await?
-            .into_rows_result()?
-            .rows::<(String, i64, Option<i64>)>()?
-            .collect::<Result<_, _>>()?;
-        let durable: i64 = rows
-            .iter()
-            .filter(|(part, window, _)| !part.is_empty() && *window == i64::MIN)
-            .filter_map(|(_, _, position)| *position)
-            .sum();
-        if durable >= args.rows {
-            break;
+        let progress = shardgate::job::stream::progress(session, keyspace, "bench_hourly").await?;
+        if progress.messages >= rows {
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{mode}: the rollup checkpointed {durable} of {} messages",
-            args.rows
+            "kafka-5-rollup: the rollup checkpointed {} of {rows} messages",
+            progress.messages
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let rollup_done = started.elapsed().as_secs_f64();
-    let cpu_seconds = gateway.cpu_seconds()?;
-    let database_cpu_seconds = database.seconds()?;
-    let rows = args.rows as u64;
-    let report = devkit::verify_orders5(&session, keyspace, rows).await?;
-    anyhow::ensure!(
-        report.matching == rows,
-        "{mode}: {} of {rows} rows exact",
-        report.matching
-    );
-    gateway.stop()?;
-    // Every closed hour's count equals the orders placed in it.
-    let mark: Option<i64> = session
-        .query_unpaged(
-            format!("SELECT time FROM {keyspace}.job_windows WHERE job = 'bench_hourly' AND part = '' AND window = ?"),
-            (i64::MIN,),
-        )
+}
+
+/// Every hour the rollup closed holds the count of the orders placed in it; returns how many.
+async fn verify_rollup(session: &scylla::client::session::Session, keyspace: &str, rows: u64) -> anyhow::Result<usize> {
+    let closed = shardgate::job::stream::progress(session, keyspace, "bench_hourly")
         .await?
-        .into_rows_result()?
-        .maybe_first_row::<(Option<i64>,)>()?
-        .and_then(|(time,)| time);
-    let results: Vec<(scylla::value::CqlTimestamp, i64)> = session
-        .query_unpaged(format!("SELECT window_start, orders FROM {keyspace}.hourly"), ())
-        .await?
-        .into_rows_result()?
-        .rows::<(scylla::value::CqlTimestamp, i64)>()?
-        .collect::<Result<_, _>>()?;
+        .closed_through_ms;
+    let results: Vec<(scylla::value::CqlTimestamp, i64)> =
+        devkit::select(session, format!("SELECT window_start, orders FROM {keyspace}.hourly")).await?;
     let mut expected: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
     for i in 0..rows {
         let hour = devkit::expected_order(i).placed_at_ms.div_euclid(3_600_000) * 3_600_000;
-        if mark.is_some_and(|mark| hour + 3_600_000 <= mark) {
+        if closed.is_some_and(|closed| hour + 3_600_000 <= closed) {
             *expected.entry(hour).or_default() += 1;
         }
     }
     let found: std::collections::BTreeMap<i64, i64> = results.into_iter().map(|(at, n)| (at.0, n)).collect();
     anyhow::ensure!(
         found == expected && !expected.is_empty(),
-        "{mode}: closed hours' counts differ ({} results, {} expected)",
+        "kafka-5-rollup: closed hours' counts differ ({} results, {} expected)",
         found.len(),
         expected.len()
     );
-    println!(
-        "   rollup: every message checkpointed {rollup_done:.1} s after start; {} closed hours exact",
-        expected.len()
-    );
-    Ok(Outcome::untimed(
-        mode.into(),
-        rows,
-        seconds,
-        cpu_seconds,
-        database_cpu_seconds,
-    ))
+    Ok(expected.len())
 }
 
-/// Kafka → Cassandra, the 8-column orders or (`five`) the 5-column ones. Rows/s is rows ÷ time
-/// from the first row written to the last, by the gateway's written-rows counter.
-async fn kafka(args: &Args, spooled: bool, five: bool) -> anyhow::Result<Outcome> {
-    let mode = match (spooled, five) {
-        (true, _) => "kafka-spooled",
-        (false, true) => "kafka-5",
-        (false, false) => "kafka",
+/// Kafka → Cassandra, the 8-column orders or (`five`) the 5-column ones; with `rollup` (5
+/// columns), a stream rollup beside the route in the same gateway, its CPU included and its
+/// closed hours checked. Rows/s is rows ÷ time from the first row written to the last, by the
+/// gateway's written-rows counter.
+async fn kafka(args: &Args, spooled: bool, five: bool, rollup: bool) -> anyhow::Result<Outcome> {
+    let mode = match (spooled, five, rollup) {
+        (true, _, _) => "kafka-spooled",
+        (false, true, true) => "kafka-5-rollup",
+        (false, true, false) => "kafka-5",
+        (false, false, _) => "kafka",
     };
-    let keyspace = if five {
-        "shardgate_bench_kafka5"
-    } else {
-        "shardgate_bench_kafka"
+    let keyspace = match (five, rollup) {
+        (true, true) => "shardgate_bench_rollup",
+        (true, false) => "shardgate_bench_kafka5",
+        (false, _) => "shardgate_bench_kafka",
     };
     let session = devkit::connect(devkit::CASSANDRA).await?;
     if five {
         devkit::create_orders5_table(&session, keyspace).await?;
     } else {
         devkit::create_orders_table(&session, keyspace).await?;
+    }
+    if rollup {
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE {keyspace}.hourly (window_start timestamp PRIMARY KEY, orders bigint, items bigint)"
+                ),
+                (),
+            )
+            .await?;
     }
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -540,7 +465,17 @@ async fn kafka(args: &Args, spooled: bool, five: bool) -> anyhow::Result<Outcome
     });
     devkit::produce(&topic, messages)?;
     let config = args.work_dir.join("gateway-kafka.toml");
-    std::fs::write(&config, kafka_config(args, keyspace, &topic, &group, spooled, five)?)?;
+    let mut text = kafka_config(args, keyspace, &topic, &group, spooled, five)?;
+    if rollup {
+        // Jobs run through the gateway's ingest listener.
+        text.push_str(&format!(
+            "\n[ingest]\nlisten = \"{}\"\ncore_port_base = {}\n{}",
+            devkit::INGEST_LISTEN,
+            devkit::INGEST_CORE_PORT_BASE,
+            ROLLUP_JOB.replace("KS", keyspace)
+        ));
+    }
+    std::fs::write(&config, text)?;
     let database = devkit::CassandraCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka.log"))?;
@@ -549,6 +484,13 @@ async fn kafka(args: &Args, spooled: bool, five: bool) -> anyhow::Result<Outcome
     let first_written = wait_written(mode, 1, started).await?;
     let last_written = wait_written(mode, args.rows as u64, started).await?;
     let seconds = last_written.duration_since(first_written).as_secs_f64();
+    if rollup {
+        wait_rollup(&session, keyspace, args.rows as u64).await?;
+        println!(
+            "   rollup: every message checkpointed {:.1} s after start",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let cpu_seconds = gateway.cpu_seconds()?;
     let database_cpu_seconds = database.seconds()?;
     wait_committed(&group, &topic, partitions, args.rows).await?;
@@ -572,6 +514,10 @@ async fn kafka(args: &Args, spooled: bool, five: bool) -> anyhow::Result<Outcome
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     print_batch_shape(mode)?;
     gateway.stop()?;
+    if rollup {
+        let hours = verify_rollup(&session, keyspace, rows).await?;
+        println!("   rollup: {hours} closed hours exact");
+    }
     // The latency run uses the 8-column orders only.
     let quantiles_ms = if five {
         None

@@ -117,19 +117,10 @@ async fn verify_city_10min(
 ) -> anyhow::Result<(usize, usize, usize, usize, f64)> {
     let started = Instant::now();
     let closed_mark = || async {
-        let rows: Vec<(String, i64, Option<i64>)> = session
-            .query_iter(
-                format!("SELECT part, window, time FROM {KEYSPACE}.job_windows WHERE job = 'city_10min'"),
-                (),
-            )
-            .await?
-            .rows_stream::<(String, i64, Option<i64>)>()?
-            .try_collect()
-            .await?;
         anyhow::Ok(
-            rows.into_iter()
-                .find(|(part, window, _)| part.is_empty() && *window == i64::MIN)
-                .and_then(|(_, _, time)| time),
+            shardgate::job::stream::progress(session, KEYSPACE, "city_10min")
+                .await?
+                .closed_through_ms,
         )
     };
     // Every order is in by now; the job closes what the watermark has passed within seconds.
@@ -157,15 +148,11 @@ async fn verify_city_10min(
         group.0 += 1;
         group.1 += i64::from(order.quantity);
     }
-    let rows: Vec<(String, scylla::value::CqlTimestamp, i64, i64)> = session
-        .query_iter(
-            format!("SELECT city, window_start, orders, items FROM {KEYSPACE}.city_10min"),
-            (),
-        )
-        .await?
-        .rows_stream::<(String, scylla::value::CqlTimestamp, i64, i64)>()?
-        .try_collect()
-        .await?;
+    let rows: Vec<(String, scylla::value::CqlTimestamp, i64, i64)> = devkit::select(
+        session,
+        format!("SELECT city, window_start, orders, items FROM {KEYSPACE}.city_10min"),
+    )
+    .await?;
     let found: BTreeMap<(String, i64), (i64, i64)> = rows
         .into_iter()
         .map(|(city, start, orders, items)| ((city, start.0), (orders, items)))

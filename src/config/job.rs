@@ -502,22 +502,29 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                     "a CQL `SELECT` statement (jobs read; they write through their sinks)",
                 ));
             }
-            let scan_only = [
-                ("source.columns", !raw.source.columns.is_empty()),
-                ("source.where", !raw.source.r#where.is_empty()),
-                ("source.allow_filtering", raw.source.allow_filtering),
-                ("source.min_splits", raw.source.min_splits != 0),
-            ];
-            if let Some((field, _)) = scan_only.iter().find(|(_, set)| *set) {
-                return Err(ConfigError::invalid(
-                    key(field),
-                    "set",
-                    "nothing on a query job (its `query` says what it reads)",
-                ));
-            }
             Some(query.clone())
         }
     };
+    // Keys of a table scan (and, for a stream job, of a schedule) mean nothing to the others.
+    let not_a_scan = match (&query, stream) {
+        (Some(_), _) => Some("nothing on a query job (its `query` says what it reads)"),
+        (None, true) => {
+            Some("nothing on a stream job (it reads its routes' rows as they arrive and runs inside `serve`)")
+        }
+        (None, false) => None,
+    };
+    if let Some(expected) = not_a_scan {
+        let scan_only = [
+            ("source.columns", !raw.source.columns.is_empty()),
+            ("source.where", !raw.source.r#where.is_empty()),
+            ("source.allow_filtering", raw.source.allow_filtering),
+            ("source.min_splits", raw.source.min_splits != 0),
+            ("every", stream && raw.every.is_some()),
+        ];
+        if let Some((field, _)) = scan_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::invalid(key(field), "set", expected));
+        }
+    }
     let mut binds = Vec::with_capacity(raw.source.binds.len());
     for (i, bind) in raw.source.binds.iter().enumerate() {
         let value = match bind {
@@ -560,20 +567,6 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         "from 1s to 1d",
     )?;
     if stream {
-        let scan_only = [
-            ("source.columns", !raw.source.columns.is_empty()),
-            ("source.where", !raw.source.r#where.is_empty()),
-            ("source.allow_filtering", raw.source.allow_filtering),
-            ("source.min_splits", raw.source.min_splits != 0),
-            ("every", raw.every.is_some()),
-        ];
-        if let Some((field, _)) = scan_only.iter().find(|(_, set)| *set) {
-            return Err(ConfigError::invalid(
-                key(field),
-                "set",
-                "nothing on a stream job (it reads its routes' rows as they arrive and runs inside `serve`)",
-            ));
-        }
         let windowed = raw.aggregate.as_ref().is_some_and(|a| a.window.is_some());
         if !windowed {
             return Err(ConfigError::invalid(

@@ -422,6 +422,20 @@ fn send_waiting(
     }
 }
 
+/// Every row of `cql` (no binds), paged, each as `R` (a tuple of the selected columns' types).
+pub async fn select<R>(session: &Session, cql: impl Into<String>) -> anyhow::Result<Vec<R>>
+where
+    R: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata>,
+{
+    let rows = session
+        .query_iter(cql.into(), &[])
+        .await?
+        .rows_stream::<R>()?
+        .try_collect()
+        .await?;
+    Ok(rows)
+}
+
 /// Rows in `keyspace.table`, counted by reading every key; `K` is the key column's Rust type
 /// (`String` for text, `i64` for bigint).
 pub async fn count_rows<K>(session: &Session, keyspace: &str, table: &str, key_column: &str) -> anyhow::Result<u64>

@@ -365,28 +365,9 @@ async fn scan_progress(session: &Session, job: &JobConfig, status: &mut JobStatu
 
 /// A stream job's messages checkpointed and its closed mark.
 async fn stream_progress(session: &Session, job: &JobConfig, status: &mut JobStatus) -> anyhow::Result<()> {
-    let rows: Vec<(String, i64, Option<i64>, Option<i64>)> = session
-        .query_iter(
-            format!(
-                "SELECT part, window, position, time FROM {}.job_windows WHERE job = ?",
-                job.state_keyspace
-            ),
-            (&job.name,),
-        )
-        .await?
-        .rows_stream::<(String, i64, Option<i64>, Option<i64>)>()?
-        .try_collect()
-        .await?;
-    for (part, window, position, time) in rows {
-        if window != i64::MIN {
-            continue;
-        }
-        if part.is_empty() {
-            status.closed_through_ms = time.unwrap_or_default();
-        } else {
-            status.rows_read += position.unwrap_or_default().max(0) as u64;
-        }
-    }
+    let progress = super::stream::progress(session, &job.state_keyspace, &job.name).await?;
+    status.rows_read = progress.messages;
+    status.closed_through_ms = progress.closed_through_ms.unwrap_or_default();
     Ok(())
 }
 

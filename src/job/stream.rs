@@ -164,6 +164,8 @@ struct Stream {
     table: String,
     closed_through: Option<i64>,
     report: StreamReport,
+    /// `shardgate_job_rows_read_total` of this job, looked up once (counted per message).
+    rows_read: metrics::Counter,
 }
 
 /// Creates `job_windows` in the job's keyspace (which must exist).
@@ -282,6 +284,7 @@ pub async fn run(
     let statements = prepare(&session, &table).await?;
     let output = Output::open(&job, &session, endpoint, None).await?;
     let dead_letter = open_dead_letter(&job, &session).await?;
+    let rows_read = metrics::counter!(metric::JOB_ROWS_READ, "job" => job.name.clone());
     let mut stream = Stream {
         job,
         aggregate,
@@ -293,6 +296,7 @@ pub async fn run(
         table,
         closed_through: None,
         report: StreamReport::default(),
+        rows_read,
     };
     loop {
         let sources = stream.sources(routes).await?;
@@ -524,7 +528,7 @@ impl Stream {
                 }
             }
         }
-        metrics::counter!(metric::JOB_ROWS_READ, "job" => self.job.name.clone()).increment(rows.len() as u64);
+        self.rows_read.increment(rows.len() as u64);
         Ok(())
     }
 
@@ -697,6 +701,38 @@ impl Stream {
         }
         Ok(())
     }
+}
+
+/// A stream job's progress every gateway shares: what its checkpoints hold.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Messages checkpointed, every partition together (the sum of their next offsets).
+    pub messages: u64,
+    /// Windows ending at or before this (epoch milliseconds) are closed and written.
+    pub closed_through_ms: Option<i64>,
+}
+
+/// Reads stream job `job`'s [`Progress`] from `keyspace.job_windows`.
+pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::Result<Progress> {
+    let rows = session
+        .query_unpaged(
+            format!(
+                "SELECT part, position, time FROM {keyspace}.job_windows WHERE job = ? AND window = ? ALLOW FILTERING"
+            ),
+            (job, PROGRESS),
+        )
+        .await?
+        .into_rows_result()?;
+    let mut progress = Progress::default();
+    for row in rows.rows::<(String, Option<i64>, Option<i64>)>()? {
+        let (part, position, time) = row?;
+        if part == JOB_PART {
+            progress.closed_through_ms = time;
+        } else {
+            progress.messages += position.unwrap_or_default().max(0) as u64;
+        }
+    }
+    Ok(progress)
 }
 
 /// A partition's name in `job_windows`: the route and the partition.

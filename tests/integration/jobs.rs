@@ -245,21 +245,15 @@ fn expected_by_customer_hour() -> BTreeMap<(i64, i64), (i64, i64, i64)> {
 async fn read_by_customer_hour(keyspace: &str) -> (BTreeMap<(i64, i64), (i64, i64, i64)>, BTreeSet<i64>) {
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
     type Result = (i64, scylla::value::CqlTimestamp, i64, i64, i64, i64);
-    let rows: Vec<Result> = session
-        .query_iter(
-            format!(
-                "SELECT customer_id, window_start, orders, revenue, biggest, writetime(revenue) \
+    let rows: Vec<Result> = devkit::select::<Result>(
+        &session,
+        format!(
+            "SELECT customer_id, window_start, orders, revenue, biggest, writetime(revenue) \
                  FROM {keyspace}.by_customer_hour"
-            ),
-            (),
-        )
-        .await
-        .expect("select")
-        .rows_stream::<Result>()
-        .expect("typed")
-        .try_collect()
-        .await
-        .expect("rows");
+        ),
+    )
+    .await
+    .expect("select");
     let times = rows.iter().map(|r| r.5).collect();
     let table = rows
         .into_iter()
@@ -370,21 +364,15 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
     );
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
     type Letter = (String, String, std::collections::HashMap<String, String>, Vec<u8>);
-    let letters: Vec<Letter> = session
-        .query_iter(
-            format!(
-                "SELECT reason_code, reason, headers, payload FROM {}.job_dead_letters",
-                names.keyspace
-            ),
-            (),
-        )
-        .await
-        .expect("select")
-        .rows_stream::<Letter>()
-        .expect("typed")
-        .try_collect()
-        .await
-        .expect("rows");
+    let letters: Vec<Letter> = devkit::select::<Letter>(
+        &session,
+        format!(
+            "SELECT reason_code, reason, headers, payload FROM {}.job_dead_letters",
+            names.keyspace
+        ),
+    )
+    .await
+    .expect("select");
     let mut dead: BTreeSet<i64> = BTreeSet::new();
     for (code, reason, headers, payload) in &letters {
         assert_eq!(code, "expression_failed");
@@ -769,22 +757,10 @@ topic = "LATE"
 
 /// Messages the stream job has made durable: its partitions' next offsets, summed.
 async fn stream_folded(session: &scylla::client::session::Session, keyspace: &str) -> i64 {
-    let rows: Vec<(String, i64, Option<i64>)> = session
-        .query_iter(
-            format!("SELECT part, window, position FROM {keyspace}.job_windows WHERE job = 'city_minutes'"),
-            (),
-        )
+    shardgate::job::stream::progress(session, keyspace, "city_minutes")
         .await
-        .expect("select")
-        .rows_stream::<(String, i64, Option<i64>)>()
-        .expect("typed")
-        .try_collect()
-        .await
-        .expect("rows");
-    rows.iter()
-        .filter(|(part, window, _)| !part.is_empty() && *window == i64::MIN)
-        .filter_map(|(_, _, position)| *position)
-        .sum()
+        .expect("the job's progress")
+        .messages as i64
 }
 
 async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace: &str, target: i64) {
@@ -928,20 +904,12 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     }
     type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64, i64);
     let read = || async {
-        let rows: Vec<Result> = session
-            .query_iter(
-                format!(
-                    "SELECT city, window_start, orders, items, latest, WRITETIME(orders) FROM {keyspace}.city_minutes"
-                ),
-                (),
-            )
-            .await
-            .expect("select")
-            .rows_stream::<Result>()
-            .expect("typed")
-            .try_collect()
-            .await
-            .expect("rows");
+        let rows: Vec<Result> = devkit::select::<Result>(
+            &session,
+            format!("SELECT city, window_start, orders, items, latest, WRITETIME(orders) FROM {keyspace}.city_minutes"),
+        )
+        .await
+        .expect("select");
         rows
     };
     let started = Instant::now();
