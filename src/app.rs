@@ -24,9 +24,11 @@ use crate::bridge::handoff::CORE_QUEUE_BATCHES_MAX;
 use crate::bridge::message::SourceMessage;
 use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::source::{Consumer, Handoff, Opened, Start};
+use crate::bridge::tap::{Tap, Taps};
 use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
 use crate::job::control::{JobControl, JobsService};
+use crate::job::tap::Rollup;
 use crate::query::service::{QueryService, QueryShared};
 use crate::query::token::Keys;
 use crate::runtime::budget::{self, Budget};
@@ -123,13 +125,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut consumers = Vec::with_capacity(config.routes.len());
     let mut connections = Vec::new();
+    // Stream jobs fold their routes' rows on the cores (jobs run with the ingest API on).
+    let rollups: Vec<Arc<Rollup>> = match config.ingest {
+        Some(_) => config
+            .jobs
+            .iter()
+            .filter(|job| !job.stream.is_empty())
+            .map(|job| Rollup::new(job, cpus.len()))
+            .collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
+    };
     for route in &config.routes {
         let OpenRoute {
             writer,
             receivers,
             opened,
             dead_letter_nats,
-        } = open_route(&base, route)?;
+        } = open_route(&base, route, &rollups)?;
         connections.extend(opened.connection.into_iter().chain(dead_letter_nats));
         consumers.push((route.name.clone(), opened.consumer));
         for (core_routes, queue) in per_core.iter_mut().zip(receivers) {
@@ -154,6 +166,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             config.jobs.clone(),
             endpoint.to_string(),
             Arc::clone(&base.session),
+            rollups,
         )
     });
     let ingest = ingest_parts(&base, share, jobs.as_ref())?;
@@ -238,10 +251,19 @@ struct OpenRoute {
     dead_letter_nats: Option<async_nats::Client>,
 }
 
-/// Sets one route up: tables checked and statements prepared, dead-letter destination open,
-/// source opened (its consumer not yet running).
-fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute> {
+/// Sets one route up: tables checked and statements prepared, the stream jobs of `rollups` that
+/// read it tapped, dead-letter destination open, source opened (its consumer not yet running).
+fn open_route(base: &Base<'_>, route: &RouteConfig, rollups: &[Arc<Rollup>]) -> anyhow::Result<OpenRoute> {
     let (mapper, statements) = base.island.block_on(route::prepare_route(&base.session, route))?;
+    let topic = match &route.source {
+        SourceConfig::Kafka(kafka) => kafka.topic.as_str(),
+        _ => route.name.as_str(),
+    };
+    let mut taps: Vec<Arc<dyn Tap>> = Vec::new();
+    for rollup in rollups {
+        taps.extend(rollup.tap(&route.name, topic, &mapper)?);
+    }
+    let taps: Taps = taps.into();
     let (dead_letter, dead_letter_nats) = base
         .island
         .block_on(DeadLetterSink::open(&route.dead_letter, &route.name, &base.session))
@@ -264,6 +286,7 @@ fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute>
         queues,
         counters: Arc::clone(&counters),
         stop: base.stop.clone(),
+        taps: Arc::clone(&taps),
     };
     let opened = bridge::open_source(&route.source, &start, handoff)?;
     let writer = Arc::new(RouteWriter {
@@ -279,6 +302,7 @@ fn open_route(base: &Base<'_>, route: &RouteConfig) -> anyhow::Result<OpenRoute>
         mesh: Arc::clone(&base.mesh),
         metrics: RowMetrics::per_core(&route.name, &route.tables_label(), base.cores),
         spooled: route.ack == crate::config::AckMode::Spooled,
+        taps,
     });
     Ok(OpenRoute {
         writer,

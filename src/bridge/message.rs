@@ -61,6 +61,11 @@ pub trait Origin: Send + Sync + std::fmt::Debug {
     fn partition(&self) -> Option<i32> {
         None
     }
+    /// The Kafka assignment epoch it was read in (a rewind or a new assignment starts a new
+    /// one); `None` for other sources and for a message that is the spool's.
+    fn assignment(&self) -> Option<u64> {
+        None
+    }
     /// Whether settling reaches the source (false once the message is the spool's).
     fn acknowledges(&self) -> bool {
         true

@@ -3,7 +3,7 @@
 //! place on the owner core, write through `sink::scylla::writer`, dead-letter, complete); one
 //! folder per broker for its consumer (`kafka`: poll thread and watermark; `nats`: core
 //! subscriptions and the JetStream puller; `amqp`: RabbitMQ consumer; `zeromq`: PULL / SUB
-//! socket thread). Each folder's `mod.rs` says which thread its consumer runs on.
+//! socket thread); `tap` what folds a route's rows beside it (a stream job). Each folder's `mod.rs` says which thread its consumer runs on.
 
 pub mod amqp;
 pub mod handoff;
@@ -12,6 +12,7 @@ pub mod message;
 pub mod nats;
 pub mod route;
 pub mod source;
+pub mod tap;
 pub mod zeromq;
 
 use crate::config::SourceConfig;

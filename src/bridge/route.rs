@@ -29,6 +29,7 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::message::{Origin, Settlement, SourceMessage};
+use super::tap::Taps;
 use crate::config::RouteConfig;
 use crate::mapping::{MappedRow, RouteMapper};
 use crate::runtime::budget::{Admitted, Budget};
@@ -129,6 +130,8 @@ pub struct RouteWriter {
     pub metrics: Vec<RowMetrics>,
     /// `ack = "spooled"`: messages are acknowledged once in the core's spool.
     pub spooled: bool,
+    /// Stream jobs folding the route's rows as they are mapped (`super::tap`).
+    pub taps: Taps,
 }
 
 impl Statements<RowWork> for RouteWriter {
@@ -176,9 +179,17 @@ impl RouteWriter {
         if !self.spooled {
             metrics.received.increment(batch.len() as u64);
             metrics.received_batch_rows.record(batch.len() as f64);
-            self.write_batch(core, batch).await;
+            self.write_batch(core, batch, true).await;
             drop(admitted);
             return;
+        }
+        // The taps fold each message as received, before it is the spool's (a message written
+        // later from the spool is not folded again); mapped once more for them.
+        if !self.taps.is_empty() {
+            for work in &batch {
+                let mapped = self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us());
+                self.fold(core, work, mapped.as_deref().ok());
+            }
         }
         // Each message becomes the spool's (nothing left to settle when its rows are written);
         // its source origin is kept to be settled once the records are durable.
@@ -199,31 +210,44 @@ impl RouteWriter {
         let Some(spooled) = appended.hold() else {
             return;
         };
-        self.write_batch(core, batch).await;
+        self.write_batch(core, batch, false).await;
         spooled.written().await;
+    }
+
+    /// Hands one mapped message to the route's taps.
+    fn fold(&self, core: usize, work: &SourceMessage, rows: Option<&[MappedRow]>) {
+        for tap in self.taps.iter() {
+            tap.fold(core, work, rows);
+        }
     }
 
     /// Writes messages read back from the core's spool (left by the previous run, or deferred),
     /// then completes their records.
     pub async fn write_replayed(self: &Arc<Self>, core: usize, messages: Vec<RouteRecord>, spooled: Spooled) {
         let batch = messages.into_iter().map(SourceMessage::from_record).collect();
-        self.write_batch(core, batch).await;
+        self.write_batch(core, batch, false).await;
         spooled.written().await;
     }
 
     /// Maps a batch of messages received on `core`, writes each row on its owner core (in
     /// UNLOGGED batches of one replica and shard), dead-letters what cannot be mapped or
     /// written, and reports every message's completion only after all its rows are written or
-    /// its dead letter delivered. Returns once every owner has answered.
-    async fn write_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>) {
+    /// its dead letter delivered. Returns once every owner has answered. With `fold`, each
+    /// mapped message goes to the route's taps first.
+    async fn write_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>, fold: bool) {
         let ownership = self.ownership.load();
         let metrics = &self.metrics[core];
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         let mapped_ms = now_ms();
         let capacity = batch.len();
+        let fold = fold && !self.taps.is_empty();
         for work in batch {
-            match self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us()) {
+            let mapped = self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us());
+            if fold {
+                self.fold(core, &work, mapped.as_deref().ok());
+            }
+            match mapped {
                 Ok(rows) if rows.is_empty() => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);

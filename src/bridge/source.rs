@@ -38,6 +38,9 @@ pub struct Handoff {
     pub counters: Arc<RouteCounters>,
     /// The gateway's stop signal.
     pub stop: Stop,
+    /// The route's taps (stream jobs folding its rows; Kafka routes only): its offsets are
+    /// stored no further than they made durable, and read again where they ask.
+    pub taps: super::tap::Taps,
 }
 
 /// What opening a source may need besides its own config.

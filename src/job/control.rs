@@ -15,6 +15,7 @@ use scylla::client::session::Session;
 use tokio::sync::watch;
 
 pub use super::signal::{next_command, steady, Command, Interrupted, Signal};
+use super::tap::Rollup;
 use crate::config::{ClusterConfig, JobConfig, RouteConfig};
 use crate::telemetry::metric;
 use crate::wire::proto::jobs_server::Jobs;
@@ -62,6 +63,8 @@ pub struct JobControl {
     routes: Vec<RouteConfig>,
     endpoint: String,
     session: Arc<Session>,
+    /// The stream jobs' rollups, folding on the cores (`super::tap`), by job name.
+    rollups: HashMap<String, Arc<Rollup>>,
     /// In config order.
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
@@ -95,7 +98,12 @@ impl JobControl {
         jobs: Vec<JobConfig>,
         endpoint: String,
         session: Arc<Session>,
+        rollups: Vec<Arc<Rollup>>,
     ) -> Arc<JobControl> {
+        let rollups = rollups
+            .into_iter()
+            .map(|rollup| (rollup.name().to_string(), rollup))
+            .collect();
         let by_name = jobs.iter().enumerate().map(|(i, job)| (job.name.clone(), i)).collect();
         let entries = jobs
             .into_iter()
@@ -111,6 +119,7 @@ impl JobControl {
             routes,
             endpoint,
             session,
+            rollups,
             entries,
             by_name,
         })
@@ -198,13 +207,24 @@ impl JobControl {
                 .map(|report| {
                     tracing::info!(job = %name, %report, "job run done");
                 })
+        } else if let Some(rollup) = self.rollups.get(&name) {
+            Box::pin(super::tap::run(
+                Arc::clone(rollup),
+                Arc::clone(&self.session),
+                &self.endpoint,
+                signal,
+            ))
+            .await
+            .map(|report| {
+                tracing::info!(job = %name, %report, "stream job stopped");
+            })
         } else {
             let routes: Vec<RouteConfig> = job
                 .stream
                 .iter()
                 .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
                 .collect();
-            super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal)
+            Box::pin(super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal))
                 .await
                 .map(|report| {
                     tracing::info!(job = %name, %report, "stream job stopped");

@@ -25,6 +25,7 @@ pub mod aggregate;
 pub mod control;
 pub mod signal;
 pub mod stream;
+pub mod tap;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

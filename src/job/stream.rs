@@ -114,17 +114,45 @@ struct Source {
 
 /// One (route, partition) as this process holds it.
 #[derive(Default)]
-struct Part {
+pub(super) struct Part {
     /// Next offset to fold.
-    position: Option<i64>,
+    pub(super) position: Option<i64>,
     /// The next offset `job_windows` holds (what a checkpoint's condition expects).
-    stored: Option<i64>,
+    pub(super) stored: Option<i64>,
     /// Largest event time folded.
-    max_time: Option<i64>,
+    pub(super) max_time: Option<i64>,
     /// Open windows.
-    partial: Partial,
+    pub(super) partial: Partial,
     /// Changed since the last checkpoint.
-    dirty: bool,
+    pub(super) dirty: bool,
+}
+
+/// What a checkpoint writes of one part, taken from it at one moment.
+pub(super) struct Snapshot {
+    /// Next offset folded.
+    pub(super) position: Option<i64>,
+    /// The next offset stored before (the batch's condition).
+    pub(super) stored: Option<i64>,
+    /// Largest event time folded.
+    pub(super) max_time: Option<i64>,
+    /// Each open window's partial, encoded.
+    pub(super) windows: Vec<(i64, Vec<u8>)>,
+}
+
+impl Part {
+    /// The part as a checkpoint writes it.
+    pub(super) fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut windows = Vec::new();
+        for (window, partial) in self.partial.by_window() {
+            windows.push((window.unwrap_or_default(), serde_json::to_vec(&partial)?));
+        }
+        Ok(Snapshot {
+            position: self.position,
+            stored: self.stored,
+            max_time: self.max_time,
+            windows,
+        })
+    }
 }
 
 /// Prepared statements on `job_windows`.
@@ -152,17 +180,24 @@ enum Ended {
     Refused,
 }
 
-/// A running stream job.
-struct Stream {
-    job: JobConfig,
-    aggregate: AggregateConfig,
-    compiled: Compiled,
+/// A stream job's state in `job_windows` and its outputs: what both ways of feeding it share
+/// (its own consumer under `job run`, its routes' taps inside `serve`: `super::tap`).
+pub(super) struct Windows {
+    pub(super) job: JobConfig,
+    pub(super) aggregate: AggregateConfig,
     session: Arc<Session>,
     output: Output,
-    dead_letter: Option<DeadLetterSink>,
+    pub(super) dead_letter: Option<DeadLetterSink>,
     statements: Statements,
     table: String,
-    closed_through: Option<i64>,
+    /// Windows ending at or before this are closed and written.
+    pub(super) closed_through: Option<i64>,
+}
+
+/// A running stream job with its own consumer.
+struct Stream {
+    windows: Windows,
+    compiled: Compiled,
     report: StreamReport,
     /// `shardgate_job_rows_read_total` of this job, looked up once (counted per message).
     rows_read: metrics::Counter,
@@ -248,7 +283,7 @@ fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -
 }
 
 /// A mapped row's values as the job sees them (an unset column reads as null).
-fn row_of(values: &[MaybeUnset<Option<CqlValue>>], columns: usize) -> Row {
+pub(super) fn row_of(values: &[MaybeUnset<Option<CqlValue>>], columns: usize) -> Row {
     Row {
         values: values
             .iter()
@@ -274,27 +309,12 @@ pub async fn run(
     mut signal: Signal,
 ) -> anyhow::Result<StreamReport> {
     let started = Instant::now();
-    let Some(aggregate) = job.aggregate.clone() else {
-        anyhow::bail!("job `{}`: a stream job needs `[job.aggregate]`", job.name);
-    };
     let compiled = Compiled::new(&job)?;
     let session = Arc::new(crate::sink::scylla::connect(cluster).await?);
-    ensure_windows_table(&session, &job.state_keyspace).await?;
-    let table = format!("{}.job_windows", job.state_keyspace);
-    let statements = prepare(&session, &table).await?;
-    let output = Output::open(&job, &session, endpoint, None).await?;
-    let dead_letter = open_dead_letter(&job, &session).await?;
     let rows_read = metrics::counter!(metric::JOB_ROWS_READ, "job" => job.name.clone());
     let mut stream = Stream {
-        job,
-        aggregate,
+        windows: Windows::open(job, session, endpoint).await?,
         compiled,
-        session,
-        output,
-        dead_letter,
-        statements,
-        table,
-        closed_through: None,
         report: StreamReport::default(),
         rows_read,
     };
@@ -304,11 +324,11 @@ pub async fn run(
             Ok(Ended::Stopped) => break,
             Ok(Ended::Refused) => {
                 stream.report.restarts += 1;
-                tracing::info!(job = %stream.job.name, "checkpoint refused (another gateway moved on first); starting over from the stored state");
+                tracing::info!(job = %stream.windows.job.name, "checkpoint refused (another gateway moved on first); starting over from the stored state");
             }
             Err(error) => {
                 stream.report.restarts += 1;
-                tracing::warn!(job = %stream.job.name, error = %format!("{error:#}"), "stream job failed; starting over from the stored state");
+                tracing::warn!(job = %stream.windows.job.name, error = %format!("{error:#}"), "stream job failed; starting over from the stored state");
             }
         }
         drop(sources);
@@ -321,49 +341,41 @@ pub async fn run(
             }
         }
     }
-    stream.report.rows_out = stream.output.rows_out.load(Ordering::Relaxed);
+    stream.report.rows_out = stream.windows.rows_out();
     stream.report.seconds = started.elapsed().as_secs_f64();
     Ok(stream.report)
 }
 
-impl Stream {
-    /// Maps the job's routes and subscribes to their topics.
-    async fn sources(&self, routes: &[RouteConfig]) -> anyhow::Result<Vec<Source>> {
-        let mut sources = Vec::with_capacity(routes.len());
-        for route in routes {
-            let SourceConfig::Kafka(kafka) = &route.source else {
-                anyhow::bail!("job `{}`: route `{}` is not a Kafka route", self.job.name, route.name);
-            };
-            let (mapper, _) = prepare_route(&self.session, route).await?;
-            let names: Vec<String> = mapper.targets()[0].column_names().map(str::to_string).collect();
-            let missing = self
-                .aggregate
-                .group_by
-                .iter()
-                .chain(self.aggregate.window.as_ref().map(|w| &w.column))
-                .find(|column| !names.contains(column));
-            if let Some(column) = missing {
-                anyhow::bail!(
-                    "job `{}`: route `{}` maps no column `{column}` (its columns: {})",
-                    self.job.name,
-                    route.name,
-                    names.join(", ")
-                );
-            }
-            sources.push(Source {
-                positions: Positions::new(&names, &self.compiled),
-                consumer: subscribe(&self.job.name, &route.name, kafka)?,
-                route: route.name.clone(),
-                topic: kafka.topic.clone(),
-                mapper,
-                names,
-            });
-        }
-        Ok(sources)
+impl Windows {
+    /// Opens a stream job's state (creating `job_windows`), outputs and dead-letter destination.
+    pub(super) async fn open(job: JobConfig, session: Arc<Session>, endpoint: &str) -> anyhow::Result<Windows> {
+        let Some(aggregate) = job.aggregate.clone() else {
+            anyhow::bail!("job `{}`: a stream job needs `[job.aggregate]`", job.name);
+        };
+        ensure_windows_table(&session, &job.state_keyspace).await?;
+        let table = format!("{}.job_windows", job.state_keyspace);
+        let statements = prepare(&session, &table).await?;
+        let output = Output::open(&job, &session, endpoint, None).await?;
+        let dead_letter = open_dead_letter(&job, &session).await?;
+        Ok(Windows {
+            job,
+            aggregate,
+            session,
+            output,
+            dead_letter,
+            statements,
+            table,
+            closed_through: None,
+        })
+    }
+
+    /// Results written so far, counted once per sink.
+    pub(super) fn rows_out(&self) -> u64 {
+        self.output.rows_out.load(Ordering::Relaxed)
     }
 
     /// Reads the job's closed mark.
-    async fn load_closed(&self) -> anyhow::Result<Option<i64>> {
+    pub(super) async fn load_closed(&self) -> anyhow::Result<Option<i64>> {
         let rows = self
             .session
             .execute_unpaged(&self.statements.load, (&self.job.name, JOB_PART))
@@ -378,8 +390,8 @@ impl Stream {
         Ok(None)
     }
 
-    /// Loads a partition's stored state (windows already closed are left out).
-    async fn load_part(&self, part: &str) -> anyhow::Result<Part> {
+    /// Loads a part's stored state (windows already closed are left out).
+    pub(super) async fn load_part(&self, part: &str) -> anyhow::Result<Part> {
         let rows = self
             .session
             .execute_unpaged(&self.statements.load, (&self.job.name, part))
@@ -404,10 +416,194 @@ impl Stream {
         Ok(loaded)
     }
 
+    /// Writes one part's checkpoint: its open windows, next offset and largest time in one
+    /// conditional batch, applied only if the stored offset is still `snapshot.stored` and the
+    /// closed mark still this process's. `false` when refused.
+    pub(super) async fn store(&self, name: &str, snapshot: &Snapshot) -> anyhow::Result<bool> {
+        let mut batch = Batch::default();
+        let mut values: Vec<Vec<Option<CqlValue>>> = Vec::with_capacity(snapshot.windows.len() + 2);
+        let text = |s: &str| Some(CqlValue::Text(s.to_string()));
+        let big = |n: Option<i64>| n.map(CqlValue::BigInt);
+        batch.append_statement(self.statements.progress.clone());
+        values.push(vec![
+            big(snapshot.position),
+            big(snapshot.max_time),
+            text(&self.job.name),
+            text(name),
+            big(Some(PROGRESS)),
+            big(snapshot.stored),
+        ]);
+        batch.append_statement(self.statements.closed_mark.clone());
+        values.push(vec![
+            big(self.closed_through),
+            text(&self.job.name),
+            text(JOB_PART),
+            big(Some(PROGRESS)),
+            big(self.closed_through),
+        ]);
+        for (window, bytes) in &snapshot.windows {
+            batch.append_statement(self.statements.window.clone());
+            values.push(vec![
+                Some(CqlValue::Blob(bytes.clone())),
+                text(&self.job.name),
+                text(name),
+                big(Some(*window)),
+            ]);
+        }
+        let result = self
+            .session
+            .batch(&batch, values)
+            .await
+            .with_context(|| format!("checkpointing {name}"))?;
+        applied(result)
+    }
+}
+
+impl Windows {
+    /// Closes the windows the watermark has passed: merges every part's stored partial of
+    /// each, writes the results, advances the closed mark and deletes their partials. Returns
+    /// the windows this call wrote; `closed_through` is the job's closed mark after it (the
+    /// caller drops what it holds of windows ending at or before it).
+    pub(super) async fn close_windows(&mut self) -> anyhow::Result<u64> {
+        let Some(window) = self.aggregate.window.clone() else {
+            return Ok(0);
+        };
+        let size = window.spec.size_ms;
+        let rows = self
+            .session
+            .query_unpaged(
+                format!(
+                    "SELECT part, window, time, WRITETIME(position) FROM {} WHERE job = ?",
+                    self.table
+                ),
+                (&self.job.name,),
+            )
+            .await?
+            .into_rows_result()?;
+        // The least largest event time of the parts that moved within `idle`.
+        let active_since_us = (now_ms() - self.job.idle.as_millis() as i64) * 1_000;
+        let mut least: Option<i64> = None;
+        let mut closed: Option<i64> = None;
+        let mut stored: Vec<(String, i64)> = Vec::new();
+        for row in rows.rows::<(String, i64, Option<i64>, Option<i64>)>()? {
+            let (part, start, time, written_us) = row?;
+            match (part.as_str(), start) {
+                (JOB_PART, PROGRESS) => closed = time,
+                (_, PROGRESS) => {
+                    if let (Some(time), true) = (time, written_us.unwrap_or_default() >= active_since_us) {
+                        least = Some(least.map_or(time, |least| least.min(time)));
+                    }
+                }
+                _ => stored.push((part, start)),
+            }
+        }
+        let mut written = 0;
+        if let Some(least) = least {
+            let watermark = least.saturating_sub(window.lateness_ms);
+            metrics::gauge!(metric::JOB_WATERMARK_LAG, "job" => self.job.name.clone())
+                .set((now_ms() - watermark) as f64 / 1_000.0);
+            let after = closed.unwrap_or(i64::MIN);
+            let closable: BTreeSet<i64> = stored
+                .iter()
+                .map(|(_, start)| *start)
+                .filter(|start| start.saturating_add(size) <= watermark && start.saturating_add(size) > after)
+                .collect();
+            if !closable.is_empty() {
+                written = self.write_closed(&stored, &closable, size).await?;
+                let advanced = self
+                    .session
+                    .execute_unpaged(
+                        &self.statements.closed_mark,
+                        (watermark, &self.job.name, JOB_PART, PROGRESS, closed),
+                    )
+                    .await?;
+                closed = if applied(advanced)? {
+                    Some(watermark)
+                } else {
+                    // Another gateway closed them first (with the same results).
+                    self.load_closed().await?
+                };
+                tracing::info!(job = %self.job.name, windows = closable.len(), watermark, "windows closed");
+            }
+        }
+        self.closed_through = closed;
+        if let Some(closed) = closed {
+            for (part, start) in stored.iter().filter(|(_, start)| start.saturating_add(size) <= closed) {
+                self.session
+                    .execute_unpaged(&self.statements.delete, (&self.job.name, part, *start))
+                    .await?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Merges the stored partials of the `closable` windows (read only now, and only theirs)
+    /// and writes their results with the window's end as the write timestamp.
+    async fn write_closed(&self, stored: &[(String, i64)], closable: &BTreeSet<i64>, size: i64) -> anyhow::Result<u64> {
+        let mut merged: BTreeMap<i64, Partial> = BTreeMap::new();
+        for (part, start) in stored.iter().filter(|(_, start)| closable.contains(start)) {
+            let bytes = self
+                .session
+                .execute_unpaged(&self.statements.partial, (&self.job.name, part, *start))
+                .await?
+                .into_rows_result()?
+                .maybe_first_row::<(Option<Vec<u8>>,)>()?
+                .and_then(|(bytes,)| bytes);
+            if let Some(bytes) = bytes {
+                let partial: Partial = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("the stored partial of {part}, window {start}"))?;
+                merged.entry(*start).or_default().merge(partial);
+            }
+        }
+        let columns = result_columns(&self.aggregate);
+        let mut written = 0;
+        for (start, partial) in merged {
+            let (keys, rows): (Vec<String>, Vec<Row>) = partial.keyed_rows().into_iter().unzip();
+            let ids = keys.iter().map(|key| message_id(&self.job.name, key)).collect();
+            // The window's end is the write timestamp: writing it again leaves identical cells.
+            let end_us = start.saturating_add(size).saturating_mul(1_000);
+            self.output.write(&columns, rows, ids, end_us).await?;
+            written += 1;
+            metrics::counter!(metric::JOB_WINDOWS_CLOSED, "job" => self.job.name.clone()).increment(1);
+        }
+        Ok(written)
+    }
+
+    /// Drops from `partial` the windows the job has closed.
+    pub(super) fn drop_closed(&self, partial: &mut Partial) {
+        if let (Some(window), Some(closed)) = (&self.aggregate.window, self.closed_through) {
+            partial.drop_closed(window.spec.size_ms, closed);
+        }
+    }
+}
+
+impl Stream {
+    /// Maps the job's routes and subscribes to their topics.
+    async fn sources(&self, routes: &[RouteConfig]) -> anyhow::Result<Vec<Source>> {
+        let job = &self.windows.job;
+        let mut sources = Vec::with_capacity(routes.len());
+        for route in routes {
+            let SourceConfig::Kafka(kafka) = &route.source else {
+                anyhow::bail!("job `{}`: route `{}` is not a Kafka route", job.name, route.name);
+            };
+            let (mapper, _) = prepare_route(&self.windows.session, route).await?;
+            let names = route_columns(job, &route.name, &mapper)?;
+            sources.push(Source {
+                positions: Positions::new(&names, &self.compiled),
+                consumer: subscribe(&job.name, &route.name, kafka)?,
+                route: route.name.clone(),
+                topic: kafka.topic.clone(),
+                mapper,
+                names,
+            });
+        }
+        Ok(sources)
+    }
+
     /// One pass: read until cancelled or stopped, checkpointing every `checkpoint`; ends early
     /// when a checkpoint is refused.
     async fn pass(&mut self, sources: &[Source], signal: &mut Signal) -> anyhow::Result<Ended> {
-        self.closed_through = self.load_closed().await?;
+        self.windows.closed_through = self.windows.load_closed().await?;
         let mut parts: HashMap<(usize, i32), Part> = HashMap::new();
         let mut messages = futures::stream::select_all(
             sources
@@ -415,7 +611,7 @@ impl Stream {
                 .enumerate()
                 .map(|(index, source)| source.consumer.stream().map(move |message| (index, message)).boxed()),
         );
-        let mut tick = tokio::time::interval(self.job.checkpoint);
+        let mut tick = tokio::time::interval(self.windows.job.checkpoint);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut command = *signal.borrow_and_update();
         loop {
@@ -460,7 +656,7 @@ impl Stream {
         let part = match parts.entry(key) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(new) => {
-                new.insert(self.load_part(&part_name(&source.route, key.1)).await?)
+                new.insert(self.windows.load_part(&part_name(&source.route, key.1)).await?)
             }
         };
         let offset = message.offset();
@@ -490,7 +686,8 @@ impl Stream {
                 return Ok(());
             }
         };
-        let closed = self.closed_through.unwrap_or(i64::MIN);
+        let closed = self.windows.closed_through.unwrap_or(i64::MIN);
+        let job = &self.windows.job.name;
         for mapped in rows.iter().filter(|row| row.target == 0 && !row.delete) {
             let row = row_of(&mapped.values, source.names.len());
             match self
@@ -504,14 +701,14 @@ impl Stream {
                 Ok(Fold::Skipped | Fold::Copied(_)) => {}
                 Err((code, reason)) => {
                     self.report.rows_failed += 1;
-                    metrics::counter!(metric::JOB_ROWS_FAILED, "job" => self.job.name.clone()).increment(1);
+                    metrics::counter!(metric::JOB_ROWS_FAILED, "job" => job.clone()).increment(1);
                     if code == ReasonCode::Late {
                         self.report.rows_late += 1;
-                        metrics::counter!(metric::JOB_ROWS_LATE, "job" => self.job.name.clone()).increment(1);
+                        metrics::counter!(metric::JOB_ROWS_LATE, "job" => job.clone()).increment(1);
                     }
-                    if let Some(sink) = &self.dead_letter {
+                    if let Some(sink) = &self.windows.dead_letter {
                         let letter = DeadLetter {
-                            route: &self.job.name,
+                            route: job,
                             reason_code: code.as_str(),
                             reason: &reason,
                             source: vec![
@@ -532,9 +729,9 @@ impl Stream {
         Ok(())
     }
 
-    /// Makes every changed partition durable: its open windows, next offset and largest time in
-    /// one conditional batch; then commits the offsets to the group. `Refused` when a condition
-    /// failed (another gateway moved the partition on, or closed windows).
+    /// Makes every changed partition durable ([`Windows::store`]), then commits the offsets to
+    /// the group. `Refused` when a condition failed (another gateway moved the partition on, or
+    /// closed windows).
     async fn checkpoint(
         &mut self,
         sources: &[Source],
@@ -544,42 +741,7 @@ impl Stream {
         for ((index, partition), part) in parts.iter_mut().filter(|(_, part)| part.dirty) {
             let source = &sources[*index];
             let name = part_name(&source.route, *partition);
-            let mut batch = Batch::default();
-            let mut values: Vec<Vec<Option<CqlValue>>> = Vec::new();
-            let text = |s: &str| Some(CqlValue::Text(s.to_string()));
-            let big = |n: Option<i64>| n.map(CqlValue::BigInt);
-            batch.append_statement(self.statements.progress.clone());
-            values.push(vec![
-                big(part.position),
-                big(part.max_time),
-                text(&self.job.name),
-                text(&name),
-                big(Some(PROGRESS)),
-                big(part.stored),
-            ]);
-            batch.append_statement(self.statements.closed_mark.clone());
-            values.push(vec![
-                big(self.closed_through),
-                text(&self.job.name),
-                text(JOB_PART),
-                big(Some(PROGRESS)),
-                big(self.closed_through),
-            ]);
-            for (window, partial) in part.partial.by_window() {
-                batch.append_statement(self.statements.window.clone());
-                values.push(vec![
-                    Some(CqlValue::Blob(serde_json::to_vec(&partial)?)),
-                    text(&self.job.name),
-                    text(&name),
-                    big(Some(window.unwrap_or_default())),
-                ]);
-            }
-            let result = self
-                .session
-                .batch(&batch, values)
-                .await
-                .with_context(|| format!("checkpointing {name}"))?;
-            if !applied(result)? {
+            if !self.windows.store(&name, &part.snapshot()?).await? {
                 return Ok(Ended::Refused);
             }
             part.stored = part.position;
@@ -591,116 +753,40 @@ impl Stream {
         for (source, commit) in sources.iter().zip(&commits) {
             if commit.count() > 0 {
                 if let Err(error) = source.consumer.commit(commit, CommitMode::Async) {
-                    tracing::debug!(job = %self.job.name, %error, "offset commit (for lag tools) failed");
+                    tracing::debug!(job = %self.windows.job.name, %error, "offset commit (for lag tools) failed");
                 }
             }
         }
         Ok(Ended::Stopped)
     }
 
-    /// Closes the windows the watermark has passed: merges every partition's stored partial of
-    /// each, writes the results, advances the closed mark and deletes their partials.
+    /// Closes what the watermark passed and drops it from the parts held here.
     async fn close_windows(&mut self, parts: &mut HashMap<(usize, i32), Part>) -> anyhow::Result<()> {
-        let Some(window) = self.aggregate.window.clone() else {
-            return Ok(());
-        };
-        let size = window.spec.size_ms;
-        let rows = self
-            .session
-            .query_unpaged(
-                format!(
-                    "SELECT part, window, time, WRITETIME(position) FROM {} WHERE job = ?",
-                    self.table
-                ),
-                (&self.job.name,),
-            )
-            .await?
-            .into_rows_result()?;
-        // The least largest event time of the partitions that moved within `idle`.
-        let active_since_us = (now_ms() - self.job.idle.as_millis() as i64) * 1_000;
-        let mut least: Option<i64> = None;
-        let mut closed: Option<i64> = None;
-        let mut stored: Vec<(String, i64)> = Vec::new();
-        for row in rows.rows::<(String, i64, Option<i64>, Option<i64>)>()? {
-            let (part, start, time, written_us) = row?;
-            match (part.as_str(), start) {
-                (JOB_PART, PROGRESS) => closed = time,
-                (_, PROGRESS) => {
-                    if let (Some(time), true) = (time, written_us.unwrap_or_default() >= active_since_us) {
-                        least = Some(least.map_or(time, |least| least.min(time)));
-                    }
-                }
-                _ => stored.push((part, start)),
-            }
-        }
-        let Some(least) = least else {
-            return Ok(());
-        };
-        let watermark = least.saturating_sub(window.lateness_ms);
-        metrics::gauge!(metric::JOB_WATERMARK_LAG, "job" => self.job.name.clone())
-            .set((now_ms() - watermark) as f64 / 1_000.0);
-        let after = closed.unwrap_or(i64::MIN);
-        let closable: BTreeSet<i64> = stored
-            .iter()
-            .map(|(_, start)| *start)
-            .filter(|start| start.saturating_add(size) <= watermark && start.saturating_add(size) > after)
-            .collect();
-        if !closable.is_empty() {
-            // The partials are read only now, and only the closing windows'.
-            let mut merged: BTreeMap<i64, Partial> = BTreeMap::new();
-            for (part, start) in stored.iter().filter(|(_, start)| closable.contains(start)) {
-                let bytes = self
-                    .session
-                    .execute_unpaged(&self.statements.partial, (&self.job.name, part, *start))
-                    .await?
-                    .into_rows_result()?
-                    .maybe_first_row::<(Option<Vec<u8>>,)>()?
-                    .and_then(|(bytes,)| bytes);
-                if let Some(bytes) = bytes {
-                    let partial: Partial = serde_json::from_slice(&bytes)
-                        .with_context(|| format!("the stored partial of {part}, window {start}"))?;
-                    merged.entry(*start).or_default().merge(partial);
-                }
-            }
-            let columns = result_columns(&self.aggregate);
-            for (start, partial) in merged {
-                let (keys, rows): (Vec<String>, Vec<Row>) = partial.keyed_rows().into_iter().unzip();
-                let ids = keys.iter().map(|key| message_id(&self.job.name, key)).collect();
-                // The window's end is the write timestamp: writing it again leaves identical cells.
-                let end_us = start.saturating_add(size).saturating_mul(1_000);
-                self.output.write(&columns, rows, ids, end_us).await?;
-                self.report.windows_closed += 1;
-                metrics::counter!(metric::JOB_WINDOWS_CLOSED, "job" => self.job.name.clone()).increment(1);
-            }
-            let advanced = self
-                .session
-                .execute_unpaged(
-                    &self.statements.closed_mark,
-                    (watermark, &self.job.name, JOB_PART, PROGRESS, closed),
-                )
-                .await?;
-            closed = if applied(advanced)? {
-                Some(watermark)
-            } else {
-                // Another gateway closed them first (with the same results).
-                self.load_closed().await?
-            };
-            tracing::info!(job = %self.job.name, windows = closable.len(), watermark, "windows closed");
-        }
-        self.closed_through = closed;
-        let Some(closed) = closed else {
-            return Ok(());
-        };
-        for (part, start) in stored.iter().filter(|(_, start)| start.saturating_add(size) <= closed) {
-            self.session
-                .execute_unpaged(&self.statements.delete, (&self.job.name, part, *start))
-                .await?;
-        }
+        self.report.windows_closed += self.windows.close_windows().await?;
         for part in parts.values_mut() {
-            part.partial.drop_closed(size, closed);
+            self.windows.drop_closed(&mut part.partial);
         }
         Ok(())
     }
+}
+
+/// The columns of `route`'s first target — the names of the rows a stream job sees — checked
+/// to hold every column the job's `group_by` and window name.
+pub(super) fn route_columns(job: &JobConfig, route: &str, mapper: &RouteMapper) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = mapper.targets()[0].column_names().map(str::to_string).collect();
+    let aggregate = job.aggregate.as_ref();
+    let missing = aggregate
+        .into_iter()
+        .flat_map(|a| a.group_by.iter().chain(a.window.as_ref().map(|w| &w.column)))
+        .find(|column| !names.contains(column));
+    if let Some(column) = missing {
+        anyhow::bail!(
+            "job `{}`: route `{route}` maps no column `{column}` (its columns: {})",
+            job.name,
+            names.join(", ")
+        );
+    }
+    Ok(names)
 }
 
 /// A stream job's progress every gateway shares: what its checkpoints hold.
@@ -736,6 +822,6 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
 }
 
 /// A partition's name in `job_windows`: the route and the partition.
-fn part_name(route: &str, partition: i32) -> String {
+pub(super) fn part_name(route: &str, partition: i32) -> String {
     format!("{route}/{partition}")
 }

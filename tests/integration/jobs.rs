@@ -780,9 +780,9 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
 }
 
 /// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
-/// city, into a table and a JetStream subject, while the route writes the orders. The gateway is killed (SIGKILL) while
-/// orders flow, the job's consumer group deleted (so the topic is read from its start) and the
-/// gateway restarted; rows within the allowed lateness still count in their window,
+/// city, into a table and a JetStream subject, folded from the route's rows on the cores as the
+/// route writes the orders. The gateway is killed (SIGKILL) while orders flow, the route's
+/// consumer group deleted (so the topic is read from its start) and the gateway restarted; rows within the allowed lateness still count in their window,
 /// rows for closed windows are dead-lettered as `late`; every result equals the aggregation
 /// computed here, written with its window's end as write timestamp, once per window on the
 /// subject.
@@ -854,11 +854,12 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     }
     gateway.kill9().expect("kill -9");
     assert_eq!(producer.join().expect("producer"), MAIN / 2);
-    // Without the group's committed offsets the job reads the topic from its start again: what
-    // its checkpoints counted must be skipped, not counted twice.
-    devkit::delete_group("shardgate-job-city_minutes", Duration::from_secs(30))
+    // Without the route's committed offsets the route reads the topic from its start again (and
+    // writes its orders again): what the job's checkpoints counted must be skipped, not counted
+    // twice.
+    devkit::delete_group(&names.group, Duration::from_secs(30))
         .await
-        .expect("delete the job's group");
+        .expect("delete the route's group");
     let second = (MAIN / 2..MAIN).map(|i| {
         let (key, payload) = devkit::order_message(i);
         (key, payload.into_bytes())

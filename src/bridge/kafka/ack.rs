@@ -60,4 +60,8 @@ impl Origin for KafkaOrigin {
     fn partition(&self) -> Option<i32> {
         Some(self.partition)
     }
+
+    fn assignment(&self) -> Option<u64> {
+        Some(self.epoch)
+    }
 }

@@ -35,13 +35,14 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::message::SourceMessage;
 use super::route::RouteCounters;
 use super::source::{Consumer as SourceConsumer, Handoff, Source, Start};
+use super::tap::{durable_of, Taps};
 use crate::config::{KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::runtime::shutdown::Stop;
 use crate::topology::kafka_partition_owner;
 pub use ack::Completion;
 use ack::KafkaOrigin;
-use watermark::Watermarks;
+use watermark::{Held, Watermarks};
 
 /// Messages taken from librdkafka per dispatch round.
 const POLL_BATCH_MAX: usize = 512;
@@ -53,6 +54,8 @@ const PAUSED_RETRY: Duration = Duration::from_millis(5);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Interval of the progress log line.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a seek for a tap's rewind may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a consumer waiting for its assignment says so.
 const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -218,6 +221,7 @@ impl Source for KafkaSource {
             stop: handoff.stop,
             drain_deadline: self.shutdown_deadline,
             counters: handoff.counters,
+            taps: handoff.taps,
         };
         SourceConsumer::Thread(Box::new(move || poller.run()))
     }
@@ -392,6 +396,8 @@ pub struct Poller {
     pub drain_deadline: Duration,
     /// Route counters.
     pub counters: Arc<RouteCounters>,
+    /// The route's taps: offsets are stored no further than they made durable (`super::tap`).
+    pub taps: Taps,
 }
 
 impl Poller {
@@ -426,6 +432,7 @@ impl Poller {
     pub fn run(mut self) {
         let mut marks = Watermarks::default();
         let mut clocks = Clocks::default();
+        let mut held = Held::default();
         let mut last_progress = Instant::now();
         let mut last_error_log: Option<Instant> = None;
         // Since when the consumer waits for an assignment (start-up, or after a revocation).
@@ -440,7 +447,11 @@ impl Poller {
             "consuming"
         );
         while !self.stop.is_stopped() {
-            self.apply_completions(&mut marks, &mut clocks, None);
+            self.apply_completions(&mut marks, &mut clocks, &mut held, None);
+            if !self.taps.is_empty() {
+                self.release_held(&mut held, &mut clocks);
+                self.apply_rewinds(&mut marks, &mut held);
+            }
             if let Some(since) = unassigned_since {
                 if last_wait_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_INTERVAL)
                     && since.elapsed() >= WAIT_LOG_INTERVAL
@@ -465,7 +476,7 @@ impl Poller {
             while taken < POLL_BATCH_MAX {
                 let polled = self.consumer.poll(wait);
                 wait = Duration::ZERO;
-                rebalanced |= self.apply_rebalances(&mut marks, &mut clocks, &mut unassigned_since);
+                rebalanced |= self.apply_rebalances(&mut marks, &mut clocks, &mut held, &mut unassigned_since);
                 match polled {
                     None => break,
                     Some(Err(error)) => {
@@ -505,7 +516,7 @@ impl Poller {
                 last_progress = Instant::now();
             }
         }
-        self.drain(marks, clocks);
+        self.drain(marks, clocks, held);
     }
 
     /// A polled message copied out for its partition's core: stamped with its partition's
@@ -632,13 +643,17 @@ impl Poller {
     }
 
     /// Waits for in-flight messages up to the deadline, then commits what is stored.
-    fn drain(self, mut marks: Watermarks, mut clocks: Clocks) {
+    fn drain(self, mut marks: Watermarks, mut clocks: Clocks, mut held: Held) {
         let deadline = Instant::now() + self.drain_deadline;
         // Batches still waiting for a full core were never handed over: they cannot complete,
         // and replay after a restart.
         let never_handed = self.queues.waiting_messages();
         while marks.in_flight() > never_handed && Instant::now() < deadline {
-            self.apply_completions(&mut marks, &mut clocks, Some(Duration::from_millis(50)));
+            self.apply_completions(&mut marks, &mut clocks, &mut held, Some(Duration::from_millis(50)));
+        }
+        if !self.taps.is_empty() {
+            // What the taps made durable (their jobs checkpointed before the routes stop).
+            self.release_held(&mut held, &mut clocks);
         }
         let abandoned = marks.in_flight().saturating_sub(never_handed);
         if abandoned > 0 {
@@ -661,9 +676,9 @@ impl Poller {
         tracing::info!(route = %self.route, "stopped");
     }
 
-    /// Applies completions and stores advanced watermarks. With `wait`, blocks up to that long
-    /// for the first completion.
-    fn apply_completions(&self, marks: &mut Watermarks, clocks: &mut Clocks, wait: Option<Duration>) {
+    /// Applies completions and stores advanced watermarks (held back for the route's taps, if
+    /// it has any). With `wait`, blocks up to that long for the first completion.
+    fn apply_completions(&self, marks: &mut Watermarks, clocks: &mut Clocks, held: &mut Held, wait: Option<Duration>) {
         let mut advanced: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
         let mut apply = |c: Completion, marks: &mut Watermarks| {
             if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
@@ -681,6 +696,26 @@ impl Poller {
         if advanced.is_empty() {
             return;
         }
+        if !self.taps.is_empty() {
+            for (partition, mark) in advanced {
+                held.push(partition, mark);
+            }
+            self.release_held(held, clocks);
+            return;
+        }
+        self.store(clocks, advanced);
+    }
+
+    /// Stores the held watermarks the route's taps have made durable.
+    fn release_held(&self, held: &mut Held, clocks: &mut Clocks) {
+        let released = held.release(|partition| durable_of(&self.taps, partition));
+        if !released.is_empty() {
+            self.store(clocks, released);
+        }
+    }
+
+    /// Stores advanced watermarks: `offset + 1` of each, its write clock as metadata.
+    fn store(&self, clocks: &mut Clocks, advanced: BTreeMap<i32, (i64, i64)>) {
         for (&partition, &(offset, timestamp_us)) in &advanced {
             clocks.stored.insert(partition, (offset, timestamp_us));
         }
@@ -693,11 +728,50 @@ impl Poller {
         }
     }
 
+    /// Reads partitions again where the route's taps ask ([`super::tap::Rewind`]): from the
+    /// asked offset, or from the oldest message still in flight or the consumer's position if
+    /// either is lower — every message from there is read again in a new epoch (so the taps
+    /// tell them from the stale ones, and the stale ones' completions are ignored), and nothing
+    /// in flight is skipped. A partition no longer in the epoch the tap asked about is left
+    /// alone (revoked or rewound since).
+    fn apply_rewinds(&self, marks: &mut Watermarks, held: &mut Held) {
+        for rewind in self.taps.iter().flat_map(|tap| tap.rewinds()) {
+            let partition = rewind.partition;
+            if marks.epoch(partition) != Some(rewind.epoch) {
+                continue;
+            }
+            let position = self.consumer.position().ok().and_then(|list| {
+                list.find_partition(&self.topic, partition)
+                    .and_then(|elem| elem.offset().to_raw())
+                    .filter(|offset| *offset >= 0)
+            });
+            let offset = [Some(rewind.offset), marks.oldest_unfinished(partition), position]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(rewind.offset);
+            match self
+                .consumer
+                .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+            {
+                Ok(()) => {
+                    marks.assign(partition);
+                    held.forget(partition);
+                    tracing::info!(route = %self.route, partition, offset, asked = rewind.offset, "partition read again from an earlier offset for a stream job");
+                }
+                Err(error) => {
+                    tracing::warn!(route = %self.route, partition, offset, %error, "cannot read a partition again for a stream job; it reads again after the next rebalance or restart")
+                }
+            }
+        }
+    }
+
     /// Applies the rebalances recorded during the last poll; `true` when there were any.
     fn apply_rebalances(
         &self,
         marks: &mut Watermarks,
         clocks: &mut Clocks,
+        held: &mut Held,
         unassigned_since: &mut Option<Instant>,
     ) -> bool {
         let events = self.consumer.context().take();
@@ -721,6 +795,7 @@ impl Poller {
                     for p in partitions {
                         marks.revoke(p);
                         clocks.forget(p);
+                        held.forget(p);
                     }
                 }
             }

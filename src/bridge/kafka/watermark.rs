@@ -9,7 +9,7 @@
 //! leave gaps). Every assignment gets a fresh epoch: a completion from before a revoke can never
 //! mark a message of a later assignment done.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One tracked message: its offset, its write timestamp and whether it is done.
 #[derive(Debug, Clone, Copy)]
@@ -104,12 +104,69 @@ impl Watermarks {
         advanced
     }
 
+    /// The epoch `partition` is tracked in, if it is.
+    pub fn epoch(&self, partition: i32) -> Option<u64> {
+        self.partitions.get(&partition).map(|p| p.epoch)
+    }
+
+    /// The offset of `partition`'s oldest message not yet done, if any (the done prefix is
+    /// dropped as it completes).
+    pub fn oldest_unfinished(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition)?.slots.front().map(|slot| slot.offset)
+    }
+
     /// Messages handed out and not yet done, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions
             .values()
             .map(|p| p.slots.iter().filter(|s| !s.done).count())
             .sum()
+    }
+}
+
+/// Watermarks held back until a route's taps have made them durable (`bridge::tap`): per
+/// partition, the advanced marks (offset, write timestamp) in order, each released once its next
+/// offset is durable — so the offset stored is always that of a real watermark, with its own
+/// write clock.
+#[derive(Debug, Default)]
+pub struct Held {
+    partitions: HashMap<i32, VecDeque<(i64, i64)>>,
+}
+
+impl Held {
+    /// Holds `partition`'s advanced watermark `mark`. A mark at or before the last held one means
+    /// tracking restarted (a rewind): what was held before it is dropped.
+    pub fn push(&mut self, partition: i32, mark: (i64, i64)) {
+        let marks = self.partitions.entry(partition).or_default();
+        if marks.back().is_some_and(|last| mark.0 <= last.0) {
+            marks.clear();
+        }
+        marks.push_back(mark);
+    }
+
+    /// Releases, per partition, the last held mark whose next offset (`offset + 1`) is at or
+    /// below `durable(partition)` (`None`: nothing is durable yet), dropping the marks before it.
+    pub fn release(&mut self, durable: impl Fn(i32) -> Option<i64>) -> BTreeMap<i32, (i64, i64)> {
+        let mut released = BTreeMap::new();
+        for (&partition, marks) in self.partitions.iter_mut() {
+            let Some(limit) = durable(partition) else {
+                continue;
+            };
+            let mut last = None;
+            while marks.front().is_some_and(|front| front.0 < limit) {
+                last = marks.pop_front();
+            }
+            if let Some(mark) = last {
+                released.insert(partition, mark);
+            }
+        }
+        self.partitions.retain(|_, marks| !marks.is_empty());
+        released
+    }
+
+    /// Drops what is held of `partition` (revoked, or read again from an earlier offset).
+    pub fn forget(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
     }
 }
 
@@ -154,6 +211,45 @@ mod tests {
         assert_ne!(first, second);
         assert_eq!(w.complete(1, first, 100), None);
         assert_eq!(w.complete(1, second, 50), Some(50));
+    }
+
+    #[test]
+    fn held_marks_are_released_only_up_to_the_durable_offset() {
+        let mut held = Held::default();
+        held.push(0, (9, 90));
+        held.push(0, (19, 190));
+        held.push(0, (29, 290));
+        held.push(1, (4, 40));
+        assert!(held.release(|_| None).is_empty(), "nothing durable: nothing stored");
+        // Durable up to offset 20 (exclusive) of partition 0: the mark at 19 is the last one whose
+        // next offset (20) is durable; partition 1 has nothing durable.
+        let released = held.release(|p| (p == 0).then_some(20));
+        assert_eq!(released, BTreeMap::from([(0, (19, 190))]));
+        assert!(held.release(|p| (p == 0).then_some(20)).is_empty(), "released once");
+        // A tap that let go (durable i64::MAX) releases everything.
+        let released = held.release(|_| Some(i64::MAX));
+        assert_eq!(released, BTreeMap::from([(0, (29, 290)), (1, (4, 40))]));
+        // A mark behind the last held one: tracking restarted, the older marks are dropped.
+        held.push(2, (50, 1));
+        held.push(2, (10, 2));
+        assert_eq!(held.release(|_| Some(100)), BTreeMap::from([(2, (10, 2))]));
+        held.push(3, (5, 1));
+        held.forget(3);
+        assert!(held.release(|_| Some(100)).is_empty());
+    }
+
+    #[test]
+    fn the_oldest_unfinished_offset_and_the_epoch_are_reported() {
+        let mut w = Watermarks::default();
+        assert_eq!(w.epoch(0), None);
+        let e = w.track(0, 10);
+        w.track(0, 11);
+        assert_eq!(w.epoch(0), Some(e));
+        assert_eq!(w.oldest_unfinished(0), Some(10));
+        w.complete(0, e, 10);
+        assert_eq!(w.oldest_unfinished(0), Some(11));
+        w.complete(0, e, 11);
+        assert_eq!(w.oldest_unfinished(0), None);
     }
 
     proptest! {
