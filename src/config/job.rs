@@ -81,9 +81,10 @@ pub struct RawJobSource {
     #[schemars(with = "Vec<serde_json::Value>")]
     pub binds: Vec<toml::Value>,
     /// A stream job: names of Kafka `[[route]]`s whose mapped rows (of each route's first
-    /// target, the row its columns make) the job folds as messages arrive. The job reads each
-    /// route's topic with its own consumer group, `shardgate-job-<name>`, and runs inside every
-    /// `shardgate serve` whose config holds it (gateways share the topic's partitions).
+    /// target, the row its columns make) the job folds as messages arrive. Inside `shardgate
+    /// serve` it folds them on the cores right after the route maps them, and the route commits
+    /// no offset beyond what the job made durable; under `shardgate job run` it reads each
+    /// route's topic with its own consumer group, `shardgate-job-<name>`.
     #[serde(default)]
     pub stream: Vec<String>,
     /// A stream job: how often its progress and open windows are made durable, and closed

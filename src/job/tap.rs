@@ -28,7 +28,7 @@
 //! the routes' poll threads; [`run`] on the island.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,9 @@ struct RouteColumns {
     /// The first target's columns: the names of the rows the job sees.
     names: Vec<String>,
     positions: Positions,
+    /// Which columns the job reads (`None`: all, a filter or an expression sees the whole row);
+    /// the others are passed as null, not converted.
+    read: Option<Vec<bool>>,
 }
 
 /// A message seen while its part loads.
@@ -109,18 +112,29 @@ struct Letter {
 #[derive(Default)]
 struct CoreState {
     parts: HashMap<(usize, i32), PartState>,
-    letters: Vec<Letter>,
+    spill: Spill,
 }
 
-/// Counters of a rollup (the job's report).
+/// What folding leaves besides the parts: letters to send and counts (kept per core, so the
+/// cores share no counter's cache line; summed for the report, and the rows read added to the
+/// metric at each checkpoint).
 #[derive(Default)]
-struct Counters {
-    messages: AtomicU64,
-    replayed: AtomicU64,
-    unmapped: AtomicU64,
-    rows_kept: AtomicU64,
-    rows_failed: AtomicU64,
-    rows_late: AtomicU64,
+struct Spill {
+    letters: Vec<Letter>,
+    counts: Counts,
+    /// Rows read since the last checkpoint.
+    rows_read: u64,
+}
+
+/// Counts of a rollup on one core (the job's report).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    messages: u64,
+    replayed: u64,
+    unmapped: u64,
+    rows_kept: u64,
+    rows_failed: u64,
+    rows_late: u64,
 }
 
 /// A stream job folding its routes' rows on the cores: shared by its [`RouteTap`]s and its
@@ -145,7 +159,6 @@ pub struct Rollup {
     released: AtomicBool,
     /// Parts waiting for their stored state.
     loads: tokio::sync::Notify,
-    counters: Counters,
     rows_read: metrics::Counter,
     rows_failed: metrics::Counter,
     rows_late: metrics::Counter,
@@ -175,7 +188,6 @@ impl Rollup {
             folding: AtomicBool::new(true),
             released: AtomicBool::new(false),
             loads: tokio::sync::Notify::new(),
-            counters: Counters::default(),
             rows_read: metrics::counter!(metric::JOB_ROWS_READ, "job" => job.name.clone()),
             rows_failed: metrics::counter!(metric::JOB_ROWS_FAILED, "job" => job.name.clone()),
             rows_late: metrics::counter!(metric::JOB_ROWS_LATE, "job" => job.name.clone()),
@@ -200,11 +212,21 @@ impl Rollup {
             return Ok(None);
         };
         let names = route_columns(&self.job, route, mapper)?;
+        let positions = Positions::new(&names, &self.compiled);
+        let read = (!self.compiled.needs_cel()).then(|| {
+            let mut read = vec![false; names.len()];
+            let used = positions.group_by.iter().chain(&positions.measures).chain([&positions.window]);
+            for at in used.flatten() {
+                read[*at] = true;
+            }
+            read
+        });
         let columns = RouteColumns {
             route: route.to_string(),
             topic: topic.to_string(),
-            positions: Positions::new(&names, &self.compiled),
+            positions,
             names,
+            read,
         };
         if self.routes[index].set(columns).is_err() {
             anyhow::bail!("job `{}`: route `{route}` tapped twice", self.job.name);
@@ -229,15 +251,15 @@ impl Rollup {
         offset: i64,
         rows: &[Row],
         message: (&Option<Bytes>, &Option<Bytes>, &[(String, String)]),
-        letters: &mut Vec<Letter>,
+        spill: &mut Spill,
     ) {
         if part.position.is_some_and(|next| offset < next) {
-            self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+            spill.counts.replayed += 1;
             return;
         }
         part.position = Some(offset + 1);
         part.dirty = true;
-        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        spill.counts.messages += 1;
         let Some(columns) = self.routes[route].get() else {
             return;
         };
@@ -248,18 +270,18 @@ impl Rollup {
                 .fold_row(&columns.names, &columns.positions, row, &mut part.partial, closed)
             {
                 Ok(Fold::Folded(time)) => {
-                    self.counters.rows_kept.fetch_add(1, Ordering::Relaxed);
+                    spill.counts.rows_kept += 1;
                     part.max_time = part.max_time.max(time);
                 }
                 Ok(Fold::Skipped | Fold::Copied(_)) => {}
                 Err((code, reason)) => {
-                    self.counters.rows_failed.fetch_add(1, Ordering::Relaxed);
+                    spill.counts.rows_failed += 1;
                     self.rows_failed.increment(1);
                     if code == ReasonCode::Late {
-                        self.counters.rows_late.fetch_add(1, Ordering::Relaxed);
+                        spill.counts.rows_late += 1;
                         self.rows_late.increment(1);
                     }
-                    letters.push(Letter {
+                    spill.letters.push(Letter {
                         route,
                         partition,
                         offset,
@@ -272,7 +294,7 @@ impl Rollup {
                 }
             }
         }
-        self.rows_read.increment(rows.len() as u64);
+        spill.rows_read += rows.len() as u64;
     }
 
     /// Asks route `route` to read `partition` again from `offset` (its epoch `epoch` stops).
@@ -320,14 +342,14 @@ impl Rollup {
                     return Err(error);
                 }
             };
-            self.install(key, part, loaded, &mut state.letters);
+            self.install(key, part, loaded, &mut state.spill);
         }
         Ok(())
     }
 
     /// A loaded part replaces a loading one: ready, with what waited folded — or stale, with a
     /// rewind asked, when its stored offset is behind the first message seen.
-    fn install(&self, key: (usize, i32), part: &mut PartState, loaded: Part, letters: &mut Vec<Letter>) {
+    fn install(&self, key: (usize, i32), part: &mut PartState, loaded: Part, spill: &mut Spill) {
         let Phase::Loading { waiting, .. } = std::mem::replace(&mut part.phase, Phase::Stale) else {
             return;
         };
@@ -343,7 +365,7 @@ impl Rollup {
         let mut ready = loaded;
         for message in waiting {
             let info = (&message.key, &message.payload, message.headers.as_slice());
-            self.fold_message(key.0, key.1, &mut ready, message.offset, &message.rows, info, letters);
+            self.fold_message(key.0, key.1, &mut ready, message.offset, &message.rows, info, spill);
         }
         part.phase = Phase::Ready(ready);
     }
@@ -354,7 +376,8 @@ impl Rollup {
         let mut letters = Vec::new();
         for (core, state) in self.cores.iter().enumerate() {
             let mut state = lock(state);
-            letters.append(&mut state.letters);
+            letters.append(&mut state.spill.letters);
+            self.rows_read.increment(std::mem::take(&mut state.spill.rows_read));
             for (key, part) in state.parts.iter_mut() {
                 if let Phase::Ready(ready) = &mut part.phase {
                     if ready.dirty {
@@ -453,23 +476,38 @@ impl Rollup {
         for state in &self.cores {
             let mut state = lock(state);
             state.parts.clear();
-            state.letters.clear();
+            state.spill.letters.clear();
         }
         if release {
             self.released.store(true, Ordering::Release);
         }
     }
 
+    /// The counts of every core, summed.
+    fn counts(&self) -> Counts {
+        let mut sum = Counts::default();
+        for state in &self.cores {
+            let counts = lock(state).spill.counts;
+            sum.messages += counts.messages;
+            sum.replayed += counts.replayed;
+            sum.unmapped += counts.unmapped;
+            sum.rows_kept += counts.rows_kept;
+            sum.rows_failed += counts.rows_failed;
+            sum.rows_late += counts.rows_late;
+        }
+        sum
+    }
+
     /// The job's report so far.
     fn report(&self, windows_closed: u64, rows_out: u64, started: Instant) -> StreamReport {
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let counts = self.counts();
         StreamReport {
-            messages: read(&self.counters.messages),
-            replayed: read(&self.counters.replayed),
-            unmapped: read(&self.counters.unmapped),
-            rows_kept: read(&self.counters.rows_kept),
-            rows_failed: read(&self.counters.rows_failed),
-            rows_late: read(&self.counters.rows_late),
+            messages: counts.messages,
+            replayed: counts.replayed,
+            unmapped: counts.unmapped,
+            rows_kept: counts.rows_kept,
+            rows_failed: counts.rows_failed,
+            rows_late: counts.rows_late,
             windows_closed,
             rows_out,
             restarts: 0,
@@ -490,15 +528,15 @@ impl Tap for RouteTap {
         let Some(columns) = rollup.routes[self.route].get() else {
             return;
         };
-        if rows.is_none() {
-            rollup.counters.unmapped.fetch_add(1, Ordering::Relaxed);
-        }
         // Converted before the lock is taken.
         let kept: Vec<Row> = rows
             .unwrap_or_default()
             .iter()
             .filter(|row| row.target == 0 && !row.delete)
-            .map(|row| row_of(&row.values, columns.names.len()))
+            .map(|row| match &columns.read {
+                Some(read) => read_columns(&row.values, read),
+                None => row_of(&row.values, columns.names.len()),
+            })
             .collect();
         let offset = message.position;
         let key = (self.route, partition);
@@ -507,6 +545,9 @@ impl Tap for RouteTap {
         };
         let mut state = lock(cell);
         let state = &mut *state;
+        if rows.is_none() {
+            state.spill.counts.unmapped += 1;
+        }
         let part = state.parts.entry(key).or_insert_with(|| PartState {
             epoch: 0,
             first: offset,
@@ -545,7 +586,7 @@ impl Tap for RouteTap {
             }
             Phase::Ready(ready) => {
                 let info = (&message.key, &message.payload, message.headers.as_slice());
-                rollup.fold_message(self.route, partition, ready, offset, &kept, info, &mut state.letters);
+                rollup.fold_message(self.route, partition, ready, offset, &kept, info, &mut state.spill);
             }
         }
     }
@@ -565,6 +606,22 @@ impl Tap for RouteTap {
         let (mine, others): (Vec<_>, Vec<_>) = asked.drain(..).partition(|(route, _)| *route == self.route);
         *asked = others;
         mine.into_iter().map(|(_, rewind)| rewind).collect()
+    }
+}
+
+/// A mapped row's values as the job sees them, only the columns it reads converted (an unset
+/// one reads as null, as in [`row_of`]); the others null.
+fn read_columns(values: &[scylla::value::MaybeUnset<Option<scylla::value::CqlValue>>], read: &[bool]) -> Row {
+    use scylla::value::MaybeUnset;
+    Row {
+        values: values
+            .iter()
+            .zip(read)
+            .map(|(value, read)| match (value, read) {
+                (MaybeUnset::Set(value), true) => crate::wire::convert::from_cql(value.as_ref()),
+                _ => crate::wire::convert::from_cql(None),
+            })
+            .collect(),
     }
 }
 
@@ -756,14 +813,14 @@ table = "shop.city_minutes"
             let mut state = lock(&self.rollup.cores[0]);
             let state = &mut *state;
             let part = state.parts.get_mut(&(0, 0)).expect("a loading part");
-            self.rollup.install((0, 0), part, loaded, &mut state.letters);
+            self.rollup.install((0, 0), part, loaded, &mut state.spill);
         }
 
         /// When the part is ready: its next offset, and the rows the rollup folded so far.
         fn ready(&self) -> Option<(Option<i64>, u64)> {
             let state = lock(&self.rollup.cores[0]);
             match &state.parts.get(&(0, 0))?.phase {
-                Phase::Ready(part) => Some((part.position, self.rollup.counters.rows_kept.load(Ordering::Relaxed))),
+                Phase::Ready(part) => Some((part.position, state.spill.counts.rows_kept)),
                 _ => None,
             }
         }
@@ -781,7 +838,7 @@ table = "shop.city_minutes"
         assert_eq!(fixture.tap.durable(0), None, "nothing durable: no offset stored");
         fixture.load(Some(7));
         assert_eq!(fixture.ready(), Some((Some(10), 3)), "7, 8 and 9 folded");
-        assert_eq!(fixture.rollup.counters.replayed.load(Ordering::Relaxed), 2);
+        assert_eq!(fixture.rollup.counts().replayed, 2);
         assert_eq!(fixture.tap.durable(0), Some(7), "the stored offset is durable");
         fixture.fold(1, 10);
         assert_eq!(fixture.ready(), Some((Some(11), 4)));

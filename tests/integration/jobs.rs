@@ -779,20 +779,12 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
     }
 }
 
-/// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
-/// city, into a table and a JetStream subject, folded from the route's rows on the cores as the
-/// route writes the orders. The gateway is killed (SIGKILL) while orders flow, the route's
-/// consumer group deleted (so the topic is read from its start) and the gateway restarted; rows within the allowed lateness still count in their window,
-/// rows for closed windows are dead-lettered as `late`; every result equals the aggregation
-/// computed here, written with its window's end as write timestamp, once per window on the
-/// subject.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
-    let _lock = gateway_lock().await;
-    let names = Names::new("jobs_stream");
+/// The orders table, `city_minutes`, a 3-partition topic, the late topic, a JetStream stream
+/// for the results, and a gateway config with the orders route and [`CITY_MINUTES`]. Returns
+/// the config's path, the late topic and the stream's name.
+async fn stream_setup(session: &scylla::client::session::Session, names: &Names) -> (std::path::PathBuf, String, String) {
     let keyspace = &names.keyspace;
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, keyspace)
+    devkit::create_orders_table(session, keyspace)
         .await
         .expect("orders table");
     session
@@ -823,6 +815,84 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         format!("{}\n{job}\n", devkit::ingest_gateway_toml(&route, 2048, 64)),
     )
     .expect("config");
+    (config, late_topic, stream)
+}
+
+/// (city, window start) → (orders, items, quantity of the latest order — of equally late ones,
+/// the greatest) over `counted` (order number, event time).
+fn expected_city_minutes(counted: impl Iterator<Item = (u64, i64)>) -> BTreeMap<(String, i64), (i64, i64, i64)> {
+    let mut expected: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
+    let mut latest: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for (i, at) in counted {
+        let order = devkit::expected_order(i);
+        let key = (order.city, at.div_euclid(MINUTE_MS) * MINUTE_MS);
+        let quantity = i64::from(order.quantity);
+        let entry = expected.entry(key.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += quantity;
+        let last = latest.entry(key).or_insert((at, quantity));
+        *last = (*last).max((at, quantity));
+    }
+    for (key, entry) in expected.iter_mut() {
+        entry.2 = latest[key].1;
+    }
+    expected
+}
+
+/// Waits (up to 60 s) for `expected.len()` results in `city_minutes`, checks each was written
+/// at its window's end, and asserts they equal `expected`.
+async fn assert_city_minutes(
+    session: &scylla::client::session::Session,
+    keyspace: &str,
+    expected: &BTreeMap<(String, i64), (i64, i64, i64)>,
+) {
+    type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64, i64);
+    let read = || async {
+        let rows: Vec<Result> = devkit::select::<Result>(
+            session,
+            format!("SELECT city, window_start, orders, items, latest, WRITETIME(orders) FROM {keyspace}.city_minutes"),
+        )
+        .await
+        .expect("select");
+        rows
+    };
+    let started = Instant::now();
+    let rows = loop {
+        let rows = read().await;
+        if rows.len() >= expected.len() || started.elapsed() > Duration::from_secs(60) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut found: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
+    for (city, start, orders, items, latest, written_us) in rows {
+        assert_eq!(written_us, (start.0 + MINUTE_MS) * 1_000, "written at the window's end");
+        found.insert((city, start.0), (orders, items, latest));
+    }
+    let differing: Vec<_> = expected
+        .iter()
+        .filter(|(key, value)| found.get(*key) != Some(value))
+        .take(5)
+        .map(|(key, value)| format!("{key:?}: expected {value:?}, found {:?}", found.get(key)))
+        .collect();
+    assert!(differing.is_empty(), "results differ: {differing:?}");
+    assert_eq!(found.len(), expected.len(), "no result beyond the expected windows");
+}
+
+/// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
+/// city, into a table and a JetStream subject, folded from the route's rows on the cores as the
+/// route writes the orders. The gateway is killed (SIGKILL) while orders flow, the route's
+/// consumer group deleted (so the topic is read from its start) and the gateway restarted; rows within the allowed lateness still count in their window,
+/// rows for closed windows are dead-lettered as `late`; every result equals the aggregation
+/// computed here, written with its window's end as write timestamp, once per window on the
+/// subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_stream");
+    let keyspace = &names.keyspace;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let (config, late_topic, stream) = stream_setup(&session, &names).await;
 
     // Half the orders at a paced rate; the gateway is killed once it has closed windows.
     const MAIN: u64 = 30_000;
@@ -885,55 +955,9 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
     devkit::produce(&names.topic, ahead.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
 
-    // (city, window start) → (orders, items, quantity of the latest order — of equally late
-    // ones, the greatest), from the orders that count.
-    let mut expected: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
-    let mut latest: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
     let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
-    for (i, at) in counted {
-        let order = devkit::expected_order(i);
-        let key = (order.city, at.div_euclid(MINUTE_MS) * MINUTE_MS);
-        let quantity = i64::from(order.quantity);
-        let entry = expected.entry(key.clone()).or_default();
-        entry.0 += 1;
-        entry.1 += quantity;
-        let last = latest.entry(key).or_insert((at, quantity));
-        *last = (*last).max((at, quantity));
-    }
-    for (key, entry) in expected.iter_mut() {
-        entry.2 = latest[key].1;
-    }
-    type Result = (String, scylla::value::CqlTimestamp, i64, i64, i64, i64);
-    let read = || async {
-        let rows: Vec<Result> = devkit::select::<Result>(
-            &session,
-            format!("SELECT city, window_start, orders, items, latest, WRITETIME(orders) FROM {keyspace}.city_minutes"),
-        )
-        .await
-        .expect("select");
-        rows
-    };
-    let started = Instant::now();
-    let rows = loop {
-        let rows = read().await;
-        if rows.len() >= expected.len() || started.elapsed() > Duration::from_secs(60) {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let mut found: BTreeMap<(String, i64), (i64, i64, i64)> = BTreeMap::new();
-    for (city, start, orders, items, latest, written_us) in rows {
-        assert_eq!(written_us, (start.0 + MINUTE_MS) * 1_000, "written at the window's end");
-        found.insert((city, start.0), (orders, items, latest));
-    }
-    let differing: Vec<_> = expected
-        .iter()
-        .filter(|(key, value)| found.get(*key) != Some(value))
-        .take(5)
-        .map(|(key, value)| format!("{key:?}: expected {value:?}, found {:?}", found.get(key)))
-        .collect();
-    assert!(differing.is_empty(), "results differ: {differing:?}");
-    assert_eq!(found.len(), expected.len(), "no result beyond the expected windows");
+    let expected = expected_city_minutes(counted);
+    assert_city_minutes(&session, keyspace, &expected).await;
 
     // The late orders, and only they, dead-lettered as `late`.
     let letters = devkit::read_topic(&late_topic, late.len() + 1, Duration::from_secs(10)).expect("late topic");
@@ -983,6 +1007,82 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         .and_then(|n| n.trim().parse().ok())
         .expect("the stream job's report");
     assert!(replayed > 0, "the restarted job skipped what its checkpoints counted");
+}
+
+/// A stream rollup cancelled over the `Jobs` service lets its route go on alone (the route
+/// commits its offsets past it); started again, it has the route read each partition again
+/// from its stored offset, and its results come out exact — the orders that arrived while it
+/// was cancelled counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_rollup_catches_up_when_started_again() {
+    use shardgate::wire::proto::jobs_client::JobsClient;
+    use shardgate::wire::proto::JobRequest;
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_restream");
+    let keyspace = &names.keyspace;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    let (config, _, _) = stream_setup(&session, &names).await;
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway.log")).expect("gateway starts");
+    let mut jobs = JobsClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("Jobs client");
+    let request = || JobRequest {
+        job: "city_minutes".into(),
+    };
+    const FIRST: u64 = 6_000;
+    const SECOND: u64 = 6_000;
+    let orders = |range: std::ops::Range<u64>| {
+        range.map(|i| {
+            let (key, payload) = devkit::order_message(i);
+            (key, payload.into_bytes())
+        })
+    };
+    devkit::produce(&names.topic, orders(0..FIRST)).expect("produce");
+    wait_stream_folded(&session, keyspace, FIRST as i64).await;
+
+    let cancelled = jobs.cancel_job(request()).await.expect("cancel").into_inner();
+    assert_eq!(cancelled.kind, "stream");
+    // The job's task ends with a last checkpoint; then it folds nothing.
+    let started = Instant::now();
+    while jobs.get_job_status(request()).await.expect("status").into_inner().state != "cancelled" {
+        assert!(started.elapsed() < Duration::from_secs(30), "not cancelled in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    devkit::produce(&names.topic, orders(FIRST..FIRST + SECOND)).expect("produce");
+    // The route writes them and commits past the job.
+    let started = Instant::now();
+    loop {
+        let (committed, end) = devkit::committed_and_end(&names.group, &names.topic, 3).expect("offsets");
+        if committed == end && end == (FIRST + SECOND) as i64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the route committed {committed} of {end} offsets in 60 s without its job"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(stream_folded(&session, keyspace).await, FIRST as i64, "nothing folded while cancelled");
+
+    let restarted = jobs.start_job(request()).await.expect("start").into_inner();
+    assert_eq!(restarted.state, "running");
+    // Orders the route reads after the restart make the job see that it is behind.
+    devkit::produce(&names.topic, orders(FIRST + SECOND..FIRST + SECOND + 30)).expect("produce");
+    wait_stream_folded(&session, keyspace, (FIRST + SECOND + 30) as i64).await;
+    // An hour ahead on every partition: the watermark passes every window above.
+    let newest = placed_at_ms(FIRST + SECOND + 29);
+    let ahead: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|j| order_placed_at(FIRST + SECOND + 30 + j, newest + 60 * MINUTE_MS))
+        .collect();
+    devkit::produce(&names.topic, ahead.into_iter()).expect("produce");
+    let counted = (0..FIRST + SECOND + 30).map(|i| (i, placed_at_ms(i)));
+    assert_city_minutes(&session, keyspace, &expected_city_minutes(counted)).await;
+    assert!(gateway.stop().expect("stop").success());
+    let log = std::fs::read_to_string(names.dir.join("gateway.log")).expect("log");
+    assert!(
+        log.contains("partition read again from an earlier offset for a stream job"),
+        "the route read the partitions again for the job"
+    );
 }
 
 /// The `Jobs` gRPC service on the gateway's listener: the jobs listed; a scan job started,
