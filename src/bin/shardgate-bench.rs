@@ -371,8 +371,9 @@ measures = { orders = "count()", items = "sum(row.quantity)" }
 table = "KS.hourly"
 "#;
 
-/// The `kafka-5-rollup` mode's wait: until the rollup has checkpointed every message (it reads
-/// the topic beside the route), so the gateway's CPU is taken over both.
+/// The `kafka-5-rollup` mode's wait: until the rollup has checkpointed every message (its
+/// checkpoints trail the route's writes by up to one interval), so the gateway's CPU is taken
+/// over both.
 async fn wait_rollup(session: &scylla::client::session::Session, keyspace: &str, rows: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
