@@ -215,7 +215,11 @@ impl Rollup {
         let positions = Positions::new(&names, &self.compiled);
         let read = (!self.compiled.needs_cel()).then(|| {
             let mut read = vec![false; names.len()];
-            let used = positions.group_by.iter().chain(&positions.measures).chain([&positions.window]);
+            let used = positions
+                .group_by
+                .iter()
+                .chain(&positions.measures)
+                .chain([&positions.window]);
             for at in used.flatten() {
                 read[*at] = true;
             }
@@ -454,8 +458,27 @@ impl Rollup {
         }
     }
 
-    /// Closes what the watermark passed and drops it from the parts on every core.
+    /// Whether every part this gateway folds has its progress stored: until then the stored
+    /// watermark would leave it out (a partition still loading, or not yet checkpointed, must
+    /// not let the others close windows its rows still fall in). A partition no message of which
+    /// has reached this gateway yet is not seen here.
+    fn all_stored(&self) -> bool {
+        self.cores.iter().all(|state| {
+            lock(state).parts.values().all(|part| match &part.phase {
+                Phase::Ready(ready) => ready.stored.is_some(),
+                Phase::Loading { .. } => false,
+                // Read again from an offset stored already.
+                Phase::Stale => true,
+            })
+        })
+    }
+
+    /// Closes what the watermark passed and drops it from the parts on every core (nothing
+    /// while a part here has no stored progress).
     async fn close(&self, windows: &mut Windows) -> anyhow::Result<u64> {
+        if !self.all_stored() {
+            return Ok(0);
+        }
         let written = windows.close_windows().await?;
         self.closed_through
             .store(windows.closed_through.unwrap_or(i64::MIN), Ordering::Release);

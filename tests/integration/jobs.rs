@@ -782,7 +782,10 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
 /// The orders table, `city_minutes`, a 3-partition topic, the late topic, a JetStream stream
 /// for the results, and a gateway config with the orders route and [`CITY_MINUTES`]. Returns
 /// the config's path, the late topic and the stream's name.
-async fn stream_setup(session: &scylla::client::session::Session, names: &Names) -> (std::path::PathBuf, String, String) {
+async fn stream_setup(
+    session: &scylla::client::session::Session,
+    names: &Names,
+) -> (std::path::PathBuf, String, String) {
     let keyspace = &names.keyspace;
     devkit::create_orders_table(session, keyspace)
         .await
@@ -1062,7 +1065,11 @@ async fn a_cancelled_stream_rollup_catches_up_when_started_again() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(stream_folded(&session, keyspace).await, FIRST as i64, "nothing folded while cancelled");
+    assert_eq!(
+        stream_folded(&session, keyspace).await,
+        FIRST as i64,
+        "nothing folded while cancelled"
+    );
 
     let restarted = jobs.start_job(request()).await.expect("start").into_inner();
     assert_eq!(restarted.state, "running");
