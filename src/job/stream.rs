@@ -282,15 +282,20 @@ fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -
     Ok(consumer)
 }
 
-/// A mapped row's values as the job sees them (an unset column reads as null).
-pub(super) fn row_of(values: &[MaybeUnset<Option<CqlValue>>], columns: usize) -> Row {
+/// A mapped row's values as the job sees them (an unset column reads as null): the first
+/// `columns`, or with `read` only those it marks converted and the others null (a job without
+/// expressions reads a few columns).
+pub(super) fn row_of(values: &[MaybeUnset<Option<CqlValue>>], columns: usize, read: Option<&[bool]>) -> Row {
     Row {
         values: values
             .iter()
             .take(columns)
-            .map(|value| match value {
-                MaybeUnset::Set(value) => from_cql(value.as_ref()),
-                MaybeUnset::Unset => from_cql(None),
+            .enumerate()
+            .map(|(at, value)| match value {
+                MaybeUnset::Set(value) if read.is_none_or(|read| read.get(at).copied().unwrap_or(false)) => {
+                    from_cql(value.as_ref())
+                }
+                _ => from_cql(None),
             })
             .collect(),
     }
@@ -689,7 +694,7 @@ impl Stream {
         let closed = self.windows.closed_through.unwrap_or(i64::MIN);
         let job = &self.windows.job.name;
         for mapped in rows.iter().filter(|row| row.target == 0 && !row.delete) {
-            let row = row_of(&mapped.values, source.names.len());
+            let row = row_of(&mapped.values, source.names.len(), None);
             match self
                 .compiled
                 .fold_row(&source.names, &source.positions, &row, &mut part.partial, closed)

@@ -556,10 +556,7 @@ impl Tap for RouteTap {
             .unwrap_or_default()
             .iter()
             .filter(|row| row.target == 0 && !row.delete)
-            .map(|row| match &columns.read {
-                Some(read) => read_columns(&row.values, read),
-                None => row_of(&row.values, columns.names.len()),
-            })
+            .map(|row| row_of(&row.values, columns.names.len(), columns.read.as_deref()))
             .collect();
         let offset = message.position;
         let key = (self.route, partition);
@@ -629,22 +626,6 @@ impl Tap for RouteTap {
         let (mine, others): (Vec<_>, Vec<_>) = asked.drain(..).partition(|(route, _)| *route == self.route);
         *asked = others;
         mine.into_iter().map(|(_, rewind)| rewind).collect()
-    }
-}
-
-/// A mapped row's values as the job sees them, only the columns it reads converted (an unset
-/// one reads as null, as in [`row_of`]); the others null.
-fn read_columns(values: &[scylla::value::MaybeUnset<Option<scylla::value::CqlValue>>], read: &[bool]) -> Row {
-    use scylla::value::MaybeUnset;
-    Row {
-        values: values
-            .iter()
-            .zip(read)
-            .map(|(value, read)| match (value, read) {
-                (MaybeUnset::Set(value), true) => crate::wire::convert::from_cql(value.as_ref()),
-                _ => crate::wire::convert::from_cql(None),
-            })
-            .collect(),
     }
 }
 
