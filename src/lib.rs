@@ -20,7 +20,6 @@ pub mod job;
 pub mod mapping;
 pub mod query;
 pub mod reference;
-pub mod replay;
 pub mod runtime;
 pub mod server;
 pub mod sink;

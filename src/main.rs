@@ -35,7 +35,9 @@ enum Command {
         config: PathBuf,
     },
     /// Send a route's dead letters (Kafka topic or table) back through the route as configured
-    /// now; letters that fail again return to the dead-letter destination.
+    /// now; letters that fail again return to the dead-letter destination. The same as `job
+    /// run` of a replay job (`[job.source] replay = "<route>"`); Ctrl-C or SIGTERM stops it
+    /// after the chunk in hand is committed.
     Replay {
         /// TOML config file.
         #[arg(long, short)]
@@ -104,7 +106,8 @@ enum JobAction {
     /// the gateway's `[ingest]` listener, sharing its splits with other gateways running it; a
     /// progress bar on a terminal, a summary line at the end. A stream job runs until Ctrl-C or
     /// SIGTERM (it checkpoints first), sharing its routes' partitions with every gateway
-    /// running it.
+    /// running it. A replay job sends its route's dead letters back through the route, as
+    /// `shardgate replay` does.
     Run {
         /// TOML config holding the job.
         #[arg(long, short)]
@@ -121,6 +124,11 @@ fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
         let names: Vec<&str> = loaded.jobs.iter().map(|j| j.name.as_str()).collect();
         anyhow::bail!("no job `{name}` in {}; jobs: {}", config.display(), names.join(", "));
     };
+    if let Some(route) = job.replay.clone() {
+        let report = shardgate::job::replay::run(loaded, &route, name, shardgate::app::wait_for_stop_signal())?;
+        eprintln!("job `{name}`: route `{route}`: {report}");
+        return Ok(());
+    }
     let Some(ingest) = &loaded.ingest else {
         anyhow::bail!(
             "{}: no `[ingest]` table; jobs run through its listener",
@@ -202,7 +210,10 @@ fn main() -> ExitCode {
             .and_then(shardgate::app::serve),
         Command::Replay { config, route } => Config::load(&config)
             .map_err(anyhow::Error::from)
-            .and_then(|c| shardgate::replay::run(c, &route))
+            .and_then(|c| {
+                let job = format!("replay.{route}");
+                shardgate::job::replay::run(c, &route, &job, shardgate::app::wait_for_stop_signal())
+            })
             .map(|report| println!("route `{route}`: {report}")),
         Command::Reference { repo, write } => reference(&repo, write),
         Command::Job {

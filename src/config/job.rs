@@ -64,7 +64,8 @@ pub struct RawJob {
     pub protobuf: Option<super::route::RawProtobuf>,
 }
 
-/// `[job.source]`: `table` (a scan job), `query` (a query job) or `stream` (a stream job).
+/// `[job.source]`: `table` (a scan job), `query` (a query job), `stream` (a stream job) or
+/// `replay` (a replay job).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJobSource {
@@ -87,6 +88,13 @@ pub struct RawJobSource {
     /// route's topic with its own consumer group, `shardgate-job-<name>`.
     #[serde(default)]
     pub stream: Vec<String>,
+    /// A replay job: the name of a `[[route]]` whose dead letters (its Kafka dead-letter topic
+    /// or table) the job sends back through the route as configured now — `shardgate replay
+    /// --route` as a job, run by `shardgate job run`, an `every` schedule inside `serve` or the
+    /// `Jobs` service. The route is its sink and its dead-letter destination: a replay job has
+    /// no `filter`, `aggregate`, `sink`, `dead_letter` or `protobuf` of its own.
+    #[serde(default)]
+    pub replay: Option<String>,
     /// A stream job: how often its progress and open windows are made durable, and closed
     /// windows written (`"1s"`; 100 ms to 1 min).
     #[serde(default = "default_checkpoint")]
@@ -287,6 +295,8 @@ pub struct JobConfig {
     pub binds: Vec<serde_json::Value>,
     /// A stream job's routes (empty for a scan job).
     pub stream: Vec<String>,
+    /// A replay job's route.
+    pub replay: Option<String>,
     /// A stream job's checkpoint interval.
     pub checkpoint: Duration,
     /// How long a stream job's partition may stand still and still hold the watermark back.
@@ -317,6 +327,18 @@ pub struct JobConfig {
     pub every: Option<Duration>,
     /// The Protobuf message broker sinks publish, if not JSON.
     pub protobuf: Option<super::route::ProtobufConfig>,
+}
+
+impl JobConfig {
+    /// `scan`, `query`, `stream` or `replay`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.replay, self.stream.is_empty(), &self.query) {
+            (Some(_), _, _) => "replay",
+            (None, false, _) => "stream",
+            (None, true, Some(_)) => "query",
+            (None, true, None) => "scan",
+        }
+    }
 }
 
 /// A validated `[job.aggregate]`.
@@ -410,6 +432,21 @@ fn parse_duration(key: &str, text: &str, min: Duration, max: Duration, bounds: &
     Ok(duration)
 }
 
+/// `every`: a schedule from 1 s to 30 d, if any.
+fn parse_every(key: &str, every: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    every
+        .map(|every| {
+            parse_duration(
+                key,
+                every,
+                Duration::from_secs(1),
+                Duration::from_secs(30 * 86_400),
+                "from 1s to 30d",
+            )
+        })
+        .transpose()
+}
+
 fn validate_table(key: &str, table: &str) -> Result<(), ConfigError> {
     let Some((keyspace, name)) = table.split_once('.') else {
         return Err(ConfigError::invalid(key, table, "`keyspace.table`"));
@@ -466,31 +503,75 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
     let key = |field: &str| format!("job[{index}].{field}");
     validate_identifier(&key("name"), &raw.name)?;
     let stream = !raw.source.stream.is_empty();
-    let table = match (&raw.source.table, &raw.source.query, stream) {
-        (Some(table), None, false) => {
+    let kinds: Vec<&str> = [
+        raw.source.table.is_some().then_some("table"),
+        raw.source.query.is_some().then_some("query"),
+        stream.then_some("stream"),
+        raw.source.replay.is_some().then_some("replay"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if kinds.len() != 1 {
+        return Err(ConfigError::invalid(
+            key("source"),
+            format!("{{{}}}", kinds.join(", ")),
+            "exactly one of `table` (a scan job), `query` (a CQL SELECT: a query job), `stream` \
+             (route names: a stream job) and `replay` (a route name: a replay job)",
+        ));
+    }
+    if let Some(route) = raw.source.replay {
+        validate_identifier(&key("source.replay"), &route)?;
+        let route_decides = [
+            ("filter", raw.filter.is_some()),
+            ("aggregate", raw.aggregate.is_some()),
+            ("sink", !raw.sinks.is_empty()),
+            ("dead_letter", raw.dead_letter.is_some()),
+            ("protobuf", raw.protobuf.is_some()),
+            ("source.binds", !raw.source.binds.is_empty()),
+            ("source.columns", !raw.source.columns.is_empty()),
+            ("source.where", !raw.source.r#where.is_empty()),
+            ("source.allow_filtering", raw.source.allow_filtering),
+            ("source.min_splits", raw.source.min_splits != 0),
+        ];
+        if let Some((field, _)) = route_decides.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::invalid(
+                key(field),
+                "set",
+                "nothing on a replay job (it sends the route's dead letters back through the route, as \
+                 the route maps, writes and dead-letters them now)",
+            ));
+        }
+        return Ok(JobConfig {
+            every: parse_every(&key("every"), raw.every.as_deref())?,
+            name: raw.name,
+            table: String::new(),
+            query: None,
+            binds: Vec::new(),
+            stream: Vec::new(),
+            replay: Some(route),
+            checkpoint: Duration::from_secs(1),
+            idle: Duration::from_secs(30),
+            columns: Vec::new(),
+            r#where: String::new(),
+            allow_filtering: false,
+            min_splits: 0,
+            filter: None,
+            aggregate: None,
+            sinks: Vec::new(),
+            state_keyspace: raw.state_keyspace,
+            lease: Duration::from_secs(30),
+            parallel_splits: 1,
+            dead_letter: None,
+            protobuf: None,
+        });
+    }
+    let table = match &raw.source.table {
+        Some(table) => {
             validate_table(&key("source.table"), table)?;
             table.clone()
         }
-        (None, Some(_), false) | (None, None, true) => String::new(),
-        (table, query, _) => {
-            return Err(ConfigError::invalid(
-                key("source"),
-                format!(
-                    "{{{}}}",
-                    [
-                        table.is_some().then_some("table"),
-                        query.is_some().then_some("query"),
-                        stream.then_some("stream")
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-                ),
-                "exactly one of `table` (a scan job), `query` (a CQL SELECT: a query job) and `stream` \
-                 (route names: a stream job)",
-            ))
-        }
+        None => String::new(),
     };
     let query = match &raw.source.query {
         None => None,
@@ -789,19 +870,7 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
             &sink_tables,
         )?),
     };
-    let every = raw
-        .every
-        .as_deref()
-        .map(|every| {
-            parse_duration(
-                &key("every"),
-                every,
-                Duration::from_secs(1),
-                Duration::from_secs(30 * 86_400),
-                "from 1s to 30d",
-            )
-        })
-        .transpose()?;
+    let every = parse_every(&key("every"), raw.every.as_deref())?;
     let protobuf = match raw.protobuf {
         None => None,
         Some(protobuf) => {
@@ -827,6 +896,7 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
         query,
         binds,
         stream: raw.source.stream,
+        replay: None,
         checkpoint,
         idle,
         columns: raw.source.columns,

@@ -246,6 +246,30 @@ impl RawConfig {
                     }
                 }
             }
+            if let Some(name) = &job.replay {
+                let key = format!("job[{index}].source.replay");
+                match routes.iter().find(|r| &r.name == name) {
+                    Some(RouteConfig {
+                        dead_letter: DeadLetterConfig::Kafka { .. } | DeadLetterConfig::Table { .. },
+                        ..
+                    }) => {}
+                    Some(_) => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            name,
+                            "a route whose dead letters go to a Kafka topic or a table (a NATS subject keeps \
+                             nothing to replay; RabbitMQ dead letters are shovelled back into the source queue)",
+                        ))
+                    }
+                    None => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            name,
+                            "the name of a `[[route]]` in this config",
+                        ))
+                    }
+                }
+            }
             jobs.push(job);
         }
         Ok(Config {

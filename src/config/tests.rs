@@ -876,3 +876,50 @@ fn stream_job_keys_default_and_bad_values_name_their_key() {
     assert!(message.starts_with("`job[0].source.stream[0]` = `orders`"), "{message}");
     assert!(message.contains("a Kafka route"), "{message}");
 }
+
+/// A replay job names a route with a Kafka or table dead-letter destination and nothing the
+/// route decides itself.
+#[test]
+fn replay_job_keys_name_their_key() {
+    let with_ingest = format!("{VALID}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n");
+    let job = |source: &str, extra: &str| {
+        format!("{with_ingest}\n[[job]]\nname = \"orders_replay\"\n{extra}\n[job.source]\n{source}\n")
+    };
+    let config = Config::parse(&job("replay = \"orders\"", "every = \"15m\""), "t").expect("a valid replay job");
+    let parsed = &config.jobs[0];
+    assert_eq!(parsed.replay.as_deref(), Some("orders"));
+    assert_eq!(parsed.kind(), "replay");
+    assert_eq!(parsed.every, Some(std::time::Duration::from_secs(900)));
+    assert!(parsed.sinks.is_empty() && parsed.aggregate.is_none());
+    for (text, starts) in [
+        (job("replay = \"payments\"", ""), "`job[0].source.replay` = `payments`"),
+        (
+            job("replay = \"orders\"\ntable = \"shop.orders\"", ""),
+            "`job[0].source` = `{table, replay}`",
+        ),
+        (
+            job("replay = \"orders\"", "filter = \"true\""),
+            "`job[0].filter` = `set`",
+        ),
+        (
+            job("replay = \"orders\"\n[[job.sink]]\ntable = \"shop.t\"", ""),
+            "`job[0].sink` = `set`",
+        ),
+        (
+            job("replay = \"orders\"\nwhere = \"a = 1\"", ""),
+            "`job[0].source.where` = `set`",
+        ),
+        (job("replay = \"orders\"", "every = \"1y\""), "`job[0].every` = `1y`"),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+    // Dead letters on a NATS subject keep nothing to replay.
+    let nats = job("replay = \"orders\"", "").replace(
+        "kind = \"kafka\"\ntopic = \"orders.dead-letter\"",
+        "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"orders.dead\"",
+    );
+    let message = error_of(&nats);
+    assert!(message.starts_with("`job[0].source.replay` = `orders`"), "{message}");
+    assert!(message.contains("Kafka topic or a table"), "{message}");
+}

@@ -54,6 +54,8 @@ struct Entry {
     job: JobConfig,
     command: watch::Sender<Command>,
     local: watch::Sender<(Local, String)>,
+    /// The summary of this gateway's last task of the job.
+    report: std::sync::Mutex<String>,
 }
 
 /// The gateway's jobs.
@@ -111,6 +113,7 @@ impl JobControl {
                 job,
                 command: watch::channel(Command::Run).0,
                 local: watch::channel((Local::Idle, String::new())).0,
+                report: std::sync::Mutex::default(),
             })
             .collect();
         Arc::new(JobControl {
@@ -201,38 +204,46 @@ impl JobControl {
             return;
         };
         let job = entry.job.clone();
-        let outcome = if job.stream.is_empty() {
-            super::run(&self.cluster, job, &self.endpoint, false, signal)
+        let outcome = match (&job.replay, job.stream.is_empty(), self.rollups.get(&name)) {
+            (Some(route), _, _) => match self.routes.iter().find(|r| &r.name == route) {
+                Some(route) => super::replay::replay(Arc::clone(&self.session), route, &name, signal)
+                    .await
+                    .map(|report| report.to_string()),
+                None => Err(anyhow::anyhow!("no route `{route}` in the config")),
+            },
+            (None, true, _) => super::run(&self.cluster, job, &self.endpoint, false, signal)
                 .await
-                .map(|report| {
-                    tracing::info!(job = %name, %report, "job run done");
-                })
-        } else if let Some(rollup) = self.rollups.get(&name) {
-            Box::pin(super::tap::run(
+                .map(|report| report.to_string()),
+            (None, false, Some(rollup)) => Box::pin(super::tap::run(
                 Arc::clone(rollup),
                 Arc::clone(&self.session),
                 &self.endpoint,
                 signal,
             ))
             .await
-            .map(|report| {
-                tracing::info!(job = %name, %report, "stream job stopped");
-            })
-        } else {
-            let routes: Vec<RouteConfig> = job
-                .stream
-                .iter()
-                .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
-                .collect();
-            Box::pin(super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal))
-                .await
-                .map(|report| {
-                    tracing::info!(job = %name, %report, "stream job stopped");
-                })
+            .map(|report| report.to_string()),
+            (None, false, None) => {
+                let routes: Vec<RouteConfig> = job
+                    .stream
+                    .iter()
+                    .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
+                    .collect();
+                Box::pin(super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal))
+                    .await
+                    .map(|report| report.to_string())
+            }
         };
+        let report = match &outcome {
+            Ok(report) => report.clone(),
+            // An interrupted run says what it did before it ended.
+            Err(error) if error.downcast_ref::<Interrupted>().is_some() => error.to_string(),
+            Err(_) => String::new(),
+        };
+        tracing::info!(job = %name, kind = entry.job.kind(), %report, "job task ended");
+        *entry.report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = report;
         let (local, error) = match outcome {
-            Ok(()) if *entry.command.borrow() == Command::Cancel => (Local::Cancelled, String::new()),
-            Ok(()) => (Local::Done, String::new()),
+            Ok(_) if *entry.command.borrow() == Command::Cancel => (Local::Cancelled, String::new()),
+            Ok(_) => (Local::Done, String::new()),
             Err(error) if error.downcast_ref::<Interrupted>().is_some() => (Local::Cancelled, String::new()),
             Err(error) => {
                 let error = format!("{error:#}");
@@ -310,7 +321,12 @@ impl JobControl {
         let (local, error) = entry.local.borrow().clone();
         let mut status = JobStatus {
             job: job.name.clone(),
-            kind: if job.stream.is_empty() { "scan" } else { "stream" }.into(),
+            kind: job.kind().into(),
+            report: entry
+                .report
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
             state: local.as_str().into(),
             error,
             every: job
@@ -320,10 +336,11 @@ impl JobControl {
             ..Default::default()
         };
         // Progress tables that do not exist yet (the job never ran) leave the counts at zero.
-        let shared = if job.stream.is_empty() {
-            scan_progress(&self.session, job, &mut status).await
-        } else {
-            stream_progress(&self.session, job, &mut status).await
+        let shared = match job.kind() {
+            "stream" => stream_progress(&self.session, job, &mut status).await,
+            // A replay's progress is its dead-letter destination's (consumer group, rows left).
+            "replay" => Ok(()),
+            _ => scan_progress(&self.session, job, &mut status).await,
         };
         if let Err(error) = shared {
             tracing::debug!(job = %job.name, error = %format!("{error:#}"), "no shared progress");

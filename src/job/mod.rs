@@ -23,7 +23,9 @@
 
 pub mod aggregate;
 pub mod control;
+pub mod replay;
 pub mod signal;
+pub mod split;
 pub mod stream;
 pub mod tap;
 
@@ -1005,6 +1007,7 @@ impl Runner {
             table: self.job.table.clone(),
             columns: self.job.columns.clone(),
             r#where: self.job.r#where.clone(),
+            values: self.job.binds.iter().map(bind_value).collect(),
             allow_filtering: self.job.allow_filtering,
             options: Some(QueryOptions {
                 page_size: PAGE_ROWS,
@@ -1167,6 +1170,41 @@ impl Runner {
     }
 }
 
+/// A query job whose `SELECT` is a table scan ([`split::scan_of`]) runs as that scan: planned
+/// into shard-aligned splits, its binds bound to the scan's restrictions. Any other job as is.
+fn as_scan(session: &Session, mut job: JobConfig) -> JobConfig {
+    let Some(scan) = job.query.as_deref().and_then(split::scan_of) else {
+        if let Some(query) = &job.query {
+            tracing::info!(job = %job.name, %query, "the query spans token ranges: read as one split");
+        }
+        return job;
+    };
+    let Some((keyspace, table)) = scan.table.split_once('.') else {
+        return job;
+    };
+    let state = session.get_cluster_state();
+    let partition_key = state
+        .get_keyspace(keyspace)
+        .and_then(|k| k.tables.get(table))
+        .map(|t| t.partition_key.clone());
+    match partition_key {
+        // An unknown table: the statement says so when it runs.
+        None => job,
+        Some(key) if split::restricts(&scan.r#where, &key) => {
+            tracing::info!(job = %job.name, "the query restricts the partition key: read as one split");
+            job
+        }
+        Some(_) => {
+            job.query = None;
+            job.table = scan.table;
+            job.columns = scan.columns;
+            job.r#where = scan.r#where;
+            job.allow_filtering = scan.allow_filtering;
+            job
+        }
+    }
+}
+
 /// Runs `job` to the end of its current run (a new run when the last one finished), sharing its
 /// splits with any other gateway running it, through the gateway at `endpoint`. `progress`
 /// draws a bar on the terminal. `signal` pauses it (no new split claimed), cancels it (its
@@ -1182,6 +1220,7 @@ pub async fn run(
     let started = Instant::now();
     let compiled = Compiled::new(&job)?;
     let session = crate::sink::scylla::connect(cluster).await?;
+    let job = as_scan(&session, job);
     ensure_state_tables(&session, &job.state_keyspace).await?;
     let reads = (!job.table.is_empty()).then_some(job.table.as_str());
     let output = Output::open(&job, &session, endpoint, reads).await?;

@@ -127,12 +127,10 @@ async fn dead_letter_rows(session: &scylla::client::session::Session, ks: &str) 
     all
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_sends_dead_letters_back_through_the_fixed_route() {
-    let _lock = gateway_lock().await;
-    let names = Names::new("replay");
-    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, &names.keyspace)
+/// Both routes' tables created and their topics produced; the broken route run until every
+/// message is committed: the good rows written, the fixable and hopeless ones dead-lettered.
+async fn dead_letter_both(names: &Names, session: &scylla::client::session::Session) {
+    devkit::create_orders_table(session, &names.keyspace)
         .await
         .expect("keyspace");
     let ks = &names.keyspace;
@@ -153,7 +151,7 @@ async fn replay_sends_dead_letters_back_through_the_fixed_route() {
     }
 
     let broken = names.dir.join("broken.toml");
-    std::fs::write(&broken, config(&names, BROKEN_TOTAL)).expect("config");
+    std::fs::write(&broken, config(names, BROKEN_TOTAL)).expect("config");
     let gateway = Gateway::start(&gateway_binary(), &broken, &names.dir.join("gateway.log")).expect("gateway starts");
     let total = (GOOD + FIXABLE + HOPELESS) as i64;
     let start = std::time::Instant::now();
@@ -174,8 +172,8 @@ async fn replay_sends_dead_letters_back_through_the_fixed_route() {
         }
     }
     assert!(gateway.stop().expect("stop").success());
-    assert_items(&session, ks, "via_topic", GOOD).await;
-    assert_items(&session, ks, "via_table", GOOD).await;
+    assert_items(session, ks, "via_topic", GOOD).await;
+    assert_items(session, ks, "via_table", GOOD).await;
     let letters = devkit::read_topic(
         &names.dead_letter_topic,
         (FIXABLE + HOPELESS) as usize,
@@ -186,12 +184,21 @@ async fn replay_sends_dead_letters_back_through_the_fixed_route() {
     assert!(letters
         .iter()
         .all(|l| l.headers.contains_key("shardgate.write_timestamp_us")));
-    let rows = dead_letter_rows(&session, ks).await;
+    let rows = dead_letter_rows(session, ks).await;
     assert_eq!(rows.len() as u64, FIXABLE + HOPELESS);
     assert_eq!(
         rows.iter().filter(|(_, code)| code == "expression_failed").count() as u64,
         FIXABLE
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_dead_letters_back_through_the_fixed_route() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("replay");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    dead_letter_both(&names, &session).await;
+    let ks = &names.keyspace;
 
     // Fix the config and replay both routes.
     let fixed = names.dir.join("fixed.toml");
@@ -219,4 +226,94 @@ async fn replay_sends_dead_letters_back_through_the_fixed_route() {
         assert!(report.contains(&again), "{route}: {report}");
     }
     assert_eq!(dead_letter_rows(&session, ks).await.len() as u64, HOPELESS);
+}
+
+/// `[job.source] replay`: the same replay as a job — run by `shardgate job run`, on an `every`
+/// schedule inside `serve` (its first run when the gateway serves) and over the `Jobs`
+/// service, with its report in the job's status and its counts in the job metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_jobs_run_under_job_run_on_a_schedule_and_over_the_jobs_service() {
+    use shardgate::wire::proto::jobs_client::JobsClient;
+    use shardgate::wire::proto::{JobRequest, JobStatus};
+    let _lock = gateway_lock().await;
+    let names = Names::new("replay_job");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    dead_letter_both(&names, &session).await;
+    let ks = &names.keyspace;
+
+    let fixed = names.dir.join("fixed.toml");
+    let routes = config(&names, FIXED_TOTAL);
+    let routes = &routes[routes.find("[[route]]").expect("routes")..];
+    let jobs = "\n[[job]]\nname = \"replay_topic\"\n[job.source]\nreplay = \"via_topic\"\n\
+                \n[[job]]\nname = \"replay_table\"\nevery = \"1h\"\n[job.source]\nreplay = \"via_table\"\n";
+    std::fs::write(&fixed, devkit::ingest_gateway_toml(routes, 2048, 64) + jobs).expect("config");
+    let expected = format!(
+        "{} letter(s) replayed: {FIXABLE} row(s) written, 0 filtered, {HOPELESS} dead-lettered again",
+        FIXABLE + HOPELESS
+    );
+
+    // `job run` of the topic's replay job.
+    let output = Command::new(gateway_binary())
+        .args(["job", "run", "--config"])
+        .arg(&fixed)
+        .args(["--job", "replay_topic"])
+        .output()
+        .expect("run shardgate job run");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "job run failed: {stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_items(&session, ks, "via_topic", GOOD + FIXABLE).await;
+
+    // `serve`: the table's replay job is scheduled and runs once the gateway serves.
+    let gateway = Gateway::start(&gateway_binary(), &fixed, &names.dir.join("fixed.log")).expect("gateway starts");
+    let mut client = JobsClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("Jobs client");
+    let request = |job: &str| JobRequest { job: job.into() };
+    async fn until_done(client: &mut JobsClient<tonic::transport::Channel>, job: &str) -> JobStatus {
+        let start = std::time::Instant::now();
+        loop {
+            let status = client
+                .get_job_status(JobRequest { job: job.into() })
+                .await
+                .expect("status")
+                .into_inner();
+            if status.state == "done" {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE && status.state != "failed",
+                "{job}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let table = until_done(&mut client, "replay_table").await;
+    assert_eq!((table.kind.as_str(), table.every.as_str()), ("replay", "3600s"));
+    assert!(table.report.contains(&expected), "{table:?}");
+    assert_items(&session, ks, "via_table", GOOD + FIXABLE).await;
+    assert_eq!(
+        dead_letter_rows(&session, ks).await,
+        vec![("via_table".to_string(), "not_json".to_string()); HOPELESS as usize]
+    );
+    let scrape = |name: &str| {
+        devkit::scrape_metric_where(devkit::ADMIN_LISTEN, name, &[("job", "replay_table")]).expect("scrape")
+    };
+    assert_eq!(scrape("shardgate_job_rows_read_total"), (FIXABLE + HOPELESS) as f64);
+    assert_eq!(scrape("shardgate_job_rows_out_total"), FIXABLE as f64);
+    assert_eq!(scrape("shardgate_job_rows_failed_total"), HOPELESS as f64);
+
+    // Started over the service, the topic's job finds only what `job run` sent back.
+    let idle = client
+        .get_job_status(request("replay_topic"))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((idle.state.as_str(), idle.report.as_str()), ("idle", ""));
+    client.start_job(request("replay_topic")).await.expect("start");
+    let topic = until_done(&mut client, "replay_topic").await;
+    let again = format!("{HOPELESS} letter(s) replayed: 0 row(s) written, 0 filtered, {HOPELESS} dead-lettered again");
+    assert!(topic.report.contains(&again), "{topic:?}");
+    assert_items(&session, ks, "via_topic", GOOD + FIXABLE).await;
+    assert!(gateway.stop().expect("stop").success());
 }

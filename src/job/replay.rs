@@ -1,8 +1,9 @@
-//! `shardgate replay`: sends a route's dead letters back through the route — decoded, mapped and
-//! written with the route as configured now, after the cause was fixed — from its dead-letter
-//! Kafka topic or table. Each letter carries its source coordinates, message time and write
-//! timestamp, so replayed rows get the cells the original write would have written. A letter
-//! that fails again goes back to the dead-letter destination with its new reason.
+//! Replay jobs (`[job.source] replay = "<route>"`, and `shardgate replay --route`): a route's
+//! dead letters sent back through the route — decoded, mapped and written with the route as
+//! configured now, after the cause was fixed — from its dead-letter Kafka topic or table. Each
+//! letter carries its source coordinates, message time and write timestamp, so replayed rows
+//! get the cells the original write would have written. A letter that fails again goes back to
+//! the dead-letter destination with its new reason.
 //!
 //! Progress is durable: a Kafka topic is read by the consumer group `shardgate-replay.<route>`
 //! whose offsets are committed after each chunk (a second run starts where the first stopped);
@@ -10,7 +11,10 @@
 //! left alone (Kafka: skipped; table: not read). A transient database failure that outlasts
 //! the retries stops the run before the chunk is committed, so nothing is lost.
 //!
-//! Runs on a plain tokio runtime: it is an operator's command, not the data plane.
+//! A run is a job task like the others: between chunks it pauses, resumes, and ends on cancel
+//! or stop (after committing its last chunk); inside `serve` it runs on the island under the
+//! [`super::control::JobControl`] (the `Jobs` service, `every` schedules), with the job's
+//! metrics. `shardgate replay` and `shardgate job run` run it on their own tokio runtime.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,13 +22,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use futures::{StreamExt as _, TryStreamExt as _};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimeuuid;
 
+use super::signal::{next_command, steady, Command, Interrupted, Signal};
 use crate::bridge::route::{prepare_route, TargetStatements};
 use crate::config::{Config, DeadLetterConfig, RouteConfig};
 use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
@@ -32,7 +37,7 @@ use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSin
 use crate::sink::scylla::retry::{execute_with_retries, Retries};
 use crate::sink::scylla::writer::{self, Statements, WriteError, WriteOptions};
 use crate::sink::scylla::{self as sink, RowValues};
-use crate::telemetry::RowMetrics;
+use crate::telemetry::{metric, RowMetrics};
 
 /// Letters replayed concurrently.
 const CONCURRENCY: usize = 64;
@@ -97,10 +102,26 @@ struct Replayer {
     statements: Vec<TargetStatements>,
     metrics: RowMetrics,
     sink: DeadLetterSink,
+    /// The job's counters.
+    counters: Counters,
 }
 
-/// Replays the dead letters of `route_name`. Blocks until the destination is read to its end.
-pub fn run(config: Config, route_name: &str) -> anyhow::Result<ReplayReport> {
+/// A replay job's metrics: letters read, rows written, letters dead-lettered again.
+struct Counters {
+    read: metrics::Counter,
+    out: metrics::Counter,
+    failed: metrics::Counter,
+}
+
+/// `shardgate replay` and `shardgate job run` of a replay job: replays the dead letters of
+/// `route_name` as job `job` on a runtime of its own, until the destination is read to its end
+/// or `stop` resolves (Ctrl-C, SIGTERM: the chunk in hand is finished and committed first).
+pub fn run(
+    config: Config,
+    route_name: &str,
+    job: &str,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<ReplayReport> {
     let Some(route) = config.routes.iter().find(|r| r.name == route_name).cloned() else {
         let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         bail!("no route `{route_name}` in the config; routes: {}", names.join(", "));
@@ -110,50 +131,95 @@ pub fn run(config: Config, route_name: &str) -> anyhow::Result<ReplayReport> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
+    let (command, signal) = steady();
+    runtime.spawn(async move {
+        stop.await;
+        command.send_replace(Command::Stop);
+    });
     runtime.block_on(async move {
         let session = Arc::new(sink::connect(&config.cluster).await?);
-        let (mapper, statements) = prepare_route(&session, &route).await?;
-        let (sink, _nats) = DeadLetterSink::open(&route.dead_letter, &route.name, &session)
-            .await
-            .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
-        let metrics = RowMetrics::new("replay", &route.tables_label(), 0);
-        let replayer = Replayer {
-            route,
-            mapper,
-            session,
-            statements,
-            metrics,
-            sink,
-        };
-        match replayer.route.dead_letter.clone() {
-            DeadLetterConfig::Kafka { brokers, topic } => replayer.replay_topic(&brokers, &topic).await,
-            DeadLetterConfig::Table { keyspace, table } => replayer.replay_table(&keyspace, &table).await,
-            DeadLetterConfig::Nats { subject, .. } => bail!(
-                "route `{}` dead-letters to the NATS subject `{subject}`, which keeps nothing to replay; \
-                 replay reads a Kafka topic or a table",
-                replayer.route.name
-            ),
-            DeadLetterConfig::Amqp { .. } => bail!(
-                "route `{}` dead-letters to RabbitMQ; replay reads a Kafka topic or a table (shovel the \
-                 dead-letter queue back into the source queue to retry it)",
-                replayer.route.name
-            ),
-        }
+        replay(session, &route, job, signal).await
     })
+}
+
+/// Replays the dead letters of `route` as job `job` through `session`, on the current tokio
+/// runtime (multi-threaded), under `signal`: paused between chunks, ended by cancel or stop
+/// once the chunk in hand is committed ([`Interrupted`], with the report so far).
+pub async fn replay(
+    session: Arc<Session>,
+    route: &RouteConfig,
+    job: &str,
+    mut signal: Signal,
+) -> anyhow::Result<ReplayReport> {
+    let (mapper, statements) = prepare_route(&session, route).await?;
+    let (sink, _nats) = DeadLetterSink::open(&route.dead_letter, &route.name, &session)
+        .await
+        .map_err(|reason| anyhow::anyhow!("route `{}`: {reason}", route.name))?;
+    let metrics = RowMetrics::new("replay", &route.tables_label(), 0);
+    let counter = |name: &'static str| metrics::counter!(name, "job" => job.to_string());
+    let replayer = Replayer {
+        route: route.clone(),
+        mapper,
+        session,
+        statements,
+        metrics,
+        sink,
+        counters: Counters {
+            read: counter(metric::JOB_ROWS_READ),
+            out: counter(metric::JOB_ROWS_OUT),
+            failed: counter(metric::JOB_ROWS_FAILED),
+        },
+    };
+    match replayer.route.dead_letter.clone() {
+        DeadLetterConfig::Kafka { brokers, topic } => replayer.replay_topic(&brokers, &topic, &mut signal).await,
+        DeadLetterConfig::Table { keyspace, table } => replayer.replay_table(&keyspace, &table, &mut signal).await,
+        DeadLetterConfig::Nats { subject, .. } => bail!(
+            "route `{}` dead-letters to the NATS subject `{subject}`, which keeps nothing to replay; \
+             replay reads a Kafka topic or a table",
+            replayer.route.name
+        ),
+        DeadLetterConfig::Amqp { .. } => bail!(
+            "route `{}` dead-letters to RabbitMQ; replay reads a Kafka topic or a table (shovel the \
+             dead-letter queue back into the source queue to retry it)",
+            replayer.route.name
+        ),
+    }
+}
+
+/// Between two chunks: waits out a pause; once cancelled or stopped, [`Interrupted`] with the
+/// report so far.
+async fn between_chunks(signal: &mut Signal, report: &ReplayReport) -> anyhow::Result<()> {
+    loop {
+        let command = *signal.borrow_and_update();
+        let interrupted = match command {
+            Command::Run => return Ok(()),
+            Command::Pause => {
+                next_command(signal).await;
+                continue;
+            }
+            Command::Cancel => Interrupted("cancelled"),
+            Command::Stop => Interrupted("stopped"),
+        };
+        let context = format!(
+            "replay {}: {report} so far, committed (a next run goes on from there)",
+            interrupted.0
+        );
+        return Err(anyhow::Error::new(interrupted).context(context));
+    }
 }
 
 impl Replayer {
     /// Replays the route's letters in `topic` from the replay group's committed offsets to the
     /// end of the topic as it was when the run started.
-    async fn replay_topic(&self, brokers: &str, topic: &str) -> anyhow::Result<ReplayReport> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    async fn replay_topic(&self, brokers: &str, topic: &str, signal: &mut Signal) -> anyhow::Result<ReplayReport> {
+        let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("shardgate-replay.{}", self.route.name))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()
             .context("Kafka consumer")?;
-        let (ends, mut positions) = assign_from_committed(&consumer, topic)?;
+        let (ends, mut positions) = tokio::task::block_in_place(|| assign_from_committed(&consumer, topic))?;
         let mut report = ReplayReport::default();
         let done = |positions: &HashMap<i32, i64>| {
             ends.iter()
@@ -161,9 +227,10 @@ impl Replayer {
         };
         let mut idle_polls = 0;
         while !done(&positions) && idle_polls < IDLE_POLLS_MAX {
+            between_chunks(signal, &report).await?;
             let mut chunk = Vec::new();
             while chunk.len() < CHUNK {
-                let Some(polled) = consumer.poll(POLL_WAIT) else {
+                let Ok(polled) = tokio::time::timeout(POLL_WAIT, consumer.recv()).await else {
                     idle_polls += 1;
                     break;
                 };
@@ -184,7 +251,7 @@ impl Replayer {
             for (&partition, &offset) in &positions {
                 progress.add_partition_offset(topic, partition, Offset::Offset(offset))?;
             }
-            consumer.commit(&progress, CommitMode::Sync)?;
+            tokio::task::block_in_place(|| consumer.commit(&progress, CommitMode::Sync))?;
         }
         if !done(&positions) {
             bail!("`{topic}` stopped delivering before its end; {report} so far (committed, rerun to continue)");
@@ -194,7 +261,7 @@ impl Replayer {
 
     /// Replays the route's rows of `keyspace.table` written before the run started, deleting
     /// each once replayed.
-    async fn replay_table(&self, keyspace: &str, table: &str) -> anyhow::Result<ReplayReport> {
+    async fn replay_table(&self, keyspace: &str, table: &str, signal: &mut Signal) -> anyhow::Result<ReplayReport> {
         let started_ms = chrono::Utc::now().timestamp_millis();
         let mut delete = self
             .session
@@ -230,6 +297,7 @@ impl Replayer {
             });
             keys.push((route, day, id));
             if chunk.len() >= CHUNK {
+                between_chunks(signal, &report).await?;
                 self.replay_chunk(std::mem::take(&mut chunk), &mut report).await?;
                 self.delete_rows(&delete, std::mem::take(&mut keys)).await?;
             }
@@ -265,10 +333,17 @@ impl Replayer {
                 None => report.other_routes += 1,
                 Some(outcome) => {
                     report.letters += 1;
+                    self.counters.read.increment(1);
                     match outcome {
-                        Outcome::Written(rows) => report.rows_written += rows,
+                        Outcome::Written(rows) => {
+                            report.rows_written += rows;
+                            self.counters.out.increment(rows);
+                        }
                         Outcome::Filtered => report.filtered += 1,
-                        Outcome::DeadLettered => report.dead_lettered_again += 1,
+                        Outcome::DeadLettered => {
+                            report.dead_lettered_again += 1;
+                            self.counters.failed.increment(1);
+                        }
                     }
                 }
             }
@@ -408,7 +483,7 @@ impl Statements<MappedRow> for Replayer {
 /// Assigns every partition of `topic` from the replay group's committed offsets; returns each
 /// partition's end (high watermark when the run starts) and its start position.
 fn assign_from_committed(
-    consumer: &BaseConsumer,
+    consumer: &StreamConsumer,
     topic: &str,
 ) -> anyhow::Result<(HashMap<i32, i64>, HashMap<i32, i64>)> {
     let metadata = consumer
