@@ -45,6 +45,10 @@ enum Command {
         /// Route whose dead letters to replay.
         #[arg(long, short)]
         route: String,
+        /// Serves the run's metrics (Prometheus text, `/metrics`) on this address while it
+        /// runs, e.g. `127.0.0.1:9191`.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Streams a table (or the rows a `--where` keeps) through the gateway's scan path to JSON
     /// lines or CSV: planned by the gateway, each split read at its owner core's port. A
@@ -115,7 +119,30 @@ enum JobAction {
         /// The job's `name`.
         #[arg(long, short)]
         job: String,
+        /// Serves the run's metrics (Prometheus text, `/metrics`: the job's rows read, out and
+        /// failed, splits done and in all, …) on this address while it runs, e.g.
+        /// `127.0.0.1:9191` (not the gateway's admin port, which its `serve` holds).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
+}
+
+/// Serves this process's metrics on `addr`, if given, for as long as the returned runtime lives.
+fn serve_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Option<tokio::runtime::Runtime>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("metrics")
+        .enable_all()
+        .build()?;
+    {
+        let _entered = runtime.enter();
+        shardgate::telemetry::start_metrics(addr)
+            .map_err(|error| anyhow::anyhow!("cannot serve metrics on `{addr}`: {error}"))?;
+    }
+    Ok(Some(runtime))
 }
 
 fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
@@ -208,17 +235,18 @@ fn main() -> ExitCode {
         Command::Serve { config } => Config::load(&config)
             .map_err(anyhow::Error::from)
             .and_then(shardgate::app::serve),
-        Command::Replay { config, route } => Config::load(&config)
+        Command::Replay { config, route, metrics } => Config::load(&config)
             .map_err(anyhow::Error::from)
-            .and_then(|c| {
+            .and_then(|c| Ok((c, serve_metrics(metrics)?)))
+            .and_then(|(c, _metrics)| {
                 let job = format!("replay.{route}");
                 shardgate::job::replay::run(c, &route, &job, shardgate::app::wait_for_stop_signal())
             })
             .map(|report| println!("route `{route}`: {report}")),
         Command::Reference { repo, write } => reference(&repo, write),
         Command::Job {
-            action: JobAction::Run { config, job },
-        } => run_job(&config, &job),
+            action: JobAction::Run { config, job, metrics },
+        } => serve_metrics(metrics).and_then(|_metrics| run_job(&config, &job)),
         Command::Export {
             config,
             table,

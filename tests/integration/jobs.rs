@@ -584,11 +584,23 @@ async fn a_killed_job_resumes_its_run_and_counts_nothing_twice() {
     let _lock = gateway_lock().await;
     let names = Names::new("jobs_resume");
     let (gateway, config) = setup(&names, BY_CUSTOMER_HOUR).await;
+    // `--metrics`: the runner serves its job metrics while it runs.
+    let metrics = "127.0.0.1:9196";
     let mut first = job_command(&config, "by_customer_hour")
+        .args(["--metrics", metrics])
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("job starts");
     wait_done_splits(&names.keyspace, "by_customer_hour", 8, &mut first).await;
+    let scrape = |name: &str| {
+        devkit::scrape_metric_where(metrics, name, &[("job", "by_customer_hour")]).expect("the runner's metrics")
+    };
+    let (read, total) = (
+        scrape("shardgate_job_rows_read_total"),
+        scrape("shardgate_job_splits_total"),
+    );
+    assert!(read > 0.0 && read < ORDERS as f64, "rows read so far: {read}");
+    assert!(total > 8.0, "splits in the run: {total}");
     first.kill().expect("kill");
     first.wait().expect("reaped");
     let (run, owners, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
