@@ -60,6 +60,8 @@ struct CoreIngest {
     /// The jobs' control, served on the same listeners.
     jobs: Arc<JobControl>,
     config: IngestConfig,
+    /// The listeners' TLS, when `[ingest.tls]` is set.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// One route's share of a core: its writer and the queue its source fills.
@@ -154,21 +156,18 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     }
     // The jobs run on the island through this gateway's own listener, controlled over its
     // `Jobs` service.
-    let jobs = config.ingest.as_ref().map(|ingest| {
-        let mut endpoint = ingest.listen;
-        if endpoint.ip().is_unspecified() {
-            endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        JobControl::new(
+    let jobs = match &config.ingest {
+        None => None,
+        Some(ingest) => Some(JobControl::new(
             island.handle(),
             config.cluster.clone(),
             config.routes.clone(),
             config.jobs.clone(),
-            endpoint.to_string(),
+            ingest.gateway_addr()?,
             Arc::clone(&base.session),
             rollups,
-        )
-    });
+        )),
+    };
     let ingest = ingest_parts(&base, share, jobs.as_ref())?;
     let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, share)?;
     let running = consumers
@@ -343,6 +342,12 @@ fn ingest_parts(
         base.config.runtime.write_batch_rows_max,
         endpoints,
     );
+    let tls = ingest
+        .tls
+        .as_ref()
+        .map(|tls| tls.server_config())
+        .transpose()
+        .map_err(|error| anyhow::anyhow!("`ingest.tls.{}`: {error}", error.field))?;
     Ok((0..base.cores)
         .map(|_| {
             Some(CoreIngest {
@@ -350,6 +355,7 @@ fn ingest_parts(
                 query: Arc::clone(&query),
                 jobs: Arc::clone(jobs),
                 config: ingest.clone(),
+                tls: tls.clone(),
             })
         })
         .collect())
@@ -562,13 +568,14 @@ async fn serve_ingest_on_core(
     let _ = bound.send(Ok(()));
     let own_port = {
         let routes = routes.clone();
+        let tls = part.tls.clone();
         async move {
             if let Some(listener) = core_listener {
-                http2::serve(listener, routes, limit).await;
+                http2::serve(listener, routes, limit, tls).await;
             }
         }
     };
-    let servers = async { futures::join!(http2::serve(shared_listener, routes, limit), own_port) };
+    let servers = async { futures::join!(http2::serve(shared_listener, routes, limit, part.tls), own_port) };
     futures::pin_mut!(servers);
     let stopped = stop.stopped();
     futures::pin_mut!(stopped);

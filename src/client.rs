@@ -15,8 +15,9 @@ use scylla::cluster::metadata::ColumnType;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner};
 use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::CellWriter;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::tls::ClientTls;
 use crate::topology::{NodeShards, Ownership, PartitionKeyHasher};
 use crate::wire::convert::{parse_native_type, to_cql};
 use crate::wire::flat::encode_row_batch;
@@ -60,26 +61,62 @@ pub struct ShardAwareClient {
     keys: HashMap<String, TableKey>,
 }
 
-async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+/// How to reach a gateway's gRPC API: its shared `host:port`, and TLS when its listeners use
+/// it (the same for its per-core ports).
+#[derive(Debug, Clone)]
+pub struct GatewayAddr {
+    /// `host:port`.
+    pub address: String,
+    /// What to trust and present; `None`: plaintext.
+    pub tls: Option<ClientTls>,
+}
+
+impl From<&str> for GatewayAddr {
+    fn from(address: &str) -> GatewayAddr {
+        GatewayAddr {
+            address: address.to_string(),
+            tls: None,
+        }
+    }
+}
+
+async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
     let error = |reason: String| ClientError::Connect {
         endpoint: endpoint.to_string(),
         reason,
     };
-    Endpoint::from_shared(format!("http://{endpoint}"))
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut builder = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
         .map_err(|e| error(e.to_string()))?
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| error(e.to_string()))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        builder = builder.tls_config(config).map_err(|e| error(format!("TLS: {e}")))?;
+    }
+    // The transport error alone says little ("transport error"): its sources say why.
+    builder.connect().await.map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            reason.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        error(reason)
+    })
 }
 
 impl ShardAwareClient {
-    /// Connects to the gateway's shared endpoint (`host:port`), reads the topology for `tables`
-    /// (`keyspace.table`) and connects to every core's own endpoint.
-    pub async fn connect(endpoint: &str, tables: &[&str]) -> Result<ShardAwareClient, ClientError> {
-        let shared_channel = channel(endpoint).await?;
+    /// Connects to the gateway's shared endpoint (`host:port`, or a [`GatewayAddr`] with TLS),
+    /// reads the topology for `tables` (`keyspace.table`) and connects to every core's own
+    /// endpoint (with the same TLS).
+    pub async fn connect(gateway: impl Into<GatewayAddr>, tables: &[&str]) -> Result<ShardAwareClient, ClientError> {
+        let gateway = gateway.into();
+        let shared_channel = channel(&gateway.address, gateway.tls.as_ref()).await?;
         let query_shared = QueryClient::new(shared_channel.clone()).max_decoding_message_size(usize::MAX);
         let mut shared = IngestClient::new(shared_channel);
         let request = GetTopologyRequest {
@@ -106,7 +143,7 @@ impl ShardAwareClient {
         let mut cores = Vec::with_capacity(topology.core_endpoints.len());
         let mut query_cores = Vec::with_capacity(topology.core_endpoints.len());
         for core_endpoint in &topology.core_endpoints {
-            let core_channel = channel(core_endpoint).await?;
+            let core_channel = channel(core_endpoint, gateway.tls.as_ref()).await?;
             query_cores.push(QueryClient::new(core_channel.clone()).max_decoding_message_size(usize::MAX));
             cores.push(IngestClient::new(core_channel));
         }

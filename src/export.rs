@@ -31,8 +31,8 @@ pub enum Format {
 /// What to export and where.
 #[derive(Debug, Clone)]
 pub struct ExportSpec {
-    /// The gateway's shared endpoint, `host:port`.
-    pub endpoint: String,
+    /// The gateway's shared endpoint (`host:port`, TLS when its listeners use it).
+    pub endpoint: crate::client::GatewayAddr,
     /// `keyspace.table`.
     pub table: String,
     /// Columns; empty = all.
@@ -159,7 +159,7 @@ pub async fn run(spec: ExportSpec, progress: bool) -> anyhow::Result<ExportRepor
         spec.resume.is_none() || spec.output.is_some(),
         "--resume needs --output: stdout cannot be truncated to where the state says"
     );
-    let client = ShardAwareClient::connect(&spec.endpoint, &[&spec.table]).await?;
+    let client = ShardAwareClient::connect(spec.endpoint.clone(), &[&spec.table]).await?;
     let previous = match &spec.resume {
         Some(path) => State::load(path)?,
         None => None,

@@ -25,5 +25,6 @@ pub mod server;
 pub mod sink;
 pub mod spool;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod wire;

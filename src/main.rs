@@ -162,10 +162,7 @@ fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
             config.display()
         );
     };
-    let mut address = ingest.listen;
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
+    let address = ingest.gateway_addr()?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -190,20 +187,14 @@ fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
             &loaded.cluster,
             job,
             &routes,
-            &address.to_string(),
+            &address,
             signal,
         ))?;
         eprintln!("job `{name}`: {report}");
         return Ok(());
     }
     let (_command, signal) = shardgate::job::control::steady();
-    let report = runtime.block_on(shardgate::job::run(
-        &loaded.cluster,
-        job,
-        &address.to_string(),
-        progress,
-        signal,
-    ))?;
+    let report = runtime.block_on(shardgate::job::run(&loaded.cluster, job, &address, progress, signal))?;
     eprintln!("job `{name}`: {report}");
     Ok(())
 }
@@ -265,12 +256,8 @@ fn main() -> ExitCode {
                     config.display()
                 )
             })?;
-            let mut address = ingest.listen;
-            if address.ip().is_unspecified() {
-                address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
             let spec = shardgate::export::ExportSpec {
-                endpoint: address.to_string(),
+                endpoint: ingest.gateway_addr()?,
                 table,
                 columns,
                 r#where,

@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::check::parse_socket_addr;
 use super::error::ConfigError;
+use crate::tls::{ClientCerts, ClientTls, TlsError};
 
 /// `[ingest]`
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -24,6 +25,64 @@ pub struct RawIngest {
     /// `TOO_LARGE` naming this key, and a stream goes on with its next message.
     #[serde(default = "default_message_bytes_max")]
     pub message_bytes_max: usize,
+    /// `[ingest.tls]`: TLS on the shared and every per-core port (TLS 1.2 and 1.3, ALPN `h2`).
+    /// Absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+}
+
+/// `[ingest.tls]`: the listeners' certificate, client certificates, and what the gateway's own
+/// clients (jobs inside `serve`, `shardgate job run`, `shardgate export`) trust and present.
+/// PEM files only; read at start-up (and by `shardgate check`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The server certificate chain (leaf first), PEM.
+    pub cert_file: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1), PEM.
+    pub key_file: String,
+    /// `none` (default): no client certificate asked; `optional`: one is verified against
+    /// `client_ca_file` when a client presents it; `required`: a connection without a
+    /// certificate of that CA is refused during the handshake.
+    #[serde(default = "default_client_auth")]
+    pub client_auth: String,
+    /// CA certificates (PEM) client certificates must chain to; needed by `optional` and
+    /// `required`.
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// CA certificates (PEM) the gateway's own clients verify its certificate with. Default: the
+    /// system's roots are not used — without it, those clients trust `cert_file`'s last
+    /// certificate (a self-signed or CA-ending chain).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Certificate chain (PEM) the gateway's own clients present when client certificates are
+    /// asked for (`optional`, `required`); with `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// Private key (PEM) of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+}
+
+fn default_client_auth() -> String {
+    "none".into()
+}
+
+/// A validated `[ingest.tls]`: paths checked to hold what they should.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Server certificate chain file.
+    pub cert_file: std::path::PathBuf,
+    /// Server key file.
+    pub key_file: std::path::PathBuf,
+    /// Client certificates asked for.
+    pub client_auth: ClientCerts,
+    /// CA file of client certificates.
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// CA file the gateway's own clients trust (default: the last certificate of `cert_file`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The identity the gateway's own clients present: (certificate chain, key) files.
+    pub client_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 pub(super) fn default_message_bytes_max() -> usize {
@@ -41,9 +100,24 @@ pub struct IngestConfig {
     pub advertise_host: String,
     /// Largest accepted request message in bytes.
     pub message_bytes_max: usize,
+    /// TLS on the listeners, if on.
+    pub tls: Option<TlsConfig>,
 }
 
 impl IngestConfig {
+    /// How the gateway's own clients (jobs, `job run`, `export`) reach its API: the shared
+    /// address (loopback when it listens on every address) and TLS when the listeners use it.
+    pub fn gateway_addr(&self) -> Result<crate::client::GatewayAddr, TlsError> {
+        let mut address = self.listen;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Ok(crate::client::GatewayAddr {
+            address: address.to_string(),
+            tls: self.tls.as_ref().map(TlsConfig::client_tls).transpose()?,
+        })
+    }
+
     /// Address of core `core`'s own port, if per-core ports are on.
     pub fn core_addr(&self, core: usize) -> Option<std::net::SocketAddr> {
         if self.core_port_base == 0 {
@@ -64,10 +138,95 @@ pub(super) fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, ConfigErro
         ));
     }
     let advertise_host = raw.advertise_host.unwrap_or_else(|| listen.ip().to_string());
+    let tls = raw.tls.map(validate_tls).transpose()?;
     Ok(IngestConfig {
         listen,
         core_port_base: raw.core_port_base,
         advertise_host,
         message_bytes_max: raw.message_bytes_max,
+        tls,
     })
+}
+
+fn validate_tls(raw: RawTls) -> Result<TlsConfig, ConfigError> {
+    let client_auth = match raw.client_auth.as_str() {
+        "none" => ClientCerts::None,
+        "optional" => ClientCerts::Optional,
+        "required" => ClientCerts::Required,
+        other => {
+            return Err(ConfigError::invalid(
+                "ingest.tls.client_auth",
+                other,
+                "one of `none`, `optional`, `required`",
+            ))
+        }
+    };
+    if client_auth != ClientCerts::None && raw.client_ca_file.is_none() {
+        return Err(ConfigError::invalid(
+            "ingest.tls.client_ca_file",
+            "absent",
+            format!(
+                "a PEM file of the CA client certificates chain to (`client_auth` = `{}`)",
+                raw.client_auth
+            ),
+        ));
+    }
+    let client_identity = match (raw.client_cert_file, raw.client_key_file) {
+        (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "ingest.tls.client_key_file",
+                "absent",
+                "the private key of `ingest.tls.client_cert_file`",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "ingest.tls.client_cert_file",
+                "absent",
+                "the certificate of `ingest.tls.client_key_file`",
+            ))
+        }
+    };
+    let config = TlsConfig {
+        cert_file: raw.cert_file.into(),
+        key_file: raw.key_file.into(),
+        client_auth,
+        client_ca_file: raw.client_ca_file.map(Into::into),
+        ca_file: raw.ca_file.map(Into::into),
+        client_identity,
+    };
+    // The files are read now, as at start-up: `shardgate check` names a bad one.
+    let named = |error: TlsError| {
+        ConfigError::invalid(
+            format!("ingest.tls.{}", error.field),
+            error.path.display(),
+            error.reason,
+        )
+    };
+    config.server_config().map_err(named)?;
+    config.client_tls().map_err(named)?;
+    Ok(config)
+}
+
+impl TlsConfig {
+    /// The listeners' rustls configuration.
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        crate::tls::server_config(
+            &self.cert_file,
+            &self.key_file,
+            self.client_auth,
+            self.client_ca_file.as_deref(),
+        )
+    }
+
+    /// What the gateway's own clients trust and present.
+    pub fn client_tls(&self) -> Result<ClientTls, TlsError> {
+        crate::tls::client_tls(
+            &self.cert_file,
+            self.ca_file.as_deref(),
+            self.client_identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+    }
 }

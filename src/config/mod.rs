@@ -28,7 +28,7 @@ pub use dead_letter::{
     DeadLetterConfig, RawDeadLetter, RawKafkaDeadLetter, RawNatsDeadLetter, RawRabbitMqDeadLetter, RawTableDeadLetter,
 };
 pub use error::ConfigError;
-pub use ingest::{IngestConfig, RawIngest};
+pub use ingest::{IngestConfig, RawIngest, TlsConfig};
 pub use job::{
     AggregateConfig, JobConfig, JobSinkConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink,
     RawJobSource, RawKafkaJobSink, RawNatsJobSink, RawRabbitMqJobSink, RawWindow, WindowConfig, WindowSpec,

@@ -923,3 +923,52 @@ fn replay_job_keys_name_their_key() {
     assert!(message.starts_with("`job[0].source.replay` = `orders`"), "{message}");
     assert!(message.contains("Kafka topic or a table"), "{message}");
 }
+
+/// `[ingest.tls]`: the files are read at `check`; a missing file, a key that is not the
+/// certificate's, a bad `client_auth` and `required` without a CA each name their key.
+#[test]
+fn ingest_tls_files_are_checked_and_named() {
+    let dir = std::env::temp_dir().join(format!("shardgate-tls-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let cert = write("cert.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let other_key = write("other.key", other.signing_key.serialize_pem());
+    let none = &VALID[..VALID.find("[[route]]").expect("route")];
+    let with = |tls: &str| format!("{none}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n[ingest.tls]\n{tls}\n");
+    let files = |cert: &std::path::Path, key: &std::path::Path| format!("cert_file = {cert:?}\nkey_file = {key:?}\n");
+    let config = Config::parse(&with(&files(&cert, &key)), "t").expect("valid TLS");
+    let tls = config.ingest.and_then(|i| i.tls).expect("tls");
+    assert_eq!(tls.client_auth, crate::tls::ClientCerts::None);
+    for (text, starts) in [
+        (
+            with(&files(&dir.join("missing.pem"), &key)),
+            "`ingest.tls.cert_file` = `",
+        ),
+        (with(&files(&key, &key)), "`ingest.tls.cert_file` = `"),
+        (with(&files(&cert, &other_key)), "`ingest.tls.key_file` = `"),
+        (
+            with(&format!("{}client_auth = \"sometimes\"", files(&cert, &key))),
+            "`ingest.tls.client_auth` = `sometimes`",
+        ),
+        (
+            with(&format!("{}client_auth = \"required\"", files(&cert, &key))),
+            "`ingest.tls.client_ca_file` = `absent`",
+        ),
+        (
+            with(&format!("{}client_cert_file = {cert:?}", files(&cert, &key))),
+            "`ingest.tls.client_key_file` = `absent`",
+        ),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+    assert!(error_of(&with(&files(&cert, &other_key))).contains("does not serve"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

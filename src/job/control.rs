@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 pub use super::signal::{next_command, steady, Command, Interrupted, Signal};
 use super::tap::Rollup;
+use crate::client::GatewayAddr;
 use crate::config::{ClusterConfig, JobConfig, RouteConfig};
 use crate::telemetry::metric;
 use crate::wire::proto::jobs_server::Jobs;
@@ -63,7 +64,7 @@ pub struct JobControl {
     island: tokio::runtime::Handle,
     cluster: ClusterConfig,
     routes: Vec<RouteConfig>,
-    endpoint: String,
+    endpoint: GatewayAddr,
     session: Arc<Session>,
     /// The stream jobs' rollups, folding on the cores (`super::tap`), by job name.
     rollups: HashMap<String, Arc<Rollup>>,
@@ -98,7 +99,7 @@ impl JobControl {
         cluster: ClusterConfig,
         routes: Vec<RouteConfig>,
         jobs: Vec<JobConfig>,
-        endpoint: String,
+        endpoint: GatewayAddr,
         session: Arc<Session>,
         rollups: Vec<Arc<Rollup>>,
     ) -> Arc<JobControl> {

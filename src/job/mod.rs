@@ -37,7 +37,7 @@ use anyhow::Context;
 use prost::Message;
 use scylla::client::session::Session;
 
-use crate::client::ShardAwareClient;
+use crate::client::{GatewayAddr, ShardAwareClient};
 use crate::config::{AggregateConfig, ClusterConfig, JobConfig, JobSinkConfig};
 use crate::export::{json_object, json_of};
 use crate::mapping::expr::{Bound, Expr};
@@ -430,7 +430,12 @@ struct Output {
 impl Output {
     /// Checks the sink tables (they must exist and hold no counters), opens every sink and
     /// connects to the gateway at `endpoint`, which also serves `reads` (a scan job's table).
-    async fn open(job: &JobConfig, session: &Session, endpoint: &str, reads: Option<&str>) -> anyhow::Result<Output> {
+    async fn open(
+        job: &JobConfig,
+        session: &Session,
+        endpoint: &GatewayAddr,
+        reads: Option<&str>,
+    ) -> anyhow::Result<Output> {
         let mut tables: Vec<&str> = reads.into_iter().collect();
         for sink in &job.sinks {
             if let JobSinkConfig::Table(table) = sink {
@@ -465,7 +470,7 @@ impl Output {
         Ok(Output {
             job: job.name.clone(),
             sinks,
-            client: ShardAwareClient::connect(endpoint, &tables).await?,
+            client: ShardAwareClient::connect(endpoint.clone(), &tables).await?,
             rows_out: AtomicU64::new(0),
             payload,
         })
@@ -1213,7 +1218,7 @@ fn as_scan(session: &Session, mut job: JobConfig) -> JobConfig {
 pub async fn run(
     cluster: &ClusterConfig,
     job: JobConfig,
-    endpoint: &str,
+    endpoint: &GatewayAddr,
     progress: bool,
     mut signal: Signal,
 ) -> anyhow::Result<JobReport> {

@@ -41,6 +41,7 @@ use super::signal::{next_command, Command, Signal};
 use super::{applied, message_id, now_ms, open_dead_letter, Compiled, Fold, Output, Positions};
 use crate::bridge::kafka::text_headers;
 use crate::bridge::route::prepare_route;
+use crate::client::GatewayAddr;
 use crate::config::{AggregateConfig, ClusterConfig, JobConfig, RouteConfig, SourceConfig, StartFrom};
 use crate::mapping::{Envelope, ReasonCode, RouteMapper};
 use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterSink};
@@ -310,7 +311,7 @@ pub async fn run(
     cluster: &ClusterConfig,
     job: JobConfig,
     routes: &[RouteConfig],
-    endpoint: &str,
+    endpoint: &GatewayAddr,
     mut signal: Signal,
 ) -> anyhow::Result<StreamReport> {
     let started = Instant::now();
@@ -353,7 +354,7 @@ pub async fn run(
 
 impl Windows {
     /// Opens a stream job's state (creating `job_windows`), outputs and dead-letter destination.
-    pub(super) async fn open(job: JobConfig, session: Arc<Session>, endpoint: &str) -> anyhow::Result<Windows> {
+    pub(super) async fn open(job: JobConfig, session: Arc<Session>, endpoint: &GatewayAddr) -> anyhow::Result<Windows> {
         let Some(aggregate) = job.aggregate.clone() else {
             anyhow::bail!("job `{}`: a stream job needs `[job.aggregate]`", job.name);
         };

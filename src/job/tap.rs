@@ -40,6 +40,7 @@ use super::stream::{part_name, route_columns, row_of, Part, StreamReport, Window
 use super::{Compiled, Fold, Positions};
 use crate::bridge::message::SourceMessage;
 use crate::bridge::tap::{Rewind, Tap};
+use crate::client::GatewayAddr;
 use crate::config::JobConfig;
 use crate::mapping::{MappedRow, ReasonCode, RouteMapper};
 use crate::sink::dead_letter::{headers, DeadLetter};
@@ -638,7 +639,7 @@ impl Tap for RouteTap {
 pub async fn run(
     rollup: Arc<Rollup>,
     session: Arc<Session>,
-    endpoint: &str,
+    endpoint: &GatewayAddr,
     mut signal: Signal,
 ) -> anyhow::Result<StreamReport> {
     let started = Instant::now();

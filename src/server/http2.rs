@@ -8,12 +8,15 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use glommio::net::TcpListener;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tower::ServiceExt;
+
+use crate::telemetry::metric;
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a core's full rate.
 const STREAM_WINDOW_BYTES: u32 = 1 << 20;
@@ -47,12 +50,23 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// from a core's main task — woken by every mesh message — a quiet listener piled up clones
 /// until the task's waker count overflowed (an `i16` in glommio) and the core panicked after
 /// about 32,768 forwarded requests on one connection. Its own task is woken by the accept only.
-pub async fn serve(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
+pub async fn serve(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    message_bytes_max: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     // Dropping the task cancels it.
-    glommio::spawn_local(accept_forever(listener, routes, message_bytes_max)).await;
+    glommio::spawn_local(accept_forever(listener, routes, message_bytes_max, tls)).await;
 }
 
-async fn accept_forever(listener: TcpListener, routes: tonic::service::Routes, message_bytes_max: usize) {
+async fn accept_forever(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    message_bytes_max: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(futures_rustls::TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -63,22 +77,51 @@ async fn accept_forever(listener: TcpListener, routes: tonic::service::Routes, m
             }
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream.compat());
         let limited = routes
             .clone()
             .map_request(move |request| super::limit::limit_request(request, message_bytes_max));
         let service = TowerToHyperService::new(limited);
+        let acceptor = acceptor.clone();
+        // The handshake runs in the connection's task: a slow client holds up no other.
         glommio::spawn_local(async move {
-            let result = hyper::server::conn::http2::Builder::new(LocalExecutor)
-                .initial_stream_window_size(STREAM_WINDOW_BYTES)
-                .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-                .serve_connection(io, service)
-                .await;
-            if let Err(error) = result {
-                tracing::debug!(%error, "connection ended with an error");
+            let Some(acceptor) = acceptor else {
+                return serve_connection(TokioIo::new(stream.compat()), service).await;
+            };
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
+                acceptor.accept(stream).await.map_err(glommio::GlommioError::from)
+            })
+            .await
+            {
+                Ok(stream) => serve_connection(TokioIo::new(stream.compat()), service).await,
+                Err(error) => {
+                    metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                }
             }
         })
         .detach();
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn serve_connection<I, S>(io: I, service: S)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<tonic::body::Body>>
+        + 'static,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let result = hyper::server::conn::http2::Builder::new(LocalExecutor)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .serve_connection(io, service)
+        .await;
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
     }
 }
 
@@ -96,7 +139,7 @@ mod tests {
                 let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
                 let addr = listener.local_addr().expect("address");
                 let routes = tonic::service::Routes::default();
-                let serving = serve(listener, routes, 1 << 20);
+                let serving = serve(listener, routes, 1 << 20, None);
                 futures::pin_mut!(serving);
                 let wakes = async {
                     for _ in 0..100_000 {

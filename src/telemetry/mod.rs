@@ -85,6 +85,10 @@ pub mod metric {
     /// Query API requests refused, by core and `code`.
     pub const READS_REFUSED: &str = "shardgate_reads_refused_total";
 
+    /// TLS handshakes the gRPC listeners failed or timed out (a plaintext client, an unknown
+    /// CA, a client certificate missing or refused).
+    pub const TLS_HANDSHAKE_FAILURES: &str = "shardgate_tls_handshake_failures_total";
+
     /// Every metric above; the README must name each (a test checks).
     pub const ALL: &[&str] = &[
         READY,
@@ -117,6 +121,7 @@ pub mod metric {
         JOB_ROWS_LATE,
         JOB_WATERMARK_LAG,
         JOB_WINDOWS_CLOSED,
+        TLS_HANDSHAKE_FAILURES,
     ];
 }
 

@@ -18,6 +18,7 @@ mod rabbitmq;
 mod replay;
 mod scale_out;
 mod startup;
+mod tls;
 mod tokens;
 mod zeromq;
 
