@@ -69,8 +69,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Every certificate of a PEM file (at least one).
 pub fn certificates(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| failed(field, path, format!("cannot read it: {e}")))?
+    parse_certificates(field, path, &read(field, path)?)
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| failed(field, path, format!("cannot read it: {e}")))
+}
+
+/// Every certificate of `pem`, the contents of `path` (at least one).
+fn parse_certificates(field: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| failed(field, path, format!("not PEM certificates: {e}")))?;
     if certificates.is_empty() {
@@ -157,14 +165,25 @@ pub fn client_tls(
         Some(ca) => ("ca_file", ca),
         None => ("cert_file", cert_file),
     };
-    // Parsed to be sure they are certificates; tonic takes the PEM text.
-    roots(field, ca)?;
+    // Read once; parsed to be sure they are certificates, and handed to tonic as PEM text.
     let ca_pem = std::fs::read(ca).map_err(|e| failed(field, ca, format!("cannot read it: {e}")))?;
+    let parsed = CertificateDer::pem_slice_iter(&ca_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(field, ca, format!("not PEM certificates: {e}")))?;
+    if parsed.is_empty() {
+        return Err(failed(
+            field,
+            ca,
+            "no `CERTIFICATE` block in it: a PEM certificate (chain) is expected",
+        ));
+    }
     let identity = match identity {
         None => None,
         Some((cert, key)) => {
-            let chain = certificates("client_cert_file", cert)?;
-            let private = private_key("client_key_file", key)?;
+            let (cert_pem, key_pem) = (read("client_cert_file", cert)?, read("client_key_file", key)?);
+            let chain = parse_certificates("client_cert_file", cert, &cert_pem)?;
+            let private = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|e| failed("client_key_file", key, format!("no private key read from it: {e}")))?;
             rustls::sign::CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
                 failed(
                     "client_key_file",
@@ -172,10 +191,7 @@ pub fn client_tls(
                     format!("does not serve `client_cert_file`: {e}"),
                 )
             })?;
-            let read = |field: &'static str, path: &Path| {
-                std::fs::read(path).map_err(|e| failed(field, path, format!("cannot read it: {e}")))
-            };
-            Some((read("client_cert_file", cert)?, read("client_key_file", key)?))
+            Some((cert_pem, key_pem))
         }
     };
     Ok(ClientTls { ca_pem, identity })
