@@ -566,16 +566,21 @@ async fn serve_ingest_on_core(
         }
     };
     let _ = bound.send(Ok(()));
+    let serving = http2::Serving {
+        routes,
+        message_bytes_max: limit,
+        tls: part.tls,
+        principals: part.config.auth.as_ref().map(|auth| Arc::clone(&auth.principals)),
+    };
     let own_port = {
-        let routes = routes.clone();
-        let tls = part.tls.clone();
+        let serving = serving.clone();
         async move {
             if let Some(listener) = core_listener {
-                http2::serve(listener, routes, limit, tls).await;
+                http2::serve(listener, serving).await;
             }
         }
     };
-    let servers = async { futures::join!(http2::serve(shared_listener, routes, limit, part.tls), own_port) };
+    let servers = async { futures::join!(http2::serve(shared_listener, serving), own_port) };
     futures::pin_mut!(servers);
     let stopped = stop.stopped();
     futures::pin_mut!(stopped);

@@ -15,6 +15,8 @@ use scylla::cluster::metadata::ColumnType;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner};
 use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::CellWriter;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::tls::ClientTls;
@@ -54,21 +56,34 @@ struct TableKey {
 #[derive(Clone)]
 pub struct ShardAwareClient {
     ownership: Ownership,
-    shared: IngestClient<Channel>,
-    cores: Vec<IngestClient<Channel>>,
-    query_shared: QueryClient<Channel>,
-    query_cores: Vec<QueryClient<Channel>>,
+    shared: IngestClient<GatewayChannel>,
+    cores: Vec<IngestClient<GatewayChannel>>,
+    query_shared: QueryClient<GatewayChannel>,
+    query_cores: Vec<QueryClient<GatewayChannel>>,
     keys: HashMap<String, TableKey>,
 }
 
-/// How to reach a gateway's gRPC API: its shared `host:port`, and TLS when its listeners use
-/// it (the same for its per-core ports).
-#[derive(Debug, Clone)]
+/// How to reach a gateway's gRPC API: its shared `host:port`, TLS when its listeners use it
+/// (the same for its per-core ports), and the bearer token when it authenticates callers.
+#[derive(Clone)]
 pub struct GatewayAddr {
     /// `host:port`.
     pub address: String,
     /// What to trust and present; `None`: plaintext.
     pub tls: Option<ClientTls>,
+    /// The bearer token sent with every call (`ingest.auth`); `None`: none sent.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for GatewayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("GatewayAddr")
+            .field("address", &self.address)
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl From<&str> for GatewayAddr {
@@ -76,8 +91,55 @@ impl From<&str> for GatewayAddr {
         GatewayAddr {
             address: address.to_string(),
             tls: None,
+            token: None,
         }
     }
+}
+
+impl GatewayAddr {
+    /// The same address, sending `token` as `authorization: Bearer <token>`.
+    pub fn with_token(mut self, token: impl Into<String>) -> GatewayAddr {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The interceptor that adds this address's token to every call.
+    pub fn credentials(&self) -> Result<Credentials, ClientError> {
+        let Some(token) = &self.token else {
+            return Ok(Credentials(None));
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| ClientError::Connect {
+            endpoint: self.address.clone(),
+            reason: "the bearer token is not printable ASCII".to_string(),
+        })?;
+        value.set_sensitive(true);
+        Ok(Credentials(Some(value)))
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call of a client, when there is a token.
+#[derive(Clone, Default)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to a gateway that sends its credentials with every call.
+pub type GatewayChannel = InterceptedService<Channel, Credentials>;
+
+/// A channel to `gateway`'s `endpoint` (its shared or a per-core one), with its TLS and token.
+pub async fn gateway_channel(gateway: &GatewayAddr, endpoint: &str) -> Result<GatewayChannel, ClientError> {
+    let credentials = gateway.credentials()?;
+    Ok(InterceptedService::new(
+        channel(endpoint, gateway.tls.as_ref()).await?,
+        credentials,
+    ))
 }
 
 async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
@@ -116,7 +178,7 @@ impl ShardAwareClient {
     /// endpoint (with the same TLS).
     pub async fn connect(gateway: impl Into<GatewayAddr>, tables: &[&str]) -> Result<ShardAwareClient, ClientError> {
         let gateway = gateway.into();
-        let shared_channel = channel(&gateway.address, gateway.tls.as_ref()).await?;
+        let shared_channel = gateway_channel(&gateway, &gateway.address).await?;
         let query_shared = QueryClient::new(shared_channel.clone()).max_decoding_message_size(usize::MAX);
         let mut shared = IngestClient::new(shared_channel);
         let request = GetTopologyRequest {
@@ -143,7 +205,7 @@ impl ShardAwareClient {
         let mut cores = Vec::with_capacity(topology.core_endpoints.len());
         let mut query_cores = Vec::with_capacity(topology.core_endpoints.len());
         for core_endpoint in &topology.core_endpoints {
-            let core_channel = channel(core_endpoint, gateway.tls.as_ref()).await?;
+            let core_channel = gateway_channel(&gateway, core_endpoint).await?;
             query_cores.push(QueryClient::new(core_channel.clone()).max_decoding_message_size(usize::MAX));
             cores.push(IngestClient::new(core_channel));
         }
@@ -175,12 +237,12 @@ impl ShardAwareClient {
     }
 
     /// The client of core `core`'s own endpoint (the shared one when cores publish none).
-    pub fn core_client(&self, core: usize) -> IngestClient<Channel> {
+    pub fn core_client(&self, core: usize) -> IngestClient<GatewayChannel> {
         self.cores.get(core).cloned().unwrap_or_else(|| self.shared.clone())
     }
 
     /// The client of the shared endpoint.
-    pub fn shared_client(&self) -> IngestClient<Channel> {
+    pub fn shared_client(&self) -> IngestClient<GatewayChannel> {
         self.shared.clone()
     }
 
@@ -279,7 +341,7 @@ impl ShardAwareClient {
 
 impl ShardAwareClient {
     /// The query client of core `core`'s own endpoint (the shared one when cores publish none).
-    pub fn query_core_client(&self, core: usize) -> QueryClient<Channel> {
+    pub fn query_core_client(&self, core: usize) -> QueryClient<GatewayChannel> {
         self.query_cores
             .get(core)
             .cloned()
@@ -287,7 +349,7 @@ impl ShardAwareClient {
     }
 
     /// The query client of the shared endpoint.
-    pub fn query_client(&self) -> QueryClient<Channel> {
+    pub fn query_client(&self) -> QueryClient<GatewayChannel> {
         self.query_shared.clone()
     }
 
@@ -354,7 +416,7 @@ pub struct ScanPage {
 
 /// Reads one split to its end on `client`, resuming from the last token when the stream breaks.
 async fn scan_split(
-    mut client: QueryClient<Channel>,
+    mut client: QueryClient<GatewayChannel>,
     request: ScanRequest,
     index: usize,
     split: Split,
@@ -475,7 +537,7 @@ impl StreamSummary {
 
 /// Sends `batches` over one `WriteStream` on `client` and collects every answer.
 pub async fn stream_batches(
-    mut client: IngestClient<Channel>,
+    mut client: IngestClient<GatewayChannel>,
     batches: Vec<RowBatch>,
 ) -> Result<StreamSummary, tonic::Status> {
     use crate::wire::proto::WriteStreamRequest;

@@ -8,6 +8,7 @@
 //! service), `bridge` (sources), `replay`, `client`, `app` (wiring), `telemetry` (logs, metrics).
 
 pub mod app;
+pub mod auth;
 pub mod bridge;
 pub mod client;
 pub mod config;

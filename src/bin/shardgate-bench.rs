@@ -63,11 +63,11 @@ use scylla::client::session::Session;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::{CqlDecimal, CqlTimestamp};
+use shardgate::client::GatewayChannel;
 use shardgate::client::ShardAwareClient;
 use shardgate::devkit::{self, Gateway};
 use shardgate::wire::proto::ingest_client::IngestClient;
 use shardgate::wire::proto::{RowBatch, WriteStreamRequest};
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
@@ -229,7 +229,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     )?;
     let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
     let batches = devkit::event_batches(&table, args.rows, args.batch_rows);
-    let per_stream: Vec<(IngestClient<Channel>, Vec<RowBatch>)> = if mode == "grpc-smart" {
+    let per_stream: Vec<(IngestClient<GatewayChannel>, Vec<RowBatch>)> = if mode == "grpc-smart" {
         let mut parts: Vec<Vec<RowBatch>> = (0..client.cores()).map(|_| Vec::new()).collect();
         let mut unknown = Vec::new();
         for batch in batches {
@@ -282,7 +282,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
 
 /// Streams batches with at most `window` unanswered, and measures each batch's latency.
 async fn timed_stream(
-    mut client: IngestClient<Channel>,
+    mut client: IngestClient<GatewayChannel>,
     batches: Vec<RowBatch>,
     window: usize,
 ) -> anyhow::Result<(u64, Vec<Duration>)> {

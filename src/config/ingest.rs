@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::check::parse_socket_addr;
 use super::error::ConfigError;
+use crate::auth::{Credential, Principal, Principals, Scope};
 use crate::tls::{ClientCerts, ClientTls, TlsError};
 
 /// `[ingest]`
@@ -29,6 +30,44 @@ pub struct RawIngest {
     /// Absent: plaintext.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// `[ingest.auth]`: who may call the API and what each may do. Absent: anyone who reaches
+    /// the ports may call every RPC.
+    #[serde(default)]
+    pub auth: Option<RawAuth>,
+}
+
+/// `[ingest.auth]`: every RPC on the shared and per-core ports is made by a principal — known
+/// by a bearer token or by its client certificate — and checked against its scopes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// `[[ingest.auth.principal]]`: at least one.
+    #[serde(default, rename = "principal")]
+    pub principals: Vec<RawPrincipal>,
+    /// File holding the bearer token the gateway's own clients present (jobs inside `serve`,
+    /// `shardgate job run`, `shardgate export`): one principal's token. Needed when jobs are
+    /// configured unless the gateway's own client certificate names a principal.
+    #[serde(default)]
+    pub client_token_file: Option<String>,
+}
+
+/// `[[ingest.auth.principal]]`: one caller and its scopes.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrincipal {
+    /// Its name, in refusals, logs and the `principal` of errors.
+    pub name: String,
+    /// The SHA-256 (64 hex digits) of its bearer token, e.g. from
+    /// `printf %s "$TOKEN" | sha256sum`. The token itself is never in the config.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Or: the name its client certificate goes by (subject CN, or a DNS or URI SAN); needs
+    /// `ingest.tls.client_auth` = `optional` or `required`.
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// What it may do: `admin`, `write:<keyspace>.<table>`, `read:<keyspace>.<table>`,
+    /// `jobs:<job>`; `*` matches any run of characters (`write:shop.*`).
+    pub scopes: Vec<String>,
 }
 
 /// `[ingest.tls]`: the listeners' certificate, client certificates, and what the gateway's own
@@ -102,6 +141,27 @@ pub struct IngestConfig {
     pub message_bytes_max: usize,
     /// TLS on the listeners, if on.
     pub tls: Option<TlsConfig>,
+    /// Principals and their scopes, if the API authenticates its callers.
+    pub auth: Option<AuthConfig>,
+}
+
+/// A validated `[ingest.auth]`.
+#[derive(Clone)]
+pub struct AuthConfig {
+    /// The principals, shared by every core's gate.
+    pub principals: std::sync::Arc<Principals>,
+    /// The token the gateway's own clients present (read from `client_token_file`).
+    pub client_token: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("AuthConfig")
+            .field("principals", &self.principals)
+            .field("client_token", &self.client_token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl IngestConfig {
@@ -115,6 +175,7 @@ impl IngestConfig {
         Ok(crate::client::GatewayAddr {
             address: address.to_string(),
             tls: self.tls.as_ref().map(TlsConfig::client_tls).transpose()?,
+            token: self.auth.as_ref().and_then(|auth| auth.client_token.clone()),
         })
     }
 
@@ -139,13 +200,133 @@ pub(super) fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, ConfigErro
     }
     let advertise_host = raw.advertise_host.unwrap_or_else(|| listen.ip().to_string());
     let tls = raw.tls.map(validate_tls).transpose()?;
+    let auth = raw.auth.map(|auth| validate_auth(auth, tls.as_ref())).transpose()?;
     Ok(IngestConfig {
         listen,
         core_port_base: raw.core_port_base,
         advertise_host,
         message_bytes_max: raw.message_bytes_max,
         tls,
+        auth,
     })
+}
+
+fn validate_auth(raw: RawAuth, tls: Option<&TlsConfig>) -> Result<AuthConfig, ConfigError> {
+    if raw.principals.is_empty() {
+        return Err(ConfigError::invalid(
+            "ingest.auth.principal",
+            "[]",
+            "at least one `[[ingest.auth.principal]]` (a name, `token_sha256` or `certificate`, and `scopes`)",
+        ));
+    }
+    let mut entries: Vec<(Credential, Principal)> = Vec::with_capacity(raw.principals.len());
+    for (index, raw) in raw.principals.into_iter().enumerate() {
+        let key = |field: &str| format!("ingest.auth.principal[{index}].{field}");
+        if raw.name.trim().is_empty() || entries.iter().any(|(_, p)| p.name == raw.name) {
+            return Err(ConfigError::invalid(
+                key("name"),
+                &raw.name,
+                "a name no other principal uses",
+            ));
+        }
+        let credential = match (raw.token_sha256, raw.certificate) {
+            (Some(hash), None) => Credential::Token(parse_sha256(&hash).ok_or_else(|| {
+                ConfigError::invalid(
+                    key("token_sha256"),
+                    &hash,
+                    "64 hex digits: the SHA-256 of the token, as `printf %s \"$TOKEN\" | sha256sum` prints it",
+                )
+            })?),
+            (None, Some(name)) => {
+                let asks = tls.is_some_and(|tls| tls.client_auth != ClientCerts::None);
+                if !asks {
+                    return Err(ConfigError::invalid(
+                        key("certificate"),
+                        &name,
+                        "`ingest.tls.client_auth` = `optional` or `required` too: without it no client certificate is asked for",
+                    ));
+                }
+                if name.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        key("certificate"),
+                        &name,
+                        "the subject CN, DNS or URI name of the principal's client certificate",
+                    ));
+                }
+                Credential::Certificate(name)
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    key("token_sha256"),
+                    "both or neither of `token_sha256` and `certificate`",
+                    "exactly one of them: how the principal proves who it is",
+                ))
+            }
+        };
+        if entries.iter().any(|(c, _)| *c == credential) {
+            let field = match credential {
+                Credential::Token(_) => "token_sha256",
+                Credential::Certificate(_) => "certificate",
+            };
+            return Err(ConfigError::invalid(
+                key(field),
+                "a credential another principal has",
+                "one credential per principal",
+            ));
+        }
+        if raw.scopes.is_empty() {
+            return Err(ConfigError::invalid(
+                key("scopes"),
+                "[]",
+                "at least one scope: `admin`, `write:<keyspace>.<table>`, `read:<keyspace>.<table>` or `jobs:<job>`",
+            ));
+        }
+        let mut scopes = Vec::with_capacity(raw.scopes.len());
+        for (i, scope) in raw.scopes.iter().enumerate() {
+            let parsed = scope
+                .parse::<Scope>()
+                .map_err(|error| ConfigError::invalid(key(&format!("scopes[{i}]")), scope, error.to_string()))?;
+            scopes.push(parsed);
+        }
+        entries.push((credential, Principal { name: raw.name, scopes }));
+    }
+    let principals = Principals::new(entries);
+    // The file is read now, as at start-up; its token must be a principal's. Never echoed.
+    let client_token = match raw.client_token_file {
+        None => None,
+        Some(path) => {
+            let key = "ingest.auth.client_token_file";
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::invalid(key, &path, format!("a readable file holding a bearer token ({e})"))
+            })?;
+            let token = text.trim().to_string();
+            if token.is_empty() || principals.by_token(&token).is_none() {
+                return Err(ConfigError::invalid(
+                    key,
+                    &path,
+                    "a file whose token is one principal's (its SHA-256 in that principal's `token_sha256`)",
+                ));
+            }
+            Some(token)
+        }
+    };
+    Ok(AuthConfig {
+        principals: std::sync::Arc::new(principals),
+        client_token,
+    })
+}
+
+/// 64 hex digits as 32 bytes.
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(bytes)
 }
 
 fn validate_tls(raw: RawTls) -> Result<TlsConfig, ConfigError> {

@@ -206,6 +206,20 @@ impl RawConfig {
             }
             routes.push(route);
         }
+        if let Some(IngestConfig {
+            auth: Some(auth), tls, ..
+        }) = &ingest
+        {
+            let own_certificate = tls.as_ref().is_some_and(|tls| tls.client_identity.is_some());
+            if !self.jobs.is_empty() && auth.client_token.is_none() && !own_certificate {
+                return Err(ConfigError::invalid(
+                    "ingest.auth.client_token_file",
+                    "absent",
+                    "a file with the token of a principal allowed the jobs' tables (the jobs call this \
+                     gateway's API as that principal), or `ingest.tls.client_cert_file` of a principal's certificate",
+                ));
+            }
+        }
         if !self.jobs.is_empty() && ingest.is_none() {
             return Err(ConfigError::invalid(
                 "job",

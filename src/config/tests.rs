@@ -972,3 +972,94 @@ fn ingest_tls_files_are_checked_and_named() {
     assert!(error_of(&with(&files(&cert, &other_key))).contains("does not serve"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `[ingest.auth]`: principals with a token hash or a certificate name and well-formed scopes
+/// are accepted; every mistake is refused naming its key — and never the token.
+#[test]
+fn ingest_auth_keys_name_their_key() {
+    let dir = std::env::temp_dir().join(format!("shardgate-auth-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = "tok-9f2c1e";
+    let hash: String = crate::auth::token_sha256(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    let other_file = dir.join("other");
+    std::fs::write(&other_file, "not-a-principals-token").expect("token");
+    let none = &VALID[..VALID.find("[[route]]").expect("route")];
+    let with = |auth: &str| format!("{none}\n[ingest]\nlisten = \"127.0.0.1:50051\"\n{auth}\n");
+    let principal = |extra: &str| {
+        format!("[ingest.auth]\n[[ingest.auth.principal]]\nname = \"app\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"write:shop.*\", \"admin\"]\n{extra}")
+    };
+    let config = Config::parse(&with(&principal("")), "t").expect("valid auth");
+    let auth = config.ingest.and_then(|i| i.auth).expect("auth");
+    assert_eq!(
+        auth.principals.by_token(token).map(|p| p.name.clone()),
+        Some("app".into())
+    );
+    let with_token = with(&format!(
+        "[ingest.auth]\nclient_token_file = {token_file:?}\n{}",
+        &principal("")["[ingest.auth]\n".len()..]
+    ));
+    let config = Config::parse(&with_token, "t").expect("valid client token");
+    assert_eq!(
+        config.ingest.and_then(|i| i.auth).and_then(|a| a.client_token),
+        Some(token.to_string())
+    );
+    for (text, starts) in [
+        (with("[ingest.auth]\n"), "`ingest.auth.principal` = `[]`"),
+        (
+            with(&principal("").replace(&hash, "abc")),
+            "`ingest.auth.principal[0].token_sha256` = `abc`",
+        ),
+        (
+            with(&principal("").replace("admin", "root")),
+            "`ingest.auth.principal[0].scopes[1]` = `root`",
+        ),
+        (
+            with(&principal("").replace("write:shop.*", "write:shop")),
+            "`ingest.auth.principal[0].scopes[0]` = `write:shop`",
+        ),
+        (
+            with(&principal(
+                "[[ingest.auth.principal]]\nname = \"app\"\ncertificate = \"x\"\nscopes = [\"admin\"]\n",
+            )),
+            "`ingest.auth.principal[1].name` = `app`",
+        ),
+        (
+            with(&principal(
+                "[[ingest.auth.principal]]\nname = \"cert\"\ncertificate = \"x\"\nscopes = [\"admin\"]\n",
+            )),
+            "`ingest.auth.principal[1].certificate` = `x`",
+        ),
+        (
+            with(&principal(&format!(
+                "[[ingest.auth.principal]]\nname = \"twin\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"admin\"]\n"
+            ))),
+            "`ingest.auth.principal[1].token_sha256`",
+        ),
+        (
+            with(&principal(
+                "[[ingest.auth.principal]]\nname = \"neither\"\nscopes = [\"admin\"]\n",
+            )),
+            "`ingest.auth.principal[1].token_sha256`",
+        ),
+        (
+            with(&format!(
+                "[ingest.auth]\nclient_token_file = {other_file:?}\n{}",
+                &principal("")["[ingest.auth]\n".len()..]
+            )),
+            "`ingest.auth.client_token_file` = `",
+        ),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+        assert!(
+            !message.contains("not-a-principals-token"),
+            "a token is echoed: {message}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,8 +28,10 @@ use scylla::value::MaybeUnset;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{check, check_caller, Access, Caller};
 use crate::runtime::budget::{Admitted, Budget};
 use crate::runtime::mesh::Mesh;
+use crate::server::gate::{forbidden, refused};
 use crate::server::limit::{take_oversized, OversizeLog};
 use crate::server::status::status;
 use crate::server::topology::topology;
@@ -703,11 +705,15 @@ impl Ingest for IngestService {
         if let Some(oversized) = take_oversized(request.extensions(), 0) {
             return self.unary_answer(Err((ErrorCode::TooLarge, oversized.reason())));
         }
+        let caller = Caller::of(request.extensions());
         let request = request.into_inner();
         let ack = request.ack;
         let Some(batch) = request.batch else {
             return self.unary_answer(Err((ErrorCode::Malformed, "`batch` is required".to_string())));
         };
+        if let Err(denied) = check_caller(caller.as_ref(), Access::Write(&batch.table)) {
+            return self.unary_answer(Err((ErrorCode::Forbidden, refused(denied))));
+        }
         let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
     }
@@ -716,11 +722,15 @@ impl Ingest for IngestService {
         if let Some(oversized) = take_oversized(request.extensions(), 0) {
             return self.unary_answer(Err((ErrorCode::TooLarge, oversized.reason())));
         }
+        let caller = Caller::of(request.extensions());
         let request = request.into_inner();
         let batch = match decode_row_batch(&request.row_batch) {
             Ok(batch) => batch,
             Err(error) => return self.unary_answer(Err((ErrorCode::Malformed, error.to_string()))),
         };
+        if let Err(denied) = check_caller(caller.as_ref(), Access::Write(&batch.table)) {
+            return self.unary_answer(Err((ErrorCode::Forbidden, refused(denied))));
+        }
         let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
     }
@@ -732,6 +742,7 @@ impl Ingest for IngestService {
         request: Request<Streaming<WriteStreamRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let limits = OversizeLog::of(request.extensions());
+        let caller = Caller::of(request.extensions());
         let mut incoming = request.into_inner();
         let (mut responses, receiver) = futures::channel::mpsc::channel(STREAM_BATCHES_IN_FLIGHT_MAX);
         let service = self.clone();
@@ -755,7 +766,14 @@ impl Ingest for IngestService {
                 sequence += 1;
                 let batch = match oversized {
                     Some(oversized) => Err((oversized.batch_id, (ErrorCode::TooLarge, oversized.reason()))),
-                    None => stream_batch(message.batch, &message.flat_batch).map_err(|r| (message.batch_id, r)),
+                    None => stream_batch(message.batch, &message.flat_batch)
+                        .and_then(
+                            |batch| match check_caller(caller.as_ref(), Access::Write(&batch.table)) {
+                                Ok(()) => Ok(batch),
+                                Err(denied) => Err((ErrorCode::Forbidden, refused(denied))),
+                            },
+                        )
+                        .map_err(|r| (message.batch_id, r)),
                 };
                 let batch = match batch {
                     Ok(batch) => batch,
@@ -798,6 +816,7 @@ impl Ingest for IngestService {
     }
 
     async fn get_topology(&self, request: Request<GetTopologyRequest>) -> Result<Response<Topology>, Status> {
+        check(request.extensions(), Access::Authenticated).map_err(forbidden)?;
         let ownership = self.shared.ownership.load();
         let tables = request.into_inner().tables;
         topology(&ownership, &self.shared.core_endpoints, &self.shared.session, tables).map(Response::new)

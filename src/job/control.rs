@@ -16,8 +16,10 @@ use tokio::sync::watch;
 
 pub use super::signal::{next_command, steady, Command, Interrupted, Signal};
 use super::tap::Rollup;
+use crate::auth::{check, check_caller, Access, Caller};
 use crate::client::GatewayAddr;
 use crate::config::{ClusterConfig, JobConfig, RouteConfig};
+use crate::server::gate::forbidden;
 use crate::telemetry::metric;
 use crate::wire::proto::jobs_server::Jobs;
 use crate::wire::proto::{JobRequest, JobStatus, ListJobsRequest, ListJobsResponse};
@@ -453,6 +455,12 @@ impl JobsService {
     }
 }
 
+/// The request, when its caller may watch and control its job (`jobs:<job>`).
+fn permitted(request: tonic::Request<JobRequest>) -> Result<JobRequest, tonic::Status> {
+    check(request.extensions(), Access::Job(&request.get_ref().job)).map_err(forbidden)?;
+    Ok(request.into_inner())
+}
+
 /// How often `WatchJob` sends a status.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
@@ -460,11 +468,15 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 impl Jobs for JobsService {
     async fn list_jobs(
         &self,
-        _: tonic::Request<ListJobsRequest>,
+        request: tonic::Request<ListJobsRequest>,
     ) -> Result<tonic::Response<ListJobsResponse>, tonic::Status> {
-        let jobs = self
+        check(request.extensions(), Access::Authenticated).map_err(forbidden)?;
+        let caller = Caller::of(request.extensions());
+        let mut jobs = self
             .on_island(|control| async move { Ok(control.list().await) })
             .await?;
+        // Only the jobs the caller may see.
+        jobs.retain(|job| check_caller(caller.as_ref(), Access::Job(&job.job)).is_ok());
         Ok(tonic::Response::new(ListJobsResponse { jobs }))
     }
 
@@ -472,7 +484,7 @@ impl Jobs for JobsService {
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
-        let job = request.into_inner().job;
+        let job = permitted(request)?.job;
         let status = self
             .on_island(move |control| async move { control.status(&job).await })
             .await?;
@@ -483,28 +495,28 @@ impl Jobs for JobsService {
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
-        self.act(request.into_inner(), None).await
+        self.act(permitted(request)?, None).await
     }
 
     async fn pause_job(
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
-        self.act(request.into_inner(), Some(Command::Pause)).await
+        self.act(permitted(request)?, Some(Command::Pause)).await
     }
 
     async fn resume_job(
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
-        self.act(request.into_inner(), Some(Command::Run)).await
+        self.act(permitted(request)?, Some(Command::Run)).await
     }
 
     async fn cancel_job(
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<JobStatus>, tonic::Status> {
-        self.act(request.into_inner(), Some(Command::Cancel)).await
+        self.act(permitted(request)?, Some(Command::Cancel)).await
     }
 
     type WatchJobStream = futures::stream::BoxStream<'static, Result<JobStatus, tonic::Status>>;
@@ -513,7 +525,7 @@ impl Jobs for JobsService {
         &self,
         request: tonic::Request<JobRequest>,
     ) -> Result<tonic::Response<Self::WatchJobStream>, tonic::Status> {
-        let job = request.into_inner().job;
+        let job = permitted(request)?.job;
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         // Refuse an unknown job at once, not in the stream.
         self.control.entry(&job).map_err(tonic::Status::from)?;

@@ -26,9 +26,11 @@ use tonic::{Request, Response, Status};
 
 use super::plan::plan;
 use super::token::{Fingerprint, FingerprintBuilder, Keys, Position};
+use crate::auth::{check_caller, Access, Caller};
 use crate::config::QueryConfig;
 use crate::query::pinned::Pins;
 use crate::runtime::mesh::Mesh;
+use crate::server::gate::{forbidden, refused};
 use crate::server::limit::take_oversized;
 use crate::server::status::status;
 use crate::sink::scylla::writer::place_row;
@@ -546,7 +548,11 @@ struct Executable {
     skip_metadata: bool,
 }
 
-async fn executable(shared: &QueryShared, request: &ExecuteRequest) -> Result<Executable, Refusal> {
+async fn executable(
+    shared: &QueryShared,
+    request: &ExecuteRequest,
+    caller: Option<&Caller>,
+) -> Result<Executable, Refusal> {
     if request.cql.trim().is_empty() {
         return Err(refusal(ErrorCode::BadQuery, "cql: empty; give a CQL statement"));
     }
@@ -555,6 +561,20 @@ async fn executable(shared: &QueryShared, request: &ExecuteRequest) -> Result<Ex
     // A SELECT's result has columns; an INSERT, UPDATE, DELETE, BATCH or schema change has
     // none (decided by the database when preparing, not by reading the text).
     let writes = statement.get_current_result_set_col_specs().get().len() == 0 || statement.is_confirmed_lwt();
+    // The scope: the one table the statement reads or writes (from its prepared metadata); a
+    // statement that names none that way, or a BATCH (which may name several), needs `admin`.
+    let table = statement_table(&statement);
+    let batch = request
+        .cql
+        .trim_start()
+        .get(..5)
+        .is_some_and(|w| w.eq_ignore_ascii_case("begin"));
+    let access = match (table.is_empty() || batch, writes) {
+        (true, _) => Access::Admin,
+        (false, true) => Access::Write(&table),
+        (false, false) => Access::Read(&table),
+    };
+    check_caller(caller, access).map_err(|denied| refusal(ErrorCode::Forbidden, refused(denied)))?;
     if writes && !shared.config.allow_writes {
         return Err(refusal(
             ErrorCode::ReadOnly,
@@ -574,7 +594,7 @@ async fn executable(shared: &QueryShared, request: &ExecuteRequest) -> Result<Ex
     let fingerprint = fingerprint.finish();
     let position = resume_position(&shared.keys, &fingerprint, "options.page_token", &options.page_token)?;
     Ok(Executable {
-        table: statement_table(&statement),
+        table,
         statement: configured(&shared.config, &statement, &options)?,
         values,
         fingerprint,
@@ -583,8 +603,12 @@ async fn executable(shared: &QueryShared, request: &ExecuteRequest) -> Result<Ex
     })
 }
 
-async fn execute_one(shared: Arc<QueryShared>, request: ExecuteRequest) -> Result<ExecuteResponse, Refusal> {
-    let run = executable(&shared, &request).await?;
+async fn execute_one(
+    shared: Arc<QueryShared>,
+    request: ExecuteRequest,
+    caller: Option<Caller>,
+) -> Result<ExecuteResponse, Refusal> {
+    let run = executable(&shared, &request, caller.as_ref()).await?;
     let (result, warnings, _) = page(
         &shared,
         &run.statement,
@@ -875,7 +899,9 @@ fn message<T>(request: Request<T>) -> Result<T, Status> {
 #[tonic::async_trait]
 impl Query for QueryService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let caller = Caller::of(request.extensions());
         let request = message(request)?;
+        check_caller(caller.as_ref(), Access::Read(&request.table)).map_err(forbidden)?;
         let shared = Arc::clone(&self.shared);
         let core = self.core;
         on_this_core(async move {
@@ -899,9 +925,10 @@ impl Query for QueryService {
     }
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+        let caller = Caller::of(request.extensions());
         let request = message(request)?;
         let shared = Arc::clone(&self.shared);
-        on_this_core(execute_one(shared, request))
+        on_this_core(execute_one(shared, request, caller))
             .await?
             .map(Response::new)
             .map_err(to_status)
@@ -910,12 +937,13 @@ impl Query for QueryService {
     type ExecuteStreamStream = ExecuteStream;
 
     async fn execute_stream(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteStream>, Status> {
+        let caller = Caller::of(request.extensions());
         let request = message(request)?;
         let shared = Arc::clone(&self.shared);
         // One page waits in the channel at most: the client's reading paces the fetching.
         let (mut pages, receiver) = futures::channel::mpsc::channel(1);
         glommio::spawn_local(async move {
-            let mut run = match executable(&shared, &request).await {
+            let mut run = match executable(&shared, &request, caller.as_ref()).await {
                 Ok(run) => run,
                 Err(refused) => {
                     let _ = pages.send(Err(to_status(refused))).await;
@@ -958,7 +986,9 @@ impl Query for QueryService {
     }
 
     async fn plan_scan(&self, request: Request<PlanScanRequest>) -> Result<Response<PlanScanResponse>, Status> {
+        let caller = Caller::of(request.extensions());
         let request = message(request)?;
+        check_caller(caller.as_ref(), Access::Read(&request.table)).map_err(forbidden)?;
         let shared = Arc::clone(&self.shared);
         on_this_core(async move {
             table_schema(&shared.session, "table", &request.table).await?;
@@ -979,7 +1009,9 @@ impl Query for QueryService {
     type ScanStream = ScanStream;
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanStream>, Status> {
+        let caller = Caller::of(request.extensions());
         let request = message(request)?;
+        check_caller(caller.as_ref(), Access::Read(&request.table)).map_err(forbidden)?;
         let shared = Arc::clone(&self.shared);
         let core = self.core;
         let (plan, (pages, receiver)) = {

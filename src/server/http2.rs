@@ -10,13 +10,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::gate::Gate;
+use crate::auth::{certificate_names, Principals};
+use crate::telemetry::metric;
 use glommio::net::TcpListener;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
-use tower::ServiceExt;
-
-use crate::telemetry::metric;
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a core's full rate.
 const STREAM_WINDOW_BYTES: u32 = 1 << 20;
@@ -41,32 +41,34 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-/// Accepts connections forever, serving `routes` on each with HTTP/2. Request messages over
-/// `message_bytes_max` are skipped and answered TOO_LARGE (see `server::limit`). Dropping the
-/// returned future stops accepting.
+/// What the listeners of a core serve, and how.
+#[derive(Clone)]
+pub struct Serving {
+    /// The tonic routes.
+    pub routes: tonic::service::Routes,
+    /// Request messages over this are skipped and answered TOO_LARGE (see `server::limit`).
+    pub message_bytes_max: usize,
+    /// TLS, when on.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `ingest.auth`'s principals, when callers are authenticated (see `server::gate`).
+    pub principals: Option<Arc<Principals>>,
+}
+
+/// Accepts connections forever, serving `serving.routes` on each with HTTP/2 behind the gate
+/// (`server::gate`). Dropping the returned future stops accepting.
 ///
 /// The accept loop runs as a task of its own: glommio 0.9 keeps one more clone of the waker of
 /// whichever task polls a pending `accept` on every poll, until a connection arrives. Polled
 /// from a core's main task — woken by every mesh message — a quiet listener piled up clones
 /// until the task's waker count overflowed (an `i16` in glommio) and the core panicked after
 /// about 32,768 forwarded requests on one connection. Its own task is woken by the accept only.
-pub async fn serve(
-    listener: TcpListener,
-    routes: tonic::service::Routes,
-    message_bytes_max: usize,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
+pub async fn serve(listener: TcpListener, serving: Serving) {
     // Dropping the task cancels it.
-    glommio::spawn_local(accept_forever(listener, routes, message_bytes_max, tls)).await;
+    glommio::spawn_local(accept_forever(listener, serving)).await;
 }
 
-async fn accept_forever(
-    listener: TcpListener,
-    routes: tonic::service::Routes,
-    message_bytes_max: usize,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
-    let acceptor = tls.map(futures_rustls::TlsAcceptor::from);
+async fn accept_forever(listener: TcpListener, serving: Serving) {
+    let acceptor = serving.tls.clone().map(futures_rustls::TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -77,15 +79,20 @@ async fn accept_forever(
             }
         };
         let _ = stream.set_nodelay(true);
-        let limited = routes
-            .clone()
-            .map_request(move |request| super::limit::limit_request(request, message_bytes_max));
-        let service = TowerToHyperService::new(limited);
         let acceptor = acceptor.clone();
+        let serving = serving.clone();
         // The handshake runs in the connection's task: a slow client holds up no other.
         glommio::spawn_local(async move {
+            let gate = |certificate| {
+                TowerToHyperService::new(Gate::new(
+                    serving.routes,
+                    serving.message_bytes_max,
+                    serving.principals.clone(),
+                    certificate,
+                ))
+            };
             let Some(acceptor) = acceptor else {
-                return serve_connection(TokioIo::new(stream.compat()), service).await;
+                return serve_connection(TokioIo::new(stream.compat()), gate(None)).await;
             };
             let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             match glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
@@ -93,7 +100,13 @@ async fn accept_forever(
             })
             .await
             {
-                Ok(stream) => serve_connection(TokioIo::new(stream.compat()), service).await,
+                Ok(stream) => {
+                    let certificate = serving.principals.as_deref().and_then(|principals| {
+                        let der = stream.get_ref().1.peer_certificates()?.first()?;
+                        principals.by_certificate(&certificate_names(der))
+                    });
+                    serve_connection(TokioIo::new(stream.compat()), gate(certificate)).await
+                }
                 Err(error) => {
                     metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
                     tracing::debug!(%peer, %error, "TLS handshake failed");
@@ -139,7 +152,15 @@ mod tests {
                 let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
                 let addr = listener.local_addr().expect("address");
                 let routes = tonic::service::Routes::default();
-                let serving = serve(listener, routes, 1 << 20, None);
+                let serving = serve(
+                    listener,
+                    Serving {
+                        routes,
+                        message_bytes_max: 1 << 20,
+                        tls: None,
+                        principals: None,
+                    },
+                );
                 futures::pin_mut!(serving);
                 let wakes = async {
                     for _ in 0..100_000 {

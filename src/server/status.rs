@@ -12,7 +12,7 @@ use crate::wire::proto::{BatchError, ErrorCode, RowError};
 pub const ERROR_CODE_METADATA: &str = "shardgate-error-code";
 
 /// Every code a client may see, in documentation order.
-pub const ALL_CODES: [ErrorCode; 15] = [
+pub const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::BadValue,
     ErrorCode::MissingKey,
     ErrorCode::UnknownTable,
@@ -28,6 +28,8 @@ pub const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::ReadOnly,
     ErrorCode::BadPageToken,
     ErrorCode::Timeout,
+    ErrorCode::Unauthenticated,
+    ErrorCode::Forbidden,
 ];
 
 /// gRPC statuses the ingest API answers without one of its codes.
@@ -52,7 +54,8 @@ pub fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::Malformed
         | ErrorCode::BadQuery
         | ErrorCode::BadPageToken => Code::InvalidArgument,
-        ErrorCode::ReadOnly => Code::PermissionDenied,
+        ErrorCode::ReadOnly | ErrorCode::Forbidden => Code::PermissionDenied,
+        ErrorCode::Unauthenticated => Code::Unauthenticated,
         ErrorCode::Timeout => Code::DeadlineExceeded,
         ErrorCode::UnknownTable => Code::NotFound,
         ErrorCode::Overloaded => Code::ResourceExhausted,
@@ -147,6 +150,16 @@ pub fn describe(code: ErrorCode) -> CodeDoc {
             "request",
             "query API: the database timed out reading (the reason says whether data was present)",
             "yes, perhaps with a smaller `page_size`",
+        ),
+        ErrorCode::Unauthenticated => (
+            "request",
+            "`ingest.auth` is on and the call has no `authorization: Bearer <token>` header of a principal (nor a client certificate of one); the reason says which (no credentials, a header that is not `Bearer`, an unknown token) and never echoes it",
+            "no: send a principal's token",
+        ),
+        ErrorCode::Forbidden => (
+            "request, batch",
+            "the caller's principal has no scope allowing the table (`write:`/`read:`), the job (`jobs:`) or the statement (`admin` for one that names no single table); the reason names the principal and the scope it lacks. In a `WriteStream` the batch is refused and the stream goes on",
+            "no: grant the scope",
         ),
         ErrorCode::Unspecified => ("—", "never sent", "—"),
     };

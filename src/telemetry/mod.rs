@@ -88,6 +88,9 @@ pub mod metric {
     /// TLS handshakes the gRPC listeners failed or timed out (a plaintext client, an unknown
     /// CA, a client certificate missing or refused).
     pub const TLS_HANDSHAKE_FAILURES: &str = "shardgate_tls_handshake_failures_total";
+    /// gRPC calls refused by `ingest.auth`, by `reason`: `no_credentials`, `bad_header`,
+    /// `unknown_token` (UNAUTHENTICATED) or `forbidden` (a principal without the scope).
+    pub const AUTH_FAILURES: &str = "shardgate_auth_failures_total";
 
     /// Every metric above; the README must name each (a test checks).
     pub const ALL: &[&str] = &[
@@ -122,6 +125,7 @@ pub mod metric {
         JOB_WATERMARK_LAG,
         JOB_WINDOWS_CLOSED,
         TLS_HANDSHAKE_FAILURES,
+        AUTH_FAILURES,
     ];
 }
 

@@ -65,7 +65,7 @@ fn batches(table: &str, count: i64) -> Vec<RowBatch> {
 
 /// Writes one batch of `columns` holding event 1 to `table` over `client`.
 async fn write_event(
-    client: &mut IngestClient<Channel>,
+    client: &mut IngestClient<shardgate::client::GatewayChannel>,
     table: String,
     columns: Vec<String>,
 ) -> Result<WriteResponse, tonic::Status> {

@@ -7,12 +7,14 @@
 // Tooling and tests: a failed expectation is the tool or test failing, never a gateway core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod auth;
 mod faults;
 mod ingest;
 mod jetstream;
 mod jobs;
 mod kafka_route;
 mod mapping;
+mod pki;
 mod query;
 mod rabbitmq;
 mod replay;

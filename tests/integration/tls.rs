@@ -5,70 +5,23 @@
 //! plaintext client, a client without a certificate and one whose certificate another CA
 //! signed are all refused in the handshake, and counted.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use shardgate::client::{GatewayAddr, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
 use shardgate::tls::ClientTls;
 
+use crate::pki::{client_tls, TestCa};
 use crate::{gateway_binary, gateway_lock, Names};
 
 const EVENTS: i64 = 4_000;
-
-/// A CA whose certificates are written as PEM files in `dir`.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA");
-        TestCa { issuer }
-    }
-
-    /// Writes the CA certificate to `dir/<name>.pem`.
-    fn write(&self, dir: &Path, name: &str) -> PathBuf {
-        let path = dir.join(format!("{name}.pem"));
-        std::fs::write(&path, self.issuer.pem()).expect("write CA");
-        path
-    }
-
-    /// Issues a certificate for `names` (DNS names or IP addresses) with `usage`, written to
-    /// `dir/<file>.pem` and `dir/<file>.key`.
-    fn issue(&self, dir: &Path, file: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, file);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
-        let (cert_path, key_path) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));
-        std::fs::write(&cert_path, cert.pem()).expect("write cert");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert_path, key_path)
-    }
-}
-
-fn client_tls(ca: &Path, identity: Option<&(PathBuf, PathBuf)>) -> ClientTls {
-    ClientTls {
-        ca_pem: std::fs::read(ca).expect("CA"),
-        identity: identity.map(|(cert, key)| (std::fs::read(cert).expect("cert"), std::fs::read(key).expect("key"))),
-    }
-}
 
 fn over_tls(tls: ClientTls) -> GatewayAddr {
     GatewayAddr {
         address: devkit::INGEST_LISTEN.to_string(),
         tls: Some(tls),
+        token: None,
     }
 }
 

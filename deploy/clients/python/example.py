@@ -3,11 +3,18 @@ table, and check that what comes back is what went in.
 
     deploy/clients/python/run.sh KEYSPACE.TABLE [HOST:PORT]
 
+Against a gateway with `[ingest.tls]` and `[ingest.auth]`, set `SHARDGATE_CA_FILE` (PEM of the
+CA its certificate chains to) and `SHARDGATE_TOKEN_FILE` (a file holding a principal's bearer
+token): the channel is then TLS and every call carries `authorization: Bearer <token>`. The
+principal needs `admin` here (the example's last call is a DELETE, which names no table through
+its binds).
+
 The table is `(id bigint PRIMARY KEY, name text, score double, at timestamp,
 tags frozen<list<int>>)`, as the test suite creates it. The gRPC client code comes from proto/ (run.sh generates
 it with grpcio-tools). Exits non-zero, saying why, on any difference.
 """
 
+import os
 import sys
 
 import grpc
@@ -33,10 +40,27 @@ def row(i):
 COLUMNS = ["id", "name", "score", "at", "tags"]
 
 
+def open_channel(endpoint):
+    """Plaintext, or TLS (SHARDGATE_CA_FILE) with a bearer token (SHARDGATE_TOKEN_FILE)."""
+    ca_file = os.environ.get("SHARDGATE_CA_FILE")
+    token_file = os.environ.get("SHARDGATE_TOKEN_FILE")
+    if not ca_file:
+        if token_file:
+            sys.exit("SHARDGATE_TOKEN_FILE needs SHARDGATE_CA_FILE: a token is only sent over TLS")
+        return grpc.insecure_channel(endpoint)
+    with open(ca_file, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+    if token_file:
+        with open(token_file) as f:
+            token = f.read().strip()
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(endpoint, credentials)
+
+
 def main():
     table = sys.argv[1]
     endpoint = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1:50051"
-    channel = grpc.insecure_channel(endpoint)
+    channel = open_channel(endpoint)
     ingest = ingest_pb2_grpc.IngestStub(channel)
     query = query_pb2_grpc.QueryStub(channel)
 
