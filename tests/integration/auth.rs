@@ -365,20 +365,11 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
     assert_eq!(lines as i64, EVENTS + 10);
 
     // The Python example over TLS with a token (SHARDGATE_CA_FILE, SHARDGATE_TOKEN_FILE).
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
-    let python = Command::new(script)
-        .arg(format!("{keyspace}.python"))
-        .arg(devkit::INGEST_LISTEN)
-        .env("SHARDGATE_CA_FILE", &ca_file)
-        .env("SHARDGATE_TOKEN_FILE", &token_file)
-        .output()
-        .expect("run.sh runs");
-    assert!(
-        python.status.success(),
-        "python example failed:\n{}\n{}",
-        String::from_utf8_lossy(&python.stdout),
-        String::from_utf8_lossy(&python.stderr)
+    let stdout = crate::run_python_example(
+        &format!("{keyspace}.python"),
+        &[("SHARDGATE_CA_FILE", &ca_file), ("SHARDGATE_TOKEN_FILE", &token_file)],
     );
+    assert!(stdout.contains("python example OK: 500 rows"), "{stdout}");
     let python_rows = devkit::count_rows::<i64>(&session, keyspace, "python", "id")
         .await
         .expect("count");

@@ -123,3 +123,22 @@ pub async fn assert_all_orders_exact(names: &Names, count: u64) {
         report.differences
     );
 }
+
+/// Runs the Python example (`deploy/clients/python/run.sh TABLE ENDPOINT`) with `env` and
+/// asserts it succeeded; returns its standard output.
+pub fn run_python_example(table: &str, env: &[(&str, &std::path::Path)]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
+    let mut command = std::process::Command::new(script);
+    command.arg(table).arg(devkit::INGEST_LISTEN);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run.sh runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "python example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}

@@ -1008,19 +1008,8 @@ async fn the_python_example_writes_gets_and_scans() {
         .await
         .expect("create table");
     let gateway = start(&names, "");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
-    let output = std::process::Command::new(script)
-        .arg(format!("{}.events", names.keyspace))
-        .arg(devkit::INGEST_LISTEN)
-        .output()
-        .expect("run.sh runs");
-    assert!(
-        output.status.success(),
-        "python example failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("python example OK: 500 rows"));
+    let stdout = crate::run_python_example(&format!("{}.events", names.keyspace), &[]);
+    assert!(stdout.contains("python example OK: 500 rows"));
     // What it wrote is in the table.
     let rows = session
         .query_unpaged(format!("SELECT count(*) FROM {}.events", names.keyspace), ())
