@@ -4,6 +4,9 @@
 //! gateway CPU-seconds per million rows (utime + stime from /proc), and batch latency
 //! percentiles:
 //! - `grpc-smart`: the shard-aware client, one `WriteStream` per core endpoint;
+//! - `grpc-smart-secure`: `grpc-smart` over TLS (a self-signed ECDSA P-256 certificate made with
+//!   openssl) with `[ingest.auth]` on, the client sending a bearer token with every call — the
+//!   cost of TLS and authentication on the streaming path;
 //! - `grpc-plain`: one `WriteStream` on the shared port (rows a core does not own are forwarded);
 //! - `kafka`: messages produced first, then the gateway consumes them (rows/s is messages ÷
 //!   time from the first row written to the last, by the gateway's written-rows counter; the
@@ -63,8 +66,7 @@ use scylla::client::session::Session;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::value::{CqlDecimal, CqlTimestamp};
-use shardgate::client::GatewayChannel;
-use shardgate::client::ShardAwareClient;
+use shardgate::client::{GatewayAddr, GatewayChannel, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
 use shardgate::wire::proto::ingest_client::IngestClient;
 use shardgate::wire::proto::{RowBatch, WriteStreamRequest};
@@ -72,7 +74,7 @@ use shardgate::wire::proto::{RowBatch, WriteStreamRequest};
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
-    /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-plain, kafka, kafka-5,
+    /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-smart-secure, grpc-plain, kafka, kafka-5,
     /// kafka-spooled, kafka-consume, scan-driver, scan-driver-parallel, scan, get-smart, get-plain,
     /// job, job-python, rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
     /// separated).
@@ -161,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     for mode in &args.modes {
         let outcome = match mode.as_str() {
             "ceiling" | "ceiling-events" | "ceiling-5" => ceiling(&args, mode).await?,
-            "grpc-smart" | "grpc-plain" => grpc(&args, mode).await?,
+            "grpc-smart" | "grpc-plain" | "grpc-smart-secure" => grpc(&args, mode).await?,
             "kafka" => kafka(&args, false, false, false).await?,
             "kafka-spooled" => kafka(&args, true, false, false).await?,
             "kafka-5" => kafka(&args, false, true, false).await?,
@@ -221,15 +223,22 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_events_table(&session, keyspace).await?;
     let config = args.work_dir.join("gateway-grpc.toml");
-    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, args.write_batch_rows))?;
+    let mut toml = devkit::ingest_gateway_toml("", 2048, args.write_batch_rows);
+    let mut address = GatewayAddr::from(devkit::INGEST_LISTEN);
+    if mode == "grpc-smart-secure" {
+        let (security, secured) = secure_listeners(&args.work_dir)?;
+        toml.push_str(&security);
+        address = secured;
+    }
+    std::fs::write(&config, toml)?;
     let gateway = Gateway::start(
         &args.gateway,
         &config,
         &args.work_dir.join(format!("gateway-{mode}.log")),
     )?;
-    let client = ShardAwareClient::connect(devkit::INGEST_LISTEN, &[&table]).await?;
+    let client = ShardAwareClient::connect(address, &[&table]).await?;
     let batches = devkit::event_batches(&table, args.rows, args.batch_rows);
-    let per_stream: Vec<(IngestClient<GatewayChannel>, Vec<RowBatch>)> = if mode == "grpc-smart" {
+    let per_stream: Vec<(IngestClient<GatewayChannel>, Vec<RowBatch>)> = if mode.starts_with("grpc-smart") {
         let mut parts: Vec<Vec<RowBatch>> = (0..client.cores()).map(|_| Vec::new()).collect();
         let mut unknown = Vec::new();
         for batch in batches {
@@ -278,6 +287,67 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         quantiles_ms: None,
         forwarded,
     })
+}
+
+/// `[ingest.tls]` and `[ingest.auth]` for the `grpc-smart-secure` mode — a self-signed
+/// certificate made with openssl in `dir`, one principal allowed to write the bench's keyspace —
+/// and how its client reaches the gateway (TLS, that principal's token).
+fn secure_listeners(dir: &std::path::Path) -> anyhow::Result<(String, GatewayAddr)> {
+    let (cert, key) = (dir.join("bench-server.pem"), dir.join("bench-server.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("openssl runs")?;
+    anyhow::ensure!(
+        made.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let hash: String = shardgate::auth::token_sha256(&token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let toml = format!(
+        "[ingest.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\n[ingest.auth]\n[[ingest.auth.principal]]\n\
+         name = \"bench\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"write:shardgate_bench.*\"]\n"
+    );
+    let tls = shardgate::tls::ClientTls {
+        ca_pem: std::fs::read(&cert)?,
+        identity: None,
+    };
+    let address = GatewayAddr {
+        address: devkit::INGEST_LISTEN.to_string(),
+        tls: Some(tls),
+        token: Some(token),
+    };
+    Ok((toml, address))
 }
 
 /// Streams batches with at most `window` unanswered, and measures each batch's latency.
