@@ -184,6 +184,11 @@ pub fn token_sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// [`token_sha256`] as `token_sha256` is written in the config: 64 lowercase hex digits.
+pub fn token_sha256_hex(token: &str) -> String {
+    token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Principals {
     /// From (credential, principal) pairs; `config` has checked names and credentials unique.
     pub fn new(entries: Vec<(Credential, Principal)>) -> Principals {

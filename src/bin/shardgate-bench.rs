@@ -330,10 +330,7 @@ fn secure_listeners(dir: &std::path::Path) -> anyhow::Result<(String, GatewayAdd
         String::from_utf8_lossy(&made.stderr)
     );
     let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let hash: String = shardgate::auth::token_sha256(&token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = shardgate::auth::token_sha256_hex(&token);
     let toml = format!(
         "[ingest.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\n[ingest.auth]\n[[ingest.auth.principal]]\n\
          name = \"bench\"\ntoken_sha256 = \"{hash}\"\nscopes = [\"write:shardgate_bench.*\"]\n"

@@ -980,10 +980,7 @@ fn ingest_auth_keys_name_their_key() {
     let dir = std::env::temp_dir().join(format!("shardgate-auth-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let token = "tok-9f2c1e";
-    let hash: String = crate::auth::token_sha256(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = crate::auth::token_sha256_hex(token);
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n")).expect("token");
     let other_file = dir.join("other");

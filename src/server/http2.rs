@@ -10,13 +10,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::gate::Gate;
-use crate::auth::{certificate_names, Principals};
-use crate::telemetry::metric;
 use glommio::net::TcpListener;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use super::gate::Gate;
+use crate::auth::{certificate_names, Principals};
+use crate::telemetry::metric;
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a core's full rate.
 const STREAM_WINDOW_BYTES: u32 = 1 << 20;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rcgen::ExtendedKeyUsagePurpose;
+use shardgate::auth::token_sha256_hex;
 use shardgate::client::{gateway_channel, GatewayAddr, ShardAwareClient};
 use shardgate::devkit::{self, Gateway};
 use shardgate::telemetry::metric;
@@ -32,13 +33,6 @@ const EVENTS: i64 = 2_000;
 /// A fresh random token.
 fn new_token(principal: &str) -> String {
     format!("sg-{principal}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn sha256_hex(token: &str) -> String {
-    shardgate::auth::token_sha256(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The code a refusal carries in its metadata.
@@ -127,10 +121,10 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
          [[ingest.auth.principal]]\nname = \"loader\"\ncertificate = \"loader.example\"\nscopes = [\"read:{keyspace}.events\"]\n\
          {jobs}",
         base = devkit::ingest_gateway_toml("", 2048, 64),
-        writer_hash = sha256_hex(&writer),
-        reader_hash = sha256_hex(&reader),
-        ops_hash = sha256_hex(&ops),
-        own_hash = sha256_hex(&own),
+        writer_hash = token_sha256_hex(&writer),
+        reader_hash = token_sha256_hex(&reader),
+        ops_hash = token_sha256_hex(&ops),
+        own_hash = token_sha256_hex(&own),
         jobs = JOBS.replace("KS", keyspace),
     );
     let path = dir.join("gateway.toml");
@@ -349,19 +343,7 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
     assert_eq!(copied, EVENTS as u64 + 10);
 
     // `shardgate export` reads as the gateway's own principal.
-    let exported = dir.join("events.jsonl");
-    let export = Command::new(gateway_binary())
-        .args(["export", "--config"])
-        .arg(&path)
-        .args(["--table", &events, "--output"])
-        .arg(&exported)
-        .output()
-        .expect("export runs");
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
-    let lines = std::fs::read_to_string(&exported)
-        .expect("export output")
-        .lines()
-        .count();
+    let (lines, export_stderr) = crate::export_lines(&path, &events, dir);
     assert_eq!(lines as i64, EVENTS + 10);
 
     // The Python example over TLS with a token (SHARDGATE_CA_FILE, SHARDGATE_TOKEN_FILE).
@@ -383,7 +365,7 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
     assert!(failures("forbidden") >= 7.0, "{}", failures("forbidden"));
     assert!(gateway.stop().expect("stop").success());
     let mut output = std::fs::read_to_string(dir.join("gateway.log")).expect("log");
-    output.push_str(&String::from_utf8_lossy(&export.stderr));
+    output.push_str(&export_stderr);
     output.push_str(&String::from_utf8_lossy(&check.stderr));
     for token in [&writer, &reader, &ops, &own, &wrong] {
         assert!(

@@ -142,3 +142,23 @@ pub fn run_python_example(table: &str, env: &[(&str, &std::path::Path)]) -> Stri
     );
     stdout
 }
+
+/// Runs `shardgate export --config CONFIG --table TABLE --output DIR/<table>.jsonl`, asserts it
+/// succeeded, and returns the lines it wrote and its standard error.
+pub fn export_lines(config: &std::path::Path, table: &str, dir: &std::path::Path) -> (usize, String) {
+    let exported = dir.join(format!("{table}.jsonl"));
+    let export = std::process::Command::new(gateway_binary())
+        .args(["export", "--config"])
+        .arg(config)
+        .args(["--table", table, "--output"])
+        .arg(&exported)
+        .output()
+        .expect("export runs");
+    let stderr = String::from_utf8_lossy(&export.stderr).to_string();
+    assert!(export.status.success(), "{stderr}");
+    let lines = std::fs::read_to_string(&exported)
+        .expect("export output")
+        .lines()
+        .count();
+    (lines, stderr)
+}

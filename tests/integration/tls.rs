@@ -92,19 +92,7 @@ async fn the_grpc_api_serves_tls_with_required_client_certificates() {
     assert_eq!(forwarded, 0.0, "every row reached its owner core's own TLS port");
 
     // `shardgate export` reaches the API with `[ingest.tls]`'s CA and client certificate.
-    let exported = dir.join("events.jsonl");
-    let export = Command::new(gateway_binary())
-        .args(["export", "--config"])
-        .arg(&path)
-        .args(["--table", &table, "--output"])
-        .arg(&exported)
-        .output()
-        .expect("export runs");
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
-    let lines = std::fs::read_to_string(&exported)
-        .expect("export output")
-        .lines()
-        .count();
+    let (lines, _) = crate::export_lines(&path, &table, dir);
     assert_eq!(lines as i64, EVENTS);
 
     // Refused in the handshake: plaintext, no client certificate, a certificate of another CA.
