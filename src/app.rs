@@ -645,6 +645,8 @@ async fn connect_within_wait(cluster: &crate::config::ClusterConfig) -> anyhow::
     loop {
         let error = match scylla::connect(cluster).await {
             Ok(session) => return Ok(Some(session)),
+            // Wrong credentials or certificates stay wrong: no point waiting.
+            Err(error @ scylla::SinkError::Refused { .. }) => return Err(error.into()),
             Err(error) => error,
         };
         let waited = started.elapsed();

@@ -1,9 +1,10 @@
 //! TLS material from PEM files: the gRPC listeners' rustls `ServerConfig` (TLS 1.2 and 1.3,
 //! ALPN `h2`, client certificates optional or required) and what the gateway's own clients
-//! trust and present ([`ClientTls`]). ring is the one crypto provider (tonic's client side uses
-//! it too). Reads files; every failure names the file's key (`cert_file`, …), the path and the
-//! cause — checked by `shardgate check` as at start-up. Used by `app` (listeners), `config`
-//! (checks) and `client` (channels).
+//! trust and present ([`ClientTls`]), and the database driver's rustls `ClientConfig`
+//! ([`database_client_config`]). ring is the one crypto provider (tonic's client side and the
+//! driver use it too). Reads files; every failure names the file's key (`cert_file`, …), the
+//! path and the cause — checked by `shardgate check` as at start-up. Used by `app`
+//! (listeners), `config` (checks) and `client` (channels).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -195,4 +196,199 @@ pub fn client_tls(
         }
     };
     Ok(ClientTls { ca_pem, identity })
+}
+
+/// Whether `key` is the private key of `chain`'s first certificate; the mismatch otherwise.
+pub fn check_key_pair(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<(), String> {
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// What the gateway trusts and presents to the database: `ca_file`'s certificates as roots,
+/// `identity` (certificate chain and key files) to present, and — unless `verify_hostname` is
+/// false — the node's address checked against its certificate's names (the driver connects
+/// by IP address, so that is an IP SAN). The chain is verified either way.
+pub fn database_client_config(
+    ca_file: &Path,
+    identity: Option<(&Path, &Path)>,
+    verify_hostname: bool,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = Arc::new(roots("ca_file", ca_file)?);
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| failed("ca_file", ca_file, e))?;
+    let builder = if verify_hostname {
+        builder.with_root_certificates(roots)
+    } else {
+        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| failed("ca_file", ca_file, format!("cannot verify certificates with it: {e}")))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
+    };
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(certificates("cert_file", cert)?, private_key("key_file", key)?)
+            .map_err(|e| {
+                failed(
+                    "key_file",
+                    key,
+                    format!("does not serve `cert_file` = `{}`: {e}", cert.display()),
+                )
+            })?,
+    };
+    Ok(Arc::new(config))
+}
+
+/// Verifies the chain, the validity period and the signatures like rustls' own verifier, but
+/// accepts a certificate whose names do not cover the address connected to
+/// (`verify_hostname = false`).
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        // webpki checks the name last, after the chain to a root and the validity period.
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(test: &str) -> Files {
+            let dir = std::env::temp_dir().join(format!("shardgate-tls-{test}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            Files { dir }
+        }
+
+        fn write(&self, name: &str, text: String) -> PathBuf {
+            let path = self.dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn ca() -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "shardgate database test CA");
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+    }
+
+    /// A full handshake in memory between `client` (connecting to 127.0.0.1, as the driver
+    /// does) and a server presenting `cert_file` / `key_file`.
+    fn handshake(client: Arc<rustls::ClientConfig>, cert_file: &Path, key_file: &Path) -> Result<(), rustls::Error> {
+        let server = server_config(cert_file, key_file, ClientCerts::None, None).expect("server config");
+        let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut client = rustls::ClientConnection::new(client, name).expect("client");
+        let mut server = rustls::ServerConnection::new(server).expect("server");
+        let mut wire = Vec::new();
+        for _ in 0..10 {
+            wire.clear();
+            client.write_tls(&mut wire).expect("client writes");
+            server.read_tls(&mut wire.as_slice()).expect("server reads");
+            server.process_new_packets()?;
+            wire.clear();
+            server.write_tls(&mut wire).expect("server writes");
+            client.read_tls(&mut wire.as_slice()).expect("client reads");
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    /// `verify_hostname` decides only whether the node's address must be among the
+    /// certificate's names; the chain to `ca_file` is verified either way.
+    #[test]
+    fn database_tls_verifies_the_chain_always_and_the_address_unless_told_not_to() {
+        let files = Files::new("database");
+        let ours = ca();
+        let ca_file = files.write("ca.pem", ours.pem());
+        let issue = |names: &[&str], file: &str| {
+            let key = KeyPair::generate().expect("key");
+            let params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+            let cert = params.signed_by(&key, &ours).expect("signed");
+            (
+                files.write(&format!("{file}.pem"), cert.pem()),
+                files.write(&format!("{file}.key"), key.serialize_pem()),
+            )
+        };
+        let (with_ip, with_ip_key) = issue(&["127.0.0.1"], "with-ip");
+        let (dns_only, dns_only_key) = issue(&["db1.example"], "dns-only");
+        let rogue = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("self-signed");
+        let rogue_cert = files.write("rogue.pem", rogue.cert.pem());
+        let rogue_key = files.write("rogue.key", rogue.signing_key.serialize_pem());
+        let client = |verify_hostname| database_client_config(&ca_file, None, verify_hostname).expect("client");
+
+        handshake(client(true), &with_ip, &with_ip_key).expect("an IP SAN matches");
+        let refused = handshake(client(true), &dns_only, &dns_only_key).expect_err("the address is not named");
+        assert!(refused.to_string().contains("not valid for name"), "{refused}");
+        handshake(client(false), &dns_only, &dns_only_key).expect("names not checked");
+        for verify_hostname in [true, false] {
+            let refused = handshake(client(verify_hostname), &rogue_cert, &rogue_key).expect_err("unknown issuer");
+            assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
+        }
+    }
 }

@@ -6,13 +6,16 @@
 #   deploy/local/stack.sh up        install, fetch, start and wait for every service
 #   deploy/local/stack.sh status    one line per service
 #   deploy/local/stack.sh down      stop every service
-#   deploy/local/stack.sh stop S    stop one service (cassandra, kafka, nats, rabbitmq); `up` starts it again
+#   deploy/local/stack.sh stop S    stop one service (cassandra, cassandra-secure, kafka, nats, rabbitmq);
+#                                   `up` starts it again
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
-# Services: Cassandra 5.0 (CQL 9042), Kafka 4 KRaft (9092), NATS + JetStream (4222),
-# RabbitMQ (5672). Jars, data, logs and pids live in $SHARDGATE_STATE (default: .state/ at
-# the repository root, git-ignored). Running `up` twice is harmless. A service that fails to
-# start is reported with the tail of its log, and the script exits non-zero.
+# Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS and passwords),
+# Kafka 4 KRaft (9092, and SASL_SSL on 9095), NATS + JetStream (4222), RabbitMQ (5672). The
+# secured services use a test CA made here by openssl ($SHARDGATE_STATE/pki/ca.pem). Jars,
+# data, logs and pids live in $SHARDGATE_STATE (default: .state/ at the repository root,
+# git-ignored). Running `up` twice is harmless. A service that fails to start is reported with
+# the tail of its log, and the script exits non-zero.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,11 +25,12 @@ mkdir -p "$state"
 state="$(cd "$state" && pwd)"
 
 cassandra_heap_mb="${SHARDGATE_CASSANDRA_HEAP_MB:-1536}"
+cassandra_secure_heap_mb="${SHARDGATE_CASSANDRA_SECURE_HEAP_MB:-768}"
 kafka_heap_mb="${SHARDGATE_KAFKA_HEAP_MB:-768}"
 
 apt_packages=(cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libhwloc-dev libudev-dev
   protobuf-compiler libzmq3-dev pkg-config openjdk-17-jre-headless maven nats-server
-  rabbitmq-server python3-pip python3-venv)
+  rabbitmq-server python3-pip python3-venv openssl)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -133,21 +137,41 @@ java17() {
   command -v java
 }
 
+# Cassandra instances: `cassandra` (CQL 9042, plaintext, no authentication) and
+# `cassandra-secure` (CQL 9142: client TLS required, PasswordAuthenticator and
+# CassandraAuthorizer; superuser cassandra/cassandra), both from the same jars.
+cassandra_port() { [[ "$1" == cassandra-secure ]] && echo 9142 || echo 9042; }
+
 cassandra_ready() {
-  grep -qE 'Startup complete|Starting listening for CQL clients' "$state/cassandra/log/system.log" 2>/dev/null &&
-    port_open 9042
+  local name="${1:-cassandra}"
+  grep -qE 'Startup complete|Starting listening for CQL clients' "$state/$name/log/system.log" 2>/dev/null &&
+    port_open "$(cassandra_port "$name")"
 }
 
+cassandra_secure_ready() { cassandra_ready cassandra-secure; }
+
 start_cassandra() {
-  local dir="$state/cassandra" pidfile="$state/cassandra/pid"
-  if pid_alive "$pidfile" && port_open 9042; then
-    log "cassandra already running (pid $(cat "$pidfile"))"
+  local name="${1:-cassandra}"
+  local dir="$state/$name" pidfile="$state/$name/pid" port heap
+  port="$(cassandra_port "$name")"
+  if pid_alive "$pidfile" && port_open "$port"; then
+    log "$name already running (pid $(cat "$pidfile"))"
     return 0
   fi
-  port_open 9042 && die "port 9042 is taken by another process; stop it first"
+  port_open "$port" && die "port $port is taken by another process; stop it first"
   mkdir -p "$dir/data" "$dir/log" "$dir/tmp"
   : >"$dir/log/system.log"
-  sed "s#@DIR@#$dir#g" "$here/cassandra/cassandra.yaml.in" >"$dir/cassandra.yaml"
+  if [[ "$name" == cassandra-secure ]]; then
+    heap="$cassandra_secure_heap_mb"
+    sed -e "s#@DIR@#$dir#g" -e 's#^cluster_name: .*#cluster_name: shardgate-local-secure#' \
+      -e 's#^storage_port: .*#storage_port: 7012#' -e 's#127.0.0.1:7000#127.0.0.1:7012#' \
+      -e 's#^native_transport_port: .*#native_transport_port: 9142#' \
+      "$here/cassandra/cassandra.yaml.in" >"$dir/cassandra.yaml"
+    sed "s#@PKI@#$state/pki#g" "$here/cassandra/secure.yaml.in" >>"$dir/cassandra.yaml"
+  else
+    heap="$cassandra_heap_mb"
+    sed "s#@DIR@#$dir#g" "$here/cassandra/cassandra.yaml.in" >"$dir/cassandra.yaml"
+  fi
   local opens=(java.base/java.lang.module java.base/jdk.internal.loader java.base/jdk.internal.ref
     java.base/jdk.internal.reflect java.base/jdk.internal.math java.base/jdk.internal.module
     java.base/jdk.internal.util.jar jdk.management/com.sun.management.internal java.base/sun.nio.ch
@@ -157,21 +181,46 @@ start_cassandra() {
     java.management.rmi/com.sun.jmx.remote.internal.rmi java.management/com.sun.jmx.remote.security
     java.rmi/sun.rmi.registry java.rmi/sun.rmi.server java.sql/java.sql java.base/java.lang.ref
     jdk.unsupported/sun.misc jdk.attach/sun.tools.attach jdk.compiler/com.sun.tools.javac.file)
-  local args=(-Xms"${cassandra_heap_mb}m" -Xmx"${cassandra_heap_mb}m" -XX:+UseG1GC
+  local args=(-Xms"${heap}m" -Xmx"${heap}m" -XX:+UseG1GC
     -XX:MaxGCPauseMillis=300 -Xss256k -XX:+AlwaysPreTouch -Djdk.attach.allowAttachSelf=true
     -Dio.netty.tryReflectionSetAccessible=true
     -Dcassandra.config="file://$dir/cassandra.yaml" -Dcassandra-foreground=yes
     -Dcassandra.logdir="$dir/log" -Dlogback.configurationFile="$here/cassandra/logback.xml"
     -Dcassandra.storagedir="$dir/data" -Dcassandra.skip_wait_for_gossip_to_settle=0
     -Dcassandra.load_ring_state=false -Djava.io.tmpdir="$dir/tmp"
-    -Djava.net.preferIPv4Stack=true)
+    -Dcassandra.superuser_setup_delay_ms=0 -Djava.net.preferIPv4Stack=true)
   local m
   for m in "${opens[@]}"; do args+=(--add-opens "$m=ALL-UNNAMED"); done
   for m in "${exports[@]}"; do args+=(--add-exports "$m=ALL-UNNAMED"); done
-  log "starting cassandra (heap ${cassandra_heap_mb} MiB)"
-  nohup "$(java17)" "${args[@]}" -cp "$dir/lib/*" org.apache.cassandra.service.CassandraDaemon \
+  log "starting $name (heap ${heap} MiB)"
+  nohup "$(java17)" "${args[@]}" -cp "$state/cassandra/lib/*" org.apache.cassandra.service.CassandraDaemon \
     >"$dir/log/stdout.log" 2>&1 &
   echo $! >"$pidfile"
+}
+
+# The local test PKI of the secured services: a CA, and a server certificate for 127.0.0.1 and
+# localhost that it signed (RSA, PEM: every server here reads PEM). Made once per state dir.
+make_pki() {
+  local dir="$state/pki"
+  [[ -f "$dir/.complete" ]] && return 0
+  log "making the local test CA and server certificate in $dir"
+  rm -rf "$dir" && mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=shardgate local test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth,clientAuth" >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem
+    # Key and certificate in one file: Cassandra's and Kafka's PEM keystores.
+    cat server.key server.pem >server-keystore.pem
+    # The password of Kafka's SASL user `shardgate` (SCRAM-SHA-512/256 and PLAIN).
+    openssl rand -hex 16 >kafka-password
+  ) >"$state/pki.log" 2>&1 || { cat "$state/pki.log" >&2; die "openssl could not make the test PKI"; }
+  touch "$dir/.complete"
 }
 
 kafka_ready() {
@@ -187,7 +236,9 @@ start_kafka() {
   port_open 9092 && die "port 9092 is taken by another process; stop it first"
   mkdir -p "$dir/data" "$dir/log"
   : >"$dir/log/server.log"
-  sed "s#@DIR@#$dir#g" "$here/kafka/server.properties.in" >"$dir/server.properties"
+  sed -e "s#@DIR@#$dir#g" -e "s#@PKI@#$state/pki#g" \
+    -e "s#@KAFKA_PASSWORD@#$(cat "$state/pki/kafka-password")#g" \
+    "$here/kafka/server.properties.in" >"$dir/server.properties"
   local java
   java="$(java17)"
   if [[ ! -f "$dir/data/meta.properties" ]]; then
@@ -203,6 +254,21 @@ start_kafka() {
     -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" -Dkafka.logs.dir="$dir/log" \
     -cp "$dir/lib/*" kafka.Kafka "$dir/server.properties" >"$dir/log/stdout.log" 2>&1 &
   echo $! >"$pidfile"
+}
+
+# The SCRAM credentials of Kafka's SASL user `shardgate` (password in $state/pki/kafka-password),
+# set through the plaintext listener; idempotent.
+kafka_scram_user() {
+  local dir="$state/kafka" password mechanism
+  password="$(cat "$state/pki/kafka-password")"
+  for mechanism in SCRAM-SHA-512 SCRAM-SHA-256; do
+    "$(java17)" -cp "$dir/lib/*" -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" \
+      -Dkafka.logs.dir="$dir/log" kafka.admin.ConfigCommand --bootstrap-server 127.0.0.1:9092 \
+      --alter --entity-type users --entity-name shardgate \
+      --add-config "$mechanism=[iterations=4096,password=$password]" >"$dir/log/scram.log" 2>&1 ||
+      { tail -n 20 "$dir/log/scram.log" >&2; log "could not set kafka's SCRAM user"; return 1; }
+  done
+  log "kafka SASL_SSL listener on 127.0.0.1:9095 (user shardgate)"
 }
 
 nats_ready() { port_open 4222 && port_open 8222; }
@@ -257,8 +323,10 @@ start_rabbitmq() {
 cmd_up() {
   cmd_install
   cmd_fetch
-  # Start all four, then wait: the JVMs start in parallel.
+  make_pki
+  # Start them all, then wait: the JVMs start in parallel.
   start_cassandra
+  start_cassandra cassandra-secure
   start_kafka
   start_nats
   start_rabbitmq
@@ -266,19 +334,22 @@ cmd_up() {
   wait_ready nats "$state/nats/pid" "$state/nats/log/nats.log" 30 nats_ready || failed=1
   wait_ready rabbitmq "$state/rabbitmq/pid" "$state/rabbitmq/log/stdout.log" 90 rabbit_ready || failed=1
   wait_ready kafka "$state/kafka/pid" "$state/kafka/log/server.log" 90 kafka_ready || failed=1
+  ((failed == 0)) && { kafka_scram_user || failed=1; }
   wait_ready cassandra "$state/cassandra/pid" "$state/cassandra/log/system.log" 180 cassandra_ready || failed=1
+  wait_ready cassandra-secure "$state/cassandra-secure/pid" "$state/cassandra-secure/log/system.log" 180 \
+    cassandra_secure_ready || failed=1
   ((failed == 0)) || die "one or more services failed to start (see above)"
   cmd_status
 }
 
 cmd_status() {
   local name port
-  for pair in cassandra:9042 kafka:9092 nats:4222 rabbitmq:5672; do
+  for pair in cassandra:9042 cassandra-secure:9142 kafka:9092 nats:4222 rabbitmq:5672; do
     name="${pair%%:*}" port="${pair##*:}"
     if pid_alive "$state/$name/pid" && port_open "$port"; then
-      printf '%-10s up    127.0.0.1:%s  pid %s\n' "$name" "$port" "$(cat "$state/$name/pid")"
+      printf '%-16s up    127.0.0.1:%s  pid %s\n' "$name" "$port" "$(cat "$state/$name/pid")"
     else
-      printf '%-10s down  127.0.0.1:%s\n' "$name" "$port"
+      printf '%-16s down  127.0.0.1:%s\n' "$name" "$port"
     fi
   done
 }
@@ -306,12 +377,13 @@ cmd_down() {
   stop_one rabbitmq
   stop_one nats
   stop_one kafka
+  stop_one cassandra-secure
   stop_one cassandra
 }
 
 cmd_wipe() {
   cmd_down
-  rm -rf "$state/cassandra/data" "$state/kafka/data" "$state/nats/data" "$state/rabbitmq/mnesia"
+  rm -rf "$state/cassandra/data" "$state/cassandra-secure/data" "$state/kafka/data" "$state/nats/data" "$state/rabbitmq/mnesia"
   log "service data removed"
 }
 
@@ -321,7 +393,7 @@ case "${1:-}" in
   up) cmd_up ;;
   status) cmd_status ;;
   down) cmd_down ;;
-  stop) stop_one "${2:?usage: $0 stop cassandra|kafka|nats|rabbitmq}" ;;
+  stop) stop_one "${2:?usage: $0 stop cassandra|cassandra-secure|kafka|nats|rabbitmq}" ;;
   wipe) cmd_wipe ;;
   *) die "usage: $0 install|fetch|up|status|down|stop SERVICE|wipe" ;;
 esac

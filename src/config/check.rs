@@ -86,6 +86,14 @@ pub(super) fn validate_amqp_url(key: &str, url: String) -> Result<String, Config
 /// A `nats://host:port` URL (or a bare `host:port`).
 pub(super) fn validate_nats_url(key: &str, url: String) -> Result<String, ConfigError> {
     let rest = url.strip_prefix("nats://").unwrap_or(&url);
+    if rest.contains('@') {
+        // Never echo it: the part before `@` may be a password or a token.
+        return Err(ConfigError::invalid(
+            key,
+            "(a URL with credentials)",
+            "a NATS URL without credentials: the `security` table takes the login, its secret from a file",
+        ));
+    }
     let valid = rest
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -172,4 +180,20 @@ pub(super) fn validate_expression(key: &str, source: String) -> Result<String, C
 
 pub(super) fn default_true() -> bool {
     true
+}
+
+/// The first line of `path`: a secret (never echoed) — `what` says which, e.g. "the password
+/// of `shardgate`".
+pub(super) fn read_secret(key: &str, path: &str, what: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid(key, path, format!("a readable file holding {what} ({e})")))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            path,
+            format!("a file holding {what}; it is empty"),
+        ));
+    }
+    Ok(secret)
 }

@@ -4,9 +4,10 @@
 use schemars::JsonSchema;
 use scylla::frame::types::Consistency;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::check::{bounded_ms, validate_host_port};
+use super::check::{bounded_ms, read_secret, validate_host_port};
 use super::error::ConfigError;
 
 /// `[cluster]`
@@ -31,6 +32,62 @@ pub struct RawCluster {
     /// database outage waits for it, its spool intact.
     #[serde(default = "default_connect_wait_ms")]
     pub connect_wait_ms: u64,
+    /// `[cluster.tls]`: TLS to every node (the server's `client_encryption_options`).
+    #[serde(default)]
+    pub tls: Option<RawClusterTls>,
+    /// `[cluster.auth]`: the role the gateway logs in as (`PasswordAuthenticator`).
+    #[serde(default)]
+    pub auth: Option<RawClusterAuth>,
+}
+
+/// `[cluster.tls]`: what the gateway trusts and presents to the database. PEM files only; read
+/// at start-up (and by `shardgate check`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawClusterTls {
+    /// CA certificates (PEM) the nodes' certificates must chain to.
+    pub ca_file: String,
+    /// Client certificate chain (PEM) to present, when the nodes ask for one
+    /// (`require_client_auth`); with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// Private key (PEM) of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// Check that a node's certificate names the address connected to (an IP SAN: the driver
+    /// connects to the addresses the cluster reports). `false` still verifies the chain and
+    /// validity period — for certificates issued without the nodes' addresses.
+    #[serde(default = "default_verify_hostname")]
+    pub verify_hostname: bool,
+}
+
+/// `[cluster.auth]`: a role and its password, read from a file (a Kubernetes secret mount or
+/// similar), never from the config itself.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawClusterAuth {
+    /// The role to log in as.
+    pub username: String,
+    /// A file holding its password (one line; a trailing line break is not part of it).
+    pub password_file: String,
+}
+
+/// A role and its password; `Debug` never shows the password.
+#[derive(Clone)]
+pub struct ClusterCredentials {
+    /// The role.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for ClusterCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// How to reach the ScyllaDB / Cassandra cluster.
@@ -46,6 +103,10 @@ pub struct ClusterConfig {
     pub request_timeout: Duration,
     /// How long start-up keeps retrying an unreachable cluster.
     pub connect_wait: Duration,
+    /// TLS to every node, when `[cluster.tls]` is set.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The role to log in as, when `[cluster.auth]` is set.
+    pub credentials: Option<ClusterCredentials>,
 }
 
 pub(super) fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
@@ -60,6 +121,8 @@ pub(super) fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigE
         validate_host_port("cluster.contact_points", point)?;
     }
     let consistency = parse_consistency(&raw.consistency)?;
+    let tls = raw.tls.map(validate_cluster_tls).transpose()?;
+    let credentials = raw.auth.map(validate_cluster_auth).transpose()?;
     Ok(ClusterConfig {
         contact_points: raw.contact_points,
         local_datacenter: raw.local_datacenter,
@@ -69,6 +132,54 @@ pub(super) fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigE
             0 => 0,
             wait => bounded_ms("cluster.connect_wait_ms", wait)?,
         }),
+        tls,
+        credentials,
+    })
+}
+
+fn validate_cluster_tls(raw: RawClusterTls) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let identity = match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), Some(key)) => Some((std::path::Path::new(cert), std::path::Path::new(key))),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "cluster.tls.key_file",
+                "absent",
+                "the private key of `cluster.tls.cert_file`",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "cluster.tls.cert_file",
+                "absent",
+                "the certificate of `cluster.tls.key_file`",
+            ))
+        }
+    };
+    // The files are read now, as at start-up: `shardgate check` names a bad one.
+    crate::tls::database_client_config(std::path::Path::new(&raw.ca_file), identity, raw.verify_hostname).map_err(
+        |error| {
+            ConfigError::invalid(
+                format!("cluster.tls.{}", error.field),
+                error.path.display(),
+                error.reason,
+            )
+        },
+    )
+}
+
+fn validate_cluster_auth(raw: RawClusterAuth) -> Result<ClusterCredentials, ConfigError> {
+    if raw.username.is_empty() {
+        return Err(ConfigError::invalid("cluster.auth.username", "\"\"", "a role name"));
+    }
+    let password = read_secret(
+        "cluster.auth.password_file",
+        &raw.password_file,
+        &format!("the password of role `{}`", raw.username),
+    )?;
+    Ok(ClusterCredentials {
+        username: raw.username,
+        password,
     })
 }
 
@@ -101,6 +212,10 @@ pub(super) fn parse_consistency_at(key: &str, text: &str) -> Result<Consistency,
 
 pub(super) fn default_consistency() -> String {
     "local_quorum".to_string()
+}
+
+fn default_verify_hostname() -> bool {
+    true
 }
 
 pub(super) fn default_request_timeout_ms() -> u64 {

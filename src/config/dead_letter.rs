@@ -9,6 +9,8 @@ use super::check::{
 };
 use super::de;
 use super::error::ConfigError;
+use super::kafka_security::{validate_kafka_security, KafkaSecurity, RawKafkaSecurity};
+use super::nats_security::{validate_nats_security, NatsSecurity, RawNatsSecurity};
 use super::source::SourceConfig;
 
 /// `[route.dead_letter]`: where messages that cannot be decoded, mapped or written go, with
@@ -60,6 +62,10 @@ pub struct RawKafkaDeadLetter {
     pub brokers: Option<Vec<String>>,
     /// Dead-letter topic (not the source topic).
     pub topic: String,
+    /// `security` (TLS and SASL) of the dead-letter brokers. Default: the source's
+    /// `security` when `brokers` is absent (the source's brokers), none otherwise.
+    #[serde(default)]
+    pub security: Option<RawKafkaSecurity>,
 }
 
 /// `[route.dead_letter]` with `kind = "nats"`: letters published with headers to a subject
@@ -73,6 +79,10 @@ pub struct RawNatsDeadLetter {
     pub url: Option<String>,
     /// Dead-letter subject.
     pub subject: String,
+    /// `security` (TLS and a login) of the dead-letter server. Default: the source's
+    /// `security` when `url` is absent (the source's server), none otherwise.
+    #[serde(default)]
+    pub security: Option<RawNatsSecurity>,
 }
 
 /// `[route.dead_letter]` with `kind = "rabbitmq"`: letters published (persistent, with
@@ -111,6 +121,8 @@ pub enum DeadLetterConfig {
         brokers: String,
         /// Topic name.
         topic: String,
+        /// TLS and SASL to the brokers.
+        security: Option<KafkaSecurity>,
     },
     /// A NATS subject; payload kept, headers carry the reason and the source coordinates.
     Nats {
@@ -118,6 +130,8 @@ pub enum DeadLetterConfig {
         url: String,
         /// Subject.
         subject: String,
+        /// TLS and a login.
+        security: Option<NatsSecurity>,
     },
     /// A RabbitMQ exchange; payload kept, headers carry the reason and the source coordinates.
     Amqp {
@@ -163,7 +177,11 @@ pub(super) fn validate_dead_letter(
 
 fn kafka_dead_letter(
     key: &impl Fn(&str) -> String,
-    RawKafkaDeadLetter { brokers, topic }: RawKafkaDeadLetter,
+    RawKafkaDeadLetter {
+        brokers,
+        topic,
+        security,
+    }: RawKafkaDeadLetter,
     source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
     validate_topic(&key("dead_letter.topic"), &topic)?;
@@ -178,6 +196,7 @@ fn kafka_dead_letter(
             "a topic other than the source topic",
         ));
     }
+    let inherits = brokers.is_none();
     let brokers = match (brokers, source_kafka) {
         (Some(list), _) => join_brokers(&key("dead_letter.brokers"), &list)?,
         (None, Some(kafka)) => kafka.brokers.clone(),
@@ -189,15 +208,25 @@ fn kafka_dead_letter(
             ))
         }
     };
-    Ok(DeadLetterConfig::Kafka { brokers, topic })
+    let security = match security {
+        Some(raw) => Some(validate_kafka_security(&key("dead_letter.security"), raw)?),
+        None if inherits => source_kafka.and_then(|kafka| kafka.security.clone()),
+        None => None,
+    };
+    Ok(DeadLetterConfig::Kafka {
+        brokers,
+        topic,
+        security,
+    })
 }
 
 fn nats_dead_letter(
     key: &impl Fn(&str) -> String,
-    RawNatsDeadLetter { url, subject }: RawNatsDeadLetter,
+    RawNatsDeadLetter { url, subject, security }: RawNatsDeadLetter,
     source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
     validate_subject(&key("dead_letter.subject"), &subject)?;
+    let inherits = url.is_none();
     let url = match (url, source) {
         (Some(url), _) => validate_nats_url(&key("dead_letter.url"), url)?,
         (None, Some(SourceConfig::JetStream(js))) => js.url.clone(),
@@ -210,7 +239,13 @@ fn nats_dead_letter(
             ))
         }
     };
-    Ok(DeadLetterConfig::Nats { url, subject })
+    let security = match (security, source) {
+        (Some(raw), _) => Some(validate_nats_security(&key("dead_letter.security"), raw)?),
+        (None, Some(SourceConfig::JetStream(js))) if inherits => js.security.clone(),
+        (None, Some(SourceConfig::Nats(nats))) if inherits => nats.security.clone(),
+        (None, _) => None,
+    };
+    Ok(DeadLetterConfig::Nats { url, subject, security })
 }
 
 fn rabbitmq_dead_letter(

@@ -15,6 +15,8 @@ use super::check::{
     validate_topic,
 };
 use super::error::ConfigError;
+use super::kafka_security::{validate_kafka_security, KafkaSecurity, RawKafkaSecurity};
+use super::nats_security::{validate_nats_security, NatsSecurity, RawNatsSecurity};
 
 /// `[[job]]`
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -200,6 +202,9 @@ pub struct RawKafkaJobSink {
     pub brokers: Vec<String>,
     /// Topic (it must exist, or the broker must create topics).
     pub topic: String,
+    /// TLS and SASL to the brokers (`security = { protocol = "sasl_ssl", … }`).
+    #[serde(default)]
+    pub security: Option<RawKafkaSecurity>,
 }
 
 /// `nats = { url = "..", subject = "..", jetstream = true }`
@@ -214,6 +219,9 @@ pub struct RawNatsJobSink {
     /// the subject); false: core NATS, flushed.
     #[serde(default)]
     pub jetstream: bool,
+    /// TLS and a login (`security = { ca_file = "…", nkey_seed_file = "…" }`).
+    #[serde(default)]
+    pub security: Option<RawNatsSecurity>,
 }
 
 /// A validated sink.
@@ -227,6 +235,8 @@ pub enum JobSinkConfig {
         brokers: String,
         /// Topic.
         topic: String,
+        /// TLS and SASL to the brokers.
+        security: Option<KafkaSecurity>,
     },
     /// A NATS subject.
     Nats {
@@ -236,6 +246,8 @@ pub enum JobSinkConfig {
         subject: String,
         /// Through JetStream, acknowledged.
         jetstream: bool,
+        /// TLS and a login.
+        security: Option<NatsSecurity>,
     },
     /// A RabbitMQ exchange.
     RabbitMq {
@@ -806,18 +818,28 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
             (None, Some(kafka), None, None) => {
                 let brokers = join_brokers(&sink_key(".kafka.brokers"), &kafka.brokers)?;
                 validate_topic(&sink_key(".kafka.topic"), &kafka.topic)?;
+                let security = kafka
+                    .security
+                    .map(|raw| validate_kafka_security(&sink_key(".kafka.security"), raw))
+                    .transpose()?;
                 JobSinkConfig::Kafka {
                     brokers,
                     topic: kafka.topic,
+                    security,
                 }
             }
             (None, None, Some(nats), None) => {
                 let url = validate_nats_url(&sink_key(".nats.url"), nats.url)?;
                 validate_subject(&sink_key(".nats.subject"), &nats.subject)?;
+                let security = nats
+                    .security
+                    .map(|raw| validate_nats_security(&sink_key(".nats.security"), raw))
+                    .transpose()?;
                 JobSinkConfig::Nats {
                     url,
                     subject: nats.subject,
                     jetstream: nats.jetstream,
+                    security,
                 }
             }
             (table, kafka, nats, rabbitmq) => {

@@ -2,7 +2,8 @@
 //! turns them into the validated types the rest of the gateway uses.
 //!
 //! One file per TOML section, each with its raw table, its validated type and its `validate`
-//! side by side (`cluster`, `runtime`, `ingest`, `route`, `source`, `dead_letter`); `error` is
+//! side by side (`cluster`, `runtime`, `ingest`, `route`, `source`, `dead_letter`, `job`,
+//! `query`, and `kafka_security` / `nats_security` shared by every Kafka / NATS client); `error` is
 //! the one error type, `check` the validators sections share, `de` the TOML reading. This file
 //! holds the top level: [`RawConfig`], [`Config`] and loading.
 //!
@@ -17,6 +18,8 @@ mod dead_letter;
 mod error;
 mod ingest;
 mod job;
+mod kafka_security;
+mod nats_security;
 mod query;
 mod route;
 mod runtime;
@@ -33,6 +36,8 @@ pub use job::{
     AggregateConfig, JobConfig, JobSinkConfig, MeasureConfig, MeasureKind, RawAggregate, RawJob, RawJobSink,
     RawJobSource, RawKafkaJobSink, RawNatsJobSink, RawRabbitMqJobSink, RawWindow, WindowConfig, WindowSpec,
 };
+pub use kafka_security::{KafkaSecurity, RawKafkaSecurity};
+pub use nats_security::{NatsLogin, NatsSecurity, RawNatsSecurity};
 pub use query::{QueryConfig, RawQuery};
 pub use route::{
     AckMode, ColumnMapping, FieldRef, Format, ProtobufConfig, RawColumn, RawFlatBuffers, RawProtobuf, RawRoute,

@@ -12,6 +12,8 @@ use super::check::{
 };
 use super::de;
 use super::error::ConfigError;
+use super::kafka_security::{validate_kafka_security, KafkaSecurity, RawKafkaSecurity, KAFKA_SECRET_PROPERTIES};
+use super::nats_security::{validate_nats_security, NatsSecurity, RawNatsSecurity};
 
 /// `[route.source]`: where the route's messages come from, chosen by `kind`.
 #[derive(Debug, JsonSchema)]
@@ -80,6 +82,10 @@ pub struct RawKafkaSource {
     /// `enable.auto.offset.store`, `auto.offset.reset`, `auto.commit.interval.ms`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// `[route.source.security]`: TLS and SASL to the brokers (the route's Kafka dead letters
+    /// use it too when they name no brokers of their own).
+    #[serde(default)]
+    pub security: Option<RawKafkaSecurity>,
 }
 
 /// `[route.source]` with `kind = "jetstream"`: a durable pull consumer with explicit acks.
@@ -105,6 +111,10 @@ pub struct RawJetStreamSource {
     /// 600000).
     #[serde(default = "default_ack_wait_ms")]
     pub ack_wait_ms: u64,
+    /// `[route.source.security]`: TLS and a login (the route's NATS dead letters use it too
+    /// when they name no URL of their own).
+    #[serde(default)]
+    pub security: Option<RawNatsSecurity>,
 }
 
 /// `[route.source]` with `kind = "rabbitmq"`: a consumer on a queue. Gateways on the same
@@ -139,6 +149,10 @@ pub struct RawNatsSource {
     /// Queue group: gateways naming the same group split the messages. Optional.
     #[serde(default)]
     pub queue_group: Option<String>,
+    /// `[route.source.security]`: TLS and a login (the route's NATS dead letters use it too
+    /// when they name no URL of their own).
+    #[serde(default)]
+    pub security: Option<RawNatsSecurity>,
 }
 
 /// `[route.source]` with `kind = "zeromq"`: a PULL or SUB socket. At-most-once (ZeroMQ has no
@@ -219,6 +233,8 @@ pub struct NatsSourceConfig {
     pub subject: String,
     /// Queue group: gateways in one group split the messages.
     pub queue_group: Option<String>,
+    /// TLS and a login, when `security` is set.
+    pub security: Option<NatsSecurity>,
 }
 
 /// ZeroMQ socket settings of one route.
@@ -271,6 +287,8 @@ pub struct JetStreamSourceConfig {
     pub max_ack_pending: i64,
     /// Redelivery delay of an unacked message.
     pub ack_wait: Duration,
+    /// TLS and a login, when `security` is set.
+    pub security: Option<NatsSecurity>,
 }
 
 /// Kafka consumer settings of one route.
@@ -288,6 +306,8 @@ pub struct KafkaSourceConfig {
     pub commit_interval: Duration,
     /// Extra librdkafka properties, passed through as written.
     pub properties: Vec<(String, String)>,
+    /// TLS and SASL, when `security` is set.
+    pub security: Option<KafkaSecurity>,
 }
 
 /// Where a new consumer group starts reading.
@@ -318,6 +338,7 @@ fn kafka_source(
         start_from,
         commit_interval_ms,
         properties,
+        security,
     }: RawKafkaSource,
 ) -> Result<SourceConfig, ConfigError> {
     let brokers = join_brokers(&format!("{key}.brokers"), &brokers)?;
@@ -355,7 +376,11 @@ fn kafka_source(
                 "a property shardgate does not set itself; use the route's own keys instead",
             ));
         }
+        refuse_secret_property(&format!("{key}.properties.{name}"), name)?;
     }
+    let security = security
+        .map(|raw| validate_kafka_security(&format!("{key}.security"), raw))
+        .transpose()?;
     Ok(SourceConfig::Kafka(KafkaSourceConfig {
         brokers,
         topic,
@@ -363,7 +388,21 @@ fn kafka_source(
         start_from,
         commit_interval: Duration::from_millis(commit_interval_ms),
         properties: properties.into_iter().collect(),
+        security,
     }))
+}
+
+/// Refuses a librdkafka property that carries a secret (`sasl.password`, …): secrets come from
+/// `security.password_file`.
+pub(super) fn refuse_secret_property(key: &str, name: &str) -> Result<(), ConfigError> {
+    if KAFKA_SECRET_PROPERTIES.contains(&name) {
+        return Err(ConfigError::invalid(
+            key,
+            name,
+            "no secret in the config: the `security` table takes TLS and SASL settings, the password from `password_file`",
+        ));
+    }
+    Ok(())
 }
 
 fn jetstream_source(
@@ -375,6 +414,7 @@ fn jetstream_source(
         durable,
         max_ack_pending,
         ack_wait_ms,
+        security,
     }: RawJetStreamSource,
 ) -> Result<SourceConfig, ConfigError> {
     let url = validate_nats_url(&format!("{key}.url"), url)?;
@@ -404,6 +444,9 @@ fn jetstream_source(
         durable,
         max_ack_pending,
         ack_wait: Duration::from_millis(ack_wait_ms),
+        security: security
+            .map(|raw| validate_nats_security(&format!("{key}.security"), raw))
+            .transpose()?,
     }))
 }
 
@@ -445,6 +488,7 @@ fn nats_source(
         url,
         subject,
         queue_group,
+        security,
     }: RawNatsSource,
 ) -> Result<SourceConfig, ConfigError> {
     let url = validate_nats_url(&format!("{key}.url"), url)?;
@@ -456,6 +500,9 @@ fn nats_source(
         url,
         subject,
         queue_group,
+        security: security
+            .map(|raw| validate_nats_security(&format!("{key}.security"), raw))
+            .transpose()?,
     }))
 }
 

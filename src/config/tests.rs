@@ -59,7 +59,7 @@ fn valid_config_parses_with_defaults() {
         panic!("a Kafka source");
     };
     assert_eq!(kafka.start_from, StartFrom::Earliest);
-    let DeadLetterConfig::Kafka { brokers, topic } = &route.dead_letter else {
+    let DeadLetterConfig::Kafka { brokers, topic, .. } = &route.dead_letter else {
         panic!("a Kafka dead-letter topic");
     };
     assert_eq!(
@@ -228,7 +228,7 @@ fn jetstream_route_parses_with_defaults_and_nats_dead_letters() {
     );
     assert_eq!(js.max_ack_pending, 4096);
     assert_eq!(js.ack_wait, Duration::from_secs(30));
-    let DeadLetterConfig::Nats { url, subject } = &route.dead_letter else {
+    let DeadLetterConfig::Nats { url, subject, .. } = &route.dead_letter else {
         panic!("a NATS dead-letter subject");
     };
     assert_eq!(
@@ -970,6 +970,283 @@ fn ingest_tls_files_are_checked_and_named() {
         assert!(message.starts_with(starts), "{starts}: {message}");
     }
     assert!(error_of(&with(&files(&cert, &other_key))).contains("does not serve"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `[cluster.tls]` and `[cluster.auth]`: the files are read at `check`; each mistake names its
+/// key, and neither the config's `Debug` nor an error shows the password.
+#[test]
+fn cluster_tls_and_auth_keys_name_their_key() {
+    let dir = std::env::temp_dir().join(format!("shardgate-cluster-security-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let ca = write("ca.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let other_key = write("other.key", other.signing_key.serialize_pem());
+    let password_file = write("password", "s3cret-Pa55\n".to_string());
+    let empty = write("empty", "\n".to_string());
+    let route = VALID.find("[[route]]").expect("route");
+    let with = |extra: &str| format!("{}{extra}\n{}", &VALID[..route], &VALID[route..]);
+    let auth = |file: &std::path::Path| format!("[cluster.auth]\nusername = \"writer\"\npassword_file = {file:?}\n");
+    let tls = |ca: &std::path::Path| format!("[cluster.tls]\nca_file = {ca:?}\n");
+
+    let config = Config::parse(&with(&format!("{}{}", tls(&ca), auth(&password_file))), "t").expect("valid");
+    assert!(config.cluster.tls.is_some());
+    let credentials = config.cluster.credentials.as_ref().expect("credentials");
+    assert_eq!(
+        (credentials.username.as_str(), credentials.password.as_str()),
+        ("writer", "s3cret-Pa55"),
+        "the line break ends the password"
+    );
+    assert!(!format!("{:?}", config.cluster).contains("s3cret"));
+    let identity = format!(
+        "{}cert_file = {ca:?}\nkey_file = {key:?}\nverify_hostname = false\n",
+        tls(&ca)
+    );
+    Config::parse(&with(&identity), "t").expect("a client identity");
+
+    for (text, starts) in [
+        (with(&tls(&dir.join("missing.pem"))), "`cluster.tls.ca_file` = `"),
+        (with(&tls(&key)), "`cluster.tls.ca_file` = `"),
+        (
+            with(&format!("{}cert_file = {ca:?}\n", tls(&ca))),
+            "`cluster.tls.key_file` = `absent`",
+        ),
+        (
+            with(&format!("{}key_file = {key:?}\n", tls(&ca))),
+            "`cluster.tls.cert_file` = `absent`",
+        ),
+        (
+            with(&format!("{}cert_file = {ca:?}\nkey_file = {other_key:?}\n", tls(&ca))),
+            "`cluster.tls.key_file` = `",
+        ),
+        (with(&auth(&dir.join("missing"))), "`cluster.auth.password_file` = `"),
+        (with(&auth(&empty)), "`cluster.auth.password_file` = `"),
+        (
+            with("[cluster.auth]\nusername = \"\"\npassword_file = \"x\"\n"),
+            "`cluster.auth.username` = `\"\"`",
+        ),
+        (
+            with("[cluster.auth]\nusername = \"writer\"\npassword = \"inline\"\n"),
+            "",
+        ),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+    // An inline password is not a key: secrets come from files.
+    assert!(error_of(&with("[cluster.auth]\nusername = \"writer\"\npassword = \"inline\"\n")).contains("password"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kafka `security`: SASL_SSL with a password file becomes librdkafka's properties (the
+/// dead letter inherits it with the brokers); every mistake names its key; secrets are refused
+/// in `properties`; `Debug` never shows the password.
+#[test]
+fn kafka_security_keys_name_their_key() {
+    let dir = std::env::temp_dir().join(format!("shardgate-kafka-security-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let ca = write("ca.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let other_key = write("other.key", other.signing_key.serialize_pem());
+    let password = write("password", "k4fka-Secret\n".to_string());
+    let columns = VALID.find("[route.columns]").expect("columns");
+    let with = |security: &str| {
+        format!(
+            "{}[route.source.security]\n{security}\n{}",
+            &VALID[..columns],
+            &VALID[columns..]
+        )
+    };
+    let sasl = format!(
+        "protocol = \"sasl_ssl\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"sg\"\npassword_file = {password:?}\nca_file = {ca:?}\n"
+    );
+    let config = Config::parse(&with(&sasl), "t").expect("valid");
+    let route = &config.routes[0];
+    let SourceConfig::Kafka(kafka) = &route.source else {
+        panic!("a Kafka source");
+    };
+    let security = kafka.security.as_ref().expect("security");
+    let properties: Vec<(&str, &str)> = security.properties().collect();
+    let ca_text = ca.display().to_string();
+    assert_eq!(
+        properties,
+        vec![
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "sg"),
+            ("sasl.password", "k4fka-Secret"),
+            ("ssl.ca.location", ca_text.as_str()),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ]
+    );
+    assert!(!format!("{:?}", config.routes).contains("k4fka-Secret"));
+    let DeadLetterConfig::Kafka {
+        security: inherited, ..
+    } = &route.dead_letter
+    else {
+        panic!("a Kafka dead letter");
+    };
+    assert_eq!(
+        inherited.as_ref(),
+        Some(security),
+        "the dead letter uses the source's brokers and security"
+    );
+
+    let identity = format!("protocol = \"ssl\"\ncert_file = {ca:?}\nkey_file = {key:?}\nverify_hostname = false\n");
+    Config::parse(&with(&identity), "t").expect("a client certificate");
+
+    let at = "`route[0].source.security.";
+    for (text, starts) in [
+        (with("protocol = \"tls\""), format!("{at}protocol` = `tls`")),
+        (with("protocol = \"sasl_ssl\""), format!("{at}mechanism` = `absent`")),
+        (
+            with("protocol = \"sasl_ssl\"\nmechanism = \"GSSAPI\""),
+            format!("{at}mechanism` = `GSSAPI`"),
+        ),
+        (
+            with("protocol = \"sasl_ssl\"\nmechanism = \"PLAIN\"\nusername = \"sg\""),
+            format!("{at}password_file` = `absent`"),
+        ),
+        (
+            with(&format!(
+                "protocol = \"sasl_ssl\"\nmechanism = \"PLAIN\"\nusername = \"sg\"\npassword_file = {:?}",
+                dir.join("missing")
+            )),
+            format!("{at}password_file` = `"),
+        ),
+        (with(&format!("ca_file = {ca:?}")), format!("{at}ca_file` = `given`")),
+        (with("username = \"sg\""), format!("{at}username` = `given`")),
+        (
+            with(&format!("protocol = \"ssl\"\nca_file = {key:?}")),
+            format!("{at}ca_file` = `"),
+        ),
+        (
+            with(&format!("protocol = \"ssl\"\ncert_file = {ca:?}")),
+            format!("{at}key_file` = `absent`"),
+        ),
+        (
+            with(&format!(
+                "protocol = \"ssl\"\ncert_file = {ca:?}\nkey_file = {other_key:?}"
+            )),
+            format!("{at}key_file` = `"),
+        ),
+        (
+            VALID.replace(
+                "group_id = \"shardgate-orders\"",
+                "group_id = \"shardgate-orders\"\n[route.source.properties]\n\"sasl.password\" = \"inline\"",
+            ),
+            "`route[0].source.properties.sasl.password` = `sasl.password`".to_string(),
+        ),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(&starts), "{starts}: {message}");
+        assert!(
+            !message.contains("k4fka-Secret") && !message.contains("inline"),
+            "{message}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// NATS `security`: TLS files and one login, read and checked at `check`; the dead letter
+/// inherits it with the URL; every mistake names its key; `Debug` never shows a secret.
+#[test]
+fn nats_security_keys_name_their_key() {
+    let dir = std::env::temp_dir().join(format!("shardgate-nats-security-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let ca = write("ca.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let seed_file = write("user.nk", format!("{seed}\n"));
+    let not_a_seed = write("bad.nk", "SUnot-a-seed\n".to_string());
+    let password = write("password", "n4ts-Secret\n".to_string());
+    let route = |security: &str| {
+        format!(
+            "[cluster]\ncontact_points = [\"127.0.0.1:9042\"]\n[[route]]\nname = \"r\"\ntable = \"ks.t\"\n\
+             [route.source]\nkind = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nstream = \"S\"\ndurable = \"d\"\n\
+             [route.source.security]\n{security}\n[route.columns]\nid = \"id\"\n[route.dead_letter]\nkind = \"nats\"\nsubject = \"dl\"\n"
+        )
+    };
+    let config = Config::parse(
+        &route(&format!("ca_file = {ca:?}\nnkey_seed_file = {seed_file:?}")),
+        "t",
+    )
+    .expect("valid");
+    let SourceConfig::JetStream(js) = &config.routes[0].source else {
+        panic!("a JetStream source");
+    };
+    let security = js.security.as_ref().expect("security");
+    assert!(security.require_tls, "a CA implies TLS");
+    assert_eq!(security.login, Some(crate::config::NatsLogin::NKey(seed.clone())));
+    let DeadLetterConfig::Nats {
+        security: inherited, ..
+    } = &config.routes[0].dead_letter
+    else {
+        panic!("a NATS dead letter");
+    };
+    assert_eq!(inherited.as_ref(), Some(security));
+    let shown = format!("{:?}", config.routes);
+    assert!(!shown.contains(seed.as_str()), "{shown}");
+    let with_password =
+        Config::parse(&route(&format!("username = \"sg\"\npassword_file = {password:?}")), "t").expect("valid");
+    assert!(!format!("{:?}", with_password.routes).contains("n4ts-Secret"));
+    Config::parse(&route(&format!("cert_file = {ca:?}\nkey_file = {key:?}")), "t").expect("a client certificate");
+
+    let at = "`route[0].source.security.";
+    for (text, starts) in [
+        (
+            route(&format!("nkey_seed_file = {not_a_seed:?}")),
+            "nkey_seed_file` = `",
+        ),
+        (
+            route(&format!("token_file = {:?}", dir.join("missing"))),
+            "token_file` = `",
+        ),
+        (
+            route(&format!("nkey_seed_file = {seed_file:?}\ntoken_file = {password:?}")),
+            "nkey_seed_file` = `given`",
+        ),
+        (route("username = \"sg\""), "password_file` = `absent`"),
+        (route(&format!("password_file = {password:?}")), "username` = `absent`"),
+        (route(&format!("creds_file = {password:?}")), "creds_file` = `"),
+        (route(&format!("ca_file = {key:?}")), "ca_file` = `"),
+        (route(&format!("cert_file = {ca:?}")), "key_file` = `absent`"),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(&format!("{at}{starts}")), "{starts}: {message}");
+        assert!(
+            !message.contains("n4ts-Secret") && !message.contains(seed.as_str()),
+            "{message}"
+        );
+    }
+    let inline = error_of(&route("").replace("nats://127.0.0.1", "nats://sg:inl1ne@127.0.0.1"));
+    assert!(
+        inline.starts_with("`route[0].source.url` = `(a URL with credentials)`"),
+        "{inline}"
+    );
+    assert!(!inline.contains("inl1ne"), "{inline}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

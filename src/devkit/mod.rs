@@ -34,6 +34,12 @@ use scylla::value::{CqlDecimal, CqlTimestamp};
 pub const CASSANDRA: &str = "127.0.0.1:9042";
 /// Kafka bootstrap server of the local stack.
 pub const KAFKA: &str = "127.0.0.1:9092";
+/// The local stack's secured Cassandra: client TLS required (certificate of [`stack_ca_file`]),
+/// `PasswordAuthenticator` with superuser `cassandra`/`cassandra`, `CassandraAuthorizer`.
+pub const CASSANDRA_SECURE: &str = "127.0.0.1:9142";
+/// The local Kafka's SASL_SSL listener (certificate of [`stack_ca_file`]; user `shardgate`,
+/// SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN, password in [`stack_kafka_password_file`]).
+pub const KAFKA_SECURE: &str = "127.0.0.1:9095";
 
 const CITIES: [&str; 8] = ["Oslo", "Lyon", "Porto", "Kraków", "Turku", "Gent", "Brno", "Cork"];
 /// Base of the sample `placed_at` times (2026-01-01T00:00:00Z).
@@ -46,6 +52,41 @@ pub async fn connect(contact: &str) -> anyhow::Result<Session> {
         .build()
         .await
         .with_context(|| format!("cannot connect to Cassandra at {contact}; is `deploy/local/stack.sh up` running?"))
+}
+
+/// The CA of the local stack's secured services (`deploy/local/stack.sh` makes it).
+pub fn stack_ca_file() -> PathBuf {
+    state_dir().join("pki/ca.pem")
+}
+
+/// The password of the local Kafka's SASL user `shardgate`.
+pub fn stack_kafka_password_file() -> PathBuf {
+    state_dir().join("pki/kafka-password")
+}
+
+/// Connects to the secured Cassandra at `contact` over TLS (trusting [`stack_ca_file`]) as
+/// `user`, retrying for up to a minute while the server is still setting up its roles.
+pub async fn connect_secure(contact: &str, user: &str, password: &str) -> anyhow::Result<Session> {
+    let tls = crate::tls::database_client_config(&stack_ca_file(), None, true)?;
+    let started = Instant::now();
+    loop {
+        let session = SessionBuilder::new()
+            .known_node(contact)
+            .tls_context(Some(tls.clone()))
+            .user(user, password)
+            .build()
+            .await;
+        match session {
+            Ok(session) => return Ok(session),
+            Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                tracing::debug!(error = %e, "secured Cassandra not ready; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => bail!(
+                "cannot connect to the secured Cassandra at {contact} as `{user}`: {e}; is `deploy/local/stack.sh up` running?"
+            ),
+        }
+    }
 }
 
 /// Drops and recreates `keyspace` (replication factor 1), then runs `create_table` in it.
@@ -1130,7 +1171,12 @@ subject = "{dead_letter_subject}""#
 
 /// Creates (or replaces) JetStream stream `name` capturing `subjects`.
 pub async fn create_stream(name: &str, subjects: &[&str]) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    create_stream_on(async_nats::connect(NATS).await?, name, subjects).await
+}
+
+/// [`create_stream`] through `client` (e.g. a secured server's).
+pub async fn create_stream_on(client: async_nats::Client, name: &str, subjects: &[&str]) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client);
     let _ = js.delete_stream(name).await;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: name.to_string(),
@@ -1144,7 +1190,16 @@ pub async fn create_stream(name: &str, subjects: &[&str]) -> anyhow::Result<()> 
 
 /// Publishes `payloads` to `subject` through JetStream, each acknowledged by the server.
 pub async fn publish_jetstream(subject: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> anyhow::Result<u64> {
-    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    publish_jetstream_on(async_nats::connect(NATS).await?, subject, payloads).await
+}
+
+/// [`publish_jetstream`] through `client` (e.g. a secured server's).
+pub async fn publish_jetstream_on(
+    client: async_nats::Client,
+    subject: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) -> anyhow::Result<u64> {
+    let js = async_nats::jetstream::new(client);
     let mut pending = Vec::new();
     let mut sent = 0;
     for payload in payloads {
@@ -1169,7 +1224,16 @@ pub async fn publish_jetstream(subject: &str, payloads: impl IntoIterator<Item =
 /// A durable consumer's (messages not yet delivered, delivered but not acked), or `None` while
 /// the consumer does not exist.
 pub async fn jetstream_backlog(stream: &str, durable: &str) -> anyhow::Result<Option<(u64, usize)>> {
-    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    jetstream_backlog_on(async_nats::connect(NATS).await?, stream, durable).await
+}
+
+/// [`jetstream_backlog`] through `client` (e.g. a secured server's).
+pub async fn jetstream_backlog_on(
+    client: async_nats::Client,
+    stream: &str,
+    durable: &str,
+) -> anyhow::Result<Option<(u64, usize)>> {
+    let js = async_nats::jetstream::new(client);
     let stream = js
         .get_stream(stream)
         .await
@@ -1321,8 +1385,18 @@ pub struct BrokerDeadLetter {
 /// Reads every message of JetStream stream `stream` (expects `expected`, waits up to
 /// `deadline`).
 pub async fn read_stream(stream: &str, expected: usize, deadline: Duration) -> anyhow::Result<Vec<BrokerDeadLetter>> {
+    read_stream_on(async_nats::connect(NATS).await?, stream, expected, deadline).await
+}
+
+/// [`read_stream`] through `client` (e.g. a secured server's).
+pub async fn read_stream_on(
+    client: async_nats::Client,
+    stream: &str,
+    expected: usize,
+    deadline: Duration,
+) -> anyhow::Result<Vec<BrokerDeadLetter>> {
     use futures::StreamExt;
-    let js = async_nats::jetstream::new(async_nats::connect(NATS).await?);
+    let js = async_nats::jetstream::new(client);
     let stream = js
         .get_stream(stream)
         .await

@@ -313,8 +313,12 @@ impl Sink {
     async fn open(config: &JobSinkConfig, job: &str) -> anyhow::Result<Sink> {
         Ok(match config {
             JobSinkConfig::Table(table) => Sink::Table(table.clone()),
-            JobSinkConfig::Kafka { brokers, topic } => Sink::Kafka(
-                crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic)
+            JobSinkConfig::Kafka {
+                brokers,
+                topic,
+                security,
+            } => Sink::Kafka(
+                crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic, security.as_ref())
                     .with_context(|| format!("job `{job}`: kafka sink {topic}"))?,
             ),
             JobSinkConfig::RabbitMq {
@@ -330,8 +334,9 @@ impl Sink {
                 url,
                 subject,
                 jetstream,
+                security,
             } => {
-                let client = crate::sink::broker::nats::connect(url, job)
+                let client = crate::sink::broker::nats::connect(url, job, security.as_ref())
                     .await
                     .map_err(|e| anyhow::anyhow!("job `{job}`: nats sink {subject}: {e}"))?;
                 Sink::Nats {

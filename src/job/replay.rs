@@ -31,7 +31,7 @@ use scylla::value::CqlTimeuuid;
 
 use super::signal::{next_command, steady, Command, Interrupted, Signal};
 use crate::bridge::route::{prepare_route, TargetStatements};
-use crate::config::{Config, DeadLetterConfig, RouteConfig};
+use crate::config::{Config, DeadLetterConfig, KafkaSecurity, RouteConfig};
 use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
 use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSink};
 use crate::sink::scylla::retry::{execute_with_retries, Retries};
@@ -171,7 +171,15 @@ pub async fn replay(
         },
     };
     match replayer.route.dead_letter.clone() {
-        DeadLetterConfig::Kafka { brokers, topic } => replayer.replay_topic(&brokers, &topic, &mut signal).await,
+        DeadLetterConfig::Kafka {
+            brokers,
+            topic,
+            security,
+        } => {
+            replayer
+                .replay_topic(&brokers, &topic, security.as_ref(), &mut signal)
+                .await
+        }
         DeadLetterConfig::Table { keyspace, table } => replayer.replay_table(&keyspace, &table, &mut signal).await,
         DeadLetterConfig::Nats { subject, .. } => bail!(
             "route `{}` dead-letters to the NATS subject `{subject}`, which keeps nothing to replay; \
@@ -211,14 +219,23 @@ async fn between_chunks(signal: &mut Signal, report: &ReplayReport) -> anyhow::R
 impl Replayer {
     /// Replays the route's letters in `topic` from the replay group's committed offsets to the
     /// end of the topic as it was when the run started.
-    async fn replay_topic(&self, brokers: &str, topic: &str, signal: &mut Signal) -> anyhow::Result<ReplayReport> {
-        let consumer: StreamConsumer = ClientConfig::new()
+    async fn replay_topic(
+        &self,
+        brokers: &str,
+        topic: &str,
+        security: Option<&KafkaSecurity>,
+        signal: &mut Signal,
+    ) -> anyhow::Result<ReplayReport> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("shardgate-replay.{}", self.route.name))
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .context("Kafka consumer")?;
+            .set("auto.offset.reset", "earliest");
+        for (key, value) in security.into_iter().flat_map(KafkaSecurity::properties) {
+            config.set(key, value);
+        }
+        let consumer: StreamConsumer = config.create().context("Kafka consumer")?;
         let (ends, mut positions) = tokio::task::block_in_place(|| assign_from_committed(&consumer, topic))?;
         let mut report = ReplayReport::default();
         let done = |positions: &HashMap<i32, i64>| {

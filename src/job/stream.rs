@@ -262,6 +262,9 @@ fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -
             config.set(key, value);
         }
     }
+    for (key, value) in kafka.security.iter().flat_map(crate::config::KafkaSecurity::properties) {
+        config.set(key, value);
+    }
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", format!("shardgate-job-{job}"))

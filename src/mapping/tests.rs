@@ -49,6 +49,7 @@ fn route_with(targets: Vec<TargetConfig>) -> RouteConfig {
             start_from: StartFrom::Earliest,
             commit_interval: Duration::from_secs(1),
             properties: vec![],
+            security: None,
         }),
         format: Format::Json,
         targets,
@@ -61,6 +62,7 @@ fn route_with(targets: Vec<TargetConfig>) -> RouteConfig {
         dead_letter: DeadLetterConfig::Kafka {
             brokers: "b:1".into(),
             topic: "dl".into(),
+            security: None,
         },
     }
 }

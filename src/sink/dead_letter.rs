@@ -150,11 +150,15 @@ impl DeadLetterSink {
     ) -> Result<(DeadLetterSink, Option<async_nats::Client>), String> {
         use crate::config::DeadLetterConfig;
         match config {
-            DeadLetterConfig::Kafka { brokers, topic } => KafkaPublisher::new(brokers, topic)
+            DeadLetterConfig::Kafka {
+                brokers,
+                topic,
+                security,
+            } => KafkaPublisher::new(brokers, topic, security.as_ref())
                 .map(|t| (DeadLetterSink::Kafka(t), None))
                 .map_err(|e| format!("cannot create the dead-letter producer: {e}")),
-            DeadLetterConfig::Nats { url, subject } => {
-                let client = super::broker::nats::connect(url, route)
+            DeadLetterConfig::Nats { url, subject, security } => {
+                let client = super::broker::nats::connect(url, route, security.as_ref())
                     .await
                     .map_err(|e| format!("dead-letter subject: {e:#}"))?;
                 Ok((

@@ -19,6 +19,7 @@ mod query;
 mod rabbitmq;
 mod replay;
 mod scale_out;
+mod secured;
 mod startup;
 mod tls;
 mod tokens;

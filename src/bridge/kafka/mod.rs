@@ -36,7 +36,7 @@ use super::message::SourceMessage;
 use super::route::RouteCounters;
 use super::source::{Consumer as SourceConsumer, Handoff, Source, Start};
 use super::tap::{durable_of, Taps};
-use crate::config::{KafkaSourceConfig, StartFrom};
+use crate::config::{KafkaSecurity, KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::runtime::shutdown::Stop;
 use crate::topology::kafka_partition_owner;
@@ -76,10 +76,12 @@ enum RebalanceEvent {
 /// How often librdkafka reports statistics (consumer lag).
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
-/// Consumer context that records rebalances for the poll loop and publishes consumer lag.
+/// Consumer context that records rebalances for the poll loop, publishes consumer lag and
+/// keeps librdkafka's last error (a refused SASL login or TLS handshake says why only there).
 pub struct RebalanceRecorder {
     route: String,
     events: Mutex<Vec<RebalanceEvent>>,
+    last_error: Mutex<Option<String>>,
 }
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<i32> {
@@ -91,6 +93,15 @@ impl RebalanceRecorder {
         RebalanceRecorder {
             route: route.to_string(),
             events: Mutex::new(Vec::new()),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The last error librdkafka reported, if any.
+    fn last_error(&self) -> Option<String> {
+        match self.last_error.lock() {
+            Ok(last) => last.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
@@ -110,6 +121,16 @@ impl RebalanceRecorder {
 }
 
 impl ClientContext for RebalanceRecorder {
+    /// Logged and kept: start-up names it when the brokers cannot be reached.
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(route = %self.route, %error, reason, "kafka client error");
+        let text = format!("{error}: {reason}");
+        match self.last_error.lock() {
+            Ok(mut last) => *last = Some(text),
+            Err(poisoned) => *poisoned.into_inner() = Some(text),
+        }
+    }
+
     /// `shardgate_kafka_consumer_lag{route, topic, partition}`: high watermark minus the
     /// consumer's position, from librdkafka's statistics; 0 for partitions this gateway does not
     /// fetch (owned by another gateway of the group, or not yet assigned).
@@ -241,7 +262,7 @@ pub fn subscribe(
     source: &KafkaSourceConfig,
     route: &str,
     instance_id: Option<&str>,
-) -> Result<RouteConsumer, KafkaError> {
+) -> Result<RouteConsumer, SubscribeError> {
     let mut config = ClientConfig::new();
     if let Some(id) = instance_id {
         config.set("group.instance.id", id);
@@ -267,10 +288,48 @@ pub fn subscribe(
     for (key, value) in &source.properties {
         config.set(key, value);
     }
-    let consumer: RouteConsumer = config.create_with_context(RebalanceRecorder::new(route))?;
-    consumer.fetch_metadata(None, METADATA_TIMEOUT)?;
-    consumer.subscribe(&[&source.topic])?;
+    for (key, value) in source.security.iter().flat_map(KafkaSecurity::properties) {
+        config.set(key, value);
+    }
+    let consumer: RouteConsumer = config
+        .create_with_context(RebalanceRecorder::new(route))
+        .map_err(|error| SubscribeError { error, cause: None })?;
+    let checked = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .and_then(|_| consumer.subscribe(&[&source.topic]));
+    if let Err(error) = checked {
+        return Err(SubscribeError {
+            error,
+            cause: consumer.context().last_error(),
+        });
+    }
     Ok(consumer)
+}
+
+/// Why a consumer could not subscribe: librdkafka's error, and the last error it reported
+/// meanwhile — where a refused SASL login or a failed TLS handshake is named.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", match cause {
+    Some(cause) => format!("; last client error: {cause}{}", security_hint(cause)),
+    None => String::new(),
+})]
+pub struct SubscribeError {
+    /// librdkafka's error.
+    pub error: KafkaError,
+    /// The client's last reported error.
+    pub cause: Option<String>,
+}
+
+/// Which keys to look at for a client error that is about credentials or TLS.
+fn security_hint(cause: &str) -> &'static str {
+    let cause = cause.to_ascii_lowercase();
+    if cause.contains("sasl") || cause.contains("authentication") {
+        " (check the route's `source.security`: `mechanism`, `username`, `password_file`)"
+    } else if cause.contains("ssl") || cause.contains("certificate") || cause.contains("handshake") {
+        " (check the route's `source.security`: `protocol`, `ca_file`, `verify_hostname`)"
+    } else {
+        ""
+    }
 }
 
 /// A message's headers whose values are UTF-8 text.

@@ -24,7 +24,7 @@ use super::handoff::RoundRobin;
 use super::message::SourceMessage;
 use super::route::RouteCounters;
 use super::source::{Consumer, Handoff, Source, Start};
-use crate::config::{JetStreamSourceConfig, NatsSourceConfig};
+use crate::config::{JetStreamSourceConfig, NatsSecurity, NatsSourceConfig};
 use crate::runtime::shutdown::Stop;
 use crate::sink::broker::nats::{connect, nats_error, NatsError};
 use ack::{JetStreamOrigin, NatsOrigin};
@@ -41,7 +41,7 @@ impl Source for JetStreamSource {
 
     fn open(config: &JetStreamSourceConfig, start: &Start<'_>) -> anyhow::Result<JetStreamSource> {
         let route = start.route;
-        let client = connected(&config.url, start)?;
+        let client = connected(&config.url, config.security.as_ref(), start)?;
         let consumer = start
             .island
             .block_on(consumer(client.clone(), config))
@@ -74,10 +74,10 @@ impl Source for JetStreamSource {
 }
 
 /// A route's NATS connection, opened at start-up on the island.
-fn connected(url: &str, start: &Start<'_>) -> anyhow::Result<async_nats::Client> {
+fn connected(url: &str, security: Option<&NatsSecurity>, start: &Start<'_>) -> anyhow::Result<async_nats::Client> {
     start
         .island
-        .block_on(connect(url, start.route))
+        .block_on(connect(url, start.route, security))
         .map_err(|e| anyhow::anyhow!("route `{}`: {e}", start.route))
 }
 
@@ -93,7 +93,7 @@ impl Source for NatsSource {
 
     fn open(config: &NatsSourceConfig, start: &Start<'_>) -> anyhow::Result<NatsSource> {
         let route = start.route;
-        let client = connected(&config.url, start)?;
+        let client = connected(&config.url, config.security.as_ref(), start)?;
         let subscriber = start
             .island
             .block_on(async {

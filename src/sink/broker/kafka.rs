@@ -10,6 +10,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
+use crate::config::KafkaSecurity;
+
 /// How long one publish may wait in librdkafka's queue and for the broker.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -20,14 +22,19 @@ pub struct KafkaPublisher {
 }
 
 impl KafkaPublisher {
-    /// Creates the producer (no network IO until the first publish).
-    pub fn new(brokers: &str, topic: &str) -> Result<KafkaPublisher, KafkaError> {
-        let producer = ClientConfig::new()
+    /// Creates the producer (no network IO until the first publish), with `security`'s TLS and
+    /// SASL when given.
+    pub fn new(brokers: &str, topic: &str, security: Option<&KafkaSecurity>) -> Result<KafkaPublisher, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()?;
+            .set("linger.ms", "5");
+        for (key, value) in security.into_iter().flat_map(KafkaSecurity::properties) {
+            config.set(key, value);
+        }
+        let producer = config.create()?;
         Ok(KafkaPublisher {
             producer,
             topic: topic.to_string(),

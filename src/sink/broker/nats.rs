@@ -3,6 +3,8 @@
 //! durable). Also the one `connect` every NATS user shares. Threads: the island (async-nats is
 //! tokio-bound); callers on a core await it through the island's reactor.
 
+use crate::config::{NatsLogin, NatsSecurity};
+
 /// Errors reaching the server, the stream or the consumer at start-up.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {reason}")]
@@ -19,14 +21,45 @@ pub fn nats_error(what: impl Into<String>, reason: impl std::fmt::Display) -> Na
     }
 }
 
-/// Connects to a NATS server. Run on the island.
-pub async fn connect(url: &str, route: &str) -> Result<async_nats::Client, NatsError> {
-    async_nats::ConnectOptions::new()
+/// Connects to a NATS server, with `security`'s TLS and login when given. Run on the island.
+/// A refused login or a failed handshake says which `security` keys to look at.
+pub async fn connect(url: &str, route: &str, security: Option<&NatsSecurity>) -> Result<async_nats::Client, NatsError> {
+    let what = || format!("cannot connect to NATS at `{url}`");
+    let mut options = async_nats::ConnectOptions::new()
         .name(format!("shardgate-{route}"))
-        .connection_timeout(std::time::Duration::from_secs(10))
-        .connect(url)
-        .await
-        .map_err(|e| nats_error(format!("cannot connect to NATS at `{url}`"), e))
+        .connection_timeout(std::time::Duration::from_secs(10));
+    if let Some(security) = security {
+        options = options.require_tls(security.require_tls);
+        if let Some(ca) = &security.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &security.identity {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options = match &security.login {
+            None => options,
+            Some(NatsLogin::Password { username, password }) => {
+                options.user_and_password(username.clone(), password.clone())
+            }
+            Some(NatsLogin::Token(token)) => options.token(token.clone()),
+            Some(NatsLogin::NKey(seed)) => options.nkey(seed.clone()),
+            Some(NatsLogin::Creds(path)) => options
+                .credentials_file(path)
+                .await
+                .map_err(|e| nats_error(what(), format!("`creds_file` = `{}`: {e}", path.display())))?,
+        };
+    }
+    options.connect(url).await.map_err(|e| {
+        use async_nats::ConnectErrorKind as Kind;
+        let hint = match e.kind() {
+            Kind::AuthorizationViolation | Kind::Authentication => {
+                " (check `security`: `username` / `password_file`, `token_file`, `nkey_seed_file` or `creds_file`)"
+            }
+            Kind::Tls => " (check `security`: `tls`, `ca_file`, `cert_file`, `key_file`)",
+            _ => "",
+        };
+        nats_error(what(), format!("{e}{hint}"))
+    })
 }
 
 /// Publishes on one subject.

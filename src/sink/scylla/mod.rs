@@ -43,6 +43,17 @@ pub enum SinkError {
         /// Driver's error.
         reason: String,
     },
+    /// The cluster answered but refused the gateway: its credentials or the TLS handshake.
+    /// Retrying cannot help, so start-up stops at once.
+    #[error("the cluster at {contact_points} refused the gateway ({hint}): {reason}")]
+    Refused {
+        /// Configured contact points.
+        contact_points: String,
+        /// Which keys to look at.
+        hint: &'static str,
+        /// Driver's error.
+        reason: String,
+    },
     /// The keyspace or table does not exist in the cluster.
     #[error("route `{route}`: table `{keyspace}.{table}` does not exist in the cluster")]
     TableNotFound {
@@ -77,13 +88,26 @@ pub async fn connect(cluster: &ClusterConfig) -> Result<Session, SinkError> {
         .request_timeout(Some(cluster.request_timeout))
         .load_balancing_policy(policy.build())
         .build();
-    let builder = SessionBuilder::new()
+    let mut builder = SessionBuilder::new()
         .known_nodes(&cluster.contact_points)
         .default_execution_profile_handle(profile.into_handle());
+    if let Some(tls) = &cluster.tls {
+        builder = builder.tls_context(Some(tls.clone()));
+    }
+    if let Some(credentials) = &cluster.credentials {
+        builder = builder.user(&credentials.username, &credentials.password);
+    }
     let build = builder.build();
-    let connect_error = |reason: String| SinkError::Connect {
-        contact_points: cluster.contact_points.join(", "),
-        reason,
+    let connect_error = |reason: String| match refusal(&reason) {
+        Some(hint) => SinkError::Refused {
+            contact_points: cluster.contact_points.join(", "),
+            hint,
+            reason,
+        },
+        None => SinkError::Connect {
+            contact_points: cluster.contact_points.join(", "),
+            reason,
+        },
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, build).await {
         Ok(Ok(session)) => Ok(session),
@@ -92,6 +116,25 @@ pub async fn connect(cluster: &ClusterConfig) -> Result<Session, SinkError> {
             "no answer within {} s",
             CONNECT_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// Whether a driver's connection error is the cluster refusing the gateway rather than being
+/// unreachable, and which keys to look at. The driver's errors carry the cause only as text.
+pub fn refusal(reason: &str) -> Option<&'static str> {
+    let reason = reason.to_ascii_lowercase();
+    if ["authenticat", "password", "credentials", "auth_response"]
+        .iter()
+        .any(|word| reason.contains(word))
+    {
+        Some("check `cluster.auth.username` and `cluster.auth.password_file`")
+    } else if ["certificate", "tls", "handshake", "alert"]
+        .iter()
+        .any(|word| reason.contains(word))
+    {
+        Some("the TLS handshake failed: check `cluster.tls` (`ca_file`, `cert_file`, `verify_hostname`) against the nodes' `client_encryption_options`")
+    } else {
+        None
     }
 }
 

@@ -1,0 +1,424 @@
+//! The gateway between the stack's secured servers: a Kafka route consumes over the broker's
+//! SASL_SSL listener (SCRAM-SHA-512, TLS verified against the stack's CA and the broker's
+//! name) and writes to the secured Cassandra (`cassandra-secure`, CQL 9142: client TLS
+//! required, `PasswordAuthenticator`, `CassandraAuthorizer`) as a role that may only modify and
+//! select its keyspace — rows read back exact, committed offsets at the end, malformed messages
+//! dead-lettered over SASL_SSL with their reasons. A wrong database password, a CA that did not
+//! sign the node's certificate and a wrong Kafka password each stop start-up at once, naming
+//! the keys to look at; no log line holds a password.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use shardgate::devkit::{self, Gateway};
+
+use crate::pki::TestCa;
+use crate::{gateway_binary, gateway_lock, wait_committed, Names};
+
+const PARTITIONS: i32 = 2;
+const VALID: u64 = 3_000;
+const MALFORMED: u64 = 12;
+
+/// Where the gateway's secrets and CAs come from.
+struct Secured<'a> {
+    role: &'a str,
+    db_ca: &'a Path,
+    db_password: &'a Path,
+    kafka_password: &'a Path,
+}
+
+/// The gateway config: the orders route over Kafka's SASL_SSL listener (its dead letters
+/// inherit the source's `security`), `[cluster]` on the secured Cassandra with `[cluster.tls]`
+/// and `[cluster.auth]`.
+fn secured_config(names: &Names, secured: &Secured<'_>) -> String {
+    let routes = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    );
+    let plain_db = format!("contact_points = [\"{}\"]", devkit::CASSANDRA);
+    let plain_kafka = format!("brokers = [\"{}\"]", devkit::KAFKA);
+    let toml = devkit::gateway_toml(&routes);
+    assert!(toml.contains(&plain_db) && toml.contains(&plain_kafka));
+    let kafka_security = format!(
+        "[route.source.security]\nprotocol = \"sasl_ssl\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"shardgate\"\n\
+         password_file = {:?}\nca_file = {:?}\n\n[route.columns]",
+        secured.kafka_password,
+        devkit::stack_ca_file(),
+    );
+    format!(
+        "{}\n[cluster.tls]\nca_file = {:?}\n\n[cluster.auth]\nusername = \"{}\"\npassword_file = {:?}\n",
+        toml.replace(
+            &plain_db,
+            &format!("contact_points = [\"{}\"]", devkit::CASSANDRA_SECURE)
+        )
+        .replace(&plain_kafka, &format!("brokers = [\"{}\"]", devkit::KAFKA_SECURE))
+        .replacen("[route.columns]", &kafka_security, 1),
+        secured.db_ca,
+        secured.role,
+        secured.db_password,
+    )
+}
+
+/// Starts a gateway with `config` and waits for it to exit on its own; its log.
+fn refused_start(config: &Path, log: &Path) -> String {
+    let mut gateway = Gateway::spawn(&gateway_binary(), config, log).expect("spawn");
+    let started = Instant::now();
+    while gateway.is_running() {
+        // Generous: a refusal must stop start-up, not wait out `cluster.connect_wait_ms` (5 min).
+        assert!(started.elapsed() < Duration::from_secs(90), "the gateway kept retrying");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::read_to_string(&gateway.log).expect("log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured");
+    let dir = &names.dir;
+    let admin = devkit::connect_secure(devkit::CASSANDRA_SECURE, "cassandra", "cassandra")
+        .await
+        .expect("the secured Cassandra is up");
+    devkit::create_orders_table(&admin, &names.keyspace)
+        .await
+        .expect("create table");
+    // A role that may write and read this keyspace and nothing else.
+    let role = "it_secured_writer";
+    let password = format!("pw-{:016x}", rand_u64());
+    admin
+        .query_unpaged(format!("DROP ROLE IF EXISTS {role}"), &[])
+        .await
+        .expect("drop role");
+    admin
+        .query_unpaged(
+            format!("CREATE ROLE {role} WITH PASSWORD = '{password}' AND LOGIN = true"),
+            &[],
+        )
+        .await
+        .expect("create role");
+    for permission in ["MODIFY", "SELECT"] {
+        admin
+            .query_unpaged(
+                format!("GRANT {permission} ON KEYSPACE {} TO {role}", names.keyspace),
+                &[],
+            )
+            .await
+            .expect("grant");
+    }
+    let db_password = dir.join("db-password");
+    std::fs::write(&db_password, format!("{password}\n")).expect("password file");
+    let kafka_password_file = devkit::stack_kafka_password_file();
+    let kafka_password = std::fs::read_to_string(&kafka_password_file)
+        .expect("the stack's Kafka password")
+        .trim()
+        .to_string();
+
+    devkit::create_topic(&names.topic, PARTITIONS)
+        .await
+        .expect("Kafka is up");
+    devkit::create_topic(&names.dead_letter_topic, 1)
+        .await
+        .expect("dead-letter topic");
+    let mut messages: Vec<(String, Vec<u8>)> = (0..VALID)
+        .map(|i| {
+            let (key, payload) = devkit::order_message(i);
+            (key, payload.into_bytes())
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for j in 0..MALFORMED {
+        let (key, payload, code) = devkit::malformed_message(j);
+        codes.push(code);
+        messages.insert((j * 97) as usize, (key, payload));
+    }
+    let total = messages.len() as i64;
+    devkit::produce(&names.topic, messages).expect("produce");
+
+    let secured = Secured {
+        role,
+        db_ca: &devkit::stack_ca_file(),
+        db_password: &db_password,
+        kafka_password: &kafka_password_file,
+    };
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, secured_config(&names, &secured)).expect("config");
+    let check = std::process::Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check runs");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
+    wait_committed(&names, PARTITIONS, total, Duration::from_secs(120));
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+
+    let report = devkit::verify_orders(&admin, &names.keyspace, VALID)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching, report.missing),
+        (VALID, VALID, 0),
+        "{:?}",
+        report.differences
+    );
+    let letters = devkit::read_topic(&names.dead_letter_topic, MALFORMED as usize, Duration::from_secs(60))
+        .expect("dead letters");
+    let mut seen: Vec<&str> = letters
+        .iter()
+        .map(|letter| letter.headers["shardgate.reason.code"].as_str())
+        .collect();
+    seen.sort_unstable();
+    codes.sort_unstable();
+    assert_eq!(
+        seen, codes,
+        "every malformed message dead-lettered once, with its reason"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        !text.contains(&password) && !text.contains(&kafka_password),
+        "a password is in the gateway's log"
+    );
+
+    // A wrong database password: start-up stops at once, naming the keys.
+    let wrong_db = dir.join("wrong-db-password");
+    let wrong = format!("{password}-wrong");
+    std::fs::write(&wrong_db, &wrong).expect("wrong password file");
+    let wrong_config = dir.join("wrong-db.toml");
+    let with_wrong_db = Secured {
+        db_password: &wrong_db,
+        ..secured
+    };
+    std::fs::write(&wrong_config, secured_config(&names, &with_wrong_db)).expect("config");
+    let text = refused_start(&wrong_config, &dir.join("wrong-db.log"));
+    assert!(
+        text.contains("refused the gateway") && text.contains("cluster.auth.password_file"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&wrong) && !text.contains(&password),
+        "a password is in the log"
+    );
+
+    // A CA that did not sign the node's certificate: the handshake fails, start-up stops.
+    let rogue_ca = TestCa::new("another CA").write(dir, "rogue-ca");
+    let rogue_config = dir.join("rogue-ca.toml");
+    let with_rogue_ca = Secured {
+        db_ca: &rogue_ca,
+        ..secured
+    };
+    std::fs::write(&rogue_config, secured_config(&names, &with_rogue_ca)).expect("config");
+    let text = refused_start(&rogue_config, &dir.join("rogue-ca.log"));
+    assert!(
+        text.contains("refused the gateway") && text.contains("cluster.tls"),
+        "{text}"
+    );
+
+    // A wrong Kafka password: the route cannot subscribe, and says why.
+    let wrong_kafka = dir.join("wrong-kafka-password");
+    std::fs::write(&wrong_kafka, "not-the-password").expect("wrong password file");
+    let kafka_config = dir.join("wrong-kafka.toml");
+    let with_wrong_kafka = Secured {
+        kafka_password: &wrong_kafka,
+        ..secured
+    };
+    std::fs::write(&kafka_config, secured_config(&names, &with_wrong_kafka)).expect("config");
+    let text = refused_start(&kafka_config, &dir.join("wrong-kafka.log"));
+    assert!(
+        text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("not-the-password") && !text.contains(&kafka_password),
+        "a password is in the log"
+    );
+}
+
+/// A random 64-bit number from the OS.
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("random");
+    u64::from_le_bytes(bytes)
+}
+
+/// A nats-server of this test's own: JetStream, every client connection over TLS (the stack's
+/// certificate for 127.0.0.1), users `loader` (password) and one NKey user. Stopped on drop.
+struct SecuredNats {
+    child: std::process::Child,
+    url: String,
+}
+
+impl SecuredNats {
+    const PORT: u16 = 4233;
+
+    fn start(dir: &Path, loader_password: &str, nkey_public: &str) -> SecuredNats {
+        let pki = devkit::state_dir().join("pki");
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
+                 tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: false }}\n\
+                 authorization {{ users = [ {{ user: \"loader\", password: \"{loader_password}\" }}, {{ nkey: \"{nkey_public}\" }} ] }}\n",
+                port = Self::PORT,
+                store = dir.join("nats-js"),
+                cert = pki.join("server.pem"),
+                key = pki.join("server.key"),
+                ca = pki.join("ca.pem"),
+            ),
+        )
+        .expect("nats.conf");
+        let log = std::fs::File::create(dir.join("nats.log")).expect("nats log");
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (installed by deploy/local/stack.sh) starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", Self::PORT)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the secured nats-server did not listen: {}",
+                std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        SecuredNats {
+            child,
+            url: format!("nats://127.0.0.1:{}", Self::PORT),
+        }
+    }
+
+    /// A client logged in as `loader`, over TLS trusting the stack's CA.
+    async fn loader(&self, password: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(devkit::stack_ca_file())
+            .user_and_password("loader".into(), password.into())
+            .connect(&self.url)
+            .await
+            .expect("the loader connects over TLS")
+    }
+}
+
+impl Drop for SecuredNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JetStream route of a NATS server that takes TLS connections only and logs users in: the
+/// gateway connects over TLS (the stack's CA) as an NKey user — rows exact, every message
+/// acknowledged, the malformed ones dead-lettered to a subject of the same server (the dead
+/// letters inherit the source's `security`). An NKey the server does not know stops start-up
+/// naming `security`; no seed appears in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_nats");
+    let dir = &names.dir;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let seed_file = dir.join("gateway.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("seed file");
+    let loader_password = format!("pw-{:016x}", rand_u64());
+    let nats = SecuredNats::start(dir, &loader_password, &user.public_key());
+    let loader = nats.loader(&loader_password).await;
+
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    let (stream, subject, dead_stream, dead_subject) =
+        ("IT_SECURED", "it.secured.orders", "IT_SECURED_DL", "it.secured.dead");
+    devkit::create_stream_on(loader.clone(), stream, &[subject])
+        .await
+        .expect("stream");
+    devkit::create_stream_on(loader.clone(), dead_stream, &[dead_subject])
+        .await
+        .expect("dead-letter stream");
+    let good = (0..VALID).map(devkit::order_message_with_id);
+    let malformed = (0..MALFORMED).map(|j| devkit::malformed_message(j).1);
+    let sent = devkit::publish_jetstream_on(loader.clone(), subject, good.chain(malformed))
+        .await
+        .expect("publish over TLS");
+    assert_eq!(sent, VALID + MALFORMED);
+
+    let route = devkit::jetstream_orders_route_toml("orders", &names.keyspace, stream, subject, "gw", dead_subject)
+        .replace(
+            &format!("url = \"{}\"", devkit::NATS),
+            &format!("url = \"{}\"", nats.url),
+        );
+    let security = |seed_file: &Path| {
+        format!(
+            "[route.source.security]\nca_file = {:?}\nnkey_seed_file = {seed_file:?}\n\n[route.columns]",
+            devkit::stack_ca_file()
+        )
+    };
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        devkit::gateway_toml(&route.replacen("[route.columns]", &security(&seed_file), 1)),
+    )
+    .expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
+    let started = Instant::now();
+    loop {
+        let backlog = devkit::jetstream_backlog_on(loader.clone(), stream, "gw")
+            .await
+            .expect("backlog");
+        if backlog == Some((0, 0)) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "backlog {backlog:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+
+    let report = devkit::verify_orders(&session, &names.keyspace, VALID)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching, report.missing),
+        (VALID, VALID, 0),
+        "{:?}",
+        report.differences
+    );
+    let letters = devkit::read_stream_on(loader.clone(), dead_stream, MALFORMED as usize, Duration::from_secs(30))
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len() as u64, MALFORMED, "one dead letter per malformed message");
+    for letter in &letters {
+        let sequence: u64 = letter.headers["shardgate.source.sequence"].parse().expect("sequence");
+        let j = sequence - VALID - 1;
+        assert_eq!(letter.payload, devkit::malformed_message(j).1, "original bytes");
+        assert!(letter.headers.contains_key("shardgate.reason.code"));
+    }
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains(seed.as_str()), "the NKey seed is in the log");
+
+    // An NKey the server does not know: the connection is refused, start-up says where to look.
+    let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
+    let stranger_file = dir.join("stranger.nk");
+    std::fs::write(&stranger_file, &stranger).expect("seed file");
+    let refused = dir.join("stranger.toml");
+    std::fs::write(
+        &refused,
+        devkit::gateway_toml(&route.replacen("[route.columns]", &security(&stranger_file), 1)),
+    )
+    .expect("config");
+    let text = refused_start(&refused, &dir.join("stranger.log"));
+    assert!(
+        text.contains("cannot connect to NATS") && text.contains("check `security`"),
+        "{text}"
+    );
+    assert!(!text.contains(stranger.as_str()), "the NKey seed is in the log");
+}
