@@ -211,6 +211,7 @@ fn reference(repo: &std::path::Path, write: bool) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     shardgate::telemetry::init_logging();
+    shardgate::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => Config::load(&config)

@@ -64,6 +64,14 @@ fn failed(field: &'static str, path: &Path, reason: impl std::fmt::Display) -> T
     }
 }
 
+/// Makes ring the process-wide rustls provider, for the libraries that build their TLS
+/// configs from it (async-nats): two providers are compiled in (ring, and aws-lc-rs through
+/// dependencies' default features), so rustls would not pick one itself. Idempotent.
+pub fn install_crypto_provider() {
+    // Err only when one is installed already, which is what is wanted.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

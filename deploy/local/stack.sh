@@ -11,10 +11,10 @@
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
 # Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS and passwords),
-# Kafka 4 KRaft (9092, and SASL_SSL on 9095), NATS + JetStream (4222), RabbitMQ (5672). The
-# secured services use a test CA made here by openssl ($SHARDGATE_STATE/pki/ca.pem). Jars,
-# data, logs and pids live in $SHARDGATE_STATE (default: .state/ at the repository root,
-# git-ignored). Running `up` twice is harmless. A service that fails to start is reported with
+# Kafka 4 KRaft (9092, and SASL_SSL on 9095), NATS + JetStream (4222), RabbitMQ (5672, and
+# amqps on 5671). The secured services use a test CA made here by openssl
+# ($SHARDGATE_STATE/pki/ca.pem). Jars, data, logs and pids live in $SHARDGATE_STATE (default:
+# .state/ at the repository root, git-ignored). Running `up` twice is harmless. A service that fails to start is reported with
 # the tail of its log, and the script exits non-zero.
 set -euo pipefail
 
@@ -217,10 +217,17 @@ make_pki() {
       -extfile server.ext -out server.pem
     # Key and certificate in one file: Cassandra's and Kafka's PEM keystores.
     cat server.key server.pem >server-keystore.pem
-    # The password of Kafka's SASL user `shardgate` (SCRAM-SHA-512/256 and PLAIN).
-    openssl rand -hex 16 >kafka-password
   ) >"$state/pki.log" 2>&1 || { cat "$state/pki.log" >&2; die "openssl could not make the test PKI"; }
   touch "$dir/.complete"
+}
+
+# The passwords of Kafka's SASL user `shardgate` (SCRAM-SHA-512/256 and PLAIN) and of
+# RabbitMQ's user `shardgate` (amqps on 5671), made once per state dir.
+make_passwords() {
+  local name
+  for name in kafka-password rabbitmq-password; do
+    [[ -s "$state/pki/$name" ]] || openssl rand -hex 16 >"$state/pki/$name"
+  done
 }
 
 kafka_ready() {
@@ -310,7 +317,17 @@ start_rabbitmq() {
   port_open 5672 && die "port 5672 is taken by another process; stop it first"
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
   echo '[].' >"$dir/enabled_plugins"
-  echo 'loopback_users.guest = true' >"$dir/rabbitmq.conf"
+  # guest stays loopback-only; an amqps listener on 5671 with the stack's certificate (client
+  # certificates verified when presented) for user `shardgate` (see rabbit_user).
+  cat >"$dir/rabbitmq.conf" <<EOF
+loopback_users.guest = true
+listeners.ssl.1 = 127.0.0.1:5671
+ssl_options.cacertfile = $state/pki/ca.pem
+ssl_options.certfile = $state/pki/server.pem
+ssl_options.keyfile = $state/pki/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+EOF
   echo '[].' >"$dir/advanced.config"
   log "starting rabbitmq"
   (
@@ -320,10 +337,27 @@ start_rabbitmq() {
   echo $! >"$pidfile"
 }
 
+# RabbitMQ's user `shardgate` (password in $state/pki/rabbitmq-password), all permissions on
+# vhost `/`; idempotent.
+rabbit_user() {
+  local password ctl=/usr/lib/rabbitmq/bin/rabbitmqctl
+  password="$(cat "$state/pki/rabbitmq-password")"
+  (
+    rabbit_env
+    if ! "$ctl" -q list_users 2>/dev/null | grep -q '^shardgate\b'; then
+      "$ctl" -q add_user shardgate "$password" >/dev/null
+    fi
+    "$ctl" -q set_permissions -p / shardgate '.*' '.*' '.*' >/dev/null
+  ) || { log "could not add rabbitmq's user shardgate"; return 1; }
+  port_open 5671 || { log "rabbitmq's amqps listener is not on 5671"; return 1; }
+  log "rabbitmq amqps listener on 127.0.0.1:5671 (user shardgate)"
+}
+
 cmd_up() {
   cmd_install
   cmd_fetch
   make_pki
+  make_passwords
   # Start them all, then wait: the JVMs start in parallel.
   start_cassandra
   start_cassandra cassandra-secure
@@ -333,6 +367,7 @@ cmd_up() {
   local failed=0
   wait_ready nats "$state/nats/pid" "$state/nats/log/nats.log" 30 nats_ready || failed=1
   wait_ready rabbitmq "$state/rabbitmq/pid" "$state/rabbitmq/log/stdout.log" 90 rabbit_ready || failed=1
+  ((failed == 0)) && { rabbit_user || failed=1; }
   wait_ready kafka "$state/kafka/pid" "$state/kafka/log/server.log" 90 kafka_ready || failed=1
   ((failed == 0)) && { kafka_scram_user || failed=1; }
   wait_ready cassandra "$state/cassandra/pid" "$state/cassandra/log/system.log" 180 cassandra_ready || failed=1

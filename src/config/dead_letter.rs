@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use super::amqp_security::{validate_amqp_security, AmqpSecurity, RawAmqpSecurity};
 use super::check::{
     join_brokers, validate_amqp_url, validate_identifier, validate_nats_url, validate_subject, validate_topic,
 };
@@ -100,6 +101,10 @@ pub struct RawRabbitMqDeadLetter {
     /// Routing key (with the default exchange: the dead-letter queue's name, not the source
     /// queue).
     pub routing_key: String,
+    /// `security` (login, TLS) of the dead-letter broker. Default: the source's `security`
+    /// when `url` is absent (the source's broker), none otherwise.
+    #[serde(default)]
+    pub security: Option<RawAmqpSecurity>,
 }
 
 /// `[route.dead_letter]` with `kind = "table"`: letters as rows of a ScyllaDB table of the
@@ -141,6 +146,8 @@ pub enum DeadLetterConfig {
         exchange: String,
         /// Routing key.
         routing_key: String,
+        /// Login and TLS.
+        security: Option<AmqpSecurity>,
     },
     /// A ScyllaDB table (created at start-up if missing): one row per dead letter, partitioned
     /// by route and day.
@@ -254,9 +261,11 @@ fn rabbitmq_dead_letter(
         url,
         exchange,
         routing_key,
+        security,
     }: RawRabbitMqDeadLetter,
     source: Option<&SourceConfig>,
 ) -> Result<DeadLetterConfig, ConfigError> {
+    let inherits = url.is_none();
     let url = match (url, source) {
         (Some(url), _) => validate_amqp_url(&key("dead_letter.url"), url)?,
         (None, Some(SourceConfig::Amqp(amqp))) => amqp.url.clone(),
@@ -284,10 +293,16 @@ fn rabbitmq_dead_letter(
             ));
         }
     }
+    let security = match (security, source) {
+        (Some(raw), _) => Some(validate_amqp_security(&key("dead_letter.security"), raw, &url)?),
+        (None, Some(SourceConfig::Amqp(amqp))) if inherits => amqp.security.clone(),
+        (None, _) => None,
+    };
     Ok(DeadLetterConfig::Amqp {
         url,
         exchange,
         routing_key,
+        security,
     })
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use super::amqp_security::{validate_amqp_security, AmqpSecurity, RawAmqpSecurity};
 use super::check::{
     join_brokers, validate_amqp_url, validate_expression, validate_identifier, validate_nats_url, validate_subject,
     validate_topic,
@@ -192,6 +193,9 @@ pub struct RawRabbitMqJobSink {
     pub exchange: String,
     /// Routing key (with the default exchange: the queue's name).
     pub routing_key: String,
+    /// The login and, with `amqps://`, TLS (`security = { username = "…", password_file = "…" }`).
+    #[serde(default)]
+    pub security: Option<RawAmqpSecurity>,
 }
 
 /// `kafka = { brokers = [..], topic = ".." }`
@@ -257,6 +261,8 @@ pub enum JobSinkConfig {
         exchange: String,
         /// Routing key.
         routing_key: String,
+        /// Login and TLS.
+        security: Option<AmqpSecurity>,
     },
 }
 
@@ -805,10 +811,15 @@ pub(super) fn validate_job(index: usize, raw: RawJob) -> Result<JobConfig, Confi
                         "a routing key (with the default exchange, the queue's name)",
                     ));
                 }
+                let security = rabbitmq
+                    .security
+                    .map(|raw| validate_amqp_security(&sink_key(".rabbitmq.security"), raw, &url))
+                    .transpose()?;
                 JobSinkConfig::RabbitMq {
                     url,
                     exchange: rabbitmq.exchange,
                     routing_key: rabbitmq.routing_key,
+                    security,
                 }
             }
             (Some(table), None, None, None) => {

@@ -3,7 +3,8 @@
 //!
 //! One file per TOML section, each with its raw table, its validated type and its `validate`
 //! side by side (`cluster`, `runtime`, `ingest`, `route`, `source`, `dead_letter`, `job`,
-//! `query`, and `kafka_security` / `nats_security` shared by every Kafka / NATS client); `error` is
+//! `query`, and `kafka_security` / `nats_security` / `amqp_security` shared by every Kafka / NATS /
+//! RabbitMQ client); `error` is
 //! the one error type, `check` the validators sections share, `de` the TOML reading. This file
 //! holds the top level: [`RawConfig`], [`Config`] and loading.
 //!
@@ -11,6 +12,7 @@
 //! what is expected; unknown keys are errors (`deny_unknown_fields`). Connectivity and the
 //! cluster schema are checked later, at start-up (`app`), never here.
 
+mod amqp_security;
 mod check;
 mod cluster;
 mod de;
@@ -25,6 +27,7 @@ mod route;
 mod runtime;
 mod source;
 
+pub use amqp_security::{AmqpSecurity, RawAmqpSecurity};
 pub use check::redact_url;
 pub use cluster::{ClusterConfig, RawCluster};
 pub use dead_letter::{

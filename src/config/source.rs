@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::amqp_security::{validate_amqp_security, AmqpSecurity, RawAmqpSecurity};
 use super::check::{
     default_true, join_brokers, validate_amqp_url, validate_nats_name, validate_nats_url, validate_subject,
     validate_topic, TIMEOUT_MS_MAX,
@@ -133,6 +134,11 @@ pub struct RawRabbitMqSource {
     /// Declare the queue (durable) if it does not exist; `false` requires it to exist.
     #[serde(default = "default_true")]
     pub declare: bool,
+    /// `[route.source.security]`: the login (instead of credentials in `url`) and, with
+    /// `amqps://`, TLS (the route's RabbitMQ dead letters use it too when they name no URL of
+    /// their own).
+    #[serde(default)]
+    pub security: Option<RawAmqpSecurity>,
 }
 
 /// `[route.source]` with `kind = "nats"`: a core NATS subscription. At-most-once (core NATS
@@ -270,6 +276,8 @@ pub struct AmqpSourceConfig {
     pub prefetch: u16,
     /// Declare the queue (durable) when missing.
     pub declare: bool,
+    /// The login and TLS, when `security` is set.
+    pub security: Option<AmqpSecurity>,
 }
 
 /// JetStream consumer settings of one route.
@@ -457,6 +465,7 @@ fn rabbitmq_source(
         queue,
         prefetch,
         declare,
+        security,
     }: RawRabbitMqSource,
 ) -> Result<SourceConfig, ConfigError> {
     let url = validate_amqp_url(&format!("{key}.url"), url)?;
@@ -474,11 +483,15 @@ fn rabbitmq_source(
             "a number of deliveries from 1 to 65535",
         ));
     }
+    let security = security
+        .map(|raw| validate_amqp_security(&format!("{key}.security"), raw, &url))
+        .transpose()?;
     Ok(SourceConfig::Amqp(AmqpSourceConfig {
         url,
         queue,
         prefetch,
         declare,
+        security,
     }))
 }
 

@@ -338,6 +338,7 @@ fn rabbitmq_zeromq_and_nats_routes_parse_with_defaults() {
         url,
         exchange,
         routing_key,
+        ..
     } = &config.routes[0].dead_letter
     else {
         panic!("a RabbitMQ dead-letter exchange");
@@ -1247,6 +1248,75 @@ fn nats_security_keys_name_their_key() {
         "{inline}"
     );
     assert!(!inline.contains("inl1ne"), "{inline}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// RabbitMQ `security`: the login from a file, TLS files only with `amqps://`; the dead letter
+/// inherits it with the URL; every mistake names its key; `Debug` never shows the password.
+#[test]
+fn amqp_security_keys_name_their_key() {
+    let dir = std::env::temp_dir().join(format!("shardgate-amqp-security-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let ca = write("ca.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let password = write("password", "r4bbit-Secret\n".to_string());
+    let route = |url: &str, security: &str| {
+        format!(
+            "[cluster]\ncontact_points = [\"127.0.0.1:9042\"]\n[[route]]\nname = \"r\"\ntable = \"ks.t\"\n\
+             [route.source]\nkind = \"rabbitmq\"\nurl = \"{url}\"\nqueue = \"q\"\n\
+             [route.source.security]\n{security}\n[route.columns]\nid = \"id\"\n\
+             [route.dead_letter]\nkind = \"rabbitmq\"\nrouting_key = \"dl\"\n"
+        )
+    };
+    let amqps = "amqps://127.0.0.1:5671/%2f";
+    let login = format!("username = \"sg\"\npassword_file = {password:?}\n");
+    let config = Config::parse(&route(amqps, &format!("{login}ca_file = {ca:?}")), "t").expect("valid");
+    let SourceConfig::Amqp(amqp) = &config.routes[0].source else {
+        panic!("a RabbitMQ source");
+    };
+    let security = amqp.security.as_ref().expect("security");
+    assert_eq!(security.login, Some(("sg".to_string(), "r4bbit-Secret".to_string())));
+    assert!(security.ca_pem.is_some());
+    let DeadLetterConfig::Amqp {
+        security: inherited, ..
+    } = &config.routes[0].dead_letter
+    else {
+        panic!("a RabbitMQ dead letter");
+    };
+    assert_eq!(inherited.as_ref(), Some(security));
+    assert!(!format!("{:?}", config.routes).contains("r4bbit-Secret"));
+    Config::parse(&route(amqps, &format!("cert_file = {ca:?}\nkey_file = {key:?}")), "t")
+        .expect("a client certificate");
+
+    let at = "`route[0].source.security.";
+    let plain = "amqp://127.0.0.1:5672/%2f";
+    for (text, starts) in [
+        (route(plain, &format!("ca_file = {ca:?}")), "ca_file` = `given`"),
+        (route(amqps, "username = \"sg\""), "password_file` = `absent`"),
+        (
+            route(amqps, &format!("password_file = {password:?}")),
+            "username` = `absent`",
+        ),
+        (
+            route(
+                amqps,
+                &format!("username = \"sg\"\npassword_file = {:?}", dir.join("missing")),
+            ),
+            "password_file` = `",
+        ),
+        (route(amqps, &format!("ca_file = {key:?}")), "ca_file` = `"),
+        (route(amqps, &format!("key_file = {key:?}")), "cert_file` = `absent`"),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(&format!("{at}{starts}")), "{starts}: {message}");
+        assert!(!message.contains("r4bbit-Secret"), "{message}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

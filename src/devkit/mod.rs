@@ -64,6 +64,15 @@ pub fn stack_kafka_password_file() -> PathBuf {
     state_dir().join("pki/kafka-password")
 }
 
+/// The local RabbitMQ's amqps listener (certificate of [`stack_ca_file`]; user `shardgate`,
+/// password in [`stack_rabbitmq_password_file`]).
+pub const AMQPS: &str = "amqps://127.0.0.1:5671/%2f";
+
+/// The password of the local RabbitMQ's user `shardgate`.
+pub fn stack_rabbitmq_password_file() -> PathBuf {
+    state_dir().join("pki/rabbitmq-password")
+}
+
 /// Connects to the secured Cassandra at `contact` over TLS (trusting [`stack_ca_file`]) as
 /// `user`, retrying for up to a minute while the server is still setting up its roles.
 pub async fn connect_secure(contact: &str, user: &str, password: &str) -> anyhow::Result<Session> {

@@ -325,8 +325,9 @@ impl Sink {
                 url,
                 exchange,
                 routing_key,
+                security,
             } => Sink::Amqp(Box::new(
-                crate::sink::broker::amqp::AmqpPublisher::open(url, exchange, routing_key)
+                crate::sink::broker::amqp::AmqpPublisher::open(url, exchange, routing_key, security.as_ref())
                     .await
                     .map_err(|reason| anyhow::anyhow!("job `{job}`: rabbitmq sink: {reason}"))?,
             )),

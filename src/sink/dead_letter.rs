@@ -170,7 +170,8 @@ impl DeadLetterSink {
                 url,
                 exchange,
                 routing_key,
-            } => AmqpPublisher::open(url, exchange, routing_key)
+                security,
+            } => AmqpPublisher::open(url, exchange, routing_key, security.as_ref())
                 .await
                 .map(|e| (DeadLetterSink::Amqp(Box::new(e)), None))
                 .map_err(|reason| format!("dead-letter exchange: {reason}")),

@@ -297,6 +297,7 @@ impl SecuredNats {
 
     /// A client logged in as `loader`, over TLS trusting the stack's CA.
     async fn loader(&self, password: &str) -> async_nats::Client {
+        shardgate::tls::install_crypto_provider();
         async_nats::ConnectOptions::new()
             .require_tls(true)
             .add_root_certificates(devkit::stack_ca_file())
@@ -421,4 +422,97 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
         "{text}"
     );
     assert!(!text.contains(stranger.as_str()), "the NKey seed is in the log");
+}
+
+/// A RabbitMQ route over `amqps://` (the stack's CA) as user `shardgate`, its password from a
+/// file: rows exact, the queue drained, malformed messages dead-lettered over the same TLS
+/// connection's broker (the dead letters inherit the source's `security`). A wrong password
+/// stops start-up naming `security`; no password appears in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_amqp");
+    let dir = &names.dir;
+    let (queue, dead_queue) = ("it.secured.amqp", "it.secured.amqp.dead");
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::recreate_queue(queue).await.expect("RabbitMQ is up");
+    devkit::recreate_queue(dead_queue).await.expect("dead-letter queue");
+    let good = (0..VALID).map(devkit::order_message_with_id);
+    let malformed = (0..MALFORMED).map(|j| devkit::malformed_message(j).1);
+    let sent = devkit::publish_rabbitmq(queue, good.chain(malformed))
+        .await
+        .expect("publish");
+    assert_eq!(sent, VALID + MALFORMED);
+
+    let password_file = devkit::stack_rabbitmq_password_file();
+    let password = std::fs::read_to_string(&password_file)
+        .expect("the stack's RabbitMQ password")
+        .trim()
+        .to_string();
+    let route = devkit::rabbitmq_orders_route_toml("orders", &names.keyspace, queue, dead_queue).replace(
+        &format!("url = \"{}\"", devkit::AMQP),
+        &format!("url = \"{}\"", devkit::AMQPS),
+    );
+    assert!(route.contains(devkit::AMQPS));
+    let config_with = |password_file: &Path| {
+        let security = format!(
+            "[route.source.security]\nusername = \"shardgate\"\npassword_file = {password_file:?}\nca_file = {:?}\n\n[route.columns]",
+            devkit::stack_ca_file()
+        );
+        devkit::gateway_toml(&route.replacen("[route.columns]", &security, 1))
+    };
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, config_with(&password_file)).expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
+    devkit::wait_for_orders(&session, &names.keyspace, VALID, Duration::from_secs(120))
+        .await
+        .expect("rows arrive");
+    let letters = devkit::read_queue(dead_queue, MALFORMED as usize, Duration::from_secs(60))
+        .await
+        .expect("dead letters");
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+
+    let report = devkit::verify_orders(&session, &names.keyspace, VALID)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching, report.missing),
+        (VALID, VALID, 0),
+        "{:?}",
+        report.differences
+    );
+    assert_eq!(
+        devkit::queue_depth(queue).await.expect("depth"),
+        0,
+        "every delivery acknowledged"
+    );
+    assert_eq!(letters.len() as u64, MALFORMED, "one dead letter per malformed message");
+    for letter in &letters {
+        assert!(
+            (0..MALFORMED).any(|j| devkit::malformed_message(j).1 == letter.payload),
+            "original bytes"
+        );
+        assert!(letter.headers.contains_key("shardgate.reason.code"));
+    }
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains(&password), "the password is in the log");
+
+    // A wrong password: the broker refuses the login, start-up says where to look.
+    let wrong_file = dir.join("wrong-password");
+    std::fs::write(&wrong_file, "not-the-password\n").expect("wrong password file");
+    let wrong = dir.join("wrong.toml");
+    std::fs::write(&wrong, config_with(&wrong_file)).expect("config");
+    let text = refused_start(&wrong, &dir.join("wrong.log"));
+    assert!(
+        text.contains("cannot connect to RabbitMQ") && text.contains("check `security`"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("not-the-password") && !text.contains(&password),
+        "a password is in the log"
+    );
 }

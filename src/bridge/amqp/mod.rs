@@ -84,7 +84,7 @@ impl Source for AmqpSource {
 /// Checks at start-up that the broker answers and the queue exists (declaring it durable when
 /// `declare` is set), so a wrong URL or queue stops the gateway with the reason.
 pub async fn check(source: &AmqpSourceConfig) -> Result<(), String> {
-    let connection = connect(&source.url)
+    let connection = connect(&source.url, source.security.as_ref())
         .await
         .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(&source.url)))?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
@@ -148,7 +148,7 @@ async fn consume_once(
     stop: &mut Stop,
     drain_deadline: Duration,
 ) -> Result<(), String> {
-    let connection = connect(&source.url).await.map_err(|e| e.to_string())?;
+    let connection = connect(&source.url, source.security.as_ref()).await?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     declare(&channel, source).await.map_err(|e| e.to_string())?;
     channel

@@ -4,12 +4,48 @@
 //! reactor.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-/// Connects to the broker. Run on the island.
-pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
-    Connection::connect(url, ConnectionProperties::default()).await
+use crate::config::AmqpSecurity;
+
+/// Connects to the broker, with `security`'s login (replacing the URL's) and TLS material
+/// when given. Run on the island. The error never holds the password.
+pub async fn connect(url: &str, security: Option<&AmqpSecurity>) -> Result<Connection, String> {
+    let Some(security) = security else {
+        return Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(|e| e.to_string());
+    };
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e| format!("not an AMQP URL: {e}"))?;
+    if let Some((username, password)) = &security.login {
+        uri.authority.userinfo.username = username.clone();
+        uri.authority.userinfo.password = password.clone();
+    }
+    let tls = OwnedTLSConfig {
+        identity: security.identity.as_ref().map(|(cert, key)| OwnedIdentity::PKCS8 {
+            pem: cert.clone(),
+            key: key.clone(),
+        }),
+        cert_chain: security.ca_pem.clone(),
+    };
+    Connection::connect_uri_with_config(uri, ConnectionProperties::default(), tls)
+        .await
+        .map_err(|e| {
+            // lapin reports the cause only as text: ACCESS_REFUSED for a bad login, rustls'
+            // certificate errors for a failed handshake.
+            let text = e.to_string();
+            let lower = text.to_ascii_lowercase();
+            let hint = if lower.contains("access_refused") || lower.contains("auth") {
+                " (check `security`: `username`, `password_file`)"
+            } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                " (check `security`: `ca_file`, `cert_file`, `key_file`)"
+            } else {
+                ""
+            };
+            format!("{text}{hint}")
+        })
 }
 
 pub use crate::config::redact_url as redact;
@@ -27,8 +63,13 @@ pub struct AmqpPublisher {
 
 impl AmqpPublisher {
     /// Opens a confirming channel on a new connection. Run on the island at start-up.
-    pub async fn open(url: &str, exchange: &str, routing_key: &str) -> Result<AmqpPublisher, String> {
-        let connection = connect(url)
+    pub async fn open(
+        url: &str,
+        exchange: &str,
+        routing_key: &str,
+        security: Option<&AmqpSecurity>,
+    ) -> Result<AmqpPublisher, String> {
+        let connection = connect(url, security)
             .await
             .map_err(|e| format!("cannot connect to RabbitMQ at `{}`: {e}", redact(url)))?;
         let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
