@@ -298,6 +298,13 @@ pub fn subscribe(
         .fetch_metadata(None, METADATA_TIMEOUT)
         .and_then(|_| consumer.subscribe(&[&source.topic]));
     if let Err(error) = checked {
+        // librdkafka queues its error events (a refused SASL login, a failed handshake) until
+        // the consumer is polled: serve them so the context holds the cause.
+        for _ in 0..10 {
+            if consumer.poll(Duration::from_millis(20)).is_none() && consumer.context().last_error().is_some() {
+                break;
+            }
+        }
         return Err(SubscribeError {
             error,
             cause: consumer.context().last_error(),
