@@ -8,7 +8,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::check::read_secret;
+use super::check::{validate_ca_file, validate_identity, validate_login};
 use super::error::ConfigError;
 
 /// `security`: a login and TLS material towards RabbitMQ. Secrets come from files only.
@@ -58,7 +58,6 @@ impl std::fmt::Debug for AmqpSecurity {
 /// Validates `security` at config key `key` (e.g. `route[0].source.security`) for `url`.
 pub(super) fn validate_amqp_security(key: &str, raw: RawAmqpSecurity, url: &str) -> Result<AmqpSecurity, ConfigError> {
     let at = |field: &str| format!("{key}.{field}");
-    let named = |error: crate::tls::TlsError| ConfigError::invalid(at(error.field), error.path.display(), error.reason);
     let tls = url.starts_with("amqps://");
     if !tls {
         if let Some((field, _)) = [
@@ -76,31 +75,10 @@ pub(super) fn validate_amqp_security(key: &str, raw: RawAmqpSecurity, url: &str)
             ));
         }
     }
-    let login = match (raw.username, raw.password_file) {
-        (Some(username), Some(path)) if !username.is_empty() => {
-            let password = read_secret(&at("password_file"), &path, &format!("the password of `{username}`"))?;
-            Some((username, password))
-        }
-        (Some(_), Some(_)) => return Err(ConfigError::invalid(at("username"), "\"\"", "a user name")),
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                at("password_file"),
-                "absent",
-                "a file holding the user's password",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                at("username"),
-                "absent",
-                "the user whose password `password_file` holds",
-            ))
-        }
-        (None, None) => None,
-    };
+    let login = validate_login(key, raw.username, raw.password_file)?;
     let ca_pem = match &raw.ca_file {
         Some(ca) => {
-            crate::tls::certificates("ca_file", Path::new(ca)).map_err(named)?;
+            validate_ca_file(&at("ca_file"), ca)?;
             Some(
                 std::fs::read_to_string(ca)
                     .map_err(|e| ConfigError::invalid(at("ca_file"), ca, format!("a readable PEM file ({e})")))?,
@@ -108,37 +86,15 @@ pub(super) fn validate_amqp_security(key: &str, raw: RawAmqpSecurity, url: &str)
         }
         None => None,
     };
-    let identity = match (raw.cert_file, raw.key_file) {
-        (Some(cert), Some(key_file)) => {
-            let chain = crate::tls::certificates("cert_file", Path::new(&cert)).map_err(named)?;
-            let private = crate::tls::private_key("key_file", Path::new(&key_file)).map_err(named)?;
-            crate::tls::check_key_pair(chain, private).map_err(|reason| {
-                ConfigError::invalid(
-                    at("key_file"),
-                    &key_file,
-                    format!("the private key of `cert_file` = `{cert}` ({reason})"),
-                )
-            })?;
-            let read = |field: &str, path: &str| {
-                std::fs::read(path).map_err(|e| ConfigError::invalid(at(field), path, format!("a readable file ({e})")))
+    let identity = match validate_identity(key, raw.cert_file, raw.key_file)? {
+        Some((cert, private)) => {
+            let read = |field: &str, path: &Path| {
+                std::fs::read(path)
+                    .map_err(|e| ConfigError::invalid(at(field), path.display(), format!("a readable file ({e})")))
             };
-            Some((read("cert_file", &cert)?, read("key_file", &key_file)?))
+            Some((read("cert_file", &cert)?, read("key_file", &private)?))
         }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                at("key_file"),
-                "absent",
-                format!("the private key of `{}`", at("cert_file")),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                at("cert_file"),
-                "absent",
-                format!("the certificate of `{}`", at("key_file")),
-            ))
-        }
+        None => None,
     };
     Ok(AmqpSecurity {
         login,

@@ -1,6 +1,8 @@
 //! Validators several sections share: identifiers, addresses, URLs, subjects, topics, time
 //! bounds, expressions. Pure; each error names the key, the value and what is expected.
 
+use std::path::{Path, PathBuf};
+
 use super::error::ConfigError;
 
 /// Longest identifier Cassandra accepts for keyspaces and tables.
@@ -196,4 +198,77 @@ pub(super) fn read_secret(key: &str, path: &str, what: &str) -> Result<String, C
         ));
     }
     Ok(secret)
+}
+
+/// A TLS client identity at table `key`: `cert_file` and `key_file`, both or neither, read and
+/// checked to be a certificate chain and its private key.
+pub(super) fn validate_identity(
+    key: &str,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    let at = |field: &str| format!("{key}.{field}");
+    let (cert, private_file) = match (cert_file, key_file) {
+        (Some(cert), Some(private_file)) => (cert, private_file),
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                at("key_file"),
+                "absent",
+                format!("the private key of `{}`", at("cert_file")),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                at("cert_file"),
+                "absent",
+                format!("the certificate of `{}`", at("key_file")),
+            ))
+        }
+    };
+    let named = |error: crate::tls::TlsError| ConfigError::invalid(at(error.field), error.path.display(), error.reason);
+    let chain = crate::tls::certificates("cert_file", Path::new(&cert)).map_err(named)?;
+    let private = crate::tls::private_key("key_file", Path::new(&private_file)).map_err(named)?;
+    crate::tls::check_key_pair(chain, private).map_err(|reason| {
+        ConfigError::invalid(
+            at("key_file"),
+            &private_file,
+            format!("the private key of `cert_file` = `{cert}` ({reason})"),
+        )
+    })?;
+    Ok(Some((PathBuf::from(cert), PathBuf::from(private_file))))
+}
+
+/// A user and the password `password_file` holds, at table `key` (both or neither).
+pub(super) fn validate_login(
+    key: &str,
+    username: Option<String>,
+    password_file: Option<String>,
+) -> Result<Option<(String, String)>, ConfigError> {
+    let at = |field: &str| format!("{key}.{field}");
+    match (username, password_file) {
+        (Some(username), Some(path)) if !username.is_empty() => {
+            let password = read_secret(&at("password_file"), &path, &format!("the password of `{username}`"))?;
+            Ok(Some((username, password)))
+        }
+        (Some(_), Some(_)) => Err(ConfigError::invalid(at("username"), "\"\"", "a user name")),
+        (Some(_), None) => Err(ConfigError::invalid(
+            at("password_file"),
+            "absent",
+            "a file holding the user's password",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            at("username"),
+            "absent",
+            "the user whose password `password_file` holds",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A CA file at `key` (`<table>.ca_file`): read and checked to hold PEM certificates.
+pub(super) fn validate_ca_file(key: &str, path: &str) -> Result<(), ConfigError> {
+    crate::tls::certificates("ca_file", Path::new(path))
+        .map(|_| ())
+        .map_err(|error| ConfigError::invalid(key, error.path.display(), error.reason))
 }

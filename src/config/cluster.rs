@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::check::{bounded_ms, read_secret, validate_host_port};
+use super::check::{bounded_ms, read_secret, validate_host_port, validate_identity};
 use super::error::ConfigError;
 
 /// `[cluster]`
@@ -138,34 +138,20 @@ pub(super) fn validate_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigE
 }
 
 fn validate_cluster_tls(raw: RawClusterTls) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
-    let identity = match (&raw.cert_file, &raw.key_file) {
-        (Some(cert), Some(key)) => Some((std::path::Path::new(cert), std::path::Path::new(key))),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                "cluster.tls.key_file",
-                "absent",
-                "the private key of `cluster.tls.cert_file`",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                "cluster.tls.cert_file",
-                "absent",
-                "the certificate of `cluster.tls.key_file`",
-            ))
-        }
-    };
+    let identity = validate_identity("cluster.tls", raw.cert_file, raw.key_file)?;
     // The files are read now, as at start-up: `shardgate check` names a bad one.
-    crate::tls::database_client_config(std::path::Path::new(&raw.ca_file), identity, raw.verify_hostname).map_err(
-        |error| {
-            ConfigError::invalid(
-                format!("cluster.tls.{}", error.field),
-                error.path.display(),
-                error.reason,
-            )
-        },
+    crate::tls::database_client_config(
+        std::path::Path::new(&raw.ca_file),
+        identity.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
+        raw.verify_hostname,
     )
+    .map_err(|error| {
+        ConfigError::invalid(
+            format!("cluster.tls.{}", error.field),
+            error.path.display(),
+            error.reason,
+        )
+    })
 }
 
 fn validate_cluster_auth(raw: RawClusterAuth) -> Result<ClusterCredentials, ConfigError> {

@@ -2,12 +2,10 @@
 //! TLS and SASL (PLAIN, SCRAM-SHA-256/512) — the raw table, its validated form and `validate`.
 //! Reads the files it names (the password, the PEM files), as start-up would; nothing else.
 
-use std::path::Path;
-
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::check::read_secret;
+use super::check::{read_secret, validate_ca_file, validate_identity};
 use super::error::ConfigError;
 
 /// `security`: how a Kafka client reaches the brokers. Secrets come from files only; librdkafka
@@ -169,38 +167,12 @@ pub(super) fn validate_kafka_security(key: &str, raw: RawKafkaSecurity) -> Resul
     }
     if tls {
         if let Some(ca) = &raw.ca_file {
-            crate::tls::certificates("ca_file", Path::new(ca)).map_err(|e| named(key, e))?;
+            validate_ca_file(&at("ca_file"), ca)?;
             properties.push(("ssl.ca.location", ca.clone()));
         }
-        match (&raw.cert_file, &raw.key_file) {
-            (Some(cert), Some(key_file)) => {
-                let chain = crate::tls::certificates("cert_file", Path::new(cert)).map_err(|e| named(key, e))?;
-                let private = crate::tls::private_key("key_file", Path::new(key_file)).map_err(|e| named(key, e))?;
-                crate::tls::check_key_pair(chain, private).map_err(|reason| {
-                    ConfigError::invalid(
-                        at("key_file"),
-                        key_file,
-                        format!("the private key of `cert_file` = `{cert}` ({reason})"),
-                    )
-                })?;
-                properties.push(("ssl.certificate.location", cert.clone()));
-                properties.push(("ssl.key.location", key_file.clone()));
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(ConfigError::invalid(
-                    at("key_file"),
-                    "absent",
-                    format!("the private key of `{}`", at("cert_file")),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::invalid(
-                    at("cert_file"),
-                    "absent",
-                    format!("the certificate of `{}`", at("key_file")),
-                ))
-            }
+        if let Some((cert, private)) = validate_identity(key, raw.cert_file, raw.key_file)? {
+            properties.push(("ssl.certificate.location", cert.display().to_string()));
+            properties.push(("ssl.key.location", private.display().to_string()));
         }
         properties.push((
             "ssl.endpoint.identification.algorithm",
@@ -210,8 +182,4 @@ pub(super) fn validate_kafka_security(key: &str, raw: RawKafkaSecurity) -> Resul
         misplaced(&tls_keys, "`ssl` or `sasl_ssl`")?;
     }
     Ok(KafkaSecurity { properties })
-}
-
-fn named(key: &str, error: crate::tls::TlsError) -> ConfigError {
-    ConfigError::invalid(format!("{key}.{}", error.field), error.path.display(), error.reason)
 }

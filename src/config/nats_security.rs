@@ -3,12 +3,12 @@
 //! password, token, NKey seed or `.creds` file. The raw table, its validated form and
 //! `validate`; reads the files it names, as start-up would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::check::read_secret;
+use super::check::{read_secret, validate_ca_file, validate_identity, validate_login};
 use super::error::ConfigError;
 
 /// `security`: TLS and a login towards a NATS server. Secrets come from files only.
@@ -93,39 +93,10 @@ pub struct NatsSecurity {
 /// Validates `security` at config key `key` (e.g. `route[0].source.security`).
 pub(super) fn validate_nats_security(key: &str, raw: RawNatsSecurity) -> Result<NatsSecurity, ConfigError> {
     let at = |field: &str| format!("{key}.{field}");
-    let named = |error: crate::tls::TlsError| ConfigError::invalid(at(error.field), error.path.display(), error.reason);
     if let Some(ca) = &raw.ca_file {
-        crate::tls::certificates("ca_file", Path::new(ca)).map_err(named)?;
+        validate_ca_file(&at("ca_file"), ca)?;
     }
-    let identity = match (raw.cert_file, raw.key_file) {
-        (Some(cert), Some(key_file)) => {
-            let chain = crate::tls::certificates("cert_file", Path::new(&cert)).map_err(named)?;
-            let private = crate::tls::private_key("key_file", Path::new(&key_file)).map_err(named)?;
-            crate::tls::check_key_pair(chain, private).map_err(|reason| {
-                ConfigError::invalid(
-                    at("key_file"),
-                    &key_file,
-                    format!("the private key of `cert_file` = `{cert}` ({reason})"),
-                )
-            })?;
-            Some((PathBuf::from(cert), PathBuf::from(key_file)))
-        }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::invalid(
-                at("key_file"),
-                "absent",
-                format!("the private key of `{}`", at("cert_file")),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::invalid(
-                at("cert_file"),
-                "absent",
-                format!("the certificate of `{}`", at("key_file")),
-            ))
-        }
-    };
+    let identity = validate_identity(key, raw.cert_file, raw.key_file)?;
     let logins: Vec<&str> = [
         ("username", raw.username.is_some() || raw.password_file.is_some()),
         ("token_file", raw.token_file.is_some()),
@@ -174,28 +145,8 @@ pub(super) fn validate_nats_security(key: &str, raw: RawNatsSecurity) -> Result<
         }
         Some(NatsLogin::Creds(PathBuf::from(path)))
     } else {
-        match (raw.username, raw.password_file) {
-            (Some(username), Some(path)) if !username.is_empty() => {
-                let password = read_secret(&at("password_file"), &path, &format!("the password of `{username}`"))?;
-                Some(NatsLogin::Password { username, password })
-            }
-            (Some(_), Some(_)) => return Err(ConfigError::invalid(at("username"), "\"\"", "a user name")),
-            (Some(_), None) => {
-                return Err(ConfigError::invalid(
-                    at("password_file"),
-                    "absent",
-                    "a file holding the user's password",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::invalid(
-                    at("username"),
-                    "absent",
-                    "the user whose password `password_file` holds",
-                ))
-            }
-            (None, None) => None,
-        }
+        validate_login(key, raw.username, raw.password_file)?
+            .map(|(username, password)| NatsLogin::Password { username, password })
     };
     Ok(NatsSecurity {
         require_tls: raw.tls || raw.ca_file.is_some() || identity.is_some(),

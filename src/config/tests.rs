@@ -24,6 +24,31 @@ kind = "kafka"
 topic = "orders.dead-letter"
 "#;
 
+/// A directory of test files, removed on drop.
+struct Scratch {
+    dir: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("shardgate-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        Scratch { dir }
+    }
+
+    fn write(&self, name: &str, text: String) -> std::path::PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn error_of(text: &str) -> String {
     Config::parse(text, "test.toml")
         .expect_err("config must be refused")
@@ -929,13 +954,9 @@ fn replay_job_keys_name_their_key() {
 /// certificate's, a bad `client_auth` and `required` without a CA each name their key.
 #[test]
 fn ingest_tls_files_are_checked_and_named() {
-    let dir = std::env::temp_dir().join(format!("shardgate-tls-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let scratch = Scratch::new("tls-config");
+    let dir = &scratch.dir;
+    let write = |name: &str, text: String| scratch.write(name, text);
     let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let cert = write("cert.pem", one.cert.pem());
@@ -971,20 +992,15 @@ fn ingest_tls_files_are_checked_and_named() {
         assert!(message.starts_with(starts), "{starts}: {message}");
     }
     assert!(error_of(&with(&files(&cert, &other_key))).contains("does not serve"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `[cluster.tls]` and `[cluster.auth]`: the files are read at `check`; each mistake names its
 /// key, and neither the config's `Debug` nor an error shows the password.
 #[test]
 fn cluster_tls_and_auth_keys_name_their_key() {
-    let dir = std::env::temp_dir().join(format!("shardgate-cluster-security-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let scratch = Scratch::new("cluster-security");
+    let dir = &scratch.dir;
+    let write = |name: &str, text: String| scratch.write(name, text);
     let one = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
     let ca = write("ca.pem", one.cert.pem());
@@ -1044,7 +1060,6 @@ fn cluster_tls_and_auth_keys_name_their_key() {
     }
     // An inline password is not a key: secrets come from files.
     assert!(error_of(&with("[cluster.auth]\nusername = \"writer\"\npassword = \"inline\"\n")).contains("password"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Kafka `security`: SASL_SSL with a password file becomes librdkafka's properties (the
@@ -1052,13 +1067,9 @@ fn cluster_tls_and_auth_keys_name_their_key() {
 /// in `properties`; `Debug` never shows the password.
 #[test]
 fn kafka_security_keys_name_their_key() {
-    let dir = std::env::temp_dir().join(format!("shardgate-kafka-security-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let scratch = Scratch::new("kafka-security");
+    let dir = &scratch.dir;
+    let write = |name: &str, text: String| scratch.write(name, text);
     let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let ca = write("ca.pem", one.cert.pem());
@@ -1161,20 +1172,15 @@ fn kafka_security_keys_name_their_key() {
             "{message}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// NATS `security`: TLS files and one login, read and checked at `check`; the dead letter
 /// inherits it with the URL; every mistake names its key; `Debug` never shows a secret.
 #[test]
 fn nats_security_keys_name_their_key() {
-    let dir = std::env::temp_dir().join(format!("shardgate-nats-security-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let scratch = Scratch::new("nats-security");
+    let dir = &scratch.dir;
+    let write = |name: &str, text: String| scratch.write(name, text);
     let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let ca = write("ca.pem", one.cert.pem());
     let key = write("key.pem", one.signing_key.serialize_pem());
@@ -1248,20 +1254,15 @@ fn nats_security_keys_name_their_key() {
         "{inline}"
     );
     assert!(!inline.contains("inl1ne"), "{inline}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// RabbitMQ `security`: the login from a file, TLS files only with `amqps://`; the dead letter
 /// inherits it with the URL; every mistake names its key; `Debug` never shows the password.
 #[test]
 fn amqp_security_keys_name_their_key() {
-    let dir = std::env::temp_dir().join(format!("shardgate-amqp-security-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
+    let scratch = Scratch::new("amqp-security");
+    let dir = &scratch.dir;
+    let write = |name: &str, text: String| scratch.write(name, text);
     let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
     let ca = write("ca.pem", one.cert.pem());
     let key = write("key.pem", one.signing_key.serialize_pem());
@@ -1317,7 +1318,6 @@ fn amqp_security_keys_name_their_key() {
         assert!(message.starts_with(&format!("{at}{starts}")), "{starts}: {message}");
         assert!(!message.contains("r4bbit-Secret"), "{message}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `[ingest.auth]`: principals with a token hash or a certificate name and well-formed scopes

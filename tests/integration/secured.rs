@@ -4,8 +4,8 @@
 //! required, `PasswordAuthenticator`, `CassandraAuthorizer`) as a role that may only modify and
 //! select its keyspace — rows read back exact, committed offsets at the end, malformed messages
 //! dead-lettered over SASL_SSL with their reasons. A wrong database password, a CA that did not
-//! sign the node's certificate and a wrong Kafka password each stop start-up at once, naming
-//! the keys to look at; no log line holds a password.
+//! sign the node's certificate, a wrong Kafka password and a CA that did not sign the broker's
+//! each stop start-up at once, naming the keys to look at; no log line holds a password.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ struct Secured<'a> {
     role: &'a str,
     db_ca: &'a Path,
     db_password: &'a Path,
+    kafka_ca: &'a Path,
     kafka_password: &'a Path,
 }
 
@@ -45,8 +46,7 @@ fn secured_config(names: &Names, secured: &Secured<'_>) -> String {
     let kafka_security = format!(
         "[route.source.security]\nprotocol = \"sasl_ssl\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"shardgate\"\n\
          password_file = {:?}\nca_file = {:?}\n\n[route.columns]",
-        secured.kafka_password,
-        devkit::stack_ca_file(),
+        secured.kafka_password, secured.kafka_ca,
     );
     format!(
         "{}\n[cluster.tls]\nca_file = {:?}\n\n[cluster.auth]\nusername = \"{}\"\npassword_file = {:?}\n",
@@ -62,9 +62,26 @@ fn secured_config(names: &Names, secured: &Secured<'_>) -> String {
     )
 }
 
-/// Starts a gateway with `config` and waits for it to exit on its own; its log.
-fn refused_start(config: &Path, log: &Path) -> String {
-    let mut gateway = Gateway::spawn(&gateway_binary(), config, log).expect("spawn");
+/// Every one of the `VALID` sample orders reads back from `session` with its exact values.
+async fn assert_orders_exact(session: &scylla::client::session::Session, keyspace: &str) {
+    let report = devkit::verify_orders(session, keyspace, VALID)
+        .await
+        .expect("read back");
+    assert_eq!(
+        (report.rows, report.matching, report.missing),
+        (VALID, VALID, 0),
+        "{:?}",
+        report.differences
+    );
+}
+
+/// Starts a gateway with config `toml` (written to `dir/<name>.toml`) and waits for it to exit
+/// on its own; its log.
+fn refused_start(dir: &Path, name: &str, toml: String) -> String {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, toml).expect("config");
+    let log = dir.join(format!("{name}.log"));
+    let mut gateway = Gateway::spawn(&gateway_binary(), &config, &log).expect("spawn");
     let started = Instant::now();
     while gateway.is_running() {
         // Generous: a refusal must stop start-up, not wait out `cluster.connect_wait_ms` (5 min).
@@ -141,6 +158,7 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
         role,
         db_ca: &devkit::stack_ca_file(),
         db_password: &db_password,
+        kafka_ca: &devkit::stack_ca_file(),
         kafka_password: &kafka_password_file,
     };
     let config = dir.join("gateway.toml");
@@ -157,15 +175,7 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     let log = gateway.log.clone();
     assert!(gateway.stop().expect("stop").success());
 
-    let report = devkit::verify_orders(&admin, &names.keyspace, VALID)
-        .await
-        .expect("read back");
-    assert_eq!(
-        (report.rows, report.matching, report.missing),
-        (VALID, VALID, 0),
-        "{:?}",
-        report.differences
-    );
+    assert_orders_exact(&admin, &names.keyspace).await;
     let letters = devkit::read_topic(&names.dead_letter_topic, MALFORMED as usize, Duration::from_secs(60))
         .expect("dead letters");
     let mut seen: Vec<&str> = letters
@@ -188,13 +198,11 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     let wrong_db = dir.join("wrong-db-password");
     let wrong = format!("{password}-wrong");
     std::fs::write(&wrong_db, &wrong).expect("wrong password file");
-    let wrong_config = dir.join("wrong-db.toml");
     let with_wrong_db = Secured {
         db_password: &wrong_db,
         ..secured
     };
-    std::fs::write(&wrong_config, secured_config(&names, &with_wrong_db)).expect("config");
-    let text = refused_start(&wrong_config, &dir.join("wrong-db.log"));
+    let text = refused_start(dir, "wrong-db", secured_config(&names, &with_wrong_db));
     assert!(
         text.contains("refused the gateway") && text.contains("cluster.auth.password_file"),
         "{text}"
@@ -206,13 +214,11 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
 
     // A CA that did not sign the node's certificate: the handshake fails, start-up stops.
     let rogue_ca = TestCa::new("another CA").write(dir, "rogue-ca");
-    let rogue_config = dir.join("rogue-ca.toml");
     let with_rogue_ca = Secured {
         db_ca: &rogue_ca,
         ..secured
     };
-    std::fs::write(&rogue_config, secured_config(&names, &with_rogue_ca)).expect("config");
-    let text = refused_start(&rogue_config, &dir.join("rogue-ca.log"));
+    let text = refused_start(dir, "rogue-ca", secured_config(&names, &with_rogue_ca));
     assert!(
         text.contains("refused the gateway") && text.contains("cluster.tls"),
         "{text}"
@@ -221,13 +227,11 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     // A wrong Kafka password: the route cannot subscribe, and says why.
     let wrong_kafka = dir.join("wrong-kafka-password");
     std::fs::write(&wrong_kafka, "not-the-password").expect("wrong password file");
-    let kafka_config = dir.join("wrong-kafka.toml");
     let with_wrong_kafka = Secured {
         kafka_password: &wrong_kafka,
         ..secured
     };
-    std::fs::write(&kafka_config, secured_config(&names, &with_wrong_kafka)).expect("config");
-    let text = refused_start(&kafka_config, &dir.join("wrong-kafka.log"));
+    let text = refused_start(dir, "wrong-kafka", secured_config(&names, &with_wrong_kafka));
     assert!(
         text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security"),
         "{text}"
@@ -235,6 +239,17 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     assert!(
         !text.contains("not-the-password") && !text.contains(&kafka_password),
         "a password is in the log"
+    );
+
+    // A CA that did not sign the broker's certificate: the handshake fails, the route says so.
+    let with_rogue_kafka_ca = Secured {
+        kafka_ca: &rogue_ca,
+        ..secured
+    };
+    let text = refused_start(dir, "rogue-kafka-ca", secured_config(&names, &with_rogue_kafka_ca));
+    assert!(
+        text.contains("route `orders`: cannot reach Kafka") && text.contains("`ca_file`"),
+        "{text}"
     );
 }
 
@@ -384,15 +399,7 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     let log = gateway.log.clone();
     assert!(gateway.stop().expect("stop").success());
 
-    let report = devkit::verify_orders(&session, &names.keyspace, VALID)
-        .await
-        .expect("read back");
-    assert_eq!(
-        (report.rows, report.matching, report.missing),
-        (VALID, VALID, 0),
-        "{:?}",
-        report.differences
-    );
+    assert_orders_exact(&session, &names.keyspace).await;
     let letters = devkit::read_stream_on(loader.clone(), dead_stream, MALFORMED as usize, Duration::from_secs(30))
         .await
         .expect("dead letters");
@@ -410,13 +417,11 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
     let stranger_file = dir.join("stranger.nk");
     std::fs::write(&stranger_file, &stranger).expect("seed file");
-    let refused = dir.join("stranger.toml");
-    std::fs::write(
-        &refused,
+    let text = refused_start(
+        dir,
+        "stranger",
         devkit::gateway_toml(&route.replacen("[route.columns]", &security(&stranger_file), 1)),
-    )
-    .expect("config");
-    let text = refused_start(&refused, &dir.join("stranger.log"));
+    );
     assert!(
         text.contains("cannot connect to NATS") && text.contains("check `security`"),
         "{text}"
@@ -476,15 +481,7 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
     let log = gateway.log.clone();
     assert!(gateway.stop().expect("stop").success());
 
-    let report = devkit::verify_orders(&session, &names.keyspace, VALID)
-        .await
-        .expect("read back");
-    assert_eq!(
-        (report.rows, report.matching, report.missing),
-        (VALID, VALID, 0),
-        "{:?}",
-        report.differences
-    );
+    assert_orders_exact(&session, &names.keyspace).await;
     assert_eq!(
         devkit::queue_depth(queue).await.expect("depth"),
         0,
@@ -504,9 +501,7 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
     // A wrong password: the broker refuses the login, start-up says where to look.
     let wrong_file = dir.join("wrong-password");
     std::fs::write(&wrong_file, "not-the-password\n").expect("wrong password file");
-    let wrong = dir.join("wrong.toml");
-    std::fs::write(&wrong, config_with(&wrong_file)).expect("config");
-    let text = refused_start(&wrong, &dir.join("wrong.log"));
+    let text = refused_start(dir, "wrong", config_with(&wrong_file));
     assert!(
         text.contains("cannot connect to RabbitMQ") && text.contains("check `security`"),
         "{text}"
