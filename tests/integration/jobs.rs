@@ -1389,11 +1389,10 @@ async fn a_job_waits_out_its_sink_broker_restarting() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     devkit::stop_service("nats").expect("stop NATS");
-    let (_, _, done, splits) = progress(&names.keyspace, "hourly_nats").await;
-    assert!(
-        done < splits,
-        "NATS stopped before the results: {done} of {splits} splits done"
-    );
+    // The results are published once every split is done, so a fast scan may have finished
+    // its splits by now; that the publishes met the stopped broker is asserted below (`publish
+    // failed; retrying`). Nothing may fail between the stop and the start: the tests after
+    // this one need NATS.
     tokio::time::sleep(Duration::from_secs(8)).await;
     devkit::start_services().expect("NATS again");
     let output = job.wait_with_output().expect("the job ends");
