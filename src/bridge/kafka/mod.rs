@@ -329,11 +329,12 @@ pub struct SubscribeError {
 
 /// Which keys to look at for a client error that is about credentials or TLS.
 fn security_hint(cause: &str) -> &'static str {
+    // Broker names carry the protocol (`sasl_ssl://…`), so match the failure's own words.
     let cause = cause.to_ascii_lowercase();
-    if cause.contains("sasl") || cause.contains("authentication") {
-        " (check the route's `source.security`: `mechanism`, `username`, `password_file`)"
-    } else if cause.contains("ssl") || cause.contains("certificate") || cause.contains("handshake") {
+    if cause.contains("handshake") || cause.contains("certificate") {
         " (check the route's `source.security`: `protocol`, `ca_file`, `verify_hostname`)"
+    } else if cause.contains("authentication") {
+        " (check the route's `source.security`: `mechanism`, `username`, `password_file`)"
     } else {
         ""
     }
@@ -870,5 +871,25 @@ impl Poller {
         metrics::gauge!(crate::telemetry::metric::KAFKA_ASSIGNED_PARTITIONS, "route" => self.route.clone())
             .set(assigned as f64);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::security_hint;
+
+    /// The hints for librdkafka's own words, as the local SASL_SSL broker gave them: a refused
+    /// SCRAM login and a broker certificate of an unknown CA (both name `sasl_ssl://`).
+    #[test]
+    fn security_hints_follow_the_failure_not_the_protocol_name() {
+        let login =
+            "Global error: Authentication (Local: Authentication failure): sasl_ssl://127.0.0.1:9095/bootstrap: \
+                     SASL authentication error: Authentication failed during authentication due to invalid credentials \
+                     with SASL mechanism SCRAM-SHA-512 (after 324ms in state AUTH_REQ)";
+        let tls = "Global error: SSL (Local: SSL error): sasl_ssl://127.0.0.1:9095/bootstrap: SSL handshake failed: \
+                   error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified";
+        assert!(security_hint(login).contains("`password_file`"));
+        assert!(security_hint(tls).contains("`ca_file`"));
+        assert_eq!(security_hint("Local: Broker transport failure"), "");
     }
 }
