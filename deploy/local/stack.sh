@@ -344,7 +344,9 @@ rabbit_user() {
   password="$(cat "$state/pki/rabbitmq-password")"
   (
     rabbit_env
-    if ! "$ctl" -q list_users 2>/dev/null | grep -q '^shardgate\b'; then
+    local users
+    users="$("$ctl" -q list_users 2>/dev/null || true)"
+    if ! grep -q '^shardgate\b' <<<"$users"; then
       "$ctl" -q add_user shardgate "$password" >/dev/null
     fi
     "$ctl" -q set_permissions -p / shardgate '.*' '.*' '.*' >/dev/null
