@@ -176,16 +176,7 @@ pub fn client_tls(
     };
     // Read once; parsed to be sure they are certificates, and handed to tonic as PEM text.
     let ca_pem = std::fs::read(ca).map_err(|e| failed(field, ca, format!("cannot read it: {e}")))?;
-    let parsed = CertificateDer::pem_slice_iter(&ca_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| failed(field, ca, format!("not PEM certificates: {e}")))?;
-    if parsed.is_empty() {
-        return Err(failed(
-            field,
-            ca,
-            "no `CERTIFICATE` block in it: a PEM certificate (chain) is expected",
-        ));
-    }
+    parse_certificates(field, ca, &ca_pem)?;
     let identity = match identity {
         None => None,
         Some((cert, key)) => {
@@ -193,7 +184,7 @@ pub fn client_tls(
             let chain = parse_certificates("client_cert_file", cert, &cert_pem)?;
             let private = PrivateKeyDer::from_pem_slice(&key_pem)
                 .map_err(|e| failed("client_key_file", key, format!("no private key read from it: {e}")))?;
-            rustls::sign::CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
+            check_key_pair(chain, private).map_err(|e| {
                 failed(
                     "client_key_file",
                     key,

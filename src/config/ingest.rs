@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::check::parse_socket_addr;
+use super::check::{parse_socket_addr, read_secret};
 use super::error::ConfigError;
 use crate::auth::{Credential, Principal, Principals, Scope};
 use crate::tls::{ClientCerts, ClientTls, TlsError};
@@ -296,10 +296,7 @@ fn validate_auth(raw: RawAuth, tls: Option<&TlsConfig>) -> Result<AuthConfig, Co
         None => None,
         Some(path) => {
             let key = "ingest.auth.client_token_file";
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError::invalid(key, &path, format!("a readable file holding a bearer token ({e})"))
-            })?;
-            let token = text.trim().to_string();
+            let token = read_secret(key, &path, "a bearer token")?.trim().to_string();
             if token.is_empty() || principals.by_token(&token).is_none() {
                 return Err(ConfigError::invalid(
                     key,

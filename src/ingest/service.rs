@@ -699,6 +699,11 @@ fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, 
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<WriteStreamResponse, Status>> + Send>>;
 
+/// Whether `caller` may write `table`: the refusal (FORBIDDEN, counted) of a batch otherwise.
+fn may_write(caller: Option<&Caller>, table: &str) -> Result<(), (ErrorCode, String)> {
+    check_caller(caller, Access::Write(table)).map_err(|denied| (ErrorCode::Forbidden, refused(denied)))
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
@@ -711,8 +716,8 @@ impl Ingest for IngestService {
         let Some(batch) = request.batch else {
             return self.unary_answer(Err((ErrorCode::Malformed, "`batch` is required".to_string())));
         };
-        if let Err(denied) = check_caller(caller.as_ref(), Access::Write(&batch.table)) {
-            return self.unary_answer(Err((ErrorCode::Forbidden, refused(denied))));
+        if let Err(refusal) = may_write(caller.as_ref(), &batch.table) {
+            return self.unary_answer(Err(refusal));
         }
         let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
@@ -728,8 +733,8 @@ impl Ingest for IngestService {
             Ok(batch) => batch,
             Err(error) => return self.unary_answer(Err((ErrorCode::Malformed, error.to_string()))),
         };
-        if let Err(denied) = check_caller(caller.as_ref(), Access::Write(&batch.table)) {
-            return self.unary_answer(Err((ErrorCode::Forbidden, refused(denied))));
+        if let Err(refusal) = may_write(caller.as_ref(), &batch.table) {
+            return self.unary_answer(Err(refusal));
         }
         let _permit = self.admit(batch.rows.len()).await?;
         self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
@@ -767,12 +772,7 @@ impl Ingest for IngestService {
                 let batch = match oversized {
                     Some(oversized) => Err((oversized.batch_id, (ErrorCode::TooLarge, oversized.reason()))),
                     None => stream_batch(message.batch, &message.flat_batch)
-                        .and_then(
-                            |batch| match check_caller(caller.as_ref(), Access::Write(&batch.table)) {
-                                Ok(()) => Ok(batch),
-                                Err(denied) => Err((ErrorCode::Forbidden, refused(denied))),
-                            },
-                        )
+                        .and_then(|batch| may_write(caller.as_ref(), &batch.table).map(|()| batch))
                         .map_err(|r| (message.batch_id, r)),
                 };
                 let batch = match batch {

@@ -80,12 +80,7 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
     let (dir, keyspace) = (&names.dir, &names.keyspace);
     let ca = TestCa::new("shardgate auth test CA");
     let ca_file = ca.write(dir, "ca");
-    let (server_cert, server_key) = ca.issue(
-        dir,
-        "server",
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let (server_cert, server_key) = ca.issue_server(dir);
     // Known by its DNS SAN, not its CN (`loader`).
     let loader = ca.issue(dir, "loader", &["loader.example"], ExtendedKeyUsagePurpose::ClientAuth);
 

@@ -31,6 +31,17 @@ impl TestCa {
         path
     }
 
+    /// Issues the gateway's server certificate (for `localhost` and `127.0.0.1`), written to
+    /// `dir/server.pem` and `dir/server.key`.
+    pub fn issue_server(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        self.issue(
+            dir,
+            "server",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
     /// Issues a certificate for `names` (DNS names or IP addresses) with `usage`, written to
     /// `dir/<file>.pem` and `dir/<file>.key`.
     pub fn issue(&self, dir: &Path, file: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {

@@ -32,12 +32,7 @@ async fn the_grpc_api_serves_tls_with_required_client_certificates() {
     let dir = &names.dir;
     let ca = TestCa::new("shardgate test CA");
     let ca_file = ca.write(dir, "ca");
-    let (server_cert, server_key) = ca.issue(
-        dir,
-        "server",
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let (server_cert, server_key) = ca.issue_server(dir);
     let client = ca.issue(dir, "client", &["loader"], ExtendedKeyUsagePurpose::ClientAuth);
     let internal = ca.issue(dir, "gateway-client", &["gateway"], ExtendedKeyUsagePurpose::ClientAuth);
     let rogue = TestCa::new("another CA").issue(dir, "rogue", &["rogue"], ExtendedKeyUsagePurpose::ClientAuth);
