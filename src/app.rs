@@ -42,6 +42,7 @@ use crate::spool::drain::{self, Replay};
 use crate::spool::record::RouteRecord;
 use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::{self, RowMetrics};
+use crate::tls::Reloadable;
 use crate::topology::Ownership;
 use crate::wire::proto::ingest_server::IngestServer;
 use crate::wire::proto::jobs_server::JobsServer;
@@ -60,8 +61,8 @@ struct CoreIngest {
     /// The jobs' control, served on the same listeners.
     jobs: Arc<JobControl>,
     config: IngestConfig,
-    /// The listeners' TLS, when `[ingest.tls]` is set.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The listeners' TLS, when `[ingest.tls]` is set (re-read on SIGHUP).
+    tls: Option<Arc<Reloadable>>,
 }
 
 /// One route's share of a core: its writer and the queue its source fills.
@@ -90,10 +91,31 @@ enum Running {
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     let island = Island::start(config.runtime.island_threads)?;
-    if let Some(addr) = config.admin {
-        let _island = island.handle().enter();
-        telemetry::start_metrics(addr).with_context(|| format!("cannot serve metrics on `{addr}`"))?;
+    let mut tls_listeners = Vec::new();
+    if let Some(admin) = &config.admin {
+        let tls = match admin.tls.clone() {
+            Some((cert, key)) => {
+                let reloadable = Reloadable::new("admin", move || crate::tls::https_server_config(&cert, &key))
+                    .map_err(|error| anyhow::anyhow!("`admin.{}`: {error}", error.field))?;
+                tls_listeners.push(Arc::clone(&reloadable));
+                Some(reloadable)
+            }
+            None => None,
+        };
+        telemetry::admin::start(&island.handle(), admin.listen, tls, admin.token_sha256)
+            .with_context(|| format!("cannot serve the admin port on `{}`", admin.listen))?;
     }
+    let ingest_tls = match config.ingest.as_ref().and_then(|ingest| ingest.tls.clone()) {
+        Some(tls) => {
+            let reloadable = Reloadable::new("ingest.tls", move || tls.server_config())
+                .map_err(|error| anyhow::anyhow!("`ingest.tls.{}`: {error}", error.field))?;
+            tls_listeners.push(Arc::clone(&reloadable));
+            Some(reloadable)
+        }
+        None => None,
+    };
+    // SIGHUP re-reads the listeners' certificates (and never stops the gateway).
+    island.handle().spawn(crate::tls::reload_on_hangup(tls_listeners));
     let Some(session) = island.block_on(connect_within_wait(&config.cluster))? else {
         tracing::info!("stopped before the database answered");
         return Ok(());
@@ -168,7 +190,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             rollups,
         )),
     };
-    let ingest = ingest_parts(&base, share, jobs.as_ref())?;
+    let ingest = ingest_parts(&base, share, jobs.as_ref(), ingest_tls)?;
     let cores = start_cores(&base, &cpus, per_core, ingest, inboxes, share)?;
     let running = consumers
         .into_iter()
@@ -178,15 +200,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(listen = %ingest.listen, core_port_base = ingest.core_port_base, "ingest API listening");
     }
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
-    let ready = metrics::gauge!(crate::telemetry::metric::READY);
-    ready.set(1.0);
+    telemetry::admin::set_ready(true);
     // Stream jobs and `every` schedules start on the island.
     if let Some(jobs) = &jobs {
         jobs.start_all();
     }
 
     island.block_on(wait_for_stop_signal());
-    ready.set(0.0);
+    telemetry::admin::set_ready(false);
     // Jobs stop first: stream jobs checkpoint what they folded while the routes still run.
     if let Some(jobs) = &jobs {
         island.block_on(jobs.stop_all(config.runtime.shutdown_deadline));
@@ -316,6 +337,7 @@ fn ingest_parts(
     base: &Base<'_>,
     share: usize,
     jobs: Option<&Arc<JobControl>>,
+    tls: Option<Arc<Reloadable>>,
 ) -> anyhow::Result<Vec<Option<CoreIngest>>> {
     let (Some(jobs), Some(ingest)) = (jobs, &base.config.ingest) else {
         return Ok((0..base.cores).map(|_| None).collect());
@@ -342,12 +364,6 @@ fn ingest_parts(
         base.config.runtime.write_batch_rows_max,
         endpoints,
     );
-    let tls = ingest
-        .tls
-        .as_ref()
-        .map(|tls| tls.server_config())
-        .transpose()
-        .map_err(|error| anyhow::anyhow!("`ingest.tls.{}`: {error}", error.field))?;
     Ok((0..base.cores)
         .map(|_| {
             Some(CoreIngest {

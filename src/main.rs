@@ -137,11 +137,8 @@ fn serve_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Option<to
         .thread_name("metrics")
         .enable_all()
         .build()?;
-    {
-        let _entered = runtime.enter();
-        shardgate::telemetry::start_metrics(addr)
-            .map_err(|error| anyhow::anyhow!("cannot serve metrics on `{addr}`: {error}"))?;
-    }
+    shardgate::telemetry::admin::start(runtime.handle(), addr, None, None)
+        .map_err(|error| anyhow::anyhow!("cannot serve metrics on `{addr}`: {error}"))?;
     Ok(Some(runtime))
 }
 

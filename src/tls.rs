@@ -163,6 +163,79 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// An HTTPS listener's TLS (the admin port): `cert_file` with `key_file`, no client
+/// certificates, ALPN `http/1.1`.
+pub fn https_server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = server_config(cert_file, key_file, ClientCerts::None, None)?;
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A listener's TLS configuration that can be re-read from its files (SIGHUP): new
+/// connections get the new one, open ones keep theirs; files that no longer read or match leave
+/// the old one serving.
+pub struct Reloadable {
+    /// What the listener names itself in logs (`ingest.tls`, `admin`).
+    pub name: &'static str,
+    current: arc_swap::ArcSwap<ServerConfig>,
+    load: Box<dyn Fn() -> Result<Arc<ServerConfig>, TlsError> + Send + Sync>,
+}
+
+impl Reloadable {
+    /// Loads once now (the error is start-up's) and keeps `load` for [`Reloadable::reload`].
+    pub fn new(
+        name: &'static str,
+        load: impl Fn() -> Result<Arc<ServerConfig>, TlsError> + Send + Sync + 'static,
+    ) -> Result<Arc<Reloadable>, TlsError> {
+        let current = arc_swap::ArcSwap::new(load()?);
+        Ok(Arc::new(Reloadable {
+            name,
+            current,
+            load: Box::new(load),
+        }))
+    }
+
+    /// The configuration a new connection is served with.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the files; on an error the configuration in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.current.store((self.load)()?);
+        Ok(())
+    }
+}
+
+/// Re-reads every listener's certificate files each time the process gets SIGHUP, logging
+/// what it did (a failure keeps the old files' configuration). Holding SIGHUP also keeps it
+/// from stopping the process. Runs on the island until the process ends.
+pub async fn reload_on_hangup(listeners: Vec<Arc<Reloadable>>) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP: certificates reload only on restart");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        if listeners.is_empty() {
+            tracing::info!("SIGHUP: no TLS listener to reload");
+        }
+        for listener in &listeners {
+            match listener.reload() {
+                Ok(()) => tracing::info!(listener = listener.name, "TLS certificate files reloaded (SIGHUP)"),
+                Err(error) => tracing::warn!(
+                    listener = listener.name,
+                    %error,
+                    "TLS certificate files not reloaded (SIGHUP); the previous ones stay in use"
+                ),
+            }
+        }
+    }
+}
+
 /// What the gateway's own clients use: `ca_file`'s certificates as roots (default: those of
 /// `cert_file`), and `identity` (certificate chain and key files) to present.
 pub fn client_tls(

@@ -49,6 +49,47 @@ pub struct RawAuth {
     /// configured unless the gateway's own client certificate names a principal.
     #[serde(default)]
     pub client_token_file: Option<String>,
+    /// `[ingest.auth.jwt]`: callers may also present a JWT (`authorization: Bearer <jwt>`)
+    /// signed by a key of a JWKS file; its scopes claim gives what it may do.
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+}
+
+/// `[ingest.auth.jwt]`: bearer JWTs verified against a JWKS file (public keys: RSA, EC P-256 /
+/// P-384, Ed25519). Checked: the signature (the key the header's `kid` names, in an algorithm
+/// that key allows), `exp` (required) and `nbf`, `iss` and `aud`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// The JWKS document (`{"keys": [...]}`), e.g. saved from the identity provider's
+    /// `jwks_uri`. Read at start-up and by `shardgate check`.
+    pub jwks_file: String,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The value the token's `aud` must hold.
+    pub audience: String,
+    /// The claim holding the caller's scopes (`write:shop.*`, …): a space-separated string or
+    /// an array of strings. Scopes shardgate does not know (`openid`) are ignored.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// The claim naming the caller (`jwt:<value>` in refusals and logs).
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, seconds (0 to 300).
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+}
+
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+
+fn default_leeway_s() -> u64 {
+    30
 }
 
 /// `[[ingest.auth.principal]]`: one caller and its scopes.
@@ -212,13 +253,14 @@ pub(super) fn validate_ingest(raw: RawIngest) -> Result<IngestConfig, ConfigErro
 }
 
 fn validate_auth(raw: RawAuth, tls: Option<&TlsConfig>) -> Result<AuthConfig, ConfigError> {
-    if raw.principals.is_empty() {
+    if raw.principals.is_empty() && raw.jwt.is_none() {
         return Err(ConfigError::invalid(
             "ingest.auth.principal",
             "[]",
-            "at least one `[[ingest.auth.principal]]` (a name, `token_sha256` or `certificate`, and `scopes`)",
+            "at least one `[[ingest.auth.principal]]` (a name, `token_sha256` or `certificate`, and `scopes`), or an `[ingest.auth.jwt]` table",
         ));
     }
+    let jwt = raw.jwt.map(validate_jwt).transpose()?;
     let mut entries: Vec<(Credential, Principal)> = Vec::with_capacity(raw.principals.len());
     for (index, raw) in raw.principals.into_iter().enumerate() {
         let key = |field: &str| format!("ingest.auth.principal[{index}].{field}");
@@ -290,7 +332,10 @@ fn validate_auth(raw: RawAuth, tls: Option<&TlsConfig>) -> Result<AuthConfig, Co
         }
         entries.push((credential, Principal { name: raw.name, scopes }));
     }
-    let principals = Principals::new(entries);
+    let mut principals = Principals::new(entries);
+    if let Some(verifier) = jwt {
+        principals = principals.with_jwt(verifier);
+    }
     // The file is read now, as at start-up; its token must be a principal's. Never echoed.
     let client_token = match raw.client_token_file {
         None => None,
@@ -313,8 +358,43 @@ fn validate_auth(raw: RawAuth, tls: Option<&TlsConfig>) -> Result<AuthConfig, Co
     })
 }
 
+fn validate_jwt(raw: RawJwt) -> Result<crate::auth::jwt::JwtVerifier, ConfigError> {
+    for (field, value) in [
+        ("issuer", &raw.issuer),
+        ("audience", &raw.audience),
+        ("scopes_claim", &raw.scopes_claim),
+        ("subject_claim", &raw.subject_claim),
+    ] {
+        if value.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("ingest.auth.jwt.{field}"),
+                value,
+                "a non-empty string",
+            ));
+        }
+    }
+    if raw.leeway_s > 300 {
+        return Err(ConfigError::invalid(
+            "ingest.auth.jwt.leeway_s",
+            raw.leeway_s,
+            "seconds from 0 to 300",
+        ));
+    }
+    let key = "ingest.auth.jwt.jwks_file";
+    let text = std::fs::read_to_string(&raw.jwks_file)
+        .map_err(|e| ConfigError::invalid(key, &raw.jwks_file, format!("a readable JWKS file ({e})")))?;
+    let rules = crate::auth::jwt::JwtRules {
+        issuer: raw.issuer,
+        audience: raw.audience,
+        scopes_claim: raw.scopes_claim,
+        subject_claim: raw.subject_claim,
+        leeway_s: raw.leeway_s,
+    };
+    crate::auth::jwt::JwtVerifier::new(&text, rules).map_err(|reason| ConfigError::invalid(key, &raw.jwks_file, reason))
+}
+
 /// 64 hex digits as 32 bytes.
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+pub(super) fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.is_ascii() {
         return None;

@@ -12,6 +12,7 @@
 //! what is expected; unknown keys are errors (`deny_unknown_fields`). Connectivity and the
 //! cluster schema are checked later, at start-up (`app`), never here.
 
+mod admin;
 mod amqp_security;
 mod check;
 mod cluster;
@@ -26,7 +27,9 @@ mod query;
 mod route;
 mod runtime;
 mod source;
+mod zmq_security;
 
+pub use admin::{AdminConfig, RawAdmin};
 pub use amqp_security::{AmqpSecurity, RawAmqpSecurity};
 pub use check::redact_url;
 pub use cluster::{ClusterConfig, RawCluster};
@@ -52,10 +55,10 @@ pub use source::{
     RawNatsSource, RawRabbitMqSource, RawSource, RawZeroMqSource, SourceConfig, StartFrom, ZmqSocketKind,
     ZmqSourceConfig,
 };
+pub use zmq_security::{curve_key, curve_key_text, read_curve_secret_key, RawZmqSecurity, ZmqSecurity};
 
 use std::path::Path;
 
-use check::parse_socket_addr;
 use cluster::validate_cluster;
 use ingest::validate_ingest;
 use job::validate_job;
@@ -79,8 +82,8 @@ pub struct Config {
     /// The gRPC query API's defaults and limits (served with the ingest API, on its
     /// listeners).
     pub query: QueryConfig,
-    /// Address of the Prometheus metrics endpoint, if served.
-    pub admin: Option<std::net::SocketAddr>,
+    /// The admin port (metrics, health), if served.
+    pub admin: Option<AdminConfig>,
     /// Processing jobs (`shardgate job run`).
     pub jobs: Vec<JobConfig>,
 }
@@ -95,7 +98,7 @@ impl Config {
         }
         let port = [
             self.ingest.as_ref().map(|i| i.listen.port()),
-            self.admin.map(|a| a.port()),
+            self.admin.as_ref().map(|a| a.listen.port()),
         ]
         .into_iter()
         .flatten()
@@ -147,7 +150,7 @@ pub struct RawConfig {
     /// `[ingest]`: the gRPC ingest API. Absent: no gRPC port.
     #[serde(default)]
     pub ingest: Option<RawIngest>,
-    /// `[admin]`: metrics endpoint. Absent: no admin port.
+    /// `[admin]`: metrics and health endpoints. Absent: no admin port.
     #[serde(default)]
     pub admin: Option<RawAdmin>,
     /// `[query]`: the gRPC query API, served on the `[ingest]` listeners; every key has a
@@ -157,14 +160,6 @@ pub struct RawConfig {
     /// `[[job]]`: processing jobs, run through the `[ingest]` listener by `shardgate job run`.
     #[serde(default, rename = "job")]
     pub jobs: Vec<RawJob>,
-}
-
-/// `[admin]`
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    /// Address of the Prometheus endpoint (`/metrics`), e.g. `127.0.0.1:9190`.
-    pub listen: String,
 }
 
 impl RawConfig {
@@ -184,10 +179,7 @@ impl RawConfig {
             self.query.unwrap_or_default(),
             runtime.spool.as_ref().map(|spool| spool.dir.as_path()),
         )?;
-        let admin = match self.admin {
-            Some(admin) => Some(parse_socket_addr("admin.listen", &admin.listen)?),
-            None => None,
-        };
+        let admin = self.admin.map(admin::validate_admin).transpose()?;
         if self.routes.is_empty() && ingest.is_none() {
             return Err(ConfigError::invalid(
                 "route",

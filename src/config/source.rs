@@ -15,6 +15,7 @@ use super::de;
 use super::error::ConfigError;
 use super::kafka_security::{validate_kafka_security, KafkaSecurity, RawKafkaSecurity, KAFKA_SECRET_PROPERTIES};
 use super::nats_security::{validate_nats_security, NatsSecurity, RawNatsSecurity};
+use super::zmq_security::{validate_zmq_security, RawZmqSecurity, ZmqSecurity};
 
 /// `[route.source]`: where the route's messages come from, chosen by `kind`.
 #[derive(Debug, JsonSchema)]
@@ -178,6 +179,10 @@ pub struct RawZeroMqSource {
     /// SUB only: topic prefixes to subscribe to; `[""]` is everything.
     #[serde(default = "default_subscribe")]
     pub subscribe: Vec<String>,
+    /// `[route.source.security]`: CURVE encryption and an allow-list of client keys. Absent:
+    /// plaintext, any peer.
+    #[serde(default)]
+    pub security: Option<RawZmqSecurity>,
 }
 
 pub(super) fn default_subscribe() -> Vec<String> {
@@ -254,6 +259,8 @@ pub struct ZmqSourceConfig {
     pub bind: bool,
     /// SUB prefixes.
     pub subscribe: Vec<String>,
+    /// CURVE, when on.
+    pub security: Option<ZmqSecurity>,
 }
 
 /// The ZeroMQ socket types a route can read.
@@ -526,6 +533,7 @@ fn zeromq_source(
         endpoint,
         bind,
         subscribe,
+        security,
     }: RawZeroMqSource,
 ) -> Result<SourceConfig, ConfigError> {
     let socket = match socket.as_str() {
@@ -548,5 +556,8 @@ fn zeromq_source(
         endpoint,
         bind,
         subscribe,
+        security: security
+            .map(|raw| validate_zmq_security(&format!("{key}.security"), raw))
+            .transpose()?,
     }))
 }

@@ -219,7 +219,10 @@ fn shipped_example_config_is_valid() {
         config.ingest.expect("ingest").core_addr(1),
         Some("127.0.0.1:50101".parse().expect("addr"))
     );
-    assert_eq!(config.admin, Some("127.0.0.1:9190".parse().expect("addr")));
+    assert_eq!(
+        config.admin.map(|a| a.listen),
+        Some("127.0.0.1:9190".parse().expect("addr"))
+    );
 }
 
 const JETSTREAM: &str = r#"
@@ -1406,4 +1409,143 @@ fn ingest_auth_keys_name_their_key() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `[admin]`'s TLS files and token hash, `[ingest.auth.jwt]` and a ZeroMQ route's CURVE keys
+/// are read and checked as start-up would; every bad one is named, no secret key echoed.
+#[test]
+fn admin_jwt_and_zeromq_security_keys_name_their_key() {
+    let scratch = Scratch::new("admin-jwt-zmq");
+    let write = |name: &str, text: String| scratch.write(name, text);
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let cert = write("cert.pem", one.cert.pem());
+    let key = write("key.pem", one.signing_key.serialize_pem());
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let other_key = write("other.pem", other.signing_key.serialize_pem());
+    let hash = crate::auth::token_sha256_hex("t");
+    let admin = |extra: &str| format!("{VALID}\n[admin]\nlisten = \"127.0.0.1:9190\"\n{extra}\n");
+    let config = Config::parse(
+        &admin(&format!(
+            "cert_file = {cert:?}\nkey_file = {key:?}\ntoken_sha256 = \"{hash}\""
+        )),
+        "t",
+    )
+    .expect("valid");
+    let parsed = config.admin.expect("admin");
+    assert!(parsed.tls.is_some());
+    assert_eq!(parsed.token_sha256, Some(crate::auth::token_sha256("t")));
+    for (text, starts) in [
+        (admin(&format!("cert_file = {cert:?}")), "`admin.key_file` = `absent`"),
+        (admin(&format!("key_file = {key:?}")), "`admin.cert_file` = `absent`"),
+        (
+            admin(&format!("cert_file = {cert:?}\nkey_file = {other_key:?}")),
+            "`admin.key_file` = `",
+        ),
+        (admin("token_sha256 = \"abc\""), "`admin.token_sha256` = `abc`"),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+
+    let (_, jwk) = crate::auth::jwt::tests::es256_key("k1");
+    let jwks = write("jwks.json", serde_json::json!({ "keys": [jwk] }).to_string());
+    let oct = write("oct.json", r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#.to_string());
+    let ingest = |jwt: &str| {
+        format!(
+            "[cluster]\ncontact_points = [\"127.0.0.1:9042\"]\n[ingest]\nlisten = \"127.0.0.1:50051\"\n\
+             [ingest.auth.jwt]\n{jwt}\n"
+        )
+    };
+    let good = format!("jwks_file = {jwks:?}\nissuer = \"i\"\naudience = \"a\"");
+    Config::parse(&ingest(&good), "t").expect("a JWKS without principals is enough");
+    for (text, starts) in [
+        (
+            ingest(&format!("jwks_file = {oct:?}\nissuer = \"i\"\naudience = \"a\"")),
+            "`ingest.auth.jwt.jwks_file` = `",
+        ),
+        (
+            ingest(&format!("jwks_file = {cert:?}\nissuer = \"i\"\naudience = \"a\"")),
+            "`ingest.auth.jwt.jwks_file` = `",
+        ),
+        (
+            ingest(&format!("jwks_file = {jwks:?}\nissuer = \"\"\naudience = \"a\"")),
+            "`ingest.auth.jwt.issuer` = ``",
+        ),
+        (
+            ingest(&format!("{good}\nleeway_s = 301")),
+            "`ingest.auth.jwt.leeway_s` = `301`",
+        ),
+    ] {
+        let message = error_of(&text);
+        assert!(message.starts_with(starts), "{starts}: {message}");
+    }
+    assert!(error_of(&ingest(&format!(
+        "jwks_file = {oct:?}\nissuer = \"i\"\naudience = \"a\""
+    )))
+    .contains("keys[0]"));
+
+    let pair = zmq::CurveKeyPair::new().expect("CURVE keys");
+    let secret = crate::config::curve_key_text(&pair.secret_key);
+    let secret_file = write("curve.secret", format!("{secret}\n"));
+    let clients = write(
+        "clients",
+        format!("# loader\n\n{}\n", crate::config::curve_key_text(&pair.public_key)),
+    );
+    let zmq_route = |security: &str| {
+        format!(
+            "[cluster]\ncontact_points = [\"127.0.0.1:9042\"]\n[[route]]\nname = \"r\"\ntable = \"ks.t\"\n\
+             [route.source]\nkind = \"zeromq\"\nsocket = \"pull\"\nendpoint = \"tcp://127.0.0.1:5557\"\nbind = true\n\
+             [route.source.security]\n{security}\n[route.columns]\nid = \"id\"\n\
+             [route.dead_letter]\nkind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"dl\"\n"
+        )
+    };
+    let config = Config::parse(
+        &zmq_route(&format!(
+            "curve_secret_key_file = {secret_file:?}\ncurve_client_keys_file = {clients:?}"
+        )),
+        "t",
+    )
+    .expect("valid");
+    let SourceConfig::Zmq(zmq) = &config.routes[0].source else {
+        panic!("a ZeroMQ source");
+    };
+    assert_eq!(
+        zmq.security.as_ref().map(|s| s.client_keys.clone()),
+        Some(vec![pair.public_key])
+    );
+    assert!(!format!("{:?}", config.routes).contains(&secret));
+    let bad_line = write("bad-clients", "# loader\nnot-a-key\n".to_string());
+    let empty = write("empty-clients", "# nobody yet\n".to_string());
+    let short = write("short.secret", format!("{}\n", &secret[1..]));
+    let at = "`route[0].source.security.";
+    for (security, starts) in [
+        (
+            format!("curve_secret_key_file = {short:?}\ncurve_client_keys_file = {clients:?}"),
+            "curve_secret_key_file` = `",
+        ),
+        (
+            format!("curve_secret_key_file = {secret_file:?}\ncurve_client_keys_file = {bad_line:?}"),
+            "curve_client_keys_file` = `",
+        ),
+        (
+            format!("curve_secret_key_file = {secret_file:?}\ncurve_client_keys_file = {empty:?}"),
+            "curve_client_keys_file` = `",
+        ),
+        (
+            format!("curve_secret_key_file = {secret_file:?}"),
+            "curve_client_keys_file",
+        ),
+    ] {
+        let message = error_of(&zmq_route(&security));
+        assert!(message.contains(starts), "{starts}: {message}");
+        assert!(
+            message.starts_with(at) || message.contains("curve_client_keys_file"),
+            "{message}"
+        );
+        assert!(!message.contains(&secret[1..]), "the secret key is echoed: {message}");
+    }
+    assert!(error_of(&zmq_route(&format!(
+        "curve_secret_key_file = {secret_file:?}\ncurve_client_keys_file = {bad_line:?}"
+    )))
+    .contains("line 2"));
 }

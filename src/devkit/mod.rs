@@ -1590,6 +1590,25 @@ pub fn push_zeromq(endpoint: &str, messages: impl IntoIterator<Item = (Vec<u8>, 
     Ok(sent)
 }
 
+/// A CURVE client of a CURVE ZeroMQ route: a PUSH socket connected to `endpoint` that knows the
+/// gateway's public key `server_public` and presents `client` (binary keys, 32 bytes each).
+/// Linger is 0: what the gateway refuses is dropped with the socket.
+pub fn curve_pusher(
+    endpoint: &str,
+    server_public: &[u8; 32],
+    client: &zmq::CurveKeyPair,
+) -> anyhow::Result<zmq::Socket> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::PUSH)?;
+    socket.set_linger(0)?;
+    socket.set_sndhwm(100_000)?;
+    socket.set_curve_serverkey(server_public)?;
+    socket.set_curve_publickey(&client.public_key)?;
+    socket.set_curve_secretkey(&client.secret_key)?;
+    socket.connect(endpoint)?;
+    Ok(socket)
+}
+
 /// A core NATS route for the sample orders on `subject` in queue group `queue_group`, dead
 /// letters to NATS subject `dead_letter_subject`.
 pub fn nats_orders_route_toml(

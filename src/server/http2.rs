@@ -49,8 +49,8 @@ pub struct Serving {
     pub routes: tonic::service::Routes,
     /// Request messages over this are skipped and answered TOO_LARGE (see `server::limit`).
     pub message_bytes_max: usize,
-    /// TLS, when on.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS, when on; each new connection takes the configuration in use (SIGHUP reloads it).
+    pub tls: Option<Arc<crate::tls::Reloadable>>,
     /// `ingest.auth`'s principals, when callers are authenticated (see `server::gate`).
     pub principals: Option<Arc<Principals>>,
 }
@@ -69,7 +69,6 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
 }
 
 async fn accept_forever(listener: TcpListener, serving: Serving) {
-    let acceptor = serving.tls.clone().map(futures_rustls::TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -80,7 +79,10 @@ async fn accept_forever(listener: TcpListener, serving: Serving) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = serving
+            .tls
+            .as_ref()
+            .map(|tls| futures_rustls::TlsAcceptor::from(tls.current()));
         let serving = serving.clone();
         // The handshake runs in the connection's task: a slow client holds up no other.
         glommio::spawn_local(async move {

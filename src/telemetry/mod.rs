@@ -1,9 +1,10 @@
 //! Logs and metrics. `RUST_LOG` overrides the default log level (`info`, with the driver's
-//! per-response server warnings at `error`). Metrics are served as
-//! Prometheus text on the admin port by the exporter, which runs on the island.
+//! per-response server warnings at `error`). Metrics are served as Prometheus text on the admin
+//! port ([`admin`]), which runs on the island.
+
+pub mod admin;
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
 
@@ -85,12 +86,15 @@ pub mod metric {
     /// Query API requests refused, by core and `code`.
     pub const READS_REFUSED: &str = "shardgate_reads_refused_total";
 
-    /// TLS handshakes the gRPC listeners failed or timed out (a plaintext client, an unknown
-    /// CA, a client certificate missing or refused).
+    /// TLS handshakes the gRPC listeners and the admin port failed or timed out (a plaintext
+    /// client, an unknown CA, a client certificate missing or refused).
     pub const TLS_HANDSHAKE_FAILURES: &str = "shardgate_tls_handshake_failures_total";
     /// gRPC calls refused by `ingest.auth`, by `reason`: `no_credentials`, `bad_header`,
     /// `unknown_token` (UNAUTHENTICATED) or `forbidden` (a principal without the scope).
     pub const AUTH_FAILURES: &str = "shardgate_auth_failures_total";
+    /// ZeroMQ peers a CURVE route's ZAP handler refused (a key not in
+    /// `curve_client_keys_file`, or not CURVE at all), by `source` (the route).
+    pub const ZEROMQ_PEERS_REFUSED: &str = "shardgate_zeromq_peers_refused_total";
 
     /// Every metric above; the README must name each (a test checks).
     pub const ALL: &[&str] = &[
@@ -126,6 +130,7 @@ pub mod metric {
         JOB_WINDOWS_CLOSED,
         TLS_HANDSHAKE_FAILURES,
         AUTH_FAILURES,
+        ZEROMQ_PEERS_REFUSED,
     ];
 }
 
@@ -276,13 +281,6 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-/// Starts the Prometheus exporter on `addr` (`/metrics`). Must run inside the island runtime.
-pub fn start_metrics(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
 }
 
 #[cfg(test)]

@@ -369,3 +369,124 @@ async fn every_rpc_checks_its_callers_token_or_certificate_against_its_scopes() 
         );
     }
 }
+
+/// A P-256 signing key (PKCS#8 DER) and its public JWK named `kid`.
+fn jwt_key(kid: &str) -> (Vec<u8>, serde_json::Value) {
+    use base64::Engine;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let point = pair.public_key_raw();
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+        "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+    });
+    (pair.serialize_der(), jwk)
+}
+
+/// A JWT signed by `der` as key `kid`, for subject `etl` with `scope`, expiring at `exp`.
+fn jwt(der: &[u8], kid: &str, scope: &str, exp: i64) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    let claims = serde_json::json!({
+        "iss": "https://id.example", "aud": "shardgate", "sub": "etl", "exp": exp, "scope": scope,
+    });
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(der)).expect("sign")
+}
+
+/// `[ingest.auth.jwt]`: a JWT signed by a key of the JWKS file writes within its `scope` claim
+/// (rows read back from Cassandra) and is refused PERMISSION_DENIED outside it; an expired JWT,
+/// one signed by another key and one of an unknown `kid` are UNAUTHENTICATED, each saying why,
+/// and counted by reason; no token appears in a refusal or the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_signed_by_the_jwks_write_within_their_scope_claim() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("auth_jwt");
+    let (dir, keyspace) = (&names.dir, &names.keyspace);
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_events_table(&session, keyspace)
+        .await
+        .expect("create table");
+    let (events, other) = (format!("{keyspace}.events"), format!("{keyspace}.other"));
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {other} (id bigint PRIMARY KEY, name text, score double, at timestamp, tags frozen<list<int>>)"
+            ),
+            &[],
+        )
+        .await
+        .expect("create table");
+    let (der, jwk) = jwt_key("k1");
+    let (rogue_der, _) = jwt_key("k1");
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, serde_json::json!({ "keys": [jwk] }).to_string()).expect("jwks");
+    let config = format!(
+        "{}[ingest.auth.jwt]\njwks_file = {jwks:?}\nissuer = \"https://id.example\"\naudience = \"shardgate\"\n",
+        devkit::ingest_gateway_toml("", 2048, 64)
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config).expect("config");
+    let check = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check runs");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let gateway = Gateway::start(&gateway_binary(), &path, &dir.join("gateway.log")).expect("gateway starts");
+    let now = chrono::Utc::now().timestamp();
+    let scope = format!("openid write:{keyspace}.events");
+    let good = jwt(&der, "k1", &scope, now + 600);
+    let address = GatewayAddr::from(devkit::INGEST_LISTEN);
+
+    let smart = ShardAwareClient::connect(address.clone().with_token(&good), &[&events])
+        .await
+        .expect("a valid JWT connects");
+    let summary = smart
+        .stream(devkit::event_batches(&events, EVENTS, 250))
+        .await
+        .expect("rows streamed");
+    assert_eq!(summary.written, EVENTS as u64, "{summary:?}");
+    let report = devkit::verify_events(&session, keyspace, EVENTS as u64)
+        .await
+        .expect("read back");
+    assert_eq!((report.rows, report.matching), (EVENTS as u64, EVENTS as u64));
+    let refused = smart
+        .shared_client()
+        .write(WriteRequest {
+            batch: Some(devkit::event_batches(&other, 5, 5).remove(0)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("outside the scope claim");
+    assert_forbidden(&refused, "jwt:etl", &format!("write:{other}"));
+
+    let refusals = [
+        ("expired", jwt(&der, "k1", &scope, now - 600), "expired"),
+        ("another key", jwt(&rogue_der, "k1", &scope, now + 600), "signature"),
+        ("unknown kid", jwt(&der, "k9", &scope, now + 600), "`kid`"),
+    ];
+    for (what, token, says) in &refusals {
+        let Err(shardgate::client::ClientError::Topology(status)) =
+            ShardAwareClient::connect(address.clone().with_token(token), &[&events]).await
+        else {
+            panic!("{what}: not refused at GetTopology");
+        };
+        assert_eq!(status.code(), Code::Unauthenticated, "{what}: {status:?}");
+        assert!(status.message().contains(says), "{what}: {}", status.message());
+        assert!(
+            !status.message().contains(token.as_str()),
+            "{what}: the token is echoed"
+        );
+    }
+    let failures = |reason: &str| {
+        devkit::scrape_metric_where(devkit::ADMIN_LISTEN, metric::AUTH_FAILURES, &[("reason", reason)]).unwrap_or(0.0)
+    };
+    assert!(failures("jwt_expired") >= 1.0);
+    assert!(failures("jwt_invalid") >= 2.0);
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+    let text = std::fs::read_to_string(log).expect("log");
+    for token in std::iter::once(&good).chain(refusals.iter().map(|(_, t, _)| t)) {
+        assert!(!text.contains(token.as_str()), "a JWT is in the log");
+    }
+}

@@ -7,6 +7,7 @@
 // Tooling and tests: a failed expectation is the tool or test failing, never a gateway core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod auth;
 mod faults;
 mod ingest;

@@ -511,3 +511,113 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
         "a password is in the log"
     );
 }
+
+/// A ZeroMQ route with CURVE: the gateway's PULL socket is a CURVE server with its secret key
+/// from a file and an allow-list of client keys. Orders from the allowed client land exact and
+/// its malformed messages are dead-lettered; a client with another key is refused in the
+/// handshake (counted) and none of its rows is written; the secret key is not in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zeromq_route_takes_only_the_allowed_curve_keys() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_zmq");
+    let dir = &names.dir;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    let run = names.group.rsplit('-').next().unwrap_or("0").to_string();
+    let (dead_stream, dead_subject) = (format!("IT_szmq_{run}_DL"), format!("it.szmq.{run}.dead-letter"));
+    devkit::create_stream(&dead_stream, &[&dead_subject])
+        .await
+        .expect("NATS with JetStream is up");
+
+    let server = zmq::CurveKeyPair::new().expect("CURVE keys (libzmq built with libsodium)");
+    let allowed = zmq::CurveKeyPair::new().expect("keys");
+    let rogue = zmq::CurveKeyPair::new().expect("keys");
+    let secret_text = shardgate::config::curve_key_text(&server.secret_key);
+    let secret_file = dir.join("curve-secret");
+    std::fs::write(&secret_file, format!("{secret_text}\n")).expect("secret key file");
+    let clients_file = dir.join("curve-clients");
+    std::fs::write(
+        &clients_file,
+        format!(
+            "# the loader\n{}\n",
+            shardgate::config::curve_key_text(&allowed.public_key)
+        ),
+    )
+    .expect("client keys file");
+    let route = devkit::zeromq_orders_route_toml("orders", &names.keyspace, &dead_subject).replacen(
+        "bind = true",
+        &format!(
+            "bind = true\nsecurity = {{ curve_secret_key_file = {secret_file:?}, curve_client_keys_file = {clients_file:?} }}"
+        ),
+        1,
+    );
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, devkit::gateway_toml(&route)).expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
+
+    // The rogue client first: refused in the handshake, its rows never written.
+    let rogue_ids = VALID..VALID + 50;
+    let server_public = server.public_key;
+    let refusals = tokio::task::spawn_blocking(move || {
+        let socket = devkit::curve_pusher(devkit::ZMQ_ENDPOINT, &server_public, &rogue).expect("rogue socket");
+        for i in rogue_ids {
+            let (key, payload) = devkit::order_message(i);
+            socket
+                .send_multipart([key.into_bytes(), payload.into_bytes()], zmq::DONTWAIT)
+                .expect("queued");
+        }
+        // Held until the gateway has refused it (then dropped, with what it queued).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let refused =
+                devkit::scrape_metric(devkit::ADMIN_LISTEN, "shardgate_zeromq_peers_refused_total").unwrap_or(0.0);
+            if refused >= 1.0 || Instant::now() > deadline {
+                return refused;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .expect("rogue thread");
+    assert!(refusals >= 1.0, "the rogue key was not refused");
+
+    // The allowed client: every order lands; malformed messages are dead-lettered.
+    let sent = tokio::task::spawn_blocking(move || {
+        let socket = devkit::curve_pusher(devkit::ZMQ_ENDPOINT, &server_public, &allowed).expect("socket");
+        let good = (0..VALID)
+            .map(devkit::order_message)
+            .map(|(k, p)| (k.into_bytes(), p.into_bytes()));
+        let malformed = (0..MALFORMED).map(|j| {
+            let (key, payload, _) = devkit::malformed_message(j);
+            (key.into_bytes(), payload)
+        });
+        let mut sent = 0u64;
+        for (key, payload) in good.chain(malformed) {
+            socket.send_multipart([key, payload], 0).expect("send");
+            sent += 1;
+        }
+        // Linger is 0: keep the socket until the gateway has the messages.
+        (sent, socket)
+    })
+    .await
+    .expect("push thread");
+    assert_eq!(sent.0, VALID + MALFORMED);
+    devkit::wait_for_orders(&session, &names.keyspace, VALID, Duration::from_secs(120))
+        .await
+        .expect("the allowed client's rows arrive");
+    let letters = devkit::read_stream(&dead_stream, MALFORMED as usize, Duration::from_secs(60))
+        .await
+        .expect("dead letters");
+    drop(sent);
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+
+    // Exactly the allowed client's orders: none of the rogue's ids.
+    assert_orders_exact(&session, &names.keyspace).await;
+    assert_eq!(letters.len() as u64, MALFORMED, "one dead letter per malformed message");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("ZeroMQ peer refused"), "the refusal is logged");
+    assert!(!text.contains(&secret_text), "the CURVE secret key is in the log");
+}

@@ -11,6 +11,8 @@
 //!
 //! Threads: any; [`Principals`] is shared read-only by every core.
 
+pub mod jwt;
+
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -177,6 +179,8 @@ pub enum Credential {
 #[derive(Debug, Default)]
 pub struct Principals {
     entries: Vec<(Credential, Arc<Principal>)>,
+    /// `ingest.auth.jwt`: bearer JWTs verified against a JWKS, when configured.
+    jwt: Option<jwt::JwtVerifier>,
 }
 
 /// The SHA-256 of a token, as `token_sha256` keeps it.
@@ -194,7 +198,14 @@ impl Principals {
     pub fn new(entries: Vec<(Credential, Principal)>) -> Principals {
         Principals {
             entries: entries.into_iter().map(|(c, p)| (c, Arc::new(p))).collect(),
+            jwt: None,
         }
+    }
+
+    /// These principals, and callers with a JWT `verifier` accepts.
+    pub fn with_jwt(mut self, verifier: jwt::JwtVerifier) -> Principals {
+        self.jwt = Some(verifier);
+        self
     }
 
     /// The principal whose token hash is `token`'s. Every token is compared, in constant time,
@@ -239,6 +250,8 @@ pub enum AuthFailure {
     BadHeader,
     /// A bearer token of no principal.
     UnknownToken,
+    /// A bearer JWT `ingest.auth.jwt` refused.
+    Jwt(jwt::JwtProblem),
 }
 
 impl AuthFailure {
@@ -248,6 +261,8 @@ impl AuthFailure {
             AuthFailure::NoCredentials => "no_credentials",
             AuthFailure::BadHeader => "bad_header",
             AuthFailure::UnknownToken => "unknown_token",
+            AuthFailure::Jwt(jwt::JwtProblem::Expired) => "jwt_expired",
+            AuthFailure::Jwt(_) => "jwt_invalid",
         }
     }
 }
@@ -260,6 +275,7 @@ impl std::fmt::Display for AuthFailure {
             }
             AuthFailure::BadHeader => "the `authorization` header is not `Bearer <token>`",
             AuthFailure::UnknownToken => "the bearer token is not one of `ingest.auth.principal`",
+            AuthFailure::Jwt(problem) => problem.describe(),
         })
     }
 }
@@ -280,7 +296,15 @@ pub fn authenticate(
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(AuthFailure::BadHeader)?;
-    principals.by_token(token).ok_or(AuthFailure::UnknownToken)
+    if let Some(principal) = principals.by_token(token) {
+        return Ok(principal);
+    }
+    match &principals.jwt {
+        Some(verifier) if jwt::JwtVerifier::looks_like_jwt(token) => {
+            verifier.verify(token).map(Arc::new).map_err(AuthFailure::Jwt)
+        }
+        _ => Err(AuthFailure::UnknownToken),
+    }
 }
 
 /// Who is calling, as the gate found it; in every request's extensions.
