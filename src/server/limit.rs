@@ -321,6 +321,46 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes in arbitrary chunks (gRPC frames cut anywhere, lengths that lie) are
+        /// passed on or skipped, never panicked on; nothing passed on is longer than what came.
+        #[test]
+        fn arbitrary_frames_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            split in 1usize..64,
+            limit in 1usize..300,
+        ) {
+            let chunks: Vec<Vec<u8>> = bytes.chunks(split).map(<[u8]>::to_vec).collect();
+            let (out, _) = run(chunks, limit);
+            proptest::prop_assert!(out.len() <= bytes.len());
+        }
+
+        /// Well-formed frames of any sizes: each at most the limit passes unchanged, each over it
+        /// becomes an empty message logged with its size.
+        #[test]
+        fn frames_over_the_limit_and_only_those_are_skipped(
+            sizes in proptest::collection::vec(0usize..400, 1..8),
+            split in 1usize..97,
+        ) {
+            let limit = 200;
+            let messages: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| message(i as u64 + 1, n)).collect();
+            let whole = messages.concat();
+            let (out, log) = run(whole.chunks(split).map(<[u8]>::to_vec).collect(), limit);
+            let mut expected = Vec::new();
+            for (i, framed) in messages.iter().enumerate() {
+                if framed.len() - PREFIX_BYTES > limit {
+                    expected.extend_from_slice(&[0; PREFIX_BYTES]);
+                    let entry = log.take(i as u64).expect("logged");
+                    proptest::prop_assert_eq!(entry.bytes, framed.len() - PREFIX_BYTES);
+                    proptest::prop_assert_eq!(entry.batch_id, i as u64 + 1);
+                } else {
+                    expected.extend_from_slice(framed);
+                }
+            }
+            proptest::prop_assert_eq!(out, expected);
+        }
+    }
+
     #[test]
     fn varint_reader_stops_at_ten_bytes() {
         assert_eq!(leading_field_one(&[0x08, 0xac, 0x02]), Some(300));

@@ -10,6 +10,8 @@
 
 pub mod codec;
 pub mod gate;
+#[cfg(test)]
+mod hostile;
 pub mod http2;
 pub mod limit;
 pub mod status;

@@ -218,7 +218,7 @@ fn write_value<'a>(builder: &mut FlatBufferBuilder<'a>, value: &Value) -> WIPOff
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -244,7 +244,8 @@ mod tests {
         ]
     }
 
-    fn value() -> impl Strategy<Value = Value> {
+    /// Any typed value, collections nested three deep (shared with the other decoders' tests).
+    pub(crate) fn value() -> impl Strategy<Value = Value> {
         leaf()
             .prop_map(|k| Value { kind: Some(k) })
             .prop_recursive(3, 24, 4, |inner| {

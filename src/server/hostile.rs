@@ -1,0 +1,135 @@
+//! Hostile input against every RPC request type (property tests only): arbitrary bytes as each
+//! request message, and arbitrary typed values against every column type, go through the same
+//! decoding and conversion the services run — prost's decode, the FlatBuffers decoder, row
+//! binding against a table of every writable column type, page-token opening — and are either
+//! taken or refused, never panicked on. `PROPTEST_CASES=100000 cargo test --release --lib
+//! hostile` is the longer run.
+
+use proptest::prelude::*;
+use prost::Message;
+use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
+
+use crate::ingest::service::bind_row;
+use crate::query::token::{FingerprintBuilder, Keys};
+use crate::wire::convert::to_cql;
+use crate::wire::flat::decode_row_batch;
+use crate::wire::proto::{
+    ExecuteRequest, GetRequest, GetTopologyRequest, JobRequest, ListJobsRequest, PlanScanRequest, Row, RowBatch,
+    ScanRequest, WriteFlatRequest, WriteRequest, WriteStreamRequest,
+};
+
+/// Every native type, and collections of them (frozen and not, nested).
+fn column_types() -> Vec<ColumnType<'static>> {
+    use NativeType::*;
+    let natives = [
+        Ascii, Boolean, Blob, Counter, Date, Decimal, Double, Duration, Float, Int, BigInt, Text, Timestamp, Inet,
+        SmallInt, TinyInt, Time, Timeuuid, Uuid, Varint,
+    ];
+    let mut types: Vec<ColumnType<'static>> = natives.into_iter().map(ColumnType::Native).collect();
+    let collection = |frozen, typ| ColumnType::Collection { frozen, typ };
+    types.push(collection(
+        false,
+        CollectionType::List(Box::new(ColumnType::Native(Int))),
+    ));
+    types.push(collection(
+        true,
+        CollectionType::Set(Box::new(ColumnType::Native(Text))),
+    ));
+    types.push(collection(
+        false,
+        CollectionType::Map(
+            Box::new(ColumnType::Native(Text)),
+            Box::new(collection(
+                true,
+                CollectionType::List(Box::new(ColumnType::Native(Double))),
+            )),
+        ),
+    ));
+    types
+}
+
+fn column_names(types: &[ColumnType<'static>]) -> Vec<String> {
+    (0..types.len()).map(|i| format!("c{i}")).collect()
+}
+
+/// Binds every row of `batch` as the ingest service would, against a table of every type.
+fn bind_batch(batch: &RowBatch) {
+    let types = column_types();
+    let names = column_names(&types);
+    for row in &batch.rows {
+        let _ = bind_row(&names, &types, &[0], row, batch.timestamp_us);
+    }
+}
+
+proptest! {
+    /// Arbitrary bytes as each request message: decoded or refused; what decodes goes on
+    /// through row binding, the FlatBuffers decoder and page-token opening without a panic.
+    #[test]
+    fn arbitrary_bytes_as_any_request_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let bytes = bytes.as_slice();
+        if let Ok(request) = WriteRequest::decode(bytes) {
+            if let Some(batch) = &request.batch { bind_batch(batch); }
+        }
+        if let Ok(request) = WriteFlatRequest::decode(bytes) {
+            if let Ok(batch) = decode_row_batch(&request.row_batch) { bind_batch(&batch); }
+        }
+        if let Ok(request) = WriteStreamRequest::decode(bytes) {
+            if let Some(batch) = &request.batch { bind_batch(batch); }
+            if let Ok(batch) = decode_row_batch(&request.flat_batch) { bind_batch(&batch); }
+        }
+        let keys = Keys::new(vec![3; 32]);
+        let fingerprint = FingerprintBuilder::new("execute").finish();
+        if let Ok(request) = GetRequest::decode(bytes) {
+            for (value, typ) in request.key.iter().zip(column_types().iter().cycle()) {
+                let _ = to_cql(value, typ);
+            }
+        }
+        if let Ok(request) = ExecuteRequest::decode(bytes) {
+            if let Some(options) = &request.options {
+                prop_assert!(keys.open(&fingerprint, &options.page_token).is_err(), "a forged page token opened");
+            }
+            for (value, typ) in request.values.iter().zip(column_types().iter().cycle()) {
+                let _ = to_cql(value, typ);
+            }
+        }
+        if let Ok(request) = ScanRequest::decode(bytes) {
+            for token in &request.resume {
+                prop_assert!(keys.open(&fingerprint, token).is_err(), "a forged resume token opened");
+            }
+            for (value, typ) in request.values.iter().zip(column_types().iter().cycle()) {
+                let _ = to_cql(value, typ);
+            }
+        }
+        let _ = PlanScanRequest::decode(bytes);
+        let _ = JobRequest::decode(bytes);
+        let _ = ListJobsRequest::decode(bytes);
+        let _ = GetTopologyRequest::decode(bytes);
+    }
+
+    /// Any typed value against any column type converts or is refused with a reason.
+    #[test]
+    fn any_value_against_any_column_type_converts_or_is_refused(value in crate::wire::flat::tests::value()) {
+        for typ in column_types() {
+            if let Err(error) = to_cql(&value, &typ) {
+                prop_assert!(!error.0.is_empty());
+            }
+        }
+    }
+
+    /// Rows of any values, of any length, bind or are refused naming a column.
+    #[test]
+    fn any_row_binds_or_is_refused(values in proptest::collection::vec(crate::wire::flat::tests::value(), 0..30)) {
+        let types = column_types();
+        let names = column_names(&types);
+        if let Err((_, reason)) = bind_row(&names, &types, &[0], &Row { values }, 0) {
+            prop_assert!(!reason.is_empty());
+        }
+    }
+
+    /// Arbitrary bytes as a page token are refused, never opened, never panicked on.
+    #[test]
+    fn arbitrary_page_tokens_are_refused(token in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let keys = Keys::new(vec![9; 32]);
+        prop_assert!(keys.open(&FingerprintBuilder::new("scan").finish(), &token).is_err());
+    }
+}
