@@ -7,6 +7,10 @@
 //! - `grpc-smart-secure`: `grpc-smart` over TLS (a self-signed ECDSA P-256 certificate made with
 //!   openssl) with `[ingest.auth]` on, the client sending a bearer token with every call — the
 //!   cost of TLS and authentication on the streaming path;
+//! - `tls-handshakes`: the `grpc-smart-secure` gateway's TLS listener on core 0's own port
+//!   taking full TLS 1.3 handshakes (a new connection each, no resumption, 32 at a time) for
+//!   `--handshake-seconds`: handshakes per second on one core ("rows" are handshakes) and the
+//!   gateway's CPU-seconds per million handshakes; the client runs on the same machine;
 //! - `grpc-plain`: one `WriteStream` on the shared port (rows a core does not own are forwarded);
 //! - `kafka`: messages produced first, then the gateway consumes them (rows/s is messages ÷
 //!   time from the first row written to the last, by the gateway's written-rows counter; the
@@ -74,7 +78,7 @@ use shardgate::wire::proto::{RowBatch, WriteStreamRequest};
 #[derive(Parser)]
 #[command(about = "End-to-end shardgate benchmark against the local stack")]
 struct Args {
-    /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-smart-secure, grpc-plain, kafka, kafka-5,
+    /// Modes to run: ceiling, ceiling-5, ceiling-events, grpc-smart, grpc-smart-secure, tls-handshakes, grpc-plain, kafka, kafka-5,
     /// kafka-spooled, kafka-consume, scan-driver, scan-driver-parallel, scan, get-smart, get-plain,
     /// job, job-python, rabbitmq, rabbitmq-consume, jetstream, jetstream-consume, nats, zeromq (comma
     /// separated).
@@ -118,6 +122,9 @@ struct Args {
     /// Messages per second in the Kafka latency run.
     #[arg(long, default_value_t = 5_000)]
     kafka_rate: u64,
+    /// Seconds the `tls-handshakes` mode runs.
+    #[arg(long, default_value_t = 10)]
+    handshake_seconds: u64,
     /// The gateway binary.
     #[arg(long, default_value = "target/release/shardgate")]
     gateway: PathBuf,
@@ -164,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         let outcome = match mode.as_str() {
             "ceiling" | "ceiling-events" | "ceiling-5" => ceiling(&args, mode).await?,
             "grpc-smart" | "grpc-plain" | "grpc-smart-secure" => grpc(&args, mode).await?,
+            "tls-handshakes" => tls_handshakes(&args).await?,
             "kafka" => kafka(&args, false, false, false).await?,
             "kafka-spooled" => kafka(&args, true, false, false).await?,
             "kafka-5" => kafka(&args, false, true, false).await?,
@@ -286,6 +294,89 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         latencies,
         quantiles_ms: None,
         forwarded,
+    })
+}
+
+/// Full TLS handshakes against core 0's own port for `--handshake-seconds`, 32 at a time.
+async fn tls_handshakes(args: &Args) -> anyhow::Result<Outcome> {
+    use rustls_pki_types::pem::PemObject;
+    let config = args.work_dir.join("gateway-tls.toml");
+    let mut toml = devkit::ingest_gateway_toml("", 2048, args.write_batch_rows);
+    let (security, address) = secure_listeners(&args.work_dir)?;
+    toml.push_str(&security);
+    std::fs::write(&config, toml)?;
+    let gateway = Gateway::start(
+        &args.gateway,
+        &config,
+        &args.work_dir.join("gateway-tls-handshakes.log"),
+    )?;
+    let ca = address.tls.as_ref().context("TLS")?.ca_pem.clone();
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(certificate?)?;
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    // Every handshake a full one: no session tickets or ids kept.
+    client.resumption = rustls::client::Resumption::disabled();
+    let connector = futures_rustls::TlsConnector::from(Arc::new(client));
+    let port = devkit::INGEST_CORE_PORT_BASE;
+    let deadline = Instant::now() + Duration::from_secs(args.handshake_seconds);
+    println!(
+        "== tls-handshakes: {} s against 127.0.0.1:{port} (core 0)",
+        args.handshake_seconds
+    );
+    let cpu_before = gateway.cpu_seconds()?;
+    let started = Instant::now();
+    let workers = (0..32).map(|_| {
+        let connector = connector.clone();
+        async move {
+            use tokio_util::compat::TokioAsyncReadCompatExt;
+            let mut done = 0u64;
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let began = Instant::now();
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+                let tls = connector.connect(name, stream.compat()).await?;
+                latencies.push(began.elapsed());
+                drop(tls);
+                done += 1;
+            }
+            anyhow::Ok((done, latencies))
+        }
+    });
+    let results = futures::future::join_all(workers).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
+    let (mut handshakes, mut latencies) = (0, Vec::new());
+    for result in results {
+        let (done, l) = result?;
+        handshakes += done;
+        latencies.extend(l);
+    }
+    let failures = devkit::scrape_metric(
+        devkit::ADMIN_LISTEN,
+        shardgate::telemetry::metric::TLS_HANDSHAKE_FAILURES,
+    )
+    .unwrap_or(0.0);
+    gateway.stop()?;
+    anyhow::ensure!(
+        failures == 0.0,
+        "tls-handshakes: {failures} handshakes failed on the gateway's side"
+    );
+    Ok(Outcome {
+        mode: "tls-handshakes".to_string(),
+        rows: handshakes,
+        seconds,
+        cpu_seconds,
+        database_cpu_seconds: 0.0,
+        latencies,
+        quantiles_ms: None,
+        forwarded: 0.0,
     })
 }
 
