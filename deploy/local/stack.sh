@@ -11,7 +11,7 @@
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
 # Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS and passwords),
-# Kafka 4 KRaft (9092, and SASL_SSL on 9095), NATS + JetStream (4222), RabbitMQ (5672, and
+# Kafka 4 KRaft (9092, SASL_SSL on 9095, SSL with required client certificates on 9096), NATS + JetStream (4222), RabbitMQ (5672, and
 # amqps on 5671). The secured services use a test CA made here by openssl
 # ($SHARDGATE_STATE/pki/ca.pem). Jars, data, logs and pids live in $SHARDGATE_STATE (default:
 # .state/ at the repository root, git-ignored). Running `up` twice is harmless. A service that fails to start is reported with
@@ -221,6 +221,21 @@ make_pki() {
   touch "$dir/.complete"
 }
 
+# A client certificate of the test CA (CN=shardgate-client) for listeners that require one
+# (Kafka's SSL listener on 9096); made once, also in a state dir older than it.
+make_client_cert() {
+  local dir="$state/pki"
+  [[ -s "$dir/client.pem" ]] && return 0
+  (
+    cd "$dir"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=shardgate-client" -keyout client.key -out client.csr
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+      "extendedKeyUsage=clientAuth" >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile client.ext -out client.pem
+  ) >>"$state/pki.log" 2>&1 || { cat "$state/pki.log" >&2; die "openssl could not make the client certificate"; }
+}
+
 # The passwords of Kafka's SASL user `shardgate` (SCRAM-SHA-512/256 and PLAIN) and of
 # RabbitMQ's user `shardgate` (amqps on 5671), made once per state dir.
 make_passwords() {
@@ -275,7 +290,7 @@ kafka_scram_user() {
       --add-config "$mechanism=[iterations=4096,password=$password]" >"$dir/log/scram.log" 2>&1 ||
       { tail -n 20 "$dir/log/scram.log" >&2; log "could not set kafka's SCRAM user"; return 1; }
   done
-  log "kafka SASL_SSL listener on 127.0.0.1:9095 (user shardgate)"
+  log "kafka SASL_SSL listener on 127.0.0.1:9095 (user shardgate), SSL with client certificates on 127.0.0.1:9096"
 }
 
 nats_ready() { port_open 4222 && port_open 8222; }
@@ -359,6 +374,7 @@ cmd_up() {
   cmd_install
   cmd_fetch
   make_pki
+  make_client_cert
   make_passwords
   # Start them all, then wait: the JVMs start in parallel.
   start_cassandra

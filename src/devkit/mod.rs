@@ -40,6 +40,8 @@ pub const CASSANDRA_SECURE: &str = "127.0.0.1:9142";
 /// The local Kafka's SASL_SSL listener (certificate of [`stack_ca_file`]; user `shardgate`,
 /// SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN, password in [`stack_kafka_password_file`]).
 pub const KAFKA_SECURE: &str = "127.0.0.1:9095";
+/// The stack's Kafka SSL listener, where clients must present a certificate of the stack's CA.
+pub const KAFKA_CLIENT_CERT: &str = "127.0.0.1:9096";
 
 const CITIES: [&str; 8] = ["Oslo", "Lyon", "Porto", "Kraków", "Turku", "Gent", "Brno", "Cork"];
 /// Base of the sample `placed_at` times (2026-01-01T00:00:00Z).
@@ -57,6 +59,11 @@ pub async fn connect(contact: &str) -> anyhow::Result<Session> {
 /// The CA of the local stack's secured services (`deploy/local/stack.sh` makes it).
 pub fn stack_ca_file() -> PathBuf {
     state_dir().join("pki/ca.pem")
+}
+
+/// The client certificate (`CN=shardgate-client`) and key the stack made with its CA.
+pub fn stack_client_identity() -> (PathBuf, PathBuf) {
+    (state_dir().join("pki/client.pem"), state_dir().join("pki/client.key"))
 }
 
 /// The password of the local Kafka's SASL user `shardgate`.

@@ -621,3 +621,97 @@ async fn a_zeromq_route_takes_only_the_allowed_curve_keys() {
     assert!(text.contains("ZeroMQ peer refused"), "the refusal is logged");
     assert!(!text.contains(&secret_text), "the CURVE secret key is in the log");
 }
+
+/// A Kafka route over the stack's SSL listener, which requires a client certificate of its CA:
+/// with the stack's client certificate every order lands exact, offsets are committed and the
+/// malformed messages are dead-lettered through the same listener (the dead letters inherit
+/// the source's `security`); without a certificate, or with one of another CA, start-up stops
+/// naming the route's TLS keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_route_reads_over_ssl_with_a_required_client_certificate() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_kafka_cert");
+    let dir = &names.dir;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, &names.keyspace)
+        .await
+        .expect("create table");
+    devkit::create_topic(&names.topic, PARTITIONS)
+        .await
+        .expect("Kafka is up");
+    devkit::create_topic(&names.dead_letter_topic, 1)
+        .await
+        .expect("dead-letter topic");
+    let mut messages: Vec<(String, Vec<u8>)> = (0..VALID)
+        .map(|i| {
+            let (key, payload) = devkit::order_message(i);
+            (key, payload.into_bytes())
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for j in 0..MALFORMED {
+        let (key, payload, code) = devkit::malformed_message(j);
+        codes.push(code);
+        messages.insert((j * 89) as usize, (key, payload));
+    }
+    let total = messages.len() as i64;
+    devkit::produce(&names.topic, messages).expect("produce");
+
+    let routes = devkit::orders_route_toml(
+        "orders",
+        &names.keyspace,
+        &names.topic,
+        &names.group,
+        &names.dead_letter_topic,
+    );
+    let plain = format!("brokers = [\"{}\"]", devkit::KAFKA);
+    assert!(routes.contains(&plain));
+    let config_with = |identity: Option<&(std::path::PathBuf, std::path::PathBuf)>| {
+        let mut security = format!(
+            "[route.source.security]\nprotocol = \"ssl\"\nca_file = {:?}\n",
+            devkit::stack_ca_file()
+        );
+        if let Some((cert, key)) = identity {
+            security.push_str(&format!("cert_file = {cert:?}\nkey_file = {key:?}\n"));
+        }
+        devkit::gateway_toml(
+            &routes
+                .replace(&plain, &format!("brokers = [\"{}\"]", devkit::KAFKA_CLIENT_CERT))
+                .replacen("[route.columns]", &format!("{security}\n[route.columns]"), 1),
+        )
+    };
+    let identity = devkit::stack_client_identity();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, config_with(Some(&identity))).expect("config");
+    let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
+    wait_committed(&names, PARTITIONS, total, Duration::from_secs(120));
+    assert!(gateway.stop().expect("stop").success());
+    assert_orders_exact(&session, &names.keyspace).await;
+    let letters = devkit::read_topic(&names.dead_letter_topic, MALFORMED as usize, Duration::from_secs(60))
+        .expect("dead letters");
+    let mut seen: Vec<&str> = letters
+        .iter()
+        .map(|letter| letter.headers["shardgate.reason.code"].as_str())
+        .collect();
+    seen.sort_unstable();
+    codes.sort_unstable();
+    assert_eq!(
+        seen, codes,
+        "every malformed message dead-lettered once, with its reason"
+    );
+
+    // No client certificate, then one of another CA: the broker ends the handshake.
+    let rogue = TestCa::new("another CA").issue(
+        dir,
+        "rogue-client",
+        &["rogue"],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    for (name, identity) in [("no-certificate", None), ("rogue-certificate", Some(&rogue))] {
+        let text = refused_start(dir, name, config_with(identity));
+        assert!(
+            text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security"),
+            "{name}: {text}"
+        );
+    }
+}
