@@ -261,7 +261,8 @@ fn rand_u64() -> u64 {
 }
 
 /// A nats-server of this test's own: JetStream, every client connection over TLS (the stack's
-/// certificate for 127.0.0.1), users `loader` (password) and one NKey user. Stopped on drop.
+/// certificate for 127.0.0.1) with a client certificate of the stack's CA required
+/// (`verify: true`), users `loader` (password) and one NKey user. Stopped on drop.
 struct SecuredNats {
     child: std::process::Child,
     url: String,
@@ -277,7 +278,7 @@ impl SecuredNats {
             &conf,
             format!(
                 "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
-                 tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: false }}\n\
+                 tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n\
                  authorization {{ users = [ {{ user: \"loader\", password: \"{loader_password}\" }}, {{ nkey: \"{nkey_public}\" }} ] }}\n",
                 port = Self::PORT,
                 store = dir.join("nats-js"),
@@ -310,12 +311,15 @@ impl SecuredNats {
         }
     }
 
-    /// A client logged in as `loader`, over TLS trusting the stack's CA.
+    /// A client logged in as `loader`, over TLS trusting the stack's CA, with its client
+    /// certificate.
     async fn loader(&self, password: &str) -> async_nats::Client {
         shardgate::tls::install_crypto_provider();
+        let (cert, key) = devkit::stack_client_identity();
         async_nats::ConnectOptions::new()
             .require_tls(true)
             .add_root_certificates(devkit::stack_ca_file())
+            .add_client_certificate(cert, key)
             .user_and_password("loader".into(), password.into())
             .connect(&self.url)
             .await
@@ -330,11 +334,12 @@ impl Drop for SecuredNats {
     }
 }
 
-/// A JetStream route of a NATS server that takes TLS connections only and logs users in: the
-/// gateway connects over TLS (the stack's CA) as an NKey user — rows exact, every message
-/// acknowledged, the malformed ones dead-lettered to a subject of the same server (the dead
-/// letters inherit the source's `security`). An NKey the server does not know stops start-up
-/// naming `security`; no seed appears in the log.
+/// A JetStream route of a NATS server that takes TLS connections with a client certificate
+/// only and logs users in: the gateway connects over TLS (the stack's CA, the stack's client
+/// certificate) as an NKey user — rows exact, every message acknowledged, the malformed ones
+/// dead-lettered to a subject of the same server (the dead letters inherit the source's
+/// `security`). An NKey the server does not know, and the right one without a client
+/// certificate, stop start-up naming `security`; no seed appears in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     let _lock = gateway_lock().await;
@@ -372,12 +377,15 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
             &format!("url = \"{}\"", devkit::NATS),
             &format!("url = \"{}\"", nats.url),
         );
-    let security = |seed_file: &Path| {
+    let (client_cert, client_key) = devkit::stack_client_identity();
+    let identity = format!("cert_file = {client_cert:?}\nkey_file = {client_key:?}\n");
+    let security_with = |seed_file: &Path, identity: &str| {
         format!(
-            "[route.source.security]\nca_file = {:?}\nnkey_seed_file = {seed_file:?}\n\n[route.columns]",
+            "[route.source.security]\nca_file = {:?}\nnkey_seed_file = {seed_file:?}\n{identity}\n[route.columns]",
             devkit::stack_ca_file()
         )
     };
+    let security = |seed_file: &Path| security_with(seed_file, &identity);
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
@@ -427,6 +435,17 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
         "{text}"
     );
     assert!(!text.contains(stranger.as_str()), "the NKey seed is in the log");
+
+    // The right NKey without a client certificate: the server's TLS refuses the connection.
+    let text = refused_start(
+        dir,
+        "no-certificate",
+        devkit::gateway_toml(&route.replacen("[route.columns]", &security_with(&seed_file, ""), 1)),
+    );
+    assert!(
+        text.contains("cannot connect to NATS") && text.contains("check `security`"),
+        "{text}"
+    );
 }
 
 /// A RabbitMQ route over `amqps://` (the stack's CA) as user `shardgate`, its password from a
