@@ -317,10 +317,16 @@ impl Sink {
                 brokers,
                 topic,
                 security,
-            } => Sink::Kafka(
-                crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic, security.as_ref())
-                    .with_context(|| format!("job `{job}`: kafka sink {topic}"))?,
-            ),
+            } => {
+                let publisher = crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic, security.as_ref())
+                    .with_context(|| format!("job `{job}`: kafka sink {topic}"))?;
+                // A refused login or handshake fails the run now, naming the sink's keys.
+                publisher
+                    .reach(std::time::Duration::from_secs(15))
+                    .await
+                    .with_context(|| format!("job `{job}`: kafka sink `{topic}`: cannot reach Kafka at `{brokers}` (check the sink's `security`)"))?;
+                Sink::Kafka(publisher)
+            }
             JobSinkConfig::RabbitMq {
                 url,
                 exchange,

@@ -128,6 +128,9 @@ impl DeadLetter<'_> {
     }
 }
 
+/// How long start-up waits for a Kafka dead-letter destination's brokers to answer.
+const KAFKA_REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Where a route's dead letters go.
 pub enum DeadLetterSink {
     /// A Kafka topic.
@@ -154,9 +157,17 @@ impl DeadLetterSink {
                 brokers,
                 topic,
                 security,
-            } => KafkaPublisher::new(brokers, topic, security.as_ref())
-                .map(|t| (DeadLetterSink::Kafka(t), None))
-                .map_err(|e| format!("cannot create the dead-letter producer: {e}")),
+            } => {
+                let publisher = KafkaPublisher::new(brokers, topic, security.as_ref())
+                    .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
+                publisher.reach(KAFKA_REACH_TIMEOUT).await.map_err(|e| {
+                    format!(
+                        "dead-letter topic `{topic}`: cannot reach Kafka at `{brokers}`: {e} (check `dead_letter.security`, \
+                         or the source's `security` when the dead letters use its brokers)"
+                    )
+                })?;
+                Ok((DeadLetterSink::Kafka(publisher), None))
+            }
             DeadLetterConfig::Nats { url, subject, security } => {
                 let client = super::broker::nats::connect(url, route, security.as_ref())
                     .await

@@ -728,9 +728,31 @@ async fn a_kafka_route_reads_over_ssl_with_a_required_client_certificate() {
     );
     for (name, identity) in [("no-certificate", None), ("rogue-certificate", Some(&rogue))] {
         let text = refused_start(dir, name, config_with(identity));
-        assert!(
-            text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security"),
-            "{name}: {text}"
-        );
+        // The dead letters share the source's brokers and `security`; whichever is opened first
+        // names the keys to check.
+        let source = text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security");
+        let dead_letters = text.contains("dead-letter topic") && text.contains("the source's `security`");
+        assert!(source || dead_letters, "{name}: {text}");
     }
+
+    // Dead letters of their own on the SASL_SSL listener with a wrong password: start-up stops
+    // naming the dead letters' `security` (the source, on the certificate listener, is fine).
+    let wrong = dir.join("wrong-kafka-password");
+    std::fs::write(&wrong, "not-the-password\n").expect("password file");
+    let dead_letters = format!(
+        "topic = \"{}\"\nbrokers = [\"{}\"]\n\n[route.dead_letter.security]\nprotocol = \"sasl_ssl\"\n\
+         mechanism = \"SCRAM-SHA-512\"\nusername = \"shardgate\"\npassword_file = {wrong:?}\nca_file = {:?}\n",
+        names.dead_letter_topic,
+        devkit::KAFKA_SECURE,
+        devkit::stack_ca_file()
+    );
+    let toml =
+        config_with(Some(&identity)).replacen(&format!("topic = \"{}\"", names.dead_letter_topic), &dead_letters, 1);
+    assert!(toml.contains("[route.dead_letter.security]"), "{toml}");
+    let text = refused_start(dir, "wrong-dead-letter-password", toml);
+    assert!(
+        text.contains("dead-letter topic") && text.contains("dead_letter.security"),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "the password is in the log");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::config::KafkaSecurity;
@@ -39,6 +39,15 @@ impl KafkaPublisher {
             producer,
             topic: topic.to_string(),
         })
+    }
+
+    /// Asks the brokers for their metadata (all topics: nothing is created), so that a refused
+    /// login or handshake stops start-up instead of failing each publish later.
+    pub async fn reach(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
+            .await
+            .map_err(|_| KafkaError::Canceled)?
     }
 
     /// The topic.
