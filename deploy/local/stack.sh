@@ -10,12 +10,14 @@
 #                                   `up` starts it again
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
-# Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS and passwords),
-# Kafka 4 KRaft (9092, SASL_SSL on 9095, SSL with required client certificates on 9096), NATS + JetStream (4222), RabbitMQ (5672, and
-# amqps on 5671). The secured services use a test CA made here by openssl
-# ($SHARDGATE_STATE/pki/ca.pem). Jars, data, logs and pids live in $SHARDGATE_STATE (default:
-# .state/ at the repository root, git-ignored). Running `up` twice is harmless. A service that fails to start is reported with
-# the tail of its log, and the script exits non-zero.
+# Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS with client
+# certificates, and passwords), Kafka 4 KRaft (9092, SASL_SSL on 9095, SSL with required client
+# certificates on 9096), NATS + JetStream (4222), RabbitMQ (5672, and amqps with required client
+# certificates on 5671). The secured services use a test CA made here by openssl
+# ($SHARDGATE_STATE/pki/ca.pem; the client certificate is pki/client.pem). Jars, data, logs and
+# pids live in $SHARDGATE_STATE (default: .state/ at the repository root, git-ignored). Running
+# `up` twice is harmless. A service that fails to start is reported with the tail of its log,
+# and the script exits non-zero.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -138,7 +140,7 @@ java17() {
 }
 
 # Cassandra instances: `cassandra` (CQL 9042, plaintext, no authentication) and
-# `cassandra-secure` (CQL 9142: client TLS required, PasswordAuthenticator and
+# `cassandra-secure` (CQL 9142: client TLS with a client certificate required, PasswordAuthenticator and
 # CassandraAuthorizer; superuser cassandra/cassandra), both from the same jars.
 cassandra_port() { [[ "$1" == cassandra-secure ]] && echo 9142 || echo 9042; }
 
@@ -332,8 +334,8 @@ start_rabbitmq() {
   port_open 5672 && die "port 5672 is taken by another process; stop it first"
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
   echo '[].' >"$dir/enabled_plugins"
-  # guest stays loopback-only; an amqps listener on 5671 with the stack's certificate (client
-  # certificates verified when presented) for user `shardgate` (see rabbit_user).
+  # guest stays loopback-only; an amqps listener on 5671 with the stack's certificate for user
+  # `shardgate` (see rabbit_user), requiring a client certificate of the stack's CA.
   cat >"$dir/rabbitmq.conf" <<EOF
 loopback_users.guest = true
 listeners.ssl.1 = 127.0.0.1:5671
@@ -341,7 +343,7 @@ ssl_options.cacertfile = $state/pki/ca.pem
 ssl_options.certfile = $state/pki/server.pem
 ssl_options.keyfile = $state/pki/server.key
 ssl_options.verify = verify_peer
-ssl_options.fail_if_no_peer_cert = false
+ssl_options.fail_if_no_peer_cert = true
 EOF
   echo '[].' >"$dir/advanced.config"
   log "starting rabbitmq"

@@ -80,10 +80,12 @@ pub fn stack_rabbitmq_password_file() -> PathBuf {
     state_dir().join("pki/rabbitmq-password")
 }
 
-/// Connects to the secured Cassandra at `contact` over TLS (trusting [`stack_ca_file`]) as
-/// `user`, retrying for up to a minute while the server is still setting up its roles.
+/// Connects to the secured Cassandra at `contact` over TLS (trusting [`stack_ca_file`], with the
+/// stack's client certificate, which it requires) as `user`, retrying for up to a minute while
+/// the server is still setting up its roles.
 pub async fn connect_secure(contact: &str, user: &str, password: &str) -> anyhow::Result<Session> {
-    let tls = crate::tls::database_client_config(&stack_ca_file(), None, true)?;
+    let (cert, key) = stack_client_identity();
+    let tls = crate::tls::database_client_config(&stack_ca_file(), Some((&cert, &key)), true)?;
     let started = Instant::now();
     loop {
         let session = SessionBuilder::new()

@@ -322,9 +322,11 @@ impl Sink {
                     .with_context(|| format!("job `{job}`: kafka sink {topic}"))?;
                 // A refused login or handshake fails the run now, naming the sink's keys.
                 publisher
-                    .reach(std::time::Duration::from_secs(15))
+                    .reach(std::time::Duration::from_secs(15), "the sink's `security`")
                     .await
-                    .with_context(|| format!("job `{job}`: kafka sink `{topic}`: cannot reach Kafka at `{brokers}` (check the sink's `security`)"))?;
+                    .map_err(|e| {
+                        anyhow::anyhow!("job `{job}`: kafka sink `{topic}`: cannot reach Kafka at `{brokers}`: {e}")
+                    })?;
                 Sink::Kafka(publisher)
             }
             JobSinkConfig::RabbitMq {

@@ -160,12 +160,11 @@ impl DeadLetterSink {
             } => {
                 let publisher = KafkaPublisher::new(brokers, topic, security.as_ref())
                     .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
-                publisher.reach(KAFKA_REACH_TIMEOUT).await.map_err(|e| {
-                    format!(
-                        "dead-letter topic `{topic}`: cannot reach Kafka at `{brokers}`: {e} (check `dead_letter.security`, \
-                         or the source's `security` when the dead letters use its brokers)"
-                    )
-                })?;
+                let keys = "`dead_letter.security`, or the source's `security` when the dead letters use its brokers";
+                publisher
+                    .reach(KAFKA_REACH_TIMEOUT, keys)
+                    .await
+                    .map_err(|e| format!("dead-letter topic `{topic}`: cannot reach Kafka at `{brokers}`: {e}"))?;
                 Ok((DeadLetterSink::Kafka(publisher), None))
             }
             DeadLetterConfig::Nats { url, subject, security } => {

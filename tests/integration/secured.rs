@@ -1,11 +1,12 @@
 //! The gateway between the stack's secured servers: a Kafka route consumes over the broker's
 //! SASL_SSL listener (SCRAM-SHA-512, TLS verified against the stack's CA and the broker's
-//! name) and writes to the secured Cassandra (`cassandra-secure`, CQL 9142: client TLS
-//! required, `PasswordAuthenticator`, `CassandraAuthorizer`) as a role that may only modify and
-//! select its keyspace — rows read back exact, committed offsets at the end, malformed messages
-//! dead-lettered over SASL_SSL with their reasons. A wrong database password, a CA that did not
-//! sign the node's certificate, a wrong Kafka password and a CA that did not sign the broker's
-//! each stop start-up at once, naming the keys to look at; no log line holds a password.
+//! name) and writes to the secured Cassandra (`cassandra-secure`, CQL 9142: client TLS with a
+//! client certificate required, `PasswordAuthenticator`, `CassandraAuthorizer`) as a role that
+//! may only modify and select its keyspace — rows read back exact, committed offsets at the end,
+//! malformed messages dead-lettered over SASL_SSL with their reasons. A wrong database password,
+//! a CA that did not sign the node's certificate, no client certificate, a wrong Kafka password
+//! and a CA that did not sign the broker's each stop start-up at once, naming the keys to look
+//! at; no log line holds a password.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ const MALFORMED: u64 = 12;
 struct Secured<'a> {
     role: &'a str,
     db_ca: &'a Path,
+    /// The client certificate and key presented to the database (it requires one).
+    db_identity: Option<(&'a Path, &'a Path)>,
     db_password: &'a Path,
     kafka_ca: &'a Path,
     kafka_password: &'a Path,
@@ -48,8 +51,12 @@ fn secured_config(names: &Names, secured: &Secured<'_>) -> String {
          password_file = {:?}\nca_file = {:?}\n\n[route.columns]",
         secured.kafka_password, secured.kafka_ca,
     );
+    let identity = secured
+        .db_identity
+        .map(|(cert, key)| format!("cert_file = {cert:?}\nkey_file = {key:?}\n"))
+        .unwrap_or_default();
     format!(
-        "{}\n[cluster.tls]\nca_file = {:?}\n\n[cluster.auth]\nusername = \"{}\"\npassword_file = {:?}\n",
+        "{}\n[cluster.tls]\nca_file = {:?}\n{identity}\n[cluster.auth]\nusername = \"{}\"\npassword_file = {:?}\n",
         toml.replace(
             &plain_db,
             &format!("contact_points = [\"{}\"]", devkit::CASSANDRA_SECURE)
@@ -154,9 +161,11 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     let total = messages.len() as i64;
     devkit::produce(&names.topic, messages).expect("produce");
 
+    let (client_cert, client_key) = devkit::stack_client_identity();
     let secured = Secured {
         role,
         db_ca: &devkit::stack_ca_file(),
+        db_identity: Some((&client_cert, &client_key)),
         db_password: &db_password,
         kafka_ca: &devkit::stack_ca_file(),
         kafka_password: &kafka_password_file,
@@ -224,6 +233,17 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
         "{text}"
     );
 
+    // No client certificate: the node ends the handshake, start-up stops naming `cluster.tls`.
+    let without_certificate = Secured {
+        db_identity: None,
+        ..secured
+    };
+    let text = refused_start(dir, "no-db-certificate", secured_config(&names, &without_certificate));
+    assert!(
+        text.contains("refused the gateway") && text.contains("cluster.tls"),
+        "{text}"
+    );
+
     // A wrong Kafka password: the route cannot subscribe, and says why.
     let wrong_kafka = dir.join("wrong-kafka-password");
     std::fs::write(&wrong_kafka, "not-the-password").expect("wrong password file");
@@ -233,7 +253,7 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
     };
     let text = refused_start(dir, "wrong-kafka", secured_config(&names, &with_wrong_kafka));
     assert!(
-        text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security"),
+        names_kafka_security(&text, "`password_file`") && text.contains("SASL authentication"),
         "{text}"
     );
     assert!(
@@ -247,10 +267,16 @@ async fn rows_flow_from_kafka_sasl_ssl_to_cassandra_with_tls_and_a_password() {
         ..secured
     };
     let text = refused_start(dir, "rogue-kafka-ca", secured_config(&names, &with_rogue_kafka_ca));
-    assert!(
-        text.contains("route `orders`: cannot reach Kafka") && text.contains("`ca_file`"),
-        "{text}"
-    );
+    assert!(names_kafka_security(&text, "`ca_file`"), "{text}");
+}
+
+/// Whether a refused start-up names the Kafka source's `security` and `key` among the keys to
+/// check: in the route's own message, or in its dead letters' when they share the source's
+/// brokers and `security` and are opened first.
+fn names_kafka_security(text: &str, key: &str) -> bool {
+    let source = text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security");
+    let dead_letters = text.contains("dead-letter topic") && text.contains("the source's `security`");
+    (source || dead_letters) && text.contains(key)
 }
 
 /// A random 64-bit number from the OS.
@@ -273,41 +299,44 @@ impl SecuredNats {
 
     fn start(dir: &Path, loader_password: &str, nkey_public: &str) -> SecuredNats {
         let pki = devkit::state_dir().join("pki");
-        let conf = dir.join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
-                 tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n\
-                 authorization {{ users = [ {{ user: \"loader\", password: \"{loader_password}\" }}, {{ nkey: \"{nkey_public}\" }} ] }}\n",
-                port = Self::PORT,
-                store = dir.join("nats-js"),
-                cert = pki.join("server.pem"),
-                key = pki.join("server.key"),
-                ca = pki.join("ca.pem"),
-            ),
-        )
-        .expect("nats.conf");
-        let log = std::fs::File::create(dir.join("nats.log")).expect("nats log");
+        let conf = format!(
+            "jetstream {{ store_dir: {store:?} }}\n\
+             tls {{ cert_file: {cert:?}, key_file: {key:?}, ca_file: {ca:?}, verify: true }}\n\
+             authorization {{ users = [ {{ user: \"loader\", password: \"{loader_password}\" }}, {{ nkey: \"{nkey_public}\" }} ] }}\n",
+            store = dir.join("nats-js"),
+            cert = pki.join("server.pem"),
+            key = pki.join("server.key"),
+            ca = pki.join("ca.pem"),
+        );
+        Self::spawn(dir, "nats", Self::PORT, &conf)
+    }
+
+    /// Starts `nats-server` on `port` with the config `conf` (written to `dir/<name>.conf`, its
+    /// log to `dir/<name>.log`) and waits until it listens.
+    fn spawn(dir: &Path, name: &str, port: u16, conf: &str) -> SecuredNats {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, format!("listen: \"127.0.0.1:{port}\"\n{conf}")).expect("nats conf");
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).expect("nats log");
         let child = std::process::Command::new("nats-server")
             .arg("-c")
-            .arg(&conf)
+            .arg(&path)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("nats-server (installed by deploy/local/stack.sh) starts");
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", Self::PORT)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "the secured nats-server did not listen: {}",
-                std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default()
+                "nats-server `{name}` did not listen: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
         SecuredNats {
             child,
-            url: format!("nats://127.0.0.1:{}", Self::PORT),
+            url: format!("nats://127.0.0.1:{port}"),
         }
     }
 
@@ -334,25 +363,20 @@ impl Drop for SecuredNats {
     }
 }
 
-/// A JetStream route of a NATS server that takes TLS connections with a client certificate
-/// only and logs users in: the gateway connects over TLS (the stack's CA, the stack's client
-/// certificate) as an NKey user — rows exact, every message acknowledged, the malformed ones
-/// dead-lettered to a subject of the same server (the dead letters inherit the source's
-/// `security`). An NKey the server does not know, and the right one without a client
-/// certificate, stop start-up naming `security`; no seed appears in the log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
-    let _lock = gateway_lock().await;
-    let names = Names::new("secured_nats");
-    let dir = &names.dir;
-    let user = nkeys::KeyPair::new_user();
-    let seed = user.seed().expect("seed");
-    let seed_file = dir.join("gateway.nk");
-    std::fs::write(&seed_file, format!("{seed}\n")).expect("seed file");
-    let loader_password = format!("pw-{:016x}", rand_u64());
-    let nats = SecuredNats::start(dir, &loader_password, &user.public_key());
-    let loader = nats.loader(&loader_password).await;
+/// What [`jetstream_orders_flow`] leaves for the negative cases.
+struct JetStreamFlow {
+    /// The route's TOML without `security` (its `[route.columns]` is where it goes).
+    route: String,
+    /// The gateway's log.
+    log: String,
+}
 
+/// The orders (and malformed messages) published through `loader` to a JetStream stream of the
+/// server at `url`; a gateway with the JetStream route and `security` (a `[route.source.security]`
+/// table) drains it: rows exact, every message acknowledged, each malformed one dead-lettered once
+/// to a stream of the same server with its original bytes (the dead letters inherit `security`).
+async fn jetstream_orders_flow(names: &Names, loader: &async_nats::Client, url: &str, security: &str) -> JetStreamFlow {
+    let dir = &names.dir;
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
     devkit::create_orders_table(&session, &names.keyspace)
         .await
@@ -373,23 +397,11 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     assert_eq!(sent, VALID + MALFORMED);
 
     let route = devkit::jetstream_orders_route_toml("orders", &names.keyspace, stream, subject, "gw", dead_subject)
-        .replace(
-            &format!("url = \"{}\"", devkit::NATS),
-            &format!("url = \"{}\"", nats.url),
-        );
-    let (client_cert, client_key) = devkit::stack_client_identity();
-    let identity = format!("cert_file = {client_cert:?}\nkey_file = {client_key:?}\n");
-    let security_with = |seed_file: &Path, identity: &str| {
-        format!(
-            "[route.source.security]\nca_file = {:?}\nnkey_seed_file = {seed_file:?}\n{identity}\n[route.columns]",
-            devkit::stack_ca_file()
-        )
-    };
-    let security = |seed_file: &Path| security_with(seed_file, &identity);
+        .replace(&format!("url = \"{}\"", devkit::NATS), &format!("url = \"{url}\""));
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
-        devkit::gateway_toml(&route.replacen("[route.columns]", &security(&seed_file), 1)),
+        devkit::gateway_toml(&route.replacen("[route.columns]", &format!("{security}\n[route.columns]"), 1)),
     )
     .expect("config");
     let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
@@ -418,8 +430,43 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
         assert_eq!(letter.payload, devkit::malformed_message(j).1, "original bytes");
         assert!(letter.headers.contains_key("shardgate.reason.code"));
     }
-    let text = std::fs::read_to_string(&log).expect("log");
-    assert!(!text.contains(seed.as_str()), "the NKey seed is in the log");
+    JetStreamFlow {
+        route,
+        log: std::fs::read_to_string(&log).expect("log"),
+    }
+}
+
+/// A JetStream route of a NATS server that takes TLS connections with a client certificate
+/// only and logs users in: the gateway connects over TLS (the stack's CA, the stack's client
+/// certificate) as an NKey user — rows exact, every message acknowledged, the malformed ones
+/// dead-lettered to a subject of the same server (the dead letters inherit the source's
+/// `security`). An NKey the server does not know, and the right one without a client
+/// certificate, stop start-up naming `security`; no seed appears in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_nats");
+    let dir = &names.dir;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let seed_file = dir.join("gateway.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("seed file");
+    let loader_password = format!("pw-{:016x}", rand_u64());
+    let nats = SecuredNats::start(dir, &loader_password, &user.public_key());
+    let loader = nats.loader(&loader_password).await;
+
+    let (client_cert, client_key) = devkit::stack_client_identity();
+    let identity = format!("cert_file = {client_cert:?}\nkey_file = {client_key:?}\n");
+    let security_with = |seed_file: &Path, identity: &str| {
+        format!(
+            "[route.source.security]\nca_file = {:?}\nnkey_seed_file = {seed_file:?}\n{identity}",
+            devkit::stack_ca_file()
+        )
+    };
+    let flow = jetstream_orders_flow(&names, &loader, &nats.url, &security_with(&seed_file, &identity)).await;
+    assert!(!flow.log.contains(seed.as_str()), "the NKey seed is in the log");
+    let route = flow.route;
+    let security = |seed_file: &Path| format!("{}\n[route.columns]", security_with(seed_file, &identity));
 
     // An NKey the server does not know: the connection is refused, start-up says where to look.
     let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
@@ -440,7 +487,11 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     let text = refused_start(
         dir,
         "no-certificate",
-        devkit::gateway_toml(&route.replacen("[route.columns]", &security_with(&seed_file, ""), 1)),
+        devkit::gateway_toml(&route.replacen(
+            "[route.columns]",
+            &format!("{}\n[route.columns]", security_with(&seed_file, "")),
+            1,
+        )),
     );
     assert!(
         text.contains("cannot connect to NATS") && text.contains("check `security`"),
@@ -448,12 +499,158 @@ async fn a_jetstream_route_reads_over_tls_as_an_nkey_user() {
     );
 }
 
-/// A RabbitMQ route over `amqps://` (the stack's CA) as user `shardgate`, its password from a
-/// file: rows exact, the queue drained, malformed messages dead-lettered over the same TLS
-/// connection's broker (the dead letters inherit the source's `security`). A wrong password
-/// stops start-up naming `security`; no password appears in the log.
+/// A NATS JWT (`ed25519-nkey`, as nats-io/jwt v2 encodes them) of the `nats` claims about
+/// `subject`, signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let issued = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": format!("{:016X}{:016X}", rand_u64(), rand_u64()),
+        "iat": issued,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64.encode(claims.to_string())
+    );
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64.encode(signature))
+}
+
+/// A `.creds` file (as `nsc` writes them) of a new user of `account`, written to
+/// `dir/<name>.creds`; its path and the user's seed.
+fn user_creds(dir: &Path, name: &str, account: &nkeys::KeyPair) -> (std::path::PathBuf, String) {
+    let user = nkeys::KeyPair::new_user();
+    let jwt = nats_jwt(
+        account,
+        &user.public_key(),
+        name,
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    let seed = user.seed().expect("seed");
+    let path = dir.join(format!("{name}.creds"));
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\
+             NKEYs are sensitive and should be treated as secrets.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+             *************************************************************\n"
+        ),
+    )
+    .expect("creds file");
+    (path, seed)
+}
+
+/// A JetStream route of a NATS server in operator mode (decentralized JWT authentication: an
+/// operator, an account with JetStream preloaded in the server's memory resolver, users whose
+/// JWTs the account signed — all made here with the test's own NKeys), over TLS: the gateway
+/// logs in with a `.creds` file (`creds_file`) — rows exact, every message acknowledged, the
+/// malformed ones dead-lettered over the same login. A user of an account the operator never
+/// signed stops start-up naming `security`; no seed appears in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
+async fn a_jetstream_route_reads_as_the_user_of_a_creds_file() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("secured_creds");
+    let dir = &names.dir;
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "shardgate-test",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "orders",
+        serde_json::json!({"limits": unlimited, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}),
+    );
+    // JetStream needs the server's system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"limits": {"subs": -1, "data": -1, "payload": -1, "conn": -1}, "type": "account", "version": 2}),
+    );
+    let operator_file = dir.join("operator.jwt");
+    std::fs::write(&operator_file, &operator_jwt).expect("operator JWT");
+    let pki = devkit::state_dir().join("pki");
+    let conf = format!(
+        "jetstream {{ store_dir: {store:?} }}\n\
+         tls {{ cert_file: {cert:?}, key_file: {key:?} }}\n\
+         operator: {operator_file:?}\nsystem_account: {system}\nresolver: MEMORY\n\
+         resolver_preload: {{ {account}: \"{account_jwt}\", {system}: \"{system_jwt}\" }}\n",
+        store = dir.join("nats-js"),
+        cert = pki.join("server.pem"),
+        key = pki.join("server.key"),
+        account = account.public_key(),
+        system = system.public_key(),
+    );
+    let nats = SecuredNats::spawn(dir, "operator-nats", 4234, &conf);
+    let (loader_creds, _) = user_creds(dir, "loader", &account);
+    shardgate::tls::install_crypto_provider();
+    let loader = async_nats::ConnectOptions::with_credentials_file(&loader_creds)
+        .await
+        .expect("the loader's creds")
+        .require_tls(true)
+        .add_root_certificates(devkit::stack_ca_file())
+        .connect(&nats.url)
+        .await
+        .expect("the loader logs in with its creds");
+
+    let (creds, seed) = user_creds(dir, "gateway", &account);
+    let security = |creds: &Path| {
+        format!(
+            "[route.source.security]\nca_file = {:?}\ncreds_file = {creds:?}\n",
+            devkit::stack_ca_file()
+        )
+    };
+    let flow = jetstream_orders_flow(&names, &loader, &nats.url, &security(&creds)).await;
+    assert!(!flow.log.contains(seed.as_str()), "the user's seed is in the log");
+
+    // A user of an account the operator never signed: the server refuses the login.
+    let (stranger, stranger_seed) = user_creds(dir, "stranger", &nkeys::KeyPair::new_account());
+    let text = refused_start(
+        dir,
+        "stranger",
+        devkit::gateway_toml(&flow.route.replacen(
+            "[route.columns]",
+            &format!("{}\n[route.columns]", security(&stranger)),
+            1,
+        )),
+    );
+    assert!(
+        text.contains("cannot connect to NATS") && text.contains("check `security`"),
+        "{text}"
+    );
+    assert!(!text.contains(stranger_seed.as_str()), "the seed is in the log");
+}
+
+/// A RabbitMQ route over `amqps://` (the stack's CA; the listener requires a client certificate
+/// of it, and the route presents the stack's) as user `shardgate`, its password from a file:
+/// rows exact, the queue drained, malformed messages dead-lettered over the same TLS
+/// connection's broker (the dead letters inherit the source's `security`). A wrong password,
+/// and no client certificate, each stop start-up naming `security`; no password appears in the
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_route_reads_over_amqps_with_a_client_certificate_and_a_password_file() {
     let _lock = gateway_lock().await;
     let names = Names::new("secured_amqp");
     let dir = &names.dir;
@@ -481,15 +678,21 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
         &format!("url = \"{}\"", devkit::AMQPS),
     );
     assert!(route.contains(devkit::AMQPS));
-    let config_with = |password_file: &Path| {
+    let (client_cert, client_key) = devkit::stack_client_identity();
+    let config_with = |password_file: &Path, identity: bool| {
+        let identity = if identity {
+            format!("cert_file = {client_cert:?}\nkey_file = {client_key:?}\n")
+        } else {
+            String::new()
+        };
         let security = format!(
-            "[route.source.security]\nusername = \"shardgate\"\npassword_file = {password_file:?}\nca_file = {:?}\n\n[route.columns]",
+            "[route.source.security]\nusername = \"shardgate\"\npassword_file = {password_file:?}\nca_file = {:?}\n{identity}\n[route.columns]",
             devkit::stack_ca_file()
         );
         devkit::gateway_toml(&route.replacen("[route.columns]", &security, 1))
     };
     let config = dir.join("gateway.toml");
-    std::fs::write(&config, config_with(&password_file)).expect("config");
+    std::fs::write(&config, config_with(&password_file, true)).expect("config");
     let gateway = Gateway::start(&gateway_binary(), &config, &dir.join("gateway.log")).expect("gateway starts");
     devkit::wait_for_orders(&session, &names.keyspace, VALID, Duration::from_secs(120))
         .await
@@ -520,7 +723,7 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
     // A wrong password: the broker refuses the login, start-up says where to look.
     let wrong_file = dir.join("wrong-password");
     std::fs::write(&wrong_file, "not-the-password\n").expect("wrong password file");
-    let text = refused_start(dir, "wrong", config_with(&wrong_file));
+    let text = refused_start(dir, "wrong", config_with(&wrong_file, true));
     assert!(
         text.contains("cannot connect to RabbitMQ") && text.contains("check `security`"),
         "{text}"
@@ -529,6 +732,14 @@ async fn a_rabbitmq_route_reads_over_amqps_with_a_password_file() {
         !text.contains("not-the-password") && !text.contains(&password),
         "a password is in the log"
     );
+
+    // The right password without a client certificate: the listener ends the handshake.
+    let text = refused_start(dir, "no-certificate", config_with(&password_file, false));
+    assert!(
+        text.contains("cannot connect to RabbitMQ") && text.contains("`cert_file`"),
+        "{text}"
+    );
+    assert!(!text.contains(&password), "the password is in the log");
 }
 
 /// A ZeroMQ route with CURVE: the gateway's PULL socket is a CURVE server with its secret key
@@ -728,11 +939,7 @@ async fn a_kafka_route_reads_over_ssl_with_a_required_client_certificate() {
     );
     for (name, identity) in [("no-certificate", None), ("rogue-certificate", Some(&rogue))] {
         let text = refused_start(dir, name, config_with(identity));
-        // The dead letters share the source's brokers and `security`; whichever is opened first
-        // names the keys to check.
-        let source = text.contains("route `orders`: cannot reach Kafka") && text.contains("source.security");
-        let dead_letters = text.contains("dead-letter topic") && text.contains("the source's `security`");
-        assert!(source || dead_letters, "{name}: {text}");
+        assert!(names_kafka_security(&text, "security"), "{name}: {text}");
     }
 
     // Dead letters of their own on the SASL_SSL listener with a wrong password: start-up stops

@@ -39,6 +39,7 @@ use super::tap::{durable_of, Taps};
 use crate::config::{KafkaSecurity, KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::runtime::shutdown::Stop;
+use crate::sink::broker::kafka::security_hint;
 use crate::topology::kafka_partition_owner;
 pub use ack::Completion;
 use ack::KafkaOrigin;
@@ -313,11 +314,14 @@ pub fn subscribe(
     Ok(consumer)
 }
 
+/// The keys a route's Kafka client errors point to.
+const ROUTE_SECURITY: &str = "the route's `source.security`";
+
 /// Why a consumer could not subscribe: librdkafka's error, and the last error it reported
 /// meanwhile — where a refused SASL login or a failed TLS handshake is named.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}{}", match cause {
-    Some(cause) => format!("; last client error: {cause}{}", security_hint(cause)),
+    Some(cause) => format!("; last client error: {cause}{}", security_hint(cause, ROUTE_SECURITY)),
     None => String::new(),
 })]
 pub struct SubscribeError {
@@ -325,19 +329,6 @@ pub struct SubscribeError {
     pub error: KafkaError,
     /// The client's last reported error.
     pub cause: Option<String>,
-}
-
-/// Which keys to look at for a client error that is about credentials or TLS.
-fn security_hint(cause: &str) -> &'static str {
-    // Broker names carry the protocol (`sasl_ssl://…`), so match the failure's own words.
-    let cause = cause.to_ascii_lowercase();
-    if cause.contains("handshake") || cause.contains("certificate") {
-        " (check the route's `source.security`: `protocol`, `ca_file`, `verify_hostname`)"
-    } else if cause.contains("authentication") {
-        " (check the route's `source.security`: `mechanism`, `username`, `password_file`)"
-    } else {
-        ""
-    }
 }
 
 /// A message's headers whose values are UTF-8 text.
@@ -876,7 +867,7 @@ impl Poller {
 
 #[cfg(test)]
 mod tests {
-    use super::security_hint;
+    use super::{security_hint, ROUTE_SECURITY};
 
     /// The hints for librdkafka's own words, as the local SASL_SSL broker gave them: a refused
     /// SCRAM login and a broker certificate of an unknown CA (both name `sasl_ssl://`).
@@ -888,8 +879,10 @@ mod tests {
                      with SASL mechanism SCRAM-SHA-512 (after 324ms in state AUTH_REQ)";
         let tls = "Global error: SSL (Local: SSL error): sasl_ssl://127.0.0.1:9095/bootstrap: SSL handshake failed: \
                    error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified";
-        assert!(security_hint(login).contains("`password_file`"));
-        assert!(security_hint(tls).contains("`ca_file`"));
-        assert_eq!(security_hint("Local: Broker transport failure"), "");
+        assert!(
+            security_hint(login, ROUTE_SECURITY).contains("source.security`: `mechanism`, `username`, `password_file`")
+        );
+        assert!(security_hint(tls, ROUTE_SECURITY).contains("source.security`: `protocol`, `ca_file`"));
+        assert_eq!(security_hint("Local: Broker transport failure", ROUTE_SECURITY), "");
     }
 }

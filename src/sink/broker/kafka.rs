@@ -2,6 +2,7 @@
 //! acknowledged the record. Threads: librdkafka's own threads do the IO; `publish` is awaited on
 //! whichever thread sends (a core, `shardgate replay`).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -9,6 +10,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
 
 use crate::config::KafkaSecurity;
 
@@ -17,8 +19,43 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Publishes to one topic.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: FutureProducer<LastClientError>,
     topic: String,
+    /// The producer context's last error (the context itself is not reachable through the
+    /// producer).
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+/// Logs each error librdkafka reports (`kafka client error`) and keeps the last one: a refused
+/// SASL login or a failed handshake is named there, not in the error of the request that failed.
+pub struct LastClientError {
+    topic: String,
+    last: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for LastClientError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(topic = %self.topic, %error, reason, "kafka client error");
+        let text = format!("{error}: {reason}");
+        match self.last.lock() {
+            Ok(mut last) => *last = Some(text),
+            Err(poisoned) => *poisoned.into_inner() = Some(text),
+        }
+    }
+}
+
+/// Which keys to look at (`keys`, e.g. "the route's `source.security`") for a client error that
+/// is about credentials or TLS; empty for any other.
+pub fn security_hint(cause: &str, keys: &str) -> String {
+    // Broker names carry the protocol (`sasl_ssl://…`), so match the failure's own words.
+    let cause = cause.to_ascii_lowercase();
+    if cause.contains("handshake") || cause.contains("certificate") {
+        format!(" (check {keys}: `protocol`, `ca_file`, `cert_file`, `verify_hostname`)")
+    } else if cause.contains("authentication") {
+        format!(" (check {keys}: `mechanism`, `username`, `password_file`)")
+    } else {
+        String::new()
+    }
 }
 
 impl KafkaPublisher {
@@ -34,20 +71,34 @@ impl KafkaPublisher {
         for (key, value) in security.into_iter().flat_map(KafkaSecurity::properties) {
             config.set(key, value);
         }
-        let producer = config.create()?;
+        let last_error = Arc::new(Mutex::new(None));
+        let producer = config.create_with_context(LastClientError {
+            topic: topic.to_string(),
+            last: last_error.clone(),
+        })?;
         Ok(KafkaPublisher {
             producer,
             topic: topic.to_string(),
+            last_error,
         })
     }
 
     /// Asks the brokers for their metadata (all topics: nothing is created), so that a refused
-    /// login or handshake stops start-up instead of failing each publish later.
-    pub async fn reach(&self, timeout: Duration) -> Result<(), KafkaError> {
+    /// login or handshake stops start-up instead of failing each publish later. The error names
+    /// librdkafka's last reported error and, for credentials or TLS, the keys of `keys`.
+    pub async fn reach(&self, timeout: Duration, keys: &str) -> Result<(), String> {
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
+        let fetched = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
             .await
-            .map_err(|_| KafkaError::Canceled)?
+            .map_err(|_| "the metadata request was cancelled".to_string())?;
+        let last = match self.last_error.lock() {
+            Ok(last) => last.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        fetched.map_err(|error| match last {
+            Some(cause) => format!("{error}; last client error: {cause}{}", security_hint(&cause, keys)),
+            None => format!("{error} (check {keys})"),
+        })
     }
 
     /// The topic.
