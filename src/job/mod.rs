@@ -321,12 +321,9 @@ impl Sink {
                 let publisher = crate::sink::broker::kafka::KafkaPublisher::new(brokers, topic, security.as_ref())
                     .with_context(|| format!("job `{job}`: kafka sink {topic}"))?;
                 // A refused login or handshake fails the run now, naming the sink's keys.
-                publisher
-                    .reach(std::time::Duration::from_secs(15), "the sink's `security`")
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("job `{job}`: kafka sink `{topic}`: cannot reach Kafka at `{brokers}`: {e}")
-                    })?;
+                publisher.reach("the sink's `security`").await.map_err(|e| {
+                    anyhow::anyhow!("job `{job}`: kafka sink `{topic}`: cannot reach Kafka at `{brokers}`: {e}")
+                })?;
                 Sink::Kafka(publisher)
             }
             JobSinkConfig::RabbitMq {

@@ -128,9 +128,6 @@ impl DeadLetter<'_> {
     }
 }
 
-/// How long start-up waits for a Kafka dead-letter destination's brokers to answer.
-const KAFKA_REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// Where a route's dead letters go.
 pub enum DeadLetterSink {
     /// A Kafka topic.
@@ -162,7 +159,7 @@ impl DeadLetterSink {
                     .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
                 let keys = "`dead_letter.security`, or the source's `security` when the dead letters use its brokers";
                 publisher
-                    .reach(KAFKA_REACH_TIMEOUT, keys)
+                    .reach(keys)
                     .await
                     .map_err(|e| format!("dead-letter topic `{topic}`: cannot reach Kafka at `{brokers}`: {e}"))?;
                 Ok((DeadLetterSink::Kafka(publisher), None))

@@ -39,7 +39,7 @@ use super::tap::{durable_of, Taps};
 use crate::config::{KafkaSecurity, KafkaSourceConfig, StartFrom};
 use crate::mapping::next_write_timestamp_us;
 use crate::runtime::shutdown::Stop;
-use crate::sink::broker::kafka::security_hint;
+use crate::sink::broker::kafka::{security_hint, LastError};
 use crate::topology::kafka_partition_owner;
 pub use ack::Completion;
 use ack::KafkaOrigin;
@@ -82,7 +82,7 @@ const STATISTICS_INTERVAL_MS: &str = "5000";
 pub struct RebalanceRecorder {
     route: String,
     events: Mutex<Vec<RebalanceEvent>>,
-    last_error: Mutex<Option<String>>,
+    last_error: LastError,
 }
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<i32> {
@@ -94,16 +94,13 @@ impl RebalanceRecorder {
         RebalanceRecorder {
             route: route.to_string(),
             events: Mutex::new(Vec::new()),
-            last_error: Mutex::new(None),
+            last_error: LastError::default(),
         }
     }
 
     /// The last error librdkafka reported, if any.
     fn last_error(&self) -> Option<String> {
-        match self.last_error.lock() {
-            Ok(last) => last.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.last_error.get()
     }
 
     fn push(&self, event: RebalanceEvent) {
@@ -125,11 +122,7 @@ impl ClientContext for RebalanceRecorder {
     /// Logged and kept: start-up names it when the brokers cannot be reached.
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(route = %self.route, %error, reason, "kafka client error");
-        let text = format!("{error}: {reason}");
-        match self.last_error.lock() {
-            Ok(mut last) => *last = Some(text),
-            Err(poisoned) => *poisoned.into_inner() = Some(text),
-        }
+        self.last_error.record(&error, reason);
     }
 
     /// `shardgate_kafka_consumer_lag{route, topic, partition}`: high watermark minus the

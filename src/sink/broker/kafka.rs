@@ -17,30 +17,53 @@ use crate::config::KafkaSecurity;
 /// How long one publish may wait in librdkafka's queue and for the broker.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long [`KafkaPublisher::reach`] waits for the brokers to answer.
+const REACH_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Publishes to one topic.
 pub struct KafkaPublisher {
-    producer: FutureProducer<LastClientError>,
+    producer: FutureProducer<PublisherContext>,
     topic: String,
     /// The producer context's last error (the context itself is not reachable through the
     /// producer).
-    last_error: Arc<Mutex<Option<String>>>,
+    last_error: Arc<LastError>,
 }
 
-/// Logs each error librdkafka reports (`kafka client error`) and keeps the last one: a refused
-/// SASL login or a failed handshake is named there, not in the error of the request that failed.
-pub struct LastClientError {
-    topic: String,
-    last: Arc<Mutex<Option<String>>>,
-}
+/// The last error a librdkafka client reported: a refused SASL login or a failed handshake is
+/// named there, not in the error of the request that failed. Kept by the clients' contexts.
+#[derive(Default)]
+pub struct LastError(Mutex<Option<String>>);
 
-impl ClientContext for LastClientError {
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(topic = %self.topic, %error, reason, "kafka client error");
+impl LastError {
+    /// Keeps `error` and librdkafka's `reason` as the last error.
+    pub fn record(&self, error: &KafkaError, reason: &str) {
         let text = format!("{error}: {reason}");
-        match self.last.lock() {
+        match self.0.lock() {
             Ok(mut last) => *last = Some(text),
             Err(poisoned) => *poisoned.into_inner() = Some(text),
         }
+    }
+
+    /// The last error recorded, if any.
+    pub fn get(&self) -> Option<String> {
+        match self.0.lock() {
+            Ok(last) => last.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The publisher's context: logs each error librdkafka reports (`kafka client error`) and
+/// keeps the last one.
+struct PublisherContext {
+    topic: String,
+    last: Arc<LastError>,
+}
+
+impl ClientContext for PublisherContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(topic = %self.topic, %error, reason, "kafka client error");
+        self.last.record(&error, reason);
     }
 }
 
@@ -71,8 +94,8 @@ impl KafkaPublisher {
         for (key, value) in security.into_iter().flat_map(KafkaSecurity::properties) {
             config.set(key, value);
         }
-        let last_error = Arc::new(Mutex::new(None));
-        let producer = config.create_with_context(LastClientError {
+        let last_error = Arc::new(LastError::default());
+        let producer = config.create_with_context(PublisherContext {
             topic: topic.to_string(),
             last: last_error.clone(),
         })?;
@@ -83,19 +106,17 @@ impl KafkaPublisher {
         })
     }
 
-    /// Asks the brokers for their metadata (all topics: nothing is created), so that a refused
-    /// login or handshake stops start-up instead of failing each publish later. The error names
-    /// librdkafka's last reported error and, for credentials or TLS, the keys of `keys`.
-    pub async fn reach(&self, timeout: Duration, keys: &str) -> Result<(), String> {
+    /// Asks the brokers for their metadata (all topics: nothing is created; 15 s at most), so
+    /// that a refused login or handshake stops start-up instead of failing each publish later.
+    /// The error names librdkafka's last reported error and, for credentials or TLS, the keys of
+    /// `keys`.
+    pub async fn reach(&self, keys: &str) -> Result<(), String> {
         let producer = self.producer.clone();
-        let fetched = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).map(|_| ()))
-            .await
-            .map_err(|_| "the metadata request was cancelled".to_string())?;
-        let last = match self.last_error.lock() {
-            Ok(last) => last.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        fetched.map_err(|error| match last {
+        let fetched =
+            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, REACH_TIMEOUT).map(|_| ()))
+                .await
+                .map_err(|_| "the metadata request was cancelled".to_string())?;
+        fetched.map_err(|error| match self.last_error.get() {
             Some(cause) => format!("{error}; last client error: {cause}{}", security_hint(&cause, keys)),
             None => format!("{error} (check {keys})"),
         })
