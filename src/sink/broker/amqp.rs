@@ -23,6 +23,7 @@ pub async fn connect(url: &str, security: Option<&AmqpSecurity>) -> Result<Conne
         uri.authority.userinfo.username = username.clone();
         uri.authority.userinfo.password = password.clone();
     }
+    let over_tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
     let tls = OwnedTLSConfig {
         identity: security.identity.as_ref().map(|(cert, key)| OwnedIdentity::PKCS8 {
             pem: cert.clone(),
@@ -33,19 +34,39 @@ pub async fn connect(url: &str, security: Option<&AmqpSecurity>) -> Result<Conne
     Connection::connect_uri_with_config(uri, ConnectionProperties::default(), tls)
         .await
         .map_err(|e| {
-            // lapin reports the cause only as text: ACCESS_REFUSED for a bad login, rustls'
-            // certificate errors for a failed handshake.
             let text = e.to_string();
-            let lower = text.to_ascii_lowercase();
-            let hint = if lower.contains("access_refused") || lower.contains("auth") {
-                " (check `security`: `username`, `password_file`)"
-            } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-                " (check `security`: `ca_file`, `cert_file`, `key_file`)"
-            } else {
-                ""
-            };
+            let hint = refusal_hint(&text, over_tls);
             format!("{text}{hint}")
         })
+}
+
+/// The `security` keys to check for a refused connection, from lapin's error text (lapin reports
+/// the cause only as text): ACCESS_REFUSED for a bad login, rustls' certificate errors for a
+/// failed handshake. Over TLS a listener that wants a client certificate may instead close the
+/// socket once the handshake ends (TLS 1.3 sends its alert after the client's last flight), so
+/// the client sees a broken pipe, a reset or an early end of stream: that also points at TLS.
+fn refusal_hint(text: &str, over_tls: bool) -> &'static str {
+    let lower = text.to_ascii_lowercase();
+    let dropped = [
+        "broken pipe",
+        "connection reset",
+        "unexpected eof",
+        "early eof",
+        "alert",
+    ]
+    .iter()
+    .any(|word| lower.contains(word));
+    if lower.contains("access_refused") || lower.contains("authentication") {
+        " (check `security`: `username`, `password_file`)"
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || (over_tls && dropped)
+    {
+        " (check `security`: `ca_file`, `cert_file`, `key_file`)"
+    } else {
+        ""
+    }
 }
 
 pub use crate::config::redact_url as redact;
@@ -123,5 +144,32 @@ impl AmqpPublisher {
             return Err("the broker refused the message (nack)".to_string());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal_hint;
+
+    #[test]
+    fn a_refused_login_points_at_the_login_keys() {
+        let text = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN";
+        assert!(refusal_hint(text, true).contains("`password_file`"));
+    }
+
+    #[test]
+    fn a_tls_listener_closing_the_socket_points_at_the_certificate_keys() {
+        for text in [
+            "IO error: Broken pipe (os error 32)",
+            "IO error: Connection reset by peer (os error 104)",
+            "invalid peer certificate: UnknownIssuer",
+        ] {
+            assert!(refusal_hint(text, true).contains("`cert_file`"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_dropped_plain_connection_names_no_tls_keys() {
+        assert_eq!(refusal_hint("IO error: Broken pipe (os error 32)", false), "");
     }
 }
