@@ -71,6 +71,16 @@ pub fn stack_kafka_password_file() -> PathBuf {
     state_dir().join("pki/kafka-password")
 }
 
+/// A Kafka `security` inline table for [`KAFKA_SECURE`]: SASL_SSL as user `shardgate`
+/// (SCRAM-SHA-512, [`stack_kafka_password_file`]), trusting [`stack_ca_file`].
+pub fn kafka_sasl_ssl_security_toml() -> String {
+    format!(
+        "{{ protocol = \"sasl_ssl\", mechanism = \"SCRAM-SHA-512\", username = \"shardgate\", password_file = {:?}, ca_file = {:?} }}",
+        stack_kafka_password_file(),
+        stack_ca_file()
+    )
+}
+
 /// The local RabbitMQ's amqps listener (certificate of [`stack_ca_file`]; user `shardgate`,
 /// password in [`stack_rabbitmq_password_file`]).
 pub const AMQPS: &str = "amqps://127.0.0.1:5671/%2f";

@@ -136,7 +136,7 @@ measures = { customers = "distinct(row.customer_id)", orders = "count()" }
 [[job.sink]]
 table = "KS.hourly"
 [[job.sink]]
-kafka = { brokers = ["127.0.0.1:9092"], topic = "TOPIC" }
+kafka = { brokers = ["127.0.0.1:9095"], topic = "TOPIC", security = KAFKA_SECURITY }
 [[job.sink]]
 nats = { url = "nats://127.0.0.1:4222", subject = "SUBJECT", jetstream = true }
 [[job.sink]]
@@ -334,7 +334,8 @@ fn hourly_result(payload: &[u8]) -> (i64, (i64, i64)) {
 async fn scan_jobs_aggregate_exactly_into_tables() {
     let _lock = gateway_lock().await;
     let names = Names::new("jobs_exact");
-    // The hourly results go to a table, a Kafka topic, a JetStream stream and a RabbitMQ queue.
+    // The hourly results go to a table, a Kafka topic (written over the broker's SASL_SSL
+    // listener, read back here over the plain one), a JetStream stream and a RabbitMQ queue.
     let stream = format!("JOBS_{}", names.group.replace('-', "_"));
     let subject = format!("{}.hourly", names.topic);
     devkit::create_topic(&names.topic, 1).await.expect("topic");
@@ -342,6 +343,7 @@ async fn scan_jobs_aggregate_exactly_into_tables() {
     let queue = format!("{}.hourly", names.group);
     devkit::recreate_queue(&queue).await.expect("queue");
     let hourly = HOURLY
+        .replace("KAFKA_SECURITY", &devkit::kafka_sasl_ssl_security_toml())
         .replace("TOPIC", &names.topic)
         .replace("SUBJECT", &subject)
         .replace("QUEUE", &queue);

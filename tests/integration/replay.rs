@@ -1,8 +1,9 @@
 //! `shardgate replay` against the real Kafka and Cassandra: a route whose computed column only
 //! knows `price` dead-letters the messages that carry `unit_price`; after the config is fixed,
 //! replay writes them, sends the hopeless ones (not JSON) back to the dead-letter destination,
-//! and a second run replays only those. Once with a Kafka dead-letter topic, once with a
-//! dead-letter table.
+//! and a second run replays only those. Once with a Kafka dead-letter topic — that route reads
+//! over the broker's SASL_SSL listener, so its dead letters are written and replayed there —
+//! once with a dead-letter table.
 
 use std::process::Command;
 use std::time::Duration;
@@ -22,7 +23,7 @@ const FIXED_TOTAL: &str = "double(msg.qty) * (has(msg.price) ? msg.price : msg.u
 
 fn config(names: &Names, total: &str) -> String {
     let ks = &names.keyspace;
-    let route = |name: &str, topic: &str, dead_letter: &str| {
+    let route = |name: &str, topic: &str, dead_letter: &str, kafka: &str, security: &str| {
         format!(
             r#"
 [[route]]
@@ -35,6 +36,7 @@ topic = "{topic}"
 group_id = "{group}-{name}"
 start_from = "earliest"
 commit_interval_ms = 500
+{security}
 [route.columns]
 id = "$key"
 qty = "qty"
@@ -42,7 +44,6 @@ total = {{ expr = "{total}" }}
 [route.dead_letter]
 {dead_letter}
 "#,
-            kafka = devkit::KAFKA,
             group = names.group,
         )
     };
@@ -50,10 +51,14 @@ total = {{ expr = "{total}" }}
         "via_topic",
         &format!("{}.a", names.topic),
         &format!("kind = \"kafka\"\ntopic = \"{}\"", names.dead_letter_topic),
+        devkit::KAFKA_SECURE,
+        &format!("security = {}", devkit::kafka_sasl_ssl_security_toml()),
     ) + &route(
         "via_table",
         &format!("{}.b", names.topic),
         &format!("kind = \"table\"\ntable = \"{ks}.dead_letters\""),
+        devkit::KAFKA,
+        "",
     );
     devkit::gateway_toml(&routes)
 }
