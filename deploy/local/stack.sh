@@ -66,7 +66,8 @@ wait_ready() {
   return 1
 }
 
-cmd_install() {
+# The Debian packages (the build's system libraries and tools, and the servers' runtimes).
+cmd_packages() {
   local missing=()
   for p in "${apt_packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -78,6 +79,10 @@ cmd_install() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+}
+
+cmd_install() {
+  cmd_packages
   # A running distribution service would hold our ports; ours run from the state directory.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
     systemctl stop rabbitmq-server || true
@@ -443,6 +448,7 @@ cmd_wipe() {
 }
 
 case "${1:-}" in
+  packages) cmd_packages ;;
   install) cmd_install ;;
   fetch) cmd_fetch ;;
   up) cmd_up ;;
@@ -450,5 +456,5 @@ case "${1:-}" in
   down) cmd_down ;;
   stop) stop_one "${2:?usage: $0 stop cassandra|cassandra-secure|kafka|nats|rabbitmq}" ;;
   wipe) cmd_wipe ;;
-  *) die "usage: $0 install|fetch|up|status|down|stop SERVICE|wipe" ;;
+  *) die "usage: $0 packages|install|fetch|up|status|down|stop SERVICE|wipe" ;;
 esac
