@@ -18,6 +18,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text`, or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = shardgate::telemetry::LogFormat::Text)]
+    log_format: shardgate::telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -207,9 +210,9 @@ fn reference(repo: &std::path::Path, write: bool) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    shardgate::telemetry::init_logging();
-    shardgate::tls::install_crypto_provider();
     let cli = Cli::parse();
+    shardgate::telemetry::init_logging(cli.log_format);
+    shardgate::tls::install_crypto_provider();
     let result = match cli.command {
         Command::Check { config } => Config::load(&config)
             .map(|c| {

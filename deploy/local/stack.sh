@@ -377,8 +377,26 @@ rabbit_user() {
   log "rabbitmq amqps listener on 127.0.0.1:5671 (user shardgate)"
 }
 
+# The gateway ports the tests listen on (devkit's INGEST_LISTEN and INGEST_CORE_PORT_BASE up to
+# 64 cores) lie in Linux's ephemeral range: an outgoing connection of any client on the host may
+# take one as its local port, and a gateway started then fails with "Address already in use".
+# Reserving them keeps the kernel from handing them out (needs root; a warning otherwise).
+gateway_ports="50051,50100-50163"
+
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
+  current="$(cat "$file" 2>/dev/null || true)"
+  [[ ",$current," == *",50100-50163,"* ]] && return 0
+  if { printf '%s\n' "${current:+$current,}$gateway_ports" >"$file"; } 2>/dev/null; then
+    log "reserved the gateway's test ports from the ephemeral range ($gateway_ports)"
+  else
+    log "warning: cannot reserve ports $gateway_ports (net.ipv4.ip_local_reserved_ports); a client's local port may take one"
+  fi
+}
+
 cmd_up() {
   cmd_install
+  reserve_ports
   cmd_fetch
   make_pki
   make_client_cert

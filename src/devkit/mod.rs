@@ -692,15 +692,21 @@ impl Gateway {
 
     /// Starts `binary serve --config config`, logging to `log` (truncated), without waiting.
     pub fn spawn(binary: &Path, config: &Path, log: &Path) -> anyhow::Result<Gateway> {
+        let mut command = Command::new(binary);
+        command.args(["serve", "--config"]).arg(config);
+        Gateway::spawn_command(command, log)
+    }
+
+    /// Starts `command` (a `serve` with flags or environment of the caller's), its stdout and
+    /// stderr to `log` (truncated), without waiting.
+    pub fn spawn_command(mut command: Command, log: &Path) -> anyhow::Result<Gateway> {
         let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(binary)
-            .args(["serve", "--config"])
-            .arg(config)
+        let child = command
             .stdout(file.try_clone()?)
             .stderr(file)
             .stdin(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .with_context(|| format!("cannot start {:?}", command.get_program()))?;
         Ok(Gateway {
             child,
             log: log.to_path_buf(),

@@ -265,22 +265,58 @@ fn default_filter() -> EnvFilter {
     EnvFilter::new("info,scylla::network::connection=error,glommio::reactor=off")
 }
 
-/// Installs the global tracing subscriber: compact text to stderr, thread names shown (they
+/// How log lines are written to stderr (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Compact text, coloured on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `message`, the event's fields and
+    /// `threadName` (for log shippers: journald, Vector, Fluent Bit, Loki).
+    Json,
+}
+
+/// Installs the global tracing subscriber writing `format` to stderr, thread names shown (they
 /// name the core or island thread a line came from).
-pub fn init_logging() {
+pub fn init_logging(format: LogFormat) {
     // The driver logs every server warning at WARN from `scylla::network::connection`; the
     // gateway's UNLOGGED batches of one replica and shard (DESIGN §4) make Cassandra warn
     // "Unlogged batch covering N partitions" on each of them. glommio's reactor logs one
     // ERROR, only when a disk does not support polled IO, which is harmless (the spool says so
     // at INFO when it opens). `RUST_LOG` brings both back.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_thread_names(true)
         .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Tells the service manager the gateway is ready (`READY=1`) or stopping (`STOPPING=1`) when
+/// it runs under one that asked (`NOTIFY_SOCKET` set: a systemd `Type=notify` unit); nothing
+/// otherwise. A failure to tell is logged, never fatal.
+pub fn notify_service_manager(ready: bool) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let state = if ready {
+        sd_notify::NotifyState::Ready
+    } else {
+        sd_notify::NotifyState::Stopping
+    };
+    match sd_notify::notify(false, &[state]) {
+        Ok(()) => tracing::info!(ready, "service manager notified"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)"),
+    }
 }
 
 #[cfg(test)]

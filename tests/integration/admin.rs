@@ -5,7 +5,8 @@
 //! the admin port and to the gRPC listeners see the new certificate (rows written through them
 //! read back from Cassandra) while the old CA is no longer trusted; a reload from broken files
 //! keeps the previous certificate serving; SIGHUP never stops the gateway; the token is not
-//! in the log.
+//! in the log. Under a service manager, `serve` says `READY=1` and `STOPPING=1` on
+//! `NOTIFY_SOCKET`, and `--log-format json` writes one JSON object per log line.
 
 use std::path::Path;
 use std::process::Command;
@@ -156,4 +157,59 @@ async fn the_admin_port_takes_https_and_a_token_and_certificates_reload_on_sighu
     );
     let text = std::fs::read_to_string(log).expect("log");
     assert!(!text.contains(&token), "the admin token is in the log");
+}
+
+/// `serve` under a service manager (`NOTIFY_SOCKET`, as systemd sets it for a `Type=notify`
+/// unit): `READY=1` once it serves, with `/ready` answering 200 by then; `STOPPING=1` at
+/// SIGTERM. With `--log-format json` every line of its log is one JSON object with a
+/// timestamp, level, message and thread, the event's fields beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_notifies_the_service_manager_and_logs_json_lines() {
+    use std::os::unix::net::UnixDatagram;
+    let _lock = gateway_lock().await;
+    let names = Names::new("notify");
+    let dir = &names.dir;
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, 64)).expect("config");
+    let socket_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(90)))
+        .expect("timeout");
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path);
+    let gateway = Gateway::spawn_command(command, &dir.join("gateway.log")).expect("gateway starts");
+    let mut buffer = [0u8; 512];
+    let received = socket.recv(&mut buffer).expect("a notification within 90 s");
+    assert_eq!(String::from_utf8_lossy(&buffer[..received]), "READY=1\n");
+    assert_eq!(curl("http", "/ready", None, None), (200, "ready\n".into()));
+    let log = gateway.log.clone();
+    assert!(gateway.stop().expect("stop").success());
+    let received = socket.recv(&mut buffer).expect("a notification at the stop");
+    assert_eq!(String::from_utf8_lossy(&buffer[..received]), "STOPPING=1\n");
+
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}")))
+        .collect();
+    for line in &lines {
+        for key in ["timestamp", "level", "message", "threadName"] {
+            assert!(line[key].is_string(), "no `{key}` in {line}");
+        }
+    }
+    let serving = lines
+        .iter()
+        .find(|line| line["message"] == "shardgate serving")
+        .expect("the serving line");
+    assert_eq!(serving["level"], "INFO");
+    assert!(serving["cores"].as_u64().is_some_and(|cores| cores >= 1), "{serving}");
+    assert!(
+        lines.iter().any(|line| line["message"] == "service manager notified"),
+        "{text}"
+    );
 }
