@@ -201,7 +201,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(cores = cores.len(), cpus = ?cpus, routes = config.routes.len(), "shardgate serving");
     telemetry::admin::set_ready(true);
-    telemetry::notify_service_manager(true);
     // Stream jobs and `every` schedules start on the island.
     if let Some(jobs) = &jobs {
         jobs.start_all();
@@ -209,7 +208,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     island.block_on(wait_for_stop_signal());
     telemetry::admin::set_ready(false);
-    telemetry::notify_service_manager(false);
     // Jobs stop first: stream jobs checkpoint what they folded while the routes still run.
     if let Some(jobs) = &jobs {
         island.block_on(jobs.stop_all(config.runtime.shutdown_deadline));

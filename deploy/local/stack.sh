@@ -384,11 +384,12 @@ rabbit_user() {
 gateway_ports="50051,50100-50163"
 
 reserve_ports() {
-  local file=/proc/sys/net/ipv4/ip_local_reserved_ports current
-  current="$(cat "$file" 2>/dev/null || true)"
-  [[ ",$current," == *",50100-50163,"* ]] && return 0
-  if { printf '%s\n' "${current:+$current,}$gateway_ports" >"$file"; } 2>/dev/null; then
-    log "reserved the gateway's test ports from the ephemeral range ($gateway_ports)"
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports before
+  before="$(cat "$file" 2>/dev/null || true)"
+  # The kernel merges what is written with what it holds, so writing both again is harmless.
+  if { printf '%s\n' "${before:+$before,}$gateway_ports" >"$file"; } 2>/dev/null; then
+    [[ "$(cat "$file")" == "$before" ]] ||
+      log "reserved the gateway's test ports from the ephemeral range ($gateway_ports)"
   else
     log "warning: cannot reserve ports $gateway_ports (net.ipv4.ip_local_reserved_ports); a client's local port may take one"
   fi

@@ -28,10 +28,12 @@ use crate::tls::Reloadable;
 /// Set once the gateway serves, cleared from the stop signal on: what `/ready` answers.
 static READY: AtomicBool = AtomicBool::new(false);
 
-/// Marks the gateway ready (or not): `/ready` and the `shardgate_ready` gauge.
+/// Marks the gateway ready (or, from the stop signal on, not): `/ready`, the `shardgate_ready`
+/// gauge and the service manager (`READY=1` / `STOPPING=1`) all say the same.
 pub fn set_ready(ready: bool) {
     READY.store(ready, Ordering::Relaxed);
     metrics::gauge!(super::metric::READY).set(if ready { 1.0 } else { 0.0 });
+    super::notify_service_manager(ready);
 }
 
 /// How long a client may take over its TLS handshake or to send its request head.

@@ -303,8 +303,8 @@ pub fn init_logging(format: LogFormat) {
 
 /// Tells the service manager the gateway is ready (`READY=1`) or stopping (`STOPPING=1`) when
 /// it runs under one that asked (`NOTIFY_SOCKET` set: a systemd `Type=notify` unit); nothing
-/// otherwise. A failure to tell is logged, never fatal.
-pub fn notify_service_manager(ready: bool) {
+/// otherwise. A failure to tell is logged, never fatal. Called by [`admin::set_ready`].
+fn notify_service_manager(ready: bool) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }

@@ -41,28 +41,20 @@ pub async fn connect(url: &str, security: Option<&AmqpSecurity>) -> Result<Conne
 }
 
 /// The `security` keys to check for a refused connection, from lapin's error text (lapin reports
-/// the cause only as text): ACCESS_REFUSED for a bad login, rustls' certificate errors for a
-/// failed handshake. Over TLS a listener that wants a client certificate may instead close the
-/// socket once the handshake ends (TLS 1.3 sends its alert after the client's last flight), so
-/// the client sees a broken pipe, a reset or an early end of stream: that also points at TLS.
+/// the cause only as text): ACCESS_REFUSED for a bad login, a TLS refusal for a failed handshake.
+/// Over TLS a listener that wants a client certificate may instead close the socket once the
+/// handshake ends (TLS 1.3 sends its alert after the client's last flight), so the client sees a
+/// broken pipe, a reset or an early end of stream: that also points at TLS.
 fn refusal_hint(text: &str, over_tls: bool) -> &'static str {
     let lower = text.to_ascii_lowercase();
-    let dropped = [
-        "broken pipe",
-        "connection reset",
-        "unexpected eof",
-        "early eof",
-        "alert",
-    ]
-    .iter()
-    .any(|word| lower.contains(word));
+    let dropped = || {
+        ["broken pipe", "connection reset", "unexpected eof", "early eof"]
+            .iter()
+            .any(|word| lower.contains(word))
+    };
     if lower.contains("access_refused") || lower.contains("authentication") {
         " (check `security`: `username`, `password_file`)"
-    } else if lower.contains("certificate")
-        || lower.contains("tls")
-        || lower.contains("handshake")
-        || (over_tls && dropped)
-    {
+    } else if super::tls_refusal(text) || (over_tls && dropped()) {
         " (check `security`: `ca_file`, `cert_file`, `key_file`)"
     } else {
         ""

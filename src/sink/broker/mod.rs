@@ -9,3 +9,27 @@
 pub mod amqp;
 pub mod kafka;
 pub mod nats;
+
+/// Whether a connection error's text says the TLS handshake failed or was refused: a
+/// certificate or handshake error, a TLS alert from the server. For client libraries that give
+/// the cause only as text (lapin) or inside an IO error (async-nats).
+fn tls_refusal(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    ["alert", "certificate", "handshake", "tls"]
+        .iter()
+        .any(|word| text.contains(word))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The server's TLS alerts (as the real nats-server sends them) read as TLS refusals; a
+    /// refused TCP connection does not.
+    #[test]
+    fn tls_alerts_are_told_apart_from_other_io_errors() {
+        assert!(super::tls_refusal("IO error: received fatal alert: BadCertificate"));
+        assert!(super::tls_refusal(
+            "IO error: received fatal alert: CertificateRequired"
+        ));
+        assert!(!super::tls_refusal("IO error: Connection refused (os error 111)"));
+    }
+}
