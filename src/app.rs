@@ -467,6 +467,7 @@ impl CoreBody {
                 return;
             }
         }
+        glommio::spawn_local(sample_core(core)).detach();
         let replay = Rc::new(Replayers {
             core,
             routes: self
@@ -502,6 +503,29 @@ impl CoreBody {
         };
         mesh::serve(inbox, sources).await;
         spool::close_on_core().await;
+    }
+}
+
+/// How often a core samples its own CPU use and spool size.
+const CORE_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs on core `core` for its life (detached: it ends with the executor): every second, the
+/// share of the second the core's thread was on the CPU (`shardgate_core_busy_ratio`) and its
+/// spool's live bytes (`shardgate_spool_bytes`, cores with a spool only).
+async fn sample_core(core: usize) {
+    let busy = metrics::gauge!(telemetry::metric::CORE_BUSY, "core" => core.to_string());
+    let spool = metrics::gauge!(telemetry::metric::SPOOL_BYTES, "core" => core.to_string());
+    let mut last = (std::time::Instant::now(), telemetry::thread_cpu_time());
+    loop {
+        glommio::timer::sleep(CORE_SAMPLE_INTERVAL).await;
+        let now = (std::time::Instant::now(), telemetry::thread_cpu_time());
+        if let (Some(before), Some(after)) = (last.1, now.1) {
+            busy.set(telemetry::busy_ratio(after.saturating_sub(before), now.0 - last.0));
+        }
+        last = now;
+        if let Some(bytes) = spool::live_bytes_on_core().await {
+            spool.set(bytes as f64);
+        }
     }
 }
 

@@ -27,5 +27,6 @@ pub mod sink;
 pub mod spool;
 pub mod telemetry;
 pub mod tls;
+pub mod top;
 pub mod topology;
 pub mod wire;

@@ -1,7 +1,8 @@
 //! `shardgate` command line: `serve` runs the gateway, `check` validates a config offline,
 //! `replay` sends a route's dead letters back through the route, `export` streams a table
-//! through the gateway's scan path, `job run` runs a processing job, `reference` checks or writes the generated references
-//! under `deploy/reference/`.
+//! through the gateway's scan path, `job run` runs a processing job, `top` shows a running
+//! gateway live, `reference` checks or writes the generated references under
+//! `deploy/reference/`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,12 +27,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway until SIGTERM or Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  shardgate serve --config /etc/shardgate/shardgate.toml\n  shardgate --log-format json serve --config deploy/examples/kafka.toml"
+    )]
     Serve {
         /// TOML config file.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a config file without connecting to anything.
+    #[command(
+        after_help = "Example:\n  shardgate check --config deploy/shardgate.example.toml\n\nPrints `valid` and a line per listener, route and job that `serve` would run; or the error, naming the key."
+    )]
     Check {
         /// TOML config file.
         #[arg(long, short)]
@@ -41,6 +48,9 @@ enum Command {
     /// now; letters that fail again return to the dead-letter destination. The same as `job
     /// run` of a replay job (`[job.source] replay = "<route>"`); Ctrl-C or SIGTERM stops it
     /// after the chunk in hand is committed.
+    #[command(
+        after_help = "Example:\n  shardgate replay --config /etc/shardgate/shardgate.toml --route orders --metrics 127.0.0.1:9191"
+    )]
     Replay {
         /// TOML config file.
         #[arg(long, short)]
@@ -56,6 +66,9 @@ enum Command {
     /// Streams a table (or the rows a `--where` keeps) through the gateway's scan path to JSON
     /// lines or CSV: planned by the gateway, each split read at its owner core's port. A
     /// progress bar on a terminal, a summary line otherwise.
+    #[command(
+        after_help = "Examples:\n  shardgate export --config gw.toml --table shop.orders --output orders.jsonl --resume orders.state\n  shardgate export --config gw.toml --table shop.orders --columns order_id,amount --where \"amount > 100\" --allow-filtering --format csv"
+    )]
     Export {
         /// TOML config of the gateway to read through (its `[ingest] listen` address).
         #[arg(long, short)]
@@ -90,13 +103,46 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         page_size: u32,
     },
+    /// A live view of a running gateway: a line per core (CPU busy, rows in, written and
+    /// forwarded per second, ingest rows in flight, spool MiB, write p99, errors per second),
+    /// then a line per route (lag or pending, dead letters per second) and per job; refreshed
+    /// from the admin port's `/v1/cores`. `q`, Esc or Ctrl-C quits.
+    #[command(
+        after_help = "Examples:\n  shardgate top\n  shardgate top --admin gw1:9190 --ca-file ca.pem --token-file admin.token\n  shardgate top --once --json"
+    )]
+    Top {
+        /// The gateway's admin port (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9190")]
+        admin: String,
+        /// File holding the admin port's bearer token (when `[admin] token_sha256` is set).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// CA certificate (PEM) of the admin port's certificate: speak HTTPS.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Seconds between refreshes (and, with `--once`, between the two snapshots).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one view (rates over `--interval`) and exit.
+        #[arg(long)]
+        once: bool,
+        /// With `--once`: print the view as JSON.
+        #[arg(long, requires = "once")]
+        json: bool,
+    },
     /// Processing jobs (`[[job]]` in the config).
+    #[command(
+        after_help = "Example:\n  shardgate job run --config /etc/shardgate/shardgate.toml --job revenue_by_customer_hour"
+    )]
     Job {
         #[command(subcommand)]
         action: JobAction,
     },
     /// Checks that the generated references under `deploy/reference/` (configuration keys,
     /// reason codes, the config's JSON Schema) match the code; `--write` rewrites them.
+    #[command(
+        after_help = "Examples:\n  shardgate reference          # fails when a generated reference is stale\n  shardgate reference --write"
+    )]
     Reference {
         /// Repository root.
         #[arg(long, default_value = ".")]
@@ -115,6 +161,9 @@ enum JobAction {
     /// SIGTERM (it checkpoints first), sharing its routes' partitions with every gateway
     /// running it. A replay job sends its route's dead letters back through the route, as
     /// `shardgate replay` does.
+    #[command(
+        after_help = "Examples:\n  shardgate job run --config deploy/examples/grpc.toml --job revenue_by_customer_hour\n  shardgate job run --config gw.toml --job city_minutes --metrics 127.0.0.1:9191"
+    )]
     Run {
         /// TOML config holding the job.
         #[arg(long, short)]
@@ -199,6 +248,31 @@ fn run_job(config: &std::path::Path, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn top(
+    admin: &str,
+    token_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+    interval: f64,
+    once: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !(interval.is_finite() && (0.1..=3600.0).contains(&interval)) {
+        anyhow::bail!("`--interval` = `{interval}`: expected seconds from 0.1 to 3600");
+    }
+    let interval = std::time::Duration::from_secs_f64(interval);
+    let admin = shardgate::top::Admin::new(admin, token_file, ca_file)?;
+    if !once {
+        return shardgate::top::run(&admin, interval);
+    }
+    let view = shardgate::top::view_once(&admin, interval)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", shardgate::top::plain(&view));
+    }
+    Ok(())
+}
+
 fn reference(repo: &std::path::Path, write: bool) -> anyhow::Result<()> {
     let stale = shardgate::reference::write_references(repo, !write)?;
     match (stale.is_empty(), write) {
@@ -222,6 +296,9 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.jobs.len()
                 );
+                for line in c.summary() {
+                    println!("  {line}");
+                }
             })
             .map_err(anyhow::Error::from),
         Command::Serve { config } => Config::load(&config)
@@ -236,6 +313,14 @@ fn main() -> ExitCode {
             })
             .map(|report| println!("route `{route}`: {report}")),
         Command::Reference { repo, write } => reference(&repo, write),
+        Command::Top {
+            admin,
+            token_file,
+            ca_file,
+            interval,
+            once,
+            json,
+        } => top(&admin, token_file.as_deref(), ca_file.as_deref(), interval, once, json),
         Command::Job {
             action: JobAction::Run { config, job, metrics },
         } => serve_metrics(metrics).and_then(|_metrics| run_job(&config, &job)),
@@ -285,5 +370,29 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command's `--help` ends with an example of its use.
+    #[test]
+    fn every_command_has_an_example() {
+        fn walk(command: &clap::Command, path: &str) {
+            for sub in command.get_subcommands().filter(|sub| sub.get_name() != "help") {
+                let path = format!("{path} {}", sub.get_name());
+                let after = sub.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(
+                    after.contains("Example") && after.contains(&path),
+                    "`{path} --help` has no example: {after:?}"
+                );
+                walk(sub, &path);
+            }
+        }
+        let mut cli = super::Cli::command();
+        cli.build();
+        walk(&cli, "shardgate");
     }
 }

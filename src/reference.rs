@@ -516,7 +516,7 @@ mod tests {
     fn readme_names_every_metric_code_and_kind() {
         let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
         let mut missing = Vec::new();
-        for name in crate::telemetry::metric::ALL {
+        for (name, _, _) in crate::telemetry::metric::ALL {
             if !readme.contains(name) {
                 missing.push(format!("metric {name}"));
             }

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Local service stack for shardgate's demo and integration tests, on 127.0.0.1 only.
 #
-#   deploy/local/stack.sh install   apt packages, flatc and grpcurl (idempotent)
+#   deploy/local/stack.sh install   apt packages, flatc, grpcurl and cargo-deb (idempotent)
 #   deploy/local/stack.sh fetch     Cassandra and Kafka jars from Maven into the state directory
 #   deploy/local/stack.sh up        install, fetch, start and wait for every service
 #   deploy/local/stack.sh status    one line per service
 #   deploy/local/stack.sh down      stop every service
-#   deploy/local/stack.sh stop S    stop one service (cassandra, cassandra-secure, kafka, nats, rabbitmq);
+#   deploy/local/stack.sh stop S    stop one service (cassandra, cassandra-secure, kafka, nats, rabbitmq,
+#                                   prometheus);
 #                                   `up` starts it again
 #   deploy/local/stack.sh wipe      down, then delete all service data (jars stay)
 #
 # Services: Cassandra 5.0 (CQL 9042), a secured Cassandra 5.0 (CQL 9142: TLS with client
 # certificates, and passwords), Kafka 4 KRaft (9092, SASL_SSL on 9095, SSL with required client
 # certificates on 9096), NATS + JetStream (4222), RabbitMQ (5672, and amqps with required client
-# certificates on 5671). The secured services use a test CA made here by openssl
+# certificates on 5671), and Prometheus (9090: Debian's package, scraping the gateway's admin port
+# 127.0.0.1:9190 every second, with deploy/prometheus/alerts.yml loaded). The secured services use a test CA made here by openssl
 # ($SHARDGATE_STATE/pki/ca.pem; the client certificate is pki/client.pem). Jars, data, logs and
 # pids live in $SHARDGATE_STATE (default: .state/ at the repository root, git-ignored). Running
 # `up` twice is harmless. A service that fails to start is reported with the tail of its log,
@@ -32,7 +34,7 @@ kafka_heap_mb="${SHARDGATE_KAFKA_HEAP_MB:-768}"
 
 apt_packages=(cmake libcurl4-openssl-dev libssl-dev zlib1g-dev libhwloc-dev libudev-dev
   protobuf-compiler libzmq3-dev pkg-config openjdk-17-jre-headless maven nats-server
-  rabbitmq-server python3-pip python3-venv openssl)
+  rabbitmq-server python3-pip python3-venv openssl prometheus tmux curl)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -96,6 +98,19 @@ cmd_install() {
       log "warning: could not install flatc 25; only needed to regenerate FlatBuffers code"
   fi
   install_grpcurl
+  install_cargo_deb
+}
+
+# cargo-deb builds the .deb (`cargo deb`; packaging.rs installs it). Pinned: its options and
+# defaults move between major versions.
+cargo_deb_version=3.7.0
+install_cargo_deb() {
+  if cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
+    return 0
+  fi
+  log "installing cargo-deb $cargo_deb_version (cargo install)"
+  cargo install -q --locked cargo-deb --version "$cargo_deb_version" ||
+    die "cannot install cargo-deb $cargo_deb_version"
 }
 
 # grpcurl, for the README's grpcurl examples of the query API (run by the test suite): built
@@ -244,6 +259,38 @@ make_client_cert() {
 }
 
 # The passwords of Kafka's SASL user `shardgate` (SCRAM-SHA-512/256 and PLAIN) and of
+# Prometheus from Debian's package, on 127.0.0.1:9090 only: scrapes the admin port the demo and
+# the tests give their gateway (127.0.0.1:9190) every second, and evaluates the alert rules.
+prometheus_ready() { port_open 9090 && curl -sf http://127.0.0.1:9090/-/ready >/dev/null; }
+
+start_prometheus() {
+  local dir="$state/prometheus" pidfile="$state/prometheus/pid"
+  mkdir -p "$dir/data" "$dir/log"
+  cat >"$dir/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  evaluation_interval: 5s
+rule_files:
+  - $repo/deploy/prometheus/alerts.yml
+scrape_configs:
+  - job_name: shardgate
+    static_configs:
+      - targets: ['127.0.0.1:9190']
+EOF
+  if pid_alive "$pidfile" && port_open 9090; then
+    # SIGHUP: it reads its config and the alert rules again.
+    kill -HUP "$(cat "$pidfile")"
+    log "prometheus already running (pid $(cat "$pidfile")); configuration and rules reloaded"
+    return 0
+  fi
+  port_open 9090 && die "port 9090 is taken by another process (Debian's own prometheus service?); stop it first"
+  log "starting prometheus"
+  nohup prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --storage.tsdb.retention.time=1d --web.listen-address=127.0.0.1:9090 \
+    >"$dir/log/prometheus.log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
 # RabbitMQ's user `shardgate` (amqps on 5671), made once per state dir.
 make_passwords() {
   local name
@@ -408,8 +455,10 @@ cmd_up() {
   start_kafka
   start_nats
   start_rabbitmq
+  start_prometheus
   local failed=0
   wait_ready nats "$state/nats/pid" "$state/nats/log/nats.log" 30 nats_ready || failed=1
+  wait_ready prometheus "$state/prometheus/pid" "$state/prometheus/log/prometheus.log" 60 prometheus_ready || failed=1
   wait_ready rabbitmq "$state/rabbitmq/pid" "$state/rabbitmq/log/stdout.log" 90 rabbit_ready || failed=1
   ((failed == 0)) && { rabbit_user || failed=1; }
   wait_ready kafka "$state/kafka/pid" "$state/kafka/log/server.log" 90 kafka_ready || failed=1
@@ -423,7 +472,7 @@ cmd_up() {
 
 cmd_status() {
   local name port
-  for pair in cassandra:9042 cassandra-secure:9142 kafka:9092 nats:4222 rabbitmq:5672; do
+  for pair in cassandra:9042 cassandra-secure:9142 kafka:9092 nats:4222 rabbitmq:5672 prometheus:9090; do
     name="${pair%%:*}" port="${pair##*:}"
     if pid_alive "$state/$name/pid" && port_open "$port"; then
       printf '%-16s up    127.0.0.1:%s  pid %s\n' "$name" "$port" "$(cat "$state/$name/pid")"
@@ -453,6 +502,7 @@ stop_one() {
 }
 
 cmd_down() {
+  stop_one prometheus
   stop_one rabbitmq
   stop_one nats
   stop_one kafka
@@ -462,7 +512,7 @@ cmd_down() {
 
 cmd_wipe() {
   cmd_down
-  rm -rf "$state/cassandra/data" "$state/cassandra-secure/data" "$state/kafka/data" "$state/nats/data" "$state/rabbitmq/mnesia"
+  rm -rf "$state/cassandra/data" "$state/cassandra-secure/data" "$state/kafka/data" "$state/nats/data" "$state/rabbitmq/mnesia" "$state/prometheus/data"
   log "service data removed"
 }
 
@@ -473,7 +523,7 @@ case "${1:-}" in
   up) cmd_up ;;
   status) cmd_status ;;
   down) cmd_down ;;
-  stop) stop_one "${2:?usage: $0 stop cassandra|cassandra-secure|kafka|nats|rabbitmq}" ;;
+  stop) stop_one "${2:?usage: $0 stop cassandra|cassandra-secure|kafka|nats|rabbitmq|prometheus}" ;;
   wipe) cmd_wipe ;;
   *) die "usage: $0 packages|install|fetch|up|status|down|stop SERVICE|wipe" ;;
 esac

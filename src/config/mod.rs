@@ -27,6 +27,7 @@ mod query;
 mod route;
 mod runtime;
 mod source;
+mod summary;
 mod zmq_security;
 
 pub use admin::{AdminConfig, RawAdmin};

@@ -1157,6 +1157,50 @@ pub fn scrape_samples(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow
         .collect())
 }
 
+/// The local stack's Prometheus (Debian's package), scraping [`ADMIN_LISTEN`] every second.
+pub const PROMETHEUS: &str = "127.0.0.1:9090";
+
+/// `GET path` (with its query string) from `addr` over HTTP/1.0 (so the answer is neither
+/// chunked nor kept alive); the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer without a head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("an HTTP answer without a status")?;
+    Ok((status, body.to_string()))
+}
+
+/// `text` percent-encoded for a URL's query string (RFC 3986 unreserved characters kept).
+pub fn url_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => encoded.push(byte as char),
+            _ => encoded.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    encoded
+}
+
+/// Evaluates PromQL `expr` now through [`PROMETHEUS`]'s HTTP API; the result's series (`data.result`).
+pub fn prometheus_query(expr: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (status, body) = http_get(PROMETHEUS, &format!("/api/v1/query?query={}", url_encode(expr)))?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("Prometheus answered {status}: {body}"))?;
+    if answer["status"] != "success" {
+        anyhow::bail!("Prometheus refused `{expr}` ({status}): {}", answer["error"]);
+    }
+    Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
 /// Resident set size of process `pid` in bytes, from /proc.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

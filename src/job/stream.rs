@@ -807,8 +807,21 @@ pub struct Progress {
     pub closed_through_ms: Option<i64>,
 }
 
-/// Reads stream job `job`'s [`Progress`] from `keyspace.job_windows`.
+/// Reads stream job `job`'s [`Progress`] from `keyspace.job_windows`. Before the first stream
+/// job of the keyspace has opened its state (jobs start just after `shardgate serving`), the
+/// table does not exist yet: nothing is checkpointed, and the progress is the default.
 pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::Result<Progress> {
+    let created = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'job_windows'",
+            (keyspace,),
+        )
+        .await?
+        .into_rows_result()?
+        .rows_num();
+    if created == 0 {
+        return Ok(Progress::default());
+    }
     let rows = session
         .query_unpaged(
             format!(

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::thread::JoinHandle;
 
 use glommio::{LocalExecutorBuilder, Placement};
+use hwlocality::cpu::binding::CpuBindingFlags;
 use hwlocality::object::types::ObjectType;
 use hwlocality::Topology;
 
@@ -74,17 +75,29 @@ impl Island {
     }
 }
 
-/// CPUs for the data-plane executors: the first hardware thread of each physical core, as hwloc
+/// CPUs for the data-plane executors: the first hardware thread of each physical core this
+/// process may run on (its CPU affinity: `taskset`, systemd `CPUAffinity=`), as hwloc
 /// reports them. With `requested` cores, the list is cut or repeated to that length.
 pub fn data_plane_cpus(requested: Option<usize>) -> Result<Vec<usize>, RuntimeError> {
     let topology = Topology::new().map_err(|e| RuntimeError::Topology(e.to_string()))?;
+    // The CPUs this thread may run on (`taskset`, systemd's `CPUAffinity=`, a container's
+    // cpuset): a core is used through its first allowed CPU, a core with none is left alone.
+    let allowed = topology.cpu_binding(CpuBindingFlags::THREAD).ok();
     let mut cpus: Vec<usize> = topology
         .objects_with_type(ObjectType::Core)
-        .filter_map(|core| core.cpuset()?.first_set())
+        .filter_map(|core| {
+            let set = core.cpuset()?;
+            match &allowed {
+                Some(allowed) => set.iter_set().find(|cpu| allowed.is_set(*cpu)),
+                None => set.first_set(),
+            }
+        })
         .map(usize::from)
         .collect();
     if cpus.is_empty() {
-        return Err(RuntimeError::Topology("hwloc reports no cores with CPUs".into()));
+        return Err(RuntimeError::Topology(
+            "hwloc reports no cores with CPUs this process may run on".into(),
+        ));
     }
     cpus.sort_unstable();
     let count = requested.unwrap_or(cpus.len());

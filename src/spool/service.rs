@@ -68,6 +68,13 @@ pub(super) fn core_backlog() -> Option<Rc<Backlog>> {
     service().backlog.borrow().clone()
 }
 
+/// Bytes in this core's live spool segments; `None` on a core without a spool.
+pub async fn live_bytes_on_core() -> Option<u64> {
+    let spool = core_spool()?;
+    let bytes = spool.lock().await.live_bytes();
+    Some(bytes)
+}
+
 /// What a core still has to write from its spool. A spooled record is written from memory
 /// while the bytes of such records stay under the core's budget (`held`); beyond it — the
 /// database slow or away — its id waits here (`deferred`) and the record is read back from

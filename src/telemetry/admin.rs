@@ -8,6 +8,9 @@
 //! - `/ready`: 200 `ready` once every source, core and listener is up (`shardgate serving`),
 //!   503 `not ready` before that and from the stop signal on;
 //! - `/metrics`: 200 Prometheus text; 401 without the token when one is configured;
+//! - `/v1/cores`: 200 JSON, the totals per core, route and job (`snapshot::Snapshot`) from the
+//!   same render as `/metrics` (one render per request: `shardgate top` asks once a second);
+//!   401 without the token when one is configured;
 //! - anything else: 404 (401 first when a token is configured and missing).
 
 use std::convert::Infallible;
@@ -59,6 +62,7 @@ pub fn start(
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    super::describe_metrics();
     let upkeep = metrics.clone();
     let _entered = island.enter();
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -155,9 +159,23 @@ fn answer<B>(admin: &Admin, request: &Request<B>) -> Response<Full<Bytes>> {
             );
             response
         }
+        "/v1/cores" => {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |t| t.as_secs_f64());
+            let samples = super::snapshot::parse_prometheus_text(&admin.metrics.render());
+            let snapshot = super::snapshot::Snapshot::of(&samples, at, READY.load(Ordering::Relaxed));
+            let body = serde_json::to_vec(&snapshot).unwrap_or_default();
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: the admin port serves /metrics, /live and /ready\n",
+            "not found: the admin port serves /metrics, /v1/cores, /live and /ready\n",
         ),
     }
 }

@@ -3,6 +3,7 @@
 //! port ([`admin`]), which runs on the island.
 
 pub mod admin;
+pub mod snapshot;
 
 use std::io::IsTerminal;
 
@@ -47,6 +48,21 @@ pub mod metric {
     /// Partitions of a Kafka route's topic assigned to this gateway, by route: 0 while the
     /// consumer is out of its group (alert on it staying 0).
     pub const KAFKA_ASSIGNED_PARTITIONS: &str = "shardgate_kafka_assigned_partitions";
+    /// Messages of a JetStream route's stream not yet delivered to its durable consumer (the
+    /// consumer's `num_pending`, read every few seconds), by `source`.
+    pub const JETSTREAM_PENDING: &str = "shardgate_jetstream_pending";
+    /// Messages the durable consumer delivered and has not had acknowledged (`num_ack_pending`,
+    /// every gateway sharing the durable together), by `source`.
+    pub const JETSTREAM_ACK_PENDING: &str = "shardgate_jetstream_ack_pending";
+    /// Deliveries a RabbitMQ route's channel received and has not acknowledged or rejected yet,
+    /// by `source`: bounded by `prefetch`; at `prefetch` the cores are the bottleneck.
+    pub const AMQP_UNACKED: &str = "shardgate_amqp_unacked";
+    /// Share of the last second a data-plane core's thread spent on the CPU (0 to 1), by `core`:
+    /// a core near 1 is saturated.
+    pub const CORE_BUSY: &str = "shardgate_core_busy_ratio";
+    /// Bytes in a core's live spool segments (records acknowledged or in flight whose segment
+    /// is not yet wholly written), by `core`; compare with `spool.cap_bytes_per_core`.
+    pub const SPOOL_BYTES: &str = "shardgate_spool_bytes";
     /// Group commits of the spools (one sync each, however many batches joined it).
     pub const SPOOL_COMMITS: &str = "shardgate_spool_commits_total";
     /// Spooled records (acknowledged, not yet written) that wait on disk only because their
@@ -62,7 +78,7 @@ pub mod metric {
     /// Splits of a job's current run done (by any gateway), by `job`.
     pub const JOB_SPLITS_DONE: &str = "shardgate_job_splits_done";
     /// Splits of a job's current run, by `job`.
-    pub const JOB_SPLITS_TOTAL: &str = "shardgate_job_splits_total";
+    pub const JOB_SPLITS_TOTAL: &str = "shardgate_job_splits";
     /// Job runs ended, by `job` and `outcome` (`done`, `failed`, `cancelled`).
     pub const JOB_RUNS: &str = "shardgate_job_runs_total";
     /// A stream job's rows that came after every window holding them had closed (dead-lettered
@@ -96,42 +112,232 @@ pub mod metric {
     /// `curve_client_keys_file`, or not CURVE at all), by `source` (the route).
     pub const ZEROMQ_PEERS_REFUSED: &str = "shardgate_zeromq_peers_refused_total";
 
-    /// Every metric above; the README must name each (a test checks).
-    pub const ALL: &[&str] = &[
-        READY,
-        ROWS_RECEIVED,
-        ROWS_WRITTEN,
-        ROWS_FAILED,
-        BATCHES_REFUSED,
-        ROWS_FORWARDED,
-        MESSAGES_FILTERED,
-        INGEST_ROWS_IN_FLIGHT,
-        RECEIVED_BATCH_ROWS,
-        BATCH_ROWS,
-        WRITE_LATENCY_SECONDS,
-        DELIVERY_LATENCY_SECONDS,
-        KAFKA_CONSUMER_LAG,
-        KAFKA_ASSIGNED_PARTITIONS,
-        SPOOL_COMMITS,
-        SPOOL_DEFERRED_RECORDS,
-        ROWS_READ,
-        READ_PAGES,
-        READ_LATENCY_SECONDS,
-        SCAN_SPLITS,
-        READS_REFUSED,
-        JOB_ROWS_READ,
-        JOB_ROWS_OUT,
-        JOB_ROWS_FAILED,
-        JOB_SPLITS_DONE,
-        JOB_SPLITS_TOTAL,
-        JOB_RUNS,
-        JOB_ROWS_LATE,
-        JOB_WATERMARK_LAG,
-        JOB_WINDOWS_CLOSED,
-        TLS_HANDSHAKE_FAILURES,
-        AUTH_FAILURES,
-        ZEROMQ_PEERS_REFUSED,
+    /// Every metric above with its type and help text (`# HELP` on `/metrics`); the README must
+    /// name each (a test checks).
+    pub const ALL: &[(&str, Kind, &str)] = &[
+        (
+            READY,
+            Kind::Gauge,
+            "1 once every source, core and listener is up, 0 before and from the stop signal on.",
+        ),
+        (
+            ROWS_RECEIVED,
+            Kind::Counter,
+            "Rows received from a producer or a source message, by the core that received them.",
+        ),
+        (
+            ROWS_WRITTEN,
+            Kind::Counter,
+            "Rows confirmed by the database, by the core that wrote them.",
+        ),
+        (
+            ROWS_FAILED,
+            Kind::Counter,
+            "Rows rejected or failed (dead-lettered or refused), by core, table, source and error code.",
+        ),
+        (
+            BATCHES_REFUSED,
+            Kind::Counter,
+            "gRPC batches refused as a whole, by core, source and error code.",
+        ),
+        (
+            ROWS_FORWARDED,
+            Kind::Counter,
+            "Rows a core received but did not own, handed once to their owner core.",
+        ),
+        (
+            MESSAGES_FILTERED,
+            Kind::Counter,
+            "Source messages skipped by their route's filter or sent to no table.",
+        ),
+        (
+            INGEST_ROWS_IN_FLIGHT,
+            Kind::Gauge,
+            "Rows admitted into a core's in-flight budget by the ingest API and not yet answered.",
+        ),
+        (
+            RECEIVED_BATCH_ROWS,
+            Kind::Histogram,
+            "Rows per received batch: a gRPC batch, or a source's hand-off to a core.",
+        ),
+        (
+            BATCH_ROWS,
+            Kind::Histogram,
+            "Rows per write sent to the database, by core, table, source, replica and shard.",
+        ),
+        (
+            WRITE_LATENCY_SECONDS,
+            Kind::Histogram,
+            "Latency of one database write (a row or an UNLOGGED batch, retries included).",
+        ),
+        (
+            DELIVERY_LATENCY_SECONDS,
+            Kind::Histogram,
+            "From a source message's timestamp to its rows confirmed or its dead letter delivered.",
+        ),
+        (
+            KAFKA_CONSUMER_LAG,
+            Kind::Gauge,
+            "Messages of a Kafka partition not yet consumed, by route and partition.",
+        ),
+        (
+            KAFKA_ASSIGNED_PARTITIONS,
+            Kind::Gauge,
+            "Partitions of a Kafka route's topic assigned to this gateway, by route.",
+        ),
+        (
+            JETSTREAM_PENDING,
+            Kind::Gauge,
+            "Messages of a JetStream route's stream not yet delivered to its durable consumer, by source.",
+        ),
+        (
+            JETSTREAM_ACK_PENDING,
+            Kind::Gauge,
+            "Messages a JetStream route's durable consumer delivered and has not had acknowledged, by source.",
+        ),
+        (
+            AMQP_UNACKED,
+            Kind::Gauge,
+            "Deliveries a RabbitMQ route received and has not acknowledged or rejected yet, by source.",
+        ),
+        (
+            CORE_BUSY,
+            Kind::Gauge,
+            "Share of the last second a data-plane core's thread spent on the CPU, 0 to 1, by core.",
+        ),
+        (
+            SPOOL_BYTES,
+            Kind::Gauge,
+            "Bytes in a core's live spool segments (acknowledged or in flight, not yet all written), by core.",
+        ),
+        (
+            SPOOL_COMMITS,
+            Kind::Counter,
+            "Group commits of the spools (one sync each).",
+        ),
+        (
+            SPOOL_DEFERRED_RECORDS,
+            Kind::Gauge,
+            "Spooled records waiting on disk only because their core's memory budget is spent.",
+        ),
+        (
+            ROWS_READ,
+            Kind::Counter,
+            "Rows returned by the query API, by core, table and rpc.",
+        ),
+        (
+            READ_PAGES,
+            Kind::Counter,
+            "Pages read from the database by the query API, by core, table and rpc.",
+        ),
+        (
+            READ_LATENCY_SECONDS,
+            Kind::Histogram,
+            "Latency of one page read by the query API, by core, table and rpc.",
+        ),
+        (
+            SCAN_SPLITS,
+            Kind::Counter,
+            "Scan splits by core, table and state (started, done).",
+        ),
+        (
+            READS_REFUSED,
+            Kind::Counter,
+            "Query API requests refused, by core and code.",
+        ),
+        (JOB_ROWS_READ, Kind::Counter, "Rows a processing job read, by job."),
+        (
+            JOB_ROWS_OUT,
+            Kind::Counter,
+            "Results or copied rows a job wrote to its sinks, by job (once per sink).",
+        ),
+        (
+            JOB_ROWS_FAILED,
+            Kind::Counter,
+            "Rows a job's filter or measures failed on, by job.",
+        ),
+        (
+            JOB_SPLITS_DONE,
+            Kind::Gauge,
+            "Splits of a job's current run done by any gateway, by job.",
+        ),
+        (JOB_SPLITS_TOTAL, Kind::Gauge, "Splits of a job's current run, by job."),
+        (
+            JOB_RUNS,
+            Kind::Counter,
+            "Job runs ended, by job and outcome (done, failed, cancelled).",
+        ),
+        (
+            JOB_ROWS_LATE,
+            Kind::Counter,
+            "A stream job's rows that came after their windows closed (dead-lettered as late), by job.",
+        ),
+        (
+            JOB_WATERMARK_LAG,
+            Kind::Gauge,
+            "A stream job's watermark behind the wall clock, seconds, by job.",
+        ),
+        (
+            JOB_WINDOWS_CLOSED,
+            Kind::Counter,
+            "A stream job's windows closed and written, by job.",
+        ),
+        (
+            TLS_HANDSHAKE_FAILURES,
+            Kind::Counter,
+            "TLS handshakes the gRPC listeners and the admin port failed or timed out.",
+        ),
+        (
+            AUTH_FAILURES,
+            Kind::Counter,
+            "gRPC calls refused by ingest.auth, by reason.",
+        ),
+        (
+            ZEROMQ_PEERS_REFUSED,
+            Kind::Counter,
+            "ZeroMQ peers a CURVE route's ZAP handler refused, by source.",
+        ),
     ];
+
+    /// A metric's Prometheus type.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        /// Only grows (`_total`).
+        Counter,
+        /// Goes up and down.
+        Gauge,
+        /// Observations, served as a summary (quantiles, `_sum`, `_count`).
+        Histogram,
+    }
+}
+
+/// Gives every metric of [`metric::ALL`] its type and help text on `/metrics` (`# HELP`,
+/// `# TYPE`), as `promtool check metrics` asks.
+fn describe_metrics() {
+    for &(name, kind, help) in metric::ALL {
+        match kind {
+            metric::Kind::Counter => metrics::describe_counter!(name, help),
+            metric::Kind::Gauge => metrics::describe_gauge!(name, help),
+            metric::Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+/// CPU time the calling thread has used (`/proc/thread-self/schedstat`, nanoseconds on the
+/// CPU); `None` where the kernel does not say.
+pub fn thread_cpu_time() -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos = text.split_whitespace().next()?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(nanos))
+}
+
+/// The share of `wall` that `cpu` is, clamped to 0..=1 (a sample's clocks are read a moment
+/// apart).
+pub fn busy_ratio(cpu: std::time::Duration, wall: std::time::Duration) -> f64 {
+    if wall.is_zero() {
+        return 0.0;
+    }
+    (cpu.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0)
 }
 
 /// A core's `shardgate_batch_rows` histograms by (handle set, replica, shard).

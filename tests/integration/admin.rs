@@ -159,6 +159,41 @@ async fn the_admin_port_takes_https_and_a_token_and_certificates_reload_on_sighu
     assert!(!text.contains(&token), "the admin token is in the log");
 }
 
+/// `serve` started with a CPU affinity (`taskset -c N`, as systemd's `CPUAffinity=` sets it)
+/// pins one core, to that CPU, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_pins_cores_only_to_the_cpus_it_may_use() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("affinity");
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(&config, devkit::ingest_gateway_toml("", 2048, 64)).expect("config");
+    let last = std::thread::available_parallelism().expect("cpus").get() - 1;
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", &last.to_string()])
+        .arg(gateway_binary())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&config);
+    let log = names.dir.join("gateway.log");
+    let mut gateway = Gateway::spawn_command(command, &log).expect("gateway starts");
+    gateway
+        .wait_for_log("shardgate serving", std::time::Duration::from_secs(60))
+        .expect("serves");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let serving: serde_json::Value = text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "shardgate serving")
+        .expect("the serving line");
+    assert_eq!(serving["cores"], 1, "one core: {serving}");
+    assert_eq!(
+        serving["cpus"],
+        format!("[{last}]"),
+        "pinned to the allowed CPU: {serving}"
+    );
+    assert!(gateway.stop().expect("stop").success());
+}
+
 /// `serve` under a service manager (`NOTIFY_SOCKET`, as systemd sets it for a `Type=notify`
 /// unit): `READY=1` once it serves, with `/ready` answering 200 by then; `STOPPING=1` at
 /// SIGTERM. With `--log-format json` every line of its log is one JSON object with a

@@ -15,6 +15,8 @@ mod jetstream;
 mod jobs;
 mod kafka_route;
 mod mapping;
+mod observability;
+mod packaging;
 mod pki;
 mod query;
 mod rabbitmq;
@@ -140,6 +142,23 @@ pub fn run_python_example(table: &str, env: &[(&str, &std::path::Path)]) -> Stri
     assert!(
         output.status.success(),
         "python example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Runs `deploy/clients/python/run.sh ARGS` (a script of that directory first, e.g.
+/// `shard_aware.py`) and asserts it succeeded; returns its standard output.
+pub fn run_python(args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
+    let output = std::process::Command::new(script)
+        .args(args)
+        .output()
+        .expect("run.sh runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "python {args:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout

@@ -10,6 +10,8 @@
 //! hundreds of deliveries; a quiet channel acks each settlement as it comes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
@@ -84,11 +86,18 @@ impl AckWindow {
 /// The channel's ack task: takes every settlement waiting, sends the window's actions in order.
 /// Ends when every delivery's sender is gone (the channel's deliveries are all settled or
 /// dropped). Runs on the island.
-pub async fn run_acker(route: String, channel: lapin::Channel, mut settled: mpsc::UnboundedReceiver<Settled>) {
+pub async fn run_acker(
+    route: String,
+    channel: lapin::Channel,
+    mut settled: mpsc::UnboundedReceiver<Settled>,
+    unacked: Arc<Unacked>,
+) {
     let mut window = AckWindow::default();
     let mut batch = Vec::new();
     while settled.recv_many(&mut batch, usize::MAX).await > 0 {
-        for action in window.settle(batch.drain(..)) {
+        let actions = window.settle(batch.drain(..));
+        unacked.settled_through(window.through);
+        for action in actions {
             let result = match action {
                 AckAction::Reject(tag) => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
                 AckAction::AckThrough(tag) => channel.basic_ack(tag, BasicAckOptions { multiple: true }).await,
@@ -97,6 +106,44 @@ pub async fn run_acker(route: String, channel: lapin::Channel, mut settled: mpsc
                 tracing::warn!(%route, %error, "RabbitMQ ack failed; unacknowledged messages will be redelivered");
             }
         }
+    }
+}
+
+/// A channel's deliveries not yet settled on it — the newest delivery tag less the contiguous
+/// settled prefix — exported as `shardgate_amqp_unacked` for the route.
+pub struct Unacked {
+    delivered: AtomicU64,
+    through: AtomicU64,
+    gauge: metrics::Gauge,
+}
+
+impl Unacked {
+    /// A new channel's count (its tags start again at 1) for route `route`.
+    pub fn new(route: &str) -> Arc<Unacked> {
+        let gauge = metrics::gauge!(crate::telemetry::metric::AMQP_UNACKED, "source" => route.to_string());
+        gauge.set(0.0);
+        Arc::new(Unacked {
+            delivered: AtomicU64::new(0),
+            through: AtomicU64::new(0),
+            gauge,
+        })
+    }
+
+    /// Deliveries up to `tag` received.
+    pub fn delivered(&self, tag: u64) {
+        self.delivered.fetch_max(tag, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn settled_through(&self, tag: u64) {
+        self.through.fetch_max(tag, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let delivered = self.delivered.load(Ordering::Relaxed);
+        self.gauge
+            .set(delivered.saturating_sub(self.through.load(Ordering::Relaxed)) as f64);
     }
 }
 

@@ -166,7 +166,13 @@ async fn consume_once(
         .map_err(|e| e.to_string())?;
     tracing::info!(%route, queue = %source.queue, prefetch = source.prefetch, "consuming");
     let (acks, settled) = mpsc::unbounded_channel();
-    tokio::spawn(ack::run_acker(route.to_string(), channel.clone(), settled));
+    let unacked = ack::Unacked::new(route);
+    tokio::spawn(ack::run_acker(
+        route.to_string(),
+        channel.clone(),
+        settled,
+        Arc::clone(&unacked),
+    ));
     let mut chunks = consumer.ready_chunks(CHUNK_MESSAGES_MAX);
     loop {
         let chunk = tokio::select! {
@@ -203,6 +209,9 @@ async fn consume_once(
                     &acks,
                 ));
             }
+        }
+        if let Some(newest) = batch.last() {
+            unacked.delivered(newest.position as u64);
         }
         let Some(round_robin) = cores.as_mut() else {
             return Ok(());

@@ -15,6 +15,7 @@
 pub mod ack;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, stream};
 use futures::StreamExt;
@@ -27,6 +28,7 @@ use super::source::{Consumer, Handoff, Source, Start};
 use crate::config::{JetStreamSourceConfig, NatsSecurity, NatsSourceConfig};
 use crate::runtime::shutdown::Stop;
 use crate::sink::broker::nats::{connect, nats_error, NatsError};
+use crate::telemetry::metric;
 use ack::{JetStreamOrigin, NatsOrigin};
 
 /// A JetStream route's source: its connection and durable pull consumer.
@@ -194,6 +196,7 @@ pub async fn pull(
     tracing::info!(%route, cores = queues.len(), "consuming");
     let (acks, settled) = mpsc::unbounded_channel();
     tokio::spawn(ack::run_acker(route.clone(), client, settled));
+    tokio::spawn(watch_pending(route.clone(), consumer, stop.clone()));
     let mut chunks = messages.ready_chunks(CHUNK_MESSAGES_MAX);
     let mut cores = RoundRobin::new(queues);
     loop {
@@ -216,6 +219,29 @@ pub async fn pull(
         }
     }
     counters.log_stopped(&route);
+}
+
+/// How often a JetStream route reads its durable consumer's pending counts.
+const PENDING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Exports the durable consumer's `num_pending` and `num_ack_pending` (every gateway sharing it
+/// together) as `shardgate_jetstream_pending` / `shardgate_jetstream_ack_pending` until `stop`.
+async fn watch_pending(route: String, consumer: jetstream::consumer::Consumer<pull::Config>, mut stop: Stop) {
+    let pending = metrics::gauge!(metric::JETSTREAM_PENDING, "source" => route.clone());
+    let ack_pending = metrics::gauge!(metric::JETSTREAM_ACK_PENDING, "source" => route.clone());
+    loop {
+        match consumer.get_info().await {
+            Ok(info) => {
+                pending.set(info.num_pending as f64);
+                ack_pending.set(info.num_ack_pending as f64);
+            }
+            Err(error) => tracing::debug!(%route, %error, "cannot read the JetStream consumer's info"),
+        }
+        tokio::select! {
+            _ = stop.stopped() => return,
+            _ = tokio::time::sleep(PENDING_INTERVAL) => {}
+        }
+    }
 }
 
 /// The subscription loop of a NATS core route (at-most-once: core NATS has no acknowledgement);
