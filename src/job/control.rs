@@ -209,7 +209,7 @@ impl JobControl {
         let job = entry.job.clone();
         let outcome = match (&job.replay, job.stream.is_empty(), self.rollups.get(&name)) {
             (Some(route), _, _) => match self.routes.iter().find(|r| &r.name == route) {
-                Some(route) => super::replay::replay(Arc::clone(&self.session), route, &name, signal)
+                Some(route) => super::replay::replay(Arc::clone(&self.session), route, &name, signal, None)
                     .await
                     .map(|report| report.to_string()),
                 None => Err(anyhow::anyhow!("no route `{route}` in the config")),

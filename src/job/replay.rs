@@ -17,6 +17,7 @@
 //! metrics. `shardgate replay` and `shardgate job run` run it on their own tokio runtime.
 
 use std::collections::HashMap;
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,6 +105,8 @@ struct Replayer {
     sink: DeadLetterSink,
     /// The job's counters.
     counters: Counters,
+    /// `shardgate replay` on a terminal: a spinner with the report so far.
+    progress: Option<indicatif::ProgressBar>,
 }
 
 /// A replay job's metrics: letters read, rows written, letters dead-lettered again.
@@ -136,10 +139,25 @@ pub fn run(
         stop.await;
         command.send_replace(Command::Stop);
     });
-    runtime.block_on(async move {
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!("replaying route `{route_name}`'s dead letters"));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let shown = progress.clone();
+    let report = runtime.block_on(async move {
         let session = Arc::new(sink::connect(&config.cluster).await?);
-        replay(session, &route, job, signal).await
-    })
+        replay(session, &route, job, signal, progress).await
+    });
+    if let Some(bar) = shown {
+        bar.finish_and_clear();
+    }
+    report
 }
 
 /// Replays the dead letters of `route` as job `job` through `session`, on the current tokio
@@ -150,6 +168,7 @@ pub async fn replay(
     route: &RouteConfig,
     job: &str,
     mut signal: Signal,
+    progress: Option<indicatif::ProgressBar>,
 ) -> anyhow::Result<ReplayReport> {
     let (mapper, statements) = prepare_route(&session, route).await?;
     let (sink, _nats) = DeadLetterSink::open(&route.dead_letter, &route.name, &session)
@@ -169,6 +188,7 @@ pub async fn replay(
             out: counter(metric::JOB_ROWS_OUT),
             failed: counter(metric::JOB_ROWS_FAILED),
         },
+        progress,
     };
     match replayer.route.dead_letter.clone() {
         DeadLetterConfig::Kafka {
@@ -364,6 +384,9 @@ impl Replayer {
                     }
                 }
             }
+        }
+        if let Some(bar) = &self.progress {
+            bar.set_message(report.to_string());
         }
         Ok(())
     }

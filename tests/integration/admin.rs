@@ -105,6 +105,40 @@ async fn the_admin_port_takes_https_and_a_token_and_certificates_reload_on_sighu
     ShardAwareClient::connect(over_tls(&first_ca), &[&table])
         .await
         .expect("the first CA's certificate serves gRPC");
+    // `shardgate top` over HTTPS: refused without the token, naming the flag; served with it.
+    let top = |token_file: Option<&Path>| {
+        let mut command = Command::new(gateway_binary());
+        command
+            .args([
+                "top",
+                "--once",
+                "--json",
+                "--interval",
+                "0.2",
+                "--admin",
+                devkit::ADMIN_LISTEN,
+                "--ca-file",
+            ])
+            .arg(&first_ca);
+        if let Some(file) = token_file {
+            command.arg("--token-file").arg(file);
+        }
+        command.output().expect("top runs")
+    };
+    let refused = top(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--token-file"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let served = top(Some(&token_file));
+    assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
+    let view: serde_json::Value = serde_json::from_slice(&served.stdout).expect("JSON");
+    assert_eq!(view["ready"], true, "{view}");
+    assert!(!view["cores"].as_array().expect("cores").is_empty(), "{view}");
 
     // New files of another CA, then SIGHUP: new connections see them.
     std::fs::copy(&next_cert, &cert).expect("replace certificate");
