@@ -89,6 +89,13 @@ cmd_install() {
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then
     systemctl stop rabbitmq-server || true
   fi
+  # Debian's prometheus package starts its own service where it may (port 9090, ours).
+  if pgrep -u prometheus -x prometheus >/dev/null 2>&1; then
+    log "stopping the prometheus service Debian's package started (the stack runs its own)"
+    { command -v systemctl >/dev/null 2>&1 && systemctl stop prometheus 2>/dev/null; } ||
+      { command -v service >/dev/null 2>&1 && service prometheus stop >/dev/null 2>&1; } ||
+      pkill -u prometheus -x prometheus || true
+  fi
   # flatc 25 matches the flatbuffers 25 crate (Debian's 2.0.8 does not); used to regenerate
   # schemas/ code, not by the build, so a failure here is only a warning.
   if ! command -v flatc >/dev/null 2>&1 || ! flatc --version 2>/dev/null | grep -q ' 25\.'; then

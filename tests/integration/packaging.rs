@@ -8,11 +8,16 @@
 use std::process::Command;
 
 fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let mut command = Command::new(program);
+    command.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    outcome(command)
+}
+
+/// Runs `command`; whether it succeeded, and its standard output and error.
+fn outcome(mut command: Command) -> (bool, String) {
+    let output = command
         .output()
-        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+        .unwrap_or_else(|e| panic!("{:?} runs: {e}", command.get_program()));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -86,18 +91,9 @@ fn copy_manifests(to: &std::path::Path) {
 
 /// `deploy/k8s/validate.sh DIR` with the tests' gateway binary; (success, output).
 fn validate_manifests(dir: &std::path::Path) -> (bool, String) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s/validate.sh");
-    let output = Command::new(script)
-        .arg(dir)
-        .env("SHARDGATE_BIN", crate::gateway_binary())
-        .output()
-        .expect("validate.sh runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let mut command = Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s/validate.sh"));
+    command.arg(dir).env("SHARDGATE_BIN", crate::gateway_binary());
+    outcome(command)
 }
 
 /// The Kubernetes manifests (`deploy/k8s/`, checked by its `validate.sh`): valid against the
