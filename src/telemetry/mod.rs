@@ -39,6 +39,12 @@ pub mod metric {
     pub const BATCH_ROWS: &str = "shardgate_batch_rows";
     /// Latency of one database write (a row or an UNLOGGED batch; retries included).
     pub const WRITE_LATENCY_SECONDS: &str = "shardgate_write_latency_seconds";
+    /// The same latency by core, table, source, `replica` and `shard` (as `BATCH_ROWS`): which
+    /// node or shard is slow.
+    pub const REPLICA_WRITE_LATENCY_SECONDS: &str = "shardgate_replica_write_latency_seconds";
+    /// Writes sent to a (replica, shard) and not yet answered, by core, table, source, `replica`
+    /// and `shard`.
+    pub const REPLICA_WRITES_IN_FLIGHT: &str = "shardgate_replica_writes_in_flight";
     /// From a source message's timestamp (Kafka create or log-append time) to its rows being
     /// confirmed by the database or its dead letter delivered, by route.
     pub const DELIVERY_LATENCY_SECONDS: &str = "shardgate_delivery_latency_seconds";
@@ -169,6 +175,16 @@ pub mod metric {
             WRITE_LATENCY_SECONDS,
             Kind::Histogram,
             "Latency of one database write (a row or an UNLOGGED batch, retries included).",
+        ),
+        (
+            REPLICA_WRITE_LATENCY_SECONDS,
+            Kind::Histogram,
+            "Latency of one database write, by core, table, source, replica and shard.",
+        ),
+        (
+            REPLICA_WRITES_IN_FLIGHT,
+            Kind::Gauge,
+            "Writes sent to a replica and shard and not yet answered, by core, table, source, replica and shard.",
         ),
         (
             DELIVERY_LATENCY_SECONDS,
@@ -340,9 +356,20 @@ pub fn busy_ratio(cpu: std::time::Duration, wall: std::time::Duration) -> f64 {
     (cpu.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0)
 }
 
-/// A core's `shardgate_batch_rows` histograms by (handle set, replica, shard).
+/// A core's per-(replica, shard) handles by (handle set, replica, shard).
 #[derive(Default)]
-struct DatabaseBatches(std::cell::RefCell<std::collections::HashMap<DatabaseBatchKey, metrics::Histogram>>);
+struct DatabaseBatches(std::cell::RefCell<std::collections::HashMap<DatabaseBatchKey, ReplicaShardMetrics>>);
+
+/// The handles of one (replica, shard) of a handle set, on one core.
+#[derive(Clone)]
+pub struct ReplicaShardMetrics {
+    /// `shardgate_batch_rows`.
+    rows: metrics::Histogram,
+    /// `shardgate_replica_write_latency_seconds`.
+    pub latency: metrics::Histogram,
+    /// `shardgate_replica_writes_in_flight`.
+    pub in_flight: metrics::Gauge,
+}
 
 /// A handle set's id, a replica's ordinal (`None` while the ring is empty), a shard.
 type DatabaseBatchKey = (u64, Option<u32>, u32);
@@ -402,22 +429,28 @@ impl RowMetrics {
     }
 
     /// Records one write sent to the database: `rows` rows (an UNLOGGED batch, or one row) of
-    /// replica `node` (ordinal; `None` while the ring is empty) and `shard`. The histogram of each
-    /// (replica, shard) is registered once per core, in the core's context.
-    pub fn database_batch(&self, (node, shard): (Option<u32>, u32), rows: usize) {
+    /// replica `node` (ordinal; `None` while the ring is empty) and `shard`; returns that
+    /// (replica, shard)'s handles for the write's latency and in-flight count. They are
+    /// registered once per core, in the core's context.
+    pub fn database_batch(&self, (node, shard): (Option<u32>, u32), rows: usize) -> ReplicaShardMetrics {
         let cache = crate::runtime::context::state::<DatabaseBatches>();
         let mut cache = cache.0.borrow_mut();
-        let histogram = cache.entry((self.id, node, shard)).or_insert_with(|| {
-            metrics::histogram!(
-                metric::BATCH_ROWS,
-                "core" => self.core.clone(),
-                "table" => self.table.clone(),
-                "source" => self.source.clone(),
-                "replica" => node.map_or_else(|| "none".to_string(), |n| n.to_string()),
-                "shard" => shard.to_string()
-            )
+        let handles = cache.entry((self.id, node, shard)).or_insert_with(|| {
+            let labels = [
+                ("core", self.core.clone()),
+                ("table", self.table.clone()),
+                ("source", self.source.clone()),
+                ("replica", node.map_or_else(|| "none".to_string(), |n| n.to_string())),
+                ("shard", shard.to_string()),
+            ];
+            ReplicaShardMetrics {
+                rows: metrics::histogram!(metric::BATCH_ROWS, &labels),
+                latency: metrics::histogram!(metric::REPLICA_WRITE_LATENCY_SECONDS, &labels),
+                in_flight: metrics::gauge!(metric::REPLICA_WRITES_IN_FLIGHT, &labels),
+            }
         });
-        histogram.record(rows as f64);
+        handles.rows.record(rows as f64);
+        handles.clone()
     }
 
     /// Counts `rows` failed rows with error `code` (not on the hot path).

@@ -90,10 +90,14 @@ pub async fn write_rows<R, S: Statements<R>>(
     let total = rows.len();
     let chunks = batches_by_replica_shard(rows, options.batch_rows_max);
     let writes = chunks.into_iter().map(|(replica_shard, chunk)| async move {
-        metrics.database_batch(replica_shard, chunk.len());
+        let replica = metrics.database_batch(replica_shard, chunk.len());
+        let in_flight = InFlight::new(&replica.in_flight);
         let started = Instant::now();
         let outcomes = write_chunk(session, statements, chunk, options.retries).await;
-        metrics.write_latency.record(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        drop(in_flight);
+        metrics.write_latency.record(elapsed);
+        replica.latency.record(elapsed);
         metrics
             .written
             .increment(outcomes.iter().filter(|(_, outcome)| outcome.is_ok()).count() as u64);
@@ -102,6 +106,23 @@ pub async fn write_rows<R, S: Statements<R>>(
     let mut outcomes = Vec::with_capacity(total);
     outcomes.extend(futures::future::join_all(writes).await.into_iter().flatten());
     outcomes
+}
+
+/// One write counted in a (replica, shard)'s in-flight gauge until dropped (answered, or its
+/// future dropped at shutdown).
+struct InFlight<'g>(&'g metrics::Gauge);
+
+impl<'g> InFlight<'g> {
+    fn new(gauge: &'g metrics::Gauge) -> InFlight<'g> {
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// One chunk: a single row as a plain write, several as one UNLOGGED batch; a batch refused for
