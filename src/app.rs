@@ -523,7 +523,7 @@ async fn sample_core(core: usize) {
             busy.set(telemetry::busy_ratio(after.saturating_sub(before), now.0 - last.0));
         }
         last = now;
-        if let Some(bytes) = spool::live_bytes_on_core().await {
+        if let Some(bytes) = spool::live_bytes_on_core() {
             spool.set(bytes as f64);
         }
     }

@@ -68,10 +68,12 @@ pub(super) fn core_backlog() -> Option<Rc<Backlog>> {
     service().backlog.borrow().clone()
 }
 
-/// Bytes in this core's live spool segments; `None` on a core without a spool.
-pub async fn live_bytes_on_core() -> Option<u64> {
+/// Bytes in this core's live spool segments; `None` on a core without a spool, or while an
+/// append holds the spool (the sampler tries again a second later). Never waits, so it never
+/// holds the spool's `Rc` across a suspension that `close_on_core` could see.
+pub fn live_bytes_on_core() -> Option<u64> {
     let spool = core_spool()?;
-    let bytes = spool.lock().await.live_bytes();
+    let bytes = spool.try_lock()?.live_bytes();
     Some(bytes)
 }
 
