@@ -1136,15 +1136,7 @@ pub fn scrape_metric_where(addr: &str, name: &str, labels: &[(&str, &str)]) -> a
 
 /// Every sample of metric `name` whose labels include every `(label, value)` of `labels`.
 pub fn scrape_samples(addr: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<Vec<f64>> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach metrics at {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body)?;
+    let (_, body) = http_get(addr, "/metrics").with_context(|| format!("cannot reach metrics at {addr}"))?;
     Ok(body
         .lines()
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))

@@ -131,9 +131,19 @@ pub async fn assert_all_orders_exact(names: &Names, count: u64) {
 /// Runs the Python example (`deploy/clients/python/run.sh TABLE ENDPOINT`) with `env` and
 /// asserts it succeeded; returns its standard output.
 pub fn run_python_example(table: &str, env: &[(&str, &std::path::Path)]) -> String {
+    python(&[table, devkit::INGEST_LISTEN], env)
+}
+
+/// Runs `deploy/clients/python/run.sh ARGS` (a script of that directory first, e.g.
+/// `shard_aware.py`) and asserts it succeeded; returns its standard output.
+pub fn run_python(args: &[&str]) -> String {
+    python(args, &[])
+}
+
+fn python(args: &[&str], env: &[(&str, &std::path::Path)]) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
     let mut command = std::process::Command::new(script);
-    command.arg(table).arg(devkit::INGEST_LISTEN);
+    command.args(args);
     for (key, value) in env {
         command.env(key, value);
     }
@@ -141,27 +151,23 @@ pub fn run_python_example(table: &str, env: &[(&str, &std::path::Path)]) -> Stri
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         output.status.success(),
-        "python example failed:\n{stdout}\n{}",
+        "python {args:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
 }
 
-/// Runs `deploy/clients/python/run.sh ARGS` (a script of that directory first, e.g.
-/// `shard_aware.py`) and asserts it succeeded; returns its standard output.
-pub fn run_python(args: &[&str]) -> String {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/python/run.sh");
-    let output = std::process::Command::new(script)
-        .args(args)
+/// Runs `command`; whether it succeeded, and its standard output and error together.
+pub fn outcome(mut command: std::process::Command) -> (bool, String) {
+    let output = command
         .output()
-        .expect("run.sh runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "python {args:?} failed:\n{stdout}\n{}",
+        .unwrap_or_else(|e| panic!("{:?} runs: {e}", command.get_program()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    stdout
+    (output.status.success(), text)
 }
 
 /// Runs `shardgate export --config CONFIG --table TABLE --output DIR/<table>.jsonl`, asserts it

@@ -10,20 +10,7 @@ use std::process::Command;
 fn run(program: &str, args: &[&str]) -> (bool, String) {
     let mut command = Command::new(program);
     command.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
-    outcome(command)
-}
-
-/// Runs `command`; whether it succeeded, and its standard output and error.
-fn outcome(mut command: Command) -> (bool, String) {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{:?} runs: {e}", command.get_program()));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    crate::outcome(command)
 }
 
 #[test]
@@ -93,7 +80,7 @@ fn copy_manifests(to: &std::path::Path) {
 fn validate_manifests(dir: &std::path::Path) -> (bool, String) {
     let mut command = Command::new(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s/validate.sh"));
     command.arg(dir).env("SHARDGATE_BIN", crate::gateway_binary());
-    outcome(command)
+    crate::outcome(command)
 }
 
 /// The Kubernetes manifests (`deploy/k8s/`, checked by its `validate.sh`): valid against the

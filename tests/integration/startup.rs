@@ -7,16 +7,9 @@ use shardgate::devkit;
 use crate::{gateway_binary, gateway_lock, Names};
 
 fn run(args: &[&str]) -> (bool, String) {
-    let output = Command::new(gateway_binary())
-        .args(args)
-        .output()
-        .expect("run shardgate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    let mut command = Command::new(gateway_binary());
+    command.args(args);
+    crate::outcome(command)
 }
 
 /// `check` accepts a valid config and refuses a bad one naming the key, value and expectation.
