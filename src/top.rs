@@ -211,6 +211,7 @@ fn render(frame: &mut Frame, address: &str, view: &View, error: Option<&str>) {
             number(c.forwarded_per_s),
             number(c.in_flight),
             format!("{:.1}", c.spool_mib),
+            number(c.deferred),
             format!("{:.1}", c.write_p99_ms),
             number(c.errors_per_s),
         ])
@@ -223,11 +224,12 @@ fn render(frame: &mut Frame, address: &str, view: &View, error: Option<&str>) {
         "fwd/s",
         "in flight",
         "spool MiB",
+        "deferred",
         "p99 ms",
         "errors/s",
     ])
     .style(bold);
-    let widths = [Constraint::Length(9)].into_iter().chain([Constraint::Length(10); 8]);
+    let widths = [Constraint::Length(9)].into_iter().chain([Constraint::Length(10); 9]);
     frame.render_widget(
         Table::new(cores, widths)
             .header(header)

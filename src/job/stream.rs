@@ -32,6 +32,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use scylla::client::session::Session;
+use scylla::errors::{DbError, ExecutionError, PrepareError, RequestAttemptError};
 use scylla::statement::batch::Batch;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, MaybeUnset};
@@ -822,15 +823,21 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
     if created == 0 {
         return Ok(Progress::default());
     }
-    let rows = session
+    let rows = match session
         .query_unpaged(
             format!(
                 "SELECT part, position, time FROM {keyspace}.job_windows WHERE job = ? AND window = ? ALLOW FILTERING"
             ),
             (job, PROGRESS),
         )
-        .await?
-        .into_rows_result()?;
+        .await
+    {
+        Ok(result) => result.into_rows_result()?,
+        // The schema row is written before the node has applied the table: the node still
+        // calls it unknown, and nothing can have been checkpointed in it yet.
+        Err(error) if refused_as_invalid(&error) => return Ok(Progress::default()),
+        Err(error) => return Err(error.into()),
+    };
     let mut progress = Progress::default();
     for row in rows.rows::<(String, Option<i64>, Option<i64>)>()? {
         let (part, position, time) = row?;
@@ -841,6 +848,17 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
         }
     }
     Ok(progress)
+}
+
+/// Whether the node refused a statement as invalid (e.g. a table it has not applied yet), when
+/// preparing it or running it.
+fn refused_as_invalid(error: &ExecutionError) -> bool {
+    let attempt = match error {
+        ExecutionError::LastAttemptError(attempt) => attempt,
+        ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => first_attempt,
+        _ => return false,
+    };
+    matches!(attempt, RequestAttemptError::DbError(DbError::Invalid, _))
 }
 
 /// A partition's name in `job_windows`: the route and the partition.

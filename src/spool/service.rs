@@ -186,8 +186,16 @@ fn defer(ids: &[RecordId]) {
         deferred.entry(id.segment).or_default().push(id.index);
     }
     backlog.waiting.set(backlog.waiting.get() + ids.len() as u64);
-    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS).increment(ids.len() as f64);
+    deferred_records().increment(ids.len() as f64);
     backlog.changed.notify_one();
+}
+
+/// This core's `shardgate_spool_deferred_records{core}`.
+pub(super) fn deferred_records() -> metrics::Gauge {
+    let core = crate::runtime::context::core()
+        .map(|core| core.to_string())
+        .unwrap_or_default();
+    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS, "core" => core)
 }
 
 /// Opens core `core`'s spool and installs it for this thread; the records left by the previous

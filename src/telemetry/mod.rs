@@ -72,7 +72,7 @@ pub mod metric {
     /// Group commits of the spools (one sync each, however many batches joined it).
     pub const SPOOL_COMMITS: &str = "shardgate_spool_commits_total";
     /// Spooled records (acknowledged, not yet written) that wait on disk only because their
-    /// core's memory budget for spooled writes is spent, all cores together.
+    /// core's memory budget for spooled writes is spent, by `core`.
     pub const SPOOL_DEFERRED_RECORDS: &str = "shardgate_spool_deferred_records";
 
     /// Rows a processing job read, by `job` (the runs inside `serve`).

@@ -27,6 +27,8 @@ pub struct CoreTotals {
     pub in_flight: f64,
     /// Bytes in its live spool segments.
     pub spool_bytes: f64,
+    /// Spooled records waiting on its disk for memory.
+    pub spool_deferred_records: f64,
     /// The 0.99 quantile of its database writes' latency, seconds (the largest over its
     /// tables and sources); 0 before any write.
     pub write_p99_seconds: f64,
@@ -189,6 +191,7 @@ impl Snapshot {
                     metric::ROWS_FAILED => totals.rows_failed += value,
                     metric::INGEST_ROWS_IN_FLIGHT => totals.in_flight += value,
                     metric::SPOOL_BYTES => totals.spool_bytes = value,
+                    metric::SPOOL_DEFERRED_RECORDS => totals.spool_deferred_records = value,
                     metric::WRITE_LATENCY_SECONDS if sample.label("quantile") == Some("0.99") => {
                         totals.write_p99_seconds = totals.write_p99_seconds.max(value);
                     }
@@ -271,6 +274,8 @@ pub struct CoreLine {
     pub in_flight: f64,
     /// Spool, MiB.
     pub spool_mib: f64,
+    /// Spooled records waiting on disk for memory.
+    pub deferred: f64,
     /// Write latency p99, milliseconds.
     pub write_p99_ms: f64,
     /// The totals the rates came from (the second snapshot's).
@@ -349,6 +354,7 @@ impl View {
                     errors_per_s: rate(now.rows_failed, then.map(|t| t.rows_failed)),
                     in_flight: now.in_flight,
                     spool_mib: now.spool_bytes / (1024.0 * 1024.0),
+                    deferred: now.spool_deferred_records,
                     write_p99_ms: now.write_p99_seconds * 1000.0,
                     totals: now.clone(),
                 }
@@ -418,13 +424,14 @@ shardgate_amqp_unacked{source="rabbit"} 12
 shardgate_job_splits_done{job="daily"} 3
 shardgate_job_splits{job="daily"} 12
 shardgate_rows_read_total{core="0",table="ks.a \"quoted\", b",rpc="get"} NaN
-shardgate_spool_deferred_records 4
+shardgate_spool_deferred_records{core="0"} 1
+shardgate_spool_deferred_records{core="1"} 3
 "#;
 
     #[test]
     fn a_snapshot_sums_per_core_route_and_job() {
         let samples = parse_prometheus_text(TEXT);
-        assert_eq!(samples.len(), 16);
+        assert_eq!(samples.len(), 17);
         assert_eq!(samples[14].label("table"), Some("ks.a \"quoted\", b"));
         let snapshot = Snapshot::of(&samples, 10.0, true);
         assert_eq!(snapshot.cores.len(), 2);
@@ -441,6 +448,7 @@ shardgate_spool_deferred_records 4
         assert!(snapshot.routes.iter().all(|r| r.route != "grpc"));
         assert_eq!(snapshot.jobs[0].splits_done, Some(3.0));
         assert_eq!(snapshot.spool_deferred_records, 4.0);
+        assert_eq!(snapshot.cores[1].spool_deferred_records, 3.0);
     }
 
     #[test]

@@ -473,6 +473,15 @@ async fn ride_out_a_stopped_database(test: &str, kill: bool) {
         deferred > 0.0,
         "past the 1 MiB memory budget the spooled batches wait on disk only"
     );
+    // `top`'s source (`/v1/cores`) has them per core, adding up to the metric's total.
+    let (_, body) = devkit::http_get(devkit::ADMIN_LISTEN, "/v1/cores").expect("/v1/cores");
+    let snapshot: shardgate::telemetry::snapshot::Snapshot = serde_json::from_str(&body).expect("a snapshot");
+    let per_core: f64 = snapshot.cores.iter().map(|c| c.spool_deferred_records).sum();
+    assert_eq!(
+        (per_core, snapshot.spool_deferred_records),
+        (deferred, deferred),
+        "deferred records per core"
+    );
     if kill {
         drop(client);
         gateway.kill9().expect("kill -9");
