@@ -106,6 +106,9 @@ struct Args {
     /// ceilings.
     #[arg(long, default_value_t = 200_000)]
     broker_rows: u64,
+    /// The prefetch of the `rabbitmq` mode's route and of the `rabbitmq-consume` client.
+    #[arg(long, default_value_t = 512)]
+    rabbitmq_prefetch: u16,
     /// Messages per second the `nats` mode publishes.
     #[arg(long, default_value_t = 40_000)]
     nats_rate: u64,
@@ -138,8 +141,8 @@ struct Outcome {
     rows: u64,
     seconds: f64,
     cpu_seconds: f64,
-    /// The database's CPU seconds over the same span.
-    database_cpu_seconds: f64,
+    /// The database's and the brokers' CPU seconds over the same span.
+    services: devkit::SpanCpu,
     latencies: Vec<Duration>,
     /// p50, p99, p999 in milliseconds when measured by the gateway instead of `latencies`.
     quantiles_ms: Option<[f64; 3]>,
@@ -148,13 +151,13 @@ struct Outcome {
 
 impl Outcome {
     /// A run measured by its rows, time and CPU only (no latencies, nothing forwarded).
-    fn untimed(mode: String, rows: u64, seconds: f64, cpu_seconds: f64, database_cpu_seconds: f64) -> Outcome {
+    fn untimed(mode: String, rows: u64, seconds: f64, cpu_seconds: f64, services: devkit::SpanCpu) -> Outcome {
         Outcome {
             mode,
             rows,
             seconds,
             cpu_seconds,
-            database_cpu_seconds,
+            services,
             latencies: Vec::new(),
             quantiles_ms: None,
             forwarded: 0.0,
@@ -193,8 +196,8 @@ async fn main() -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     println!();
-    println!("| mode | rows | seconds | rows/s | writer CPU-s per million rows | Cassandra CPU-s per million rows | p50 ms | p99 ms | p999 ms | forwarded rows |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| mode | rows | seconds | rows/s | writer CPU-s per million rows | Cassandra CPU-s per million rows | brokers' CPU-s per million rows | p50 ms | p99 ms | p999 ms | forwarded rows |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for o in &outcomes {
         let mut l = o.latencies.clone();
         l.sort_unstable();
@@ -209,13 +212,14 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         println!(
-            "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
             o.mode,
             o.rows,
             o.seconds,
             o.rows as f64 / o.seconds,
             o.cpu_seconds * 1e6 / o.rows as f64,
-            o.database_cpu_seconds * 1e6 / o.rows as f64,
+            o.services.cassandra * 1e6 / o.rows as f64,
+            o.services.brokers * 1e6 / o.rows as f64,
             pct(0.50),
             pct(0.99),
             pct(0.999),
@@ -268,13 +272,13 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         vec![(client.shared_client(), batches)]
     };
     println!("== {mode}: {} rows in batches of {}", args.rows, args.batch_rows);
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
     let started = Instant::now();
     let results = futures::future::join_all(per_stream.into_iter().map(|(c, b)| timed_stream(c, b, args.window))).await;
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     let mut rows = 0;
     let mut latencies = Vec::new();
     for result in results {
@@ -290,7 +294,7 @@ async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         rows,
         seconds,
         cpu_seconds,
-        database_cpu_seconds,
+        services,
         latencies,
         quantiles_ms: None,
         forwarded,
@@ -373,7 +377,7 @@ async fn tls_handshakes(args: &Args) -> anyhow::Result<Outcome> {
         rows: handshakes,
         seconds,
         cpu_seconds,
-        database_cpu_seconds: 0.0,
+        services: devkit::SpanCpu::default(),
         latencies,
         quantiles_ms: None,
         forwarded: 0.0,
@@ -635,7 +639,7 @@ async fn kafka(args: &Args, spooled: bool, five: bool, rollup: bool) -> anyhow::
         ));
     }
     std::fs::write(&config, text)?;
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-kafka.log"))?;
     // The span is measured from the first row written (the group join before it is reported
@@ -651,7 +655,7 @@ async fn kafka(args: &Args, spooled: bool, five: bool, rollup: bool) -> anyhow::
         );
     }
     let cpu_seconds = gateway.cpu_seconds()?;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     wait_committed(&group, &topic, partitions, args.rows).await?;
     println!(
         "   first row written {:.1} s after the gateway started (group join); all offsets committed after {:.1} s",
@@ -688,7 +692,7 @@ async fn kafka(args: &Args, spooled: bool, five: bool, rollup: bool) -> anyhow::
         rows: args.rows as u64,
         seconds,
         cpu_seconds,
-        database_cpu_seconds,
+        services,
         latencies: Vec::new(),
         quantiles_ms,
         forwarded,
@@ -877,22 +881,22 @@ async fn ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
         );
         (keyspace, written)
     };
-    let (seconds, cpu_seconds, database_cpu_seconds, latencies) = written;
+    let (seconds, cpu_seconds, services, latencies) = written;
     println!("   {mode}: {rows} rows in {keyspace}, row-exact");
     Ok(Outcome {
         mode: mode.into(),
         rows,
         seconds,
         cpu_seconds,
-        database_cpu_seconds,
+        services,
         latencies,
         quantiles_ms: None,
         forwarded: 0.0,
     })
 }
 
-/// What a ceiling run measured: seconds, writer CPU-s, database CPU-s, per-batch latencies.
-type CeilingRun = (f64, f64, f64, Vec<Duration>);
+/// What a ceiling run measured: seconds, writer CPU-s, the services' CPU-s, per-batch latencies.
+type CeilingRun = (f64, f64, devkit::SpanCpu, Vec<Duration>);
 
 /// Writes `rows` with `insert` the way a driver-only writer does best: rows grouped by the
 /// (replica, shard) of their token, UNLOGGED batches of `--write-batch-rows` rows of one group,
@@ -911,7 +915,7 @@ async fn write_ceiling<R: SerializeRow + Send + Sync>(
         "== ceiling: {} rows into {keyspace}.{table} by the scylla crate alone, UNLOGGED batches of {} rows of one replica and shard, {CEILING_IN_FLIGHT} in flight",
         args.rows, args.write_batch_rows
     );
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let cluster = session.get_cluster_state();
@@ -962,7 +966,7 @@ enum Filled {
 /// Publishes `rows` orders to a fresh RabbitMQ queue (`kind` "rabbitmq"; persistent, each
 /// confirmed) or JetStream stream (each acknowledged); returns where they are and the gateway
 /// route that reads them into `keyspace`.
-async fn fill_broker(kind: &str, rows: u64, keyspace: &str) -> anyhow::Result<(Filled, String)> {
+async fn fill_broker(args: &Args, kind: &str, rows: u64, keyspace: &str) -> anyhow::Result<(Filled, String)> {
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis();
@@ -973,7 +977,8 @@ async fn fill_broker(kind: &str, rows: u64, keyspace: &str) -> anyhow::Result<(F
         devkit::recreate_queue(&queue).await?;
         devkit::recreate_queue(&dead_letter).await?;
         devkit::publish_rabbitmq(&queue, messages).await?;
-        let route = devkit::rabbitmq_orders_route_toml("orders", keyspace, &queue, &dead_letter);
+        let route = devkit::rabbitmq_orders_route_toml("orders", keyspace, &queue, &dead_letter)
+            .replace("prefetch = 512", &format!("prefetch = {}", args.rabbitmq_prefetch));
         Ok((Filled::Queue(queue), route))
     } else {
         let (stream, subject) = (format!("bench-orders-{run}"), format!("bench.orders.{run}"));
@@ -992,8 +997,6 @@ async fn fill_broker(kind: &str, rows: u64, keyspace: &str) -> anyhow::Result<(F
     }
 }
 
-/// The prefetch of the bench's RabbitMQ route (`devkit::rabbitmq_orders_route_toml`).
-const RABBITMQ_PREFETCH: u16 = 512;
 /// `max_ack_pending` of the bench's JetStream route (the source's default).
 const JETSTREAM_MAX_ACK_PENDING: i64 = 4096;
 
@@ -1005,10 +1008,10 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let session = devkit::connect(devkit::CASSANDRA).await?;
     devkit::create_orders_table(&session, keyspace).await?;
     let rows = args.broker_rows;
-    let (_, routes) = fill_broker(mode, rows, keyspace).await?;
+    let (_, routes) = fill_broker(args, mode, rows, keyspace).await?;
     let config = args.work_dir.join(format!("gateway-{mode}.toml"));
     std::fs::write(&config, devkit::gateway_toml(&routes))?;
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(
         &args.gateway,
@@ -1034,11 +1037,11 @@ async fn broker(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
 async fn broker_ceiling(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
     let kind = mode.trim_end_matches("-consume");
     let rows = args.broker_rows;
-    let (filled, _) = fill_broker(kind, rows, "shardgate_bench_broker").await?;
-    let database = devkit::CassandraCpu::start()?;
+    let (filled, _) = fill_broker(args, kind, rows, "shardgate_bench_broker").await?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
     let span = match &filled {
-        Filled::Queue(queue) => devkit::drain_rabbitmq(queue, rows, RABBITMQ_PREFETCH).await?,
+        Filled::Queue(queue) => devkit::drain_rabbitmq(queue, rows, args.rabbitmq_prefetch).await?,
         Filled::Stream { stream, durable } => {
             devkit::drain_jetstream(stream, durable, rows, JETSTREAM_MAX_ACK_PENDING).await?
         }
@@ -1072,7 +1075,7 @@ async fn kafka_ceiling(args: &Args) -> anyhow::Result<Outcome> {
     });
     devkit::produce(&topic, messages)?;
     let rows = args.rows as u64;
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
     let group = format!("shardgate-bench-consume-{run}");
     let span = tokio::task::spawn_blocking(move || devkit::drain_kafka(&topic, &group, rows)).await??;
@@ -1134,7 +1137,7 @@ async fn scan_driver(args: &Args, parallel: bool) -> anyhow::Result<Outcome> {
     ensure_events(args, &session).await?;
     let rows = args.rows as u64;
     println!("== {mode}: reading {rows} events with the scylla crate alone");
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = devkit::process_cpu_seconds(std::process::id())?;
     let started = Instant::now();
     let ranges: Vec<(i64, i64)> = if parallel {
@@ -1237,12 +1240,12 @@ async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
         "== {mode}: scanning {rows} events through the gateway, {} splits at a time",
         args.scan_parallel
     );
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
     let report =
         devkit::read_back_events(&client, &table, rows, args.scan_splits as u32, args.scan_parallel, 0).await?;
     let cpu_seconds = gateway.cpu_seconds()? - cpu_before;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     anyhow::ensure!(
         report.exact == rows && report.scanned == rows,
         "{mode}: {} of {rows} rows exact, {} scanned, {} duplicates: {:?}",
@@ -1261,7 +1264,7 @@ async fn scan_gateway(args: &Args) -> anyhow::Result<Outcome> {
         rows,
         report.scan_time.as_secs_f64(),
         cpu_seconds,
-        database_cpu_seconds,
+        services,
     ))
 }
 
@@ -1385,7 +1388,7 @@ async fn job_gateway(args: &Args) -> anyhow::Result<Outcome> {
         "== {mode}: aggregating {} events per minute through the gateway (shardgate job run)",
         args.rows
     );
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
     let mut command = std::process::Command::new(&args.gateway);
     command
@@ -1394,7 +1397,7 @@ async fn job_gateway(args: &Args) -> anyhow::Result<Outcome> {
         .args(["--job", "per_minute"]);
     let (text, seconds, runner_cpu) = run_sampled(command)?;
     let gateway_cpu = gateway.cpu_seconds()? - cpu_before;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     let minutes = check_per_minute(&session, &table, args.rows).await?;
     println!(
         "   {mode}: {minutes} minutes exact; gateway {:.1} CPU-s/M, runner {:.1} CPU-s/M; {}",
@@ -1408,7 +1411,7 @@ async fn job_gateway(args: &Args) -> anyhow::Result<Outcome> {
         args.rows as u64,
         seconds,
         gateway_cpu + runner_cpu,
-        database_cpu_seconds,
+        services,
     ))
 }
 
@@ -1441,11 +1444,11 @@ async fn job_python(args: &Args) -> anyhow::Result<Outcome> {
         .await?;
     session.await_schema_agreement().await?;
     println!("== {mode}: aggregating {} events per minute in Python", args.rows);
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let mut command = std::process::Command::new(&python);
     command.arg(&script).arg(READ_KEYSPACE);
     let (text, seconds, cpu_seconds) = run_sampled(command)?;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     let minutes = check_per_minute(&session, &table, args.rows).await?;
     println!("   {mode}: {minutes} minutes exact; {}", text.trim());
     Ok(Outcome::untimed(
@@ -1453,7 +1456,7 @@ async fn job_python(args: &Args) -> anyhow::Result<Outcome> {
         args.rows as u64,
         seconds,
         cpu_seconds,
-        database_cpu_seconds,
+        services,
     ))
 }
 
@@ -1519,7 +1522,7 @@ async fn get_gateway(args: &Args, smart: bool) -> anyhow::Result<Outcome> {
     while let Some(done) = pending.next().await {
         latencies.push(done??);
     }
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let cpu_before = gateway.cpu_seconds()?;
     let started = Instant::now();
     let mut closed = futures::stream::iter((count..2 * count).map(get)).buffer_unordered(64);
@@ -1535,7 +1538,7 @@ async fn get_gateway(args: &Args, smart: bool) -> anyhow::Result<Outcome> {
         rows: count,
         seconds,
         cpu_seconds,
-        database_cpu_seconds: database.seconds()?,
+        services: database.seconds()?,
         latencies,
         quantiles_ms: None,
         forwarded: 0.0,
@@ -1559,7 +1562,7 @@ async fn nats(args: &Args) -> anyhow::Result<Outcome> {
         devkit::nats_orders_route_toml("orders", keyspace, &subject, "bench", &format!("{subject}.dead-letter"));
     let config = args.work_dir.join("gateway-nats.toml");
     std::fs::write(&config, devkit::gateway_toml(&routes))?;
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-nats.log"))?;
     let written = || {
@@ -1621,7 +1624,7 @@ async fn zeromq(args: &Args) -> anyhow::Result<Outcome> {
     let routes = devkit::zeromq_orders_route_toml("orders", keyspace, "bench.zeromq.dead-letter");
     let config = args.work_dir.join("gateway-zeromq.toml");
     std::fs::write(&config, devkit::gateway_toml(&routes))?;
-    let database = devkit::CassandraCpu::start()?;
+    let database = devkit::ServicesCpu::start()?;
     let started = Instant::now();
     let gateway = Gateway::start(&args.gateway, &config, &args.work_dir.join("gateway-zeromq.log"))?;
     println!("== {mode}: pushing {rows} messages");
@@ -1648,12 +1651,12 @@ async fn broker_outcome(
     rows: u64,
     seconds: f64,
     gateway: Gateway,
-    database: devkit::CassandraCpu,
+    database: devkit::ServicesCpu,
     session: &Session,
     keyspace: &str,
 ) -> anyhow::Result<Outcome> {
     let cpu_seconds = gateway.cpu_seconds()?;
-    let database_cpu_seconds = database.seconds()?;
+    let services = database.seconds()?;
     devkit::wait_for_orders(session, keyspace, rows, Duration::from_secs(60)).await?;
     let forwarded = devkit::scrape_metric(devkit::ADMIN_LISTEN, shardgate::telemetry::metric::ROWS_FORWARDED)?;
     print_batch_shape(mode)?;
@@ -1663,7 +1666,7 @@ async fn broker_outcome(
         rows,
         seconds,
         cpu_seconds,
-        database_cpu_seconds,
+        services,
         latencies: Vec::new(),
         quantiles_ms: None,
         forwarded,

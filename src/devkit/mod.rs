@@ -1852,27 +1852,82 @@ pub fn cassandra_pid() -> anyhow::Result<i32> {
         .context("cassandra pid")
 }
 
-/// The local Cassandra's CPU over a span of a run: read at [`CassandraCpu::start`], the
-/// difference at [`CassandraCpu::seconds`].
-pub struct CassandraCpu {
-    pid: u32,
-    before: f64,
+/// The CPU the local services used over a span of a run: read at [`ServicesCpu::start`], the
+/// difference at [`ServicesCpu::seconds`]. On this box they share the cores with the gateway,
+/// so rows/s is bounded by the gateway's, the database's and the broker's CPU per row together.
+pub struct ServicesCpu {
+    cassandra: u32,
+    before: SpanCpu,
 }
 
-impl CassandraCpu {
+/// CPU seconds of the local services over a span.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpanCpu {
+    /// The Cassandra `stack.sh` started (the database the gateway writes to).
+    pub cassandra: f64,
+    /// Kafka, NATS and RabbitMQ together, each with the processes it started (RabbitMQ's
+    /// `beam.smp` runs under its start script).
+    pub brokers: f64,
+}
+
+/// The brokers `stack.sh up` starts, by their state directory's name.
+const BROKERS: [&str; 3] = ["kafka", "nats", "rabbitmq"];
+
+impl ServicesCpu {
     /// Starts the span now.
-    pub fn start() -> anyhow::Result<CassandraCpu> {
-        let pid = u32::try_from(cassandra_pid()?).context("cassandra pid")?;
-        Ok(CassandraCpu {
-            pid,
-            before: process_cpu_seconds(pid)?,
-        })
+    pub fn start() -> anyhow::Result<ServicesCpu> {
+        let cassandra = u32::try_from(cassandra_pid()?).context("cassandra pid")?;
+        let before = SpanCpu {
+            cassandra: process_cpu_seconds(cassandra)?,
+            brokers: brokers_cpu_seconds(),
+        };
+        Ok(ServicesCpu { cassandra, before })
     }
 
-    /// Cassandra's CPU seconds since the start of the span.
-    pub fn seconds(&self) -> anyhow::Result<f64> {
-        Ok(process_cpu_seconds(self.pid)? - self.before)
+    /// The services' CPU seconds since the start of the span.
+    pub fn seconds(&self) -> anyhow::Result<SpanCpu> {
+        Ok(SpanCpu {
+            cassandra: process_cpu_seconds(self.cassandra)? - self.before.cassandra,
+            brokers: brokers_cpu_seconds() - self.before.brokers,
+        })
     }
+}
+
+/// CPU seconds of every running broker's process tree so far (a broker that is not running
+/// counts nothing).
+fn brokers_cpu_seconds() -> f64 {
+    let roots: Vec<u32> = BROKERS
+        .iter()
+        .filter_map(|name| std::fs::read_to_string(state_dir().join(name).join("pid")).ok())
+        .filter_map(|pid| pid.trim().parse().ok())
+        .collect();
+    process_trees(&roots)
+        .into_iter()
+        .filter_map(|pid| process_cpu_seconds(pid).ok())
+        .sum()
+}
+
+/// `roots` and every process descended from them.
+fn process_trees(roots: &[u32]) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after_name = stat.rsplit_once(')')?.1;
+            Some((pid, after_name.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect();
+    let mut tree: Vec<u32> = roots.to_vec();
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(pid, _)| *pid));
+        at += 1;
+    }
+    tree
 }
 
 /// The local Cassandra frozen with SIGSTOP — unreachable as a hung node is: connections stay

@@ -151,7 +151,7 @@ impl Unacked {
 #[derive(Debug)]
 pub struct AmqpOrigin {
     /// Source queue.
-    pub queue: String,
+    pub queue: Arc<str>,
     /// Routing key it was published with.
     pub routing_key: String,
     /// Whether the broker delivered it before.
@@ -177,7 +177,7 @@ impl Origin for AmqpOrigin {
 
     fn coordinates(&self, _: &str, _: i64) -> Vec<(&'static str, String)> {
         vec![
-            (headers::SOURCE_QUEUE, self.queue.clone()),
+            (headers::SOURCE_QUEUE, self.queue.to_string()),
             (headers::SOURCE_ROUTING_KEY, self.routing_key.clone()),
             (headers::SOURCE_REDELIVERED, self.redelivered.to_string()),
         ]

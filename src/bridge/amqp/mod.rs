@@ -173,6 +173,7 @@ async fn consume_once(
         settled,
         Arc::clone(&unacked),
     ));
+    let queue: Arc<str> = source.queue.as_str().into();
     let mut chunks = consumer.ready_chunks(CHUNK_MESSAGES_MAX);
     loop {
         let chunk = tokio::select! {
@@ -186,11 +187,7 @@ async fn consume_once(
         };
         let mut batch = Vec::with_capacity(CHUNK_MESSAGES_MAX);
         for delivery in chunk {
-            batch.push(source_message(
-                delivery.map_err(|e| e.to_string())?,
-                &source.queue,
-                &acks,
-            ));
+            batch.push(source_message(delivery.map_err(|e| e.to_string())?, &queue, &acks));
         }
         let linger = tokio::time::sleep(HANDOFF_LINGER);
         tokio::pin!(linger);
@@ -203,11 +200,7 @@ async fn consume_once(
             // Cancelled: what is here is handed off, the next turn sees the end.
             let Some(more) = more else { break };
             for delivery in more {
-                batch.push(source_message(
-                    delivery.map_err(|e| e.to_string())?,
-                    &source.queue,
-                    &acks,
-                ));
+                batch.push(source_message(delivery.map_err(|e| e.to_string())?, &queue, &acks));
             }
         }
         if let Some(newest) = batch.last() {
@@ -243,7 +236,7 @@ async fn drain(cores: &mut Option<RoundRobin>, counters: &RouteCounters, deadlin
 
 fn source_message(
     delivery: lapin::message::Delivery,
-    queue: &str,
+    queue: &Arc<str>,
     acks: &mpsc::UnboundedSender<ack::Settled>,
 ) -> SourceMessage {
     let timestamp_ms = delivery
@@ -260,8 +253,8 @@ fn source_message(
         headers,
         payload: Some(delivery.data.into()),
         origin: Box::new(AmqpOrigin {
-            queue: queue.to_string(),
-            routing_key: delivery.routing_key.to_string(),
+            queue: Arc::clone(queue),
+            routing_key: delivery.routing_key.into(),
             redelivered: delivery.redelivered,
             tag: delivery.delivery_tag,
             acks: acks.clone(),
