@@ -82,6 +82,8 @@ pub enum Refused {
     Unknown(String),
     /// Not in a state the call applies to.
     State(String),
+    /// The job's tables could not be read or written.
+    Unavailable(String),
 }
 
 impl From<Refused> for tonic::Status {
@@ -89,6 +91,7 @@ impl From<Refused> for tonic::Status {
         match refused {
             Refused::Unknown(reason) => tonic::Status::not_found(reason),
             Refused::State(reason) => tonic::Status::failed_precondition(reason),
+            Refused::Unavailable(reason) => tonic::Status::unavailable(reason),
         }
     }
 }
@@ -293,6 +296,31 @@ impl JobControl {
         Ok(())
     }
 
+    /// Cancels `name`: here when it runs or is paused here ([`JobControl::command`]); else, for
+    /// a scan or query job, the run that runs elsewhere (another gateway, `shardgate job run`)
+    /// is marked `cancelled` in its table, and every runner of it stops before its next claim.
+    pub async fn cancel(&self, name: &str) -> Result<(), Refused> {
+        let entry = self.entry(name)?;
+        let (local, _) = entry.local.borrow().clone();
+        let job = &entry.job;
+        if local.active() || !matches!(job.kind(), "scan" | "query") {
+            return self.command(name, Command::Cancel);
+        }
+        let unavailable = |error: anyhow::Error| Refused::Unavailable(format!("job `{name}`: {error:#}"));
+        let current = super::current_run_state(&self.session, &job.state_keyspace, name)
+            .await
+            .map_err(unavailable)?;
+        match current {
+            Some((run, state)) if state == "running" => super::cancel_run(&self.session, &job.state_keyspace, name, run)
+                .await
+                .map_err(unavailable),
+            _ => Err(Refused::State(format!(
+                "job `{name}` is {} here and no run of it is running elsewhere: only a running or paused job is cancelled",
+                local.as_str()
+            ))),
+        }
+    }
+
     /// Tells every job the gateway stops and waits up to `deadline` for their tasks to end
     /// (stream jobs checkpoint first).
     pub async fn stop_all(&self, deadline: Duration) {
@@ -385,21 +413,29 @@ async fn scan_progress(session: &Session, job: &JobConfig, status: &mut JobStatu
     status.run = run;
     status.run_state = state.unwrap_or_default();
     status.splits_total = splits.unwrap_or_default().max(0) as u32;
-    let splits: Vec<(Option<bool>, Option<i64>)> = session
+    type Split = (Option<bool>, Option<i64>, Option<String>, Option<i64>);
+    let splits: Vec<Split> = session
         .query_iter(
-            format!("SELECT done, rows_in FROM {keyspace}.job_splits WHERE job = ? AND run = ?"),
+            format!("SELECT done, rows_in, owner, lease_until FROM {keyspace}.job_splits WHERE job = ? AND run = ?"),
             (&job.name, run),
         )
         .await?
-        .rows_stream::<(Option<bool>, Option<i64>)>()?
+        .rows_stream::<Split>()?
         .try_collect()
         .await?;
-    for (done, rows) in splits {
+    let now = super::now_ms();
+    let mut runners = std::collections::BTreeSet::new();
+    for (done, rows, owner, lease_until) in splits {
         if done == Some(true) {
             status.splits_done += 1;
             status.rows_read += rows.unwrap_or_default().max(0) as u64;
+        } else if let (Some(owner), Some(until)) = (owner, lease_until) {
+            if until > now && !owner.is_empty() {
+                runners.insert(owner);
+            }
         }
     }
+    status.runners = runners.into_iter().collect();
     Ok(())
 }
 
@@ -446,6 +482,7 @@ impl JobsService {
             .on_island(move |control| async move {
                 match command {
                     None => control.start(&request.job)?,
+                    Some(Command::Cancel) => control.cancel(&request.job).await?,
                     Some(command) => control.command(&request.job, command)?,
                 }
                 control.status(&request.job).await

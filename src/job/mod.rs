@@ -671,6 +671,32 @@ async fn open_dead_letter(job: &JobConfig, session: &Arc<Session>) -> anyhow::Re
     Ok(Some(sink))
 }
 
+/// Job `job`'s current run in `keyspace.job_runs` and its state (`running`, `done`,
+/// `cancelled`); `None` before any run.
+async fn current_run_state(session: &Session, keyspace: &str, job: &str) -> anyhow::Result<Option<(i64, String)>> {
+    Ok(session
+        .query_unpaged(
+            format!("SELECT run, state FROM {keyspace}.job_runs WHERE job = ?"),
+            (job,),
+        )
+        .await?
+        .into_rows_result()?
+        .maybe_first_row::<(i64, Option<String>)>()?
+        .map(|(run, state)| (run, state.unwrap_or_default())))
+}
+
+/// Marks run `run` of `job` cancelled (if it is still the current one): its runners stop before
+/// their next claim, and the next start begins a new run.
+async fn cancel_run(session: &Session, keyspace: &str, job: &str, run: i64) -> anyhow::Result<()> {
+    session
+        .query_unpaged(
+            format!("UPDATE {keyspace}.job_runs SET state = 'cancelled' WHERE job = ? IF run = ?"),
+            (job, run),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Creates the progress tables in the job's keyspace (which must exist).
 async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Result<()> {
     session
@@ -1280,20 +1306,27 @@ pub async fn run(
                 bar.abandon();
             }
             if command == Command::Cancel {
-                runner
-                    .session
-                    .query_unpaged(
-                        format!(
-                            "UPDATE {} SET state = 'cancelled' WHERE job = ? IF run = ?",
-                            runner.state_table("job_runs")
-                        ),
-                        (&runner.job.name, runner.run),
-                    )
-                    .await?;
+                cancel_run(
+                    &runner.session,
+                    &runner.job.state_keyspace,
+                    &runner.job.name,
+                    runner.run,
+                )
+                .await?;
                 tracing::info!(job = %runner.job.name, run, "run cancelled");
                 return Err(Interrupted("cancelled").into());
             }
             return Err(Interrupted("stopped").into());
+        }
+        // Cancelled elsewhere (any gateway's `CancelJob`): every runner of the run stops.
+        let shared = current_run_state(&runner.session, &runner.job.state_keyspace, &runner.job.name).await?;
+        if shared.is_some_and(|(current, state)| current == runner.run && state == "cancelled") {
+            running.abort_all();
+            if let Some(bar) = &bar {
+                bar.abandon();
+            }
+            tracing::info!(job = %runner.job.name, run, "run cancelled through the Jobs service");
+            return Err(Interrupted("cancelled").into());
         }
         let splits = runner.splits().await?;
         let done = splits.iter().filter(|s| s.3).count();

@@ -673,6 +673,82 @@ async fn two_runners_share_a_job_and_one_takes_over_when_the_other_dies() {
     assert!(gateway.stop().expect("stop").success());
 }
 
+/// A `shardgate job run` process is in every gateway's view of its job: `GetJobStatus` names
+/// it among the run's runners while it holds a split, and `CancelJob` on a gateway where the
+/// job does not run marks the run cancelled, which stops that process before its next claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_run_elsewhere_is_seen_and_cancelled_through_the_jobs_service() {
+    use shardgate::wire::proto::jobs_client::JobsClient;
+    use shardgate::wire::proto::JobRequest;
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_elsewhere");
+    // One split at a time, of 48: the run lasts long enough to be watched and cancelled.
+    let job = BY_CUSTOMER_HOUR
+        .replace("parallel_splits = 2", "parallel_splits = 1")
+        .replace("min_splits = 24", "min_splits = 48");
+    let (gateway, config) = setup(&names, &job).await;
+    let mut jobs = JobsClient::connect(format!("http://{}", devkit::INGEST_LISTEN))
+        .await
+        .expect("Jobs client");
+    let request = || JobRequest {
+        job: "by_customer_hour".into(),
+    };
+    let refused = jobs.cancel_job(request()).await.expect_err("nothing runs the job yet");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("no run of it is running elsewhere"),
+        "{}",
+        refused.message()
+    );
+
+    let mut runner = job_command(&config, "by_customer_hour")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("job starts");
+    wait_done_splits(&names.keyspace, "by_customer_hour", 1, &mut runner).await;
+    let pid = format!("-{}-", runner.id());
+    let started = Instant::now();
+    let seen = loop {
+        let status = jobs.get_job_status(request()).await.expect("status").into_inner();
+        if status.runners.iter().any(|r| r.contains(&pid)) {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the runner (pid {}) never listed: {status:?}",
+            runner.id()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(seen.state, "idle", "it does not run on this gateway");
+    assert_eq!(seen.run_state, "running");
+    assert_eq!(seen.runners.len(), 1, "{:?}", seen.runners);
+    assert!(
+        seen.splits_done >= 1 && seen.splits_done < seen.splits_total,
+        "{seen:?}"
+    );
+
+    let cancelled = jobs.cancel_job(request()).await.expect("cancel").into_inner();
+    assert_eq!(
+        (cancelled.state.as_str(), cancelled.run_state.as_str()),
+        ("idle", "cancelled")
+    );
+    let output = runner.wait_with_output().expect("the runner ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a cancelled run does not end well: {stderr}");
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    let (run, _, done, splits) = progress(&names.keyspace, "by_customer_hour").await;
+    assert_eq!(run, cancelled.run);
+    assert!(done < splits, "stopped before the end: {done} of {splits}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = jobs.get_job_status(request()).await.expect("status").into_inner();
+    assert_eq!(
+        after.splits_done, done as u32,
+        "no split finishes after the cancel: {after:?}"
+    );
+    assert!(gateway.stop().expect("stop").success());
+}
+
 /// A job with `every` runs inside `serve`: a run that started after the orders were written
 /// ends with exact results, and the gateway's metrics count its runs, rows and splits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
