@@ -224,16 +224,13 @@ impl JobControl {
                 Arc::clone(rollup),
                 Arc::clone(&self.session),
                 &self.endpoint,
+                &self.stream_routes(&job),
                 signal,
             ))
             .await
             .map(|report| report.to_string()),
             (None, false, None) => {
-                let routes: Vec<RouteConfig> = job
-                    .stream
-                    .iter()
-                    .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
-                    .collect();
+                let routes = self.stream_routes(&job);
                 Box::pin(super::stream::run(&self.cluster, job, &routes, &self.endpoint, signal))
                     .await
                     .map(|report| report.to_string())
@@ -266,6 +263,14 @@ impl JobControl {
             metrics::counter!(metric::JOB_RUNS, "job" => name.clone(), "outcome" => outcome).increment(1);
         }
         entry.local.send_replace((local, error));
+    }
+
+    /// The routes stream job `job` folds, in its order.
+    fn stream_routes(&self, job: &JobConfig) -> Vec<RouteConfig> {
+        job.stream
+            .iter()
+            .filter_map(|route| self.routes.iter().find(|r| &r.name == route).cloned())
+            .collect()
     }
 
     /// Pauses, resumes or cancels `name` here.

@@ -672,14 +672,20 @@ async fn open_dead_letter(job: &JobConfig, session: &Arc<Session>) -> anyhow::Re
 }
 
 /// Job `job`'s current run in `keyspace.job_runs` and its state (`running`, `done`,
-/// `cancelled`); `None` before any run.
+/// `cancelled`); `None` before any run (also before any job of the keyspace made the table).
 async fn current_run_state(session: &Session, keyspace: &str, job: &str) -> anyhow::Result<Option<(i64, String)>> {
-    Ok(session
+    let result = match session
         .query_unpaged(
             format!("SELECT run, state FROM {keyspace}.job_runs WHERE job = ?"),
             (job,),
         )
-        .await?
+        .await
+    {
+        Ok(result) => result,
+        Err(error) if crate::sink::scylla::retry::refused_as_invalid(&error) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    Ok(result
         .into_rows_result()?
         .maybe_first_row::<(i64, Option<String>)>()?
         .map(|(run, state)| (run, state.unwrap_or_default())))

@@ -32,7 +32,6 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use scylla::client::session::Session;
-use scylla::errors::{DbError, ExecutionError, PrepareError, RequestAttemptError};
 use scylla::statement::batch::Batch;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, MaybeUnset};
@@ -194,6 +193,11 @@ pub(super) struct Windows {
     table: String,
     /// Windows ending at or before this are closed and written.
     pub(super) closed_through: Option<i64>,
+    /// Partitions of the job's routes' topics, all together (0: unknown).
+    partitions: usize,
+    /// When this gateway opened the job's state: for `idle` after it, a partition with no
+    /// stored progress yet holds the watermark back (it may just not have been read yet).
+    opened: Instant,
 }
 
 /// A running stream job with its own consumer.
@@ -257,17 +261,8 @@ async fn prepare(session: &Session, table: &str) -> anyhow::Result<Statements> {
 /// A stream job's consumer of one route's topic: its own group, no automatic commits (the
 /// offsets that count are the checkpoint's).
 fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -> anyhow::Result<StreamConsumer> {
-    let mut config = ClientConfig::new();
-    for (key, value) in &kafka.properties {
-        if key != "group.instance.id" {
-            config.set(key, value);
-        }
-    }
-    for (key, value) in kafka.security.iter().flat_map(crate::config::KafkaSecurity::properties) {
-        config.set(key, value);
-    }
+    let mut config = client_config(kafka);
     config
-        .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", format!("shardgate-job-{job}"))
         .set("client.id", format!("shardgate-job-{job}-{route}"))
         .set("enable.auto.commit", "false")
@@ -285,6 +280,61 @@ fn subscribe(job: &str, route: &str, kafka: &crate::config::KafkaSourceConfig) -
         .subscribe(&[&kafka.topic])
         .with_context(|| format!("job `{job}`: subscribing to {}", kafka.topic))?;
     Ok(consumer)
+}
+
+/// A Kafka client of `kafka`'s brokers with the route's properties and security.
+fn client_config(kafka: &crate::config::KafkaSourceConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in &kafka.properties {
+        if key != "group.instance.id" {
+            config.set(key, value);
+        }
+    }
+    for (key, value) in kafka.security.iter().flat_map(crate::config::KafkaSecurity::properties) {
+        config.set(key, value);
+    }
+    config.set("bootstrap.servers", &kafka.brokers);
+    config
+}
+
+/// How long reading the routes' topic metadata may take when a stream job opens.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Partitions of `routes`' Kafka topics together, from the brokers' metadata; 0 when it cannot
+/// be read (logged: windows then close on the partitions that have progress, as before).
+pub(super) async fn topic_partitions(job: &str, routes: &[RouteConfig]) -> usize {
+    let sources: Vec<crate::config::KafkaSourceConfig> = routes
+        .iter()
+        .filter_map(|route| match &route.source {
+            SourceConfig::Kafka(kafka) => Some(kafka.clone()),
+            _ => None,
+        })
+        .collect();
+    let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let mut total = 0;
+        for kafka in &sources {
+            let consumer: rdkafka::consumer::BaseConsumer = client_config(kafka).create()?;
+            let metadata = consumer.fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT)?;
+            total += metadata
+                .topics()
+                .iter()
+                .map(|topic| topic.partitions().len())
+                .sum::<usize>();
+        }
+        Ok(total)
+    })
+    .await;
+    match counted {
+        Ok(Ok(total)) => total,
+        Ok(Err(error)) => {
+            tracing::warn!(job, error = %format!("{error:#}"), "cannot read the routes' partitions; windows close on the partitions seen");
+            0
+        }
+        Err(error) => {
+            tracing::warn!(job, %error, "cannot read the routes' partitions; windows close on the partitions seen");
+            0
+        }
+    }
 }
 
 /// A mapped row's values as the job sees them (an unset column reads as null): the first
@@ -323,7 +373,7 @@ pub async fn run(
     let session = Arc::new(crate::sink::scylla::connect(cluster).await?);
     let rows_read = metrics::counter!(metric::JOB_ROWS_READ, "job" => job.name.clone());
     let mut stream = Stream {
-        windows: Windows::open(job, session, endpoint).await?,
+        windows: Windows::open(job, session, endpoint, routes).await?,
         compiled,
         report: StreamReport::default(),
         rows_read,
@@ -358,7 +408,12 @@ pub async fn run(
 
 impl Windows {
     /// Opens a stream job's state (creating `job_windows`), outputs and dead-letter destination.
-    pub(super) async fn open(job: JobConfig, session: Arc<Session>, endpoint: &GatewayAddr) -> anyhow::Result<Windows> {
+    pub(super) async fn open(
+        job: JobConfig,
+        session: Arc<Session>,
+        endpoint: &GatewayAddr,
+        routes: &[RouteConfig],
+    ) -> anyhow::Result<Windows> {
         let Some(aggregate) = job.aggregate.clone() else {
             anyhow::bail!("job `{}`: a stream job needs `[job.aggregate]`", job.name);
         };
@@ -367,6 +422,7 @@ impl Windows {
         let statements = prepare(&session, &table).await?;
         let output = Output::open(&job, &session, endpoint, None).await?;
         let dead_letter = open_dead_letter(&job, &session).await?;
+        let partitions = topic_partitions(&job.name, routes).await;
         Ok(Windows {
             job,
             aggregate,
@@ -376,6 +432,8 @@ impl Windows {
             statements,
             table,
             closed_through: None,
+            partitions,
+            opened: Instant::now(),
         })
     }
 
@@ -495,17 +553,25 @@ impl Windows {
         let mut least: Option<i64> = None;
         let mut closed: Option<i64> = None;
         let mut stored: Vec<(String, i64)> = Vec::new();
+        let mut seen = 0;
         for row in rows.rows::<(String, i64, Option<i64>, Option<i64>)>()? {
             let (part, start, time, written_us) = row?;
             match (part.as_str(), start) {
                 (JOB_PART, PROGRESS) => closed = time,
                 (_, PROGRESS) => {
+                    seen += 1;
                     if let (Some(time), true) = (time, written_us.unwrap_or_default() >= active_since_us) {
                         least = Some(least.map_or(time, |least| least.min(time)));
                     }
                 }
                 _ => stored.push((part, start)),
             }
+        }
+        // A partition with no progress yet may simply not have been read yet (at a first start
+        // each partition's first messages come in their own time): its rows would all be late.
+        // It holds the watermark back until it has been still for `idle`.
+        if seen < self.partitions && self.opened.elapsed() < self.job.idle {
+            least = None;
         }
         let mut written = 0;
         if let Some(least) = least {
@@ -835,7 +901,7 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
         Ok(result) => result.into_rows_result()?,
         // The schema row is written before the node has applied the table: the node still
         // calls it unknown, and nothing can have been checkpointed in it yet.
-        Err(error) if refused_as_invalid(&error) => return Ok(Progress::default()),
+        Err(error) if crate::sink::scylla::retry::refused_as_invalid(&error) => return Ok(Progress::default()),
         Err(error) => return Err(error.into()),
     };
     let mut progress = Progress::default();
@@ -848,17 +914,6 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
         }
     }
     Ok(progress)
-}
-
-/// Whether the node refused a statement as invalid (e.g. a table it has not applied yet), when
-/// preparing it or running it.
-fn refused_as_invalid(error: &ExecutionError) -> bool {
-    let attempt = match error {
-        ExecutionError::LastAttemptError(attempt) => attempt,
-        ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => first_attempt,
-        _ => return false,
-    };
-    matches!(attempt, RequestAttemptError::DbError(DbError::Invalid, _))
 }
 
 /// A partition's name in `job_windows`: the route and the partition.

@@ -41,7 +41,7 @@ use super::{Compiled, Fold, Positions};
 use crate::bridge::message::SourceMessage;
 use crate::bridge::tap::{Rewind, Tap};
 use crate::client::GatewayAddr;
-use crate::config::JobConfig;
+use crate::config::{JobConfig, RouteConfig};
 use crate::mapping::{MappedRow, ReasonCode, RouteMapper};
 use crate::sink::dead_letter::{headers, DeadLetter};
 use crate::telemetry::metric;
@@ -640,13 +640,14 @@ pub async fn run(
     rollup: Arc<Rollup>,
     session: Arc<Session>,
     endpoint: &GatewayAddr,
+    routes: &[RouteConfig],
     mut signal: Signal,
 ) -> anyhow::Result<StreamReport> {
     let started = Instant::now();
     rollup.released.store(false, Ordering::Release);
     rollup.folding.store(true, Ordering::Release);
     let opened = async {
-        let mut windows = Windows::open(rollup.job.clone(), session, endpoint).await?;
+        let mut windows = Windows::open(rollup.job.clone(), session, endpoint, routes).await?;
         windows.closed_through = windows.load_closed().await?;
         anyhow::Ok(windows)
     };

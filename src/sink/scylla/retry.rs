@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::errors::{DbError, ExecutionError, PrepareError, RequestAttemptError};
 
 /// First retry delay of a transiently failed write.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(25);
@@ -44,6 +44,17 @@ pub fn classify(error: &ExecutionError) -> WriteFailure {
     } else {
         WriteFailure::Transient(error.to_string())
     }
+}
+
+/// Whether the node refused a statement as invalid (e.g. a table it has not applied yet), when
+/// preparing it or running it.
+pub fn refused_as_invalid(error: &ExecutionError) -> bool {
+    let attempt = match error {
+        ExecutionError::LastAttemptError(attempt) => attempt,
+        ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => first_attempt,
+        _ => return false,
+    };
+    matches!(attempt, RequestAttemptError::DbError(DbError::Invalid, _))
 }
 
 /// How long a write keeps retrying transient failures.
