@@ -323,18 +323,13 @@ pub(super) async fn topic_partitions(job: &str, routes: &[RouteConfig]) -> usize
         }
         Ok(total)
     })
-    .await;
-    match counted {
-        Ok(Ok(total)) => total,
-        Ok(Err(error)) => {
-            tracing::warn!(job, error = %format!("{error:#}"), "cannot read the routes' partitions; windows close on the partitions seen");
-            0
-        }
-        Err(error) => {
-            tracing::warn!(job, %error, "cannot read the routes' partitions; windows close on the partitions seen");
-            0
-        }
-    }
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|counted| counted);
+    counted.unwrap_or_else(|error| {
+        tracing::warn!(job, error = %format!("{error:#}"), "cannot read the routes' partitions; windows close on the partitions seen");
+        0
+    })
 }
 
 /// A mapped row's values as the job sees them (an unset column reads as null): the first
