@@ -871,19 +871,9 @@ pub struct Progress {
 
 /// Reads stream job `job`'s [`Progress`] from `keyspace.job_windows`. Before the first stream
 /// job of the keyspace has opened its state (jobs start just after `shardgate serving`), the
-/// table does not exist yet: nothing is checkpointed, and the progress is the default.
+/// node does not know the table yet (nor for a moment after its schema row is written): nothing
+/// is checkpointed, and the progress is the default.
 pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::Result<Progress> {
-    let created = session
-        .query_unpaged(
-            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'job_windows'",
-            (keyspace,),
-        )
-        .await?
-        .into_rows_result()?
-        .rows_num();
-    if created == 0 {
-        return Ok(Progress::default());
-    }
     let rows = match session
         .query_unpaged(
             format!(
@@ -894,8 +884,6 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
         .await
     {
         Ok(result) => result.into_rows_result()?,
-        // The schema row is written before the node has applied the table: the node still
-        // calls it unknown, and nothing can have been checkpointed in it yet.
         Err(error) if crate::sink::scylla::retry::refused_as_invalid(&error) => return Ok(Progress::default()),
         Err(error) => return Err(error.into()),
     };

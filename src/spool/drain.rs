@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::future::LocalBoxFuture;
 
 use super::record::{self, Record, RouteRecord};
-use super::service::{complete, core_backlog, core_spool, deferred_records, Backlog, Held, Spooled};
+use super::service::{complete, core_backlog, core_spool, Backlog, Held, Spooled};
 use super::RecordId;
 use crate::runtime::shutdown::Stop;
 
@@ -178,8 +178,7 @@ async fn hand_over(sorted: Sorted, backlog: &Rc<Backlog>, replay: &dyn Replay, s
 
 /// Counts `records` of the drain's current segment as no longer waiting.
 fn settle(backlog: &Backlog, records: u64) {
-    backlog.waiting.set(backlog.waiting.get().saturating_sub(records));
-    deferred_records().decrement(records as f64);
+    backlog.set_waiting(backlog.waiting.get().saturating_sub(records));
 }
 
 /// The oldest segment's deferred records, once there are any; `None` at stop.

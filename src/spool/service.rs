@@ -92,11 +92,19 @@ pub(super) struct Backlog {
     pub(super) deferred: RefCell<BTreeMap<u64, Vec<u32>>>,
     /// Records deferred and not yet handed to a writer (those taken by the drain included).
     pub(super) waiting: Cell<u64>,
+    /// `shardgate_spool_deferred_records{core}` of this core: `waiting`, published.
+    waiting_gauge: metrics::Gauge,
     /// Wakes the core's drain: records deferred or memory released.
     pub(super) changed: tokio::sync::Notify,
 }
 
 impl Backlog {
+    /// Sets `waiting` (and its gauge) to `records`.
+    pub(super) fn set_waiting(&self, records: u64) {
+        self.waiting.set(records);
+        self.waiting_gauge.set(records as f64);
+    }
+
     pub(super) fn release(&self, bytes: u64) {
         self.held_bytes.set(self.held_bytes.get().saturating_sub(bytes));
         self.changed.notify_one();
@@ -185,17 +193,8 @@ fn defer(ids: &[RecordId]) {
     for id in ids {
         deferred.entry(id.segment).or_default().push(id.index);
     }
-    backlog.waiting.set(backlog.waiting.get() + ids.len() as u64);
-    deferred_records().increment(ids.len() as f64);
+    backlog.set_waiting(backlog.waiting.get() + ids.len() as u64);
     backlog.changed.notify_one();
-}
-
-/// This core's `shardgate_spool_deferred_records{core}`.
-pub(super) fn deferred_records() -> metrics::Gauge {
-    let core = crate::runtime::context::core()
-        .map(|core| core.to_string())
-        .unwrap_or_default();
-    metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS, "core" => core)
 }
 
 /// Opens core `core`'s spool and installs it for this thread; the records left by the previous
@@ -236,6 +235,7 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
         held_max: config.memory_bytes_per_core,
         deferred: RefCell::new(BTreeMap::new()),
         waiting: Cell::new(0),
+        waiting_gauge: metrics::gauge!(crate::telemetry::metric::SPOOL_DEFERRED_RECORDS, "core" => core.to_string()),
         changed: tokio::sync::Notify::new(),
     }));
     defer(&replay);

@@ -170,7 +170,6 @@ impl Snapshot {
         let mut cores: BTreeMap<usize, CoreTotals> = BTreeMap::new();
         let mut routes: BTreeMap<String, RouteTotals> = BTreeMap::new();
         let mut jobs: BTreeMap<String, JobTotals> = BTreeMap::new();
-        let mut deferred = 0.0;
         let add = |slot: &mut Option<f64>, value: f64| *slot = Some(slot.unwrap_or(0.0) + value);
         for sample in samples {
             let value = if sample.value.is_finite() { sample.value } else { 0.0 };
@@ -240,10 +239,8 @@ impl Snapshot {
                     _ => {}
                 }
             }
-            if name == metric::SPOOL_DEFERRED_RECORDS {
-                deferred += value;
-            }
         }
+        let deferred = cores.values().map(|c| c.spool_deferred_records).sum();
         Snapshot {
             at,
             ready,
