@@ -301,6 +301,61 @@ impl JobControl {
         Ok(())
     }
 
+    /// Pauses (`Command::Pause`) or resumes (`Command::Run`) `name`. A stream or replay job
+    /// pauses here ([`JobControl::command`]). A scan or query job pauses as a run: its run is
+    /// marked `paused` (or `running` again) in `job_runs`, and every runner of it — this
+    /// gateway's, other gateways', `shardgate job run` processes — claims no new split until it
+    /// is resumed; refused unless the run is running (or paused) now.
+    pub async fn pause_or_resume(&self, name: &str, command: Command) -> Result<(), Refused> {
+        let entry = self.entry(name)?;
+        let job = &entry.job;
+        if !matches!(job.kind(), "scan" | "query") {
+            return self.command(name, command);
+        }
+        let (change, why) = match command {
+            Command::Pause => (("running", "paused"), "only a running job pauses"),
+            _ => (("paused", "running"), "only a paused job resumes"),
+        };
+        let (local, _) = entry.local.borrow().clone();
+        let unavailable = |error: anyhow::Error| Refused::Unavailable(format!("job `{name}`: {error:#}"));
+        let current = super::current_run_state(&self.session, &job.state_keyspace, name)
+            .await
+            .map_err(unavailable)?;
+        let shown = shown_state(local, current.as_ref().map(|(_, state)| state.as_str()));
+        match current {
+            Some((run, state)) if state == change.0 => {
+                super::set_run_state(&self.session, &job.state_keyspace, name, run, change)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            // Paused here before its run was written: the runner marks it once it is.
+            _ if local.active() && shown == change.0 => {}
+            _ => {
+                let run = match &current {
+                    Some((_, state)) => format!("its run is {state}"),
+                    None => "it has no run".to_string(),
+                };
+                return Err(Refused::State(format!("job `{name}` is {shown} here and {run}: {why}")));
+            }
+        }
+        if local.active() {
+            entry.command.send_replace(command);
+            let next = if command == Command::Pause {
+                Local::Paused
+            } else {
+                Local::Running
+            };
+            entry.local.send_if_modified(|(local, _)| {
+                let changed = local.active() && *local != next;
+                if changed {
+                    *local = next;
+                }
+                changed
+            });
+        }
+        Ok(())
+    }
+
     /// Cancels `name`: here when it runs or is paused here ([`JobControl::command`]); else, for
     /// a scan or query job, the run that runs elsewhere (another gateway, `shardgate job run`)
     /// is marked `cancelled` in its table, and every runner of it stops before its next claim.
@@ -316,7 +371,7 @@ impl JobControl {
             .await
             .map_err(unavailable)?;
         match current {
-            Some((run, state)) if state == "running" => super::cancel_run(&self.session, &job.state_keyspace, name, run)
+            Some((run, state)) if state == "running" || state == "paused" => super::cancel_run(&self.session, &job.state_keyspace, name, run)
                 .await
                 .map_err(unavailable),
             _ => Err(Refused::State(format!(
@@ -376,7 +431,9 @@ impl JobControl {
             "stream" => stream_progress(&self.session, job, &mut status).await,
             // A replay's progress is its dead-letter destination's (consumer group, rows left).
             "replay" => Ok(()),
-            _ => scan_progress(&self.session, job, &mut status).await,
+            _ => scan_progress(&self.session, job, &mut status)
+                .await
+                .map(|()| status.state = shown_state(local, Some(&status.run_state)).into()),
         };
         if let Err(error) = shared {
             tracing::debug!(job = %job.name, error = %format!("{error:#}"), "no shared progress");
@@ -398,6 +455,16 @@ impl JobControl {
     /// Whether `name` runs or is paused here.
     fn active(&self, name: &str) -> bool {
         self.entry(name).is_ok_and(|entry| entry.local.borrow().0.active())
+    }
+}
+
+/// What `state` shows of a scan or query job: this gateway's, except that one running or paused
+/// here shows whether its run is paused (any runner's or gateway's control pauses and resumes it).
+fn shown_state(local: Local, run: Option<&str>) -> &'static str {
+    match (local.active(), run) {
+        (true, Some("paused")) => "paused",
+        (true, Some("running")) => "running",
+        _ => local.as_str(),
     }
 }
 
@@ -488,7 +555,7 @@ impl JobsService {
                 match command {
                     None => control.start(&request.job)?,
                     Some(Command::Cancel) => control.cancel(&request.job).await?,
-                    Some(command) => control.command(&request.job, command)?,
+                    Some(command) => control.pause_or_resume(&request.job, command).await?,
                 }
                 control.status(&request.job).await
             })

@@ -703,6 +703,24 @@ async fn cancel_run(session: &Session, keyspace: &str, job: &str, run: i64) -> a
     Ok(())
 }
 
+/// Moves run `run` of `job` from state `from` to `to` (`running` ⇄ `paused`) if it is still the
+/// current run in that state; whether it did.
+async fn set_run_state(
+    session: &Session,
+    keyspace: &str,
+    job: &str,
+    run: i64,
+    (from, to): (&str, &str),
+) -> anyhow::Result<bool> {
+    let result = session
+        .query_unpaged(
+            format!("UPDATE {keyspace}.job_runs SET state = ? WHERE job = ? IF run = ? AND state = ?"),
+            (to, job, run, from),
+        )
+        .await?;
+    applied(result)
+}
+
 /// Creates the progress tables in the job's keyspace (which must exist).
 async fn ensure_state_tables(session: &Session, keyspace: &str) -> anyhow::Result<()> {
     session
@@ -753,7 +771,8 @@ async fn current_run(
             .into_rows_result()?
             .maybe_first_row::<(i64, Vec<u8>, String)>()?;
         if let Some((run, plan, state)) = &existing {
-            if state == "running" {
+            // A paused run is joined too: its runners wait until it is resumed.
+            if state == "running" || state == "paused" {
                 let plan = PlanScanResponse::decode(plan.as_slice()).context("the run's saved split plan")?;
                 return Ok((*run, plan.splits));
             }
@@ -1255,7 +1274,9 @@ fn as_scan(session: &Session, mut job: JobConfig) -> JobConfig {
 
 /// Runs `job` to the end of its current run (a new run when the last one finished), sharing its
 /// splits with any other gateway running it, through the gateway at `endpoint`. `progress`
-/// draws a bar on the terminal. `signal` pauses it (no new split claimed), cancels it (its
+/// draws a bar on the terminal. `signal` pauses it (no new split claimed; the run is marked
+/// `paused`, so its other runners pause too, until any of them or any gateway's `ResumeJob`
+/// marks it `running`), cancels it (its
 /// splits' reads end, the run is marked `cancelled`) or stops it (reads end, the run stays to
 /// be resumed): both end in an [`Interrupted`] error.
 pub async fn run(
@@ -1304,6 +1325,11 @@ pub async fn run(
     let mut running: tokio::task::JoinSet<(i32, anyhow::Result<bool>)> = tokio::task::JoinSet::new();
     let mut in_flight: Vec<i32> = Vec::new();
     let mut splits_here = 0;
+    // Paused by the last change seen: a command here (written to the run for its other
+    // runners) or the run's shared state (a `PauseJob`/`ResumeJob` on any gateway).
+    let mut paused = false;
+    let mut last_command = Command::Run;
+    let mut last_shared: Option<String> = None;
     loop {
         let command = *signal.borrow_and_update();
         if matches!(command, Command::Cancel | Command::Stop) {
@@ -1325,14 +1351,50 @@ pub async fn run(
             return Err(Interrupted("stopped").into());
         }
         // Cancelled elsewhere (any gateway's `CancelJob`): every runner of the run stops.
-        let shared = current_run_state(&runner.session, &runner.job.state_keyspace, &runner.job.name).await?;
-        if shared.is_some_and(|(current, state)| current == runner.run && state == "cancelled") {
+        let shared = current_run_state(&runner.session, &runner.job.state_keyspace, &runner.job.name)
+            .await?
+            .filter(|(current, _)| *current == runner.run)
+            .map(|(_, state)| state);
+        if shared.as_deref() == Some("cancelled") {
             running.abort_all();
             if let Some(bar) = &bar {
                 bar.abandon();
             }
             tracing::info!(job = %runner.job.name, run, "run cancelled through the Jobs service");
             return Err(Interrupted("cancelled").into());
+        }
+        if command != last_command {
+            last_command = command;
+            paused = command == Command::Pause;
+            let change = if paused {
+                ("running", "paused")
+            } else {
+                ("paused", "running")
+            };
+            set_run_state(
+                &runner.session,
+                &runner.job.state_keyspace,
+                &runner.job.name,
+                run,
+                change,
+            )
+            .await?;
+            last_shared = Some(change.1.to_string());
+        } else if shared != last_shared {
+            if let Some(state) = &shared {
+                paused = state == "paused";
+                if last_shared.is_some() {
+                    tracing::info!(job = %runner.job.name, run, state = %state, "run paused or resumed through the Jobs service");
+                }
+            }
+            last_shared = shared;
+        }
+        if let Some(bar) = &bar {
+            bar.set_message(if paused {
+                format!("{} (paused)", runner.job.name)
+            } else {
+                runner.job.name.clone()
+            });
         }
         let splits = runner.splits().await?;
         let done = splits.iter().filter(|s| s.3).count();
@@ -1351,7 +1413,7 @@ pub async fn run(
             .map(|s| (s.0, s.2))
             .collect();
         for (index, lease) in &claimable {
-            if running.len() >= parallel || command == Command::Pause {
+            if running.len() >= parallel || paused {
                 break;
             }
             let Some(split) = plan.get(*index as usize).cloned() else {

@@ -674,10 +674,12 @@ async fn two_runners_share_a_job_and_one_takes_over_when_the_other_dies() {
 }
 
 /// A `shardgate job run` process is in every gateway's view of its job: `GetJobStatus` names
-/// it among the run's runners while it holds a split, and `CancelJob` on a gateway where the
-/// job does not run marks the run cancelled, which stops that process before its next claim.
+/// it among the run's runners while it holds a split; `PauseJob` on a gateway where the job
+/// does not run marks the run paused (that process finishes the split in hand and claims no
+/// other), `ResumeJob` marks it running again (splits are done again), and `CancelJob` marks
+/// it cancelled, which stops that process before its next claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_run_elsewhere_is_seen_and_cancelled_through_the_jobs_service() {
+async fn a_job_run_elsewhere_is_seen_paused_resumed_and_cancelled_through_the_jobs_service() {
     use shardgate::wire::proto::jobs_client::JobsClient;
     use shardgate::wire::proto::JobRequest;
     let _lock = gateway_lock().await;
@@ -727,6 +729,68 @@ async fn a_job_run_elsewhere_is_seen_and_cancelled_through_the_jobs_service() {
         seen.splits_done >= 1 && seen.splits_done < seen.splits_total,
         "{seen:?}"
     );
+    let refused = jobs
+        .resume_job(request())
+        .await
+        .expect_err("a running run does not resume");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains("its run is running: only a paused job resumes"),
+        "{}",
+        refused.message()
+    );
+
+    // Paused from the gateway: the process finishes the split it reads, then claims none.
+    let paused = jobs.pause_job(request()).await.expect("pause").into_inner();
+    assert_eq!((paused.state.as_str(), paused.run_state.as_str()), ("idle", "paused"));
+    let refused = jobs
+        .pause_job(request())
+        .await
+        .expect_err("a paused run does not pause");
+    assert!(
+        refused
+            .message()
+            .contains("its run is paused: only a running job pauses"),
+        "{}",
+        refused.message()
+    );
+    let started = Instant::now();
+    let settled = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = jobs.get_job_status(request()).await.expect("status").into_inner();
+        if status.runners.is_empty() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the runner still holds a split: {status:?}"
+        );
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = jobs.get_job_status(request()).await.expect("status").into_inner();
+    assert_eq!(still.splits_done, settled.splits_done, "no split done while paused");
+    assert!(still.splits_done < still.splits_total, "{still:?}");
+    assert!(
+        runner.try_wait().expect("the runner").is_none(),
+        "a paused `job run` waits"
+    );
+
+    let resumed = jobs.resume_job(request()).await.expect("resume").into_inner();
+    assert_eq!(resumed.run_state, "running");
+    let started = Instant::now();
+    loop {
+        let status = jobs.get_job_status(request()).await.expect("status").into_inner();
+        if status.splits_done > still.splits_done {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no split done after resuming: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let cancelled = jobs.cancel_job(request()).await.expect("cancel").into_inner();
     assert_eq!(
