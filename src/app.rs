@@ -25,7 +25,7 @@ use crate::bridge::message::SourceMessage;
 use crate::bridge::route::{self, RouteCounters, RouteWriter};
 use crate::bridge::source::{Consumer, Handoff, Opened, Start};
 use crate::bridge::tap::{Tap, Taps};
-use crate::config::{Config, IngestConfig, RouteConfig, SourceConfig};
+use crate::config::{Config, IngestConfig, JobConfig, RouteConfig, SourceConfig};
 use crate::ingest::service::{IngestService, IngestShared};
 use crate::job::control::{JobControl, JobsService};
 use crate::job::tap::Rollup;
@@ -149,12 +149,21 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut per_core: Vec<Vec<CoreRoute>> = (0..cpus.len()).map(|_| Vec::new()).collect();
     let mut consumers = Vec::with_capacity(config.routes.len());
     let mut connections = Vec::new();
-    // Stream jobs fold their routes' rows on the cores (jobs run with the ingest API on).
+    // Stream jobs over Kafka routes fold their routes' rows on the cores (jobs run with the
+    // ingest API on); a stream job reading a JetStream route reads it itself on the island.
+    let kafka_only = |job: &JobConfig| {
+        job.stream.iter().all(|name| {
+            config
+                .routes
+                .iter()
+                .any(|route| &route.name == name && matches!(route.source, SourceConfig::Kafka(_)))
+        })
+    };
     let rollups: Vec<Arc<Rollup>> = match config.ingest {
         Some(_) => config
             .jobs
             .iter()
-            .filter(|job| !job.stream.is_empty())
+            .filter(|job| !job.stream.is_empty() && kafka_only(job))
             .map(|job| Rollup::new(job, cpus.len()))
             .collect::<anyhow::Result<_>>()?,
         None => Vec::new(),

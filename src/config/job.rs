@@ -43,7 +43,8 @@ pub struct RawJob {
     #[serde(default = "default_state_keyspace")]
     pub state_keyspace: String,
     /// How long a gateway's claim on a split lasts without renewal (`"30s"`, 1 s to 1 h).
-    /// A split claimed by a gateway that died is taken over once its lease runs out.
+    /// A split claimed by a gateway that died is taken over once its lease runs out. A stream
+    /// job holds a lease as long on each JetStream stream it folds.
     #[serde(default = "default_lease")]
     pub lease: String,
     /// Splits one `shardgate job run` processes at once (1 to 64).
@@ -84,11 +85,13 @@ pub struct RawJobSource {
     #[serde(default)]
     #[schemars(with = "Vec<serde_json::Value>")]
     pub binds: Vec<toml::Value>,
-    /// A stream job: names of Kafka `[[route]]`s whose mapped rows (of each route's first
-    /// target, the row its columns make) the job folds as messages arrive. Inside `shardgate
-    /// serve` it folds them on the cores right after the route maps them, and the route commits
-    /// no offset beyond what the job made durable; under `shardgate job run` it reads each
-    /// route's topic with its own consumer group, `shardgate-job-<name>`.
+    /// A stream job: names of Kafka or JetStream `[[route]]`s whose mapped rows (of each
+    /// route's first target, the row its columns make) the job folds as messages arrive. Over
+    /// Kafka routes only, inside `shardgate serve`, it folds them on the cores right after the
+    /// route maps them, and the route commits no offset beyond what the job made durable; else
+    /// (under `shardgate job run`, or with a JetStream route) it reads each route's topic with
+    /// its own consumer group, `shardgate-job-<name>`, and each stream with an ordered consumer
+    /// of its own under a lease.
     #[serde(default)]
     pub stream: Vec<String>,
     /// A replay job: the name of a `[[route]]` whose dead letters (its Kafka dead-letter topic

@@ -241,15 +241,16 @@ impl RawConfig {
             for (i, name) in job.stream.iter().enumerate() {
                 match routes.iter().find(|r| &r.name == name) {
                     Some(RouteConfig {
-                        source: SourceConfig::Kafka(_),
+                        source: SourceConfig::Kafka(_) | SourceConfig::JetStream(_),
                         ..
                     }) => {}
                     Some(_) => {
                         return Err(ConfigError::invalid(
                             format!("job[{index}].source.stream[{i}]"),
                             name,
-                            "a Kafka route (a stream job keeps each partition's offset with its state, \
-                             which is how it never counts a message twice)",
+                            "a Kafka or JetStream route (a stream job keeps each partition's offset or the \
+                             stream's sequence with its state, which is how it never counts a message twice; \
+                             RabbitMQ, NATS core and ZeroMQ cannot be read again from a position)",
                         ))
                     }
                     None => {

@@ -891,7 +891,7 @@ fn stream_job_keys_default_and_bad_values_name_their_key() {
         let message = error_of(&source);
         assert!(message.starts_with(starts), "{starts}: {message}");
     }
-    // A stream route must be a Kafka route.
+    // A stream route must be a Kafka or JetStream route.
     let nats = job("stream = [\"orders\"]", window)
         .replace(
             "kind = \"kafka\"\nbrokers = [\"127.0.0.1:9092\"]\ntopic = \"orders\"\ngroup_id = \"shardgate-orders\"",
@@ -903,7 +903,7 @@ fn stream_job_keys_default_and_bad_values_name_their_key() {
         );
     let message = error_of(&nats);
     assert!(message.starts_with("`job[0].source.stream[0]` = `orders`"), "{message}");
-    assert!(message.contains("a Kafka route"), "{message}");
+    assert!(message.contains("a Kafka or JetStream route"), "{message}");
 }
 
 /// A replay job names a route with a Kafka or table dead-letter destination and nothing the

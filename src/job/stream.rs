@@ -1,7 +1,9 @@
 //! Stream jobs (`[job.source] stream = ["route", ..]`): rollups as messages arrive. The job
-//! reads each named Kafka route's topic with its own consumer group (`shardgate-job-<name>`),
-//! maps every message with the route's own mapping (the row of its first target), and folds
-//! the rows its filter keeps into event-time windows ([`super::aggregate`]).
+//! reads each named Kafka route's topic with its own consumer group (`shardgate-job-<name>`)
+//! and each JetStream route's stream with an ordered consumer of its own (the stream is one
+//! part, folded by one process at a time under a lease kept in `job_windows`), maps every
+//! message with the route's own mapping (the row of its first target), and folds the rows its
+//! filter keeps into event-time windows ([`super::aggregate`]).
 //!
 //! **Durable before counted as done.** Every `checkpoint` the open windows of each
 //! (route, partition) this process holds are written to `job_windows` in the job's
@@ -52,6 +54,9 @@ use crate::wire::proto::Row;
 /// `window` of a partition's progress row (next offset, largest event time) and of the job's
 /// closed mark (`part` = [`JOB_PART`]).
 const PROGRESS: i64 = i64::MIN;
+/// `window` of a JetStream part's lease row: `position` holds when the lease runs out (epoch
+/// ms), `partial` its holder.
+const LEASE: i64 = i64::MIN + 1;
 /// `part` of the job's closed mark: windows ending at or before its `time` are written.
 const JOB_PART: &str = "";
 /// Pause before starting over after a refused checkpoint or a lost connection.
@@ -105,12 +110,33 @@ impl std::fmt::Display for StreamReport {
 /// One route the job reads.
 struct Source {
     route: String,
-    topic: String,
+    /// Its Kafka topic or JetStream stream.
+    name: String,
     mapper: RouteMapper,
     /// The first target's columns, the names of the rows the job sees.
     names: Vec<String>,
     positions: Positions,
-    consumer: StreamConsumer,
+    feed: Feed,
+}
+
+/// How a stream job reads one of its routes.
+enum Feed {
+    /// Its own consumer group on the route's topic: the partitions are shared by the gateways
+    /// running the job.
+    Kafka(StreamConsumer),
+    /// An ordered consumer of the route's stream of its own, started at the stream sequence
+    /// after the part's stored one, under the part's lease (one gateway folds a stream at a
+    /// time). Its messages' settlement channel goes nowhere: the job acknowledges nothing.
+    JetStream {
+        stream: Box<async_nats::jetstream::stream::Stream>,
+        acks: tokio::sync::mpsc::UnboundedSender<crate::bridge::nats::ack::Settled>,
+    },
+}
+
+/// A message of either feed.
+enum Item<'c> {
+    Kafka(BorrowedMessage<'c>),
+    JetStream(crate::bridge::message::SourceMessage),
 }
 
 /// One (route, partition) as this process holds it.
@@ -171,6 +197,14 @@ struct Statements {
     load: PreparedStatement,
     /// One window's partial of one partition.
     partial: PreparedStatement,
+    /// A part's lease row.
+    lease_read: PreparedStatement,
+    /// A first lease of a part.
+    lease_new: PreparedStatement,
+    /// Takes a part's lease, if it is as read (run out, or this process's).
+    lease_take: PreparedStatement,
+    /// Renews this process's lease (a checkpoint's condition).
+    lease_renew: PreparedStatement,
 }
 
 /// Why a pass of the job ended.
@@ -207,6 +241,8 @@ struct Stream {
     report: StreamReport,
     /// `shardgate_job_rows_read_total` of this job, looked up once (counted per message).
     rows_read: metrics::Counter,
+    /// This process as the holder of JetStream parts' leases.
+    owner: String,
 }
 
 /// Creates `job_windows` in the job's keyspace (which must exist).
@@ -255,6 +291,22 @@ async fn prepare(session: &Session, table: &str) -> anyhow::Result<Statements> {
             "SELECT partial FROM {table} WHERE job = ? AND part = ? AND window = ?"
         ))
         .await?,
+        lease_read: prepare(format!(
+            "SELECT position, partial FROM {table} WHERE job = ? AND part = ? AND window = ?"
+        ))
+        .await?,
+        lease_new: prepare(format!(
+            "INSERT INTO {table} (job, part, window, position, partial) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+        ))
+        .await?,
+        lease_take: prepare(format!(
+            "UPDATE {table} SET position = ?, partial = ? WHERE job = ? AND part = ? AND window = ? IF position = ?"
+        ))
+        .await?,
+        lease_renew: prepare(format!(
+            "UPDATE {table} SET position = ? WHERE job = ? AND part = ? AND window = ? IF partial = ?"
+        ))
+        .await?,
     })
 }
 
@@ -300,9 +352,14 @@ fn client_config(kafka: &crate::config::KafkaSourceConfig) -> ClientConfig {
 /// How long reading the routes' topic metadata may take when a stream job opens.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Partitions of `routes`' Kafka topics together, from the brokers' metadata; 0 when it cannot
-/// be read (logged: windows then close on the partitions that have progress, as before).
+/// Partitions of `routes`' Kafka topics together, from the brokers' metadata, and one per
+/// JetStream route (its stream is folded as one part); 0 when the metadata cannot be read
+/// (logged: windows then close on the partitions that have progress, as before).
 pub(super) async fn topic_partitions(job: &str, routes: &[RouteConfig]) -> usize {
+    let streams = routes
+        .iter()
+        .filter(|route| matches!(route.source, SourceConfig::JetStream(_)))
+        .count();
     let sources: Vec<crate::config::KafkaSourceConfig> = routes
         .iter()
         .filter_map(|route| match &route.source {
@@ -326,7 +383,7 @@ pub(super) async fn topic_partitions(job: &str, routes: &[RouteConfig]) -> usize
     .await
     .map_err(anyhow::Error::from)
     .and_then(|counted| counted);
-    counted.unwrap_or_else(|error| {
+    counted.map(|topics| topics + streams).unwrap_or_else(|error| {
         tracing::warn!(job, error = %format!("{error:#}"), "cannot read the routes' partitions; windows close on the partitions seen");
         0
     })
@@ -372,6 +429,7 @@ pub async fn run(
         compiled,
         report: StreamReport::default(),
         rows_read,
+        owner: super::owner_id(),
     };
     loop {
         let sources = stream.sources(routes).await?;
@@ -467,6 +525,8 @@ impl Windows {
                 loaded.position = position;
                 loaded.stored = position;
                 loaded.max_time = time;
+            } else if window == LEASE {
+                continue;
             } else if let Some(bytes) = partial {
                 let partial: Partial = serde_json::from_slice(&bytes)
                     .with_context(|| format!("the stored partial of {part}, window {window}"))?;
@@ -481,8 +541,9 @@ impl Windows {
 
     /// Writes one part's checkpoint: its open windows, next offset and largest time in one
     /// conditional batch, applied only if the stored offset is still `snapshot.stored` and the
-    /// closed mark still this process's. `false` when refused.
-    pub(super) async fn store(&self, name: &str, snapshot: &Snapshot) -> anyhow::Result<bool> {
+    /// closed mark still this process's — and, with `lease` (its holder), renewing the part's
+    /// lease if this process still holds it. `false` when refused.
+    pub(super) async fn store(&self, name: &str, snapshot: &Snapshot, lease: Option<&str>) -> anyhow::Result<bool> {
         let mut batch = Batch::default();
         let mut values: Vec<Vec<Option<CqlValue>>> = Vec::with_capacity(snapshot.windows.len() + 2);
         let text = |s: &str| Some(CqlValue::Text(s.to_string()));
@@ -504,6 +565,16 @@ impl Windows {
             big(Some(PROGRESS)),
             big(self.closed_through),
         ]);
+        if let Some(owner) = lease {
+            batch.append_statement(self.statements.lease_renew.clone());
+            values.push(vec![
+                big(Some(now_ms().saturating_add(self.job.lease.as_millis() as i64))),
+                text(&self.job.name),
+                text(name),
+                big(Some(LEASE)),
+                Some(CqlValue::Blob(owner.as_bytes().to_vec())),
+            ]);
+        }
         for (window, bytes) in &snapshot.windows {
             batch.append_statement(self.statements.window.clone());
             values.push(vec![
@@ -523,6 +594,54 @@ impl Windows {
 }
 
 impl Windows {
+    /// Takes part `part`'s lease for `owner` (for the job's `lease`) unless another holder's
+    /// has not run out; whether it did.
+    async fn claim(&self, part: &str, owner: &str) -> anyhow::Result<bool> {
+        let now = now_ms();
+        let until = now.saturating_add(self.job.lease.as_millis() as i64);
+        let held = self
+            .session
+            .execute_unpaged(&self.statements.lease_read, (&self.job.name, part, LEASE))
+            .await?
+            .into_rows_result()?
+            .maybe_first_row::<(Option<i64>, Option<Vec<u8>>)>()?;
+        let result = match held {
+            None => {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.lease_new,
+                        (&self.job.name, part, LEASE, until, owner.as_bytes()),
+                    )
+                    .await?
+            }
+            Some((seen, holder)) => {
+                if holder.as_deref() != Some(owner.as_bytes()) && seen.unwrap_or_default() > now {
+                    return Ok(false);
+                }
+                self.session
+                    .execute_unpaged(
+                        &self.statements.lease_take,
+                        (until, owner.as_bytes(), &self.job.name, part, LEASE, seen),
+                    )
+                    .await?
+            }
+        };
+        applied(result)
+    }
+
+    /// Sets part `part`'s lease, if `owner` holds it, to run out at `until` (epoch ms; 0 lets
+    /// it go); whether `owner` held it.
+    async fn hold(&self, part: &str, owner: &str, until: i64) -> anyhow::Result<bool> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.statements.lease_renew,
+                (until, &self.job.name, part, LEASE, owner.as_bytes()),
+            )
+            .await?;
+        applied(result)
+    }
+
     /// Closes the windows the watermark has passed: merges every part's stored partial of
     /// each, writes the results, advances the closed mark and deletes their partials. Returns
     /// the windows this call wrote; `closed_through` is the job's closed mark after it (the
@@ -553,6 +672,7 @@ impl Windows {
             let (part, start, time, written_us) = row?;
             match (part.as_str(), start) {
                 (JOB_PART, PROGRESS) => closed = time,
+                (_, LEASE) => {}
                 (_, PROGRESS) => {
                     seen += 1;
                     if let (Some(time), true) = (time, written_us.unwrap_or_default() >= active_since_us) {
@@ -649,21 +769,47 @@ impl Windows {
 }
 
 impl Stream {
-    /// Maps the job's routes and subscribes to their topics.
+    /// Maps the job's routes and opens their feeds: a consumer of each Kafka route's topic, the
+    /// stream of each JetStream route.
     async fn sources(&self, routes: &[RouteConfig]) -> anyhow::Result<Vec<Source>> {
         let job = &self.windows.job;
         let mut sources = Vec::with_capacity(routes.len());
         for route in routes {
-            let SourceConfig::Kafka(kafka) = &route.source else {
-                anyhow::bail!("job `{}`: route `{}` is not a Kafka route", job.name, route.name);
+            let (name, feed) = match &route.source {
+                SourceConfig::Kafka(kafka) => (
+                    kafka.topic.clone(),
+                    Feed::Kafka(subscribe(&job.name, &route.name, kafka)?),
+                ),
+                SourceConfig::JetStream(config) => {
+                    let client = crate::sink::broker::nats::connect(&config.url, &route.name, config.security.as_ref())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("job `{}`: route `{}`: {e}", job.name, route.name))?;
+                    let stream = async_nats::jetstream::new(client)
+                        .get_stream(&config.stream)
+                        .await
+                        .with_context(|| format!("job `{}`: JetStream stream `{}`", job.name, config.stream))?;
+                    let (acks, _) = tokio::sync::mpsc::unbounded_channel();
+                    (
+                        config.stream.clone(),
+                        Feed::JetStream {
+                            stream: Box::new(stream),
+                            acks,
+                        },
+                    )
+                }
+                _ => anyhow::bail!(
+                    "job `{}`: route `{}` is neither a Kafka nor a JetStream route",
+                    job.name,
+                    route.name
+                ),
             };
             let (mapper, _) = prepare_route(&self.windows.session, route).await?;
             let names = route_columns(job, &route.name, &mapper)?;
             sources.push(Source {
                 positions: Positions::new(&names, &self.compiled),
-                consumer: subscribe(&job.name, &route.name, kafka)?,
+                feed,
                 route: route.name.clone(),
-                topic: kafka.topic.clone(),
+                name,
                 mapper,
                 names,
             });
@@ -671,17 +817,90 @@ impl Stream {
         Ok(sources)
     }
 
+    /// Takes the lease of every JetStream source's part (waiting while another gateway holds
+    /// one: it folds that stream) and opens an ordered consumer of the stream from the part's
+    /// stored sequence. `None` when told to cancel or stop meanwhile.
+    async fn open_streams<'s>(
+        &mut self,
+        sources: &'s [Source],
+        parts: &mut HashMap<(usize, i32), Part>,
+        signal: &mut Signal,
+    ) -> anyhow::Result<Option<Vec<futures::stream::BoxStream<'s, (usize, anyhow::Result<Item<'s>>)>>>> {
+        let mut feeds = Vec::new();
+        for (index, source) in sources.iter().enumerate() {
+            let Feed::JetStream { stream, acks } = &source.feed else {
+                continue;
+            };
+            let name = part_name(&source.route, 0);
+            let mut waiting = false;
+            while !self.windows.claim(&name, &self.owner).await? {
+                if !waiting {
+                    waiting = true;
+                    tracing::info!(job = %self.windows.job.name, part = %name, "another gateway folds this stream; waiting for its lease");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.windows.job.lease / 3) => {}
+                    command = next_command(signal) => {
+                        if matches!(command, Command::Cancel | Command::Stop) {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            let part = self.windows.load_part(&name).await?;
+            use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+            let deliver_policy = match part.position {
+                Some(next) => DeliverPolicy::ByStartSequence {
+                    start_sequence: next.max(1) as u64,
+                },
+                None => DeliverPolicy::All,
+            };
+            tracing::info!(job = %self.windows.job.name, part = %name, from = ?part.position, "folding the stream");
+            let messages = stream
+                .create_consumer(OrderedConfig {
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("an ordered consumer of JetStream stream `{}`", source.name))?
+                .messages()
+                .await
+                .with_context(|| format!("reading JetStream stream `{}`", source.name))?;
+            parts.insert((index, 0), part);
+            let acks = acks.clone();
+            feeds.push(
+                messages
+                    .map(move |message| {
+                        let item = message
+                            .map(|message| Item::JetStream(crate::bridge::nats::source_message(message, &acks)))
+                            .map_err(anyhow::Error::from);
+                        (index, item)
+                    })
+                    .boxed(),
+            );
+        }
+        Ok(Some(feeds))
+    }
+
     /// One pass: read until cancelled or stopped, checkpointing every `checkpoint`; ends early
     /// when a checkpoint is refused.
     async fn pass(&mut self, sources: &[Source], signal: &mut Signal) -> anyhow::Result<Ended> {
         self.windows.closed_through = self.windows.load_closed().await?;
         let mut parts: HashMap<(usize, i32), Part> = HashMap::new();
-        let mut messages = futures::stream::select_all(
-            sources
-                .iter()
-                .enumerate()
-                .map(|(index, source)| source.consumer.stream().map(move |message| (index, message)).boxed()),
-        );
+        let Some(mut feeds) = self.open_streams(sources, &mut parts, signal).await? else {
+            return Ok(Ended::Stopped);
+        };
+        for (index, source) in sources.iter().enumerate() {
+            if let Feed::Kafka(consumer) = &source.feed {
+                feeds.push(
+                    consumer
+                        .stream()
+                        .map(move |message| (index, message.map(Item::Kafka).map_err(anyhow::Error::from)))
+                        .boxed(),
+                );
+            }
+        }
+        let mut messages = futures::stream::select_all(feeds);
         let mut tick = tokio::time::interval(self.windows.job.checkpoint);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut command = *signal.borrow_and_update();
@@ -693,9 +912,10 @@ impl Stream {
                 }
                 self.close_windows(&mut parts).await?;
                 while command == Command::Pause {
-                    command = next_command(signal).await;
+                    command = self.paused(sources, &parts, signal).await?;
                 }
                 if command != Command::Run {
+                    self.let_go(sources, &parts).await;
                     return Ok(Ended::Stopped);
                 }
             }
@@ -708,29 +928,93 @@ impl Stream {
                     self.close_windows(&mut parts).await?;
                 }
                 Some((index, message)) = messages.next() => {
-                    let message = message.with_context(|| format!("reading route `{}`'s topic", sources[index].route))?;
-                    self.on_message(&sources[index], index, &message, &mut parts).await?;
+                    let source = &sources[index];
+                    let message = message.with_context(|| format!("reading route `{}`'s {}", source.route, source.name))?;
+                    match &message {
+                        Item::Kafka(message) => {
+                            let headers = text_headers(message);
+                            let envelope = Envelope {
+                                key: message.key(),
+                                payload: message.payload(),
+                                headers: &headers,
+                                source: &source.name,
+                                subject: None,
+                                partition: Some(message.partition()),
+                                position: message.offset(),
+                                timestamp_ms: message.timestamp().to_millis(),
+                            };
+                            let coordinates = || {
+                                vec![
+                                    (headers::SOURCE_TOPIC, source.name.clone()),
+                                    (headers::SOURCE_PARTITION, message.partition().to_string()),
+                                    (headers::SOURCE_OFFSET, message.offset().to_string()),
+                                ]
+                            };
+                            self.on_message(source, (index, message.partition()), &envelope, &coordinates, &mut parts).await?;
+                        }
+                        Item::JetStream(message) => {
+                            let envelope = message.envelope(&source.name);
+                            let coordinates = || message.origin.coordinates(&source.name, message.position);
+                            self.on_message(source, (index, 0), &envelope, &coordinates, &mut parts).await?;
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Folds one message's rows, unless a checkpoint counted it already.
+    /// While paused: keeps the JetStream parts' leases until the next command.
+    async fn paused(
+        &self,
+        sources: &[Source],
+        parts: &HashMap<(usize, i32), Part>,
+        signal: &mut Signal,
+    ) -> anyhow::Result<Command> {
+        loop {
+            tokio::select! {
+                command = next_command(signal) => return Ok(command),
+                _ = tokio::time::sleep(self.windows.job.lease / 3) => {
+                    let until = now_ms().saturating_add(self.windows.job.lease.as_millis() as i64);
+                    for (index, partition) in parts.keys() {
+                        if let Feed::JetStream { .. } = sources[*index].feed {
+                            self.windows.hold(&part_name(&sources[*index].route, *partition), &self.owner, until).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets go of the JetStream parts' leases (the job stops here; another gateway may take
+    /// them at once). Best effort: a lease not let go runs out.
+    async fn let_go(&self, sources: &[Source], parts: &HashMap<(usize, i32), Part>) {
+        for (index, partition) in parts.keys() {
+            if let Feed::JetStream { .. } = sources[*index].feed {
+                let name = part_name(&sources[*index].route, *partition);
+                if let Err(error) = self.windows.hold(&name, &self.owner, 0).await {
+                    tracing::debug!(job = %self.windows.job.name, part = %name, error = %format!("{error:#}"), "letting go of the lease failed; it runs out");
+                }
+            }
+        }
+    }
+
+    /// Folds one message's rows into part `key`, unless a checkpoint counted it already;
+    /// `coordinates` name it in a dead letter.
     async fn on_message(
         &mut self,
         source: &Source,
-        index: usize,
-        message: &BorrowedMessage<'_>,
+        key: (usize, i32),
+        envelope: &Envelope<'_>,
+        coordinates: &(dyn Fn() -> Vec<(&'static str, String)> + Sync),
         parts: &mut HashMap<(usize, i32), Part>,
     ) -> anyhow::Result<()> {
-        let key = (index, message.partition());
         let part = match parts.entry(key) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(new) => {
                 new.insert(self.windows.load_part(&part_name(&source.route, key.1)).await?)
             }
         };
-        let offset = message.offset();
+        let offset = envelope.position;
         if part.position.is_some_and(|next| offset < next) {
             self.report.replayed += 1;
             return Ok(());
@@ -738,18 +1022,7 @@ impl Stream {
         part.position = Some(offset + 1);
         part.dirty = true;
         self.report.messages += 1;
-        let headers = text_headers(message);
-        let envelope = Envelope {
-            key: message.key(),
-            payload: message.payload(),
-            headers: &headers,
-            source: &source.topic,
-            subject: None,
-            partition: Some(key.1),
-            position: offset,
-            timestamp_ms: message.timestamp().to_millis(),
-        };
-        let rows = match source.mapper.map(&envelope, 0) {
+        let rows = match source.mapper.map(envelope, 0) {
             Ok(rows) => rows,
             Err(_) => {
                 // The route dead-letters it with the mapping's reason.
@@ -782,14 +1055,10 @@ impl Stream {
                             route: job,
                             reason_code: code.as_str(),
                             reason: &reason,
-                            source: vec![
-                                (headers::SOURCE_TOPIC, source.topic.clone()),
-                                (headers::SOURCE_PARTITION, key.1.to_string()),
-                                (headers::SOURCE_OFFSET, offset.to_string()),
-                            ],
-                            headers: &headers,
-                            key: message.key(),
-                            payload: message.payload(),
+                            source: coordinates(),
+                            headers: envelope.headers,
+                            key: envelope.key,
+                            payload: envelope.payload,
                         };
                         sink.send(&letter).await;
                     }
@@ -800,30 +1069,43 @@ impl Stream {
         Ok(())
     }
 
-    /// Makes every changed partition durable ([`Windows::store`]), then commits the offsets to
-    /// the group. `Refused` when a condition failed (another gateway moved the partition on, or
-    /// closed windows).
+    /// Makes every changed part durable ([`Windows::store`]; a JetStream part at every
+    /// checkpoint, which renews its lease), then commits the Kafka offsets to the group.
+    /// `Refused` when a condition failed (another gateway moved the part on, closed windows or
+    /// took the lease).
     async fn checkpoint(
         &mut self,
         sources: &[Source],
         parts: &mut HashMap<(usize, i32), Part>,
     ) -> anyhow::Result<Ended> {
         let mut commits: Vec<TopicPartitionList> = sources.iter().map(|_| TopicPartitionList::new()).collect();
-        for ((index, partition), part) in parts.iter_mut().filter(|(_, part)| part.dirty) {
+        for ((index, partition), part) in parts.iter_mut() {
             let source = &sources[*index];
+            let lease = matches!(source.feed, Feed::JetStream { .. }).then_some(self.owner.as_str());
             let name = part_name(&source.route, *partition);
-            if !self.windows.store(&name, &part.snapshot()?).await? {
+            if !part.dirty {
+                // A still stream's lease is renewed alone: its progress row keeps the time it
+                // last moved (`idle`).
+                if let Some(owner) = lease {
+                    let until = now_ms().saturating_add(self.windows.job.lease.as_millis() as i64);
+                    if !self.windows.hold(&name, owner, until).await? {
+                        return Ok(Ended::Refused);
+                    }
+                }
+                continue;
+            }
+            if !self.windows.store(&name, &part.snapshot()?, lease).await? {
                 return Ok(Ended::Refused);
             }
             part.stored = part.position;
             part.dirty = false;
-            if let Some(position) = part.position {
-                commits[*index].add_partition_offset(&source.topic, *partition, Offset::Offset(position))?;
+            if let (Some(position), Feed::Kafka(_)) = (part.position, &source.feed) {
+                commits[*index].add_partition_offset(&source.name, *partition, Offset::Offset(position))?;
             }
         }
         for (source, commit) in sources.iter().zip(&commits) {
-            if commit.count() > 0 {
-                if let Err(error) = source.consumer.commit(commit, CommitMode::Async) {
+            if let (Feed::Kafka(consumer), true) = (&source.feed, commit.count() > 0) {
+                if let Err(error) = consumer.commit(commit, CommitMode::Async) {
                     tracing::debug!(job = %self.windows.job.name, %error, "offset commit (for lag tools) failed");
                 }
             }

@@ -421,7 +421,7 @@ impl Rollup {
                 continue;
             };
             let stored = if failed.is_none() {
-                windows.store(&name, &snapshot).await
+                windows.store(&name, &snapshot, None).await
             } else {
                 Err(anyhow::anyhow!("an earlier checkpoint failed"))
             };

@@ -1167,6 +1167,178 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     assert!(replayed > 0, "the restarted job skipped what its checkpoints counted");
 }
 
+/// Sample order `i` with its `order_id` in the payload (as a JetStream route reads it), placed
+/// at `at_ms`.
+fn order_with_id_placed_at(i: u64, at_ms: i64) -> Vec<u8> {
+    let (key, payload) = order_placed_at(i, at_ms);
+    let mut object: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+    object["order_id"] = serde_json::Value::String(key);
+    serde_json::to_vec(&object).expect("JSON")
+}
+
+/// Stream rollup over a JetStream route: the job reads the route's stream with an ordered
+/// consumer of its own, under a lease in `job_windows`, from the sequence after its stored one.
+/// The gateway is killed (SIGKILL) after windows closed, more orders are published and a
+/// gateway started again takes the lease over once it ran out: every result equals the
+/// aggregation computed here (nothing lost, nothing counted twice), written at its window's
+/// end and published once per window; rows of closed windows are dead-lettered as `late` with
+/// the stream's coordinates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_stream_rollup_survives_kill_9() {
+    let _lock = gateway_lock().await;
+    let names = Names::new("jobs_js_stream");
+    let keyspace = &names.keyspace;
+    let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
+    devkit::create_orders_table(&session, keyspace)
+        .await
+        .expect("orders table");
+    session
+        .query_unpaged(
+            format!(
+                "CREATE TABLE {keyspace}.city_minutes (city text, window_start timestamp, orders bigint, \
+                 items bigint, latest bigint, PRIMARY KEY (city, window_start))"
+            ),
+            (),
+        )
+        .await
+        .expect("result table");
+    session.await_schema_agreement().await.expect("schema agreement");
+    let run = names.group.rsplit('-').next().unwrap_or("0").to_string();
+    let source_stream = format!("IT_JOBS_JS_{run}");
+    let source_subject = format!("it.jobs_js.{run}.orders");
+    devkit::create_stream(&source_stream, &[&source_subject])
+        .await
+        .expect("source stream");
+    let results_stream = format!("IT_JOBS_JS_{run}_MINUTES");
+    let results_subject = format!("it.jobs_js.{run}.minutes");
+    devkit::create_stream(&results_stream, &[&results_subject])
+        .await
+        .expect("results stream");
+    let late_topic = format!("{}.late", names.topic);
+    devkit::create_topic(&late_topic, 1).await.expect("late topic");
+    let route = devkit::jetstream_orders_route_toml(
+        "orders",
+        keyspace,
+        &source_stream,
+        &source_subject,
+        "shardgate-jobs-js",
+        &format!("it.jobs_js.{run}.dead-letter"),
+    );
+    let job = CITY_MINUTES
+        .replace("KS", keyspace)
+        .replace("SUBJECT", &results_subject)
+        .replace("LATE", &late_topic)
+        .replace("state_keyspace", "lease = \"3s\"\nstate_keyspace");
+    let config = names.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("{}\n{job}\n", devkit::ingest_gateway_toml(&route, 2048, 64)),
+    )
+    .expect("config");
+    let publish = |orders: Vec<Vec<u8>>| {
+        let subject = source_subject.clone();
+        async move { devkit::publish_jetstream(&subject, orders).await.expect("publish") }
+    };
+
+    const MAIN: u64 = 20_000;
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-1.log")).expect("gateway starts");
+    // The first half at about 2,000 a second: the gateway is killed while they flow.
+    let subject = source_subject.clone();
+    let paced = tokio::spawn(async move {
+        for start in (0..MAIN / 2).step_by(250) {
+            let chunk: Vec<Vec<u8>> = (start..start + 250).map(devkit::order_message_with_id).collect();
+            devkit::publish_jetstream(&subject, chunk).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(125)).await;
+        }
+    });
+    let started = Instant::now();
+    loop {
+        let written: i64 = session
+            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.city_minutes"), ())
+            .await
+            .expect("count")
+            .into_rows_result()
+            .expect("rows")
+            .first_row::<(i64,)>()
+            .expect("a count")
+            .0;
+        if written >= 24 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no window closed in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.kill9().expect("kill -9");
+    paced.await.expect("publisher");
+    publish((MAIN / 2..MAIN).map(devkit::order_message_with_id).collect()).await;
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
+    // A stream part's stored position is the next stream sequence (the first is 1).
+    wait_stream_folded(&session, keyspace, MAIN as i64 + 1).await;
+
+    let newest = placed_at_ms(MAIN - 1);
+    let within: Vec<(u64, i64)> = (0..40)
+        .map(|j| (MAIN + j, newest - 60_000 + j as i64 * 1_000))
+        .collect();
+    publish(within.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
+    wait_stream_folded(&session, keyspace, MAIN as i64 + 41).await;
+    let late: Vec<(u64, i64)> = (0..20)
+        .map(|j| (MAIN + 40 + j, newest - 20 * MINUTE_MS + j as i64 * 1_000))
+        .collect();
+    publish(late.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
+    wait_stream_folded(&session, keyspace, MAIN as i64 + 61).await;
+    let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
+    publish(ahead.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
+
+    let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
+    let expected = expected_city_minutes(counted);
+    assert_city_minutes(&session, keyspace, &expected).await;
+
+    // The late orders, and only they, dead-lettered as `late`, with the stream's coordinates.
+    let letters = devkit::read_topic(&late_topic, late.len() + 1, Duration::from_secs(10)).expect("late topic");
+    let late_ids: BTreeSet<String> = late.iter().map(|(i, _)| devkit::order_message(*i).0).collect();
+    let letter_ids: BTreeSet<String> = letters
+        .iter()
+        .map(|letter| {
+            let object: serde_json::Value =
+                serde_json::from_slice(letter.payload.as_deref().expect("a payload")).expect("JSON");
+            object["order_id"].as_str().expect("order_id").to_string()
+        })
+        .collect();
+    assert_eq!(letter_ids, late_ids);
+    assert_eq!(letters.len(), late.len());
+    for letter in &letters {
+        assert_eq!(
+            letter.headers.get("shardgate.reason.code").map(String::as_str),
+            Some("late")
+        );
+        assert_eq!(letter.headers.get("shardgate.source.stream"), Some(&source_stream));
+        let sequence: u64 = letter.headers["shardgate.source.sequence"].parse().expect("a sequence");
+        assert!(sequence > MAIN + 40 && sequence <= MAIN + 60, "{sequence}");
+    }
+
+    let messages = devkit::read_stream(&results_stream, expected.len() + 1, Duration::from_secs(10))
+        .await
+        .expect("results stream");
+    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
+    assert_eq!(ids.len(), messages.len(), "unique message ids");
+    assert_eq!(messages.len(), expected.len());
+    assert!(gateway.stop().expect("stop").success());
+    // The restarted gateway took the lease over and read on from the stored sequence, which
+    // the kill left inside the first half.
+    let log = std::fs::read_to_string(names.dir.join("gateway-2.log")).expect("log");
+    let from: u64 = log
+        .split("folding the stream")
+        .nth(1)
+        .and_then(|line| line.split("from=Some(").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the restarted gateway folds the stream from a stored sequence");
+    assert!(
+        from > 1 && from <= MAIN / 2,
+        "killed mid-stream: read on from sequence {from}"
+    );
+}
+
 /// A stream rollup cancelled over the `Jobs` service lets its route go on alone (the route
 /// commits its offsets past it); started again, it has the route read each partition again
 /// from its stored offset, and its results come out exact — the orders that arrived while it
