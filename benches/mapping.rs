@@ -2,13 +2,17 @@
 //! coercion of eight columns to their CQL types (text, bigint, decimal, int, timestamp, boolean,
 //! set<text>), and the write timestamp. This is the core-side CPU a Kafka row costs before the
 //! driver serializes it. Assumes the demo's message shape (~230 bytes of JSON). A second case
-//! adds a CEL filter and a computed column, the price of expressions per message.
+//! adds a CEL filter and a computed column, the price of expressions per message. `rollup`
+//! measures what a stream job adds per mapped message on the core.
 
 // Tooling and tests: a failed expectation is the tool or test failing, never a gateway core.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use scylla::cluster::metadata::{CollectionType, ColumnKind, ColumnType, NativeType};
+use shardgate::bridge::kafka::ack::KafkaOrigin;
+use shardgate::bridge::message::SourceMessage;
 use shardgate::config::Config;
 use shardgate::devkit;
 use shardgate::mapping::{write_timestamp_us, Envelope, RouteMapper};
@@ -95,5 +99,82 @@ fn mapping(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, mapping);
+/// A stream rollup's cost per ingested message on the core (`job::tap`): the mapped row turned
+/// into the job's row (only the columns it reads converted), folded into its hour's window —
+/// what a route with a stream job pays beside its own mapping and write. The job is the bench's
+/// `kafka-5-rollup` one: orders and items per hour.
+fn rollup(c: &mut Criterion) {
+    let routes = devkit::orders_route_toml("orders", "ks", "in", "g", "dl");
+    let job = r#"
+[[job]]
+name = "hourly"
+state_keyspace = "ks"
+[job.source]
+stream = ["orders"]
+[job.aggregate]
+window = { column = "placed_at", size = "1h", lateness = "1m" }
+measures = { orders = "count()", items = "sum(row.quantity)" }
+[[job.sink]]
+table = "ks.hourly"
+"#;
+    let config = Config::parse(
+        &format!("{}\n{job}", devkit::ingest_gateway_toml(&routes, 2048, 64)),
+        "bench",
+    )
+    .expect("bench config");
+    let mapper = RouteMapper::new(&config.routes[0], &[orders_schema()]).expect("mapper");
+    let rollup = shardgate::job::tap::Rollup::new(&config.jobs[0], 1).expect("rollup");
+    let tap = rollup.tap("orders", "in", &mapper).expect("columns").expect("a tap");
+    let (completions, _held) = crossbeam_channel::bounded(1);
+    let orders: Vec<(String, String)> = (0..1024).map(devkit::order_message).collect();
+    let message = |offset: i64| {
+        let (key, payload) = &orders[offset as usize % orders.len()];
+        SourceMessage {
+            position: offset,
+            timestamp_ms: Some(1_700_000_000_000),
+            write_timestamp_us: None,
+            key: Some(Bytes::from(key.clone())),
+            headers: Vec::new(),
+            payload: Some(Bytes::from(payload.clone())),
+            origin: Box::new(KafkaOrigin {
+                partition: 0,
+                epoch: 1,
+                offset,
+                completions: completions.clone(),
+            }),
+        }
+    };
+    // The partition's first message starts it loading; installed fresh, it folds from there.
+    let first = message(0);
+    tap.fold(0, &first, Some(&mapper.map(&first.envelope("in"), 1).expect("mapped")));
+    rollup.install_fresh();
+    let mut next = 1;
+    let mut group = c.benchmark_group("rollup");
+    group.throughput(Throughput::Elements(orders.len() as u64));
+    group.bench_function("fold_order_per_message", |b| {
+        b.iter_batched(
+            || {
+                let batch: Vec<_> = (next..next + orders.len() as i64)
+                    .map(|offset| {
+                        let message = message(offset);
+                        let rows = mapper.map(&message.envelope("in"), 1).expect("mapped");
+                        (message, rows)
+                    })
+                    .collect();
+                next += orders.len() as i64;
+                batch
+            },
+            |batch| {
+                for (message, rows) in &batch {
+                    tap.fold(0, message, Some(rows));
+                }
+                batch
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, mapping, rollup);
 criterion_main!(benches);

@@ -242,6 +242,21 @@ impl Rollup {
         })))
     }
 
+    /// Installs every part still loading as fresh (no stored state), as [`run`] does once the
+    /// database answers: for benchmarks of the folding alone.
+    #[cfg(feature = "devkit")]
+    pub fn install_fresh(&self) {
+        for state in &self.cores {
+            let mut state = lock(state);
+            let state = &mut *state;
+            for (key, part) in state.parts.iter_mut() {
+                if matches!(part.phase, Phase::Loading { .. }) {
+                    self.install(*key, part, Part::default(), &mut state.spill);
+                }
+            }
+        }
+    }
+
     fn closed(&self) -> i64 {
         self.closed_through.load(Ordering::Acquire)
     }
