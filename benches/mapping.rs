@@ -105,18 +105,7 @@ fn mapping(c: &mut Criterion) {
 /// `kafka-5-rollup` one: orders and items per hour.
 fn rollup(c: &mut Criterion) {
     let routes = devkit::orders_route_toml("orders", "ks", "in", "g", "dl");
-    let job = r#"
-[[job]]
-name = "hourly"
-state_keyspace = "ks"
-[job.source]
-stream = ["orders"]
-[job.aggregate]
-window = { column = "placed_at", size = "1h", lateness = "1m" }
-measures = { orders = "count()", items = "sum(row.quantity)" }
-[[job.sink]]
-table = "ks.hourly"
-"#;
+    let job = devkit::hourly_rollup_job_toml("hourly", "ks");
     let config = Config::parse(
         &format!("{}\n{job}", devkit::ingest_gateway_toml(&routes, 2048, 64)),
         "bench",

@@ -519,20 +519,6 @@ fn kafka_config(
     ))
 }
 
-/// The `kafka-5-rollup` mode's stream job: orders and items per hour over the route's rows.
-const ROLLUP_JOB: &str = r#"
-[[job]]
-name = "bench_hourly"
-state_keyspace = "KS"
-[job.source]
-stream = ["orders"]
-[job.aggregate]
-window = { column = "placed_at", size = "1h", lateness = "1m" }
-measures = { orders = "count()", items = "sum(row.quantity)" }
-[[job.sink]]
-table = "KS.hourly"
-"#;
-
 /// The `kafka-5-rollup` mode's wait: until the rollup has checkpointed every message (its
 /// checkpoints trail the route's writes by up to one interval), so the gateway's CPU is taken
 /// over both.
@@ -635,7 +621,7 @@ async fn kafka(args: &Args, spooled: bool, five: bool, rollup: bool) -> anyhow::
             "\n[ingest]\nlisten = \"{}\"\ncore_port_base = {}\n{}",
             devkit::INGEST_LISTEN,
             devkit::INGEST_CORE_PORT_BASE,
-            ROLLUP_JOB.replace("KS", keyspace)
+            devkit::hourly_rollup_job_toml("bench_hourly", keyspace)
         ));
     }
     std::fs::write(&config, text)?;

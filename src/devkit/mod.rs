@@ -826,6 +826,25 @@ pub const INGEST_CORE_PORT_BASE: u16 = 50100;
 /// Admin (metrics) address.
 pub const ADMIN_LISTEN: &str = "127.0.0.1:9190";
 
+/// A stream job `name` over route `orders`: orders and items per hour into `keyspace.hourly`
+/// (the bench's `kafka-5-rollup` job and the `rollup` criterion bench's).
+pub fn hourly_rollup_job_toml(name: &str, keyspace: &str) -> String {
+    format!(
+        r#"
+[[job]]
+name = "{name}"
+state_keyspace = "{keyspace}"
+[job.source]
+stream = ["orders"]
+[job.aggregate]
+window = {{ column = "placed_at", size = "1h", lateness = "1m" }}
+measures = {{ orders = "count()", items = "sum(row.quantity)" }}
+[[job.sink]]
+table = "{keyspace}.hourly"
+"#
+    )
+}
+
 /// A gateway config serving the ingest API (and metrics) with the given routes.
 pub fn ingest_gateway_toml(routes: &str, inflight_rows_per_core_max: usize, write_batch_rows_max: usize) -> String {
     let limits = format!(

@@ -1037,6 +1037,72 @@ async fn assert_city_minutes(
     assert_eq!(found.len(), expected.len(), "no result beyond the expected windows");
 }
 
+/// Waits (up to 60 s) until `city_minutes` holds `at_least` results: windows have closed.
+async fn wait_results(session: &scylla::client::session::Session, keyspace: &str, at_least: i64) {
+    let started = Instant::now();
+    loop {
+        let written: i64 = session
+            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.city_minutes"), ())
+            .await
+            .expect("count")
+            .into_rows_result()
+            .expect("rows")
+            .first_row::<(i64,)>()
+            .expect("a count")
+            .0;
+        if written >= at_least {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no window closed in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The orders sent after the `main` ones, as (order number, event time): 40 a minute behind the
+/// newest (within the lateness: their windows are still open), 20 twenty minutes behind (their
+/// windows closed long ago: late), 30 an hour ahead (the watermark passes every window above).
+#[allow(clippy::type_complexity)]
+fn tail_orders(main: u64) -> (Vec<(u64, i64)>, Vec<(u64, i64)>, Vec<(u64, i64)>) {
+    let newest = placed_at_ms(main - 1);
+    let within = (0..40)
+        .map(|j| (main + j, newest - 60_000 + j as i64 * 1_000))
+        .collect();
+    let late = (0..20)
+        .map(|j| (main + 40 + j, newest - 20 * MINUTE_MS + j as i64 * 1_000))
+        .collect();
+    let ahead = (0..30).map(|j| (main + 60 + j, newest + 60 * MINUTE_MS)).collect();
+    (within, late, ahead)
+}
+
+/// One message per result on JetStream stream `stream` (a window closed again after a kill
+/// carries the same message id, which JetStream drops), each equal to `expected`'s.
+async fn assert_published(stream: &str, expected: &BTreeMap<(String, i64), (i64, i64, i64)>) {
+    let messages = devkit::read_stream(stream, expected.len() + 1, Duration::from_secs(10))
+        .await
+        .expect("stream");
+    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
+    assert_eq!(ids.len(), messages.len(), "unique message ids");
+    let published: BTreeMap<(String, i64), (i64, i64, i64)> = messages
+        .iter()
+        .map(|message| {
+            let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
+                .expect("RFC 3339")
+                .timestamp_millis();
+            (
+                (object["city"].as_str().expect("city").to_string(), start),
+                (
+                    object["orders"].as_i64().expect("orders"),
+                    object["items"].as_i64().expect("items"),
+                    object["latest"].as_i64().expect("latest"),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(messages.len(), expected.len());
+    assert_eq!(&published, expected);
+}
+
 /// Stream rollup: Kafka orders → per-minute orders, items and the latest order's quantity per
 /// city, into a table and a JetStream subject, folded from the route's rows on the cores as the
 /// route writes the orders. The gateway is killed (SIGKILL) while orders flow, the route's
@@ -1063,23 +1129,7 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         });
         devkit::produce_at(&topic, first, Some(3_000)).expect("produce")
     });
-    let started = Instant::now();
-    loop {
-        let written: i64 = session
-            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.city_minutes"), ())
-            .await
-            .expect("count")
-            .into_rows_result()
-            .expect("rows")
-            .first_row::<(i64,)>()
-            .expect("a count")
-            .0;
-        if written >= 24 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no window closed in 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_results(&session, keyspace, 24).await;
     gateway.kill9().expect("kill -9");
     assert_eq!(producer.join().expect("producer"), MAIN / 2);
     // Without the route's committed offsets the route reads the topic from its start again (and
@@ -1096,21 +1146,11 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
     let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
     wait_stream_folded(&session, keyspace, MAIN as i64).await;
 
-    // Within the lateness: a minute behind the newest orders, their windows still open.
-    let newest = placed_at_ms(MAIN - 1);
-    let within: Vec<(u64, i64)> = (0..40)
-        .map(|j| (MAIN + j, newest - 60_000 + j as i64 * 1_000))
-        .collect();
+    let (within, late, ahead) = tail_orders(MAIN);
     devkit::produce(&names.topic, within.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
     wait_stream_folded(&session, keyspace, MAIN as i64 + 40).await;
-    // Twenty minutes behind: their windows closed long ago.
-    let late: Vec<(u64, i64)> = (0..20)
-        .map(|j| (MAIN + 40 + j, newest - 20 * MINUTE_MS + j as i64 * 1_000))
-        .collect();
     devkit::produce(&names.topic, late.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
     wait_stream_folded(&session, keyspace, MAIN as i64 + 60).await;
-    // An hour ahead on every partition: the watermark passes every window above.
-    let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
     devkit::produce(&names.topic, ahead.iter().map(|(i, at)| order_placed_at(*i, *at))).expect("produce");
 
     let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
@@ -1130,32 +1170,7 @@ async fn a_stream_rollup_survives_kill_9_and_dead_letters_late_rows() {
         .iter()
         .all(|letter| letter.headers.get("shardgate.reason.code").map(String::as_str) == Some("late")));
 
-    // One message per result on the subject (a window closed again after the kill carries the
-    // same message id, which JetStream drops), each equal to the table's.
-    let messages = devkit::read_stream(&stream, expected.len() + 1, Duration::from_secs(10))
-        .await
-        .expect("stream");
-    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
-    assert_eq!(ids.len(), messages.len(), "unique message ids");
-    let published: BTreeMap<(String, i64), (i64, i64, i64)> = messages
-        .iter()
-        .map(|message| {
-            let object: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
-            let start = chrono::DateTime::parse_from_rfc3339(object["window_start"].as_str().expect("window_start"))
-                .expect("RFC 3339")
-                .timestamp_millis();
-            (
-                (object["city"].as_str().expect("city").to_string(), start),
-                (
-                    object["orders"].as_i64().expect("orders"),
-                    object["items"].as_i64().expect("items"),
-                    object["latest"].as_i64().expect("latest"),
-                ),
-            )
-        })
-        .collect();
-    assert_eq!(messages.len(), expected.len());
-    assert_eq!(published, expected);
+    assert_published(&stream, &expected).await;
     assert!(gateway.stop().expect("stop").success());
     let log = std::fs::read_to_string(names.dir.join("gateway-2.log")).expect("log");
     let replayed: u64 = log
@@ -1251,23 +1266,7 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
             tokio::time::sleep(Duration::from_millis(125)).await;
         }
     });
-    let started = Instant::now();
-    loop {
-        let written: i64 = session
-            .query_unpaged(format!("SELECT COUNT(*) FROM {keyspace}.city_minutes"), ())
-            .await
-            .expect("count")
-            .into_rows_result()
-            .expect("rows")
-            .first_row::<(i64,)>()
-            .expect("a count")
-            .0;
-        if written >= 24 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no window closed in 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_results(&session, keyspace, 24).await;
     gateway.kill9().expect("kill -9");
     paced.await.expect("publisher");
     publish((MAIN / 2..MAIN).map(devkit::order_message_with_id).collect()).await;
@@ -1275,18 +1274,11 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
     // A stream part's stored position is the next stream sequence (the first is 1).
     wait_stream_folded(&session, keyspace, MAIN as i64 + 1).await;
 
-    let newest = placed_at_ms(MAIN - 1);
-    let within: Vec<(u64, i64)> = (0..40)
-        .map(|j| (MAIN + j, newest - 60_000 + j as i64 * 1_000))
-        .collect();
+    let (within, late, ahead) = tail_orders(MAIN);
     publish(within.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
     wait_stream_folded(&session, keyspace, MAIN as i64 + 41).await;
-    let late: Vec<(u64, i64)> = (0..20)
-        .map(|j| (MAIN + 40 + j, newest - 20 * MINUTE_MS + j as i64 * 1_000))
-        .collect();
     publish(late.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
     wait_stream_folded(&session, keyspace, MAIN as i64 + 61).await;
-    let ahead: Vec<(u64, i64)> = (0..30).map(|j| (MAIN + 60 + j, newest + 60 * MINUTE_MS)).collect();
     publish(ahead.iter().map(|(i, at)| order_with_id_placed_at(*i, *at)).collect()).await;
 
     let counted = (0..MAIN).map(|i| (i, placed_at_ms(i))).chain(within.iter().copied());
@@ -1316,12 +1308,7 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
         assert!(sequence > MAIN + 40 && sequence <= MAIN + 60, "{sequence}");
     }
 
-    let messages = devkit::read_stream(&results_stream, expected.len() + 1, Duration::from_secs(10))
-        .await
-        .expect("results stream");
-    let ids: BTreeSet<&String> = messages.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
-    assert_eq!(ids.len(), messages.len(), "unique message ids");
-    assert_eq!(messages.len(), expected.len());
+    assert_published(&results_stream, &expected).await;
     assert!(gateway.stop().expect("stop").success());
     // The restarted gateway took the lease over and read on from the stored sequence, which
     // the kill left inside the first half.
