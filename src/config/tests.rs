@@ -904,6 +904,13 @@ fn stream_job_keys_default_and_bad_values_name_their_key() {
     let message = error_of(&nats);
     assert!(message.starts_with("`job[0].source.stream[0]` = `orders`"), "{message}");
     assert!(message.contains("a Kafka or JetStream route"), "{message}");
+    // A JetStream route is read again from the stream sequence stored with the job's state.
+    let jetstream = nats.replace(
+        "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nsubject = \"orders\"",
+        "kind = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nstream = \"ORDERS\"\ndurable = \"shardgate\"",
+    );
+    let config = Config::parse(&jetstream, "t").expect("a stream job over a JetStream route");
+    assert_eq!(config.jobs[0].stream, ["orders"]);
 }
 
 /// A replay job names a route with a Kafka or table dead-letter destination and nothing the

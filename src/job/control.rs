@@ -655,3 +655,24 @@ impl Jobs for JobsService {
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scan job running or paused here shows its run's pause (whoever paused or resumed it);
+    /// otherwise, or before its run is written, this gateway's own state.
+    #[test]
+    fn a_scan_job_shows_its_runs_pause() {
+        assert_eq!(shown_state(Local::Running, Some("paused")), "paused");
+        assert_eq!(shown_state(Local::Paused, Some("running")), "running");
+        assert_eq!(
+            shown_state(Local::Paused, Some("done")),
+            "paused",
+            "its run not written yet"
+        );
+        assert_eq!(shown_state(Local::Idle, Some("paused")), "idle", "paused elsewhere");
+        assert_eq!(shown_state(Local::Cancelled, Some("running")), "cancelled");
+        assert_eq!(shown_state(Local::Running, None), "running");
+    }
+}
