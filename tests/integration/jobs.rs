@@ -1193,8 +1193,9 @@ fn order_with_id_placed_at(i: u64, at_ms: i64) -> Vec<u8> {
 
 /// Stream rollup over a JetStream route: the job reads the route's stream with an ordered
 /// consumer of its own, under a lease in `job_windows`, from the sequence after its stored one.
-/// The gateway is killed (SIGKILL) after windows closed, more orders are published and a
-/// gateway started again takes the lease over once it ran out: every result equals the
+/// The gateway is killed (SIGKILL) while orders flow, once windows closed; a gateway started
+/// again at once waits for the killed one's lease to run out and takes it over, and more orders
+/// are published: every result equals the
 /// aggregation computed here (nothing lost, nothing counted twice), written at its window's
 /// end and published once per window; rows of closed windows are dead-lettered as `late` with
 /// the stream's coordinates.
@@ -1243,7 +1244,7 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
         .replace("KS", keyspace)
         .replace("SUBJECT", &results_subject)
         .replace("LATE", &late_topic)
-        .replace("state_keyspace", "lease = \"3s\"\nstate_keyspace");
+        .replace("state_keyspace", "lease = \"10s\"\nstate_keyspace");
     let config = names.dir.join("gateway.toml");
     std::fs::write(
         &config,
@@ -1268,9 +1269,10 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
     });
     wait_results(&session, keyspace, 24).await;
     gateway.kill9().expect("kill -9");
+    // Started again at once: the killed gateway's lease (10 s) holds it back until it runs out.
+    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
     paced.await.expect("publisher");
     publish((MAIN / 2..MAIN).map(devkit::order_message_with_id).collect()).await;
-    let gateway = Gateway::start(&gateway_binary(), &config, &names.dir.join("gateway-2.log")).expect("restart");
     // A stream part's stored position is the next stream sequence (the first is 1).
     wait_stream_folded(&session, keyspace, MAIN as i64 + 1).await;
 
@@ -1310,9 +1312,15 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
 
     assert_published(&results_stream, &expected).await;
     assert!(gateway.stop().expect("stop").success());
-    // The restarted gateway took the lease over and read on from the stored sequence, which
-    // the kill left inside the first half.
+    // The restarted gateway waited for the killed one's lease, took it over and read on from
+    // the stored sequence, which the kill left inside the first half.
     let log = std::fs::read_to_string(names.dir.join("gateway-2.log")).expect("log");
+    let waited = log.find("another gateway folds this stream; waiting for its lease");
+    let folding = log.find("folding the stream");
+    assert!(
+        waited.is_some() && waited < folding,
+        "the restarted gateway waited for the lease before folding"
+    );
     let from: u64 = log
         .split("folding the stream")
         .nth(1)
