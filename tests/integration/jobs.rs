@@ -934,14 +934,8 @@ async fn wait_stream_folded(session: &scylla::client::session::Session, keyspace
     }
 }
 
-/// The orders table, `city_minutes`, a 3-partition topic, the late topic, a JetStream stream
-/// for the results, and a gateway config with the orders route and [`CITY_MINUTES`]. Returns
-/// the config's path, the late topic and the stream's name.
-async fn stream_setup(
-    session: &scylla::client::session::Session,
-    names: &Names,
-) -> (std::path::PathBuf, String, String) {
-    let keyspace = &names.keyspace;
+/// The orders table the route writes and the `city_minutes` results table, in `keyspace`.
+async fn stream_tables(session: &scylla::client::session::Session, keyspace: &str) {
     devkit::create_orders_table(session, keyspace)
         .await
         .expect("orders table");
@@ -956,6 +950,17 @@ async fn stream_setup(
         .await
         .expect("result table");
     session.await_schema_agreement().await.expect("schema agreement");
+}
+
+/// The orders table, `city_minutes`, a 3-partition topic, the late topic, a JetStream stream
+/// for the results, and a gateway config with the orders route and [`CITY_MINUTES`]. Returns
+/// the config's path, the late topic and the stream's name.
+async fn stream_setup(
+    session: &scylla::client::session::Session,
+    names: &Names,
+) -> (std::path::PathBuf, String, String) {
+    let keyspace = &names.keyspace;
+    stream_tables(session, keyspace).await;
     devkit::create_topic(&names.topic, 3).await.expect("topic");
     let late_topic = format!("{}.late", names.topic);
     devkit::create_topic(&late_topic, 1).await.expect("late topic");
@@ -1205,20 +1210,7 @@ async fn a_jetstream_stream_rollup_survives_kill_9() {
     let names = Names::new("jobs_js_stream");
     let keyspace = &names.keyspace;
     let session = devkit::connect(devkit::CASSANDRA).await.expect("Cassandra is up");
-    devkit::create_orders_table(&session, keyspace)
-        .await
-        .expect("orders table");
-    session
-        .query_unpaged(
-            format!(
-                "CREATE TABLE {keyspace}.city_minutes (city text, window_start timestamp, orders bigint, \
-                 items bigint, latest bigint, PRIMARY KEY (city, window_start))"
-            ),
-            (),
-        )
-        .await
-        .expect("result table");
-    session.await_schema_agreement().await.expect("schema agreement");
+    stream_tables(&session, keyspace).await;
     let run = names.group.rsplit('-').next().unwrap_or("0").to_string();
     let source_stream = format!("IT_JOBS_JS_{run}");
     let source_subject = format!("it.jobs_js.{run}.orders");
