@@ -318,9 +318,7 @@ impl JobControl {
         };
         let (local, _) = entry.local.borrow().clone();
         let unavailable = |error: anyhow::Error| Refused::Unavailable(format!("job `{name}`: {error:#}"));
-        let current = super::current_run_state(&self.session, &job.state_keyspace, name)
-            .await
-            .map_err(unavailable)?;
+        let current = self.current_run(job).await?;
         let shown = shown_state(local, current.as_ref().map(|(_, state)| state.as_str()));
         match current {
             Some((run, state)) if state == change.0 => {
@@ -367,10 +365,7 @@ impl JobControl {
             return self.command(name, Command::Cancel);
         }
         let unavailable = |error: anyhow::Error| Refused::Unavailable(format!("job `{name}`: {error:#}"));
-        let current = super::current_run_state(&self.session, &job.state_keyspace, name)
-            .await
-            .map_err(unavailable)?;
-        match current {
+        match self.current_run(job).await? {
             Some((run, state)) if state == "running" || state == "paused" => super::cancel_run(&self.session, &job.state_keyspace, name, run)
                 .await
                 .map_err(unavailable),
@@ -379,6 +374,14 @@ impl JobControl {
                 local.as_str()
             ))),
         }
+    }
+
+    /// `job`'s current run and its state, read from its `job_runs` (`UNAVAILABLE` when it cannot
+    /// be read).
+    async fn current_run(&self, job: &JobConfig) -> Result<Option<(i64, String)>, Refused> {
+        super::current_run_state(&self.session, &job.state_keyspace, &job.name)
+            .await
+            .map_err(|error| Refused::Unavailable(format!("job `{}`: {error:#}", job.name)))
     }
 
     /// Tells every job the gateway stops and waits up to `deadline` for their tasks to end

@@ -1330,6 +1330,8 @@ pub async fn run(
     let mut paused = false;
     let mut last_command = Command::Run;
     let mut last_shared: Option<String> = None;
+    // What the bar says.
+    let mut shown_paused = false;
     loop {
         let command = *signal.borrow_and_update();
         if matches!(command, Command::Cancel | Command::Stop) {
@@ -1389,7 +1391,8 @@ pub async fn run(
             }
             last_shared = shared;
         }
-        if let Some(bar) = &bar {
+        if let (Some(bar), true) = (&bar, paused != shown_paused) {
+            shown_paused = paused;
             bar.set_message(if paused {
                 format!("{} (paused)", runner.job.name)
             } else {

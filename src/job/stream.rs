@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message as _};
@@ -568,7 +569,7 @@ impl Windows {
         if let Some(owner) = lease {
             batch.append_statement(self.statements.lease_renew.clone());
             values.push(vec![
-                big(Some(now_ms().saturating_add(self.job.lease.as_millis() as i64))),
+                big(Some(self.lease_until())),
                 text(&self.job.name),
                 text(name),
                 big(Some(LEASE)),
@@ -598,7 +599,7 @@ impl Windows {
     /// has not run out; whether it did.
     async fn claim(&self, part: &str, owner: &str) -> anyhow::Result<bool> {
         let now = now_ms();
-        let until = now.saturating_add(self.job.lease.as_millis() as i64);
+        let until = self.lease_until();
         let held = self
             .session
             .execute_unpaged(&self.statements.lease_read, (&self.job.name, part, LEASE))
@@ -627,6 +628,11 @@ impl Windows {
             }
         };
         applied(result)
+    }
+
+    /// When a lease taken or renewed now runs out (epoch ms).
+    fn lease_until(&self) -> i64 {
+        now_ms().saturating_add(self.job.lease.as_millis() as i64)
     }
 
     /// Sets part `part`'s lease, if `owner` holds it, to run out at `until` (epoch ms; 0 lets
@@ -848,7 +854,6 @@ impl Stream {
                 }
             }
             let part = self.windows.load_part(&name).await?;
-            use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
             let deliver_policy = match part.position {
                 Some(next) => DeliverPolicy::ByStartSequence {
                     start_sequence: next.max(1) as u64,
@@ -974,11 +979,8 @@ impl Stream {
             tokio::select! {
                 command = next_command(signal) => return Ok(command),
                 _ = tokio::time::sleep(self.windows.job.lease / 3) => {
-                    let until = now_ms().saturating_add(self.windows.job.lease.as_millis() as i64);
-                    for (index, partition) in parts.keys() {
-                        if let Feed::JetStream { .. } = sources[*index].feed {
-                            self.windows.hold(&part_name(&sources[*index].route, *partition), &self.owner, until).await?;
-                        }
+                    for name in leased(sources, parts) {
+                        self.windows.hold(&name, &self.owner, self.windows.lease_until()).await?;
                     }
                 }
             }
@@ -988,12 +990,9 @@ impl Stream {
     /// Lets go of the JetStream parts' leases (the job stops here; another gateway may take
     /// them at once). Best effort: a lease not let go runs out.
     async fn let_go(&self, sources: &[Source], parts: &HashMap<(usize, i32), Part>) {
-        for (index, partition) in parts.keys() {
-            if let Feed::JetStream { .. } = sources[*index].feed {
-                let name = part_name(&sources[*index].route, *partition);
-                if let Err(error) = self.windows.hold(&name, &self.owner, 0).await {
-                    tracing::debug!(job = %self.windows.job.name, part = %name, error = %format!("{error:#}"), "letting go of the lease failed; it runs out");
-                }
+        for name in leased(sources, parts) {
+            if let Err(error) = self.windows.hold(&name, &self.owner, 0).await {
+                tracing::debug!(job = %self.windows.job.name, part = %name, error = %format!("{error:#}"), "letting go of the lease failed; it runs out");
             }
         }
     }
@@ -1087,8 +1086,7 @@ impl Stream {
                 // A still stream's lease is renewed alone: its progress row keeps the time it
                 // last moved (`idle`).
                 if let Some(owner) = lease {
-                    let until = now_ms().saturating_add(self.windows.job.lease.as_millis() as i64);
-                    if !self.windows.hold(&name, owner, until).await? {
+                    if !self.windows.hold(&name, owner, self.windows.lease_until()).await? {
                         return Ok(Ended::Refused);
                     }
                 }
@@ -1121,6 +1119,14 @@ impl Stream {
         }
         Ok(())
     }
+}
+
+/// The names of the parts held under a lease: the JetStream sources' streams.
+fn leased<'a>(sources: &'a [Source], parts: &'a HashMap<(usize, i32), Part>) -> impl Iterator<Item = String> + 'a {
+    parts
+        .keys()
+        .filter(|(index, _)| matches!(sources[*index].feed, Feed::JetStream { .. }))
+        .map(|(index, partition)| part_name(&sources[*index].route, *partition))
 }
 
 /// The columns of `route`'s first target — the names of the rows a stream job sees — checked
