@@ -682,7 +682,7 @@ async fn current_run_state(session: &Session, keyspace: &str, job: &str) -> anyh
         .await
     {
         Ok(result) => result,
-        Err(error) if crate::sink::scylla::retry::refused_as_invalid(&error) => return Ok(None),
+        Err(error) if crate::sink::scylla::retry::table_not_known_yet(&error) => return Ok(None),
         Err(error) => return Err(error.into()),
     };
     Ok(result

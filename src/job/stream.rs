@@ -1172,7 +1172,7 @@ pub async fn progress(session: &Session, keyspace: &str, job: &str) -> anyhow::R
         .await
     {
         Ok(result) => result.into_rows_result()?,
-        Err(error) if crate::sink::scylla::retry::refused_as_invalid(&error) => return Ok(Progress::default()),
+        Err(error) if crate::sink::scylla::retry::table_not_known_yet(&error) => return Ok(Progress::default()),
         Err(error) => return Err(error.into()),
     };
     let mut progress = Progress::default();

@@ -46,15 +46,21 @@ pub fn classify(error: &ExecutionError) -> WriteFailure {
     }
 }
 
-/// Whether the node refused a statement as invalid (e.g. a table it has not applied yet), when
-/// preparing it or running it.
-pub fn refused_as_invalid(error: &ExecutionError) -> bool {
+/// Whether the node does not know a statement's table yet, when preparing it or running it: it
+/// refused the statement as invalid (a table whose schema it has not applied), or Cassandra failed
+/// it with `Unknown CF` (for a moment after a table's schema row is applied, before its store is
+/// open).
+pub fn table_not_known_yet(error: &ExecutionError) -> bool {
     let attempt = match error {
         ExecutionError::LastAttemptError(attempt) => attempt,
         ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => first_attempt,
         _ => return false,
     };
-    matches!(attempt, RequestAttemptError::DbError(DbError::Invalid, _))
+    match attempt {
+        RequestAttemptError::DbError(DbError::Invalid, _) => true,
+        RequestAttemptError::DbError(DbError::ServerError, message) => message.contains("Unknown CF"),
+        _ => false,
+    }
 }
 
 /// How long a write keeps retrying transient failures.
@@ -107,5 +113,31 @@ where
                 backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed_with(error: DbError, message: &str) -> ExecutionError {
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(error, message.to_string()))
+    }
+
+    #[test]
+    fn a_table_the_node_has_not_opened_yet_is_not_known_yet() {
+        assert!(table_not_known_yet(&failed_with(
+            DbError::Invalid,
+            "unconfigured table job_windows"
+        )));
+        assert!(table_not_known_yet(&failed_with(
+            DbError::ServerError,
+            "java.lang.IllegalArgumentException: Unknown CF 75736400-f209-11f1-ba44-4de12c8308b8"
+        )));
+        assert!(!table_not_known_yet(&failed_with(
+            DbError::ServerError,
+            "java.lang.NullPointerException"
+        )));
+        assert!(!table_not_known_yet(&failed_with(DbError::Overloaded, "overloaded")));
     }
 }
