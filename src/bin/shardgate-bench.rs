@@ -51,6 +51,11 @@
 //! Every mode also reports the database's CPU seconds per million rows (the local Cassandra's
 //! utime + stime from /proc over the same span).
 //!
+//! When a path ran beside its ceiling (and, for a broker, its `-consume` mode), a second table
+//! gives the path's floor on this box: the consume-only client's and the ceiling writer's CPU per
+//! row (the least the gateway's own can be with these libraries), and the rows/s that the cores
+//! allow even a gateway that cost no more, with the broker and Cassandra at their measured cost.
+//!
 //! gRPC latency is per batch, from the moment the client hands the batch to the stream to the
 //! moment its response arrives; each stream keeps `--window` batches in flight (closed loop).
 
@@ -226,7 +231,69 @@ async fn main() -> anyhow::Result<()> {
             o.forwarded
         );
     }
+    print_floors(&outcomes);
     Ok(())
+}
+
+/// Per million rows: (writer or client CPU-s, Cassandra CPU-s, brokers' CPU-s, rows/s).
+fn per_million(o: &Outcome) -> (f64, f64, f64, f64) {
+    let m = 1e6 / o.rows as f64;
+    (
+        o.cpu_seconds * m,
+        o.services.cassandra * m,
+        o.services.brokers * m,
+        o.rows as f64 / o.seconds,
+    )
+}
+
+/// Each path's floor on this box, from modes of the same run (issue 13): a client that only
+/// consumes the same messages (its CPU and the broker's, the `-consume` mode) plus the scylla
+/// crate alone writing the same rows (its CPU and Cassandra's, the ceiling mode). Their two
+/// client-side costs together are the least the gateway's own CPU per row can be with these
+/// libraries; all four together, on cores that everything shares, bound the rows/s even of a
+/// gateway that cost no more.
+fn print_floors(outcomes: &[Outcome]) {
+    let find = |mode: &str| outcomes.iter().find(|o| o.mode == mode).map(per_million);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let paths = [
+        ("grpc-smart", None, "ceiling-events"),
+        ("kafka-5", Some("kafka-consume"), "ceiling-5"),
+        ("rabbitmq", Some("rabbitmq-consume"), "ceiling"),
+        ("jetstream", Some("jetstream-consume"), "ceiling"),
+    ];
+    let mut header = false;
+    for (path, consume, ceiling) in paths {
+        let (Some(measured), Some(written)) = (find(path), find(ceiling)) else {
+            continue;
+        };
+        let consumed = match consume {
+            Some(mode) => match find(mode) {
+                Some(consumed) => consumed,
+                None => continue,
+            },
+            None => (0.0, 0.0, 0.0, 0.0),
+        };
+        if !header {
+            header = true;
+            println!();
+            println!("Floors on {cores} cores (issue 13), CPU-s per million rows:");
+            println!("| path | consume-only client | its broker | ceiling writer | its Cassandra | gateway floor (client + writer) | at most rows/s (cores ÷ all four) | gateway | rows/s |");
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        }
+        let gateway_floor = consumed.0 + written.0;
+        let all = gateway_floor + consumed.2 + written.1;
+        println!(
+            "| {path} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            consumed.0,
+            consumed.2,
+            written.0,
+            written.1,
+            gateway_floor,
+            cores * 1e6 / all,
+            measured.0,
+            measured.3
+        );
+    }
 }
 
 async fn grpc(args: &Args, mode: &str) -> anyhow::Result<Outcome> {
