@@ -284,10 +284,13 @@ fn print_floors(outcomes: &[Outcome]) {
         }
         let gateway_floor = consumed.0 + written.0;
         let all = gateway_floor + consumed.2 + written.1;
+        // gRPC has no broker: no consume-only client to show.
+        let (client, broker) = match consume {
+            Some(_) => (format!("{:.1}", consumed.0), format!("{:.1}", consumed.2)),
+            None => ("—".to_string(), "—".to_string()),
+        };
         println!(
-            "| {path} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            consumed.0,
-            consumed.2,
+            "| {path} | {client} | {broker} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
             written.0,
             written.1,
             gateway_floor,
