@@ -216,16 +216,16 @@ async fn main() -> anyhow::Result<()> {
                 format!("{:.1}", l[((l.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3)
             }
         };
-        let (cpu, cassandra, brokers, _) = per_million(o);
+        let per = PerMillion::of(o);
         println!(
             "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {:.0} |",
             o.mode,
             o.rows,
             o.seconds,
-            o.rows as f64 / o.seconds,
-            cpu,
-            cassandra,
-            brokers,
+            per.rows_per_second,
+            per.cpu,
+            per.cassandra,
+            per.brokers,
             pct(0.50),
             pct(0.99),
             pct(0.999),
@@ -236,26 +236,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Per million rows: (writer or client CPU-s, Cassandra CPU-s, brokers' CPU-s), and rows/s —
-/// one computation for both tables, so they print the same figures.
-fn per_million(o: &Outcome) -> (f64, f64, f64, f64) {
-    let per = |seconds: f64| seconds * 1e6 / o.rows as f64;
-    (
-        per(o.cpu_seconds),
-        per(o.services.cassandra),
-        per(o.services.brokers),
-        o.rows as f64 / o.seconds,
-    )
+/// A mode's costs per million rows, and its rows/s: one computation for both tables, so they
+/// print the same figures.
+struct PerMillion {
+    /// The gateway's, writer's or client's CPU seconds.
+    cpu: f64,
+    cassandra: f64,
+    brokers: f64,
+    rows_per_second: f64,
+}
+
+impl PerMillion {
+    fn of(o: &Outcome) -> PerMillion {
+        let per = |seconds: f64| seconds * 1e6 / o.rows as f64;
+        PerMillion {
+            cpu: per(o.cpu_seconds),
+            cassandra: per(o.services.cassandra),
+            brokers: per(o.services.brokers),
+            rows_per_second: o.rows as f64 / o.seconds,
+        }
+    }
 }
 
 /// Each path's floor on this box, from modes of the same run (issue 13): a client that only
-/// consumes the same messages (its CPU and the broker's, the `-consume` mode) plus the scylla
-/// crate alone writing the same rows (its CPU and Cassandra's, the ceiling mode). Their two
-/// client-side costs together are the least the gateway's own CPU per row can be with these
-/// libraries; all four together, on cores that everything shares, bound the rows/s even of a
-/// gateway that cost no more.
+/// consumes the same messages (its CPU and the broker's, the `-consume` mode; gRPC has none)
+/// plus the scylla crate alone writing the same rows (its CPU and Cassandra's, the ceiling
+/// mode). Their two client-side costs together are the least the gateway's own CPU per row can
+/// be with these libraries; all four together, on cores that everything shares, bound the
+/// rows/s even of a gateway that cost no more.
 fn print_floors(outcomes: &[Outcome]) {
-    let find = |mode: &str| outcomes.iter().find(|o| o.mode == mode).map(per_million);
+    let find = |mode: &str| outcomes.iter().find(|o| o.mode == mode).map(PerMillion::of);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let paths = [
         ("grpc-smart", None, "ceiling-events"),
@@ -268,12 +278,11 @@ fn print_floors(outcomes: &[Outcome]) {
         let (Some(measured), Some(written)) = (find(path), find(ceiling)) else {
             continue;
         };
-        let consumed = match consume {
-            Some(mode) => match find(mode) {
-                Some(consumed) => consumed,
-                None => continue,
-            },
-            None => (0.0, 0.0, 0.0, 0.0),
+        // A broker path needs its consume-only mode in the run.
+        let consumed = match consume.map(find) {
+            Some(None) => continue,
+            Some(consumed) => consumed,
+            None => None,
         };
         if !header {
             header = true;
@@ -282,21 +291,20 @@ fn print_floors(outcomes: &[Outcome]) {
             println!("| path | consume-only client | its broker | ceiling writer | its Cassandra | gateway floor (client + writer) | at most rows/s (cores ÷ all four) | gateway | rows/s |");
             println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         }
-        let gateway_floor = consumed.0 + written.0;
-        let all = gateway_floor + consumed.2 + written.1;
-        // gRPC has no broker: no consume-only client to show.
-        let (client, broker) = match consume {
-            Some(_) => (format!("{:.1}", consumed.0), format!("{:.1}", consumed.2)),
-            None => ("—".to_string(), "—".to_string()),
-        };
+        let (client, broker) = consumed.as_ref().map_or((0.0, 0.0), |c| (c.cpu, c.brokers));
+        let gateway_floor = client + written.cpu;
+        let all = gateway_floor + broker + written.cassandra;
+        let shown = |value: f64| consumed.as_ref().map_or("—".to_string(), |_| format!("{value:.1}"));
         println!(
-            "| {path} | {client} | {broker} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            written.0,
-            written.1,
+            "| {path} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            shown(client),
+            shown(broker),
+            written.cpu,
+            written.cassandra,
             gateway_floor,
             cores * 1e6 / all,
-            measured.0,
-            measured.3
+            measured.cpu,
+            measured.rows_per_second
         );
     }
 }
