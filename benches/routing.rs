@@ -5,7 +5,8 @@
 //! - `routing/client_token`: the shard-aware client's token for a bigint partition key (driver
 //!   serialization + the driver's Murmur3);
 //! - `ingest/decode_and_bind`: protobuf decode of a 500-row `WriteRequest` of 100-byte rows and
-//!   conversion of every row to bound CQL values; `ingest/flat_decode_and_bind`: the same rows as
+//!   serialization of every row's values straight into CQL cells (what the write engine sends);
+//!   `ingest/flat_decode_and_bind`: the same rows as
 //!   a FlatBuffers `RowBatch` (verify, read, bind);
 //! - `mesh/forward_hop`: running a task that carries a 500-row batch on another core through
 //!   `runtime::mesh` (the same inbox, `spawn_local` and reply every forward uses) and awaiting
@@ -23,6 +24,7 @@ use shardgate::client::row_token;
 use shardgate::devkit;
 use shardgate::ingest::service::bind_row;
 use shardgate::runtime::mesh::{self, Mesh};
+use shardgate::sink::scylla::bound::RowBuilder;
 use shardgate::topology::{NodeShards, Ownership};
 use shardgate::wire::flat::{decode_row_batch, encode_row_batch};
 use shardgate::wire::proto::{RowBatch, WriteRequest};
@@ -103,6 +105,7 @@ fn decode_and_bind(c: &mut Criterion) {
     let names: Vec<String> = (0..types.len()).map(|i| format!("c{i}")).collect();
     let mut group = c.benchmark_group("ingest");
     group.throughput(Throughput::Elements(500));
+    let mut builder = RowBuilder::default();
     group.bench_function("decode_and_bind", |b| {
         b.iter(|| {
             let request = WriteRequest::decode(bytes.as_slice()).expect("decode");
@@ -110,7 +113,7 @@ fn decode_and_bind(c: &mut Criterion) {
             batch
                 .rows
                 .iter()
-                .filter_map(|row| bind_row(&names, &types, &[0], row, 1).ok())
+                .filter_map(|row| bind_row(&names, &types, &[0], row, 1, &mut builder).ok())
                 .count()
         })
     });
@@ -120,7 +123,7 @@ fn decode_and_bind(c: &mut Criterion) {
             batch
                 .rows
                 .iter()
-                .filter_map(|row| bind_row(&names, &types, &[0], row, 1).ok())
+                .filter_map(|row| bind_row(&names, &types, &[0], row, 1, &mut builder).ok())
                 .count()
         })
     });

@@ -135,6 +135,8 @@ pub struct RouteWriter {
 }
 
 impl Statements<RowWork> for RouteWriter {
+    type Values = crate::sink::scylla::RowValues;
+
     fn statement(&self, (_, row): &RowWork) -> &PreparedStatement {
         RouteWriter::statement(self, row)
     }

@@ -24,7 +24,6 @@ use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::MaybeUnset;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -35,18 +34,20 @@ use crate::server::gate::{forbidden, refused};
 use crate::server::limit::{take_oversized, OversizeLog};
 use crate::server::status::status;
 use crate::server::topology::topology;
+use crate::sink::scylla::bound::{RowBuilder, SerializedRow};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
-use crate::sink::scylla::statement::{insert_statement, with_timestamp};
+use crate::sink::scylla::statement::insert_statement;
 use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteError, WriteOptions};
-use crate::sink::scylla::{cached_table_schema, prepare_insert, RowValues};
+use crate::sink::scylla::{cached_table_schema, prepare_insert};
 use crate::spool::record;
 use crate::spool::service::{self as spool, Spooled, WhenFull};
 use crate::telemetry::{metric, RowMetrics};
 use crate::topology::{Ownership, ReplicaShard};
-use crate::wire::convert::{cql_type_name, to_cql};
+use crate::wire::convert::{cql_type_name, write_cell};
 use crate::wire::flat::decode_row_batch;
 use crate::wire::proto::ingest_server::Ingest;
+use crate::wire::proto::value::Kind;
 use crate::wire::proto::{
     AckMode, BatchError, ErrorCode, GetTopologyRequest, Row, RowBatch, RowError, Topology, WriteFlatRequest,
     WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
@@ -91,8 +92,8 @@ type Accepted = (u32, u32, Vec<RowError>);
 pub struct PendingRow {
     /// Index in the producer's batch.
     index: u32,
-    /// Bound values (the write timestamp last).
-    values: RowValues,
+    /// Bound values, serialized (the write timestamp last).
+    values: SerializedRow,
 }
 
 /// The `source` label of rows from the ingest API.
@@ -116,11 +117,13 @@ pub struct TableWriter {
 }
 
 impl Statements<PendingRow> for TableWriter {
+    type Values = SerializedRow;
+
     fn statement(&self, _: &PendingRow) -> &PreparedStatement {
         &self.insert
     }
 
-    fn values<'r>(&self, row: &'r PendingRow) -> &'r RowValues {
+    fn values<'r>(&self, row: &'r PendingRow) -> &'r SerializedRow {
         &row.values
     }
 }
@@ -308,9 +311,17 @@ impl IngestService {
     fn bind_batch(writer: &TableWriter, batch: &RowBatch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
         let mut rows = Vec::with_capacity(batch.rows.len());
         let mut errors = Vec::new();
+        let mut builder = RowBuilder::default();
         for (index, row) in batch.rows.iter().enumerate() {
             let index = index as u32;
-            match bind_row(&writer.names, &writer.types, &writer.key_positions, row, timestamp_us) {
+            match bind_row(
+                &writer.names,
+                &writer.types,
+                &writer.key_positions,
+                row,
+                timestamp_us,
+                &mut builder,
+            ) {
                 Ok(values) => rows.push(PendingRow { index, values }),
                 Err((code, reason)) => errors.push(row_error(index, code, &reason)),
             }
@@ -602,15 +613,17 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Converts one row to bound values (plus the write timestamp) for columns of `types`. Missing
-/// trailing values leave their columns unset; columns at `key_positions` must be non-null.
+/// Serializes one row's values (plus the write timestamp) for columns of `types`, cell by cell
+/// in `builder`. Missing trailing values leave their columns unset; columns at `key_positions`
+/// must be non-null.
 pub fn bind_row(
     names: &[String],
     types: &[ColumnType<'static>],
     key_positions: &[usize],
     row: &Row,
     timestamp_us: i64,
-) -> Result<RowValues, (ErrorCode, String)> {
+    builder: &mut RowBuilder,
+) -> Result<SerializedRow, (ErrorCode, String)> {
     let name = |position: usize| names.get(position).map_or("?", String::as_str);
     if row.values.len() > types.len() {
         return Err((
@@ -618,28 +631,38 @@ pub fn bind_row(
             format!("row has {} values for {} columns", row.values.len(), types.len()),
         ));
     }
-    let mut values: RowValues = Vec::with_capacity(types.len() + 1);
+    let too_many = |_| (ErrorCode::BadValue, format!("a row holds at most {} values", u16::MAX));
+    builder.start();
     for (position, typ) in types.iter().enumerate() {
-        let bound = match row.values.get(position) {
-            None => MaybeUnset::Unset,
-            Some(value) => MaybeUnset::Set(to_cql(value, typ).map_err(|e| {
+        match row.values.get(position) {
+            None => builder.unset().map_err(too_many)?,
+            Some(value) => write_cell(value, typ, builder.cell().map_err(too_many)?).map_err(|e| {
                 (
                     ErrorCode::BadValue,
                     format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
                 )
-            })?),
-        };
-        values.push(bound);
+            })?,
+        }
     }
     for &position in key_positions {
-        if !matches!(values.get(position), Some(MaybeUnset::Set(Some(_)))) {
+        let null = row
+            .values
+            .get(position)
+            .is_none_or(|value| matches!(value.kind, None | Some(Kind::Null(_))));
+        if null {
             return Err((
                 ErrorCode::MissingKey,
                 format!("primary key column `{}` is missing or null", name(position)),
             ));
         }
     }
-    Ok(with_timestamp(values, timestamp_us))
+    builder.bigint(timestamp_us).map_err(too_many)?;
+    builder.finish().ok_or_else(|| {
+        (
+            ErrorCode::BadValue,
+            "the row's values did not serialize to whole cells".to_string(),
+        )
+    })
 }
 
 /// A bound row after [`IngestService::write_bound`]: its outcome, or gone with its owner core

@@ -511,6 +511,8 @@ impl Replayer {
 }
 
 impl Statements<MappedRow> for Replayer {
+    type Values = RowValues;
+
     fn statement(&self, row: &MappedRow) -> &PreparedStatement {
         TargetStatements::of(&self.statements, row)
     }

@@ -2,16 +2,20 @@
 //! request message, and arbitrary typed values against every column type, go through the same
 //! decoding and conversion the services run — prost's decode, the FlatBuffers decoder, row
 //! binding against a table of every writable column type, page-token opening — and are either
-//! taken or refused, never panicked on. `PROPTEST_CASES=100000 cargo test --release --lib
+//! taken or refused, never panicked on; and values serialized straight from protobuf match the
+//! driver's bytes. `PROPTEST_CASES=100000 cargo test --release --lib
 //! hostile` is the longer run.
 
 use proptest::prelude::*;
 use prost::Message;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::CellWriter;
 
 use crate::ingest::service::bind_row;
 use crate::query::token::{FingerprintBuilder, Keys};
-use crate::wire::convert::to_cql;
+use crate::sink::scylla::bound::RowBuilder;
+use crate::wire::convert::{to_cql, write_cell, ConvertError};
 use crate::wire::flat::decode_row_batch;
 use crate::wire::proto::{
     ExecuteRequest, GetRequest, GetTopologyRequest, JobRequest, ListJobsRequest, PlanScanRequest, Row, RowBatch,
@@ -56,8 +60,9 @@ fn column_names(types: &[ColumnType<'static>]) -> Vec<String> {
 fn bind_batch(batch: &RowBatch) {
     let types = column_types();
     let names = column_names(&types);
+    let mut builder = RowBuilder::default();
     for row in &batch.rows {
-        let _ = bind_row(&names, &types, &[0], row, batch.timestamp_us);
+        let _ = bind_row(&names, &types, &[0], row, batch.timestamp_us, &mut builder);
     }
 }
 
@@ -116,12 +121,41 @@ proptest! {
         }
     }
 
+    /// Any typed value against any column type is serialized straight to the bytes the
+    /// driver gives for its converted CQL value, or refused with the conversion's own error.
+    #[test]
+    fn values_serialize_straight_to_the_drivers_bytes(value in crate::wire::flat::tests::value()) {
+        for typ in column_types() {
+            let mut direct = vec![7];
+            let written = write_cell(&value, &typ, &mut direct);
+            let mut through_cql = vec![7];
+            let converted = to_cql(&value, &typ).and_then(|cql| match cql {
+                None => {
+                    CellWriter::new(&mut through_cql).set_null();
+                    Ok(())
+                }
+                Some(cql) => cql
+                    .serialize(&typ, CellWriter::new(&mut through_cql))
+                    .map(|_| ())
+                    .map_err(|e| ConvertError(e.to_string())),
+            });
+            match (written, converted) {
+                (Ok(()), Ok(())) => prop_assert_eq!(&direct, &through_cql, "{:?} as {:?}", value, typ),
+                (Err(direct_error), Err(error)) => {
+                    prop_assert_eq!(direct_error, error);
+                    prop_assert_eq!(&direct, &vec![7], "a refused value left bytes behind");
+                }
+                (written, converted) => prop_assert!(false, "{value:?} as {typ:?}: direct {written:?}, through CQL {converted:?}"),
+            }
+        }
+    }
+
     /// Rows of any values, of any length, bind or are refused naming a column.
     #[test]
     fn any_row_binds_or_is_refused(values in proptest::collection::vec(crate::wire::flat::tests::value(), 0..30)) {
         let types = column_types();
         let names = column_names(&types);
-        if let Err((_, reason)) = bind_row(&names, &types, &[0], &Row { values }, 0) {
+        if let Err((_, reason)) = bind_row(&names, &types, &[0], &Row { values }, 0, &mut RowBuilder::default()) {
             prop_assert!(!reason.is_empty());
         }
     }

@@ -5,6 +5,8 @@
 use std::net::IpAddr;
 
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::CellWriter;
 use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, CqlValue, CqlVarint};
 
 use super::proto::value::Kind;
@@ -24,6 +26,144 @@ pub struct ConvertError(pub String);
 /// Converts `value` to CQL for a column of type `typ`. `Ok(None)` is a CQL null.
 pub fn to_cql(value: &Value, typ: &ColumnType<'_>) -> Result<Option<CqlValue>, ConvertError> {
     convert(value, typ, 0)
+}
+
+/// Appends `value`, for a column of type `typ`, to `buffer` as one serialized CQL cell (a 4-byte
+/// length, then the bytes; -1 for null): the bytes [`to_cql`] and the driver's serialization
+/// give, without building the `CqlValue`. Scalars and collections of them are written straight
+/// from the protobuf value; other kinds (UDTs, tuples, vectors, durations) and every value that
+/// does not fit go through [`to_cql`], so errors read the same. On error `buffer` is as it was.
+pub fn write_cell(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> Result<(), ConvertError> {
+    let start = buffer.len();
+    if write_direct(value, typ, buffer, 0).is_some() {
+        return Ok(());
+    }
+    buffer.truncate(start);
+    let written = match to_cql(value, typ)? {
+        None => {
+            CellWriter::new(buffer).set_null();
+            Ok(())
+        }
+        Some(cql) => cql.serialize(typ, CellWriter::new(buffer)).map(|_| ()),
+    };
+    written.map_err(|e| {
+        buffer.truncate(start);
+        ConvertError(e.to_string())
+    })
+}
+
+/// Appends a cell holding `bytes`; `None` past the protocol's 2 GiB cell size.
+fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+    buffer.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
+    buffer.extend_from_slice(bytes);
+    Some(())
+}
+
+/// [`write_cell`]'s direct path: `None` when `value` is not written here (a kind it leaves to
+/// [`to_cql`], or a value that does not fit), with `buffer` left to be truncated by the caller.
+/// Collection elements are written at `depth + 1`; a null element is not written here (it is
+/// an error).
+fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth: usize) -> Option<()> {
+    if depth > NESTING_MAX {
+        return None;
+    }
+    let native = |n: &NativeType| match typ {
+        ColumnType::Native(t) => t == n,
+        _ => false,
+    };
+    match value.kind.as_ref() {
+        None | Some(Kind::Null(_)) if depth == 0 => {
+            buffer.extend_from_slice(&(-1i32).to_be_bytes());
+            Some(())
+        }
+        Some(Kind::Text(s)) if native(&NativeType::Text) || (native(&NativeType::Ascii) && s.is_ascii()) => {
+            put(buffer, s.as_bytes())
+        }
+        Some(Kind::Int(n)) => match typ {
+            ColumnType::Native(NativeType::TinyInt) => put(buffer, &i8::try_from(*n).ok()?.to_be_bytes()),
+            ColumnType::Native(NativeType::SmallInt) => put(buffer, &i16::try_from(*n).ok()?.to_be_bytes()),
+            ColumnType::Native(NativeType::Int) => put(buffer, &i32::try_from(*n).ok()?.to_be_bytes()),
+            ColumnType::Native(NativeType::BigInt) => put(buffer, &n.to_be_bytes()),
+            _ => None,
+        },
+        Some(Kind::Float(f)) if native(&NativeType::Float) => put(buffer, &f.to_be_bytes()),
+        Some(Kind::Double(f)) if native(&NativeType::Double) => put(buffer, &f.to_be_bytes()),
+        Some(Kind::Boolean(b)) if native(&NativeType::Boolean) => put(buffer, &[u8::from(*b)]),
+        Some(Kind::Blob(b)) if native(&NativeType::Blob) => put(buffer, b),
+        Some(Kind::Uuid(b)) if native(&NativeType::Uuid) && b.len() == 16 => put(buffer, b),
+        // A timeuuid is a version 1 UUID: the version is the high nibble of byte 6.
+        Some(Kind::Timeuuid(b) | Kind::Uuid(b)) if native(&NativeType::Timeuuid) && b.len() == 16 && b[6] >> 4 == 1 => {
+            put(buffer, b)
+        }
+        Some(Kind::TimestampMs(ms)) if native(&NativeType::Timestamp) => put(buffer, &ms.to_be_bytes()),
+        Some(Kind::DateDays(days)) if native(&NativeType::Date) => {
+            put(buffer, &((i64::from(*days) + CQL_DATE_EPOCH) as u32).to_be_bytes())
+        }
+        Some(Kind::TimeNs(ns)) if native(&NativeType::Time) && (0..NANOS_PER_DAY).contains(ns) => {
+            put(buffer, &ns.to_be_bytes())
+        }
+        Some(Kind::Decimal(d)) if native(&NativeType::Decimal) => {
+            let length = i32::try_from(d.unscaled.len().checked_add(4)?).ok()?;
+            buffer.extend_from_slice(&length.to_be_bytes());
+            buffer.extend_from_slice(&d.scale.to_be_bytes());
+            buffer.extend_from_slice(&d.unscaled);
+            Some(())
+        }
+        Some(Kind::Varint(b)) if native(&NativeType::Varint) && !b.is_empty() => put(buffer, b),
+        Some(Kind::Inet(b)) if native(&NativeType::Inet) && (b.len() == 4 || b.len() == 16) => put(buffer, b),
+        Some(Kind::List(items)) => match typ {
+            ColumnType::Collection {
+                typ: CollectionType::List(element) | CollectionType::Set(element),
+                ..
+            } => write_collection(buffer, items.values.len(), |buffer| {
+                items
+                    .values
+                    .iter()
+                    .try_for_each(|item| write_direct(item, element, buffer, depth + 1))
+            }),
+            _ => None,
+        },
+        Some(Kind::Set(items)) => match typ {
+            ColumnType::Collection {
+                typ: CollectionType::Set(element),
+                ..
+            } => write_collection(buffer, items.values.len(), |buffer| {
+                items
+                    .values
+                    .iter()
+                    .try_for_each(|item| write_direct(item, element, buffer, depth + 1))
+            }),
+            _ => None,
+        },
+        Some(Kind::Map(map)) => match typ {
+            ColumnType::Collection {
+                typ: CollectionType::Map(key_type, value_type),
+                ..
+            } => write_collection(buffer, map.entries.len(), |buffer| {
+                map.entries.iter().try_for_each(|entry| {
+                    write_direct(entry.key.as_ref()?, key_type, buffer, depth + 1)?;
+                    write_direct(entry.value.as_ref()?, value_type, buffer, depth + 1)
+                })
+            }),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Appends a collection cell: its length, the element count, then what `elements` writes.
+fn write_collection(
+    buffer: &mut Vec<u8>,
+    count: usize,
+    elements: impl FnOnce(&mut Vec<u8>) -> Option<()>,
+) -> Option<()> {
+    let start = buffer.len();
+    buffer.extend_from_slice(&[0; 4]);
+    buffer.extend_from_slice(&i32::try_from(count).ok()?.to_be_bytes());
+    elements(buffer)?;
+    let length = i32::try_from(buffer.len() - start - 4).ok()?;
+    buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
+    Some(())
 }
 
 fn kind_name(kind: &Option<Kind>) -> &'static str {

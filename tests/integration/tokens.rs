@@ -1,11 +1,15 @@
 //! The write engine's token ([`shardgate::sink::scylla::writer::row_token`], from the partition
 //! key alone) against the driver's `PreparedStatement::calculate_token` (the whole row
 //! serialized), on statements prepared by the real Cassandra: single and composite partition
-//! keys of several types, key columns bound out of key order, clustering columns between them.
+//! keys of several types, key columns bound out of key order, clustering columns between them;
+//! for rows bound as CQL values and the same rows bound serialized (as the ingest API binds).
 
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::CellWriter;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, MaybeUnset};
 use shardgate::devkit;
+use shardgate::sink::scylla::bound::{RowBuilder, SerializedRow};
 use shardgate::sink::scylla::writer::row_token;
 use shardgate::sink::scylla::RowValues;
 
@@ -26,10 +30,23 @@ fn mix(i: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Compares both tokens on `ROWS` rows of `statement`, built by `row`; returns how many
-/// distinct tokens were seen (so a constant token cannot pass).
+/// `values` serialized cell by cell for `statement`'s markers.
+fn serialized(statement: &PreparedStatement, values: &RowValues, builder: &mut RowBuilder) -> SerializedRow {
+    builder.start();
+    for (value, spec) in values.iter().zip(statement.get_variable_col_specs().iter()) {
+        let cell = builder.cell().expect("room for the cell");
+        value
+            .serialize(spec.typ(), CellWriter::new(cell))
+            .expect("the value fits its marker");
+    }
+    builder.finish().expect("whole cells")
+}
+
+/// Compares both tokens on `ROWS` rows of `statement`, built by `row`, bound as CQL values and
+/// serialized; returns how many distinct tokens were seen (so a constant token cannot pass).
 fn compare(statement: &PreparedStatement, row: impl Fn(u64) -> RowValues) -> usize {
     let mut tokens = std::collections::BTreeSet::new();
+    let mut builder = RowBuilder::default();
     for i in 0..ROWS {
         let values = row(i);
         let driver = statement
@@ -38,6 +55,21 @@ fn compare(statement: &PreparedStatement, row: impl Fn(u64) -> RowValues) -> usi
             .expect("token-aware statement")
             .value();
         assert_eq!(row_token(statement, &values), Some(driver), "row {i}: {values:?}");
+        let cells = serialized(statement, &values, &mut builder);
+        assert_eq!(
+            row_token(statement, &cells),
+            Some(driver),
+            "row {i} serialized: {cells:?}"
+        );
+        let driver_on_cells = statement
+            .calculate_token(&cells)
+            .expect("the driver serializes the cells")
+            .map(|token| token.value());
+        assert_eq!(
+            driver_on_cells,
+            Some(driver),
+            "row {i}: the driver reads the cells as the values"
+        );
         tokens.insert(driver);
     }
     tokens.len()

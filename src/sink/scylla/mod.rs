@@ -1,6 +1,6 @@
 //! The ScyllaDB / Cassandra sink: one driver `Session` (built on the island, shared by every
 //! core), the one schema lookup and prepare path (this file), statement text (`statement`),
-//! table schemas and bound rows (`schema`), retry policy (`retry`) and the one write engine
+//! table schemas (`schema`), bound rows (`bound`), retry policy (`retry`) and the one write engine
 //! (`writer`) that routes, the ingest API and `shardgate replay` write through.
 //!
 //! Threads: `connect`, `table_schema` and `prepare_insert` run on the island at start-up (and on
@@ -13,6 +13,7 @@
 //! with capped exponential backoff, never counting as success; permanent failures (the server
 //! rejects the statement or value) are returned for dead-lettering.
 
+pub mod bound;
 pub mod retry;
 pub mod schema;
 pub mod statement;

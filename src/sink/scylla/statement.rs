@@ -2,16 +2,6 @@
 //! bound too, identifiers quoted. Pure; used at start-up and when the ingest API prepares a
 //! writer for a new (table, column list).
 
-use scylla::value::{CqlValue, MaybeUnset};
-
-use super::schema::RowValues;
-
-/// Appends the write timestamp (microseconds) as the last bound value.
-pub fn with_timestamp(mut values: RowValues, timestamp_us: i64) -> RowValues {
-    values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
-    values
-}
-
 /// `INSERT INTO "keyspace"."table" ("c1", ...) VALUES (?, ...) USING TIMESTAMP ?`: identifiers
 /// quoted (embedded quotes doubled), every value bound, the write timestamp bound last.
 pub fn insert_statement<'a>(keyspace: &str, table: &str, columns: impl IntoIterator<Item = &'a str>) -> String {

@@ -15,14 +15,11 @@ use std::time::Instant;
 use scylla::client::session::Session;
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::routing::partitioner::Partitioner;
-use scylla::serialize::value::SerializeValue;
-use scylla::serialize::writers::CellWriter;
 use scylla::statement::batch::{Batch, BatchStatement, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::MaybeUnset;
 
+use super::bound::BoundValues;
 use super::retry::{classify, execute_with_retries, Retries, WriteFailure};
-use super::schema::RowValues;
 use crate::telemetry::RowMetrics;
 use crate::topology::{Ownership, PartitionKeyHasher, Placement, ReplicaShard};
 
@@ -63,10 +60,12 @@ impl WriteError {
 /// What a row type needs to be written: the prepared statement it binds to (chosen by the
 /// caller's context, e.g. a route's upsert or delete of a target) and its bound values.
 pub trait Statements<R> {
+    /// How the rows' values are bound.
+    type Values: BoundValues;
     /// The statement `row` is written with.
     fn statement(&self, row: &R) -> &PreparedStatement;
     /// The row's bound values, in the statement's marker order.
-    fn values<'r>(&self, row: &'r R) -> &'r RowValues;
+    fn values<'r>(&self, row: &'r R) -> &'r Self::Values;
 }
 
 /// How rows are written.
@@ -158,9 +157,9 @@ async fn write_chunk<R, S: Statements<R>>(
 
 /// Writes rows, each with its own prepared statement: a single row as a plain write, several as
 /// one UNLOGGED batch (callers group rows of one replica and shard), retrying per `retries`.
-async fn write_statements_once(
+async fn write_statements_once<V: BoundValues>(
     session: &Session,
-    rows: &[(&PreparedStatement, &RowValues)],
+    rows: &[(&PreparedStatement, &V)],
     retries: Retries,
 ) -> Result<(), ExecutionError> {
     if let [(statement, row)] = rows {
@@ -176,7 +175,7 @@ async fn write_statements_once(
         .collect();
     let mut batch = Batch::new_with_statements(BatchType::Unlogged, statements);
     batch.set_is_idempotent(true);
-    let values: Vec<&RowValues> = rows.iter().map(|(_, values)| *values).collect();
+    let values: Vec<&V> = rows.iter().map(|(_, values)| *values).collect();
     execute_with_retries(retries, || session.batch(&batch, &values))
         .await
         .map(|_| ())
@@ -184,12 +183,12 @@ async fn write_statements_once(
 
 /// Where a bound row goes: its token ([`row_token`]) placed on the ring snapshot. `None` when
 /// the token cannot be computed.
-pub fn place_row(statement: &PreparedStatement, values: &RowValues, ownership: &Ownership) -> Option<Placement> {
+pub fn place_row(statement: &PreparedStatement, values: &impl BoundValues, ownership: &Ownership) -> Option<Placement> {
     row_token(statement, values).map(|token| ownership.place(token))
 }
 
-/// The token of a bound row, from its partition-key values alone: each serialized by the
-/// driver's `SerializeValue`, combined and hashed by [`PartitionKeyHasher`] with the
+/// The token of a bound row, from its partition-key values alone: each serialized (by the
+/// driver's `SerializeValue`, unless bound serialized already), combined and hashed by [`PartitionKeyHasher`] with the
 /// statement's partitioner (Murmur3, or ScyllaDB's CDC partitioner) — the
 /// token `PreparedStatement::calculate_token` gives, without serializing the whole row first
 /// (it did, once more than the write itself: ~3 % of the Kafka path's CPU). `None` for a
@@ -197,7 +196,7 @@ pub fn place_row(statement: &PreparedStatement, values: &RowValues, ownership: &
 /// type (the driver would hash the other key values; such a row is refused by the database
 /// either way, and stays on the core that mapped it). Checked against the driver's
 /// `calculate_token` by the `row_tokens_match_the_driver` integration test.
-pub fn row_token(statement: &PreparedStatement, values: &RowValues) -> Option<i64> {
+pub fn row_token(statement: &PreparedStatement, values: &impl BoundValues) -> Option<i64> {
     if !statement.is_token_aware() {
         return None;
     }
@@ -210,15 +209,7 @@ pub fn row_token(statement: &PreparedStatement, values: &RowValues) -> Option<i6
     let mut cell = Vec::with_capacity(64);
     for sequence in 0..key.len() {
         let index = usize::from(key.iter().find(|i| usize::from(i.sequence) == sequence)?.index);
-        let MaybeUnset::Set(Some(value)) = values.get(index)? else {
-            return None;
-        };
-        cell.clear();
-        value
-            .serialize(specs.get_by_index(index)?.typ(), CellWriter::new(&mut cell))
-            .ok()?;
-        // A serialized cell is a 4-byte length, then the value.
-        hasher.component(cell.get(4..)?)?;
+        hasher.component(values.key_cell(index, specs.get_by_index(index)?.typ(), &mut cell)?)?;
     }
     Some(hasher.finish())
 }

@@ -1,0 +1,248 @@
+//! Bound values as the write engine takes them: anything the driver can serialize as a row
+//! (`SerializeRow`) that can also hand out a partition-key value serialized, for the token.
+//! Two kinds exist: [`RowValues`] (CQL values, as mapping and the query API build them) and
+//! [`SerializedRow`] (cells serialized once, as the ingest API binds protobuf values: no
+//! `CqlValue` per cell, and the driver copies the whole row into the request frame at once).
+//!
+//! Threads: pure data; built on the core that binds the row, read on the core that writes it.
+
+use scylla::cluster::metadata::ColumnType;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::{CellWriter, RowWriter};
+use scylla::serialize::SerializationError;
+use scylla::value::MaybeUnset;
+
+use super::schema::RowValues;
+
+/// Bound values the write engine can write and place.
+pub trait BoundValues: SerializeRow {
+    /// The serialized value (no length prefix) of bound value `index` for a column of `typ`,
+    /// serialized into `scratch` when it is not serialized already. `None` when the value is
+    /// unset, null or does not fit `typ`.
+    fn key_cell<'a>(&'a self, index: usize, typ: &ColumnType<'_>, scratch: &'a mut Vec<u8>) -> Option<&'a [u8]>;
+}
+
+impl BoundValues for RowValues {
+    fn key_cell<'a>(&'a self, index: usize, typ: &ColumnType<'_>, scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        let MaybeUnset::Set(Some(value)) = self.get(index)? else {
+            return None;
+        };
+        scratch.clear();
+        value.serialize(typ, CellWriter::new(scratch)).ok()?;
+        // A serialized cell is a 4-byte length, then the value.
+        scratch.get(4..)
+    }
+}
+
+/// A row's values serialized once as CQL cells (each a 4-byte length, then the bytes; -1 for
+/// null, -2 for unset), in the order of its statement's markers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerializedRow {
+    /// The cells, one after another; whole cells only ([`RowBuilder::finish`] checks).
+    cells: Box<[u8]>,
+    /// How many cells.
+    count: u16,
+}
+
+/// One serialized cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cell<'a> {
+    /// A value's bytes.
+    Value(&'a [u8]),
+    /// A CQL null.
+    Null,
+    /// Unset: the column keeps what it holds.
+    Unset,
+}
+
+/// The first cell of `cells` and what follows it; `None` at the end or on a torn cell.
+fn next_cell(cells: &[u8]) -> Option<(Cell<'_>, &[u8])> {
+    let (length, rest) = cells.split_first_chunk::<4>()?;
+    match i32::from_be_bytes(*length) {
+        -1 => Some((Cell::Null, rest)),
+        -2 => Some((Cell::Unset, rest)),
+        length => {
+            let length = usize::try_from(length).ok()?;
+            (rest.len() >= length).then(|| (Cell::Value(&rest[..length]), &rest[length..]))
+        }
+    }
+}
+
+/// The cells of `cells` in order, stopping at a torn one.
+fn cells_of(mut cells: &[u8]) -> impl Iterator<Item = Cell<'_>> {
+    std::iter::from_fn(move || {
+        let (cell, rest) = next_cell(cells)?;
+        cells = rest;
+        Some(cell)
+    })
+}
+
+/// A serialized row bound to a statement with another number of markers: a bug in the caller,
+/// refused by the driver before anything is sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the row has {cells} serialized values; the statement has {markers} markers")]
+struct MarkerCountMismatch {
+    cells: usize,
+    markers: usize,
+}
+
+impl SerializedRow {
+    /// How many values the row holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether the row holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+impl SerializeRow for SerializedRow {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter<'_>,
+    ) -> Result<(), SerializationError> {
+        let markers = ctx.columns().len();
+        if markers != self.len() {
+            return Err(SerializationError::new(MarkerCountMismatch {
+                cells: self.len(),
+                markers,
+            }));
+        }
+        for cell in cells_of(&self.cells) {
+            let cell_writer = writer.make_cell_writer();
+            match cell {
+                Cell::Value(bytes) => {
+                    // Cannot overflow: the length was read from an `[int]`.
+                    cell_writer.set_value(bytes).map_err(SerializationError::new)?;
+                }
+                Cell::Null => {
+                    cell_writer.set_null();
+                }
+                Cell::Unset => {
+                    cell_writer.set_unset();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        SerializedRow::is_empty(self)
+    }
+}
+
+impl BoundValues for SerializedRow {
+    fn key_cell<'a>(&'a self, index: usize, _: &ColumnType<'_>, _: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        // Already serialized for its column's type when bound.
+        match cells_of(&self.cells).nth(index)? {
+            Cell::Value(bytes) => Some(bytes),
+            Cell::Null | Cell::Unset => None,
+        }
+    }
+}
+
+/// Builds [`SerializedRow`]s cell by cell in one buffer reused across rows, so a row costs one
+/// allocation of its exact size.
+#[derive(Debug)]
+pub struct RowBuilder {
+    /// The cells of the row being built.
+    buffer: Vec<u8>,
+    /// Cells written since [`RowBuilder::start`].
+    cells: u16,
+}
+
+impl Default for RowBuilder {
+    fn default() -> RowBuilder {
+        RowBuilder {
+            buffer: Vec::with_capacity(256),
+            cells: 0,
+        }
+    }
+}
+
+/// More cells in a row than the protocol allows (65,535).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a row holds at most 65535 values")]
+pub struct TooManyCells;
+
+impl RowBuilder {
+    /// Starts a new row, dropping whatever the last one left.
+    pub fn start(&mut self) {
+        self.buffer.clear();
+        self.cells = 0;
+    }
+
+    /// The buffer to write the next cell at the end of (exactly one cell: a 4-byte length,
+    /// then the bytes), counted as written.
+    pub fn cell(&mut self) -> Result<&mut Vec<u8>, TooManyCells> {
+        self.cells = self.cells.checked_add(1).ok_or(TooManyCells)?;
+        Ok(&mut self.buffer)
+    }
+
+    /// Writes a bigint cell (the write timestamp).
+    pub fn bigint(&mut self, value: i64) -> Result<(), TooManyCells> {
+        let buffer = self.cell()?;
+        buffer.extend_from_slice(&8i32.to_be_bytes());
+        buffer.extend_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
+    /// Writes an unset cell (a value the row leaves as it is).
+    pub fn unset(&mut self) -> Result<(), TooManyCells> {
+        self.cell()?.extend_from_slice(&(-2i32).to_be_bytes());
+        Ok(())
+    }
+
+    /// The row built since [`RowBuilder::start`]. `None` when a cell written through
+    /// [`RowBuilder::cell`] was not one whole cell.
+    pub fn finish(&mut self) -> Option<SerializedRow> {
+        let cells = &self.buffer;
+        let mut rest = cells.as_slice();
+        for _ in 0..self.cells {
+            rest = next_cell(rest)?.1;
+        }
+        rest.is_empty().then(|| SerializedRow {
+            cells: cells.as_slice().into(),
+            count: self.cells,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use scylla::cluster::metadata::NativeType;
+    use scylla::value::CqlValue;
+
+    use super::*;
+
+    #[test]
+    fn built_rows_hold_their_cells_and_key_values() {
+        let mut builder = RowBuilder::default();
+        builder.start();
+        let cell = builder.cell().expect("room");
+        CqlValue::Text("k".into())
+            .serialize(&ColumnType::Native(NativeType::Text), CellWriter::new(cell))
+            .expect("text");
+        builder.unset().expect("room");
+        builder.bigint(7).expect("room");
+        let row = builder.finish().expect("whole cells");
+        assert_eq!(row.len(), 3);
+        let mut scratch = Vec::new();
+        let text = ColumnType::Native(NativeType::Text);
+        assert_eq!(row.key_cell(0, &text, &mut scratch), Some(&b"k"[..]));
+        assert_eq!(row.key_cell(1, &text, &mut scratch), None);
+        assert_eq!(row.key_cell(2, &text, &mut scratch), Some(&7i64.to_be_bytes()[..]));
+        // The same key from CQL values.
+        let values: RowValues = vec![MaybeUnset::Set(Some(CqlValue::Text("k".into())))];
+        assert_eq!(values.key_cell(0, &text, &mut scratch), Some(&b"k"[..]));
+
+        // A new row starts empty; a torn cell is refused rather than sent.
+        builder.start();
+        builder.cell().expect("room").extend_from_slice(&5i32.to_be_bytes());
+        assert_eq!(builder.finish(), None);
+    }
+}
