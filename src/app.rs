@@ -44,9 +44,9 @@ use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::{self, RowMetrics};
 use crate::tls::Reloadable;
 use crate::topology::Ownership;
-use crate::wire::proto::ingest_server::IngestServer;
 use crate::wire::proto::jobs_server::JobsServer;
 use crate::wire::proto::query_server::QueryServer;
+use crate::wire::server_view::ingest_server::IngestServer;
 
 /// How often the island checks the driver's cluster state for a topology change.
 const TOPOLOGY_CHECK_INTERVAL: Duration = Duration::from_secs(1);

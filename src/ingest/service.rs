@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
@@ -34,7 +35,7 @@ use crate::server::gate::{forbidden, refused};
 use crate::server::limit::{take_oversized, OversizeLog};
 use crate::server::status::status;
 use crate::server::topology::topology;
-use crate::sink::scylla::bound::{RowBuilder, SerializedRow};
+use crate::sink::scylla::bound::{RowBuilder, SerializedRow, TooManyCells};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::statement::insert_statement;
@@ -46,12 +47,13 @@ use crate::telemetry::{metric, RowMetrics};
 use crate::topology::{Ownership, ReplicaShard};
 use crate::wire::convert::{cql_type_name, write_cell};
 use crate::wire::flat::decode_row_batch;
-use crate::wire::proto::ingest_server::Ingest;
-use crate::wire::proto::value::Kind;
 use crate::wire::proto::{
     AckMode, BatchError, ErrorCode, GetTopologyRequest, Row, RowBatch, RowError, Topology, WriteFlatRequest,
-    WriteRequest, WriteResponse, WriteStreamRequest, WriteStreamResponse,
+    WriteResponse, WriteStreamResponse,
 };
+use crate::wire::raw::{self, ValueError};
+use crate::wire::server_view::ingest_server::Ingest;
+use crate::wire::server_view::{WriteRequest, WriteStreamRequest};
 
 /// Attempts per row before a transient failure is reported to the producer.
 const WRITE_ATTEMPTS_MAX: u32 = 4;
@@ -94,6 +96,64 @@ pub struct PendingRow {
     index: u32,
     /// Bound values, serialized (the write timestamp last).
     values: SerializedRow,
+}
+
+/// A batch as the service binds it.
+pub struct Batch {
+    /// `keyspace.table`.
+    pub table: String,
+    /// Column names, in the order of each row's values.
+    pub columns: Vec<String>,
+    /// The rows.
+    pub rows: BatchRows,
+    /// Write timestamp in microseconds; 0 = the gateway's clock.
+    pub timestamp_us: i64,
+}
+
+/// A batch's rows: protobuf rows still encoded (read straight into cells when bound), or rows
+/// decoded already (a FlatBuffers batch).
+pub enum BatchRows {
+    /// Each an encoded `shardgate.v1.Row`, sharing the request's buffer.
+    Encoded(Vec<Bytes>),
+    /// Decoded rows.
+    Decoded(Vec<Row>),
+}
+
+impl BatchRows {
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchRows::Encoded(rows) => rows.len(),
+            BatchRows::Decoded(rows) => rows.len(),
+        }
+    }
+
+    /// Whether there is no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<raw::RowBatch> for Batch {
+    fn from(batch: raw::RowBatch) -> Batch {
+        Batch {
+            table: batch.table,
+            columns: batch.columns,
+            rows: BatchRows::Encoded(batch.rows),
+            timestamp_us: batch.timestamp_us,
+        }
+    }
+}
+
+impl From<RowBatch> for Batch {
+    fn from(batch: RowBatch) -> Batch {
+        Batch {
+            table: batch.table,
+            columns: batch.columns,
+            rows: BatchRows::Decoded(batch.rows),
+            timestamp_us: batch.timestamp_us,
+        }
+    }
 }
 
 /// The `source` label of rows from the ingest API.
@@ -288,7 +348,7 @@ impl IngestService {
     }
 
     /// The prepared writer of a batch, or the batch's refusal.
-    async fn batch_writer(&self, batch: &RowBatch) -> Result<Arc<TableWriter>, Refusal> {
+    async fn batch_writer(&self, batch: &Batch) -> Result<Arc<TableWriter>, Refusal> {
         let rows = batch.rows.len();
         if rows > BATCH_ROWS_MAX {
             return Err((
@@ -308,22 +368,31 @@ impl IngestService {
     }
 
     /// Binds a batch's rows for its writer: the bound rows, and the rows refused one by one.
-    fn bind_batch(writer: &TableWriter, batch: &RowBatch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
+    fn bind_batch(writer: &TableWriter, batch: &Batch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
         let mut rows = Vec::with_capacity(batch.rows.len());
         let mut errors = Vec::new();
         let mut builder = RowBuilder::default();
-        for (index, row) in batch.rows.iter().enumerate() {
+        let (names, types, keys) = (&writer.names, &writer.types, &writer.key_positions);
+        let mut bound = |index: usize, values: Result<SerializedRow, (ErrorCode, String)>| {
             let index = index as u32;
-            match bind_row(
-                &writer.names,
-                &writer.types,
-                &writer.key_positions,
-                row,
-                timestamp_us,
-                &mut builder,
-            ) {
+            match values {
                 Ok(values) => rows.push(PendingRow { index, values }),
                 Err((code, reason)) => errors.push(row_error(index, code, &reason)),
+            }
+        };
+        match &batch.rows {
+            BatchRows::Encoded(encoded) => {
+                for (index, row) in encoded.iter().enumerate() {
+                    bound(
+                        index,
+                        bind_encoded_row(names, types, keys, row, timestamp_us, &mut builder),
+                    );
+                }
+            }
+            BatchRows::Decoded(decoded) => {
+                for (index, row) in decoded.iter().enumerate() {
+                    bound(index, bind_row(names, types, keys, row, timestamp_us, &mut builder));
+                }
             }
         }
         (rows, errors)
@@ -373,7 +442,7 @@ impl IngestService {
 
     /// Binds, routes and writes one batch; returns rows written and per-row errors, or the
     /// batch's refusal.
-    async fn write_batch(&self, batch: RowBatch) -> Result<(u32, Vec<RowError>), Refusal> {
+    async fn write_batch(&self, batch: Batch) -> Result<(u32, Vec<RowError>), Refusal> {
         let rows = batch.rows.len();
         let writer = self.batch_writer(&batch).await?;
         let metrics = &writer.metrics[self.core];
@@ -407,7 +476,7 @@ impl IngestService {
     /// full spool is RESOURCE_EXHAUSTED for unary calls; a stream (`full_spool`) waits for room
     /// instead, so the stream stays open and stops reading meanwhile. Returns (written,
     /// spooled, errors).
-    async fn accept(&self, batch: RowBatch, ack: i32, full_spool: WhenFull) -> Result<Accepted, Refusal> {
+    async fn accept(&self, batch: Batch, ack: i32, full_spool: WhenFull) -> Result<Accepted, Refusal> {
         if AckMode::try_from(ack).unwrap_or(AckMode::Unspecified) != AckMode::Spooled {
             let (written, errors) = self.write_batch(batch).await?;
             return Ok((written, 0, errors));
@@ -427,17 +496,21 @@ impl IngestService {
         let spooled = bound.len() as u32;
         // The spool keeps the valid rows as the producer sent them, with the resolved timestamp
         // (a replay writes identical cells): protobuf bytes, encoded once.
-        let mut rows = batch.rows;
-        let valid: Vec<Row> = bound
-            .iter()
-            .map(|row| std::mem::take(&mut rows[row.index as usize]))
-            .collect();
-        let record = record::encode_grpc(&RowBatch {
-            table: batch.table,
-            columns: batch.columns,
-            rows: valid,
-            timestamp_us,
-        });
+        let valid = bound.iter().map(|row| row.index as usize);
+        let record = match batch.rows {
+            BatchRows::Encoded(mut rows) => record::encode_grpc(&raw::RowBatch {
+                table: batch.table,
+                columns: batch.columns,
+                rows: valid.map(|index| std::mem::take(&mut rows[index])).collect(),
+                timestamp_us,
+            }),
+            BatchRows::Decoded(mut rows) => record::encode_grpc(&RowBatch {
+                table: batch.table,
+                columns: batch.columns,
+                rows: valid.map(|index| std::mem::take(&mut rows[index])).collect(),
+                timestamp_us,
+            }),
+        };
         // The spool is core-local (not `Send`): append on a local task, answer through a oneshot.
         let (answer, answered) = futures::channel::oneshot::channel();
         let service = self.clone();
@@ -506,8 +579,8 @@ impl IngestService {
     /// then completes its record. A batch whose table or columns went away since is refused
     /// for good (logged and counted), like a row the database refuses.
     pub async fn write_replayed(&self, batch: Vec<u8>, spooled: Spooled) {
-        let batch = match <RowBatch as prost::Message>::decode(batch.as_slice()) {
-            Ok(batch) => batch,
+        let batch: Batch = match <raw::RowBatch as prost::Message>::decode(batch.as_slice()) {
+            Ok(batch) => batch.into(),
             Err(error) => {
                 tracing::error!(core = self.core, %error, "spool: undecodable gRPC batch skipped");
                 return spooled.written().await;
@@ -631,12 +704,11 @@ pub fn bind_row(
             format!("row has {} values for {} columns", row.values.len(), types.len()),
         ));
     }
-    let too_many = |_| (ErrorCode::BadValue, format!("a row holds at most {} values", u16::MAX));
     builder.start();
     for (position, typ) in types.iter().enumerate() {
         match row.values.get(position) {
-            None => builder.unset().map_err(too_many)?,
-            Some(value) => write_cell(value, typ, builder.cell().map_err(too_many)?).map_err(|e| {
+            None => builder.unset().map_err(too_many_values)?,
+            Some(value) => write_cell(value, typ, builder.cell().map_err(too_many_values)?).map_err(|e| {
                 (
                     ErrorCode::BadValue,
                     format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
@@ -644,19 +716,80 @@ pub fn bind_row(
             })?,
         }
     }
-    for &position in key_positions {
-        let null = row
-            .values
-            .get(position)
-            .is_none_or(|value| matches!(value.kind, None | Some(Kind::Null(_))));
-        if null {
-            return Err((
-                ErrorCode::MissingKey,
-                format!("primary key column `{}` is missing or null", name(position)),
-            ));
+    finish_row(names, key_positions, timestamp_us, builder)
+}
+
+/// [`bind_row`] for a row still encoded (a `shardgate.v1.Row`): its values are read straight
+/// into cells (`wire::raw`). A row that is not valid protobuf is refused alone, MALFORMED.
+pub fn bind_encoded_row(
+    names: &[String],
+    types: &[ColumnType<'static>],
+    key_positions: &[usize],
+    row: &[u8],
+    timestamp_us: i64,
+    builder: &mut RowBuilder,
+) -> Result<SerializedRow, (ErrorCode, String)> {
+    let Some(count) = raw::count_values(row) else {
+        // Not a plain row (a field `Row` does not declare, or malformed): prost decides.
+        let decoded = <Row as prost::Message>::decode(row).map_err(|e| {
+            (
+                ErrorCode::Malformed,
+                format!("the row is not a valid protobuf message: {e}"),
+            )
+        })?;
+        return bind_row(names, types, key_positions, &decoded, timestamp_us, builder);
+    };
+    let name = |position: usize| names.get(position).map_or("?", String::as_str);
+    if count > types.len() {
+        return Err((
+            ErrorCode::BadValue,
+            format!("row has {count} values for {} columns", types.len()),
+        ));
+    }
+    builder.start();
+    let mut values = raw::repeated_values(row).flatten();
+    for (position, typ) in types.iter().enumerate() {
+        match values.next() {
+            None => builder.unset().map_err(too_many_values)?,
+            Some(value) => {
+                raw::write_value(value, typ, builder.cell().map_err(too_many_values)?).map_err(|error| match error {
+                    ValueError::Malformed(reason) => {
+                        (ErrorCode::Malformed, format!("column `{}`: {reason}", name(position)))
+                    }
+                    ValueError::Convert(e) => (
+                        ErrorCode::BadValue,
+                        format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
+                    ),
+                })?
+            }
         }
     }
-    builder.bigint(timestamp_us).map_err(too_many)?;
+    finish_row(names, key_positions, timestamp_us, builder)
+}
+
+/// A row past the protocol's 65,535 values.
+fn too_many_values(_: TooManyCells) -> (ErrorCode, String) {
+    (ErrorCode::BadValue, format!("a row holds at most {} values", u16::MAX))
+}
+
+/// Ends a row whose columns are in `builder`: every key column must hold a value; then the
+/// write timestamp.
+fn finish_row(
+    names: &[String],
+    key_positions: &[usize],
+    timestamp_us: i64,
+    builder: &mut RowBuilder,
+) -> Result<SerializedRow, (ErrorCode, String)> {
+    if let Some(&position) = key_positions.iter().find(|&&position| !builder.holds_value(position)) {
+        return Err((
+            ErrorCode::MissingKey,
+            format!(
+                "primary key column `{}` is missing or null",
+                names.get(position).map_or("?", String::as_str)
+            ),
+        ));
+    }
+    builder.bigint(timestamp_us).map_err(too_many_values)?;
     builder.finish().ok_or_else(|| {
         (
             ErrorCode::BadValue,
@@ -710,12 +843,12 @@ fn resolve_timestamp(timestamp_us: i64) -> i64 {
 }
 
 /// The rows of one stream message: the protobuf batch, else the FlatBuffers one.
-fn stream_batch(batch: Option<RowBatch>, flat_batch: &[u8]) -> Result<RowBatch, Refusal> {
+fn stream_batch(batch: Option<raw::RowBatch>, flat_batch: &[u8]) -> Result<Batch, Refusal> {
     match batch {
-        Some(batch) => Ok(batch),
-        None if !flat_batch.is_empty() => {
-            decode_row_batch(flat_batch).map_err(|e| (ErrorCode::Malformed, e.to_string()))
-        }
+        Some(batch) => Ok(batch.into()),
+        None if !flat_batch.is_empty() => decode_row_batch(flat_batch)
+            .map(Batch::from)
+            .map_err(|e| (ErrorCode::Malformed, e.to_string())),
         None => Err((ErrorCode::Malformed, "`batch` or `flat_batch` is required".to_string())),
     }
 }
@@ -743,7 +876,7 @@ impl Ingest for IngestService {
             return self.unary_answer(Err(refusal));
         }
         let _permit = self.admit(batch.rows.len()).await?;
-        self.unary_answer(self.accept(batch, ack, WhenFull::Refuse).await)
+        self.unary_answer(self.accept(batch.into(), ack, WhenFull::Refuse).await)
     }
 
     async fn write_flat(&self, request: Request<WriteFlatRequest>) -> Result<Response<WriteResponse>, Status> {
@@ -760,7 +893,7 @@ impl Ingest for IngestService {
             return self.unary_answer(Err(refusal));
         }
         let _permit = self.admit(batch.rows.len()).await?;
-        self.unary_answer(self.accept(batch, request.ack, WhenFull::Refuse).await)
+        self.unary_answer(self.accept(batch.into(), request.ack, WhenFull::Refuse).await)
     }
 
     type WriteStreamStream = ResponseStream;

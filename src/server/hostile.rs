@@ -12,7 +12,7 @@ use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::CellWriter;
 
-use crate::ingest::service::bind_row;
+use crate::ingest::service::{bind_encoded_row, bind_row};
 use crate::query::token::{FingerprintBuilder, Keys};
 use crate::sink::scylla::bound::RowBuilder;
 use crate::wire::convert::{to_cql, write_cell, ConvertError};
@@ -56,6 +56,52 @@ fn column_names(types: &[ColumnType<'static>]) -> Vec<String> {
     (0..types.len()).map(|i| format!("c{i}")).collect()
 }
 
+/// Binds every encoded row of `batch` as the ingest service would, against a table of every
+/// type.
+fn bind_encoded_batch(batch: &crate::wire::raw::RowBatch) {
+    let types = column_types();
+    let names = column_names(&types);
+    let mut builder = RowBuilder::default();
+    for row in &batch.rows {
+        let _ = bind_encoded_row(&names, &types, &[0], row, batch.timestamp_us, &mut builder);
+    }
+}
+
+/// `values` as one encoded `shardgate.v1.Row`.
+fn encoded_row(values: Vec<crate::wire::proto::Value>) -> Vec<u8> {
+    Row { values }.encode_to_vec()
+}
+
+/// Binds `encoded` and its decoded form against every column type at each position; both
+/// must give the same cells or the same refusal.
+fn both_bindings_agree(encoded: &[u8], decoded: &Row) -> Result<(), TestCaseError> {
+    let types = column_types();
+    let names = column_names(&types);
+    for rotation in [0, 7, 19] {
+        let mut rotated = types.clone();
+        rotated.rotate_left(rotation % types.len());
+        let mut builder = RowBuilder::default();
+        let from_bytes = bind_encoded_row(&names, &rotated, &[0], encoded, 5, &mut builder);
+        let from_row = bind_row(&names, &rotated, &[0], decoded, 5, &mut builder);
+        prop_assert_eq!(from_bytes, from_row, "{:?}", decoded);
+    }
+    // Each value alone against each type, nullable (a whole row stops at its first refusal).
+    for value in decoded.values.iter().take(4) {
+        let alone = Row {
+            values: vec![value.clone()],
+        };
+        let encoded = alone.encode_to_vec();
+        for typ in &types {
+            let types = std::slice::from_ref(typ);
+            let mut builder = RowBuilder::default();
+            let from_bytes = bind_encoded_row(&names, types, &[], &encoded, 5, &mut builder);
+            let from_row = bind_row(&names, types, &[], &alone, 5, &mut builder);
+            prop_assert_eq!(from_bytes, from_row, "{:?} as {:?}", value, typ);
+        }
+    }
+    Ok(())
+}
+
 /// Binds every row of `batch` as the ingest service would, against a table of every type.
 fn bind_batch(batch: &RowBatch) {
     let types = column_types();
@@ -74,6 +120,12 @@ proptest! {
         let bytes = bytes.as_slice();
         if let Ok(request) = WriteRequest::decode(bytes) {
             if let Some(batch) = &request.batch { bind_batch(batch); }
+        }
+        if let Ok(request) = crate::wire::server_view::WriteRequest::decode(bytes) {
+            if let Some(batch) = &request.batch { bind_encoded_batch(batch); }
+        }
+        if let Ok(request) = crate::wire::server_view::WriteStreamRequest::decode(bytes) {
+            if let Some(batch) = &request.batch { bind_encoded_batch(batch); }
         }
         if let Ok(request) = WriteFlatRequest::decode(bytes) {
             if let Ok(batch) = decode_row_batch(&request.row_batch) { bind_batch(&batch); }
@@ -146,6 +198,48 @@ proptest! {
                     prop_assert_eq!(&direct, &vec![7], "a refused value left bytes behind");
                 }
                 (written, converted) => prop_assert!(false, "{value:?} as {typ:?}: direct {written:?}, through CQL {converted:?}"),
+            }
+        }
+    }
+
+    /// A row kept encoded binds to exactly the cells (or the refusal) its decoded form does,
+    /// for any values against every column type.
+    #[test]
+    fn encoded_rows_bind_as_their_decoded_rows(values in proptest::collection::vec(crate::wire::flat::tests::value(), 0..30)) {
+        let row = Row { values };
+        both_bindings_agree(&row.encode_to_vec(), &row)?;
+    }
+
+    /// Encodings prost merges (a value's fields given twice, a row given in two pieces) bind
+    /// as prost decodes them.
+    #[test]
+    fn merged_encodings_bind_as_prost_decodes_them(
+        first in proptest::collection::vec(crate::wire::flat::tests::value(), 1..4),
+        second in proptest::collection::vec(crate::wire::flat::tests::value(), 1..4),
+    ) {
+        // One value field holding two encoded values back to back.
+        let mut merged_value = first[0].encode_to_vec();
+        merged_value.extend(second[0].encode_to_vec());
+        let mut encoded = Vec::new();
+        prost::encoding::bytes::encode(1, &merged_value, &mut encoded);
+        // Then two rows' encodings back to back: one row of their values.
+        encoded.extend(encoded_row(first));
+        encoded.extend(encoded_row(second));
+        let decoded = Row::decode(encoded.as_slice()).expect("concatenated messages decode");
+        both_bindings_agree(&encoded, &decoded)?;
+    }
+
+    /// Arbitrary bytes as an encoded row: bound as prost decodes them, or refused when prost
+    /// cannot decode them; never panicked on.
+    #[test]
+    fn arbitrary_bytes_as_a_row_bind_as_prost_decodes_them(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        match Row::decode(bytes.as_slice()) {
+            Ok(decoded) => both_bindings_agree(&bytes, &decoded)?,
+            Err(_) => {
+                let types = column_types();
+                let names = column_names(&types);
+                let bound = bind_encoded_row(&names, &types, &[0], &bytes, 5, &mut RowBuilder::default());
+                prop_assert!(bound.is_err(), "bytes prost refuses were bound");
             }
         }
     }

@@ -107,8 +107,8 @@ pub fn describe(code: ErrorCode) -> CodeDoc {
             "no: split the batch",
         ),
         ErrorCode::Malformed => (
-            "batch",
-            "the request is not valid protobuf, a FlatBuffers batch fails verification, or a stream message has neither `batch` nor `flat_batch`",
+            "row, batch",
+            "the request is not valid protobuf, a FlatBuffers batch fails verification, or a stream message has neither `batch` nor `flat_batch`; as a row error, that row's protobuf bytes do not decode (the rest of the batch is written)",
             "no",
         ),
         ErrorCode::NoSpool => (

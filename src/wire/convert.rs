@@ -13,10 +13,11 @@ use super::proto::value::Kind;
 use super::proto::{Decimal, Duration, Map, MapEntry, Udt, UdtField, Value, Values};
 
 /// Days between CQL's date origin and 1970-01-01 (2^31).
-const CQL_DATE_EPOCH: i64 = 1 << 31;
-const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
+pub(crate) const CQL_DATE_EPOCH: i64 = 1 << 31;
+/// Nanoseconds in a day: a `time` is below it.
+pub(crate) const NANOS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 /// Deepest nesting of collections accepted, so a hostile value cannot exhaust the stack.
-const NESTING_MAX: usize = 8;
+pub(crate) const NESTING_MAX: usize = 8;
 
 /// A value that does not fit its column.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

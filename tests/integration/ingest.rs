@@ -306,9 +306,10 @@ impl tonic::codec::Encoder for RawEncoder {
 }
 
 /// Bad rows are refused one by one, naming the column and its type, while the rest of the
-/// batch is written. A batch that cannot be written at all (unknown table or column, a column
-/// named twice, an oversized or malformed request) fails once with its own code, counted once
-/// as a refused batch and never as failed rows.
+/// batch is written (a row whose protobuf bytes do not decode too). A batch that cannot be
+/// written at all (unknown table or column, a column named twice, an oversized or malformed
+/// request) fails once with its own code, counted once as a refused batch and never as failed
+/// rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_are_rejected_per_row_and_bad_batches_once() {
     let _lock = gateway_lock().await;
@@ -422,6 +423,36 @@ async fn bad_rows_are_rejected_per_row_and_bad_batches_once() {
     assert_eq!(error_code_of(&status), "MALFORMED");
     assert!(status.message().contains("not a valid protobuf message"), "{status:?}");
 
+    // Rows stay encoded until bound: a row whose bytes do not decode is refused alone.
+    let encoded_row = |i: i64| bytes::Bytes::from(prost::Message::encode_to_vec(&devkit::event_row(i)));
+    let body = prost::Message::encode_to_vec(&shardgate::wire::server_view::WriteRequest {
+        batch: Some(shardgate::wire::raw::RowBatch {
+            table: table.clone(),
+            columns: devkit::event_columns(),
+            rows: vec![
+                encoded_row(200),
+                bytes::Bytes::from_static(&[0x0a, 0xff, 0x01, 0x02]),
+                encoded_row(201),
+            ],
+            timestamp_us: 0,
+        }),
+        ack: 0,
+    });
+    let malformed_before = failed_rows("MALFORMED");
+    let response = write_raw(devkit::INGEST_LISTEN, body)
+        .await
+        .expect("a batch with one unreadable row is answered");
+    assert_eq!(response.written, 2, "{response:?}");
+    let errors: Vec<(u32, i32)> = response.errors.iter().map(|e| (e.row, e.code)).collect();
+    assert_eq!(errors, vec![(1, ErrorCode::Malformed as i32)]);
+    assert!(
+        response.errors[0]
+            .reason
+            .starts_with("the row is not a valid protobuf message"),
+        "{response:?}"
+    );
+    assert_eq!(failed_rows("MALFORMED"), malformed_before + 1.0);
+
     // On a stream, a refused batch is answered with `batch_error` and the stream goes on.
     let mut bad_columns = devkit::event_columns();
     bad_columns[2] = "scroe".into();
@@ -498,8 +529,8 @@ async fn bad_rows_are_rejected_per_row_and_bad_batches_once() {
         .expect("count");
     assert_eq!(
         written,
-        7 + 10 + 10,
-        "7 good rows of the first batch, then stream batches 1 and 5"
+        7 + 2 + 10 + 10,
+        "7 good rows of the first batch, 2 of the raw batch, then stream batches 1 and 5"
     );
 }
 

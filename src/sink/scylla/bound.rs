@@ -197,6 +197,11 @@ impl RowBuilder {
         Ok(())
     }
 
+    /// Whether cell `index` of the row being built holds a value (not null, not unset).
+    pub fn holds_value(&self, index: usize) -> bool {
+        matches!(cells_of(&self.buffer).nth(index), Some(Cell::Value(_)))
+    }
+
     /// The row built since [`RowBuilder::start`]. `None` when a cell written through
     /// [`RowBuilder::cell`] was not one whole cell.
     pub fn finish(&mut self) -> Option<SerializedRow> {
@@ -229,6 +234,7 @@ mod tests {
             .expect("text");
         builder.unset().expect("room");
         builder.bigint(7).expect("room");
+        assert!(builder.holds_value(0) && !builder.holds_value(1) && builder.holds_value(2));
         let row = builder.finish().expect("whole cells");
         assert_eq!(row.len(), 3);
         let mut scratch = Vec::new();
