@@ -27,7 +27,7 @@ use shardgate::client::row_token;
 use shardgate::devkit;
 use shardgate::ingest::service::{bind_encoded_row, bind_row};
 use shardgate::runtime::mesh::{self, Mesh};
-use shardgate::sink::scylla::bound::RowBuilder;
+use shardgate::sink::scylla::bound::{RowBuilder, RowSpan, SerializedRow};
 use shardgate::topology::{NodeShards, Ownership};
 use shardgate::wire::flat::{decode_row_batch, encode_row_batch};
 use shardgate::wire::proto::{RowBatch, WriteRequest};
@@ -82,6 +82,15 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bound rows of a batch, sharing its sealed buffer (as the ingest service keeps them).
+fn sealed_rows(builder: &mut RowBuilder, spans: Vec<RowSpan>) -> Vec<SerializedRow> {
+    let sealed = builder.seal();
+    spans
+        .into_iter()
+        .filter_map(|span| SerializedRow::new(&sealed, span))
+        .collect()
+}
+
 fn decode_and_bind(c: &mut Criterion) {
     let batch = RowBatch {
         table: "ks.events".into(),
@@ -114,32 +123,35 @@ fn decode_and_bind(c: &mut Criterion) {
         b.iter(|| {
             let request = shardgate::wire::server_view::WriteRequest::decode(shared.clone()).expect("decode");
             let batch = request.batch.expect("batch");
-            batch
+            let spans = batch
                 .rows
                 .iter()
                 .filter_map(|row| bind_encoded_row(&names, &types, &[0], row, 1, &mut builder).ok())
-                .count()
+                .collect::<Vec<_>>();
+            sealed_rows(&mut builder, spans)
         })
     });
     group.bench_function("full_decode_and_bind", |b| {
         b.iter(|| {
             let request = WriteRequest::decode(bytes.as_slice()).expect("decode");
             let batch = request.batch.expect("batch");
-            batch
+            let spans = batch
                 .rows
                 .iter()
                 .filter_map(|row| bind_row(&names, &types, &[0], row, 1, &mut builder).ok())
-                .count()
+                .collect::<Vec<_>>();
+            sealed_rows(&mut builder, spans)
         })
     });
     group.bench_function("flat_decode_and_bind", |b| {
         b.iter(|| {
             let batch = decode_row_batch(&flat).expect("verified");
-            batch
+            let spans = batch
                 .rows
                 .iter()
                 .filter_map(|row| bind_row(&names, &types, &[0], row, 1, &mut builder).ok())
-                .count()
+                .collect::<Vec<_>>();
+            sealed_rows(&mut builder, spans)
         })
     });
     group.finish();

@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
+use scylla::statement::batch::{Batch as DatabaseBatch, BatchStatement};
 use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
@@ -35,11 +36,11 @@ use crate::server::gate::{forbidden, refused};
 use crate::server::limit::{take_oversized, OversizeLog};
 use crate::server::status::status;
 use crate::server::topology::topology;
-use crate::sink::scylla::bound::{RowBuilder, SerializedRow, TooManyCells};
+use crate::sink::scylla::bound::{RowBuilder, RowSpan, SerializedRow, TooManyCells};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::statement::insert_statement;
-use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::writer::{self, owner_of, place_row, unlogged_batch, Statements, WriteError, WriteOptions};
 use crate::sink::scylla::{cached_table_schema, prepare_insert};
 use crate::spool::record;
 use crate::spool::service::{self as spool, Spooled, WhenFull};
@@ -174,6 +175,10 @@ pub struct TableWriter {
     session: Arc<Session>,
     /// Metric handles of the table, one per core.
     metrics: Vec<RowMetrics>,
+    /// Rows per full database batch (`ingest.write_batch_rows_max`).
+    batch_rows_max: usize,
+    /// The UNLOGGED batch of `batch_rows_max` inserts, made on first use.
+    full_batch: OnceLock<DatabaseBatch>,
 }
 
 impl Statements<PendingRow> for TableWriter {
@@ -185,6 +190,14 @@ impl Statements<PendingRow> for TableWriter {
 
     fn values<'r>(&self, row: &'r PendingRow) -> &'r SerializedRow {
         &row.values
+    }
+
+    fn uniform_batch(&self, rows: usize) -> Option<&DatabaseBatch> {
+        // Every row of a writer has its insert: a full batch is the same every time.
+        (rows > 1 && rows == self.batch_rows_max).then(|| {
+            self.full_batch
+                .get_or_init(|| unlogged_batch(vec![BatchStatement::PreparedStatement(self.insert.clone()); rows]))
+        })
     }
 }
 
@@ -320,6 +333,8 @@ impl IngestShared {
             insert,
             session: Arc::clone(&self.session),
             metrics: RowMetrics::per_core(SOURCE_LABEL, table, self.mesh.cores()),
+            batch_rows_max: self.write_batch_rows_max,
+            full_batch: OnceLock::new(),
         })
     }
 }
@@ -371,12 +386,14 @@ impl IngestService {
     fn bind_batch(writer: &TableWriter, batch: &Batch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
         let mut rows = Vec::with_capacity(batch.rows.len());
         let mut errors = Vec::new();
-        let mut builder = RowBuilder::default();
+        // Room for rows of ~100 bytes before the buffer grows.
+        let mut builder = RowBuilder::with_capacity(batch.rows.len() * 128);
         let (names, types, keys) = (&writer.names, &writer.types, &writer.key_positions);
-        let mut bound = |index: usize, values: Result<SerializedRow, (ErrorCode, String)>| {
+        let mut spans = Vec::with_capacity(batch.rows.len());
+        let mut bound = |index: usize, values: Result<RowSpan, (ErrorCode, String)>| {
             let index = index as u32;
             match values {
-                Ok(values) => rows.push(PendingRow { index, values }),
+                Ok(span) => spans.push((index, span)),
                 Err((code, reason)) => errors.push(row_error(index, code, &reason)),
             }
         };
@@ -393,6 +410,14 @@ impl IngestService {
                 for (index, row) in decoded.iter().enumerate() {
                     bound(index, bind_row(names, types, keys, row, timestamp_us, &mut builder));
                 }
+            }
+        }
+        // The batch's rows share one buffer.
+        let sealed = builder.seal();
+        for (index, span) in spans {
+            match SerializedRow::new(&sealed, span) {
+                Some(values) => rows.push(PendingRow { index, values }),
+                None => errors.push(row_error(index, ErrorCode::BadValue, "the row's cells were lost")),
             }
         }
         (rows, errors)
@@ -696,7 +721,7 @@ pub fn bind_row(
     row: &Row,
     timestamp_us: i64,
     builder: &mut RowBuilder,
-) -> Result<SerializedRow, (ErrorCode, String)> {
+) -> Result<RowSpan, (ErrorCode, String)> {
     let name = |position: usize| names.get(position).map_or("?", String::as_str);
     if row.values.len() > types.len() {
         return Err((
@@ -728,31 +753,29 @@ pub fn bind_encoded_row(
     row: &[u8],
     timestamp_us: i64,
     builder: &mut RowBuilder,
-) -> Result<SerializedRow, (ErrorCode, String)> {
-    let Some(count) = raw::count_values(row) else {
-        // Not a plain row (a field `Row` does not declare, or malformed): prost decides.
-        let decoded = <Row as prost::Message>::decode(row).map_err(|e| {
-            (
-                ErrorCode::Malformed,
-                format!("the row is not a valid protobuf message: {e}"),
-            )
-        })?;
-        return bind_row(names, types, key_positions, &decoded, timestamp_us, builder);
+) -> Result<RowSpan, (ErrorCode, String)> {
+    // Read in one pass; a row with more values than columns is refused as such whatever else
+    // is wrong with it, as for a decoded row.
+    let too_many_values_for = |row: &[u8]| {
+        raw::count_values(row)
+            .filter(|&count| count > types.len())
+            .map(|count| {
+                (
+                    ErrorCode::BadValue,
+                    format!("row has {count} values for {} columns", types.len()),
+                )
+            })
     };
     let name = |position: usize| names.get(position).map_or("?", String::as_str);
-    if count > types.len() {
-        return Err((
-            ErrorCode::BadValue,
-            format!("row has {count} values for {} columns", types.len()),
-        ));
-    }
     builder.start();
-    let mut values = raw::repeated_values(row).flatten();
+    let mut values = raw::repeated_values(row);
     for (position, typ) in types.iter().enumerate() {
-        match values.next() {
-            None => builder.unset().map_err(too_many_values)?,
-            Some(value) => {
-                raw::write_value(value, typ, builder.cell().map_err(too_many_values)?).map_err(|error| match error {
+        let written = match values.next() {
+            None => builder.unset().map_err(too_many_values),
+            // Not a plain row (a field `Row` does not declare, or malformed): prost decides.
+            Some(None) => return bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+            Some(Some(value)) => builder.cell().map_err(too_many_values).and_then(|cell| {
+                raw::write_value(value, typ, cell).map_err(|error| match error {
                     ValueError::Malformed(reason) => {
                         (ErrorCode::Malformed, format!("column `{}`: {reason}", name(position)))
                     }
@@ -760,11 +783,43 @@ pub fn bind_encoded_row(
                         ErrorCode::BadValue,
                         format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
                     ),
-                })?
+                })
+            }),
+        };
+        if let Err(refusal) = written {
+            if raw::count_values(row).is_none() {
+                return bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder);
             }
+            return Err(too_many_values_for(row).unwrap_or(refusal));
         }
     }
-    finish_row(names, key_positions, timestamp_us, builder)
+    match values.next() {
+        None => finish_row(names, key_positions, timestamp_us, builder),
+        Some(None) => bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+        Some(Some(_)) => match too_many_values_for(row) {
+            Some(refusal) => Err(refusal),
+            None => bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+        },
+    }
+}
+
+/// A row [`bind_encoded_row`] cannot read itself, decoded by prost then bound by
+/// [`bind_row`]; MALFORMED when prost cannot decode it.
+fn bind_undecoded_row(
+    names: &[String],
+    types: &[ColumnType<'static>],
+    key_positions: &[usize],
+    row: &[u8],
+    timestamp_us: i64,
+    builder: &mut RowBuilder,
+) -> Result<RowSpan, (ErrorCode, String)> {
+    let decoded = <Row as prost::Message>::decode(row).map_err(|e| {
+        (
+            ErrorCode::Malformed,
+            format!("the row is not a valid protobuf message: {e}"),
+        )
+    })?;
+    bind_row(names, types, key_positions, &decoded, timestamp_us, builder)
 }
 
 /// A row past the protocol's 65,535 values.
@@ -779,7 +834,7 @@ fn finish_row(
     key_positions: &[usize],
     timestamp_us: i64,
     builder: &mut RowBuilder,
-) -> Result<SerializedRow, (ErrorCode, String)> {
+) -> Result<RowSpan, (ErrorCode, String)> {
     if let Some(&position) = key_positions.iter().find(|&&position| !builder.holds_value(position)) {
         return Err((
             ErrorCode::MissingKey,

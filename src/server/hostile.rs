@@ -81,8 +81,9 @@ fn both_bindings_agree(encoded: &[u8], decoded: &Row) -> Result<(), TestCaseErro
         let mut rotated = types.clone();
         rotated.rotate_left(rotation % types.len());
         let mut builder = RowBuilder::default();
-        let from_bytes = bind_encoded_row(&names, &rotated, &[0], encoded, 5, &mut builder);
-        let from_row = bind_row(&names, &rotated, &[0], decoded, 5, &mut builder);
+        let from_bytes =
+            bind_encoded_row(&names, &rotated, &[0], encoded, 5, &mut builder).map(|span| builder.single(span));
+        let from_row = bind_row(&names, &rotated, &[0], decoded, 5, &mut builder).map(|span| builder.single(span));
         prop_assert_eq!(from_bytes, from_row, "{:?}", decoded);
     }
     // Each value alone against each type, nullable (a whole row stops at its first refusal).
@@ -94,8 +95,9 @@ fn both_bindings_agree(encoded: &[u8], decoded: &Row) -> Result<(), TestCaseErro
         for typ in &types {
             let types = std::slice::from_ref(typ);
             let mut builder = RowBuilder::default();
-            let from_bytes = bind_encoded_row(&names, types, &[], &encoded, 5, &mut builder);
-            let from_row = bind_row(&names, types, &[], &alone, 5, &mut builder);
+            let from_bytes =
+                bind_encoded_row(&names, types, &[], &encoded, 5, &mut builder).map(|span| builder.single(span));
+            let from_row = bind_row(&names, types, &[], &alone, 5, &mut builder).map(|span| builder.single(span));
             prop_assert_eq!(from_bytes, from_row, "{:?} as {:?}", value, typ);
         }
     }

@@ -61,7 +61,20 @@ enum Field<'a> {
 struct Fields<'a>(&'a [u8]);
 
 impl<'a> Fields<'a> {
+    /// A varint; one byte (tags, short lengths, small numbers) without a loop.
+    #[inline]
     fn varint(&mut self) -> Option<u64> {
+        match self.0 {
+            [byte, rest @ ..] if *byte < 0x80 => {
+                self.0 = rest;
+                Some(u64::from(*byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self) -> Option<u64> {
         let mut value = 0u64;
         for (i, &byte) in self.0.iter().enumerate().take(10) {
             if i == 9 && byte > 1 {
@@ -83,6 +96,7 @@ impl<'a> Fields<'a> {
     }
 
     /// The next field as (field number, value); `None` at the end or on anything unusual.
+    #[inline]
     fn next_field(&mut self) -> Option<(u64, Field<'a>)> {
         let key = self.varint()?;
         let number = key >> 3;
@@ -241,15 +255,19 @@ fn write_direct(value: &[u8], typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth:
                 ) => element,
                 _ => return None,
             };
-            let count = i32::try_from(count_values(items)?).ok()?;
+            // The length and the element count are known once the elements are written.
             let start = buffer.len();
-            buffer.extend_from_slice(&[0; 4]);
-            buffer.extend_from_slice(&count.to_be_bytes());
+            buffer.extend_from_slice(&[0; 8]);
+            let mut count = 0i32;
             for item in repeated_values(items) {
                 write_direct(item?, element, buffer, depth + 1)?;
+                count = count.checked_add(1)?;
             }
             let length = i32::try_from(buffer.len() - start - 4).ok()?;
             buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
+            buffer
+                .get_mut(start + 4..start + 8)?
+                .copy_from_slice(&count.to_be_bytes());
             Some(())
         }
         _ => None,

@@ -39,7 +39,8 @@ fn serialized(statement: &PreparedStatement, values: &RowValues, builder: &mut R
             .serialize(spec.typ(), CellWriter::new(cell))
             .expect("the value fits its marker");
     }
-    builder.finish().expect("whole cells")
+    let span = builder.finish().expect("whole cells");
+    builder.single(span).expect("the row just built")
 }
 
 /// Compares both tokens on `ROWS` rows of `statement`, built by `row`, bound as CQL values and

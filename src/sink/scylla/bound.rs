@@ -6,6 +6,8 @@
 //!
 //! Threads: pure data; built on the core that binds the row, read on the core that writes it.
 
+use std::sync::Arc;
+
 use scylla::cluster::metadata::ColumnType;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::value::SerializeValue;
@@ -36,14 +38,35 @@ impl BoundValues for RowValues {
 }
 
 /// A row's values serialized once as CQL cells (each a 4-byte length, then the bytes; -1 for
-/// null, -2 for unset), in the order of its statement's markers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// null, -2 for unset), in the order of its statement's markers. The rows of one batch share
+/// one buffer ([`RowBuilder::seal`]): a row costs no allocation of its own.
+#[derive(Debug, Clone)]
 pub struct SerializedRow {
-    /// The cells, one after another; whole cells only ([`RowBuilder::finish`] checks).
-    cells: Box<[u8]>,
+    /// The buffer of the batch the row was bound in.
+    buffer: Arc<[u8]>,
+    /// Where the row's cells are in `buffer`: whole cells only ([`RowBuilder::finish`] checks).
+    span: RowSpan,
+}
+
+/// Where a finished row's cells are in its [`RowBuilder`]'s buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSpan {
+    /// First byte.
+    start: usize,
+    /// Past the last byte.
+    end: usize,
     /// How many cells.
     count: u16,
 }
+
+impl PartialEq for SerializedRow {
+    /// The same cells, wherever they are kept.
+    fn eq(&self, other: &SerializedRow) -> bool {
+        self.span.count == other.span.count && self.cells() == other.cells()
+    }
+}
+
+impl Eq for SerializedRow {}
 
 /// One serialized cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,12 +113,27 @@ struct MarkerCountMismatch {
 impl SerializedRow {
     /// How many values the row holds.
     pub fn len(&self) -> usize {
-        usize::from(self.count)
+        usize::from(self.span.count)
     }
 
     /// Whether the row holds no value.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.span.count == 0
+    }
+
+    /// The row `span` of a sealed buffer; `None` when the span is not in it.
+    pub fn new(buffer: &Arc<[u8]>, span: RowSpan) -> Option<SerializedRow> {
+        buffer.get(span.start..span.end)?;
+        Some(SerializedRow {
+            buffer: Arc::clone(buffer),
+            span,
+        })
+    }
+
+    /// The cells, one after another.
+    fn cells(&self) -> &[u8] {
+        // In bounds: checked when the row was made.
+        self.buffer.get(self.span.start..self.span.end).unwrap_or_default()
     }
 }
 
@@ -112,7 +150,7 @@ impl SerializeRow for SerializedRow {
                 markers,
             }));
         }
-        for cell in cells_of(&self.cells) {
+        for cell in cells_of(self.cells()) {
             let cell_writer = writer.make_cell_writer();
             match cell {
                 Cell::Value(bytes) => {
@@ -138,30 +176,23 @@ impl SerializeRow for SerializedRow {
 impl BoundValues for SerializedRow {
     fn key_cell<'a>(&'a self, index: usize, _: &ColumnType<'_>, _: &'a mut Vec<u8>) -> Option<&'a [u8]> {
         // Already serialized for its column's type when bound.
-        match cells_of(&self.cells).nth(index)? {
+        match cells_of(self.cells()).nth(index)? {
             Cell::Value(bytes) => Some(bytes),
             Cell::Null | Cell::Unset => None,
         }
     }
 }
 
-/// Builds [`SerializedRow`]s cell by cell in one buffer reused across rows, so a row costs one
-/// allocation of its exact size.
-#[derive(Debug)]
+/// Builds the [`SerializedRow`]s of a batch cell by cell, one after another in one buffer
+/// ([`RowBuilder::seal`] shares it among them).
+#[derive(Debug, Default)]
 pub struct RowBuilder {
-    /// The cells of the row being built.
+    /// The finished rows' cells, then the cells of the row being built.
     buffer: Vec<u8>,
+    /// Where the row being built starts.
+    row_start: usize,
     /// Cells written since [`RowBuilder::start`].
     cells: u16,
-}
-
-impl Default for RowBuilder {
-    fn default() -> RowBuilder {
-        RowBuilder {
-            buffer: Vec::with_capacity(256),
-            cells: 0,
-        }
-    }
 }
 
 /// More cells in a row than the protocol allows (65,535).
@@ -170,9 +201,17 @@ impl Default for RowBuilder {
 pub struct TooManyCells;
 
 impl RowBuilder {
-    /// Starts a new row, dropping whatever the last one left.
+    /// A builder with room for `bytes` of cells before it grows.
+    pub fn with_capacity(bytes: usize) -> RowBuilder {
+        RowBuilder {
+            buffer: Vec::with_capacity(bytes),
+            ..RowBuilder::default()
+        }
+    }
+
+    /// Starts a new row, dropping whatever an unfinished one left.
     pub fn start(&mut self) {
-        self.buffer.clear();
+        self.buffer.truncate(self.row_start);
         self.cells = 0;
     }
 
@@ -199,21 +238,43 @@ impl RowBuilder {
 
     /// Whether cell `index` of the row being built holds a value (not null, not unset).
     pub fn holds_value(&self, index: usize) -> bool {
-        matches!(cells_of(&self.buffer).nth(index), Some(Cell::Value(_)))
+        let row = self.buffer.get(self.row_start..).unwrap_or_default();
+        matches!(cells_of(row).nth(index), Some(Cell::Value(_)))
     }
 
-    /// The row built since [`RowBuilder::start`]. `None` when a cell written through
-    /// [`RowBuilder::cell`] was not one whole cell.
-    pub fn finish(&mut self) -> Option<SerializedRow> {
-        let cells = &self.buffer;
-        let mut rest = cells.as_slice();
+    /// Ends the row built since [`RowBuilder::start`]: where it is, for [`RowBuilder::seal`].
+    /// `None` when a cell written through [`RowBuilder::cell`] was not one whole cell.
+    pub fn finish(&mut self) -> Option<RowSpan> {
+        let mut rest = self.buffer.get(self.row_start..)?;
         for _ in 0..self.cells {
             rest = next_cell(rest)?.1;
         }
-        rest.is_empty().then(|| SerializedRow {
-            cells: cells.as_slice().into(),
+        if !rest.is_empty() {
+            return None;
+        }
+        let span = RowSpan {
+            start: self.row_start,
+            end: self.buffer.len(),
             count: self.cells,
-        })
+        };
+        self.row_start = span.end;
+        Some(span)
+    }
+
+    /// The finished rows' buffer, to be shared by their [`SerializedRow`]s; the builder starts
+    /// over empty.
+    pub fn seal(&mut self) -> Arc<[u8]> {
+        let sealed = Arc::from(self.buffer.get(..self.row_start).unwrap_or_default());
+        self.buffer.clear();
+        self.row_start = 0;
+        self.cells = 0;
+        sealed
+    }
+
+    /// Seals the buffer for the one row `span` (tests and tools; a batch seals once for all
+    /// its rows).
+    pub fn single(&mut self, span: RowSpan) -> Option<SerializedRow> {
+        SerializedRow::new(&self.seal(), span)
     }
 }
 
@@ -235,8 +296,16 @@ mod tests {
         builder.unset().expect("room");
         builder.bigint(7).expect("room");
         assert!(builder.holds_value(0) && !builder.holds_value(1) && builder.holds_value(2));
-        let row = builder.finish().expect("whole cells");
-        assert_eq!(row.len(), 3);
+        let span = builder.finish().expect("whole cells");
+        // A second row in the same buffer, then both shared.
+        builder.start();
+        builder.bigint(8).expect("room");
+        let second = builder.finish().expect("whole cells");
+        let sealed = builder.seal();
+        let row = SerializedRow::new(&sealed, span).expect("in the buffer");
+        let other = SerializedRow::new(&sealed, second).expect("in the buffer");
+        assert_eq!((row.len(), other.len()), (3, 1));
+        assert_ne!(row, other);
         let mut scratch = Vec::new();
         let text = ColumnType::Native(NativeType::Text);
         assert_eq!(row.key_cell(0, &text, &mut scratch), Some(&b"k"[..]));
@@ -246,9 +315,13 @@ mod tests {
         let values: RowValues = vec![MaybeUnset::Set(Some(CqlValue::Text("k".into())))];
         assert_eq!(values.key_cell(0, &text, &mut scratch), Some(&b"k"[..]));
 
-        // A new row starts empty; a torn cell is refused rather than sent.
+        // A torn cell is refused rather than sent, and the next row starts where it began.
         builder.start();
         builder.cell().expect("room").extend_from_slice(&5i32.to_be_bytes());
         assert_eq!(builder.finish(), None);
+        builder.start();
+        builder.bigint(8).expect("room");
+        let span = builder.finish().expect("whole cells");
+        assert_eq!(builder.single(span), Some(other));
     }
 }

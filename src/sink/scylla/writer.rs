@@ -66,6 +66,18 @@ pub trait Statements<R> {
     fn statement(&self, row: &R) -> &PreparedStatement;
     /// The row's bound values, in the statement's marker order.
     fn values<'r>(&self, row: &'r R) -> &'r Self::Values;
+    /// An UNLOGGED batch of `rows` copies of the one statement every row is written with, when
+    /// there is one, made once and reused (a batch otherwise clones each row's statement).
+    fn uniform_batch(&self, _rows: usize) -> Option<&Batch> {
+        None
+    }
+}
+
+/// An idempotent UNLOGGED batch of `statements` (rows of one replica and shard).
+pub fn unlogged_batch(statements: Vec<BatchStatement>) -> Batch {
+    let mut batch = Batch::new_with_statements(BatchType::Unlogged, statements);
+    batch.set_is_idempotent(true);
+    batch
 }
 
 /// How rows are written.
@@ -136,7 +148,7 @@ async fn write_chunk<R, S: Statements<R>>(
         .iter()
         .map(|row| (statements.statement(row), statements.values(row)))
         .collect();
-    let outcome = write_statements_once(session, &bound, retries)
+    let outcome = write_statements_once(session, &bound, statements.uniform_batch(bound.len()), retries)
         .await
         .map_err(|error| WriteError::of(&error));
     drop(bound);
@@ -144,7 +156,7 @@ async fn write_chunk<R, S: Statements<R>>(
         Err(WriteError::Refused(_)) if chunk.len() > 1 => {
             let singles = chunk.into_iter().map(|row| async move {
                 let bound = [(statements.statement(&row), statements.values(&row))];
-                let outcome = write_statements_once(session, &bound, retries)
+                let outcome = write_statements_once(session, &bound, None, retries)
                     .await
                     .map_err(|error| WriteError::of(&error));
                 (row, outcome)
@@ -156,14 +168,22 @@ async fn write_chunk<R, S: Statements<R>>(
 }
 
 /// Writes rows, each with its own prepared statement: a single row as a plain write, several as
-/// one UNLOGGED batch (callers group rows of one replica and shard), retrying per `retries`.
+/// one UNLOGGED batch (callers group rows of one replica and shard; `uniform` is that batch
+/// made already, when every row has the same statement), retrying per `retries`.
 async fn write_statements_once<V: BoundValues>(
     session: &Session,
     rows: &[(&PreparedStatement, &V)],
+    uniform: Option<&Batch>,
     retries: Retries,
 ) -> Result<(), ExecutionError> {
     if let [(statement, row)] = rows {
         return execute_with_retries(retries, || session.execute_unpaged(statement, row))
+            .await
+            .map(|_| ());
+    }
+    let values: Vec<&V> = rows.iter().map(|(_, values)| *values).collect();
+    if let Some(batch) = uniform {
+        return execute_with_retries(retries, || session.batch(batch, &values))
             .await
             .map(|_| ());
     }
@@ -173,9 +193,7 @@ async fn write_statements_once<V: BoundValues>(
         .iter()
         .map(|(statement, _)| BatchStatement::PreparedStatement((*statement).clone()))
         .collect();
-    let mut batch = Batch::new_with_statements(BatchType::Unlogged, statements);
-    batch.set_is_idempotent(true);
-    let values: Vec<&V> = rows.iter().map(|(_, values)| *values).collect();
+    let batch = unlogged_batch(statements);
     execute_with_retries(retries, || session.batch(&batch, &values))
         .await
         .map(|_| ())
