@@ -37,7 +37,7 @@ use crate::runtime::mesh::Mesh;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scylla as scylla_sink;
 use crate::sink::scylla::retry::Retries;
-use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions};
+use crate::sink::scylla::writer::{self, owner_of, place_row, FullBatch, Statements, WriteOptions};
 use crate::spool::record::RouteRecord;
 use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::RowMetrics;
@@ -79,6 +79,8 @@ pub struct TargetStatements {
     pub upsert: PreparedStatement,
     /// `DELETE ... USING TIMESTAMP ? WHERE <primary key>`.
     pub delete: PreparedStatement,
+    /// A full UNLOGGED batch of upserts, made on first use.
+    pub upsert_batch: FullBatch,
 }
 
 impl TargetStatements {
@@ -144,6 +146,12 @@ impl Statements<RowWork> for RouteWriter {
     fn values<'r>(&self, (_, row): &'r RowWork) -> &'r crate::sink::scylla::RowValues {
         &row.values
     }
+
+    fn uniform_batch(&self, statement: &PreparedStatement, rows: usize) -> Option<&scylla::statement::batch::Batch> {
+        // Full chunks of one target's upserts.
+        let target = self.statements.iter().find(|t| std::ptr::eq(&t.upsert, statement))?;
+        target.upsert_batch.get(statement, rows, self.batch_rows_max)
+    }
 }
 
 /// Reads a route's tables from the cluster, builds its mapper and prepares its statements: the
@@ -162,6 +170,7 @@ pub async fn prepare_route(
         statements.push(TargetStatements {
             upsert: scylla_sink::prepare_insert(session, &mapper.upsert_statement(target)).await?,
             delete: scylla_sink::prepare_insert(session, &mapper.delete_statement(target)).await?,
+            upsert_batch: FullBatch::default(),
         });
     }
     Ok((mapper, statements))

@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -24,7 +24,6 @@ use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
-use scylla::statement::batch::{Batch as DatabaseBatch, BatchStatement};
 use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,7 +39,7 @@ use crate::sink::scylla::bound::{RowBuilder, RowSpan, SerializedRow, TooManyCell
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::statement::insert_statement;
-use crate::sink::scylla::writer::{self, owner_of, place_row, unlogged_batch, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::writer::{self, owner_of, place_row, FullBatch, Statements, WriteError, WriteOptions};
 use crate::sink::scylla::{cached_table_schema, prepare_insert};
 use crate::spool::record;
 use crate::spool::service::{self as spool, Spooled, WhenFull};
@@ -178,7 +177,7 @@ pub struct TableWriter {
     /// Rows per full database batch (`ingest.write_batch_rows_max`).
     batch_rows_max: usize,
     /// The UNLOGGED batch of `batch_rows_max` inserts, made on first use.
-    full_batch: OnceLock<DatabaseBatch>,
+    full_batch: FullBatch,
 }
 
 impl Statements<PendingRow> for TableWriter {
@@ -192,12 +191,9 @@ impl Statements<PendingRow> for TableWriter {
         &row.values
     }
 
-    fn uniform_batch(&self, rows: usize) -> Option<&DatabaseBatch> {
-        // Every row of a writer has its insert: a full batch is the same every time.
-        (rows > 1 && rows == self.batch_rows_max).then(|| {
-            self.full_batch
-                .get_or_init(|| unlogged_batch(vec![BatchStatement::PreparedStatement(self.insert.clone()); rows]))
-        })
+    fn uniform_batch(&self, statement: &PreparedStatement, rows: usize) -> Option<&scylla::statement::batch::Batch> {
+        // Every row of a writer has its insert.
+        self.full_batch.get(statement, rows, self.batch_rows_max)
     }
 }
 
@@ -334,7 +330,7 @@ impl IngestShared {
             session: Arc::clone(&self.session),
             metrics: RowMetrics::per_core(SOURCE_LABEL, table, self.mesh.cores()),
             batch_rows_max: self.write_batch_rows_max,
-            full_batch: OnceLock::new(),
+            full_batch: FullBatch::default(),
         })
     }
 }

@@ -10,6 +10,7 @@
 //! serialized and answers parsed there, the sockets live on the island).
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use scylla::client::session::Session;
@@ -66,10 +67,27 @@ pub trait Statements<R> {
     fn statement(&self, row: &R) -> &PreparedStatement;
     /// The row's bound values, in the statement's marker order.
     fn values<'r>(&self, row: &'r R) -> &'r Self::Values;
-    /// An UNLOGGED batch of `rows` copies of the one statement every row is written with, when
-    /// there is one, made once and reused (a batch otherwise clones each row's statement).
-    fn uniform_batch(&self, _rows: usize) -> Option<&Batch> {
+    /// An UNLOGGED batch of `rows` copies of `statement` (which every row of a chunk is
+    /// written with), when the implementor keeps one ([`FullBatch`]); a batch is otherwise
+    /// made per write, cloning each row's statement.
+    fn uniform_batch(&self, _statement: &PreparedStatement, _rows: usize) -> Option<&Batch> {
         None
+    }
+}
+
+/// A full UNLOGGED batch of one statement, made on first use and reused by every full chunk of
+/// rows that statement writes (for [`Statements::uniform_batch`]).
+#[derive(Default)]
+pub struct FullBatch(OnceLock<Batch>);
+
+impl FullBatch {
+    /// The batch of `rows` copies of `statement` when `rows` is a full chunk (`rows_max`, more
+    /// than one row).
+    pub fn get(&self, statement: &PreparedStatement, rows: usize, rows_max: usize) -> Option<&Batch> {
+        (rows > 1 && rows == rows_max).then(|| {
+            self.0
+                .get_or_init(|| unlogged_batch(vec![BatchStatement::PreparedStatement(statement.clone()); rows]))
+        })
     }
 }
 
@@ -148,7 +166,13 @@ async fn write_chunk<R, S: Statements<R>>(
         .iter()
         .map(|row| (statements.statement(row), statements.values(row)))
         .collect();
-    let outcome = write_statements_once(session, &bound, statements.uniform_batch(bound.len()), retries)
+    let uniform = match bound.as_slice() {
+        [(first, _), rest @ ..] if rest.iter().all(|(statement, _)| std::ptr::eq(*statement, *first)) => {
+            statements.uniform_batch(first, bound.len())
+        }
+        _ => None,
+    };
+    let outcome = write_statements_once(session, &bound, uniform, retries)
         .await
         .map_err(|error| WriteError::of(&error));
     drop(bound);
