@@ -112,30 +112,32 @@ fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth
         }
         Some(Kind::Varint(b)) if native(&NativeType::Varint) && !b.is_empty() => put(buffer, b),
         Some(Kind::Inet(b)) if native(&NativeType::Inet) && (b.len() == 4 || b.len() == 16) => put(buffer, b),
-        Some(Kind::List(items)) => match typ {
-            ColumnType::Collection {
-                typ: CollectionType::List(element) | CollectionType::Set(element),
-                ..
-            } => write_collection(buffer, items.values.len(), |buffer| {
+        Some(Kind::List(items) | Kind::Set(items)) => {
+            // A list fits a list or a set column; a set only a set column.
+            let element = match (&value.kind, typ) {
+                (
+                    Some(Kind::List(_)),
+                    ColumnType::Collection {
+                        typ: CollectionType::List(element) | CollectionType::Set(element),
+                        ..
+                    },
+                )
+                | (
+                    Some(Kind::Set(_)),
+                    ColumnType::Collection {
+                        typ: CollectionType::Set(element),
+                        ..
+                    },
+                ) => element,
+                _ => return None,
+            };
+            write_collection(buffer, items.values.len(), |buffer| {
                 items
                     .values
                     .iter()
                     .try_for_each(|item| write_direct(item, element, buffer, depth + 1))
-            }),
-            _ => None,
-        },
-        Some(Kind::Set(items)) => match typ {
-            ColumnType::Collection {
-                typ: CollectionType::Set(element),
-                ..
-            } => write_collection(buffer, items.values.len(), |buffer| {
-                items
-                    .values
-                    .iter()
-                    .try_for_each(|item| write_direct(item, element, buffer, depth + 1))
-            }),
-            _ => None,
-        },
+            })
+        }
         Some(Kind::Map(map)) => match typ {
             ColumnType::Collection {
                 typ: CollectionType::Map(key_type, value_type),

@@ -230,9 +230,10 @@ pub fn place_row(statement: &PreparedStatement, values: &impl BoundValues, owner
 }
 
 /// The token of a bound row, from its partition-key values alone: each serialized (by the
-/// driver's `SerializeValue`, unless bound serialized already), combined and hashed by [`PartitionKeyHasher`] with the
-/// statement's partitioner (Murmur3, or ScyllaDB's CDC partitioner) — the
-/// token `PreparedStatement::calculate_token` gives, without serializing the whole row first
+/// driver's `SerializeValue`, unless bound serialized already), combined and hashed by
+/// [`PartitionKeyHasher`] with the statement's partitioner (Murmur3, or ScyllaDB's CDC
+/// partitioner) — the token `PreparedStatement::calculate_token` gives, without serializing
+/// the whole row first
 /// (it did, once more than the write itself: ~3 % of the Kafka path's CPU). `None` for a
 /// statement that is not token-aware, or when a key value is unset, null or does not fit its
 /// type (the driver would hash the other key values; such a row is refused by the database
