@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use scylla::client::session::Session;
-use scylla::statement::prepared::PreparedStatement;
 
 use super::message::{Origin, Settlement, SourceMessage};
 use super::tap::Taps;
@@ -37,7 +36,7 @@ use crate::runtime::mesh::Mesh;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scylla as scylla_sink;
 use crate::sink::scylla::retry::Retries;
-use crate::sink::scylla::writer::{self, owner_of, place_row, FullBatch, Statements, WriteOptions};
+use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions, WriteStatement};
 use crate::spool::record::RouteRecord;
 use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::RowMetrics;
@@ -76,16 +75,14 @@ type PlacedRow = (ReplicaShard, RowWork);
 /// The prepared statements of one target table.
 pub struct TargetStatements {
     /// `INSERT ... USING [TTL ? AND] TIMESTAMP ?`.
-    pub upsert: PreparedStatement,
+    pub upsert: WriteStatement,
     /// `DELETE ... USING TIMESTAMP ? WHERE <primary key>`.
-    pub delete: PreparedStatement,
-    /// A full UNLOGGED batch of upserts, made on first use.
-    pub upsert_batch: FullBatch,
+    pub delete: WriteStatement,
 }
 
 impl TargetStatements {
     /// The statement a mapped row is written with: its target's delete or upsert.
-    pub fn of<'a>(statements: &'a [TargetStatements], row: &MappedRow) -> &'a PreparedStatement {
+    pub fn of<'a>(statements: &'a [TargetStatements], row: &MappedRow) -> &'a WriteStatement {
         let target = &statements[row.target];
         if row.delete {
             &target.delete
@@ -139,18 +136,12 @@ pub struct RouteWriter {
 impl Statements<RowWork> for RouteWriter {
     type Values = crate::sink::scylla::RowValues;
 
-    fn statement(&self, (_, row): &RowWork) -> &PreparedStatement {
+    fn statement(&self, (_, row): &RowWork) -> &WriteStatement {
         RouteWriter::statement(self, row)
     }
 
     fn values<'r>(&self, (_, row): &'r RowWork) -> &'r crate::sink::scylla::RowValues {
         &row.values
-    }
-
-    fn uniform_batch(&self, statement: &PreparedStatement, rows: usize) -> Option<&scylla::statement::batch::Batch> {
-        // Full chunks of one target's upserts.
-        let target = self.statements.iter().find(|t| std::ptr::eq(&t.upsert, statement))?;
-        target.upsert_batch.get(statement, rows, self.batch_rows_max)
     }
 }
 
@@ -168,16 +159,15 @@ pub async fn prepare_route(
     let mut statements = Vec::with_capacity(route.targets.len());
     for target in 0..route.targets.len() {
         statements.push(TargetStatements {
-            upsert: scylla_sink::prepare_insert(session, &mapper.upsert_statement(target)).await?,
-            delete: scylla_sink::prepare_insert(session, &mapper.delete_statement(target)).await?,
-            upsert_batch: FullBatch::default(),
+            upsert: WriteStatement::new(scylla_sink::prepare_insert(session, &mapper.upsert_statement(target)).await?),
+            delete: WriteStatement::new(scylla_sink::prepare_insert(session, &mapper.delete_statement(target)).await?),
         });
     }
     Ok((mapper, statements))
 }
 
 impl RouteWriter {
-    fn statement(&self, row: &MappedRow) -> &PreparedStatement {
+    fn statement(&self, row: &MappedRow) -> &WriteStatement {
         TargetStatements::of(&self.statements, row)
     }
 
@@ -271,7 +261,7 @@ impl RouteWriter {
                         failure: Mutex::new(None),
                     });
                     for row in rows {
-                        let placement = place_row(self.statement(&row), &row.values, &ownership);
+                        let placement = place_row(self.statement(&row).prepared(), &row.values, &ownership);
                         let (owner, replica_shard) = owner_of(placement, core);
                         // Sized for the whole batch: growing by pushes moved every row
                         // several times.

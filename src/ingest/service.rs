@@ -24,7 +24,6 @@ use bytes::Bytes;
 use futures::{SinkExt, Stream, StreamExt};
 use scylla::client::session::Session;
 use scylla::cluster::metadata::{ColumnKind, ColumnType};
-use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -39,13 +38,13 @@ use crate::sink::scylla::bound::{RowBuilder, RowSpan, SerializedRow, TooManyCell
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::statement::insert_statement;
-use crate::sink::scylla::writer::{self, owner_of, place_row, FullBatch, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteError, WriteOptions, WriteStatement};
 use crate::sink::scylla::{cached_table_schema, prepare_insert};
 use crate::spool::record;
 use crate::spool::service::{self as spool, Spooled, WhenFull};
 use crate::telemetry::{metric, RowMetrics};
 use crate::topology::{Ownership, ReplicaShard};
-use crate::wire::convert::{cql_type_name, write_cell};
+use crate::wire::convert::{cql_type_name, write_cell, ConvertError};
 use crate::wire::flat::decode_row_batch;
 use crate::wire::proto::{
     AckMode, BatchError, ErrorCode, GetTopologyRequest, Row, RowBatch, RowError, Topology, WriteFlatRequest,
@@ -169,31 +168,22 @@ pub struct TableWriter {
     /// Positions (in the batch's columns) of primary-key columns, which must be non-null.
     key_positions: Vec<usize>,
     /// `INSERT ... USING TIMESTAMP ?`.
-    insert: PreparedStatement,
+    insert: WriteStatement,
     /// The session the insert runs on.
     session: Arc<Session>,
     /// Metric handles of the table, one per core.
     metrics: Vec<RowMetrics>,
-    /// Rows per full database batch (`ingest.write_batch_rows_max`).
-    batch_rows_max: usize,
-    /// The UNLOGGED batch of `batch_rows_max` inserts, made on first use.
-    full_batch: FullBatch,
 }
 
 impl Statements<PendingRow> for TableWriter {
     type Values = SerializedRow;
 
-    fn statement(&self, _: &PendingRow) -> &PreparedStatement {
+    fn statement(&self, _: &PendingRow) -> &WriteStatement {
         &self.insert
     }
 
     fn values<'r>(&self, row: &'r PendingRow) -> &'r SerializedRow {
         &row.values
-    }
-
-    fn uniform_batch(&self, statement: &PreparedStatement, rows: usize) -> Option<&scylla::statement::batch::Batch> {
-        // Every row of a writer has its insert.
-        self.full_batch.get(statement, rows, self.batch_rows_max)
     }
 }
 
@@ -326,11 +316,9 @@ impl IngestShared {
             names: columns.to_vec(),
             types,
             key_positions,
-            insert,
+            insert: WriteStatement::new(insert),
             session: Arc::clone(&self.session),
             metrics: RowMetrics::per_core(SOURCE_LABEL, table, self.mesh.cores()),
-            batch_rows_max: self.write_batch_rows_max,
-            full_batch: FullBatch::default(),
         })
     }
 }
@@ -426,7 +414,8 @@ impl IngestService {
         let ownership = self.shared.ownership.load();
         let mut by_owner: BTreeMap<usize, Vec<(ReplicaShard, PendingRow)>> = BTreeMap::new();
         for row in rows {
-            let (owner, replica_shard) = owner_of(place_row(&writer.insert, &row.values, &ownership), self.core);
+            let (owner, replica_shard) =
+                owner_of(place_row(writer.insert.prepared(), &row.values, &ownership), self.core);
             by_owner.entry(owner).or_default().push((replica_shard, row));
         }
         let options = WriteOptions {
@@ -729,12 +718,8 @@ pub fn bind_row(
     for (position, typ) in types.iter().enumerate() {
         match row.values.get(position) {
             None => builder.unset().map_err(too_many_values)?,
-            Some(value) => write_cell(value, typ, builder.cell().map_err(too_many_values)?).map_err(|e| {
-                (
-                    ErrorCode::BadValue,
-                    format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
-                )
-            })?,
+            Some(value) => write_cell(value, typ, builder.cell().map_err(too_many_values)?)
+                .map_err(|e| bad_value(name(position), typ, e))?,
         }
     }
     finish_row(names, key_positions, timestamp_us, builder)
@@ -763,59 +748,55 @@ pub fn bind_encoded_row(
             })
     };
     let name = |position: usize| names.get(position).map_or("?", String::as_str);
+    // A row this cannot read itself (a field `Row` does not declare, or malformed) is decoded
+    // by prost, then bound as decoded rows are; MALFORMED when prost cannot decode it.
+    let undecoded = |builder: &mut RowBuilder| {
+        let decoded = <Row as prost::Message>::decode(row).map_err(|e| {
+            (
+                ErrorCode::Malformed,
+                format!("the row is not a valid protobuf message: {e}"),
+            )
+        })?;
+        bind_row(names, types, key_positions, &decoded, timestamp_us, builder)
+    };
     builder.start();
     let mut values = raw::repeated_values(row);
     for (position, typ) in types.iter().enumerate() {
         let written = match values.next() {
             None => builder.unset().map_err(too_many_values),
-            // Not a plain row (a field `Row` does not declare, or malformed): prost decides.
-            Some(None) => return bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+            Some(None) => return undecoded(builder),
             Some(Some(value)) => builder.cell().map_err(too_many_values).and_then(|cell| {
                 raw::write_value(value, typ, cell).map_err(|error| match error {
                     ValueError::Malformed(reason) => {
                         (ErrorCode::Malformed, format!("column `{}`: {reason}", name(position)))
                     }
-                    ValueError::Convert(e) => (
-                        ErrorCode::BadValue,
-                        format!("column `{}` ({}): {}", name(position), cql_type_name(typ), e.0),
-                    ),
+                    ValueError::Convert(e) => bad_value(name(position), typ, e),
                 })
             }),
         };
         if let Err(refusal) = written {
             if raw::count_values(row).is_none() {
-                return bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder);
+                return undecoded(builder);
             }
             return Err(too_many_values_for(row).unwrap_or(refusal));
         }
     }
     match values.next() {
         None => finish_row(names, key_positions, timestamp_us, builder),
-        Some(None) => bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+        Some(None) => undecoded(builder),
         Some(Some(_)) => match too_many_values_for(row) {
             Some(refusal) => Err(refusal),
-            None => bind_undecoded_row(names, types, key_positions, row, timestamp_us, builder),
+            None => undecoded(builder),
         },
     }
 }
 
-/// A row [`bind_encoded_row`] cannot read itself, decoded by prost then bound by
-/// [`bind_row`]; MALFORMED when prost cannot decode it.
-fn bind_undecoded_row(
-    names: &[String],
-    types: &[ColumnType<'static>],
-    key_positions: &[usize],
-    row: &[u8],
-    timestamp_us: i64,
-    builder: &mut RowBuilder,
-) -> Result<RowSpan, (ErrorCode, String)> {
-    let decoded = <Row as prost::Message>::decode(row).map_err(|e| {
-        (
-            ErrorCode::Malformed,
-            format!("the row is not a valid protobuf message: {e}"),
-        )
-    })?;
-    bind_row(names, types, key_positions, &decoded, timestamp_us, builder)
+/// A value that does not fit its column, naming the column and its type.
+fn bad_value(column: &str, typ: &ColumnType<'_>, error: ConvertError) -> (ErrorCode, String) {
+    (
+        ErrorCode::BadValue,
+        format!("column `{column}` ({}): {}", cql_type_name(typ), error.0),
+    )
 }
 
 /// A row past the protocol's 65,535 values.

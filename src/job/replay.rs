@@ -36,7 +36,7 @@ use crate::config::{Config, DeadLetterConfig, KafkaSecurity, RouteConfig};
 use crate::mapping::{write_timestamp_us, Envelope, MappedRow, RouteMapper};
 use crate::sink::dead_letter::{headers, DeadLetter, DeadLetterRow, DeadLetterSink};
 use crate::sink::scylla::retry::{execute_with_retries, Retries};
-use crate::sink::scylla::writer::{self, Statements, WriteError, WriteOptions};
+use crate::sink::scylla::writer::{self, Statements, WriteError, WriteOptions, WriteStatement};
 use crate::sink::scylla::{self as sink, RowValues};
 use crate::telemetry::{metric, RowMetrics};
 
@@ -513,7 +513,7 @@ impl Replayer {
 impl Statements<MappedRow> for Replayer {
     type Values = RowValues;
 
-    fn statement(&self, row: &MappedRow) -> &PreparedStatement {
+    fn statement(&self, row: &MappedRow) -> &WriteStatement {
         TargetStatements::of(&self.statements, row)
     }
 

@@ -54,7 +54,7 @@ pub fn write_cell(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> 
 }
 
 /// Appends a cell holding `bytes`; `None` past the protocol's 2 GiB cell size.
-fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+pub(crate) fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
     buffer.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
     buffer.extend_from_slice(bytes);
     Some(())
@@ -131,22 +131,24 @@ fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth
                 ) => element,
                 _ => return None,
             };
-            write_collection(buffer, items.values.len(), |buffer| {
+            write_collection(buffer, |buffer| {
                 items
                     .values
                     .iter()
-                    .try_for_each(|item| write_direct(item, element, buffer, depth + 1))
+                    .try_for_each(|item| write_direct(item, element, buffer, depth + 1))?;
+                Some(items.values.len())
             })
         }
         Some(Kind::Map(map)) => match typ {
             ColumnType::Collection {
                 typ: CollectionType::Map(key_type, value_type),
                 ..
-            } => write_collection(buffer, map.entries.len(), |buffer| {
+            } => write_collection(buffer, |buffer| {
                 map.entries.iter().try_for_each(|entry| {
                     write_direct(entry.key.as_ref()?, key_type, buffer, depth + 1)?;
                     write_direct(entry.value.as_ref()?, value_type, buffer, depth + 1)
-                })
+                })?;
+                Some(map.entries.len())
             }),
             _ => None,
         },
@@ -154,18 +156,21 @@ fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth
     }
 }
 
-/// Appends a collection cell: its length, the element count, then what `elements` writes.
-fn write_collection(
+/// Appends a collection cell: its length, the element count, then what `elements` writes
+/// (which returns how many elements it wrote).
+pub(crate) fn write_collection(
     buffer: &mut Vec<u8>,
-    count: usize,
-    elements: impl FnOnce(&mut Vec<u8>) -> Option<()>,
+    elements: impl FnOnce(&mut Vec<u8>) -> Option<usize>,
 ) -> Option<()> {
+    // The length and the element count are known once the elements are written.
     let start = buffer.len();
-    buffer.extend_from_slice(&[0; 4]);
-    buffer.extend_from_slice(&i32::try_from(count).ok()?.to_be_bytes());
-    elements(buffer)?;
+    buffer.extend_from_slice(&[0; 8]);
+    let count = i32::try_from(elements(buffer)?).ok()?;
     let length = i32::try_from(buffer.len() - start - 4).ok()?;
     buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
+    buffer
+        .get_mut(start + 4..start + 8)?
+        .copy_from_slice(&count.to_be_bytes());
     Some(())
 }
 

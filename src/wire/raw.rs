@@ -15,7 +15,7 @@ use bytes::Bytes;
 use prost::Message;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 
-use super::convert::{self, ConvertError, CQL_DATE_EPOCH, NANOS_PER_DAY, NESTING_MAX};
+use super::convert::{self, put, write_collection, ConvertError, CQL_DATE_EPOCH, NANOS_PER_DAY, NESTING_MAX};
 use super::proto::Value;
 
 /// `shardgate.v1.RowBatch` with its rows encoded (each a `shardgate.v1.Row`).
@@ -168,13 +168,6 @@ fn zigzag32(n: u64) -> i32 {
     ((n >> 1) as i32) ^ -((n & 1) as i32)
 }
 
-/// Appends a cell holding `bytes`.
-fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
-    buffer.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
-    buffer.extend_from_slice(bytes);
-    Some(())
-}
-
 /// [`write_value`]'s direct path: `None` when the value is left to prost and
 /// [`convert::write_cell`] (the caller truncates `buffer`). Mirrors `convert`'s direct path
 /// kind by kind: the value's one kind field, its protobuf wire type, then the column's type.
@@ -257,20 +250,14 @@ fn write_direct(value: &[u8], typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth:
                 ) => element,
                 _ => return None,
             };
-            // The length and the element count are known once the elements are written.
-            let start = buffer.len();
-            buffer.extend_from_slice(&[0; 8]);
-            let mut count = 0i32;
-            for item in repeated_values(items) {
-                write_direct(item?, element, buffer, depth + 1)?;
-                count = count.checked_add(1)?;
-            }
-            let length = i32::try_from(buffer.len() - start - 4).ok()?;
-            buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
-            buffer
-                .get_mut(start + 4..start + 8)?
-                .copy_from_slice(&count.to_be_bytes());
-            Some(())
+            write_collection(buffer, |buffer| {
+                let mut count = 0usize;
+                for item in repeated_values(items) {
+                    write_direct(item?, element, buffer, depth + 1)?;
+                    count += 1;
+                }
+                Some(count)
+            })
         }
         _ => None,
     }

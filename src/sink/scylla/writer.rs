@@ -64,35 +64,46 @@ pub trait Statements<R> {
     /// How the rows' values are bound.
     type Values: BoundValues;
     /// The statement `row` is written with.
-    fn statement(&self, row: &R) -> &PreparedStatement;
+    fn statement(&self, row: &R) -> &WriteStatement;
     /// The row's bound values, in the statement's marker order.
     fn values<'r>(&self, row: &'r R) -> &'r Self::Values;
-    /// An UNLOGGED batch of `rows` copies of `statement` (which every row of a chunk is
-    /// written with), when the implementor keeps one ([`FullBatch`]); a batch is otherwise
-    /// made per write, cloning each row's statement.
-    fn uniform_batch(&self, _statement: &PreparedStatement, _rows: usize) -> Option<&Batch> {
-        None
-    }
 }
 
-/// A full UNLOGGED batch of one statement, made on first use and reused by every full chunk of
-/// rows that statement writes (for [`Statements::uniform_batch`]).
-#[derive(Default)]
-pub struct FullBatch(OnceLock<Batch>);
+/// A prepared write, and the full UNLOGGED batch of it that every full chunk of its rows is
+/// written with: made on first use, so a batch does not clone the statement once per row.
+pub struct WriteStatement {
+    /// The prepared statement.
+    prepared: PreparedStatement,
+    /// `batch_rows_max` copies of it.
+    full_batch: OnceLock<Batch>,
+}
 
-impl FullBatch {
-    /// The batch of `rows` copies of `statement` when `rows` is a full chunk (`rows_max`, more
-    /// than one row).
-    pub fn get(&self, statement: &PreparedStatement, rows: usize, rows_max: usize) -> Option<&Batch> {
+impl WriteStatement {
+    /// Wraps a prepared write.
+    pub fn new(prepared: PreparedStatement) -> WriteStatement {
+        WriteStatement {
+            prepared,
+            full_batch: OnceLock::new(),
+        }
+    }
+
+    /// The prepared statement.
+    pub fn prepared(&self) -> &PreparedStatement {
+        &self.prepared
+    }
+
+    /// The batch of `rows` copies of the statement when `rows` is a full chunk (`rows_max`,
+    /// more than one row).
+    fn full_batch(&self, rows: usize, rows_max: usize) -> Option<&Batch> {
         (rows > 1 && rows == rows_max).then(|| {
-            self.0
-                .get_or_init(|| unlogged_batch(vec![BatchStatement::PreparedStatement(statement.clone()); rows]))
+            self.full_batch
+                .get_or_init(|| unlogged_batch(vec![BatchStatement::PreparedStatement(self.prepared.clone()); rows]))
         })
     }
 }
 
 /// An idempotent UNLOGGED batch of `statements` (rows of one replica and shard).
-pub fn unlogged_batch(statements: Vec<BatchStatement>) -> Batch {
+fn unlogged_batch(statements: Vec<BatchStatement>) -> Batch {
     let mut batch = Batch::new_with_statements(BatchType::Unlogged, statements);
     batch.set_is_idempotent(true);
     batch
@@ -122,7 +133,7 @@ pub async fn write_rows<R, S: Statements<R>>(
         let replica = metrics.database_batch(replica_shard, chunk.len());
         let in_flight = InFlight::new(&replica.in_flight);
         let started = Instant::now();
-        let outcomes = write_chunk(session, statements, chunk, options.retries).await;
+        let outcomes = write_chunk(session, statements, chunk, options).await;
         let elapsed = started.elapsed().as_secs_f64();
         drop(in_flight);
         metrics.write_latency.record(elapsed);
@@ -160,15 +171,16 @@ async fn write_chunk<R, S: Statements<R>>(
     session: &Session,
     statements: &S,
     chunk: Vec<R>,
-    retries: Retries,
+    options: WriteOptions,
 ) -> Vec<(R, Result<(), WriteError>)> {
+    let retries = options.retries;
     let bound: Vec<_> = chunk
         .iter()
         .map(|row| (statements.statement(row), statements.values(row)))
         .collect();
     let uniform = match bound.as_slice() {
         [(first, _), rest @ ..] if rest.iter().all(|(statement, _)| std::ptr::eq(*statement, *first)) => {
-            statements.uniform_batch(first, bound.len())
+            first.full_batch(bound.len(), options.batch_rows_max)
         }
         _ => None,
     };
@@ -193,15 +205,16 @@ async fn write_chunk<R, S: Statements<R>>(
 
 /// Writes rows, each with its own prepared statement: a single row as a plain write, several as
 /// one UNLOGGED batch (callers group rows of one replica and shard; `uniform` is that batch
-/// made already, when every row has the same statement), retrying per `retries`.
+/// made already, when every row has the same statement and the chunk is full), retrying per
+/// `retries`.
 async fn write_statements_once<V: BoundValues>(
     session: &Session,
-    rows: &[(&PreparedStatement, &V)],
+    rows: &[(&WriteStatement, &V)],
     uniform: Option<&Batch>,
     retries: Retries,
 ) -> Result<(), ExecutionError> {
     if let [(statement, row)] = rows {
-        return execute_with_retries(retries, || session.execute_unpaged(statement, row))
+        return execute_with_retries(retries, || session.execute_unpaged(statement.prepared(), row))
             .await
             .map(|_| ());
     }
@@ -215,7 +228,7 @@ async fn write_statements_once<V: BoundValues>(
     // the list by appends moved them up to six times per 64-row batch (1.1 % of a Kafka profile's samples).
     let statements = rows
         .iter()
-        .map(|(statement, _)| BatchStatement::PreparedStatement((*statement).clone()))
+        .map(|(statement, _)| BatchStatement::PreparedStatement(statement.prepared().clone()))
         .collect();
     let batch = unlogged_batch(statements);
     execute_with_retries(retries, || session.batch(&batch, &values))
