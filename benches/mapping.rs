@@ -16,6 +16,7 @@ use shardgate::bridge::message::SourceMessage;
 use shardgate::config::Config;
 use shardgate::devkit;
 use shardgate::mapping::{write_timestamp_us, Envelope, RouteMapper};
+use shardgate::sink::scylla::bound::RowBuilder;
 use shardgate::sink::scylla::TableSchema;
 
 fn orders_schema() -> TableSchema {
@@ -36,6 +37,23 @@ fn orders_schema() -> TableSchema {
             },
             ColumnKind::Regular,
         ),
+    ];
+    TableSchema {
+        columns: columns.into_iter().map(|(n, t, k)| (n.to_string(), (t, k))).collect(),
+        partition_key: vec!["order_id".into()],
+        clustering_key: vec![],
+    }
+}
+
+/// `orders5`: issue 13's 5-column orders (text key, bigint, decimal, int, timestamp).
+fn orders5_schema() -> TableSchema {
+    let native = ColumnType::Native;
+    let columns = [
+        ("order_id", native(NativeType::Text), ColumnKind::PartitionKey),
+        ("customer_id", native(NativeType::BigInt), ColumnKind::Regular),
+        ("amount", native(NativeType::Decimal), ColumnKind::Regular),
+        ("quantity", native(NativeType::Int), ColumnKind::Regular),
+        ("placed_at", native(NativeType::Timestamp), ColumnKind::Regular),
     ];
     TableSchema {
         columns: columns.into_iter().map(|(n, t, k)| (n.to_string(), (t, k))).collect(),
@@ -94,6 +112,44 @@ fn mapping(c: &mut Criterion) {
                 },
                 BatchSize::SmallInput,
             )
+        });
+    }
+    // Straight into serialized cells (what a route writes): the 8-column orders and the
+    // 5-column ones, beside the 5-column ones into CQL values.
+    let routes5 = devkit::orders5_route_toml("orders", "ks", "in", "g", "dl");
+    let config5 = Config::parse(&devkit::gateway_toml(&routes5), "bench").expect("bench config");
+    let orders5 = RouteMapper::new(&config5.routes[0], &[orders5_schema()]).expect("mapper");
+    let messages5: Vec<(String, String)> = (0..1024).map(devkit::order5_message).collect();
+    group.bench_function("json_order5_to_bound_row", |b| {
+        b.iter(|| {
+            for (offset, (key, payload)) in messages5.iter().enumerate() {
+                let offset = offset as i64;
+                let timestamp_us = write_timestamp_us(Some(1_700_000_000_000), offset);
+                let rows = orders5
+                    .map(&envelope(key, payload, offset), timestamp_us)
+                    .expect("valid row");
+                std::hint::black_box(rows);
+            }
+        })
+    });
+    for (name, mapper, messages) in [
+        ("json_order_to_cells", &plain, &messages),
+        ("json_order5_to_cells", &orders5, &messages5),
+    ] {
+        let mut builder = RowBuilder::with_capacity(messages.len() * 128);
+        let mut rows = Vec::with_capacity(messages.len());
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rows.clear();
+                for (offset, (key, payload)) in messages.iter().enumerate() {
+                    let offset = offset as i64;
+                    let timestamp_us = write_timestamp_us(Some(1_700_000_000_000), offset);
+                    mapper
+                        .map_cells(&envelope(key, payload, offset), timestamp_us, &mut builder, &mut rows)
+                        .expect("valid row");
+                }
+                std::hint::black_box(builder.seal());
+            })
         });
     }
     group.finish();

@@ -87,7 +87,7 @@ fn sealed_rows(builder: &mut RowBuilder, spans: Vec<RowSpan>) -> Vec<SerializedR
     let sealed = builder.seal();
     spans
         .into_iter()
-        .filter_map(|span| SerializedRow::new(&sealed, span))
+        .map(|span| SerializedRow::new(&sealed, span))
         .collect()
 }
 

@@ -35,6 +35,7 @@ use crate::runtime::budget::{Admitted, Budget};
 use crate::runtime::mesh::Mesh;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scylla as scylla_sink;
+use crate::sink::scylla::bound::{RowBuilder, SerializedRow};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions, WriteStatement};
 use crate::spool::record::RouteRecord;
@@ -69,6 +70,10 @@ impl RouteCounters {
     }
 }
 
+/// Room for one message's cells a batch's buffer starts with (a row of a few short columns);
+/// it grows past that.
+const CELL_BYTES_PER_MESSAGE: usize = 128;
+
 /// A row with the replica and shard it belongs to.
 type PlacedRow = (ReplicaShard, RowWork);
 
@@ -82,7 +87,7 @@ pub struct TargetStatements {
 
 impl TargetStatements {
     /// The statement a mapped row is written with: its target's delete or upsert.
-    pub fn of<'a>(statements: &'a [TargetStatements], row: &MappedRow) -> &'a WriteStatement {
+    pub fn of<'a, V>(statements: &'a [TargetStatements], row: &MappedRow<V>) -> &'a WriteStatement {
         let target = &statements[row.target];
         if row.delete {
             &target.delete
@@ -100,8 +105,8 @@ struct Pending {
     failure: Mutex<Option<(&'static str, String)>>,
 }
 
-/// One row of a message on its way to its owner core.
-type RowWork = (Arc<Pending>, MappedRow);
+/// One row of a message on its way to its owner core, its values serialized.
+type RowWork = (Arc<Pending>, MappedRow<SerializedRow>);
 
 /// What a core needs to turn a route's messages into rows. Shared by all cores.
 pub struct RouteWriter {
@@ -134,13 +139,13 @@ pub struct RouteWriter {
 }
 
 impl Statements<RowWork> for RouteWriter {
-    type Values = crate::sink::scylla::RowValues;
+    type Values = SerializedRow;
 
     fn statement(&self, (_, row): &RowWork) -> &WriteStatement {
-        RouteWriter::statement(self, row)
+        TargetStatements::of(&self.statements, row)
     }
 
-    fn values<'r>(&self, (_, row): &'r RowWork) -> &'r crate::sink::scylla::RowValues {
+    fn values<'r>(&self, (_, row): &'r RowWork) -> &'r SerializedRow {
         &row.values
     }
 }
@@ -167,10 +172,6 @@ pub async fn prepare_route(
 }
 
 impl RouteWriter {
-    fn statement(&self, row: &MappedRow) -> &WriteStatement {
-        TargetStatements::of(&self.statements, row)
-    }
-
     /// Processes a batch received on `core`. A spooled route first appends the batch to the
     /// core's spool, acknowledges the source once it is durable and releases the batch's
     /// admission into the core's budget (the source may read on while the rows are written), then writes the
@@ -238,40 +239,57 @@ impl RouteWriter {
     async fn write_batch(self: &Arc<Self>, core: usize, batch: Vec<SourceMessage>, fold: bool) {
         let ownership = self.ownership.load();
         let metrics = &self.metrics[core];
-        let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
         let mut unmappable = Vec::new();
         let mapped_ms = now_ms();
-        let capacity = batch.len();
         let fold = fold && !self.taps.is_empty();
+        // Every row's cells go into one buffer the batch's rows share; each message keeps how
+        // many rows it became, in order.
+        let mut builder = RowBuilder::with_capacity(batch.len() * CELL_BYTES_PER_MESSAGE);
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut mapped = Vec::with_capacity(batch.len());
         for work in batch {
-            let mapped = self.mapper.map(&work.envelope(&self.source), work.write_timestamp_us());
+            let envelope = work.envelope(&self.source);
             if fold {
-                self.fold(core, &work, mapped.as_deref().ok());
+                // Taps read CQL values, so a tapped route maps each message for them too.
+                let rows = self.mapper.map(&envelope, work.write_timestamp_us());
+                self.fold(core, &work, rows.as_deref().ok());
             }
-            match mapped {
-                Ok(rows) if rows.is_empty() => {
+            match self
+                .mapper
+                .map_cells(&envelope, work.write_timestamp_us(), &mut builder, &mut spans)
+            {
+                Ok(0) => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);
                     self.complete(core, &work, false, mapped_ms);
                 }
-                Ok(rows) => {
-                    let pending = Arc::new(Pending {
-                        work,
-                        rows_left: AtomicUsize::new(rows.len()),
-                        failure: Mutex::new(None),
-                    });
-                    for row in rows {
-                        let placement = place_row(self.statement(&row).prepared(), &row.values, &ownership);
-                        let (owner, replica_shard) = owner_of(placement, core);
-                        // Sized for the whole batch: growing by pushes moved every row
-                        // several times.
-                        by_owner
-                            .entry(owner)
-                            .or_insert_with(|| Vec::with_capacity(capacity))
-                            .push((replica_shard, (Arc::clone(&pending), row)));
-                    }
-                }
+                Ok(rows) => mapped.push((work, rows)),
                 Err(error) => unmappable.push((work, error)),
+            }
+        }
+        let cells = builder.seal();
+        let capacity = spans.len();
+        let mut spans = spans.into_iter();
+        let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
+        for (work, rows) in mapped {
+            let pending = Arc::new(Pending {
+                work,
+                rows_left: AtomicUsize::new(rows),
+                failure: Mutex::new(None),
+            });
+            for row in spans.by_ref().take(rows) {
+                let row = MappedRow {
+                    target: row.target,
+                    delete: row.delete,
+                    values: SerializedRow::new(&cells, row.values),
+                };
+                let statement = TargetStatements::of(&self.statements, &row);
+                let (owner, replica_shard) = owner_of(place_row(statement.prepared(), &row.values, &ownership), core);
+                // Sized for the whole batch: growing by pushes moved every row several times.
+                by_owner
+                    .entry(owner)
+                    .or_insert_with(|| Vec::with_capacity(capacity))
+                    .push((replica_shard, (Arc::clone(&pending), row)));
             }
         }
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {

@@ -398,12 +398,10 @@ impl IngestService {
         }
         // The batch's rows share one buffer.
         let sealed = builder.seal();
-        for (index, span) in spans {
-            match SerializedRow::new(&sealed, span) {
-                Some(values) => rows.push(PendingRow { index, values }),
-                None => errors.push(row_error(index, ErrorCode::BadValue, "the row's cells were lost")),
-            }
-        }
+        rows.extend(spans.into_iter().map(|(index, span)| PendingRow {
+            index,
+            values: SerializedRow::new(&sealed, span),
+        }));
         (rows, errors)
     }
 

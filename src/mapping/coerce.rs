@@ -18,8 +18,12 @@ use base64::Engine;
 use bigdecimal::BigDecimal;
 use num_bigint::BigInt;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
+use scylla::serialize::value::SerializeValue;
+use scylla::serialize::writers::CellWriter;
 use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, CqlValue, CqlVarint};
 use serde_json::Value;
+
+use crate::sink::scylla::bound::{put, write_collection};
 
 /// Why a value does not fit its column type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -381,15 +385,15 @@ fn coerce_native(value: Json<'_>, native: &NativeType) -> Result<CqlValue, Coerc
             }
             Ok(CqlValue::Ascii(text))
         }
-        NativeType::Boolean => match value {
-            Json::Bool(b) => Ok(CqlValue::Boolean(b)),
-            Json::String(s) if s.eq_ignore_ascii_case("true") => Ok(CqlValue::Boolean(true)),
-            Json::String(s) if s.eq_ignore_ascii_case("false") => Ok(CqlValue::Boolean(false)),
-            other => fail(format!(
-                "expected true or false for a `boolean` column, got {}",
-                preview(other)
-            )),
-        },
+        NativeType::Boolean => boolean_of(value).map(CqlValue::Boolean).map_or_else(
+            || {
+                fail(format!(
+                    "expected true or false for a `boolean` column, got {}",
+                    preview(value)
+                ))
+            },
+            Ok,
+        ),
         NativeType::TinyInt => integer(value, "tinyint")
             .and_then(|n| narrow(n, "tinyint"))
             .map(CqlValue::TinyInt),
@@ -434,6 +438,16 @@ fn coerce_native(value: Json<'_>, native: &NativeType) -> Result<CqlValue, Coerc
     }
 }
 
+/// A boolean from `true`, `false` or their text in any case.
+fn boolean_of(value: Json<'_>) -> Option<bool> {
+    match value {
+        Json::Bool(b) => Some(b),
+        Json::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Json::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
 fn as_text(value: Json<'_>) -> String {
     match value {
         Json::String(s) => s.to_string(),
@@ -441,13 +455,17 @@ fn as_text(value: Json<'_>) -> String {
     }
 }
 
-fn integer(value: Json<'_>, cql: &str) -> Result<i64, CoerceError> {
-    let parsed = match value {
+/// An integer from a JSON integer or integer text.
+fn integer_of(value: Json<'_>) -> Option<i64> {
+    match value {
         Json::Number(_) => value.as_i64(),
         Json::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
-    };
-    parsed.map_or_else(
+    }
+}
+
+fn integer(value: Json<'_>, cql: &str) -> Result<i64, CoerceError> {
+    integer_of(value).map_or_else(
         || {
             fail(format!(
                 "expected an integer for a `{cql}` column, got {}",
@@ -462,14 +480,18 @@ fn narrow<T: TryFrom<i64>>(n: i64, cql: &str) -> Result<T, CoerceError> {
     T::try_from(n).or_else(|_| fail(format!("{n} is out of range for a `{cql}` column")))
 }
 
-fn float(value: Json<'_>, cql: &str) -> Result<f64, CoerceError> {
-    let parsed = match value {
+/// A float from a JSON number or numeric text.
+fn float_of(value: Json<'_>) -> Option<f64> {
+    match value {
         // As `serde_json::Number::as_f64` answers.
         Json::Number(n) => n.parse::<f64>().ok().filter(|f| f.is_finite()),
         Json::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
-    };
-    parsed.map_or_else(
+    }
+}
+
+fn float(value: Json<'_>, cql: &str) -> Result<f64, CoerceError> {
+    float_of(value).map_or_else(
         || {
             fail(format!(
                 "expected a number for a `{cql}` column, got {}",
@@ -520,26 +542,33 @@ fn varint(value: Json<'_>) -> Result<CqlValue, CoerceError> {
     )))
 }
 
-fn timestamp(value: Json<'_>) -> Result<CqlValue, CoerceError> {
-    let millis = match value {
+/// Epoch milliseconds from a JSON integer or RFC 3339 text.
+fn timestamp_of(value: Json<'_>) -> Option<i64> {
+    match value {
         Json::Number(_) => value.as_i64(),
         Json::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
             .ok()
             .map(|t| t.timestamp_millis()),
         _ => None,
-    };
-    millis.map(|m| CqlValue::Timestamp(CqlTimestamp(m))).map_or_else(
-        || {
-            fail(format!(
-                "expected epoch milliseconds or RFC 3339 text for a `timestamp` column, got {}",
-                preview(value)
-            ))
-        },
-        Ok,
-    )
+    }
 }
 
-fn date(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+fn timestamp(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+    timestamp_of(value)
+        .map(|m| CqlValue::Timestamp(CqlTimestamp(m)))
+        .map_or_else(
+            || {
+                fail(format!(
+                    "expected epoch milliseconds or RFC 3339 text for a `timestamp` column, got {}",
+                    preview(value)
+                ))
+            },
+            Ok,
+        )
+}
+
+/// A CQL date (days, with 2^31 the epoch) from `YYYY-MM-DD` or days since 1970-01-01.
+fn date_of(value: Json<'_>) -> Option<u32> {
     let days = match value {
         Json::Number(_) => value.as_i64(),
         Json::String(s) => chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
@@ -547,8 +576,11 @@ fn date(value: Json<'_>) -> Result<CqlValue, CoerceError> {
             .map(|d| d.signed_duration_since(chrono::NaiveDate::default()).num_days()),
         _ => None,
     };
-    let encoded = days.and_then(|d| u32::try_from(d + CQL_DATE_EPOCH).ok());
-    encoded.map(|d| CqlValue::Date(CqlDate(d))).map_or_else(
+    days.and_then(|d| u32::try_from(d.checked_add(CQL_DATE_EPOCH)?).ok())
+}
+
+fn date(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+    date_of(value).map(|d| CqlValue::Date(CqlDate(d))).map_or_else(
         || {
             fail(format!(
                 "expected `YYYY-MM-DD` or days since 1970-01-01 for a `date` column, got {}",
@@ -559,7 +591,8 @@ fn date(value: Json<'_>) -> Result<CqlValue, CoerceError> {
     )
 }
 
-fn time(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+/// Nanoseconds since midnight from `HH:MM:SS[.fraction]` or a JSON integer, within a day.
+fn time_of(value: Json<'_>) -> Option<i64> {
     let nanos = match value {
         Json::Number(_) => value.as_i64(),
         Json::String(s) => chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M:%S%.f")
@@ -571,12 +604,24 @@ fn time(value: Json<'_>) -> Result<CqlValue, CoerceError> {
             }),
         _ => None,
     };
-    match nanos {
-        Some(n) if (0..NANOS_PER_DAY).contains(&n) => Ok(CqlValue::Time(CqlTime(n))),
+    nanos.filter(|n| (0..NANOS_PER_DAY).contains(n))
+}
+
+fn time(value: Json<'_>) -> Result<CqlValue, CoerceError> {
+    match time_of(value) {
+        Some(n) => Ok(CqlValue::Time(CqlTime(n))),
         _ => fail(format!(
             "expected `HH:MM:SS[.fraction]` or nanoseconds since midnight for a `time` column, got {}",
             preview(value)
         )),
+    }
+}
+
+/// A UUID from its text.
+fn uuid_of(value: Json<'_>) -> Option<uuid::Uuid> {
+    match value {
+        Json::String(s) => uuid::Uuid::parse_str(s.trim()).ok(),
+        _ => None,
     }
 }
 
@@ -614,6 +659,153 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// Appends `value`, for a column of type `typ`, to `buffer` as one serialized CQL cell (a
+/// 4-byte length, then the bytes): the bytes [`coerce_json`] and the driver's serialization give,
+/// without building the `CqlValue` (held to them by property tests). Scalars and collections of
+/// them are written straight from the JSON; `varint`, tuples, UDTs and every value that does
+/// not fit go through [`coerce_json`], so errors read the same. `null` is the caller's (as for
+/// [`coerce_json`]). On error `buffer` is as it was.
+pub fn write_cell(value: Json<'_>, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> Result<(), CoerceError> {
+    let start = buffer.len();
+    if write_direct(value, typ, buffer).is_some() {
+        return Ok(());
+    }
+    buffer.truncate(start);
+    let cql = coerce_json(value, typ)?;
+    cql.serialize(typ, CellWriter::new(buffer)).map(|_| ()).map_err(|e| {
+        buffer.truncate(start);
+        CoerceError { reason: e.to_string() }
+    })
+}
+
+/// [`write_cell`]'s direct path: `None` when `value` is not written here (a type it leaves to
+/// [`coerce_json`], or a value that does not fit), with `buffer` left to be truncated by the
+/// caller. The rules are [`coerce_native`]'s, through the same readers (`integer_of`, ...).
+fn write_direct(value: Json<'_>, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> Option<()> {
+    let native = match typ {
+        ColumnType::Native(native) => native,
+        ColumnType::Collection {
+            typ: CollectionType::List(element) | CollectionType::Set(element),
+            ..
+        } => {
+            let Json::Array(items) = value else {
+                return None;
+            };
+            return write_collection(buffer, |buffer| {
+                for item in items {
+                    if item.is_null() {
+                        return None;
+                    }
+                    write_direct(item.into(), element, buffer)?;
+                }
+                Some(items.len())
+            });
+        }
+        ColumnType::Collection {
+            typ: CollectionType::Map(key_type, value_type),
+            ..
+        } => {
+            let Json::Object(object) = value else {
+                return None;
+            };
+            return write_collection(buffer, |buffer| {
+                for (key, item) in object {
+                    write_direct(Json::String(key), key_type, buffer)?;
+                    if item.is_null() {
+                        return None;
+                    }
+                    write_direct(item.into(), value_type, buffer)?;
+                }
+                Some(object.len())
+            });
+        }
+        _ => return None,
+    };
+    // What a text column holds: the string, or a number's or boolean's JSON text.
+    let text = match value {
+        Json::String(s) | Json::Number(s) => Some(s.as_bytes()),
+        Json::Bool(true) => Some(b"true".as_slice()),
+        Json::Bool(false) => Some(b"false".as_slice()),
+        _ => None,
+    };
+    match native {
+        NativeType::Text => put(buffer, text?),
+        NativeType::Ascii => put(buffer, text.filter(|t| t.is_ascii())?),
+        NativeType::Boolean => put(buffer, &[u8::from(boolean_of(value)?)]),
+        NativeType::TinyInt => put(buffer, &i8::try_from(integer_of(value)?).ok()?.to_be_bytes()),
+        NativeType::SmallInt => put(buffer, &i16::try_from(integer_of(value)?).ok()?.to_be_bytes()),
+        NativeType::Int => put(buffer, &i32::try_from(integer_of(value)?).ok()?.to_be_bytes()),
+        NativeType::BigInt => put(buffer, &integer_of(value)?.to_be_bytes()),
+        NativeType::Float => put(buffer, &(float_of(value)? as f32).to_be_bytes()),
+        NativeType::Double => put(buffer, &float_of(value)?.to_be_bytes()),
+        NativeType::Decimal => write_small_decimal(number_text(value)?, buffer),
+        NativeType::Timestamp => put(buffer, &timestamp_of(value)?.to_be_bytes()),
+        NativeType::Date => put(buffer, &date_of(value)?.to_be_bytes()),
+        NativeType::Time => put(buffer, &time_of(value)?.to_be_bytes()),
+        NativeType::Uuid => put(buffer, uuid_of(value)?.as_bytes()),
+        NativeType::Timeuuid => put(
+            buffer,
+            uuid_of(value).filter(|id| id.get_version_num() == 1)?.as_bytes(),
+        ),
+        NativeType::Inet => match value {
+            Json::String(s) => match IpAddr::from_str(s).ok()? {
+                IpAddr::V4(address) => put(buffer, &address.octets()),
+                IpAddr::V6(address) => put(buffer, &address.octets()),
+            },
+            _ => None,
+        },
+        NativeType::Blob => put(buffer, &blob(value).ok()?),
+        _ => None,
+    }
+}
+
+/// Writes a decimal literal of at most 18 digits, `-?D+(.D+)?` (the usual money amount), as
+/// [`decimal`] would: the digits as written are the unscaled value, the fraction's length the
+/// scale. `None` for any other literal (an exponent, a sign `+`, more digits), left to
+/// [`decimal`].
+fn write_small_decimal(literal: &str, buffer: &mut Vec<u8>) -> Option<()> {
+    const DIGITS_MAX: usize = 18;
+    let (negative, unsigned) = match literal.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, literal),
+    };
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    if whole.is_empty()
+        || (unsigned.len() > whole.len() && fraction.is_empty())
+        || whole.len() + fraction.len() > DIGITS_MAX
+    {
+        return None;
+    }
+    let mut unscaled: i64 = 0;
+    for digit in whole.bytes().chain(fraction.bytes()) {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        // Cannot overflow: at most 18 digits.
+        unscaled = unscaled * 10 + i64::from(digit - b'0');
+    }
+    if negative {
+        unscaled = -unscaled;
+    }
+    let scale = i32::try_from(fraction.len()).ok()?;
+    let bytes = unscaled.to_be_bytes();
+    // Two's complement in as few bytes as keep the sign, as `BigInt::to_signed_bytes_be` writes.
+    let mut first = 0;
+    while first < bytes.len() - 1 {
+        let redundant = (bytes[first] == 0x00 && bytes[first + 1] & 0x80 == 0)
+            || (bytes[first] == 0xff && bytes[first + 1] & 0x80 != 0);
+        if !redundant {
+            break;
+        }
+        first += 1;
+    }
+    let unscaled = &bytes[first..];
+    buffer.extend_from_slice(&i32::try_from(4 + unscaled.len()).ok()?.to_be_bytes());
+    buffer.extend_from_slice(&scale.to_be_bytes());
+    buffer.extend_from_slice(unscaled);
+    Some(())
 }
 
 #[cfg(test)]
@@ -797,5 +989,142 @@ mod tests {
         let long = json!("x".repeat(1000));
         let error = coerce(&long, &native(NativeType::Int)).expect_err("not an int");
         assert!(error.reason.len() < 200, "{}", error.reason);
+    }
+
+    /// Column types a JSON value may be written to: every native type routes write, and
+    /// collections of them (one nested).
+    fn column_types() -> Vec<ColumnType<'static>> {
+        use NativeType::*;
+        let natives = [
+            Ascii, Boolean, Blob, Date, Decimal, Double, Float, Int, BigInt, Text, Timestamp, Inet, SmallInt, TinyInt,
+            Time, Timeuuid, Uuid, Varint,
+        ];
+        let mut types: Vec<ColumnType<'static>> = natives.into_iter().map(native).collect();
+        let collection = |typ| ColumnType::Collection { frozen: false, typ };
+        types.push(collection(CollectionType::List(Box::new(native(Int)))));
+        types.push(collection(CollectionType::Set(Box::new(native(Text)))));
+        types.push(collection(CollectionType::Set(Box::new(native(Decimal)))));
+        types.push(collection(CollectionType::Map(
+            Box::new(native(Int)),
+            Box::new(collection(CollectionType::List(Box::new(native(Double))))),
+        )));
+        types.push(ColumnType::Tuple(vec![native(Int), native(Text)]));
+        types
+    }
+
+    /// JSON scalars in the forms columns read (and near misses), and arrays and objects of them.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let literal = |literals: &'static [&'static str]| {
+            proptest::sample::select(literals).prop_map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+        };
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            (-70_000i64..70_000).prop_map(Value::from),
+            // Numbers as written: decimals of every width, exponents, signs, huge integers.
+            (any::<i64>(), 0u32..20).prop_map(|(n, point)| {
+                let digits = n.unsigned_abs().to_string();
+                let point = (point as usize).min(digits.len());
+                let sign = if n < 0 { "-" } else { "" };
+                let (whole, fraction) = digits.split_at(digits.len() - point);
+                let whole = if whole.is_empty() { "0" } else { whole };
+                let text = if fraction.is_empty() {
+                    format!("{sign}{whole}")
+                } else {
+                    format!("{sign}{whole}.{fraction}")
+                };
+                serde_json::from_str::<Value>(&text).expect("a JSON number")
+            }),
+            literal(&[
+                "1E+3",
+                "-0.50",
+                "0.0",
+                "-0",
+                "12345678901234567890123",
+                "7e0",
+                "1.5e-7",
+                "99999999999999999.9",
+                "-9223372036854775808",
+                "9223372036854775807.1"
+            ]),
+            // Text in the forms of each type, and near misses.
+            proptest::sample::select(
+                &[
+                    "true",
+                    "FALSE",
+                    "yes",
+                    " 42 ",
+                    "-7",
+                    "1.25",
+                    "+5",
+                    "0.5.1",
+                    "-",
+                    "",
+                    "é",
+                    "2024-02-29",
+                    "2024-13-01",
+                    "12:30:00.5",
+                    "24:00:00",
+                    "2024-05-01T10:00:00Z",
+                    "2024-05-01T10:00:00+02:00",
+                    "not a time",
+                    "4a7e8b1c-3f6d-11ee-be56-0242ac120002",
+                    "4a7e8b1c-3f6d-41ee-be56-0242ac120002",
+                    "127.0.0.1",
+                    "::1",
+                    "300.1.1.1",
+                    "0xdeadBEEF",
+                    "0xabc",
+                    "aGVsbG8=",
+                    "!!",
+                    "12345678901234567890",
+                    "-0.00",
+                    "00012.3400",
+                ][..]
+            )
+            .prop_map(Value::from),
+            "[a-z0-9 .:-]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((prop_oneof![Just("1"), Just("x"), Just("-2")], inner), 0..3)
+                    .prop_map(|members| Value::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any JSON value against any column type is written as the exact cell the driver
+        /// makes of its coerced CQL value, or refused with coercion's own error and nothing
+        /// left behind.
+        #[test]
+        fn cells_are_the_drivers_bytes_of_coerced_values(value in json_value()) {
+            for typ in column_types() {
+                if value.is_null() {
+                    continue;
+                }
+                let mut direct = vec![7];
+                let written = write_cell((&value).into(), &typ, &mut direct);
+                let mut through_cql = vec![7];
+                let coerced = coerce(&value, &typ).and_then(|cql| {
+                    cql.serialize(&typ, CellWriter::new(&mut through_cql))
+                        .map(|_| ())
+                        .map_err(|e| CoerceError { reason: e.to_string() })
+                });
+                match (written, coerced) {
+                    (Ok(()), Ok(())) => prop_assert_eq!(&direct, &through_cql, "{} as {:?}", value, typ),
+                    (Err(direct_error), Err(error)) => {
+                        prop_assert_eq!(direct_error, error);
+                        prop_assert_eq!(&direct, &vec![7], "a refused value left bytes behind");
+                    }
+                    (written, coerced) => prop_assert!(false, "{value} as {typ:?}: direct {written:?}, coerced {coerced:?}"),
+                }
+            }
+        }
     }
 }

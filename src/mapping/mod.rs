@@ -32,6 +32,7 @@ use self::expr::{Bound, Expr, Variables};
 use self::format::Decoder;
 use self::project::{Projected, Projection};
 use crate::config::{ColumnMapping, FieldRef, RouteConfig, TargetConfig, TimeUnit, TtlConfig};
+use crate::sink::scylla::bound::{put, RowBuilder, RowSpan};
 use crate::sink::scylla::schema::warn_replay_unsafe_columns;
 use crate::sink::scylla::schema::{RowValues, TableSchema};
 use crate::sink::scylla::statement::{delete_statement, insert_statement};
@@ -132,6 +133,13 @@ impl TargetMapper {
             .into_iter()
             .map(|mapping| bind_column(&route.name, &table_name, &prefix, table, mapping))
             .collect::<Result<Vec<_>, _>>()?;
+        // An upsert binds the columns, a TTL and the write timestamp; CQL binds at most 65,535.
+        if columns.len() + 2 > usize::from(u16::MAX) {
+            return Err(SchemaError::Targets {
+                route: route.name.clone(),
+                reason: format!("`{table_name}` maps {} columns; {TOO_MANY_VALUES}", columns.len()),
+            });
+        }
         let mut primary_key = Vec::new();
         for key_column in table.partition_key.iter().chain(&table.clustering_key) {
             let Some(position) = columns.iter().position(|c| &c.name == key_column) else {
@@ -210,14 +218,157 @@ fn bind_column(
 
 /// One row a message becomes: an upsert or a delete of one target table.
 #[derive(Debug)]
-pub struct MappedRow {
+pub struct MappedRow<V = RowValues> {
     /// Index of the target in [`RouteMapper::targets`].
     pub target: usize,
     /// A delete (bound to the target's delete statement) rather than an upsert.
     pub delete: bool,
     /// Bound values, in the order of the statement (see [`RouteMapper::upsert_statement`] and
-    /// [`RouteMapper::delete_statement`]).
-    pub values: RowValues,
+    /// [`RouteMapper::delete_statement`]): CQL values ([`RouteMapper::map`]) or where the
+    /// row's serialized cells are ([`RouteMapper::map_cells`]).
+    pub values: V,
+}
+
+/// Where a message's bound values go, one row at a time: CQL values, or serialized cells in a
+/// [`RowBuilder`]. Values come in statement order, between [`RowOutput::start`] and
+/// [`RowOutput::finish`].
+trait RowOutput {
+    /// A finished row.
+    type Row;
+    /// Starts a row of `values` values, dropping whatever an unfinished one left.
+    fn start(&mut self, values: usize);
+    /// A value for a column of `typ`, coerced to it.
+    fn value(&mut self, value: Json<'_>, typ: &ColumnType<'_>) -> Result<(), coerce::CoerceError>;
+    /// A `blob` column's bytes.
+    fn blob(&mut self, bytes: &[u8]) -> Result<(), coerce::CoerceError>;
+    /// A null.
+    fn null(&mut self);
+    /// Unset: the column keeps what it holds.
+    fn unset(&mut self);
+    /// An `int` (the TTL).
+    fn int(&mut self, value: i32);
+    /// A `bigint` (the write timestamp).
+    fn bigint(&mut self, value: i64);
+    /// Ends the row; `None` when it holds more values than a statement can bind.
+    fn finish(&mut self) -> Option<Self::Row>;
+}
+
+/// Rows of CQL values ([`RouteMapper::map`]).
+#[derive(Default)]
+struct CqlOutput {
+    values: RowValues,
+}
+
+impl RowOutput for CqlOutput {
+    type Row = RowValues;
+
+    fn start(&mut self, values: usize) {
+        self.values = Vec::with_capacity(values);
+    }
+
+    fn value(&mut self, value: Json<'_>, typ: &ColumnType<'_>) -> Result<(), coerce::CoerceError> {
+        let value = coerce::coerce_json(value, typ)?;
+        self.values.push(MaybeUnset::Set(Some(value)));
+        Ok(())
+    }
+
+    fn blob(&mut self, bytes: &[u8]) -> Result<(), coerce::CoerceError> {
+        self.values.push(MaybeUnset::Set(Some(CqlValue::Blob(bytes.to_vec()))));
+        Ok(())
+    }
+
+    fn null(&mut self) {
+        self.values.push(MaybeUnset::Set(None));
+    }
+
+    fn unset(&mut self) {
+        self.values.push(MaybeUnset::Unset);
+    }
+
+    fn int(&mut self, value: i32) {
+        self.values.push(MaybeUnset::Set(Some(CqlValue::Int(value))));
+    }
+
+    fn bigint(&mut self, value: i64) {
+        self.values.push(MaybeUnset::Set(Some(CqlValue::BigInt(value))));
+    }
+
+    fn finish(&mut self) -> Option<RowValues> {
+        Some(std::mem::take(&mut self.values))
+    }
+}
+
+/// Rows of serialized cells in one buffer ([`RouteMapper::map_cells`]).
+struct CellOutput<'b> {
+    builder: &'b mut RowBuilder,
+    /// A cell past the 65,535 a row can hold was refused.
+    overflow: bool,
+}
+
+impl CellOutput<'_> {
+    /// The buffer to write the next cell at the end of; `None` past a row's 65,535 cells.
+    fn cell(&mut self) -> Option<&mut Vec<u8>> {
+        let cell = self.builder.cell().ok();
+        self.overflow |= cell.is_none();
+        cell
+    }
+}
+
+/// More values than a statement binds (65,535); [`RouteMapper::new`] refuses targets that
+/// could need them.
+const TOO_MANY_VALUES: &str = "a row holds at most 65535 values";
+
+impl RowOutput for CellOutput<'_> {
+    type Row = RowSpan;
+
+    fn start(&mut self, _: usize) {
+        self.builder.start();
+        self.overflow = false;
+    }
+
+    fn value(&mut self, value: Json<'_>, typ: &ColumnType<'_>) -> Result<(), coerce::CoerceError> {
+        match self.cell() {
+            Some(buffer) => coerce::write_cell(value, typ, buffer),
+            None => Ok(()),
+        }
+    }
+
+    fn blob(&mut self, bytes: &[u8]) -> Result<(), coerce::CoerceError> {
+        let Some(buffer) = self.cell() else {
+            return Ok(());
+        };
+        put(buffer, bytes).ok_or_else(|| coerce::CoerceError {
+            reason: "the payload is larger than a CQL value can be (2 GiB)".into(),
+        })
+    }
+
+    fn null(&mut self) {
+        if let Some(buffer) = self.cell() {
+            buffer.extend_from_slice(&(-1i32).to_be_bytes());
+        }
+    }
+
+    fn unset(&mut self) {
+        self.overflow |= self.builder.unset().is_err();
+    }
+
+    fn int(&mut self, value: i32) {
+        if let Some(buffer) = self.cell() {
+            buffer.extend_from_slice(&4i32.to_be_bytes());
+            buffer.extend_from_slice(&value.to_be_bytes());
+        }
+    }
+
+    fn bigint(&mut self, value: i64) {
+        self.overflow |= self.builder.bigint(value).is_err();
+    }
+
+    fn finish(&mut self) -> Option<RowSpan> {
+        if self.overflow {
+            return None;
+        }
+        self.builder.finish()
+    }
 }
 
 /// What a mapper sees of one message.
@@ -389,7 +540,7 @@ impl<'a, 'm> Message<'a, 'm> {
         Ok(found)
     }
 
-    fn bind(&self, column: &BoundColumn, primary_key: bool) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
+    fn bind(&self, column: &BoundColumn, primary_key: bool, out: &mut impl RowOutput) -> Result<(), MappingError> {
         let found = match (&column.slots, self.document) {
             (Some(slots), Decoded::Projected(projection, document)) => {
                 projection.at(document, slots).map_or(Found::Missing, Found::Json)
@@ -416,25 +567,24 @@ impl<'a, 'm> Message<'a, 'm> {
                 })
             }
             Found::Missing if primary_key => return Err(missing_key()),
-            Found::Missing => return Ok(MaybeUnset::Unset),
+            Found::Missing => {
+                out.unset();
+                return Ok(());
+            }
             Found::Bytes(bytes) => match &column.typ {
-                ColumnType::Native(NativeType::Blob) => {
-                    return Ok(MaybeUnset::Set(Some(CqlValue::Blob(bytes.to_vec()))))
-                }
+                ColumnType::Native(NativeType::Blob) => return out.blob(bytes).map_err(|e| bad(e.reason)),
                 _ => Json::String(std::str::from_utf8(bytes).map_err(|_| bad("the payload is not UTF-8 text".into()))?),
             },
             found => found.json().unwrap_or(Json::Null),
         };
         if value.is_null() {
-            return if primary_key {
-                Err(missing_key())
-            } else {
-                Ok(MaybeUnset::Set(None))
-            };
+            if primary_key {
+                return Err(missing_key());
+            }
+            out.null();
+            return Ok(());
         }
-        coerce::coerce_json(value, &column.typ)
-            .map(|v| MaybeUnset::Set(Some(v)))
-            .map_err(|e| bad(e.reason))
+        out.value(value, &column.typ).map_err(|e| bad(e.reason))
     }
 }
 
@@ -548,6 +698,45 @@ impl RouteMapper {
     /// position), used unless the route reads it from a field. An empty result means the message
     /// was filtered out (or went to no target) and is done.
     pub fn map(&self, envelope: &Envelope<'_>, timestamp_us: i64) -> Result<Vec<MappedRow>, MappingError> {
+        let mut rows = Vec::new();
+        self.map_with(envelope, timestamp_us, &mut CqlOutput::default(), &mut rows)?;
+        Ok(rows)
+    }
+
+    /// [`RouteMapper::map`] with each row's values serialized as CQL cells at the end of
+    /// `builder` (the bytes the driver would make of `map`'s values), no `CqlValue` in between:
+    /// the rows are pushed onto `rows`, each with where its cells are, to be sealed with the
+    /// rest of the batch. Returns how many rows the message became; on error `rows` is as it
+    /// was (cells of the message's finished rows stay in `builder`, unused).
+    pub fn map_cells(
+        &self,
+        envelope: &Envelope<'_>,
+        timestamp_us: i64,
+        builder: &mut RowBuilder,
+        rows: &mut Vec<MappedRow<RowSpan>>,
+    ) -> Result<usize, MappingError> {
+        let before = rows.len();
+        let mut out = CellOutput {
+            builder,
+            overflow: false,
+        };
+        match self.map_with(envelope, timestamp_us, &mut out, rows) {
+            Ok(()) => Ok(rows.len() - before),
+            Err(error) => {
+                rows.truncate(before);
+                Err(error)
+            }
+        }
+    }
+
+    /// Maps one message into `out`, pushing its rows onto `rows` (see [`RouteMapper::map`]).
+    fn map_with<O: RowOutput>(
+        &self,
+        envelope: &Envelope<'_>,
+        timestamp_us: i64,
+        out: &mut O,
+        rows: &mut Vec<MappedRow<O::Row>>,
+    ) -> Result<(), MappingError> {
         let tombstone = envelope.payload.is_none();
         let decoded = match envelope.payload {
             Some(payload) => self.decode(payload)?,
@@ -563,7 +752,7 @@ impl RouteMapper {
         if !tombstone {
             if let Some(filter) = &self.filter {
                 if !message.condition("filter", filter)? {
-                    return Ok(Vec::new());
+                    return Ok(());
                 }
             }
         }
@@ -577,34 +766,40 @@ impl RouteMapper {
             None => timestamp_us,
         };
         let chosen = self.chosen_targets(&message, tombstone)?;
-        let mut rows = Vec::with_capacity(chosen.len());
+        rows.reserve(chosen.len());
         for index in chosen {
             let target = &self.targets[index];
-            let values = if delete {
-                let mut values = Vec::with_capacity(target.primary_key.len() + 1);
-                values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
+            if delete {
+                out.start(target.primary_key.len() + 1);
+                out.bigint(timestamp_us);
                 for &i in &target.primary_key {
-                    values.push(message.bind(&target.columns[i], true)?);
+                    message.bind(&target.columns[i], true, out)?;
                 }
-                values
             } else {
-                let mut values = Vec::with_capacity(target.columns.len() + 2);
+                out.start(target.columns.len() + 2);
                 for (i, column) in target.columns.iter().enumerate() {
-                    values.push(message.bind(column, target.primary_key.contains(&i))?);
+                    message.bind(column, target.primary_key.contains(&i), out)?;
                 }
                 if self.ttl.is_some() {
-                    values.push(self.ttl_value(&message)?);
+                    match self.ttl_seconds(&message)? {
+                        Some(seconds) => out.int(seconds),
+                        None => out.unset(),
+                    }
                 }
-                values.push(MaybeUnset::Set(Some(CqlValue::BigInt(timestamp_us))));
-                values
-            };
+                out.bigint(timestamp_us);
+            }
+            let values = out.finish().ok_or_else(|| MappingError::BadAttribute {
+                key: "columns",
+                field: target.qualified(),
+                reason: TOO_MANY_VALUES.into(),
+            })?;
             rows.push(MappedRow {
                 target: index,
                 delete,
                 values,
             });
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// Decodes a payload: projected when the route allows and the payload is one JSON object,
@@ -735,10 +930,11 @@ impl RouteMapper {
         Ok(Some(micros))
     }
 
-    fn ttl_value(&self, message: &Message<'_, '_>) -> Result<MaybeUnset<Option<CqlValue>>, MappingError> {
+    /// The row's TTL in seconds; `None` leaves it unset.
+    fn ttl_seconds(&self, message: &Message<'_, '_>) -> Result<Option<i32>, MappingError> {
         let field = match &self.ttl {
-            None => return Ok(MaybeUnset::Unset),
-            Some(TtlConfig::Seconds(seconds)) => return Ok(MaybeUnset::Set(Some(CqlValue::Int(*seconds)))),
+            None => return Ok(None),
+            Some(TtlConfig::Seconds(seconds)) => return Ok(Some(*seconds)),
             Some(TtlConfig::Field(field)) => field,
         };
         let bad = |reason: String| MappingError::BadAttribute {
@@ -748,17 +944,17 @@ impl RouteMapper {
         };
         let found = message.field(field, "ttl")?;
         let seconds = match &found {
-            Found::Missing => return Ok(MaybeUnset::Unset),
+            Found::Missing => return Ok(None),
             Found::Bytes(bytes) => std::str::from_utf8(bytes).ok().and_then(|s| s.trim().parse().ok()),
             found => match found.json() {
-                None | Some(Json::Null) => return Ok(MaybeUnset::Unset),
+                None | Some(Json::Null) => return Ok(None),
                 Some(number @ Json::Number(_)) => number.as_i64(),
                 Some(Json::String(s)) => s.trim().parse::<i64>().ok(),
                 Some(_) => None,
             },
         };
         match seconds {
-            Some(seconds @ 0..=TTL_MAX_SECONDS) => Ok(MaybeUnset::Set(Some(CqlValue::Int(seconds as i32)))),
+            Some(seconds @ 0..=TTL_MAX_SECONDS) => Ok(Some(seconds as i32)),
             _ => Err(bad(format!("expected whole seconds between 0 and {TTL_MAX_SECONDS}"))),
         }
     }

@@ -11,6 +11,7 @@ use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, Cql
 
 use super::proto::value::Kind;
 use super::proto::{Decimal, Duration, Map, MapEntry, Udt, UdtField, Value, Values};
+use crate::sink::scylla::bound::{put, write_collection};
 
 /// Days between CQL's date origin and 1970-01-01 (2^31).
 pub(crate) const CQL_DATE_EPOCH: i64 = 1 << 31;
@@ -51,13 +52,6 @@ pub fn write_cell(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> 
         buffer.truncate(start);
         ConvertError(e.to_string())
     })
-}
-
-/// Appends a cell holding `bytes`; `None` past the protocol's 2 GiB cell size.
-pub(crate) fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
-    buffer.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
-    buffer.extend_from_slice(bytes);
-    Some(())
 }
 
 /// [`write_cell`]'s direct path: `None` when `value` is not written here (a kind it leaves to
@@ -154,24 +148,6 @@ fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth
         },
         _ => None,
     }
-}
-
-/// Appends a collection cell: its length, the element count, then what `elements` writes
-/// (which returns how many elements it wrote).
-pub(crate) fn write_collection(
-    buffer: &mut Vec<u8>,
-    elements: impl FnOnce(&mut Vec<u8>) -> Option<usize>,
-) -> Option<()> {
-    // The length and the element count are known once the elements are written.
-    let start = buffer.len();
-    buffer.extend_from_slice(&[0; 8]);
-    let count = i32::try_from(elements(buffer)?).ok()?;
-    let length = i32::try_from(buffer.len() - start - 4).ok()?;
-    buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
-    buffer
-        .get_mut(start + 4..start + 8)?
-        .copy_from_slice(&count.to_be_bytes());
-    Some(())
 }
 
 fn kind_name(kind: &Option<Kind>) -> &'static str {

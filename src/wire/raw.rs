@@ -15,8 +15,9 @@ use bytes::Bytes;
 use prost::Message;
 use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 
-use super::convert::{self, put, write_collection, ConvertError, CQL_DATE_EPOCH, NANOS_PER_DAY, NESTING_MAX};
+use super::convert::{self, ConvertError, CQL_DATE_EPOCH, NANOS_PER_DAY, NESTING_MAX};
 use super::proto::Value;
+use crate::sink::scylla::bound::{put, write_collection};
 
 /// `shardgate.v1.RowBatch` with its rows encoded (each a `shardgate.v1.Row`).
 #[derive(Clone, PartialEq, Message)]

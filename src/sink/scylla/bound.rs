@@ -121,18 +121,18 @@ impl SerializedRow {
         self.span.count == 0
     }
 
-    /// The row `span` of a sealed buffer; `None` when the span is not in it.
-    pub fn new(buffer: &Arc<[u8]>, span: RowSpan) -> Option<SerializedRow> {
-        buffer.get(span.start..span.end)?;
-        Some(SerializedRow {
+    /// The row `span` of the buffer its builder sealed ([`RowBuilder::seal`]). A span from
+    /// another buffer reads as torn cells, which serialization refuses: the row is refused, never
+    /// sent wrong.
+    pub fn new(buffer: &Arc<[u8]>, span: RowSpan) -> SerializedRow {
+        SerializedRow {
             buffer: Arc::clone(buffer),
             span,
-        })
+        }
     }
 
-    /// The cells, one after another.
+    /// The cells, one after another (none when the span is not in the buffer).
     fn cells(&self) -> &[u8] {
-        // In bounds: checked when the row was made.
         self.buffer.get(self.span.start..self.span.end).unwrap_or_default()
     }
 }
@@ -150,7 +150,9 @@ impl SerializeRow for SerializedRow {
                 markers,
             }));
         }
+        let mut written = 0;
         for cell in cells_of(self.cells()) {
+            written += 1;
             let cell_writer = writer.make_cell_writer();
             match cell {
                 Cell::Value(bytes) => {
@@ -164,6 +166,13 @@ impl SerializeRow for SerializedRow {
                     cell_writer.set_unset();
                 }
             }
+        }
+        if written != markers {
+            // Torn cells: refused before anything is sent.
+            return Err(SerializationError::new(MarkerCountMismatch {
+                cells: written,
+                markers,
+            }));
         }
         Ok(())
     }
@@ -273,9 +282,31 @@ impl RowBuilder {
 
     /// Seals the buffer for the one row `span` (tests and tools; a batch seals once for all
     /// its rows).
-    pub fn single(&mut self, span: RowSpan) -> Option<SerializedRow> {
+    pub fn single(&mut self, span: RowSpan) -> SerializedRow {
         SerializedRow::new(&self.seal(), span)
     }
+}
+
+/// Appends a cell holding `bytes`; `None` past the protocol's 2 GiB cell size.
+pub fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
+    buffer.extend_from_slice(&i32::try_from(bytes.len()).ok()?.to_be_bytes());
+    buffer.extend_from_slice(bytes);
+    Some(())
+}
+
+/// Appends a collection cell: its length, the element count, then what `elements` writes
+/// (which returns how many elements it wrote).
+pub fn write_collection(buffer: &mut Vec<u8>, elements: impl FnOnce(&mut Vec<u8>) -> Option<usize>) -> Option<()> {
+    // The length and the element count are known once the elements are written.
+    let start = buffer.len();
+    buffer.extend_from_slice(&[0; 8]);
+    let count = i32::try_from(elements(buffer)?).ok()?;
+    let length = i32::try_from(buffer.len() - start - 4).ok()?;
+    buffer.get_mut(start..start + 4)?.copy_from_slice(&length.to_be_bytes());
+    buffer
+        .get_mut(start + 4..start + 8)?
+        .copy_from_slice(&count.to_be_bytes());
+    Some(())
 }
 
 #[cfg(test)]
@@ -302,8 +333,8 @@ mod tests {
         builder.bigint(8).expect("room");
         let second = builder.finish().expect("whole cells");
         let sealed = builder.seal();
-        let row = SerializedRow::new(&sealed, span).expect("in the buffer");
-        let other = SerializedRow::new(&sealed, second).expect("in the buffer");
+        let row = SerializedRow::new(&sealed, span);
+        let other = SerializedRow::new(&sealed, second);
         assert_eq!((row.len(), other.len()), (3, 1));
         assert_ne!(row, other);
         let mut scratch = Vec::new();
@@ -322,6 +353,6 @@ mod tests {
         builder.start();
         builder.bigint(8).expect("room");
         let span = builder.finish().expect("whole cells");
-        assert_eq!(builder.single(span), Some(other));
+        assert_eq!(builder.single(span), other);
     }
 }
