@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use scylla::client::session::Session;
@@ -97,16 +97,25 @@ impl TargetStatements {
     }
 }
 
-/// A message whose rows are being written, possibly on several cores.
+/// The mapped messages of one batch whose rows are being written, possibly on several cores:
+/// a row names its message by index, and each owner core's share of the rows holds the batch
+/// once (no count or allocation per row or message).
 struct Pending {
-    work: SourceMessage,
-    rows_left: AtomicUsize,
-    /// The first permanent failure among its rows: (reason code, reason).
-    failure: Mutex<Option<(&'static str, String)>>,
+    messages: Vec<PendingMessage>,
 }
 
-/// One row of a message on its way to its owner core, its values serialized.
-type RowWork = (Arc<Pending>, MappedRow<SerializedRow>);
+/// A message whose rows are being written.
+struct PendingMessage {
+    work: SourceMessage,
+    rows_left: AtomicUsize,
+    /// The first permanent failure among its rows: (reason code, reason). Set at most once,
+    /// so a row written fine reads it without a lock.
+    failure: OnceLock<(&'static str, String)>,
+}
+
+/// One row on its way to its owner core, its values serialized: its message's index in the
+/// batch's [`Pending`], and the row.
+type RowWork = (usize, MappedRow<SerializedRow>);
 
 /// What a core needs to turn a route's messages into rows. Shared by all cores.
 pub struct RouteWriter {
@@ -271,11 +280,14 @@ impl RouteWriter {
         let capacity = spans.len();
         let mut spans = spans.into_iter();
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
-        for (work, rows) in mapped {
-            let pending = Arc::new(Pending {
+        let mut pending = Pending {
+            messages: Vec::with_capacity(mapped.len()),
+        };
+        for (index, (work, rows)) in mapped.into_iter().enumerate() {
+            pending.messages.push(PendingMessage {
                 work,
                 rows_left: AtomicUsize::new(rows),
-                failure: Mutex::new(None),
+                failure: OnceLock::new(),
             });
             for row in spans.by_ref().take(rows) {
                 let row = MappedRow {
@@ -289,28 +301,35 @@ impl RouteWriter {
                 by_owner
                     .entry(owner)
                     .or_insert_with(|| Vec::with_capacity(capacity))
-                    .push((replica_shard, (Arc::clone(&pending), row)));
+                    .push((replica_shard, (index, row)));
             }
         }
+        let pending = Arc::new(pending);
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
             self.dead_letter(core, &work, error.code().as_str(), &error.to_string())
                 .await;
             self.complete(core, &work, true, now_ms());
         });
-        let writes = by_owner.into_iter().map(|(owner, rows)| async move {
-            if owner == core {
-                return self.write_rows(core, rows).await;
-            }
-            metrics.forwarded.increment(rows.len() as u64);
-            let writer = Arc::clone(self);
-            let forwarded = self
-                .mesh
-                .run_on(owner, move || async move { writer.write_rows(owner, rows).await })
-                .await;
-            if let Err(gone) = forwarded {
-                // Only at shutdown. The rows' messages are never completed, so their offsets are
-                // not stored and they replay on the next start.
-                tracing::warn!(route = %self.route, %gone, "rows not forwarded; they replay on restart");
+        let writes = by_owner.into_iter().map(|(owner, rows)| {
+            let pending = Arc::clone(&pending);
+            async move {
+                if owner == core {
+                    return self.write_rows(core, &pending, rows).await;
+                }
+                metrics.forwarded.increment(rows.len() as u64);
+                let writer = Arc::clone(self);
+                let forwarded = self
+                    .mesh
+                    .run_on(
+                        owner,
+                        move || async move { writer.write_rows(owner, &pending, rows).await },
+                    )
+                    .await;
+                if let Err(gone) = forwarded {
+                    // Only at shutdown. The rows' messages are never completed, so their offsets
+                    // are not stored and they replay on the next start.
+                    tracing::warn!(route = %self.route, %gone, "rows not forwarded; they replay on restart");
+                }
             }
         });
         futures::join!(
@@ -322,7 +341,7 @@ impl RouteWriter {
     /// Writes rows on `core` through the write engine (UNLOGGED batches of one replica and
     /// shard, transient failures retried until they pass, a refused batch split so only the
     /// refused rows fail their messages), then settles each row.
-    async fn write_rows(&self, core: usize, rows: Vec<PlacedRow>) {
+    async fn write_rows(&self, core: usize, pending: &Pending, rows: Vec<PlacedRow>) {
         let options = WriteOptions {
             batch_rows_max: self.batch_rows_max,
             retries: Retries::Forever,
@@ -332,32 +351,32 @@ impl RouteWriter {
         self.counters.written.fetch_add(written as u64, Ordering::Relaxed);
         // One clock read for the whole write: every message it completes was confirmed now.
         let written_ms = now_ms();
-        for ((pending, _), outcome) in outcomes {
+        for ((index, _), outcome) in outcomes {
             let refused = outcome.err().map(|error| error.reason().to_string());
-            self.row_done(core, &pending, refused, written_ms).await;
+            // Every row's index is its message's in `pending` (`write_batch`).
+            if let Some(message) = pending.messages.get(index) {
+                self.row_done(core, message, refused, written_ms).await;
+            }
         }
     }
 
     /// One row of a message is written (or refused, with the reason) at `written_ms`. The last
     /// row completes the message: acknowledged when every row was written, else dead-lettered
     /// with the first refusal and then acknowledged.
-    async fn row_done(&self, core: usize, pending: &Pending, refused: Option<String>, written_ms: i64) {
-        let failure = {
-            let mut failure = match pending.failure.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if let (Some(reason), None) = (refused, failure.as_ref()) {
-                *failure = Some((crate::mapping::ReasonCode::WriteRejected.as_str(), reason));
-            }
-            if pending.rows_left.fetch_sub(1, Ordering::AcqRel) != 1 {
-                return;
-            }
-            failure.take()
-        };
-        match failure {
+    async fn row_done(&self, core: usize, pending: &PendingMessage, refused: Option<String>, written_ms: i64) {
+        if let Some(reason) = refused {
+            // The first refusal wins.
+            let _ = pending
+                .failure
+                .set((crate::mapping::ReasonCode::WriteRejected.as_str(), reason));
+        }
+        // The last row sees every refusal set before it counted down (release/acquire).
+        if pending.rows_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        match pending.failure.get() {
             Some((code, reason)) => {
-                self.dead_letter(core, &pending.work, code, &reason).await;
+                self.dead_letter(core, &pending.work, code, reason).await;
                 self.complete(core, &pending.work, true, now_ms());
             }
             None => self.complete(core, &pending.work, false, written_ms),
