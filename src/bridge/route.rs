@@ -354,8 +354,9 @@ impl RouteWriter {
         for ((index, _), outcome) in outcomes {
             let refused = outcome.err().map(|error| error.reason().to_string());
             // Every row's index is its message's in `pending` (`write_batch`).
-            if let Some(message) = pending.messages.get(index) {
-                self.row_done(core, message, refused, written_ms).await;
+            match pending.messages.get(index) {
+                Some(message) => self.row_done(core, message, refused, written_ms).await,
+                None => tracing::error!(route = %self.route, index, "a written row names no message of its batch"),
             }
         }
     }
