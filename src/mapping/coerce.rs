@@ -626,9 +626,11 @@ fn uuid_of(value: Json<'_>) -> Option<uuid::Uuid> {
 }
 
 fn uuid(value: Json<'_>, cql: &str) -> Result<uuid::Uuid, CoerceError> {
+    if let Some(id) = uuid_of(value) {
+        return Ok(id);
+    }
     match value {
-        Json::String(s) => uuid::Uuid::parse_str(s.trim())
-            .or_else(|_| fail(format!("expected a UUID for a `{cql}` column, got {}", preview(value)))),
+        Json::String(_) => fail(format!("expected a UUID for a `{cql}` column, got {}", preview(value))),
         other => fail(format!(
             "expected a UUID string for a `{cql}` column, got {}",
             preview(other)
