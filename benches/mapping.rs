@@ -136,7 +136,7 @@ fn mapping(c: &mut Criterion) {
         ("json_order_to_cells", &plain, &messages),
         ("json_order5_to_cells", &orders5, &messages5),
     ] {
-        let mut builder = RowBuilder::with_capacity(messages.len() * 128);
+        let mut builder = RowBuilder::for_rows(messages.len());
         let mut rows = Vec::with_capacity(messages.len());
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -70,10 +70,6 @@ impl RouteCounters {
     }
 }
 
-/// Room for one message's cells a batch's buffer starts with (a row of a few short columns);
-/// it grows past that.
-const CELL_BYTES_PER_MESSAGE: usize = 128;
-
 /// A row with the replica and shard it belongs to.
 type PlacedRow = (ReplicaShard, RowWork);
 
@@ -253,20 +249,23 @@ impl RouteWriter {
         let fold = fold && !self.taps.is_empty();
         // Every row's cells go into one buffer the batch's rows share; each message keeps how
         // many rows it became, in order.
-        let mut builder = RowBuilder::with_capacity(batch.len() * CELL_BYTES_PER_MESSAGE);
+        let mut builder = RowBuilder::for_rows(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
         let mut mapped = Vec::with_capacity(batch.len());
         for work in batch {
             let envelope = work.envelope(&self.source);
-            if fold {
-                // Taps read CQL values, so a tapped route maps each message for them too.
-                let rows = self.mapper.map(&envelope, work.write_timestamp_us());
+            let timestamp_us = work.write_timestamp_us();
+            let mapped_rows = if fold {
+                // Taps read CQL values: mapped once into both.
+                let rows = self
+                    .mapper
+                    .map_cells_and_values(&envelope, timestamp_us, &mut builder, &mut spans);
                 self.fold(core, &work, rows.as_deref().ok());
-            }
-            match self
-                .mapper
-                .map_cells(&envelope, work.write_timestamp_us(), &mut builder, &mut spans)
-            {
+                rows.map(|rows| rows.len())
+            } else {
+                self.mapper.map_cells(&envelope, timestamp_us, &mut builder, &mut spans)
+            };
+            match mapped_rows {
                 Ok(0) => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);

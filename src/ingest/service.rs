@@ -370,8 +370,7 @@ impl IngestService {
     fn bind_batch(writer: &TableWriter, batch: &Batch, timestamp_us: i64) -> (Vec<PendingRow>, Vec<RowError>) {
         let mut rows = Vec::with_capacity(batch.rows.len());
         let mut errors = Vec::new();
-        // Room for rows of ~100 bytes before the buffer grows.
-        let mut builder = RowBuilder::with_capacity(batch.rows.len() * 128);
+        let mut builder = RowBuilder::for_rows(batch.rows.len());
         let (names, types, keys) = (&writer.names, &writer.types, &writer.key_positions);
         let mut spans = Vec::with_capacity(batch.rows.len());
         let mut bound = |index: usize, values: Result<RowSpan, (ErrorCode, String)>| {

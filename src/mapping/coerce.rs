@@ -23,7 +23,7 @@ use scylla::serialize::writers::CellWriter;
 use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, CqlValue, CqlVarint};
 use serde_json::Value;
 
-use crate::sink::scylla::bound::{put, write_collection};
+use crate::sink::scylla::bound::{put, put_integer, write_collection};
 
 /// Why a value does not fit its column type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -736,10 +736,9 @@ fn write_direct(value: Json<'_>, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> 
         NativeType::Text => put(buffer, text?),
         NativeType::Ascii => put(buffer, text.filter(|t| t.is_ascii())?),
         NativeType::Boolean => put(buffer, &[u8::from(boolean_of(value)?)]),
-        NativeType::TinyInt => put(buffer, &i8::try_from(integer_of(value)?).ok()?.to_be_bytes()),
-        NativeType::SmallInt => put(buffer, &i16::try_from(integer_of(value)?).ok()?.to_be_bytes()),
-        NativeType::Int => put(buffer, &i32::try_from(integer_of(value)?).ok()?.to_be_bytes()),
-        NativeType::BigInt => put(buffer, &integer_of(value)?.to_be_bytes()),
+        NativeType::TinyInt | NativeType::SmallInt | NativeType::Int | NativeType::BigInt => {
+            put_integer(buffer, native, integer_of(value)?)
+        }
         NativeType::Float => put(buffer, &(float_of(value)? as f32).to_be_bytes()),
         NativeType::Double => put(buffer, &float_of(value)?.to_be_bytes()),
         NativeType::Decimal => write_small_decimal(number_text(value)?, buffer),

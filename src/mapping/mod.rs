@@ -314,6 +314,56 @@ impl CellOutput<'_> {
     }
 }
 
+/// CQL values and cells at once ([`RouteMapper::map_cells_and_values`]): one mapping for a
+/// route whose rows a stream job's tap reads as values while they are written as cells.
+struct BothOutput<'b> {
+    values: CqlOutput,
+    cells: CellOutput<'b>,
+}
+
+impl RowOutput for BothOutput<'_> {
+    type Row = (RowValues, RowSpan);
+
+    fn start(&mut self, values: usize) {
+        self.values.start(values);
+        self.cells.start(values);
+    }
+
+    fn value(&mut self, value: Json<'_>, typ: &ColumnType<'_>) -> Result<(), coerce::CoerceError> {
+        self.values.value(value, typ)?;
+        self.cells.value(value, typ)
+    }
+
+    fn blob(&mut self, bytes: &[u8]) -> Result<(), coerce::CoerceError> {
+        self.values.blob(bytes)?;
+        self.cells.blob(bytes)
+    }
+
+    fn null(&mut self) {
+        self.values.null();
+        self.cells.null();
+    }
+
+    fn unset(&mut self) {
+        self.values.unset();
+        self.cells.unset();
+    }
+
+    fn int(&mut self, value: i32) {
+        self.values.int(value);
+        self.cells.int(value);
+    }
+
+    fn bigint(&mut self, value: i64) {
+        self.values.bigint(value);
+        self.cells.bigint(value);
+    }
+
+    fn finish(&mut self) -> Option<(RowValues, RowSpan)> {
+        Some((self.values.finish()?, self.cells.finish()?))
+    }
+}
+
 /// More values than a statement binds (65,535); [`RouteMapper::new`] refuses targets that
 /// could need them.
 const TOO_MANY_VALUES: &str = "a row holds at most 65535 values";
@@ -343,9 +393,7 @@ impl RowOutput for CellOutput<'_> {
     }
 
     fn null(&mut self) {
-        if let Some(buffer) = self.cell() {
-            buffer.extend_from_slice(&(-1i32).to_be_bytes());
-        }
+        self.overflow |= self.builder.null().is_err();
     }
 
     fn unset(&mut self) {
@@ -353,10 +401,7 @@ impl RowOutput for CellOutput<'_> {
     }
 
     fn int(&mut self, value: i32) {
-        if let Some(buffer) = self.cell() {
-            buffer.extend_from_slice(&4i32.to_be_bytes());
-            buffer.extend_from_slice(&value.to_be_bytes());
-        }
+        self.overflow |= self.builder.int(value).is_err();
     }
 
     fn bigint(&mut self, value: i64) {
@@ -727,6 +772,42 @@ impl RouteMapper {
                 Err(error)
             }
         }
+    }
+
+    /// [`RouteMapper::map_cells`] that also returns the rows as CQL values ([`RouteMapper::map`]'s),
+    /// mapped once: for a route a stream job taps. On error `rows` is as it was.
+    pub fn map_cells_and_values(
+        &self,
+        envelope: &Envelope<'_>,
+        timestamp_us: i64,
+        builder: &mut RowBuilder,
+        rows: &mut Vec<MappedRow<RowSpan>>,
+    ) -> Result<Vec<MappedRow>, MappingError> {
+        let mut out = BothOutput {
+            values: CqlOutput::default(),
+            cells: CellOutput {
+                builder,
+                overflow: false,
+            },
+        };
+        let mut both = Vec::new();
+        self.map_with(envelope, timestamp_us, &mut out, &mut both)?;
+        Ok(both
+            .into_iter()
+            .map(|row| {
+                let (values, span) = row.values;
+                rows.push(MappedRow {
+                    target: row.target,
+                    delete: row.delete,
+                    values: span,
+                });
+                MappedRow {
+                    target: row.target,
+                    delete: row.delete,
+                    values,
+                }
+            })
+            .collect())
     }
 
     /// Maps one message into `out`, pushing its rows onto `rows` (see [`RouteMapper::map`]).

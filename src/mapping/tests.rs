@@ -789,8 +789,8 @@ fn serialized(types: &[ColumnType<'static>], row: &impl SerializeRow) -> Result<
 type KeyAndPayload<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
 
 /// Maps `messages` with `map_cells` into one buffer (a refused message's cells stay there, as
-/// in a real batch) and each again with `map`: every message must become the same rows —
-/// serialized, byte for byte — or the same refusal.
+/// in a real batch), with `map_cells_and_values` into another, and each again with `map`: every
+/// message must become the same rows — serialized, byte for byte — or the same refusal.
 fn cells_agree_with_values(mapper: &RouteMapper, messages: &[KeyAndPayload<'_>]) -> Result<(), TestCaseError> {
     let headers = vec![
         ("tenant".to_string(), "acme".to_string()),
@@ -803,19 +803,39 @@ fn cells_agree_with_values(mapper: &RouteMapper, messages: &[KeyAndPayload<'_>])
         .iter()
         .map(|(key, payload)| mapper.map_cells(&envelope(*key, *payload, &headers), TS, &mut builder, &mut spans))
         .collect();
+    // The same messages mapped into cells and values at once (a tapped route).
+    let mut both_builder = RowBuilder::default();
+    let mut both_spans = Vec::new();
+    let both: Vec<_> = messages
+        .iter()
+        .map(|(key, payload)| {
+            mapper.map_cells_and_values(
+                &envelope(*key, *payload, &headers),
+                TS,
+                &mut both_builder,
+                &mut both_spans,
+            )
+        })
+        .collect();
     let sealed = builder.seal();
+    let both_sealed = both_builder.seal();
     let mut spans = spans.into_iter();
-    for ((key, payload), count) in messages.iter().zip(counts) {
-        match (mapper.map(&envelope(*key, *payload, &headers), TS), count) {
+    let mut both_spans = both_spans.into_iter();
+    for (((key, payload), count), both) in messages.iter().zip(counts).zip(both) {
+        let mapped = mapper.map(&envelope(*key, *payload, &headers), TS);
+        prop_assert_eq!(format!("{mapped:?}"), format!("{both:?}"));
+        match (mapped, count) {
             (Ok(rows), Ok(count)) => {
                 prop_assert_eq!(rows.len(), count);
-                for (row, cells) in rows.iter().zip(spans.by_ref().take(count)) {
+                for (row, (cells, both_cells)) in rows.iter().zip(spans.by_ref().zip(both_spans.by_ref()).take(count)) {
                     prop_assert_eq!((row.target, row.delete), (cells.target, cells.delete));
                     let types = marker_types(mapper, row.target, row.delete);
                     let from_values = serialized(&types, &row.values);
                     prop_assert!(from_values.is_ok(), "{:?}", from_values);
                     let from_cells = serialized(&types, &SerializedRow::new(&sealed, cells.values));
-                    prop_assert_eq!(from_values, from_cells, "{:?}", row.values);
+                    prop_assert_eq!(&from_values, &from_cells, "{:?}", row.values);
+                    let from_both = serialized(&types, &SerializedRow::new(&both_sealed, both_cells.values));
+                    prop_assert_eq!(from_values, from_both, "{:?}", row.values);
                 }
             }
             (Err(values), Err(cells)) => {
@@ -825,7 +845,7 @@ fn cells_agree_with_values(mapper: &RouteMapper, messages: &[KeyAndPayload<'_>])
             (values, cells) => prop_assert!(false, "map: {values:?}, map_cells: {cells:?}"),
         }
     }
-    prop_assert!(spans.next().is_none(), "rows left over");
+    prop_assert!(spans.next().is_none() && both_spans.next().is_none(), "rows left over");
     Ok(())
 }
 

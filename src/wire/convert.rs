@@ -11,7 +11,7 @@ use scylla::value::{CqlDate, CqlDecimal, CqlTime, CqlTimestamp, CqlTimeuuid, Cql
 
 use super::proto::value::Kind;
 use super::proto::{Decimal, Duration, Map, MapEntry, Udt, UdtField, Value, Values};
-use crate::sink::scylla::bound::{put, write_collection};
+use crate::sink::scylla::bound::{put, put_integer, write_collection};
 
 /// Days between CQL's date origin and 1970-01-01 (2^31).
 pub(crate) const CQL_DATE_EPOCH: i64 = 1 << 31;
@@ -75,10 +75,7 @@ fn write_direct(value: &Value, typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth
             put(buffer, s.as_bytes())
         }
         Some(Kind::Int(n)) => match typ {
-            ColumnType::Native(NativeType::TinyInt) => put(buffer, &i8::try_from(*n).ok()?.to_be_bytes()),
-            ColumnType::Native(NativeType::SmallInt) => put(buffer, &i16::try_from(*n).ok()?.to_be_bytes()),
-            ColumnType::Native(NativeType::Int) => put(buffer, &i32::try_from(*n).ok()?.to_be_bytes()),
-            ColumnType::Native(NativeType::BigInt) => put(buffer, &n.to_be_bytes()),
+            ColumnType::Native(native) => put_integer(buffer, native, *n),
             _ => None,
         },
         Some(Kind::Float(f)) if native(&NativeType::Float) => put(buffer, &f.to_be_bytes()),

@@ -17,7 +17,7 @@ use scylla::cluster::metadata::{CollectionType, ColumnType, NativeType};
 
 use super::convert::{self, ConvertError, CQL_DATE_EPOCH, NANOS_PER_DAY, NESTING_MAX};
 use super::proto::Value;
-use crate::sink::scylla::bound::{put, write_collection};
+use crate::sink::scylla::bound::{put, put_integer, write_collection};
 
 /// `shardgate.v1.RowBatch` with its rows encoded (each a `shardgate.v1.Row`).
 #[derive(Clone, PartialEq, Message)]
@@ -197,16 +197,10 @@ fn write_direct(value: &[u8], typ: &ColumnType<'_>, buffer: &mut Vec<u8>, depth:
             put(buffer, std::str::from_utf8(text).ok()?.as_bytes())
         }
         Some((2, Field::Length(text))) if native(&NativeType::Ascii) && text.is_ascii() => put(buffer, text),
-        Some((3, Field::Varint(n))) => {
-            let n = zigzag64(n);
-            match typ {
-                ColumnType::Native(NativeType::TinyInt) => put(buffer, &i8::try_from(n).ok()?.to_be_bytes()),
-                ColumnType::Native(NativeType::SmallInt) => put(buffer, &i16::try_from(n).ok()?.to_be_bytes()),
-                ColumnType::Native(NativeType::Int) => put(buffer, &i32::try_from(n).ok()?.to_be_bytes()),
-                ColumnType::Native(NativeType::BigInt) => put(buffer, &n.to_be_bytes()),
-                _ => None,
-            }
-        }
+        Some((3, Field::Varint(n))) => match typ {
+            ColumnType::Native(native) => put_integer(buffer, native, zigzag64(n)),
+            _ => None,
+        },
         // Protobuf's fixed-width numbers are little-endian, CQL's big-endian: the same bits.
         Some((4, Field::Fixed32(bits))) if native(&NativeType::Float) => {
             put(buffer, &u32::from_le_bytes(bits).to_be_bytes())

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use scylla::cluster::metadata::ColumnType;
+use scylla::cluster::metadata::{ColumnType, NativeType};
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::value::SerializeValue;
 use scylla::serialize::writers::{CellWriter, RowWriter};
@@ -210,10 +210,12 @@ pub struct RowBuilder {
 pub struct TooManyCells;
 
 impl RowBuilder {
-    /// A builder with room for `bytes` of cells before it grows.
-    pub fn with_capacity(bytes: usize) -> RowBuilder {
+    /// A builder with room for `rows` rows of a few short columns before it grows.
+    pub fn for_rows(rows: usize) -> RowBuilder {
+        /// Cell bytes a row is given room for (a ~100-byte row and its cells' lengths).
+        const ROW_BYTES: usize = 128;
         RowBuilder {
-            buffer: Vec::with_capacity(bytes),
+            buffer: Vec::with_capacity(rows.saturating_mul(ROW_BYTES)),
             ..RowBuilder::default()
         }
     }
@@ -236,6 +238,20 @@ impl RowBuilder {
         let buffer = self.cell()?;
         buffer.extend_from_slice(&8i32.to_be_bytes());
         buffer.extend_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
+    /// Writes an int cell (a TTL).
+    pub fn int(&mut self, value: i32) -> Result<(), TooManyCells> {
+        let buffer = self.cell()?;
+        buffer.extend_from_slice(&4i32.to_be_bytes());
+        buffer.extend_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
+    /// Writes a null cell.
+    pub fn null(&mut self) -> Result<(), TooManyCells> {
+        self.cell()?.extend_from_slice(&(-1i32).to_be_bytes());
         Ok(())
     }
 
@@ -294,6 +310,18 @@ pub fn put(buffer: &mut Vec<u8>, bytes: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// Appends an integer cell of the width of `native` (`tinyint` to `bigint`); `None` for any other
+/// type or a value out of its range.
+pub fn put_integer(buffer: &mut Vec<u8>, native: &NativeType, n: i64) -> Option<()> {
+    match native {
+        NativeType::TinyInt => put(buffer, &i8::try_from(n).ok()?.to_be_bytes()),
+        NativeType::SmallInt => put(buffer, &i16::try_from(n).ok()?.to_be_bytes()),
+        NativeType::Int => put(buffer, &i32::try_from(n).ok()?.to_be_bytes()),
+        NativeType::BigInt => put(buffer, &n.to_be_bytes()),
+        _ => None,
+    }
+}
+
 /// Appends a collection cell: its length, the element count, then what `elements` writes
 /// (which returns how many elements it wrote).
 pub fn write_collection(buffer: &mut Vec<u8>, elements: impl FnOnce(&mut Vec<u8>) -> Option<usize>) -> Option<()> {
@@ -311,7 +339,6 @@ pub fn write_collection(buffer: &mut Vec<u8>, elements: impl FnOnce(&mut Vec<u8>
 
 #[cfg(test)]
 mod tests {
-    use scylla::cluster::metadata::NativeType;
     use scylla::value::CqlValue;
 
     use super::*;
