@@ -305,7 +305,15 @@ struct CellOutput<'b> {
     overflow: bool,
 }
 
-impl CellOutput<'_> {
+impl<'b> CellOutput<'b> {
+    /// Rows written at the end of `builder`.
+    fn new(builder: &'b mut RowBuilder) -> CellOutput<'b> {
+        CellOutput {
+            builder,
+            overflow: false,
+        }
+    }
+
     /// The buffer to write the next cell at the end of; `None` past a row's 65,535 cells.
     fn cell(&mut self) -> Option<&mut Vec<u8>> {
         let cell = self.builder.cell().ok();
@@ -761,10 +769,7 @@ impl RouteMapper {
         rows: &mut Vec<MappedRow<RowSpan>>,
     ) -> Result<usize, MappingError> {
         let before = rows.len();
-        let mut out = CellOutput {
-            builder,
-            overflow: false,
-        };
+        let mut out = CellOutput::new(builder);
         match self.map_with(envelope, timestamp_us, &mut out, rows) {
             Ok(()) => Ok(rows.len() - before),
             Err(error) => {
@@ -785,10 +790,7 @@ impl RouteMapper {
     ) -> Result<Vec<MappedRow>, MappingError> {
         let mut out = BothOutput {
             values: CqlOutput::default(),
-            cells: CellOutput {
-                builder,
-                overflow: false,
-            },
+            cells: CellOutput::new(builder),
         };
         let mut both = Vec::new();
         self.map_with(envelope, timestamp_us, &mut out, &mut both)?;
