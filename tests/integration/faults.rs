@@ -258,7 +258,7 @@ async fn spooled_nats_core_route_is_at_least_once_from_receipt() {
         headers: Vec::new(),
         payload: Some(devkit::order_message_with_id(count).into()),
         origin: Box::new(shardgate::bridge::nats::ack::NatsOrigin {
-            subject: subject.clone(),
+            subject: subject.clone().into(),
         }),
     };
     let torn = torn.spool_record("orders", "");

@@ -25,7 +25,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use tokio::sync::mpsc;
 
-use super::handoff::RoundRobin;
+use super::handoff::{self, RoundRobin};
 use super::message::SourceMessage;
 use super::route::RouteCounters;
 use super::source::{Consumer, Handoff, Source, Start};
@@ -36,10 +36,10 @@ use ack::AmqpOrigin;
 
 /// Deliveries handed to one core at a time, at most.
 const CHUNK_MESSAGES_MAX: usize = 256;
-/// How long a hand-off waits for more deliveries after its first: lapin yields deliveries one
-/// frame at a time, so without it a core got hand-offs of 4–5 messages and the database
-/// batches of as many rows. Bounded by [`CHUNK_MESSAGES_MAX`] and, through the unacknowledged
-/// window, by the prefetch.
+/// How long a hand-off waits for more deliveries after its first ([`handoff::linger`]): lapin
+/// yields deliveries one frame at a time, so without it a core got hand-offs of 4–5 messages
+/// and the database batches of as many rows. Bounded by [`CHUNK_MESSAGES_MAX`] and, through the
+/// unacknowledged window, by the prefetch.
 const HANDOFF_LINGER: Duration = Duration::from_millis(2);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -185,23 +185,10 @@ async fn consume_once(
             let _ = connection.close(200, "shardgate stopping").await;
             return Ok(());
         };
-        let mut batch = Vec::with_capacity(CHUNK_MESSAGES_MAX);
+        let chunk = handoff::linger(&mut chunks, chunk, CHUNK_MESSAGES_MAX, HANDOFF_LINGER).await;
+        let mut batch = Vec::with_capacity(chunk.len());
         for delivery in chunk {
             batch.push(source_message(delivery.map_err(|e| e.to_string())?, &queue, &acks));
-        }
-        let linger = tokio::time::sleep(HANDOFF_LINGER);
-        tokio::pin!(linger);
-        while batch.len() < CHUNK_MESSAGES_MAX {
-            let more = tokio::select! {
-                biased;
-                more = chunks.next() => more,
-                _ = &mut linger => None,
-            };
-            // Cancelled: what is here is handed off, the next turn sees the end.
-            let Some(more) = more else { break };
-            for delivery in more {
-                batch.push(source_message(delivery.map_err(|e| e.to_string())?, &queue, &acks));
-            }
         }
         if let Some(newest) = batch.last() {
             unacked.delivered(newest.position as u64);

@@ -37,8 +37,8 @@ pub async fn run_acker(route: String, client: async_nats::Client, mut settled: m
 /// Where a JetStream message came from, and the route's ack task its settlement goes to.
 #[derive(Debug)]
 pub struct JetStreamOrigin {
-    /// Subject the message was published on.
-    pub subject: String,
+    /// Subject the message was published on (the client's bytes, not copied).
+    pub subject: async_nats::Subject,
     /// The subject its ack is published on; `None` for a message that is not JetStream's
     /// (nothing to acknowledge).
     pub reply: Option<async_nats::Subject>,
@@ -58,21 +58,21 @@ impl Origin for JetStreamOrigin {
     fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)> {
         vec![
             (headers::SOURCE_STREAM, source.to_string()),
-            (headers::SOURCE_SUBJECT, self.subject.clone()),
+            (headers::SOURCE_SUBJECT, self.subject.to_string()),
             (headers::SOURCE_SEQUENCE, position.to_string()),
         ]
     }
 
     fn subject(&self) -> Option<&str> {
-        Some(&self.subject)
+        Some(self.subject.as_str())
     }
 }
 
 /// Where a core NATS message came from: nothing to acknowledge.
 #[derive(Debug)]
 pub struct NatsOrigin {
-    /// Subject the message was published on.
-    pub subject: String,
+    /// Subject the message was published on (the client's bytes, not copied).
+    pub subject: async_nats::Subject,
 }
 
 impl Origin for NatsOrigin {
@@ -80,12 +80,12 @@ impl Origin for NatsOrigin {
 
     fn coordinates(&self, _: &str, position: i64) -> Vec<(&'static str, String)> {
         vec![
-            (headers::SOURCE_SUBJECT, self.subject.clone()),
+            (headers::SOURCE_SUBJECT, self.subject.to_string()),
             (headers::SOURCE_SEQUENCE, position.to_string()),
         ]
     }
 
     fn subject(&self) -> Option<&str> {
-        Some(&self.subject)
+        Some(self.subject.as_str())
     }
 }
