@@ -121,7 +121,10 @@ mod tests {
             let started = Instant::now();
             let gathered = linger(&mut chunks, first, 256, Duration::from_millis(20)).await;
             assert_eq!(gathered, vec![1, 2, 3]);
-            assert!(started.elapsed() >= Duration::from_millis(20), "handed off before the linger");
+            assert!(
+                started.elapsed() >= Duration::from_millis(20),
+                "handed off before the linger"
+            );
         });
     }
 

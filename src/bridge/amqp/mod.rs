@@ -35,12 +35,12 @@ use crate::sink::broker::amqp::{connect, redact};
 use ack::AmqpOrigin;
 
 /// Deliveries handed to one core at a time, at most.
-const CHUNK_MESSAGES_MAX: usize = 256;
+const CHUNK_MESSAGES_MAX: usize = 512;
 /// How long a hand-off waits for more deliveries after its first ([`handoff::linger`]): lapin
 /// yields deliveries one frame at a time, so without it a core got hand-offs of 4–5 messages
 /// and the database batches of as many rows. Bounded by [`CHUNK_MESSAGES_MAX`] and, through the
 /// unacknowledged window, by the prefetch.
-const HANDOFF_LINGER: Duration = Duration::from_millis(2);
+const HANDOFF_LINGER: Duration = Duration::from_millis(5);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 

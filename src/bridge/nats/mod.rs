@@ -180,7 +180,7 @@ pub async fn consumer(
 /// lower); the client asks again when half of them have arrived. The client's default, 200,
 /// kept hand-offs to the cores under about 90 messages.
 const PULL_BATCH: usize = 1024;
-/// How long a JetStream hand-off waits for more messages after its first
+/// How long a JetStream or core NATS hand-off waits for more messages after its first
 /// ([`handoff::linger`]), up to [`CHUNK_MESSAGES_MAX`].
 const HANDOFF_LINGER: Duration = Duration::from_millis(2);
 /// The pull requests' idle heartbeat (the client's default): a silent server is noticed.
@@ -269,7 +269,7 @@ async fn watch_pending(route: String, consumer: jetstream::consumer::Consumer<pu
 /// returns when `stop` turns true, dropping the core queues.
 pub async fn subscribe(
     route: String,
-    mut subscriber: async_nats::Subscriber,
+    subscriber: async_nats::Subscriber,
     queues: Vec<mpsc::Sender<Vec<SourceMessage>>>,
     counters: Arc<RouteCounters>,
     mut stop: Stop,
@@ -277,25 +277,25 @@ pub async fn subscribe(
     tracing::info!(%route, cores = queues.len(), "subscribed (at-most-once)");
     let mut sequence: i64 = 0;
     let mut cores = RoundRobin::new(queues);
+    let mut chunks = subscriber.ready_chunks(CHUNK_MESSAGES_MAX);
     loop {
         let chunk = tokio::select! {
             _ = stop.stopped() => break,
-            first = subscriber.next() => match first {
-                Some(first) => first,
+            chunk = chunks.next() => match chunk {
+                Some(chunk) => chunk,
                 None => break,
             },
         };
-        let mut batch = vec![core_message(chunk, &mut sequence)];
-        while batch.len() < CHUNK_MESSAGES_MAX {
-            match futures::FutureExt::now_or_never(subscriber.next()) {
-                Some(Some(message)) => batch.push(core_message(message, &mut sequence)),
-                _ => break,
-            }
-        }
+        let chunk = handoff::linger(&mut chunks, chunk, CHUNK_MESSAGES_MAX, HANDOFF_LINGER).await;
+        let batch = chunk
+            .into_iter()
+            .map(|message| core_message(message, &mut sequence))
+            .collect();
         if !cores.hand_off(batch, &counters, &mut stop).await {
             break;
         }
     }
+    let mut subscriber = chunks.into_inner();
     let _ = subscriber.unsubscribe().await;
     counters.log_stopped(&route);
 }
