@@ -19,8 +19,9 @@ pub trait Storage {
     async fn create(&self, name: &str) -> io::Result<Self::Writer>;
     /// Reads `name` whole (segments are bounded by `segment_bytes_max`).
     async fn read(&self, name: &str) -> io::Result<Vec<u8>>;
-    /// Reads up to `len` bytes of `name` from `offset` (fewer at the end of the file).
-    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// Reads up to `len` bytes of `name` from `offset` (fewer at the end of the file) into
+    /// `into`, replacing what it held: a caller that reads again and again keeps one buffer.
+    async fn read_range(&self, name: &str, offset: u64, len: usize, into: &mut Vec<u8>) -> io::Result<()>;
     /// Removes `name`.
     async fn remove(&self, name: &str) -> io::Result<()>;
 }
@@ -89,10 +90,11 @@ impl Storage for DmaStorage {
         std::fs::read(self.dir.join(name))
     }
 
-    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    async fn read_range(&self, name: &str, offset: u64, len: usize, bytes: &mut Vec<u8>) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let file = std::fs::File::open(self.dir.join(name))?;
-        let mut bytes = vec![0; len];
+        bytes.clear();
+        bytes.resize(len, 0);
         let mut filled = 0;
         while filled < len {
             match file.read_at(&mut bytes[filled..], offset + filled as u64) {
@@ -103,7 +105,7 @@ impl Storage for DmaStorage {
             }
         }
         bytes.truncate(filled);
-        Ok(bytes)
+        Ok(())
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
@@ -240,10 +242,12 @@ impl Storage for MemoryStorage {
         Ok(bytes)
     }
 
-    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    async fn read_range(&self, name: &str, offset: u64, len: usize, into: &mut Vec<u8>) -> io::Result<()> {
         let bytes = self.read(name).await?;
         let start = (offset as usize).min(bytes.len());
-        Ok(bytes[start..(start + len).min(bytes.len())].to_vec())
+        into.clear();
+        into.extend_from_slice(&bytes[start..(start + len).min(bytes.len())]);
+        Ok(())
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
