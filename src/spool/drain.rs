@@ -44,13 +44,11 @@ pub async fn drain_on_core(core: usize, replay: Rc<dyn Replay>, mut stop: Stop) 
     };
     let mut kept_for = BTreeSet::new();
     let mut backoff = Duration::from_millis(50);
-    // One read buffer for the core's drain, up to a segment's bytes, kept between reads.
-    let mut buffer = Vec::new();
     loop {
         let Some((segment, indexes)) = next_deferred(&backlog, &mut stop).await else {
             return;
         };
-        let read = spool.lock().await.read_into(segment, &indexes, &mut buffer).await;
+        let read = spool.lock().await.read(segment, &indexes).await;
         let records = match read {
             Ok(records) => {
                 backoff = Duration::from_millis(50);
@@ -103,7 +101,7 @@ fn sort_records(
     core: usize,
     segment: u64,
     indexes: Vec<u32>,
-    records: Vec<Option<&[u8]>>,
+    records: Vec<Option<Vec<u8>>>,
     replay: &dyn Replay,
     kept_for: &mut BTreeSet<String>,
 ) -> Sorted {
@@ -121,7 +119,7 @@ fn sort_records(
             continue;
         };
         let size = bytes.len() as u64;
-        match record::decode(bytes) {
+        match record::decode(&bytes) {
             Ok(Record::Grpc(batch)) if replay.knows_grpc() => sorted.grpc.push((id, batch, size)),
             Ok(Record::Grpc(_)) => {
                 if kept_for.insert(String::new()) {

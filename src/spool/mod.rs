@@ -194,21 +194,6 @@ impl<S: Storage> Spool<S> {
     /// from here. Reads the segment's file once. `None` for a record that is not there (the
     /// segment was damaged after the record was acknowledged).
     pub async fn read(&self, segment: u64, indexes: &[u32]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
-        let mut buffer = Vec::new();
-        let records = self.read_into(segment, indexes, &mut buffer).await?;
-        Ok(records.into_iter().map(|record| record.map(<[u8]>::to_vec)).collect())
-    }
-
-    /// [`Spool::read`] into `buffer`, the records borrowed from it: the drain reads a segment's
-    /// deferred records again and again, and a fresh buffer each time (up to a segment's
-    /// bytes) had the kernel fault in and zero new pages for every read, and every record was
-    /// copied out of it once more.
-    pub async fn read_into<'b>(
-        &self,
-        segment: u64,
-        indexes: &[u32],
-        buffer: &'b mut Vec<u8>,
-    ) -> Result<Vec<Option<&'b [u8]>>, SpoolError> {
         let name = segment_name(segment);
         let io = |source| SpoolError::Io {
             operation: "read",
@@ -219,31 +204,29 @@ impl<S: Storage> Spool<S> {
         let (Some(&first), Some(&last)) = (indexes.iter().min(), indexes.iter().max()) else {
             return Ok(Vec::new());
         };
-        let first_read = match self.segments.get(&segment) {
+        let (bytes, first_read) = match self.segments.get(&segment) {
             Some(known) if (last as usize) < known.offsets.len() => {
                 let start = u64::from(known.offsets[first as usize]);
                 let end = known
                     .offsets
                     .get(last as usize + 1)
                     .map_or(known.bytes, |&next| u64::from(next));
-                self.storage
-                    .read_range(&name, start, (end - start) as usize, buffer)
+                let bytes = self
+                    .storage
+                    .read_range(&name, start, (end - start) as usize)
                     .await
                     .map_err(io)?;
-                first
+                (bytes, first)
             }
-            _ => {
-                *buffer = self.storage.read(&name).await.map_err(io)?;
-                0
-            }
+            _ => (self.storage.read(&name).await.map_err(io)?, 0),
         };
         // Acknowledged records are durable and come before any unreadable tail.
-        let (records, _) = frame::decode(buffer);
+        let (records, _) = frame::decode(&bytes);
         Ok(indexes
             .iter()
             .map(|&index| {
                 let at = index.checked_sub(first_read)? as usize;
-                records.get(at).copied()
+                records.get(at).map(|record| record.to_vec())
             })
             .collect())
     }

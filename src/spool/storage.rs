@@ -19,9 +19,8 @@ pub trait Storage {
     async fn create(&self, name: &str) -> io::Result<Self::Writer>;
     /// Reads `name` whole (segments are bounded by `segment_bytes_max`).
     async fn read(&self, name: &str) -> io::Result<Vec<u8>>;
-    /// Reads up to `len` bytes of `name` from `offset` (fewer at the end of the file) into
-    /// `into`, replacing what it held: a caller that reads again and again keeps one buffer.
-    async fn read_range(&self, name: &str, offset: u64, len: usize, into: &mut Vec<u8>) -> io::Result<()>;
+    /// Reads up to `len` bytes of `name` from `offset` (fewer at the end of the file).
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Removes `name`.
     async fn remove(&self, name: &str) -> io::Result<()>;
 }
@@ -90,11 +89,10 @@ impl Storage for DmaStorage {
         std::fs::read(self.dir.join(name))
     }
 
-    async fn read_range(&self, name: &str, offset: u64, len: usize, bytes: &mut Vec<u8>) -> io::Result<()> {
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let file = std::fs::File::open(self.dir.join(name))?;
-        bytes.clear();
-        bytes.resize(len, 0);
+        let mut bytes = vec![0; len];
         let mut filled = 0;
         while filled < len {
             match file.read_at(&mut bytes[filled..], offset + filled as u64) {
@@ -105,7 +103,7 @@ impl Storage for DmaStorage {
             }
         }
         bytes.truncate(filled);
-        Ok(())
+        Ok(bytes)
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
@@ -242,12 +240,10 @@ impl Storage for MemoryStorage {
         Ok(bytes)
     }
 
-    async fn read_range(&self, name: &str, offset: u64, len: usize, into: &mut Vec<u8>) -> io::Result<()> {
+    async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let bytes = self.read(name).await?;
         let start = (offset as usize).min(bytes.len());
-        into.clear();
-        into.extend_from_slice(&bytes[start..(start + len).min(bytes.len())]);
-        Ok(())
+        Ok(bytes[start..(start + len).min(bytes.len())].to_vec())
     }
 
     async fn remove(&self, name: &str) -> io::Result<()> {
