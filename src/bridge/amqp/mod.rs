@@ -34,7 +34,8 @@ use crate::runtime::shutdown::Stop;
 use crate::sink::broker::amqp::{connect, redact};
 use ack::AmqpOrigin;
 
-/// Deliveries handed to one core at a time, at most.
+/// Deliveries a hand-off to one core gathers before it goes ([`handoff::linger`]; lapin's
+/// last chunk may take it past, by less than this again).
 const CHUNK_MESSAGES_MAX: usize = 512;
 /// How long a hand-off waits for more deliveries after its first ([`handoff::linger`]): lapin
 /// yields deliveries one frame at a time, so without it a core got hand-offs of 4–5 messages

@@ -131,7 +131,8 @@ impl Source for NatsSource {
     }
 }
 
-/// Messages handed to one core at a time, at most.
+/// Messages a hand-off to one core gathers before it goes ([`handoff::linger`]; the client's
+/// last chunk may take it past, by less than this again).
 const CHUNK_MESSAGES_MAX: usize = 256;
 
 /// Finds (or creates, when subjects are configured) the stream and gets or creates the durable
@@ -183,6 +184,11 @@ const PULL_BATCH: usize = 1024;
 /// How long a JetStream or core NATS hand-off waits for more messages after its first
 /// ([`handoff::linger`]), up to [`CHUNK_MESSAGES_MAX`].
 const HANDOFF_LINGER: Duration = Duration::from_millis(2);
+/// Bytes a JetStream pull request asks for at most, so the client's buffer stays bounded for
+/// large messages too (1,024 of them could otherwise be buffered): twice NATS's largest
+/// `max_payload` (64 MiB), so any one message with its headers fits (the server refuses a pull
+/// whose byte limit a message exceeds).
+const PULL_BYTES_MAX: usize = 128 << 20;
 /// The pull requests' idle heartbeat (the client's default): a silent server is noticed.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -203,6 +209,7 @@ pub async fn pull(
     let messages = match consumer
         .stream()
         .max_messages_per_batch(batch)
+        .max_bytes_per_batch(PULL_BYTES_MAX)
         .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
