@@ -675,8 +675,15 @@ pub fn write_cell(value: Json<'_>, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -
         return Ok(());
     }
     buffer.truncate(start);
-    let cql = coerce_json(value, typ)?;
-    cql.serialize(typ, CellWriter::new(buffer)).map(|_| ()).map_err(|e| {
+    serialize_cell(&coerce_json(value, typ)?, typ, buffer)
+}
+
+/// Appends an already coerced `value` to `buffer` as one serialized CQL cell, by the driver's
+/// serialization (what [`write_cell`] gives for the JSON it came from). On error `buffer` is as
+/// it was.
+pub fn serialize_cell(value: &CqlValue, typ: &ColumnType<'_>, buffer: &mut Vec<u8>) -> Result<(), CoerceError> {
+    let start = buffer.len();
+    value.serialize(typ, CellWriter::new(buffer)).map(|_| ()).map_err(|e| {
         buffer.truncate(start);
         CoerceError { reason: e.to_string() }
     })

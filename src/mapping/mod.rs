@@ -337,9 +337,14 @@ impl RowOutput for BothOutput<'_> {
         self.cells.start(values);
     }
 
+    /// Coerced once: the cell is the driver's serialization of the value the tap gets.
     fn value(&mut self, value: Json<'_>, typ: &ColumnType<'_>) -> Result<(), coerce::CoerceError> {
-        self.values.value(value, typ)?;
-        self.cells.value(value, typ)
+        let value = coerce::coerce_json(value, typ)?;
+        if let Some(buffer) = self.cells.cell() {
+            coerce::serialize_cell(&value, typ, buffer)?;
+        }
+        self.values.values.push(MaybeUnset::Set(Some(value)));
+        Ok(())
     }
 
     fn blob(&mut self, bytes: &[u8]) -> Result<(), coerce::CoerceError> {
