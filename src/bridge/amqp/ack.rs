@@ -9,7 +9,7 @@
 //! ack whose tag is no longer outstanding, as a rejected one is. Under load one ack covers
 //! hundreds of deliveries; a quiet channel acks each settlement as it comes.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -44,8 +44,10 @@ pub enum AckAction {
 pub struct AckWindow {
     /// Every tag up to here is settled (acked or rejected).
     through: u64,
-    /// Settled tags above `through`: `true` when written, `false` when rejected.
-    settled: BTreeMap<u64, bool>,
+    /// The tags after `through`, in order: `None` while unsettled, `Some(true)` when written,
+    /// `Some(false)` when rejected. At most the channel's unacknowledged deliveries long (the
+    /// prefetch, at most 65,535): a slot per tag, no allocation per settlement.
+    settled: VecDeque<Option<bool>>,
 }
 
 impl AckWindow {
@@ -55,17 +57,25 @@ impl AckWindow {
     pub fn settle(&mut self, settled: impl IntoIterator<Item = Settled>) -> Vec<AckAction> {
         let mut actions = Vec::new();
         for Settled { tag, settlement } in settled {
-            if tag <= self.through || self.settled.contains_key(&tag) {
+            let Some(slot) = tag.checked_sub(self.through + 1) else {
+                continue;
+            };
+            let slot = slot as usize;
+            if slot >= self.settled.len() {
+                self.settled.resize(slot + 1, None);
+            }
+            if self.settled[slot].is_some() {
                 continue;
             }
             let written = settlement == Settlement::Written;
-            self.settled.insert(tag, written);
+            self.settled[slot] = Some(written);
             if !written {
                 actions.push(AckAction::Reject(tag));
             }
         }
         let mut last_written = None;
-        while let Some(written) = self.settled.remove(&(self.through + 1)) {
+        while let Some(&Some(written)) = self.settled.front() {
+            self.settled.pop_front();
             self.through += 1;
             if written {
                 last_written = Some(self.through);
@@ -79,7 +89,7 @@ impl AckWindow {
     /// Deliveries settled but not yet covered by an ack (waiting for an earlier tag).
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
-        self.settled.len()
+        self.settled.iter().filter(|slot| slot.is_some()).count()
     }
 }
 
