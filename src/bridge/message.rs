@@ -47,9 +47,10 @@ pub enum Settlement {
 /// shared route engine never names a broker; a spooled message's handle is [`Spooled`].
 pub trait Origin: Send + Sync + std::fmt::Debug {
     /// Settles the message at its source (Kafka: a completion to the poll thread; JetStream:
-    /// ack, or term once dead-lettered; RabbitMQ: ack, or reject without requeue). Called once,
-    /// on the core that finishes the message; never blocks it.
-    fn settle(&self, settlement: Settlement, route: &str);
+    /// ack, or term once dead-lettered; RabbitMQ: ack, or reject without requeue) by adding it
+    /// to `settlements`, which hands it over with the others of its write. Called once, on the
+    /// core that finishes the message; never blocks it.
+    fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>);
     /// Its source coordinates as dead-letter headers; `source` is the route's topic, stream,
     /// queue, subject or endpoint, `position` the message's.
     fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)>;
@@ -69,6 +70,69 @@ pub trait Origin: Send + Sync + std::fmt::Debug {
     /// Whether settling reaches the source (false once the message is the spool's).
     fn acknowledges(&self) -> bool {
         true
+    }
+}
+
+/// The settlements a core gathers over one write (or one hand-off's filtered messages, or one
+/// spool append), per source acknowledger, handed over together when dropped: one send to the
+/// poll thread or ack task per write instead of one per message. Each source keeps its own
+/// [`SettleGroup`] (`kafka::ack`, `nats::ack`, `amqp::ack`), so the route engine never names a
+/// broker. A message is added once it is finished, so handing over later never settles
+/// anything early; dropped mid-write (a stop), it hands over what was finished.
+pub struct Settlements<'r> {
+    route: &'r str,
+    groups: Vec<Box<dyn SettleGroup>>,
+}
+
+/// One acknowledger's share of [`Settlements`]: the settlements its origins added.
+pub trait SettleGroup: std::any::Any + Send {
+    /// Hands what was gathered to the acknowledger; `route` names it in logs.
+    fn hand_over(self: Box<Self>, route: &str);
+    /// For [`Settlements::add`] to find a source's group among the others.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl<'r> Settlements<'r> {
+    /// Nothing gathered yet, for route `route`.
+    pub fn new(route: &'r str) -> Settlements<'r> {
+        Settlements {
+            route,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Adds to the group of type `G` that `mine` recognizes (the same acknowledger), made by
+    /// `new` if there is none yet. A write's messages mostly share one.
+    pub fn add<G: SettleGroup>(
+        &mut self,
+        mine: impl Fn(&G) -> bool,
+        new: impl FnOnce() -> G,
+        add: impl FnOnce(&mut G),
+    ) {
+        for group in &mut self.groups {
+            if let Some(group) = group.as_any_mut().downcast_mut::<G>() {
+                if mine(group) {
+                    add(group);
+                    return;
+                }
+            }
+        }
+        let mut group = new();
+        add(&mut group);
+        self.groups.push(Box::new(group));
+    }
+
+    /// Hands everything gathered so far over now (dropping does too).
+    pub fn hand_over(&mut self) {
+        for group in self.groups.drain(..) {
+            group.hand_over(self.route);
+        }
+    }
+}
+
+impl Drop for Settlements<'_> {
+    fn drop(&mut self) {
+        self.hand_over();
     }
 }
 
@@ -101,7 +165,7 @@ impl Spooled {
 }
 
 impl Origin for Spooled {
-    fn settle(&self, _: Settlement, _: &str) {}
+    fn settle(&self, _: Settlement, _: &mut Settlements<'_>) {}
 
     fn coordinates(&self, _: &str, _: i64) -> Vec<(&'static str, String)> {
         self.coordinates.clone()

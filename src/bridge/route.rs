@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use scylla::client::session::Session;
 
-use super::message::{Origin, Settlement, SourceMessage};
+use super::message::{Origin, Settlement, Settlements, SourceMessage};
 use super::tap::Taps;
 use crate::config::RouteConfig;
 use crate::mapping::{MappedRow, RouteMapper};
@@ -208,9 +208,18 @@ impl RouteWriter {
         metrics.received.increment(batch.len() as u64);
         metrics.received_batch_rows.record(batch.len() as f64);
         let now_ms = now_ms();
+        let mut settlements = Settlements::new(&self.route);
         for (work, origin) in batch.iter().zip(&origins) {
-            self.settle(core, work.timestamp_ms, origin.as_ref(), false, now_ms);
+            self.settle(
+                core,
+                work.timestamp_ms,
+                origin.as_ref(),
+                false,
+                now_ms,
+                &mut settlements,
+            );
         }
+        settlements.hand_over();
         drop(admitted);
         // Written from memory while the core's budget allows; beyond, the records wait on disk
         // and the core's drain reads them back (`spool::drain`).
@@ -252,6 +261,8 @@ impl RouteWriter {
         let mut builder = RowBuilder::for_rows(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
         let mut mapped = Vec::with_capacity(batch.len());
+        // Filtered messages are finished here; handed over once the batch is mapped.
+        let mut filtered = Settlements::new(&self.route);
         for work in batch {
             let envelope = work.envelope(&self.source);
             let timestamp_us = work.write_timestamp_us();
@@ -269,12 +280,13 @@ impl RouteWriter {
                 Ok(0) => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);
-                    self.complete(core, &work, false, mapped_ms);
+                    self.complete(core, &work, false, mapped_ms, &mut filtered);
                 }
                 Ok(rows) => mapped.push((work, rows)),
                 Err(error) => unmappable.push((work, error)),
             }
         }
+        filtered.hand_over();
         let cells = builder.seal();
         let capacity = spans.len();
         let mut spans = spans.into_iter();
@@ -307,7 +319,7 @@ impl RouteWriter {
         let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
             self.dead_letter(core, &work, error.code().as_str(), &error.to_string())
                 .await;
-            self.complete(core, &work, true, now_ms());
+            self.complete(core, &work, true, now_ms(), &mut Settlements::new(&self.route));
         });
         let writes = by_owner.into_iter().map(|(owner, rows)| {
             let pending = Arc::clone(&pending);
@@ -339,7 +351,8 @@ impl RouteWriter {
 
     /// Writes rows on `core` through the write engine (UNLOGGED batches of one replica and
     /// shard, transient failures retried until they pass, a refused batch split so only the
-    /// refused rows fail their messages), then settles each row.
+    /// refused rows fail their messages), then settles each row; the messages it finishes are
+    /// handed to their sources together.
     async fn write_rows(&self, core: usize, pending: &Pending, rows: Vec<PlacedRow>) {
         let options = WriteOptions {
             batch_rows_max: self.batch_rows_max,
@@ -350,11 +363,15 @@ impl RouteWriter {
         self.counters.written.fetch_add(written as u64, Ordering::Relaxed);
         // One clock read for the whole write: every message it completes was confirmed now.
         let written_ms = now_ms();
+        let mut settlements = Settlements::new(&self.route);
         for ((index, _), outcome) in outcomes {
             let refused = outcome.err().map(|error| error.reason().to_string());
             // Every row's index is its message's in `pending` (`write_batch`).
             match pending.messages.get(index) {
-                Some(message) => self.row_done(core, message, refused, written_ms).await,
+                Some(message) => {
+                    self.row_done(core, message, refused, written_ms, &mut settlements)
+                        .await
+                }
                 None => tracing::error!(route = %self.route, index, "a written row names no message of its batch"),
             }
         }
@@ -363,7 +380,14 @@ impl RouteWriter {
     /// One row of a message is written (or refused, with the reason) at `written_ms`. The last
     /// row completes the message: acknowledged when every row was written, else dead-lettered
     /// with the first refusal and then acknowledged.
-    async fn row_done(&self, core: usize, pending: &PendingMessage, refused: Option<String>, written_ms: i64) {
+    async fn row_done(
+        &self,
+        core: usize,
+        pending: &PendingMessage,
+        refused: Option<String>,
+        written_ms: i64,
+        settlements: &mut Settlements<'_>,
+    ) {
         if let Some(reason) = refused {
             // The first refusal wins.
             let _ = pending
@@ -376,22 +400,48 @@ impl RouteWriter {
         }
         match pending.failure.get() {
             Some((code, reason)) => {
+                // What finished before is not held up while the dead letter is delivered.
+                settlements.hand_over();
                 self.dead_letter(core, &pending.work, code, reason).await;
-                self.complete(core, &pending.work, true, now_ms());
+                self.complete(core, &pending.work, true, now_ms(), settlements);
             }
-            None => self.complete(core, &pending.work, false, written_ms),
+            None => self.complete(core, &pending.work, false, written_ms, settlements),
         }
     }
 
     /// Settles a finished message at its source (its origin knows how: `kafka::ack`,
     /// `nats::ack`, `amqp::ack`, ...) and records its delivery latency; nothing for a message
-    /// that is the spool's. `now_ms`: when it finished (epoch milliseconds).
-    fn complete(&self, core: usize, work: &SourceMessage, dead_lettered: bool, now_ms: i64) {
-        self.settle(core, work.timestamp_ms, work.origin.as_ref(), dead_lettered, now_ms);
+    /// that is the spool's. `now_ms`: when it finished (epoch milliseconds). The settlement is
+    /// handed over with the rest of `settlements`.
+    fn complete(
+        &self,
+        core: usize,
+        work: &SourceMessage,
+        dead_lettered: bool,
+        now_ms: i64,
+        settlements: &mut Settlements<'_>,
+    ) {
+        self.settle(
+            core,
+            work.timestamp_ms,
+            work.origin.as_ref(),
+            dead_lettered,
+            now_ms,
+            settlements,
+        );
     }
 
-    /// Settles `origin` at its source and records the message's delivery latency up to `now_ms`.
-    fn settle(&self, core: usize, timestamp_ms: Option<i64>, origin: &dyn Origin, dead_lettered: bool, now_ms: i64) {
+    /// Settles `origin` at its source (through `settlements`) and records the message's
+    /// delivery latency up to `now_ms`.
+    fn settle(
+        &self,
+        core: usize,
+        timestamp_ms: Option<i64>,
+        origin: &dyn Origin,
+        dead_lettered: bool,
+        now_ms: i64,
+        settlements: &mut Settlements<'_>,
+    ) {
         if !origin.acknowledges() {
             return;
         }
@@ -404,7 +454,7 @@ impl RouteWriter {
         } else {
             Settlement::Written
         };
-        origin.settle(settlement, &self.route);
+        origin.settle(settlement, settlements);
     }
 
     async fn dead_letter(&self, core: usize, work: &SourceMessage, reason_code: &str, reason: &str) {

@@ -130,7 +130,7 @@ enum Feed {
     /// time). Its messages' settlement channel goes nowhere: the job acknowledges nothing.
     JetStream {
         stream: Box<async_nats::jetstream::stream::Stream>,
-        acks: tokio::sync::mpsc::UnboundedSender<crate::bridge::nats::ack::Settled>,
+        acks: tokio::sync::mpsc::UnboundedSender<Vec<crate::bridge::nats::ack::Settled>>,
     },
 }
 

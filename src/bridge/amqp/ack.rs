@@ -1,6 +1,6 @@
 //! How a RabbitMQ delivery is settled: acknowledged once its rows are written, rejected without
-//! requeue once its dead letter is confirmed — coalesced per channel. A core reports each
-//! settlement to its channel's [`Acker`] task on the island; the task keeps the channel's
+//! requeue once its dead letter is confirmed — coalesced per channel. A core reports the
+//! settlements of each write together to its channel's ack task ([`run_acker`]) on the island; the task keeps the channel's
 //! [`AckWindow`] and sends one `basic.ack` with `multiple` for the contiguous run of settled
 //! delivery tags (a tag is acknowledged only when it and every tag before it on the channel is
 //! settled, so no message whose rows are not written is ever acknowledged), and a
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{Origin, Settlement};
+use crate::bridge::message::{Origin, SettleGroup, Settlement, Settlements};
 use crate::sink::dead_letter::headers;
 
 /// A settled delivery, reported by the core that finished it.
@@ -99,13 +99,13 @@ impl AckWindow {
 pub async fn run_acker(
     route: String,
     channel: lapin::Channel,
-    mut settled: mpsc::UnboundedReceiver<Settled>,
+    mut settled: mpsc::UnboundedReceiver<Vec<Settled>>,
     unacked: Arc<Unacked>,
 ) {
     let mut window = AckWindow::default();
     let mut batch = Vec::new();
     while settled.recv_many(&mut batch, usize::MAX).await > 0 {
-        let actions = window.settle(batch.drain(..));
+        let actions = window.settle(batch.drain(..).flatten());
         unacked.settled_through(window.through);
         for action in actions {
             let result = match action {
@@ -169,20 +169,44 @@ pub struct AmqpOrigin {
     /// Delivery tag on its channel.
     pub tag: u64,
     /// Its channel's ack task (unbounded, but never holding more than the channel's
-    /// unacknowledged deliveries: the prefetch).
-    pub acks: mpsc::UnboundedSender<Settled>,
+    /// unacknowledged deliveries' settlements: the prefetch).
+    pub acks: mpsc::UnboundedSender<Vec<Settled>>,
+}
+
+/// The settlements of one write for one channel's ack task, sent in one hand-over.
+pub struct AckGroup {
+    acks: mpsc::UnboundedSender<Vec<Settled>>,
+    settled: Vec<Settled>,
+}
+
+impl SettleGroup for AckGroup {
+    fn hand_over(self: Box<Self>, route: &str) {
+        let deliveries = self.settled.len();
+        // Closed only once the connection is gone: the broker redelivers the messages.
+        if self.acks.send(self.settled).is_err() {
+            tracing::debug!(route, deliveries, "channel gone; the messages will be redelivered");
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 impl Origin for AmqpOrigin {
-    fn settle(&self, settlement: Settlement, route: &str) {
+    fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>) {
         let settled = Settled {
             tag: self.tag,
             settlement,
         };
-        // Closed only once the connection is gone: the broker redelivers the message.
-        if self.acks.send(settled).is_err() {
-            tracing::debug!(route, tag = self.tag, "channel gone; the message will be redelivered");
-        }
+        settlements.add(
+            |group: &AckGroup| group.acks.same_channel(&self.acks),
+            || AckGroup {
+                acks: self.acks.clone(),
+                settled: Vec::new(),
+            },
+            |group| group.settled.push(settled),
+        );
     }
 
     fn coordinates(&self, _: &str, _: i64) -> Vec<(&'static str, String)> {

@@ -225,7 +225,7 @@ async fn drain(cores: &mut Option<RoundRobin>, counters: &RouteCounters, deadlin
 fn source_message(
     delivery: lapin::message::Delivery,
     queue: &Arc<str>,
-    acks: &mpsc::UnboundedSender<ack::Settled>,
+    acks: &mpsc::UnboundedSender<Vec<ack::Settled>>,
 ) -> SourceMessage {
     let timestamp_ms = delivery
         .properties

@@ -170,9 +170,10 @@ impl ConsumerContext for RebalanceRecorder {
 /// The route's consumer, subscribed and checked against the brokers.
 pub type RouteConsumer = BaseConsumer<RebalanceRecorder>;
 
-/// Capacity of a route's completion channel (cores → poll thread). Completions waiting there
-/// never outnumber the messages handed out and not yet applied: at most, per core, a full queue
-/// (`CORE_QUEUE_BATCHES_MAX` batches of `POLL_BATCH_MAX`), the messages admitted in flight
+/// Capacity of a route's completion channel (cores → poll thread), in hand-overs of one or more
+/// completions each. They never outnumber the messages handed out and not yet applied: at
+/// most, per core, a full queue (`CORE_QUEUE_BATCHES_MAX` batches of `POLL_BATCH_MAX`), the
+/// messages admitted in flight
 /// (`inflight_max`, overshot by at most one batch) and the batch the poll thread is handing
 /// over — the poll thread hands out nothing while it waits on a full queue, and applies every
 /// waiting completion otherwise. Twice that, so a full channel can only be a bug (logged).
@@ -188,8 +189,8 @@ pub struct KafkaSource {
     consumer: RouteConsumer,
     instance_id: Option<String>,
     completions: (
-        crossbeam_channel::Sender<Completion>,
-        crossbeam_channel::Receiver<Completion>,
+        crossbeam_channel::Sender<Vec<Completion>>,
+        crossbeam_channel::Receiver<Vec<Completion>>,
     ),
     shutdown_deadline: Duration,
 }
@@ -437,10 +438,10 @@ pub struct Poller {
     pub instance_id: Option<String>,
     /// One bounded queue per core, and what waits for each.
     pub queues: pause::CoreQueues,
-    /// Completions from the cores.
-    pub completions: crossbeam_channel::Receiver<Completion>,
+    /// Completions from the cores, one hand-over per write.
+    pub completions: crossbeam_channel::Receiver<Vec<Completion>>,
     /// The sending side, one clone in every message's origin.
-    pub completions_tx: crossbeam_channel::Sender<Completion>,
+    pub completions_tx: crossbeam_channel::Sender<Vec<Completion>>,
     /// The gateway's stop signal.
     pub stop: Stop,
     /// How long to wait for in-flight messages at shutdown.
@@ -731,9 +732,11 @@ impl Poller {
     /// it has any). With `wait`, blocks up to that long for the first completion.
     fn apply_completions(&self, marks: &mut Watermarks, clocks: &mut Clocks, held: &mut Held, wait: Option<Duration>) {
         let mut advanced: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-        let mut apply = |c: Completion, marks: &mut Watermarks| {
-            if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
-                advanced.insert(c.partition, mark);
+        let mut apply = |completions: Vec<Completion>, marks: &mut Watermarks| {
+            for c in completions {
+                if let Some(mark) = marks.complete_stamped(c.partition, c.epoch, c.offset) {
+                    advanced.insert(c.partition, mark);
+                }
             }
         };
         if let Some(wait) = wait {

@@ -2,15 +2,15 @@
 //! terminated (`AckKind::Term`) once its dead letter is delivered, so a poison message is never
 //! redelivered. JetStream acks are per message (`AckPolicy::Explicit`: an `All` ack would also
 //! ack what another gateway sharing the durable has not written yet), so they are made cheap
-//! instead: a core sends each settlement to the route's ack task on the island
-//! ([`run_acker`]), which publishes every waiting one back to back on the route's connection —
-//! one write to the server for many acks, no task and no message copy per ack. A core NATS
+//! instead: a core sends the settlements of each write together to the route's ack task on the
+//! island ([`run_acker`]), which publishes every waiting one back to back on the route's
+//! connection — one write to the server for many acks, no task and no message copy per ack. A core NATS
 //! message has nothing to acknowledge (at-most-once).
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{Origin, Settlement};
+use crate::bridge::message::{Origin, SettleGroup, Settlement, Settlements};
 use crate::sink::dead_letter::headers;
 
 /// One JetStream settlement: the message's ack subject and how it ends.
@@ -19,10 +19,10 @@ pub type Settled = (async_nats::Subject, Settlement);
 /// The route's ack task: takes every settlement waiting and publishes its ack (`+ACK` when
 /// written, `+TERM` when dead-lettered) on `client`, then flushes once. Ends when every
 /// message's sender is gone. Runs on the island.
-pub async fn run_acker(route: String, client: async_nats::Client, mut settled: mpsc::UnboundedReceiver<Settled>) {
+pub async fn run_acker(route: String, client: async_nats::Client, mut settled: mpsc::UnboundedReceiver<Vec<Settled>>) {
     let mut batch = Vec::new();
     while settled.recv_many(&mut batch, usize::MAX).await > 0 {
-        for (reply, settlement) in batch.drain(..) {
+        for (reply, settlement) in batch.drain(..).flatten() {
             let kind = match settlement {
                 Settlement::Written => Bytes::from_static(b"+ACK"),
                 Settlement::DeadLettered => Bytes::from_static(b"+TERM"),
@@ -43,16 +43,39 @@ pub struct JetStreamOrigin {
     /// (nothing to acknowledge).
     pub reply: Option<async_nats::Subject>,
     /// The route's ack task (unbounded, but never holding more than the consumer's
-    /// `max_ack_pending`).
-    pub acks: mpsc::UnboundedSender<Settled>,
+    /// `max_ack_pending` settlements).
+    pub acks: mpsc::UnboundedSender<Vec<Settled>>,
+}
+
+/// The settlements of one write for one route's ack task, sent in one hand-over.
+pub struct AckGroup {
+    acks: mpsc::UnboundedSender<Vec<Settled>>,
+    settled: Vec<Settled>,
+}
+
+impl SettleGroup for AckGroup {
+    fn hand_over(self: Box<Self>, route: &str) {
+        if self.acks.send(self.settled).is_err() {
+            tracing::warn!(%route, "the JetStream ack task has stopped; the messages will be redelivered");
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 impl Origin for JetStreamOrigin {
-    fn settle(&self, settlement: Settlement, route: &str) {
+    fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>) {
         let Some(reply) = &self.reply else { return };
-        if self.acks.send((reply.clone(), settlement)).is_err() {
-            tracing::warn!(%route, "the JetStream ack task has stopped; the message will be redelivered");
-        }
+        settlements.add(
+            |group: &AckGroup| group.acks.same_channel(&self.acks),
+            || AckGroup {
+                acks: self.acks.clone(),
+                settled: Vec::new(),
+            },
+            |group| group.settled.push((reply.clone(), settlement)),
+        );
     }
 
     fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)> {
@@ -76,7 +99,7 @@ pub struct NatsOrigin {
 }
 
 impl Origin for NatsOrigin {
-    fn settle(&self, _: Settlement, _: &str) {}
+    fn settle(&self, _: Settlement, _: &mut Settlements<'_>) {}
 
     fn coordinates(&self, _: &str, position: i64) -> Vec<(&'static str, String)> {
         vec![

@@ -336,7 +336,10 @@ fn text_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)
 /// in microseconds: deterministic (a redelivery writes identical cells) and, as the server
 /// stamps messages in stream order, ordered for any burst slower than one message per
 /// microsecond per stream — unlike time-plus-sequence, it has no wrap within a millisecond.
-pub(crate) fn source_message(message: jetstream::Message, acks: &mpsc::UnboundedSender<ack::Settled>) -> SourceMessage {
+pub(crate) fn source_message(
+    message: jetstream::Message,
+    acks: &mpsc::UnboundedSender<Vec<ack::Settled>>,
+) -> SourceMessage {
     let (position, timestamp_ms, write_timestamp_us) = message
         .info()
         .map(|info| {

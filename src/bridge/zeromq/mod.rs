@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::handoff::RoundRobin;
-use super::message::{Origin, Settlement, SourceMessage};
+use super::message::{Origin, Settlement, Settlements, SourceMessage};
 use super::route::RouteCounters;
 use super::source::{Consumer, Handoff, Source, Start};
 use crate::config::{ZmqSocketKind, ZmqSourceConfig};
@@ -295,7 +295,7 @@ pub struct ZmqOrigin {
 }
 
 impl Origin for ZmqOrigin {
-    fn settle(&self, _: Settlement, _: &str) {}
+    fn settle(&self, _: Settlement, _: &mut Settlements<'_>) {}
 
     fn coordinates(&self, _: &str, position: i64) -> Vec<(&'static str, String)> {
         vec![
