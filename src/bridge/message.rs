@@ -136,6 +136,58 @@ impl Drop for Settlements<'_> {
     }
 }
 
+/// The [`SettleGroup`] of a source whose acknowledger is a task on the island fed over an
+/// unbounded channel (the JetStream route's ack task, a RabbitMQ channel's): the write's
+/// settlements go over in one send.
+pub struct AckTaskGroup<T> {
+    acks: tokio::sync::mpsc::UnboundedSender<Vec<T>>,
+    settled: Vec<T>,
+    /// Logged (a warning unless `expected`) when the task is gone; its messages are redelivered.
+    gone: &'static str,
+    expected: bool,
+}
+
+impl<T: Send + 'static> AckTaskGroup<T> {
+    /// Adds `settled` to `settlements`' group for the task behind `acks`. When the task is
+    /// gone, the hand-over logs `gone`: at debug level when that is `expected` (a RabbitMQ
+    /// channel replaced after a reconnect), else as a warning.
+    pub fn add(
+        settlements: &mut Settlements<'_>,
+        acks: &tokio::sync::mpsc::UnboundedSender<Vec<T>>,
+        settled: T,
+        gone: &'static str,
+        expected: bool,
+    ) {
+        settlements.add(
+            |group: &AckTaskGroup<T>| group.acks.same_channel(acks),
+            || AckTaskGroup {
+                acks: acks.clone(),
+                settled: Vec::new(),
+                gone,
+                expected,
+            },
+            |group| group.settled.push(settled),
+        );
+    }
+}
+
+impl<T: Send + 'static> SettleGroup for AckTaskGroup<T> {
+    fn hand_over(self: Box<Self>, route: &str) {
+        let (gone, expected, messages) = (self.gone, self.expected, self.settled.len());
+        if self.acks.send(self.settled).is_err() {
+            if expected {
+                tracing::debug!(route, messages, "{gone}");
+            } else {
+                tracing::warn!(route, messages, "{gone}");
+            }
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
 /// A message that is the spool's: acknowledged at its source when it became durable (`ack =
 /// "spooled"`), or replayed from the spool after a restart. Nothing left to settle; its
 /// coordinates stay for dead letters.

@@ -1,9 +1,10 @@
 //! How a RabbitMQ delivery is settled: acknowledged once its rows are written, rejected without
 //! requeue once its dead letter is confirmed — coalesced per channel. A core reports the
-//! settlements of each write together to its channel's ack task ([`run_acker`]) on the island; the task keeps the channel's
-//! [`AckWindow`] and sends one `basic.ack` with `multiple` for the contiguous run of settled
-//! delivery tags (a tag is acknowledged only when it and every tag before it on the channel is
-//! settled, so no message whose rows are not written is ever acknowledged), and a
+//! settlements of each write together to its channel's ack task ([`run_acker`]) on the
+//! island; the task keeps the channel's [`AckWindow`] and sends one `basic.ack` with
+//! `multiple` for the contiguous run of settled delivery tags (a tag is acknowledged only when
+//! it and every tag before it on the channel is settled, so no message whose rows are not
+//! written is ever acknowledged), and a
 //! `basic.reject` for each dead-lettered delivery before any `multiple` ack that spans it. The
 //! ack names the last *written* tag of the run: RabbitMQ refuses (and closes the channel on) an
 //! ack whose tag is no longer outstanding, as a rejected one is. Under load one ack covers
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{Origin, SettleGroup, Settlement, Settlements};
+use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements};
 use crate::sink::dead_letter::headers;
 
 /// A settled delivery, reported by the core that finished it.
@@ -173,39 +174,19 @@ pub struct AmqpOrigin {
     pub acks: mpsc::UnboundedSender<Vec<Settled>>,
 }
 
-/// The settlements of one write for one channel's ack task, sent in one hand-over.
-pub struct AckGroup {
-    acks: mpsc::UnboundedSender<Vec<Settled>>,
-    settled: Vec<Settled>,
-}
-
-impl SettleGroup for AckGroup {
-    fn hand_over(self: Box<Self>, route: &str) {
-        let deliveries = self.settled.len();
-        // Closed only once the connection is gone: the broker redelivers the messages.
-        if self.acks.send(self.settled).is_err() {
-            tracing::debug!(route, deliveries, "channel gone; the messages will be redelivered");
-        }
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
 impl Origin for AmqpOrigin {
     fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>) {
         let settled = Settled {
             tag: self.tag,
             settlement,
         };
-        settlements.add(
-            |group: &AckGroup| group.acks.same_channel(&self.acks),
-            || AckGroup {
-                acks: self.acks.clone(),
-                settled: Vec::new(),
-            },
-            |group| group.settled.push(settled),
+        // Closed only once the connection is gone: the broker redelivers the messages.
+        AckTaskGroup::add(
+            settlements,
+            &self.acks,
+            settled,
+            "channel gone; the messages will be redelivered",
+            true,
         );
     }
 

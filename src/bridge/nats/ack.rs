@@ -4,13 +4,13 @@
 //! ack what another gateway sharing the durable has not written yet), so they are made cheap
 //! instead: a core sends the settlements of each write together to the route's ack task on the
 //! island ([`run_acker`]), which publishes every waiting one back to back on the route's
-//! connection — one write to the server for many acks, no task and no message copy per ack. A core NATS
-//! message has nothing to acknowledge (at-most-once).
+//! connection — one write to the server for many acks, no task and no message copy per ack. A
+//! core NATS message has nothing to acknowledge (at-most-once).
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{Origin, SettleGroup, Settlement, Settlements};
+use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements};
 use crate::sink::dead_letter::headers;
 
 /// One JetStream settlement: the message's ack subject and how it ends.
@@ -47,34 +47,15 @@ pub struct JetStreamOrigin {
     pub acks: mpsc::UnboundedSender<Vec<Settled>>,
 }
 
-/// The settlements of one write for one route's ack task, sent in one hand-over.
-pub struct AckGroup {
-    acks: mpsc::UnboundedSender<Vec<Settled>>,
-    settled: Vec<Settled>,
-}
-
-impl SettleGroup for AckGroup {
-    fn hand_over(self: Box<Self>, route: &str) {
-        if self.acks.send(self.settled).is_err() {
-            tracing::warn!(%route, "the JetStream ack task has stopped; the messages will be redelivered");
-        }
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
 impl Origin for JetStreamOrigin {
     fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>) {
         let Some(reply) = &self.reply else { return };
-        settlements.add(
-            |group: &AckGroup| group.acks.same_channel(&self.acks),
-            || AckGroup {
-                acks: self.acks.clone(),
-                settled: Vec::new(),
-            },
-            |group| group.settled.push((reply.clone(), settlement)),
+        AckTaskGroup::add(
+            settlements,
+            &self.acks,
+            (reply.clone(), settlement),
+            "the JetStream ack task has stopped; the messages will be redelivered",
+            false,
         );
     }
 
