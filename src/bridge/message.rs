@@ -136,49 +136,46 @@ impl Drop for Settlements<'_> {
     }
 }
 
+/// A settlement an ack task on the island takes, and what its [`AckTaskGroup`] logs when that
+/// task is gone (the messages are redelivered).
+pub trait TaskSettlement: Send + 'static {
+    /// Logged when the task is gone.
+    const GONE: &'static str;
+    /// Whether that is expected (a RabbitMQ channel replaced after a reconnect): logged at
+    /// debug level, else as a warning.
+    const GONE_EXPECTED: bool;
+}
+
 /// The [`SettleGroup`] of a source whose acknowledger is a task on the island fed over an
 /// unbounded channel (the JetStream route's ack task, a RabbitMQ channel's): the write's
 /// settlements go over in one send.
 pub struct AckTaskGroup<T> {
     acks: tokio::sync::mpsc::UnboundedSender<Vec<T>>,
     settled: Vec<T>,
-    /// Logged (a warning unless `expected`) when the task is gone; its messages are redelivered.
-    gone: &'static str,
-    expected: bool,
 }
 
-impl<T: Send + 'static> AckTaskGroup<T> {
-    /// Adds `settled` to `settlements`' group for the task behind `acks`. When the task is
-    /// gone, the hand-over logs `gone`: at debug level when that is `expected` (a RabbitMQ
-    /// channel replaced after a reconnect), else as a warning.
-    pub fn add(
-        settlements: &mut Settlements<'_>,
-        acks: &tokio::sync::mpsc::UnboundedSender<Vec<T>>,
-        settled: T,
-        gone: &'static str,
-        expected: bool,
-    ) {
+impl<T: TaskSettlement> AckTaskGroup<T> {
+    /// Adds `settled` to `settlements`' group for the task behind `acks`.
+    pub fn add(settlements: &mut Settlements<'_>, acks: &tokio::sync::mpsc::UnboundedSender<Vec<T>>, settled: T) {
         settlements.add(
             |group: &AckTaskGroup<T>| group.acks.same_channel(acks),
             || AckTaskGroup {
                 acks: acks.clone(),
                 settled: Vec::new(),
-                gone,
-                expected,
             },
             |group| group.settled.push(settled),
         );
     }
 }
 
-impl<T: Send + 'static> SettleGroup for AckTaskGroup<T> {
+impl<T: TaskSettlement> SettleGroup for AckTaskGroup<T> {
     fn hand_over(self: Box<Self>, route: &str) {
-        let (gone, expected, messages) = (self.gone, self.expected, self.settled.len());
+        let messages = self.settled.len();
         if self.acks.send(self.settled).is_err() {
-            if expected {
-                tracing::debug!(route, messages, "{gone}");
+            if T::GONE_EXPECTED {
+                tracing::debug!(route, messages, "{}", T::GONE);
             } else {
-                tracing::warn!(route, messages, "{gone}");
+                tracing::warn!(route, messages, "{}", T::GONE);
             }
         }
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements};
+use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements, TaskSettlement};
 use crate::sink::dead_letter::headers;
 
 /// A settled delivery, reported by the core that finished it.
@@ -27,6 +27,12 @@ pub struct Settled {
     pub tag: u64,
     /// Written, or dead-lettered.
     pub settlement: Settlement,
+}
+
+impl TaskSettlement for Settled {
+    // Closed only once the connection is gone: the broker redelivers the messages.
+    const GONE: &'static str = "channel gone; the messages will be redelivered";
+    const GONE_EXPECTED: bool = true;
 }
 
 /// What to send on the channel, in order.
@@ -180,14 +186,7 @@ impl Origin for AmqpOrigin {
             tag: self.tag,
             settlement,
         };
-        // Closed only once the connection is gone: the broker redelivers the messages.
-        AckTaskGroup::add(
-            settlements,
-            &self.acks,
-            settled,
-            "channel gone; the messages will be redelivered",
-            true,
-        );
+        AckTaskGroup::add(settlements, &self.acks, settled);
     }
 
     fn coordinates(&self, _: &str, _: i64) -> Vec<(&'static str, String)> {

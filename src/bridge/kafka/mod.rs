@@ -173,10 +173,10 @@ pub type RouteConsumer = BaseConsumer<RebalanceRecorder>;
 /// Capacity of a route's completion channel (cores → poll thread), in hand-overs of one or more
 /// completions each. They never outnumber the messages handed out and not yet applied: at
 /// most, per core, a full queue (`CORE_QUEUE_BATCHES_MAX` batches of `POLL_BATCH_MAX`), the
-/// messages admitted in flight
-/// (`inflight_max`, overshot by at most one batch) and the batch the poll thread is handing
-/// over — the poll thread hands out nothing while it waits on a full queue, and applies every
-/// waiting completion otherwise. Twice that, so a full channel can only be a bug (logged).
+/// messages admitted in flight (`inflight_max`, overshot by at most one batch) and the batch
+/// the poll thread is handing over — the poll thread hands out nothing while it waits on a full
+/// queue, and applies every waiting completion otherwise. Twice that, so a full channel can
+/// only be a bug (logged).
 pub fn completions_capacity(cores: usize, inflight_max: usize) -> usize {
     let per_core = (super::handoff::CORE_QUEUE_BATCHES_MAX + 2) * POLL_BATCH_MAX + inflight_max;
     2 * cores.max(1) * per_core

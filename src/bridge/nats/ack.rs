@@ -10,11 +10,16 @@
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements};
+use crate::bridge::message::{AckTaskGroup, Origin, Settlement, Settlements, TaskSettlement};
 use crate::sink::dead_letter::headers;
 
 /// One JetStream settlement: the message's ack subject and how it ends.
 pub type Settled = (async_nats::Subject, Settlement);
+
+impl TaskSettlement for Settled {
+    const GONE: &'static str = "the JetStream ack task has stopped; the messages will be redelivered";
+    const GONE_EXPECTED: bool = false;
+}
 
 /// The route's ack task: takes every settlement waiting and publishes its ack (`+ACK` when
 /// written, `+TERM` when dead-lettered) on `client`, then flushes once. Ends when every
@@ -50,13 +55,7 @@ pub struct JetStreamOrigin {
 impl Origin for JetStreamOrigin {
     fn settle(&self, settlement: Settlement, settlements: &mut Settlements<'_>) {
         let Some(reply) = &self.reply else { return };
-        AckTaskGroup::add(
-            settlements,
-            &self.acks,
-            (reply.clone(), settlement),
-            "the JetStream ack task has stopped; the messages will be redelivered",
-            false,
-        );
+        AckTaskGroup::add(settlements, &self.acks, (reply.clone(), settlement));
     }
 
     fn coordinates(&self, source: &str, position: i64) -> Vec<(&'static str, String)> {
