@@ -1,7 +1,13 @@
 //! Spool append on the machine's disk through glommio DMA files: one group commit (write +
-//! sync) of 1, 64 and 512 records of 256 bytes. The time per iteration is the latency of one
-//! durable group commit (its fsync included); throughput is in records. Completed records are
-//! released after each commit so segments roll and are removed as in steady state.
+//! sync) of 1, 64 and 512 records of 256 bytes, framed beforehand as callers frame them. The
+//! time per iteration is the latency of one durable group commit (its fsync included);
+//! throughput is in records. Completed records are released after each commit so segments roll
+//! and are removed as in steady state.
+//!
+//! In memory, per record (no disk): encoding a batch of 512 Kafka orders (~150-byte JSON, three
+//! source coordinates) as spool records straight into their frames, as a spooled route does
+//! before its append; and decoding them back from one read buffer into messages whose payloads
+//! are views of it, as the drain does.
 //!
 //! Where the files go: `$SHARDGATE_SPOOL_BENCH_DIR`, default the system temp dir (use a
 //! directory on the NVMe the spool will run on; tmpfs turns O_DIRECT off and measures memory).
@@ -11,7 +17,10 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use shardgate::spool::frame::{self, Framed};
+use shardgate::spool::record::{self, Record, RouteEncoder};
 use shardgate::spool::storage::DmaStorage;
 use shardgate::spool::{Spool, SpoolLimits};
 
@@ -44,10 +53,11 @@ fn spool_append(c: &mut Criterion) {
                             cap_bytes: 1 << 40,
                         };
                         let (mut spool, _, _) = Spool::open(storage, limits).await.expect("open");
-                        let records: Vec<&[u8]> = (0..batch).map(|_| record.as_slice()).collect();
+                        let mut records = Framed::default();
+                        (0..batch).for_each(|_| records.push(&record));
                         let started = Instant::now();
                         for _ in 0..iters {
-                            let ids = spool.append(&records).await.expect("append");
+                            let ids = spool.append(&[&records]).await.expect("append");
                             for id in ids {
                                 spool.complete(id).await;
                             }
@@ -66,5 +76,66 @@ fn spool_append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, spool_append);
+/// 512 orders as a spooled Kafka route encodes them.
+fn encode_orders(encoder: &mut RouteEncoder, payloads: &[Vec<u8>]) -> Framed {
+    let mut framed = Framed::with_capacity(payloads.len() * 400, payloads.len());
+    for (offset, payload) in payloads.iter().enumerate() {
+        let offset_text = offset.to_string();
+        let coordinates = [
+            ("shardgate.source.topic", "bench.orders"),
+            ("shardgate.source.partition", "3"),
+            ("shardgate.source.offset", offset_text.as_str()),
+        ];
+        encoder.encode(
+            "orders",
+            offset as i64,
+            Some(1_700_000_000_000),
+            1_700_000_000_000_000 + offset as i64,
+            Some(b"customer-17"),
+            Some(payload),
+            std::iter::empty(),
+            coordinates.into_iter(),
+            Some(3),
+            &mut framed,
+        );
+    }
+    framed
+}
+
+fn spool_records(c: &mut Criterion) {
+    let payloads: Vec<Vec<u8>> = (0..512)
+        .map(|i| {
+            format!(
+                r#"{{"order_id":{i},"customer":"customer-{}","amount":{}.25,"quantity":{},"ts":1700000000{i:03}}}"#,
+                i % 97,
+                i * 3,
+                i % 9
+            )
+            .into_bytes()
+        })
+        .collect();
+    let mut group = c.benchmark_group("spool");
+    group.throughput(Throughput::Elements(payloads.len() as u64));
+    group.bench_function("encode_512_route_records", |b| {
+        let mut encoder = RouteEncoder::default();
+        b.iter(|| encode_orders(&mut encoder, &payloads))
+    });
+    let framed = encode_orders(&mut RouteEncoder::default(), &payloads);
+    let read = Bytes::copy_from_slice(framed.bytes());
+    group.bench_function("decode_512_route_records_as_views", |b| {
+        b.iter(|| {
+            let (bodies, _) = frame::decode(&read);
+            bodies
+                .into_iter()
+                .map(|body| match record::decode(&read.slice_ref(body)) {
+                    Ok(Record::Route { message, .. }) => message.payload.map_or(0, |p| p.len()),
+                    _ => panic!("a route record"),
+                })
+                .sum::<usize>()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, spool_append, spool_records);
 criterion_main!(benches);

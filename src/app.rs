@@ -569,7 +569,7 @@ impl Replay for Replayers {
         self.routes.contains_key(route)
     }
 
-    fn grpc(&self, batch: Vec<u8>, spooled: Spooled) -> Option<LocalBoxFuture<'static, ()>> {
+    fn grpc(&self, batch: bytes::Bytes, spooled: Spooled) -> Option<LocalBoxFuture<'static, ()>> {
         let service = self.ingest.clone()?;
         Some(Box::pin(async move { service.write_replayed(batch, spooled).await }))
     }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 
 use crate::mapping::{write_timestamp_us, Envelope};
 use crate::sink::dead_letter::headers;
-use crate::spool::record::{self, RouteRecord};
+use crate::spool::frame::Framed;
+use crate::spool::record::{RouteEncoder, RouteRecord};
 
 /// One source message, copied out of its client library, on its way to a core.
 #[derive(Debug)]
@@ -298,23 +299,43 @@ impl SourceMessage {
 }
 
 impl SourceMessage {
-    /// The spool record of this message, received by `route` from `source`.
+    /// The spool record body of this message, received by `route` from `source`.
     pub fn spool_record(&self, route: &str, source: &str) -> Vec<u8> {
-        self.encode_record(route, &self.source_coordinates(source))
+        let mut framed = Framed::default();
+        self.encode_record(
+            route,
+            &self.source_coordinates(source),
+            &mut RouteEncoder::default(),
+            &mut framed,
+        );
+        framed.body(0).map(<[u8]>::to_vec).unwrap_or_default()
     }
 
-    /// Hands the message to the spool: returns its spool record and settles nothing itself —
-    /// its origin becomes [`Spooled`] (the coordinates computed once for both), and the old
-    /// origin is returned for the caller to settle at the source.
-    pub fn into_spool(&mut self, route: &str, source: &str) -> (Vec<u8>, Box<dyn Origin>) {
+    /// Hands the message to the spool: encodes its spool record (with `encoder`) as the next of
+    /// `records` and settles nothing itself — its origin becomes [`Spooled`] (the coordinates
+    /// computed once for both), and the old origin is returned for the caller to settle at the
+    /// source.
+    pub fn into_spool(
+        &mut self,
+        route: &str,
+        source: &str,
+        encoder: &mut RouteEncoder,
+        records: &mut Framed,
+    ) -> Box<dyn Origin> {
         let coordinates = self.source_coordinates(source);
-        let record = self.encode_record(route, &coordinates);
+        self.encode_record(route, &coordinates, encoder, records);
         let spooled = Box::new(Spooled::new(coordinates, self.partition()));
-        (record, std::mem::replace(&mut self.origin, spooled))
+        std::mem::replace(&mut self.origin, spooled)
     }
 
-    fn encode_record(&self, route: &str, coordinates: &[(&'static str, String)]) -> Vec<u8> {
-        record::encode_route(
+    fn encode_record(
+        &self,
+        route: &str,
+        coordinates: &[(&'static str, String)],
+        encoder: &mut RouteEncoder,
+        records: &mut Framed,
+    ) {
+        encoder.encode(
             route,
             self.position,
             self.timestamp_ms,
@@ -324,7 +345,8 @@ impl SourceMessage {
             self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
             coordinates.iter().map(|(n, v)| (*n, v.as_str())),
             self.partition(),
-        )
+            records,
+        );
     }
 
     /// A message read back from the spool.
@@ -341,9 +363,9 @@ impl SourceMessage {
             position: record.position,
             timestamp_ms: record.timestamp_ms,
             write_timestamp_us: record.write_timestamp_us,
-            key: record.key.map(Into::into),
+            key: record.key,
             headers: record.headers,
-            payload: record.payload.map(Into::into),
+            payload: record.payload,
             origin: Box::new(Spooled::new(coordinates, record.partition)),
         }
     }
@@ -352,6 +374,7 @@ impl SourceMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::record::{self, Record};
 
     #[test]
     fn spool_records_round_trip_every_field() {
@@ -370,12 +393,12 @@ mod tests {
                 None,
             )),
         };
-        let bytes = work.spool_record("orders", "orders-subject");
-        let Ok(record::Record::Route(record)) = record::decode(&bytes) else {
+        let bytes = bytes::Bytes::from(work.spool_record("orders", "orders-subject"));
+        let Ok(Record::Route { route, message }) = record::decode(&bytes) else {
             panic!("not a route record");
         };
-        assert_eq!(record.route, "orders");
-        let back = SourceMessage::from_record(record);
+        assert_eq!(route, "orders");
+        let back = SourceMessage::from_record(message);
         assert_eq!(
             (back.position, back.timestamp_ms, back.write_timestamp_us),
             (42, Some(1_700_000_000_000), Some(1_700_000_000_000_123))

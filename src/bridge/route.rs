@@ -38,7 +38,8 @@ use crate::sink::scylla as scylla_sink;
 use crate::sink::scylla::bound::{RowBuilder, SerializedRow};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions, WriteStatement};
-use crate::spool::record::RouteRecord;
+use crate::spool::frame::Framed;
+use crate::spool::record::{RouteEncoder, RouteRecord, ROUTE_RECORD_OVERHEAD_BYTES};
 use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::RowMetrics;
 use crate::topology::{Ownership, ReplicaShard};
@@ -200,10 +201,17 @@ impl RouteWriter {
         }
         // Each message becomes the spool's (nothing left to settle when its rows are written);
         // its source origin is kept to be settled once the records are durable.
-        let (records, origins): (Vec<Vec<u8>>, Vec<Box<dyn Origin>>) = batch
+        let payload_bytes: usize = batch
+            .iter()
+            .map(|work| work.payload.as_ref().map_or(0, bytes::Bytes::len))
+            .sum();
+        let mut records = Framed::with_capacity(payload_bytes + batch.len() * ROUTE_RECORD_OVERHEAD_BYTES, batch.len());
+        let mut encoder = RouteEncoder::default();
+        let origins: Vec<Box<dyn Origin>> = batch
             .iter_mut()
-            .map(|work| work.into_spool(&self.route, &self.source))
-            .unzip();
+            .map(|work| work.into_spool(&self.route, &self.source, &mut encoder, &mut records))
+            .collect();
+        drop(encoder);
         let appended = spool::append(&self.route, records).await;
         metrics.received.increment(batch.len() as u64);
         metrics.received_batch_rows.record(batch.len() as f64);

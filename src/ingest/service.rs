@@ -585,8 +585,8 @@ impl IngestService {
     /// Writes a gRPC batch read back from the spool (left by the previous run, or deferred),
     /// then completes its record. A batch whose table or columns went away since is refused
     /// for good (logged and counted), like a row the database refuses.
-    pub async fn write_replayed(&self, batch: Vec<u8>, spooled: Spooled) {
-        let batch: Batch = match <raw::RowBatch as prost::Message>::decode(batch.as_slice()) {
+    pub async fn write_replayed(&self, batch: bytes::Bytes, spooled: Spooled) {
+        let batch: Batch = match <raw::RowBatch as prost::Message>::decode(batch) {
             Ok(batch) => batch.into(),
             Err(error) => {
                 tracing::error!(core = self.core, %error, "spool: undecodable gRPC batch skipped");

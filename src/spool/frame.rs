@@ -17,6 +17,80 @@ pub fn encode(body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
+/// Records framed by their caller, back to back in one buffer, as a segment will hold them: the
+/// spool appends the buffer as it is (no copy per record, no buffer per record). A caller
+/// encodes each record straight into it ([`Framed::push_with`]).
+#[derive(Debug, Default)]
+pub struct Framed {
+    /// The frames, back to back.
+    bytes: Vec<u8>,
+    /// Where each record's frame starts in `bytes`.
+    starts: Vec<usize>,
+    /// The length of the first body that no frame may carry (empty, or over
+    /// [`RECORD_BYTES_MAX`]): such a batch is refused whole.
+    refused: Option<usize>,
+}
+
+impl Framed {
+    /// Room for about `bytes` of bodies in `records` records.
+    pub fn with_capacity(bytes: usize, records: usize) -> Framed {
+        Framed {
+            bytes: Vec::with_capacity(bytes + records * HEADER_BYTES),
+            starts: Vec::with_capacity(records),
+            refused: None,
+        }
+    }
+
+    /// Frames one record whose body `write` appends to the buffer it is given (and nothing
+    /// else: what it appends is the body).
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; HEADER_BYTES]);
+        write(&mut self.bytes);
+        let body = &self.bytes[start + HEADER_BYTES..];
+        let length = body.len();
+        if self.refused.is_none() && (length == 0 || length > RECORD_BYTES_MAX) {
+            self.refused = Some(length);
+        }
+        let checksum = crc32c::crc32c(body);
+        self.bytes[start..start + 4].copy_from_slice(&(length as u32).to_le_bytes());
+        self.bytes[start + 4..start + HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
+        self.starts.push(start);
+    }
+
+    /// Frames one record.
+    pub fn push(&mut self, body: &[u8]) {
+        self.push_with(|out| out.extend_from_slice(body));
+    }
+
+    /// Records framed.
+    pub fn records(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The frames, back to back.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Where each record's frame starts in [`Framed::bytes`].
+    pub fn starts(&self) -> &[usize] {
+        &self.starts
+    }
+
+    /// The body of record `index`.
+    pub fn body(&self, index: usize) -> Option<&[u8]> {
+        let start = *self.starts.get(index)? + HEADER_BYTES;
+        let end = self.starts.get(index + 1).map_or(self.bytes.len(), |next| *next);
+        self.bytes.get(start..end)
+    }
+
+    /// The length of the first body no frame may carry (empty, or over [`RECORD_BYTES_MAX`]).
+    pub fn refused(&self) -> Option<usize> {
+        self.refused
+    }
+}
+
 /// Where the frame of `body` — a record [`decode`] returned from `bytes` — starts in `bytes`.
 pub fn frame_offset(bytes: &[u8], body: &[u8]) -> usize {
     body.as_ptr() as usize - bytes.as_ptr() as usize - HEADER_BYTES
@@ -102,6 +176,28 @@ mod tests {
         let (records, tail) = decode(&bytes[..clean_len - 2]);
         assert_eq!(records.len(), 1);
         assert!(matches!(tail, Tail::Torn { .. }));
+    }
+
+    /// Records framed in place are the frames [`encode`] writes, and decode back to their bodies.
+    #[test]
+    fn framed_records_are_the_frames_encode_writes() {
+        let mut framed = Framed::with_capacity(16, 3);
+        framed.push(b"one");
+        framed.push_with(|out| out.extend_from_slice(b"three"));
+        framed.push(b"two");
+        let mut expected = Vec::new();
+        for body in [&b"one"[..], b"three", b"two"] {
+            encode(body, &mut expected);
+        }
+        assert_eq!(framed.bytes(), expected.as_slice());
+        assert_eq!(framed.starts(), &[0, 11, 24]);
+        assert_eq!(framed.body(1), Some(&b"three"[..]));
+        assert_eq!(framed.body(3), None);
+        assert_eq!(decode(framed.bytes()).0, vec![&b"one"[..], b"three", b"two"]);
+        assert_eq!(framed.refused(), None);
+        framed.push(b"");
+        framed.push(b"four");
+        assert_eq!(framed.refused(), Some(0), "an empty body is refused, and remembered");
     }
 
     proptest! {

@@ -24,6 +24,8 @@ pub mod storage;
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use self::storage::{SegmentWriter, Storage};
 
 /// Where a record lives.
@@ -94,6 +96,24 @@ struct Segment {
     offsets: Vec<u32>,
     outstanding: u32,
     sealed: bool,
+}
+
+impl Segment {
+    /// Where the frame of record `index` starts and ends in the segment's file; `None` past
+    /// its records.
+    fn frame_range(&self, index: u32) -> Option<(u64, u64)> {
+        let start = u64::from(*self.offsets.get(index as usize)?);
+        let end = self
+            .offsets
+            .get(index as usize + 1)
+            .map_or(self.bytes, |&next| u64::from(next));
+        Some((start, end))
+    }
+}
+
+/// `indexes` cut into runs of consecutive record indexes, in order.
+fn consecutive_runs(indexes: &[u32]) -> impl Iterator<Item = &[u32]> {
+    indexes.chunk_by(|a, b| a.checked_add(1) == Some(*b))
 }
 
 struct Active<W> {
@@ -191,44 +211,53 @@ impl<S: Storage> Spool<S> {
 
     /// Reads the records `indexes` of `segment` (appended or replayed, not yet complete) back
     /// from storage, in the order asked: records that wait on disk only (DESIGN §5) are written
-    /// from here. Reads the segment's file once. `None` for a record that is not there (the
-    /// segment was damaged after the record was acknowledged).
-    pub async fn read(&self, segment: u64, indexes: &[u32]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
+    /// from here. Each run of consecutive records is one read of exactly their frames, and each
+    /// body is a view of its run's buffer (no copy per record). `None` for a record that is not
+    /// there (the segment was damaged after the record was acknowledged).
+    pub async fn read(&self, segment: u64, indexes: &[u32]) -> Result<Vec<Option<Bytes>>, SpoolError> {
         let name = segment_name(segment);
         let io = |source| SpoolError::Io {
             operation: "read",
             segment: name.clone(),
             source,
         };
-        // Only the bytes from the first asked record to the end of the last one.
-        let (Some(&first), Some(&last)) = (indexes.iter().min(), indexes.iter().max()) else {
-            return Ok(Vec::new());
+        let ranges: Option<Vec<(u64, u64)>> = self.segments.get(&segment).and_then(|known| {
+            consecutive_runs(indexes)
+                .map(|run| Some((known.frame_range(run[0])?.0, known.frame_range(run[run.len() - 1])?.1)))
+                .collect()
+        });
+        let Some(ranges) = ranges else {
+            // Not records this spool knows of: the whole file, every record found in it.
+            let bytes = Bytes::from(self.storage.read(&name).await.map_err(io)?);
+            let (records, _) = frame::decode(&bytes);
+            return Ok(indexes
+                .iter()
+                .map(|&index| records.get(index as usize).map(|record| bytes.slice_ref(record)))
+                .collect());
         };
-        let (bytes, first_read) = match self.segments.get(&segment) {
-            Some(known) if (last as usize) < known.offsets.len() => {
-                let start = u64::from(known.offsets[first as usize]);
-                let end = known
-                    .offsets
-                    .get(last as usize + 1)
-                    .map_or(known.bytes, |&next| u64::from(next));
-                let bytes = self
-                    .storage
-                    .read_range(&name, start, (end - start) as usize)
-                    .await
-                    .map_err(io)?;
-                (bytes, first)
-            }
-            _ => (self.storage.read(&name).await.map_err(io)?, 0),
-        };
-        // Acknowledged records are durable and come before any unreadable tail.
-        let (records, _) = frame::decode(&bytes);
-        Ok(indexes
+        let mut bodies = Vec::with_capacity(indexes.len());
+        for (run, (start, end)) in consecutive_runs(indexes).zip(ranges) {
+            let bytes = self
+                .storage
+                .read_range(&name, start, (end - start) as usize)
+                .await
+                .map_err(io)?;
+            let bytes = Bytes::from(bytes);
+            // Acknowledged records are durable and come before any unreadable tail.
+            let (records, _) = frame::decode(&bytes);
+            bodies.extend((0..run.len()).map(|at| records.get(at).map(|record| bytes.slice_ref(record))));
+        }
+        Ok(bodies)
+    }
+
+    /// The bytes [`Spool::read`] reads for records `indexes` of `segment` (their frames), for
+    /// a caller to admit that memory before it reads; `None` if the spool does not know them.
+    pub fn frame_bytes(&self, segment: u64, indexes: &[u32]) -> Option<u64> {
+        let known = self.segments.get(&segment)?;
+        indexes
             .iter()
-            .map(|&index| {
-                let at = index.checked_sub(first_read)? as usize;
-                records.get(at).map(|record| record.to_vec())
-            })
-            .collect())
+            .map(|&index| known.frame_range(index).map(|(start, end)| end - start))
+            .sum()
     }
 
     /// Bytes in live segments.
@@ -241,23 +270,19 @@ impl<S: Storage> Spool<S> {
         self.segments.values().map(|s| u64::from(s.outstanding)).sum()
     }
 
-    /// Appends `records` and makes them durable with one sync. On success every record is
-    /// durable and may be acknowledged to its source; on error none may be (some may still
-    /// be replayed after a restart, which idempotent writes absorb).
-    pub async fn append(&mut self, records: &[&[u8]]) -> Result<Vec<RecordId>, SpoolError> {
-        if records.is_empty() {
+    /// Appends the records of `batches` (framed by their callers, in order) and makes them
+    /// durable with one sync. On success every record is durable and may be acknowledged to its
+    /// source; on error none may be (some may still be replayed after a restart, which
+    /// idempotent writes absorb).
+    pub async fn append(&mut self, batches: &[&frame::Framed]) -> Result<Vec<RecordId>, SpoolError> {
+        let records: usize = batches.iter().map(|batch| batch.records()).sum();
+        if records == 0 {
             return Ok(Vec::new());
         }
-        let mut bytes = Vec::with_capacity(records.iter().map(|r| r.len() + frame::HEADER_BYTES).sum());
-        let mut starts = Vec::with_capacity(records.len());
-        for record in records {
-            if record.len() > frame::RECORD_BYTES_MAX || record.is_empty() {
-                return Err(SpoolError::TooLarge(record.len()));
-            }
-            starts.push(bytes.len() as u64);
-            frame::encode(record, &mut bytes);
+        if let Some(length) = batches.iter().find_map(|batch| batch.refused()) {
+            return Err(SpoolError::TooLarge(length));
         }
-        let added = bytes.len() as u64;
+        let added: u64 = batches.iter().map(|batch| batch.bytes().len() as u64).sum();
         if self.live_bytes + added > self.limits.cap_bytes {
             return Err(SpoolError::Full {
                 live_bytes: self.live_bytes,
@@ -288,21 +313,27 @@ impl<S: Storage> Spool<S> {
         // Whatever the outcome, these bytes may be on disk: count them against the cap.
         segment.bytes += added;
         self.live_bytes += added;
-        if let Err(source) = active.writer.write_all(&bytes).await {
-            active.broken = true;
-            return Err(io("write", source));
+        for batch in batches {
+            if let Err(source) = active.writer.write_all(batch.bytes()).await {
+                active.broken = true;
+                return Err(io("write", source));
+            }
         }
         if let Err(source) = active.writer.sync().await {
             active.broken = true;
             return Err(io("sync", source));
         }
         let first = segment.records;
-        segment.records += records.len() as u32;
-        segment
-            .offsets
-            .extend(starts.into_iter().map(|start| (base + start) as u32));
-        segment.outstanding += records.len() as u32;
-        Ok((0..records.len() as u32)
+        segment.records += records as u32;
+        let mut at = base;
+        for batch in batches {
+            segment
+                .offsets
+                .extend(batch.starts().iter().map(|&start| (at + start as u64) as u32));
+            at += batch.bytes().len() as u64;
+        }
+        segment.outstanding += records as u32;
+        Ok((0..records as u32)
             .map(|i| RecordId {
                 segment: active.id,
                 index: first + i,

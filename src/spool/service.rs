@@ -15,12 +15,13 @@
 //! (`runtime::context`). Threads: the owning core only (nothing here is `Send`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures::lock::Mutex;
 
+use super::frame::Framed;
 use super::storage::DmaStorage;
 use super::{RecordId, Spool, SpoolError, SpoolLimits};
 use crate::config::SpoolConfig;
@@ -89,7 +90,7 @@ pub(super) struct Backlog {
     /// The budget for `held_bytes`.
     pub(super) held_max: u64,
     /// Records that wait on disk only, by segment.
-    pub(super) deferred: RefCell<BTreeMap<u64, Vec<u32>>>,
+    pub(super) deferred: RefCell<BTreeMap<u64, BTreeSet<u32>>>,
     /// Records deferred and not yet handed to a writer (those taken by the drain included).
     pub(super) waiting: Cell<u64>,
     /// `shardgate_spool_deferred_records{core}` of this core: `waiting`, published.
@@ -129,6 +130,19 @@ impl Backlog {
 pub struct Held {
     backlog: Rc<Backlog>,
     bytes: u64,
+}
+
+impl Held {
+    /// Moves `bytes` of this memory (at most what it holds) into a `Held` of their own, for
+    /// records that are written apart from the others.
+    pub(super) fn split(&mut self, bytes: u64) -> Held {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Held {
+            backlog: Rc::clone(&self.backlog),
+            bytes,
+        }
+    }
 }
 
 impl Drop for Held {
@@ -191,7 +205,7 @@ fn defer(ids: &[RecordId]) {
     };
     let mut deferred = backlog.deferred.borrow_mut();
     for id in ids {
-        deferred.entry(id.segment).or_default().push(id.index);
+        deferred.entry(id.segment).or_default().insert(id.index);
     }
     backlog.set_waiting(backlog.waiting.get() + ids.len() as u64);
     backlog.changed.notify_one();
@@ -245,8 +259,8 @@ pub async fn open_on_core(config: &SpoolConfig, core: usize) -> Result<(), Strin
 /// Appends records and waits until they are durable: retries while the spool is full (the
 /// caller's source pauses meanwhile) or the disk fails (logged), so it returns only with
 /// every record synced.
-pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Appended {
-    let bytes = records.iter().map(|r| r.len() as u64).sum();
+pub async fn append(route: &str, records: Framed) -> Appended {
+    let bytes = records.bytes().len() as u64;
     let records = Rc::new(records);
     let mut backoff = Duration::from_millis(50);
     let service = service();
@@ -279,20 +293,17 @@ pub async fn append(route: &str, records: Vec<Vec<u8>>) -> Appended {
 
 /// One caller's records waiting for the core's next group commit.
 struct CommitRequest {
-    records: Rc<Vec<Vec<u8>>>,
+    records: Rc<Framed>,
     done: futures::channel::oneshot::Sender<Result<Vec<RecordId>, SpoolError>>,
 }
 
 /// Makes `records` durable in this core's spool in a group commit: every caller that arrives
 /// while a sync is under way joins the next one, so concurrent batches share one sync. Returns
 /// the records' ids, or why they are not durable.
-async fn commit(records: Rc<Vec<Vec<u8>>>) -> Result<Vec<RecordId>, SpoolError> {
+async fn commit(records: Rc<Framed>) -> Result<Vec<RecordId>, SpoolError> {
     // A bad record fails only its own caller, never the group it would have joined.
-    if let Some(bad) = records
-        .iter()
-        .find(|r| r.is_empty() || r.len() > crate::spool::frame::RECORD_BYTES_MAX)
-    {
-        return Err(SpoolError::TooLarge(bad.len()));
+    if let Some(length) = records.refused() {
+        return Err(SpoolError::TooLarge(length));
     }
     let (done, answer) = futures::channel::oneshot::channel();
     let start = {
@@ -343,27 +354,22 @@ async fn run_commits() {
             continue;
         };
         let mut spool = spool.lock().await;
-        let refs: Vec<&[u8]> = requests
-            .iter()
-            .flat_map(|r| r.records.iter().map(Vec::as_slice))
-            .collect();
-        let result = spool.append(&refs).await;
-        drop(refs);
+        let batches: Vec<&Framed> = requests.iter().map(|request| &*request.records).collect();
+        let result = spool.append(&batches).await;
+        drop(batches);
         service.syncs.set(service.syncs.get() + 1);
         metrics::counter!(crate::telemetry::metric::SPOOL_COMMITS).increment(1);
         match result {
             Ok(mut ids) => {
                 for request in requests.into_iter().rev() {
-                    let mine = ids.split_off(ids.len() - request.records.len());
+                    let mine = ids.split_off(ids.len() - request.records.records());
                     let _ = request.done.send(Ok(mine));
                 }
             }
             Err(SpoolError::Full { .. }) if requests.len() > 1 => {
                 // Together over the cap: each on its own, as many as fit.
                 for request in requests {
-                    let refs: Vec<&[u8]> = request.records.iter().map(Vec::as_slice).collect();
-                    let result = spool.append(&refs).await;
-                    drop(refs);
+                    let result = spool.append(&[&*request.records]).await;
                     let _ = request.done.send(result);
                 }
             }
@@ -410,11 +416,11 @@ pub enum WhenFull {
     Wait,
 }
 
-/// Appends one record in the core's next group commit; a disk failure is returned (the gRPC
-/// path answers UNAVAILABLE), a full spool per `when_full`.
-pub async fn append_batch(record: Vec<u8>, when_full: WhenFull) -> Result<Appended, SpoolError> {
-    let bytes = record.len() as u64;
-    let record = Rc::new(vec![record]);
+/// Appends records (a gRPC batch's one) in the core's next group commit; a disk failure is
+/// returned (the gRPC path answers UNAVAILABLE), a full spool per `when_full`.
+pub async fn append_batch(record: Framed, when_full: WhenFull) -> Result<Appended, SpoolError> {
+    let bytes = record.bytes().len() as u64;
+    let record = Rc::new(record);
     let service = service();
     loop {
         let notified = service.room.notified();
@@ -499,7 +505,9 @@ mod tests {
                     .map(|caller| {
                         glommio::spawn_local(async move {
                             let records: Vec<Vec<u8>> = (0..3u8).map(|i| vec![caller, i, 7]).collect();
-                            (records.clone(), append("test", records).await.ids)
+                            let mut framed = Framed::default();
+                            records.iter().for_each(|record| framed.push(record));
+                            (records, append("test", framed).await.ids)
                         })
                     })
                     .collect();
@@ -512,13 +520,13 @@ mod tests {
                     assert_eq!(ids.len(), 3);
                     for (record, id) in records.into_iter().zip(ids) {
                         let back = spool.read(id.segment, &[id.index]).await.expect("read");
-                        assert_eq!(back, vec![Some(record)]);
+                        assert_eq!(back, vec![Some(record.into())]);
                     }
                 }
                 drop(spool);
-                let too_large = append_batch(Vec::new(), WhenFull::Refuse)
-                    .await
-                    .map(|appended| appended.ids);
+                let mut empty = Framed::default();
+                empty.push(b"");
+                let too_large = append_batch(empty, WhenFull::Refuse).await.map(|appended| appended.ids);
                 assert!(matches!(too_large, Err(SpoolError::TooLarge(0))), "{too_large:?}");
                 close_on_core().await;
             })

@@ -30,12 +30,10 @@ async fn read_all<S: Storage>(spool: &Spool<S>, ids: &[RecordId]) -> Records {
     let mut records = Vec::new();
     for (segment, indexes) in by_segment {
         let bodies = spool.read(segment, &indexes).await.expect("read");
-        records.extend(
-            indexes
-                .into_iter()
-                .zip(bodies)
-                .map(|(index, body)| (RecordId { segment, index }, body.expect("every asked record is there"))),
-        );
+        records.extend(indexes.into_iter().zip(bodies).map(|(index, body)| {
+            let body = body.expect("every asked record is there");
+            (RecordId { segment, index }, body.to_vec())
+        }));
     }
     records
 }
@@ -91,8 +89,7 @@ proptest! {
                         })
                         .collect();
                     attempted.extend(payloads.iter().cloned());
-                    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-                    if let Ok(ids) = block_on(spool.append(&refs)) {
+                    if let Ok(ids) = block_on(spool.append(&[&framed(&payloads)])) {
                         prop_assert_eq!(ids.len(), n);
                         for (payload, id) in payloads.into_iter().zip(ids) {
                             outstanding.insert(payload, id);
@@ -156,9 +153,15 @@ fn payloads(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
     range.map(|i| format!("payload {i}").into_bytes()).collect()
 }
 
+/// `payloads` framed as one caller's batch.
+fn framed(payloads: &[Vec<u8>]) -> frame::Framed {
+    let mut framed = frame::Framed::default();
+    payloads.iter().for_each(|payload| framed.push(payload));
+    framed
+}
+
 fn append(spool: &mut Spool<MemoryStorage>, payloads: &[Vec<u8>]) -> Result<Vec<RecordId>, SpoolError> {
-    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-    block_on(spool.append(&refs))
+    block_on(spool.append(&[&framed(payloads)]))
 }
 
 fn replayed(replay: &[(RecordId, Vec<u8>)]) -> Vec<Vec<u8>> {
@@ -181,7 +184,11 @@ fn live_records_read_back_from_active_and_sealed_segments() {
     // Any subset of a segment, read as a byte range, in the order asked.
     for window in ids.windows(3).filter(|w| w[0].segment == w[2].segment) {
         let asked = [window[2].index, window[1].index];
-        let read = block_on(spool.read(window[0].segment, &asked)).expect("read");
+        let read: Vec<Option<Vec<u8>>> = block_on(spool.read(window[0].segment, &asked))
+            .expect("read")
+            .into_iter()
+            .map(|body| body.map(|body| body.to_vec()))
+            .collect();
         let expected: Vec<Option<Vec<u8>>> = [window[2], window[1]]
             .iter()
             .map(|id| back.iter().find(|(i, _)| i == id).map(|(_, p)| p.clone()))
@@ -190,7 +197,28 @@ fn live_records_read_back_from_active_and_sealed_segments() {
     }
     let last = ids.last().expect("ids");
     let asked = block_on(spool.read(last.segment, &[last.index, last.index + 1])).expect("read");
-    assert_eq!(asked, vec![Some(payloads(29..30).remove(0)), None]);
+    assert_eq!(asked, vec![Some(payloads(29..30).remove(0).into()), None]);
+    // Records of two callers in one commit: their frames back to back, each read back whole.
+    let batches = [framed(&payloads(30..32)), framed(&payloads(32..35))];
+    let both = block_on(spool.append(&[&batches[0], &batches[1]])).expect("append");
+    let back = block_on(read_all(&spool, &both));
+    assert_eq!(replayed(&back), payloads(30..35));
+    let frames: u64 = batches.iter().map(|batch| batch.bytes().len() as u64).sum();
+    let indexes: Vec<u32> = both.iter().map(|id| id.index).collect();
+    assert_eq!(spool.frame_bytes(both[0].segment, &indexes), Some(frames));
+    assert_eq!(spool.frame_bytes(both[0].segment, &[indexes[4] + 1]), None);
+    // Records apart (two runs) read as two ranges, each body a view of its run's buffer.
+    let apart = block_on(spool.read(both[0].segment, &[indexes[0], indexes[3], indexes[4]])).expect("read");
+    let apart: Vec<Option<Vec<u8>>> = apart.into_iter().map(|body| body.map(|b| b.to_vec())).collect();
+    let expected = payloads(30..35);
+    assert_eq!(
+        apart,
+        vec![
+            Some(expected[0].clone()),
+            Some(expected[3].clone()),
+            Some(expected[4].clone())
+        ]
+    );
 }
 
 #[test]
@@ -314,8 +342,7 @@ fn dma_storage_appends_replays_and_skips_a_torn_tail() {
             let records = payloads(0..20_000);
             let mut ids = Vec::new();
             for batch in records.chunks(100) {
-                let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-                ids.extend(spool.append(&refs).await.expect("append"));
+                ids.extend(spool.append(&[&framed(batch)]).await.expect("append"));
             }
             // Read back from the DMA files while the writer is open, the active segment too.
             let back = read_all(&spool, &ids[9_000..]).await;
