@@ -134,6 +134,10 @@ struct Args {
     /// 50,000); more make a longer steady run, whose p99 one stall moves less.
     #[arg(long)]
     kafka_latency_messages: Option<u64>,
+    /// The gateway's `runtime.spool_memory_mib_per_core` in the `kafka-spooled` mode (default:
+    /// the gateway's own).
+    #[arg(long)]
+    spool_memory_mib: Option<u64>,
     /// Seconds the `tls-handshakes` mode runs.
     #[arg(long, default_value_t = 10)]
     handshake_seconds: u64,
@@ -598,7 +602,13 @@ fn kafka_config(
     let routes = routes.replace("format = \"json\"", "format = \"json\"\nack = \"spooled\"");
     Ok(devkit::gateway_toml_with(
         &routes,
-        &format!("spool_dir = \"{}\"", spool.display()),
+        &format!(
+            "spool_dir = \"{}\"{}",
+            spool.display(),
+            args.spool_memory_mib
+                .map(|mib| format!("\nspool_memory_mib_per_core = {mib}"))
+                .unwrap_or_default()
+        ),
         devkit::ADMIN_LISTEN,
     ))
 }

@@ -355,8 +355,8 @@ impl SourceMessage {
             .coordinates
             .into_iter()
             .filter_map(|(name, value)| {
-                let name = headers::SOURCE_COORDINATES.iter().find(|n| **n == name)?;
-                Some((*name, value))
+                let name = headers::SOURCE_COORDINATES.iter().find(|n| n.as_bytes() == name)?;
+                Some((*name, std::str::from_utf8(&value).ok()?.to_string()))
             })
             .collect();
         SourceMessage {

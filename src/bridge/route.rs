@@ -203,7 +203,9 @@ impl RouteWriter {
         // its source origin is kept to be settled once the records are durable.
         let payload_bytes: usize = batch
             .iter()
-            .map(|work| work.payload.as_ref().map_or(0, bytes::Bytes::len))
+            .map(|work| {
+                work.payload.as_ref().map_or(0, bytes::Bytes::len) + work.key.as_ref().map_or(0, bytes::Bytes::len)
+            })
             .sum();
         let mut records = Framed::with_capacity(payload_bytes + batch.len() * ROUTE_RECORD_OVERHEAD_BYTES, batch.len());
         let mut encoder = RouteEncoder::default();

@@ -20,9 +20,10 @@ pub const KIND_ROUTE: u8 = 1;
 /// Kind byte of a gRPC ingest batch.
 pub const KIND_GRPC: u8 = 2;
 
-/// About how many bytes a route's record takes beyond its payload (route name, coordinates,
-/// FlatBuffers tables, frame header): sizes a batch's buffer up front, nothing more.
-pub const ROUTE_RECORD_OVERHEAD_BYTES: usize = 256;
+/// About how many bytes a route's record takes beyond its key and payload (route name,
+/// coordinates, FlatBuffers tables, frame header; a Kafka order's takes 310): sizes a batch's
+/// buffer up front so it is not grown while the batch is encoded.
+pub const ROUTE_RECORD_OVERHEAD_BYTES: usize = 384;
 
 /// A route's source message as the spool keeps it, read back: its key and payload are views
 /// of the buffer the record was read into.
@@ -40,8 +41,9 @@ pub struct RouteRecord {
     pub payload: Option<Bytes>,
     /// Text headers.
     pub headers: Vec<(String, String)>,
-    /// Source coordinates, as the dead-letter headers name them.
-    pub coordinates: Vec<(String, String)>,
+    /// Source coordinates, as the dead-letter headers name them: (name, value), each UTF-8
+    /// (checked when decoded) and a view of the record, not a copy.
+    pub coordinates: Vec<(Bytes, Bytes)>,
     /// Kafka partition, if it came from Kafka.
     pub partition: Option<i32>,
 }
@@ -185,20 +187,27 @@ fn decode_route(body: &Bytes, start: usize) -> Result<(&str, RouteRecord), Strin
     let record =
         flatbuffers::root::<fb::SpoolRecord>(&body[start..]).map_err(|e| format!("not a spool record: {e}"))?;
     let route = record.route().ok_or("spool record without a route")?;
-    let pairs = |list: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::Pair<'_>>>>| {
-        list.into_iter()
-            .flatten()
-            .filter_map(|p| Some((p.name()?.to_string(), p.value()?.to_string())))
-            .collect::<Vec<_>>()
-    };
+    let pairs = record.headers().into_iter().flatten();
+    let headers = pairs
+        .filter_map(|p| Some((p.name()?.to_string(), p.value()?.to_string())))
+        .collect();
+    let pairs = record.coordinates().into_iter().flatten();
+    let coordinates = pairs
+        .filter_map(|p| {
+            Some((
+                body.slice_ref(p.name()?.as_bytes()),
+                body.slice_ref(p.value()?.as_bytes()),
+            ))
+        })
+        .collect();
     let message = RouteRecord {
         position: record.position(),
         timestamp_ms: record.timestamp_ms(),
         write_timestamp_us: record.write_timestamp_us(),
         key: record.key().map(|k| body.slice_ref(k.bytes())),
         payload: record.payload().map(|p| body.slice_ref(p.bytes())),
-        headers: pairs(record.headers()),
-        coordinates: pairs(record.coordinates()),
+        headers,
+        coordinates,
         partition: record.partition(),
     };
     Ok((route, message))
@@ -216,13 +225,16 @@ mod tests {
             key: Some(Bytes::from_static(b"k")),
             payload: None,
             headers: vec![("tenant".into(), "acme".into())],
-            coordinates: vec![("shardgate.source.subject".into(), "orders.created".into())],
+            coordinates: vec![(
+                Bytes::from_static(b"shardgate.source.subject"),
+                Bytes::from_static(b"orders.created"),
+            )],
             partition: None,
         }
     }
 
     /// The body of `record` of route `route`, encoded as the spool frames it.
-    fn encode(route: &str, record: &RouteRecord) -> Bytes {
+    fn encode<'a>(route: &str, record: &'a RouteRecord) -> Bytes {
         let mut framed = Framed::default();
         let mut encoder = RouteEncoder::default();
         // A first message leaves the builder dirty: the next record must not carry any of it.
@@ -246,7 +258,10 @@ mod tests {
             record.key.as_deref(),
             record.payload.as_deref(),
             record.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-            record.coordinates.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            record.coordinates.iter().map(|(n, v)| {
+                let text = |bytes: &'a Bytes| std::str::from_utf8(bytes).expect("UTF-8");
+                (text(n), text(v))
+            }),
             record.partition,
             &mut framed,
         );

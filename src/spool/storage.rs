@@ -90,19 +90,12 @@ impl Storage for DmaStorage {
     }
 
     async fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(self.dir.join(name))?;
-        let mut bytes = vec![0; len];
-        let mut filled = 0;
-        while filled < len {
-            match file.read_at(&mut bytes[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(error),
-            }
-        }
-        bytes.truncate(filled);
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::open(self.dir.join(name))?;
+        file.seek(io::SeekFrom::Start(offset))?;
+        // Read into the buffer's spare capacity: not zeroed first, only written once.
+        let mut bytes = Vec::with_capacity(len);
+        file.take(len as u64).read_to_end(&mut bytes)?;
         Ok(bytes)
     }
 
