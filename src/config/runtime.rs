@@ -42,9 +42,11 @@ pub struct RawRuntime {
     /// Bytes of spool per core, in MiB, beyond which spooled routes pause (backpressure).
     #[serde(default = "default_spool_cap_mib")]
     pub spool_cap_mib_per_core: u64,
-    /// Spooled records per core, in MiB, that are written straight from memory; beyond (the
+    /// Spooled records per core, in MiB of their spool records, that are written straight from
+    /// memory (the messages and rows being written take about four times that); beyond (the
     /// database slow or down) acknowledged records wait on disk only and are read back when it
-    /// keeps up again, so memory stays bounded.
+    /// keeps up again, so memory stays bounded. More does not write faster: the database is
+    /// what the records wait for.
     #[serde(default = "default_spool_memory_mib")]
     pub spool_memory_mib_per_core: u64,
     /// Stable name of this gateway, unique among the gateways sharing a Kafka consumer group.
@@ -209,7 +211,7 @@ pub(super) fn default_spool_cap_mib() -> u64 {
 }
 
 pub(super) fn default_spool_memory_mib() -> u64 {
-    64
+    16
 }
 
 /// `runtime.cores`: `"auto"` or a whole number.
