@@ -137,7 +137,8 @@ fn sort_records(
                 entry.push((id, message, size));
             }
             Ok(Record::Route { route, .. }) => {
-                if kept_for.insert(route.to_string()) {
+                if !kept_for.contains(route) {
+                    kept_for.insert(route.to_string());
                     tracing::warn!(core, route, "spool: records of a route not in the config; kept");
                 }
             }
