@@ -78,7 +78,8 @@ fn spool_append(c: &mut Criterion) {
 
 /// 512 orders as a spooled Kafka route encodes them.
 fn encode_orders(encoder: &mut RouteEncoder, payloads: &[Vec<u8>]) -> Framed {
-    let mut framed = Framed::with_capacity(payloads.len() * 400, payloads.len());
+    let key_and_payload_bytes = payloads.iter().map(|p| p.len() + b"customer-17".len()).sum();
+    let mut framed = record::route_batch(payloads.len(), key_and_payload_bytes);
     for (offset, payload) in payloads.iter().enumerate() {
         let offset_text = offset.to_string();
         let coordinates = [

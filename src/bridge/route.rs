@@ -38,8 +38,7 @@ use crate::sink::scylla as scylla_sink;
 use crate::sink::scylla::bound::{RowBuilder, SerializedRow};
 use crate::sink::scylla::retry::Retries;
 use crate::sink::scylla::writer::{self, owner_of, place_row, Statements, WriteOptions, WriteStatement};
-use crate::spool::frame::Framed;
-use crate::spool::record::{RouteEncoder, RouteRecord, ROUTE_RECORD_OVERHEAD_BYTES};
+use crate::spool::record::{self, RouteEncoder, RouteRecord};
 use crate::spool::service::{self as spool, Spooled};
 use crate::telemetry::RowMetrics;
 use crate::topology::{Ownership, ReplicaShard};
@@ -201,13 +200,13 @@ impl RouteWriter {
         }
         // Each message becomes the spool's (nothing left to settle when its rows are written);
         // its source origin is kept to be settled once the records are durable.
-        let payload_bytes: usize = batch
+        let key_and_payload_bytes = batch
             .iter()
             .map(|work| {
                 work.payload.as_ref().map_or(0, bytes::Bytes::len) + work.key.as_ref().map_or(0, bytes::Bytes::len)
             })
             .sum();
-        let mut records = Framed::with_capacity(payload_bytes + batch.len() * ROUTE_RECORD_OVERHEAD_BYTES, batch.len());
+        let mut records = record::route_batch(batch.len(), key_and_payload_bytes);
         let mut encoder = RouteEncoder::default();
         let origins: Vec<Box<dyn Origin>> = batch
             .iter_mut()

@@ -221,12 +221,19 @@ impl<S: Storage> Spool<S> {
             segment: name.clone(),
             source,
         };
-        let ranges: Option<Vec<(u64, u64)>> = self.segments.get(&segment).and_then(|known| {
+        // Each run of consecutive records, with where its frames start and end in the file.
+        let runs: Option<Vec<(&[u32], u64, u64)>> = self.segments.get(&segment).and_then(|known| {
             consecutive_runs(indexes)
-                .map(|run| Some((known.frame_range(run[0])?.0, known.frame_range(run[run.len() - 1])?.1)))
+                .map(|run| {
+                    Some((
+                        run,
+                        known.frame_range(run[0])?.0,
+                        known.frame_range(run[run.len() - 1])?.1,
+                    ))
+                })
                 .collect()
         });
-        let Some(ranges) = ranges else {
+        let Some(runs) = runs else {
             // Not records this spool knows of: the whole file, every record found in it.
             let bytes = Bytes::from(self.storage.read(&name).await.map_err(io)?);
             let (records, _) = frame::decode(&bytes);
@@ -236,7 +243,7 @@ impl<S: Storage> Spool<S> {
                 .collect());
         };
         let mut bodies = Vec::with_capacity(indexes.len());
-        for (run, (start, end)) in consecutive_runs(indexes).zip(ranges) {
+        for (run, start, end) in runs {
             let bytes = self
                 .storage
                 .read_range(&name, start, (end - start) as usize)

@@ -20,10 +20,16 @@ pub const KIND_ROUTE: u8 = 1;
 /// Kind byte of a gRPC ingest batch.
 pub const KIND_GRPC: u8 = 2;
 
-/// About how many bytes a route's record takes beyond its key and payload (route name,
-/// coordinates, FlatBuffers tables, frame header; a Kafka order's takes 310): sizes a batch's
-/// buffer up front so it is not grown while the batch is encoded.
-pub const ROUTE_RECORD_OVERHEAD_BYTES: usize = 384;
+/// About how many bytes a route's record body takes beyond its key and payload (route name,
+/// coordinates, FlatBuffers tables; a Kafka order's takes 302): sizes a batch's buffer up front
+/// ([`route_batch`]) so it is not grown while the batch is encoded.
+const ROUTE_RECORD_OVERHEAD_BYTES: usize = 384;
+
+/// An empty frame buffer for the records of `messages` route messages whose keys and payloads
+/// take `key_and_payload_bytes`, sized so encoding them does not grow it.
+pub fn route_batch(messages: usize, key_and_payload_bytes: usize) -> Framed {
+    Framed::with_capacity(key_and_payload_bytes + messages * ROUTE_RECORD_OVERHEAD_BYTES, messages)
+}
 
 /// A route's source message as the spool keeps it, read back: its key and payload are views
 /// of the buffer the record was read into.
