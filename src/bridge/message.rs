@@ -83,6 +83,8 @@ pub trait Origin: Send + Sync + std::fmt::Debug {
 pub struct Settlements<'r> {
     route: &'r str,
     groups: Vec<Box<dyn SettleGroup>>,
+    /// About how many messages will be added, for a group to size itself once.
+    expected: usize,
 }
 
 /// One acknowledger's share of [`Settlements`]: the settlements its origins added.
@@ -96,10 +98,22 @@ pub trait SettleGroup: std::any::Any + Send {
 impl<'r> Settlements<'r> {
     /// Nothing gathered yet, for route `route`.
     pub fn new(route: &'r str) -> Settlements<'r> {
+        Settlements::expecting(route, 0)
+    }
+
+    /// Nothing gathered yet, for route `route`, about `expected` messages to come (a write's).
+    pub fn expecting(route: &'r str, expected: usize) -> Settlements<'r> {
         Settlements {
             route,
             groups: Vec::new(),
+            expected,
         }
+    }
+
+    /// About how many messages will be added: a group made by [`Settlements::add`] can take
+    /// room for them at once instead of growing one message at a time.
+    pub fn expected(&self) -> usize {
+        self.expected
     }
 
     /// Adds to the group of type `G` that `mine` recognizes (the same acknowledger), made by
@@ -158,11 +172,12 @@ pub struct AckTaskGroup<T> {
 impl<T: TaskSettlement> AckTaskGroup<T> {
     /// Adds `settled` to `settlements`' group for the task behind `acks`.
     pub fn add(settlements: &mut Settlements<'_>, acks: &tokio::sync::mpsc::UnboundedSender<Vec<T>>, settled: T) {
+        let expected = settlements.expected();
         settlements.add(
             |group: &AckTaskGroup<T>| group.acks.same_channel(acks),
             || AckTaskGroup {
                 acks: acks.clone(),
-                settled: Vec::new(),
+                settled: Vec::with_capacity(expected),
             },
             |group| group.settled.push(settled),
         );

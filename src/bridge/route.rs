@@ -93,16 +93,18 @@ impl TargetStatements {
     }
 }
 
-/// The mapped messages of one batch whose rows are being written, possibly on several cores:
-/// a row names its message by index, and each owner core's share of the rows holds the batch
-/// once (no count or allocation per row or message).
+/// The messages of one batch whose rows are being written, possibly on several cores: a row
+/// names its message by index, and each owner core's share of the rows holds the batch once
+/// (no count or allocation per row or message). The batch is kept as it was received, filtered
+/// and unmappable messages included (they have no rows), so no message is moved out of it.
 struct Pending {
-    messages: Vec<PendingMessage>,
+    messages: Vec<SourceMessage>,
+    /// Each message's rows in flight, by the same index.
+    states: Vec<PendingState>,
 }
 
-/// A message whose rows are being written.
-struct PendingMessage {
-    work: SourceMessage,
+/// What is left of one message's rows.
+struct PendingState {
     rows_left: AtomicUsize,
     /// The first permanent failure among its rows: (reason code, reason). Set at most once,
     /// so a row written fine reads it without a lock.
@@ -217,7 +219,7 @@ impl RouteWriter {
         metrics.received.increment(batch.len() as u64);
         metrics.received_batch_rows.record(batch.len() as f64);
         let now_ms = now_ms();
-        let mut settlements = Settlements::new(&self.route);
+        let mut settlements = Settlements::expecting(&self.route, batch.len());
         for (work, origin) in batch.iter().zip(&origins) {
             self.settle(
                 core,
@@ -269,10 +271,11 @@ impl RouteWriter {
         // many rows it became, in order.
         let mut builder = RowBuilder::for_rows(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
+        // (index in the batch, rows) of each message that became rows.
         let mut mapped = Vec::with_capacity(batch.len());
         // Filtered messages are finished here; handed over once the batch is mapped.
         let mut filtered = Settlements::new(&self.route);
-        for work in batch {
+        for (index, work) in batch.iter().enumerate() {
             let envelope = work.envelope(&self.source);
             let timestamp_us = work.write_timestamp_us();
             let mapped_rows = if fold {
@@ -280,7 +283,7 @@ impl RouteWriter {
                 let rows = self
                     .mapper
                     .map_cells_and_values(&envelope, timestamp_us, &mut builder, &mut spans);
-                self.fold(core, &work, rows.as_deref().ok());
+                self.fold(core, work, rows.as_deref().ok());
                 rows.map(|rows| rows.len())
             } else {
                 self.mapper.map_cells(&envelope, timestamp_us, &mut builder, &mut spans)
@@ -289,10 +292,10 @@ impl RouteWriter {
                 Ok(0) => {
                     self.counters.filtered.fetch_add(1, Ordering::Relaxed);
                     metrics.filtered.increment(1);
-                    self.complete(core, &work, false, mapped_ms, &mut filtered);
+                    self.complete(core, work, false, mapped_ms, &mut filtered);
                 }
-                Ok(rows) => mapped.push((work, rows)),
-                Err(error) => unmappable.push((work, error)),
+                Ok(rows) => mapped.push((index, rows)),
+                Err(error) => unmappable.push((index, error)),
             }
         }
         filtered.hand_over();
@@ -300,15 +303,15 @@ impl RouteWriter {
         let capacity = spans.len();
         let mut spans = spans.into_iter();
         let mut by_owner: BTreeMap<usize, Vec<PlacedRow>> = BTreeMap::new();
-        let mut pending = Pending {
-            messages: Vec::with_capacity(mapped.len()),
-        };
-        for (index, (work, rows)) in mapped.into_iter().enumerate() {
-            pending.messages.push(PendingMessage {
-                work,
-                rows_left: AtomicUsize::new(rows),
+        let mut states: Vec<PendingState> = batch
+            .iter()
+            .map(|_| PendingState {
+                rows_left: AtomicUsize::new(0),
                 failure: OnceLock::new(),
-            });
+            })
+            .collect();
+        for (index, rows) in mapped {
+            states[index].rows_left = AtomicUsize::new(rows);
             for row in spans.by_ref().take(rows) {
                 let row = MappedRow {
                     target: row.target,
@@ -324,11 +327,17 @@ impl RouteWriter {
                     .push((replica_shard, (index, row)));
             }
         }
-        let pending = Arc::new(pending);
-        let dead_letters = unmappable.into_iter().map(|(work, error)| async move {
-            self.dead_letter(core, &work, error.code().as_str(), &error.to_string())
-                .await;
-            self.complete(core, &work, true, now_ms(), &mut Settlements::new(&self.route));
+        let pending = Arc::new(Pending {
+            messages: batch,
+            states,
+        });
+        let dead_letters = unmappable.into_iter().map(|(index, error)| {
+            let work = &pending.messages[index];
+            async move {
+                self.dead_letter(core, work, error.code().as_str(), &error.to_string())
+                    .await;
+                self.complete(core, work, true, now_ms(), &mut Settlements::new(&self.route));
+            }
         });
         let writes = by_owner.into_iter().map(|(owner, rows)| {
             let pending = Arc::clone(&pending);
@@ -372,13 +381,13 @@ impl RouteWriter {
         self.counters.written.fetch_add(written as u64, Ordering::Relaxed);
         // One clock read for the whole write: every message it completes was confirmed now.
         let written_ms = now_ms();
-        let mut settlements = Settlements::new(&self.route);
+        let mut settlements = Settlements::expecting(&self.route, outcomes.len());
         for ((index, _), outcome) in outcomes {
             let refused = outcome.err().map(|error| error.reason().to_string());
             // Every row's index is its message's in `pending` (`write_batch`).
-            match pending.messages.get(index) {
-                Some(message) => {
-                    self.row_done(core, message, refused, written_ms, &mut settlements)
+            match pending.messages.get(index).zip(pending.states.get(index)) {
+                Some((message, state)) => {
+                    self.row_done(core, message, state, refused, written_ms, &mut settlements)
                         .await
                 }
                 None => tracing::error!(route = %self.route, index, "a written row names no message of its batch"),
@@ -392,7 +401,8 @@ impl RouteWriter {
     async fn row_done(
         &self,
         core: usize,
-        pending: &PendingMessage,
+        message: &SourceMessage,
+        pending: &PendingState,
         refused: Option<String>,
         written_ms: i64,
         settlements: &mut Settlements<'_>,
@@ -411,10 +421,10 @@ impl RouteWriter {
             Some((code, reason)) => {
                 // What finished before is not held up while the dead letter is delivered.
                 settlements.hand_over();
-                self.dead_letter(core, &pending.work, code, reason).await;
-                self.complete(core, &pending.work, true, now_ms(), settlements);
+                self.dead_letter(core, message, code, reason).await;
+                self.complete(core, message, true, now_ms(), settlements);
             }
-            None => self.complete(core, &pending.work, false, written_ms, settlements),
+            None => self.complete(core, message, false, written_ms, settlements),
         }
     }
 

@@ -64,11 +64,12 @@ impl Origin for KafkaOrigin {
             epoch: self.epoch,
             offset: self.offset,
         };
+        let expected = settlements.expected();
         settlements.add(
             |group: &CompletionGroup| group.channel.same_channel(&self.completions),
             || CompletionGroup {
                 channel: self.completions.clone(),
-                completions: Vec::new(),
+                completions: Vec::with_capacity(expected),
             },
             |group| group.completions.push(completion),
         );

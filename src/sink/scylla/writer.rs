@@ -9,7 +9,6 @@
 //! Threads: the core that owns the rows (its futures are not `Send`-bound; statements are
 //! serialized and answers parsed there, the sockets live on the island).
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -277,24 +276,28 @@ pub fn owner_of(placement: Option<Placement>, here: usize) -> (usize, ReplicaSha
 }
 
 /// Groups rows by their (replica, shard) and cuts each group into batches of at most
-/// `rows_max` rows: the only rows that may share an UNLOGGED batch.
-pub fn batches_by_replica_shard<T>(
-    rows: impl IntoIterator<Item = (ReplicaShard, T)>,
-    rows_max: usize,
-) -> Vec<(ReplicaShard, Vec<T>)> {
-    let mut groups: HashMap<ReplicaShard, Vec<T>> = HashMap::new();
-    for (key, row) in rows {
-        groups.entry(key).or_default().push(row);
-    }
-    let mut batches = Vec::new();
-    for (key, group) in groups {
-        let mut group = group.into_iter();
-        loop {
-            // Each batch allocated once at its size; the group's rows are moved once.
-            let batch: Vec<T> = group.by_ref().take(rows_max.max(1)).collect();
-            if batch.is_empty() {
-                break;
-            }
+/// `rows_max` rows: the only rows that may share an UNLOGGED batch. The rows are sorted by
+/// (replica, shard) in place, keeping their order within one (a stable sort, one pass over
+/// rows that share one, as on a single node), and each batch is allocated once at its size:
+/// every row is moved once more, where growing a vector per group by pushes moved each one
+/// several times.
+pub fn batches_by_replica_shard<T>(rows: Vec<(ReplicaShard, T)>, rows_max: usize) -> Vec<(ReplicaShard, Vec<T>)> {
+    let rows_max = rows_max.max(1);
+    let mut rows = rows;
+    rows.sort_by_key(|&(key, _)| key);
+    let runs: Vec<(ReplicaShard, usize)> = rows
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|run| (run[0].0, run.len()))
+        .collect();
+    let mut batches = Vec::with_capacity(runs.iter().map(|&(_, len)| len.div_ceil(rows_max)).sum());
+    let mut rows = rows.into_iter().map(|(_, row)| row);
+    for (key, len) in runs {
+        let mut left = len;
+        while left > 0 {
+            let take = left.min(rows_max);
+            let mut batch = Vec::with_capacity(take);
+            batch.extend(rows.by_ref().take(take));
+            left -= take;
             batches.push((key, batch));
         }
     }
@@ -305,7 +308,9 @@ pub fn batches_by_replica_shard<T>(
 mod tests {
     #[test]
     fn batches_hold_one_replica_shard_and_at_most_rows_max() {
-        let rows = (0..10).map(|i| (if i % 2 == 0 { (Some(0), 1) } else { (None, 0) }, i));
+        let rows = (0..10)
+            .map(|i| (if i % 2 == 0 { (Some(0), 1) } else { (None, 0) }, i))
+            .collect();
         let mut batches = super::batches_by_replica_shard(rows, 3);
         batches.sort();
         let odd = (None, 0);
