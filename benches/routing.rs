@@ -11,6 +11,11 @@
 //!   decoded by prost first (the path of a row that is not plain protobuf);
 //!   `ingest/flat_decode_and_bind`: the same rows as a FlatBuffers `RowBatch` (verify, read,
 //!   bind);
+//! - `routing/batches_by_replica_shard_{1,48}`: cutting a core's 512 placed rows (64 bytes
+//!   each) into UNLOGGED batches of at most
+//!   64 rows of one (replica, shard): all rows on one (Cassandra, a single node) or spread over
+//!   48 (3 ScyllaDB nodes of 16 shards); each iteration takes its own copy of the rows, made
+//!   outside the timing;
 //! - `mesh/forward_hop`: running a task that carries a 500-row batch on another core through
 //!   `runtime::mesh` (the same inbox, `spawn_local` and reply every forward uses) and awaiting
 //!   its answer.
@@ -157,6 +162,30 @@ fn decode_and_bind(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the bench moves per row in place of a placed row: 64 bytes.
+type PlacedRowBytes = [u64; 8];
+
+fn batching(c: &mut Criterion) {
+    let mut group = c.benchmark_group("routing");
+    group.throughput(Throughput::Elements(512));
+    for groups in [1u32, 48] {
+        let rows: Vec<(shardgate::topology::ReplicaShard, PlacedRowBytes)> = (0..512u64)
+            .map(|i| {
+                let spread = u32::try_from(i).unwrap() % groups;
+                ((Some(spread / 16), spread % 16), [i; 8])
+            })
+            .collect();
+        group.bench_function(format!("batches_by_replica_shard_{groups}"), |b| {
+            b.iter_batched(
+                || rows.clone(),
+                |rows| shardgate::sink::scylla::writer::batches_by_replica_shard(rows, 64),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 fn mesh_hop(c: &mut Criterion) {
     let rows: Vec<_> = (0..500).map(devkit::event_row).collect();
     let (mesh, mut inboxes) = Mesh::new(1);
@@ -188,5 +217,5 @@ fn mesh_hop(c: &mut Criterion) {
     let _ = owner.join();
 }
 
-criterion_group!(benches, routing, decode_and_bind, mesh_hop);
+criterion_group!(benches, routing, batching, decode_and_bind, mesh_hop);
 criterion_main!(benches);
