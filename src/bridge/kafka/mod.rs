@@ -348,8 +348,9 @@ const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// offset (as its metadata), so a replay after a crash stamps the same timestamps.
 #[derive(Debug, Default)]
 struct Clocks {
-    /// Last write timestamp handed out, by partition.
-    last: HashMap<i32, i64>,
+    /// Last write timestamp handed out, by partition (a `BTreeMap` for the reason
+    /// `Watermarks` gives: read once per message on the poll thread).
+    last: BTreeMap<i32, i64>,
     /// Last stored watermark (offset, its write timestamp), by partition.
     stored: HashMap<i32, (i64, i64)>,
 }

@@ -41,7 +41,10 @@ struct Partition {
 /// Watermarks of every assigned partition of one consumer.
 #[derive(Debug, Default)]
 pub struct Watermarks {
-    partitions: HashMap<i32, Partition>,
+    /// By partition. A `BTreeMap`: a lookup among a consumer's partitions (tens, or hundreds)
+    /// is a few comparisons of small keys, where a `HashMap` hashed each key with SipHash, on
+    /// the poll thread, twice per message.
+    partitions: BTreeMap<i32, Partition>,
     next_epoch: u64,
 }
 
@@ -74,22 +77,23 @@ impl Watermarks {
     /// [`Watermarks::track`] for a message written with `timestamp_us`, which
     /// [`Watermarks::complete_stamped`] reports with the watermark.
     pub fn track_stamped(&mut self, partition: i32, offset: i64, timestamp_us: i64) -> u64 {
-        let rewound = match self.partitions.get(&partition) {
-            None => true,
-            Some(p) => p.slots.back().is_some_and(|last| offset <= last.offset),
-        };
-        if rewound {
-            self.assign(partition);
-        }
-        let Some(p) = self.partitions.get_mut(&partition) else {
-            unreachable!("assigned above")
-        };
-        p.slots.push_back(Slot {
+        let slot = Slot {
             offset,
             timestamp_us,
             done: false,
-        });
-        p.epoch
+        };
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if p.slots.back().is_none_or(|last| offset > last.offset) {
+                p.slots.push_back(slot);
+                return p.epoch;
+            }
+        }
+        // Not tracked yet, or rewound.
+        let epoch = self.assign(partition);
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.slots.push_back(slot);
+        }
+        epoch
     }
 
     /// Marks a message done. Returns the new watermark (the offset of the last message of the
