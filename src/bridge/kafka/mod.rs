@@ -404,7 +404,6 @@ struct Copied {
 /// One poll's messages for one core, their keys and payloads copied into one buffer: one
 /// allocation per core and poll instead of two per message (measured on the poll thread: its
 /// allocations, freed on the cores, were 7 % of the gateway's CPU).
-#[derive(Default)]
 struct PollBatch {
     buffer: Vec<u8>,
     messages: Vec<Copied>,
