@@ -371,7 +371,7 @@ impl SourceMessage {
             .into_iter()
             .filter_map(|(name, value)| {
                 let name = headers::SOURCE_COORDINATES.iter().find(|n| n.as_bytes() == name)?;
-                Some((*name, std::str::from_utf8(&value).ok()?.to_string()))
+                Some((*name, value))
             })
             .collect();
         SourceMessage {

@@ -47,9 +47,10 @@ pub struct RouteRecord {
     pub payload: Option<Bytes>,
     /// Text headers.
     pub headers: Vec<(String, String)>,
-    /// Source coordinates, as the dead-letter headers name them: (name, value), each UTF-8
-    /// (checked when decoded) and a view of the record, not a copy.
-    pub coordinates: Vec<(Bytes, Bytes)>,
+    /// Source coordinates, as the dead-letter headers name them: (name, value). The name is a
+    /// view of the record (matched against the known names, never kept as text), the value the
+    /// text a spooled origin keeps; both UTF-8, as the verifier checked.
+    pub coordinates: Vec<(Bytes, String)>,
     /// Kafka partition, if it came from Kafka.
     pub partition: Option<i32>,
 }
@@ -199,12 +200,7 @@ fn decode_route(body: &Bytes, start: usize) -> Result<(&str, RouteRecord), Strin
         .collect();
     let pairs = record.coordinates().into_iter().flatten();
     let coordinates = pairs
-        .filter_map(|p| {
-            Some((
-                body.slice_ref(p.name()?.as_bytes()),
-                body.slice_ref(p.value()?.as_bytes()),
-            ))
-        })
+        .filter_map(|p| Some((body.slice_ref(p.name()?.as_bytes()), p.value()?.to_string())))
         .collect();
     let message = RouteRecord {
         position: record.position(),
@@ -233,14 +229,14 @@ mod tests {
             headers: vec![("tenant".into(), "acme".into())],
             coordinates: vec![(
                 Bytes::from_static(b"shardgate.source.subject"),
-                Bytes::from_static(b"orders.created"),
+                "orders.created".to_string(),
             )],
             partition: None,
         }
     }
 
     /// The body of `record` of route `route`, encoded as the spool frames it.
-    fn encode<'a>(route: &str, record: &'a RouteRecord) -> Bytes {
+    fn encode(route: &str, record: &RouteRecord) -> Bytes {
         let mut framed = Framed::default();
         let mut encoder = RouteEncoder::default();
         // A first message leaves the builder dirty: the next record must not carry any of it.
@@ -264,10 +260,10 @@ mod tests {
             record.key.as_deref(),
             record.payload.as_deref(),
             record.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-            record.coordinates.iter().map(|(n, v)| {
-                let text = |bytes: &'a Bytes| std::str::from_utf8(bytes).expect("UTF-8");
-                (text(n), text(v))
-            }),
+            record
+                .coordinates
+                .iter()
+                .map(|(n, v)| (std::str::from_utf8(n).expect("UTF-8"), v.as_str())),
             record.partition,
             &mut framed,
         );
