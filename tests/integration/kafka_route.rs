@@ -84,14 +84,16 @@ async fn hundred_thousand_messages_land_exactly() {
     assert_eq!(committed, end, "every partition committed to its end");
 }
 
-/// `kill -9` of the gateway mid-stream, then a restart: still exactly 100,000 rows with the
+/// `kill -9` of the gateway mid-stream, then a restart: still exactly 300,000 rows with the
 /// right values (replays are idempotent), and offsets resume to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let _lock = gateway_lock().await;
     let names = Names::new("kill9");
     setup(&names).await;
-    let count = 100_000;
+    // Enough that the kill lands mid-stream: the gateway wrote all of 100,000 (about 1.5 s at
+    // its rate here) before the first commit past 15,000 was seen.
+    let count = 300_000;
     devkit::produce(&names.topic, orders(count)).expect("produce");
     let config = names.write_config();
 
